@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# anchors.sh — time the "anchor" tools volback is compared against.
+#
+# Standalone:  anchors.sh VOLDIR WORKDIR
+#   VOLDIR holds v1.img and v2.img (from make-volumes.sh, plus its *.stats);
+#   WORKDIR receives the tools' outputs and WORKDIR/anchors.json.
+# Library:     source scripts/bench/anchors.sh
+#   Defines bench_time / bench_time_sh / bench_record / bench_kv_to_json and
+#   the anchor_* functions without running anything or changing shell options,
+#   so a volback benchmark script can record its runs in the same format.
+#
+# Every timed run is preceded by `sync; echo 3 > /proc/sys/vm/drop_caches`, so
+# each tool reads its input from disk, and is run under
+# `/usr/bin/time -f '%e %M'`: wall seconds and peak RSS in KiB. For a
+# pipeline (timed through `bash -c`), the RSS is that of its largest process
+# (GNU time reports the children's maximum, not their sum). After each run
+# `sync` is timed separately (sync_s): wall_s + sync_s is the time until the
+# outputs are durable.
+#
+# Results are collected as "key value" lines (dotted keys) in $BENCH_KV and
+# converted to nested JSON at the end:
+#   anchors.zstd.compress_v1.{wall_s,max_rss_kib,sync_s,output_bytes}
+#   anchors.zstd.restore_v1.{wall_s,...,verified}
+#   anchors.restic_repo_v2.{init,backup_v1,backup_v2,restore_v2}.*  (restic's
+#     default repository format 2: compressed), repo_bytes_v1, repo_bytes_v2,
+#     growth_v2_bytes (= what restic stores for the v1->v2 change)
+#   anchors.restic_repo_v1.*   the same with format 1 (no compression)
+#   anchors.partclone.{clone_v1,restore_v1}.*
+#   anchors.e2image.{raw_v1,qcow2_v1}.{...,output_bytes,output_alloc_bytes}
+#   volumes.v1.*, volumes.v2.*, volumes.v2_changes.*   (copied from VOLDIR)
+#   meta.*   host, kernel, tool versions, date
+#
+# Environment:
+#   ANCHORS              [zstd restic partclone e2image]  anchors to run
+#   RESTIC_REPO_VERSIONS [2 1]   restic repository formats to try
+#   BENCH_DROP_CACHES    [1]     0 = do not drop the page cache
+#   KEEP_OUTPUTS         [1]     0 = delete the big outputs when done
+#                                (restored images are always deleted)
+
+_ANCHORS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$_ANCHORS_DIR/lib.sh"
+
+BENCH_KV=${BENCH_KV:-}
+BENCH_DROP_CACHES=${BENCH_DROP_CACHES:-1}
+BENCH_RESTIC_PASSWORD=volback-bench-fixed-password
+
+# bench_record KEY VALUE — append one result line to $BENCH_KV.
+bench_record() {
+    [[ -n $BENCH_KV ]] || bench_die "BENCH_KV is not set"
+    printf '%s %s\n' "$1" "$2" >>"$BENCH_KV"
+}
+
+# bench_time KEY CMD [ARGS...] — drop caches, run CMD under GNU time, record
+# KEY.wall_s, KEY.max_rss_kib, KEY.sync_s, KEY.loadavg_1m. Redirections on
+# the bench_time call apply to CMD. Returns CMD's exit status.
+bench_time() {
+    local key=$1 tf rc=0 wall rss t0 t1
+    shift
+    if [[ $BENCH_DROP_CACHES == 1 ]] && ! bench_drop_caches; then
+        bench_log "WARNING: cannot drop caches (not root?)"
+        bench_record "$key.caches_dropped" false
+    fi
+    bench_record "$key.loadavg_1m" "$(cut -d' ' -f1 /proc/loadavg)"
+    tf=$(mktemp /tmp/bench-time.XXXXXX)
+    /usr/bin/time -f '%e %M' -o "$tf" -- "$@" || rc=$?
+    read -r wall rss < <(tail -n 1 "$tf")
+    rm -f "$tf"
+    t0=$(date +%s.%N)
+    sync
+    t1=$(date +%s.%N)
+    bench_record "$key.wall_s" "$wall"
+    bench_record "$key.max_rss_kib" "$rss"
+    bench_record "$key.sync_s" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')"
+    if ((rc != 0)); then
+        bench_record "$key.exit_status" "$rc"
+        bench_log "$key: FAILED with status $rc after ${wall}s"
+    else
+        bench_log "$key: ${wall}s wall, ${rss} KiB peak RSS"
+    fi
+    return "$rc"
+}
+
+# bench_time_sh KEY 'PIPELINE' [ARGS...] — bench_time a bash -o pipefail -c
+# snippet; ARGS become its $1, $2, ... (avoids quoting file names).
+bench_time_sh() {
+    local key=$1 script=$2
+    shift 2
+    bench_time "$key" bash -o pipefail -c "$script" bench "$@"
+}
+
+# bench_record_sizes KEY FILE — KEY.output_bytes (apparent), KEY.output_alloc_bytes.
+bench_record_sizes() {
+    local s
+    s=$(bench_file_sizes "$2")
+    bench_record "$1.output_bytes" "${s% *}"
+    bench_record "$1.output_alloc_bytes" "${s#* }"
+}
+
+# bench_import_kv PREFIX FILE — copy "key value" lines of FILE under PREFIX.
+bench_import_kv() {
+    [[ -r $2 ]] || return 0
+    awk -v p="$1" 'NF { print p "." $0 }' "$2" >>"$BENCH_KV"
+}
+
+# bench_kv_to_json KV_FILE JSON_FILE
+bench_kv_to_json() { bench_py kv2json -o "$2" "$1"; }
+
+# bench_record_meta — host and tool versions under meta.*.
+bench_record_meta() {
+    bench_record meta.schema volback-bench/1
+    bench_record meta.date "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    bench_record meta.kernel "$(uname -r)"
+    bench_record meta.nproc "$(nproc)"
+    bench_record meta.mem_total_kib "$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)"
+    bench_record meta.cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+    bench_record meta.caches_dropped "$([[ $BENCH_DROP_CACHES == 1 ]] && echo true || echo false)"
+    local v
+    v=$(zstd --version 2>/dev/null | grep -o 'v[0-9.]*' | head -1) && bench_record meta.zstd_version "$v"
+    v=$(restic version 2>/dev/null | awk '{ print $2 }') && bench_record meta.restic_version "$v"
+    v=$(partclone.ext4 -v 2>&1 | awk '/Partclone/ { print $3; exit }') && bench_record meta.partclone_version "$v"
+    v=$(e2image 2>&1 | awk 'NR == 1 { print $2 }') && bench_record meta.e2fsprogs_version "$v"
+}
+
+# ------------------------------------------------------------------ anchors
+# Each takes VOLDIR WORKDIR and records under anchors.<name>.
+
+# Whole-image zstd: compress v1, then restore it and check it is identical.
+anchor_zstd() {
+    local vol=$1 work=$2 k=anchors.zstd
+    rm -f "$work/v1.img.zst" "$work/restored.img"
+    bench_time_sh $k.compress_v1 'dd if="$1" bs=1M status=none | zstd -3 -T0 -q -o "$2"' \
+        "$vol/v1.img" "$work/v1.img.zst"
+    bench_record_sizes $k.compress_v1 "$work/v1.img.zst"
+    bench_time_sh $k.restore_v1 'zstd -d -q -c "$1" | dd of="$2" bs=1M status=none' \
+        "$work/v1.img.zst" "$work/restored.img"
+    if cmp -s "$vol/v1.img" "$work/restored.img"; then
+        bench_record $k.restore_v1.verified true
+    else
+        bench_record $k.restore_v1.verified false
+        bench_log "WARNING: zstd restore differs from v1.img"
+    fi
+    rm -f "$work/restored.img"
+}
+
+# restic --stdin backups of v1 then v2 into a fresh repository of format
+# VERSION (3rd argument), then a restore (restic dump) of the v2 snapshot.
+anchor_restic() {
+    local vol=$1 work=$2 ver=${3:-2} k s0 s1 s2 snap
+    k=anchors.restic_repo_v$ver
+    local repo="$work/restic-repo-v$ver"
+    rm -rf "$repo" "$work/restic-cache-v$ver"
+    export RESTIC_REPOSITORY=$repo RESTIC_PASSWORD=$BENCH_RESTIC_PASSWORD
+    export RESTIC_CACHE_DIR="$work/restic-cache-v$ver"
+
+    bench_time $k.init restic init -q --repository-version "$ver" >/dev/null
+    s0=$(bench_dir_bytes "$repo")
+    bench_record $k.repo_bytes_empty "$s0"
+
+    bench_time $k.backup_v1 restic backup -q --json --stdin --stdin-filename vol.img \
+        --host volback-bench --tag v1 <"$vol/v1.img" >"$work/restic-v$ver-backup-v1.json"
+    bench_import_kv $k.backup_v1 <(bench_py restic-summary "$work/restic-v$ver-backup-v1.json")
+    s1=$(bench_dir_bytes "$repo")
+    bench_record $k.repo_bytes_v1 "$s1"
+
+    bench_time $k.backup_v2 restic backup -q --json --stdin --stdin-filename vol.img \
+        --host volback-bench --tag v2 <"$vol/v2.img" >"$work/restic-v$ver-backup-v2.json"
+    bench_import_kv $k.backup_v2 <(bench_py restic-summary "$work/restic-v$ver-backup-v2.json")
+    s2=$(bench_dir_bytes "$repo")
+    bench_record $k.repo_bytes_v2 "$s2"
+    bench_record $k.growth_v2_bytes $((s2 - s1))
+
+    snap=$(bench_py restic-summary "$work/restic-v$ver-backup-v2.json" | awk '$1 == "snapshot_id" { print $2 }')
+    bench_time $k.restore_v2 restic dump -q "$snap" vol.img >"$work/restic-restored.img"
+    if cmp -s "$vol/v2.img" "$work/restic-restored.img"; then
+        bench_record $k.restore_v2.verified true
+    else
+        bench_record $k.restore_v2.verified false
+        bench_log "WARNING: restic restore differs from v2.img"
+    fi
+    rm -f "$work/restic-restored.img"
+    unset RESTIC_REPOSITORY RESTIC_PASSWORD RESTIC_CACHE_DIR
+}
+
+# partclone image (used blocks only) of v1 piped through zstd, and a restore.
+anchor_partclone() {
+    local vol=$1 work=$2 k=anchors.partclone
+    rm -f "$work/pc.zst" "$work/pc-restored.img"
+    bench_time_sh $k.clone_v1 \
+        'partclone.ext4 -c -q -s "$1" -o - -L "$2" 2>/dev/null | zstd -3 -T0 -q -o "$3"' \
+        "$vol/v1.img" "$work/partclone-clone.log" "$work/pc.zst"
+    bench_record_sizes $k.clone_v1 "$work/pc.zst"
+    bench_record $k.clone_v1.uncompressed_bytes "$(zstd -d -q -c "$work/pc.zst" | wc -c)"
+
+    # Restore into a sparse file of the volume's size.
+    truncate -s "$(stat -c %s "$vol/v1.img")" "$work/pc-restored.img"
+    bench_time_sh $k.restore_v1 \
+        'zstd -d -q -c "$1" | partclone.ext4 -r -q -s - -o "$2" -L "$3" 2>/dev/null' \
+        "$work/pc.zst" "$work/pc-restored.img" "$work/partclone-restore.log"
+    if e2fsck -fn "$work/pc-restored.img" >/dev/null 2>&1; then
+        bench_record $k.restore_v1.fsck_clean true
+    else
+        bench_record $k.restore_v1.fsck_clean false
+        bench_log "WARNING: partclone restore does not pass e2fsck -fn"
+    fi
+    rm -f "$work/pc-restored.img"
+}
+
+# e2image raw (sparse, metadata + data) and qcow2 (metadata + data) of v1.
+anchor_e2image() {
+    local vol=$1 work=$2 k=anchors.e2image
+    rm -f "$work/e2.raw" "$work/e2.qcow2"
+    bench_time $k.raw_v1 e2image -ra "$vol/v1.img" "$work/e2.raw"
+    bench_record_sizes $k.raw_v1 "$work/e2.raw"
+    bench_time $k.qcow2_v1 e2image -Qa "$vol/v1.img" "$work/e2.qcow2"
+    bench_record_sizes $k.qcow2_v1 "$work/e2.qcow2"
+}
+
+# ---------------------------------------------------------------- standalone
+anchors_main() {
+    (($# == 2)) || { sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+    local vol work a v
+    vol=$(cd "$1" && pwd)
+    mkdir -p "$2"
+    work=$(cd "$2" && pwd)
+    [[ -f $vol/v1.img && -f $vol/v2.img ]] || bench_die "$vol must contain v1.img and v2.img"
+    (($(id -u) == 0)) || bench_log "WARNING: not root: page cache cannot be dropped"
+    bench_require zstd restic partclone.ext4 e2image e2fsck dd cmp /usr/bin/time "$BENCH_PYTHON"
+    exec 8>"$work/.lock"
+    flock -n 8 || bench_die "another anchors.sh is running in $work"
+
+    trap 'rm -f "$work/restored.img" "$work/restic-restored.img" "$work/pc-restored.img"' EXIT
+    BENCH_KV="$work/anchors.kv"
+    : >"$BENCH_KV"
+    bench_record_meta
+    bench_record meta.voldir "$vol"
+    for v in v1 v2; do
+        bench_import_kv "volumes.$v" "$vol/$v.stats"
+    done
+    bench_import_kv volumes.v2_changes "$vol/v2.changes"
+
+    local start=$SECONDS
+    for a in ${ANCHORS:-zstd restic partclone e2image}; do
+        bench_log "anchor: $a"
+        case $a in
+        restic)
+            for v in ${RESTIC_REPO_VERSIONS:-2 1}; do anchor_restic "$vol" "$work" "$v"; done
+            ;;
+        zstd | partclone | e2image) "anchor_$a" "$vol" "$work" ;;
+        *) bench_die "unknown anchor: $a" ;;
+        esac
+    done
+    bench_record meta.total_seconds $((SECONDS - start))
+
+    if [[ ${KEEP_OUTPUTS:-1} == 0 ]]; then
+        rm -rf "$work"/v1.img.zst "$work"/pc.zst "$work"/e2.raw "$work"/e2.qcow2 "$work"/restic-repo-v* \
+            "$work"/restic-cache-v*
+    fi
+    bench_kv_to_json "$BENCH_KV" "$work/anchors.json"
+    bench_log "results: $work/anchors.json"
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    set -euo pipefail
+    anchors_main "$@"
+fi

@@ -1,0 +1,720 @@
+//! Backup: read a volume, store what changed, commit a synthetic-full snapshot.
+//!
+//! The pipeline has three stages connected by bounded channels:
+//!
+//! ```text
+//!  reader ──jobs──▶ workers (N) ──results──▶ committer (this thread)
+//!    ▲                  │
+//!    └──── buffers ◀────┘   (a fixed pool: memory does not grow with the volume)
+//! ```
+//!
+//! - The reader walks the volume in block order, skips holes without reading them, reads each
+//!   block into a pooled buffer and attaches the parent snapshot's reference for that block.
+//! - Workers detect zero blocks, hash, compare with the parent, check the chunk store, and
+//!   compress and store new chunks. They use every core.
+//! - The committer puts results back in block order, appends them to the snapshot being
+//!   written, and every few seconds checkpoints: `syncfs`, then a durable journal batch.
+//!   A later run of the same volume replays the journal and continues where it stopped.
+
+use crate::error::{Error, Result};
+use crate::hash::ChunkId;
+use crate::progress::Progress;
+use crate::repo::chunks::Encoder;
+use crate::repo::format::{BlockRef, decode_records, encode_run};
+use crate::repo::journal::{BatchStats, Journal, JournalHeader};
+use crate::repo::snapshot::{
+    BlockCursor, SnapshotFile, SnapshotHeader, SnapshotStats, SnapshotWriter,
+};
+use crate::repo::{Repository, check_block_size};
+use crate::source::Source;
+use crate::volume::{Volume, is_zero};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Options of one backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Block size; `None` uses the repository's default.
+    pub block_size: Option<u32>,
+    pub tags: Vec<String>,
+    /// How often progress is made durable for resuming.
+    pub checkpoint_interval: Duration,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// Discard the journal of an interrupted backup instead of resuming it.
+    pub restart: bool,
+    /// Set to stop the backup early (Ctrl-C); finished work is checkpointed.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            block_size: None,
+            tags: Vec::new(),
+            checkpoint_interval: Duration::from_secs(5),
+            threads: 0,
+            restart: false,
+            cancel: None,
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub snapshot_id: String,
+    pub parent: Option<String>,
+    /// True when this run continued an interrupted backup.
+    pub resumed: bool,
+    /// Statistics of the whole snapshot (all runs).
+    pub stats: SnapshotStats,
+    /// Statistics of this run alone.
+    pub this_run: BatchStats,
+}
+
+/// The identity of a volume, used to find the parent of its next backup and its journal.
+/// For now: the source path and size (filesystem UUIDs come with probing).
+pub fn volume_key(source: &Source) -> String {
+    let info = source.info();
+    let mut h = blake3::Hasher::new();
+    h.update(b"volback volume key v1\0");
+    h.update(info.path.as_bytes());
+    h.update(b"\0");
+    h.update(&info.size.to_le_bytes());
+    hex::encode(&h.finalize().as_bytes()[..16])
+}
+
+enum JobKind {
+    /// `count` blocks that are holes in the source: not read, stored as zero.
+    Hole,
+    /// One block read into a pool buffer (`len` valid bytes).
+    Data {
+        buf: Vec<u8>,
+        len: usize,
+        parent: Option<ChunkId>,
+    },
+}
+
+struct Job {
+    index: u64,
+    count: u64,
+    kind: JobKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Zero,
+    Unchanged,
+    Deduplicated,
+    New { raw: u64, stored: u64 },
+}
+
+struct Done {
+    index: u64,
+    count: u64,
+    block_ref: BlockRef,
+    outcome: Outcome,
+    bytes_read: u64,
+}
+
+/// Backs up `source` into `repo`. Full the first time; incremental against the latest
+/// snapshot of the same volume afterwards; resumes an interrupted backup of it.
+pub fn backup(
+    repo: &Repository,
+    source: &Source,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let started = Instant::now();
+    let info = source.info();
+    if info.size == 0 {
+        return Err(Error::BadSource {
+            path: source.path().to_path_buf(),
+            detail: "it is empty (0 bytes)".into(),
+        });
+    }
+    let block_size = opts.block_size.unwrap_or(repo.config().block_size);
+    check_block_size(block_size)?;
+    let bs = block_size as u64;
+    let block_count = info.size.div_ceil(bs);
+    let chunk_hash = repo.config().chunk_hash;
+    let key = volume_key(source);
+
+    // One backup per volume at a time.
+    let lock_path = repo.journals_dir().join(format!("{key}.lock"));
+    let lock = File::create(&lock_path).map_err(|e| Error::io("create", &lock_path, e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::Locked {
+                path: repo.root().to_path_buf(),
+                detail: format!("another backup of {} is running", info.path),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
+    }
+
+    let journal_path = repo.journals_dir().join(format!("{key}.journal"));
+    let mut resumable = match Journal::read_header(&journal_path)? {
+        Some(h) => {
+            h.source == info
+                && h.volume_key == key
+                && h.block_size == block_size
+                && h.block_count == block_count
+                && h.chunk_hash == chunk_hash
+                && h.parent
+                    .as_ref()
+                    .is_none_or(|p| repo.snapshots_dir().join(p).exists())
+        }
+        None => false,
+    };
+    if opts.restart {
+        resumable = false;
+    }
+
+    let mut writer = SnapshotWriter::create(&repo.tmp_dir())?;
+    let mut total = BatchStats::default();
+    let mut resumes = 0u32;
+    let (mut journal, jheader) = if resumable {
+        let mut replay_err = None;
+        let r = Journal::resume(&journal_path, |_, batch| {
+            if batch.block_count == 0 {
+                resumes += 1;
+            }
+            total.add(&batch.stats);
+            let mut res = Ok(());
+            decode_records(&batch.records, batch.block_count, |r, n| {
+                if res.is_ok() {
+                    res = writer.push(r, n);
+                }
+            })
+            .map_err(|d| Error::corrupt("journal batch", &journal_path, d))?;
+            if let Err(e) = res {
+                replay_err = Some(e);
+            }
+            Ok(())
+        })?;
+        if let Some(e) = replay_err {
+            return Err(e);
+        }
+        match r {
+            Some(x) => x,
+            None => {
+                return Err(Error::corrupt(
+                    "journal",
+                    &journal_path,
+                    "vanished while resuming",
+                ));
+            }
+        }
+    } else {
+        let now = crate::time::now_unix();
+        let parent = find_parent(repo, &key, block_size, progress)?;
+        let h = JournalHeader {
+            source: info.clone(),
+            volume_key: key.clone(),
+            block_size,
+            block_count,
+            chunk_hash,
+            parent,
+            time: crate::time::rfc3339(now),
+            time_unix: now,
+            tags: opts.tags.clone(),
+        };
+        (Journal::create(&journal_path, &h)?, h)
+    };
+    let start_block = writer.blocks();
+    let resumed = resumable && start_block > 0 || resumes > 0;
+    if resumable {
+        // Mark this run in the journal, so the snapshot counts its resumptions.
+        journal.append(start_block, 0, &BatchStats::default(), &[])?;
+        resumes += 1;
+    }
+
+    let parent_snap = match &jheader.parent {
+        Some(p) => match repo.open_snapshot(p) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                progress.warn(&format!(
+                    "parent snapshot {p} is unreadable ({e}); storing every block afresh"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let run = Pipeline {
+        repo,
+        source,
+        block_size: bs,
+        block_count,
+        threads,
+        parent: parent_snap.as_ref(),
+        cancel: opts.cancel.clone(),
+        checkpoint_interval: opts.checkpoint_interval,
+        zstd_level: repo.config().zstd_level,
+    };
+    progress.start("backup", info.size - (start_block * bs).min(info.size));
+    let this_run = run.execute(start_block, &mut writer, &mut journal, progress);
+    progress.finish();
+    let this_run = this_run?;
+    total.add(&this_run);
+
+    let stats = SnapshotStats {
+        bytes_read: total.bytes_read,
+        data_blocks: total.data_blocks,
+        zero_blocks: total.zero_blocks,
+        unchanged_blocks: total.unchanged_blocks,
+        deduplicated_blocks: total.deduplicated_blocks,
+        new_chunks: total.new_chunks,
+        new_bytes: total.new_bytes,
+        new_bytes_stored: total.new_bytes_stored,
+        duration_secs: (total.duration_ms as f64 / 1000.0).max(started.elapsed().as_secs_f64()),
+        resumed: resumes,
+    };
+    let header = SnapshotHeader {
+        time: jheader.time.clone(),
+        time_unix: jheader.time_unix,
+        hostname: crate::platform::hostname(),
+        source: info,
+        volume_key: key,
+        block_size,
+        block_count,
+        chunk_hash,
+        parent: jheader.parent.clone(),
+        tags: jheader.tags.clone(),
+        stats: stats.clone(),
+        unreadable: Vec::new(),
+    };
+    // Chunks first, then the snapshot that names them, then forget the journal.
+    repo.sync_chunks()?;
+    let snapshot_id = writer.finish(&header, &repo.snapshots_dir())?;
+    journal.remove()?;
+    drop(lock);
+    Ok(BackupReport {
+        snapshot_id,
+        parent: jheader.parent,
+        resumed,
+        stats,
+        this_run,
+    })
+}
+
+/// The latest snapshot of the volume `key` with the same block size.
+fn find_parent(
+    repo: &Repository,
+    key: &str,
+    block_size: u32,
+    progress: &dyn Progress,
+) -> Result<Option<String>> {
+    let mut best: Option<(i64, String)> = None;
+    for id in repo.snapshot_ids()? {
+        match repo.open_snapshot(&id) {
+            Ok(s) => {
+                let h = s.header();
+                if h.volume_key == key
+                    && h.block_size == block_size
+                    && h.chunk_hash == repo.config().chunk_hash
+                    && best.as_ref().is_none_or(|(t, _)| h.time_unix >= *t)
+                {
+                    best = Some((h.time_unix, id));
+                }
+            }
+            Err(e) => progress.warn(&format!("skipping unreadable snapshot {id}: {e}")),
+        }
+    }
+    Ok(best.map(|(_, id)| id))
+}
+
+struct Pipeline<'a> {
+    repo: &'a Repository,
+    source: &'a Source,
+    block_size: u64,
+    block_count: u64,
+    threads: usize,
+    parent: Option<&'a SnapshotFile>,
+    cancel: Option<Arc<AtomicBool>>,
+    checkpoint_interval: Duration,
+    zstd_level: i32,
+}
+
+impl Pipeline<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn execute(
+        &self,
+        start_block: u64,
+        writer: &mut SnapshotWriter,
+        journal: &mut Journal,
+        progress: &dyn Progress,
+    ) -> Result<BatchStats> {
+        let pool_size = self.threads * 3 + 2;
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(pool_size);
+        for _ in 0..pool_size {
+            free_tx
+                .send(vec![0u8; self.block_size as usize])
+                .map_err(|_| Error::InvalidArgument("buffer pool closed".into()))?;
+        }
+        let (job_tx, job_rx) = bounded::<Job>(self.threads * 2);
+        let (done_tx, done_rx) = bounded::<Result<Done>>(pool_size + self.threads * 2 + 4);
+        let stop = AtomicBool::new(false);
+
+        std::thread::scope(|scope| {
+            let stop = &stop;
+            {
+                let done_tx = done_tx.clone();
+                let free_rx = free_rx.clone();
+                scope.spawn(move || {
+                    if let Err(e) = self.read_blocks(start_block, &job_tx, &free_rx, stop, progress)
+                    {
+                        stop.store(true, Ordering::Relaxed);
+                        let _ = done_tx.send(Err(e));
+                    }
+                });
+            }
+            for _ in 0..self.threads {
+                let job_rx = job_rx.clone();
+                let done_tx = done_tx.clone();
+                let free_tx = free_tx.clone();
+                scope.spawn(move || self.work(&job_rx, &done_tx, &free_tx, stop));
+            }
+            drop(done_tx);
+            drop(job_rx);
+            let r = self.commit(start_block, &done_rx, writer, journal, progress);
+            // Unblock the other stages, whatever happened.
+            stop.store(true, Ordering::Relaxed);
+            while free_rx.try_recv().is_ok() {}
+            drop(free_rx);
+            while done_rx.try_recv().is_ok() {}
+            // Keep draining until every sender is gone so no thread stays blocked on send.
+            for _ in done_rx.iter() {}
+            r
+        })
+    }
+
+    /// Reader stage.
+    fn read_blocks(
+        &self,
+        start_block: u64,
+        jobs: &Sender<Job>,
+        free: &Receiver<Vec<u8>>,
+        stop: &AtomicBool,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let bs = self.block_size;
+        let size = self.source.size();
+        let mut parent = self.parent.map(BlockCursor::new);
+        let mut parent_failed = false;
+        let mut extent: Option<std::ops::Range<u64>> = None;
+        let mut extents_done = false;
+        let mut index = start_block;
+        while index < self.block_count {
+            if stop.load(Ordering::Relaxed) || self.cancelled() {
+                return Ok(());
+            }
+            let start = index * bs;
+            let end = (start + bs).min(size);
+            if !extents_done && extent.as_ref().is_none_or(|e| e.end <= start) {
+                extent = self.source.next_data(start, size)?;
+                if extent.is_none() {
+                    extents_done = true;
+                }
+            }
+            let hole_until = match &extent {
+                None => self.block_count,
+                Some(e) if e.start >= end => e.start / bs,
+                Some(_) => index,
+            };
+            if hole_until > index {
+                let count = hole_until - index;
+                if jobs
+                    .send(Job {
+                        index,
+                        count,
+                        kind: JobKind::Hole,
+                    })
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                index = hole_until;
+                continue;
+            }
+            let Ok(mut buf) = free.recv() else {
+                return Ok(());
+            };
+            let len = (end - start) as usize;
+            self.source.read_at(start, &mut buf[..len])?;
+            let parent_ref = match parent.as_mut() {
+                Some(c) if !parent_failed => match c.get(index) {
+                    Ok(Some(BlockRef::Chunk(id))) => Some(id),
+                    Ok(_) => None,
+                    Err(e) => {
+                        parent_failed = true;
+                        progress.warn(&format!(
+                            "parent snapshot unreadable from block {index} on ({e}); \
+                             comparing with stored chunks instead"
+                        ));
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let job = Job {
+                index,
+                count: 1,
+                kind: JobKind::Data {
+                    buf,
+                    len,
+                    parent: parent_ref,
+                },
+            };
+            if jobs.send(job).is_err() {
+                return Ok(());
+            }
+            index += 1;
+        }
+        Ok(())
+    }
+
+    /// Worker stage.
+    fn work(
+        &self,
+        jobs: &Receiver<Job>,
+        done: &Sender<Result<Done>>,
+        free: &Sender<Vec<u8>>,
+        stop: &AtomicBool,
+    ) {
+        let hash = self.repo.config().chunk_hash;
+        let store = self.repo.chunks();
+        let mut encoder = match Encoder::new(self.zstd_level) {
+            Ok(e) => e,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = done.send(Err(e));
+                return;
+            }
+        };
+        for job in jobs.iter() {
+            let result = match job.kind {
+                JobKind::Hole => Ok(Done {
+                    index: job.index,
+                    count: job.count,
+                    block_ref: BlockRef::Zero,
+                    outcome: Outcome::Zero,
+                    bytes_read: 0,
+                }),
+                JobKind::Data { buf, len, parent } => {
+                    let r = (|| {
+                        let data = &buf[..len];
+                        if is_zero(data) {
+                            return Ok((BlockRef::Zero, Outcome::Zero));
+                        }
+                        let id = hash.hash(data);
+                        if parent == Some(id) {
+                            return Ok((BlockRef::Chunk(id), Outcome::Unchanged));
+                        }
+                        if store.is_present(&id)? {
+                            return Ok((BlockRef::Chunk(id), Outcome::Deduplicated));
+                        }
+                        let enc = encoder.encode(data);
+                        store.put(&id, &enc)?;
+                        Ok((
+                            BlockRef::Chunk(id),
+                            Outcome::New {
+                                raw: len as u64,
+                                stored: enc.bytes.len() as u64,
+                            },
+                        ))
+                    })();
+                    let _ = free.send(buf);
+                    r.map(|(block_ref, outcome)| Done {
+                        index: job.index,
+                        count: 1,
+                        block_ref,
+                        outcome,
+                        bytes_read: len as u64,
+                    })
+                }
+            };
+            let failed = result.is_err();
+            if failed {
+                stop.store(true, Ordering::Relaxed);
+            }
+            if done.send(result).is_err() || failed {
+                return;
+            }
+        }
+    }
+
+    /// Committer stage: order results, append them, checkpoint.
+    fn commit(
+        &self,
+        start_block: u64,
+        done: &Receiver<Result<Done>>,
+        writer: &mut SnapshotWriter,
+        journal: &mut Journal,
+        progress: &dyn Progress,
+    ) -> Result<BatchStats> {
+        let bs = self.block_size;
+        let size = self.source.size();
+        let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+        let mut next = start_block;
+        let mut run_stats = BatchStats::default();
+        let mut batch = Batch::new(start_block);
+        let mut last_checkpoint = Instant::now();
+        let mut first_error: Option<Error> = None;
+
+        for item in done.iter() {
+            match item {
+                Ok(d) => {
+                    pending.insert(d.index, d);
+                }
+                Err(e) => {
+                    if first_error.is_none() {
+                        first_error = Some(e);
+                    }
+                    continue;
+                }
+            }
+            while let Some(d) = pending.remove(&next) {
+                writer.push(d.block_ref, d.count)?;
+                batch.push(&d);
+                let bytes = (d.count * bs).min(size - next * bs);
+                progress.advance(bytes);
+                next += d.count;
+            }
+            if first_error.is_none()
+                && (last_checkpoint.elapsed() >= self.checkpoint_interval
+                    || batch.records.len() >= 8 << 20)
+            {
+                self.checkpoint(
+                    &mut batch,
+                    journal,
+                    &mut run_stats,
+                    &mut last_checkpoint,
+                    next,
+                )?;
+            }
+        }
+        // Whatever finished in order is kept for the next run, even after an error.
+        self.checkpoint(
+            &mut batch,
+            journal,
+            &mut run_stats,
+            &mut last_checkpoint,
+            next,
+        )?;
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if next < self.block_count {
+            if self.cancelled() {
+                return Err(Error::Interrupted { checkpointed: true });
+            }
+            return Err(Error::InvalidArgument(format!(
+                "backup stopped at block {next} of {} without an error",
+                self.block_count
+            )));
+        }
+        Ok(run_stats)
+    }
+
+    fn checkpoint(
+        &self,
+        batch: &mut Batch,
+        journal: &mut Journal,
+        run_stats: &mut BatchStats,
+        last: &mut Instant,
+        next: u64,
+    ) -> Result<()> {
+        batch.stats.duration_ms = last.elapsed().as_millis() as u64;
+        *last = Instant::now();
+        if batch.blocks > 0 {
+            batch.flush_run();
+            self.repo.sync_chunks()?;
+            journal.append(batch.first, batch.blocks, &batch.stats, &batch.records)?;
+        }
+        run_stats.add(&batch.stats);
+        *batch = Batch::new(next);
+        Ok(())
+    }
+}
+
+/// Block references and statistics since the last checkpoint.
+struct Batch {
+    first: u64,
+    blocks: u64,
+    stats: BatchStats,
+    records: Vec<u8>,
+    run: Option<(BlockRef, u64)>,
+}
+
+impl Batch {
+    fn new(first: u64) -> Batch {
+        Batch {
+            first,
+            blocks: 0,
+            stats: BatchStats::default(),
+            records: Vec::new(),
+            run: None,
+        }
+    }
+
+    fn push(&mut self, d: &Done) {
+        self.blocks += d.count;
+        let s = &mut self.stats;
+        s.bytes_read += d.bytes_read;
+        match d.outcome {
+            Outcome::Zero => s.zero_blocks += d.count,
+            Outcome::Unchanged => {
+                s.data_blocks += 1;
+                s.unchanged_blocks += 1
+            }
+            Outcome::Deduplicated => {
+                s.data_blocks += 1;
+                s.deduplicated_blocks += 1
+            }
+            Outcome::New { raw, stored } => {
+                s.data_blocks += 1;
+                s.new_chunks += 1;
+                s.new_bytes += raw;
+                s.new_bytes_stored += stored;
+            }
+        }
+        match (self.run, d.block_ref) {
+            (Some((r, c)), b) if r == b && !matches!(b, BlockRef::Chunk(_)) => {
+                self.run = Some((r, c + d.count))
+            }
+            (_, b) => {
+                self.flush_run();
+                if matches!(b, BlockRef::Chunk(_)) {
+                    encode_run(&mut self.records, b, d.count);
+                } else {
+                    self.run = Some((b, d.count));
+                }
+            }
+        }
+    }
+
+    fn flush_run(&mut self) {
+        if let Some((r, c)) = self.run.take() {
+            encode_run(&mut self.records, r, c);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Library errors.
+//!
+//! Rules:
+//! - Every error the library returns is an [`Error`]; callers match on the variant, never on
+//!   the message. `anyhow` lives in the binary only.
+//! - Each variant carries the context a user needs to act: the file, the byte offset, the
+//!   chunk or snapshot id. The message is one short sentence that does not repeat the text of
+//!   its `source()`; the binary prints the chain.
+//! - Data read from disk is never trusted: a parser returns [`Error::Corrupt`] naming what it
+//!   was reading and why it was rejected, never panics.
+
+use std::path::{Path, PathBuf};
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O call failed.
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An I/O call at a known offset of a volume failed.
+    #[error("cannot {op} {} at offset {offset}", path.display())]
+    IoAt {
+        op: &'static str,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Stored data does not match its format or its checksum.
+    #[error("{what} in {} is corrupt: {detail}", path.display())]
+    Corrupt {
+        /// What was being read ("chunk 3fa2…", "snapshot header", …).
+        what: String,
+        path: PathBuf,
+        detail: String,
+    },
+
+    /// A chunk a snapshot refers to is not in the repository.
+    #[error("chunk {id} is missing from the repository (expected at {})", path.display())]
+    MissingChunk { id: String, path: PathBuf },
+
+    /// The repository, snapshot or journal was written by a format this build does not read.
+    #[error("{what} at {} has format version {found}; this volback reads version {supported}", path.display())]
+    UnsupportedVersion {
+        what: &'static str,
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+
+    /// The directory is not a volback repository.
+    #[error("{} is not a volback repository: {detail}", path.display())]
+    NotARepository { path: PathBuf, detail: String },
+
+    /// `init` on a directory that already holds something.
+    #[error("cannot create a repository in {}: {detail}", path.display())]
+    RepositoryExists { path: PathBuf, detail: String },
+
+    /// A snapshot selector matched nothing.
+    #[error("no snapshot matches {selector:?}")]
+    SnapshotNotFound { selector: String },
+
+    /// A snapshot id prefix matched several snapshots.
+    #[error("snapshot prefix {prefix:?} is ambiguous: it matches {}", candidates.join(", "))]
+    AmbiguousSnapshot {
+        prefix: String,
+        candidates: Vec<String>,
+    },
+
+    /// A source cannot be backed up.
+    #[error("cannot back up {}: {detail}", path.display())]
+    BadSource { path: PathBuf, detail: String },
+
+    /// A restore target was refused because writing it would be unsafe.
+    #[error("refusing to restore onto {}: {reason}", path.display())]
+    UnsafeTarget { path: PathBuf, reason: String },
+
+    /// Another process holds a lock that this operation needs.
+    #[error("repository {} is locked by another operation ({detail})", path.display())]
+    Locked { path: PathBuf, detail: String },
+
+    /// The operation was cancelled (Ctrl-C); any completed work was checkpointed.
+    #[error("interrupted{}", if *.checkpointed { "; progress was saved and the next run resumes it" } else { "" })]
+    Interrupted { checkpointed: bool },
+
+    /// An argument is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// Shorthand for an [`Error::Io`].
+    pub fn io(op: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// Shorthand for an [`Error::Corrupt`].
+    pub fn corrupt(
+        what: impl Into<String>,
+        path: impl AsRef<Path>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Error::Corrupt {
+            what: what.into(),
+            path: path.as_ref().to_path_buf(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Adds a path and an operation name to `std::io::Result`s.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}

@@ -1,0 +1,24 @@
+//! volback: block-level volume backup.
+//!
+//! The library does all the work and reports through [`progress::Progress`]; the `volback`
+//! binary only parses arguments, displays and chooses exit codes.
+//!
+//! - [`source`]: open a device or image file read-only.
+//! - [`volume`]: the random-access read interface every volume implements.
+//! - [`repo`]: the repository format (chunks, snapshots, journals, locking).
+//! - [`backup`], [`restore`], [`verify`]: the operations.
+//! - [`platform`]: the operating-system layer (Linux, Windows).
+
+pub mod backup;
+pub mod error;
+pub mod hash;
+pub mod platform;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod source;
+pub mod time;
+pub mod verify;
+pub mod volume;
+
+pub use error::{Error, Result};

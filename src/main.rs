@@ -1,0 +1,411 @@
+//! The `volback` command: parses arguments, calls the library, displays, chooses exit codes.
+//!
+//! Exit codes: 0 success, 1 error, 2 usage error, 3 completed with unreadable sectors,
+//! 130 interrupted (progress saved where the command supports resuming).
+
+mod display;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use display::{CliProgress, human_bytes};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use volback::backup::{BackupOptions, backup};
+use volback::hash::HashAlgorithm;
+use volback::repo::{InitOptions, Repository};
+use volback::restore::{RestoreOptions, plan_restore, restore};
+use volback::source::Source;
+use volback::verify::{VerifyOptions, verify};
+
+#[derive(Parser)]
+#[command(name = "volback", version, about = "Block-level volume backup", long_about = None)]
+struct Cli {
+    /// Never show progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a repository in a directory.
+    Init {
+        /// Repository directory (created if missing; must be empty).
+        repo: PathBuf,
+        /// Chunk hash: blake3 (default, fastest here) or sha256.
+        #[arg(long, default_value = "blake3")]
+        hash: HashAlgorithm,
+        /// zstd compression level for chunks.
+        #[arg(long, default_value_t = 3)]
+        zstd_level: i32,
+        /// Default block size in bytes (power of two, 4 KiB to 16 MiB).
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+    },
+    /// Back up a block device or image file: full the first time, incremental afterwards.
+    Backup {
+        /// Block device or regular file to read (opened read-only).
+        source: PathBuf,
+        /// Repository directory.
+        repo: PathBuf,
+        /// Tag to attach to the snapshot (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Block size for this volume (default: the repository's).
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Seconds between checkpoints that an interrupted backup resumes from.
+        #[arg(long, default_value_t = 5.0)]
+        checkpoint_secs: f64,
+        /// Worker threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Start over instead of resuming an interrupted backup of this volume.
+        #[arg(long)]
+        restart: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    Snapshots {
+        repo: PathBuf,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a snapshot to a block device or a file (sparse).
+    Restore {
+        repo: PathBuf,
+        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
+        snapshot: String,
+        /// Target block device or file.
+        target: PathBuf,
+        /// Do not read back and compare what was written.
+        #[arg(long)]
+        no_verify: bool,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Check snapshots and their chunks.
+    Verify {
+        repo: PathBuf,
+        /// Snapshot to check (default: all).
+        snapshot: Option<String>,
+        /// Read and re-hash every chunk.
+        #[arg(long)]
+        read_data: bool,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses sizes like `262144`, `256K`, `256KiB`, `4M`, `1G`.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn block_size_arg(v: Option<u64>) -> Result<Option<u32>> {
+    v.map(|b| u32::try_from(b).context("block size too large"))
+        .transpose()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                // Second Ctrl-C: leave at once.
+                std::process::exit(130);
+            }
+        });
+    }
+    match run(cli, cancel) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("volback: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            if let Some(volback::Error::Interrupted { .. }) = e.downcast_ref::<volback::Error>() {
+                return ExitCode::from(130);
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Init {
+            repo,
+            hash,
+            zstd_level,
+            block_size,
+        } => {
+            let mut opts = InitOptions {
+                chunk_hash: hash,
+                zstd_level,
+                ..InitOptions::default()
+            };
+            if let Some(bs) = block_size_arg(block_size)? {
+                opts.block_size = bs;
+            }
+            let r = Repository::init(&repo, &opts)?;
+            println!(
+                "created repository {} at {} ({} chunks, {} blocks, zstd {})",
+                r.config().id,
+                repo.display(),
+                r.config().chunk_hash.name(),
+                human_bytes(r.config().block_size as u64),
+                r.config().zstd_level
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup {
+            source,
+            repo,
+            tags,
+            block_size,
+            checkpoint_secs,
+            threads,
+            restart,
+            json,
+        } => {
+            let repository = Repository::open(&repo)?;
+            let src = Source::open(&source)?;
+            let opts = BackupOptions {
+                block_size: block_size_arg(block_size)?,
+                tags,
+                checkpoint_interval: Duration::from_secs_f64(checkpoint_secs.clamp(0.0, 3600.0)),
+                threads,
+                restart,
+                cancel: Some(cancel),
+            };
+            let progress = CliProgress::new(quiet);
+            let r = backup(&repository, &src, &opts, &progress)?;
+            if json {
+                let v = serde_json::json!({
+                    "snapshot": r.snapshot_id,
+                    "parent": r.parent,
+                    "resumed": r.resumed,
+                    "bytes_read": r.this_run.bytes_read,
+                    "new_chunks": r.this_run.new_chunks,
+                    "new_bytes": r.this_run.new_bytes,
+                    "new_bytes_stored": r.this_run.new_bytes_stored,
+                    "stats": r.stats,
+                });
+                println!("{v}");
+            } else {
+                let kind = match (&r.parent, r.resumed) {
+                    (_, true) => "resumed",
+                    (Some(_), false) => "incremental",
+                    (None, false) => "full",
+                };
+                println!("snapshot {} ({kind})", r.snapshot_id);
+                if let Some(p) = &r.parent {
+                    println!("  parent          {p}");
+                }
+                let s = &r.stats;
+                println!(
+                    "  volume          {} in {} blocks of {}",
+                    human_bytes(src.geometry().size),
+                    s.data_blocks + s.zero_blocks,
+                    human_bytes(repository.config().block_size as u64)
+                );
+                println!("  read            {}", human_bytes(r.this_run.bytes_read));
+                println!(
+                    "  new data        {} in {} chunks, {} stored",
+                    human_bytes(r.this_run.new_bytes),
+                    r.this_run.new_chunks,
+                    human_bytes(r.this_run.new_bytes_stored)
+                );
+                println!(
+                    "  blocks          {} data ({} unchanged, {} deduplicated), {} zero",
+                    s.data_blocks, s.unchanged_blocks, s.deduplicated_blocks, s.zero_blocks
+                );
+                println!("  time            {:.1} s", s.duration_secs);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshots { repo, json } => {
+            let repository = Repository::open(&repo)?;
+            let list = repository.list_snapshots()?;
+            if json {
+                let arr: Vec<_> = list
+                    .iter()
+                    .map(|s| {
+                        let h = &s.header;
+                        serde_json::json!({
+                            "id": s.id,
+                            "time": h.time,
+                            "source": h.source.path,
+                            "size": h.source.size,
+                            "parent": h.parent,
+                            "block_size": h.block_size,
+                            "hostname": h.hostname,
+                            "tags": h.tags,
+                            "stored_bytes": h.stats.new_bytes_stored,
+                            "stats": h.stats,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(arr));
+            } else {
+                println!(
+                    "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  source",
+                    "id", "time", "size", "stored", "parent"
+                );
+                for s in &list {
+                    let h = &s.header;
+                    println!(
+                        "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {}",
+                        &s.id[..12],
+                        h.time,
+                        human_bytes(h.source.size),
+                        human_bytes(h.stats.new_bytes_stored),
+                        h.parent.as_deref().map_or("-", |p| &p[..12.min(p.len())]),
+                        h.source.path
+                    );
+                }
+                println!("{} snapshots", list.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore {
+            repo,
+            snapshot,
+            target,
+            no_verify,
+            threads,
+        } => {
+            let repository = Repository::open(&repo)?;
+            let id = repository.resolve(&snapshot)?;
+            let snap = repository.open_snapshot(&id)?;
+            let volume =
+                volback::repo::reader::SnapshotVolume::new(snap, repository.chunks().clone());
+            use volback::volume::Volume;
+            let plan = plan_restore(&target, volume.size(), std::slice::from_ref(&repo))?;
+            let opts = RestoreOptions {
+                threads,
+                verify: !no_verify,
+                protected: vec![repo.clone()],
+                cancel: Some(cancel),
+            };
+            let progress = CliProgress::new(quiet);
+            let r = restore(&volume, &plan, &opts, &progress)?;
+            println!(
+                "restored snapshot {} to {}: {} written, {} zero{}",
+                &id[..12],
+                plan.target.display(),
+                human_bytes(r.bytes_written),
+                human_bytes(r.zero_bytes),
+                if opts.verify { ", verified" } else { "" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            repo,
+            snapshot,
+            read_data,
+            threads,
+            json,
+        } => {
+            let repository = Repository::open(&repo)?;
+            let ids = match snapshot {
+                Some(s) => vec![repository.resolve(&s)?],
+                None => Vec::new(),
+            };
+            let progress = CliProgress::new(quiet);
+            let r = verify(
+                &repository,
+                &ids,
+                &VerifyOptions { read_data, threads },
+                &progress,
+            )?;
+            if json {
+                let problems: Vec<_> = r
+                    .problems
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "chunk": p.chunk,
+                            "snapshot": p.snapshot,
+                            "detail": p.detail,
+                            "affected": p.affected.iter().map(|(s, o)| serde_json::json!({"snapshot": s, "offset": o})).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "snapshots_checked": r.snapshots_checked,
+                        "chunks_checked": r.chunks_checked,
+                        "bytes_checked": r.bytes_checked,
+                        "problems": problems,
+                    })
+                );
+            } else {
+                for p in &r.problems {
+                    match (&p.chunk, &p.snapshot) {
+                        (Some(c), _) => println!("BAD chunk {c}: {}", p.detail),
+                        (None, Some(s)) => println!("BAD snapshot {s}: {}", p.detail),
+                        _ => println!("BAD: {}", p.detail),
+                    }
+                    const SHOW: usize = 20;
+                    for (s, off) in p.affected.iter().take(SHOW) {
+                        println!(
+                            "    affects snapshot {} at offset {off}",
+                            &s[..12.min(s.len())]
+                        );
+                    }
+                    if p.affected.len() > SHOW {
+                        println!("    … and {} more blocks", p.affected.len() - SHOW);
+                    }
+                }
+                println!(
+                    "checked {} snapshots, {} chunks{}: {}",
+                    r.snapshots_checked,
+                    r.chunks_checked,
+                    if read_data {
+                        format!(" ({} re-hashed)", human_bytes(r.bytes_checked))
+                    } else {
+                        String::new()
+                    },
+                    if r.problems.is_empty() {
+                        "no problems".to_string()
+                    } else {
+                        format!("{} problems", r.problems.len())
+                    }
+                );
+            }
+            Ok(if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

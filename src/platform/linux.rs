@@ -1,0 +1,304 @@
+//! Linux implementation of the platform layer: `pread`/`pwrite`, block-device ioctls,
+//! `SEEK_DATA`/`SEEK_HOLE`, `syncfs`, and `/proc/self/mountinfo`.
+
+use super::{Geometry, ObjectKind};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+// ioctl numbers from <linux/fs.h>:
+//   #define BLKSSZGET  _IO(0x12,104)
+//   #define BLKGETSIZE64 _IOR(0x12,114,size_t)
+//   #define BLKPBSZGET _IO(0x12,123)
+//   #define BLKZEROOUT _IO(0x12,127)
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+pub fn open_read_only(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
+pub fn geometry(file: &File) -> io::Result<Geometry> {
+    let meta = file.metadata()?;
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        let fd = file.as_raw_fd();
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 (size_t on 64-bit Linux) through the pointer,
+        // which points to a live, properly aligned u64.
+        let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut lss: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int through the pointer to a live c_int.
+        let r = unsafe { libc::ioctl(fd, BLKSSZGET, &mut lss as *mut libc::c_int) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut pss: libc::c_uint = 0;
+        // SAFETY: BLKPBSZGET writes one unsigned int through the pointer to a live c_uint.
+        let r = unsafe { libc::ioctl(fd, BLKPBSZGET, &mut pss as *mut libc::c_uint) };
+        if r != 0 {
+            pss = lss as u32;
+        }
+        Ok(Geometry {
+            kind: ObjectKind::BlockDevice,
+            size,
+            logical_sector_size: lss.max(512) as u32,
+            physical_sector_size: pss.max(lss as u32).max(512),
+        })
+    } else {
+        Ok(Geometry {
+            kind: if ft.is_file() {
+                ObjectKind::RegularFile
+            } else {
+                ObjectKind::Other
+            },
+            size: meta.len(),
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+        })
+    }
+}
+
+pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    file.read_at(buf, offset)
+}
+
+pub fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
+    file.write_at(buf, offset)
+}
+
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: lseek takes a file descriptor owned by `file` (alive for this call) and plain
+    // integers; it does not touch memory.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+pub fn next_data(file: &File, offset: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    if offset >= end {
+        return Ok(None);
+    }
+    if !file.metadata()?.file_type().is_file() {
+        return Ok(Some((offset, end)));
+    }
+    let start = match lseek(file, offset, libc::SEEK_DATA) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
+        // Filesystems without SEEK_DATA support: everything is data.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((offset, end))),
+        Err(e) => return Err(e),
+    };
+    if start >= end {
+        return Ok(None);
+    }
+    let stop = lseek(file, start, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+    Ok(Some((start, stop.max(start))))
+}
+
+pub fn sync_filesystem(dir: &Path) -> io::Result<bool> {
+    let f = File::open(dir)?;
+    // SAFETY: syncfs takes a file descriptor owned by `f`, alive for this call.
+    let r = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Decodes the octal escapes (`\040` for space…) used in `/proc/self/mountinfo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = oct
+                    .iter()
+                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                out.push(v as u8);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn dev_numbers(rdev: u64) -> (u64, u64) {
+    (libc::major(rdev) as u64, libc::minor(rdev) as u64)
+}
+
+/// Block devices whose mounting would make writing `dev` unsafe: the device itself and its
+/// partitions (from `/sys/dev/block/M:m/`), as `major:minor` strings.
+fn device_family(rdev: u64) -> Vec<String> {
+    let (maj, min) = dev_numbers(rdev);
+    let me = format!("{maj}:{min}");
+    let mut out = vec![me.clone()];
+    let sys = PathBuf::from(format!("/sys/dev/block/{me}"));
+    if let Ok(entries) = std::fs::read_dir(&sys) {
+        for e in entries.flatten() {
+            let devfile = e.path().join("dev");
+            if e.path().join("partition").exists()
+                && let Ok(s) = std::fs::read_to_string(&devfile)
+            {
+                out.push(s.trim().to_string());
+            }
+        }
+    }
+    // Holders (device-mapper, md) built on this device.
+    if let Ok(entries) = std::fs::read_dir(sys.join("holders")) {
+        for e in entries.flatten() {
+            if let Ok(s) = std::fs::read_to_string(e.path().join("dev")) {
+                out.push(s.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Loop devices backed by the regular file `path`, as `major:minor` strings.
+fn loop_devices_backed_by(path: &Path) -> Vec<u64> {
+    let mut out = Vec::new();
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return out;
+    };
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.as_bytes().starts_with(b"loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = backing
+            .trim_end_matches('\n')
+            .trim_end_matches(" (deleted)");
+        if Path::new(backing) == canon
+            && let Ok(dev) = std::fs::read_to_string(e.path().join("dev"))
+            && let Some((a, b)) = dev.trim().split_once(':')
+            && let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>())
+        {
+            out.push(libc::makedev(a, b));
+        }
+    }
+    out
+}
+
+pub fn mount_point_of(path: &Path) -> io::Result<Option<String>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut family: Vec<String> = Vec::new();
+    if meta.file_type().is_block_device() {
+        family.extend(device_family(meta.rdev()));
+    } else if meta.file_type().is_file() {
+        for rdev in loop_devices_backed_by(path) {
+            family.extend(device_family(rdev));
+        }
+    }
+    if family.is_empty() {
+        return Ok(None);
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 5 {
+            continue;
+        }
+        if family.iter().any(|d| d == fields[2]) {
+            return Ok(Some(unescape_mountinfo(fields[4])));
+        }
+    }
+    // Swap areas are "mounted" too.
+    if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        for line in swaps.lines().skip(1) {
+            if let Some(dev) = line.split_whitespace().next()
+                && Path::new(&unescape_mountinfo(dev)) == canon
+            {
+                return Ok(Some("swap".into()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+pub fn object_id(file: &File) -> io::Result<(u64, u64)> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        Ok((u64::MAX, meta.rdev()))
+    } else {
+        Ok((meta.dev(), meta.ino()))
+    }
+}
+
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKZEROOUT reads a `uint64_t[2]` {start, length} through the pointer, which
+        // points to a live array of two u64.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+        return Ok(r == 0);
+    }
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Ok(false);
+    };
+    // SAFETY: fallocate takes a descriptor owned by `file` and plain integers.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    Ok(r == 0)
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the live buffer.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

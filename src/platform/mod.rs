@@ -1,0 +1,121 @@
+//! The operating-system layer: everything that differs between Linux and Windows.
+//!
+//! The rest of the library calls only the functions re-exported here. Each platform is one
+//! module, selected once at the `mod` line below; Windows is a second implementation of the
+//! same functions, not `cfg` attributes spread through the code.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "linux")]
+use linux as imp;
+
+#[cfg(windows)]
+mod windows;
+#[cfg(windows)]
+use windows as imp;
+
+/// What kind of object a source path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    RegularFile,
+    BlockDevice,
+    Other,
+}
+
+/// Geometry of an opened volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub kind: ObjectKind,
+    /// Size in bytes (`BLKGETSIZE64` for a device, the file length otherwise).
+    pub size: u64,
+    /// Logical sector size (`BLKSSZGET`), 512 for files.
+    pub logical_sector_size: u32,
+    /// Physical sector size (`BLKPBSZGET`), 4096 for files.
+    pub physical_sector_size: u32,
+}
+
+/// Opens `path` for reading only. Never opens a source for writing.
+pub fn open_read_only(path: &Path) -> io::Result<File> {
+    imp::open_read_only(path)
+}
+
+/// Opens `path` for writing without truncating or creating it (a device or an existing file).
+pub fn open_write_existing(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new().write(true).open(path)
+}
+
+/// Size, kind and sector sizes of an opened file or device.
+pub fn geometry(file: &File) -> io::Result<Geometry> {
+    imp::geometry(file)
+}
+
+/// Reads up to `buf.len()` bytes at `offset`; returns the count (0 at end of file).
+pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    imp::read_at(file, buf, offset)
+}
+
+/// Writes all of `buf` at `offset`.
+pub fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = imp::write_at(file, buf, offset)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0"));
+        }
+        buf = &buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// The next range of `file` at or after `offset` that may hold data, below `end`.
+/// `None` when only holes remain. Files without hole support report everything as data.
+pub fn next_data(file: &File, offset: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    imp::next_data(file, offset, end)
+}
+
+/// Makes every file written so far on the filesystem holding `dir` durable.
+/// Returns `false` when the platform cannot do this in one call (then callers fsync files).
+pub fn sync_filesystem(dir: &Path) -> io::Result<bool> {
+    imp::sync_filesystem(dir)
+}
+
+/// Makes a directory entry change (create, rename, unlink) in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    imp::sync_dir(dir)
+}
+
+/// If the device or file at `path` (or a partition of it) is mounted, where.
+pub fn mount_point_of(path: &Path) -> io::Result<Option<String>> {
+    imp::mount_point_of(path)
+}
+
+/// An identifier of the object behind an open file (device and inode, or rdev for devices),
+/// so that two paths can be recognised as the same volume.
+pub fn object_id(file: &File) -> io::Result<(u64, u64)> {
+    imp::object_id(file)
+}
+
+/// Zeroes `len` bytes at `offset` of a block device or file as cheaply as the platform can
+/// (discard-free zeroing on Linux devices, hole punching on files); falls back to writes.
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if imp::zero_range(file, offset, len)? {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (1 << 20).min(len as usize).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        write_all_at(file, &zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The machine's host name, for snapshot metadata.
+pub fn hostname() -> String {
+    imp::hostname()
+}

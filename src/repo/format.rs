@@ -1,0 +1,187 @@
+//! Every magic number and fixed layout of the repository format, in one place.
+//!
+//! All integers are little-endian. `docs/FORMAT.md` is the normative description; this module
+//! is its implementation. Bump a `*_VERSION` whenever a layout changes incompatibly: readers
+//! reject versions they do not know with [`crate::Error::UnsupportedVersion`].
+
+use crate::hash::ChunkId;
+
+/// Version of the repository as a whole (the `config` file, the directory layout).
+pub const REPO_VERSION: u32 = 1;
+/// `format` field of the `config` file.
+pub const REPO_FORMAT_NAME: &str = "volback-repository";
+
+/// Chunk file: `"VBCK"`, then a version byte.
+pub const CHUNK_MAGIC: [u8; 4] = *b"VBCK";
+pub const CHUNK_VERSION: u8 = 1;
+/// Chunk header: magic(4) version(1) codec(1) reserved(2) raw_len(4) stored_len(4).
+pub const CHUNK_HEADER_LEN: usize = 16;
+/// Chunk payload codecs.
+pub const CODEC_RAW: u8 = 0;
+pub const CODEC_ZSTD: u8 = 1;
+
+/// Snapshot file: `"VBSNAP"` + CR LF (catches text-mode mangling), then a u32 version.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"VBSNAP\r\n";
+pub const SNAPSHOT_VERSION: u32 = 1;
+/// magic(8) version(4).
+pub const SNAPSHOT_PREAMBLE_LEN: usize = 12;
+/// Trailer: header_offset u64, header_len u32, segment_count u32, directory_offset u64,
+/// reserved u64, checksum [32].
+pub const SNAPSHOT_TRAILER_LEN: usize = 64;
+/// Directory entry: offset u64, stored_len u32, block_count u32, blake3 [32].
+pub const SEGMENT_DIR_ENTRY_LEN: usize = 48;
+/// Blocks per manifest segment (the last one may hold fewer).
+pub const SEGMENT_BLOCKS: u64 = 65_536;
+/// Upper bound of a snapshot header (JSON), against hostile files.
+pub const MAX_HEADER_LEN: u32 = 16 << 20;
+
+/// Resume journal: `"VBJRNL"` + CR LF, then a u32 version.
+pub const JOURNAL_MAGIC: [u8; 8] = *b"VBJRNL\r\n";
+pub const JOURNAL_VERSION: u32 = 1;
+/// Upper bound of one journal record payload.
+pub const MAX_JOURNAL_RECORD: u32 = 64 << 20;
+
+/// Smallest and largest block size a repository accepts.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
+
+/// Block-reference record tags, used in manifest segments and journal batches.
+pub const REC_ZERO: u8 = 0;
+pub const REC_UNUSED: u8 = 1;
+pub const REC_CHUNK: u8 = 2;
+/// Bytes per record: tag + u32 count, or tag + 32-byte id.
+pub const REC_RUN_LEN: usize = 5;
+pub const REC_CHUNK_LEN: usize = 33;
+
+/// What one block of a snapshot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockRef {
+    /// All zeros; nothing stored.
+    Zero,
+    /// Not used by the filesystem; restored as zeros.
+    Unused,
+    /// Content stored in this chunk.
+    Chunk(ChunkId),
+}
+
+/// Appends `count` copies of `r` to `out` in record encoding.
+pub fn encode_run(out: &mut Vec<u8>, r: BlockRef, mut count: u64) {
+    match r {
+        BlockRef::Chunk(id) => {
+            for _ in 0..count {
+                out.push(REC_CHUNK);
+                out.extend_from_slice(&id.0);
+            }
+        }
+        BlockRef::Zero | BlockRef::Unused => {
+            let tag = if r == BlockRef::Zero {
+                REC_ZERO
+            } else {
+                REC_UNUSED
+            };
+            while count > 0 {
+                let n = count.min(u32::MAX as u64);
+                out.push(tag);
+                out.extend_from_slice(&(n as u32).to_le_bytes());
+                count -= n;
+            }
+        }
+    }
+}
+
+/// Decodes records, expecting exactly `expected` blocks. Calls `f(ref, count)` per record.
+/// Returns a description of the problem on malformed input.
+pub fn decode_records(
+    mut data: &[u8],
+    expected: u64,
+    mut f: impl FnMut(BlockRef, u64),
+) -> Result<(), String> {
+    let mut seen = 0u64;
+    while let Some((&tag, rest)) = data.split_first() {
+        let (r, count, rest) = match tag {
+            REC_ZERO | REC_UNUSED => {
+                let Some((n, rest)) = rest.split_first_chunk::<4>() else {
+                    return Err("truncated run record".into());
+                };
+                let n = u32::from_le_bytes(*n) as u64;
+                if n == 0 {
+                    return Err("run record of length 0".into());
+                }
+                let r = if tag == REC_ZERO {
+                    BlockRef::Zero
+                } else {
+                    BlockRef::Unused
+                };
+                (r, n, rest)
+            }
+            REC_CHUNK => {
+                let Some((id, rest)) = rest.split_first_chunk::<32>() else {
+                    return Err("truncated chunk record".into());
+                };
+                (BlockRef::Chunk(ChunkId(*id)), 1, rest)
+            }
+            t => return Err(format!("unknown record tag {t}")),
+        };
+        seen = seen.saturating_add(count);
+        if seen > expected {
+            return Err(format!(
+                "records cover more than the {expected} blocks expected"
+            ));
+        }
+        f(r, count);
+        data = rest;
+    }
+    if seen != expected {
+        return Err(format!("records cover {seen} blocks, {expected} expected"));
+    }
+    Ok(())
+}
+
+/// Little-endian readers over a byte slice that was already length-checked.
+pub fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+pub fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_ref() -> impl Strategy<Value = BlockRef> {
+        prop_oneof![
+            Just(BlockRef::Zero),
+            Just(BlockRef::Unused),
+            any::<[u8; 32]>().prop_map(|b| BlockRef::Chunk(ChunkId(b))),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip(runs in proptest::collection::vec((arb_ref(), 1u64..5), 0..50)) {
+            let mut enc = Vec::new();
+            let mut expected = Vec::new();
+            for (r, n) in &runs {
+                encode_run(&mut enc, *r, *n);
+                expected.extend(std::iter::repeat_n(*r, *n as usize));
+            }
+            let mut got = Vec::new();
+            decode_records(&enc, expected.len() as u64, |r, n| {
+                got.extend(std::iter::repeat_n(r, n as usize))
+            }).unwrap();
+            prop_assert_eq!(got, expected);
+        }
+
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200), n in 0u64..1000) {
+            let _ = decode_records(&data, n, |_, _| {});
+        }
+    }
+}

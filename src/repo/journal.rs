@@ -1,0 +1,306 @@
+//! Resume journals: what an unfinished backup has already done.
+//!
+//! While a backup runs it appends, every few seconds, a batch with the block references of
+//! the blocks finished since the previous batch (always a prefix of the volume, in order) and
+//! the statistics they add. Before a batch is appended, every chunk it refers to has been made
+//! durable (`syncfs`); the batch itself is fsynced. After kill -9 or a power cut, the journal
+//! holds a valid prefix of batches, possibly followed by a torn record that is ignored and cut
+//! off. The next backup of the same volume replays the batches and continues after them.
+
+use super::format::*;
+use super::fsio::TempFile;
+use crate::error::{Error, IoContext, Result};
+use crate::hash::HashAlgorithm;
+use crate::source::SourceInfo;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// What a journal is the journal of. A resume happens only when all of it matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalHeader {
+    pub source: SourceInfo,
+    pub volume_key: String,
+    pub block_size: u32,
+    pub block_count: u64,
+    pub chunk_hash: HashAlgorithm,
+    pub parent: Option<String>,
+    pub time: String,
+    pub time_unix: i64,
+    pub tags: Vec<String>,
+}
+
+/// Statistics added by one batch (integers only; see `SnapshotStats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    pub bytes_read: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    pub unchanged_blocks: u64,
+    pub deduplicated_blocks: u64,
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    pub new_bytes_stored: u64,
+    pub duration_ms: u64,
+}
+
+impl BatchStats {
+    const FIELDS: usize = 9;
+
+    fn to_array(self) -> [u64; Self::FIELDS] {
+        [
+            self.bytes_read,
+            self.data_blocks,
+            self.zero_blocks,
+            self.unchanged_blocks,
+            self.deduplicated_blocks,
+            self.new_chunks,
+            self.new_bytes,
+            self.new_bytes_stored,
+            self.duration_ms,
+        ]
+    }
+
+    fn from_array(a: [u64; Self::FIELDS]) -> Self {
+        BatchStats {
+            bytes_read: a[0],
+            data_blocks: a[1],
+            zero_blocks: a[2],
+            unchanged_blocks: a[3],
+            deduplicated_blocks: a[4],
+            new_chunks: a[5],
+            new_bytes: a[6],
+            new_bytes_stored: a[7],
+            duration_ms: a[8],
+        }
+    }
+
+    pub fn add(&mut self, o: &BatchStats) {
+        let mut a = self.to_array();
+        for (x, y) in a.iter_mut().zip(o.to_array()) {
+            *x = x.saturating_add(y);
+        }
+        *self = Self::from_array(a);
+    }
+}
+
+/// One decoded batch.
+#[derive(Debug)]
+pub struct Batch {
+    pub first_block: u64,
+    pub block_count: u64,
+    pub stats: BatchStats,
+    /// Block-reference records (see `format::decode_records`).
+    pub records: Vec<u8>,
+}
+
+/// An open journal, appended to by a running backup.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+const BATCH_FIXED: usize = 16 + BatchStats::FIELDS * 8;
+
+fn header_bytes(h: &JournalHeader) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(h)
+        .map_err(|e| Error::InvalidArgument(format!("cannot encode journal header: {e}")))?;
+    let mut out = Vec::with_capacity(json.len() + 48);
+    out.extend_from_slice(&JOURNAL_MAGIC);
+    out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(blake3::hash(&json).as_bytes());
+    Ok(out)
+}
+
+impl Journal {
+    /// Creates a new journal at `path` (replacing any old one) atomically.
+    pub fn create(path: &Path, header: &JournalHeader) -> Result<Journal> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = TempFile::create_in(dir, ".journal")?;
+        tmp.file()
+            .write_all(&header_bytes(header)?)
+            .ctx("write", tmp.path())?;
+        tmp.persist(path, true)?;
+        Self::open_append(path)
+    }
+
+    fn open_append(path: &Path) -> Result<Journal> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ctx("open journal", path)?;
+        file.seek(SeekFrom::End(0)).ctx("seek", path)?;
+        Ok(Journal {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Reads only the header of the journal at `path`; `None` when there is no usable one.
+    pub fn read_header(path: &Path) -> Result<Option<JournalHeader>> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open journal", path, e)),
+        };
+        let len = file.metadata().ctx("stat", path)?.len();
+        let mut pre = [0u8; 16];
+        if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
+            return Ok(None);
+        }
+        let version = le_u32(&pre, 8);
+        if version != JOURNAL_VERSION {
+            return Ok(None);
+        }
+        let hlen = le_u32(&pre, 12) as u64;
+        if hlen > MAX_HEADER_LEN as u64 || 16 + hlen + 32 > len {
+            return Ok(None);
+        }
+        let mut json = vec![0u8; hlen as usize];
+        let mut sum = [0u8; 32];
+        file.read_exact(&mut json).ctx("read", path)?;
+        file.read_exact(&mut sum).ctx("read", path)?;
+        if *blake3::hash(&json).as_bytes() != sum {
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice(&json).ok())
+    }
+
+    /// Opens an existing journal, replays its valid batches through `f` in order, cuts off a
+    /// torn tail and returns the journal ready for appending, with its header.
+    /// `Ok(None)` when the file does not exist or its header is unreadable (a journal whose
+    /// header never became durable holds nothing worth resuming).
+    pub fn resume(
+        path: &Path,
+        mut f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
+    ) -> Result<Option<(Journal, JournalHeader)>> {
+        let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open journal", path, e)),
+        };
+        let len = file.metadata().ctx("stat", path)?.len();
+        let mut pre = [0u8; 16];
+        if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
+            return Ok(None);
+        }
+        let version = le_u32(&pre, 8);
+        if version != JOURNAL_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "resume journal",
+                path: path.to_path_buf(),
+                found: version,
+                supported: JOURNAL_VERSION,
+            });
+        }
+        let hlen = le_u32(&pre, 12) as u64;
+        if hlen > MAX_HEADER_LEN as u64 || 16 + hlen + 32 > len {
+            return Ok(None);
+        }
+        let mut json = vec![0u8; hlen as usize];
+        let mut sum = [0u8; 32];
+        file.read_exact(&mut json).ctx("read", path)?;
+        file.read_exact(&mut sum).ctx("read", path)?;
+        if *blake3::hash(&json).as_bytes() != sum {
+            return Ok(None);
+        }
+        let Ok(header) = serde_json::from_slice::<JournalHeader>(&json) else {
+            return Ok(None);
+        };
+        let mut valid_end = 16 + hlen + 32;
+        let mut next_block = 0u64;
+        let mut reader = std::io::BufReader::new(&mut file);
+        loop {
+            let mut lenb = [0u8; 4];
+            if reader.read_exact(&mut lenb).is_err() {
+                break;
+            }
+            let plen = u32::from_le_bytes(lenb);
+            if plen > MAX_JOURNAL_RECORD
+                || (plen as usize) < BATCH_FIXED
+                || valid_end + 4 + plen as u64 + 32 > len
+            {
+                break;
+            }
+            let mut payload = vec![0u8; plen as usize];
+            if reader.read_exact(&mut payload).is_err() || reader.read_exact(&mut sum).is_err() {
+                break;
+            }
+            if *blake3::hash(&payload).as_bytes() != sum {
+                break;
+            }
+            let first_block = le_u64(&payload, 0);
+            let block_count = le_u64(&payload, 8);
+            let mut a = [0u64; BatchStats::FIELDS];
+            for (i, x) in a.iter_mut().enumerate() {
+                *x = le_u64(&payload, 16 + i * 8);
+            }
+            let records = payload[BATCH_FIXED..].to_vec();
+            let end = first_block.checked_add(block_count);
+            if first_block != next_block
+                || end.is_none_or(|e| e > header.block_count)
+                || decode_records(&records, block_count, |_, _| {}).is_err()
+            {
+                break;
+            }
+            f(
+                &header,
+                Batch {
+                    first_block,
+                    block_count,
+                    stats: BatchStats::from_array(a),
+                    records,
+                },
+            )?;
+            next_block += block_count;
+            valid_end += 4 + plen as u64 + 32;
+        }
+        drop(reader);
+        if valid_end < len {
+            file.set_len(valid_end).ctx("truncate torn journal", path)?;
+            file.sync_data().ctx("flush", path)?;
+        }
+        drop(file);
+        Ok(Some((Self::open_append(path)?, header)))
+    }
+
+    /// Appends a batch and makes it durable.
+    pub fn append(
+        &mut self,
+        first_block: u64,
+        block_count: u64,
+        stats: &BatchStats,
+        records: &[u8],
+    ) -> Result<()> {
+        let mut payload = Vec::with_capacity(BATCH_FIXED + records.len());
+        payload.extend_from_slice(&first_block.to_le_bytes());
+        payload.extend_from_slice(&block_count.to_le_bytes());
+        for x in stats.to_array() {
+            payload.extend_from_slice(&x.to_le_bytes());
+        }
+        payload.extend_from_slice(records);
+        let mut rec = Vec::with_capacity(payload.len() + 36);
+        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&payload);
+        rec.extend_from_slice(blake3::hash(&payload).as_bytes());
+        self.file
+            .write_all(&rec)
+            .ctx("append to journal", &self.path)?;
+        self.file.sync_data().ctx("flush journal", &self.path)
+    }
+
+    /// Deletes the journal (the snapshot it led to is committed).
+    pub fn remove(self) -> Result<()> {
+        drop(self.file);
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove journal", &self.path, e)),
+        }
+    }
+}

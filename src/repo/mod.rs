@@ -1,0 +1,346 @@
+//! The repository: where snapshots live.
+//!
+//! # Layout of a local-directory repository (format version 1)
+//!
+//! ```text
+//! REPO/
+//!   config                 JSON: format name, version, repository id, chunk hash, zstd level,
+//!                          default block size. Written last by `init`: no config, no repository.
+//!   lock                   empty file; operations hold an advisory lock on it (table below)
+//!   chunks/00 … chunks/ff/ one file per chunk, named by the 64-hex-digit chunk id
+//!   snapshots/<id>         one immutable file per snapshot; id = hex of its checksum
+//!   journals/<key>.journal resume journal of an unfinished backup of volume <key>
+//!   journals/<key>.lock    held exclusively while a backup of volume <key> runs
+//!   tmp/                   temporary files, renamed into place when complete
+//! ```
+//!
+//! Byte layouts are in [`format`] and docs/FORMAT.md.
+//!
+//! # Locking
+//!
+//! | operation              | `lock`            | `journals/<key>.lock` |
+//! |------------------------|-------------------|-----------------------|
+//! | backup                 | shared            | exclusive (try)       |
+//! | restore, verify, list  | shared            | —                     |
+//! | gc, forget (future)    | exclusive (try)   | —                     |
+//!
+//! Backups of different volumes, or of one volume into different repositories, run side by
+//! side: chunk files are content-addressed and appear by atomic rename, so two writers of the
+//! same chunk write the same bytes. Two backups of the same volume at once are refused (the
+//! second would redo the first one's work from the same journal). Locks are advisory `flock`
+//! style locks that the kernel drops when a process dies, so a crash never leaves a stale lock.
+//!
+//! # Crash safety
+//!
+//! Metadata (config, snapshots, journal headers) is written to a temporary file, fsynced,
+//! renamed and the directory fsynced. Chunk files are renamed into place without an fsync
+//! each; a `syncfs` of the repository's filesystem precedes every journal batch and every
+//! snapshot that refers to them. A chunk file left incomplete by a power cut is detected by
+//! its header/length check and rewritten by the next backup. Garbage collection (future) must
+//! take the exclusive lock and treat chunks named by any journal as live.
+
+pub mod chunks;
+pub mod format;
+pub mod fsio;
+pub mod journal;
+pub mod reader;
+pub mod snapshot;
+
+use crate::error::{Error, IoContext, Result};
+use crate::hash::HashAlgorithm;
+use crate::platform;
+use chunks::ChunkStore;
+use format::*;
+use serde::{Deserialize, Serialize};
+use snapshot::{SnapshotFile, SnapshotHeader};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Block size used when neither the repository nor the command chooses one.
+/// Chosen by measurement (docs/BENCHMARKS.md): small enough that a small change stores little,
+/// large enough that per-chunk costs stay negligible.
+pub const DEFAULT_BLOCK_SIZE: u32 = 256 * 1024;
+
+/// The `config` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub created: String,
+    pub chunk_hash: HashAlgorithm,
+    pub compression: String,
+    pub zstd_level: i32,
+    pub block_size: u32,
+}
+
+/// Options of `volback init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunk_hash: HashAlgorithm,
+    pub zstd_level: i32,
+    pub block_size: u32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_hash: HashAlgorithm::Blake3,
+            zstd_level: 3,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// Checks that a block size is a power of two within the supported range.
+pub fn check_block_size(bs: u32) -> Result<()> {
+    if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) || !bs.is_power_of_two() {
+        return Err(Error::InvalidArgument(format!(
+            "block size {bs} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// A snapshot's id and header, as listed.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    pub id: String,
+    pub header: SnapshotHeader,
+}
+
+/// An open repository. Holds a shared lock on it for its lifetime.
+#[derive(Debug)]
+pub struct Repository {
+    root: PathBuf,
+    config: Config,
+    chunks: ChunkStore,
+    _lock: File,
+}
+
+impl Repository {
+    /// Creates a new repository in `path` (which must not exist or be an empty directory).
+    pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
+        check_block_size(opts.block_size)?;
+        if !(1..=22).contains(&opts.zstd_level) {
+            return Err(Error::InvalidArgument(format!(
+                "zstd level {} must be between 1 and 22",
+                opts.zstd_level
+            )));
+        }
+        match std::fs::read_dir(path) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    let detail = if path.join("config").exists() {
+                        "it already holds a repository"
+                    } else {
+                        "the directory is not empty"
+                    };
+                    return Err(Error::RepositoryExists {
+                        path: path.to_path_buf(),
+                        detail: detail.into(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(path).ctx("create directory", path)?;
+            }
+            Err(e) => return Err(Error::io("read directory", path, e)),
+        }
+        for sub in ["snapshots", "journals", "tmp"] {
+            let p = path.join(sub);
+            std::fs::create_dir_all(&p).ctx("create directory", &p)?;
+        }
+        for i in 0..=255u8 {
+            let p = path.join("chunks").join(format!("{i:02x}"));
+            std::fs::create_dir_all(&p).ctx("create directory", &p)?;
+        }
+        File::create(path.join("lock")).ctx("create", &path.join("lock"))?;
+        let config = Config {
+            format: REPO_FORMAT_NAME.into(),
+            version: REPO_VERSION,
+            id: fsio::random_hex(16),
+            created: crate::time::rfc3339(crate::time::now_unix()),
+            chunk_hash: opts.chunk_hash,
+            compression: "zstd".into(),
+            zstd_level: opts.zstd_level,
+            block_size: opts.block_size,
+        };
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode config: {e}")))?;
+        // Everything below config is durable before config appears.
+        platform::sync_filesystem(path).ctx("flush", path)?;
+        fsio::atomic_write(&path.join("config"), &json)?;
+        Self::open(path)
+    }
+
+    /// Opens an existing repository and takes a shared lock on it.
+    pub fn open(path: &Path) -> Result<Repository> {
+        let cfg_path = path.join("config");
+        let bytes = match fsio::read_limited(&cfg_path, 1 << 20, "config") {
+            Ok(b) => b,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotARepository {
+                    path: path.to_path_buf(),
+                    detail: "it has no config file (create one with `volback init`)".into(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
+        if value.get("format").and_then(|v| v.as_str()) != Some(REPO_FORMAT_NAME) {
+            return Err(Error::NotARepository {
+                path: path.to_path_buf(),
+                detail: format!("config does not say \"format\": \"{REPO_FORMAT_NAME}\""),
+            });
+        }
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version != REPO_VERSION as u64 {
+            return Err(Error::UnsupportedVersion {
+                what: "repository",
+                path: path.to_path_buf(),
+                found: version.min(u32::MAX as u64) as u32,
+                supported: REPO_VERSION,
+            });
+        }
+        let config: Config = serde_json::from_value(value)
+            .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
+        check_block_size(config.block_size)
+            .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
+        let lock_path = path.join("lock");
+        let lock = File::open(&lock_path).ctx("open", &lock_path)?;
+        match lock.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    path: path.to_path_buf(),
+                    detail: "an exclusive operation such as gc is running".into(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
+        }
+        let fsync_each = !cfg!(target_os = "linux");
+        let chunks = ChunkStore::new(path.join("chunks"), config.chunk_hash, fsync_each);
+        Ok(Repository {
+            root: path.to_path_buf(),
+            config,
+            chunks,
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.chunks
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn journals_dir(&self) -> PathBuf {
+        self.root.join("journals")
+    }
+
+    /// Makes every chunk written so far durable. Returns false when the platform cannot (chunks
+    /// were then flushed one by one as they were written).
+    pub fn sync_chunks(&self) -> Result<bool> {
+        platform::sync_filesystem(&self.root).ctx("flush", &self.root)
+    }
+
+    /// Ids of all snapshots (unordered). Temporary files are skipped.
+    pub fn snapshot_ids(&self) -> Result<Vec<String>> {
+        let dir = self.snapshots_dir();
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(&dir).ctx("list", &dir)? {
+            let e = e.ctx("list", &dir)?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                ids.push(name);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Opens snapshot `id` (a full id) and checks its metadata.
+    pub fn open_snapshot(&self, id: &str) -> Result<SnapshotFile> {
+        let path = self.snapshots_dir().join(id);
+        if !path.exists() {
+            return Err(Error::SnapshotNotFound {
+                selector: id.into(),
+            });
+        }
+        SnapshotFile::open(&path, Some(id))
+    }
+
+    /// All snapshots, oldest first. A damaged snapshot file is an error naming it.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>> {
+        let mut out = Vec::new();
+        for id in self.snapshot_ids()? {
+            let snap = self.open_snapshot(&id)?;
+            out.push(SnapshotEntry {
+                id,
+                header: snap.header().clone(),
+            });
+        }
+        out.sort_by(|a, b| (a.header.time_unix, &a.id).cmp(&(b.header.time_unix, &b.id)));
+        Ok(out)
+    }
+
+    /// Resolves a snapshot selector: a full id, a unique id prefix, `latest`, or
+    /// `latest:SOURCE` (the latest snapshot whose source path is SOURCE).
+    pub fn resolve(&self, selector: &str) -> Result<String> {
+        let not_found = || Error::SnapshotNotFound {
+            selector: selector.into(),
+        };
+        if selector == "latest" || selector.starts_with("latest:") {
+            let list = self.list_snapshots()?;
+            let wanted = selector.strip_prefix("latest:");
+            let wanted_abs = wanted.map(|w| {
+                std::path::absolute(w)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| w.to_string())
+            });
+            return list
+                .iter()
+                .rev()
+                .find(|s| {
+                    wanted.is_none()
+                        || Some(s.header.source.path.as_str()) == wanted
+                        || Some(&s.header.source.path) == wanted_abs.as_ref()
+                })
+                .map(|s| s.id.clone())
+                .ok_or_else(not_found);
+        }
+        let prefix = selector.to_ascii_lowercase();
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(not_found());
+        }
+        let mut matches: Vec<String> = self
+            .snapshot_ids()?
+            .into_iter()
+            .filter(|id| id.starts_with(&prefix))
+            .collect();
+        matches.sort();
+        match matches.len() {
+            0 => Err(not_found()),
+            1 => Ok(matches.remove(0)),
+            _ => Err(Error::AmbiguousSnapshot {
+                prefix: selector.into(),
+                candidates: matches.into_iter().map(|m| m[..12].to_string()).collect(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! Snapshot files: one immutable file per snapshot under `snapshots/<id>`.
+//!
+//! Layout (see docs/FORMAT.md): preamble, manifest segments (zstd-compressed block-reference
+//! records, 65,536 blocks each), the JSON header, the segment directory, and a 64-byte
+//! trailer whose BLAKE3 checksum covers preamble, header, directory and trailer fields. The
+//! snapshot id is that checksum in hex. Segments are checked by their own BLAKE3 in the
+//! directory, so a reader can load any one of them without reading the others: memory for
+//! random access stays bounded by one segment, whatever the volume size.
+
+use super::format::*;
+use super::fsio::TempFile;
+use crate::error::{Error, IoContext, Result};
+use crate::hash::HashAlgorithm;
+use crate::platform;
+use crate::source::SourceInfo;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Statistics of the backup run(s) that produced a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotStats {
+    /// Bytes read from the source (holes of sparse files are not read).
+    pub bytes_read: u64,
+    /// Blocks that hold data (a chunk reference).
+    pub data_blocks: u64,
+    /// Blocks that were all zeros or holes.
+    pub zero_blocks: u64,
+    /// Blocks whose hash equals the parent's block at the same offset.
+    pub unchanged_blocks: u64,
+    /// Blocks whose chunk already existed in the repository (other volume, other offset).
+    pub deduplicated_blocks: u64,
+    /// Chunks written by this backup.
+    pub new_chunks: u64,
+    /// Uncompressed bytes of those chunks.
+    pub new_bytes: u64,
+    /// Bytes those chunks occupy in the repository (headers included).
+    pub new_bytes_stored: u64,
+    /// Wall-clock seconds of all runs that contributed (resumed runs add up).
+    pub duration_secs: f64,
+    /// How many times the backup was resumed after an interruption.
+    pub resumed: u32,
+}
+
+/// The JSON header of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    /// RFC 3339 UTC time the backup started.
+    pub time: String,
+    /// Same, as Unix seconds.
+    pub time_unix: i64,
+    pub hostname: String,
+    pub source: SourceInfo,
+    /// Identity used to find the parent of the next backup of the same volume.
+    pub volume_key: String,
+    pub block_size: u32,
+    pub block_count: u64,
+    pub chunk_hash: HashAlgorithm,
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub stats: SnapshotStats,
+    /// Byte ranges that could not be read and were stored as zeros.
+    #[serde(default)]
+    pub unreadable: Vec<(u64, u64)>,
+}
+
+/// One entry of the segment directory.
+#[derive(Debug, Clone, Copy)]
+struct SegmentEntry {
+    offset: u64,
+    stored_len: u32,
+    block_count: u32,
+    hash: [u8; 32],
+}
+
+/// Writes a snapshot file block by block, in block order.
+pub struct SnapshotWriter {
+    tmp: TempFile,
+    out: BufWriter<File>,
+    pos: u64,
+    records: Vec<u8>,
+    blocks_in_segment: u64,
+    blocks_total: u64,
+    directory: Vec<SegmentEntry>,
+    compressor: zstd::bulk::Compressor<'static>,
+    /// A run of zero or unused blocks not yet encoded (merged with following equal runs).
+    run: Option<(BlockRef, u64)>,
+}
+
+impl SnapshotWriter {
+    /// Starts a snapshot in the repository's temporary directory `tmp_dir`.
+    pub fn create(tmp_dir: &Path) -> Result<SnapshotWriter> {
+        let tmp = TempFile::create_in(tmp_dir, ".snapshot")?;
+        let file = tmp.file().try_clone().ctx("open", tmp.path())?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&SNAPSHOT_MAGIC).ctx("write", tmp.path())?;
+        out.write_all(&SNAPSHOT_VERSION.to_le_bytes())
+            .ctx("write", tmp.path())?;
+        let compressor = zstd::bulk::Compressor::new(3)
+            .map_err(|e| Error::io("set up zstd for", tmp.path(), e))?;
+        Ok(SnapshotWriter {
+            tmp,
+            out,
+            pos: SNAPSHOT_PREAMBLE_LEN as u64,
+            records: Vec::new(),
+            blocks_in_segment: 0,
+            blocks_total: 0,
+            directory: Vec::new(),
+            compressor,
+            run: None,
+        })
+    }
+
+    /// Blocks pushed so far.
+    pub fn blocks(&self) -> u64 {
+        self.blocks_total + self.run.map_or(0, |(_, c)| c)
+    }
+
+    /// Appends `count` blocks that all refer to `r`.
+    pub fn push(&mut self, r: BlockRef, count: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        if let Some((pr, pc)) = self.run {
+            if pr == r {
+                self.run = Some((r, pc + count));
+                return Ok(());
+            }
+            self.run = None;
+            self.encode(pr, pc)?;
+        }
+        if matches!(r, BlockRef::Chunk(_)) {
+            self.encode(r, count)
+        } else {
+            self.run = Some((r, count));
+            Ok(())
+        }
+    }
+
+    fn encode(&mut self, r: BlockRef, mut count: u64) -> Result<()> {
+        while count > 0 {
+            let n = count.min(SEGMENT_BLOCKS - self.blocks_in_segment);
+            encode_run(&mut self.records, r, n);
+            self.blocks_in_segment += n;
+            self.blocks_total += n;
+            count -= n;
+            if self.blocks_in_segment == SEGMENT_BLOCKS {
+                self.flush_segment()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_segment(&mut self) -> Result<()> {
+        if self.blocks_in_segment == 0 {
+            return Ok(());
+        }
+        let stored = self
+            .compressor
+            .compress(&self.records)
+            .map_err(|e| Error::io("compress manifest segment for", self.tmp.path(), e))?;
+        self.out.write_all(&stored).ctx("write", self.tmp.path())?;
+        self.directory.push(SegmentEntry {
+            offset: self.pos,
+            stored_len: stored.len() as u32,
+            block_count: self.blocks_in_segment as u32,
+            hash: *blake3::hash(&stored).as_bytes(),
+        });
+        self.pos += stored.len() as u64;
+        self.records.clear();
+        self.blocks_in_segment = 0;
+        Ok(())
+    }
+
+    /// Writes header, directory and trailer, makes the file durable and moves it to
+    /// `snapshots_dir/<id>`. `header.block_count` must equal the blocks pushed. Returns the id.
+    pub fn finish(mut self, header: &SnapshotHeader, snapshots_dir: &Path) -> Result<String> {
+        if let Some((r, c)) = self.run.take() {
+            self.encode(r, c)?;
+        }
+        if header.block_count != self.blocks_total {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot has {} blocks but its header says {}",
+                self.blocks_total, header.block_count
+            )));
+        }
+        self.flush_segment()?;
+        let header_json = serde_json::to_vec(header)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode snapshot header: {e}")))?;
+        let header_offset = self.pos;
+        self.out
+            .write_all(&header_json)
+            .ctx("write", self.tmp.path())?;
+        let directory_offset = header_offset + header_json.len() as u64;
+        let mut dir_bytes = Vec::with_capacity(self.directory.len() * SEGMENT_DIR_ENTRY_LEN);
+        for e in &self.directory {
+            dir_bytes.extend_from_slice(&e.offset.to_le_bytes());
+            dir_bytes.extend_from_slice(&e.stored_len.to_le_bytes());
+            dir_bytes.extend_from_slice(&e.block_count.to_le_bytes());
+            dir_bytes.extend_from_slice(&e.hash);
+        }
+        self.out
+            .write_all(&dir_bytes)
+            .ctx("write", self.tmp.path())?;
+        let mut trailer = Vec::with_capacity(SNAPSHOT_TRAILER_LEN);
+        trailer.extend_from_slice(&header_offset.to_le_bytes());
+        trailer.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
+        trailer.extend_from_slice(&(self.directory.len() as u32).to_le_bytes());
+        trailer.extend_from_slice(&directory_offset.to_le_bytes());
+        trailer.extend_from_slice(&0u64.to_le_bytes());
+        let checksum = snapshot_checksum(&header_json, &dir_bytes, &trailer);
+        trailer.extend_from_slice(&checksum);
+        self.out.write_all(&trailer).ctx("write", self.tmp.path())?;
+        self.out.flush().ctx("write", self.tmp.path())?;
+        let id = hex::encode(checksum);
+        let dest = snapshots_dir.join(&id);
+        drop(self.out);
+        self.tmp.persist(&dest, true)?;
+        Ok(id)
+    }
+}
+
+fn snapshot_checksum(header: &[u8], directory: &[u8], trailer_fields: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&SNAPSHOT_MAGIC);
+    h.update(&SNAPSHOT_VERSION.to_le_bytes());
+    h.update(header);
+    h.update(directory);
+    h.update(&trailer_fields[..32]);
+    *h.finalize().as_bytes()
+}
+
+/// An opened, checked snapshot file.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    path: PathBuf,
+    file: File,
+    id: String,
+    header: SnapshotHeader,
+    directory: Vec<SegmentEntry>,
+}
+
+fn read_exact_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match platform::read_at(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => return Err(Error::corrupt("snapshot", path, "file ends early")),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::IoAt {
+                    op: "read",
+                    path: path.to_path_buf(),
+                    offset: offset + done as u64,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(buf)
+}
+
+impl SnapshotFile {
+    /// Opens and checks the snapshot file at `path`. When `expected_id` is given, the file's
+    /// checksum must match it.
+    pub fn open(path: &Path, expected_id: Option<&str>) -> Result<SnapshotFile> {
+        let file = File::open(path).ctx("open snapshot", path)?;
+        let len = file.metadata().ctx("stat", path)?.len();
+        let bad = |d: String| Error::corrupt("snapshot", path, d);
+        let min = (SNAPSHOT_PREAMBLE_LEN + SNAPSHOT_TRAILER_LEN) as u64;
+        if len < min {
+            return Err(bad(format!("{len} bytes, too short to be a snapshot")));
+        }
+        let pre = read_exact_at(&file, path, 0, SNAPSHOT_PREAMBLE_LEN)?;
+        if pre[..8] != SNAPSHOT_MAGIC {
+            return Err(bad("bad magic (not a volback snapshot)".into()));
+        }
+        let version = le_u32(&pre, 8);
+        if version != SNAPSHOT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "snapshot",
+                path: path.to_path_buf(),
+                found: version,
+                supported: SNAPSHOT_VERSION,
+            });
+        }
+        let tr = read_exact_at(
+            &file,
+            path,
+            len - SNAPSHOT_TRAILER_LEN as u64,
+            SNAPSHOT_TRAILER_LEN,
+        )?;
+        let header_offset = le_u64(&tr, 0);
+        let header_len = le_u32(&tr, 8);
+        let segment_count = le_u32(&tr, 12);
+        let directory_offset = le_u64(&tr, 16);
+        let dir_len = segment_count as u64 * SEGMENT_DIR_ENTRY_LEN as u64;
+        let trailer_at = len - SNAPSHOT_TRAILER_LEN as u64;
+        if header_len > MAX_HEADER_LEN
+            || header_offset < SNAPSHOT_PREAMBLE_LEN as u64
+            || header_offset.checked_add(header_len as u64) != Some(directory_offset)
+            || directory_offset.checked_add(dir_len) != Some(trailer_at)
+        {
+            return Err(bad(
+                "trailer offsets are inconsistent (truncated or damaged file)".into(),
+            ));
+        }
+        let header_json = read_exact_at(&file, path, header_offset, header_len as usize)?;
+        let dir_bytes = read_exact_at(&file, path, directory_offset, dir_len as usize)?;
+        let checksum = snapshot_checksum(&header_json, &dir_bytes, &tr);
+        if checksum[..] != tr[32..64] {
+            return Err(bad("checksum mismatch (damaged file)".into()));
+        }
+        let id = hex::encode(checksum);
+        if let Some(expected) = expected_id
+            && expected != id
+        {
+            return Err(bad(format!(
+                "file is named {expected} but its checksum is {id}"
+            )));
+        }
+        let header: SnapshotHeader =
+            serde_json::from_slice(&header_json).map_err(|e| bad(format!("header: {e}")))?;
+        let bs = header.block_size;
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) || !bs.is_power_of_two() {
+            return Err(bad(format!("block size {bs} out of range")));
+        }
+        if header.block_count != header.source.size.div_ceil(bs as u64) {
+            return Err(bad(format!(
+                "{} blocks do not fit a volume of {} bytes",
+                header.block_count, header.source.size
+            )));
+        }
+        if segment_count as u64 != header.block_count.div_ceil(SEGMENT_BLOCKS) {
+            return Err(bad(format!(
+                "{segment_count} segments for {} blocks",
+                header.block_count
+            )));
+        }
+        let mut directory = Vec::with_capacity(segment_count as usize);
+        let mut expect_offset = SNAPSHOT_PREAMBLE_LEN as u64;
+        for (i, e) in dir_bytes.chunks_exact(SEGMENT_DIR_ENTRY_LEN).enumerate() {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&e[16..48]);
+            let entry = SegmentEntry {
+                offset: le_u64(e, 0),
+                stored_len: le_u32(e, 8),
+                block_count: le_u32(e, 12),
+                hash,
+            };
+            let want_blocks = (header.block_count - i as u64 * SEGMENT_BLOCKS).min(SEGMENT_BLOCKS);
+            if entry.offset != expect_offset || entry.block_count as u64 != want_blocks {
+                return Err(bad(format!("segment {i} directory entry is inconsistent")));
+            }
+            expect_offset = entry.offset + entry.stored_len as u64;
+            directory.push(entry);
+        }
+        if expect_offset != header_offset {
+            return Err(bad("segments do not end where the header starts".into()));
+        }
+        Ok(SnapshotFile {
+            path: path.to_path_buf(),
+            file,
+            id,
+            header,
+            directory,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn header(&self) -> &SnapshotHeader {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.directory.len()
+    }
+
+    /// Loads segment `index`: the references of blocks
+    /// `index * SEGMENT_BLOCKS .. + block_count`.
+    pub fn segment(&self, index: usize) -> Result<Vec<BlockRef>> {
+        let e = self.directory.get(index).ok_or_else(|| {
+            Error::InvalidArgument(format!("snapshot {} has no segment {index}", self.id))
+        })?;
+        let what = || format!("manifest segment {index} of snapshot {}", self.id);
+        let stored = read_exact_at(&self.file, &self.path, e.offset, e.stored_len as usize)?;
+        if *blake3::hash(&stored).as_bytes() != e.hash {
+            return Err(Error::corrupt(what(), &self.path, "checksum mismatch"));
+        }
+        let bound = e.block_count as usize * REC_CHUNK_LEN;
+        let raw = zstd::bulk::decompress(&stored, bound)
+            .map_err(|err| Error::corrupt(what(), &self.path, format!("zstd: {err}")))?;
+        let mut out = Vec::with_capacity(e.block_count as usize);
+        decode_records(&raw, e.block_count as u64, |r, n| {
+            out.extend(std::iter::repeat_n(r, n as usize))
+        })
+        .map_err(|d| Error::corrupt(what(), &self.path, d))?;
+        Ok(out)
+    }
+
+    /// Visits every block in order: `f(first_block, ref, count)` per run of equal references.
+    pub fn for_each_run(&self, mut f: impl FnMut(u64, BlockRef, u64) -> Result<()>) -> Result<()> {
+        for i in 0..self.directory.len() {
+            let seg = self.segment(i)?;
+            let base = i as u64 * SEGMENT_BLOCKS;
+            let mut j = 0usize;
+            while j < seg.len() {
+                let r = seg[j];
+                let mut k = j + 1;
+                while k < seg.len() && seg[k] == r {
+                    k += 1;
+                }
+                f(base + j as u64, r, (k - j) as u64)?;
+                j = k;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Streams a snapshot's block references in order, one segment in memory at a time.
+pub struct BlockCursor<'a> {
+    snap: &'a SnapshotFile,
+    segment_index: usize,
+    segment: Vec<BlockRef>,
+}
+
+impl<'a> BlockCursor<'a> {
+    pub fn new(snap: &'a SnapshotFile) -> Self {
+        BlockCursor {
+            snap,
+            segment_index: usize::MAX,
+            segment: Vec::new(),
+        }
+    }
+
+    /// The reference of block `index`; `None` past the end. Sequential access is cheap.
+    pub fn get(&mut self, index: u64) -> Result<Option<BlockRef>> {
+        if index >= self.snap.header.block_count {
+            return Ok(None);
+        }
+        let seg = (index / SEGMENT_BLOCKS) as usize;
+        if seg != self.segment_index {
+            self.segment = self.snap.segment(seg)?;
+            self.segment_index = seg;
+        }
+        Ok(self.segment.get((index % SEGMENT_BLOCKS) as usize).copied())
+    }
+}

@@ -1,0 +1,332 @@
+//! Restore: write a snapshot (any [`Volume`]) to a block device or a file.
+//!
+//! Plan, then execute: [`plan_restore`] checks the target and says what will happen (and
+//! refuses unsafe targets); [`restore`] writes. Data blocks are read and written by parallel
+//! workers with positional writes; a file target is made sparse (zero blocks become holes), a
+//! device target gets its zero ranges zeroed. Every chunk is checked against its hash as it is
+//! read, and with `verify` every written block is read back and compared.
+
+use crate::error::{Error, IoContext, Result};
+use crate::platform::{self, ObjectKind};
+use crate::progress::Progress;
+use crate::volume::Volume;
+use crossbeam_channel::bounded;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Options of a restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// Read back every written block and compare.
+    pub verify: bool,
+    /// Paths that must never be written (the repository, sources being read).
+    pub protected: Vec<PathBuf>,
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// What the target is and what a restore will do to it.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    pub target: PathBuf,
+    pub target_kind: ObjectKind,
+    /// The target exists and will be overwritten.
+    pub overwrites: bool,
+    pub volume_size: u64,
+    /// Size of a device target (≥ volume size).
+    pub target_size: u64,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreReport {
+    pub bytes_written: u64,
+    pub zero_bytes: u64,
+    pub verified_bytes: u64,
+}
+
+fn refuse(target: &Path, reason: String) -> Error {
+    Error::UnsafeTarget {
+        path: target.to_path_buf(),
+        reason,
+    }
+}
+
+fn same_object(a: &Path, b: &Path) -> bool {
+    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
+        return false;
+    };
+    match (platform::object_id(&fa), platform::object_id(&fb)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok(),
+    }
+}
+
+/// Checks that `target` can safely receive a volume of `volume_size` bytes.
+pub fn plan_restore(target: &Path, volume_size: u64, protected: &[PathBuf]) -> Result<RestorePlan> {
+    let abs = std::path::absolute(target).unwrap_or_else(|_| target.to_path_buf());
+    for p in protected {
+        let pa = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let ta = std::fs::canonicalize(&abs)
+            .or_else(|_| {
+                abs.parent()
+                    .map(std::fs::canonicalize)
+                    .unwrap_or(Ok(abs.clone()))
+                    .map(|d| d.join(abs.file_name().unwrap_or_default()))
+            })
+            .unwrap_or_else(|_| abs.clone());
+        if ta.starts_with(&pa) || same_object(&abs, p) {
+            return Err(refuse(
+                target,
+                format!("it is (inside) {}, which this operation reads", p.display()),
+            ));
+        }
+    }
+    let meta = match std::fs::metadata(&abs) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io("inspect", &abs, e)),
+    };
+    let Some(meta) = meta else {
+        return Ok(RestorePlan {
+            target: abs,
+            target_kind: ObjectKind::RegularFile,
+            overwrites: false,
+            volume_size,
+            target_size: volume_size,
+        });
+    };
+    if let Some(mp) = platform::mount_point_of(&abs).ctx("check mounts of", &abs)? {
+        return Err(refuse(
+            target,
+            format!(
+                "it (or a partition or loop device on it) is mounted at {mp}; unmount it first"
+            ),
+        ));
+    }
+    let f = platform::open_read_only(&abs).ctx("open", &abs)?;
+    let g = platform::geometry(&f).ctx("read the geometry of", &abs)?;
+    match g.kind {
+        ObjectKind::BlockDevice => {
+            if g.size < volume_size {
+                return Err(refuse(
+                    target,
+                    format!(
+                        "the device holds {} bytes but the volume needs {volume_size}",
+                        g.size
+                    ),
+                ));
+            }
+        }
+        ObjectKind::RegularFile => {}
+        ObjectKind::Other => {
+            return Err(refuse(
+                target,
+                "it is neither a regular file nor a block device".into(),
+            ));
+        }
+    }
+    let _ = meta;
+    Ok(RestorePlan {
+        target: abs,
+        target_kind: g.kind,
+        overwrites: true,
+        volume_size,
+        target_size: g.size.max(volume_size),
+    })
+}
+
+/// Writes `volume` to the target of `plan`.
+pub fn restore(
+    volume: &dyn Volume,
+    plan: &RestorePlan,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let size = volume.size();
+    let path = &plan.target;
+    let file = match plan.target_kind {
+        ObjectKind::BlockDevice => {
+            platform::open_write_existing(path).ctx("open for writing", path)?
+        }
+        _ => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .ctx("create", path)?;
+            f.set_len(size).ctx("set the size of", path)?;
+            f
+        }
+    };
+    let is_device = plan.target_kind == ObjectKind::BlockDevice;
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    const PIECE: u64 = 1 << 20;
+    let stop = AtomicBool::new(false);
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
+    progress.start("restore", size);
+    let mut report = RestoreReport::default();
+    let result: Result<()> = std::thread::scope(|scope| {
+        let (tx, rx) = bounded::<(u64, u64)>(threads * 4);
+        let (res_tx, res_rx) = bounded::<Result<(u64, u64)>>(threads * 4);
+        for _ in 0..threads {
+            let rx = rx.clone();
+            let res_tx = res_tx.clone();
+            let file = &file;
+            let stop = &stop;
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                let mut check = Vec::new();
+                for (off, len) in rx.iter() {
+                    if stop.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    buf.resize(len as usize, 0);
+                    let r = (|| {
+                        volume.read_at(off, &mut buf)?;
+                        platform::write_all_at(file, &buf, off).map_err(|e| Error::IoAt {
+                            op: "write",
+                            path: path.clone(),
+                            offset: off,
+                            source: e,
+                        })?;
+                        let mut verified = 0;
+                        if opts.verify {
+                            check.resize(len as usize, 0);
+                            read_exact_at(file, &mut check, off, path)?;
+                            if check != buf {
+                                return Err(Error::IoAt {
+                                    op: "verify",
+                                    path: path.clone(),
+                                    offset: off,
+                                    source: std::io::Error::other(
+                                        "data read back differs from what was written",
+                                    ),
+                                });
+                            }
+                            verified = len;
+                        }
+                        Ok((len, verified))
+                    })();
+                    if r.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    if res_tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(res_tx);
+        drop(rx);
+        // Producer: walk the data ranges, zero the gaps on devices.
+        let producer = scope.spawn(|| -> Result<u64> {
+            let mut pos = 0u64;
+            let mut zero_bytes = 0u64;
+            while pos < size {
+                if stop.load(Ordering::Relaxed) || cancelled() {
+                    break;
+                }
+                let next = volume.next_data(pos, size)?;
+                let (ds, de) = match next {
+                    Some(r) => (r.start, r.end),
+                    None => (size, size),
+                };
+                if ds > pos {
+                    if is_device {
+                        platform::zero_range(&file, pos, ds - pos).map_err(|e| Error::IoAt {
+                            op: "zero",
+                            path: path.clone(),
+                            offset: pos,
+                            source: e,
+                        })?;
+                    }
+                    zero_bytes += ds - pos;
+                    progress.advance(ds - pos);
+                }
+                let mut off = ds;
+                while off < de {
+                    let len = (de - off).min(PIECE - off % PIECE);
+                    if tx.send((off, len)).is_err() {
+                        return Ok(zero_bytes);
+                    }
+                    off += len;
+                }
+                pos = de;
+            }
+            drop(tx);
+            Ok(zero_bytes)
+        });
+        let mut first_err = None;
+        for r in res_rx.iter() {
+            match r {
+                Ok((n, v)) => {
+                    report.bytes_written += n;
+                    report.verified_bytes += v;
+                    progress.advance(n);
+                }
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let produced = producer
+            .join()
+            .unwrap_or_else(|_| Err(Error::InvalidArgument("restore producer panicked".into())));
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        report.zero_bytes = produced?;
+        Ok(())
+    });
+    progress.finish();
+    result?;
+    if cancelled() {
+        return Err(Error::Interrupted {
+            checkpointed: false,
+        });
+    }
+    file.sync_all().ctx("flush", path)?;
+    Ok(report)
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match platform::read_at(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(Error::IoAt {
+                    op: "read back",
+                    path: path.to_path_buf(),
+                    offset: offset + done as u64,
+                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short file"),
+                });
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::IoAt {
+                    op: "read back",
+                    path: path.to_path_buf(),
+                    offset: offset + done as u64,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
+}

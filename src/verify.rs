@@ -1,0 +1,212 @@
+//! Verify: check snapshots and the chunks they refer to.
+//!
+//! Without `read_data`, every snapshot file is checked (checksums of header, directory and
+//! every manifest segment) and every referenced chunk must exist with a consistent header.
+//! With `read_data`, every referenced chunk is also read, decompressed and re-hashed. Each
+//! chunk is checked once, however many snapshots share it; a bad chunk is reported with every
+//! snapshot and block offset it affects.
+
+use crate::error::{Error, Result};
+use crate::hash::ChunkId;
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::repo::format::BlockRef;
+use std::collections::HashMap;
+
+/// Options of a verification.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    pub read_data: bool,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+/// A problem found.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// The bad chunk, or `None` for a problem with a snapshot file itself.
+    pub chunk: Option<String>,
+    /// The snapshot whose file is bad (when `chunk` is `None`).
+    pub snapshot: Option<String>,
+    pub detail: String,
+    /// (snapshot id, byte offset) of every block that refers to the bad chunk.
+    pub affected: Vec<(String, u64)>,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub snapshots_checked: usize,
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Above this many good chunks, stop remembering them (bounded memory); they may then be
+/// checked again when another snapshot refers to them.
+const MAX_REMEMBERED: usize = 4 << 20;
+
+#[derive(Clone)]
+enum Status {
+    Good,
+    Bad(usize),
+}
+
+/// Verifies the given snapshots (all when `ids` is empty).
+pub fn verify(
+    repo: &Repository,
+    ids: &[String],
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let ids: Vec<String> = if ids.is_empty() {
+        let mut all = repo.snapshot_ids()?;
+        all.sort();
+        all
+    } else {
+        ids.to_vec()
+    };
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let mut report = VerifyReport::default();
+    let mut seen: HashMap<ChunkId, Status> = HashMap::new();
+    let store = repo.chunks();
+
+    for id in &ids {
+        let snap = match repo.open_snapshot(id) {
+            Ok(s) => s,
+            Err(e) => {
+                report.problems.push(Problem {
+                    chunk: None,
+                    snapshot: Some(id.clone()),
+                    detail: e.to_string(),
+                    affected: Vec::new(),
+                });
+                continue;
+            }
+        };
+        report.snapshots_checked += 1;
+        let bs = snap.header().block_size as u64;
+        progress.start(
+            &format!("verify {}", &id[..12.min(id.len())]),
+            snap.header().source.size,
+        );
+        for seg in 0..snap.segment_count() {
+            let refs = match snap.segment(seg) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.problems.push(Problem {
+                        chunk: None,
+                        snapshot: Some(id.clone()),
+                        detail: e.to_string(),
+                        affected: Vec::new(),
+                    });
+                    break;
+                }
+            };
+            let base = seg as u64 * crate::repo::format::SEGMENT_BLOCKS;
+            // Chunks of this segment not checked yet, each once.
+            let mut todo: Vec<ChunkId> = Vec::new();
+            {
+                let mut queued = std::collections::HashSet::new();
+                for r in &refs {
+                    if let BlockRef::Chunk(c) = r
+                        && !seen.contains_key(c)
+                        && queued.insert(*c)
+                    {
+                        todo.push(*c);
+                    }
+                }
+            }
+            let results = check_chunks(store, &todo, opts.read_data, threads);
+            for (c, r) in todo.iter().zip(results) {
+                report.chunks_checked += 1;
+                match r {
+                    Ok(n) => {
+                        report.bytes_checked += n;
+                        if seen.len() < MAX_REMEMBERED {
+                            seen.insert(*c, Status::Good);
+                        }
+                    }
+                    Err(e) => {
+                        report.problems.push(Problem {
+                            chunk: Some(c.to_hex()),
+                            snapshot: None,
+                            detail: e.to_string(),
+                            affected: Vec::new(),
+                        });
+                        seen.insert(*c, Status::Bad(report.problems.len() - 1));
+                    }
+                }
+            }
+            for (i, r) in refs.iter().enumerate() {
+                if let BlockRef::Chunk(c) = r
+                    && let Some(Status::Bad(p)) = seen.get(c)
+                {
+                    report.problems[*p]
+                        .affected
+                        .push((id.clone(), (base + i as u64) * bs));
+                }
+            }
+            progress.advance(refs.len() as u64 * bs);
+        }
+        progress.finish();
+    }
+    Ok(report)
+}
+
+/// Checks chunks in parallel; returns per chunk the bytes checked or the problem.
+fn check_chunks(
+    store: &crate::repo::chunks::ChunkStore,
+    ids: &[ChunkId],
+    read_data: bool,
+    threads: usize,
+) -> Vec<Result<u64>> {
+    let check = |id: &ChunkId, buf: &mut Vec<u8>| -> Result<u64> {
+        if read_data {
+            store.get_into(id, buf)?;
+            Ok(buf.len() as u64)
+        } else if store.is_present(id)? {
+            Ok(0)
+        } else if store.path(id).exists() {
+            Err(Error::corrupt(
+                format!("chunk {id}"),
+                store.path(id),
+                "truncated or bad header",
+            ))
+        } else {
+            Err(Error::MissingChunk {
+                id: id.to_hex(),
+                path: store.path(id),
+            })
+        }
+    };
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let per = ids.len().div_ceil(threads.max(1));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    let mut buf = Vec::new();
+                    part.iter()
+                        .map(|id| check(id, &mut buf))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![Err(Error::InvalidArgument("verify worker panicked".into()))]
+                })
+            })
+            .collect()
+    })
+}
