@@ -23,7 +23,9 @@
 #   anchors.zstd.restore_v1.{wall_s,...,verified}
 #   anchors.restic_repo_v2.{init,backup_v1,backup_v2,restore_v2}.*  (restic's
 #     default repository format 2: compressed), repo_bytes_v1, repo_bytes_v2,
-#     growth_v2_bytes (= what restic stores for the v1->v2 change)
+#     growth_v2_bytes (= what restic stores for the v1->v2 change); repo
+#     sizes are the sum of the repository's file sizes (du -sb minus the
+#     directories' own sizes)
 #   anchors.restic_repo_v1.*   the same with format 1 (no compression)
 #   anchors.partclone.{clone_v1,restore_v1}.*
 #   anchors.e2image.{raw_v1,qcow2_v1}.{...,output_bytes,output_alloc_bytes}
@@ -34,6 +36,9 @@
 #   ANCHORS              [zstd restic partclone e2image]  anchors to run
 #   RESTIC_REPO_VERSIONS [2 1]   restic repository formats to try
 #   BENCH_DROP_CACHES    [1]     0 = do not drop the page cache
+#   BENCH_IDLE_TIMEOUT   [0]     seconds to wait, before each run, for other
+#                                processes to leave the CPUs idle (see
+#                                bench_wait_idle; BENCH_IDLE_MAX_PCT [15])
 #   KEEP_OUTPUTS         [1]     0 = delete the big outputs when done
 #                                (restored images are always deleted)
 
@@ -51,17 +56,47 @@ bench_record() {
     printf '%s %s\n' "$1" "$2" >>"$BENCH_KV"
 }
 
-# bench_time KEY CMD [ARGS...] — drop caches, run CMD under GNU time, record
-# KEY.wall_s, KEY.max_rss_kib, KEY.sync_s, KEY.loadavg_1m. Redirections on
-# the bench_time call apply to CMD. Returns CMD's exit status.
+# "IDLE TOTAL" jiffies of all CPUs (iowait counts as idle).
+_bench_cpu_sample() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; printf "%.0f %.0f\n", $5 + $6, t; exit }' /proc/stat
+}
+
+# Percentage of the machine's CPU time that was busy during the last second.
+bench_cpu_busy_pct() {
+    local i1 t1 i2 t2
+    read -r i1 t1 < <(_bench_cpu_sample)
+    sleep 1
+    read -r i2 t2 < <(_bench_cpu_sample)
+    awk -v i=$((i2 - i1)) -v t=$((t2 - t1)) 'BEGIN { printf "%.0f\n", (t > 0 ? 100 * (1 - i / t) : 0) }'
+}
+
+# Wait (up to BENCH_IDLE_TIMEOUT seconds, default 0) until other processes use
+# less than BENCH_IDLE_MAX_PCT [15] % of the CPUs; print the last busy %.
+bench_wait_idle() {
+    local timeout=${BENCH_IDLE_TIMEOUT:-0} max=${BENCH_IDLE_MAX_PCT:-15} waited=0 busy
+    busy=$(bench_cpu_busy_pct)
+    while ((busy > max && waited < timeout)); do
+        ((waited == 0)) && bench_log "waiting for the machine to be idle (busy ${busy}%)"
+        sleep 4
+        busy=$(bench_cpu_busy_pct)
+        waited=$((waited + 5))
+    done
+    echo "$busy"
+}
+
+# bench_time KEY CMD [ARGS...] — wait for an idle machine (see bench_wait_idle),
+# drop caches, run CMD under GNU time; record KEY.wall_s, KEY.max_rss_kib,
+# KEY.sync_s, KEY.cpu_busy_pct_before (CPU used by others just before the
+# run: > ~10 means the timing is suspect). Redirections on the bench_time
+# call apply to CMD. Returns CMD's exit status.
 bench_time() {
     local key=$1 tf rc=0 wall rss t0 t1
     shift
+    bench_record "$key.cpu_busy_pct_before" "$(bench_wait_idle)"
     if [[ $BENCH_DROP_CACHES == 1 ]] && ! bench_drop_caches; then
         bench_log "WARNING: cannot drop caches (not root?)"
         bench_record "$key.caches_dropped" false
     fi
-    bench_record "$key.loadavg_1m" "$(cut -d' ' -f1 /proc/loadavg)"
     tf=$(mktemp /tmp/bench-time.XXXXXX)
     /usr/bin/time -f '%e %M' -o "$tf" -- "$@" || rc=$?
     read -r wall rss < <(tail -n 1 "$tf")
@@ -115,11 +150,10 @@ bench_record_meta() {
     bench_record meta.mem_total_kib "$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)"
     bench_record meta.cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
     bench_record meta.caches_dropped "$([[ $BENCH_DROP_CACHES == 1 ]] && echo true || echo false)"
-    local v
-    v=$(zstd --version 2>/dev/null | grep -o 'v[0-9.]*' | head -1) && bench_record meta.zstd_version "$v"
-    v=$(restic version 2>/dev/null | awk '{ print $2 }') && bench_record meta.restic_version "$v"
-    v=$(partclone.ext4 -v 2>&1 | awk '/Partclone/ { print $3; exit }') && bench_record meta.partclone_version "$v"
-    v=$(e2image 2>&1 | awk 'NR == 1 { print $2 }') && bench_record meta.e2fsprogs_version "$v"
+    bench_record meta.zstd_version "$(zstd --version 2>&1 | grep -o 'v[0-9.]*' | head -1 || :)"
+    bench_record meta.restic_version "$(restic version 2>&1 | awk '{ print $2 }' || :)"
+    bench_record meta.partclone_version "$(partclone.ext4 -v 2>&1 | awk '/Partclone/ { print $3; exit }' || :)"
+    bench_record meta.e2fsprogs_version "$(dumpe2fs -V 2>&1 | awk 'NR == 1 { print $2 }' || :)"
 }
 
 # ------------------------------------------------------------------ anchors
@@ -192,10 +226,10 @@ anchor_partclone() {
     bench_record_sizes $k.clone_v1 "$work/pc.zst"
     bench_record $k.clone_v1.uncompressed_bytes "$(zstd -d -q -c "$work/pc.zst" | wc -c)"
 
-    # Restore into a sparse file of the volume's size.
+    # Restore into a sparse file of the volume's size (-O: it exists).
     truncate -s "$(stat -c %s "$vol/v1.img")" "$work/pc-restored.img"
     bench_time_sh $k.restore_v1 \
-        'zstd -d -q -c "$1" | partclone.ext4 -r -q -s - -o "$2" -L "$3" 2>/dev/null' \
+        'zstd -d -q -c "$1" | partclone.ext4 -r -q -s - -O "$2" -L "$3" 2>/dev/null' \
         "$work/pc.zst" "$work/pc-restored.img" "$work/partclone-restore.log"
     if e2fsck -fn "$work/pc-restored.img" >/dev/null 2>&1; then
         bench_record $k.restore_v1.fsck_clean true
@@ -210,9 +244,9 @@ anchor_partclone() {
 anchor_e2image() {
     local vol=$1 work=$2 k=anchors.e2image
     rm -f "$work/e2.raw" "$work/e2.qcow2"
-    bench_time $k.raw_v1 e2image -ra "$vol/v1.img" "$work/e2.raw"
+    bench_time $k.raw_v1 e2image -ra "$vol/v1.img" "$work/e2.raw" 2>>"$work/e2image.log"
     bench_record_sizes $k.raw_v1 "$work/e2.raw"
-    bench_time $k.qcow2_v1 e2image -Qa "$vol/v1.img" "$work/e2.qcow2"
+    bench_time $k.qcow2_v1 e2image -Qa "$vol/v1.img" "$work/e2.qcow2" 2>>"$work/e2image.log"
     bench_record_sizes $k.qcow2_v1 "$work/e2.qcow2"
 }
 
@@ -229,7 +263,8 @@ anchors_main() {
     exec 8>"$work/.lock"
     flock -n 8 || bench_die "another anchors.sh is running in $work"
 
-    trap 'rm -f "$work/restored.img" "$work/restic-restored.img" "$work/pc-restored.img"' EXIT
+    _ANCHORS_WORK=$work
+    trap 'rm -f "$_ANCHORS_WORK"/{restored.img,restic-restored.img,pc-restored.img}' EXIT
     BENCH_KV="$work/anchors.kv"
     : >"$BENCH_KV"
     bench_record_meta

@@ -32,8 +32,11 @@ bench_file_sizes() {
     stat -c '%s %b %B' -- "$1" | awk '{ printf "%.0f %.0f\n", $1, $2 * $3 }'
 }
 
-# Total apparent bytes of a directory tree.
-bench_dir_bytes() { du -sb -- "$1" | cut -f1; }
+# Total apparent bytes of the files in a directory tree (like du -sb, but
+# without the directories' own 4 KiB each).
+bench_dir_bytes() {
+    find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }'
+}
 
 # Flush dirty data and drop the page cache, so the next run reads from disk.
 # Returns 1 (without failing the caller under set -e) if we may not do it.

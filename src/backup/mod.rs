@@ -538,7 +538,7 @@ impl Pipeline<'_> {
                             BlockRef::Chunk(id),
                             Outcome::New {
                                 raw: len as u64,
-                                stored: enc.bytes.len() as u64,
+                                stored: enc.len() as u64,
                             },
                         ))
                     })();
@@ -562,7 +562,10 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Committer stage: order results, append them, checkpoint.
+    /// Committer stage: order results, append them, hand batches to the checkpointer.
+    ///
+    /// Checkpoints (`syncfs`, then a journal append) run on their own thread so that a slow
+    /// flush never stalls the pipeline; while one is in progress the next batch keeps growing.
     fn commit(
         &self,
         start_block: u64,
@@ -573,86 +576,78 @@ impl Pipeline<'_> {
     ) -> Result<BatchStats> {
         let bs = self.block_size;
         let size = self.source.size();
-        let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
-        let mut next = start_block;
-        let mut run_stats = BatchStats::default();
-        let mut batch = Batch::new(start_block);
-        let mut last_checkpoint = Instant::now();
-        let mut first_error: Option<Error> = None;
-
-        for item in done.iter() {
-            match item {
-                Ok(d) => {
-                    pending.insert(d.index, d);
+        let (cp_tx, cp_rx) = bounded::<Batch>(0);
+        std::thread::scope(|scope| {
+            let checkpointer = scope.spawn(move || -> Result<()> {
+                for batch in cp_rx.iter() {
+                    self.repo.sync_chunks()?;
+                    journal.append(batch.first, batch.blocks, &batch.stats, &batch.records)?;
                 }
-                Err(e) => {
-                    if first_error.is_none() {
-                        first_error = Some(e);
+                Ok(())
+            });
+            let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+            let mut next = start_block;
+            let mut run_stats = BatchStats::default();
+            let mut batch = Batch::new(start_block);
+            let mut last_checkpoint = Instant::now();
+            let mut first_error: Option<Error> = None;
+
+            for item in done.iter() {
+                match item {
+                    Ok(d) => {
+                        pending.insert(d.index, d);
                     }
-                    continue;
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                }
+                while let Some(d) = pending.remove(&next) {
+                    writer.push(d.block_ref, d.count)?;
+                    batch.push(&d);
+                    progress.advance((d.count * bs).min(size - next * bs));
+                    next += d.count;
+                }
+                if first_error.is_none()
+                    && batch.blocks > 0
+                    && (last_checkpoint.elapsed() >= self.checkpoint_interval
+                        || batch.records.len() >= 8 << 20)
+                {
+                    // Hand over only if the checkpointer is idle (rendezvous channel).
+                    let full = batch.take(next, &mut last_checkpoint);
+                    let stats = full.stats;
+                    match cp_tx.try_send(full) {
+                        Ok(()) => run_stats.add(&stats),
+                        Err(crossbeam_channel::TrySendError::Full(b)) => batch.prepend(b),
+                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => break,
+                    }
                 }
             }
-            while let Some(d) = pending.remove(&next) {
-                writer.push(d.block_ref, d.count)?;
-                batch.push(&d);
-                let bytes = (d.count * bs).min(size - next * bs);
-                progress.advance(bytes);
-                next += d.count;
+            // Whatever finished in order is kept for the next run, even after an error.
+            let last = batch.take(next, &mut last_checkpoint);
+            run_stats.add(&last.stats);
+            if last.blocks > 0 {
+                let _ = cp_tx.send(last);
             }
-            if first_error.is_none()
-                && (last_checkpoint.elapsed() >= self.checkpoint_interval
-                    || batch.records.len() >= 8 << 20)
-            {
-                self.checkpoint(
-                    &mut batch,
-                    journal,
-                    &mut run_stats,
-                    &mut last_checkpoint,
-                    next,
-                )?;
+            drop(cp_tx);
+            let cp = checkpointer.join().unwrap_or_else(|_| {
+                Err(Error::InvalidArgument("checkpoint thread panicked".into()))
+            });
+            if let Some(e) = first_error {
+                return Err(e);
             }
-        }
-        // Whatever finished in order is kept for the next run, even after an error.
-        self.checkpoint(
-            &mut batch,
-            journal,
-            &mut run_stats,
-            &mut last_checkpoint,
-            next,
-        )?;
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        if next < self.block_count {
-            if self.cancelled() {
-                return Err(Error::Interrupted { checkpointed: true });
+            cp?;
+            if next < self.block_count {
+                if self.cancelled() {
+                    return Err(Error::Interrupted { checkpointed: true });
+                }
+                return Err(Error::InvalidArgument(format!(
+                    "backup stopped at block {next} of {} without an error",
+                    self.block_count
+                )));
             }
-            return Err(Error::InvalidArgument(format!(
-                "backup stopped at block {next} of {} without an error",
-                self.block_count
-            )));
-        }
-        Ok(run_stats)
-    }
-
-    fn checkpoint(
-        &self,
-        batch: &mut Batch,
-        journal: &mut Journal,
-        run_stats: &mut BatchStats,
-        last: &mut Instant,
-        next: u64,
-    ) -> Result<()> {
-        batch.stats.duration_ms = last.elapsed().as_millis() as u64;
-        *last = Instant::now();
-        if batch.blocks > 0 {
-            batch.flush_run();
-            self.repo.sync_chunks()?;
-            journal.append(batch.first, batch.blocks, &batch.stats, &batch.records)?;
-        }
-        run_stats.add(&batch.stats);
-        *batch = Batch::new(next);
-        Ok(())
+            Ok(run_stats)
+        })
     }
 }
 
@@ -710,6 +705,23 @@ impl Batch {
                 }
             }
         }
+    }
+
+    /// Returns the finished batch (runs flushed, duration set) and starts a new one at `next`.
+    fn take(&mut self, next: u64, last: &mut Instant) -> Batch {
+        self.flush_run();
+        self.stats.duration_ms = last.elapsed().as_millis() as u64;
+        *last = Instant::now();
+        std::mem::replace(self, Batch::new(next))
+    }
+
+    /// Puts an earlier batch that could not be handed over back in front of this one.
+    fn prepend(&mut self, mut earlier: Batch) {
+        self.flush_run();
+        earlier.blocks += self.blocks;
+        earlier.stats.add(&self.stats);
+        earlier.records.extend_from_slice(&self.records);
+        *self = earlier;
     }
 
     fn flush_run(&mut self) {

@@ -25,13 +25,26 @@ pub struct ChunkStore {
     fsync_each: bool,
 }
 
-/// A chunk encoded for storage.
+/// A chunk encoded for storage: its header and payload (borrowed from the [`Encoder`]).
 #[derive(Debug)]
-pub struct EncodedChunk {
-    pub bytes: Vec<u8>,
+pub struct EncodedChunk<'a> {
+    pub header: [u8; CHUNK_HEADER_LEN],
+    pub payload: &'a [u8],
 }
 
-/// Per-thread compression state.
+impl EncodedChunk<'_> {
+    /// Size of the chunk file.
+    pub fn len(&self) -> usize {
+        CHUNK_HEADER_LEN + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Per-thread compression state. Buffers are reused from block to block: a large allocation
+/// per block would cost an `mmap`, page faults and an `munmap` each.
 pub struct Encoder {
     compressor: zstd::bulk::Compressor<'static>,
     scratch: Vec<u8>,
@@ -47,12 +60,13 @@ impl Encoder {
         })
     }
 
-    /// Encodes `data` (at most [`MAX_BLOCK_SIZE`] bytes) into a chunk file image, keeping the
-    /// compressed form only when it is smaller.
-    pub fn encode(&mut self, data: &[u8]) -> EncodedChunk {
+    /// Encodes `data` (at most [`MAX_BLOCK_SIZE`] bytes), keeping the compressed form only
+    /// when it is smaller.
+    pub fn encode<'a>(&'a mut self, data: &'a [u8]) -> EncodedChunk<'a> {
         let bound = zstd::zstd_safe::compress_bound(data.len());
-        self.scratch.clear();
-        self.scratch.reserve(bound);
+        if self.scratch.capacity() < bound {
+            self.scratch.reserve(bound - self.scratch.len());
+        }
         let compressed = self
             .compressor
             .compress_to_buffer(data, &mut self.scratch)
@@ -62,16 +76,20 @@ impl Encoder {
             Some(n) => (CODEC_ZSTD, &self.scratch[..n]),
             None => (CODEC_RAW, data),
         };
-        let mut bytes = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
-        bytes.extend_from_slice(&CHUNK_MAGIC);
-        bytes.push(CHUNK_VERSION);
-        bytes.push(codec);
-        bytes.extend_from_slice(&[0, 0]);
-        bytes.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(payload);
-        EncodedChunk { bytes }
+        let mut header = [0u8; CHUNK_HEADER_LEN];
+        header[0..4].copy_from_slice(&CHUNK_MAGIC);
+        header[4] = CHUNK_VERSION;
+        header[5] = codec;
+        header[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        EncodedChunk { header, payload }
     }
+}
+
+thread_local! {
+    /// Per-thread read buffer and zstd context, reused across chunk reads.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
+        const { std::cell::RefCell::new((Vec::new(), None)) };
 }
 
 /// Parsed chunk header.
@@ -158,7 +176,7 @@ impl ChunkStore {
     }
 
     /// Stores an encoded chunk under `id` (temporary name, then rename).
-    pub fn put(&self, id: &ChunkId, chunk: &EncodedChunk) -> Result<()> {
+    pub fn put(&self, id: &ChunkId, chunk: &EncodedChunk<'_>) -> Result<()> {
         let dest = self.path(id);
         let dir = dest.parent().unwrap_or(&self.dir);
         let tmp = match TempFile::create_in(dir, "") {
@@ -169,9 +187,9 @@ impl ChunkStore {
             }
             Err(e) => return Err(e),
         };
-        tmp.file()
-            .write_all(&chunk.bytes)
-            .ctx("write", tmp.path())?;
+        let mut f = tmp.file();
+        f.write_all(&chunk.header).ctx("write", tmp.path())?;
+        f.write_all(chunk.payload).ctx("write", tmp.path())?;
         if self.fsync_each {
             tmp.file().sync_data().ctx("flush", tmp.path())?;
         }
@@ -220,16 +238,25 @@ impl ChunkStore {
                 ),
             ));
         }
-        let mut payload = vec![0u8; hd.stored_len as usize];
-        f.read_exact(&mut payload).ctx("read", &path)?;
         out.clear();
         if hd.codec == CODEC_RAW {
-            *out = payload;
+            out.resize(hd.stored_len as usize, 0);
+            f.read_exact(out).ctx("read", &path)?;
         } else {
-            out.reserve(hd.raw_len as usize);
-            let n = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(&payload, out))
-                .map_err(|e| Error::corrupt(what(), &path, format!("zstd: {e}")))?;
+            let n = SCRATCH.with_borrow_mut(|(payload, dctx)| {
+                payload.resize(hd.stored_len as usize, 0);
+                f.read_exact(payload).ctx("read", &path)?;
+                out.reserve(hd.raw_len as usize);
+                let d = match dctx {
+                    Some(d) => d,
+                    None => dctx.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| Error::io("set up zstd for", &path, e))?,
+                    ),
+                };
+                d.decompress_to_buffer(&payload[..], out)
+                    .map_err(|e| Error::corrupt(what(), &path, format!("zstd: {e}")))
+            })?;
             if n != hd.raw_len as usize {
                 return Err(Error::corrupt(
                     what(),
@@ -273,6 +300,7 @@ mod tests {
         // random data is stored raw, text compressed
         let rid = HashAlgorithm::Blake3.hash(&random);
         let len = std::fs::metadata(store.path(&rid)).unwrap().len();
+        assert!(len > 0);
         assert_eq!(len, 65536 + CHUNK_HEADER_LEN as u64);
     }
 

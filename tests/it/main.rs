@@ -1,0 +1,14 @@
+//! Integration tests: the real `volback` binary against real files, loop devices, ext4
+//! filesystems made by `mkfs.ext4`, and repositories damaged on purpose.
+//!
+//! One test binary (`cargo test --test it`); every test gets its own temporary directory from
+//! [`util::TestDir`]. Tests that need root and loop devices call
+//! [`util::require_root_and_loop`]: they skip on a machine without them, and fail when `CI` is
+//! set.
+
+mod cli;
+mod corruption;
+mod crash;
+mod ext4;
+mod roundtrip;
+mod util;
