@@ -4,6 +4,7 @@
 //! binary only parses arguments, displays and chooses exit codes.
 //!
 //! - [`source`]: open a device or image file read-only.
+//! - [`fs`]: filesystem detection and allocation maps.
 //! - [`volume`]: the random-access read interface every volume implements.
 //! - [`repo`]: the repository format (chunks, snapshots, journals, locking).
 //! - [`backup`], [`restore`], [`verify`]: the operations.
@@ -11,6 +12,7 @@
 
 pub mod backup;
 pub mod error;
+pub mod fs;
 pub mod hash;
 pub mod platform;
 pub mod progress;

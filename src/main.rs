@@ -67,6 +67,9 @@ enum Command {
         /// Start over instead of resuming an interrupted backup of this volume.
         #[arg(long)]
         restart: bool,
+        /// Read every block, also those the filesystem does not use (forensic copy).
+        #[arg(long)]
+        all_blocks: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -192,6 +195,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             checkpoint_secs,
             threads,
             restart,
+            all_blocks,
             json,
         } => {
             let repository = Repository::open(&repo)?;
@@ -202,6 +206,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 checkpoint_interval: Duration::from_secs_f64(checkpoint_secs.clamp(0.0, 3600.0)),
                 threads,
                 restart,
+                all_blocks,
                 cancel: Some(cancel),
             };
             let progress = CliProgress::new(quiet);
@@ -211,6 +216,8 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     "snapshot": r.snapshot_id,
                     "parent": r.parent,
                     "resumed": r.resumed,
+                    "filesystem": r.filesystem,
+                    "all_blocks": r.all_blocks,
                     "bytes_read": r.this_run.bytes_read,
                     "new_chunks": r.this_run.new_chunks,
                     "new_bytes": r.this_run.new_bytes,
@@ -228,11 +235,21 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 if let Some(p) = &r.parent {
                     println!("  parent          {p}");
                 }
+                if let Some(fs) = &r.filesystem {
+                    println!(
+                        "  filesystem      {} {} {}, {} used{}",
+                        fs.fs_type,
+                        fs.uuid,
+                        if fs.label.is_empty() { "(no label)" } else { &fs.label },
+                        human_bytes(fs.used_bytes),
+                        if r.all_blocks { " (all blocks read)" } else { "" }
+                    );
+                }
                 let s = &r.stats;
                 println!(
                     "  volume          {} in {} blocks of {}",
                     human_bytes(src.geometry().size),
-                    s.data_blocks + s.zero_blocks,
+                    s.data_blocks + s.zero_blocks + s.unused_blocks,
                     human_bytes(repository.config().block_size as u64)
                 );
                 println!("  read            {}", human_bytes(r.this_run.bytes_read));
@@ -243,8 +260,12 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     human_bytes(r.this_run.new_bytes_stored)
                 );
                 println!(
-                    "  blocks          {} data ({} unchanged, {} deduplicated), {} zero",
-                    s.data_blocks, s.unchanged_blocks, s.deduplicated_blocks, s.zero_blocks
+                    "  blocks          {} data ({} unchanged, {} deduplicated), {} zero, {} unused",
+                    s.data_blocks,
+                    s.unchanged_blocks,
+                    s.deduplicated_blocks,
+                    s.zero_blocks,
+                    s.unused_blocks
                 );
                 println!("  time            {:.1} s", s.duration_secs);
             }

@@ -17,6 +17,7 @@
 //!   A later run of the same volume replays the journal and continues where it stopped.
 
 use crate::error::{Error, Result};
+use crate::fs::{BlockMap, FsInfo};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::chunks::Encoder;
@@ -47,6 +48,8 @@ pub struct BackupOptions {
     pub threads: usize,
     /// Discard the journal of an interrupted backup instead of resuming it.
     pub restart: bool,
+    /// Read every block, ignoring the filesystem's allocation map (forensic copies).
+    pub all_blocks: bool,
     /// Set to stop the backup early (Ctrl-C); finished work is checkpointed.
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -59,6 +62,7 @@ impl Default for BackupOptions {
             checkpoint_interval: Duration::from_secs(5),
             threads: 0,
             restart: false,
+            all_blocks: false,
             cancel: None,
         }
     }
@@ -75,15 +79,30 @@ pub struct BackupReport {
     pub stats: SnapshotStats,
     /// Statistics of this run alone.
     pub this_run: BatchStats,
+    /// The filesystem found on the volume.
+    pub filesystem: Option<FsInfo>,
+    /// True when every block was read.
+    pub all_blocks: bool,
 }
 
-/// The identity of a volume, used to find the parent of its next backup and its journal.
-/// For now: the source path and size (filesystem UUIDs come with probing).
-pub fn volume_key(source: &Source) -> String {
+/// The identity of a volume, used to find the parent of its next backup and its journal:
+/// the filesystem's type and UUID when one was recognised (so a volume is found again when
+/// its device path changes), else the source path; always with the size.
+pub fn volume_key(source: &Source, fs: Option<&FsInfo>) -> String {
     let info = source.info();
     let mut h = blake3::Hasher::new();
-    h.update(b"volback volume key v1\0");
-    h.update(info.path.as_bytes());
+    match fs {
+        Some(f) if !f.uuid.is_empty() && f.uuid.bytes().any(|b| b != b'0' && b != b'-') => {
+            h.update(b"volback volume key v1 fs\0");
+            h.update(f.fs_type.as_bytes());
+            h.update(b"\0");
+            h.update(f.uuid.as_bytes());
+        }
+        _ => {
+            h.update(b"volback volume key v1 path\0");
+            h.update(info.path.as_bytes());
+        }
+    }
     h.update(b"\0");
     h.update(&info.size.to_le_bytes());
     hex::encode(&h.finalize().as_bytes()[..16])
@@ -92,6 +111,8 @@ pub fn volume_key(source: &Source) -> String {
 enum JobKind {
     /// `count` blocks that are holes in the source: not read, stored as zero.
     Hole,
+    /// `count` blocks the filesystem does not use: not read, stored as unused.
+    Unused,
     /// One block read into a pool buffer (`len` valid bytes).
     Data {
         buf: Vec<u8>,
@@ -109,6 +130,7 @@ struct Job {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Zero,
+    Unused,
     Unchanged,
     Deduplicated,
     New { raw: u64, stored: u64 },
@@ -143,7 +165,13 @@ pub fn backup(
     let bs = block_size as u64;
     let block_count = info.size.div_ceil(bs);
     let chunk_hash = repo.config().chunk_hash;
-    let key = volume_key(source);
+    let probe = crate::fs::probe(source, bs)?;
+    if let Some(w) = &probe.warning {
+        progress.warn(w);
+    }
+    let map = if opts.all_blocks { None } else { probe.map };
+    let all_blocks = map.is_none();
+    let key = volume_key(source, probe.fs.as_ref());
 
     // One backup per volume at a time.
     let lock_path = repo.journals_dir().join(format!("{key}.lock"));
@@ -167,6 +195,7 @@ pub fn backup(
                 && h.block_size == block_size
                 && h.block_count == block_count
                 && h.chunk_hash == chunk_hash
+                && h.all_blocks == all_blocks
                 && h.parent
                     .as_ref()
                     .is_none_or(|p| repo.snapshots_dir().join(p).exists())
@@ -222,6 +251,7 @@ pub fn backup(
             block_count,
             chunk_hash,
             parent,
+            all_blocks,
             time: crate::time::rfc3339(now),
             time_unix: now,
             tags: opts.tags.clone(),
@@ -261,6 +291,7 @@ pub fn backup(
         block_count,
         threads,
         parent: parent_snap.as_ref(),
+        map: map.as_ref(),
         cancel: opts.cancel.clone(),
         checkpoint_interval: opts.checkpoint_interval,
         zstd_level: repo.config().zstd_level,
@@ -275,6 +306,7 @@ pub fn backup(
         bytes_read: total.bytes_read,
         data_blocks: total.data_blocks,
         zero_blocks: total.zero_blocks,
+        unused_blocks: total.unused_blocks,
         unchanged_blocks: total.unchanged_blocks,
         deduplicated_blocks: total.deduplicated_blocks,
         new_chunks: total.new_chunks,
@@ -288,6 +320,8 @@ pub fn backup(
         time_unix: jheader.time_unix,
         hostname: crate::platform::hostname(),
         source: info,
+        filesystem: probe.fs.clone(),
+        all_blocks,
         volume_key: key,
         block_size,
         block_count,
@@ -308,6 +342,8 @@ pub fn backup(
         resumed,
         stats,
         this_run,
+        filesystem: probe.fs,
+        all_blocks,
     })
 }
 
@@ -344,6 +380,7 @@ struct Pipeline<'a> {
     block_count: u64,
     threads: usize,
     parent: Option<&'a SnapshotFile>,
+    map: Option<&'a BlockMap>,
     cancel: Option<Arc<AtomicBool>>,
     checkpoint_interval: Duration,
     zstd_level: i32,
@@ -429,6 +466,24 @@ impl Pipeline<'_> {
             }
             let start = index * bs;
             let end = (start + bs).min(size);
+            if let Some(map) = self.map {
+                if !map.is_used(index) {
+                    let mut until = index + 1;
+                    while until < self.block_count && !map.is_used(until) {
+                        until += 1;
+                    }
+                    let job = Job {
+                        index,
+                        count: until - index,
+                        kind: JobKind::Unused,
+                    };
+                    if jobs.send(job).is_err() {
+                        return Ok(());
+                    }
+                    index = until;
+                    continue;
+                }
+            }
             if !extents_done && extent.as_ref().is_none_or(|e| e.end <= start) {
                 extent = self.source.next_data(start, size)?;
                 if extent.is_none() {
@@ -517,6 +572,13 @@ impl Pipeline<'_> {
                     count: job.count,
                     block_ref: BlockRef::Zero,
                     outcome: Outcome::Zero,
+                    bytes_read: 0,
+                }),
+                JobKind::Unused => Ok(Done {
+                    index: job.index,
+                    count: job.count,
+                    block_ref: BlockRef::Unused,
+                    outcome: Outcome::Unused,
                     bytes_read: 0,
                 }),
                 JobKind::Data { buf, len, parent } => {
@@ -677,6 +739,7 @@ impl Batch {
         s.bytes_read += d.bytes_read;
         match d.outcome {
             Outcome::Zero => s.zero_blocks += d.count,
+            Outcome::Unused => s.unused_blocks += d.count,
             Outcome::Unchanged => {
                 s.data_blocks += 1;
                 s.unchanged_blocks += 1

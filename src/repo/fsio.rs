@@ -31,19 +31,31 @@ pub struct TempFile {
 }
 
 impl TempFile {
-    /// Creates a new temporary file in `dir`, named `.tmp-<random><suffix>`.
+    /// Creates a new temporary file in `dir`, named `.tmp-<unique><suffix>`: a random
+    /// per-process prefix and a counter (no system call per name).
     pub fn create_in(dir: &Path, suffix: &str) -> Result<TempFile> {
-        let path = dir.join(format!(".tmp-{}{suffix}", random_hex(8)));
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create_new(true)
-            .open(&path)
-            .ctx("create temporary file", &path)?;
-        Ok(TempFile {
-            path,
-            file: Some(file),
-        })
+        static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let prefix = PREFIX.get_or_init(|| random_hex(6));
+        loop {
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.join(format!(".tmp-{prefix}-{n}{suffix}"));
+            match OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    return Ok(TempFile {
+                        path,
+                        file: Some(file),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io("create temporary file", &path, e)),
+            }
+        }
     }
 
     pub fn file(&self) -> &File {

@@ -26,6 +26,9 @@ pub struct JournalHeader {
     pub block_count: u64,
     pub chunk_hash: HashAlgorithm,
     pub parent: Option<String>,
+    /// Every block was read (no allocation map).
+    #[serde(default)]
+    pub all_blocks: bool,
     pub time: String,
     pub time_unix: i64,
     pub tags: Vec<String>,
@@ -43,10 +46,11 @@ pub struct BatchStats {
     pub new_bytes: u64,
     pub new_bytes_stored: u64,
     pub duration_ms: u64,
+    pub unused_blocks: u64,
 }
 
 impl BatchStats {
-    const FIELDS: usize = 9;
+    const FIELDS: usize = 10;
 
     fn to_array(self) -> [u64; Self::FIELDS] {
         [
@@ -59,6 +63,7 @@ impl BatchStats {
             self.new_bytes,
             self.new_bytes_stored,
             self.duration_ms,
+            self.unused_blocks,
         ]
     }
 
@@ -73,6 +78,7 @@ impl BatchStats {
             new_bytes: a[6],
             new_bytes_stored: a[7],
             duration_ms: a[8],
+            unused_blocks: a[9],
         }
     }
 

@@ -27,6 +27,9 @@ pub struct SnapshotStats {
     pub data_blocks: u64,
     /// Blocks that were all zeros or holes.
     pub zero_blocks: u64,
+    /// Blocks the filesystem does not use (not read, restored as zeros).
+    #[serde(default)]
+    pub unused_blocks: u64,
     /// Blocks whose hash equals the parent's block at the same offset.
     pub unchanged_blocks: u64,
     /// Blocks whose chunk already existed in the repository (other volume, other offset).
@@ -52,6 +55,12 @@ pub struct SnapshotHeader {
     pub time_unix: i64,
     pub hostname: String,
     pub source: SourceInfo,
+    /// The filesystem found on the volume, if recognised.
+    #[serde(default)]
+    pub filesystem: Option<crate::fs::FsInfo>,
+    /// True when every block was read (`--all-blocks`, or no usable allocation map).
+    #[serde(default)]
+    pub all_blocks: bool,
     /// Identity used to find the parent of the next backup of the same volume.
     pub volume_key: String,
     pub block_size: u32,

@@ -66,7 +66,7 @@ impl Run {
     }
 
     /// Asserts that stderr contains every one of `needles` (case-insensitive).
-    pub fn stderr_has(self, needles: &[&str]) -> Run {
+    pub fn stderr_has(&self, needles: &[&str]) -> &Run {
         let hay = self.stderr.to_lowercase();
         for n in needles {
             assert!(
@@ -79,7 +79,7 @@ impl Run {
     }
 
     /// Asserts that stdout contains every one of `needles` (case-insensitive).
-    pub fn stdout_has(self, needles: &[&str]) -> Run {
+    pub fn stdout_has(&self, needles: &[&str]) -> &Run {
         let hay = self.stdout.to_lowercase();
         for n in needles {
             assert!(

@@ -1,0 +1,369 @@
+//! ext2/3/4: superblock, group descriptors and block bitmaps.
+//!
+//! Layout facts used here (all little-endian), from the ext4 on-disk format:
+//! - The superblock is 1024 bytes at byte 1024. Magic 0xEF53 at 0x38.
+//! - Block size = 1024 << s_log_block_size (0x18). Blocks count: lo 0x04, hi 0x150 (64BIT).
+//!   s_first_data_block 0x14, s_blocks_per_group 0x20, s_free_blocks_count lo 0x0C / hi 0x158,
+//!   s_feature_compat 0x5C, s_feature_incompat 0x60, s_feature_ro_compat 0x64, s_uuid 0x68,
+//!   s_volume_name 0x78, s_reserved_gdt_blocks 0xCE, s_desc_size 0xFE, s_first_meta_bg 0x104,
+//!   s_backup_bgs 0x24C (SPARSE_SUPER2).
+//! - Group descriptors follow the superblock's block (block first_data_block + 1); each is 32
+//!   bytes, or s_desc_size with 64BIT. Fields: block bitmap lo 0x00 / hi 0x20, inode bitmap
+//!   lo 0x04 / hi 0x24, inode table lo 0x08 / hi 0x28, flags 0x12 (BLOCK_UNINIT = 2).
+//!   With META_BG, groups from s_first_meta_bg × (descriptors per block) on have their
+//!   descriptor block at the start of their meta group.
+//! - A group with BLOCK_UNINIT has no bitmap on disk; its used blocks are its superblock backup
+//!   and descriptor blocks and any bitmap or inode table placed in it (flex_bg).
+//!
+//! Every block number read from disk is checked against the block count; a violation makes
+//! the map unusable (the caller then reads every block) instead of trusting it.
+
+use super::{BlockMap, FsInfo};
+use crate::error::Result;
+use crate::volume::Volume;
+
+const SB_OFFSET: u64 = 1024;
+const SB_LEN: usize = 1024;
+const MAGIC: u16 = 0xEF53;
+
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
+const COMPAT_SPARSE_SUPER2: u32 = 0x200;
+const INCOMPAT_EXTENTS: u32 = 0x40;
+const INCOMPAT_64BIT: u32 = 0x80;
+const INCOMPAT_META_BG: u32 = 0x10;
+const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+const BG_BLOCK_UNINIT: u16 = 0x2;
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// The fields of an ext superblock that the map needs.
+#[derive(Debug, Clone)]
+pub struct Superblock {
+    block_size: u64,
+    blocks_count: u64,
+    free_blocks: u64,
+    first_data_block: u64,
+    blocks_per_group: u64,
+    compat: u32,
+    incompat: u32,
+    ro_compat: u32,
+    desc_size: u64,
+    reserved_gdt: u64,
+    first_meta_bg: u64,
+    backup_bgs: [u64; 2],
+    uuid: [u8; 16],
+    label: String,
+}
+
+impl Superblock {
+    /// Reads and sanity-checks the superblock; `None` when the volume is not ext2/3/4 (or its
+    /// superblock is implausible).
+    pub fn read(vol: &dyn Volume) -> Result<Option<Superblock>> {
+        if vol.size() < SB_OFFSET + SB_LEN as u64 {
+            return Ok(None);
+        }
+        let mut b = vec![0u8; SB_LEN];
+        vol.read_at(SB_OFFSET, &mut b)?;
+        if u16_at(&b, 0x38) != MAGIC {
+            return Ok(None);
+        }
+        let log = u32_at(&b, 0x18);
+        if log > 6 {
+            return Ok(None);
+        }
+        let block_size = 1024u64 << log;
+        let incompat = u32_at(&b, 0x60);
+        let is64 = incompat & INCOMPAT_64BIT != 0;
+        let mut blocks_count = u32_at(&b, 0x04) as u64;
+        let mut free_blocks = u32_at(&b, 0x0C) as u64;
+        if is64 {
+            blocks_count |= (u32_at(&b, 0x150) as u64) << 32;
+            free_blocks |= (u32_at(&b, 0x158) as u64) << 32;
+        }
+        let desc_size = if is64 { u16_at(&b, 0xFE) as u64 } else { 32 };
+        let blocks_per_group = u32_at(&b, 0x20) as u64;
+        let first_data_block = u32_at(&b, 0x14) as u64;
+        if blocks_count == 0
+            || blocks_per_group == 0
+            || blocks_per_group > block_size * 8
+            || first_data_block >= blocks_count
+            || !(32..=1024).contains(&desc_size)
+            || !desc_size.is_power_of_two()
+        {
+            return Ok(None);
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[0x68..0x78]);
+        let name = &b[0x78..0x88];
+        let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        Ok(Some(Superblock {
+            block_size,
+            blocks_count,
+            free_blocks: free_blocks.min(blocks_count),
+            first_data_block,
+            blocks_per_group,
+            compat: u32_at(&b, 0x5C),
+            incompat,
+            ro_compat: u32_at(&b, 0x64),
+            desc_size,
+            reserved_gdt: u16_at(&b, 0xCE) as u64,
+            first_meta_bg: u32_at(&b, 0x104) as u64,
+            backup_bgs: [u32_at(&b, 0x24C) as u64, u32_at(&b, 0x250) as u64],
+            uuid,
+            label: String::from_utf8_lossy(&name[..end]).into_owned(),
+        }))
+    }
+
+    /// "ext4" when extents or 64-bit are on, "ext3" with a journal, "ext2" otherwise.
+    pub fn fs_type(&self) -> &'static str {
+        if self.incompat & (INCOMPAT_EXTENTS | INCOMPAT_64BIT) != 0 {
+            "ext4"
+        } else if self.compat & COMPAT_HAS_JOURNAL != 0 {
+            "ext3"
+        } else {
+            "ext2"
+        }
+    }
+
+    pub fn info(&self) -> FsInfo {
+        let u = &self.uuid;
+        let uuid = format!(
+            "{}-{}-{}-{}-{}",
+            hex::encode(&u[0..4]),
+            hex::encode(&u[4..6]),
+            hex::encode(&u[6..8]),
+            hex::encode(&u[8..10]),
+            hex::encode(&u[10..16])
+        );
+        FsInfo {
+            fs_type: self.fs_type().into(),
+            uuid,
+            label: self.label.clone(),
+            block_size: self.block_size as u32,
+            size: self.blocks_count * self.block_size,
+            used_bytes: (self.blocks_count - self.free_blocks) * self.block_size,
+        }
+    }
+
+    fn group_count(&self) -> u64 {
+        (self.blocks_count - self.first_data_block).div_ceil(self.blocks_per_group)
+    }
+
+    fn group_first_block(&self, g: u64) -> u64 {
+        self.first_data_block + g * self.blocks_per_group
+    }
+
+    fn descs_per_block(&self) -> u64 {
+        self.block_size / self.desc_size
+    }
+
+    /// Whether group `g` holds a superblock backup.
+    fn has_super(&self, g: u64) -> bool {
+        if g == 0 {
+            return true;
+        }
+        if self.compat & COMPAT_SPARSE_SUPER2 != 0 {
+            return g == self.backup_bgs[0] || g == self.backup_bgs[1];
+        }
+        if self.ro_compat & RO_COMPAT_SPARSE_SUPER == 0 {
+            return true;
+        }
+        if g == 1 {
+            return true;
+        }
+        [3u64, 5, 7].iter().any(|&p| {
+            let mut x = p;
+            while x < g {
+                x = x.saturating_mul(p);
+            }
+            x == g
+        })
+    }
+
+    fn meta_bg(&self) -> bool {
+        self.incompat & INCOMPAT_META_BG != 0
+    }
+
+    /// Block holding the descriptor of group `g`.
+    fn desc_block(&self, g: u64) -> u64 {
+        let dpb = self.descs_per_block();
+        let index = g / dpb;
+        if self.meta_bg() && index >= self.first_meta_bg {
+            let first = index * dpb;
+            self.group_first_block(first) + u64::from(self.has_super(first))
+        } else {
+            self.first_data_block + 1 + index
+        }
+    }
+
+    /// Blocks at the start of group `g` taken by the superblock backup and descriptors
+    /// (an over-estimate is harmless: it only makes the backup read a little more).
+    fn super_area_blocks(&self, g: u64) -> u64 {
+        if !self.has_super(g) {
+            // A META_BG descriptor block may still live here.
+            return u64::from(self.meta_bg());
+        }
+        let dpb = self.descs_per_block();
+        let gdt = if self.meta_bg() {
+            self.first_meta_bg.min(self.group_count().div_ceil(dpb)) + 1
+        } else {
+            self.group_count().div_ceil(dpb)
+        };
+        1 + gdt + self.reserved_gdt
+    }
+}
+
+struct Desc {
+    block_bitmap: u64,
+    inode_bitmap: u64,
+    inode_table: u64,
+    flags: u16,
+}
+
+/// Reads group descriptors, one descriptor block cached at a time.
+struct DescReader<'a> {
+    vol: &'a dyn Volume,
+    sb: &'a Superblock,
+    cached: Option<(u64, Vec<u8>)>,
+}
+
+impl DescReader<'_> {
+    fn get(&mut self, g: u64) -> std::result::Result<Desc, String> {
+        let sb = self.sb;
+        let blk = sb.desc_block(g);
+        if blk >= sb.blocks_count {
+            return Err(format!("descriptor block {blk} of group {g} is past the end"));
+        }
+        if self.cached.as_ref().is_none_or(|(b, _)| *b != blk) {
+            let mut buf = vec![0u8; sb.block_size as usize];
+            self.vol
+                .read_at(blk * sb.block_size, &mut buf)
+                .map_err(|e| format!("reading descriptor block {blk}: {e}"))?;
+            self.cached = Some((blk, buf));
+        }
+        let Some((_, buf)) = self.cached.as_ref() else {
+            return Err("descriptor cache empty".into());
+        };
+        let off = ((g % sb.descs_per_block()) * sb.desc_size) as usize;
+        let d = &buf[off..off + sb.desc_size as usize];
+        let hi = |o: usize| -> u64 {
+            if sb.desc_size >= 64 {
+                (u32_at(d, o) as u64) << 32
+            } else {
+                0
+            }
+        };
+        Ok(Desc {
+            block_bitmap: u32_at(d, 0x00) as u64 | hi(0x20),
+            inode_bitmap: u32_at(d, 0x04) as u64 | hi(0x24),
+            inode_table: u32_at(d, 0x08) as u64 | hi(0x28),
+            flags: u16_at(d, 0x12),
+        })
+    }
+}
+
+/// Builds the allocation map of an ext2/3/4 filesystem at `granularity` bytes per bit.
+/// `Err` explains why the filesystem's data cannot be trusted.
+pub fn allocation_map(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    granularity: u64,
+) -> std::result::Result<BlockMap, String> {
+    let bs = sb.block_size;
+    let fs_bytes = sb
+        .blocks_count
+        .checked_mul(bs)
+        .ok_or("block count overflows")?;
+    if fs_bytes > vol.size() {
+        return Err(format!(
+            "the filesystem spans {fs_bytes} bytes but the volume has only {}",
+            vol.size()
+        ));
+    }
+    let mut map = BlockMap::new(vol.size(), granularity);
+    // Everything up to the first group (boot sector, superblock) is always kept.
+    map.mark_bytes(0, (sb.first_data_block + 1) * bs);
+    let groups = sb.group_count();
+    let inodes_per_group = {
+        let mut b = vec![0u8; SB_LEN];
+        vol.read_at(SB_OFFSET, &mut b)
+            .map_err(|e| format!("reading superblock: {e}"))?;
+        u32_at(&b, 0x28) as u64
+    };
+    let inode_size = {
+        let mut b = vec![0u8; SB_LEN];
+        vol.read_at(SB_OFFSET, &mut b)
+            .map_err(|e| format!("reading superblock: {e}"))?;
+        let rev = u32_at(&b, 0x4C);
+        if rev == 0 { 128 } else { u16_at(&b, 0x58) as u64 }
+    };
+    if inode_size == 0 || inode_size > bs {
+        return Err(format!("inode size {inode_size} is implausible"));
+    }
+    let itable_blocks = (inodes_per_group * inode_size).div_ceil(bs);
+    let mut descs = DescReader {
+        vol,
+        sb,
+        cached: None,
+    };
+    let check = |what: &str, blk: u64, len: u64, g: u64| -> std::result::Result<(), String> {
+        if blk < sb.first_data_block || blk.checked_add(len).is_none_or(|e| e > sb.blocks_count) {
+            return Err(format!(
+                "group {g}: {what} at block {blk} (+{len}) is outside the filesystem"
+            ));
+        }
+        Ok(())
+    };
+
+    // Pass 1: metadata of every group (wherever flex_bg placed it) and the superblock areas.
+    for g in 0..groups {
+        let d = descs.get(g)?;
+        check("block bitmap", d.block_bitmap, 1, g)?;
+        check("inode bitmap", d.inode_bitmap, 1, g)?;
+        check("inode table", d.inode_table, itable_blocks, g)?;
+        map.mark_bytes(d.block_bitmap * bs, bs);
+        map.mark_bytes(d.inode_bitmap * bs, bs);
+        map.mark_bytes(d.inode_table * bs, itable_blocks * bs);
+        let first = sb.group_first_block(g);
+        map.mark_bytes(first * bs, sb.super_area_blocks(g) * bs);
+        map.mark_bytes(sb.desc_block(g) * bs, bs);
+    }
+
+    // Pass 2: the block bitmaps of initialised groups.
+    let mut bitmap = vec![0u8; bs as usize];
+    for g in 0..groups {
+        let d = descs.get(g)?;
+        if d.flags & BG_BLOCK_UNINIT != 0 {
+            continue;
+        }
+        vol.read_at(d.block_bitmap * bs, &mut bitmap)
+            .map_err(|e| format!("reading block bitmap of group {g}: {e}"))?;
+        let first = sb.group_first_block(g);
+        let in_group = sb.blocks_per_group.min(sb.blocks_count - first);
+        // Walk set bits, marking runs.
+        let mut i = 0u64;
+        while i < in_group {
+            let byte = bitmap[(i / 8) as usize];
+            if byte == 0 && i % 8 == 0 {
+                i += 8;
+                continue;
+            }
+            if byte & (1 << (i % 8)) == 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < in_group && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
+                i += 1;
+            }
+            map.mark_bytes((first + start) * bs, (i - start) * bs);
+        }
+    }
+    Ok(map)
+}

@@ -1,0 +1,189 @@
+//! Interrupted backups: kill -9 at several points and Ctrl-C (SIGINT). The repository must
+//! stay valid after each interruption, and the next run must resume without re-reading or
+//! re-storing what was finished.
+
+use crate::util::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Default block size of a repository (256 KiB).
+const BS: u64 = 256 * KIB;
+
+fn spawn_backup(src: &Path, repo: &Path) -> Child {
+    Command::new(VOLBACK)
+        .args(["backup", "--json", "--checkpoint-secs", "0.2", p(src), p(repo)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn volback backup")
+}
+
+/// How a watched backup ended.
+enum Ended {
+    /// It finished by itself with exit code 0 before the condition was met.
+    Completed,
+    /// The condition was met and `signal` was delivered; the exit status follows.
+    Signalled(std::process::Output),
+}
+
+/// Polls the repository every few milliseconds until `ready(repo)` holds, then runs
+/// `signal(pid)`. A backup that finishes first must have succeeded.
+fn watch(mut child: Child, repo: &Path, ready: impl Fn(&Path) -> bool, signal: impl Fn(&mut Child)) -> Ended {
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            let out = child.wait_with_output().expect("collect output");
+            assert!(
+                out.status.success(),
+                "backup failed before being interrupted: {:?}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return Ended::Completed;
+        }
+        if ready(repo) {
+            signal(&mut child);
+            return Ended::Signalled(child.wait_with_output().expect("collect output"));
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+fn assert_repository_valid(repo: &Path) {
+    volback_ok(&["verify", "--read-data", p(repo)]).stdout_has(&["no problems"]);
+}
+
+#[test]
+fn kill_9_at_several_points_then_resume_without_rework() {
+    let t = TestDir::new();
+    let src = t.join("src.img");
+    let repo = t.join("repo");
+    let size = 400 * MIB;
+    random_file(&src, size, 20);
+    let sha = sha256_file(&src);
+    init_repo(&repo, &[]);
+
+    let mut completed_early = false;
+    for threshold in [100, 600, 1100] {
+        let child = spawn_backup(&src, &repo);
+        let ended = watch(
+            child,
+            &repo,
+            |r| chunk_files(r).len() > threshold,
+            |c| c.kill().expect("SIGKILL"),
+        );
+        match ended {
+            Ended::Completed => {
+                eprintln!("backup finished before {threshold} chunks were stored; not killed");
+                completed_early = true;
+                break;
+            }
+            Ended::Signalled(out) => {
+                assert_eq!(out.status.code(), None, "killed by a signal: {:?}", out.status);
+            }
+        }
+        // Only committed snapshots are verified: the repository must be valid after a crash.
+        assert_repository_valid(&repo);
+        assert_eq!(
+            journals(&repo).len(),
+            1,
+            "an interrupted backup leaves its resume journal in {}",
+            repo.join("journals").display()
+        );
+        assert!(snapshot_ids(&repo).is_empty(), "no snapshot before completion");
+    }
+
+    let last = backup_json(&src, &repo, &["--checkpoint-secs", "0.2"]);
+    if completed_early {
+        eprintln!("a run completed before being killed: resume not exercised this time");
+    } else {
+        assert_eq!(last["resumed"], true, "final run resumes: {last}");
+        assert!(
+            ju64(&last, "/bytes_read") < size,
+            "the final run re-read finished work: {last}"
+        );
+        // Every block is counted once across runs: read once, stored at most once.
+        assert_eq!(ju64(&last, "/stats/bytes_read"), size, "{last}");
+        assert!(ju64(&last, "/stats/resumed") >= 1, "{last}");
+    }
+    assert!(last["parent"].is_null(), "{last}");
+    let blocks = size / BS;
+    assert_eq!(ju64(&last, "/stats/data_blocks"), blocks, "{last}");
+    assert!(
+        ju64(&last, "/stats/new_bytes") <= size,
+        "new bytes exceed the volume: {last}"
+    );
+    assert!(
+        ju64(&last, "/stats/new_bytes_stored") <= size + blocks * 64 + 3 * BS,
+        "data stored more than once: {last}"
+    );
+    // Random data: every block is its own chunk, each stored once.
+    let chunks = chunk_files(&repo);
+    assert_eq!(chunks.len() as u64, blocks);
+    let on_disk: u64 = chunks
+        .iter()
+        .map(|c| std::fs::metadata(c).unwrap().len())
+        .sum();
+    assert!(on_disk <= size + blocks * 64, "{on_disk} bytes of chunks");
+    assert!(journals(&repo).is_empty(), "journal removed after completion");
+
+    assert_repository_valid(&repo);
+    let out = t.join("restored.img");
+    restore(&repo, "latest", &out);
+    assert_eq!(sha256_file(&out), sha, "restored volume differs from the source");
+}
+
+#[test]
+fn sigint_exits_130_and_the_next_run_resumes() {
+    let t = TestDir::new();
+    let src = t.join("src.img");
+    let repo = t.join("repo");
+    let size = 300 * MIB;
+    random_file(&src, size, 21);
+    let sha = sha256_file(&src);
+    init_repo(&repo, &[]);
+
+    let child = spawn_backup(&src, &repo);
+    // Interrupt once the journal exists (the signal handler is installed by then) and some
+    // work was done.
+    let ended = watch(
+        child,
+        &repo,
+        |r| !journals(r).is_empty() && chunk_files(r).len() > 300,
+        |c| {
+            run_ok("kill", &["-INT", &c.id().to_string()]);
+        },
+    );
+    let resumed_expected = match ended {
+        Ended::Completed => {
+            eprintln!("backup finished before it could be interrupted");
+            false
+        }
+        Ended::Signalled(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(130),
+                "Ctrl-C exits with 130: {:?}\n{stderr}",
+                out.status
+            );
+            assert!(stderr.contains("interrupted"), "stderr: {stderr}");
+            assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+            assert_eq!(journals(&repo).len(), 1, "journal kept for resuming");
+            assert_repository_valid(&repo);
+            true
+        }
+    };
+
+    let last = backup_json(&src, &repo, &[]);
+    if resumed_expected {
+        assert_eq!(last["resumed"], true, "{last}");
+        assert!(ju64(&last, "/bytes_read") < size, "{last}");
+        assert_eq!(ju64(&last, "/stats/bytes_read"), size, "{last}");
+    }
+    assert!(journals(&repo).is_empty());
+    let out = t.join("restored.img");
+    restore(&repo, "latest", &out);
+    assert_eq!(sha256_file(&out), sha);
+}

@@ -1,0 +1,209 @@
+//! Backup and restore of image files (no root needed): bit-exact restores, forever-incremental
+//! backups, snapshot selectors, sparse restores, SHA-256 repositories and deduplication.
+
+use crate::util::*;
+
+const BS: u64 = 64 * KIB;
+
+/// A 40 MiB + 12,345-byte sparse image: random data, text, written zeros, big holes and a
+/// partial last block.
+fn make_mixed_source(path: &std::path::Path, rng: &mut Rng) -> u64 {
+    let size = 40 * MIB + 12_345;
+    sparse_file(path, size);
+    write_at(path, 0, &rng.bytes(4 * MIB as usize));
+    write_at(path, 4 * MIB, &rng.text(2 * MIB as usize));
+    write_at(path, 6 * MIB, &vec![0u8; 2 * MIB as usize]);
+    // 8 MiB .. 30 MiB: hole
+    write_at(path, 30 * MIB, &rng.bytes(MIB as usize + 777));
+    // … hole until the tail
+    write_at(path, size - 5_000, &rng.text(5_000));
+    size
+}
+
+#[test]
+fn sparse_image_full_then_incremental_restores_bit_exact() {
+    let t = TestDir::new();
+    let src = t.join("disk.img");
+    let repo = t.join("repo");
+    let mut rng = Rng::new(1);
+    let size = make_mixed_source(&src, &mut rng);
+    assert_ne!(size % BS, 0);
+    init_repo(&repo, &[]);
+
+    // Full backup.
+    let sha1 = sha256_file(&src);
+    let b1 = backup_json(&src, &repo, &["--block-size", "64K"]);
+    let snap1 = jstr(&b1, "/snapshot").to_string();
+    assert!(b1["parent"].is_null(), "first backup has no parent: {b1}");
+    assert_eq!(b1["resumed"], false);
+    let blocks = size.div_ceil(BS);
+    assert_eq!(
+        ju64(&b1, "/stats/data_blocks") + ju64(&b1, "/stats/zero_blocks"),
+        blocks,
+        "every block is data or zero: {b1}"
+    );
+    // Holes are not read: 22 MiB + most of the tail gap are holes.
+    assert!(
+        ju64(&b1, "/bytes_read") < size - 20 * MIB,
+        "holes were read: {b1}"
+    );
+    // Written zeros are not stored: data = 4 + 2 + 1 MiB (+ partial blocks).
+    let data_blocks = ju64(&b1, "/stats/data_blocks");
+    assert!(
+        (7 * MIB / BS..=7 * MIB / BS + 3).contains(&data_blocks),
+        "unexpected data block count {data_blocks}: {b1}"
+    );
+
+    // Change a few regions: inside random data, inside a hole, the partial last block, and
+    // random data overwritten by zeros.
+    write_at(&src, MIB + 10, &rng.bytes(100));
+    write_at(&src, 20 * MIB, &rng.text(BS as usize));
+    write_at(&src, size - 10, b"0123456789");
+    write_at(&src, 2 * MIB, &vec![0u8; BS as usize]);
+    let sha2 = sha256_file(&src);
+    assert_ne!(sha1, sha2);
+
+    let b2 = backup_json(&src, &repo, &["--block-size", "64K"]);
+    let snap2 = jstr(&b2, "/snapshot").to_string();
+    assert_eq!(
+        b2["parent"].as_str(),
+        Some(snap1.as_str()),
+        "second backup is incremental on the first: {b2}"
+    );
+    assert_eq!(b2["resumed"], false);
+    let new_chunks = ju64(&b2, "/new_chunks");
+    assert!(
+        (1..=3).contains(&new_chunks),
+        "three blocks changed to new content, {new_chunks} new chunks: {b2}"
+    );
+    assert!(ju64(&b2, "/new_bytes") <= 3 * BS, "{b2}");
+    assert!(
+        ju64(&b2, "/stats/unchanged_blocks") >= data_blocks - 3,
+        "unchanged blocks not recognised: {b2}"
+    );
+
+    // Restore each snapshot with each kind of selector.
+    let r1 = t.join("r1.img");
+    restore(&repo, &snap1[..10], &r1);
+    assert_eq!(sha256_file(&r1), sha1, "snapshot 1 restored by id prefix");
+    let r2 = t.join("r2.img");
+    restore(&repo, "latest", &r2);
+    assert_eq!(sha256_file(&r2), sha2, "snapshot 2 restored as latest");
+    let r3 = t.join("r3.img");
+    restore(&repo, &format!("latest:{}", p(&src)), &r3);
+    assert_eq!(sha256_file(&r3), sha2, "snapshot 2 restored as latest:SOURCE");
+    let r4 = t.join("r4.img");
+    restore(&repo, &snap2, &r4);
+    assert_eq!(sha256_file(&r4), sha2, "snapshot 2 restored by full id");
+
+    for r in [&r1, &r2] {
+        assert_eq!(std::fs::metadata(r).unwrap().len(), size);
+        let alloc = allocated_bytes(r);
+        assert!(
+            alloc < size - 20 * MIB,
+            "{} is not sparse: {alloc} bytes allocated for {size}",
+            r.display()
+        );
+    }
+
+    volback_ok(&["verify", "--read-data", p(&repo)])
+        .stdout_has(&["checked 2 snapshots", "no problems"]);
+}
+
+#[test]
+fn restore_replaces_an_existing_larger_file() {
+    let t = TestDir::new();
+    let src = t.join("src.img");
+    let repo = t.join("repo");
+    let mut rng = Rng::new(2);
+    sparse_file(&src, 3 * MIB + 100);
+    write_at(&src, 0, &rng.bytes(MIB as usize));
+    write_at(&src, 2 * MIB, &rng.text(MIB as usize + 100));
+    init_repo(&repo, &[]);
+    backup_json(&src, &repo, &["--block-size", "64K"]);
+    let target = t.join("target.img");
+    random_file(&target, 5 * MIB, 3);
+    restore(&repo, "latest", &target);
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 3 * MIB + 100);
+    assert_eq!(sha256_file(&target), sha256_file(&src));
+}
+
+#[test]
+fn sha256_repository_roundtrip_names_chunks_by_sha256() {
+    let t = TestDir::new();
+    let src = t.join("src.img");
+    let repo = t.join("repo");
+    let mut rng = Rng::new(4);
+    let size = 6 * MIB + 4321;
+    sparse_file(&src, size);
+    let block0 = rng.bytes(BS as usize);
+    write_at(&src, 0, &block0);
+    write_at(&src, BS, &rng.text(2 * MIB as usize));
+    write_at(&src, 4 * MIB, &rng.bytes(MIB as usize));
+    write_at(&src, size - 4321, &rng.bytes(4321));
+
+    init_repo(&repo, &["--hash", "sha256"]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("config")).unwrap()).unwrap();
+    assert_eq!(config["chunk_hash"], "sha256", "config: {config}");
+
+    let b = backup_json(&src, &repo, &["--block-size", "64K"]);
+    assert!(ju64(&b, "/new_chunks") > 0);
+    let expected = chunk_path(&repo, &sha256_bytes(&block0));
+    assert!(
+        expected.is_file(),
+        "block 0 should be stored as {} in a sha256 repository",
+        expected.display()
+    );
+
+    let out = t.join("out.img");
+    restore(&repo, "latest", &out);
+    assert_eq!(sha256_file(&out), sha256_file(&src));
+    volback_ok(&["verify", "--read-data", p(&repo)]).stdout_has(&["no problems"]);
+
+    // Incremental works the same way.
+    write_at(&src, 5 * MIB, &rng.bytes(10));
+    let b2 = backup_json(&src, &repo, &["--block-size", "64K"]);
+    assert_eq!(ju64(&b2, "/new_chunks"), 1, "{b2}");
+    let out2 = t.join("out2.img");
+    restore(&repo, "latest", &out2);
+    assert_eq!(sha256_file(&out2), sha256_file(&src));
+}
+
+#[test]
+fn identical_volumes_are_deduplicated_across_sources() {
+    let t = TestDir::new();
+    let a = t.join("a.img");
+    let b = t.join("b.img");
+    let repo = t.join("repo");
+    let mut rng = Rng::new(5);
+    sparse_file(&a, 12 * MIB + 999);
+    write_at(&a, 0, &rng.bytes(3 * MIB as usize));
+    write_at(&a, 5 * MIB, &rng.text(3 * MIB as usize));
+    write_at(&a, 12 * MIB, &rng.bytes(999));
+    std::fs::copy(&a, &b).unwrap();
+    init_repo(&repo, &["--block-size", "64K"]);
+
+    let ra = backup_json(&a, &repo, &[]);
+    assert!(ju64(&ra, "/new_chunks") > 0, "{ra}");
+    let chunks_after_a = chunk_files(&repo).len();
+
+    let rb = backup_json(&b, &repo, &[]);
+    assert!(
+        rb["parent"].is_null(),
+        "another volume has no parent: {rb}"
+    );
+    assert_eq!(ju64(&rb, "/new_chunks"), 0, "identical content stored again: {rb}");
+    assert_eq!(ju64(&rb, "/new_bytes"), 0, "{rb}");
+    assert_eq!(
+        ju64(&rb, "/stats/deduplicated_blocks"),
+        ju64(&rb, "/stats/data_blocks"),
+        "{rb}"
+    );
+    assert_eq!(chunk_files(&repo).len(), chunks_after_a);
+
+    let out = t.join("out.img");
+    restore(&repo, &format!("latest:{}", p(&b)), &out);
+    assert_eq!(sha256_file(&out), sha256_file(&a));
+    assert_eq!(snapshot_ids(&repo).len(), 2);
+}
