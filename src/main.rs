@@ -240,9 +240,17 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                         "  filesystem      {} {} {}, {} used{}",
                         fs.fs_type,
                         fs.uuid,
-                        if fs.label.is_empty() { "(no label)" } else { &fs.label },
+                        if fs.label.is_empty() {
+                            "(no label)"
+                        } else {
+                            &fs.label
+                        },
                         human_bytes(fs.used_bytes),
-                        if r.all_blocks { " (all blocks read)" } else { "" }
+                        if r.all_blocks {
+                            " (all blocks read)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 let s = &r.stats;

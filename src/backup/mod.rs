@@ -354,7 +354,7 @@ fn find_parent(
     block_size: u32,
     progress: &dyn Progress,
 ) -> Result<Option<String>> {
-    let mut best: Option<(i64, String)> = None;
+    let mut candidates = Vec::new();
     for id in repo.snapshot_ids()? {
         match repo.open_snapshot(&id) {
             Ok(s) => {
@@ -362,15 +362,19 @@ fn find_parent(
                 if h.volume_key == key
                     && h.block_size == block_size
                     && h.chunk_hash == repo.config().chunk_hash
-                    && best.as_ref().is_none_or(|(t, _)| h.time_unix >= *t)
                 {
-                    best = Some((h.time_unix, id));
+                    candidates.push(crate::repo::SnapshotEntry {
+                        id,
+                        header: h.clone(),
+                    });
                 }
             }
             Err(e) => progress.warn(&format!("skipping unreadable snapshot {id}: {e}")),
         }
     }
-    Ok(best.map(|(_, id)| id))
+    // The latest, and within one second the one taken after the other (see sort_snapshots).
+    crate::repo::sort_snapshots(&mut candidates);
+    Ok(candidates.pop().map(|s| s.id))
 }
 
 struct Pipeline<'a> {

@@ -238,7 +238,9 @@ impl DescReader<'_> {
         let sb = self.sb;
         let blk = sb.desc_block(g);
         if blk >= sb.blocks_count {
-            return Err(format!("descriptor block {blk} of group {g} is past the end"));
+            return Err(format!(
+                "descriptor block {blk} of group {g} is past the end"
+            ));
         }
         if self.cached.as_ref().is_none_or(|(b, _)| *b != blk) {
             let mut buf = vec![0u8; sb.block_size as usize];
@@ -301,7 +303,11 @@ pub fn allocation_map(
         vol.read_at(SB_OFFSET, &mut b)
             .map_err(|e| format!("reading superblock: {e}"))?;
         let rev = u32_at(&b, 0x4C);
-        if rev == 0 { 128 } else { u16_at(&b, 0x58) as u64 }
+        if rev == 0 {
+            128
+        } else {
+            u16_at(&b, 0x58) as u64
+        }
     };
     if inode_size == 0 || inode_size > bs {
         return Err(format!("inode size {inode_size} is implausible"));
@@ -366,4 +372,73 @@ pub fn allocation_map(
         }
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use proptest::prelude::*;
+
+    struct Mem(Vec<u8>);
+
+    impl Volume for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let end = offset as usize + buf.len();
+            if end > self.0.len() {
+                return Err(Error::InvalidArgument("past end".into()));
+            }
+            buf.copy_from_slice(&self.0[offset as usize..end]);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+    }
+
+    /// A plausible superblock header for a 4 MiB, 1 KiB-block filesystem.
+    fn base_image() -> Vec<u8> {
+        let mut img = vec![0u8; 4 << 20];
+        let sb = &mut img[1024..2048];
+        sb[0x04..0x08].copy_from_slice(&4096u32.to_le_bytes()); // blocks
+        sb[0x14..0x18].copy_from_slice(&1u32.to_le_bytes()); // first data block
+        sb[0x18..0x1C].copy_from_slice(&0u32.to_le_bytes()); // 1 KiB blocks
+        sb[0x20..0x24].copy_from_slice(&8192u32.to_le_bytes()); // blocks per group
+        sb[0x28..0x2C].copy_from_slice(&256u32.to_le_bytes()); // inodes per group
+        sb[0x38..0x3A].copy_from_slice(&MAGIC.to_le_bytes());
+        img
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Random superblock and descriptor bytes never panic, hang or allocate wildly: the
+        /// result is a map, an error string, or "not ext".
+        #[test]
+        fn hostile_superblocks_and_descriptors(
+            sb_patch in proptest::collection::vec((0usize..1024, any::<u8>()), 0..40),
+            gd_patch in proptest::collection::vec((0usize..1024, any::<u8>()), 0..40),
+        ) {
+            let mut img = base_image();
+            for (o, v) in sb_patch { img[1024 + o] = v; }
+            for (o, v) in gd_patch { img[2048 + o] = v; }
+            let vol = Mem(img);
+            if let Ok(Some(sb)) = Superblock::read(&vol) {
+                let _ = allocation_map(&vol, &sb, 65536);
+            }
+        }
+    }
+
+    #[test]
+    fn descriptor_pointing_past_the_end_is_rejected() {
+        let mut img = base_image();
+        // group 0 descriptor at block 2 (byte 2048): block bitmap far away
+        img[2048..2052].copy_from_slice(&1_000_000u32.to_le_bytes());
+        let vol = Mem(img);
+        let sb = Superblock::read(&vol).unwrap().unwrap();
+        let err = allocation_map(&vol, &sb, 65536).unwrap_err();
+        assert!(err.contains("outside the filesystem"), "{err}");
+    }
 }

@@ -43,9 +43,13 @@ pub fn open_read_only(path: &Path) -> io::Result<File> {
     imp::open_read_only(path)
 }
 
-/// Opens `path` for writing without truncating or creating it (a device or an existing file).
+/// Opens `path` for writing (and reading back) without truncating or creating it (a device or
+/// an existing file).
 pub fn open_write_existing(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new().write(true).open(path)
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
 }
 
 /// Size, kind and sector sizes of an opened file or device.

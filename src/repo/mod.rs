@@ -109,6 +109,38 @@ pub struct SnapshotEntry {
     pub header: SnapshotHeader,
 }
 
+/// Sorts snapshots oldest first. Times have a resolution of one second, so within one second a
+/// snapshot sorts after its parent (two quick backups: `latest` is the second), then by id.
+pub fn sort_snapshots(list: &mut [SnapshotEntry]) {
+    let by_id: std::collections::HashMap<&str, (i64, Option<&str>)> = list
+        .iter()
+        .map(|s| {
+            (
+                s.id.as_str(),
+                (s.header.time_unix, s.header.parent.as_deref()),
+            )
+        })
+        .collect();
+    // Ancestors taken in the same second (bounded: a hostile repository may hold a cycle).
+    let depth = |id: &str| {
+        let (time, mut parent) = by_id[id];
+        let mut d = 0usize;
+        while let Some(&(t, pp)) = parent.and_then(|p| by_id.get(p)) {
+            if t != time || d >= by_id.len() {
+                break;
+            }
+            d += 1;
+            parent = pp;
+        }
+        d
+    };
+    let keys: std::collections::HashMap<String, (i64, usize)> = list
+        .iter()
+        .map(|s| (s.id.clone(), (s.header.time_unix, depth(&s.id))))
+        .collect();
+    list.sort_by(|a, b| (keys[&a.id], &a.id).cmp(&(keys[&b.id], &b.id)));
+}
+
 /// An open repository. Holds a shared lock on it for its lifetime.
 #[derive(Debug)]
 pub struct Repository {
@@ -295,7 +327,7 @@ impl Repository {
                 header: snap.header().clone(),
             });
         }
-        out.sort_by(|a, b| (a.header.time_unix, &a.id).cmp(&(b.header.time_unix, &b.id)));
+        sort_snapshots(&mut out);
         Ok(out)
     }
 

@@ -81,7 +81,11 @@ fn snapshots_json_lists_id_time_source_size_parent() {
 
     // The text listing shows both.
     let text = volback_ok(&["snapshots", p(&repo)]);
-    text.stdout_has(&[&jstr(&b1, "/snapshot")[..12], &jstr(&b2, "/snapshot")[..12], "2 snapshots"]);
+    text.stdout_has(&[
+        &jstr(&b1, "/snapshot")[..12],
+        &jstr(&b2, "/snapshot")[..12],
+        "2 snapshots",
+    ]);
 
     // verify --json is an object with counts and problems.
     let v = volback_ok(&["verify", "--json", p(&repo)]).json();
@@ -152,8 +156,7 @@ fn init_refuses_non_empty_directories_and_bad_options() {
 
     volback_code(&["init", "--block-size", "1000", p(&t.join("r2"))], 1)
         .stderr_has(&["block size"]);
-    volback_code(&["init", "--zstd-level", "99", p(&t.join("r3"))], 1)
-        .stderr_has(&["zstd level"]);
+    volback_code(&["init", "--zstd-level", "99", p(&t.join("r3"))], 1).stderr_has(&["zstd level"]);
     assert!(!t.join("r2").join("config").exists());
     assert!(!t.join("r3").join("config").exists());
 

@@ -49,7 +49,11 @@ impl Fixture {
     fn chunk_of(&self, index: u64) -> (String, PathBuf) {
         let id = blake3_hex(self.block(index));
         let path = chunk_path(&self.repo, &id);
-        assert!(path.is_file(), "chunk of block {index} at {}", path.display());
+        assert!(
+            path.is_file(),
+            "chunk of block {index} at {}",
+            path.display()
+        );
         (id, path)
     }
 
@@ -75,7 +79,10 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
     // Block 5 is random (stored raw), block 40 is text (stored compressed).
     let (raw_id, raw_path) = f.chunk_of(5);
     let (zst_id, zst_path) = f.chunk_of(40);
-    assert!(std::fs::metadata(&zst_path).unwrap().len() < BS / 2, "text is compressed");
+    assert!(
+        std::fs::metadata(&zst_path).unwrap().len() < BS / 2,
+        "text is compressed"
+    );
     // Quick verify passes before and after: it does not re-hash.
     volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["no problems"]);
     flip_byte(&raw_path, 16 + 1000);
@@ -103,8 +110,11 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
         .unwrap_or_else(|| panic!("chunk {raw_id} not reported: {j}"));
     let affected = raw["affected"].as_array().unwrap();
     assert_eq!(affected.len(), 2, "{raw}");
-    assert!(affected.iter().any(|a| a["snapshot"] == f.snap_a.as_str()
-        && a["offset"] == 5 * BS));
+    assert!(
+        affected
+            .iter()
+            .any(|a| a["snapshot"] == f.snap_a.as_str() && a["offset"] == 5 * BS)
+    );
     assert!(jstr(raw, "/detail").contains("corrupt"), "{raw}");
 
     // Verifying one snapshot reports only that snapshot.
@@ -134,11 +144,23 @@ fn truncated_snapshot_file_gives_clear_errors() {
         let what = format!("truncated to {len} of {} bytes", original.len());
 
         let r = volback_code(&["snapshots", f.r()], 1);
-        assert!(r.stderr.contains(&f.snap_a), "snapshots, {what}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&f.snap_a),
+            "snapshots, {what}: {}",
+            r.stderr
+        );
         let r = volback_code(&["restore", f.r(), &f.snap_a[..10], p(&out)], 1);
-        assert!(r.stderr.contains(&f.snap_a), "restore, {what}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&f.snap_a),
+            "restore, {what}: {}",
+            r.stderr
+        );
         let r = volback_code(&["restore", f.r(), "latest", p(&out)], 1);
-        assert!(r.stderr.contains(&f.snap_a), "restore latest, {what}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&f.snap_a),
+            "restore latest, {what}: {}",
+            r.stderr
+        );
         let r = volback_code(&["verify", f.r()], 1);
         assert!(
             r.stdout.contains(&format!("BAD snapshot {}", f.snap_a)),
@@ -156,7 +178,11 @@ fn truncated_snapshot_file_gives_clear_errors() {
     bad[mid] ^= 1;
     std::fs::write(&path, &bad).unwrap();
     let r = volback_code(&["verify", f.r()], 1);
-    assert!(r.stdout.contains(&format!("BAD snapshot {}", f.snap_a)), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("BAD snapshot {}", f.snap_a)),
+        "{}",
+        r.stdout
+    );
     volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1);
 
     // A new backup still works: it skips the damaged snapshot as a parent.
@@ -236,13 +262,37 @@ fn bad_or_missing_config_is_reported() {
     let mut no_hash = good.clone();
     no_hash.as_object_mut().unwrap().remove("chunk_hash");
     let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
-        ("garbage", b"\x00\x01\x02 not json {{".to_vec(), &["config", "corrupt"]),
+        (
+            "garbage",
+            b"\x00\x01\x02 not json {{".to_vec(),
+            &["config", "corrupt"],
+        ),
         ("empty", Vec::new(), &["config", "corrupt"]),
-        ("json array", b"[1, 2, 3]".to_vec(), &["not a volback repository"]),
-        ("other format", with("format", "restic".into()), &["not a volback repository"]),
-        ("missing field", serde_json::to_vec(&no_hash).unwrap(), &["config", "corrupt"]),
-        ("bad block size", with("block_size", 3.into()), &["config", "corrupt", "block size"]),
-        ("unknown hash", with("chunk_hash", "md5".into()), &["config", "corrupt"]),
+        (
+            "json array",
+            b"[1, 2, 3]".to_vec(),
+            &["not a volback repository"],
+        ),
+        (
+            "other format",
+            with("format", "restic".into()),
+            &["not a volback repository"],
+        ),
+        (
+            "missing field",
+            serde_json::to_vec(&no_hash).unwrap(),
+            &["config", "corrupt"],
+        ),
+        (
+            "bad block size",
+            with("block_size", 3.into()),
+            &["config", "corrupt", "block size"],
+        ),
+        (
+            "unknown hash",
+            with("chunk_hash", "md5".into()),
+            &["config", "corrupt"],
+        ),
         ("huge", vec![b' '; 3 << 20], &["config"]),
     ];
     for (name, bytes, needles) in cases {
@@ -313,8 +363,7 @@ fn ambiguous_and_unknown_snapshot_selectors() {
         "latest:/no/such/source.img",
         "",
     ] {
-        volback_code(&["restore", r, sel, p(&out)], 1)
-            .stderr_has(&["no snapshot matches", sel]);
+        volback_code(&["restore", r, sel, p(&out)], 1).stderr_has(&["no snapshot matches", sel]);
         volback_code(&["verify", r, sel], 1).stderr_has(&["no snapshot matches"]);
     }
 }

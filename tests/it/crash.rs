@@ -12,7 +12,14 @@ const BS: u64 = 256 * KIB;
 
 fn spawn_backup(src: &Path, repo: &Path) -> Child {
     Command::new(VOLBACK)
-        .args(["backup", "--json", "--checkpoint-secs", "0.2", p(src), p(repo)])
+        .args([
+            "backup",
+            "--json",
+            "--checkpoint-secs",
+            "0.2",
+            p(src),
+            p(repo),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -30,7 +37,12 @@ enum Ended {
 
 /// Polls the repository every few milliseconds until `ready(repo)` holds, then runs
 /// `signal(pid)`. A backup that finishes first must have succeeded.
-fn watch(mut child: Child, repo: &Path, ready: impl Fn(&Path) -> bool, signal: impl Fn(&mut Child)) -> Ended {
+fn watch(
+    mut child: Child,
+    repo: &Path,
+    ready: impl Fn(&Path) -> bool,
+    signal: impl Fn(&mut Child),
+) -> Ended {
     loop {
         if child.try_wait().expect("try_wait").is_some() {
             let out = child.wait_with_output().expect("collect output");
@@ -80,7 +92,12 @@ fn kill_9_at_several_points_then_resume_without_rework() {
                 break;
             }
             Ended::Signalled(out) => {
-                assert_eq!(out.status.code(), None, "killed by a signal: {:?}", out.status);
+                assert_eq!(
+                    out.status.code(),
+                    None,
+                    "killed by a signal: {:?}",
+                    out.status
+                );
             }
         }
         // Only committed snapshots are verified: the repository must be valid after a crash.
@@ -91,7 +108,10 @@ fn kill_9_at_several_points_then_resume_without_rework() {
             "an interrupted backup leaves its resume journal in {}",
             repo.join("journals").display()
         );
-        assert!(snapshot_ids(&repo).is_empty(), "no snapshot before completion");
+        assert!(
+            snapshot_ids(&repo).is_empty(),
+            "no snapshot before completion"
+        );
     }
 
     let last = backup_json(&src, &repo, &["--checkpoint-secs", "0.2"]);
@@ -126,12 +146,19 @@ fn kill_9_at_several_points_then_resume_without_rework() {
         .map(|c| std::fs::metadata(c).unwrap().len())
         .sum();
     assert!(on_disk <= size + blocks * 64, "{on_disk} bytes of chunks");
-    assert!(journals(&repo).is_empty(), "journal removed after completion");
+    assert!(
+        journals(&repo).is_empty(),
+        "journal removed after completion"
+    );
 
     assert_repository_valid(&repo);
     let out = t.join("restored.img");
     restore(&repo, "latest", &out);
-    assert_eq!(sha256_file(&out), sha, "restored volume differs from the source");
+    assert_eq!(
+        sha256_file(&out),
+        sha,
+        "restored volume differs from the source"
+    );
 }
 
 #[test]

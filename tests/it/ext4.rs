@@ -45,7 +45,11 @@ fn populate(root: &Path, rng: &mut Rng, count: usize) {
         let path = root.join(format!("dir{}{sub}/file{i:04}.dat", i % 6));
         std::fs::write(path, file_content(rng, len)).unwrap();
     }
-    std::fs::write(root.join("big-random.bin"), rng.bytes(3 * MIB as usize + 123)).unwrap();
+    std::fs::write(
+        root.join("big-random.bin"),
+        rng.bytes(3 * MIB as usize + 123),
+    )
+    .unwrap();
     std::fs::write(root.join("big-text.txt"), rng.text(2 * MIB as usize + 7)).unwrap();
 }
 
@@ -64,7 +68,11 @@ fn modify(root: &Path, rng: &mut Rng) {
     std::fs::create_dir_all(root.join("new")).unwrap();
     for i in 0..40 {
         let len = rng.below(100 * KIB) as usize;
-        std::fs::write(root.join(format!("new/added{i}.dat")), file_content(rng, len)).unwrap();
+        std::fs::write(
+            root.join(format!("new/added{i}.dat")),
+            file_content(rng, len),
+        )
+        .unwrap();
     }
     let mut big = std::fs::OpenOptions::new()
         .append(true)
@@ -98,7 +106,11 @@ fn check_restored(
         m.unmount();
         assert_eq!(got.len(), files.len(), "{name}: number of files");
         for (f, h) in files {
-            assert_eq!(got.get(f), Some(h), "{name}: file {f} differs or is missing");
+            assert_eq!(
+                got.get(f),
+                Some(h),
+                "{name}: file {f} differs or is missing"
+            );
         }
     }
     std::fs::remove_file(&out).unwrap();
@@ -235,8 +247,11 @@ fn restore_refuses_mounted_and_too_small_devices() {
     let lo = Loop::attach(&fs_img, false);
     let m = Mount::new(&lo.dev, &t.join("mnt"), None);
     std::fs::write(m.dir.join("keep.txt"), b"must survive").unwrap();
-    volback_code(&["restore", p(&repo), "latest", p(&lo.dev)], 1)
-        .stderr_has(&["refusing", "mounted", p(&m.dir)]);
+    volback_code(&["restore", p(&repo), "latest", p(&lo.dev)], 1).stderr_has(&[
+        "refusing",
+        "mounted",
+        p(&m.dir),
+    ]);
     volback_code(&["restore", p(&repo), "latest", p(&fs_img)], 1)
         .stderr_has(&["refusing", "mounted"]);
     assert_eq!(
@@ -258,7 +273,11 @@ fn restore_refuses_mounted_and_too_small_devices() {
         &(32 * MIB).to_string(),
     ]);
     drop(small);
-    assert_eq!(sha256_file(&small_file), before, "refused target was written");
+    assert_eq!(
+        sha256_file(&small_file),
+        before,
+        "refused target was written"
+    );
 }
 
 #[test]

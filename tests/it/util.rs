@@ -246,9 +246,26 @@ impl Rng {
     /// `n` bytes of English-like text (compressible).
     pub fn text(&mut self, n: usize) -> Vec<u8> {
         const WORDS: &[&str] = &[
-            "volume", "block", "snapshot", "restore", "chunk", "the", "of", "and", "backup",
-            "repository", "sector", "ext4", "inode", "journal", "extent", "zero", "hole",
-            "checksum", "a", "is",
+            "volume",
+            "block",
+            "snapshot",
+            "restore",
+            "chunk",
+            "the",
+            "of",
+            "and",
+            "backup",
+            "repository",
+            "sector",
+            "ext4",
+            "inode",
+            "journal",
+            "extent",
+            "zero",
+            "hole",
+            "checksum",
+            "a",
+            "is",
         ];
         let mut out = Vec::with_capacity(n + 16);
         let mut line = 0;
@@ -364,7 +381,11 @@ pub fn tree_hashes(root: &Path) -> BTreeMap<String, String> {
             .collect();
         entries.sort();
         for path in entries {
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             if rel == "lost+found" {
                 continue;
             }
@@ -464,7 +485,9 @@ pub fn require_root_and_loop() -> bool {
         None => true,
         Some(why) => {
             if std::env::var_os("CI").is_some() {
-                panic!("this test needs root and loop devices, but {why} (CI is set: not skipping)");
+                panic!(
+                    "this test needs root and loop devices, but {why} (CI is set: not skipping)"
+                );
             }
             eprintln!("skipped: this test needs root and loop devices, but {why}");
             false
@@ -507,7 +530,11 @@ impl Drop for Loop {
                 return;
             }
             if attempt == 49 {
-                eprintln!("warning: cannot detach {}: {}", self.dev.display(), r.stderr);
+                eprintln!(
+                    "warning: cannot detach {}: {}",
+                    self.dev.display(),
+                    r.stderr
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
