@@ -70,6 +70,9 @@ enum Command {
         /// Read every block, also those the filesystem does not use (forensic copy).
         #[arg(long)]
         all_blocks: bool,
+        /// Back up even though the volume is mounted read-write (the copy may be inconsistent).
+        #[arg(long)]
+        allow_mounted: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -196,6 +199,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             threads,
             restart,
             all_blocks,
+            allow_mounted,
             json,
         } => {
             let repository = Repository::open(&repo)?;
@@ -207,6 +211,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 threads,
                 restart,
                 all_blocks,
+                allow_mounted,
                 cancel: Some(cancel),
             };
             let progress = CliProgress::new(quiet);

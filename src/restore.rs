@@ -103,7 +103,8 @@ pub fn plan_restore(target: &Path, volume_size: u64, protected: &[PathBuf]) -> R
         return Err(refuse(
             target,
             format!(
-                "it (or a partition or loop device on it) is mounted at {mp}; unmount it first"
+                "it (or a partition or loop device on it) is mounted at {}; unmount it first",
+                mp.point
             ),
         ));
     }

@@ -50,6 +50,8 @@ pub struct BackupOptions {
     pub restart: bool,
     /// Read every block, ignoring the filesystem's allocation map (forensic copies).
     pub all_blocks: bool,
+    /// Back up a volume even though it is mounted read-write.
+    pub allow_mounted: bool,
     /// Set to stop the backup early (Ctrl-C); finished work is checkpointed.
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -63,6 +65,7 @@ impl Default for BackupOptions {
             threads: 0,
             restart: false,
             all_blocks: false,
+            allow_mounted: false,
             cancel: None,
         }
     }
@@ -159,6 +162,22 @@ pub fn backup(
             path: source.path().to_path_buf(),
             detail: "it is empty (0 bytes)".into(),
         });
+    }
+    if !opts.allow_mounted {
+        let mounted = crate::platform::mount_point_of(source.path())
+            .map_err(|e| Error::io("check mounts of", source.path(), e))?;
+        if let Some(m) = mounted.filter(|m| !m.read_only) {
+            return Err(Error::BadSource {
+                path: source.path().to_path_buf(),
+                detail: format!(
+                    "it is mounted read-write at {}: its blocks change while they are read. \
+                     Back up a snapshot of it instead (lvcreate --snapshot, then back up the \
+                     snapshot device), or freeze it (fsfreeze --freeze {}) and pass \
+                     --allow-mounted, or pass --allow-mounted to accept an inconsistent copy",
+                    m.point, m.point
+                ),
+            });
+        }
     }
     let block_size = opts.block_size.unwrap_or(repo.config().block_size);
     check_block_size(block_size)?;

@@ -1,7 +1,7 @@
 //! Linux implementation of the platform layer: `pread`/`pwrite`, block-device ioctls,
 //! `SEEK_DATA`/`SEEK_HOLE`, `syncfs`, and `/proc/self/mountinfo`.
 
-use super::{Geometry, ObjectKind};
+use super::{Geometry, MountUse, ObjectKind};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -215,7 +215,7 @@ fn loop_devices_backed_by(path: &Path) -> Vec<u64> {
     out
 }
 
-pub fn mount_point_of(path: &Path) -> io::Result<Option<String>> {
+pub fn mount_point_of(path: &Path) -> io::Result<Option<MountUse>> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -239,7 +239,13 @@ pub fn mount_point_of(path: &Path) -> io::Result<Option<String>> {
             continue;
         }
         if family.iter().any(|d| d == fields[2]) {
-            return Ok(Some(unescape_mountinfo(fields[4])));
+            let read_only = fields
+                .get(5)
+                .is_some_and(|o| o.split(',').any(|x| x == "ro"));
+            return Ok(Some(MountUse {
+                point: unescape_mountinfo(fields[4]),
+                read_only,
+            }));
         }
     }
     // Swap areas are "mounted" too.
@@ -249,7 +255,10 @@ pub fn mount_point_of(path: &Path) -> io::Result<Option<String>> {
             if let Some(dev) = line.split_whitespace().next()
                 && Path::new(&unescape_mountinfo(dev)) == canon
             {
-                return Ok(Some("swap".into()));
+                return Ok(Some(MountUse {
+                    point: "swap".into(),
+                    read_only: false,
+                }));
             }
         }
     }

@@ -92,8 +92,17 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     imp::sync_dir(dir)
 }
 
-/// If the device or file at `path` (or a partition of it) is mounted, where.
-pub fn mount_point_of(path: &Path) -> io::Result<Option<String>> {
+/// Where a volume is in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountUse {
+    /// Mount point ("swap" for an active swap area).
+    pub point: String,
+    pub read_only: bool,
+}
+
+/// If the device or file at `path` (or a partition of it, or a loop device over it) is
+/// mounted or used as swap, where and how.
+pub fn mount_point_of(path: &Path) -> io::Result<Option<MountUse>> {
     imp::mount_point_of(path)
 }
 

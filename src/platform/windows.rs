@@ -2,7 +2,7 @@
 //! standard library; raw volumes (`\\.\C:`), VSS and hole queries are future work, so files are
 //! read as fully allocated and repository durability relies on per-file flushes.
 
-use super::{Geometry, ObjectKind};
+use super::{Geometry, MountUse, ObjectKind};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::windows::fs::FileExt;
@@ -47,7 +47,7 @@ pub fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-pub fn mount_point_of(_path: &Path) -> io::Result<Option<String>> {
+pub fn mount_point_of(_path: &Path) -> io::Result<Option<MountUse>> {
     Ok(None)
 }
 
