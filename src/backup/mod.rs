@@ -489,23 +489,23 @@ impl Pipeline<'_> {
             }
             let start = index * bs;
             let end = (start + bs).min(size);
-            if let Some(map) = self.map {
-                if !map.is_used(index) {
-                    let mut until = index + 1;
-                    while until < self.block_count && !map.is_used(until) {
-                        until += 1;
-                    }
-                    let job = Job {
-                        index,
-                        count: until - index,
-                        kind: JobKind::Unused,
-                    };
-                    if jobs.send(job).is_err() {
-                        return Ok(());
-                    }
-                    index = until;
-                    continue;
+            if let Some(map) = self.map
+                && !map.is_used(index)
+            {
+                let mut until = index + 1;
+                while until < self.block_count && !map.is_used(until) {
+                    until += 1;
                 }
+                let job = Job {
+                    index,
+                    count: until - index,
+                    kind: JobKind::Unused,
+                };
+                if jobs.send(job).is_err() {
+                    return Ok(());
+                }
+                index = until;
+                continue;
             }
             if !extents_done && extent.as_ref().is_none_or(|e| e.end <= start) {
                 extent = self.source.next_data(start, size)?;

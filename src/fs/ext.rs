@@ -356,7 +356,7 @@ pub fn allocation_map(
         let mut i = 0u64;
         while i < in_group {
             let byte = bitmap[(i / 8) as usize];
-            if byte == 0 && i % 8 == 0 {
+            if byte == 0 && i.is_multiple_of(8) {
                 i += 8;
                 continue;
             }

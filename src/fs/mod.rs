@@ -65,7 +65,7 @@ impl BlockMap {
         let last = last.min(self.blocks - 1);
         let mut b = first;
         while b <= last {
-            if b % 64 == 0 && b + 63 <= last {
+            if b.is_multiple_of(64) && b + 63 <= last {
                 self.bits[(b / 64) as usize] = u64::MAX;
                 b += 64;
             } else {
