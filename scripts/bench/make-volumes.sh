@@ -67,6 +67,7 @@ MIB=$((1 << 20))
 # Split of DATA_MIB, per mille (sums to 1000). For the default 4G volume:
 # ~1.7 GiB real files, 320 MiB media, 48 MiB small random, 96 MiB text,
 # 256 MiB large random, 192 MiB database-like, 128 MiB tar bundle.
+# shellcheck disable=SC2017  # whole MiB on purpose
 share() { echo $((DATA_MIB * $1 / 1000 * MIB)); }
 USR_BYTES=$(share 620)
 MEDIA_BYTES=$(share 117)
@@ -144,6 +145,12 @@ write_manifest() {
 copy_list() {
     mkdir -p "$2"
     tar -C / --null --no-recursion -T "$1" -cf - | tar -C "$2" -xf -
+}
+
+# Full read-only fsck of an unmounted image; show its output only on failure.
+fsck_image() {
+    local out
+    out=$(e2fsck -fn "$1" 2>&1) || { printf '%s\n' "$out" >&2; bench_die "e2fsck reports problems in $1"; }
 }
 
 # "key value" stats of a finished (unmounted) image.
@@ -252,7 +259,7 @@ gen_v1() {
     file_bytes=$(find "$MNT" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }')
     df -B1 "$MNT" >&2
     unmount_and_detach
-    e2fsck -fn "$img" >/dev/null || bench_die "v1: e2fsck reports problems"
+    fsck_image "$img"
 
     image_stats "$img" "$files" "$file_bytes" $((SECONDS - start)) >"$OUTDIR/v1.stats.partial"
     mv -f "$OUTDIR/v1.sha256.partial" "$OUTDIR/v1.sha256"
@@ -288,7 +295,7 @@ gen_v2() {
     files=$(wc -l <"$OUTDIR/v2.sha256.partial")
     file_bytes=$(find "$MNT" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }')
     unmount_and_detach
-    e2fsck -fn "$img" >/dev/null || bench_die "v2: e2fsck reports problems"
+    fsck_image "$img"
 
     image_stats "$img" "$files" "$file_bytes" $((SECONDS - start)) >"$OUTDIR/v2.stats.partial"
     bench_py blockdiff "$OUTDIR/v1.img" "$img" >>"$OUTDIR/v2.stats.partial"

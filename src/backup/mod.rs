@@ -611,11 +611,15 @@ impl Pipeline<'_> {
                             return Ok((BlockRef::Zero, Outcome::Zero));
                         }
                         let id = hash.hash(data);
-                        if parent == Some(id) {
-                            return Ok((BlockRef::Chunk(id), Outcome::Unchanged));
-                        }
+                        // The parent's chunk must still be there: a lost chunk is stored
+                        // again instead of being carried into the new snapshot.
                         if store.is_present(&id)? {
-                            return Ok((BlockRef::Chunk(id), Outcome::Deduplicated));
+                            let outcome = if parent == Some(id) {
+                                Outcome::Unchanged
+                            } else {
+                                Outcome::Deduplicated
+                            };
+                            return Ok((BlockRef::Chunk(id), outcome));
                         }
                         let enc = encoder.encode(data);
                         store.put(&id, &enc)?;

@@ -143,24 +143,11 @@ fn truncated_snapshot_file_gives_clear_errors() {
         std::fs::write(&path, &original[..len]).unwrap();
         let what = format!("truncated to {len} of {} bytes", original.len());
 
-        let r = volback_code(&["snapshots", f.r()], 1);
-        assert!(
-            r.stderr.contains(&f.snap_a),
-            "snapshots, {what}: {}",
-            r.stderr
-        );
-        let r = volback_code(&["restore", f.r(), &f.snap_a[..10], p(&out)], 1);
-        assert!(
-            r.stderr.contains(&f.snap_a),
-            "restore, {what}: {}",
-            r.stderr
-        );
-        let r = volback_code(&["restore", f.r(), "latest", p(&out)], 1);
-        assert!(
-            r.stderr.contains(&f.snap_a),
-            "restore latest, {what}: {}",
-            r.stderr
-        );
+        // Each error names the damaged file.
+        let file = format!("snapshots/{}", f.snap_a);
+        volback_code(&["snapshots", f.r()], 1).stderr_has(&[&file, "corrupt"]);
+        volback_code(&["restore", f.r(), &f.snap_a[..10], p(&out)], 1).stderr_has(&[&file]);
+        volback_code(&["restore", f.r(), "latest", p(&out)], 1).stderr_has(&[&file]);
         let r = volback_code(&["verify", f.r()], 1);
         assert!(
             r.stdout.contains(&format!("BAD snapshot {}", f.snap_a)),
@@ -224,6 +211,20 @@ fn missing_chunk_is_reported_with_affected_offsets() {
     std::fs::write(&c, &f.data).unwrap();
     let j = backup_json(&c, &f.repo, &[]);
     assert_eq!(ju64(&j, "/new_chunks"), 2, "{j}");
+    volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["no problems"]);
+}
+
+#[test]
+fn incremental_backup_stores_a_lost_parent_chunk_again() {
+    let f = Fixture::new(34);
+    let (id, path) = f.chunk_of(4);
+    std::fs::remove_file(&path).unwrap();
+    // Same volume, unchanged content: the block matches the parent's hash, but its chunk is
+    // gone, so it must be stored again rather than carried into the new snapshot.
+    let a = f.t.join("a.img");
+    let j = backup_json(&a, &f.repo, &[]);
+    assert_eq!(ju64(&j, "/new_chunks"), 1, "{j}");
+    assert!(path.is_file(), "chunk {id} stored again");
     volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["no problems"]);
 }
 

@@ -81,39 +81,97 @@ fn modify(root: &Path, rng: &mut Rng) {
     std::io::Write::write_all(&mut big, &rng.text(300 * KIB as usize)).unwrap();
 }
 
-/// Restores `snapshot` to a file and checks it: SHA-256 of the whole image, `e2fsck -fn`, and
-/// (when `files` is given) every file's SHA-256 through a read-only loop mount.
-fn check_restored(
-    t: &TestDir,
-    repo: &Path,
-    snapshot: &str,
-    name: &str,
-    image_sha: &str,
-    files: Option<&BTreeMap<String, String>>,
-) {
-    let out = t.join(&format!("{name}.img"));
-    restore(repo, snapshot, &out);
-    assert_eq!(
-        sha256_file(&out),
-        image_sha,
-        "{name}: restored image differs from the volume at backup time"
-    );
-    run_ok("e2fsck", &["-fn", p(&out)]);
-    if let Some(files) = files {
-        let lo = Loop::attach(&out, true);
-        let m = Mount::new(&lo.dev, &t.join(&format!("{name}.mnt")), Some("ro"));
-        let got = tree_hashes(&m.dir);
-        m.unmount();
-        assert_eq!(got.len(), files.len(), "{name}: number of files");
-        for (f, h) in files {
-            assert_eq!(
-                got.get(f),
-                Some(h),
-                "{name}: file {f} differs or is missing"
-            );
+/// Which blocks of the ext2/3/4 filesystem in `image` are free, according to `dumpe2fs`.
+struct FreeMap {
+    fs_block_size: u64,
+    free: Vec<bool>,
+}
+
+impl FreeMap {
+    fn read(image: &Path) -> FreeMap {
+        let r = run_ok("dumpe2fs", &[p(image)]);
+        let field = |name: &str| -> u64 {
+            r.stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("dumpe2fs shows no {name:?}"))
+        };
+        let fs_block_size = field("Block size:");
+        let mut free = vec![false; field("Block count:") as usize];
+        // Per group: "  Free blocks: 1200-4095, 5000, 6000-6001" (the superblock's own
+        // "Free blocks:" line is a count, not indented).
+        for list in r
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("  Free blocks: "))
+        {
+            for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                let (a, b) = item.split_once('-').unwrap_or((item, item));
+                let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+                free[a..=b].iter_mut().for_each(|f| *f = true);
+            }
+        }
+        FreeMap {
+            fs_block_size,
+            free,
         }
     }
-    std::fs::remove_file(&out).unwrap();
+
+    /// True when every filesystem block in the byte range is free.
+    fn all_free(&self, start: u64, end: u64) -> bool {
+        let first = (start / self.fs_block_size) as usize;
+        let last = (end.div_ceil(self.fs_block_size) as usize).min(self.free.len());
+        first < last && self.free[first..last].iter().all(|&f| f)
+    }
+}
+
+/// Asserts that `restored` holds the bytes of `source` in every block of `bs` bytes that the
+/// filesystem uses, and either the source's bytes or zeros in blocks it does not use. Returns
+/// how many blocks were restored as zeros where the source held stale data.
+fn assert_used_blocks_match(source: &Path, restored: &Path, bs: u64, free: &FreeMap) -> u64 {
+    use std::io::Read;
+    let size = std::fs::metadata(source).unwrap().len();
+    assert_eq!(std::fs::metadata(restored).unwrap().len(), size);
+    let mut a = std::io::BufReader::new(std::fs::File::open(source).unwrap());
+    let mut b = std::io::BufReader::new(std::fs::File::open(restored).unwrap());
+    let (mut x, mut y) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
+    let mut zeroed = 0;
+    let mut off = 0;
+    while off < size {
+        let n = bs.min(size - off) as usize;
+        a.read_exact(&mut x[..n]).unwrap();
+        b.read_exact(&mut y[..n]).unwrap();
+        if x[..n] != y[..n] {
+            assert!(
+                y[..n].iter().all(|&v| v == 0) && free.all_free(off, off + n as u64),
+                "{} differs from {} at offset {off}, in a block the filesystem uses",
+                restored.display(),
+                source.display()
+            );
+            zeroed += 1;
+        }
+        off += n as u64;
+    }
+    zeroed
+}
+
+/// `e2fsck -fn`, then every file's SHA-256 through a read-only loop mount.
+fn assert_fs_clean_with_files(t: &TestDir, image: &Path, files: &BTreeMap<String, String>) {
+    run_ok("e2fsck", &["-fn", p(image)]);
+    let name = image.file_name().unwrap().to_string_lossy();
+    let lo = Loop::attach(image, true);
+    let m = Mount::new(&lo.dev, &t.join(&format!("{name}.mnt")), Some("ro"));
+    let got = tree_hashes(&m.dir);
+    m.unmount();
+    assert_eq!(got.len(), files.len(), "{name}: number of files");
+    for (f, h) in files {
+        assert_eq!(
+            got.get(f),
+            Some(h),
+            "{name}: file {f} differs or is missing"
+        );
+    }
 }
 
 #[test]
@@ -125,8 +183,10 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
     let img = t.join("fs.img");
     let repo = t.join("repo");
     let mnt = t.join("mnt");
+    let size = 256 * MIB;
+    let bs = 256 * KIB;
     let mut rng = Rng::new(10);
-    sparse_file(&img, 256 * MIB);
+    sparse_file(&img, size);
     init_repo(&repo, &[]);
     let lo = Loop::attach(&img, false);
     mkfs_ext4(&lo.dev);
@@ -138,10 +198,18 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
     assert!(files1.len() > 300);
     let sha1 = sha256_file(&img);
     assert_eq!(sha256_file(&lo.dev), sha1, "device and backing file agree");
+    let free1 = FreeMap::read(&img);
 
+    // The block device, reading only what ext4 uses; the image file, every block.
     let d1 = backup_json(&lo.dev, &repo, &[]);
-    let f1 = backup_json(&img, &repo, &[]);
-    assert!(d1["parent"].is_null() && f1["parent"].is_null());
+    assert!(d1["parent"].is_null(), "{d1}");
+    assert_eq!(d1["filesystem"]["type"], "ext4", "{d1}");
+    assert!(
+        ju64(&d1, "/bytes_read") < size / 2,
+        "blocks ext4 does not use were read: {d1}"
+    );
+    let f1 = backup_json(&img, &repo, &["--all-blocks"]);
+    assert_eq!(f1["all_blocks"], true, "{f1}");
     // Device and file hold the same bytes: the second backup stores nothing new.
     assert_eq!(ju64(&f1, "/new_chunks"), 0, "{f1}");
     let list = volback_ok(&["snapshots", "--json", p(&repo)]).json();
@@ -152,19 +220,35 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
         .find(|s| s["id"] == d1["snapshot"])
         .expect("device snapshot listed");
     assert_eq!(dev_entry["source"].as_str(), Some(p(&lo.dev)));
-    assert_eq!(ju64(dev_entry, "/size"), 256 * MIB);
+    assert_eq!(ju64(dev_entry, "/size"), size);
 
+    let id = |v: &serde_json::Value| jstr(v, "/snapshot").to_string();
+    let out_d1 = t.join("dev1.img");
+    restore(&repo, &id(&d1), &out_d1);
+    assert_used_blocks_match(&img, &out_d1, bs, &free1);
+    assert_fs_clean_with_files(&t, &out_d1, &files1);
+    let sha_d1 = sha256_file(&out_d1);
+    std::fs::remove_file(&out_d1).unwrap();
+
+    // Rewrite, delete and add files.
     let m = Mount::new(&lo.dev, &mnt, None);
     modify(&m.dir, &mut rng);
     let files2 = tree_hashes(&m.dir);
     m.unmount();
     let sha2 = sha256_file(&img);
     assert_ne!(sha1, sha2);
+    let free2 = FreeMap::read(&img);
 
     let d2 = backup_json(&lo.dev, &repo, &[]);
-    let f2 = backup_json(&img, &repo, &[]);
-    assert_eq!(d2["parent"], d1["snapshot"], "{d2}");
-    assert_eq!(f2["parent"], f1["snapshot"], "{f2}");
+    let f2 = backup_json(&img, &repo, &["--all-blocks"]);
+    // Device and image are the same volume (same filesystem): each is incremental on one of
+    // the earlier snapshots.
+    for (b, earlier) in [(&d2, [&d1, &f1]), (&f2, [&f1, &d2])] {
+        assert!(
+            earlier.iter().any(|e| b["parent"] == e["snapshot"]),
+            "not incremental: {b}"
+        );
+    }
     // Only the changed part of the filesystem is stored again.
     assert!(
         ju64(&d2, "/new_bytes") < 32 * MIB,
@@ -175,18 +259,29 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
         "no block recognised as unchanged: {d2}"
     );
 
-    let id = |v: &serde_json::Value| jstr(v, "/snapshot").to_string();
-    check_restored(&t, &repo, &id(&d1), "dev1", &sha1, Some(&files1));
-    check_restored(&t, &repo, &id(&d2), "dev2", &sha2, Some(&files2));
-    check_restored(&t, &repo, &id(&f1)[..12], "file1", &sha1, None);
-    check_restored(
-        &t,
-        &repo,
-        &format!("latest:{}", p(&img)),
-        "file2",
-        &sha2,
-        None,
-    );
+    let out_d2 = t.join("dev2.img");
+    restore(&repo, &format!("latest:{}", p(&lo.dev)), &out_d2);
+    let zeroed = assert_used_blocks_match(&img, &out_d2, bs, &free2);
+    eprintln!("{zeroed} blocks freed by deletions were restored as zeros");
+    assert_fs_clean_with_files(&t, &out_d2, &files2);
+    std::fs::remove_file(&out_d2).unwrap();
+
+    // Every-block snapshots of the image are bit-exact.
+    for (snap, sha, name) in [(&f1, &sha1, "file1"), (&f2, &sha2, "file2")] {
+        let out = t.join(&format!("{name}.img"));
+        restore(&repo, &id(snap)[..12], &out);
+        assert_eq!(
+            &sha256_file(&out),
+            sha,
+            "{name}: restored image differs from the volume"
+        );
+        run_ok("e2fsck", &["-fn", p(&out)]);
+        std::fs::remove_file(&out).unwrap();
+    }
+    // The first snapshot is unchanged by the later ones.
+    let again = t.join("dev1-again.img");
+    restore(&repo, &id(&d1), &again);
+    assert_eq!(sha256_file(&again), sha_d1);
     volback_ok(&["verify", p(&repo)]).stdout_has(&["checked 4 snapshots", "no problems"]);
 }
 

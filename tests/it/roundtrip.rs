@@ -212,3 +212,40 @@ fn identical_volumes_are_deduplicated_across_sources() {
     assert_eq!(sha256_file(&out), sha256_file(&a));
     assert_eq!(snapshot_ids(&repo).len(), 2);
 }
+
+/// Regression: snapshot times have one-second resolution, and `latest` (and the parent of the
+/// next backup) used to be the snapshot with the greatest id among those of the same second.
+#[test]
+fn latest_is_the_newest_of_quick_successive_backups() {
+    let t = TestDir::new();
+    let src = t.join("src.img");
+    let repo = t.join("repo");
+    let mut rng = Rng::new(6);
+    random_file(&src, 512 * KIB, 7);
+    init_repo(&repo, &["--block-size", "64K"]);
+    let mut chain: Vec<String> = Vec::new();
+    for i in 0..5 {
+        write_at(&src, i * 100_000, &rng.bytes(10));
+        let b = backup_json(&src, &repo, &[]);
+        assert_eq!(
+            b["parent"].as_str(),
+            chain.last().map(String::as_str),
+            "backup {i} is incremental on the one before: {b}"
+        );
+        let expected_new = if i == 0 { 8 } else { 1 };
+        assert_eq!(ju64(&b, "/new_chunks"), expected_new, "{b}");
+        chain.push(jstr(&b, "/snapshot").to_string());
+        let out = t.join("out.img");
+        restore(&repo, "latest", &out);
+        assert_eq!(
+            sha256_file(&out),
+            sha256_file(&src),
+            "latest after backup {i}"
+        );
+    }
+    assert_eq!(
+        snapshot_ids(&repo),
+        chain,
+        "snapshots are listed oldest first"
+    );
+}

@@ -211,7 +211,7 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5eed_0f_da7a)
+        Rng(seed ^ 0x005e_ed0f_da7a)
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -469,7 +469,14 @@ fn root_and_loop_missing() -> Option<String> {
     if !Path::new("/dev/loop-control").exists() {
         return Some("no /dev/loop-control (loop driver not available)".into());
     }
-    for tool in ["losetup", "mount", "umount", "mkfs.ext4", "e2fsck"] {
+    for tool in [
+        "losetup",
+        "mount",
+        "umount",
+        "mkfs.ext4",
+        "e2fsck",
+        "dumpe2fs",
+    ] {
         if !in_path(tool) {
             return Some(format!("{tool} is not installed"));
         }
