@@ -289,6 +289,8 @@ pub fn allocation_map(
         ));
     }
     let mut map = BlockMap::new(vol.size(), granularity);
+    // Bytes past the filesystem's end are not the filesystem's to describe: keep them.
+    map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
     // Everything up to the first group (boot sector, superblock) is always kept.
     map.mark_bytes(0, (sb.first_data_block + 1) * bs);
     let groups = sb.group_count();

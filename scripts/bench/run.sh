@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The side-by-side benchmark: volback and its anchors (dd | zstd, restic, partclone | zstd,
+# e2image) on the same generated volumes, in one run, then ratios into docs/BENCHMARKS.md.
+#
+#   scripts/bench/make-volumes.sh /work/bench-data        # once: v1.img, v2.img (4 GiB ext4)
+#   scripts/bench/run.sh /work/bench-data /work/bench-data/run
+#
+# Needs root (drops the page cache before every timed run), a release build of volback
+# (built here), and the anchor tools. ANCHORS="zstd restic partclone e2image" selects anchors;
+# ANCHORS=none reuses WORKDIR/anchors.kv from an earlier run of the same volumes.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+source "$here/anchors.sh"
+
+(($# == 2)) || { sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+vol=$(cd "$1" && pwd)
+mkdir -p "$2"
+work=$(cd "$2" && pwd)
+[[ -f $vol/v1.img && -f $vol/v2.img ]] || bench_die "$vol must contain v1.img and v2.img"
+
+(cd "$root" && cargo build --release --quiet)
+VB="$root/target/release/volback"
+
+BENCH_KV="$work/bench.kv"
+if [[ ${ANCHORS:-} == none ]]; then
+    [[ -f $work/anchors.kv ]] || bench_die "ANCHORS=none needs $work/anchors.kv"
+    cp "$work/anchors.kv" "$BENCH_KV"
+else
+    : >"$BENCH_KV"
+    bench_record_meta
+    for v in v1 v2; do bench_import_kv "volumes.$v" "$vol/$v.stats"; done
+    bench_import_kv volumes.v2_changes "$vol/v2.changes"
+    for a in ${ANCHORS:-zstd restic partclone e2image}; do
+        case $a in
+        restic) bench_run_unit anchor_restic "$vol" "$work" 2 ;;
+        *) bench_run_unit "anchor_$a" "$vol" "$work" ;;
+        esac
+    done
+    cp "$BENCH_KV" "$work/anchors.kv"
+fi
+bench_record meta.volback_version "$("$VB" --version)"
+bench_record meta.volback_commit "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+# volback: full backup of v1, incremental of v2 (same filesystem UUID: v1 is the parent),
+# restore of v2 to a sparse file, and a full backup with --all-blocks for comparison.
+volback_unit() {
+    local repo=$work/vb-repo
+    rm -rf "$repo" "$work/vb-restored.img"
+    "$VB" init "$repo" >/dev/null
+    bench_time volback.full_v1 "$VB" backup --quiet --json "$vol/v1.img" "$repo" >"$work/vb-full.json"
+    bench_record volback.full_v1.repo_bytes "$(bench_dir_bytes "$repo")"
+    bench_time volback.incr_v2 "$VB" backup --quiet --json "$vol/v2.img" "$repo" >"$work/vb-incr.json"
+    bench_record volback.incr_v2.repo_bytes "$(bench_dir_bytes "$repo")"
+    local field='import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])'
+    bench_record volback.incr_v2.new_bytes_stored "$(python3 -c "$field" "$work/vb-incr.json" new_bytes_stored)"
+    bench_record volback.incr_v2.bytes_read "$(python3 -c "$field" "$work/vb-incr.json" bytes_read)"
+    bench_record volback.full_v1.bytes_read "$(python3 -c "$field" "$work/vb-full.json" bytes_read)"
+    # Restore the v1 snapshot (the zstd anchor restores v1 too).
+    local snap
+    snap=$(python3 -c "$field" "$work/vb-full.json" snapshot)
+    bench_time volback.restore_v1 "$VB" restore --quiet "$repo" "$snap" "$work/vb-restored.img"
+    if e2fsck -fn "$work/vb-restored.img" >/dev/null 2>&1; then
+        bench_record volback.restore_v1.fsck_clean true
+    else
+        bench_record volback.restore_v1.fsck_clean false
+    fi
+    rm -f "$work/vb-restored.img"
+    rm -rf "$repo"
+    "$VB" init "$repo" >/dev/null
+    bench_time volback.full_v1_all_blocks "$VB" backup --quiet --all-blocks --json "$vol/v1.img" "$repo" >/dev/null
+    bench_record volback.full_v1_all_blocks.repo_bytes "$(bench_dir_bytes "$repo")"
+    rm -rf "$repo"
+}
+
+# Peak memory on a 1 TiB sparse file holding the v1 filesystem (4 GiB, ~3 GiB used).
+volback_sparse_unit() {
+    local big=$work/sparse-1t.img repo=$work/vb-repo-sparse
+    rm -rf "$big" "$repo"
+    truncate -s 1T "$big"
+    dd if="$vol/v1.img" of="$big" bs=1M conv=notrunc,sparse status=none
+    "$VB" init "$repo" >/dev/null
+    bench_time volback.sparse_1t "$VB" backup --quiet --json "$big" "$repo" >/dev/null
+    bench_record volback.sparse_1t.repo_bytes "$(bench_dir_bytes "$repo")"
+    bench_time volback.sparse_1t_restore "$VB" restore --quiet "$repo" latest "$work/sparse-restored.img"
+    rm -rf "$big" "$repo" "$work/sparse-restored.img"
+}
+
+bench_run_unit volback_unit
+bench_run_unit volback_sparse_unit
+bench_kv_to_json "$BENCH_KV" "$work/bench.json"
+python3 "$here/report.py" "$work/bench.json" "$root/docs/BENCHMARKS.md" \
+    "scripts/bench/run.sh $1 $2"
+bench_log "report: docs/BENCHMARKS.md"
