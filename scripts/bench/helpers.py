@@ -3,7 +3,7 @@
 
 Sub-commands (see `helpers.py SUBCOMMAND --help`):
 
-  pick          choose real files from /usr for the volumes (seeded shuffle)
+  pick          choose real files from /usr for the volumes (seeded hash order)
   random-files  write a tree of incompressible files (seeded PRNG)
   random-file   write one incompressible file
   text-files    write a tree of compressible synthetic text files (logs, CSV, JSON)
@@ -20,6 +20,7 @@ Python versions >= 3.9 (random.randbytes).
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -170,9 +171,13 @@ def write_text(path, size, gen, kind):
 # --------------------------------------------------------------------------
 
 def cmd_pick(a):
-    """Seeded shuffle of all regular files under the roots, then consecutive
-    slices filling each named byte budget. Lists are NUL-separated paths
-    relative to / (for `tar -C / --null -T LIST`), sorted within a list."""
+    """Order all regular files under the roots by sha256(seed:path), then take
+    consecutive slices filling each named byte budget. Keying each file by its
+    own hash (rather than shuffling the list) keeps the choice stable when a
+    few files appear in or vanish from /usr: only those files move. Python
+    byte-code caches (__pycache__, *.pyc), which come and go, are skipped.
+    Lists are NUL-separated paths relative to / (for `tar -C / --null -T
+    LIST`), sorted within a list."""
     budgets = []
     for spec in a.budget:
         name, _, val = spec.partition("=")
@@ -180,8 +185,10 @@ def cmd_pick(a):
     seen, pool = set(), []
     for root in a.roots:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
             for fn in filenames:
+                if fn.endswith(".pyc"):
+                    continue
                 p = os.path.join(dirpath, fn)
                 try:
                     st = os.lstat(p)
@@ -195,8 +202,7 @@ def cmd_pick(a):
                     continue
                 seen.add((st.st_dev, st.st_ino))
                 pool.append((p, st.st_size))
-    pool.sort()
-    rng(a.seed, "pick").shuffle(pool)
+    pool.sort(key=lambda e: hashlib.sha256(("%s:%s" % (a.seed, e[0])).encode()).digest())
     it = iter(pool)
     os.makedirs(a.outdir, exist_ok=True)
     for name, budget in budgets:

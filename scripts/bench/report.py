@@ -134,6 +134,17 @@ def main():
     w("")
     w(f"Restored image passes `e2fsck -fn`: {get(v, 'restore_v1.fsck_clean', 'n/a')}.")
     w("")
+    import os
+    extra = os.path.dirname(os.path.abspath(sys.argv[1]))
+    for name, title in (("blocksize.txt", "Block size"), ("primitives.txt", "Hash and compression primitives")):
+        path = os.path.join(extra, name)
+        if os.path.exists(path):
+            w(f"## {title}")
+            w("")
+            w("```text")
+            w(open(path).read().rstrip())
+            w("```")
+            w("")
     w("## Raw figures")
     w("")
     w("```json")

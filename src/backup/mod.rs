@@ -483,7 +483,31 @@ impl Pipeline<'_> {
         let mut extent: Option<std::ops::Range<u64>> = None;
         let mut extents_done = false;
         let mut index = start_block;
+        // Read-ahead of the blocks the map says will be read: the kernel's own read-ahead
+        // stops at every skipped (unused) block.
+        const PREFETCH_WINDOW: u64 = 32 << 20;
+        let window_blocks = (PREFETCH_WINDOW / bs).max(1);
+        let mut prefetched = start_block;
         while index < self.block_count {
+            if prefetched < index + window_blocks / 2 {
+                let from = prefetched.max(index);
+                let to = (index + window_blocks).min(self.block_count);
+                let mut b = from;
+                while b < to {
+                    if self.map.is_some_and(|m| !m.is_used(b)) {
+                        b += 1;
+                        continue;
+                    }
+                    let run = b;
+                    while b < to && self.map.is_none_or(|m| m.is_used(b)) {
+                        b += 1;
+                    }
+                    let s = run * bs;
+                    let e = (b * bs).min(size);
+                    crate::platform::prefetch(self.source.file(), s, e - s);
+                }
+                prefetched = to;
+            }
             if stop.load(Ordering::Relaxed) || self.cancelled() {
                 return Ok(());
             }

@@ -301,6 +301,17 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     Ok(r == 0)
 }
 
+pub fn prefetch(file: &File, offset: u64, len: u64) {
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise takes a descriptor owned by `file` and plain integers; it only
+    // schedules read-ahead.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `buf.len()` bytes into the live buffer.

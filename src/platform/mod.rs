@@ -128,6 +128,13 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Tells the kernel that `[offset, offset+len)` of `file` will be read soon, so that it reads
+/// ahead asynchronously (the access pattern of a map-driven backup defeats plain read-ahead).
+/// A hint only: errors are ignored.
+pub fn prefetch(file: &File, offset: u64, len: u64) {
+    imp::prefetch(file, offset, len)
+}
+
 /// The machine's host name, for snapshot metadata.
 pub fn hostname() -> String {
     imp::hostname()

@@ -62,6 +62,8 @@ pub fn zero_range(_file: &File, _offset: u64, _len: u64) -> io::Result<bool> {
     Ok(false)
 }
 
+pub fn prefetch(_file: &File, _offset: u64, _len: u64) {}
+
 pub fn hostname() -> String {
     std::env::var("COMPUTERNAME").unwrap_or_default()
 }
