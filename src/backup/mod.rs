@@ -637,13 +637,11 @@ impl Pipeline<'_> {
                         let id = hash.hash(data);
                         // The parent's chunk must still be there: a lost chunk is stored
                         // again instead of being carried into the new snapshot.
-                        if store.is_present(&id)? {
-                            let outcome = if parent == Some(id) {
-                                Outcome::Unchanged
-                            } else {
-                                Outcome::Deduplicated
-                            };
-                            return Ok((BlockRef::Chunk(id), outcome));
+                        if parent == Some(id) && store.exists(&id)? {
+                            return Ok((BlockRef::Chunk(id), Outcome::Unchanged));
+                        }
+                        if parent != Some(id) && store.is_present(&id)? {
+                            return Ok((BlockRef::Chunk(id), Outcome::Deduplicated));
                         }
                         let enc = encoder.encode(data);
                         store.put(&id, &enc)?;

@@ -175,6 +175,18 @@ impl ChunkStore {
         })
     }
 
+    /// True when a chunk file for `id` exists and is at least a header long. Cheaper than
+    /// [`ChunkStore::is_present`] (metadata only, no data read): used for chunks that a
+    /// committed snapshot refers to, which were made durable before that snapshot was.
+    pub fn exists(&self, id: &ChunkId) -> Result<bool> {
+        let path = self.path(id);
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok(m.len() > CHUNK_HEADER_LEN as u64),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("stat", &path, e)),
+        }
+    }
+
     /// Stores an encoded chunk under `id` (temporary name, then rename).
     pub fn put(&self, id: &ChunkId, chunk: &EncodedChunk<'_>) -> Result<()> {
         let dest = self.path(id);
