@@ -11,6 +11,7 @@
 //! - [`platform`]: the operating-system layer (Linux, Windows).
 
 pub mod backup;
+pub mod buffer;
 pub mod error;
 pub mod fs;
 pub mod hash;

@@ -16,6 +16,7 @@
 //!   written, and every few seconds checkpoints: `syncfs`, then a durable journal batch.
 //!   A later run of the same volume replays the journal and continues where it stopped.
 
+use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::fs::{BlockMap, FsInfo};
 use crate::hash::ChunkId;
@@ -118,7 +119,7 @@ enum JobKind {
     Unused,
     /// One block read into a pool buffer (`len` valid bytes).
     Data {
-        buf: Vec<u8>,
+        buf: AlignedBuf,
         len: usize,
         parent: Option<ChunkId>,
     },
@@ -423,11 +424,13 @@ impl Pipeline<'_> {
         journal: &mut Journal,
         progress: &dyn Progress,
     ) -> Result<BatchStats> {
-        let pool_size = self.threads * 3 + 2;
-        let (free_tx, free_rx) = bounded::<Vec<u8>>(pool_size);
+        // Enough buffers for the workers to chew on one staged read while the reader fetches
+        // the next (see `read_blocks`).
+        let pool_size = self.threads * 3 + 2 * staging_blocks(self.block_size) as usize;
+        let (free_tx, free_rx) = bounded::<AlignedBuf>(pool_size);
         for _ in 0..pool_size {
             free_tx
-                .send(vec![0u8; self.block_size as usize])
+                .send(AlignedBuf::new(self.block_size as usize))
                 .map_err(|_| Error::InvalidArgument("buffer pool closed".into()))?;
         }
         let (job_tx, job_rx) = bounded::<Job>(self.threads * 2);
@@ -472,7 +475,7 @@ impl Pipeline<'_> {
         &self,
         start_block: u64,
         jobs: &Sender<Job>,
-        free: &Receiver<Vec<u8>>,
+        free: &Receiver<AlignedBuf>,
         stop: &AtomicBool,
         progress: &dyn Progress,
     ) -> Result<()> {
@@ -488,8 +491,11 @@ impl Pipeline<'_> {
         const PREFETCH_WINDOW: u64 = 32 << 20;
         let window_blocks = (PREFETCH_WINDOW / bs).max(1);
         let mut prefetched = start_block;
+        let max_run = staging_blocks(bs);
+        let mut staging = AlignedBuf::new((max_run * bs) as usize);
         while index < self.block_count {
-            if prefetched < index + window_blocks / 2 {
+            // (Direct reads bypass the page cache: read-ahead into it would be wasted.)
+            if !self.source.uses_direct_io() && prefetched < index + window_blocks / 2 {
                 let from = prefetched.max(index);
                 let to = (index + window_blocks).min(self.block_count);
                 let mut b = from;
@@ -557,39 +563,56 @@ impl Pipeline<'_> {
                 index = hole_until;
                 continue;
             }
-            let Ok(mut buf) = free.recv() else {
-                return Ok(());
-            };
-            let len = (end - start) as usize;
-            self.source.read_at(start, &mut buf[..len])?;
-            let parent_ref = match parent.as_mut() {
-                Some(c) if !parent_failed => match c.get(index) {
-                    Ok(Some(BlockRef::Chunk(id))) => Some(id),
-                    Ok(_) => None,
-                    Err(e) => {
-                        parent_failed = true;
-                        progress.warn(&format!(
-                            "parent snapshot unreadable from block {index} on ({e}); \
-                             comparing with stored chunks instead"
-                        ));
-                        None
-                    }
-                },
-                _ => None,
-            };
-            let job = Job {
-                index,
-                count: 1,
-                kind: JobKind::Data {
-                    buf,
-                    len,
-                    parent: parent_ref,
-                },
-            };
-            if jobs.send(job).is_err() {
-                return Ok(());
+            // Read a run of consecutive blocks that all need reading in one request (fewer,
+            // larger reads: what O_DIRECT needs to reach the device's speed), then hand the
+            // blocks out one by one.
+            let mut run_end = index + 1;
+            let data_end = extent.as_ref().map_or(size, |e| e.end);
+            while run_end < self.block_count
+                && run_end - index < max_run
+                && run_end * bs < data_end
+                && self.map.is_none_or(|m| m.is_used(run_end))
+            {
+                run_end += 1;
             }
-            index += 1;
+            let run_bytes = ((run_end * bs).min(size) - start) as usize;
+            self.source.read_bulk(start, &mut staging, run_bytes)?;
+            for block in index..run_end {
+                let Ok(mut buf) = free.recv() else {
+                    return Ok(());
+                };
+                let off = ((block - index) * bs) as usize;
+                let len = ((block * bs + bs).min(size) - block * bs) as usize;
+                buf[..len].copy_from_slice(&staging[off..off + len]);
+                let parent_ref = match parent.as_mut() {
+                    Some(c) if !parent_failed => match c.get(block) {
+                        Ok(Some(BlockRef::Chunk(id))) => Some(id),
+                        Ok(_) => None,
+                        Err(e) => {
+                            parent_failed = true;
+                            progress.warn(&format!(
+                                "parent snapshot unreadable from block {block} on ({e}); \
+                                 comparing with stored chunks instead"
+                            ));
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let job = Job {
+                    index: block,
+                    count: 1,
+                    kind: JobKind::Data {
+                        buf,
+                        len,
+                        parent: parent_ref,
+                    },
+                };
+                if jobs.send(job).is_err() {
+                    return Ok(());
+                }
+            }
+            index = run_end;
         }
         Ok(())
     }
@@ -599,7 +622,7 @@ impl Pipeline<'_> {
         &self,
         jobs: &Receiver<Job>,
         done: &Sender<Result<Done>>,
-        free: &Sender<Vec<u8>>,
+        free: &Sender<AlignedBuf>,
         stop: &AtomicBool,
     ) {
         let hash = self.repo.config().chunk_hash;
@@ -760,6 +783,11 @@ impl Pipeline<'_> {
             Ok(run_stats)
         })
     }
+}
+
+/// Blocks the reader fetches in one request (4 MiB worth, at least one block).
+fn staging_blocks(block_size: u64) -> u64 {
+    ((4u64 << 20) / block_size).max(1)
 }
 
 /// Block references and statistics since the last checkpoint.

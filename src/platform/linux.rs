@@ -26,6 +26,14 @@ pub fn open_read_only(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+pub fn open_direct(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
 pub fn geometry(file: &File) -> io::Result<Geometry> {
     let meta = file.metadata()?;
     let ft = meta.file_type();

@@ -43,6 +43,12 @@ pub fn open_read_only(path: &Path) -> io::Result<File> {
     imp::open_read_only(path)
 }
 
+/// Opens `path` read-only bypassing the page cache (`O_DIRECT`), for large sequential reads
+/// into [`crate::buffer::AlignedBuf`]s. `None` where the platform or filesystem cannot.
+pub fn open_direct(path: &Path) -> Option<File> {
+    imp::open_direct(path)
+}
+
 /// Opens `path` for writing (and reading back) without truncating or creating it (a device or
 /// an existing file).
 pub fn open_write_existing(path: &Path) -> io::Result<File> {
