@@ -4,8 +4,10 @@
 //! refuses unsafe targets); [`restore`] writes. Data blocks are read and written by parallel
 //! workers with positional writes; a file target is made sparse (zero blocks become holes), a
 //! device target gets its zero ranges zeroed. Every chunk is checked against its hash as it is
-//! read, and with `verify` every written block is read back and compared.
+//! read, before it is written; with `verify`, a second pass flushes the target, reads every
+//! data block back from the medium and compares it with the snapshot.
 
+use crate::buffer::{ALIGN, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::platform::{self, ObjectKind};
 use crate::progress::Progress;
@@ -21,7 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct RestoreOptions {
     /// Worker threads; 0 means one per core.
     pub threads: usize,
-    /// Read back every written block and compare.
+    /// After writing and flushing, read every data block back from the target (bypassing the
+    /// page cache where possible) and compare it with the snapshot.
     pub verify: bool,
     /// Paths that must never be written (the repository, sources being read).
     pub protected: Vec<PathBuf>,
@@ -178,128 +181,169 @@ pub fn restore(
             .as_ref()
             .is_some_and(|c| c.load(Ordering::Relaxed))
     };
-    progress.start("restore", size);
     let mut report = RestoreReport::default();
-    let result: Result<()> = std::thread::scope(|scope| {
-        let (tx, rx) = bounded::<(u64, u64)>(threads * 4);
-        let (res_tx, res_rx) = bounded::<Result<(u64, u64)>>(threads * 4);
-        for _ in 0..threads {
-            let rx = rx.clone();
-            let res_tx = res_tx.clone();
-            let file = &file;
-            let stop = &stop;
-            scope.spawn(move || {
-                let mut buf = Vec::new();
-                let mut check = Vec::new();
-                for (off, len) in rx.iter() {
-                    if stop.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    buf.resize(len as usize, 0);
-                    let r = (|| {
-                        volume.read_at(off, &mut buf)?;
-                        platform::write_all_at(file, &buf, off).map_err(|e| Error::IoAt {
-                            op: "write",
-                            path: path.clone(),
-                            offset: off,
-                            source: e,
-                        })?;
-                        let mut verified = 0;
-                        if opts.verify {
-                            check.resize(len as usize, 0);
-                            read_exact_at(file, &mut check, off, path)?;
-                            if check != buf {
+    for verify_pass in [false, true] {
+        if verify_pass {
+            if !opts.verify {
+                break;
+            }
+            // Everything written must be on the medium before it is read back.
+            file.sync_all().ctx("flush", path)?;
+        }
+        // Bulk writes and read-backs bypass the page cache where the target allows it (no
+        // copy through the cache, nothing left to flush); unaligned pieces use `file`.
+        let direct = platform::open_direct_rw(path);
+        progress.start(if verify_pass { "verify" } else { "restore" }, size);
+        let result: Result<()> = std::thread::scope(|scope| {
+            let (tx, rx) = bounded::<(u64, u64)>(threads * 4);
+            let (res_tx, res_rx) = bounded::<Result<(u64, u64)>>(threads * 4);
+            for _ in 0..threads {
+                let rx = rx.clone();
+                let res_tx = res_tx.clone();
+                let file = &file;
+                let stop = &stop;
+                let direct = &direct;
+                scope.spawn(move || {
+                    let mut piece = AlignedBuf::new(PIECE as usize);
+                    let mut check = AlignedBuf::new(PIECE as usize);
+                    for (off, len) in rx.iter() {
+                        if stop.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let n = len as usize;
+                        let aligned = off.is_multiple_of(ALIGN as u64) && n.is_multiple_of(ALIGN);
+                        let out = match (direct.as_ref(), aligned) {
+                            (Some(d), true) => d,
+                            _ => file,
+                        };
+                        let buf = &mut piece[..n];
+                        let r = (|| {
+                            volume.read_at(off, buf)?;
+                            if !verify_pass {
+                                platform::write_all_at(out, buf, off)
+                                    .or_else(|e| {
+                                        // A filesystem that refuses O_DIRECT at write time.
+                                        if e.kind() == std::io::ErrorKind::InvalidInput
+                                            && !std::ptr::eq(out, file)
+                                        {
+                                            platform::write_all_at(file, buf, off)
+                                        } else {
+                                            Err(e)
+                                        }
+                                    })
+                                    .map_err(|e| Error::IoAt {
+                                        op: "write",
+                                        path: path.clone(),
+                                        offset: off,
+                                        source: e,
+                                    })?;
+                                return Ok((len, 0));
+                            }
+                            // Read back from the medium: O_DIRECT where possible, so the page
+                            // cache cannot answer in the device's place.
+                            let n = len as usize;
+                            let aligned =
+                                off.is_multiple_of(ALIGN as u64) && n.is_multiple_of(ALIGN);
+                            match (direct.as_ref(), aligned) {
+                                (Some(d), true) => read_exact_at(d, &mut check[..n], off, path)?,
+                                _ => read_exact_at(file, &mut check[..n], off, path)?,
+                            }
+                            if check[..n] != buf[..] {
                                 return Err(Error::IoAt {
                                     op: "verify",
                                     path: path.clone(),
                                     offset: off,
                                     source: std::io::Error::other(
-                                        "data read back differs from what was written",
+                                        "data read back differs from the snapshot",
                                     ),
                                 });
                             }
-                            verified = len;
+                            Ok((0, len))
+                        })();
+                        if r.is_err() {
+                            stop.store(true, Ordering::Relaxed);
                         }
-                        Ok((len, verified))
-                    })();
-                    if r.is_err() {
-                        stop.store(true, Ordering::Relaxed);
+                        if res_tx.send(r).is_err() {
+                            return;
+                        }
                     }
-                    if res_tx.send(r).is_err() {
-                        return;
+                });
+            }
+            drop(res_tx);
+            drop(rx);
+            // Producer: walk the data ranges, zero the gaps on devices.
+            let producer = scope.spawn(|| -> Result<u64> {
+                let mut pos = 0u64;
+                let mut zero_bytes = 0u64;
+                while pos < size {
+                    if stop.load(Ordering::Relaxed) || cancelled() {
+                        break;
+                    }
+                    let next = volume.next_data(pos, size)?;
+                    let (ds, de) = match next {
+                        Some(r) => (r.start, r.end),
+                        None => (size, size),
+                    };
+                    if ds > pos {
+                        if is_device && !verify_pass {
+                            platform::zero_range(&file, pos, ds - pos).map_err(|e| {
+                                Error::IoAt {
+                                    op: "zero",
+                                    path: path.clone(),
+                                    offset: pos,
+                                    source: e,
+                                }
+                            })?;
+                        }
+                        zero_bytes += ds - pos;
+                        progress.advance(ds - pos);
+                    }
+                    let mut off = ds;
+                    while off < de {
+                        let len = (de - off).min(PIECE - off % PIECE);
+                        if tx.send((off, len)).is_err() {
+                            return Ok(zero_bytes);
+                        }
+                        off += len;
+                    }
+                    pos = de;
+                }
+                drop(tx);
+                Ok(zero_bytes)
+            });
+            let mut first_err = None;
+            for r in res_rx.iter() {
+                match r {
+                    Ok((n, v)) => {
+                        report.bytes_written += n;
+                        report.verified_bytes += v;
+                        progress.advance(n + v);
+                    }
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_err.get_or_insert(e);
                     }
                 }
+            }
+            let produced = producer.join().unwrap_or_else(|_| {
+                Err(Error::InvalidArgument("restore producer panicked".into()))
+            });
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            let zero = produced?;
+            if !verify_pass {
+                report.zero_bytes = zero;
+            }
+            Ok(())
+        });
+        progress.finish();
+        result?;
+        if cancelled() {
+            return Err(Error::Interrupted {
+                checkpointed: false,
             });
         }
-        drop(res_tx);
-        drop(rx);
-        // Producer: walk the data ranges, zero the gaps on devices.
-        let producer = scope.spawn(|| -> Result<u64> {
-            let mut pos = 0u64;
-            let mut zero_bytes = 0u64;
-            while pos < size {
-                if stop.load(Ordering::Relaxed) || cancelled() {
-                    break;
-                }
-                let next = volume.next_data(pos, size)?;
-                let (ds, de) = match next {
-                    Some(r) => (r.start, r.end),
-                    None => (size, size),
-                };
-                if ds > pos {
-                    if is_device {
-                        platform::zero_range(&file, pos, ds - pos).map_err(|e| Error::IoAt {
-                            op: "zero",
-                            path: path.clone(),
-                            offset: pos,
-                            source: e,
-                        })?;
-                    }
-                    zero_bytes += ds - pos;
-                    progress.advance(ds - pos);
-                }
-                let mut off = ds;
-                while off < de {
-                    let len = (de - off).min(PIECE - off % PIECE);
-                    if tx.send((off, len)).is_err() {
-                        return Ok(zero_bytes);
-                    }
-                    off += len;
-                }
-                pos = de;
-            }
-            drop(tx);
-            Ok(zero_bytes)
-        });
-        let mut first_err = None;
-        for r in res_rx.iter() {
-            match r {
-                Ok((n, v)) => {
-                    report.bytes_written += n;
-                    report.verified_bytes += v;
-                    progress.advance(n);
-                }
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        let produced = producer
-            .join()
-            .unwrap_or_else(|_| Err(Error::InvalidArgument("restore producer panicked".into())));
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        report.zero_bytes = produced?;
-        Ok(())
-    });
-    progress.finish();
-    result?;
-    if cancelled() {
-        return Err(Error::Interrupted {
-            checkpointed: false,
-        });
     }
     file.sync_all().ctx("flush", path)?;
     Ok(report)

@@ -212,7 +212,9 @@ mod tests {
         }
         for dir in &dirs {
             let path = dir.path().join("src.img");
-            let data: Vec<u8> = (0..(3 << 20) + 777u32).map(|i| (i * 31 % 251) as u8).collect();
+            let data: Vec<u8> = (0..(3 << 20) + 777u32)
+                .map(|i| (i * 31 % 251) as u8)
+                .collect();
             std::fs::write(&path, &data).unwrap();
             let src = Source::open(&path).unwrap();
             let mut buf = AlignedBuf::new(1 << 20);

@@ -34,6 +34,15 @@ pub fn open_direct(path: &Path) -> Option<File> {
         .ok()
 }
 
+pub fn open_direct_rw(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
 pub fn geometry(file: &File) -> io::Result<Geometry> {
     let meta = file.metadata()?;
     let ft = meta.file_type();

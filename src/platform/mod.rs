@@ -49,6 +49,12 @@ pub fn open_direct(path: &Path) -> Option<File> {
     imp::open_direct(path)
 }
 
+/// Opens an existing `path` for reading and writing with `O_DIRECT`; `None` where the platform
+/// or filesystem cannot.
+pub fn open_direct_rw(path: &Path) -> Option<File> {
+    imp::open_direct_rw(path)
+}
+
 /// Opens `path` for writing (and reading back) without truncating or creating it (a device or
 /// an existing file).
 pub fn open_write_existing(path: &Path) -> io::Result<File> {

@@ -16,6 +16,10 @@ pub fn open_direct(_path: &Path) -> Option<File> {
     None
 }
 
+pub fn open_direct_rw(_path: &Path) -> Option<File> {
+    None
+}
+
 pub fn geometry(file: &File) -> io::Result<Geometry> {
     let meta = file.metadata()?;
     Ok(Geometry {

@@ -124,7 +124,7 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
     // Restore stops with an error naming the chunk.
     let out = f.t.join("out.img");
     volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1).stderr_has(&["corrupt"]);
-    let e = volback_code(&["restore", "--no-verify", f.r(), &f.snap_b, p(&out)], 1);
+    let e = volback_code(&["restore", f.r(), &f.snap_b, p(&out)], 1);
     assert!(
         e.stderr.contains(&raw_id) || e.stderr.contains(&zst_id),
         "restore error does not name the bad chunk: {}",

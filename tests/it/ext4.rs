@@ -310,8 +310,8 @@ fn restore_onto_a_larger_block_device_zeroes_unused_blocks() {
     let target_file = t.join("target.img");
     random_file(&target_file, 80 * MIB, 12);
     let target = Loop::attach(&target_file, false);
-    volback_ok(&["restore", p(&repo), "latest", p(&target.dev)])
-        .stdout_has(&["restored snapshot", "verified"]);
+    volback_ok(&["restore", "--verify", p(&repo), "latest", p(&target.dev)])
+        .stdout_has(&["restored snapshot", "read back and verified"]);
     assert_eq!(
         sha256_prefix(&target.dev, Some(64 * MIB)),
         sha,
