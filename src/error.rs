@@ -97,6 +97,20 @@ pub enum Error {
     /// An argument is invalid.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A partition table script (`sfdisk --dump` text) is malformed or describes a table that
+    /// cannot exist (overlaps, partitions outside the usable area, bad types).
+    #[error("partition table script {}{}: {detail}", path.display(), line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    BadPartitionScript {
+        path: PathBuf,
+        /// 1-based line, when the problem is on one line.
+        line: Option<usize>,
+        detail: String,
+    },
+
+    /// A volume has no partition table that can be dumped.
+    #[error("{} has no usable partition table: {detail}", path.display())]
+    NoPartitionTable { path: PathBuf, detail: String },
 }
 
 impl Error {

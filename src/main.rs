@@ -4,6 +4,7 @@
 //! 130 interrupted (progress saved where the command supports resuming).
 
 mod display;
+mod probe_cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -32,6 +33,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show what is on a disk, partition or image: partition table, filesystems, sizes, UUIDs.
+    Probe {
+        /// Block device or image file (opened read-only).
+        source: PathBuf,
+        /// Print the report as JSON (schema in docs/PROBE.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Partition table backup and restore in `sfdisk --dump` text.
+    Ptable {
+        #[command(subcommand)]
+        action: PtableCommand,
+    },
     /// Create a repository in a directory.
     Init {
         /// Repository directory (created if missing; must be empty).
@@ -91,9 +105,10 @@ enum Command {
         snapshot: String,
         /// Target block device or file.
         target: PathBuf,
-        /// Do not read back and compare what was written.
+        /// After writing, flush and read every data block back from the target and compare it
+        /// with the snapshot (chunks are always checked against their hashes).
         #[arg(long)]
-        no_verify: bool,
+        verify: bool,
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
@@ -109,6 +124,25 @@ enum Command {
         threads: usize,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PtableCommand {
+    /// Print the partition table of DISK as `sfdisk --dump` text (which `sfdisk` reads back).
+    Dump {
+        /// Block device or disk image (opened read-only).
+        disk: PathBuf,
+    },
+    /// Write the partition table in FILE (`sfdisk --dump` text) to DISK.
+    Restore {
+        /// Block device or disk image to write (must not be mounted).
+        disk: PathBuf,
+        /// The dump to restore; `-` reads standard input.
+        file: PathBuf,
+        /// Check everything and show the table, but write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -165,6 +199,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
     let quiet = cli.quiet;
     match cli.command {
+        Command::Probe { source, json } => probe_cli::probe(&source, json),
+        Command::Ptable { action } => match action {
+            PtableCommand::Dump { disk } => probe_cli::ptable_dump(&disk),
+            PtableCommand::Restore {
+                disk,
+                file,
+                dry_run,
+            } => probe_cli::ptable_restore(&disk, &file, dry_run),
+        },
         Command::Init {
             repo,
             hash,
@@ -332,7 +375,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             repo,
             snapshot,
             target,
-            no_verify,
+            verify,
             threads,
         } => {
             let repository = Repository::open(&repo)?;
@@ -344,7 +387,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             let plan = plan_restore(&target, volume.size(), std::slice::from_ref(&repo))?;
             let opts = RestoreOptions {
                 threads,
-                verify: !no_verify,
+                verify,
                 protected: vec![repo.clone()],
                 cancel: Some(cancel),
             };
@@ -356,7 +399,11 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 plan.target.display(),
                 human_bytes(r.bytes_written),
                 human_bytes(r.zero_bytes),
-                if opts.verify { ", verified" } else { "" }
+                if opts.verify {
+                    ", read back and verified"
+                } else {
+                    ""
+                }
             );
             Ok(ExitCode::SUCCESS)
         }

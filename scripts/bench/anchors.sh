@@ -11,15 +11,19 @@
 #
 # Every timed run is preceded by `sync; echo 3 > /proc/sys/vm/drop_caches`, so
 # each tool reads its input from disk, and is run under
-# `/usr/bin/time -f '%e %M'`: wall seconds and peak RSS in KiB. For a
-# pipeline (timed through `bash -c`), the RSS is that of its largest process
-# (GNU time reports the children's maximum, not their sum). After each run
-# `sync` is timed separately (sync_s): wall_s + sync_s is the time until the
-# outputs are durable.
+# `/usr/bin/time -f '%e %M %U %S'`: wall seconds, peak RSS in KiB, user and
+# system CPU seconds. For a pipeline (timed through `bash -c`), the RSS is
+# that of its largest process (GNU time reports the children's maximum, not
+# their sum). After each run `sync` is timed separately (sync_s): wall_s +
+# sync_s is the time until the outputs are durable. other_cpu_s measures CPU
+# time used by other processes during the run; anchors disturbed that way are
+# run again (see bench_time, bench_run_unit). Disk contention from other
+# processes is not detected.
 #
 # Results are collected as "key value" lines (dotted keys) in $BENCH_KV and
 # converted to nested JSON at the end:
-#   anchors.zstd.compress_v1.{wall_s,max_rss_kib,sync_s,output_bytes}
+#   anchors.zstd.compress_v1.{wall_s,max_rss_kib,user_s,sys_s,sync_s,
+#                             other_cpu_s,cpu_busy_pct_before,output_bytes}
 #   anchors.zstd.restore_v1.{wall_s,...,verified}
 #   anchors.restic_repo_v2.{init,backup_v1,backup_v2,restore_v2}.*  (restic's
 #     default repository format 2: compressed), repo_bytes_v1, repo_bytes_v2,
@@ -30,7 +34,7 @@
 #   anchors.partclone.{clone_v1,restore_v1}.*
 #   anchors.e2image.{raw_v1,qcow2_v1}.{...,output_bytes,output_alloc_bytes}
 #   volumes.v1.*, volumes.v2.*, volumes.v2_changes.*   (copied from VOLDIR)
-#   meta.*   host, kernel, tool versions, date
+#   meta.*   host, kernel, tool versions, date, attempts per anchor
 #
 # Environment:
 #   ANCHORS              [zstd restic partclone e2image]  anchors to run
@@ -270,16 +274,18 @@ anchor_e2image() {
     bench_record_sizes "$k".qcow2_v1 "$work/e2.qcow2"
 }
 
-# bench_disturbed FROM_LINE — true if a run recorded in $BENCH_KV after line
-# FROM_LINE had other_cpu_s > BENCH_MAX_OTHER_FRAC [0.15] of the machine's
-# CPU capacity during that run (wall_s x nproc).
+# bench_disturbed FROM_LINE — true (and prints the keys) if a run recorded
+# in $BENCH_KV after line FROM_LINE had other_cpu_s above both 1 s and
+# BENCH_MAX_OTHER_FRAC [0.15] of the machine's CPU capacity during that run
+# (wall_s x nproc).
 bench_disturbed() {
     tail -n +"$(($1 + 1))" "$BENCH_KV" | awk -v frac="${BENCH_MAX_OTHER_FRAC:-0.15}" \
         -v ncpu="$(nproc)" '
         { n = split($1, k, "."); key = substr($1, 1, length($1) - length(k[n]) - 1) }
         k[n] == "wall_s" { wall[key] = $2 }
         k[n] == "other_cpu_s" { other[key] = $2 }
-        END { for (key in other) if (other[key] > frac * wall[key] * ncpu) { print key; bad = 1 }
+        END { for (key in other)
+                  if (other[key] > 1 && other[key] > frac * wall[key] * ncpu) { print key; bad = 1 }
               exit !bad }'
 }
 

@@ -537,7 +537,10 @@ mod tests {
         let e = parse_entries(array, h.entry_size);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].1.name, "root ü");
-        assert_eq!(attrs_to_string(e[0].1.attributes), "RequiredPartition GUID:60");
+        assert_eq!(
+            attrs_to_string(e[0].1.attributes),
+            "RequiredPartition GUID:60"
+        );
     }
 
     #[test]

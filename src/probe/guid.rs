@@ -85,30 +85,110 @@ pub fn uuid_string(b: &[u8; 16]) -> String {
 
 /// GPT partition type GUIDs with a name, and the `sfdisk` shortcut letter where it has one.
 pub const GPT_TYPES: &[(&str, &str, Option<&str>)] = &[
-    ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "EFI System", Some("U")),
+    (
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        "EFI System",
+        Some("U"),
+    ),
     ("21686148-6449-6E6F-744E-656564454649", "BIOS boot", None),
-    ("024DEE41-33E7-11D3-9D69-0008C781F39F", "MBR partition scheme", None),
-    ("0FC63DAF-8483-4772-8E79-3D69D8477DE4", "Linux filesystem", Some("L")),
-    ("0657FD6D-A4AB-43C4-84E5-0933C84B4F4F", "Linux swap", Some("S")),
-    ("E6D6D379-F507-44C2-A23C-238F2A3DF928", "Linux LVM", Some("V")),
-    ("A19D880F-05FC-4D3B-A006-743F0F84911E", "Linux RAID", Some("R")),
-    ("933AC7E1-2EB4-4F13-B844-0E14E2AEF915", "Linux home", Some("H")),
-    ("3B8F8425-20E0-4F3B-907F-1A25A76F98E8", "Linux server data", None),
+    (
+        "024DEE41-33E7-11D3-9D69-0008C781F39F",
+        "MBR partition scheme",
+        None,
+    ),
+    (
+        "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+        "Linux filesystem",
+        Some("L"),
+    ),
+    (
+        "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F",
+        "Linux swap",
+        Some("S"),
+    ),
+    (
+        "E6D6D379-F507-44C2-A23C-238F2A3DF928",
+        "Linux LVM",
+        Some("V"),
+    ),
+    (
+        "A19D880F-05FC-4D3B-A006-743F0F84911E",
+        "Linux RAID",
+        Some("R"),
+    ),
+    (
+        "933AC7E1-2EB4-4F13-B844-0E14E2AEF915",
+        "Linux home",
+        Some("H"),
+    ),
+    (
+        "3B8F8425-20E0-4F3B-907F-1A25A76F98E8",
+        "Linux server data",
+        None,
+    ),
     ("CA7D7CCB-63ED-4C53-861C-1742536059CC", "Linux LUKS", None),
-    ("8DA63339-0007-60C0-C436-083AC8230908", "Linux reserved", None),
-    ("44479540-F297-41B2-9AF7-D131D5F0458A", "Linux root (x86)", None),
-    ("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "Linux root (x86-64)", None),
-    ("B921B045-1DF0-41C3-AF44-4C6F280D3FAE", "Linux root (ARM-64)", None),
-    ("BC13C2FF-59E6-4262-A352-B275FD6F7172", "Linux extended boot", None),
-    ("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7", "Microsoft basic data", None),
-    ("E3C9E316-0B5C-4DB8-817D-F92DF00215AE", "Microsoft reserved", None),
-    ("DE94BBA4-06D1-4D40-A16A-BFD50179D6AC", "Windows recovery environment", None),
-    ("5808C8AA-7E8F-42E0-85D2-E1E90434CFB3", "Microsoft LDM metadata", None),
-    ("AF9B60A0-1431-4F62-BC68-3311714A69AD", "Microsoft LDM data", None),
-    ("48465300-0000-11AA-AA11-00306543ECAC", "Apple HFS/HFS+", None),
+    (
+        "8DA63339-0007-60C0-C436-083AC8230908",
+        "Linux reserved",
+        None,
+    ),
+    (
+        "44479540-F297-41B2-9AF7-D131D5F0458A",
+        "Linux root (x86)",
+        None,
+    ),
+    (
+        "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+        "Linux root (x86-64)",
+        None,
+    ),
+    (
+        "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+        "Linux root (ARM-64)",
+        None,
+    ),
+    (
+        "BC13C2FF-59E6-4262-A352-B275FD6F7172",
+        "Linux extended boot",
+        None,
+    ),
+    (
+        "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+        "Microsoft basic data",
+        None,
+    ),
+    (
+        "E3C9E316-0B5C-4DB8-817D-F92DF00215AE",
+        "Microsoft reserved",
+        None,
+    ),
+    (
+        "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC",
+        "Windows recovery environment",
+        None,
+    ),
+    (
+        "5808C8AA-7E8F-42E0-85D2-E1E90434CFB3",
+        "Microsoft LDM metadata",
+        None,
+    ),
+    (
+        "AF9B60A0-1431-4F62-BC68-3311714A69AD",
+        "Microsoft LDM data",
+        None,
+    ),
+    (
+        "48465300-0000-11AA-AA11-00306543ECAC",
+        "Apple HFS/HFS+",
+        None,
+    ),
     ("7C3457EF-0000-11AA-AA11-00306543ECAC", "Apple APFS", None),
     ("516E7CB6-6ECF-11D6-8FF8-00022D09712B", "FreeBSD UFS", None),
-    ("6A898CC3-1DD2-11B2-99A6-080020736631", "Solaris /usr & Apple ZFS", None),
+    (
+        "6A898CC3-1DD2-11B2-99A6-080020736631",
+        "Solaris /usr & Apple ZFS",
+        None,
+    ),
 ];
 
 /// The name of a GPT partition type, for the common ones.
@@ -120,14 +200,15 @@ pub fn gpt_type_name(g: &Guid) -> Option<&'static str> {
         .map(|&(_, name, _)| name)
 }
 
-/// Parses a GPT type as a script gives it: a GUID or an `sfdisk` shortcut letter.
+/// Parses a GPT type as a script gives it: a GUID or an `sfdisk` shortcut letter (upper
+/// case, as libfdisk matches them).
 pub fn parse_gpt_type(s: &str) -> Option<Guid> {
     if let Some(g) = Guid::parse(s) {
         return Some(g);
     }
     GPT_TYPES
         .iter()
-        .find(|(_, _, short)| short.is_some_and(|x| x.eq_ignore_ascii_case(s.trim())))
+        .find(|(_, _, short)| *short == Some(s.trim()))
         .and_then(|(id, _, _)| Guid::parse(id))
 }
 
@@ -176,11 +257,11 @@ pub fn mbr_type_name(t: u8) -> Option<&'static str> {
     MBR_TYPES.iter().find(|(b, _)| *b == t).map(|&(_, n)| n)
 }
 
-/// Parses an MBR type as a script gives it: hexadecimal (`83`, `0x83`) or an `sfdisk`
-/// shortcut letter (L, S, E, X, U, R, V).
+/// Parses an MBR type as a script gives it: an `sfdisk` shortcut letter (upper case: L, S,
+/// E, X, U, R, V; tried first, as libfdisk does) or hexadecimal (`83`, `0x83`, `e`).
 pub fn parse_mbr_type(s: &str) -> Option<u8> {
     let s = s.trim();
-    let short = match s.to_ascii_uppercase().as_str() {
+    let short = match s {
         "L" => Some(0x83),
         "S" => Some(0x82),
         "E" => Some(0x05),
@@ -231,6 +312,8 @@ mod tests {
         assert_eq!(parse_mbr_type("83"), Some(0x83));
         assert_eq!(parse_mbr_type("0xB"), Some(0x0b));
         assert_eq!(parse_mbr_type("L"), Some(0x83));
+        assert_eq!(parse_mbr_type("E"), Some(0x05));
+        assert_eq!(parse_mbr_type("e"), Some(0x0e), "lower case is hexadecimal");
         assert_eq!(parse_mbr_type("123"), None);
         assert_eq!(parse_mbr_type(""), None);
         assert_eq!(

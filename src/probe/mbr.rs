@@ -152,7 +152,9 @@ impl Mbr {
     /// at least one entry is used. (A filesystem boot sector also ends in 0x55AA; its bytes
     /// where the table would be rarely pass this test, and callers check for one first.)
     pub fn looks_like_table(&self) -> bool {
-        self.entries.iter().all(|e| e.boot == 0 || e.boot == BOOT_ACTIVE)
+        self.entries
+            .iter()
+            .all(|e| e.boot == 0 || e.boot == BOOT_ACTIVE)
             && self.entries.iter().any(Entry::is_used)
     }
 
@@ -226,10 +228,10 @@ pub fn walk_ebr_chain(
             ));
             break;
         }
-        let Some(offset) = ebr
-            .checked_mul(sector_size)
-            .filter(|o| o.checked_add(MBR_LEN as u64).is_some_and(|e| e <= vol.size()))
-        else {
+        let Some(offset) = ebr.checked_mul(sector_size).filter(|o| {
+            o.checked_add(MBR_LEN as u64)
+                .is_some_and(|e| e <= vol.size())
+        }) else {
             warnings.push(format!(
                 "the extended boot record at sector {ebr} is past the end of the volume; \
                  stopped there"
@@ -317,15 +319,36 @@ mod tests {
     fn looping_chain_is_cut() {
         let mut img = vec![0u8; 64 * 512];
         // Extended partition at 10, 50 sectors. EBR 10 -> EBR 20 -> EBR 10 (loop).
-        put(&mut img, 10, &[Entry::new(0x83, false, 2, 4, 12), Entry::new(5, false, 10, 10, 20)]);
-        put(&mut img, 20, &[Entry::new(0x83, false, 2, 4, 22), Entry::new(5, false, 0, 10, 10)]);
+        put(
+            &mut img,
+            10,
+            &[
+                Entry::new(0x83, false, 2, 4, 12),
+                Entry::new(5, false, 10, 10, 20),
+            ],
+        );
+        put(
+            &mut img,
+            20,
+            &[
+                Entry::new(0x83, false, 2, 4, 22),
+                Entry::new(5, false, 0, 10, 10),
+            ],
+        );
         let (l, w) = walk_ebr_chain(&Mem(img.clone()), 512, 10, 50);
         assert_eq!(l.len(), 2);
         assert_eq!(l[0].start, 12);
         assert_eq!(l[1].start, 22);
         assert!(w[0].contains("loop"), "{w:?}");
         // Link back to the second EBR itself.
-        put(&mut img, 20, &[Entry::new(0x83, false, 2, 4, 22), Entry::new(5, false, 10, 10, 20)]);
+        put(
+            &mut img,
+            20,
+            &[
+                Entry::new(0x83, false, 2, 4, 22),
+                Entry::new(5, false, 10, 10, 20),
+            ],
+        );
         let (l, w) = walk_ebr_chain(&Mem(img), 512, 10, 50);
         assert_eq!(l.len(), 2);
         assert!(w[0].contains("loops back to sector 20"), "{w:?}");
@@ -334,11 +357,26 @@ mod tests {
     #[test]
     fn chain_leaving_the_extended_partition_is_cut() {
         let mut img = vec![0u8; 64 * 512];
-        put(&mut img, 10, &[Entry::new(0x83, false, 2, 4, 12), Entry::new(5, false, 40, 10, 50)]);
+        put(
+            &mut img,
+            10,
+            &[
+                Entry::new(0x83, false, 2, 4, 12),
+                Entry::new(5, false, 40, 10, 50),
+            ],
+        );
         let (l, w) = walk_ebr_chain(&Mem(img.clone()), 512, 10, 20);
         assert_eq!(l.len(), 1);
         assert!(w[0].contains("outside the extended partition"), "{w:?}");
         // Past the end of the volume.
+        put(
+            &mut img,
+            10,
+            &[
+                Entry::new(0x83, false, 2, 4, 12),
+                Entry::new(5, false, 90, 10, 100),
+            ],
+        );
         let (_, w) = walk_ebr_chain(&Mem(img), 512, 10, 1 << 30);
         assert!(w[0].contains("past the end"), "{w:?}");
     }

@@ -42,10 +42,12 @@ pub const SWAP_PAGE_SIZES: [u64; 5] = [4096, 8192, 16384, 32768, 65536];
 
 /// Bytes read from the start of a volume for the detectors that look there.
 const HEAD_LEN: u64 = 4096;
-/// Largest FAT or exFAT directory span scanned for a volume label, and largest FAT or exFAT
-/// bitmap read to count used clusters.
+/// Largest FAT or exFAT directory span scanned for a volume label.
 const DIR_SCAN_LIMIT: u64 = 1 << 20;
-const COUNT_LIMIT: u64 = 64 << 20;
+/// Largest FAT or exFAT allocation bitmap read to count used clusters (a FAT16 FAT is at most
+/// 128 KiB; 16 MiB of exFAT bitmap covers 128 Mi clusters). Beyond it, used bytes are not
+/// reported.
+const COUNT_LIMIT: u64 = 16 << 20;
 
 fn u16_le(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
@@ -135,7 +137,7 @@ pub fn detect(vol: &dyn Volume) -> Result<Detection> {
     let mut found: Vec<Filesystem> = Vec::new();
     let mut warnings = Vec::new();
     type Detector = fn(&dyn Volume, &[u8]) -> Result<Option<Filesystem>>;
-    let detectors: [(&str, Detector); 10] = [
+    let detectors: [(&str, Detector); 9] = [
         ("LUKS", luks),
         ("LVM2", lvm2),
         ("XFS", xfs),
@@ -145,7 +147,6 @@ pub fn detect(vol: &dyn Volume) -> Result<Detection> {
         ("btrfs", btrfs),
         ("ext", ext_fs),
         ("swap", swap),
-        ("", |_, _| Ok(None)),
     ];
     for (name, d) in detectors {
         match d(vol, &head) {
@@ -198,8 +199,8 @@ fn luks(_vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
     if h.len() < 512 || h[0..6] != *LUKS_MAGIC {
         return Ok(None);
     }
-    // phdr: magic[6], version u16 BE; LUKS1: cipher_name[32] @8 … payload_offset u32 BE @104,
-    // uuid[40] @168. LUKS2: hdr_size u64 BE @8, seqid @16, label[48] @24, … uuid[40] @168.
+    // phdr: magic[6], version u16 BE @6, uuid[40] @168 (both versions); LUKS2 also has
+    // label[48] @24.
     let version = u16_be(h, 6);
     if version != 1 && version != 2 {
         return Ok(None);
@@ -209,12 +210,6 @@ fn luks(_vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
     f.uuid = cstr(&h[168..208]);
     if version == 2 {
         f.label = cstr(&h[24..72]);
-    } else {
-        // Bytes before the encrypted payload: the header and key material.
-        let payload = u64::from(u32_be(h, 104)) * 512;
-        f.used_bytes = None;
-        f.block_size = None;
-        let _ = payload;
     }
     Ok(Some(f))
 }
@@ -295,10 +290,15 @@ fn xfs(_vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
     f.block_size = Some(bs);
     f.size = dblocks.checked_mul(u64::from(bs));
     // sb_fdblocks is exact on a cleanly unmounted filesystem (lazy counters are written
-    // back at unmount); the internal log counts as used.
+    // back at unmount). Like df, the internal log (logstart != 0) is not counted as used.
     let free = u64_be(h, 144);
-    if free <= dblocks {
-        f.used_bytes = Some((dblocks - free) * u64::from(bs));
+    let log = if u64_be(h, 48) != 0 {
+        u64::from(u32_be(h, 96))
+    } else {
+        0
+    };
+    if let Some(used) = dblocks.checked_sub(free).and_then(|u| u.checked_sub(log)) {
+        f.used_bytes = Some(used * u64::from(bs));
     }
     Ok(Some(f))
 }
@@ -460,8 +460,7 @@ fn exfat_geometry(h: &[u8]) -> Option<ExfatGeometry> {
     }
     let bps_shift = u32::from(h[0x6C]);
     let spc_shift = u32::from(h[0x6D]);
-    if !(9..=12).contains(&bps_shift) || bps_shift + spc_shift > 25 || !(1..=2).contains(&h[0x6E])
-    {
+    if !(9..=12).contains(&bps_shift) || bps_shift + spc_shift > 25 || !(1..=2).contains(&h[0x6E]) {
         return None;
     }
     let sector = 1u64 << bps_shift;
@@ -754,18 +753,17 @@ impl FatBpb {
                 if e < 2 || e >= self.clusters + 2 {
                     continue;
                 }
-                let v = match self.bits {
+                let v: u32 = match self.bits {
                     12 => {
                         let o = (i * 3 / 2) as usize;
                         if o + 1 >= n {
                             continue;
                         }
                         let w = u16_le(&buf, o);
-                        if i % 2 == 0 { w & 0xFFF } else { w >> 4 }
+                        u32::from(if i % 2 == 0 { w & 0xFFF } else { w >> 4 })
                     }
-                    16 => u16_le(&buf, (i * 2) as usize),
-                    _ => (u32_le(&buf, (i * 4) as usize) & 0x0FFF_FFFF) as u16
-                        | u16::from(u32_le(&buf, (i * 4) as usize) & 0x0FFF_FFFF != 0),
+                    16 => u32::from(u16_le(&buf, (i * 2) as usize)),
+                    _ => u32_le(&buf, (i * 4) as usize) & 0x0FFF_FFFF,
                 };
                 if v == 0 {
                     free += 1;
@@ -912,4 +910,133 @@ fn swap(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
         return Ok(Some(f));
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::tests::Mem;
+    use proptest::prelude::*;
+
+    fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
+        if at + bytes.len() <= img.len() {
+            img[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+    }
+
+    /// A volume whose bytes are random except for the magic and the fields a detector
+    /// validates, set to plausible values so that the detector goes past its checks and reads
+    /// further structures (MFT records, root directories, FATs, bitmaps) that are random too.
+    fn plausible(kind: usize, img: &mut [u8], small: &[u32]) {
+        let s = |i: usize| small[i % small.len()];
+        match kind {
+            0 => {
+                put(img, 0, LUKS_MAGIC);
+                put(img, 6, &(1 + (s(0) % 2) as u16).to_be_bytes());
+            }
+            1 => {
+                let sec = (s(0) % 4) as usize * 512;
+                put(img, sec, LVM_LABEL_ID);
+                put(img, sec + 8, &((sec / 512) as u64).to_le_bytes());
+                put(img, sec + 20, &(32 + s(1) % 480).to_le_bytes());
+                put(img, sec + 24, LVM_TYPE_2);
+            }
+            2 => {
+                put(img, 0, XFS_MAGIC);
+                put(img, 4, &(512u32 << (s(0) % 8)).to_be_bytes());
+                put(img, 102, &(512u16 << (s(1) % 4)).to_be_bytes());
+            }
+            3 => {
+                put(img, 3, NTFS_OEM);
+                put(img, 0x0B, &512u16.to_le_bytes());
+                img[0x0D] = 1 << (s(0) % 8);
+                for r in [0x0E..0x14, 0x16..0x18, 0x20..0x24] {
+                    img[r].fill(0);
+                }
+                put(img, 0x30, &u64::from(s(1) % 64).to_le_bytes());
+                img[0x40] = 0xF6; // 1 KiB records
+                let mft = (s(1) % 64) as usize * 512 * img[0x0D] as usize + 3 * 1024;
+                put(img, mft, b"FILE");
+                put(img, mft + 4, &(s(2) as u16 % 1024).to_le_bytes());
+                put(img, mft + 6, &(s(3) as u16 % 4).to_le_bytes());
+            }
+            4 => {
+                put(img, 3, EXFAT_OEM);
+                img[11..64].fill(0);
+                img[0x6C] = 9 + (s(0) % 4) as u8;
+                img[0x6D] = (s(1) % 4) as u8;
+                img[0x6E] = 1;
+                put(img, 0x50, &(s(2) % 64).to_le_bytes());
+                put(img, 0x58, &(s(3) % 128).to_le_bytes());
+                put(img, 0x5C, &(s(4) % 100_000).to_le_bytes());
+                put(img, 0x60, &(2 + s(5) % 16).to_le_bytes());
+            }
+            5 => {
+                put(img, 0, &[0xEB, 0x3C, 0x90]);
+                put(img, 0x0B, &512u16.to_le_bytes());
+                img[0x0D] = 1 << (s(0) % 8);
+                put(img, 0x0E, &(1 + s(1) as u16 % 64).to_le_bytes());
+                img[0x10] = 1 + (s(2) % 2) as u8;
+                img[0x15] = 0xF8;
+                if s(3) % 2 == 0 {
+                    put(img, 0x16, &0u16.to_le_bytes());
+                    put(img, 0x11, &0u16.to_le_bytes());
+                    put(img, 0x24, &(1 + s(4) % 512).to_le_bytes());
+                }
+                put(img, 510, &[0x55, 0xAA]);
+            }
+            6 => {
+                put(img, 65536 + 0x40, BTRFS_MAGIC);
+                put(img, 65536 + 0x30, &BTRFS_SB_OFFSET.to_le_bytes());
+                put(img, 65536 + 0x90, &(512u32 << (s(0) % 8)).to_le_bytes());
+            }
+            7 => {
+                put(img, 1024 + 0x38, &0xEF53u16.to_le_bytes());
+                put(img, 1024 + 0x18, &(s(0) % 3).to_le_bytes());
+            }
+            _ => {
+                let ps = SWAP_PAGE_SIZES[(s(0) % 5) as usize] as usize;
+                put(img, ps - 10, SWAP_MAGIC_V1);
+                put(img, 1024, &1u32.to_le_bytes());
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        /// Every detector on random structures never panics, hangs or allocates beyond its
+        /// caps; what it reports stays within what it read.
+        #[test]
+        fn detectors_survive_random_structures(
+            kind in 0usize..9,
+            seed in proptest::collection::vec(any::<u8>(), 1024),
+            small in proptest::collection::vec(any::<u32>(), 6),
+            len in 512usize..(200 * 1024),
+        ) {
+            let mut img: Vec<u8> = seed.iter().cycle().take(len).copied().collect();
+            plausible(kind, &mut img, &small);
+            if let Ok(d) = detect(&Mem(img))
+                && let Some(f) = d.filesystem
+            {
+                prop_assert!(f.label.map_or(0, |l| l.len()) <= 1024);
+            }
+        }
+    }
+
+    #[test]
+    fn lvm_uuid_is_grouped_like_blkid() {
+        let mut img = vec![0u8; 4096];
+        put(&mut img, 512, LVM_LABEL_ID);
+        put(&mut img, 520, &1u64.to_le_bytes());
+        put(&mut img, 532, &32u32.to_le_bytes());
+        put(&mut img, 536, LVM_TYPE_2);
+        put(&mut img, 544, b"VawsyYAX9Wq0CocT19jlOmKuNjTp0yyq");
+        let d = detect(&Mem(img)).unwrap();
+        let f = d.filesystem.unwrap();
+        assert_eq!(f.fs_type, "LVM2_member");
+        assert_eq!(
+            f.uuid.as_deref(),
+            Some("VawsyY-AX9W-q0Co-cT19-jlOm-KuNj-Tp0yyq")
+        );
+    }
 }

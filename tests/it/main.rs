@@ -10,5 +10,6 @@ mod cli;
 mod corruption;
 mod crash;
 mod ext4;
+mod probe;
 mod roundtrip;
 mod util;

@@ -1,0 +1,298 @@
+//! `volback probe` and `volback ptable`: printing probe reports and partition table dumps.
+
+use crate::display::human_bytes;
+use anyhow::{Context, Result};
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+use volback::platform::ObjectKind;
+use volback::probe::{self, Filesystem, HeaderCheck, HeaderStatus, ProbeOptions, ProbeReport};
+use volback::ptable;
+use volback::source::Source;
+
+/// Opens a disk, partition or image read-only, with a message that fits these commands.
+fn open(path: &Path) -> Result<Source> {
+    if path.is_dir() {
+        anyhow::bail!(
+            "{} is a directory, not a disk, partition or image file",
+            path.display()
+        );
+    }
+    Ok(Source::open(path)?)
+}
+
+/// `volback probe SOURCE [--json]`.
+pub fn probe(source: &Path, json: bool) -> Result<ExitCode> {
+    let src = open(source)?;
+    let report = probe::probe_source(&src, &ProbeOptions::default())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `volback ptable dump DISK`.
+pub fn ptable_dump(disk: &Path) -> Result<ExitCode> {
+    let src = open(disk)?;
+    let d = ptable::dump(&src)?;
+    for w in &d.warnings {
+        eprintln!("volback: warning: {w}");
+    }
+    print!("{}", d.text);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `volback ptable restore DISK FILE [--dry-run]`.
+pub fn ptable_restore(disk: &Path, file: &Path, dry_run: bool) -> Result<ExitCode> {
+    let text = if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("read the partition table from standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("read the partition table file {}", file.display()))?
+    };
+    let script = ptable::parse_script(&text, file)?;
+    let plan = ptable::plan_restore(disk, &script, file)?;
+    for w in &plan.warnings {
+        eprintln!("volback: warning: {w}");
+    }
+    let kind = plan.table.label.name();
+    let n = plan.table.partitions.len();
+    if dry_run {
+        println!(
+            "would write a {kind} partition table with {n} partitions to {} ({} bytes in {} \
+             places):",
+            disk.display(),
+            plan.bytes_to_write(),
+            plan.writes.len()
+        );
+        print!("{}", plan.table.render());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = ptable::restore(&plan)?;
+    println!(
+        "wrote a {kind} partition table with {} partitions to {} ({} bytes), verified",
+        r.partitions,
+        disk.display(),
+        r.bytes_written
+    );
+    if plan.target_kind == ObjectKind::BlockDevice {
+        println!(
+            "the kernel still lists the old partitions: run `partx -u {0}` or `blockdev \
+             --rereadpt {0}`",
+            disk.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Columns padded to their widest cell; `right[i]` right-aligns column i.
+fn table(rows: &[Vec<String>], right: &[bool]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c > 0 {
+                line.push_str("  ");
+            }
+            let pad = width[c] - cell.chars().count();
+            if right.get(c).copied().unwrap_or(false) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if c + 1 < r.len() {
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn fs_columns(f: Option<&Filesystem>) -> Vec<String> {
+    let Some(f) = f else {
+        return vec![
+            "-".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ];
+    };
+    let kind = match &f.version {
+        Some(v) if f.fs_type == "vfat" => format!("vfat ({v})"),
+        Some(v) if f.fs_type == "crypto_LUKS" => format!("crypto_LUKS {v}"),
+        _ => f.fs_type.clone(),
+    };
+    vec![
+        kind,
+        f.label.clone().unwrap_or_default(),
+        f.uuid.clone().unwrap_or_default(),
+        f.size.map(human_bytes).unwrap_or_default(),
+        f.used_bytes.map(human_bytes).unwrap_or_default(),
+    ]
+}
+
+fn header_text(h: &HeaderCheck) -> String {
+    let s = match h.status {
+        HeaderStatus::Ok => "ok",
+        HeaderStatus::Missing => "missing",
+        HeaderStatus::Corrupt => "corrupt",
+        HeaderStatus::Mismatch => "mismatch",
+    };
+    format!("LBA {} {s}", h.lba)
+}
+
+/// The human form: `sfdisk -l` and `blkid` together.
+fn render(r: &ProbeReport) -> String {
+    let mut s = String::new();
+    let ss = u64::from(r.logical_sector_size.max(1));
+    s.push_str(&format!(
+        "Disk {}: {}, {} bytes, {} sectors\n",
+        r.source,
+        human_bytes(r.size),
+        r.size,
+        r.size / ss
+    ));
+    s.push_str(&format!(
+        "Sector size (logical/physical): {} bytes / {} bytes\n",
+        r.logical_sector_size, r.physical_sector_size
+    ));
+    let mut warnings: Vec<String> = r.warnings.clone();
+    match &r.partition_table {
+        None => {
+            s.push_str("Disklabel type: none\n");
+            match &r.filesystem {
+                None => s.push_str("\nNo partition table and no recognised format.\n"),
+                Some(f) => {
+                    s.push('\n');
+                    let mut rows = vec![vec![
+                        "Device".to_string(),
+                        "Type".into(),
+                        "Label".into(),
+                        "UUID".into(),
+                        "Size".into(),
+                        "Used".into(),
+                    ]];
+                    let mut row = vec![r.source.clone()];
+                    row.extend(fs_columns(Some(f)));
+                    rows.push(row);
+                    s.push_str(&table(&rows, &[false, false, false, false, true, true]));
+                }
+            }
+        }
+        Some(t) => {
+            s.push_str(&format!("Disklabel type: {}\n", t.kind.name()));
+            s.push_str(&format!("Disk identifier: {}\n", t.id));
+            if let Some(g) = &t.gpt {
+                if g.entry_count > 0 {
+                    s.push_str(&format!(
+                        "GPT: revision {}, {} entries of {} bytes at LBA {}, usable sectors \
+                         {}-{}\n",
+                        g.revision,
+                        g.entry_count,
+                        g.entry_size,
+                        g.entries_lba,
+                        g.first_usable_lba,
+                        g.last_usable_lba
+                    ));
+                }
+                s.push_str(&format!(
+                    "GPT headers: primary {}, backup {}; {} MBR\n",
+                    header_text(&g.primary),
+                    header_text(&g.backup),
+                    g.protective_mbr
+                ));
+            }
+            if t.partitions.is_empty() {
+                s.push_str("\nNo partitions.\n");
+            } else {
+                let dos = t.kind == probe::TableKind::Dos;
+                let named = t.partitions.iter().any(|p| p.name.is_some());
+                let mut head = vec!["Device".to_string()];
+                if dos {
+                    head.push("Boot".into());
+                }
+                head.extend(["Start", "End", "Sectors", "Size", "Type"].map(String::from));
+                if named {
+                    head.push("Name".into());
+                }
+                let mut rows = vec![head];
+                for p in &t.partitions {
+                    let mut row = vec![p.node.clone()];
+                    if dos {
+                        row.push(if p.bootable { "*" } else { "" }.into());
+                    }
+                    row.extend([
+                        p.start_sector.to_string(),
+                        p.end_sector().to_string(),
+                        p.size_sectors.to_string(),
+                        human_bytes(p.size),
+                        match &p.type_name {
+                            Some(n) if dos => format!("{n} ({})", p.type_id),
+                            Some(n) => n.clone(),
+                            None => p.type_id.clone(),
+                        },
+                    ]);
+                    if named {
+                        row.push(p.name.clone().unwrap_or_default());
+                    }
+                    rows.push(row);
+                    warnings.extend(
+                        p.warnings
+                            .iter()
+                            .map(|w| format!("partition {}: {w}", p.number)),
+                    );
+                }
+                let mut right = vec![false];
+                if dos {
+                    right.push(false);
+                }
+                right.extend([true, true, true, true, false]);
+                s.push('\n');
+                s.push_str(&table(&rows, &right));
+                let mut rows = vec![
+                    ["Device", "Format", "Label", "UUID", "Size", "Used"]
+                        .map(String::from)
+                        .to_vec(),
+                ];
+                for p in t
+                    .partitions
+                    .iter()
+                    .filter(|p| p.role != Some(probe::MbrRole::Extended))
+                {
+                    let mut row = vec![p.node.clone()];
+                    row.extend(fs_columns(p.filesystem.as_ref()));
+                    rows.push(row);
+                }
+                s.push('\n');
+                s.push_str(&table(&rows, &[false, false, false, false, true, true]));
+            }
+        }
+    }
+    if !warnings.is_empty() {
+        s.push('\n');
+        for w in warnings {
+            s.push_str(&format!("warning: {w}\n"));
+        }
+    }
+    s
+}
