@@ -470,7 +470,10 @@ impl Pipeline<'_> {
         })
     }
 
-    /// Reader stage.
+    /// Reader stage: an I/O loop (this thread) that walks the volume, emits hole and unused
+    /// runs, and reads runs of data blocks into staging buffers; and a dispatcher thread that
+    /// splits staged runs into per-block jobs with the parent's references. Two threads keep a
+    /// read in flight while the previous run is handed out.
     fn read_blocks(
         &self,
         start_block: u64,
@@ -479,142 +482,169 @@ impl Pipeline<'_> {
         stop: &AtomicBool,
         progress: &dyn Progress,
     ) -> Result<()> {
+        const STAGING_BUFFERS: usize = 3;
         let bs = self.block_size;
         let size = self.source.size();
-        let mut parent = self.parent.map(BlockCursor::new);
-        let mut parent_failed = false;
-        let mut extent: Option<std::ops::Range<u64>> = None;
-        let mut extents_done = false;
-        let mut index = start_block;
-        // Read-ahead of the blocks the map says will be read: the kernel's own read-ahead
-        // stops at every skipped (unused) block.
-        const PREFETCH_WINDOW: u64 = 32 << 20;
-        let window_blocks = (PREFETCH_WINDOW / bs).max(1);
-        let mut prefetched = start_block;
         let max_run = staging_blocks(bs);
-        let mut staging = AlignedBuf::new((max_run * bs) as usize);
-        while index < self.block_count {
-            // (Direct reads bypass the page cache: read-ahead into it would be wasted.)
-            if !self.source.uses_direct_io() && prefetched < index + window_blocks / 2 {
-                let from = prefetched.max(index);
-                let to = (index + window_blocks).min(self.block_count);
-                let mut b = from;
-                while b < to {
-                    if self.map.is_some_and(|m| !m.is_used(b)) {
-                        b += 1;
+        let (staged_tx, staged_rx) = bounded::<(u64, u64, AlignedBuf)>(STAGING_BUFFERS);
+        let (empty_tx, empty_rx) = bounded::<AlignedBuf>(STAGING_BUFFERS);
+        for _ in 0..STAGING_BUFFERS {
+            let _ = empty_tx.send(AlignedBuf::new((max_run * bs) as usize));
+        }
+        std::thread::scope(|scope| {
+            let dispatcher = scope.spawn(move || {
+                let mut parent = self.parent.map(BlockCursor::new);
+                let mut parent_failed = false;
+                for (first, end, staging) in staged_rx.iter() {
+                    for block in first..end {
+                        let Ok(mut buf) = free.recv() else {
+                            return;
+                        };
+                        let off = ((block - first) * bs) as usize;
+                        let len = ((block * bs + bs).min(size) - block * bs) as usize;
+                        buf[..len].copy_from_slice(&staging[off..off + len]);
+                        let parent_ref = match parent.as_mut() {
+                            Some(c) if !parent_failed => match c.get(block) {
+                                Ok(Some(BlockRef::Chunk(id))) => Some(id),
+                                Ok(_) => None,
+                                Err(e) => {
+                                    parent_failed = true;
+                                    progress.warn(&format!(
+                                        "parent snapshot unreadable from block {block} on \
+                                         ({e}); comparing with stored chunks instead"
+                                    ));
+                                    None
+                                }
+                            },
+                            _ => None,
+                        };
+                        let job = Job {
+                            index: block,
+                            count: 1,
+                            kind: JobKind::Data {
+                                buf,
+                                len,
+                                parent: parent_ref,
+                            },
+                        };
+                        if jobs.send(job).is_err() {
+                            return;
+                        }
+                    }
+                    // The I/O loop may be done already; the staged runs still count.
+                    let _ = empty_tx.send(staging);
+                }
+            });
+            // `staged_tx` moves into the I/O loop and is dropped when it ends, which ends the
+            // dispatcher.
+            let io = move || -> Result<()> {
+                let mut extent: Option<std::ops::Range<u64>> = None;
+                let mut extents_done = false;
+                let mut index = start_block;
+                // Read-ahead of the blocks the map says will be read, for buffered reads: the
+                // kernel's own read-ahead stops at every skipped (unused) block. Direct reads
+                // bypass the page cache, where read-ahead would be wasted.
+                const PREFETCH_WINDOW: u64 = 32 << 20;
+                let window_blocks = (PREFETCH_WINDOW / bs).max(1);
+                let mut prefetched = start_block;
+                while index < self.block_count {
+                    if !self.source.uses_direct_io() && prefetched < index + window_blocks / 2 {
+                        let from = prefetched.max(index);
+                        let to = (index + window_blocks).min(self.block_count);
+                        let mut b = from;
+                        while b < to {
+                            if self.map.is_some_and(|m| !m.is_used(b)) {
+                                b += 1;
+                                continue;
+                            }
+                            let run = b;
+                            while b < to && self.map.is_none_or(|m| m.is_used(b)) {
+                                b += 1;
+                            }
+                            let s = run * bs;
+                            let e = (b * bs).min(size);
+                            crate::platform::prefetch(self.source.file(), s, e - s);
+                        }
+                        prefetched = to;
+                    }
+                    if stop.load(Ordering::Relaxed) || self.cancelled() {
+                        return Ok(());
+                    }
+                    let start = index * bs;
+                    let end = (start + bs).min(size);
+                    if let Some(map) = self.map
+                        && !map.is_used(index)
+                    {
+                        let mut until = index + 1;
+                        while until < self.block_count && !map.is_used(until) {
+                            until += 1;
+                        }
+                        let job = Job {
+                            index,
+                            count: until - index,
+                            kind: JobKind::Unused,
+                        };
+                        if jobs.send(job).is_err() {
+                            return Ok(());
+                        }
+                        index = until;
                         continue;
                     }
-                    let run = b;
-                    while b < to && self.map.is_none_or(|m| m.is_used(b)) {
-                        b += 1;
-                    }
-                    let s = run * bs;
-                    let e = (b * bs).min(size);
-                    crate::platform::prefetch(self.source.file(), s, e - s);
-                }
-                prefetched = to;
-            }
-            if stop.load(Ordering::Relaxed) || self.cancelled() {
-                return Ok(());
-            }
-            let start = index * bs;
-            let end = (start + bs).min(size);
-            if let Some(map) = self.map
-                && !map.is_used(index)
-            {
-                let mut until = index + 1;
-                while until < self.block_count && !map.is_used(until) {
-                    until += 1;
-                }
-                let job = Job {
-                    index,
-                    count: until - index,
-                    kind: JobKind::Unused,
-                };
-                if jobs.send(job).is_err() {
-                    return Ok(());
-                }
-                index = until;
-                continue;
-            }
-            if !extents_done && extent.as_ref().is_none_or(|e| e.end <= start) {
-                extent = self.source.next_data(start, size)?;
-                if extent.is_none() {
-                    extents_done = true;
-                }
-            }
-            let hole_until = match &extent {
-                None => self.block_count,
-                Some(e) if e.start >= end => e.start / bs,
-                Some(_) => index,
-            };
-            if hole_until > index {
-                let count = hole_until - index;
-                if jobs
-                    .send(Job {
-                        index,
-                        count,
-                        kind: JobKind::Hole,
-                    })
-                    .is_err()
-                {
-                    return Ok(());
-                }
-                index = hole_until;
-                continue;
-            }
-            // Read a run of consecutive blocks that all need reading in one request (fewer,
-            // larger reads: what O_DIRECT needs to reach the device's speed), then hand the
-            // blocks out one by one.
-            let mut run_end = index + 1;
-            let data_end = extent.as_ref().map_or(size, |e| e.end);
-            while run_end < self.block_count
-                && run_end - index < max_run
-                && run_end * bs < data_end
-                && self.map.is_none_or(|m| m.is_used(run_end))
-            {
-                run_end += 1;
-            }
-            let run_bytes = ((run_end * bs).min(size) - start) as usize;
-            self.source.read_bulk(start, &mut staging, run_bytes)?;
-            for block in index..run_end {
-                let Ok(mut buf) = free.recv() else {
-                    return Ok(());
-                };
-                let off = ((block - index) * bs) as usize;
-                let len = ((block * bs + bs).min(size) - block * bs) as usize;
-                buf[..len].copy_from_slice(&staging[off..off + len]);
-                let parent_ref = match parent.as_mut() {
-                    Some(c) if !parent_failed => match c.get(block) {
-                        Ok(Some(BlockRef::Chunk(id))) => Some(id),
-                        Ok(_) => None,
-                        Err(e) => {
-                            parent_failed = true;
-                            progress.warn(&format!(
-                                "parent snapshot unreadable from block {block} on ({e}); \
-                                 comparing with stored chunks instead"
-                            ));
-                            None
+                    if !extents_done && extent.as_ref().is_none_or(|e| e.end <= start) {
+                        extent = self.source.next_data(start, size)?;
+                        if extent.is_none() {
+                            extents_done = true;
                         }
-                    },
-                    _ => None,
-                };
-                let job = Job {
-                    index: block,
-                    count: 1,
-                    kind: JobKind::Data {
-                        buf,
-                        len,
-                        parent: parent_ref,
-                    },
-                };
-                if jobs.send(job).is_err() {
-                    return Ok(());
+                    }
+                    let hole_until = match &extent {
+                        None => self.block_count,
+                        Some(e) if e.start >= end => e.start / bs,
+                        Some(_) => index,
+                    };
+                    if hole_until > index {
+                        let job = Job {
+                            index,
+                            count: hole_until - index,
+                            kind: JobKind::Hole,
+                        };
+                        if jobs.send(job).is_err() {
+                            return Ok(());
+                        }
+                        index = hole_until;
+                        continue;
+                    }
+                    // A run of consecutive blocks that all need reading, in one request
+                    // (fewer, larger reads: what O_DIRECT needs to reach the device's speed).
+                    let mut run_end = index + 1;
+                    let data_end = extent.as_ref().map_or(size, |e| e.end);
+                    while run_end < self.block_count
+                        && run_end - index < max_run
+                        && run_end * bs < data_end
+                        && self.map.is_none_or(|m| m.is_used(run_end))
+                    {
+                        run_end += 1;
+                    }
+                    let Ok(mut staging) = empty_rx.recv() else {
+                        return Ok(());
+                    };
+                    let run_bytes = ((run_end * bs).min(size) - start) as usize;
+                    self.source.read_bulk(start, &mut staging, run_bytes)?;
+                    if staged_tx.send((index, run_end, staging)).is_err() {
+                        return Ok(());
+                    }
+                    index = run_end;
                 }
+                Ok(())
+            };
+            let r = io();
+            // Drops `staged_tx`, which the closure holds: the dispatcher then ends.
+            drop(io);
+            if r.is_err() {
+                stop.store(true, Ordering::Relaxed);
             }
-            index = run_end;
-        }
-        Ok(())
+            let _ = dispatcher.join();
+            r
+        })
     }
 
     /// Worker stage.
