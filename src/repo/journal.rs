@@ -110,6 +110,37 @@ pub struct Journal {
 
 const BATCH_FIXED: usize = 16 + BatchStats::FIELDS * 8;
 
+/// Reads the preamble and header of a journal from the start of `file`. `Ok(None)` when it is
+/// not a complete, checksummed journal header; returns the header and its JSON length.
+fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeader, u64)>> {
+    let len = file.metadata().ctx("stat", path)?.len();
+    let mut pre = [0u8; 16];
+    if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
+        return Ok(None);
+    }
+    let version = le_u32(&pre, 8);
+    if version != JOURNAL_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: "resume journal",
+            path: path.to_path_buf(),
+            found: version,
+            supported: JOURNAL_VERSION,
+        });
+    }
+    let hlen = le_u32(&pre, 12) as u64;
+    if hlen > MAX_HEADER_LEN as u64 || 16 + hlen + 32 > len {
+        return Ok(None);
+    }
+    let mut json = vec![0u8; hlen as usize];
+    let mut sum = [0u8; 32];
+    file.read_exact(&mut json).ctx("read", path)?;
+    file.read_exact(&mut sum).ctx("read", path)?;
+    if *blake3::hash(&json).as_bytes() != sum {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice(&json).ok().map(|h| (h, hlen)))
+}
+
 fn header_bytes(h: &JournalHeader) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(h)
         .map_err(|e| Error::InvalidArgument(format!("cannot encode journal header: {e}")))?;
@@ -154,27 +185,12 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("open journal", path, e)),
         };
-        let len = file.metadata().ctx("stat", path)?.len();
-        let mut pre = [0u8; 16];
-        if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
-            return Ok(None);
+        match read_header_from(&mut file, path) {
+            Ok(h) => Ok(h.map(|(h, _)| h)),
+            // A journal of another version is not resumable; `resume` reports it.
+            Err(Error::UnsupportedVersion { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
-        let version = le_u32(&pre, 8);
-        if version != JOURNAL_VERSION {
-            return Ok(None);
-        }
-        let hlen = le_u32(&pre, 12) as u64;
-        if hlen > MAX_HEADER_LEN as u64 || 16 + hlen + 32 > len {
-            return Ok(None);
-        }
-        let mut json = vec![0u8; hlen as usize];
-        let mut sum = [0u8; 32];
-        file.read_exact(&mut json).ctx("read", path)?;
-        file.read_exact(&mut sum).ctx("read", path)?;
-        if *blake3::hash(&json).as_bytes() != sum {
-            return Ok(None);
-        }
-        Ok(serde_json::from_slice(&json).ok())
     }
 
     /// Opens an existing journal, replays its valid batches through `f` in order, cuts off a
@@ -191,34 +207,11 @@ impl Journal {
             Err(e) => return Err(Error::io("open journal", path, e)),
         };
         let len = file.metadata().ctx("stat", path)?.len();
-        let mut pre = [0u8; 16];
-        if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
-            return Ok(None);
-        }
-        let version = le_u32(&pre, 8);
-        if version != JOURNAL_VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: "resume journal",
-                path: path.to_path_buf(),
-                found: version,
-                supported: JOURNAL_VERSION,
-            });
-        }
-        let hlen = le_u32(&pre, 12) as u64;
-        if hlen > MAX_HEADER_LEN as u64 || 16 + hlen + 32 > len {
-            return Ok(None);
-        }
-        let mut json = vec![0u8; hlen as usize];
-        let mut sum = [0u8; 32];
-        file.read_exact(&mut json).ctx("read", path)?;
-        file.read_exact(&mut sum).ctx("read", path)?;
-        if *blake3::hash(&json).as_bytes() != sum {
-            return Ok(None);
-        }
-        let Ok(header) = serde_json::from_slice::<JournalHeader>(&json) else {
+        let Some((header, hlen)) = read_header_from(&mut file, path)? else {
             return Ok(None);
         };
         let mut valid_end = 16 + hlen + 32;
+        let mut sum = [0u8; 32];
         let mut next_block = 0u64;
         let mut reader = std::io::BufReader::new(&mut file);
         loop {
