@@ -324,6 +324,38 @@ fn restore_onto_a_larger_block_device_zeroes_unused_blocks() {
 }
 
 #[test]
+fn backup_refuses_a_filesystem_mounted_read_write_unless_allowed() {
+    if !require_root_and_loop() {
+        return;
+    }
+    let t = TestDir::new();
+    let repo = t.join("repo");
+    init_repo(&repo, &[]);
+    let fs_img = t.join("mounted.img");
+    sparse_file(&fs_img, 64 * MIB);
+    mkfs_ext4(&fs_img);
+    let lo = Loop::attach(&fs_img, false);
+    let m = Mount::new(&lo.dev, &t.join("mnt"), None);
+    // The device and the image file behind it are both refused, with the way out named.
+    for source in [p(&lo.dev), p(&fs_img)] {
+        volback_code(&["backup", source, p(&repo)], 1).stderr_has(&[
+            "mounted read-write",
+            p(&m.dir),
+            "--allow-mounted",
+            "snapshot",
+        ]);
+    }
+    assert!(snapshot_ids(&repo).is_empty());
+    let j = backup_json(&lo.dev, &repo, &["--allow-mounted"]);
+    assert!(!jstr(&j, "/snapshot").is_empty());
+    m.unmount();
+    // Mounted read-only is fine without the flag.
+    let m = Mount::new(&lo.dev, &t.join("mnt"), Some("ro"));
+    backup_json(&lo.dev, &repo, &[]);
+    m.unmount();
+}
+
+#[test]
 fn restore_refuses_mounted_and_too_small_devices() {
     if !require_root_and_loop() {
         return;
