@@ -329,7 +329,10 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
         }
         Command::Snapshots { repo, json } => {
             let repository = Repository::open(&repo)?;
-            let list = repository.list_snapshots()?;
+            let (list, damaged) = repository.list_snapshots_lenient()?;
+            for e in &damaged {
+                eprintln!("volback: error: {e}");
+            }
             if json {
                 let arr: Vec<_> = list
                     .iter()
@@ -369,7 +372,11 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 }
                 println!("{} snapshots", list.len());
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if damaged.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Restore {
             repo,

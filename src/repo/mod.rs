@@ -319,16 +319,29 @@ impl Repository {
 
     /// All snapshots, oldest first. A damaged snapshot file is an error naming it.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>> {
+        let (list, mut damaged) = self.list_snapshots_lenient()?;
+        match damaged.is_empty() {
+            true => Ok(list),
+            false => Err(damaged.remove(0)),
+        }
+    }
+
+    /// All readable snapshots, oldest first, and an error for each damaged snapshot file:
+    /// one damaged snapshot does not hide the others.
+    pub fn list_snapshots_lenient(&self) -> Result<(Vec<SnapshotEntry>, Vec<Error>)> {
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for id in self.snapshot_ids()? {
-            let snap = self.open_snapshot(&id)?;
-            out.push(SnapshotEntry {
-                id,
-                header: snap.header().clone(),
-            });
+            match self.open_snapshot(&id) {
+                Ok(snap) => out.push(SnapshotEntry {
+                    id,
+                    header: snap.header().clone(),
+                }),
+                Err(e) => damaged.push(e),
+            }
         }
         sort_snapshots(&mut out);
-        Ok(out)
+        Ok((out, damaged))
     }
 
     /// Resolves a snapshot selector: a full id, a unique id prefix, `latest`, or
@@ -338,6 +351,8 @@ impl Repository {
             selector: selector.into(),
         };
         if selector == "latest" || selector.starts_with("latest:") {
+            // Strict: a damaged snapshot might be the latest one, and restoring an older one
+            // in its place without a word would be wrong.
             let list = self.list_snapshots()?;
             let wanted = selector.strip_prefix("latest:");
             let wanted_abs = wanted.map(|w| {
