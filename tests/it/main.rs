@@ -5,6 +5,10 @@
 //! [`util::TestDir`]. Tests that need root and loop devices call
 //! [`util::require_root_and_loop`]: they skip on a machine without them, and fail when `CI` is
 //! set.
+//!
+//! They drive Linux tools (losetup, mkfs, mount, sfdisk, blkid), so they build on Unix only;
+//! a Windows build runs the library's unit tests.
+#![cfg(unix)]
 
 mod cli;
 mod corruption;
