@@ -12,6 +12,7 @@
 
 pub mod backup;
 pub mod buffer;
+pub mod bytes;
 pub mod error;
 pub mod fs;
 pub mod hash;

@@ -19,6 +19,7 @@
 //! the map unusable (the caller then reads every block) instead of trusting it.
 
 use super::{BlockMap, FsInfo};
+use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at};
 use crate::error::Result;
 use crate::volume::Volume;
 
@@ -33,14 +34,6 @@ const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_META_BG: u32 = 0x10;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const BG_BLOCK_UNINIT: u16 = 0x2;
-
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
 
 /// The fields of an ext superblock that the map needs.
 #[derive(Debug, Clone)]

@@ -34,6 +34,7 @@
 
 use super::crc32::crc32;
 use super::guid::Guid;
+use crate::bytes::{le_u32 as u32_le, le_u64 as u64_le};
 use crate::volume::Volume;
 
 pub const SIGNATURE: [u8; 8] = *b"EFI PART";
@@ -57,16 +58,6 @@ pub const ATTR_NO_BLOCK_IO: u32 = 1;
 pub const ATTR_LEGACY_BIOS_BOOTABLE: u32 = 2;
 /// Bits 48–63 are defined by each partition type; `sfdisk` prints them as `GUID:n`.
 pub const ATTR_TYPE_SPECIFIC_FIRST: u32 = 48;
-
-fn u32_le(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn u64_le(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
 
 fn guid_at(b: &[u8], o: usize) -> Guid {
     let mut g = [0u8; 16];

@@ -23,6 +23,7 @@
 //! Everything read from disk is checked: the chain is walked with loop detection and a hard
 //! cap of [`MAX_EBRS`] records, and each EBR must lie inside the extended partition.
 
+use crate::bytes::le_u32 as u32_le;
 use crate::volume::Volume;
 use std::collections::HashSet;
 
@@ -48,10 +49,6 @@ pub const BOOT_ACTIVE: u8 = 0x80;
 /// Whether `t` is an extended-partition type (DOS 0x05, Windows LBA 0x0F, Linux 0x85).
 pub fn is_extended(t: u8) -> bool {
     matches!(t, 0x05 | 0x0F | 0x85)
-}
-
-fn u32_le(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
 /// One 16-byte partition entry.

@@ -19,6 +19,10 @@
 
 use super::Filesystem;
 use super::guid::uuid_string;
+use crate::bytes::{
+    be_u16 as u16_be, be_u32 as u32_be, be_u64 as u64_be, le_u16 as u16_le, le_u32 as u32_le,
+    le_u64 as u64_le,
+};
 use crate::error::Result;
 use crate::fs::ext;
 use crate::volume::Volume;
@@ -49,28 +53,6 @@ const DIR_SCAN_LIMIT: u64 = 1 << 20;
 /// reported.
 const COUNT_LIMIT: u64 = 16 << 20;
 
-fn u16_le(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn u32_le(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn u64_le(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
-fn u16_be(b: &[u8], o: usize) -> u16 {
-    u16::from_be_bytes([b[o], b[o + 1]])
-}
-fn u32_be(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn u64_be(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
-}
 fn arr16(b: &[u8], o: usize) -> [u8; 16] {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[o..o + 16]);

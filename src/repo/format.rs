@@ -137,18 +137,7 @@ pub fn decode_records(
     Ok(())
 }
 
-/// Little-endian readers over a byte slice that was already length-checked.
-pub fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-pub fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
+pub use crate::bytes::{le_u32, le_u64};
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,50 @@
+//! Fixed-width integer readers for on-disk structures, shared by every parser.
+//!
+//! Callers check lengths first (a header is read whole, then its fields are taken); an
+//! offset past the slice is a bug in the caller and panics like any slice index.
+
+fn array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[at..at + N]);
+    a
+}
+
+pub fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(array(b, at))
+}
+
+pub fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(array(b, at))
+}
+
+pub fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(array(b, at))
+}
+
+pub fn be_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes(array(b, at))
+}
+
+pub fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(array(b, at))
+}
+
+pub fn be_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(array(b, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_orders() {
+        let b = [1u8, 2, 3, 4, 5, 6, 7, 8, 9];
+        assert_eq!(le_u16(&b, 1), 0x0302);
+        assert_eq!(be_u16(&b, 1), 0x0203);
+        assert_eq!(le_u32(&b, 0), 0x0403_0201);
+        assert_eq!(be_u32(&b, 0), 0x0102_0304);
+        assert_eq!(le_u64(&b, 1), 0x0908_0706_0504_0302);
+        assert_eq!(be_u64(&b, 1), 0x0203_0405_0607_0809);
+    }
+}
