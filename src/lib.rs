@@ -16,6 +16,7 @@ pub mod bytes;
 pub mod error;
 pub mod fs;
 pub mod hash;
+pub mod image;
 pub mod platform;
 pub mod probe;
 pub mod progress;
