@@ -265,6 +265,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     "parent": r.parent,
                     "resumed": r.resumed,
                     "filesystem": r.filesystem,
+                    "layout": r.layout,
                     "all_blocks": r.all_blocks,
                     "bytes_read": r.this_run.bytes_read,
                     "new_chunks": r.this_run.new_chunks,
@@ -300,6 +301,31 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                             ""
                         }
                     );
+                }
+                if let Some(l) = &r.layout {
+                    println!("  partitions      {} table {}", l.table, l.id);
+                    for p in &l.partitions {
+                        let what = match (&p.filesystem, p.role.as_deref()) {
+                            (_, Some("extended")) => "extended partition".to_string(),
+                            (Some(fs), _) => format!(
+                                "{} {}{}",
+                                fs.fs_type,
+                                fs.uuid,
+                                if p.all_blocks {
+                                    " (all blocks read)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                            (None, _) => "unknown content (all blocks read)".to_string(),
+                        };
+                        println!(
+                            "    #{:<3} {:>10} at {:>10}  {what}",
+                            p.number,
+                            human_bytes(p.size),
+                            human_bytes(p.start)
+                        );
+                    }
                 }
                 let s = &r.stats;
                 println!(

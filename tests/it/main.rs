@@ -13,6 +13,7 @@
 mod cli;
 mod corruption;
 mod crash;
+mod disk;
 mod ext4;
 mod probe;
 mod roundtrip;
