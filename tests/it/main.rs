@@ -15,6 +15,7 @@ mod corruption;
 mod crash;
 mod disk;
 mod ext4;
+mod mount;
 mod probe;
 mod roundtrip;
 mod util;
