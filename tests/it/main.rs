@@ -17,3 +17,4 @@ mod ext4;
 mod probe;
 mod roundtrip;
 mod util;
+mod xfs_btrfs;
