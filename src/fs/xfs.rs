@@ -325,6 +325,142 @@ fn check_crc(what: &str, buf: &[u8], field: usize) -> std::result::Result<(), St
     Ok(())
 }
 
+/// Log record header magic (`XLOG_HEADER_MAGIC_NUM`).
+const LOG_MAGIC: u32 = 0xFEED_BABE;
+/// Basic block: the unit of log addresses.
+const BB: u64 = 512;
+/// How far around the head the log's cycle stamps are checked: the most log I/O that can be
+/// in flight (8 in-core logs of at most 256 KiB), in basic blocks.
+const LOG_WINDOW: u64 = 8 * 256 * 1024 / BB;
+/// `oh_flags` bit of the operation that an unmount writes.
+const XLOG_UNMOUNT_TRANS: u8 = 0x20;
+
+/// The cycle stamp of the log block at `at`: its first word, or the cycle field of a record
+/// header (whose first word is the magic).
+fn log_cycle(b: &[u8], at: usize) -> u32 {
+    match be_u32(b, at) {
+        LOG_MAGIC => be_u32(b, at + 4),
+        c => c,
+    }
+}
+
+/// Checks that the internal log (`len` bytes at byte `start`) ends with an unmount record,
+/// as it does after a clean unmount; otherwise it holds metadata changes that are not yet
+/// in place (allocations the free-space trees do not show), and `Err` says so.
+///
+/// Every 512-byte basic block of the log starts with the cycle number (pass over the log) it
+/// was written in. The head — where the next write goes — is the first block whose cycle is
+/// lower than block 0's (found by binary search, as the kernel does), or the end when the
+/// whole log has one cycle. The stamps within [`LOG_WINDOW`] on both sides of the head must
+/// be exactly what a completed sequence of writes leaves (no torn or in-flight writes), and
+/// the last record before the head must be a one-operation unmount record ending at the head.
+/// Record header (big-endian): magic @0, cycle @4, version @8, len @12 (data bytes),
+/// num_logops @40, fs uuid @304, size @320 (in-core log size: headers take
+/// ⌈size / 32 KiB⌉ blocks in version 2). The operation header after it: flags u8 @9.
+fn check_log_clean(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    start: u64,
+    len: u64,
+) -> std::result::Result<(), String> {
+    let n = len / BB;
+    if n < 2 {
+        return Err("the log is too small".into());
+    }
+    let read = |first: u64, count: u64| -> std::result::Result<Vec<u8>, String> {
+        let mut b = vec![0u8; (count * BB) as usize];
+        vol.read_at(start + first * BB, &mut b)
+            .map_err(|e| format!("reading the log: {e}"))?;
+        Ok(b)
+    };
+    let cycle_at =
+        |blk: u64| -> std::result::Result<u32, String> { Ok(log_cycle(&read(blk, 1)?, 0)) };
+    let dirty = |why: &str| -> std::result::Result<(), String> {
+        Err(format!(
+            "the log needs recovery: {why}; until it is replayed (mount and unmount the \
+             filesystem once) the free-space trees may miss recent allocations"
+        ))
+    };
+    let first = cycle_at(0)?;
+    if first == 0 {
+        // A log never written to: nothing to replay.
+        return Ok(());
+    }
+    let last = cycle_at(n - 1)?;
+    // head: the first block of the older pass; `n` when the whole log is of one pass.
+    let head = if first == last {
+        n
+    } else {
+        if last.checked_add(1) != Some(first) {
+            return dirty(&format!("cycles {first} and {last} at its ends"));
+        }
+        let (mut lo, mut hi) = (0u64, n - 1); // cycle(lo) == first, cycle(hi) == last
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if cycle_at(mid)? == first {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        hi
+    };
+    let expected = |blk: u64| if blk < head { first } else { last };
+    // The blocks around the head, in log order from `w0`.
+    let (w0, count) = if n <= 2 * LOG_WINDOW {
+        (head % n, n)
+    } else {
+        ((head + n - LOG_WINDOW) % n, 2 * LOG_WINDOW)
+    };
+    let mut win = Vec::with_capacity((count * BB) as usize);
+    let part = count.min(n - w0);
+    win.extend(read(w0, part)?);
+    if part < count {
+        win.extend(read(0, count - part)?);
+    }
+    let blk_of = |i: u64| (w0 + i) % n;
+    for i in 0..count {
+        let blk = blk_of(i);
+        let c = log_cycle(&win, (i * BB) as usize);
+        if c != expected(blk) {
+            return dirty(&format!(
+                "block {blk} has cycle {c}, expected {}",
+                expected(blk)
+            ));
+        }
+    }
+    // The last record header before the head, within the window.
+    let head_i = if count == n { n } else { LOG_WINDOW };
+    let Some(rec_i) = (0..head_i)
+        .rev()
+        .find(|&i| be_u32(&win, (i * BB) as usize) == LOG_MAGIC)
+    else {
+        return dirty("no record header before the head");
+    };
+    let h = &win[(rec_i * BB) as usize..((rec_i + 1) * BB) as usize];
+    let version = be_u32(h, 8);
+    let data_len = u64::from(be_u32(h, 12));
+    let ops = be_u32(h, 40);
+    let size = u64::from(be_u32(h, 320));
+    let hblks = if version & 2 != 0 && size > 32768 {
+        size.div_ceil(32768)
+    } else {
+        1
+    };
+    let uuid = uuid_at(h, 304);
+    if uuid != sb.uuid && uuid != [0; 16] {
+        return dirty("its last record belongs to another filesystem");
+    }
+    if ops != 1 || rec_i + hblks + data_len.div_ceil(BB) != head_i {
+        return dirty("its last record is not an unmount record");
+    }
+    let op_i = rec_i + hblks;
+    if op_i >= head_i || win[(op_i * BB) as usize + 9] & XLOG_UNMOUNT_TRANS == 0 {
+        return dirty("its last record is not an unmount record");
+    }
+    Ok(())
+}
+
 /// Builds the allocation map of an XFS filesystem at `granularity` bytes per bit. `Err`
 /// explains why the filesystem's data cannot be trusted.
 pub fn allocation_map(
@@ -349,8 +485,10 @@ pub fn allocation_map(
     let mut map = BlockMap::new(vol.size(), granularity);
     // Bytes past the filesystem's end are not the filesystem's to describe: keep them.
     map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
-    // The internal log is never in a free-space tree; marking it is a cross-check.
+    // The internal log is never in a free-space tree; marking it is a cross-check. A log
+    // that was not cleanly unmounted holds allocations the free-space trees do not show yet.
     if let Some((start, len)) = sb.internal_log()? {
+        check_log_clean(vol, sb, start, len)?;
         map.mark_bytes(start, len);
     }
     let mut block = vec![0u8; sb.block_size as usize];
@@ -645,6 +783,74 @@ mod tests {
         })
     }
 
+    /// Writes a log of four basic blocks at AG 0 blocks 60..64: `cycles[i]` stamped on
+    /// block i, a record header at block `rec` (one operation, one data block) whose
+    /// operation has `flags`.
+    fn write_log(img: &mut [u8], cycles: [u32; 4], rec: usize, flags: u8) {
+        let log = 60 * 512;
+        for (i, c) in cycles.iter().enumerate() {
+            let b = &mut img[log + i * 512..log + (i + 1) * 512];
+            b.fill(0);
+            put(b, 0, &c.to_be_bytes());
+        }
+        let h = &mut img[log + rec * 512..log + (rec + 1) * 512];
+        let cycle = cycles[rec];
+        put(h, 0, &LOG_MAGIC.to_be_bytes());
+        put(h, 4, &cycle.to_be_bytes());
+        put(h, 8, &2u32.to_be_bytes());
+        put(h, 12, &512u32.to_be_bytes());
+        put(h, 16, &(u64::from(cycle) << 32 | rec as u64).to_be_bytes());
+        put(h, 40, &1u32.to_be_bytes());
+        put(h, 300, &1u32.to_be_bytes());
+        put(h, 304, &[0x5A; 16]);
+        put(h, 320, &32768u32.to_be_bytes());
+        img[log + (rec + 1) * 512 + 9] = flags;
+    }
+
+    #[test]
+    fn the_internal_log_must_end_with_an_unmount_record() {
+        let cases: [([u32; 4], usize, u8, Option<&str>); 6] = [
+            // First pass, rest of the log zeroed: head at block 2.
+            ([1, 1, 0, 0], 0, 0x20, None),
+            // Second pass: head at block 2, block 3 from the first pass.
+            ([2, 2, 1, 1], 0, 0x20, None),
+            // The whole log in one pass: the head wraps to block 0.
+            ([3, 3, 3, 3], 2, 0x20, None),
+            // A commit record, not an unmount record.
+            ([1, 1, 0, 0], 0, 0x02, Some("not an unmount record")),
+            // A write of the current pass past the record (in flight at a crash).
+            ([2, 2, 2, 1], 0, 0x20, Some("not an unmount record")),
+            // Cycles that no sequence of writes leaves.
+            ([5, 5, 2, 2], 0, 0x20, Some("cycles 5 and 2")),
+        ];
+        for (cycles, rec, flags, want) in cases {
+            for v5 in [false, true] {
+                let mut img = sample(v5, false);
+                write_log(&mut img, cycles, rec, flags);
+                let vol = Mem(img);
+                let sb = Superblock::read(&vol).unwrap().unwrap();
+                match (allocation_map(&vol, &sb, BS), want) {
+                    (Ok(_), None) => {}
+                    (Err(e), Some(w)) => {
+                        assert!(
+                            e.contains("needs recovery") && e.contains(w),
+                            "{cycles:?}: {e}"
+                        )
+                    }
+                    (r, _) => panic!("{cycles:?}: {r:?}"),
+                }
+            }
+        }
+        // A hole in the current pass before the head.
+        let mut img = sample(false, false);
+        write_log(&mut img, [2, 2, 1, 1], 0, 0x20);
+        put(&mut img, 60 * 512 + 512, &1u32.to_be_bytes());
+        let vol = Mem(img);
+        let sb = Superblock::read(&vol).unwrap().unwrap();
+        let err = allocation_map(&vol, &sb, BS).unwrap_err();
+        assert!(err.contains("needs recovery"), "{err}");
+    }
+
     fn used_blocks(map: &BlockMap) -> Vec<u64> {
         (0..map.block_count()).filter(|&b| map.is_used(b)).collect()
     }
@@ -798,15 +1004,17 @@ mod tests {
         fn mutated_images_never_panic(
             v5 in any::<bool>(),
             split in any::<bool>(),
-            // (AG, block: 0 superblock, 1 AGF, 4 and 5 leaves, 8 node; byte; value)
+            // (AG, block: 0 superblock, 1 AGF, 4 and 5 leaves, 8 node, 60..64 log; byte;
+            // value)
             patch in proptest::collection::vec(
-                (0u64..3, prop::sample::select(vec![0u64, 1, 4, 5, 8]), 0usize..512, any::<u8>()),
+                (0u64..3, prop::sample::select(vec![0u64, 1, 4, 5, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
                 1..12,
             ),
             recrc in any::<bool>(),
             gran in prop_oneof![Just(512u64), Just(4096), Just(65536)],
         ) {
             let mut img = sample(v5, split);
+            write_log(&mut img, [2, 2, 1, 1], 0, 0x20);
             for (ag, block, at, v) in patch {
                 let o = ((ag * AGBLOCKS + block) * BS) as usize + at;
                 if o < img.len() {
