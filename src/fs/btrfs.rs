@@ -36,7 +36,7 @@
 //! blocks are checked (checksum, address, fsid, level, generation, item bounds, key order) and
 //! the walks are bounded; the extents must add up to the superblock's `bytes_used`.
 //! Filesystems on several devices, RAID profiles other than SINGLE and DUP, an unreplayed log
-//! tree, zoned or extent-tree-v2 filesystems and checksums other than crc32c and sha256 give
+//! tree, zoned or extent-tree-v2 filesystems and blake2b checksums give
 //! no map (the caller reads every block, with a warning saying why).
 
 use super::{BlockMap, FsInfo};
@@ -295,8 +295,8 @@ fn verify_csum(kind: u16, block: &[u8], what: &str) -> std::result::Result<(), S
     let data = &block[CSUM_LEN..];
     let ok = match kind {
         0 => crc32c(data).to_le_bytes() == block[..4],
+        1 => xxh64(data).to_le_bytes() == block[..8],
         2 => sha2::Sha256::digest(data)[..] == block[..32],
-        1 => return Err("xxhash64 checksums are not supported".into()),
         3 => return Err("blake2b checksums are not supported".into()),
         k => return Err(format!("unknown checksum type {k}")),
     };
@@ -305,6 +305,70 @@ fn verify_csum(kind: u16, block: &[u8], what: &str) -> std::result::Result<(), S
     } else {
         Err(format!("{what}: checksum mismatch"))
     }
+}
+
+/// XXH64 with seed 0 (`csum_type` 1, stored little-endian), from the xxHash specification
+/// (XXH64: four 64-bit lanes over 32-byte stripes, then the tail and the avalanche).
+fn xxh64(data: &[u8]) -> u64 {
+    const P1: u64 = 0x9E37_79B1_85EB_CA87;
+    const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    const P3: u64 = 0x1656_67B1_9E37_79F9;
+    const P4: u64 = 0x85EB_CA77_C2B2_AE63;
+    const P5: u64 = 0x27D4_EB2F_1656_67C5;
+    fn round(acc: u64, lane: u64) -> u64 {
+        acc.wrapping_add(lane.wrapping_mul(P2))
+            .rotate_left(31)
+            .wrapping_mul(P1)
+    }
+    fn merge(acc: u64, v: u64) -> u64 {
+        (acc ^ round(0, v)).wrapping_mul(P1).wrapping_add(P4)
+    }
+    let mut rest = data;
+    let mut h = if data.len() >= 32 {
+        let mut v = [P1.wrapping_add(P2), P2, 0, 0u64.wrapping_sub(P1)];
+        while rest.len() >= 32 {
+            for (i, lane) in v.iter_mut().enumerate() {
+                *lane = round(*lane, le_u64(rest, i * 8));
+            }
+            rest = &rest[32..];
+        }
+        let mut h = v[0]
+            .rotate_left(1)
+            .wrapping_add(v[1].rotate_left(7))
+            .wrapping_add(v[2].rotate_left(12))
+            .wrapping_add(v[3].rotate_left(18));
+        for lane in v {
+            h = merge(h, lane);
+        }
+        h
+    } else {
+        P5
+    };
+    h = h.wrapping_add(data.len() as u64);
+    while rest.len() >= 8 {
+        h = (h ^ round(0, le_u64(rest, 0)))
+            .rotate_left(27)
+            .wrapping_mul(P1)
+            .wrapping_add(P4);
+        rest = &rest[8..];
+    }
+    if rest.len() >= 4 {
+        h = (h ^ u64::from(le_u32(rest, 0)).wrapping_mul(P1))
+            .rotate_left(23)
+            .wrapping_mul(P2)
+            .wrapping_add(P3);
+        rest = &rest[4..];
+    }
+    for &b in rest {
+        h = (h ^ u64::from(b).wrapping_mul(P5))
+            .rotate_left(11)
+            .wrapping_mul(P1);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(P2);
+    h ^= h >> 29;
+    h = h.wrapping_mul(P3);
+    h ^ (h >> 32)
 }
 
 /// A tree key, ordered as btrfs orders them.
@@ -1005,6 +1069,13 @@ mod tests {
     }
 
     #[test]
+    fn xxh64_check_values() {
+        assert_eq!(xxh64(b""), 0xEF46_DB37_51D8_E999);
+        assert_eq!(xxh64(b"a"), 0xD24E_C4F1_A98C_6E5B);
+        assert_eq!(xxh64(b"abc"), 0x44BC_2CF5_AD77_0999);
+    }
+
+    #[test]
     fn a_damaged_dup_copy_is_read_from_the_other() {
         let mut img = image(true);
         img[(META_PHYS[0] + 4096 + 500) as usize] ^= 1;
@@ -1020,7 +1091,7 @@ mod tests {
         let cases: [(usize, &[u8], &str); 6] = [
             (0x88, &2u64.to_le_bytes(), "spans 2 devices"),
             (0x60, &(META + 8192).to_le_bytes(), "log tree"),
-            (0xC4, &1u16.to_le_bytes(), "xxhash64"),
+            (0xC4, &3u16.to_le_bytes(), "blake2b"),
             (0xBC, &(0x141u64 | 1 << 12).to_le_bytes(), "zoned"),
             (0xBC, &(0x141u64 | 1 << 40).to_le_bytes(), "0x10000000000"),
             (0x78, &12345u64.to_le_bytes(), "superblock counts 12345"),
