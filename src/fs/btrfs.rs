@@ -1076,6 +1076,24 @@ mod tests {
     }
 
     #[test]
+    fn probe_maps_or_says_why_not() {
+        let p = crate::fs::probe(&Mem(image(false)), 4096).unwrap();
+        assert_eq!(p.fs.unwrap().fs_type, "btrfs");
+        assert_eq!(used_4k(&p.map.unwrap()), expected(false));
+        assert!(p.warning.is_none());
+        let mut img = image(false);
+        put(&mut img, SB_OFFSET as usize + 0x88, &3u64.to_le_bytes());
+        set_sb_csum(&mut img);
+        let p = crate::fs::probe(&Mem(img), 4096).unwrap();
+        assert!(p.map.is_none());
+        let w = p.warning.unwrap();
+        assert!(
+            w.starts_with("no btrfs allocation map (the filesystem spans 3 devices"),
+            "{w}"
+        );
+    }
+
+    #[test]
     fn a_damaged_dup_copy_is_read_from_the_other() {
         let mut img = image(true);
         img[(META_PHYS[0] + 4096 + 500) as usize] ^= 1;

@@ -992,11 +992,26 @@ mod tests {
     }
 
     #[test]
-    fn realtime_section_is_noted() {
+    fn probe_keeps_the_map_and_notes_a_realtime_section() {
         let mut img = sample(false, false);
         put(&mut img, 16, &1000u64.to_be_bytes());
-        let sb = Superblock::read(&Mem(img)).unwrap().unwrap();
-        assert!(sb.realtime_note().unwrap().contains("1000 blocks"));
+        let p = crate::fs::probe(&Mem(img.clone()), 4096).unwrap();
+        assert_eq!(p.fs.unwrap().fs_type, "xfs");
+        assert!(p.map.is_some());
+        assert!(
+            p.warning
+                .unwrap()
+                .contains("realtime section of 1000 blocks")
+        );
+        // A damaged AGF: no map, and the reason.
+        img[512] = 0;
+        let p = crate::fs::probe(&Mem(img), 4096).unwrap();
+        assert!(p.map.is_none());
+        let w = p.warning.unwrap();
+        assert!(
+            w.starts_with("no xfs allocation map (AGF of AG 0: bad magic)"),
+            "{w}"
+        );
     }
 
     proptest! {
