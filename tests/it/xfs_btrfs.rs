@@ -123,6 +123,11 @@ fn round_trip(case: &Case, seed: u64) {
     );
     // The residue is there: a backup of every block stores it.
     let all = backup_json(&lo.dev, &repo, &["--all-blocks"]);
+    eprintln!(
+        "{}: every block stores {} more",
+        case.fs_type,
+        ju64(&all, "/new_bytes")
+    );
     assert!(
         ju64(&all, "/new_bytes") >= deleted * 3 / 4,
         "{}: the deleted files left no residue to skip: {all}",
