@@ -5,8 +5,10 @@
 //! read from the filesystem's own structures, never by mounting it. Anything unknown or
 //! damaged falls back to "every block is used", with a warning that says why.
 
+pub mod btrfs;
 pub mod disk;
 pub mod ext;
+pub mod xfs;
 
 use crate::error::Result;
 use crate::volume::Volume;
@@ -15,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// What a probe found on a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsInfo {
-    /// "ext2", "ext3", "ext4".
+    /// "ext2", "ext3", "ext4", "xfs", "btrfs".
     #[serde(rename = "type")]
     pub fs_type: String,
     pub uuid: String,
@@ -118,7 +120,8 @@ pub struct Probe {
     pub fs: Option<FsInfo>,
     /// `None`: every block must be read.
     pub map: Option<BlockMap>,
-    /// Why there is no map although a filesystem was recognised (damaged structures…).
+    /// Why there is no map although a filesystem was recognised (damaged structures…), or
+    /// what the map does not cover (an XFS realtime device).
     pub warning: Option<String>,
 }
 
@@ -143,11 +146,41 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
             },
         });
     }
+    if let Some(sb) = xfs::Superblock::read(vol)? {
+        let mut p = mapped(sb.info(), xfs::allocation_map(vol, &sb, granularity));
+        p.warning = p.warning.or(sb.realtime_note());
+        return Ok(p);
+    }
+    if let Some(sb) = btrfs::Superblock::read(vol)? {
+        return Ok(mapped(
+            sb.info(),
+            btrfs::allocation_map(vol, &sb, granularity),
+        ));
+    }
     Ok(Probe {
         fs: None,
         map: None,
         warning: None,
     })
+}
+
+/// The probe result for a recognised filesystem whose map was built, or not (`Err` says why).
+fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
+    match map {
+        Ok(map) => Probe {
+            fs: Some(info),
+            map: Some(map),
+            warning: None,
+        },
+        Err(why) => Probe {
+            warning: Some(format!(
+                "no {} allocation map ({why}); reading every block",
+                info.fs_type
+            )),
+            fs: Some(info),
+            map: None,
+        },
+    }
 }
 
 #[cfg(test)]

@@ -19,3 +19,4 @@ mod mount;
 mod probe;
 mod roundtrip;
 mod util;
+mod xfs_btrfs;
