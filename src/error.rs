@@ -120,8 +120,12 @@ pub enum Error {
     },
 
     /// An NBD client broke the protocol; the server closed that client's connection.
-    #[error("NBD client {client} broke the protocol: {detail}")]
-    NbdProtocol { client: String, detail: String },
+    #[error("{client} broke the NBD protocol: {detail}")]
+    NbdProtocol {
+        /// The client ("client 3 (127.0.0.1:41234)").
+        client: String,
+        detail: String,
+    },
 
     /// A volume has no partition table that can be dumped.
     #[error("{} has no usable partition table: {detail}", path.display())]

@@ -5,6 +5,7 @@
 
 mod display;
 mod probe_cli;
+mod serve_cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use volback::backup::{BackupOptions, backup};
 use volback::hash::HashAlgorithm;
+use volback::nbd::ListenAddr;
 use volback::repo::{InitOptions, Repository};
 use volback::restore::{RestoreOptions, plan_restore, restore};
 use volback::source::Source;
@@ -112,6 +114,23 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Serve a snapshot read-only over NBD until Ctrl-C (prints the URI to connect to).
+    Serve {
+        repo: PathBuf,
+        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
+        snapshot: String,
+        /// Where to listen: HOST:PORT for TCP (port 0 picks a free port), or a Unix socket
+        /// path, recognised by containing a `/` (./nbd.sock, /run/volback.sock).
+        #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+        nbd: ListenAddr,
+        /// Export name (default: the snapshot's 12-character id; clients asking for the
+        /// empty default name get it too).
+        #[arg(long, value_name = "EXPORT")]
+        name: Option<String>,
+        /// Most clients connected at once; more connections are closed at once.
+        #[arg(long, default_value_t = 16)]
+        max_clients: usize,
+    },
     /// Check snapshots and their chunks.
     Verify {
         repo: PathBuf,
@@ -162,6 +181,11 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `--nbd ADDR` (a usage error when malformed).
+fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
+    ListenAddr::parse(s).map_err(|e| e.to_string())
 }
 
 fn block_size_arg(v: Option<u64>) -> Result<Option<u32>> {
@@ -414,6 +438,23 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            repo,
+            snapshot,
+            nbd,
+            name,
+            max_clients,
+        } => serve_cli::serve(
+            serve_cli::ServeArgs {
+                repo: &repo,
+                snapshot: &snapshot,
+                nbd,
+                name,
+                max_clients,
+                quiet,
+            },
+            &cancel,
+        ),
         Command::Verify {
             repo,
             snapshot,

@@ -210,7 +210,7 @@ impl<W: Write> Handshaker<'_, W> {
         }
         let full = proto::META_BASE_ALLOCATION.as_bytes();
         let selected = if set {
-            req.queries.iter().any(|q| *q == full)
+            req.queries.contains(&full)
         } else {
             // Listing: no query lists everything; `base:` is a wildcard for the namespace.
             req.queries.is_empty() || req.queries.iter().any(|q| *q == full || *q == b"base:")
@@ -1188,7 +1188,7 @@ mod tests {
         let mut e = export();
         e.volume = Arc::new(Mem {
             bytes: vec![1u8; 8192],
-            data: vec![0..8192],
+            data: std::iter::once(0..8192).collect(),
             bad: Some(5000),
         });
         let o = run(
