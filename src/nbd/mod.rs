@@ -19,13 +19,19 @@
 //! at most [`MAX_OPTIONS`] options per handshake, the handshake must finish within
 //! [`ServerOptions::handshake_timeout`], reads and writes above [`MAX_PAYLOAD`] are refused
 //! (advertised as the maximum block size), a block status reply holds at most
-//! [`MAX_EXTENTS`] extents. Memory per client is bounded by one read (at most
-//! [`MAX_PAYLOAD`] for simple replies, [`READ_PIECE`] for structured ones).
+//! [`MAX_EXTENTS`] extents. Reads are served in pieces of [`READ_PIECE`], so a client costs
+//! at most one piece of memory whatever it asks. A simple reply cannot report an error after
+//! its header: a read error in the first piece is answered `NBD_EIO`, one in a later piece
+//! closes the connection (structured replies report both as error chunks).
 //! A protocol violation (bad magic, oversized write) closes that client's connection only.
 
+mod handshake;
 mod proto;
 mod server;
 mod session;
+#[cfg(test)]
+mod testing;
+mod transmission;
 
 pub use server::{ListenAddr, Server};
 
@@ -43,7 +49,7 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Most options one handshake may send.
 pub const MAX_OPTIONS: usize = 1024;
-/// Structured reads are read from the volume and sent in pieces of at most this size.
+/// Reads are read from the volume and sent in pieces of at most this size.
 pub const READ_PIECE: usize = 2 << 20;
 /// Most extents in one block status reply (the client asks again for the rest).
 pub const MAX_EXTENTS: usize = 1 << 16;

@@ -1,6 +1,8 @@
 //! Listening on TCP or a Unix socket, one thread per client, and a clean stop.
 
-use super::session::{self, Fault, Handshake, Transmission, Transmitter};
+use super::handshake::{Handshake, handshake};
+use super::session::Fault;
+use super::transmission::{Transmission, Transmitter};
 use super::{Client, Events, Export, ServeSummary, ServerOptions, SessionEnd, SessionStats};
 use crate::error::{Error, Result};
 use crate::platform::{LocalListener, LocalStream};
@@ -408,6 +410,7 @@ fn serve_client(
             client: client_name(client),
             detail,
         },
+        Fault::Volume(e) => e,
     };
     let writer = match stream.try_clone() {
         Ok(w) => w,
@@ -422,7 +425,7 @@ fn serve_client(
     }
     let mut r = BufReader::with_capacity(64 << 10, stream);
     let mut w = BufWriter::with_capacity(256 << 10, writer);
-    let end = match session::handshake(&mut r, &mut w, export) {
+    let end = match handshake(&mut r, &mut w, export) {
         Ok(Handshake::Go(negotiated)) => {
             stats.transmission = true;
             match r.get_ref().set_read_timeout(None) {
@@ -496,6 +499,92 @@ mod tests {
         ] {
             assert!(ListenAddr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Records session ends.
+    #[derive(Default)]
+    struct Record(Mutex<Vec<String>>);
+
+    impl Events for Record {
+        fn disconnected(&self, client: &Client, end: &SessionEnd, _stats: &SessionStats) {
+            let what = match end {
+                SessionEnd::Failed(e) => e.to_string(),
+                e => format!("{e:?}"),
+            };
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{}: {what}", client.id));
+        }
+    }
+
+    #[test]
+    fn silent_clients_are_dropped_after_the_handshake_timeout_and_stop_ends_sessions() {
+        let export = Export {
+            name: "x".into(),
+            description: String::new(),
+            volume: std::sync::Arc::new(crate::nbd::testing::Mem {
+                bytes: vec![7; 4096],
+                data: std::iter::once(0..4096).collect(),
+                bad: None,
+            }),
+        };
+        let options = ServerOptions {
+            max_clients: 4,
+            handshake_timeout: Duration::from_millis(100),
+        };
+        let addr = ListenAddr::parse("127.0.0.1:0").unwrap();
+        let server = Server::bind(&addr, export, options).unwrap();
+        assert!(server.uri().starts_with("nbd://127.0.0.1:"));
+        assert!(server.uri().ends_with("/x"));
+        assert_eq!(server.socket_path(), None);
+        let port: u16 = server
+            .address()
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
+        let stop = AtomicBool::new(false);
+        let events = Record::default();
+        std::thread::scope(|s| {
+            let running = s.spawn(|| server.run(&stop, &events));
+            let guard = Some(Duration::from_secs(30));
+            // A client that never answers the greeting.
+            let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            silent.set_read_timeout(guard).unwrap();
+            let mut greeting = [0u8; 18];
+            silent.read_exact(&mut greeting).unwrap();
+            assert_eq!(
+                silent.read(&mut [0u8; 1]).unwrap(),
+                0,
+                "closed after the timeout"
+            );
+            // A client that finished its handshake is not subject to the timeout; it is
+            // disconnected when the server stops.
+            let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            idle.set_read_timeout(guard).unwrap();
+            idle.read_exact(&mut greeting).unwrap();
+            let mut go = 3u32.to_be_bytes().to_vec();
+            go.extend_from_slice(&super::super::proto::IHAVEOPT.to_be_bytes());
+            go.extend_from_slice(&super::super::proto::OPT_EXPORT_NAME.to_be_bytes());
+            go.extend_from_slice(&0u32.to_be_bytes());
+            idle.write_all(&go).unwrap();
+            let mut export_info = [0u8; 10];
+            idle.read_exact(&mut export_info).unwrap();
+            stop.store(true, Ordering::SeqCst);
+            let summary = running.join().unwrap().unwrap();
+            assert_eq!(summary.clients, 2);
+            assert_eq!(idle.read(&mut [0u8; 1]).unwrap(), 0, "closed by the stop");
+        });
+        let mut ends = events.0.into_inner().unwrap();
+        ends.sort();
+        assert_eq!(ends.len(), 2, "{ends:?}");
+        assert!(
+            ends[0].starts_with("1: ") && ends[0].contains("handshake within 0.1 s"),
+            "{ends:?}"
+        );
+        assert_eq!(ends[1], "2: Stopped");
     }
 
     #[test]
