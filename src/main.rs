@@ -1,7 +1,8 @@
 //! The `volback` command: parses arguments, calls the library, displays, chooses exit codes.
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error, 3 completed with unreadable sectors,
-//! 130 interrupted (progress saved where the command supports resuming).
+//! 130 interrupted (progress saved where the command supports resuming). `serve` runs until
+//! Ctrl-C and then exits 0 (Ctrl-C is how it is meant to stop).
 
 mod display;
 mod probe_cli;
@@ -26,7 +27,7 @@ use volback::verify::{VerifyOptions, verify};
 #[derive(Parser)]
 #[command(name = "volback", version, about = "Block-level volume backup", long_about = None)]
 struct Cli {
-    /// Never show progress bars.
+    /// Never show progress bars (`serve`: no per-client lines, only warnings and errors).
     #[arg(long, global = true)]
     quiet: bool,
     #[command(subcommand)]
