@@ -1,12 +1,14 @@
 //! The `volback` command: parses arguments, calls the library, displays, chooses exit codes.
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error, 3 completed with unreadable sectors,
-//! 130 interrupted (progress saved where the command supports resuming).
+//! 130 interrupted (progress saved where the command supports resuming). `serve` runs until
+//! Ctrl-C and then exits 0 (Ctrl-C is how it is meant to stop).
 
 mod display;
 #[cfg(target_os = "linux")]
 mod mount_cli;
 mod probe_cli;
+mod serve_cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -18,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use volback::backup::{BackupOptions, backup};
 use volback::hash::HashAlgorithm;
+use volback::nbd::ListenAddr;
 use volback::repo::{InitOptions, Repository};
 use volback::restore::{RestoreOptions, plan_restore, restore};
 use volback::source::Source;
@@ -26,7 +29,7 @@ use volback::verify::{VerifyOptions, verify};
 #[derive(Parser)]
 #[command(name = "volback", version, about = "Block-level volume backup", long_about = None)]
 struct Cli {
-    /// Never show progress bars.
+    /// Never show progress bars (`serve`: no per-client lines, only warnings and errors).
     #[arg(long, global = true)]
     quiet: bool,
     #[command(subcommand)]
@@ -142,6 +145,23 @@ enum Command {
         /// The view directory (or a --files mount point of it).
         dir: PathBuf,
     },
+    /// Serve a snapshot read-only over NBD until Ctrl-C (prints the URI to connect to).
+    Serve {
+        repo: PathBuf,
+        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
+        snapshot: String,
+        /// Where to listen: HOST:PORT for TCP (port 0 picks a free port), or a Unix socket
+        /// path, recognised by containing a `/` (./nbd.sock, /run/volback.sock).
+        #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+        nbd: ListenAddr,
+        /// Export name (default: the snapshot's 12-character id; clients asking for the
+        /// empty default name get it too).
+        #[arg(long, value_name = "EXPORT")]
+        name: Option<String>,
+        /// Most clients connected at once; more connections are closed at once.
+        #[arg(long, default_value_t = 16)]
+        max_clients: usize,
+    },
     /// Check snapshots and their chunks.
     Verify {
         repo: PathBuf,
@@ -192,6 +212,11 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `--nbd ADDR` (a usage error when malformed).
+fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
+    ListenAddr::parse(s).map_err(|e| e.to_string())
 }
 
 fn block_size_arg(v: Option<u64>) -> Result<Option<u32>> {
@@ -489,6 +514,23 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            repo,
+            snapshot,
+            nbd,
+            name,
+            max_clients,
+        } => serve_cli::serve(
+            serve_cli::ServeArgs {
+                repo: &repo,
+                snapshot: &snapshot,
+                nbd,
+                name,
+                max_clients,
+                quiet,
+            },
+            &cancel,
+        ),
         Command::Verify {
             repo,
             snapshot,

@@ -16,6 +16,7 @@ mod crash;
 mod disk;
 mod ext4;
 mod mount;
+mod nbd;
 mod probe;
 mod roundtrip;
 mod util;
