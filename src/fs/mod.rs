@@ -5,7 +5,11 @@
 //! read from the filesystem's own structures, never by mounting it. Anything unknown or
 //! damaged falls back to "every block is used", with a warning that says why.
 
+mod alloc;
+pub mod exfat;
 pub mod ext;
+pub mod fat;
+pub mod ntfs;
 
 use crate::error::Result;
 use crate::volume::Volume;
@@ -14,16 +18,21 @@ use serde::{Deserialize, Serialize};
 /// What a probe found on a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsInfo {
-    /// "ext2", "ext3", "ext4".
+    /// "ext2", "ext3", "ext4", "ntfs", "vfat", "exfat" (`blkid`'s TYPE).
     #[serde(rename = "type")]
     pub fs_type: String,
+    /// As `volback probe` reports it: "FAT12", "FAT16", "FAT32" for vfat, the revision
+    /// ("1.0") for exfat; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     pub uuid: String,
     pub label: String,
     /// Filesystem block size in bytes.
     pub block_size: u32,
     /// Size the filesystem spans, in bytes.
     pub size: u64,
-    /// Bytes the filesystem reports as used.
+    /// Bytes the filesystem reports as used (NTFS, FAT, exFAT: clusters in use; the whole
+    /// size when their allocation data is unusable).
     pub used_bytes: u64,
 }
 
@@ -116,11 +125,38 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
             },
         });
     }
+    if let Some((info, map)) = ntfs::probe(vol, granularity)? {
+        return Ok(Probe::mapped(info, map));
+    }
+    if let Some((info, map)) = exfat::probe(vol, granularity)? {
+        return Ok(Probe::mapped(info, map));
+    }
+    if let Some((info, map)) = fat::probe(vol, granularity)? {
+        return Ok(Probe::mapped(info, map));
+    }
     Ok(Probe {
         fs: None,
         map: None,
         warning: None,
     })
+}
+
+impl Probe {
+    /// A recognised filesystem with its map, or without one and a warning saying why.
+    fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
+        let warning = map.as_ref().err().map(|why| {
+            let name = match &info.version {
+                Some(v) if info.fs_type == "vfat" => format!("{} ({v})", info.fs_type),
+                _ => info.fs_type.clone(),
+            };
+            format!("{name} allocation data is unusable ({why}); reading every block")
+        });
+        Probe {
+            fs: Some(info),
+            map: map.ok(),
+            warning,
+        }
+    }
 }
 
 #[cfg(test)]
