@@ -164,6 +164,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fs_info_without_version_reads_and_writes_as_before() {
+        let old =
+            r#"{"type":"ext4","uuid":"u","label":"","block_size":4096,"size":1,"used_bytes":1}"#;
+        let info: FsInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(info.version, None);
+        assert_eq!(serde_json::to_string(&info).unwrap(), old);
+    }
+
+    #[test]
     fn block_map_marks_ranges() {
         let mut m = BlockMap::new(1000 * 4096, 4096);
         m.mark_bytes(4096 * 10, 1);
