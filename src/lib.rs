@@ -17,6 +17,8 @@ pub mod error;
 pub mod fs;
 pub mod hash;
 pub mod image;
+#[cfg(target_os = "linux")]
+pub mod mount;
 pub mod platform;
 pub mod probe;
 pub mod progress;

@@ -4,6 +4,8 @@
 //! 130 interrupted (progress saved where the command supports resuming).
 
 mod display;
+#[cfg(target_os = "linux")]
+mod mount_cli;
 mod probe_cli;
 
 use anyhow::{Context, Result};
@@ -112,6 +114,34 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Show a snapshot read-only without restoring it: the volume and each partition as image
+    /// files in DIR (FUSE), and with --files the filesystems' files.
+    #[cfg(target_os = "linux")]
+    Mount {
+        /// REPO SNAPSHOT DIR.
+        #[arg(num_args = 2..=3, required = true, value_name = "REPO SNAPSHOT DIR")]
+        args: Vec<PathBuf>,
+        /// Also mount the filesystem(s) inside read-only, without journal replay, here (a
+        /// partitioned disk gets one directory per partition: part1, part5…).
+        #[arg(long, value_name = "MOUNTPOINT")]
+        files: Option<PathBuf>,
+        /// Serve in this process until Ctrl-C instead of starting a background server.
+        #[arg(long)]
+        foreground: bool,
+        /// Let other users (and root) read the view (needs user_allow_other in
+        /// /etc/fuse.conf when not root).
+        #[arg(long)]
+        allow_other: bool,
+        /// Print what was mounted as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo `volback mount`: unmount the files, detach the loop devices, unmount the view.
+    #[cfg(target_os = "linux")]
+    Umount {
+        /// The view directory (or a --files mount point of it).
+        dir: PathBuf,
+    },
     /// Check snapshots and their chunks.
     Verify {
         repo: PathBuf,
@@ -208,6 +238,25 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 dry_run,
             } => probe_cli::ptable_restore(&disk, &file, dry_run),
         },
+        #[cfg(target_os = "linux")]
+        Command::Mount {
+            args,
+            files,
+            foreground,
+            allow_other,
+            json,
+        } => mount_cli::mount(
+            mount_cli::MountArgs {
+                args,
+                files,
+                foreground,
+                allow_other,
+                json,
+            },
+            cancel,
+        ),
+        #[cfg(target_os = "linux")]
+        Command::Umount { dir } => mount_cli::umount(&dir),
         Command::Init {
             repo,
             hash,
@@ -265,6 +314,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     "parent": r.parent,
                     "resumed": r.resumed,
                     "filesystem": r.filesystem,
+                    "layout": r.layout,
                     "all_blocks": r.all_blocks,
                     "bytes_read": r.this_run.bytes_read,
                     "new_chunks": r.this_run.new_chunks,
@@ -304,6 +354,31 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                             ""
                         }
                     );
+                }
+                if let Some(l) = &r.layout {
+                    println!("  partitions      {} table {}", l.table, l.id);
+                    for p in &l.partitions {
+                        let what = match (&p.filesystem, p.role.as_deref()) {
+                            (_, Some("extended")) => "extended partition".to_string(),
+                            (Some(fs), _) => format!(
+                                "{} {}{}",
+                                fs.fs_type,
+                                fs.uuid,
+                                if p.all_blocks {
+                                    " (all blocks read)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                            (None, _) => "unknown content (all blocks read)".to_string(),
+                        };
+                        println!(
+                            "    #{:<3} {:>10} at {:>10}  {what}",
+                            p.number,
+                            human_bytes(p.size),
+                            human_bytes(p.start)
+                        );
+                    }
                 }
                 let s = &r.stats;
                 println!(

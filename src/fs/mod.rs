@@ -6,6 +6,7 @@
 //! damaged falls back to "every block is used", with a warning that says why.
 
 mod alloc;
+pub mod disk;
 pub mod exfat;
 pub mod ext;
 pub mod fat;
@@ -91,6 +92,32 @@ impl BlockMap {
     /// Number of used blocks.
     pub fn used_blocks(&self) -> u64 {
         self.bits.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// The runs of used blocks, in order, as block index ranges.
+    pub fn used_runs(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        let mut b = 0u64;
+        std::iter::from_fn(move || {
+            let start = self.next_with(b, true)?;
+            let end = self.next_with(start, false).unwrap_or(self.blocks);
+            b = end;
+            Some(start..end)
+        })
+    }
+
+    /// The first block at or after `from` whose state is `used`.
+    fn next_with(&self, from: u64, used: bool) -> Option<u64> {
+        let mut b = from;
+        while b < self.blocks {
+            let word = self.bits[(b / 64) as usize];
+            let word = (if used { word } else { !word }) >> (b % 64);
+            if word != 0 {
+                let found = b + word.trailing_zeros() as u64;
+                return (found < self.blocks).then_some(found);
+            }
+            b = (b / 64 + 1) * 64;
+        }
+        None
     }
 }
 
@@ -182,5 +209,11 @@ mod tests {
         assert!(m.is_used(64) && m.is_used(191) && !m.is_used(192));
         assert!(m.is_used(999) && !m.is_used(1000));
         assert_eq!(m.used_blocks(), 1 + 128 + 1);
+        let runs: Vec<_> = m.used_runs().collect();
+        assert_eq!(runs, vec![10..11, 64..192, 999..1000]);
+        let mut full = BlockMap::new(130 * 4096, 4096);
+        full.mark_bytes(0, 130 * 4096);
+        assert_eq!(full.used_runs().collect::<Vec<_>>(), vec![0..130]);
+        assert_eq!(BlockMap::new(0, 4096).used_runs().count(), 0);
     }
 }

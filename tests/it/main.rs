@@ -13,8 +13,10 @@
 mod cli;
 mod corruption;
 mod crash;
+mod disk;
 mod ext4;
 mod fs_maps_win;
+mod mount;
 mod probe;
 mod roundtrip;
 mod util;
