@@ -360,8 +360,12 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 }
                 if let Some(fs) = &r.filesystem {
                     println!(
-                        "  filesystem      {} {} {}, {} used{}",
+                        "  filesystem      {}{} {} {}, {} used{}",
                         fs.fs_type,
+                        match (&fs.version, fs.fs_type.as_str()) {
+                            (Some(v), "vfat") => format!(" ({v})"),
+                            _ => String::new(),
+                        },
                         fs.uuid,
                         if fs.label.is_empty() {
                             "(no label)"
