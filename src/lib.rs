@@ -7,6 +7,7 @@
 //! - [`fs`]: filesystem detection and allocation maps.
 //! - [`volume`]: the random-access read interface every volume implements.
 //! - [`repo`]: the repository format (chunks, snapshots, journals, locking).
+//! - [`scan`]: the parallel read pipeline shared by backup, copy and export.
 //! - [`backup`], [`restore`], [`verify`]: the operations.
 //! - [`platform`]: the operating-system layer (Linux, Windows).
 
@@ -23,6 +24,7 @@ pub mod progress;
 pub mod ptable;
 pub mod repo;
 pub mod restore;
+pub mod scan;
 pub mod source;
 pub mod time;
 pub mod verify;
