@@ -9,11 +9,14 @@
 //! - [`repo`]: the repository format (chunks, snapshots, journals, locking).
 //! - [`scan`]: the parallel read pipeline shared by backup, copy and export.
 //! - [`backup`], [`restore`], [`verify`]: the operations.
+//! - [`copy`]: plain copies (raw, BIN slices, VHD, VHDX, qcow2) with a SHA-256 per block,
+//!   updated in place; exports of snapshots.
 //! - [`platform`]: the operating-system layer (Linux, Windows).
 
 pub mod backup;
 pub mod buffer;
 pub mod bytes;
+pub mod copy;
 pub mod error;
 pub mod fs;
 pub mod hash;
