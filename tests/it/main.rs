@@ -11,6 +11,7 @@
 #![cfg(unix)]
 
 mod cli;
+mod copy;
 mod corruption;
 mod crash;
 mod ext4;
