@@ -12,7 +12,8 @@ use crate::platform;
 use crate::volume::Volume;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 /// The data files of a new copy of `size` bytes whose destination file (or directory) is
 /// named `dest_name`.
@@ -64,21 +65,27 @@ pub fn layout(
 
 struct Slice {
     range: Range<u64>,
-    file: File,
     path: PathBuf,
-    dirty: bool,
 }
 
-/// The data files of a raw or BIN copy, open.
+/// Open descriptors kept at most (a copy may have thousands of slices).
+const OPEN_FILES: usize = 32;
+
+/// The data files of a raw or BIN copy. Files are opened when first used; a few stay open.
 pub struct FileSet {
     slices: Vec<Slice>,
     size: u64,
     name: String,
+    write: bool,
+    /// Recently used descriptors, most recent last.
+    open: Mutex<Vec<(usize, Arc<File>)>>,
+    /// Slices written since the last sync.
+    dirty: Vec<bool>,
 }
 
 impl FileSet {
     /// Creates the data files (sparse, at their full length), replacing files of the same
-    /// names, and makes their directory entries durable.
+    /// names, and makes them and their directory entries durable.
     pub fn create(paths: &CopyPaths, files: &[DataFile]) -> Result<FileSet> {
         let mut slices = Vec::with_capacity(files.len());
         for f in files {
@@ -91,17 +98,14 @@ impl FileSet {
                 .open(&path)
                 .ctx("create", &path)?;
             file.set_len(f.length).ctx("set the size of", &path)?;
+            file.sync_all().ctx("flush", &path)?;
             slices.push(Slice {
                 range: f.offset..f.offset + f.length,
-                file,
                 path,
-                dirty: true,
             });
         }
-        let mut set = FileSet::from_slices(paths, slices);
-        set.sync()?;
         platform::sync_dir(&paths.dir).ctx("flush directory", &paths.dir)?;
-        Ok(set)
+        Ok(FileSet::from_slices(paths, slices, true))
     }
 
     /// Opens existing data files, checking that each is there with its recorded length.
@@ -109,22 +113,22 @@ impl FileSet {
         let mut slices = Vec::with_capacity(files.len());
         for f in files {
             let path = paths.file(&f.name);
-            let file = if write {
-                platform::open_write_existing(&path)
-            } else {
-                platform::open_read_only(&path)
-            };
-            let file = match file {
-                Ok(file) => file,
+            let len = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => m.len(),
+                Ok(_) => {
+                    return Err(bad_copy(
+                        &paths.meta(),
+                        format!("data file {} is not a regular file", path.display()),
+                    ));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(bad_copy(
                         &paths.meta(),
                         format!("data file {} is missing", path.display()),
                     ));
                 }
-                Err(e) => return Err(Error::io("open", &path, e)),
+                Err(e) => return Err(Error::io("inspect", &path, e)),
             };
-            let len = file.metadata().ctx("inspect", &path)?.len();
             if len != f.length {
                 return Err(bad_copy(
                     &paths.meta(),
@@ -145,21 +149,56 @@ impl FileSet {
             }
             slices.push(Slice {
                 range: f.offset..f.offset + f.length,
-                file,
                 path,
-                dirty: false,
             });
         }
-        Ok(FileSet::from_slices(paths, slices))
+        let set = FileSet::from_slices(paths, slices, write);
+        // The first file must open (permissions); the others open when used.
+        set.file(0)?;
+        Ok(set)
     }
 
-    fn from_slices(paths: &CopyPaths, slices: Vec<Slice>) -> FileSet {
+    fn from_slices(paths: &CopyPaths, slices: Vec<Slice>, write: bool) -> FileSet {
         let size = slices.last().map_or(0, |s| s.range.end);
         let name = match slices.as_slice() {
             [one] => one.path.display().to_string(),
             _ => format!("{} ({} slices)", paths.dir.display(), slices.len()),
         };
-        FileSet { slices, size, name }
+        FileSet {
+            dirty: vec![false; slices.len()],
+            slices,
+            size,
+            name,
+            write,
+            open: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The open descriptor of slice `i`.
+    fn file(&self, i: usize) -> Result<Arc<File>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pos) = open.iter().position(|(j, _)| *j == i) {
+            let entry = open.remove(pos);
+            let f = entry.1.clone();
+            open.push(entry);
+            return Ok(f);
+        }
+        let s = self
+            .slices
+            .get(i)
+            .ok_or_else(|| Error::InvalidArgument(format!("no slice {i}")))?;
+        let f = if self.write {
+            platform::open_write_existing(&s.path)
+        } else {
+            platform::open_read_only(&s.path)
+        }
+        .ctx("open", &s.path)?;
+        let f = Arc::new(f);
+        if open.len() >= OPEN_FILES {
+            open.remove(0);
+        }
+        open.push((i, f.clone()));
+        Ok(f)
     }
 
     /// Calls `f(slice index, offset in the slice, start in the range, length)` for each
@@ -192,31 +231,26 @@ impl FileSet {
         }
         Ok(())
     }
-
-    fn path_of(&self, i: usize) -> &Path {
-        self.slices
-            .get(i)
-            .map_or(Path::new(""), |s| s.path.as_path())
-    }
 }
 
 impl ImageWriter for FileSet {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let mut touched = Vec::new();
         self.pieces(offset, data.len() as u64, |i, at, from, n| {
-            let s = &self.slices[i];
-            platform::write_all_at(&s.file, &data[from as usize..(from + n) as usize], at)
-                .map_err(|e| Error::IoAt {
+            let f = self.file(i)?;
+            platform::write_all_at(&f, &data[from as usize..(from + n) as usize], at).map_err(
+                |e| Error::IoAt {
                     op: "write",
-                    path: s.path.clone(),
+                    path: self.slices[i].path.clone(),
                     offset: at,
                     source: e,
-                })?;
+                },
+            )?;
             touched.push(i);
             Ok(())
         })?;
         for i in touched {
-            self.slices[i].dirty = true;
+            self.dirty[i] = true;
         }
         Ok(())
     }
@@ -224,10 +258,10 @@ impl ImageWriter for FileSet {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         let mut touched = Vec::new();
         self.pieces(offset, len, |i, at, _, n| {
-            let s = &self.slices[i];
-            platform::zero_range(&s.file, at, n).map_err(|e| Error::IoAt {
+            let f = self.file(i)?;
+            platform::zero_range(&f, at, n).map_err(|e| Error::IoAt {
                 op: "zero",
-                path: s.path.clone(),
+                path: self.slices[i].path.clone(),
                 offset: at,
                 source: e,
             })?;
@@ -235,15 +269,20 @@ impl ImageWriter for FileSet {
             Ok(())
         })?;
         for i in touched {
-            self.slices[i].dirty = true;
+            self.dirty[i] = true;
         }
         Ok(())
     }
 
     fn sync(&mut self) -> Result<()> {
-        for s in self.slices.iter_mut().filter(|s| s.dirty) {
-            s.file.sync_data().ctx("flush", &s.path)?;
-            s.dirty = false;
+        for i in 0..self.slices.len() {
+            if self.dirty[i] {
+                // A descriptor opened again flushes the file's data all the same.
+                self.file(i)?
+                    .sync_data()
+                    .ctx("flush", &self.slices[i].path)?;
+                self.dirty[i] = false;
+            }
         }
         Ok(())
     }
@@ -260,15 +299,16 @@ impl Volume for FileSet {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.pieces(offset, buf.len() as u64, |i, at, from, n| {
-            let s = &self.slices[i];
+            let file = self.file(i)?;
+            let path = &self.slices[i].path;
             let out = &mut buf[from as usize..(from + n) as usize];
             let mut done = 0usize;
             while done < out.len() {
-                match platform::read_at(&s.file, &mut out[done..], at + done as u64) {
+                match platform::read_at(&file, &mut out[done..], at + done as u64) {
                     Ok(0) => {
                         return Err(Error::IoAt {
                             op: "read",
-                            path: s.path.clone(),
+                            path: path.clone(),
                             offset: at + done as u64,
                             source: std::io::Error::new(
                                 std::io::ErrorKind::UnexpectedEof,
@@ -281,7 +321,7 @@ impl Volume for FileSet {
                     Err(e) => {
                         return Err(Error::IoAt {
                             op: "read",
-                            path: s.path.clone(),
+                            path: path.clone(),
                             offset: at + done as u64,
                             source: e,
                         });
@@ -295,39 +335,38 @@ impl Volume for FileSet {
     fn next_data(&self, offset: u64, end: u64) -> Result<Option<Range<u64>>> {
         let end = end.min(self.size);
         let mut pos = offset;
+        let mut found: Option<Range<u64>> = None;
         while pos < end {
             let i = self.slices.partition_point(|s| s.range.end <= pos);
             let Some(s) = self.slices.get(i) else {
-                return Ok(None);
+                break;
             };
             let local_end = end.min(s.range.end) - s.range.start;
-            let found =
-                platform::next_data(&s.file, pos - s.range.start, local_end).map_err(|e| {
-                    Error::IoAt {
-                        op: "find data in",
-                        path: self.path_of(i).to_path_buf(),
-                        offset: pos - s.range.start,
-                        source: e,
-                    }
-                })?;
-            match found {
-                Some((a, b)) => {
-                    let (a, b) = (s.range.start + a, s.range.start + b);
-                    // Data running into the next slice continues there.
-                    if b == s.range.end && b < end {
-                        let more = self.next_data(b, end)?;
-                        if let Some(m) = more
-                            && m.start == b
-                        {
-                            return Ok(Some(a..m.end));
-                        }
-                    }
-                    return Ok(Some(a..b));
+            let file = self.file(i)?;
+            let r = platform::next_data(&file, pos - s.range.start, local_end).map_err(|e| {
+                Error::IoAt {
+                    op: "find data in",
+                    path: s.path.clone(),
+                    offset: pos - s.range.start,
+                    source: e,
                 }
-                None => pos = s.range.end,
+            })?;
+            match (r, &mut found) {
+                // Data running to the end of a slice continues into the next one.
+                (Some((a, b)), Some(f)) if s.range.start + a == f.end => {
+                    f.end = s.range.start + b;
+                }
+                (Some(_), Some(_)) => break,
+                (Some((a, b)), None) => found = Some(s.range.start + a..s.range.start + b),
+                (None, Some(_)) => break,
+                (None, None) => {}
+            }
+            match &found {
+                Some(f) if f.end < s.range.start + local_end => break,
+                _ => pos = s.range.start + local_end,
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     fn describe(&self) -> String {
