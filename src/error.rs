@@ -92,7 +92,7 @@ pub enum Error {
 
     /// A copy whose copy or update run did not finish: its data files may hold a mix of old
     /// and new blocks.
-    #[error("copy {} is incomplete: a copy or update was interrupted; rerun `volback copy --update SOURCE {}` to finish it", path.display(), path.display())]
+    #[error("copy {} is incomplete: a copy or update was interrupted; rerun `volback copy --update SOURCE {}` (or the same `volback export`) to finish it", path.display(), path.display())]
     IncompleteCopy { path: PathBuf },
 
     /// Another process is writing the copy (or reading it, when an update was asked for).

@@ -146,6 +146,7 @@ impl CopyPaths {
     /// base name.
     pub fn dest(&self) -> PathBuf {
         match self.base.strip_suffix(BASE_SUFFIX) {
+            Some(name) if self.dir == Path::new(".") => PathBuf::from(name),
             Some(name) => self.dir.join(name),
             None => self.dir.clone(),
         }
@@ -190,6 +191,24 @@ fn lock(paths: &CopyPaths, meta: &CopyMeta, exclusive: bool) -> Result<File> {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::CopyInUse { path: paths.dest() }),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    }
+}
+
+/// Takes the writer's lock of an existing copy. `None` when the data files of an interrupted
+/// new copy were never created (they are created, then locked, when it starts over).
+fn lock_for_update(paths: &CopyPaths, meta: &CopyMeta) -> Result<Option<File>> {
+    match lock(paths, meta, true) {
+        Ok(f) => Ok(Some(f)),
+        Err(Error::BadCopy { .. })
+            if meta.state == CopyState::Updating
+                && meta
+                    .update
+                    .as_ref()
+                    .is_some_and(|u| u.base == UpdateBase::Zeros) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -378,7 +397,9 @@ fn start_new<S: ScanSource + ?Sized>(
     };
     // Metadata first: from here on the destination is a copy in state `updating`.
     meta.store(&paths)?;
-    run_fresh(&paths, meta, source, map, opts, false, started, progress)
+    run_fresh(
+        &paths, meta, None, source, map, opts, false, started, progress,
+    )
 }
 
 /// Creates the data files and the journal of a copy in state `Updating` with base zeros, and
@@ -387,6 +408,7 @@ fn start_new<S: ScanSource + ?Sized>(
 fn run_fresh<S: ScanSource + ?Sized>(
     paths: &CopyPaths,
     meta: CopyMeta,
+    lock_held: Option<File>,
     source: &S,
     map: Option<&BlockMap>,
     opts: &CopyOptions,
@@ -399,7 +421,10 @@ fn run_fresh<S: ScanSource + ?Sized>(
         .clone()
         .ok_or_else(|| bad_copy(&paths.meta(), "no update in progress"))?;
     let writer = create_data(paths, &meta)?;
-    let _lock = lock(paths, &meta, true)?;
+    let _lock = match lock_held {
+        Some(l) => l,
+        None => lock(paths, &meta, true)?,
+    };
     let journal = Journal::create(&paths.file(&u.journal), &journal_header(&meta, &u, None))?;
     let run = Run {
         paths,
@@ -466,6 +491,7 @@ fn finish_report(
 fn continue_update<S: ScanSource + ?Sized>(
     paths: &CopyPaths,
     mut meta: CopyMeta,
+    lock_held: Option<File>,
     source: &S,
     map: Option<&BlockMap>,
     opts: &CopyOptions,
@@ -476,7 +502,7 @@ fn continue_update<S: ScanSource + ?Sized>(
     match (meta.state, meta.update.clone()) {
         (CopyState::Complete, _) => {
             let old = open_base(paths, &meta)?;
-            let _lock = lock(paths, &meta, true)?;
+            let _lock = lock_held;
             let writer = open_data_for_update(paths, &meta)?;
             let u = UpdateRef {
                 journal: paths.journal_name(),
@@ -522,11 +548,14 @@ fn continue_update<S: ScanSource + ?Sized>(
             };
             let update = meta.hashes.is_some();
             match (u.base, existing) {
-                (UpdateBase::Zeros, None) => {
-                    run_fresh(paths, meta, source, map, opts, update, started, progress)
-                }
+                (UpdateBase::Zeros, None) => run_fresh(
+                    paths, meta, lock_held, source, map, opts, update, started, progress,
+                ),
                 (base, Some((journal, replay))) => {
-                    let _lock = lock(paths, &meta, true)?;
+                    let _lock = match lock_held {
+                        Some(l) => l,
+                        None => lock(paths, &meta, true)?,
+                    };
                     let writer = open_data_for_update(paths, &meta)?;
                     let mut replay = replay;
                     let needs_base = base == UpdateBase::Hashes
@@ -563,7 +592,7 @@ fn continue_update<S: ScanSource + ?Sized>(
                     // The journal is written before the metadata says `updating`; without
                     // it, which blocks changed is unknown: rewrite them all.
                     progress.warn("the copy's update journal is missing; rewriting every block");
-                    let _lock = lock(paths, &meta, true)?;
+                    let _lock = lock_held;
                     let writer = open_data_for_update(paths, &meta)?;
                     let journal = Journal::create(
                         &journal_path(&u),
@@ -666,6 +695,9 @@ pub fn update(
             dest.display()
         ),
     })?;
+    let meta = CopyMeta::load(&paths)?;
+    // Under the lock, the metadata cannot change any more.
+    let lock_held = lock_for_update(&paths, &meta)?;
     let mut meta = CopyMeta::load(&paths)?;
     check_source(source, opts)?;
     if source.size() != meta.size {
@@ -692,7 +724,15 @@ pub fn update(
     meta.source = source.info();
     meta.filesystem = fs;
     meta.all_blocks = map.is_none();
-    continue_update(&paths, meta, source, map.as_ref(), opts, progress)
+    continue_update(
+        &paths,
+        meta,
+        lock_held,
+        source,
+        map.as_ref(),
+        opts,
+        progress,
+    )
 }
 
 /// Writes snapshot `snapshot_id` of `repo` as a new copy at `dest` (`volback export`); an
@@ -714,7 +754,9 @@ pub fn export(
         && meta.snapshot.as_ref().is_some_and(|s| s.id == snapshot_id)
         && meta.size == header.source.size
     {
-        return continue_update(&paths, meta, source, None, opts, progress);
+        let lock_held = lock_for_update(&paths, &meta)?;
+        let meta = CopyMeta::load(&paths)?;
+        return continue_update(&paths, meta, lock_held, source, None, opts, progress);
     }
     let block_size = opts.block_size.unwrap_or(header.block_size);
     let root = std::path::absolute(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
@@ -750,12 +792,18 @@ pub fn open_copy(path: &Path) -> Result<OpenedCopy> {
     if meta.state != CopyState::Complete {
         return Err(Error::IncompleteCopy { path: paths.dest() });
     }
+    // Under the shared lock no update starts; read the metadata again in case one finished
+    // in between.
+    let lock = lock(&paths, &meta, false)?;
+    let meta = CopyMeta::load(&paths)?;
+    if meta.state != CopyState::Complete {
+        return Err(Error::IncompleteCopy { path: paths.dest() });
+    }
     let h = meta
         .hashes
         .as_ref()
         .ok_or_else(|| bad_copy(&paths.meta(), "no hash list"))?;
     let hashes = HashList::open(&paths.file(&h.name), hash_header(&meta))?;
-    let lock = lock(&paths, &meta, false)?;
     let inner = reader::open_data(&paths, &meta)?;
     let volume = CopyVolume::new(&paths, &meta, inner, hashes, lock);
     Ok(OpenedCopy {
