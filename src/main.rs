@@ -457,11 +457,18 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
         } => {
             let Some(target) = target else {
                 // Two arguments: COPY TARGET.
-                if volback::copy::locate(&repo).is_none() && repo.join("config").is_file() {
-                    anyhow::bail!(
-                        "{} is a repository: restore REPO SNAPSHOT TARGET",
-                        repo.display()
-                    );
+                if volback::copy::locate(&repo).is_none() {
+                    use clap::CommandFactory;
+                    Cli::command()
+                        .error(
+                            clap::error::ErrorKind::MissingRequiredArgument,
+                            format!(
+                                "{} is not a volback copy; to restore a snapshot, give \
+                                 REPO SNAPSHOT TARGET",
+                                repo.display()
+                            ),
+                        )
+                        .exit();
                 }
                 return copy_cli::restore_copy(
                     &repo,

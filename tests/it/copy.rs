@@ -501,7 +501,7 @@ fn damaged_copies_give_clear_errors() {
     volback_code(&["restore", p(&d), p(&target)], 1).stderr_has(&["does not match", "sha-256"]);
 
     // Not a copy at all.
-    volback_code(&["restore", p(&src), p(&target)], 1).stderr_has(&["not a volback copy"]);
+    volback_code(&["restore", p(&src), p(&target)], 2).stderr_has(&["not a volback copy"]);
 }
 
 #[test]
