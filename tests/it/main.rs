@@ -14,6 +14,7 @@ mod cli;
 mod corruption;
 mod crash;
 mod ext4;
+mod images;
 mod probe;
 mod roundtrip;
 mod util;
