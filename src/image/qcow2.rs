@@ -96,8 +96,10 @@ const RT_RESERVED: u64 = 0x1ff;
 /// qemu's limits: 32 MiB of L1 table, 8 MiB of refcount table.
 const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_RT_BYTES: u64 = 8 << 20;
-/// Most file clusters volback tracks to write or update an image (a 128 MiB bitmap).
-const MAX_CLUSTERS: u64 = 1 << 30;
+/// Most file clusters volback tracks to write or update an image: one bit each in memory, so
+/// at most 256 MiB for a file of 2^31 clusters (128 TiB with 64 KiB clusters); the bitmap
+/// only grows as far as the file does.
+const MAX_CLUSTERS: u64 = 1 << 31;
 /// Memory for cached L2 tables while writing.
 const L2_CACHE_BYTES: u64 = 16 << 20;
 
@@ -554,6 +556,8 @@ impl Qcow2Writer {
             self.cursor = c + 1;
             return Ok((c, false));
         }
+        // No hole left: later searches start at the end (until something is freed).
+        self.cursor = self.end;
         let c = self.end;
         if c >= MAX_CLUSTERS {
             return Err(Error::InvalidArgument(format!(
