@@ -338,7 +338,8 @@ fn open_checked(file: ImageFile) -> Result<Opened> {
     file.read_exact_at(0, &mut head, "VHD footer copy")?;
     let mut tail = [0u8; 512];
     file.read_exact_at(file_len - FOOTER_SIZE, &mut tail, "VHD footer")?;
-    let footer = if &head[0..8] == COOKIE {
+    // (A fixed disk has no copy: its first sector is disk data that could look like one.)
+    let footer = if &head[0..8] == COOKIE && be_u32(&head, 60) != DISK_FIXED {
         match Footer::parse(&head) {
             Ok(f) => f,
             Err(e) => {
