@@ -124,6 +124,19 @@ pub enum Error {
     /// A volume has no partition table that can be dumped.
     #[error("{} has no usable partition table: {detail}", path.display())]
     NoPartitionTable { path: PathBuf, detail: String },
+
+    /// An image file (VHD, VHDX, qcow2) is valid but uses a feature volback does not handle
+    /// (a backing file, compression, encryption, a log to replay…).
+    #[error("{} uses an unsupported image feature: {detail}", path.display())]
+    UnsupportedImage { path: PathBuf, detail: String },
+
+    /// An existing image opened for update does not have the expected virtual size.
+    #[error("{} has a virtual size of {found} bytes, expected {expected}", path.display())]
+    ImageSizeMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
 }
 
 impl Error {

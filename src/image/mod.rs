@@ -22,6 +22,14 @@ use crate::error::Result;
 use crate::volume::Volume;
 use std::path::Path;
 
+mod crc32c;
+mod file;
+mod mapped;
+mod qcow2;
+mod sparse;
+mod vhd;
+mod vhdx;
+
 /// Image container formats with a native writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -34,6 +42,25 @@ pub enum ImageFormat {
     Vhdx,
     /// qcow2 (version 3).
     Qcow2,
+}
+
+impl ImageFormat {
+    /// The virtual size an image of this format gets for a volume of `size` bytes: `size`
+    /// rounded up to whole 512-byte sectors (VHD, VHDX and qcow2 all count the disk in
+    /// sectors; qemu and Windows ignore a partial last sector). The bytes added read as
+    /// zeros. A copy's own metadata keeps the true size.
+    pub fn virtual_size(self, size: u64) -> u64 {
+        size.div_ceil(512).saturating_mul(512)
+    }
+
+    /// The largest volume this format can hold, in bytes.
+    pub fn max_size(self) -> u64 {
+        match self {
+            ImageFormat::Vhd | ImageFormat::VhdDynamic => vhd::MAX_SIZE,
+            ImageFormat::Vhdx => vhdx::MAX_SIZE,
+            ImageFormat::Qcow2 => 1 << 61,
+        }
+    }
 }
 
 /// Writes one image file.
@@ -58,42 +85,83 @@ pub struct CreateOptions {
     pub block_size: Option<u64>,
 }
 
-/// Creates a new image of `size` virtual bytes at `path` (which must not exist).
+/// Creates a new image of `size` virtual bytes at `path` (which must not exist). The virtual
+/// size is [`ImageFormat::virtual_size`]; `options.block_size` is the format's block or
+/// cluster size (VHD: power of two 512 B to 256 MiB, default 2 MiB, ignored for fixed VHD;
+/// VHDX: power of two 1 MiB to 256 MiB, default 2 MiB up to 2 TiB; qcow2: power of two 512 B
+/// to 2 MiB, default 64 KiB).
 pub fn create(
     format: ImageFormat,
     path: &Path,
     size: u64,
     options: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
-    let _ = (format, path, size, options);
-    Err(crate::error::Error::InvalidArgument(format!(
-        "{format:?} images are not implemented yet"
-    )))
+    match format {
+        ImageFormat::Vhd => vhd::create_fixed(path, size),
+        ImageFormat::VhdDynamic => vhd::create_dynamic(path, size, options),
+        ImageFormat::Vhdx => vhdx::create(path, size, options),
+        ImageFormat::Qcow2 => qcow2::create(path, size, options),
+    }
 }
 
-/// Opens an existing image for in-place update. Its virtual size must be `size`.
+/// Opens an existing image for in-place update. Its virtual size must be `size` (rounded as
+/// [`ImageFormat::virtual_size`] does), else [`crate::Error::ImageSizeMismatch`]. An image
+/// left behind by an interrupted run (no `finish`, process killed, power lost) is accepted and
+/// repaired: unreferenced space at its end is cut, qcow2 refcounts are rebuilt.
 pub fn open_for_update(
     format: ImageFormat,
     path: &Path,
     size: u64,
 ) -> Result<Box<dyn ImageWriter>> {
-    let _ = (path, size);
-    Err(crate::error::Error::InvalidArgument(format!(
-        "{format:?} images are not implemented yet"
-    )))
+    match format {
+        ImageFormat::Vhd => vhd::open_for_update(path, size, false),
+        ImageFormat::VhdDynamic => vhd::open_for_update(path, size, true),
+        ImageFormat::Vhdx => vhdx::open_for_update(path, size),
+        ImageFormat::Qcow2 => qcow2::open_for_update(path, size),
+    }
 }
 
 /// Recognises the image format of the file at `path` from its contents; `None` for a file
 /// that is none of them (a raw image, say).
 pub fn detect(path: &Path) -> Result<Option<ImageFormat>> {
-    let _ = path;
+    let f = file::ImageFile::open_ro(path)?;
+    let mut head = [0u8; 512];
+    let n = f.read_at_most(0, &mut head)?;
+    if n >= 8 {
+        if head[0..4] == *qcow2::MAGIC {
+            return Ok(Some(ImageFormat::Qcow2));
+        }
+        if head[0..8] == *vhdx::FILE_SIGNATURE {
+            return Ok(Some(ImageFormat::Vhdx));
+        }
+    }
+    let len = f.len()?;
+    if len < 512 {
+        return Ok(None);
+    }
+    let disk_type = |b: &[u8]| crate::bytes::be_u32(b, 60);
+    // A dynamic VHD starts with a copy of its footer; every VHD ends with its footer.
+    if n == 512 && head[0..8] == *vhd::COOKIE && disk_type(&head) != 2 {
+        return Ok(Some(ImageFormat::VhdDynamic));
+    }
+    let mut tail = [0u8; 512];
+    f.read_exact_at(len - 512, &mut tail, "last sector")?;
+    if tail[0..8] == *vhd::COOKIE {
+        return Ok(Some(if disk_type(&tail) == 2 {
+            ImageFormat::Vhd
+        } else {
+            ImageFormat::VhdDynamic
+        }));
+    }
     Ok(None)
 }
 
-/// Opens an image read-only as a [`Volume`].
+/// Opens an image read-only as a [`Volume`]. Its `next_data` skips unallocated blocks and
+/// clusters. `Vhd` and `VhdDynamic` both open either kind of VHD.
 pub fn open(format: ImageFormat, path: &Path) -> Result<Box<dyn Volume>> {
-    let _ = path;
-    Err(crate::error::Error::InvalidArgument(format!(
-        "{format:?} images are not implemented yet"
-    )))
+    match format {
+        ImageFormat::Vhd | ImageFormat::VhdDynamic => vhd::open(path),
+        ImageFormat::Vhdx => vhdx::open(path),
+        ImageFormat::Qcow2 => qcow2::open(path),
+    }
 }

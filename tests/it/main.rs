@@ -15,6 +15,7 @@ mod copy;
 mod corruption;
 mod crash;
 mod ext4;
+mod images;
 mod probe;
 mod roundtrip;
 mod util;
