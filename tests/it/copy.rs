@@ -50,7 +50,8 @@ fn assert_identical(a: &Path, fa: &str, b: &Path, fb: &str) {
 /// The source as a restore of its backup shows it: used blocks as they are, unused blocks
 /// zeroed (what a copy made through the allocation map must equal).
 fn backup_and_restore(t: &TestDir, src: &Path, name: &str) -> PathBuf {
-    let repo = t.join(&format!("{name}.repo"));
+    // One repository per test: later backups are incremental.
+    let repo = t.join("judge.repo");
     if !repo.exists() {
         init_repo(&repo, &[]);
     }
@@ -558,4 +559,113 @@ fn export_equals_restore_of_the_snapshot() {
         serde_json::from_slice(&std::fs::read(bin.join("volback-copy.json")).unwrap()).unwrap();
     assert_eq!(meta["snapshot"]["id"], snap.as_str(), "{meta}");
     assert_eq!(meta["state"], "complete");
+
+    for format in ["vhd", "vhd-dynamic", "vhdx", "qcow2"] {
+        let out = t.join(&format!("export.{format}"));
+        volback_ok(&["export", "--format", format, p(&repo), &snap, p(&out)]);
+        assert_identical(&out, qemu_format(format), &restored, "raw");
+        volback_ok(&["verify", p(&out)]).stdout_has(&["no problems"]);
+    }
+}
+
+/// qemu-img's name for a copy format.
+fn qemu_format(format: &str) -> &'static str {
+    match format {
+        "vhd" | "vhd-dynamic" => "vpc",
+        "vhdx" => "vhdx",
+        "qcow2" => "qcow2",
+        _ => "raw",
+    }
+}
+
+/// The image as a raw file, converted by qemu-img.
+fn to_raw(image: &Path, format: &str, out: &Path) {
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            qemu_format(format),
+            "-O",
+            "raw",
+            p(image),
+            p(out),
+        ],
+    );
+}
+
+#[test]
+fn image_copies_equal_the_source_update_in_place_and_survive_kill_9() {
+    if !require_root_and_loop() {
+        return;
+    }
+    let t = TestDir::new();
+    let (pristine, _) = ext4_source(&t, "pristine.img", 11);
+    let src = t.join("src.img");
+    let pristine_restored = backup_and_restore(&t, &pristine, "pristine");
+    for (i, format) in ["vhd", "vhd-dynamic", "vhdx", "qcow2"]
+        .into_iter()
+        .enumerate()
+    {
+        // Each format starts from the same filesystem (the changes below would fill it).
+        run_ok("cp", &["--sparse=always", p(&pristine), p(&src)]);
+        let qemu = qemu_format(format);
+        let expected = &pristine_restored;
+
+        // Every block: identical to the source; through the map: equal to a restore.
+        let all = t.join(&format!("all.{format}"));
+        copy_json(&["--format", format, "--all-blocks", p(&src), p(&all)]);
+        assert_identical(&all, qemu, &src, "raw");
+        let dest = t.join(&format!("copy.{format}"));
+        let r = copy_json(&["--format", format, p(&src), p(&dest)]);
+        assert_eq!(r["format"], format, "{r}");
+        assert_identical(&dest, qemu, expected, "raw");
+        if qemu != "vpc" {
+            run_ok("qemu-img", &["check", "-q", "-f", qemu, p(&dest)]);
+        }
+        volback_ok(&["verify", p(&dest)]).stdout_has(&["no problems"]);
+        let back = t.join(&format!("back.{format}"));
+        volback_ok(&["restore", p(&dest), p(&back)]);
+        assert_identical(&back, "raw", expected, "raw");
+
+        // Update: exactly the changed blocks are rewritten.
+        let before = t.join(&format!("before.{format}.raw"));
+        to_raw(&dest, format, &before);
+        change_files(&t, &src, 20 + i as u64);
+        let r = copy_json(&["--update", p(&src), p(&dest)]);
+        let after = t.join(&format!("after.{format}.raw"));
+        to_raw(&dest, format, &after);
+        let changed = differing_blocks(&before, &after);
+        assert!(changed > 0);
+        assert_eq!(
+            ju64(&r, "/blocks_written") + ju64(&r, "/blocks_zeroed"),
+            changed,
+            "{format}: {r}"
+        );
+        let expected = backup_and_restore(&t, &src, &format!("{format}.after"));
+        assert_identical(&dest, qemu, &expected, "raw");
+        if qemu != "vpc" {
+            run_ok("qemu-img", &["check", "-q", "-f", qemu, p(&dest)]);
+        }
+
+        // Killed midway, refused, finished.
+        let mnt = Mount::new(&src, &t.join("m"), Some("loop"));
+        std::fs::write(
+            mnt.dir.join(format!("big{i}.bin")),
+            Rng::new(30 + i as u64).bytes(8 * MIB as usize),
+        )
+        .unwrap();
+        mnt.unmount();
+        let journal = t.join(&format!("copy.{format}.volback-copy.journal"));
+        kill_update_midway(&src, &dest, &journal);
+        volback_code(&["verify", p(&dest)], 1).stderr_has(&["incomplete"]);
+        let r = copy_json(&["--update", p(&src), p(&dest)]);
+        assert_eq!(r["resumed"], true, "{r}");
+        let expected = backup_and_restore(&t, &src, &format!("{format}.killed"));
+        assert_identical(&dest, qemu, &expected, "raw");
+        if qemu != "vpc" {
+            run_ok("qemu-img", &["check", "-q", "-f", qemu, p(&dest)]);
+        }
+        volback_ok(&["verify", p(&dest)]).stdout_has(&["no problems"]);
+    }
 }
