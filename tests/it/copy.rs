@@ -669,3 +669,24 @@ fn image_copies_equal_the_source_update_in_place_and_survive_kill_9() {
         volback_ok(&["verify", p(&dest)]).stdout_has(&["no problems"]);
     }
 }
+
+#[test]
+fn copy_refuses_a_read_write_mounted_source_unless_allowed() {
+    if !require_root_and_loop() {
+        return;
+    }
+    let t = TestDir::new();
+    let img = t.join("src.img");
+    sparse_file(&img, 16 * MIB);
+    mkfs_ext4(&img);
+    let lo = Loop::attach(&img, false);
+    let mnt = Mount::new(lo.path(), &t.join("m"), None);
+    let dest = t.join("copy.img");
+    volback_code(&["copy", "--format", "raw", p(lo.path()), p(&dest)], 1)
+        .stderr_has(&["mounted read-write", "--allow-mounted"]);
+    assert!(!dest.exists(), "nothing written when refused");
+    copy_json(&["--format", "raw", "--allow-mounted", p(lo.path()), p(&dest)]);
+    mnt.unmount();
+    drop(lo);
+    volback_ok(&["verify", p(&dest)]);
+}
