@@ -11,6 +11,7 @@
 //! - [`backup`], [`restore`], [`verify`]: the operations.
 //! - [`copy`]: plain copies (raw, BIN slices, VHD, VHDX, qcow2) with a SHA-256 per block,
 //!   updated in place; exports of snapshots.
+//! - [`nbd`]: a read-only NBD server over any volume.
 //! - [`platform`]: the operating-system layer (Linux, Windows).
 
 pub mod backup;
@@ -21,6 +22,9 @@ pub mod error;
 pub mod fs;
 pub mod hash;
 pub mod image;
+#[cfg(target_os = "linux")]
+pub mod mount;
+pub mod nbd;
 pub mod platform;
 pub mod probe;
 pub mod progress;

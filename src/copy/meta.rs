@@ -203,6 +203,9 @@ pub struct CopyMeta {
     pub block_count: u64,
     pub source: SourceInfo,
     pub filesystem: Option<FsInfo>,
+    /// The partition layout, for a partitioned disk.
+    #[serde(default)]
+    pub layout: Option<crate::fs::disk::DiskLayout>,
     pub all_blocks: bool,
     #[serde(default)]
     pub snapshot: Option<SnapshotOrigin>,
@@ -485,6 +488,7 @@ mod tests {
                 physical_sector_size: 4096,
             },
             filesystem: None,
+            layout: None,
             all_blocks: false,
             snapshot: None,
             files: vec![

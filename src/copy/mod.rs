@@ -49,6 +49,7 @@ use journal::{Journal, JournalHeader, Replay};
 use meta::{SnapshotOrigin, UpdateBase, UpdateRef, bad_copy};
 
 use crate::error::{Error, IoContext, Result};
+use crate::fs::disk::DiskLayout;
 use crate::fs::{BlockMap, FsInfo};
 use crate::image::ImageWriter;
 use crate::progress::Progress;
@@ -137,6 +138,7 @@ pub fn locate(path: &Path) -> Option<CopyPaths> {
 struct Described {
     source: SourceInfo,
     filesystem: Option<FsInfo>,
+    layout: Option<DiskLayout>,
     all_blocks: bool,
     snapshot: Option<SnapshotOrigin>,
 }
@@ -382,6 +384,7 @@ fn start_new<S: ScanSource + ?Sized>(
         block_count: size.div_ceil(block_size as u64),
         source: described.source,
         filesystem: described.filesystem,
+        layout: described.layout,
         all_blocks: described.all_blocks,
         snapshot: described.snapshot,
         files,
@@ -621,20 +624,24 @@ fn continue_update<S: ScanSource + ?Sized>(
     }
 }
 
-/// The allocation map of `source` at `block_size` (`None` with `all_blocks`), and what was
-/// found on it.
+/// What is on `source` (filesystem, or partition layout for a whole disk) and its allocation
+/// map at `block_size` (`None` with `all_blocks`): the same map a backup uses.
 fn probe_source(
     source: &Source,
     block_size: u32,
     all_blocks: bool,
     progress: &dyn Progress,
-) -> Result<(Option<FsInfo>, Option<BlockMap>)> {
-    let probe = crate::fs::probe(source, block_size as u64)?;
-    if let Some(w) = &probe.warning {
+) -> Result<(Option<FsInfo>, Option<DiskLayout>, Option<BlockMap>)> {
+    let probe = crate::fs::disk::map_volume(
+        source,
+        source.geometry().logical_sector_size,
+        block_size as u64,
+    )?;
+    for w in &probe.warnings {
         progress.warn(w);
     }
     let map = if all_blocks { None } else { probe.map };
-    Ok((probe.fs, map))
+    Ok((probe.fs, probe.layout, map))
 }
 
 fn check_source(source: &Source, opts: &CopyOptions) -> Result<()> {
@@ -660,11 +667,12 @@ pub fn copy(
     check_source(source, opts)?;
     let block_size = opts.block_size.unwrap_or(crate::repo::DEFAULT_BLOCK_SIZE);
     crate::repo::check_block_size(block_size)?;
-    let (fs, map) = probe_source(source, block_size, opts.all_blocks, progress)?;
+    let (fs, layout, map) = probe_source(source, block_size, opts.all_blocks, progress)?;
     let all_blocks = map.is_none();
     let described = Described {
         source: source.info(),
         filesystem: fs,
+        layout,
         all_blocks,
         snapshot: None,
     };
@@ -720,9 +728,10 @@ pub fn update(
     }
     refuse_source_as_data(source, &paths, &meta)?;
     let all_blocks = meta.all_blocks || opts.all_blocks;
-    let (fs, map) = probe_source(source, meta.block_size, all_blocks, progress)?;
+    let (fs, layout, map) = probe_source(source, meta.block_size, all_blocks, progress)?;
     meta.source = source.info();
     meta.filesystem = fs;
+    meta.layout = layout;
     meta.all_blocks = map.is_none();
     continue_update(
         &paths,
@@ -763,6 +772,7 @@ pub fn export(
     let described = Described {
         source: header.source.clone(),
         filesystem: header.filesystem.clone(),
+        layout: header.layout.clone(),
         all_blocks: header.all_blocks,
         snapshot: Some(SnapshotOrigin {
             repository: root.to_string_lossy().into_owned(),

@@ -690,3 +690,43 @@ fn copy_refuses_a_read_write_mounted_source_unless_allowed() {
     drop(lo);
     volback_ok(&["verify", p(&dest)]);
 }
+
+#[test]
+fn mount_shows_a_copy_and_its_files() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let t = TestDir::new();
+    let (src, files) = ext4_source(&t, "src.img", 12);
+    for format in ["bin", "qcow2"] {
+        let dest = t.join(&format!("copy.{format}"));
+        copy_json(&["--format", format, p(&src), p(&dest)]);
+        let view = t.join(&format!("view.{format}"));
+        let got = t.join(&format!("files.{format}"));
+        std::fs::create_dir_all(&view).unwrap();
+        let info = volback_ok(&["mount", "--json", "--files", p(&got), p(&dest), p(&view)]).json();
+        assert_eq!(info["images"].as_array().map(Vec::len), Some(1), "{info}");
+        assert_eq!(
+            std::fs::metadata(view.join("volume.img")).unwrap().len(),
+            SIZE
+        );
+        assert_eq!(tree_hashes(&got), files, "{format}");
+        volback_ok(&["umount", p(&view)]);
+        assert!(
+            !mountinfo_mentions(p(&view)),
+            "{format}: the view is still mounted"
+        );
+    }
+    // An incomplete copy is refused.
+    let dest = t.join("copy.bin");
+    let meta = dest.join("volback-copy.json");
+    let m = std::fs::read_to_string(&meta).unwrap();
+    std::fs::write(&meta, m.replace("\"complete\"", "\"updating\"").replace(
+        "\"update\": null",
+        "\"update\": {\"journal\": \"volback-copy.journal\", \"id\": \"x\", \"base\": \"hashes\"}",
+    ))
+    .unwrap();
+    let view = t.join("view.incomplete");
+    std::fs::create_dir_all(&view).unwrap();
+    volback_code(&["mount", p(&dest), p(&view)], 1).stderr_has(&["incomplete"]);
+}
