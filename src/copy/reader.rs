@@ -168,7 +168,8 @@ pub(crate) fn open_data(paths: &CopyPaths, meta: &CopyMeta) -> Result<Box<dyn Vo
                 ));
             }
             let v = crate::image::open(format, &path)?;
-            if v.size() != meta.size {
+            // Images count whole 512-byte sectors: the volume may end inside the last one.
+            if v.size() != format.virtual_size(meta.size) {
                 return Err(bad_copy(
                     &paths.meta(),
                     format!(
@@ -179,7 +180,53 @@ pub(crate) fn open_data(paths: &CopyPaths, meta: &CopyMeta) -> Result<Box<dyn Vo
                     ),
                 ));
             }
-            Ok(v)
+            Ok(Box::new(Prefix {
+                inner: v,
+                size: meta.size,
+            }))
         }
+    }
+}
+
+/// The first `size` bytes of a volume.
+struct Prefix {
+    inner: Box<dyn Volume>,
+    size: u64,
+}
+
+impl Volume for Prefix {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "read of {} bytes at offset {offset} is past the end of {} ({} bytes)",
+                buf.len(),
+                self.inner.describe(),
+                self.size
+            )));
+        }
+        self.inner.read_at(offset, buf)
+    }
+
+    fn next_data(&self, offset: u64, end: u64) -> Result<Option<Range<u64>>> {
+        let end = end.min(self.size);
+        if offset >= end {
+            return Ok(None);
+        }
+        Ok(self
+            .inner
+            .next_data(offset, end)?
+            .map(|r| r.start..r.end.min(end))
+            .filter(|r| r.start < r.end))
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
