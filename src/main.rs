@@ -196,13 +196,13 @@ enum Command {
         /// directory (bin).
         dest: PathBuf,
         /// raw, bin, vhd, vhd-dynamic, vhdx or qcow2 (required for a new copy).
-        #[arg(long)]
+        #[arg(long, required_unless_present = "update")]
         format: Option<CopyFormat>,
         /// Update an existing copy in place (or finish an interrupted copy or update).
         #[arg(long)]
         update: bool,
         /// Split a raw or bin copy into files of this size (a multiple of the block size).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, conflicts_with = "update")]
         slice_size: Option<u64>,
         /// Block size of a new copy (default 256 KiB): the unit of hashing and of updates.
         #[arg(long, value_parser = parse_size)]
@@ -230,7 +230,7 @@ enum Command {
         /// Output image file (raw, vhd, vhdx, qcow2) or directory (bin).
         out: PathBuf,
         /// raw, bin, vhd, vhd-dynamic, vhdx or qcow2.
-        #[arg(long)]
+        #[arg(long, required = true)]
         format: Option<CopyFormat>,
         /// Split a raw or bin copy into files of this size (a multiple of the block size).
         #[arg(long, value_parser = parse_size)]

@@ -757,3 +757,22 @@ fn volumes_ending_inside_a_sector_round_trip_in_every_format() {
         assert_eq!(sha256_file(&out), sha256_file(&src), "{format}");
     }
 }
+
+#[test]
+fn copy_usage_errors_exit_2() {
+    let t = TestDir::new();
+    let src = t.join("src.img");
+    random_file(&src, MIB, 14);
+    let d = p(&t.join("d")).to_string();
+    for args in [
+        vec!["copy", p(&src), &d],
+        vec!["copy", "--format", "zip", p(&src), &d],
+        vec!["copy", "--update", "--slice-size", "1M", p(&src), &d],
+        vec!["copy", "--format", "raw", p(&src)],
+        vec!["export", p(&src), "latest", &d],
+    ] {
+        let r = volback_code(&args, 2);
+        assert!(!r.stderr.is_empty(), "{args:?}");
+    }
+    assert!(!t.join("d").exists());
+}
