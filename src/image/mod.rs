@@ -17,6 +17,11 @@
 //!   [`open_for_update`] can open again (at worst with leaked, unreferenced space).
 //! - [`ImageWriter::finish`] writes the final metadata and syncs; after it the image is
 //!   clean for `qemu-img check`.
+//! - After a crash, ranges written since the last `sync` may read old or new content (or
+//!   zeros); the caller rewrites them after [`open_for_update`].
+//!
+//! The formats' on-disk choices, crash-safety mechanisms and limits are in docs/IMAGES.md;
+//! each format module documents its byte layout.
 
 use crate::error::Result;
 use crate::volume::Volume;
