@@ -108,6 +108,25 @@ pub enum Error {
         detail: String,
     },
 
+    /// A network operation failed: listening on an address, accepting a connection, or
+    /// talking to a client.
+    #[error("cannot {op} {address}")]
+    Network {
+        op: &'static str,
+        /// The listening address, or the client ("client 3 (127.0.0.1:41234)").
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An NBD client broke the protocol; the server closed that client's connection.
+    #[error("{client} broke the NBD protocol: {detail}")]
+    NbdProtocol {
+        /// The client ("client 3 (127.0.0.1:41234)").
+        client: String,
+        detail: String,
+    },
+
     /// A volume has no partition table that can be dumped.
     #[error("{} has no usable partition table: {detail}", path.display())]
     NoPartitionTable { path: PathBuf, detail: String },

@@ -8,6 +8,7 @@
 //! - [`volume`]: the random-access read interface every volume implements.
 //! - [`repo`]: the repository format (chunks, snapshots, journals, locking).
 //! - [`backup`], [`restore`], [`verify`]: the operations.
+//! - [`nbd`]: a read-only NBD server over any volume.
 //! - [`platform`]: the operating-system layer (Linux, Windows).
 
 pub mod backup;
@@ -17,6 +18,9 @@ pub mod error;
 pub mod fs;
 pub mod hash;
 pub mod image;
+#[cfg(target_os = "linux")]
+pub mod mount;
+pub mod nbd;
 pub mod platform;
 pub mod probe;
 pub mod progress;

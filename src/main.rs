@@ -1,10 +1,14 @@
 //! The `volback` command: parses arguments, calls the library, displays, chooses exit codes.
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error, 3 completed with unreadable sectors,
-//! 130 interrupted (progress saved where the command supports resuming).
+//! 130 interrupted (progress saved where the command supports resuming). `serve` runs until
+//! Ctrl-C and then exits 0 (Ctrl-C is how it is meant to stop).
 
 mod display;
+#[cfg(target_os = "linux")]
+mod mount_cli;
 mod probe_cli;
+mod serve_cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -16,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use volback::backup::{BackupOptions, backup};
 use volback::hash::HashAlgorithm;
+use volback::nbd::ListenAddr;
 use volback::repo::{InitOptions, Repository};
 use volback::restore::{RestoreOptions, plan_restore, restore};
 use volback::source::Source;
@@ -24,7 +29,7 @@ use volback::verify::{VerifyOptions, verify};
 #[derive(Parser)]
 #[command(name = "volback", version, about = "Block-level volume backup", long_about = None)]
 struct Cli {
-    /// Never show progress bars.
+    /// Never show progress bars (`serve`: no per-client lines, only warnings and errors).
     #[arg(long, global = true)]
     quiet: bool,
     #[command(subcommand)]
@@ -112,6 +117,51 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Show a snapshot read-only without restoring it: the volume and each partition as image
+    /// files in DIR (FUSE), and with --files the filesystems' files.
+    #[cfg(target_os = "linux")]
+    Mount {
+        /// REPO SNAPSHOT DIR.
+        #[arg(num_args = 2..=3, required = true, value_name = "REPO SNAPSHOT DIR")]
+        args: Vec<PathBuf>,
+        /// Also mount the filesystem(s) inside read-only, without journal replay, here (a
+        /// partitioned disk gets one directory per partition: part1, part5…).
+        #[arg(long, value_name = "MOUNTPOINT")]
+        files: Option<PathBuf>,
+        /// Serve in this process until Ctrl-C instead of starting a background server.
+        #[arg(long)]
+        foreground: bool,
+        /// Let other users (and root) read the view (needs user_allow_other in
+        /// /etc/fuse.conf when not root).
+        #[arg(long)]
+        allow_other: bool,
+        /// Print what was mounted as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo `volback mount`: unmount the files, detach the loop devices, unmount the view.
+    #[cfg(target_os = "linux")]
+    Umount {
+        /// The view directory (or a --files mount point of it).
+        dir: PathBuf,
+    },
+    /// Serve a snapshot read-only over NBD until Ctrl-C (prints the URI to connect to).
+    Serve {
+        repo: PathBuf,
+        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
+        snapshot: String,
+        /// Where to listen: HOST:PORT for TCP (port 0 picks a free port), or a Unix socket
+        /// path, recognised by containing a `/` (./nbd.sock, /run/volback.sock).
+        #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+        nbd: ListenAddr,
+        /// Export name (default: the snapshot's 12-character id; clients asking for the
+        /// empty default name get it too).
+        #[arg(long, value_name = "EXPORT")]
+        name: Option<String>,
+        /// Most clients connected at once; more connections are closed at once.
+        #[arg(long, default_value_t = 16)]
+        max_clients: usize,
+    },
     /// Check snapshots and their chunks.
     Verify {
         repo: PathBuf,
@@ -164,6 +214,11 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Parses `--nbd ADDR` (a usage error when malformed).
+fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
+    ListenAddr::parse(s).map_err(|e| e.to_string())
+}
+
 fn block_size_arg(v: Option<u64>) -> Result<Option<u32>> {
     v.map(|b| u32::try_from(b).context("block size too large"))
         .transpose()
@@ -208,6 +263,25 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 dry_run,
             } => probe_cli::ptable_restore(&disk, &file, dry_run),
         },
+        #[cfg(target_os = "linux")]
+        Command::Mount {
+            args,
+            files,
+            foreground,
+            allow_other,
+            json,
+        } => mount_cli::mount(
+            mount_cli::MountArgs {
+                args,
+                files,
+                foreground,
+                allow_other,
+                json,
+            },
+            cancel,
+        ),
+        #[cfg(target_os = "linux")]
+        Command::Umount { dir } => mount_cli::umount(&dir),
         Command::Init {
             repo,
             hash,
@@ -265,6 +339,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     "parent": r.parent,
                     "resumed": r.resumed,
                     "filesystem": r.filesystem,
+                    "layout": r.layout,
                     "all_blocks": r.all_blocks,
                     "bytes_read": r.this_run.bytes_read,
                     "new_chunks": r.this_run.new_chunks,
@@ -300,6 +375,31 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                             ""
                         }
                     );
+                }
+                if let Some(l) = &r.layout {
+                    println!("  partitions      {} table {}", l.table, l.id);
+                    for p in &l.partitions {
+                        let what = match (&p.filesystem, p.role.as_deref()) {
+                            (_, Some("extended")) => "extended partition".to_string(),
+                            (Some(fs), _) => format!(
+                                "{} {}{}",
+                                fs.fs_type,
+                                fs.uuid,
+                                if p.all_blocks {
+                                    " (all blocks read)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                            (None, _) => "unknown content (all blocks read)".to_string(),
+                        };
+                        println!(
+                            "    #{:<3} {:>10} at {:>10}  {what}",
+                            p.number,
+                            human_bytes(p.size),
+                            human_bytes(p.start)
+                        );
+                    }
                 }
                 let s = &r.stats;
                 println!(
@@ -414,6 +514,23 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            repo,
+            snapshot,
+            nbd,
+            name,
+            max_clients,
+        } => serve_cli::serve(
+            serve_cli::ServeArgs {
+                repo: &repo,
+                snapshot: &snapshot,
+                nbd,
+                name,
+                max_clients,
+                quiet,
+            },
+            &cancel,
+        ),
         Command::Verify {
             repo,
             snapshot,

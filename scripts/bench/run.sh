@@ -86,8 +86,43 @@ volback_sparse_unit() {
     rm -rf "$big" "$repo" "$work/sparse-restored.img"
 }
 
+# Files without restoring: tar of every file through `volback mount --files` against the same
+# from v1.img loop-mounted directly; time from `volback mount` to the first byte of a file;
+# `qemu-img convert` from `volback serve --nbd` against the same from v1.img.
+# (GNU tar skips reading files when the archive is /dev/null, hence `| cat`.)
+volback_access_unit() {
+    local repo=$work/vb-repo-access raw=$work/mnt-raw view=$work/view files=$work/files first
+    rm -rf "$repo"
+    mkdir -p "$raw" "$view" "$files"
+    "$VB" init "$repo" >/dev/null
+    "$VB" backup --quiet "$vol/v1.img" "$repo" >/dev/null
+    mount -o loop,ro,noload "$vol/v1.img" "$raw"
+    first=$(cd "$raw" && find . -type f -size +1k | sort | head -n 1)
+    bench_time_sh volback.tar_raw_mount 'cd "$1" && tar -cf - . | cat >/dev/null' "$raw"
+    umount "$raw"
+    bench_time_sh volback.mount_first_byte \
+        '"$1" mount "$2" latest "$3" --files "$4" >/dev/null && head -c 1 "$4/$5" >/dev/null' \
+        "$VB" "$repo" "$view" "$files" "$first"
+    bench_time_sh volback.tar_volback_mount 'cd "$1" && tar -cf - . | cat >/dev/null' "$files"
+    "$VB" umount "$view" >/dev/null
+    if "$VB" serve --help >/dev/null 2>&1; then
+        local sock=$work/nbd.sock pid
+        rm -f "$sock" "$work/convert-raw.img" "$work/convert-nbd.img"
+        bench_time volback.convert_raw qemu-img convert -f raw -O raw "$vol/v1.img" "$work/convert-raw.img"
+        rm -f "$work/convert-raw.img"
+        "$VB" serve "$repo" latest --nbd "$sock" >/dev/null 2>&1 &
+        pid=$!
+        for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
+        bench_time volback.convert_nbd qemu-img convert -f raw -O raw "nbd+unix:///?socket=$sock" "$work/convert-nbd.img"
+        kill -INT "$pid"; wait "$pid" || true
+        rm -f "$work/convert-nbd.img"
+    fi
+    rm -rf "$repo"
+}
+
 bench_run_unit volback_unit
 bench_run_unit volback_sparse_unit
+bench_run_unit volback_access_unit
 bench_kv_to_json "$BENCH_KV" "$work/bench.json"
 python3 "$here/report.py" "$work/bench.json" "$root/docs/BENCHMARKS.md" \
     "scripts/bench/run.sh $1 $2"

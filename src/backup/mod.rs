@@ -18,6 +18,7 @@
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
+use crate::fs::disk::DiskLayout;
 use crate::fs::{BlockMap, FsInfo};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
@@ -85,22 +86,33 @@ pub struct BackupReport {
     pub this_run: BatchStats,
     /// The filesystem found on the volume.
     pub filesystem: Option<FsInfo>,
+    /// The partition layout, for a partitioned disk.
+    pub layout: Option<DiskLayout>,
     /// True when every block was read.
     pub all_blocks: bool,
 }
 
 /// The identity of a volume, used to find the parent of its next backup and its journal:
-/// the filesystem's type and UUID when one was recognised (so a volume is found again when
-/// its device path changes), else the source path; always with the size.
-pub fn volume_key(source: &Source, fs: Option<&FsInfo>) -> String {
+/// the filesystem's type and UUID when one was recognised, or the partition table's disk
+/// identifier (GPT disk GUID, MBR signature) for a partitioned disk, so that a volume is found
+/// again when its device path changes; else the source path; always with the size.
+pub fn volume_key(source: &Source, fs: Option<&FsInfo>, layout: Option<&DiskLayout>) -> String {
     let info = source.info();
     let mut h = blake3::Hasher::new();
-    match fs {
-        Some(f) if !f.uuid.is_empty() && f.uuid.bytes().any(|b| b != b'0' && b != b'-') => {
+    let meaningful = |id: &str| id.bytes().any(|b| b.is_ascii_hexdigit() && b != b'0');
+    let id = |s: &str| s.trim_start_matches("0x").to_string();
+    match (fs, layout) {
+        (Some(f), _) if meaningful(&f.uuid) => {
             h.update(b"volback volume key v1 fs\0");
             h.update(f.fs_type.as_bytes());
             h.update(b"\0");
             h.update(f.uuid.as_bytes());
+        }
+        (_, Some(l)) if meaningful(&id(&l.id)) => {
+            h.update(b"volback volume key v1 disk\0");
+            h.update(l.table.as_bytes());
+            h.update(b"\0");
+            h.update(l.id.as_bytes());
         }
         _ => {
             h.update(b"volback volume key v1 path\0");
@@ -185,13 +197,13 @@ pub fn backup(
     let bs = block_size as u64;
     let block_count = info.size.div_ceil(bs);
     let chunk_hash = repo.config().chunk_hash;
-    let probe = crate::fs::probe(source, bs)?;
-    if let Some(w) = &probe.warning {
+    let probe = crate::fs::disk::map_volume(source, source.geometry().logical_sector_size, bs)?;
+    for w in &probe.warnings {
         progress.warn(w);
     }
     let map = if opts.all_blocks { None } else { probe.map };
     let all_blocks = map.is_none();
-    let key = volume_key(source, probe.fs.as_ref());
+    let key = volume_key(source, probe.fs.as_ref(), probe.layout.as_ref());
 
     // One backup per volume at a time.
     let lock_path = repo.journals_dir().join(format!("{key}.lock"));
@@ -341,6 +353,7 @@ pub fn backup(
         hostname: crate::platform::hostname(),
         source: info,
         filesystem: probe.fs.clone(),
+        layout: probe.layout.clone(),
         all_blocks,
         volume_key: key,
         block_size,
@@ -363,6 +376,7 @@ pub fn backup(
         stats,
         this_run,
         filesystem: probe.fs,
+        layout: probe.layout,
         all_blocks,
     })
 }

@@ -29,6 +29,7 @@ const MAGIC: u16 = 0xEF53;
 
 const COMPAT_HAS_JOURNAL: u32 = 0x4;
 const COMPAT_SPARSE_SUPER2: u32 = 0x200;
+const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_EXTENTS: u32 = 0x40;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_META_BG: u32 = 0x10;
@@ -270,6 +271,17 @@ pub fn allocation_map(
     sb: &Superblock,
     granularity: u64,
 ) -> std::result::Result<BlockMap, String> {
+    if sb.incompat & INCOMPAT_RECOVER != 0 {
+        // Committed transactions still in the journal may allocate blocks that the on-disk
+        // bitmaps show as free (their data is already in place with data=ordered); replay
+        // after restore would point at zeros. A frozen filesystem (fsfreeze, LVM snapshot)
+        // has its journal flushed and this flag clear.
+        return Err(
+            "the journal needs recovery (the filesystem is mounted or was not cleanly \
+                    unmounted); freeze it or run e2fsck first to get a map"
+                .into(),
+        );
+    }
     let bs = sb.block_size;
     let fs_bytes = sb
         .blocks_count

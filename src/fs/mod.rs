@@ -5,7 +5,10 @@
 //! read from the filesystem's own structures, never by mounting it. Anything unknown or
 //! damaged falls back to "every block is used", with a warning that says why.
 
+pub mod btrfs;
+pub mod disk;
 pub mod ext;
+pub mod xfs;
 
 use crate::error::Result;
 use crate::volume::Volume;
@@ -14,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// What a probe found on a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsInfo {
-    /// "ext2", "ext3", "ext4".
+    /// "ext2", "ext3", "ext4", "xfs", "btrfs".
     #[serde(rename = "type")]
     pub fs_type: String,
     pub uuid: String,
@@ -83,6 +86,32 @@ impl BlockMap {
     pub fn used_blocks(&self) -> u64 {
         self.bits.iter().map(|w| w.count_ones() as u64).sum()
     }
+
+    /// The runs of used blocks, in order, as block index ranges.
+    pub fn used_runs(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        let mut b = 0u64;
+        std::iter::from_fn(move || {
+            let start = self.next_with(b, true)?;
+            let end = self.next_with(start, false).unwrap_or(self.blocks);
+            b = end;
+            Some(start..end)
+        })
+    }
+
+    /// The first block at or after `from` whose state is `used`.
+    fn next_with(&self, from: u64, used: bool) -> Option<u64> {
+        let mut b = from;
+        while b < self.blocks {
+            let word = self.bits[(b / 64) as usize];
+            let word = (if used { word } else { !word }) >> (b % 64);
+            if word != 0 {
+                let found = b + word.trailing_zeros() as u64;
+                return (found < self.blocks).then_some(found);
+            }
+            b = (b / 64 + 1) * 64;
+        }
+        None
+    }
 }
 
 /// Result of probing a volume for an allocation map.
@@ -91,7 +120,8 @@ pub struct Probe {
     pub fs: Option<FsInfo>,
     /// `None`: every block must be read.
     pub map: Option<BlockMap>,
-    /// Why there is no map although a filesystem was recognised (damaged structures…).
+    /// Why there is no map although a filesystem was recognised (damaged structures…), or
+    /// what the map does not cover (an XFS realtime device).
     pub warning: Option<String>,
 }
 
@@ -116,11 +146,41 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
             },
         });
     }
+    if let Some(sb) = xfs::Superblock::read(vol)? {
+        let mut p = mapped(sb.info(), xfs::allocation_map(vol, &sb, granularity));
+        p.warning = p.warning.or(sb.realtime_note());
+        return Ok(p);
+    }
+    if let Some(sb) = btrfs::Superblock::read(vol)? {
+        return Ok(mapped(
+            sb.info(),
+            btrfs::allocation_map(vol, &sb, granularity),
+        ));
+    }
     Ok(Probe {
         fs: None,
         map: None,
         warning: None,
     })
+}
+
+/// The probe result for a recognised filesystem whose map was built, or not (`Err` says why).
+fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
+    match map {
+        Ok(map) => Probe {
+            fs: Some(info),
+            map: Some(map),
+            warning: None,
+        },
+        Err(why) => Probe {
+            warning: Some(format!(
+                "no {} allocation map ({why}); reading every block",
+                info.fs_type
+            )),
+            fs: Some(info),
+            map: None,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -137,5 +197,11 @@ mod tests {
         assert!(m.is_used(64) && m.is_used(191) && !m.is_used(192));
         assert!(m.is_used(999) && !m.is_used(1000));
         assert_eq!(m.used_blocks(), 1 + 128 + 1);
+        let runs: Vec<_> = m.used_runs().collect();
+        assert_eq!(runs, vec![10..11, 64..192, 999..1000]);
+        let mut full = BlockMap::new(130 * 4096, 4096);
+        full.mark_bytes(0, 130 * 4096);
+        assert_eq!(full.used_runs().collect::<Vec<_>>(), vec![0..130]);
+        assert_eq!(BlockMap::new(0, 4096).used_runs().count(), 0);
     }
 }

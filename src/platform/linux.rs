@@ -339,3 +339,105 @@ pub fn hostname() -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
+
+/// A Unix-domain listening socket that removes its socket file when dropped.
+pub struct LocalListener {
+    inner: std::os::unix::net::UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file this listener created.
+    id: (u64, u64),
+}
+
+impl LocalListener {
+    pub fn bind(path: &Path) -> io::Result<LocalListener> {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let inner = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                let meta = std::fs::symlink_metadata(path)?;
+                if !meta.file_type().is_socket() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "the path exists and is not a socket",
+                    ));
+                }
+                match UnixStream::connect(path) {
+                    Ok(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another server is listening on this socket",
+                        ));
+                    }
+                    Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
+                        // A socket file left behind by a server that is gone.
+                        std::fs::remove_file(path)?;
+                        UnixListener::bind(path)?
+                    }
+                    Err(c) => return Err(c),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(LocalListener {
+            inner,
+            path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.inner.set_nonblocking(nonblocking)
+    }
+
+    pub fn accept(&self) -> io::Result<LocalStream> {
+        self.inner.accept().map(|(s, _)| LocalStream(s))
+    }
+}
+
+impl Drop for LocalListener {
+    fn drop(&mut self) {
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.id
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// One connection on a [`LocalListener`].
+pub struct LocalStream(std::os::unix::net::UnixStream);
+
+impl LocalStream {
+    pub fn try_clone(&self) -> io::Result<LocalStream> {
+        self.0.try_clone().map(LocalStream)
+    }
+
+    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        self.0.shutdown(how)
+    }
+
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.0.set_nonblocking(nonblocking)
+    }
+
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.0.set_read_timeout(t)
+    }
+}
+
+impl io::Read for LocalStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(&mut self.0, buf)
+    }
+}
+
+impl io::Write for LocalStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::Write::write(&mut self.0, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::Write::flush(&mut self.0)
+    }
+}

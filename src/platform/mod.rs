@@ -155,6 +155,12 @@ pub fn prefetch(file: &File, offset: u64, len: u64) {
     imp::prefetch(file, offset, len)
 }
 
+/// A listening local (Unix-domain) stream socket bound to a path, and its connections.
+/// [`LocalListener::bind`] replaces a stale socket file (nobody listening) but never another
+/// kind of file or a live socket; dropping the listener removes the socket file if it is
+/// still the one it created. Windows builds return an "unsupported" error from `bind`.
+pub use imp::{LocalListener, LocalStream};
+
 /// The machine's host name, for snapshot metadata.
 pub fn hostname() -> String {
     imp::hostname()

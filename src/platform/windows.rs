@@ -75,3 +75,61 @@ pub fn prefetch(_file: &File, _offset: u64, _len: u64) {}
 pub fn hostname() -> String {
     std::env::var("COMPUTERNAME").unwrap_or_default()
 }
+
+/// Local (Unix-domain) sockets are not available through the standard library on Windows:
+/// `bind` fails, so no value of these types ever exists.
+pub enum LocalListener {}
+
+impl LocalListener {
+    pub fn bind(_path: &Path) -> io::Result<LocalListener> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "Unix sockets are not supported on Windows; listen on a TCP address",
+        ))
+    }
+
+    pub fn set_nonblocking(&self, _nonblocking: bool) -> io::Result<()> {
+        match *self {}
+    }
+
+    pub fn accept(&self) -> io::Result<LocalStream> {
+        match *self {}
+    }
+}
+
+/// See [`LocalListener`]: never constructed on Windows.
+pub enum LocalStream {}
+
+impl LocalStream {
+    pub fn try_clone(&self) -> io::Result<LocalStream> {
+        match *self {}
+    }
+
+    pub fn shutdown(&self, _how: std::net::Shutdown) -> io::Result<()> {
+        match *self {}
+    }
+
+    pub fn set_nonblocking(&self, _nonblocking: bool) -> io::Result<()> {
+        match *self {}
+    }
+
+    pub fn set_read_timeout(&self, _t: Option<std::time::Duration>) -> io::Result<()> {
+        match *self {}
+    }
+}
+
+impl io::Read for LocalStream {
+    fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        match *self {}
+    }
+}
+
+impl io::Write for LocalStream {
+    fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
+        match *self {}
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match *self {}
+    }
+}

@@ -20,11 +20,10 @@
 use super::Filesystem;
 use super::guid::uuid_string;
 use crate::bytes::{
-    be_u16 as u16_be, be_u32 as u32_be, be_u64 as u64_be, le_u16 as u16_le, le_u32 as u32_le,
-    le_u64 as u64_le,
+    be_u16 as u16_be, be_u32 as u32_be, le_u16 as u16_le, le_u32 as u32_le, le_u64 as u64_le,
 };
 use crate::error::Result;
-use crate::fs::ext;
+use crate::fs::{btrfs, ext, xfs};
 use crate::volume::Volume;
 
 /// LUKS (1 and 2) header magic at byte 0.
@@ -33,12 +32,12 @@ pub const LUKS_MAGIC: &[u8; 6] = b"LUKS\xBA\xBE";
 pub const LVM_LABEL_ID: &[u8; 8] = b"LABELONE";
 pub const LVM_TYPE_2: &[u8; 8] = b"LVM2 001";
 /// XFS superblock magic (`XFS_SB_MAGIC`, 0x58465342).
-pub const XFS_MAGIC: &[u8; 4] = b"XFSB";
+pub const XFS_MAGIC: &[u8; 4] = xfs::MAGIC;
 pub const NTFS_OEM: &[u8; 8] = b"NTFS    ";
 pub const EXFAT_OEM: &[u8; 8] = b"EXFAT   ";
 /// btrfs primary superblock offset and magic (at 0x40 in the superblock).
-pub const BTRFS_SB_OFFSET: u64 = 64 * 1024;
-pub const BTRFS_MAGIC: &[u8; 8] = b"_BHRfS_M";
+pub const BTRFS_SB_OFFSET: u64 = btrfs::SB_OFFSET;
+pub const BTRFS_MAGIC: &[u8; 8] = btrfs::MAGIC;
 /// Linux swap v1 magic, in the last 10 bytes of the first page.
 pub const SWAP_MAGIC_V1: &[u8; 10] = b"SWAPSPACE2";
 /// Page sizes tried for swap (x86 4 KiB up to 64 KiB on some arm64/ppc64 kernels).
@@ -245,43 +244,16 @@ fn lvm2(_vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
 // XFS
 
 fn xfs(_vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
-    // Big-endian: blocksize u32 @4, dblocks u64 @8, uuid @32, logstart u64 @48, agblocks u32
-    // @84, agcount u32 @88, logblocks u32 @96, sectsize u16 @102, fname[12] @108, fdblocks u64
-    // @144.
-    if h.len() < 512 || h[0..4] != *XFS_MAGIC {
+    // The superblock fields are parsed by the XFS allocation map's module.
+    let Some(sb) = xfs::Superblock::parse(h) else {
         return Ok(None);
-    }
-    let bs = u32_be(h, 4);
-    let dblocks = u64_be(h, 8);
-    let agblocks = u32_be(h, 84);
-    let agcount = u32_be(h, 88);
-    let sectsize = u16_be(h, 102);
-    if !bs.is_power_of_two()
-        || !(512..=65536).contains(&bs)
-        || !sectsize.is_power_of_two()
-        || !(512..=32768).contains(&sectsize)
-        || agblocks == 0
-        || agcount == 0
-        || dblocks == 0
-    {
-        return Ok(None);
-    }
-    let mut f = fs("xfs", "filesystem");
-    f.uuid = nonzero_uuid(&arr16(h, 32));
-    f.label = cstr(&h[108..120]);
-    f.block_size = Some(bs);
-    f.size = dblocks.checked_mul(u64::from(bs));
-    // sb_fdblocks is exact on a cleanly unmounted filesystem (lazy counters are written
-    // back at unmount). Like df, the internal log (logstart != 0) is not counted as used.
-    let free = u64_be(h, 144);
-    let log = if u64_be(h, 48) != 0 {
-        u64::from(u32_be(h, 96))
-    } else {
-        0
     };
-    if let Some(used) = dblocks.checked_sub(free).and_then(|u| u.checked_sub(log)) {
-        f.used_bytes = Some(used * u64::from(bs));
-    }
+    let mut f = fs("xfs", "filesystem");
+    f.uuid = nonzero_uuid(&sb.uuid());
+    f.label = Some(sb.label().to_string()).filter(|l| !l.is_empty());
+    f.block_size = Some(sb.block_size());
+    f.size = sb.size();
+    f.used_bytes = sb.used_bytes();
     Ok(Some(f))
 }
 
@@ -814,27 +786,16 @@ fn fat(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
 // btrfs
 
 fn btrfs(vol: &dyn Volume, _h: &[u8]) -> Result<Option<Filesystem>> {
-    // Superblock at 64 KiB: fsid[16] @0x20, bytenr u64 @0x30, magic @0x40, total_bytes @0x70,
-    // bytes_used @0x78, sectorsize u32 @0x90, dev_item @0xC9 (its uuid @+66), label[256]
-    // @0x12B.
-    let Some(sb) = read_opt(vol, BTRFS_SB_OFFSET, 4096)? else {
+    // The superblock fields are parsed by the btrfs allocation map's module.
+    let Some(sb) = btrfs::Superblock::read(vol)? else {
         return Ok(None);
     };
-    if sb[0x40..0x48] != *BTRFS_MAGIC || u64_le(&sb, 0x30) != BTRFS_SB_OFFSET {
-        return Ok(None);
-    }
-    let sectorsize = u32_le(&sb, 0x90);
-    if !sectorsize.is_power_of_two() || !(512..=65536).contains(&sectorsize) {
-        return Ok(None);
-    }
     let mut f = fs("btrfs", "filesystem");
-    f.uuid = nonzero_uuid(&arr16(&sb, 0x20));
-    f.label = cstr(&sb[0x12B..0x12B + 256]);
-    f.block_size = Some(sectorsize);
-    let total = u64_le(&sb, 0x70);
-    let used = u64_le(&sb, 0x78);
-    f.size = Some(total);
-    f.used_bytes = (used <= total).then_some(used);
+    f.uuid = nonzero_uuid(&sb.fsid());
+    f.label = Some(sb.label().to_string()).filter(|l| !l.is_empty());
+    f.block_size = Some(sb.sector_size());
+    f.size = Some(sb.size());
+    f.used_bytes = sb.used_bytes();
     Ok(Some(f))
 }
 

@@ -1,53 +1,83 @@
 //! A snapshot as a [`Volume`]: random access to its bytes, served from the chunk store.
+//!
+//! Two modes:
+//! - plain ([`SnapshotVolume::new`]): every `read_at` decodes the chunks it touches. Right for
+//!   restore, verify and export, which read each block once in large pieces.
+//! - cached ([`SnapshotVolume::with_cache`]): decoded blocks are kept in a bounded LRU cache,
+//!   and a sequential reader triggers read-ahead on background threads. Right for `mount` and
+//!   `serve`, where the kernel or an NBD client asks for small pieces and comes back to the
+//!   same block many times.
 
 use super::chunks::ChunkStore;
 use super::format::{BlockRef, SEGMENT_BLOCKS};
 use super::snapshot::SnapshotFile;
 use crate::error::{Error, Result};
 use crate::volume::Volume;
+use crossbeam_channel::{Sender, TrySendError};
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 /// How many decoded manifest segments a reader keeps (about 2 MiB each).
 const CACHED_SEGMENTS: usize = 4;
 
 /// Read access to one snapshot.
 pub struct SnapshotVolume {
+    inner: Arc<Inner>,
+    cache: Option<Arc<BlockCache>>,
+    prefetch: Option<Prefetcher>,
+}
+
+struct Inner {
     snap: SnapshotFile,
     chunks: ChunkStore,
     segments: Mutex<Vec<(usize, Arc<Vec<BlockRef>>)>>,
 }
 
-impl SnapshotVolume {
-    pub fn new(snap: SnapshotFile, chunks: ChunkStore) -> SnapshotVolume {
-        SnapshotVolume {
-            snap,
-            chunks,
-            segments: Mutex::new(Vec::new()),
+/// Settings of the decoded-block cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheOptions {
+    /// Bytes of decoded blocks kept (at least 8 blocks are kept whatever this says).
+    pub capacity: u64,
+    /// Bytes read ahead of a sequential reader (0: no read-ahead).
+    pub read_ahead: u64,
+    /// Threads decoding read-ahead blocks.
+    pub threads: usize,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            capacity: 64 << 20,
+            read_ahead: 8 << 20,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
+}
 
-    pub fn snapshot(&self) -> &SnapshotFile {
-        &self.snap
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-    pub fn block_size(&self) -> u64 {
+impl Inner {
+    fn block_size(&self) -> u64 {
         self.snap.header().block_size as u64
     }
 
-    pub fn chunks(&self) -> &ChunkStore {
-        &self.chunks
+    fn size(&self) -> u64 {
+        self.snap.header().source.size
     }
 
     fn segment(&self, index: usize) -> Result<Arc<Vec<BlockRef>>> {
         {
-            let cache = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+            let cache = lock(&self.segments);
             if let Some((_, s)) = cache.iter().find(|(i, _)| *i == index) {
                 return Ok(s.clone());
             }
         }
         let seg = Arc::new(self.snap.segment(index)?);
-        let mut cache = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = lock(&self.segments);
         if cache.len() >= CACHED_SEGMENTS {
             cache.remove(0);
         }
@@ -55,8 +85,7 @@ impl SnapshotVolume {
         Ok(seg)
     }
 
-    /// The reference of block `index`.
-    pub fn block_ref(&self, index: u64) -> Result<BlockRef> {
+    fn block_ref(&self, index: u64) -> Result<BlockRef> {
         if index >= self.snap.header().block_count {
             return Err(Error::InvalidArgument(format!(
                 "block {index} is past the end of snapshot {}",
@@ -64,15 +93,25 @@ impl SnapshotVolume {
             )));
         }
         let seg = self.segment((index / SEGMENT_BLOCKS) as usize)?;
-        Ok(seg[(index % SEGMENT_BLOCKS) as usize])
+        seg.get((index % SEGMENT_BLOCKS) as usize)
+            .copied()
+            .ok_or_else(|| {
+                Error::corrupt(
+                    format!("manifest segment of block {index}"),
+                    self.snap.path(),
+                    "segment is shorter than the block count says",
+                )
+            })
     }
 
-    /// Reads block `index` whole into `buf` (resized to the block's length).
-    /// Returns the block's reference.
-    pub fn read_block(&self, index: u64, buf: &mut Vec<u8>) -> Result<BlockRef> {
-        let r = self.block_ref(index)?;
+    fn block_len(&self, index: u64) -> usize {
         let bs = self.block_size();
-        let len = (self.size() - index * bs).min(bs) as usize;
+        (self.size() - index * bs).min(bs) as usize
+    }
+
+    fn read_block(&self, index: u64, buf: &mut Vec<u8>) -> Result<BlockRef> {
+        let r = self.block_ref(index)?;
+        let len = self.block_len(index);
         match r {
             BlockRef::Zero | BlockRef::Unused => {
                 buf.clear();
@@ -97,21 +136,261 @@ impl SnapshotVolume {
     }
 }
 
+/// A bounded LRU cache of decoded blocks, shared by readers and read-ahead threads. A block
+/// being decoded is marked so that a second reader waits for it instead of decoding it again.
+struct BlockCache {
+    state: Mutex<CacheState>,
+    loaded: Condvar,
+    capacity: usize,
+}
+
+struct CacheState {
+    slots: HashMap<u64, Slot>,
+    clock: u64,
+    /// End offset of the previous read (sequential detection).
+    last_end: u64,
+    /// Blocks below this were already queued for read-ahead.
+    queued_to: u64,
+}
+
+enum Slot {
+    Loading,
+    Ready { data: Arc<Vec<u8>>, used: u64 },
+}
+
+impl BlockCache {
+    /// The decoded block `index`, from the cache or decoded now.
+    fn get(&self, inner: &Inner, index: u64) -> Result<Arc<Vec<u8>>> {
+        let mut st = lock(&self.state);
+        loop {
+            st.clock += 1;
+            let now = st.clock;
+            match st.slots.get_mut(&index) {
+                Some(Slot::Ready { data, used }) => {
+                    *used = now;
+                    return Ok(data.clone());
+                }
+                Some(Slot::Loading) => {
+                    st = self.loaded.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                None => break,
+            }
+        }
+        st.slots.insert(index, Slot::Loading);
+        drop(st);
+        self.load(inner, index)
+    }
+
+    /// Decodes block `index` (whose slot the caller marked `Loading`) and publishes it.
+    fn load(&self, inner: &Inner, index: u64) -> Result<Arc<Vec<u8>>> {
+        let mut buf = Vec::new();
+        let result = inner.read_block(index, &mut buf);
+        let mut st = lock(&self.state);
+        let out = match result {
+            Ok(_) => {
+                let data = Arc::new(buf);
+                st.clock += 1;
+                let used = st.clock;
+                st.slots.insert(
+                    index,
+                    Slot::Ready {
+                        data: data.clone(),
+                        used,
+                    },
+                );
+                self.evict(&mut st);
+                Ok(data)
+            }
+            Err(e) => {
+                st.slots.remove(&index);
+                Err(e)
+            }
+        };
+        drop(st);
+        self.loaded.notify_all();
+        out
+    }
+
+    fn evict(&self, st: &mut CacheState) {
+        while st.slots.len() > self.capacity {
+            let oldest = st
+                .slots
+                .iter()
+                .filter_map(|(&i, s)| match s {
+                    Slot::Ready { used, .. } => Some((*used, i)),
+                    Slot::Loading => None,
+                })
+                .min();
+            match oldest {
+                Some((_, i)) => {
+                    st.slots.remove(&i);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Claims block `index` for read-ahead: true when nobody has it or is decoding it.
+    fn claim(&self, index: u64) -> bool {
+        let mut st = lock(&self.state);
+        if st.slots.contains_key(&index) {
+            return false;
+        }
+        st.slots.insert(index, Slot::Loading);
+        true
+    }
+}
+
+/// Background threads decoding blocks ahead of a sequential reader.
+struct Prefetcher {
+    queue: Option<Sender<u64>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Blocks to keep queued ahead of the reader.
+    window: u64,
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.queue.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl SnapshotVolume {
+    pub fn new(snap: SnapshotFile, chunks: ChunkStore) -> SnapshotVolume {
+        SnapshotVolume {
+            inner: Arc::new(Inner {
+                snap,
+                chunks,
+                segments: Mutex::new(Vec::new()),
+            }),
+            cache: None,
+            prefetch: None,
+        }
+    }
+
+    /// A reader with a decoded-block cache and read-ahead (for `mount` and `serve`).
+    pub fn with_cache(snap: SnapshotFile, chunks: ChunkStore, options: CacheOptions) -> Self {
+        let mut vol = SnapshotVolume::new(snap, chunks);
+        let bs = vol.block_size().max(1);
+        let cache = Arc::new(BlockCache {
+            state: Mutex::new(CacheState {
+                slots: HashMap::new(),
+                clock: 0,
+                last_end: u64::MAX,
+                queued_to: 0,
+            }),
+            loaded: Condvar::new(),
+            capacity: (options.capacity / bs).max(8) as usize,
+        });
+        let window = (options.read_ahead / bs).min(cache.capacity as u64 / 2);
+        if window > 0 && options.threads > 0 {
+            let (tx, rx) = crossbeam_channel::bounded::<u64>(window as usize * 2);
+            let threads = (0..options.threads)
+                .map(|_| {
+                    let rx = rx.clone();
+                    let cache = cache.clone();
+                    let inner = vol.inner.clone();
+                    std::thread::spawn(move || {
+                        for index in rx {
+                            if cache.claim(index) {
+                                // A failed read-ahead is not reported: the reader that needs
+                                // the block decodes it again and gets the error then.
+                                let _ = cache.load(&inner, index);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            vol.prefetch = Some(Prefetcher {
+                queue: Some(tx),
+                threads,
+                window,
+            });
+        }
+        vol.cache = Some(cache);
+        vol
+    }
+
+    pub fn snapshot(&self) -> &SnapshotFile {
+        &self.inner.snap
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.inner.block_size()
+    }
+
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.inner.chunks
+    }
+
+    /// The reference of block `index`.
+    pub fn block_ref(&self, index: u64) -> Result<BlockRef> {
+        self.inner.block_ref(index)
+    }
+
+    /// Reads block `index` whole into `buf` (resized to the block's length).
+    /// Returns the block's reference.
+    pub fn read_block(&self, index: u64, buf: &mut Vec<u8>) -> Result<BlockRef> {
+        self.inner.read_block(index, buf)
+    }
+
+    /// Queues read-ahead after a read of `[offset, end)` when reads are sequential.
+    fn read_ahead(&self, cache: &BlockCache, offset: u64, end: u64) {
+        let Some(pf) = &self.prefetch else { return };
+        let Some(queue) = &pf.queue else { return };
+        let bs = self.block_size();
+        let blocks = self.inner.snap.header().block_count;
+        let (from, to) = {
+            let mut st = lock(&cache.state);
+            // Concurrent readers (the kernel's read-ahead, FUSE worker threads) deliver a
+            // sequential stream slightly out of order: within two blocks counts as sequential.
+            let sequential = st.last_end != u64::MAX && offset.abs_diff(st.last_end) <= 2 * bs;
+            st.last_end = end;
+            if !sequential {
+                st.queued_to = 0;
+                return;
+            }
+            let next = end.div_ceil(bs);
+            let from = st.queued_to.max(next);
+            let to = (next + pf.window).min(blocks);
+            if from >= to {
+                return;
+            }
+            st.queued_to = to;
+            (from, to)
+        };
+        for index in from..to {
+            if !matches!(self.inner.block_ref(index), Ok(BlockRef::Chunk(_))) {
+                continue;
+            }
+            match queue.try_send(index) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    let mut st = lock(&cache.state);
+                    st.queued_to = st.queued_to.min(index);
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl Volume for SnapshotVolume {
     fn size(&self) -> u64 {
-        self.snap.header().source.size
+        self.inner.size()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.size();
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > size)
-        {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > size) {
             return Err(Error::InvalidArgument(format!(
                 "read of {} bytes at offset {offset} is past the end of snapshot {} ({size} bytes)",
                 buf.len(),
-                self.snap.id()
+                self.inner.snap.id()
             )));
         }
         let bs = self.block_size();
@@ -122,14 +401,31 @@ impl Volume for SnapshotVolume {
             let index = pos / bs;
             let within = (pos % bs) as usize;
             let n = (bs as usize - within).min(buf.len() - done);
-            match self.block_ref(index)? {
-                BlockRef::Zero | BlockRef::Unused => buf[done..done + n].fill(0),
-                BlockRef::Chunk(_) => {
-                    self.read_block(index, &mut block)?;
-                    buf[done..done + n].copy_from_slice(&block[within..within + n]);
-                }
+            let out = &mut buf[done..done + n];
+            match self.inner.block_ref(index)? {
+                BlockRef::Zero | BlockRef::Unused => out.fill(0),
+                BlockRef::Chunk(_) => match &self.cache {
+                    Some(cache) => {
+                        let data = cache.get(&self.inner, index)?;
+                        let src = data.get(within..within + n).ok_or_else(|| {
+                            Error::corrupt(
+                                format!("block {index}"),
+                                self.inner.snap.path(),
+                                "decoded block is shorter than the snapshot says",
+                            )
+                        })?;
+                        out.copy_from_slice(src);
+                    }
+                    None => {
+                        self.inner.read_block(index, &mut block)?;
+                        out.copy_from_slice(&block[within..within + n]);
+                    }
+                },
             }
             done += n;
+        }
+        if let (Some(cache), Some(end)) = (&self.cache, end) {
+            self.read_ahead(cache, offset, end);
         }
         Ok(())
     }
@@ -158,6 +454,6 @@ impl Volume for SnapshotVolume {
     }
 
     fn describe(&self) -> String {
-        format!("snapshot {}", &self.snap.id()[..12])
+        format!("snapshot {}", &self.inner.snap.id()[..12])
     }
 }

@@ -58,6 +58,9 @@ pub struct SnapshotHeader {
     /// The filesystem found on the volume, if recognised.
     #[serde(default)]
     pub filesystem: Option<crate::fs::FsInfo>,
+    /// The partition layout of a partitioned disk (each partition with its filesystem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<crate::fs::disk::DiskLayout>,
     /// True when every block was read (`--all-blocks`, or no usable allocation map).
     #[serde(default)]
     pub all_blocks: bool,

@@ -433,3 +433,24 @@ fn restore_refuses_a_target_inside_the_repository() {
     volback_code(&["restore", p(&repo), "latest", &sneaky], 1).stderr_has(&["refusing"]);
     assert!(!repo.join("snap.img").exists());
 }
+
+/// An ext4 whose journal needs recovery (mounted, or not cleanly unmounted) may allocate in
+/// the journal blocks that the bitmaps show free: no map, every block read, with a warning.
+#[test]
+fn ext4_needing_journal_recovery_is_read_whole() {
+    if !require_root_and_loop() {
+        return;
+    }
+    let t = TestDir::new();
+    let img = t.join("fs.img");
+    let repo = t.join("repo");
+    sparse_file(&img, 32 * MIB);
+    mkfs_ext4(&img);
+    run_ok("debugfs", &["-w", "-R", "feature needs_recovery", p(&img)]);
+    init_repo(&repo, &[]);
+    let r = volback(&["backup", "--json", p(&img), p(&repo)]).expect_code(0);
+    r.stderr_has(&["journal needs recovery", "reading every block"]);
+    let v = r.json();
+    assert_eq!(v["all_blocks"], true, "{v}");
+    assert_eq!(v["filesystem"]["type"], "ext4", "{v}");
+}

@@ -13,8 +13,12 @@
 mod cli;
 mod corruption;
 mod crash;
+mod disk;
 mod ext4;
 mod images;
+mod mount;
+mod nbd;
 mod probe;
 mod roundtrip;
 mod util;
+mod xfs_btrfs;

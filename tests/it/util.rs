@@ -600,3 +600,37 @@ impl Drop for Mount {
         }
     }
 }
+
+/// True when this test can mount FUSE filesystems as root (see [`require_root_and_loop`] for
+/// the CI rule).
+pub fn require_root_loop_and_fuse() -> bool {
+    if !require_root_and_loop() {
+        return false;
+    }
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("this test needs /dev/fuse, which is missing (CI is set: not skipping)");
+    }
+    eprintln!("skipped: this test needs /dev/fuse");
+    false
+}
+
+/// True when a line of `/proc/self/mountinfo` mentions `needle`.
+pub fn mountinfo_mentions(needle: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(needle))
+}
+
+/// Loop devices (`losetup -a` lines) whose backing file path contains `needle`.
+pub fn loops_mentioning(needle: &str) -> Vec<String> {
+    run_ok("losetup", &["-a"])
+        .stdout
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,205 @@
+//! The allocation map of a whole volume: a single filesystem, or a partitioned disk whose map
+//! is composed from its parts.
+//!
+//! For a partitioned disk (MBR with extended and logical partitions, or GPT):
+//! - every byte outside the data partitions is kept: the partition table sectors, the EBRs
+//!   of an extended partition, the GPT entry arrays and backup header, and every gap between
+//!   or after partitions (boot loaders such as GRUB's core image live in the gap before the
+//!   first partition);
+//! - each data partition contributes its own filesystem's map, moved to its offset; a
+//!   partition without a recognised filesystem, or whose allocation data is unusable, is kept
+//!   whole (with a warning naming the partition and why).
+//!
+//! Overlapping partitions (a damaged table) only make the map larger: a block is unused only
+//! when nothing claims it.
+
+use super::{BlockMap, FsInfo, probe};
+use crate::error::Result;
+use crate::probe::{self as disk_probe, MbrRole, ProbeOptions, Slice};
+use crate::volume::Volume;
+use serde::{Deserialize, Serialize};
+
+/// The partition layout of a disk, as a snapshot records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLayout {
+    /// "dos" or "gpt".
+    pub table: String,
+    /// Disk identifier: `0x1234abcd` (MBR signature) or the GPT disk GUID.
+    pub id: String,
+    /// Sector size the table is expressed in.
+    pub sector_size: u32,
+    pub partitions: Vec<PartitionLayout>,
+}
+
+/// One partition of a [`DiskLayout`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionLayout {
+    /// 1-based number as the kernel and `sfdisk` give it.
+    pub number: u32,
+    /// First byte on the disk.
+    pub start: u64,
+    /// Bytes.
+    pub size: u64,
+    /// MBR type byte (hex) or GPT type GUID, as `sfdisk` prints them.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// "primary", "extended" or "logical" (MBR only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// GPT partition name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GPT unique GUID, or the MBR PARTUUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// The filesystem found in the partition, when its allocation map could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<FsInfo>,
+    /// True when every block of the partition was kept (no usable map).
+    #[serde(default)]
+    pub all_blocks: bool,
+}
+
+/// What a backup needs to know about a volume before reading it.
+#[derive(Debug, Clone)]
+pub struct VolumeMap {
+    /// The filesystem spanning the whole volume (no partition table).
+    pub fs: Option<FsInfo>,
+    /// The partition layout (partitioned disks).
+    pub layout: Option<DiskLayout>,
+    /// `None`: every block must be read.
+    pub map: Option<BlockMap>,
+    /// Why parts of the volume are read whole although a filesystem or table was recognised.
+    pub warnings: Vec<String>,
+}
+
+/// The largest power of two dividing `x`, at least 4 KiB and at most `cap`.
+fn alignment(x: u64, cap: u64) -> u64 {
+    let a = if x == 0 {
+        cap
+    } else {
+        1u64 << x.trailing_zeros()
+    };
+    a.clamp(4096.min(cap), cap)
+}
+
+/// Probes `vol` (logical sectors of `sector_size` bytes) and builds its allocation map at
+/// `granularity` bytes per bit.
+pub fn map_volume(vol: &dyn Volume, sector_size: u32, granularity: u64) -> Result<VolumeMap> {
+    let report = disk_probe::probe(
+        vol,
+        sector_size,
+        sector_size,
+        &ProbeOptions { filesystems: false },
+    )?;
+    let Some(table) = report.partition_table else {
+        let p = probe(vol, granularity)?;
+        return Ok(VolumeMap {
+            fs: p.fs,
+            layout: None,
+            map: p.map,
+            warnings: p.warning.into_iter().collect(),
+        });
+    };
+
+    let size = vol.size();
+    let mut map = BlockMap::new(size, granularity);
+    let mut warnings = report.warnings;
+    // Start from "everything outside the data partitions is used".
+    let mut data: Vec<(u64, u64)> = table
+        .partitions
+        .iter()
+        .filter(|p| p.role != Some(MbrRole::Extended) && p.size > 0 && p.start < size)
+        .map(|p| (p.start, p.start.saturating_add(p.size).min(size)))
+        .collect();
+    data.sort_unstable();
+    let mut pos = 0u64;
+    for &(start, end) in &data {
+        if start > pos {
+            map.mark_bytes(pos, start - pos);
+        }
+        pos = pos.max(end);
+    }
+    if pos < size {
+        map.mark_bytes(pos, size - pos);
+    }
+
+    let mut partitions = Vec::with_capacity(table.partitions.len());
+    for p in &table.partitions {
+        let extended = p.role == Some(MbrRole::Extended);
+        let mut layout = PartitionLayout {
+            number: p.number,
+            start: p.start,
+            size: p.size,
+            type_id: p.type_id.clone(),
+            role: p.role.map(|r| {
+                match r {
+                    MbrRole::Primary => "primary",
+                    MbrRole::Extended => "extended",
+                    MbrRole::Logical => "logical",
+                }
+                .to_string()
+            }),
+            name: p.name.clone(),
+            uuid: p.uuid.clone(),
+            filesystem: None,
+            all_blocks: false,
+        };
+        if !extended && p.size > 0 && p.start < size {
+            let slice = Slice::new(vol, p.start, p.size);
+            let g = alignment(p.start, granularity);
+            let part = probe(&slice, g)?;
+            layout.filesystem = part.fs.clone();
+            match part.map {
+                Some(pm) => {
+                    for run in pm.used_runs() {
+                        let from = p.start + run.start * g;
+                        let len = (run.end - run.start) * g;
+                        map.mark_bytes(from, len.min(slice.size().saturating_sub(run.start * g)));
+                    }
+                }
+                None => {
+                    layout.all_blocks = true;
+                    map.mark_bytes(p.start, slice.size());
+                    warnings.push(match (part.warning, &part.fs) {
+                        (Some(w), _) => format!("partition {}: {w}", p.number),
+                        (None, Some(fs)) => format!(
+                            "partition {}: no allocation map for {}; reading every block",
+                            p.number, fs.fs_type
+                        ),
+                        (None, None) => format!(
+                            "partition {}: no recognised filesystem; reading every block",
+                            p.number
+                        ),
+                    });
+                }
+            }
+        }
+        partitions.push(layout);
+    }
+    Ok(VolumeMap {
+        fs: None,
+        layout: Some(DiskLayout {
+            table: table.kind.name().to_string(),
+            id: table.id,
+            sector_size: table.sector_size,
+            partitions,
+        }),
+        map: Some(map),
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_is_a_clamped_power_of_two() {
+        assert_eq!(alignment(1 << 20, 256 << 10), 256 << 10);
+        assert_eq!(alignment(63 * 512, 256 << 10), 4096);
+        assert_eq!(alignment(0, 256 << 10), 256 << 10);
+        assert_eq!(alignment(3 * 65536, 256 << 10), 65536);
+        assert_eq!(alignment(1 << 20, 1024), 1024);
+    }
+}

@@ -1,0 +1,1066 @@
+//! XFS (v4 and v5): superblock, allocation group free-space headers (AGF) and the
+//! by-block-number free-space B+trees (bnobt).
+//!
+//! Layout facts used here (all big-endian), from the XFS on-disk format:
+//! - The filesystem is cut into `sb_agcount` allocation groups (AGs) of `sb_agblocks` blocks;
+//!   the last one holds what is left of `sb_dblocks`. Each AG starts with four sectors:
+//!   superblock (a copy in AGs > 0), AGF, AGI, AGFL.
+//! - Superblock (sector 0): magic `XFSB` @0, blocksize u32 @4, dblocks u64 @8, rblocks u64
+//!   @16, uuid @32, logstart u64 @48 (0: external log), agblocks u32 @84, agcount u32 @88,
+//!   logblocks u32 @96, versionnum u16 @100 (low 4 bits: 4 or 5), sectsize u16 @102, fname[12]
+//!   @108, blocklog u8 @120, sectlog u8 @121, agblklog u8 @124, inprogress u8 @126, fdblocks
+//!   u64 @144; v5: features_ro_compat u32 @212, features_incompat u32 @216, crc @224, meta_uuid
+//!   @248 (used in metadata blocks instead of uuid with the META_UUID feature).
+//! - An "fsblock" number (logstart) is `agno << agblklog | agbno`.
+//! - AGF (sector 1 of the AG): magic `XAGF` @0, versionnum u32 @4 (1), seqno u32 @8 (the AG
+//!   number), length u32 @12 (blocks in this AG), bnobt root u32 @16, bnobt levels u32 @28,
+//!   freeblks u32 @52; v5: uuid @64, crc @216.
+//! - bnobt blocks use the short btree header: magic u32 @0 (`ABTB` v4, `AB3B` v5), level u16
+//!   @4 (0 = leaf), numrecs u16 @6, leftsib u32 @8, rightsib u32 @12 (16 bytes); v5 adds
+//!   blkno u64 @16 (the block's own address in 512-byte units), lsn u64 @24, uuid @32, owner
+//!   u32 @48 (the AG number), crc @52 (56 bytes). Leaves hold records (startblock u32,
+//!   blockcount u32) sorted by startblock; nodes hold `maxrecs = (blocksize − header) / 12`
+//!   key slots of 8 bytes, then the child pointers (AG block numbers, u32).
+//! - v5 checksums are CRC-32C over the sector (superblock, AGF) or the block (btree), with the
+//!   checksum field taken as zero, stored little-endian.
+//!
+//! What is used: everything in an AG that its bnobt does not list as free — AG headers, inode
+//! chunks, the internal log, every btree block, the AGFL, file data. Every number read is
+//! checked against the AG; a record out of order or past the AG, a wrong level, a loop, a
+//! checksum mismatch or a free count that disagrees with the AGF makes the map unusable (the
+//! caller then reads every block).
+
+use super::{BlockMap, FsInfo};
+use crate::bytes::{be_u16, be_u32, be_u64};
+use crate::error::Result;
+use crate::probe::crc32::crc32c_skipping;
+use crate::probe::guid::uuid_string;
+use crate::volume::Volume;
+use std::collections::HashSet;
+
+/// Superblock magic (`XFS_SB_MAGIC`, 0x58465342).
+pub const MAGIC: &[u8; 4] = b"XFSB";
+/// AGF magic (`XFS_AGF_MAGIC`, 0x58414746).
+const AGF_MAGIC: &[u8; 4] = b"XAGF";
+/// bnobt block magic, v4 (`XFS_ABTB_MAGIC`) and v5 with CRC (`XFS_ABTB_CRC_MAGIC`).
+const BNOBT_MAGIC_V4: &[u8; 4] = b"ABTB";
+const BNOBT_MAGIC_V5: &[u8; 4] = b"AB3B";
+
+/// Bytes of the superblock that [`Superblock::parse`] needs (the v5 fields end at 264).
+pub const SB_PARSE_LEN: usize = 512;
+const SB_CRC_OFF: usize = 224;
+const AGF_CRC_OFF: usize = 216;
+const BTREE_CRC_OFF: usize = 52;
+const BTREE_HDR_V4: usize = 16;
+const BTREE_HDR_V5: usize = 56;
+/// Deeper than any bnobt can be (2^31 blocks per AG of 512 bytes need 7 levels).
+const MAX_LEVELS: u32 = 12;
+/// Smallest AG mkfs makes (`XFS_MIN_AG_BLOCKS`).
+const MIN_AG_BLOCKS: u64 = 64;
+
+/// v5 incompatible features that do not change where free space is recorded: FTYPE,
+/// SPINODES, META_UUID, BIGTIME, NREXT64, EXCHRANGE, PARENT, METADIR.
+const INCOMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80 | 0x100;
+const INCOMPAT_META_UUID: u32 = 0x4;
+const INCOMPAT_NEEDSREPAIR: u32 = 0x10;
+/// v5 read-only-compatible features: FINOBT, RMAPBT, REFLINK, INOBTCNT.
+const RO_COMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8;
+
+/// The fields of an XFS superblock that the probe and the map need.
+#[derive(Debug, Clone)]
+pub struct Superblock {
+    version: u16,
+    block_size: u64,
+    sect_size: u64,
+    blocklog: u8,
+    sectlog: u8,
+    agblklog: u8,
+    dblocks: u64,
+    rblocks: u64,
+    agblocks: u64,
+    agcount: u64,
+    logstart: u64,
+    logblocks: u64,
+    fdblocks: u64,
+    inprogress: u8,
+    ro_compat: u32,
+    incompat: u32,
+    uuid: [u8; 16],
+    meta_uuid: [u8; 16],
+    label: String,
+}
+
+fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&b[at..at + 16]);
+    u
+}
+
+impl Superblock {
+    /// Parses the first sector of a volume; `None` when it is not an XFS superblock (or its
+    /// basic geometry is implausible).
+    pub fn parse(h: &[u8]) -> Option<Superblock> {
+        if h.len() < SB_PARSE_LEN || h[0..4] != *MAGIC {
+            return None;
+        }
+        let bs = be_u32(h, 4);
+        let sectsize = be_u16(h, 102);
+        let dblocks = be_u64(h, 8);
+        let agblocks = be_u32(h, 84);
+        let agcount = be_u32(h, 88);
+        if !bs.is_power_of_two()
+            || !(512..=65536).contains(&bs)
+            || !sectsize.is_power_of_two()
+            || !(512..=32768).contains(&sectsize)
+            || agblocks == 0
+            || agcount == 0
+            || dblocks == 0
+        {
+            return None;
+        }
+        let name = &h[108..120];
+        let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        let version = be_u16(h, 100) & 0xF;
+        Some(Superblock {
+            version,
+            block_size: u64::from(bs),
+            sect_size: u64::from(sectsize),
+            blocklog: h[120],
+            sectlog: h[121],
+            agblklog: h[124],
+            dblocks,
+            rblocks: be_u64(h, 16),
+            agblocks: u64::from(agblocks),
+            agcount: u64::from(agcount),
+            logstart: be_u64(h, 48),
+            logblocks: u64::from(be_u32(h, 96)),
+            fdblocks: be_u64(h, 144),
+            inprogress: h[126],
+            ro_compat: if version == 5 { be_u32(h, 212) } else { 0 },
+            incompat: if version == 5 { be_u32(h, 216) } else { 0 },
+            uuid: uuid_at(h, 32),
+            meta_uuid: uuid_at(h, 248),
+            label: String::from_utf8_lossy(&name[..end]).into_owned(),
+        })
+    }
+
+    /// Reads the superblock of `vol`; `None` when it is not XFS.
+    pub fn read(vol: &dyn Volume) -> Result<Option<Superblock>> {
+        if vol.size() < SB_PARSE_LEN as u64 {
+            return Ok(None);
+        }
+        let mut h = vec![0u8; SB_PARSE_LEN];
+        vol.read_at(0, &mut h)?;
+        Ok(Superblock::parse(&h))
+    }
+
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size as u32
+    }
+
+    /// Bytes of the data section; `None` when the block count overflows.
+    pub fn size(&self) -> Option<u64> {
+        self.dblocks.checked_mul(self.block_size)
+    }
+
+    /// Used bytes as `df` counts them: data blocks minus free blocks minus an internal log.
+    /// `sb_fdblocks` is exact on a cleanly unmounted filesystem (lazy counters are written
+    /// back at unmount). `None` when the counters are inconsistent.
+    pub fn used_bytes(&self) -> Option<u64> {
+        let log = if self.logstart != 0 {
+            self.logblocks
+        } else {
+            0
+        };
+        self.dblocks
+            .checked_sub(self.fdblocks)
+            .and_then(|u| u.checked_sub(log))
+            .and_then(|u| u.checked_mul(self.block_size))
+    }
+
+    pub fn info(&self) -> FsInfo {
+        FsInfo {
+            fs_type: "xfs".into(),
+            uuid: uuid_string(&self.uuid),
+            label: self.label.clone(),
+            block_size: self.block_size as u32,
+            size: self.size().unwrap_or(u64::MAX),
+            used_bytes: self.used_bytes().unwrap_or(0),
+        }
+    }
+
+    /// A note for the backup when the filesystem has a realtime section: its file data lives
+    /// on another device, which this volume does not include.
+    pub fn realtime_note(&self) -> Option<String> {
+        (self.rblocks != 0).then(|| {
+            format!(
+                "this XFS filesystem has a realtime section of {} blocks on a separate device; \
+                 the file data stored there is not part of this volume and must be backed up \
+                 separately",
+                self.rblocks
+            )
+        })
+    }
+
+    fn crc(&self) -> bool {
+        self.version == 5
+    }
+
+    /// The UUID that v5 metadata blocks carry.
+    fn metadata_uuid(&self) -> [u8; 16] {
+        if self.incompat & INCOMPAT_META_UUID != 0 {
+            self.meta_uuid
+        } else {
+            self.uuid
+        }
+    }
+
+    /// Blocks in AG `ag` (the last one may be shorter).
+    fn ag_len(&self, ag: u64) -> u64 {
+        self.agblocks.min(
+            self.dblocks
+                .saturating_sub(ag.saturating_mul(self.agblocks)),
+        )
+    }
+
+    /// Checks everything the map relies on beyond what [`Superblock::parse`] checked.
+    fn check_geometry(&self) -> std::result::Result<(), String> {
+        if self.version != 4 && self.version != 5 {
+            return Err(format!("superblock version {} is not 4 or 5", self.version));
+        }
+        if self.inprogress != 0 {
+            return Err("mkfs.xfs did not finish (sb_inprogress is set)".into());
+        }
+        if u64::from(self.blocklog) >= 64 || 1u64 << self.blocklog != self.block_size {
+            return Err(format!(
+                "block log {} does not match block size {}",
+                self.blocklog, self.block_size
+            ));
+        }
+        if u64::from(self.sectlog) >= 64
+            || 1u64 << self.sectlog != self.sect_size
+            || self.sect_size > self.block_size
+        {
+            return Err(format!(
+                "sector size {} (log {}) is inconsistent with block size {}",
+                self.sect_size, self.sectlog, self.block_size
+            ));
+        }
+        // sb_agblklog is log2 of agblocks rounded up.
+        let log_ok = self.agblklog < 32
+            && 1u64 << self.agblklog >= self.agblocks
+            && (self.agblklog == 0 || 1u64 << (self.agblklog - 1) < self.agblocks);
+        if !(MIN_AG_BLOCKS..=1 << 31).contains(&self.agblocks) || !log_ok {
+            return Err(format!(
+                "AG size {} blocks (log {}) is implausible",
+                self.agblocks, self.agblklog
+            ));
+        }
+        let full = (self.agcount - 1)
+            .checked_mul(self.agblocks)
+            .ok_or("AG count overflows")?;
+        if full >= self.dblocks || self.dblocks - full > self.agblocks {
+            return Err(format!(
+                "{} AGs of {} blocks do not make {} blocks",
+                self.agcount, self.agblocks, self.dblocks
+            ));
+        }
+        if self.crc() {
+            if self.incompat & INCOMPAT_NEEDSREPAIR != 0 {
+                return Err("it is marked as needing xfs_repair".into());
+            }
+            let unknown = self.incompat & !INCOMPAT_KNOWN;
+            if unknown != 0 {
+                return Err(format!("unsupported incompatible features {unknown:#x}"));
+            }
+            let unknown = self.ro_compat & !RO_COMPAT_KNOWN;
+            if unknown != 0 {
+                return Err(format!(
+                    "unsupported read-only-compatible features {unknown:#x}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The internal log as a byte range, `None` with an external log.
+    fn internal_log(&self) -> std::result::Result<Option<(u64, u64)>, String> {
+        if self.logstart == 0 {
+            return Ok(None);
+        }
+        let ag = self.logstart >> self.agblklog;
+        let agbno = self.logstart & ((1u64 << self.agblklog) - 1);
+        if ag >= self.agcount
+            || self.logblocks == 0
+            || agbno
+                .checked_add(self.logblocks)
+                .is_none_or(|e| e > self.ag_len(ag))
+        {
+            return Err(format!(
+                "internal log at block {} (+{}) is outside its AG",
+                self.logstart, self.logblocks
+            ));
+        }
+        let start = (ag * self.agblocks + agbno) * self.block_size;
+        Ok(Some((start, self.logblocks * self.block_size)))
+    }
+}
+
+fn check_crc(what: &str, buf: &[u8], field: usize) -> std::result::Result<(), String> {
+    let stored = u32::from_le_bytes([buf[field], buf[field + 1], buf[field + 2], buf[field + 3]]);
+    let computed = crc32c_skipping(buf, field);
+    if stored != computed {
+        return Err(format!(
+            "{what}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+        ));
+    }
+    Ok(())
+}
+
+/// Log record header magic (`XLOG_HEADER_MAGIC_NUM`).
+const LOG_MAGIC: u32 = 0xFEED_BABE;
+/// Basic block: the unit of log addresses.
+const BB: u64 = 512;
+/// How far around the head the log's cycle stamps are checked: the most log I/O that can be
+/// in flight (8 in-core logs of at most 256 KiB), in basic blocks.
+const LOG_WINDOW: u64 = 8 * 256 * 1024 / BB;
+/// `oh_flags` bit of the operation that an unmount writes.
+const XLOG_UNMOUNT_TRANS: u8 = 0x20;
+
+/// The cycle stamp of the log block at `at`: its first word, or the cycle field of a record
+/// header (whose first word is the magic).
+fn log_cycle(b: &[u8], at: usize) -> u32 {
+    match be_u32(b, at) {
+        LOG_MAGIC => be_u32(b, at + 4),
+        c => c,
+    }
+}
+
+/// Checks that the internal log (`len` bytes at byte `start`) ends with an unmount record,
+/// as it does after a clean unmount; otherwise it holds metadata changes that are not yet
+/// in place (allocations the free-space trees do not show), and `Err` says so.
+///
+/// Every 512-byte basic block of the log starts with the cycle number (pass over the log) it
+/// was written in. The head — where the next write goes — is the first block whose cycle is
+/// lower than block 0's (found by binary search, as the kernel does), or the end when the
+/// whole log has one cycle. The stamps within [`LOG_WINDOW`] on both sides of the head must
+/// be exactly what a completed sequence of writes leaves (no torn or in-flight writes), and
+/// the last record before the head must be a one-operation unmount record ending at the head.
+/// Record header (big-endian): magic @0, cycle @4, version @8, len @12 (data bytes),
+/// num_logops @40, fs uuid @304, size @320 (in-core log size: headers take
+/// ⌈size / 32 KiB⌉ blocks in version 2). The operation header after it: flags u8 @9.
+fn check_log_clean(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    start: u64,
+    len: u64,
+) -> std::result::Result<(), String> {
+    let n = len / BB;
+    if n < 2 {
+        return Err("the log is too small".into());
+    }
+    let read = |first: u64, count: u64| -> std::result::Result<Vec<u8>, String> {
+        let mut b = vec![0u8; (count * BB) as usize];
+        vol.read_at(start + first * BB, &mut b)
+            .map_err(|e| format!("reading the log: {e}"))?;
+        Ok(b)
+    };
+    let cycle_at =
+        |blk: u64| -> std::result::Result<u32, String> { Ok(log_cycle(&read(blk, 1)?, 0)) };
+    let dirty = |why: &str| -> std::result::Result<(), String> {
+        Err(format!(
+            "the log needs recovery: {why}; until it is replayed (mount and unmount the \
+             filesystem once) the free-space trees may miss recent allocations"
+        ))
+    };
+    let first = cycle_at(0)?;
+    if first == 0 {
+        // A log never written to: nothing to replay.
+        return Ok(());
+    }
+    let last = cycle_at(n - 1)?;
+    // head: the first block of the older pass; `n` when the whole log is of one pass.
+    let head = if first == last {
+        n
+    } else {
+        // The older pass, or never written (zeros) past the head.
+        if last != 0 && last.checked_add(1) != Some(first) {
+            return dirty(&format!("cycles {first} and {last} at its ends"));
+        }
+        let (mut lo, mut hi) = (0u64, n - 1); // cycle(lo) == first, cycle(hi) == last
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if cycle_at(mid)? == first {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        hi
+    };
+    let expected = |blk: u64| if blk < head { first } else { last };
+    // The blocks around the head, in log order from `w0`.
+    let (w0, count) = if n <= 2 * LOG_WINDOW {
+        (head % n, n)
+    } else {
+        ((head + n - LOG_WINDOW) % n, 2 * LOG_WINDOW)
+    };
+    let mut win = Vec::with_capacity((count * BB) as usize);
+    let part = count.min(n - w0);
+    win.extend(read(w0, part)?);
+    if part < count {
+        win.extend(read(0, count - part)?);
+    }
+    let blk_of = |i: u64| (w0 + i) % n;
+    for i in 0..count {
+        let blk = blk_of(i);
+        let c = log_cycle(&win, (i * BB) as usize);
+        if c != expected(blk) {
+            return dirty(&format!(
+                "block {blk} has cycle {c}, expected {}",
+                expected(blk)
+            ));
+        }
+    }
+    // The last record header before the head, within the window.
+    let head_i = if count == n { n } else { LOG_WINDOW };
+    let Some(rec_i) = (0..head_i)
+        .rev()
+        .find(|&i| be_u32(&win, (i * BB) as usize) == LOG_MAGIC)
+    else {
+        return dirty("no record header before the head");
+    };
+    let h = &win[(rec_i * BB) as usize..((rec_i + 1) * BB) as usize];
+    let version = be_u32(h, 8);
+    let data_len = u64::from(be_u32(h, 12));
+    let ops = be_u32(h, 40);
+    let size = u64::from(be_u32(h, 320));
+    let hblks = if version & 2 != 0 && size > 32768 {
+        size.div_ceil(32768)
+    } else {
+        1
+    };
+    let uuid = uuid_at(h, 304);
+    if uuid != sb.uuid && uuid != [0; 16] {
+        return dirty("its last record belongs to another filesystem");
+    }
+    if ops != 1 || rec_i + hblks + data_len.div_ceil(BB) != head_i {
+        return dirty("its last record is not an unmount record");
+    }
+    let op_i = rec_i + hblks;
+    if op_i >= head_i || win[(op_i * BB) as usize + 9] & XLOG_UNMOUNT_TRANS == 0 {
+        return dirty("its last record is not an unmount record");
+    }
+    Ok(())
+}
+
+/// Builds the allocation map of an XFS filesystem at `granularity` bytes per bit. `Err`
+/// explains why the filesystem's data cannot be trusted.
+pub fn allocation_map(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    granularity: u64,
+) -> std::result::Result<BlockMap, String> {
+    sb.check_geometry()?;
+    let fs_bytes = sb.size().ok_or("block count overflows")?;
+    if fs_bytes > vol.size() {
+        return Err(format!(
+            "the filesystem spans {fs_bytes} bytes but the volume has only {}",
+            vol.size()
+        ));
+    }
+    if sb.crc() {
+        let mut s = vec![0u8; sb.sect_size as usize];
+        vol.read_at(0, &mut s)
+            .map_err(|e| format!("reading the superblock: {e}"))?;
+        check_crc("superblock", &s, SB_CRC_OFF)?;
+    }
+    let mut map = BlockMap::new(vol.size(), granularity);
+    // Bytes past the filesystem's end are not the filesystem's to describe: keep them.
+    map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
+    // The internal log is never in a free-space tree; marking it is a cross-check. A log
+    // that was not cleanly unmounted holds allocations the free-space trees do not show yet.
+    if let Some((start, len)) = sb.internal_log()? {
+        check_log_clean(vol, sb, start, len)?;
+        map.mark_bytes(start, len);
+    }
+    let mut block = vec![0u8; sb.block_size as usize];
+    for ag in 0..sb.agcount {
+        map_ag(vol, sb, ag, &mut map, &mut block)?;
+    }
+    Ok(map)
+}
+
+/// Marks the used blocks of AG `ag`: everything its bnobt does not list as free.
+fn map_ag(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ag: u64,
+    map: &mut BlockMap,
+    block: &mut [u8],
+) -> std::result::Result<(), String> {
+    let bs = sb.block_size;
+    let len = sb.ag_len(ag);
+    let base = ag * sb.agblocks * bs;
+    let mut agf = vec![0u8; sb.sect_size as usize];
+    vol.read_at(base + sb.sect_size, &mut agf)
+        .map_err(|e| format!("reading the AGF of AG {ag}: {e}"))?;
+    let what = format!("AGF of AG {ag}");
+    if agf[0..4] != *AGF_MAGIC {
+        return Err(format!("{what}: bad magic"));
+    }
+    if sb.crc() {
+        check_crc(&what, &agf, AGF_CRC_OFF)?;
+        if uuid_at(&agf, 64) != sb.metadata_uuid() {
+            return Err(format!("{what}: UUID differs from the superblock's"));
+        }
+    }
+    let (version, seqno, length) = (be_u32(&agf, 4), be_u32(&agf, 8), be_u32(&agf, 12));
+    if version != 1 || u64::from(seqno) != ag || u64::from(length) != len {
+        return Err(format!(
+            "{what}: version {version}, number {seqno}, length {length} (expected 1, {ag}, \
+             {len})"
+        ));
+    }
+    let root = u64::from(be_u32(&agf, 16));
+    let levels = be_u32(&agf, 28);
+    let freeblks = u64::from(be_u32(&agf, 52));
+    if !(1..=MAX_LEVELS).contains(&levels) {
+        return Err(format!("{what}: free-space btree has {levels} levels"));
+    }
+    // The AG headers (four sectors) come first; nothing before them can be free.
+    let headers = (4 * sb.sect_size).div_ceil(bs);
+    if root < headers || root >= len {
+        return Err(format!(
+            "{what}: free-space btree root {root} is outside the AG"
+        ));
+    }
+
+    let hdr_len = if sb.crc() { BTREE_HDR_V5 } else { BTREE_HDR_V4 };
+    let leaf_max = (bs as usize - hdr_len) / 8;
+    let node_max = (bs as usize - hdr_len) / 12;
+    // Depth-first, children left to right, so leaves come in key order. `mark_from` is the
+    // first AG block not yet marked used nor known free.
+    let mut mark_from = 0u64;
+    let mut next_free_ok = headers;
+    let mut free = 0u64;
+    let mut visited = 0u64;
+    let mut nodes = HashSet::new();
+    let mut stack = vec![(root, levels - 1)];
+    while let Some((bno, level)) = stack.pop() {
+        visited += 1;
+        if visited > len {
+            return Err(format!(
+                "{what}: free-space btree visits more blocks than the AG has"
+            ));
+        }
+        let what = format!("free-space btree block {bno} of AG {ag}");
+        vol.read_at(base + bno * bs, block)
+            .map_err(|e| format!("reading {what}: {e}"))?;
+        let magic = if sb.crc() {
+            BNOBT_MAGIC_V5
+        } else {
+            BNOBT_MAGIC_V4
+        };
+        if block[0..4] != *magic {
+            return Err(format!("{what}: bad magic"));
+        }
+        if sb.crc() {
+            check_crc(&what, block, BTREE_CRC_OFF)?;
+            let daddr = (ag * sb.agblocks + bno) * (bs / 512);
+            if be_u64(block, 16) != daddr
+                || uuid_at(block, 32) != sb.metadata_uuid()
+                || u64::from(be_u32(block, 48)) != ag
+            {
+                return Err(format!("{what}: address, UUID or owner does not match"));
+            }
+        }
+        let got_level = u32::from(be_u16(block, 4));
+        let numrecs = be_u16(block, 6) as usize;
+        if got_level != level {
+            return Err(format!("{what}: level {got_level}, expected {level}"));
+        }
+        if level == 0 {
+            if numrecs > leaf_max || (numrecs == 0 && bno != root) {
+                return Err(format!("{what}: {numrecs} records"));
+            }
+            for i in 0..numrecs {
+                let o = hdr_len + 8 * i;
+                let start = u64::from(be_u32(block, o));
+                let count = u64::from(be_u32(block, o + 4));
+                if count == 0 || start < next_free_ok || start + count > len {
+                    return Err(format!(
+                        "{what}: free extent {start}+{count} overlaps another, the AG \
+                         headers, or the AG's end ({len})"
+                    ));
+                }
+                map.mark_bytes(base + mark_from * bs, (start - mark_from) * bs);
+                mark_from = start + count;
+                next_free_ok = mark_from;
+                free += count;
+            }
+        } else {
+            if numrecs == 0 || numrecs > node_max {
+                return Err(format!("{what}: {numrecs} keys"));
+            }
+            if !nodes.insert(bno) {
+                return Err(format!("{what}: reached twice (the tree has a loop)"));
+            }
+            let ptrs = hdr_len + node_max * 8;
+            for i in (0..numrecs).rev() {
+                let child = u64::from(be_u32(block, ptrs + 4 * i));
+                if child < headers || child >= len {
+                    return Err(format!("{what}: child {child} is outside the AG"));
+                }
+                stack.push((child, level - 1));
+            }
+        }
+        // A btree block that is in use cannot also be free.
+        map.mark_bytes(base + bno * bs, bs);
+    }
+    map.mark_bytes(base + mark_from * bs, (len - mark_from) * bs);
+    if free != freeblks {
+        return Err(format!(
+            "{what}: the free-space btree lists {free} free blocks, the AGF counts {freeblks}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::tests::Mem;
+    use proptest::prelude::*;
+
+    const BS: u64 = 512;
+    const AGBLOCKS: u64 = 64;
+
+    fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
+        img[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn set_crc(buf: &mut [u8], field: usize) {
+        let c = crc32c_skipping(buf, field);
+        put(buf, field, &c.to_le_bytes());
+    }
+
+    fn hdr_len(v5: bool) -> usize {
+        if v5 { BTREE_HDR_V5 } else { BTREE_HDR_V4 }
+    }
+
+    /// Writes a bnobt block (header, then `body`) at block `bno` of AG `ag`.
+    fn write_btree_block(
+        img: &mut [u8],
+        v5: bool,
+        ag: u64,
+        bno: u64,
+        level: u16,
+        n: usize,
+        body: &[u8],
+    ) {
+        let o = ((ag * AGBLOCKS + bno) * BS) as usize;
+        let b = &mut img[o..o + BS as usize];
+        b.fill(0);
+        put(b, 0, if v5 { BNOBT_MAGIC_V5 } else { BNOBT_MAGIC_V4 });
+        put(b, 4, &level.to_be_bytes());
+        put(b, 6, &(n as u16).to_be_bytes());
+        put(b, 8, &u32::MAX.to_be_bytes());
+        put(b, 12, &u32::MAX.to_be_bytes());
+        put(b, hdr_len(v5), body);
+        if v5 {
+            put(b, 16, &(ag * AGBLOCKS + bno).to_be_bytes());
+            put(b, 32, &[0x5A; 16]);
+            put(b, 48, &(ag as u32).to_be_bytes());
+            set_crc(b, BTREE_CRC_OFF);
+        }
+    }
+
+    /// A tiny v4 or v5 XFS image: `ags` AGs of 64 blocks of 512 bytes (the last one
+    /// `last_len` blocks), an internal log in AG 0 blocks 60..64, and in each AG the free
+    /// extents `free(ag)` (none may touch blocks 0..9). With `split`, each AG's bnobt has two
+    /// levels: leaves at blocks 4 and 5 (the records halved between them), the root at 8.
+    fn image(
+        v5: bool,
+        ags: u64,
+        last_len: u64,
+        split: bool,
+        free: &dyn Fn(u64) -> Vec<(u32, u32)>,
+    ) -> Vec<u8> {
+        let dblocks = (ags - 1) * AGBLOCKS + last_len;
+        let mut img = vec![0u8; (dblocks * BS) as usize];
+        {
+            let sb = &mut img[0..512];
+            put(sb, 0, MAGIC);
+            put(sb, 4, &(BS as u32).to_be_bytes());
+            put(sb, 8, &dblocks.to_be_bytes());
+            put(sb, 32, &[0x5A; 16]);
+            put(sb, 48, &60u64.to_be_bytes());
+            put(sb, 84, &(AGBLOCKS as u32).to_be_bytes());
+            put(sb, 88, &(ags as u32).to_be_bytes());
+            put(sb, 96, &4u32.to_be_bytes());
+            put(
+                sb,
+                100,
+                &(if v5 { 0xB4A5u16 } else { 0xB4A4 }).to_be_bytes(),
+            );
+            put(sb, 102, &512u16.to_be_bytes());
+            put(sb, 108, b"tiny");
+            sb[120] = 9;
+            sb[121] = 9;
+            sb[124] = 6;
+            put(sb, 144, &10u64.to_be_bytes());
+            if v5 {
+                put(sb, 216, &0x3u32.to_be_bytes());
+                set_crc(sb, SB_CRC_OFF);
+            }
+        }
+        let sb0 = img[0..512].to_vec();
+        let recs_body = |r: &[(u32, u32)]| -> Vec<u8> {
+            r.iter()
+                .flat_map(|(s, c)| [s.to_be_bytes(), c.to_be_bytes()].concat())
+                .collect()
+        };
+        for ag in 0..ags {
+            let len = if ag == ags - 1 { last_len } else { AGBLOCKS };
+            let base = (ag * AGBLOCKS * BS) as usize;
+            if ag > 0 {
+                put(&mut img, base, &sb0);
+            }
+            let recs = free(ag);
+            let (root, levels) = if split && recs.len() >= 2 {
+                let (a, b) = recs.split_at(recs.len() / 2);
+                write_btree_block(&mut img, v5, ag, 4, 0, a.len(), &recs_body(a));
+                write_btree_block(&mut img, v5, ag, 5, 0, b.len(), &recs_body(b));
+                let node_max = (BS as usize - hdr_len(v5)) / 12;
+                let mut body = vec![0u8; node_max * 12];
+                put(&mut body, 0, &a[0].0.to_be_bytes());
+                put(&mut body, 8, &b[0].0.to_be_bytes());
+                put(&mut body, 8 * node_max, &4u32.to_be_bytes());
+                put(&mut body, 8 * node_max + 4, &5u32.to_be_bytes());
+                write_btree_block(&mut img, v5, ag, 8, 1, 2, &body);
+                (8u32, 2u32)
+            } else {
+                write_btree_block(&mut img, v5, ag, 4, 0, recs.len(), &recs_body(&recs));
+                (4, 1)
+            };
+            let agf = &mut img[base + 512..base + 1024];
+            put(agf, 0, AGF_MAGIC);
+            put(agf, 4, &1u32.to_be_bytes());
+            put(agf, 8, &(ag as u32).to_be_bytes());
+            put(agf, 12, &(len as u32).to_be_bytes());
+            put(agf, 16, &root.to_be_bytes());
+            put(agf, 28, &levels.to_be_bytes());
+            let total: u32 = recs.iter().map(|r| r.1).sum();
+            put(agf, 52, &total.to_be_bytes());
+            if v5 {
+                put(agf, 64, &[0x5A; 16]);
+                set_crc(agf, AGF_CRC_OFF);
+            }
+        }
+        img
+    }
+
+    /// Free: AG 0 blocks 20..40 and 45..60; AG 1 10..20 and 30..len; later AGs 10..len.
+    fn sample_free(ag: u64, len: u64) -> Vec<(u32, u32)> {
+        match ag {
+            0 => vec![(20, 20), (45, 15)],
+            1 => vec![(10, 10), (30, len as u32 - 30)],
+            _ => vec![(10, len as u32 - 10)],
+        }
+    }
+
+    fn sample(v5: bool, split: bool) -> Vec<u8> {
+        image(v5, 3, 40, split, &|ag| {
+            sample_free(ag, if ag == 2 { 40 } else { 64 })
+        })
+    }
+
+    /// Writes a log of four basic blocks at AG 0 blocks 60..64: `cycles[i]` stamped on
+    /// block i, a record header at block `rec` (one operation, one data block) whose
+    /// operation has `flags`.
+    fn write_log(img: &mut [u8], cycles: [u32; 4], rec: usize, flags: u8) {
+        let log = 60 * 512;
+        for (i, c) in cycles.iter().enumerate() {
+            let b = &mut img[log + i * 512..log + (i + 1) * 512];
+            b.fill(0);
+            put(b, 0, &c.to_be_bytes());
+        }
+        let h = &mut img[log + rec * 512..log + (rec + 1) * 512];
+        let cycle = cycles[rec];
+        put(h, 0, &LOG_MAGIC.to_be_bytes());
+        put(h, 4, &cycle.to_be_bytes());
+        put(h, 8, &2u32.to_be_bytes());
+        put(h, 12, &512u32.to_be_bytes());
+        put(h, 16, &(u64::from(cycle) << 32 | rec as u64).to_be_bytes());
+        put(h, 40, &1u32.to_be_bytes());
+        put(h, 300, &1u32.to_be_bytes());
+        put(h, 304, &[0x5A; 16]);
+        put(h, 320, &32768u32.to_be_bytes());
+        img[log + (rec + 1) * 512 + 9] = flags;
+    }
+
+    #[test]
+    fn the_internal_log_must_end_with_an_unmount_record() {
+        let cases: [([u32; 4], usize, u8, Option<&str>); 7] = [
+            // First pass, rest of the log zeroed: head at block 2.
+            ([1, 1, 0, 0], 0, 0x20, None),
+            // Second pass: head at block 2, block 3 from the first pass.
+            ([2, 2, 1, 1], 0, 0x20, None),
+            // The whole log in one pass: the head wraps to block 0.
+            ([3, 3, 3, 3], 2, 0x20, None),
+            // A commit record, not an unmount record.
+            ([1, 1, 0, 0], 0, 0x02, Some("not an unmount record")),
+            // A write of the current pass past the record (in flight at a crash).
+            ([2, 2, 2, 1], 0, 0x20, Some("not an unmount record")),
+            // Cycles that no sequence of writes leaves.
+            ([5, 5, 2, 2], 0, 0x20, Some("cycles 5 and 2")),
+            // A later pass over a log whose end was never written.
+            ([5, 5, 0, 0], 0, 0x20, None),
+        ];
+        for (cycles, rec, flags, want) in cases {
+            for v5 in [false, true] {
+                let mut img = sample(v5, false);
+                write_log(&mut img, cycles, rec, flags);
+                let vol = Mem(img);
+                let sb = Superblock::read(&vol).unwrap().unwrap();
+                match (allocation_map(&vol, &sb, BS), want) {
+                    (Ok(_), None) => {}
+                    (Err(e), Some(w)) => {
+                        assert!(
+                            e.contains("needs recovery") && e.contains(w),
+                            "{cycles:?}: {e}"
+                        )
+                    }
+                    (r, _) => panic!("{cycles:?}: {r:?}"),
+                }
+            }
+        }
+        // A hole in the current pass before the head.
+        let mut img = sample(false, false);
+        write_log(&mut img, [2, 2, 1, 1], 0, 0x20);
+        put(&mut img, 60 * 512 + 512, &1u32.to_be_bytes());
+        let vol = Mem(img);
+        let sb = Superblock::read(&vol).unwrap().unwrap();
+        let err = allocation_map(&vol, &sb, BS).unwrap_err();
+        assert!(err.contains("needs recovery"), "{err}");
+    }
+
+    fn used_blocks(map: &BlockMap) -> Vec<u64> {
+        (0..map.block_count()).filter(|&b| map.is_used(b)).collect()
+    }
+
+    fn recrc_all(img: &mut [u8]) {
+        set_crc(&mut img[0..512], SB_CRC_OFF);
+        for ag in 0..img.len() / (64 * 512) {
+            let base = ag * 64 * 512;
+            set_crc(&mut img[base + 512..base + 1024], AGF_CRC_OFF);
+            for b in [4, 5, 8] {
+                let o = base + b * 512;
+                if img[o..o + 4] == *BNOBT_MAGIC_V5 {
+                    set_crc(&mut img[o..o + 512], BTREE_CRC_OFF);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn map_is_the_complement_of_the_free_extents() {
+        for v5 in [false, true] {
+            for split in [false, true] {
+                let vol = Mem(sample(v5, split));
+                let sb = Superblock::read(&vol).unwrap().unwrap();
+                let info = sb.info();
+                assert_eq!(info.fs_type, "xfs");
+                assert_eq!(info.label, "tiny");
+                assert_eq!(info.uuid, "5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a5a");
+                assert_eq!(info.size, (2 * 64 + 40) * 512);
+                assert_eq!(info.used_bytes, (2 * 64 + 40 - 10 - 4) * 512);
+                let map = allocation_map(&vol, &sb, BS).unwrap();
+                let want: Vec<u64> = (0..20)
+                    .chain(40..45)
+                    .chain(60..64)
+                    .chain(64..74)
+                    .chain(84..94)
+                    .chain(128..138)
+                    .collect();
+                assert_eq!(used_blocks(&map), want, "v5 {v5}, split {split}");
+                // At 4 KiB granularity (8 blocks a bit) partly used groups count as used.
+                let map = allocation_map(&vol, &sb, 4096).unwrap();
+                assert_eq!(
+                    used_blocks(&map),
+                    [0, 1, 2, 5, 7, 8, 9, 10, 11, 16, 17],
+                    "v5 {v5}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_past_the_filesystem_are_kept() {
+        let mut img = sample(true, false);
+        img.resize(img.len() + 3000, 0xEE);
+        let vol = Mem(img);
+        let sb = Superblock::read(&vol).unwrap().unwrap();
+        let map = allocation_map(&vol, &sb, BS).unwrap();
+        assert!((168..174).all(|b| map.is_used(b)));
+        assert!(!map.is_used(167));
+    }
+
+    #[test]
+    fn misordered_or_looping_trees_are_rejected() {
+        for v5 in [false, true] {
+            let good = sample(v5, true);
+            let sb = Superblock::read(&Mem(good.clone())).unwrap().unwrap();
+            let node = 64 * 512 + 8 * 512;
+            let ptrs = node + hdr_len(v5) + (512 - hdr_len(v5)) / 12 * 8;
+            // Children in the wrong order.
+            let mut img = good.clone();
+            put(&mut img, ptrs, &5u32.to_be_bytes());
+            put(&mut img, ptrs + 4, &4u32.to_be_bytes());
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("overlaps"), "{err}");
+            // The same leaf twice.
+            let mut img = good.clone();
+            put(&mut img, ptrs + 4, &4u32.to_be_bytes());
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("overlaps"), "{err}");
+            // A child pointing back at the node.
+            let mut img = good.clone();
+            put(&mut img, ptrs, &8u32.to_be_bytes());
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("level 1, expected 0"), "{err}");
+            // A free extent over the AG headers.
+            let mut img = good.clone();
+            put(
+                &mut img,
+                64 * 512 + 4 * 512 + hdr_len(v5),
+                &1u32.to_be_bytes(),
+            );
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("headers"), "{err}");
+        }
+    }
+
+    #[test]
+    fn damage_is_reported() {
+        let good = sample(true, false);
+        let sb = Superblock::read(&Mem(good.clone())).unwrap().unwrap();
+        let cases: [(usize, &str); 5] = [
+            (64 * 512 + 512 + 100, "checksum"),
+            (4 * 512 + 60, "checksum"),
+            (64 * 512 + 512, "magic"),
+            (200, "checksum"),
+            (4 * 512, "magic"),
+        ];
+        for (at, want) in cases {
+            let mut img = good.clone();
+            img[at] ^= 0x40;
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains(want), "byte {at}: {err}");
+        }
+        let mut img = good.clone();
+        img.truncate(100 * 512);
+        let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+        assert!(err.contains("spans"), "{err}");
+        // The AGF's free count must match the tree's.
+        let mut img = good.clone();
+        put(&mut img, 512 + 52, &36u32.to_be_bytes());
+        recrc_all(&mut img);
+        let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+        assert!(err.contains("counts 36"), "{err}");
+        // Unknown incompatible features.
+        let mut img = good;
+        put(&mut img, 216, &0x8003u32.to_be_bytes());
+        recrc_all(&mut img);
+        let vol = Mem(img);
+        let sb = Superblock::read(&vol).unwrap().unwrap();
+        let err = allocation_map(&vol, &sb, BS).unwrap_err();
+        assert!(err.contains("0x8000"), "{err}");
+    }
+
+    #[test]
+    fn probe_keeps_the_map_and_notes_a_realtime_section() {
+        let mut img = sample(false, false);
+        put(&mut img, 16, &1000u64.to_be_bytes());
+        let p = crate::fs::probe(&Mem(img.clone()), 4096).unwrap();
+        assert_eq!(p.fs.unwrap().fs_type, "xfs");
+        assert!(p.map.is_some());
+        assert!(
+            p.warning
+                .unwrap()
+                .contains("realtime section of 1000 blocks")
+        );
+        // A damaged AGF: no map, and the reason.
+        img[512] = 0;
+        let p = crate::fs::probe(&Mem(img), 4096).unwrap();
+        assert!(p.map.is_none());
+        let w = p.warning.unwrap();
+        assert!(
+            w.starts_with("no xfs allocation map (AGF of AG 0: bad magic)"),
+            "{w}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// Mutated valid images never panic, hang or allocate wildly; with their checksums
+        /// recomputed, the mutations reach every parser.
+        #[test]
+        fn mutated_images_never_panic(
+            v5 in any::<bool>(),
+            split in any::<bool>(),
+            // (AG, block: 0 superblock, 1 AGF, 4 and 5 leaves, 8 node, 60..64 log; byte;
+            // value)
+            patch in proptest::collection::vec(
+                (0u64..3, prop::sample::select(vec![0u64, 1, 4, 5, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
+                1..12,
+            ),
+            recrc in any::<bool>(),
+            gran in prop_oneof![Just(512u64), Just(4096), Just(65536)],
+        ) {
+            let mut img = sample(v5, split);
+            write_log(&mut img, [2, 2, 1, 1], 0, 0x20);
+            for (ag, block, at, v) in patch {
+                let o = ((ag * AGBLOCKS + block) * BS) as usize + at;
+                if o < img.len() {
+                    img[o] = v;
+                }
+            }
+            if v5 && recrc {
+                recrc_all(&mut img);
+            }
+            let vol = Mem(img);
+            if let Ok(Some(sb)) = Superblock::read(&vol) {
+                let _ = sb.info();
+                if let Ok(map) = allocation_map(&vol, &sb, gran) {
+                    prop_assert!(map.used_blocks() <= map.block_count());
+                }
+            }
+        }
+
+        /// Random bytes behind an XFS magic never panic.
+        #[test]
+        fn random_superblocks_never_panic(
+            mut bytes in proptest::collection::vec(any::<u8>(), 512..70_000),
+        ) {
+            bytes[0..4].copy_from_slice(MAGIC);
+            let vol = Mem(bytes);
+            if let Ok(Some(sb)) = Superblock::read(&vol) {
+                let _ = allocation_map(&vol, &sb, 4096);
+            }
+        }
+    }
+}

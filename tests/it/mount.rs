@@ -1,0 +1,267 @@
+//! `volback mount` / `volback umount`: the FUSE view of a snapshot read through the kernel's
+//! loop driver (ext4 and NTFS), a partitioned disk showing each partition, `--files`, reads
+//! past the end, and `umount` after the server was killed with SIGKILL.
+
+use crate::util::*;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+fn mkfs_ext4(target: &Path, extra: &[&str]) {
+    let mut args = vec!["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"];
+    args.extend_from_slice(extra);
+    args.push(p(target));
+    run_ok("mkfs.ext4", &args);
+}
+
+fn fill(root: &Path, rng: &mut Rng) {
+    std::fs::create_dir_all(root.join("d/e")).unwrap();
+    for i in 0..40 {
+        let len = (rng.below(200) * KIB) as usize + 3;
+        let sub = if i % 2 == 0 { "d" } else { "d/e" };
+        std::fs::write(root.join(format!("{sub}/f{i}.bin")), rng.bytes(len)).unwrap();
+    }
+    std::fs::write(root.join("big.txt"), rng.text(3 * MIB as usize)).unwrap();
+}
+
+/// Mounts `image` read-only with `options` and returns its file hashes.
+fn hashes_of(
+    image: &Path,
+    options: &str,
+    dir: &Path,
+) -> std::collections::BTreeMap<String, String> {
+    let m = Mount::new(image, dir, Some(options));
+    let h = tree_hashes(&m.dir);
+    m.unmount();
+    h
+}
+
+fn mount_view(repo: &Path, view: &Path, extra: &[&str]) -> serde_json::Value {
+    std::fs::create_dir_all(view).unwrap();
+    let mut args = vec!["mount", p(repo), "latest", p(view), "--json"];
+    args.extend_from_slice(extra);
+    volback_ok(&args).json()
+}
+
+fn umount(dir: &Path) {
+    volback_ok(&["umount", p(dir)]);
+}
+
+/// Leaves nothing behind: no mount and no loop device under `base`.
+fn assert_clean(base: &Path) {
+    let b = p(base);
+    assert!(!mountinfo_mentions(b), "a mount under {b} is left");
+    assert!(
+        loops_mentioning(b).is_empty(),
+        "loop devices left: {:?}",
+        loops_mentioning(b)
+    );
+}
+
+#[test]
+fn ext4_snapshot_through_the_loop_driver_and_files() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let dir = TestDir::new();
+    let img = dir.join("ext4.img");
+    sparse_file(&img, 48 * MIB);
+    mkfs_ext4(&img, &[]);
+    let mut rng = Rng::new(51);
+    {
+        let m = Mount::new(&img, &dir.join("fill"), Some("loop"));
+        fill(&m.dir, &mut rng);
+        m.unmount();
+    }
+    let expected = hashes_of(&img, "loop,ro", &dir.join("src"));
+    let repo = dir.join("repo");
+    init_repo(&repo, &[]);
+    backup_json(&img, &repo, &[]);
+
+    let view = dir.join("view");
+    let files = dir.join("files");
+    let info = mount_view(&repo, &view, &["--files", p(&files)]);
+    assert_eq!(info["images"].as_array().unwrap().len(), 1, "{info}");
+    let volume = view.join("volume.img");
+    assert_eq!(std::fs::metadata(&volume).unwrap().len(), 48 * MIB);
+    // The files through --files…
+    assert_eq!(tree_hashes(&files), expected);
+    // …and through the kernel's loop driver on the view's image, mounted by the test.
+    assert_eq!(
+        hashes_of(&volume, "loop,ro,noload", &dir.join("by-loop")),
+        expected
+    );
+    // The image is read-only, and reads past its end return nothing (no error, no hang).
+    assert!(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&volume)
+            .is_err()
+    );
+    let f = std::fs::File::open(&volume).unwrap();
+    let mut buf = [0u8; 4096];
+    assert_eq!(f.read_at(&mut buf, 48 * MIB + 4096).unwrap(), 0);
+    assert_eq!(f.read_at(&mut buf, 48 * MIB - 100).unwrap(), 100);
+    drop(f);
+    // umount via the files directory undoes the whole view.
+    umount(&files);
+    assert_clean(dir.path());
+}
+
+#[test]
+fn umount_after_the_server_was_killed() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let dir = TestDir::new();
+    let img = dir.join("ext4.img");
+    sparse_file(&img, 32 * MIB);
+    mkfs_ext4(&img, &[]);
+    {
+        let m = Mount::new(&img, &dir.join("fill"), Some("loop"));
+        fill(&m.dir, &mut Rng::new(7));
+        m.unmount();
+    }
+    let repo = dir.join("repo");
+    init_repo(&repo, &[]);
+    backup_json(&img, &repo, &[]);
+    let view = dir.join("view");
+    let files = dir.join("files");
+    mount_view(&repo, &view, &["--files", p(&files)]);
+    // A loop device attached by hand to the view is undone too.
+    let extra = Loop::attach(&view.join("volume.img"), true);
+    let needle = format!("mount {} latest {}", p(&repo), p(&view));
+    let pids = run_ok("pgrep", &["-f", &needle]).stdout;
+    let pid = pids.lines().next().expect("the mount server is running");
+    run_ok("kill", &["-9", pid]);
+    for _ in 0..100 {
+        if run_program("kill", &["-0", pid]).code != Some(0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    umount(&view);
+    std::mem::forget(extra);
+    assert_clean(dir.path());
+    // A second umount says there is nothing to undo.
+    volback_code(&["umount", p(&view)], 1).stderr_has(&["nothing is mounted"]);
+}
+
+#[test]
+fn partitioned_disk_shows_each_partition() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let dir = TestDir::new();
+    let disk = dir.join("disk.img");
+    sparse_file(&disk, 40 * MIB);
+    let script = "label: gpt\nstart=2048, size=30720, type=L\nstart=34816, size=36864, type=L\n";
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf '{}' | sfdisk -q --no-reread --no-tell-kernel {}",
+            script.replace('\n', "\\n"),
+            p(&disk)
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parts = [(MIB, 15 * MIB), (17 * MIB, 18 * MIB)];
+    let mut expected = Vec::new();
+    for (i, (start, size)) in parts.iter().enumerate() {
+        run_ok(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-E",
+                &format!("offset={start},lazy_itable_init=0,lazy_journal_init=0"),
+                p(&disk),
+                &format!("{}k", size / 1024),
+            ],
+        );
+        let opts = format!("loop,offset={start},sizelimit={size}");
+        let m = Mount::new(&disk, &dir.join(&format!("fill{i}")), Some(&opts));
+        fill(&m.dir, &mut Rng::new(100 + i as u64));
+        m.unmount();
+        expected.push(hashes_of(
+            &disk,
+            &format!("{opts},ro"),
+            &dir.join(&format!("src{i}")),
+        ));
+    }
+    let repo = dir.join("repo");
+    init_repo(&repo, &[]);
+    backup_json(&disk, &repo, &[]);
+    let view = dir.join("view");
+    let files = dir.join("files");
+    let info = mount_view(&repo, &view, &["--files", p(&files)]);
+    let mut names: Vec<String> = std::fs::read_dir(&view)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["part1.img", "part2.img", "volume.img"], "{info}");
+    for (i, (start, size)) in parts.iter().enumerate() {
+        let part = view.join(format!("part{}.img", i + 1));
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), *size);
+        // The partition file is the disk's byte range.
+        let (a, b) = (
+            std::fs::File::open(&part).unwrap(),
+            std::fs::File::open(view.join("volume.img")).unwrap(),
+        );
+        let (mut x, mut y) = (vec![0u8; 8192], vec![0u8; 8192]);
+        a.read_exact_at(&mut x, 1024).unwrap();
+        b.read_exact_at(&mut y, start + 1024).unwrap();
+        assert_eq!(x, y);
+        assert_eq!(
+            tree_hashes(&files.join(format!("part{}", i + 1))),
+            expected[i]
+        );
+    }
+    umount(&view);
+    assert_clean(dir.path());
+}
+
+#[test]
+fn ntfs_snapshot_through_the_loop_driver() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let dir = TestDir::new();
+    let img = dir.join("ntfs.img");
+    sparse_file(&img, 32 * MIB);
+    run_ok("mkfs.ntfs", &["-q", "-F", "-f", p(&img)]);
+    let fill_dir = dir.join("fill");
+    std::fs::create_dir_all(&fill_dir).unwrap();
+    run_ok("ntfs-3g", &[p(&img), p(&fill_dir)]);
+    fill(&fill_dir, &mut Rng::new(3));
+    run_ok("umount", &[p(&fill_dir)]);
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    run_ok("ntfs-3g", &["-o", "ro", p(&img), p(&src)]);
+    let expected = tree_hashes(&src);
+    run_ok("umount", &[p(&src)]);
+    assert!(expected.len() >= 40);
+
+    let repo = dir.join("repo");
+    init_repo(&repo, &[]);
+    backup_json(&img, &repo, &[]);
+    let view = dir.join("view");
+    let info = mount_view(&repo, &view, &[]);
+    assert_eq!(info["images"][0]["filesystem"], "ntfs", "{info}");
+    // The kernel loop driver on the view's image, NTFS read by ntfs-3g from the loop device.
+    let lo = Loop::attach(&view.join("volume.img"), true);
+    let got = dir.join("got");
+    std::fs::create_dir_all(&got).unwrap();
+    run_ok("ntfs-3g", &["-o", "ro", p(lo.path()), p(&got)]);
+    let h = tree_hashes(&got);
+    run_ok("umount", &[p(&got)]);
+    drop(lo);
+    assert_eq!(h, expected);
+    umount(&view);
+    assert_clean(dir.path());
+}
