@@ -140,6 +140,14 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Deallocates `[offset, offset+len)` of a regular file so that it reads as zeros, when the
+/// platform and filesystem can do it without writing (hole punching). Returns `false` (and
+/// changes nothing) where they cannot; callers then write zeros themselves or live with the
+/// old bytes.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    imp::zero_range(file, offset, len)
+}
+
 /// Tells the kernel that `[offset, offset+len)` of `file` will be read soon, so that it reads
 /// ahead asynchronously (the access pattern of a map-driven backup defeats plain read-ahead).
 /// A hint only: errors are ignored.

@@ -11,11 +11,13 @@
 #![cfg(unix)]
 
 mod cli;
+mod copy;
 mod corruption;
 mod crash;
 mod disk;
 mod ext4;
 mod fs_maps_win;
+mod images;
 mod mount;
 mod nbd;
 mod probe;

@@ -1,0 +1,344 @@
+//! The image file itself: positioned reads and writes with error context, and small helpers
+//! shared by the format modules.
+
+use crate::error::{Error, IoContext, Result};
+use crate::platform;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// An open image file and its path (for error messages).
+#[derive(Debug)]
+pub(crate) struct ImageFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl ImageFile {
+    /// Creates `path`, which must not exist, for reading and writing.
+    pub fn create_new(path: &Path) -> Result<ImageFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .ctx("create image", path)?;
+        Ok(ImageFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing image for reading and writing.
+    pub fn open_rw(path: &Path) -> Result<ImageFile> {
+        let file = platform::open_write_existing(path).ctx("open image", path)?;
+        Ok(ImageFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing image read-only.
+    pub fn open_ro(path: &Path) -> Result<ImageFile> {
+        let file = platform::open_read_only(path).ctx("open image", path)?;
+        Ok(ImageFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Current length of the file.
+    pub fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .ctx("read the size of", &self.path)?
+            .len())
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (fewer only at
+    /// the end of the file).
+    pub fn read_at_most(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            match platform::read_at(&self.file, &mut buf[done..], pos) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(Error::IoAt {
+                        op: "read",
+                        path: self.path.clone(),
+                        offset: pos,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`. A file that ends first is corrupt
+    /// (truncated): the error names `what` was being read.
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
+        let n = self.read_at_most(offset, buf)?;
+        if n < buf.len() {
+            return Err(Error::corrupt(
+                what,
+                &self.path,
+                format!(
+                    "the file ends at byte {} but {} bytes are needed at offset {offset} \
+                     (truncated image)",
+                    offset + n as u64,
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        platform::write_all_at(&self.file, buf, offset).map_err(|source| Error::IoAt {
+            op: "write",
+            path: self.path.clone(),
+            offset,
+            source,
+        })
+    }
+
+    /// Sets the file length (extending with zeros, which the filesystem keeps as a hole).
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).ctx("resize", &self.path)
+    }
+
+    /// Makes the file's data (and its length) durable.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().ctx("flush", &self.path)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros: a hole where the filesystem can punch one,
+    /// written zeros otherwise.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        platform::zero_range(&self.file, offset, len).map_err(|source| Error::IoAt {
+            op: "zero",
+            path: self.path.clone(),
+            offset,
+            source,
+        })
+    }
+
+    /// Releases the space of `[offset, offset+len)` if the filesystem can punch a hole (the
+    /// range then reads as zeros); does nothing otherwise. For space no longer referenced.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        platform::punch_hole(&self.file, offset, len).map_err(|source| Error::IoAt {
+            op: "release space in",
+            path: self.path.clone(),
+            offset,
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// The next range at or after `offset` (below `end`) that the filesystem says may hold
+    /// data (SEEK_DATA); the whole range where holes are not reported.
+    pub fn next_data(&self, offset: u64, end: u64) -> Result<Option<(u64, u64)>> {
+        platform::next_data(&self.file, offset, end).map_err(|source| Error::IoAt {
+            op: "look for data in",
+            path: self.path.clone(),
+            offset,
+            source,
+        })
+    }
+
+    /// A [`Error::Corrupt`] about this file.
+    pub fn corrupt(&self, what: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::corrupt(what, &self.path, detail)
+    }
+
+    /// An [`Error::UnsupportedImage`] about this file.
+    pub fn unsupported(&self, detail: impl Into<String>) -> Error {
+        Error::UnsupportedImage {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// `x` rounded up to a multiple of `to` (a power of two); `None` on overflow.
+pub(crate) fn round_up(x: u64, to: u64) -> Option<u64> {
+    debug_assert!(to.is_power_of_two());
+    x.checked_add(to - 1).map(|v| v & !(to - 1))
+}
+
+/// A fixed-size bit set (one bit per cluster or block).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BitSet {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl BitSet {
+    pub fn new(len: u64) -> BitSet {
+        BitSet {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
+    }
+
+    /// Grows the set to at least `len` bits (new bits clear).
+    pub fn grow(&mut self, len: u64) {
+        if len > self.len {
+            self.words.resize(len.div_ceil(64) as usize, 0);
+            self.len = len;
+        }
+    }
+
+    pub fn get(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets bit `i` (growing the set); returns its previous value.
+    pub fn set(&mut self, i: u64) -> bool {
+        self.grow(i + 1);
+        let w = &mut self.words[(i / 64) as usize];
+        let old = *w & (1 << (i % 64)) != 0;
+        *w |= 1 << (i % 64);
+        old
+    }
+
+    pub fn clear(&mut self, i: u64) {
+        if i < self.len {
+            self.words[(i / 64) as usize] &= !(1 << (i % 64));
+        }
+    }
+
+    /// The first clear bit at or after `from` and below `len()`.
+    pub fn first_clear(&self, from: u64) -> Option<u64> {
+        let mut i = from;
+        while i < self.len {
+            let w = self.words[(i / 64) as usize] | ((1u64 << (i % 64)) - 1);
+            if w != u64::MAX {
+                let bit = (i / 64) * 64 + (!w).trailing_zeros() as u64;
+                return (bit < self.len).then_some(bit);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// One past the highest set bit (0 when none is set).
+    pub fn end(&self) -> u64 {
+        for (wi, &w) in self.words.iter().enumerate().rev() {
+            if w != 0 {
+                return wi as u64 * 64 + 64 - w.leading_zeros() as u64;
+            }
+        }
+        0
+    }
+
+    /// True when any bit in `[from, to)` is set.
+    pub fn any_in(&self, from: u64, to: u64) -> bool {
+        let to = to.min(self.len);
+        let mut i = from;
+        while i < to {
+            if i.is_multiple_of(64) && to - i >= 64 {
+                if self.words[(i / 64) as usize] != 0 {
+                    return true;
+                }
+                i += 64;
+            } else {
+                if self.get(i) {
+                    return true;
+                }
+                i += 1;
+            }
+        }
+        false
+    }
+}
+
+/// Dirty regions of an in-memory table that is written back in pages.
+#[derive(Debug, Default)]
+pub(crate) struct DirtyPages {
+    pages: std::collections::BTreeSet<u64>,
+}
+
+impl DirtyPages {
+    /// Marks the page holding byte `byte_offset` of the table.
+    pub fn mark(&mut self, byte_offset: u64, page_size: u64) {
+        self.pages.insert(byte_offset / page_size);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Takes the dirty pages as runs of consecutive page numbers `[first, end)`.
+    pub fn take_runs(&mut self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in std::mem::take(&mut self.pages) {
+            match runs.last_mut() {
+                Some(r) if r.1 == p => r.1 = p + 1,
+                _ => runs.push((p, p + 1)),
+            }
+        }
+        runs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitset_operations() {
+        let mut b = BitSet::new(10);
+        assert_eq!(b.first_clear(0), Some(0));
+        assert_eq!(b.end(), 0);
+        for i in 0..10 {
+            b.set(i);
+        }
+        assert_eq!(b.first_clear(0), None);
+        b.set(200);
+        assert_eq!(b.len, 201);
+        assert_eq!(b.end(), 201);
+        assert_eq!(b.first_clear(0), Some(10));
+        assert_eq!(b.first_clear(64), Some(64));
+        b.clear(5);
+        assert_eq!(b.first_clear(0), Some(5));
+        assert!(b.any_in(0, 5));
+        assert!(!b.any_in(10, 200));
+        assert!(b.any_in(10, 201));
+        assert!(!b.set(150));
+        assert!(b.set(150));
+    }
+
+    #[test]
+    fn dirty_page_runs() {
+        let mut d = DirtyPages::default();
+        for off in [0u64, 10, 4096, 3 * 4096 + 5, 4 * 4096] {
+            d.mark(off, 4096);
+        }
+        assert_eq!(d.take_runs(), vec![(0, 2), (3, 5)]);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round_up(0, 512), Some(0));
+        assert_eq!(round_up(1, 512), Some(512));
+        assert_eq!(round_up(512, 512), Some(512));
+        assert_eq!(round_up(u64::MAX, 512), None);
+    }
+}
