@@ -155,11 +155,12 @@ enum Command {
         /// The view directory (or a --files mount point of it).
         dir: PathBuf,
     },
-    /// Serve a snapshot read-only over NBD until Ctrl-C (prints the URI to connect to).
+    /// Serve a snapshot (REPO SNAPSHOT) or a copy (COPY) read-only over NBD until Ctrl-C
+    /// (prints the URI to connect to).
     Serve {
-        repo: PathBuf,
-        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
-        snapshot: String,
+        /// REPO SNAPSHOT (id, unique id prefix, `latest` or `latest:SOURCE`), or COPY.
+        #[arg(num_args = 1..=2, required = true, value_name = "REPO SNAPSHOT | COPY")]
+        args: Vec<String>,
         /// Where to listen: HOST:PORT for TCP (port 0 picks a free port), or a Unix socket
         /// path, recognised by containing a `/` (./nbd.sock, /run/volback.sock).
         #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
@@ -613,15 +614,13 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {
-            repo,
-            snapshot,
+            args,
             nbd,
             name,
             max_clients,
         } => serve_cli::serve(
             serve_cli::ServeArgs {
-                repo: &repo,
-                snapshot: &snapshot,
+                args: &args,
                 nbd,
                 name,
                 max_clients,

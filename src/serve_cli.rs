@@ -1,4 +1,5 @@
-//! `volback serve REPO SNAPSHOT --nbd ADDR`: a snapshot served read-only over NBD.
+//! `volback serve REPO SNAPSHOT --nbd ADDR` / `volback serve COPY --nbd ADDR`: a snapshot or a
+//! copy served read-only over NBD.
 
 use crate::display::human_bytes;
 use anyhow::Result;
@@ -13,8 +14,8 @@ use volback::volume::Volume;
 
 /// What `volback serve` was asked to do.
 pub struct ServeArgs<'a> {
-    pub repo: &'a Path,
-    pub snapshot: &'a str,
+    /// `[REPO, SNAPSHOT]` or `[COPY]`.
+    pub args: &'a [String],
     pub nbd: ListenAddr,
     pub name: Option<String>,
     pub max_clients: usize,
@@ -91,26 +92,49 @@ impl Events for CliEvents {
 
 /// `volback serve REPO SNAPSHOT --nbd ADDR [--name EXPORT]`: serves until `cancel`.
 pub fn serve(args: ServeArgs<'_>, cancel: &AtomicBool) -> Result<ExitCode> {
-    let repository = Repository::open(args.repo)?;
-    let id = repository.resolve(args.snapshot)?;
-    let snap = repository.open_snapshot(&id)?;
-    let short = &id[..12.min(id.len())];
-    let header = snap.header();
-    let description = format!(
-        "volback snapshot {short} of {} ({}, {})",
-        header.source.path,
-        header.time,
-        human_bytes(header.source.size)
-    );
-    // Clients read small pieces and come back to the same blocks: decoded-block cache and
-    // read-ahead.
-    let volume =
-        SnapshotVolume::with_cache(snap, repository.chunks().clone(), CacheOptions::default());
+    let (volume, short, description): (Arc<dyn Volume>, String, String) = match args.args {
+        [repo, snapshot] => {
+            let repository = Repository::open(Path::new(repo))?;
+            let id = repository.resolve(snapshot)?;
+            let snap = repository.open_snapshot(&id)?;
+            let short = id[..12.min(id.len())].to_string();
+            let header = snap.header();
+            let description = format!(
+                "volback snapshot {short} of {} ({}, {})",
+                header.source.path,
+                header.time,
+                human_bytes(header.source.size)
+            );
+            // Clients read small pieces and come back to the same blocks: decoded-block
+            // cache and read-ahead.
+            let volume = SnapshotVolume::with_cache(
+                snap,
+                repository.chunks().clone(),
+                CacheOptions::default(),
+            );
+            (Arc::new(volume), short, description)
+        }
+        [copy] => {
+            let opened = volback::copy::open_copy(Path::new(copy))?;
+            let dest = opened.paths.dest();
+            let name = dest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "copy".into());
+            let description = format!(
+                "volback copy {} of {}",
+                dest.display(),
+                human_bytes(opened.volume.size())
+            );
+            (Arc::new(opened.volume), name, description)
+        }
+        _ => anyhow::bail!("usage: volback serve REPO SNAPSHOT --nbd ADDR, or COPY --nbd ADDR"),
+    };
     let size = volume.size();
     let export = Export {
-        name: args.name.unwrap_or_else(|| short.to_string()),
+        name: args.name.unwrap_or_else(|| short.clone()),
         description,
-        volume: Arc::new(volume),
+        volume,
     };
     let name = export.name.clone();
     let options = ServerOptions {
@@ -119,7 +143,7 @@ pub fn serve(args: ServeArgs<'_>, cancel: &AtomicBool) -> Result<ExitCode> {
     };
     let server = Server::bind(&args.nbd, export, options)?;
     eprintln!(
-        "serving snapshot {short} ({}) read-only as export {name:?} on {}; Ctrl-C stops",
+        "serving {short} ({}) read-only as export {name:?} on {}; Ctrl-C stops",
         human_bytes(size),
         server.address()
     );

@@ -59,13 +59,20 @@ struct Served {
 impl Served {
     /// Starts `volback serve REPO SNAPSHOT --nbd ADDR EXTRA…` and reads the URI it prints.
     fn start(t: &TestDir, repo: &Path, snapshot: &str, addr: &str, extra: &[&str]) -> Served {
+        Served::start_source(t, &[p(repo), snapshot], addr, extra)
+    }
+
+    /// `volback serve SOURCE… --nbd ADDR EXTRA…` (SOURCE: REPO SNAPSHOT, or COPY).
+    fn start_source(t: &TestDir, source: &[&str], addr: &str, extra: &[&str]) -> Served {
         static N: AtomicUsize = AtomicUsize::new(0);
         let stderr = t.join(&format!(
             "serve-{}.stderr",
             N.fetch_add(1, Ordering::SeqCst)
         ));
         let mut child = Command::new(VOLBACK)
-            .args(["serve", p(repo), snapshot, "--nbd", addr])
+            .arg("serve")
+            .args(source)
+            .args(["--nbd", addr])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -738,4 +745,19 @@ fn nbd_serves_an_ext4_snapshot() {
     a.stop();
     b.stop();
     assert!(!sock.exists());
+}
+
+/// A copy (qcow2 here) is served like a snapshot: `volback serve COPY`.
+#[test]
+fn nbd_serves_a_copy() {
+    let t = TestDir::new();
+    let img = t.join("disk.img");
+    make_image(&img);
+    let copy = t.join("disk.qcow2");
+    volback_ok(&["copy", p(&img), p(&copy), "--format", "qcow2"]);
+    let sock = t.join("copy.sock");
+    let served = Served::start_source(&t, &[p(&copy)], p(&sock), &[]);
+    assert!(served.uri.contains("disk.qcow2"), "{}", served.uri);
+    run_ok("qemu-img", &["compare", "-f", "raw", p(&img), &served.uri]);
+    assert_eq!(qemu_data_ranges(&served.uri), data_ranges());
 }
