@@ -159,6 +159,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// True for a read that failed because the medium could not deliver the data (a bad
+    /// sector): worth retrying sector by sector.
+    pub fn is_media_error(&self) -> bool {
+        match self {
+            Error::Io { source, .. } | Error::IoAt { source, .. } => {
+                crate::platform::is_media_error(source)
+            }
+            _ => false,
+        }
+    }
+
     /// Shorthand for an [`Error::Io`].
     pub fn io(op: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {

@@ -412,6 +412,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     "filesystem": r.filesystem,
                     "layout": r.layout,
                     "all_blocks": r.all_blocks,
+                    "unreadable": r.unreadable,
                     "bytes_read": r.this_run.bytes_read,
                     "new_chunks": r.this_run.new_chunks,
                     "new_bytes": r.this_run.new_bytes,
@@ -500,7 +501,24 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 );
                 println!("  time            {:.1} s", s.duration_secs);
             }
-            Ok(ExitCode::SUCCESS)
+            if r.unreadable.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                let bytes: u64 = r.unreadable.iter().map(|&(_, len)| len).sum();
+                eprintln!(
+                    "volback: warning: {} bytes in {} ranges could not be read and were stored as \
+                     zeros (recorded in the snapshot as `unreadable`):",
+                    bytes,
+                    r.unreadable.len()
+                );
+                for (off, len) in r.unreadable.iter().take(20) {
+                    eprintln!("  offset {off}, {len} bytes");
+                }
+                if r.unreadable.len() > 20 {
+                    eprintln!("  … and {} more", r.unreadable.len() - 20);
+                }
+                Ok(ExitCode::from(3))
+            }
         }
         Command::Snapshots { repo, json } => {
             let repository = Repository::open(&repo)?;

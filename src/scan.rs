@@ -49,6 +49,11 @@ pub trait ScanSource: Volume {
 
     /// Hints that `[offset, offset + len)` will be read soon.
     fn prefetch(&self, _offset: u64, _len: u64) {}
+
+    /// The unit in which unreadable ranges are retried and recorded.
+    fn sector_size(&self) -> u64 {
+        512
+    }
 }
 
 impl ScanSource for Source {
@@ -62,6 +67,10 @@ impl ScanSource for Source {
 
     fn prefetch(&self, offset: u64, len: u64) {
         crate::platform::prefetch(self.file(), offset, len)
+    }
+
+    fn sector_size(&self) -> u64 {
+        u64::from(self.geometry().logical_sector_size.max(512))
     }
 }
 
@@ -151,6 +160,10 @@ pub struct Scan<'a, S: ?Sized> {
     pub threads: usize,
     /// Set to stop early; the blocks finished in order so far are still committed.
     pub cancel: Option<&'a AtomicBool>,
+    /// `Some`: a read that fails on a bad sector is retried sector by sector; sectors that
+    /// stay unreadable read as zeros and their ranges (offset, length) are added here.
+    /// `None`: such a read ends the scan with its error.
+    pub rescue: Option<&'a std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
 impl<S: ScanSource + ?Sized> Scan<'_, S> {
@@ -455,7 +468,26 @@ where
                     return Ok(());
                 };
                 let run_bytes = ((run_end * bs).min(size) - start) as usize;
-                scan.source.read_bulk(start, &mut staging, run_bytes)?;
+                if let Err(e) = scan.source.read_bulk(start, &mut staging, run_bytes) {
+                    let Some(found) = scan.rescue.filter(|_| e.is_media_error()) else {
+                        return Err(e);
+                    };
+                    let sector = scan.source.sector_size();
+                    let bad = rescue(scan.source, start, &mut staging[..run_bytes], sector)?;
+                    for &(off, len) in &bad {
+                        progress.warn(&format!(
+                            "unreadable: {len} bytes at offset {off} of {} ({e}); stored as zeros",
+                            scan.source.describe()
+                        ));
+                    }
+                    let mut all = found.lock().unwrap_or_else(|p| p.into_inner());
+                    for r in bad {
+                        match all.last_mut() {
+                            Some(last) if last.0 + last.1 == r.0 => last.1 += r.1,
+                            _ => all.push(r),
+                        }
+                    }
+                }
                 if staged_tx.send((index, run_end, staging)).is_err() {
                     return Ok(());
                 }
@@ -472,6 +504,47 @@ where
         let _ = dispatcher.join();
         r
     })
+}
+
+/// Reads `buf` (the bytes at `start`) again sector by sector, each sector up to twice, after
+/// a bulk read failed on a bad sector (ddrescue's way). Sectors that stay unreadable become
+/// zeros; returns their merged ranges (offset, length). Errors other than bad sectors (the
+/// device went away…) end the scan.
+fn rescue<S: ScanSource + ?Sized>(
+    source: &S,
+    start: u64,
+    buf: &mut [u8],
+    sector: u64,
+) -> Result<Vec<(u64, u64)>> {
+    const ATTEMPTS: usize = 2;
+    let sector = sector.max(1) as usize;
+    let mut bad: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0usize;
+    while off < buf.len() {
+        let n = sector.min(buf.len() - off);
+        let piece = &mut buf[off..off + n];
+        let pos = start + off as u64;
+        let mut ok = false;
+        for _ in 0..ATTEMPTS {
+            match source.read_at(pos, piece) {
+                Ok(()) => {
+                    ok = true;
+                    break;
+                }
+                Err(e) if e.is_media_error() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !ok {
+            piece.fill(0);
+            match bad.last_mut() {
+                Some(last) if last.0 + last.1 == pos => last.1 += n as u64,
+                _ => bad.push((pos, n as u64)),
+            }
+        }
+        off += n;
+    }
+    Ok(bad)
 }
 
 #[cfg(test)]
@@ -566,6 +639,7 @@ mod tests {
                 map: Some(&map),
                 threads: 3,
                 cancel: None,
+                rescue: None,
             };
             let got = run(&scan, &Sum, &Silent, |ordered| {
                 let mut v = Vec::new();
@@ -599,5 +673,87 @@ mod tests {
             }
             assert_eq!(next, 201);
         }
+    }
+
+    /// A volume whose bytes in `bad` cannot be read (EIO), like a disk with bad sectors.
+    struct Failing {
+        inner: Pattern,
+        bad: std::ops::Range<u64>,
+    }
+
+    impl Volume for Failing {
+        fn size(&self) -> u64 {
+            self.inner.size
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let end = offset + buf.len() as u64;
+            if offset < self.bad.end && end > self.bad.start {
+                return Err(Error::IoAt {
+                    op: "read",
+                    path: "failing".into(),
+                    offset,
+                    source: std::io::Error::from_raw_os_error(5),
+                });
+            }
+            self.inner.read_at(offset, buf)
+        }
+        fn describe(&self) -> String {
+            "failing".into()
+        }
+    }
+
+    /// With `rescue`, a bad range costs only its sectors: they read as zeros and are
+    /// reported; everything else arrives intact. Without it, the scan fails.
+    #[test]
+    fn bad_sectors_are_rescued_sector_by_sector() {
+        let bs = 65536u64;
+        let vol = Failing {
+            inner: Pattern {
+                size: 40 * bs + 1000,
+                hole: (0, 0),
+            },
+            bad: 300_000..301_000,
+        };
+        let found = std::sync::Mutex::new(Vec::new());
+        let mut scan = Scan {
+            source: &vol as &dyn Volume,
+            block_size: bs,
+            start_block: 0,
+            map: None,
+            threads: 2,
+            cancel: None,
+            rescue: Some(&found),
+        };
+        let sums = run(&scan, &Sum, &Silent, |ordered| {
+            Ok(ordered.map(|d| (d.index, d.out)).collect::<Vec<_>>())
+        })
+        .unwrap();
+        assert_eq!(sums.len(), 41);
+        let first_bad = 300_000 / 512 * 512;
+        let end_bad = 301_000u64.div_ceil(512) * 512;
+        assert_eq!(
+            *found.lock().unwrap(),
+            vec![(first_bad, end_bad - first_bad)]
+        );
+        for (index, (kind, sum)) in sums {
+            assert_eq!(kind, 2);
+            let start = index * bs;
+            let end = (start + bs).min(vol.inner.size);
+            let expect: u64 = (start..end)
+                .filter(|x| !(first_bad..end_bad).contains(x))
+                .map(|x| (x / 7) as u8 as u64)
+                .sum();
+            assert_eq!(sum, expect, "block {index}");
+        }
+        scan.rescue = None;
+        let r = run(&scan, &Sum, &Silent, |ordered| {
+            let n = ordered.by_ref().count();
+            Ok((n, ordered.take_error()))
+        })
+        .unwrap();
+        assert!(
+            r.1.is_some_and(|e| e.is_media_error()),
+            "the scan must fail"
+        );
     }
 }

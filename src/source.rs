@@ -122,6 +122,16 @@ impl Source {
             {
                 match read_direct(direct, &mut buf[..aligned_len], offset, len) {
                     Ok(()) => return Ok(()),
+                    // A bad sector: the caller rescues the run sector by sector; direct
+                    // reads stay on for the rest of the volume.
+                    Err(e) if platform::is_media_error(&e) => {
+                        return Err(Error::IoAt {
+                            op: "read",
+                            path: self.path.clone(),
+                            offset,
+                            source: e,
+                        });
+                    }
                     // Not supported here (EINVAL) or anything odd: fall back for good; a
                     // real I/O error shows up again on the buffered read below.
                     Err(_) => self.direct_ok.store(false, Ordering::Relaxed),

@@ -85,6 +85,9 @@ pub struct BackupReport {
     pub layout: Option<DiskLayout>,
     /// True when every block was read.
     pub all_blocks: bool,
+    /// Byte ranges (offset, length) that stayed unreadable and were stored as zeros (this
+    /// run; a resumed run does not know those of the runs before it).
+    pub unreadable: Vec<(u64, u64)>,
 }
 
 /// The identity of a volume, used to find the parent of its next backup and its journal:
@@ -303,9 +306,11 @@ pub fn backup(
 
     let threads = worker_threads(opts.threads);
     progress.start("backup", info.size - (start_block * bs).min(info.size));
+    let unreadable = std::sync::Mutex::new(Vec::new());
     let this_run = run_backup(
         repo,
         source,
+        &unreadable,
         map.as_ref(),
         parent_snap.as_ref(),
         opts,
@@ -348,7 +353,7 @@ pub fn backup(
         parent: jheader.parent.clone(),
         tags: jheader.tags.clone(),
         stats: stats.clone(),
-        unreadable: Vec::new(),
+        unreadable: unreadable.into_inner().unwrap_or_else(|p| p.into_inner()),
     };
     // Chunks first, then the snapshot that names them, then forget the journal.
     repo.sync_chunks()?;
@@ -364,6 +369,7 @@ pub fn backup(
         filesystem: probe.fs,
         layout: probe.layout,
         all_blocks,
+        unreadable: header.unreadable,
     })
 }
 
@@ -508,6 +514,7 @@ impl<'a> Stage for BackupStage<'a> {
 fn run_backup(
     repo: &Repository,
     source: &Source,
+    unreadable: &std::sync::Mutex<Vec<(u64, u64)>>,
     map: Option<&BlockMap>,
     parent: Option<&SnapshotFile>,
     opts: &BackupOptions,
@@ -527,6 +534,7 @@ fn run_backup(
         map,
         threads,
         cancel,
+        rescue: Some(unreadable),
     };
     let block_count = scan.block_count();
     let stage = BackupStage {

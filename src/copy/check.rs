@@ -64,6 +64,7 @@ pub fn verify(
         map: None,
         threads: threads(opts.threads),
         cancel: opts.cancel.as_deref(),
+        rescue: None,
     };
     let mut report = VerifyCopyReport {
         dest: paths.dest(),

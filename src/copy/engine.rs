@@ -244,6 +244,7 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
             map,
             threads: settings.threads,
             cancel: settings.cancel,
+            rescue: None,
         };
         if start < block_count {
             progress.start("copy", size - (start * bs).min(size));

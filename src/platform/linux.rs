@@ -441,3 +441,12 @@ impl io::Write for LocalStream {
         io::Write::flush(&mut self.0)
     }
 }
+
+/// EIO (the block layer's "medium error"), ENODATA and EBADMSG (what some drivers and
+/// filesystems return for unreadable or corrupt data), EILSEQ.
+pub fn is_media_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::ENODATA | libc::EBADMSG | libc::EILSEQ)
+    )
+}

@@ -161,6 +161,12 @@ pub fn prefetch(file: &File, offset: u64, len: u64) {
 /// still the one it created. Windows builds return an "unsupported" error from `bind`.
 pub use imp::{LocalListener, LocalStream};
 
+/// True when `e` says the medium could not deliver the data (a bad sector), as opposed to a
+/// device that went away or a programming error: such reads are retried sector by sector.
+pub fn is_media_error(e: &io::Error) -> bool {
+    imp::is_media_error(e)
+}
+
 /// The machine's host name, for snapshot metadata.
 pub fn hostname() -> String {
     imp::hostname()

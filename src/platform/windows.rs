@@ -133,3 +133,8 @@ impl io::Write for LocalStream {
         match *self {}
     }
 }
+
+/// ERROR_CRC (23), ERROR_SECTOR_NOT_FOUND (27), ERROR_READ_FAULT (30), ERROR_IO_DEVICE (1117).
+pub fn is_media_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 27 | 30 | 1117))
+}

@@ -265,3 +265,73 @@ fn ntfs_snapshot_through_the_loop_driver() {
     umount(&view);
     assert_clean(dir.path());
 }
+
+/// A source with a bad block (ddrescue's case): the FUSE view of a snapshot one of whose
+/// chunks was damaged returns EIO for that block. Backing the view up retries the failing
+/// run sector by sector, stores the unreadable sectors as zeros, records them in the
+/// snapshot, and exits 3; every other byte is backed up.
+#[test]
+fn unreadable_sectors_are_zero_filled_recorded_and_exit_3() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let dir = TestDir::new();
+    let img = dir.join("ext4.img");
+    sparse_file(&img, 32 * MIB);
+    mkfs_ext4(&img, &["-b", "4096"]);
+    let mut rng = Rng::new(77);
+    {
+        let m = Mount::new(&img, &dir.join("fill"), Some("loop"));
+        fill(&m.dir, &mut rng);
+        std::fs::write(m.dir.join("big.bin"), rng.bytes(4 * MIB as usize)).unwrap();
+        m.unmount();
+    }
+    // The backup block holding logical block 300 of big.bin.
+    let bmap = run_ok("debugfs", &["-R", "bmap /big.bin 300", p(&img)]);
+    let fs_block: u64 = bmap
+        .stdout
+        .trim()
+        .parse()
+        .expect("debugfs bmap prints a number");
+    let bs = 256 * KIB;
+    let index = fs_block * 4096 / bs;
+    let image = std::fs::read(&img).unwrap();
+    let block = &image[(index * bs) as usize..((index + 1) * bs) as usize];
+
+    let repo_a = dir.join("repo-a");
+    init_repo(&repo_a, &[]);
+    backup_json(&img, &repo_a, &[]);
+    let chunk = chunk_path(&repo_a, &blake3_hex(block));
+    let mut bytes = std::fs::read(&chunk).expect("the block's chunk exists");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&chunk, bytes).unwrap();
+
+    let view = dir.join("view");
+    mount_view(&repo_a, &view, &[]);
+    let repo_b = dir.join("repo-b");
+    init_repo(&repo_b, &[]);
+    let failing = view.join("volume.img");
+    let r = volback(&["backup", "--json", p(&failing), p(&repo_b)]).expect_code(3);
+    r.stderr_has(&["unreadable", "stored as zeros"]);
+    let v = r.json();
+    assert_eq!(
+        v["unreadable"],
+        serde_json::json!([[index * bs, bs]]),
+        "exactly the damaged block is unreadable: {v}"
+    );
+    umount(&view);
+    assert_clean(dir.path());
+
+    let restored = dir.join("restored.img");
+    restore(&repo_b, "latest", &restored).expect_code(0);
+    let got = std::fs::read(&restored).unwrap();
+    assert!(
+        got[(index * bs) as usize..((index + 1) * bs) as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    run_ok("e2fsck", &["-fn", p(&restored)]);
+    let list = volback_ok(&["snapshots", "--json", p(&repo_b)]).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+}
