@@ -944,7 +944,11 @@ pub(crate) fn open_for_update(
         if Footer::parse(&f).is_ok() {
             f
         } else {
-            o.footer.encode()
+            // The copy at offset 0 is damaged (the footer at the end was used): repair it,
+            // qemu reads that one first.
+            let f = o.footer.encode();
+            o.file.write_all_at(0, &f)?;
+            f
         }
     };
     // Anything past the last block is an unreferenced leftover (or the old footer): cut it
