@@ -86,6 +86,19 @@ pub enum Error {
     #[error("refusing to restore onto {}: {reason}", path.display())]
     UnsafeTarget { path: PathBuf, reason: String },
 
+    /// A copy's metadata, hash list or data files are missing, damaged or inconsistent.
+    #[error("copy {} is unusable: {detail}", path.display())]
+    BadCopy { path: PathBuf, detail: String },
+
+    /// A copy whose copy or update run did not finish: its data files may hold a mix of old
+    /// and new blocks.
+    #[error("copy {} is incomplete: a copy or update was interrupted; rerun `volback copy --update SOURCE {}` (or the same `volback export`) to finish it", path.display(), path.display())]
+    IncompleteCopy { path: PathBuf },
+
+    /// Another process is writing the copy (or reading it, when an update was asked for).
+    #[error("copy {} is in use by another volback process", path.display())]
+    CopyInUse { path: PathBuf },
+
     /// Another process holds a lock that this operation needs.
     #[error("repository {} is locked by another operation ({detail})", path.display())]
     Locked { path: PathBuf, detail: String },

@@ -7,13 +7,17 @@
 //! - [`fs`]: filesystem detection and allocation maps.
 //! - [`volume`]: the random-access read interface every volume implements.
 //! - [`repo`]: the repository format (chunks, snapshots, journals, locking).
+//! - [`scan`]: the parallel read pipeline shared by backup, copy and export.
 //! - [`backup`], [`restore`], [`verify`]: the operations.
+//! - [`copy`]: plain copies (raw, BIN slices, VHD, VHDX, qcow2) with a SHA-256 per block,
+//!   updated in place; exports of snapshots.
 //! - [`nbd`]: a read-only NBD server over any volume.
 //! - [`platform`]: the operating-system layer (Linux, Windows).
 
 pub mod backup;
 pub mod buffer;
 pub mod bytes;
+pub mod copy;
 pub mod error;
 pub mod fs;
 pub mod hash;
@@ -27,6 +31,7 @@ pub mod progress;
 pub mod ptable;
 pub mod repo;
 pub mod restore;
+pub mod scan;
 pub mod source;
 pub mod time;
 pub mod verify;

@@ -4,6 +4,7 @@
 //! 130 interrupted (progress saved where the command supports resuming). `serve` runs until
 //! Ctrl-C and then exits 0 (Ctrl-C is how it is meant to stop).
 
+mod copy_cli;
 mod display;
 #[cfg(target_os = "linux")]
 mod mount_cli;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use volback::backup::{BackupOptions, backup};
+use volback::copy::CopyFormat;
 use volback::hash::HashAlgorithm;
 use volback::nbd::ListenAddr;
 use volback::repo::{InitOptions, Repository};
@@ -103,13 +105,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a snapshot to a block device or a file (sparse).
+    /// Write a snapshot (REPO SNAPSHOT TARGET) or a copy (COPY TARGET) to a block device or a
+    /// file (sparse).
+    #[command(
+        override_usage = "volback restore [OPTIONS] REPO SNAPSHOT TARGET\n       \
+                                volback restore [OPTIONS] COPY TARGET"
+    )]
     Restore {
+        /// Repository directory, or a copy (made by `copy` or `export`).
+        #[arg(value_name = "REPO|COPY")]
         repo: PathBuf,
-        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
+        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`; for a copy, the target.
+        #[arg(value_name = "SNAPSHOT|TARGET")]
         snapshot: String,
-        /// Target block device or file.
-        target: PathBuf,
+        /// Target block device or file (with a repository).
+        target: Option<PathBuf>,
         /// After writing, flush and read every data block back from the target and compare it
         /// with the snapshot (chunks are always checked against their hashes).
         #[arg(long)]
@@ -162,14 +172,74 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         max_clients: usize,
     },
-    /// Check snapshots and their chunks.
+    /// Check snapshots and their chunks, or a copy (every block against its SHA-256).
     Verify {
+        /// Repository directory, or a copy.
+        #[arg(value_name = "REPO|COPY")]
         repo: PathBuf,
         /// Snapshot to check (default: all).
         snapshot: Option<String>,
         /// Read and re-hash every chunk.
         #[arg(long)]
         read_data: bool,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a volume to plain image files (raw, BIN slices, VHD, VHDX, qcow2) with a SHA-256
+    /// per block; `--update` rewrites only the blocks that changed.
+    Copy {
+        /// Block device or regular file to read (opened read-only).
+        source: PathBuf,
+        /// The copy: an image file (raw, vhd, vhdx, qcow2; raw slices are DEST.000, …) or a
+        /// directory (bin).
+        dest: PathBuf,
+        /// raw, bin, vhd, vhd-dynamic, vhdx or qcow2 (required for a new copy).
+        #[arg(long, required_unless_present = "update")]
+        format: Option<CopyFormat>,
+        /// Update an existing copy in place (or finish an interrupted copy or update).
+        #[arg(long)]
+        update: bool,
+        /// Split a raw or bin copy into files of this size (a multiple of the block size).
+        #[arg(long, value_parser = parse_size, conflicts_with = "update")]
+        slice_size: Option<u64>,
+        /// Block size of a new copy (default 256 KiB): the unit of hashing and of updates.
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Copy every block, also those the filesystem does not use (forensic copy).
+        #[arg(long)]
+        all_blocks: bool,
+        /// Read the volume even though it is mounted read-write (the copy may be inconsistent).
+        #[arg(long)]
+        allow_mounted: bool,
+        /// Seconds between checkpoints that an interrupted run continues from.
+        #[arg(long, default_value_t = 5.0)]
+        checkpoint_secs: f64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a snapshot as a copy: plain image files with a SHA-256 per block.
+    Export {
+        repo: PathBuf,
+        /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
+        snapshot: String,
+        /// Output image file (raw, vhd, vhdx, qcow2) or directory (bin).
+        out: PathBuf,
+        /// raw, bin, vhd, vhd-dynamic, vhdx or qcow2.
+        #[arg(long, required = true)]
+        format: Option<CopyFormat>,
+        /// Split a raw or bin copy into files of this size (a multiple of the block size).
+        #[arg(long, value_parser = parse_size)]
+        slice_size: Option<u64>,
+        /// Block size of the copy (default: the snapshot's).
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        #[arg(long, default_value_t = 5.0)]
+        checkpoint_secs: f64,
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[arg(long)]
@@ -360,8 +430,12 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 }
                 if let Some(fs) = &r.filesystem {
                     println!(
-                        "  filesystem      {} {} {}, {} used{}",
+                        "  filesystem      {}{} {} {}, {} used{}",
                         fs.fs_type,
+                        match (&fs.version, fs.fs_type.as_str()) {
+                            (Some(v), "vfat") => format!(" ({v})"),
+                            _ => String::new(),
+                        },
                         fs.uuid,
                         if fs.label.is_empty() {
                             "(no label)"
@@ -485,6 +559,30 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             verify,
             threads,
         } => {
+            let Some(target) = target else {
+                // Two arguments: COPY TARGET.
+                if volback::copy::locate(&repo).is_none() {
+                    use clap::CommandFactory;
+                    Cli::command()
+                        .error(
+                            clap::error::ErrorKind::MissingRequiredArgument,
+                            format!(
+                                "{} is not a volback copy; to restore a snapshot, give \
+                                 REPO SNAPSHOT TARGET",
+                                repo.display()
+                            ),
+                        )
+                        .exit();
+                }
+                return copy_cli::restore_copy(
+                    &repo,
+                    std::path::Path::new(&snapshot),
+                    verify,
+                    threads,
+                    quiet,
+                    cancel,
+                );
+            };
             let repository = Repository::open(&repo)?;
             let id = repository.resolve(&snapshot)?;
             let snap = repository.open_snapshot(&id)?;
@@ -538,6 +636,9 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             threads,
             json,
         } => {
+            if snapshot.is_none() && volback::copy::locate(&repo).is_some() {
+                return copy_cli::verify_copy(&repo, threads, json, quiet, cancel);
+            }
             let repository = Repository::open(&repo)?;
             let ids = match snapshot {
                 Some(s) => vec![repository.resolve(&s)?],
@@ -611,6 +712,60 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Copy {
+            source,
+            dest,
+            format,
+            update,
+            slice_size,
+            block_size,
+            all_blocks,
+            allow_mounted,
+            checkpoint_secs,
+            threads,
+            json,
+        } => {
+            let common = copy_cli::Common {
+                format,
+                slice_size,
+                block_size: block_size_arg(block_size)?,
+                threads,
+                checkpoint_secs,
+                json,
+                quiet,
+            };
+            copy_cli::copy(
+                &source,
+                &dest,
+                update,
+                all_blocks,
+                allow_mounted,
+                &common,
+                cancel,
+            )
+        }
+        Command::Export {
+            repo,
+            snapshot,
+            out,
+            format,
+            slice_size,
+            block_size,
+            checkpoint_secs,
+            threads,
+            json,
+        } => {
+            let common = copy_cli::Common {
+                format,
+                slice_size,
+                block_size: block_size_arg(block_size)?,
+                threads,
+                checkpoint_secs,
+                json,
+                quiet,
+            };
+            copy_cli::export(&repo, &snapshot, &out, &common, cancel)
         }
     }
 }

@@ -45,10 +45,11 @@ fn open_volume(args: &[PathBuf]) -> Result<(Arc<dyn Volume>, String)> {
             );
             Ok((Arc::new(vol), format!("snapshot {id}")))
         }
-        [copy] => bail!(
-            "{} : mounting copies needs `volback copy`, which this build does not have yet",
-            copy.display()
-        ),
+        [copy] => {
+            let opened = volback::copy::open_copy(copy)?;
+            let what = format!("copy {}", opened.paths.dest().display());
+            Ok((Arc::new(opened.volume), what))
+        }
         _ => bail!("usage: volback mount REPO SNAPSHOT DIR, or volback mount COPY DIR"),
     }
 }

@@ -149,6 +149,22 @@ def main():
       f"({secs(sparse_t)}) | | limit 300 MiB |")
     w(f"| e2image -ra / -Qa of v1 (for reference) | | {secs(e2_raw_t)} / {secs(e2_q_t)} | |")
     w("")
+    w("### Plain copies")
+    w("")
+    w("| operation | volback | anchor | ratio |")
+    w("|---|---|---|---|")
+    c_raw = get(v, "copy_raw_v1.wall_s")
+    c_q = get(v, "copy_qcow2_v1.wall_s")
+    c_up = get(v, "copy_update_v2.wall_s")
+    w(f"| `copy --format raw` of v1 | {secs(c_raw)} | `e2image -ra`: {secs(e2_raw_t)} | "
+      f"{verdict(ratio(c_raw, e2_raw_t), 1.0)} |")
+    w(f"| `copy --format qcow2` of v1 | {secs(c_q)} (`qemu-img check`: "
+      f"{get(v, 'copy_qcow2_v1.qemu_img_check', 'n/a')}) | `e2image -Qa`: {secs(e2_q_t)} | "
+      f"{verdict(ratio(c_q, e2_q_t), 1.0)} |")
+    w(f"| `copy --update` of the raw copy with v2 | {secs(c_up)} "
+      f"({get(v, 'copy_update_v2.blocks_rewritten', '?')} blocks rewritten) | the first raw copy: "
+      f"{secs(c_raw)} | {verdict(ratio(c_up, c_raw), 0.3)} |")
+    w("")
     w("### Files without restoring")
     w("")
     w("| operation | volback | anchor | ratio |")

@@ -120,8 +120,30 @@ volback_access_unit() {
     rm -rf "$repo"
 }
 
+# Plain copies: raw and qcow2 copies of v1 against e2image -ra / -Qa (the e2image anchor),
+# then `copy --update` of the raw copy with v2.
+volback_copy_unit() {
+    local raw=$work/copy-raw.img q=$work/copy.qcow2 field
+    field='import json,sys; d=json.load(open(sys.argv[1])); print(d.get(sys.argv[2], d.get("stats", {}).get(sys.argv[2], "")))'
+    rm -rf "$raw"* "$q"*
+    bench_time volback.copy_raw_v1 "$VB" copy --quiet --json "$vol/v1.img" "$raw" --format raw >"$work/copy-raw.json"
+    bench_time volback.copy_update_v2 "$VB" copy --quiet --json --update "$vol/v2.img" "$raw" >"$work/copy-update.json"
+    bench_record volback.copy_update_v2.blocks_rewritten "$(python3 -c "$field" "$work/copy-update.json" blocks_rewritten)"
+    bench_record volback.copy_update_v2.bytes_read "$(python3 -c "$field" "$work/copy-update.json" bytes_read)"
+    rm -rf "$raw"*
+    bench_time volback.copy_qcow2_v1 "$VB" copy --quiet --json "$vol/v1.img" "$q" --format qcow2 >/dev/null
+    bench_record volback.copy_qcow2_v1.output_bytes "$(du -B1 "$q" | cut -f1)"
+    if qemu-img check -q "$q" >/dev/null 2>&1; then
+        bench_record volback.copy_qcow2_v1.qemu_img_check clean
+    else
+        bench_record volback.copy_qcow2_v1.qemu_img_check FAILED
+    fi
+    rm -rf "$q"*
+}
+
 bench_run_unit volback_unit
 bench_run_unit volback_sparse_unit
+bench_run_unit volback_copy_unit
 bench_run_unit volback_access_unit
 bench_kv_to_json "$BENCH_KV" "$work/bench.json"
 python3 "$here/report.py" "$work/bench.json" "$root/docs/BENCHMARKS.md" \

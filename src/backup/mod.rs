@@ -1,22 +1,17 @@
 //! Backup: read a volume, store what changed, commit a synthetic-full snapshot.
 //!
-//! The pipeline has three stages connected by bounded channels:
+//! The volume is read by the shared scan pipeline ([`crate::scan`]: I/O loop, dispatcher,
+//! workers on every core, results back in block order):
 //!
-//! ```text
-//!  reader ──jobs──▶ workers (N) ──results──▶ committer (this thread)
-//!    ▲                  │
-//!    └──── buffers ◀────┘   (a fixed pool: memory does not grow with the volume)
-//! ```
-//!
-//! - The reader walks the volume in block order, skips holes without reading them, reads each
-//!   block into a pooled buffer and attaches the parent snapshot's reference for that block.
+//! - The reader walks the volume in block order, skips holes and unused blocks without reading
+//!   them, reads each block into a pooled buffer and attaches the parent snapshot's reference
+//!   for that block (the stage's hint).
 //! - Workers detect zero blocks, hash, compare with the parent, check the chunk store, and
-//!   compress and store new chunks. They use every core.
+//!   compress and store new chunks.
 //! - The committer puts results back in block order, appends them to the snapshot being
 //!   written, and every few seconds checkpoints: `syncfs`, then a durable journal batch.
 //!   A later run of the same volume replays the journal and continues where it stopped.
 
-use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::fs::disk::DiskLayout;
 use crate::fs::{BlockMap, FsInfo};
@@ -29,10 +24,10 @@ use crate::repo::snapshot::{
     BlockCursor, SnapshotFile, SnapshotHeader, SnapshotStats, SnapshotWriter,
 };
 use crate::repo::{Repository, check_block_size};
+use crate::scan::{self, Input, Scan, Stage};
 use crate::source::Source;
 use crate::volume::{Volume, is_zero};
-use crossbeam_channel::{Receiver, Sender, bounded};
-use std::collections::BTreeMap;
+use crossbeam_channel::bounded;
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,25 +119,6 @@ pub fn volume_key(source: &Source, fs: Option<&FsInfo>, layout: Option<&DiskLayo
     hex::encode(&h.finalize().as_bytes()[..16])
 }
 
-enum JobKind {
-    /// `count` blocks that are holes in the source: not read, stored as zero.
-    Hole,
-    /// `count` blocks the filesystem does not use: not read, stored as unused.
-    Unused,
-    /// One block read into a pool buffer (`len` valid bytes).
-    Data {
-        buf: AlignedBuf,
-        len: usize,
-        parent: Option<ChunkId>,
-    },
-}
-
-struct Job {
-    index: u64,
-    count: u64,
-    kind: JobKind,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Zero,
@@ -152,12 +128,39 @@ enum Outcome {
     New { raw: u64, stored: u64 },
 }
 
+/// A worker's result for one job.
 struct Done {
-    index: u64,
-    count: u64,
     block_ref: BlockRef,
     outcome: Outcome,
     bytes_read: u64,
+}
+
+/// Worker threads for `requested` (0: one per core).
+pub fn worker_threads(requested: usize) -> usize {
+    if requested == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        requested
+    }
+}
+
+/// Refuses a source that is mounted read-write: its blocks change while they are read.
+pub fn refuse_mounted_read_write(source: &Source) -> Result<()> {
+    let mounted = crate::platform::mount_point_of(source.path())
+        .map_err(|e| Error::io("check mounts of", source.path(), e))?;
+    if let Some(m) = mounted.filter(|m| !m.read_only) {
+        return Err(Error::BadSource {
+            path: source.path().to_path_buf(),
+            detail: format!(
+                "it is mounted read-write at {}: its blocks change while they are read. \
+                 Back up a snapshot of it instead (lvcreate --snapshot, then back up the \
+                 snapshot device), or freeze it (fsfreeze --freeze {}) and pass \
+                 --allow-mounted, or pass --allow-mounted to accept an inconsistent copy",
+                m.point, m.point
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Backs up `source` into `repo`. Full the first time; incremental against the latest
@@ -177,20 +180,7 @@ pub fn backup(
         });
     }
     if !opts.allow_mounted {
-        let mounted = crate::platform::mount_point_of(source.path())
-            .map_err(|e| Error::io("check mounts of", source.path(), e))?;
-        if let Some(m) = mounted.filter(|m| !m.read_only) {
-            return Err(Error::BadSource {
-                path: source.path().to_path_buf(),
-                detail: format!(
-                    "it is mounted read-write at {}: its blocks change while they are read. \
-                     Back up a snapshot of it instead (lvcreate --snapshot, then back up the \
-                     snapshot device), or freeze it (fsfreeze --freeze {}) and pass \
-                     --allow-mounted, or pass --allow-mounted to accept an inconsistent copy",
-                    m.point, m.point
-                ),
-            });
-        }
+        refuse_mounted_read_write(source)?;
     }
     let block_size = opts.block_size.unwrap_or(repo.config().block_size);
     check_block_size(block_size)?;
@@ -311,25 +301,21 @@ pub fn backup(
         None => None,
     };
 
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        opts.threads
-    };
-    let run = Pipeline {
+    let threads = worker_threads(opts.threads);
+    progress.start("backup", info.size - (start_block * bs).min(info.size));
+    let this_run = run_backup(
         repo,
         source,
-        block_size: bs,
-        block_count,
+        map.as_ref(),
+        parent_snap.as_ref(),
+        opts,
         threads,
-        parent: parent_snap.as_ref(),
-        map: map.as_ref(),
-        cancel: opts.cancel.clone(),
-        checkpoint_interval: opts.checkpoint_interval,
-        zstd_level: repo.config().zstd_level,
-    };
-    progress.start("backup", info.size - (start_block * bs).min(info.size));
-    let this_run = run.execute(start_block, &mut writer, &mut journal, progress);
+        bs,
+        start_block,
+        &mut writer,
+        &mut journal,
+        progress,
+    );
     progress.finish();
     let this_run = this_run?;
     total.add(&this_run);
@@ -411,427 +397,210 @@ fn find_parent(
     Ok(candidates.pop().map(|s| s.id))
 }
 
-struct Pipeline<'a> {
+/// The backup's work on each block (the read side is [`crate::scan`]).
+struct BackupStage<'a> {
     repo: &'a Repository,
-    source: &'a Source,
-    block_size: u64,
-    block_count: u64,
-    threads: usize,
     parent: Option<&'a SnapshotFile>,
-    map: Option<&'a BlockMap>,
-    cancel: Option<Arc<AtomicBool>>,
-    checkpoint_interval: Duration,
     zstd_level: i32,
 }
 
-impl Pipeline<'_> {
-    fn cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
+impl<'a> Stage for BackupStage<'a> {
+    /// The parent snapshot's chunk for the block.
+    type Hint = Option<ChunkId>;
+    /// The parent's references, streamed; set when they became unreadable.
+    type Hints = (Option<BlockCursor<'a>>, bool);
+    type Worker = Encoder;
+    type Out = Done;
+
+    fn hints(&self) -> Self::Hints {
+        (self.parent.map(BlockCursor::new), false)
     }
 
-    fn execute(
+    fn hint(
         &self,
-        start_block: u64,
-        writer: &mut SnapshotWriter,
-        journal: &mut Journal,
+        hints: &mut Self::Hints,
+        block: u64,
         progress: &dyn Progress,
-    ) -> Result<BatchStats> {
-        // Enough buffers for the workers to chew on one staged read while the reader fetches
-        // the next (see `read_blocks`).
-        let pool_size = self.threads * 3 + 2 * staging_blocks(self.block_size) as usize;
-        let (free_tx, free_rx) = bounded::<AlignedBuf>(pool_size);
-        for _ in 0..pool_size {
-            free_tx
-                .send(AlignedBuf::new(self.block_size as usize))
-                .map_err(|_| Error::InvalidArgument("buffer pool closed".into()))?;
+    ) -> Option<ChunkId> {
+        let (cursor, failed) = hints;
+        match cursor.as_mut() {
+            Some(c) if !*failed => match c.get(block) {
+                Ok(Some(BlockRef::Chunk(id))) => Some(id),
+                Ok(_) => None,
+                Err(e) => {
+                    *failed = true;
+                    progress.warn(&format!(
+                        "parent snapshot unreadable from block {block} on ({e}); comparing \
+                         with stored chunks instead"
+                    ));
+                    None
+                }
+            },
+            _ => None,
         }
-        let (job_tx, job_rx) = bounded::<Job>(self.threads * 2);
-        let (done_tx, done_rx) = bounded::<Result<Done>>(pool_size + self.threads * 2 + 4);
-        let stop = AtomicBool::new(false);
-
-        std::thread::scope(|scope| {
-            let stop = &stop;
-            {
-                let done_tx = done_tx.clone();
-                let free_rx = free_rx.clone();
-                scope.spawn(move || {
-                    if let Err(e) = self.read_blocks(start_block, &job_tx, &free_rx, stop, progress)
-                    {
-                        stop.store(true, Ordering::Relaxed);
-                        let _ = done_tx.send(Err(e));
-                    }
-                });
-            }
-            for _ in 0..self.threads {
-                let job_rx = job_rx.clone();
-                let done_tx = done_tx.clone();
-                let free_tx = free_tx.clone();
-                scope.spawn(move || self.work(&job_rx, &done_tx, &free_tx, stop));
-            }
-            drop(done_tx);
-            drop(job_rx);
-            let r = self.commit(start_block, &done_rx, writer, journal, progress);
-            // Unblock the other stages, whatever happened.
-            stop.store(true, Ordering::Relaxed);
-            while free_rx.try_recv().is_ok() {}
-            drop(free_rx);
-            while done_rx.try_recv().is_ok() {}
-            // Keep draining until every sender is gone so no thread stays blocked on send.
-            for _ in done_rx.iter() {}
-            r
-        })
     }
 
-    /// Reader stage: an I/O loop (this thread) that walks the volume, emits hole and unused
-    /// runs, and reads runs of data blocks into staging buffers; and a dispatcher thread that
-    /// splits staged runs into per-block jobs with the parent's references. Two threads keep a
-    /// read in flight while the previous run is handed out.
-    fn read_blocks(
-        &self,
-        start_block: u64,
-        jobs: &Sender<Job>,
-        free: &Receiver<AlignedBuf>,
-        stop: &AtomicBool,
-        progress: &dyn Progress,
-    ) -> Result<()> {
-        const STAGING_BUFFERS: usize = 3;
-        let bs = self.block_size;
-        let size = self.source.size();
-        let max_run = staging_blocks(bs);
-        let (staged_tx, staged_rx) = bounded::<(u64, u64, AlignedBuf)>(STAGING_BUFFERS);
-        let (empty_tx, empty_rx) = bounded::<AlignedBuf>(STAGING_BUFFERS);
-        for _ in 0..STAGING_BUFFERS {
-            let _ = empty_tx.send(AlignedBuf::new((max_run * bs) as usize));
-        }
-        std::thread::scope(|scope| {
-            let dispatcher = scope.spawn(move || {
-                let mut parent = self.parent.map(BlockCursor::new);
-                let mut parent_failed = false;
-                for (first, end, staging) in staged_rx.iter() {
-                    for block in first..end {
-                        let Ok(mut buf) = free.recv() else {
-                            return;
-                        };
-                        let off = ((block - first) * bs) as usize;
-                        let len = ((block * bs + bs).min(size) - block * bs) as usize;
-                        buf[..len].copy_from_slice(&staging[off..off + len]);
-                        let parent_ref = match parent.as_mut() {
-                            Some(c) if !parent_failed => match c.get(block) {
-                                Ok(Some(BlockRef::Chunk(id))) => Some(id),
-                                Ok(_) => None,
-                                Err(e) => {
-                                    parent_failed = true;
-                                    progress.warn(&format!(
-                                        "parent snapshot unreadable from block {block} on \
-                                         ({e}); comparing with stored chunks instead"
-                                    ));
-                                    None
-                                }
-                            },
-                            _ => None,
-                        };
-                        let job = Job {
-                            index: block,
-                            count: 1,
-                            kind: JobKind::Data {
-                                buf,
-                                len,
-                                parent: parent_ref,
-                            },
-                        };
-                        if jobs.send(job).is_err() {
-                            return;
-                        }
-                    }
-                    // The I/O loop may be done already; the staged runs still count.
-                    let _ = empty_tx.send(staging);
-                }
-            });
-            // `staged_tx` moves into the I/O loop and is dropped when it ends, which ends the
-            // dispatcher.
-            let io = move || -> Result<()> {
-                let mut extent: Option<std::ops::Range<u64>> = None;
-                let mut extents_done = false;
-                let mut index = start_block;
-                // Read-ahead of the blocks the map says will be read, for buffered reads: the
-                // kernel's own read-ahead stops at every skipped (unused) block. Direct reads
-                // bypass the page cache, where read-ahead would be wasted.
-                const PREFETCH_WINDOW: u64 = 32 << 20;
-                let window_blocks = (PREFETCH_WINDOW / bs).max(1);
-                let mut prefetched = start_block;
-                while index < self.block_count {
-                    if !self.source.uses_direct_io() && prefetched < index + window_blocks / 2 {
-                        let from = prefetched.max(index);
-                        let to = (index + window_blocks).min(self.block_count);
-                        let mut b = from;
-                        while b < to {
-                            if self.map.is_some_and(|m| !m.is_used(b)) {
-                                b += 1;
-                                continue;
-                            }
-                            let run = b;
-                            while b < to && self.map.is_none_or(|m| m.is_used(b)) {
-                                b += 1;
-                            }
-                            let s = run * bs;
-                            let e = (b * bs).min(size);
-                            crate::platform::prefetch(self.source.file(), s, e - s);
-                        }
-                        prefetched = to;
-                    }
-                    if stop.load(Ordering::Relaxed) || self.cancelled() {
-                        return Ok(());
-                    }
-                    let start = index * bs;
-                    let end = (start + bs).min(size);
-                    if let Some(map) = self.map
-                        && !map.is_used(index)
-                    {
-                        let mut until = index + 1;
-                        while until < self.block_count && !map.is_used(until) {
-                            until += 1;
-                        }
-                        let job = Job {
-                            index,
-                            count: until - index,
-                            kind: JobKind::Unused,
-                        };
-                        if jobs.send(job).is_err() {
-                            return Ok(());
-                        }
-                        index = until;
-                        continue;
-                    }
-                    if !extents_done && extent.as_ref().is_none_or(|e| e.end <= start) {
-                        extent = self.source.next_data(start, size)?;
-                        if extent.is_none() {
-                            extents_done = true;
-                        }
-                    }
-                    let hole_until = match &extent {
-                        None => self.block_count,
-                        Some(e) if e.start >= end => e.start / bs,
-                        Some(_) => index,
-                    };
-                    if hole_until > index {
-                        let job = Job {
-                            index,
-                            count: hole_until - index,
-                            kind: JobKind::Hole,
-                        };
-                        if jobs.send(job).is_err() {
-                            return Ok(());
-                        }
-                        index = hole_until;
-                        continue;
-                    }
-                    // A run of consecutive blocks that all need reading, in one request
-                    // (fewer, larger reads: what O_DIRECT needs to reach the device's speed).
-                    let mut run_end = index + 1;
-                    let data_end = extent.as_ref().map_or(size, |e| e.end);
-                    while run_end < self.block_count
-                        && run_end - index < max_run
-                        && run_end * bs < data_end
-                        && self.map.is_none_or(|m| m.is_used(run_end))
-                    {
-                        run_end += 1;
-                    }
-                    let Ok(mut staging) = empty_rx.recv() else {
-                        return Ok(());
-                    };
-                    let run_bytes = ((run_end * bs).min(size) - start) as usize;
-                    self.source.read_bulk(start, &mut staging, run_bytes)?;
-                    if staged_tx.send((index, run_end, staging)).is_err() {
-                        return Ok(());
-                    }
-                    index = run_end;
-                }
-                Ok(())
-            };
-            let r = io();
-            // Drops `staged_tx`, which the closure holds: the dispatcher then ends.
-            drop(io);
-            if r.is_err() {
-                stop.store(true, Ordering::Relaxed);
-            }
-            let _ = dispatcher.join();
-            r
-        })
+    fn worker(&self) -> Result<Encoder> {
+        Encoder::new(self.zstd_level)
     }
 
-    /// Worker stage.
-    fn work(
+    fn process(
         &self,
-        jobs: &Receiver<Job>,
-        done: &Sender<Result<Done>>,
-        free: &Sender<AlignedBuf>,
-        stop: &AtomicBool,
-    ) {
+        encoder: &mut Encoder,
+        _index: u64,
+        _count: u64,
+        input: Input<Option<ChunkId>>,
+    ) -> Result<Done> {
         let hash = self.repo.config().chunk_hash;
         let store = self.repo.chunks();
-        let mut encoder = match Encoder::new(self.zstd_level) {
-            Ok(e) => e,
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                let _ = done.send(Err(e));
-                return;
-            }
-        };
-        for job in jobs.iter() {
-            let result = match job.kind {
-                JobKind::Hole => Ok(Done {
-                    index: job.index,
-                    count: job.count,
-                    block_ref: BlockRef::Zero,
-                    outcome: Outcome::Zero,
-                    bytes_read: 0,
-                }),
-                JobKind::Unused => Ok(Done {
-                    index: job.index,
-                    count: job.count,
-                    block_ref: BlockRef::Unused,
-                    outcome: Outcome::Unused,
-                    bytes_read: 0,
-                }),
-                JobKind::Data { buf, len, parent } => {
-                    let r = (|| {
-                        let data = &buf[..len];
-                        if is_zero(data) {
-                            return Ok((BlockRef::Zero, Outcome::Zero));
-                        }
-                        let id = hash.hash(data);
-                        // The parent's chunk must still be there: a lost chunk is stored
-                        // again instead of being carried into the new snapshot.
-                        if parent == Some(id) && store.exists(&id)? {
-                            return Ok((BlockRef::Chunk(id), Outcome::Unchanged));
-                        }
-                        if parent != Some(id) && store.is_present(&id)? {
-                            return Ok((BlockRef::Chunk(id), Outcome::Deduplicated));
-                        }
+        Ok(match input {
+            Input::Hole => Done {
+                block_ref: BlockRef::Zero,
+                outcome: Outcome::Zero,
+                bytes_read: 0,
+            },
+            Input::Unused => Done {
+                block_ref: BlockRef::Unused,
+                outcome: Outcome::Unused,
+                bytes_read: 0,
+            },
+            Input::Data { buf, hint: parent } => {
+                let data: &[u8] = &buf;
+                let bytes_read = data.len() as u64;
+                let (block_ref, outcome) = if is_zero(data) {
+                    (BlockRef::Zero, Outcome::Zero)
+                } else {
+                    let id = hash.hash(data);
+                    // The parent's chunk must still be there: a lost chunk is stored again
+                    // instead of being carried into the new snapshot.
+                    if parent == Some(id) && store.exists(&id)? {
+                        (BlockRef::Chunk(id), Outcome::Unchanged)
+                    } else if parent != Some(id) && store.is_present(&id)? {
+                        (BlockRef::Chunk(id), Outcome::Deduplicated)
+                    } else {
                         let enc = encoder.encode(data);
                         store.put(&id, &enc)?;
-                        Ok((
+                        (
                             BlockRef::Chunk(id),
                             Outcome::New {
-                                raw: len as u64,
+                                raw: bytes_read,
                                 stored: enc.len() as u64,
                             },
-                        ))
-                    })();
-                    let _ = free.send(buf);
-                    r.map(|(block_ref, outcome)| Done {
-                        index: job.index,
-                        count: 1,
-                        block_ref,
-                        outcome,
-                        bytes_read: len as u64,
-                    })
+                        )
+                    }
+                };
+                Done {
+                    block_ref,
+                    outcome,
+                    bytes_read,
                 }
-            };
-            let failed = result.is_err();
-            if failed {
-                stop.store(true, Ordering::Relaxed);
             }
-            if done.send(result).is_err() || failed {
-                return;
-            }
-        }
+        })
     }
+}
 
-    /// Committer stage: order results, append them, hand batches to the checkpointer.
-    ///
-    /// Checkpoints (`syncfs`, then a journal append) run on their own thread so that a slow
-    /// flush never stalls the pipeline; while one is in progress the next batch keeps growing.
-    fn commit(
-        &self,
-        start_block: u64,
-        done: &Receiver<Result<Done>>,
-        writer: &mut SnapshotWriter,
-        journal: &mut Journal,
-        progress: &dyn Progress,
-    ) -> Result<BatchStats> {
-        let bs = self.block_size;
-        let size = self.source.size();
+/// Runs the scan from `start_block` and commits its results: appends them to the snapshot
+/// being written, and every few seconds hands a batch to the checkpointer.
+///
+/// Checkpoints (`syncfs`, then a journal append) run on their own thread so that a slow flush
+/// never stalls the pipeline; while one is in progress the next batch keeps growing.
+#[allow(clippy::too_many_arguments)]
+fn run_backup(
+    repo: &Repository,
+    source: &Source,
+    map: Option<&BlockMap>,
+    parent: Option<&SnapshotFile>,
+    opts: &BackupOptions,
+    threads: usize,
+    block_size: u64,
+    start_block: u64,
+    writer: &mut SnapshotWriter,
+    journal: &mut Journal,
+    progress: &dyn Progress,
+) -> Result<BatchStats> {
+    let cancel = opts.cancel.as_deref();
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    let scan = Scan {
+        source,
+        block_size,
+        start_block,
+        map,
+        threads,
+        cancel,
+    };
+    let block_count = scan.block_count();
+    let stage = BackupStage {
+        repo,
+        parent,
+        zstd_level: repo.config().zstd_level,
+    };
+    let bs = block_size;
+    let size = source.size();
+    scan::run(&scan, &stage, progress, |done| {
         let (cp_tx, cp_rx) = bounded::<Batch>(0);
         std::thread::scope(|scope| {
             let checkpointer = scope.spawn(move || -> Result<()> {
                 for batch in cp_rx.iter() {
-                    self.repo.sync_chunks()?;
+                    repo.sync_chunks()?;
                     journal.append(batch.first, batch.blocks, &batch.stats, &batch.records)?;
                 }
                 Ok(())
             });
-            let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
-            let mut next = start_block;
             let mut run_stats = BatchStats::default();
             let mut batch = Batch::new(start_block);
             let mut last_checkpoint = Instant::now();
-            let mut first_error: Option<Error> = None;
-
-            for item in done.iter() {
-                match item {
-                    Ok(d) => {
-                        pending.insert(d.index, d);
-                    }
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                        continue;
-                    }
+            let mut failed = false;
+            let mut first_error = None;
+            while let Some(d) = done.next() {
+                if let Err(e) = writer.push(d.out.block_ref, d.count) {
+                    first_error = Some(e);
+                    break;
                 }
-                while let Some(d) = pending.remove(&next) {
-                    writer.push(d.block_ref, d.count)?;
-                    batch.push(&d);
-                    progress.advance((d.count * bs).min(size - next * bs));
-                    next += d.count;
-                }
-                if first_error.is_none()
-                    && batch.blocks > 0
-                    && (last_checkpoint.elapsed() >= self.checkpoint_interval
+                batch.push(&d.out, d.count);
+                progress.advance((d.count * bs).min(size - d.index * bs));
+                if batch.blocks > 0
+                    && (last_checkpoint.elapsed() >= opts.checkpoint_interval
                         || batch.records.len() >= 8 << 20)
                 {
                     // Hand over only if the checkpointer is idle (rendezvous channel).
-                    let full = batch.take(next, &mut last_checkpoint);
+                    let full = batch.take(done.next_block(), &mut last_checkpoint);
                     let stats = full.stats;
                     match cp_tx.try_send(full) {
                         Ok(()) => run_stats.add(&stats),
                         Err(crossbeam_channel::TrySendError::Full(b)) => batch.prepend(b),
-                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => break,
+                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                            failed = true;
+                            break;
+                        }
                     }
                 }
             }
+            let next = done.next_block();
             // Whatever finished in order is kept for the next run, even after an error.
             let last = batch.take(next, &mut last_checkpoint);
             run_stats.add(&last.stats);
-            if last.blocks > 0 {
+            if last.blocks > 0 && !failed && first_error.is_none() {
                 let _ = cp_tx.send(last);
             }
             drop(cp_tx);
             let cp = checkpointer.join().unwrap_or_else(|_| {
                 Err(Error::InvalidArgument("checkpoint thread panicked".into()))
             });
-            if let Some(e) = first_error {
+            if let Some(e) = first_error.or_else(|| done.take_error()) {
                 return Err(e);
             }
             cp?;
-            if next < self.block_count {
-                if self.cancelled() {
+            if next < block_count {
+                if cancelled() {
                     return Err(Error::Interrupted { checkpointed: true });
                 }
                 return Err(Error::InvalidArgument(format!(
-                    "backup stopped at block {next} of {} without an error",
-                    self.block_count
+                    "backup stopped at block {next} of {block_count} without an error"
                 )));
             }
             Ok(run_stats)
         })
-    }
-}
-
-/// Blocks the reader fetches in one request (4 MiB worth, at least one block).
-fn staging_blocks(block_size: u64) -> u64 {
-    ((4u64 << 20) / block_size).max(1)
+    })
 }
 
 /// Block references and statistics since the last checkpoint.
@@ -854,13 +623,13 @@ impl Batch {
         }
     }
 
-    fn push(&mut self, d: &Done) {
-        self.blocks += d.count;
+    fn push(&mut self, d: &Done, count: u64) {
+        self.blocks += count;
         let s = &mut self.stats;
         s.bytes_read += d.bytes_read;
         match d.outcome {
-            Outcome::Zero => s.zero_blocks += d.count,
-            Outcome::Unused => s.unused_blocks += d.count,
+            Outcome::Zero => s.zero_blocks += count,
+            Outcome::Unused => s.unused_blocks += count,
             Outcome::Unchanged => {
                 s.data_blocks += 1;
                 s.unchanged_blocks += 1
@@ -878,14 +647,14 @@ impl Batch {
         }
         match (self.run, d.block_ref) {
             (Some((r, c)), b) if r == b && !matches!(b, BlockRef::Chunk(_)) => {
-                self.run = Some((r, c + d.count))
+                self.run = Some((r, c + count))
             }
             (_, b) => {
                 self.flush_run();
                 if matches!(b, BlockRef::Chunk(_)) {
-                    encode_run(&mut self.records, b, d.count);
+                    encode_run(&mut self.records, b, count);
                 } else {
-                    self.run = Some((b, d.count));
+                    self.run = Some((b, count));
                 }
             }
         }

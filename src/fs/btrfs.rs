@@ -219,6 +219,7 @@ impl Superblock {
             block_size: self.sectorsize,
             size: self.total_bytes,
             used_bytes: self.used_bytes().unwrap_or(0),
+            version: None,
         }
     }
 
@@ -1088,7 +1089,7 @@ mod tests {
         assert!(p.map.is_none());
         let w = p.warning.unwrap();
         assert!(
-            w.starts_with("no btrfs allocation map (the filesystem spans 3 devices"),
+            w.starts_with("btrfs allocation data is unusable (the filesystem spans 3 devices"),
             "{w}"
         );
     }

@@ -137,6 +137,7 @@ impl Superblock {
         );
         FsInfo {
             fs_type: self.fs_type().into(),
+            version: None,
             uuid,
             label: self.label.clone(),
             block_size: self.block_size as u32,

@@ -5,9 +5,13 @@
 //! read from the filesystem's own structures, never by mounting it. Anything unknown or
 //! damaged falls back to "every block is used", with a warning that says why.
 
+mod alloc;
 pub mod btrfs;
 pub mod disk;
+pub mod exfat;
 pub mod ext;
+pub mod fat;
+pub mod ntfs;
 pub mod xfs;
 
 use crate::error::Result;
@@ -17,16 +21,21 @@ use serde::{Deserialize, Serialize};
 /// What a probe found on a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsInfo {
-    /// "ext2", "ext3", "ext4", "xfs", "btrfs".
+    /// "ext2", "ext3", "ext4", "xfs", "btrfs", "ntfs", "vfat", "exfat" (`blkid`'s TYPE).
     #[serde(rename = "type")]
     pub fs_type: String,
+    /// As `volback probe` reports it: "FAT12", "FAT16", "FAT32" for vfat, the revision
+    /// ("1.0") for exfat; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     pub uuid: String,
     pub label: String,
     /// Filesystem block size in bytes.
     pub block_size: u32,
     /// Size the filesystem spans, in bytes.
     pub size: u64,
-    /// Bytes the filesystem reports as used.
+    /// Bytes the filesystem reports as used (NTFS, FAT, exFAT: clusters in use; the whole
+    /// size when their allocation data is unusable).
     pub used_bytes: u64,
 }
 
@@ -129,33 +138,26 @@ pub struct Probe {
 /// `granularity` bytes per bit.
 pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
     if let Some(sb) = ext::Superblock::read(vol)? {
-        let info = sb.info();
-        return Ok(match ext::allocation_map(vol, &sb, granularity) {
-            Ok(map) => Probe {
-                fs: Some(info),
-                map: Some(map),
-                warning: None,
-            },
-            Err(why) => Probe {
-                fs: Some(info),
-                map: None,
-                warning: Some(format!(
-                    "{} allocation data is unusable ({why}); reading every block",
-                    sb.fs_type()
-                )),
-            },
-        });
+        let map = ext::allocation_map(vol, &sb, granularity);
+        return Ok(Probe::mapped(sb.info(), map));
     }
     if let Some(sb) = xfs::Superblock::read(vol)? {
-        let mut p = mapped(sb.info(), xfs::allocation_map(vol, &sb, granularity));
+        let mut p = Probe::mapped(sb.info(), xfs::allocation_map(vol, &sb, granularity));
         p.warning = p.warning.or(sb.realtime_note());
         return Ok(p);
     }
     if let Some(sb) = btrfs::Superblock::read(vol)? {
-        return Ok(mapped(
-            sb.info(),
-            btrfs::allocation_map(vol, &sb, granularity),
-        ));
+        let map = btrfs::allocation_map(vol, &sb, granularity);
+        return Ok(Probe::mapped(sb.info(), map));
+    }
+    if let Some((info, map)) = ntfs::probe(vol, granularity)? {
+        return Ok(Probe::mapped(info, map));
+    }
+    if let Some((info, map)) = exfat::probe(vol, granularity)? {
+        return Ok(Probe::mapped(info, map));
+    }
+    if let Some((info, map)) = fat::probe(vol, granularity)? {
+        return Ok(Probe::mapped(info, map));
     }
     Ok(Probe {
         fs: None,
@@ -164,28 +166,36 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
     })
 }
 
-/// The probe result for a recognised filesystem whose map was built, or not (`Err` says why).
-fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
-    match map {
-        Ok(map) => Probe {
+impl Probe {
+    /// A recognised filesystem with its map, or without one and a warning saying why.
+    fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
+        let warning = map.as_ref().err().map(|why| {
+            let name = match &info.version {
+                Some(v) if info.fs_type == "vfat" => format!("{} ({v})", info.fs_type),
+                _ => info.fs_type.clone(),
+            };
+            format!("{name} allocation data is unusable ({why}); reading every block")
+        });
+        Probe {
             fs: Some(info),
-            map: Some(map),
-            warning: None,
-        },
-        Err(why) => Probe {
-            warning: Some(format!(
-                "no {} allocation map ({why}); reading every block",
-                info.fs_type
-            )),
-            fs: Some(info),
-            map: None,
-        },
+            map: map.ok(),
+            warning,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fs_info_without_version_reads_and_writes_as_before() {
+        let old =
+            r#"{"type":"ext4","uuid":"u","label":"","block_size":4096,"size":1,"used_bytes":1}"#;
+        let info: FsInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(info.version, None);
+        assert_eq!(serde_json::to_string(&info).unwrap(), old);
+    }
 
     #[test]
     fn block_map_marks_ranges() {

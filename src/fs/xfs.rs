@@ -194,6 +194,7 @@ impl Superblock {
             block_size: self.block_size as u32,
             size: self.size().unwrap_or(u64::MAX),
             used_bytes: self.used_bytes().unwrap_or(0),
+            version: None,
         }
     }
 
@@ -1009,7 +1010,7 @@ mod tests {
         assert!(p.map.is_none());
         let w = p.warning.unwrap();
         assert!(
-            w.starts_with("no xfs allocation map (AGF of AG 0: bad magic)"),
+            w.starts_with("xfs allocation data is unusable (AGF of AG 0: bad magic)"),
             "{w}"
         );
     }

@@ -452,7 +452,7 @@ fn read_table(
     }
     let dos = mbr
         .as_ref()
-        .filter(|m| m.looks_like_table() && !signatures::is_volume_boot_record(vol, &s0));
+        .filter(|m| m.looks_like_table() && !signatures::is_volume_boot_record(&s0));
     if has_gpt_signature(vol, ss)? || (ss == 512 && has_gpt_signature(vol, 4096)?) {
         if dos.is_some() {
             warnings.push(

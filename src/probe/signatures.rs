@@ -19,11 +19,9 @@
 
 use super::Filesystem;
 use super::guid::uuid_string;
-use crate::bytes::{
-    be_u16 as u16_be, be_u32 as u32_be, le_u16 as u16_le, le_u32 as u32_le, le_u64 as u64_le,
-};
+use crate::bytes::{be_u16 as u16_be, be_u32 as u32_be, le_u32 as u32_le, le_u64 as u64_le};
 use crate::error::Result;
-use crate::fs::{btrfs, ext, xfs};
+use crate::fs::{btrfs, exfat, ext, fat, ntfs, xfs};
 use crate::volume::Volume;
 
 /// LUKS (1 and 2) header magic at byte 0.
@@ -45,10 +43,8 @@ pub const SWAP_PAGE_SIZES: [u64; 5] = [4096, 8192, 16384, 32768, 65536];
 
 /// Bytes read from the start of a volume for the detectors that look there.
 const HEAD_LEN: u64 = 4096;
-/// Largest FAT or exFAT directory span scanned for a volume label.
-const DIR_SCAN_LIMIT: u64 = 1 << 20;
-/// Largest FAT or exFAT allocation bitmap read to count used clusters (a FAT16 FAT is at most
-/// 128 KiB; 16 MiB of exFAT bitmap covers 128 Mi clusters). Beyond it, used bytes are not
+/// Largest FAT or allocation bitmap (NTFS, exFAT) read to count used clusters (a FAT16 FAT is
+/// at most 128 KiB; 16 MiB of bitmap covers 128 Mi clusters). Beyond it, used bytes are not
 /// reported.
 const COUNT_LIMIT: u64 = 16 << 20;
 
@@ -63,15 +59,6 @@ fn cstr(b: &[u8]) -> Option<String> {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     let s = String::from_utf8_lossy(&b[..end]).into_owned();
     (!s.is_empty()).then_some(s)
-}
-
-fn utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16_lossy(&units)
 }
 
 fn nonzero_uuid(b: &[u8; 16]) -> Option<String> {
@@ -166,11 +153,11 @@ pub fn detect(vol: &dyn Volume) -> Result<Detection> {
 
 /// Whether sector 0 (`head`) is a filesystem boot sector (FAT, NTFS, exFAT) rather than a
 /// partition table: those also end in 0x55AA.
-pub fn is_volume_boot_record(vol: &dyn Volume, head: &[u8]) -> bool {
+pub fn is_volume_boot_record(head: &[u8]) -> bool {
     head.len() >= 512
-        && (head[3..11] == *NTFS_OEM && ntfs_bpb(head).is_some()
-            || head[3..11] == *EXFAT_OEM && exfat_geometry(head).is_some()
-            || fat_bpb(vol, head).is_some())
+        && (ntfs::BootSector::parse(head).is_some()
+            || exfat::BootSector::parse(head).is_some()
+            || fat::Bpb::parse(head).is_some())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -258,527 +245,69 @@ fn xfs(_vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// NTFS
-
-struct NtfsBpb {
-    sector: u64,
-    cluster: u64,
-    total_sectors: u64,
-    mft_lcn: u64,
-    record: u64,
-}
-
-fn ntfs_bpb(h: &[u8]) -> Option<NtfsBpb> {
-    // BPB: bytes/sector u16 @0x0B, sectors/cluster u8 @0x0D (> 0x80: 2^(256-n)), reserved
-    // sectors, FAT count, root entries, sectors16, sectors/FAT all zero; total sectors u64
-    // @0x28, $MFT LCN u64 @0x30, clusters per MFT record i8 @0x40 (negative: 2^-n bytes),
-    // serial u64 @0x48.
-    let sector = u64::from(u16_le(h, 0x0B));
-    if !sector.is_power_of_two() || !(256..=4096).contains(&sector) {
-        return None;
-    }
-    let spc = h[0x0D];
-    let spc: u64 = if spc <= 0x80 {
-        u64::from(spc)
-    } else {
-        1u64.checked_shl(256 - u32::from(spc))?
-    };
-    if spc == 0 || !spc.is_power_of_two() {
-        return None;
-    }
-    if u16_le(h, 0x0E) != 0 || h[0x10] != 0 || u16_le(h, 0x11) != 0 || u16_le(h, 0x13) != 0 {
-        return None;
-    }
-    if u16_le(h, 0x16) != 0 || u32_le(h, 0x20) != 0 {
-        return None;
-    }
-    let cluster = sector * spc;
-    if cluster > 2 << 20 {
-        return None;
-    }
-    let cpr = h[0x40] as i8;
-    let record = if cpr > 0 {
-        cluster * cpr as u64
-    } else {
-        1u64.checked_shl(u32::from(cpr.unsigned_abs()))?
-    };
-    if !(256..=65536).contains(&record) {
-        return None;
-    }
-    Some(NtfsBpb {
-        sector,
-        cluster,
-        total_sectors: u64_le(h, 0x28),
-        mft_lcn: u64_le(h, 0x30),
-        record,
-    })
-}
+// NTFS (boot sector and MFT parsing: [`crate::fs::ntfs`])
 
 fn ntfs(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
-    if h.len() < 512 || h[3..11] != *NTFS_OEM {
-        return Ok(None);
-    }
-    let Some(b) = ntfs_bpb(h) else {
+    let Some(b) = ntfs::BootSector::parse(h) else {
         return Ok(None);
     };
     let mut f = fs("ntfs", "filesystem");
-    f.uuid = Some(format!("{:016X}", u64_le(h, 0x48)));
-    f.block_size = Some(b.cluster as u32);
-    f.size = b.total_sectors.checked_mul(b.sector);
-    f.label = ntfs_label(vol, &b)?;
+    f.uuid = Some(b.uuid());
+    f.block_size = Some(b.cluster_size as u32);
+    f.size = Some(b.size());
+    // The label is attribute 0x60 of MFT record 3; used clusters are counted in $Bitmap.
+    if let Ok(mft) = ntfs::Mft::open(vol, &b) {
+        f.label = mft.label(vol).ok().flatten();
+        f.used_bytes = mft
+            .used_clusters(vol, COUNT_LIMIT)
+            .ok()
+            .map(|n| n * b.cluster_size);
+    }
     Ok(Some(f))
 }
 
-/// The volume name: attribute 0x60 ($VOLUME_NAME) of MFT record 3 ($Volume).
-fn ntfs_label(vol: &dyn Volume, b: &NtfsBpb) -> Result<Option<String>> {
-    const VOLUME_RECORD: u64 = 3;
-    const ATTR_VOLUME_NAME: u32 = 0x60;
-    const ATTR_END: u32 = 0xFFFF_FFFF;
-    let Some(off) = b
-        .mft_lcn
-        .checked_mul(b.cluster)
-        .and_then(|o| o.checked_add(VOLUME_RECORD * b.record))
-    else {
-        return Ok(None);
-    };
-    let Some(mut r) = read_opt(vol, off, b.record)? else {
-        return Ok(None);
-    };
-    // Record header: "FILE", update sequence offset u16 @4 and count u16 @6, first attribute
-    // offset u16 @0x14. The last two bytes of every 512-byte stride hold the update sequence
-    // number; the real bytes are in the update sequence array.
-    if &r[0..4] != b"FILE" {
-        return Ok(None);
-    }
-    let usa = u16_le(&r, 4) as usize;
-    let usa_count = u16_le(&r, 6) as usize;
-    if usa_count == 0 || usa + usa_count * 2 > r.len() || (usa_count - 1) * 512 > r.len() {
-        return Ok(None);
-    }
-    let usn = [r[usa], r[usa + 1]];
-    for i in 1..usa_count {
-        let end = i * 512;
-        if r[end - 2..end] != usn {
-            return Ok(None);
-        }
-        let (a, c) = (r[usa + 2 * i], r[usa + 2 * i + 1]);
-        r[end - 2] = a;
-        r[end - 1] = c;
-    }
-    let mut a = u16_le(&r, 0x14) as usize;
-    for _ in 0..64 {
-        if a + 8 > r.len() {
-            break;
-        }
-        let ty = u32_le(&r, a);
-        let len = u32_le(&r, a + 4) as usize;
-        if ty == ATTR_END || len < 24 || a + len > r.len() {
-            break;
-        }
-        // Resident attribute: non-resident flag @8 = 0, value length u32 @0x10, value
-        // offset u16 @0x14.
-        if ty == ATTR_VOLUME_NAME && r[a + 8] == 0 {
-            let vlen = u32_le(&r, a + 0x10) as usize;
-            let voff = u16_le(&r, a + 0x14) as usize;
-            if voff + vlen > len {
-                return Ok(None);
-            }
-            let s = utf16le(&r[a + voff..a + voff + vlen]);
-            return Ok((!s.is_empty()).then_some(s));
-        }
-        a += len;
-    }
-    Ok(None)
-}
-
 // ---------------------------------------------------------------------------------------------
-// exFAT
-
-struct ExfatGeometry {
-    sector: u64,
-    cluster: u64,
-    fat_offset: u64,
-    heap_offset: u64,
-    cluster_count: u64,
-    root_cluster: u32,
-    volume_length: u64,
-}
-
-fn exfat_geometry(h: &[u8]) -> Option<ExfatGeometry> {
-    // Main boot sector: MustBeZero @11..64, VolumeLength u64 @0x48, FatOffset u32 @0x50,
-    // FatLength @0x54, ClusterHeapOffset @0x58, ClusterCount @0x5C, FirstClusterOfRoot @0x60,
-    // VolumeSerialNumber @0x64, FileSystemRevision u16 @0x68, BytesPerSectorShift @0x6C,
-    // SectorsPerClusterShift @0x6D, NumberOfFats @0x6E.
-    if h[11..64].iter().any(|&b| b != 0) {
-        return None;
-    }
-    let bps_shift = u32::from(h[0x6C]);
-    let spc_shift = u32::from(h[0x6D]);
-    if !(9..=12).contains(&bps_shift) || bps_shift + spc_shift > 25 || !(1..=2).contains(&h[0x6E]) {
-        return None;
-    }
-    let sector = 1u64 << bps_shift;
-    let cluster_count = u64::from(u32_le(h, 0x5C));
-    let root_cluster = u32_le(h, 0x60);
-    if root_cluster < 2 || u64::from(root_cluster) > cluster_count + 1 {
-        return None;
-    }
-    Some(ExfatGeometry {
-        sector,
-        cluster: sector << spc_shift,
-        fat_offset: u64::from(u32_le(h, 0x50)) * sector,
-        heap_offset: u64::from(u32_le(h, 0x58)) * sector,
-        cluster_count,
-        root_cluster,
-        volume_length: u64_le(h, 0x48),
-    })
-}
-
-impl ExfatGeometry {
-    fn cluster_offset(&self, c: u32) -> u64 {
-        self.heap_offset + u64::from(c - 2) * self.cluster
-    }
-
-    /// The next cluster of a chain from the FAT; `None` at the end or on a bad entry.
-    fn next(&self, vol: &dyn Volume, c: u32) -> Result<Option<u32>> {
-        let Some(b) = read_opt(vol, self.fat_offset + u64::from(c) * 4, 4)? else {
-            return Ok(None);
-        };
-        let n = u32_le(&b, 0);
-        Ok((n >= 2 && u64::from(n) <= self.cluster_count + 1).then_some(n))
-    }
-
-    /// Reads up to `limit` bytes of the cluster chain starting at `first`.
-    fn read_chain(&self, vol: &dyn Volume, first: u32, limit: u64) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut c = Some(first);
-        let mut steps = 0u64;
-        while let Some(cl) = c {
-            if out.len() as u64 >= limit || steps > limit / 512 + 1 {
-                break;
-            }
-            steps += 1;
-            let take = self.cluster.min(limit - out.len() as u64);
-            match read_opt(vol, self.cluster_offset(cl), take)? {
-                Some(b) => out.extend_from_slice(&b),
-                None => break,
-            }
-            c = self.next(vol, cl)?;
-        }
-        Ok(out)
-    }
-}
+// exFAT (boot sector, directory and bitmap parsing: [`crate::fs::exfat`])
 
 fn exfat(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
-    if h.len() < 512 || h[3..11] != *EXFAT_OEM {
-        return Ok(None);
-    }
-    let Some(g) = exfat_geometry(h) else {
+    let Some(b) = exfat::BootSector::parse(h) else {
         return Ok(None);
     };
     let mut f = fs("exfat", "filesystem");
-    let serial = u32_le(h, 0x64);
-    f.uuid = Some(format!("{:04X}-{:04X}", serial >> 16, serial & 0xFFFF));
-    f.version = Some(format!("{}.{}", h[0x69], h[0x68]));
-    f.block_size = Some(g.cluster as u32);
-    f.size = g.volume_length.checked_mul(g.sector);
-    // Root directory entries (32 bytes): 0x83 volume label (count @1, UTF-16LE @2),
-    // 0x81 allocation bitmap (first cluster u32 @20, length u64 @24), 0x00 end.
-    let dir = g.read_chain(vol, g.root_cluster, DIR_SCAN_LIMIT.min(g.cluster * 64))?;
-    let mut bitmap = None;
-    for e in dir.chunks_exact(32) {
-        match e[0] {
-            0x00 => break,
-            0x83 => {
-                let n = usize::from(e[1]).min(11);
-                let s = utf16le(&e[2..2 + 2 * n]);
-                f.label = (!s.is_empty()).then_some(s);
-            }
-            0x81 if bitmap.is_none() && e[1] & 1 == 0 => {
-                bitmap = Some((u32_le(e, 20), u64_le(e, 24)));
-            }
-            _ => {}
-        }
-    }
-    if let Some((first, len)) = bitmap {
-        let need = g.cluster_count.div_ceil(8);
-        if first >= 2 && len >= need && need <= COUNT_LIMIT {
-            let bits = g.read_chain(vol, first, need)?;
-            if bits.len() as u64 == need {
-                let mut used: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
-                // Bits past the cluster count in the last byte are not clusters.
-                let tail = g.cluster_count % 8;
-                if tail != 0 {
-                    let last = bits[bits.len() - 1];
-                    used -= u64::from((last >> tail).count_ones());
-                }
-                f.used_bytes = Some(used * g.cluster);
-            }
-        }
+    f.uuid = Some(b.uuid());
+    f.version = Some(b.version());
+    f.block_size = Some(b.cluster as u32);
+    f.size = b.size();
+    // The label and the allocation bitmap are found in the root directory.
+    if let Ok(root) = b.root(vol) {
+        f.label = root.label.clone();
+        f.used_bytes = b
+            .used_clusters(vol, &root, COUNT_LIMIT)
+            .ok()
+            .map(|n| n * b.cluster);
     }
     Ok(Some(f))
 }
 
 // ---------------------------------------------------------------------------------------------
-// FAT12/16/32
-
-struct FatBpb {
-    sector: u64,
-    cluster: u64,
-    reserved: u64,
-    fats: u64,
-    fat_sectors: u64,
-    root_entries: u64,
-    total_sectors: u64,
-    clusters: u64,
-    /// 12, 16 or 32.
-    bits: u32,
-}
-
-fn fat_bpb(_vol: &dyn Volume, h: &[u8]) -> Option<FatBpb> {
-    // BPB: jump @0 (EB xx 90 or E9), bytes/sector u16 @0x0B, sectors/cluster @0x0D, reserved
-    // sectors u16 @0x0E, FAT count @0x10, root entries u16 @0x11, total sectors u16 @0x13
-    // (or u32 @0x20), media @0x15, sectors/FAT u16 @0x16 (0 on FAT32: u32 @0x24).
-    if h.len() < 512 {
-        return None;
-    }
-    let jump_ok = (h[0] == 0xEB && h[2] == 0x90) || h[0] == 0xE9;
-    let id_ok = &h[0x36..0x39] == b"FAT" || &h[0x52..0x57] == b"FAT32";
-    let sig_ok = h[510] == 0x55 && h[511] == 0xAA;
-    if !jump_ok || !(sig_ok || id_ok) {
-        return None;
-    }
-    if h[3..11] == *NTFS_OEM || h[3..11] == *EXFAT_OEM {
-        return None;
-    }
-    let sector = u64::from(u16_le(h, 0x0B));
-    let spc = u64::from(h[0x0D]);
-    let reserved = u64::from(u16_le(h, 0x0E));
-    let fats = u64::from(h[0x10]);
-    let root_entries = u64::from(u16_le(h, 0x11));
-    let media = h[0x15];
-    if !matches!(sector, 512 | 1024 | 2048 | 4096)
-        || spc == 0
-        || !spc.is_power_of_two()
-        || reserved == 0
-        || !(1..=4).contains(&fats)
-        || !(media == 0xF0 || media >= 0xF8)
-    {
-        return None;
-    }
-    let total16 = u64::from(u16_le(h, 0x13));
-    let total_sectors = if total16 != 0 {
-        total16
-    } else {
-        u64::from(u32_le(h, 0x20))
-    };
-    let fat16_len = u64::from(u16_le(h, 0x16));
-    let fat_sectors = if fat16_len != 0 {
-        fat16_len
-    } else {
-        u64::from(u32_le(h, 0x24))
-    };
-    if total_sectors == 0 || fat_sectors == 0 {
-        return None;
-    }
-    let root_sectors = (root_entries * 32).div_ceil(sector);
-    let meta = reserved + fats * fat_sectors + root_sectors;
-    let data = total_sectors.checked_sub(meta)?;
-    let clusters = data / spc;
-    let bits = if fat16_len == 0 {
-        if root_entries != 0 {
-            return None;
-        }
-        32
-    } else if clusters < 4085 {
-        12
-    } else {
-        16
-    };
-    // The FAT must be big enough for its clusters.
-    let fat_bytes = fat_sectors * sector;
-    if (clusters + 2) * u64::from(bits) / 8 > fat_bytes {
-        return None;
-    }
-    Some(FatBpb {
-        sector,
-        cluster: sector * spc,
-        reserved,
-        fats,
-        fat_sectors,
-        root_entries,
-        total_sectors,
-        clusters,
-        bits,
-    })
-}
-
-impl FatBpb {
-    fn fat_offset(&self) -> u64 {
-        self.reserved * self.sector
-    }
-
-    fn root_dir_offset(&self) -> u64 {
-        (self.reserved + self.fats * self.fat_sectors) * self.sector
-    }
-
-    fn data_offset(&self) -> u64 {
-        self.root_dir_offset() + (self.root_entries * 32).div_ceil(self.sector) * self.sector
-    }
-
-    fn cluster_offset(&self, c: u64) -> u64 {
-        self.data_offset() + (c - 2) * self.cluster
-    }
-
-    /// FAT entry `c` (FAT32 only: 28 bits).
-    fn fat32_next(&self, vol: &dyn Volume, c: u64) -> Result<Option<u64>> {
-        let Some(b) = read_opt(vol, self.fat_offset() + c * 4, 4)? else {
-            return Ok(None);
-        };
-        let n = u64::from(u32_le(&b, 0) & 0x0FFF_FFFF);
-        Ok((n >= 2 && n < self.clusters + 2).then_some(n))
-    }
-
-    /// The root directory bytes (at most [`DIR_SCAN_LIMIT`]).
-    fn root_dir(&self, vol: &dyn Volume, h: &[u8]) -> Result<Vec<u8>> {
-        if self.bits != 32 {
-            let len = (self.root_entries * 32).min(DIR_SCAN_LIMIT);
-            return Ok(read_opt(vol, self.root_dir_offset(), len)?.unwrap_or_default());
-        }
-        let mut out = Vec::new();
-        let mut c = Some(u64::from(u32_le(h, 0x2C)));
-        while let Some(cl) = c {
-            if cl < 2 || cl >= self.clusters + 2 || out.len() as u64 >= DIR_SCAN_LIMIT {
-                break;
-            }
-            let take = self.cluster.min(DIR_SCAN_LIMIT - out.len() as u64);
-            match read_opt(vol, self.cluster_offset(cl), take)? {
-                Some(b) => {
-                    let end = b.chunks_exact(32).any(|e| e[0] == 0);
-                    out.extend_from_slice(&b);
-                    if end {
-                        break;
-                    }
-                }
-                None => break,
-            }
-            c = self.fat32_next(vol, cl)?;
-        }
-        Ok(out)
-    }
-
-    /// Free clusters: FAT32's FSInfo count when plausible, otherwise by reading the first
-    /// FAT (only when it is small enough to be cheap).
-    fn free_clusters(&self, vol: &dyn Volume, h: &[u8]) -> Result<Option<u64>> {
-        if self.bits == 32 {
-            // FSInfo: lead signature "RRaA" @0, "rrAa" @484, free count u32 @488.
-            let fsinfo = u64::from(u16_le(h, 0x30));
-            if fsinfo != 0
-                && fsinfo < self.reserved
-                && let Some(s) = read_opt(vol, fsinfo * self.sector, 512)?
-                && &s[0..4] == b"RRaA"
-                && &s[484..488] == b"rrAa"
-            {
-                let free = u64::from(u32_le(&s, 488));
-                if free <= self.clusters {
-                    return Ok(Some(free));
-                }
-            }
-        }
-        let need = ((self.clusters + 2) * u64::from(self.bits)).div_ceil(8);
-        if need > COUNT_LIMIT {
-            return Ok(None);
-        }
-        let mut free = 0u64;
-        let mut buf = vec![0u8; (1 << 20).min(need) as usize];
-        // Read in pieces whose length is a multiple of 3 bytes (two FAT12 entries) and 4.
-        let piece = (buf.len() as u64 / 12).max(1) * 12;
-        let mut first_entry = 0u64;
-        let mut pos = 0u64;
-        while pos < need {
-            let n = piece.min(need - pos) as usize;
-            let Some(b) = read_opt(vol, self.fat_offset() + pos, n as u64)? else {
-                return Ok(None);
-            };
-            buf[..n].copy_from_slice(&b);
-            let entries = (n as u64 * 8) / u64::from(self.bits);
-            for i in 0..entries {
-                let e = first_entry + i;
-                if e < 2 || e >= self.clusters + 2 {
-                    continue;
-                }
-                let v: u32 = match self.bits {
-                    12 => {
-                        let o = (i * 3 / 2) as usize;
-                        if o + 1 >= n {
-                            continue;
-                        }
-                        let w = u16_le(&buf, o);
-                        u32::from(if i % 2 == 0 { w & 0xFFF } else { w >> 4 })
-                    }
-                    16 => u32::from(u16_le(&buf, (i * 2) as usize)),
-                    _ => u32_le(&buf, (i * 4) as usize) & 0x0FFF_FFFF,
-                };
-                if v == 0 {
-                    free += 1;
-                }
-            }
-            first_entry += entries;
-            pos += n as u64;
-        }
-        Ok(Some(free))
-    }
-}
+// FAT12/16/32 (BPB, FAT and root directory parsing: [`crate::fs::fat`])
 
 fn fat(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
-    let Some(b) = fat_bpb(vol, h) else {
+    let Some(b) = fat::Bpb::parse(h) else {
         return Ok(None);
     };
     let mut f = fs("vfat", "filesystem");
-    f.version = Some(format!("FAT{}", b.bits));
+    f.version = Some(b.version());
     f.block_size = Some(b.cluster as u32);
-    f.size = Some(b.total_sectors * b.sector);
-    // Extended BPB: boot signature 0x29 then serial u32 and label[11]; @0x26 on FAT12/16,
-    // @0x42 on FAT32.
-    let ebpb = if b.bits == 32 { 0x42 } else { 0x26 };
-    let mut boot_label = None;
-    if h[ebpb] == 0x29 || h[ebpb] == 0x28 {
-        let serial = u32_le(h, ebpb + 1);
-        f.uuid = Some(format!("{:04X}-{:04X}", serial >> 16, serial & 0xFFFF));
-        if h[ebpb] == 0x29 {
-            let l = String::from_utf8_lossy(&h[ebpb + 5..ebpb + 16])
-                .trim_end()
-                .to_string();
-            if !l.is_empty() && l != "NO NAME" {
-                boot_label = Some(l);
-            }
-        }
-    }
-    // The label in the root directory wins (as for Windows and blkid): an entry with the
-    // volume-label attribute (0x08) that is not a long-name entry (0x0F) nor deleted (0xE5).
-    let dir = b.root_dir(vol, h)?;
-    let mut dir_label = None;
-    for e in dir.chunks_exact(32) {
-        if e[0] == 0 {
-            break;
-        }
-        if e[0] == 0xE5 || e[11] & 0x3F == 0x0F || e[11] & 0x08 == 0 {
-            continue;
-        }
-        let mut raw = e[0..11].to_vec();
-        if raw[0] == 0x05 {
-            raw[0] = 0xE5;
-        }
-        let l = String::from_utf8_lossy(&raw).trim_end().to_string();
-        if !l.is_empty() {
-            dir_label = Some(l);
-        }
-        break;
-    }
-    f.label = dir_label.or(boot_label);
-    if let Some(free) = b.free_clusters(vol, h)? {
-        f.used_bytes = Some((b.clusters - free) * b.cluster);
-    }
+    f.size = Some(b.size());
+    f.uuid = b.uuid();
+    f.label = b.label(vol);
+    // FAT32's FSInfo count when plausible, otherwise counted in a FAT small enough to read.
+    let free = match b.fsinfo_free(vol) {
+        Some(free) => Some(free),
+        None => b.count_free(vol, COUNT_LIMIT).ok(),
+    };
+    f.used_bytes = free.map(|free| (b.clusters - free) * b.cluster);
     Ok(Some(f))
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 /// `mkfs.ext4` without background initialisation, so that nothing changes the volume after
 /// it is unmounted.
-fn mkfs_ext4(target: &Path) {
+pub(crate) fn mkfs_ext4(target: &Path) {
     run_ok(
         "mkfs.ext4",
         &[
@@ -31,7 +31,7 @@ fn file_content(rng: &mut Rng, len: usize) -> Vec<u8> {
 
 /// Writes `count` files of mixed sizes (random and text) in a few directories, plus two
 /// files of a few MiB.
-fn populate(root: &Path, rng: &mut Rng, count: usize) {
+pub(crate) fn populate(root: &Path, rng: &mut Rng, count: usize) {
     for d in 0..6 {
         std::fs::create_dir_all(root.join(format!("dir{d}/sub"))).unwrap();
     }
@@ -54,7 +54,7 @@ fn populate(root: &Path, rng: &mut Rng, count: usize) {
 }
 
 /// Rewrites some files, deletes some, adds some, grows a big one.
-fn modify(root: &Path, rng: &mut Rng) {
+pub(crate) fn modify(root: &Path, rng: &mut Rng) {
     let files: Vec<String> = tree_hashes(root).into_keys().collect();
     for (i, f) in files.iter().enumerate() {
         let path = root.join(f);

@@ -1,5 +1,5 @@
-//! Integration tests: the real `volback` binary against real files, loop devices, ext4
-//! filesystems made by `mkfs.ext4`, and repositories damaged on purpose.
+//! Integration tests: the real `volback` binary against real files, loop devices, ext4, NTFS,
+//! FAT and exFAT filesystems made by their mkfs, and repositories damaged on purpose.
 //!
 //! One test binary (`cargo test --test it`); every test gets its own temporary directory from
 //! [`util::TestDir`]. Tests that need root and loop devices call
@@ -11,10 +11,12 @@
 #![cfg(unix)]
 
 mod cli;
+mod copy;
 mod corruption;
 mod crash;
 mod disk;
 mod ext4;
+mod fs_maps_win;
 mod images;
 mod mount;
 mod nbd;

@@ -336,6 +336,7 @@ fn check_probe(dev: &PartLoop, formats: &[(u32, Format, Option<&str>)]) -> Value
                 | Format::Vfat
                 | Format::Vfat32
                 | Format::Exfat
+                | Format::Ntfs
         ) {
             let used = ju64(fs, "/used_bytes");
             let size = ju64(fs, "/size");

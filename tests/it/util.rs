@@ -454,7 +454,8 @@ pub fn journals(repo: &Path) -> Vec<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // Root, loop devices, mounts
 
-fn in_path(tool: &str) -> bool {
+/// Whether `tool` is in PATH (or /sbin, /usr/sbin).
+pub fn in_path(tool: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/sbin", "/usr/sbin"].map(PathBuf::from))
@@ -568,6 +569,15 @@ impl Mount {
             dir: dir.to_path_buf(),
             mounted: true,
         }
+    }
+
+    /// A mount made by a program other than `mount` (a FUSE driver: `ntfs-3g DEV DIR`,
+    /// `fusefat -o ro IMAGE DIR`); DIR (the last argument) is created.
+    pub fn with_command(program: &str, args: &[&str]) -> Mount {
+        let dir = PathBuf::from(args.last().expect("the mount point is the last argument"));
+        std::fs::create_dir_all(&dir).expect("create mount point");
+        run_ok(program, args);
+        Mount { dir, mounted: true }
     }
 
     /// Unmounts, panicking on failure (the normal way; `Drop` is the fallback).

@@ -346,7 +346,7 @@ fn damaged_or_multi_device_filesystems_fall_back_to_every_block() {
     let r = volback_ok(&["backup", "--json", p(&img), p(&repo)]);
     r.stderr_has(&[
         "warning",
-        "no xfs allocation map",
+        "xfs allocation data is unusable",
         "AGF of AG 0",
         "every block",
     ]);
@@ -371,7 +371,11 @@ fn damaged_or_multi_device_filesystems_fall_back_to_every_block() {
         files
     };
     let r = volback_ok(&["backup", "--json", p(&img), p(&repo)]);
-    r.stderr_has(&["warning", "no xfs allocation map", "log needs recovery"]);
+    r.stderr_has(&[
+        "warning",
+        "xfs allocation data is unusable",
+        "log needs recovery",
+    ]);
     let d = r.json();
     assert_eq!(d["all_blocks"], true, "{d}");
     let out = t.join("dirty-restored.img");
@@ -410,7 +414,11 @@ fn damaged_or_multi_device_filesystems_fall_back_to_every_block() {
         ],
     );
     let r = volback_ok(&["backup", "--json", p(&a.dev), p(&repo)]);
-    r.stderr_has(&["warning", "no btrfs allocation map", "spans 2 devices"]);
+    r.stderr_has(&[
+        "warning",
+        "btrfs allocation data is unusable",
+        "spans 2 devices",
+    ]);
     let d = r.json();
     assert_eq!(d["all_blocks"], true, "{d}");
     assert_eq!(d["filesystem"]["type"], "btrfs", "{d}");
@@ -433,7 +441,11 @@ fn damaged_or_multi_device_filesystems_fall_back_to_every_block() {
     let phys = btrfs_physical(&img, root);
     write_at(&img, phys + 200, b"\xFF\x00\xFF\x00");
     let r = volback_ok(&["backup", "--json", p(&img), p(&repo)]);
-    r.stderr_has(&["warning", "no btrfs allocation map", "checksum mismatch"]);
+    r.stderr_has(&[
+        "warning",
+        "btrfs allocation data is unusable",
+        "checksum mismatch",
+    ]);
     assert_eq!(r.json()["all_blocks"], true);
 }
 

@@ -1,0 +1,124 @@
+//! Helpers shared by the cluster-based maps (NTFS, FAT, exFAT): checked reads and a collector
+//! that turns used clusters, one by one or as bitmap bytes, into byte ranges of a
+//! [`BlockMap`].
+
+use super::BlockMap;
+use crate::volume::Volume;
+
+/// Largest single read a map makes; bigger structures (a FAT, a bitmap) are streamed in pieces
+/// of this size, so memory stays bounded whatever the volume claims.
+pub const PIECE: u64 = 1 << 20;
+
+/// Reads `buf.len()` bytes at `offset`, refusing (with a reason) a range past the volume's end.
+pub fn read(vol: &dyn Volume, offset: u64, buf: &mut [u8], what: &str) -> Result<(), String> {
+    let end = offset
+        .checked_add(buf.len() as u64)
+        .ok_or_else(|| format!("{what} at byte {offset} overflows"))?;
+    if end > vol.size() {
+        return Err(format!(
+            "{what} (bytes {offset}..{end}) lies past the end of the volume ({} bytes)",
+            vol.size()
+        ));
+    }
+    vol.read_at(offset, buf)
+        .map_err(|e| format!("reading {what} at byte {offset}: {e}"))
+}
+
+/// Collects used allocation units (clusters) in increasing order and marks them, merged into
+/// runs, in a [`BlockMap`] (or only counts them when there is no map).
+pub struct UsedRuns<'a> {
+    map: Option<&'a mut BlockMap>,
+    /// Byte offset of unit 0.
+    base: u64,
+    /// Bytes per unit.
+    unit: u64,
+    /// Pending run `[start, end)` in units.
+    pending: Option<(u64, u64)>,
+    used: u64,
+}
+
+impl<'a> UsedRuns<'a> {
+    /// Units of `unit` bytes, unit 0 at byte `base`. The caller has checked that every unit it
+    /// will add lies inside the volume, so byte offsets cannot overflow.
+    pub fn new(map: Option<&'a mut BlockMap>, base: u64, unit: u64) -> UsedRuns<'a> {
+        UsedRuns {
+            map,
+            base,
+            unit,
+            pending: None,
+            used: 0,
+        }
+    }
+
+    /// Units `[first, first + count)` are used.
+    pub fn add(&mut self, first: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.used += count;
+        match &mut self.pending {
+            Some((_, end)) if *end == first => *end += count,
+            _ => {
+                self.flush();
+                self.pending = Some((first, first + count));
+            }
+        }
+    }
+
+    /// A piece of a bitmap (bit `i` of byte `j`, least significant first, is unit
+    /// `first + 8j + i`); only the first `units` bits count.
+    pub fn bitmap(&mut self, first: u64, bytes: &[u8], units: u64) {
+        let units = units.min(bytes.len() as u64 * 8);
+        let mut i = 0u64;
+        while i < units {
+            let byte = bytes[(i / 8) as usize];
+            if i.is_multiple_of(8) && i + 8 <= units && (byte == 0 || byte == 0xFF) {
+                if byte == 0xFF {
+                    self.add(first + i, 8);
+                }
+                i += 8;
+                continue;
+            }
+            if byte & (1 << (i % 8)) != 0 {
+                self.add(first + i, 1);
+            }
+            i += 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        if let (Some((start, end)), Some(map)) = (self.pending.take(), self.map.as_deref_mut()) {
+            map.mark_bytes(self.base + start * self.unit, (end - start) * self.unit);
+        }
+    }
+
+    /// Marks what is pending; returns the number of used units.
+    pub fn finish(mut self) -> u64 {
+        self.flush();
+        self.used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_bits_become_merged_byte_ranges() {
+        let mut map = BlockMap::new(64 * 1024, 1024);
+        let mut r = UsedRuns::new(Some(&mut map), 4096, 1024);
+        // units 0, 2..=9 (0xFD = 1111_1101, then 0x03), unit 15 is past `units`.
+        r.bitmap(0, &[0xFD, 0x83], 12);
+        r.add(20, 2);
+        assert_eq!(r.finish(), 1 + 8 + 2);
+        let used: Vec<u64> = (0..64).filter(|&b| map.is_used(b)).collect();
+        assert_eq!(used, vec![4, 6, 7, 8, 9, 10, 11, 12, 13, 24, 25]);
+    }
+
+    #[test]
+    fn counting_without_a_map() {
+        let mut r = UsedRuns::new(None, 0, 4096);
+        r.bitmap(100, &[0xFF, 0xFF, 0x01], 24);
+        assert_eq!(r.finish(), 17);
+    }
+}

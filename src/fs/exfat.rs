@@ -1,0 +1,481 @@
+//! exFAT: the boot sector, the FAT, the root directory and the allocation bitmap.
+//!
+//! Layout facts used here (all little-endian), from Microsoft's exFAT specification:
+//! - Main boot region: sectors 0–11 (boot sector, 8 extended boot sectors, OEM parameters,
+//!   reserved, boot checksum); the backup boot region is sectors 12–23. Boot sector: OEM id
+//!   `EXFAT   ` at 3, bytes 11–63 zero, VolumeLength u64 @0x48 (sectors), FatOffset u32 @0x50,
+//!   FatLength u32 @0x54, ClusterHeapOffset u32 @0x58 (all in sectors), ClusterCount u32
+//!   @0x5C, FirstClusterOfRootDirectory u32 @0x60, VolumeSerialNumber u32 @0x64,
+//!   FileSystemRevision u16 @0x68 (minor, major), VolumeFlags u16 @0x6A (bit 0: ActiveFat),
+//!   BytesPerSectorShift u8 @0x6C (9–12), SectorsPerClusterShift u8 @0x6D (sector + cluster
+//!   shifts ≤ 25), NumberOfFats u8 @0x6E (1, or 2 for TexFAT).
+//! - FAT: a u32 per cluster, clusters numbered from 2; 2..=ClusterCount+1 = next cluster,
+//!   0xFFFFFFF7 bad, 0xFFFFFFFF end of chain. Chains are used by the root directory and by
+//!   every file without the NoFatChain flag; the allocation bitmap's entry has no such flag.
+//! - Root directory: 32-byte entries; type @0 (0x00 end, bit 7 in use): 0x81 allocation bitmap
+//!   (BitmapFlags @1, bit 0: for the second FAT; FirstCluster u32 @20; DataLength u64 @24),
+//!   0x83 volume label (character count @1, UTF-16LE @2, at most 11 characters).
+//! - Allocation bitmap: bit `i` (least significant first) is cluster `i + 2`, set when in use.
+//!
+//! The map keeps everything before the cluster heap (both boot regions, the FAT alignment,
+//! the FATs), the clusters the bitmap marks, and everything after the heap. Every offset,
+//! count and cluster number is checked against the volume; a broken chain or an implausible
+//! layout makes the map unusable (the caller then reads every block).
+
+use super::alloc::{self, PIECE, UsedRuns};
+use super::{BlockMap, FsInfo};
+use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
+use crate::error::Result;
+use crate::probe::signatures::EXFAT_OEM;
+use crate::volume::Volume;
+
+/// Largest root directory span scanned for the label and the bitmap entry.
+const DIR_SCAN_LIMIT: u64 = 1 << 20;
+/// The two boot regions: 24 sectors.
+const BOOT_REGIONS_SECTORS: u64 = 24;
+const ENTRY_BITMAP: u8 = 0x81;
+const ENTRY_LABEL: u8 = 0x83;
+const FAT_BAD: u32 = 0xFFFF_FFF7;
+
+/// The fields of an exFAT boot sector that the map needs.
+#[derive(Debug, Clone)]
+pub struct BootSector {
+    pub sector: u64,
+    pub cluster: u64,
+    /// Bytes.
+    pub fat_offset: u64,
+    /// Bytes of one FAT.
+    pub fat_length: u64,
+    /// Bytes.
+    pub heap_offset: u64,
+    pub cluster_count: u64,
+    pub root_cluster: u32,
+    /// Sectors.
+    pub volume_length: u64,
+    pub serial: u32,
+    /// FileSystemRevision as (major, minor).
+    pub revision: (u8, u8),
+    pub fats: u64,
+    /// The FAT and bitmap in use (VolumeFlags bit 0).
+    pub active_fat: u64,
+}
+
+impl BootSector {
+    /// Parses sector 0; `None` when it is not a plausible exFAT boot sector.
+    pub fn parse(h: &[u8]) -> Option<BootSector> {
+        if h.len() < 512 || h[3..11] != *EXFAT_OEM || h[11..64].iter().any(|&b| b != 0) {
+            return None;
+        }
+        let bps_shift = u32::from(h[0x6C]);
+        let spc_shift = u32::from(h[0x6D]);
+        let fats = u64::from(h[0x6E]);
+        if !(9..=12).contains(&bps_shift) || bps_shift + spc_shift > 25 || !(1..=2).contains(&fats)
+        {
+            return None;
+        }
+        let sector = 1u64 << bps_shift;
+        let cluster_count = u64::from(u32_at(h, 0x5C));
+        let root_cluster = u32_at(h, 0x60);
+        if root_cluster < 2 || u64::from(root_cluster) > cluster_count + 1 {
+            return None;
+        }
+        Some(BootSector {
+            sector,
+            cluster: sector << spc_shift,
+            fat_offset: u64::from(u32_at(h, 0x50)) * sector,
+            fat_length: u64::from(u32_at(h, 0x54)) * sector,
+            heap_offset: u64::from(u32_at(h, 0x58)) * sector,
+            cluster_count,
+            root_cluster,
+            volume_length: u64_at(h, 0x48),
+            serial: u32_at(h, 0x64),
+            revision: (h[0x69], h[0x68]),
+            fats,
+            active_fat: u64::from(u16_at(h, 0x6A) & 1),
+        })
+    }
+
+    /// Reads and parses sector 0 of `vol`.
+    pub fn read(vol: &dyn Volume) -> Result<Option<BootSector>> {
+        if vol.size() < 512 {
+            return Ok(None);
+        }
+        let mut h = vec![0u8; 512];
+        vol.read_at(0, &mut h)?;
+        Ok(BootSector::parse(&h))
+    }
+
+    /// The serial number as `blkid` prints it (`XXXX-XXXX`).
+    pub fn uuid(&self) -> String {
+        format!("{:04X}-{:04X}", self.serial >> 16, self.serial & 0xFFFF)
+    }
+
+    /// The revision as `blkid` prints it ("1.0").
+    pub fn version(&self) -> String {
+        format!("{}.{}", self.revision.0, self.revision.1)
+    }
+
+    /// Bytes the filesystem spans, when that fits in a u64.
+    pub fn size(&self) -> Option<u64> {
+        self.volume_length.checked_mul(self.sector)
+    }
+
+    fn in_range(&self, c: u32) -> bool {
+        c >= 2 && u64::from(c) <= self.cluster_count + 1
+    }
+
+    /// First byte of cluster `c` (in range: the heap's end is checked to fit).
+    fn cluster_offset(&self, c: u32) -> u64 {
+        self.heap_offset + u64::from(c - 2) * self.cluster
+    }
+
+    /// The FAT entry of cluster `c` in the active FAT.
+    fn fat_entry(&self, vol: &dyn Volume, c: u32) -> std::result::Result<u32, String> {
+        let mut b = [0u8; 4];
+        let at = self.fat_offset + self.active_fat * self.fat_length + u64::from(c) * 4;
+        alloc::read(vol, at, &mut b, "FAT entry")?;
+        Ok(u32_at(&b, 0))
+    }
+
+    /// Checks that the regions lie in order inside the filesystem and the filesystem inside
+    /// the volume; returns the end of the cluster heap.
+    fn check_layout(&self, vol: &dyn Volume) -> std::result::Result<u64, String> {
+        let size = self.size().filter(|&s| s <= vol.size()).ok_or_else(|| {
+            format!(
+                "the filesystem spans {} sectors of {} bytes but the volume has only {} bytes",
+                self.volume_length,
+                self.sector,
+                vol.size()
+            )
+        })?;
+        let fats_end = self.fat_offset + self.fats * self.fat_length;
+        let heap_end = self.heap_offset + self.cluster_count * self.cluster;
+        if self.fat_offset < BOOT_REGIONS_SECTORS * self.sector
+            || self.fat_length < (self.cluster_count + 2) * 4
+            || fats_end > self.heap_offset
+            || heap_end > size
+        {
+            return Err(format!(
+                "the regions do not fit: FATs at {}+{}×{}, heap at {} of {} clusters of {} \
+                 bytes, {size} bytes in all",
+                self.fat_offset,
+                self.fats,
+                self.fat_length,
+                self.heap_offset,
+                self.cluster_count,
+                self.cluster
+            ));
+        }
+        if self.active_fat >= self.fats {
+            return Err("the active FAT is the second of one".into());
+        }
+        Ok(heap_end)
+    }
+
+    /// Reads the root directory (at most [`DIR_SCAN_LIMIT`] bytes) for the label and the
+    /// active allocation bitmap's (first cluster, length).
+    pub fn root(&self, vol: &dyn Volume) -> std::result::Result<Root, String> {
+        let mut root = Root::default();
+        let mut c = self.root_cluster;
+        let mut read = 0u64;
+        // The scan limit bounds the walk, a loop included.
+        while read < DIR_SCAN_LIMIT {
+            let take = self.cluster.min(DIR_SCAN_LIMIT - read);
+            let mut b = vec![0u8; take as usize];
+            alloc::read(vol, self.cluster_offset(c), &mut b, "root directory")?;
+            read += take;
+            for e in b.chunks_exact(32) {
+                match e[0] {
+                    0x00 => return Ok(root),
+                    ENTRY_LABEL => {
+                        let n = usize::from(e[1]).min(11);
+                        let units: Vec<u16> = e[2..2 + 2 * n]
+                            .chunks_exact(2)
+                            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                            .collect();
+                        let s = String::from_utf16_lossy(&units);
+                        root.label = (!s.is_empty()).then_some(s);
+                    }
+                    ENTRY_BITMAP
+                        if root.bitmap.is_none() && u64::from(e[1] & 1) == self.active_fat =>
+                    {
+                        root.bitmap = Some((u32_at(e, 20), u64_at(e, 24)));
+                    }
+                    _ => {}
+                }
+            }
+            let next = self.fat_entry(vol, c)?;
+            if !self.in_range(next) {
+                break;
+            }
+            c = next;
+        }
+        Ok(root)
+    }
+
+    /// Walks the allocation bitmap (its cluster chain from the FAT), feeding the used
+    /// clusters to `used`. At most `limit` bytes of bitmap are read.
+    fn walk_bitmap(
+        &self,
+        vol: &dyn Volume,
+        root: &Root,
+        used: &mut UsedRuns,
+        limit: u64,
+    ) -> std::result::Result<(), String> {
+        let (first, len) = root
+            .bitmap
+            .ok_or("the root directory has no allocation bitmap entry")?;
+        let need = self.cluster_count.div_ceil(8);
+        if len < need {
+            return Err(format!(
+                "the allocation bitmap holds {len} bytes for {} clusters",
+                self.cluster_count
+            ));
+        }
+        if need > limit {
+            return Err(format!(
+                "the allocation bitmap of {need} bytes is over the {limit}-byte limit"
+            ));
+        }
+        let mut buf = vec![0u8; PIECE.min(self.cluster).min(need) as usize];
+        let mut c = first;
+        let mut pos = 0u64;
+        // One step per cluster of `need` bytes, each cluster at most once.
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            if !self.in_range(c) {
+                return Err(format!(
+                    "the allocation bitmap's chain reaches cluster {c:#x} after {pos} bytes"
+                ));
+            }
+            if !seen.insert(c) {
+                return Err(format!(
+                    "the allocation bitmap's chain loops at cluster {c}"
+                ));
+            }
+            let in_cluster = self.cluster.min(need - pos);
+            let mut done = 0u64;
+            while done < in_cluster {
+                let n = (buf.len() as u64).min(in_cluster - done) as usize;
+                alloc::read(
+                    vol,
+                    self.cluster_offset(c) + done,
+                    &mut buf[..n],
+                    "allocation bitmap",
+                )?;
+                let at = pos + done;
+                used.bitmap(at * 8, &buf[..n], self.cluster_count - at * 8);
+                done += n as u64;
+            }
+            pos += in_cluster;
+            if pos >= need {
+                return Ok(());
+            }
+            let next = self.fat_entry(vol, c)?;
+            if next == FAT_BAD {
+                return Err(format!(
+                    "the allocation bitmap's chain hits bad cluster {c}"
+                ));
+            }
+            c = next;
+        }
+    }
+
+    /// Clusters in use according to the allocation bitmap, reading at most `limit` bytes of
+    /// it.
+    pub fn used_clusters(
+        &self,
+        vol: &dyn Volume,
+        root: &Root,
+        limit: u64,
+    ) -> std::result::Result<u64, String> {
+        let mut used = UsedRuns::new(None, 0, self.cluster);
+        self.walk_bitmap(vol, root, &mut used, limit)?;
+        Ok(used.finish())
+    }
+}
+
+/// What the root directory says.
+#[derive(Debug, Clone, Default)]
+pub struct Root {
+    pub label: Option<String>,
+    /// The active allocation bitmap: first cluster and length in bytes.
+    pub bitmap: Option<(u32, u64)>,
+}
+
+/// Builds the allocation map of an exFAT volume at `granularity` bytes per bit, with the
+/// number of clusters in use. `Err` explains why the filesystem's data cannot be trusted.
+pub fn allocation_map(
+    vol: &dyn Volume,
+    boot: &BootSector,
+    root: &Root,
+    granularity: u64,
+) -> std::result::Result<(BlockMap, u64), String> {
+    let heap_end = boot.check_layout(vol)?;
+    let mut map = BlockMap::new(vol.size(), granularity);
+    // Main and backup boot regions, FAT alignment, the FATs, heap alignment.
+    map.mark_bytes(0, boot.heap_offset);
+    // Past the last cluster (and past the filesystem).
+    map.mark_bytes(heap_end, vol.size() - heap_end);
+    let mut used = UsedRuns::new(Some(&mut map), boot.heap_offset, boot.cluster);
+    boot.walk_bitmap(vol, root, &mut used, u64::MAX)?;
+    let n = used.finish();
+    Ok((map, n))
+}
+
+/// Recognises exFAT on `vol`: its description and its allocation map (or why there is none).
+pub fn probe(
+    vol: &dyn Volume,
+    granularity: u64,
+) -> Result<Option<(FsInfo, std::result::Result<BlockMap, String>)>> {
+    let Some(boot) = BootSector::read(vol)? else {
+        return Ok(None);
+    };
+    let size = boot.size().unwrap_or(u64::MAX);
+    let root = boot.check_layout(vol).and_then(|_| boot.root(vol));
+    let label = root
+        .as_ref()
+        .ok()
+        .and_then(|r| r.label.clone())
+        .unwrap_or_default();
+    let map = root.and_then(|r| allocation_map(vol, &boot, &r, granularity));
+    let info = FsInfo {
+        fs_type: "exfat".into(),
+        version: Some(boot.version()),
+        uuid: boot.uuid(),
+        label,
+        block_size: boot.cluster as u32,
+        size,
+        // Unknown without the bitmap: everything is read.
+        used_bytes: map.as_ref().map_or(size, |(_, used)| used * boot.cluster),
+    };
+    Ok(Some((info, map.map(|(m, _)| m))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::tests::Mem;
+    use proptest::prelude::*;
+
+    const SECTOR: usize = 512;
+    const CLUSTER: usize = 4096;
+    /// FAT at sector 32, heap at sector 64, 500 clusters: 2 MiB + 32 KiB.
+    const FAT: usize = 32 * SECTOR;
+    const HEAP: usize = 64 * SECTOR;
+    const CLUSTERS: usize = 500;
+
+    fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
+        img[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn cluster(c: usize) -> usize {
+        HEAP + (c - 2) * CLUSTER
+    }
+
+    fn set_fat(img: &mut [u8], c: usize, v: u32) {
+        put(img, FAT + 4 * c, &v.to_le_bytes());
+    }
+
+    /// Bitmap in cluster 2, root directory in clusters 3 then 5 (a chain), label "vb".
+    fn image() -> Vec<u8> {
+        let len = HEAP + CLUSTERS * CLUSTER + 2 * SECTOR;
+        let mut img = vec![0u8; len];
+        put(&mut img, 0, &[0xEB, 0x76, 0x90]);
+        put(&mut img, 3, EXFAT_OEM);
+        put(&mut img, 0x48, &(((len / SECTOR) - 1) as u64).to_le_bytes());
+        put(&mut img, 0x50, &((FAT / SECTOR) as u32).to_le_bytes());
+        put(&mut img, 0x54, &8u32.to_le_bytes());
+        put(&mut img, 0x58, &((HEAP / SECTOR) as u32).to_le_bytes());
+        put(&mut img, 0x5C, &(CLUSTERS as u32).to_le_bytes());
+        put(&mut img, 0x60, &3u32.to_le_bytes());
+        put(&mut img, 0x64, &0xFB83_9433u32.to_le_bytes());
+        put(&mut img, 0x68, &[0, 1]);
+        img[0x6C] = 9;
+        img[0x6D] = 3;
+        img[0x6E] = 1;
+        put(&mut img, 510, &[0x55, 0xAA]);
+        set_fat(&mut img, 2, u32::MAX);
+        set_fat(&mut img, 3, 5);
+        set_fat(&mut img, 5, u32::MAX);
+        // Root: the first cluster full of unused entries of another type, then in cluster 5
+        // the label and the bitmap entries.
+        for e in (0..CLUSTER).step_by(32) {
+            img[cluster(3) + e] = 0x05; // deleted file entry
+        }
+        let r = cluster(5);
+        img[r] = ENTRY_LABEL;
+        img[r + 1] = 2;
+        put(&mut img, r + 2, &[b'v', 0, b'b', 0]);
+        img[r + 32] = ENTRY_BITMAP;
+        put(&mut img, r + 32 + 20, &2u32.to_le_bytes());
+        put(
+            &mut img,
+            r + 32 + 24,
+            &((CLUSTERS / 8 + 1) as u64).to_le_bytes(),
+        );
+        // In use: clusters 2, 3, 5, 104 and 105.
+        let b = cluster(2);
+        img[b] = 0b0000_1011;
+        img[b + 12] = 0xC0; // bits 102 and 103: clusters 104 and 105
+        img
+    }
+
+    #[test]
+    fn bitmap_clusters_and_the_boot_regions_are_marked() {
+        let vol = Mem(image());
+        let (info, map) = probe(&vol, 4096).unwrap().unwrap();
+        let map = map.unwrap();
+        assert_eq!(info.label, "vb");
+        assert_eq!(info.uuid, "FB83-9433");
+        assert_eq!(info.version.as_deref(), Some("1.0"));
+        assert_eq!(info.used_bytes, 5 * 4096);
+        // Heap at byte 32 KiB (block 8): cluster c is block 8 + c − 2.
+        let used: Vec<u64> = (0..map.block_count()).filter(|&b| map.is_used(b)).collect();
+        let want: Vec<u64> = (0..8)
+            .chain([8, 9, 11])
+            .chain([110, 111])
+            .chain([508])
+            .collect();
+        assert_eq!(used, want);
+    }
+
+    #[test]
+    fn a_looping_or_short_bitmap_chain_is_refused() {
+        let mut img = image();
+        // The bitmap needs 63 bytes: one cluster; make it claim more than the volume holds.
+        let r = cluster(5) + 32;
+        put(&mut img, r + 20, &700u32.to_le_bytes());
+        let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
+        assert!(map.unwrap_err().contains("chain"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Mutated boot sectors, FATs, directories and bitmaps never panic, hang or allocate
+        /// wildly.
+        #[test]
+        fn mutated_volumes_never_panic(
+            patches in proptest::collection::vec((0usize..4, 0usize..512, any::<u8>()), 0..32),
+        ) {
+            let mut img = image();
+            for (area, o, v) in patches {
+                let base = [0, FAT, cluster(5), cluster(2)][area];
+                img[base + o] = v;
+            }
+            let _ = probe(&Mem(img), 65536);
+        }
+
+        #[test]
+        fn random_boot_sectors_never_panic(mut b in proptest::collection::vec(any::<u8>(), 512)) {
+            b[3..11].copy_from_slice(EXFAT_OEM);
+            b[11..64].fill(0);
+            if let Some(boot) = BootSector::parse(&b) {
+                let vol = Mem(vec![0; 1 << 16]);
+                if let Ok(root) = boot.root(&vol) {
+                    let _ = allocation_map(&vol, &boot, &root, 4096);
+                }
+            }
+        }
+    }
+}

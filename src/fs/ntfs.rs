@@ -1,0 +1,808 @@
+//! NTFS: the boot sector, MFT records with their multi-sector fixups, and the `$Bitmap` file.
+//!
+//! Layout facts used here (all little-endian), from the NTFS on-disk format as the ntfs-3g and
+//! Linux drivers document it:
+//! - Boot sector: OEM id `NTFS    ` at 3; BPB bytes/sector u16 @0x0B, sectors/cluster u8
+//!   @0x0D (above 0x80: 2^(256−n)), the FAT-only fields (reserved sectors @0x0E, FAT count
+//!   @0x10, root entries @0x11, sectors16 @0x13, sectors/FAT @0x16, sectors32 @0x20) all
+//!   zero; total sectors u64 @0x28 (the volume less its last sector, which holds the backup
+//!   boot sector), `$MFT` LCN u64 @0x30, `$MFTMirr` LCN u64 @0x38, clusters per MFT record
+//!   i8 @0x40 (negative: 2^−n bytes), serial number u64 @0x48.
+//! - MFT record ("file record"): `FILE` @0; update sequence array offset u16 @4 and count u16
+//!   @6; flags u16 @0x16 (1 = in use); bytes in use u32 @0x18; first attribute offset u16
+//!   @0x14; record number u32 @0x2C (NTFS 3.1 headers, update sequence array at 0x30). The
+//!   record is written in 512-byte strides whose last two bytes are replaced by the update
+//!   sequence number; the array (number, then one saved pair per stride) gives them back. A
+//!   stride whose last two bytes differ from the number was torn by an interrupted write.
+//! - Attribute: type u32 @0, length u32 @4, non-resident u8 @8, name length (UTF-16 units) u8
+//!   @9. Resident: value length u32 @0x10, value offset u16 @0x14. Non-resident: lowest VCN
+//!   u64 @0x10, highest VCN u64 @0x18, runlist offset u16 @0x20, allocated size u64 @0x28,
+//!   data size u64 @0x30, initialised size u64 @0x38. Type 0xFFFFFFFF ends the list.
+//! - Runlist: a header byte (low nibble: bytes of the run length, high nibble: bytes of the
+//!   LCN delta; 0 ends the list), the length (unsigned), the delta from the previous run's LCN
+//!   (signed; absent for a sparse run).
+//! - `$MFT` is record 0 (its unnamed `$DATA` locates every other record), `$Volume` record 3
+//!   (label: resident attribute 0x60, UTF-16LE), `$Bitmap` record 6: its unnamed `$DATA` has
+//!   one bit per cluster, least significant bit first, set when the cluster is in use.
+//!
+//! Every cluster number, length and size read from disk is checked against the cluster
+//! count and the volume before use; a violation, a torn record or an attribute list makes the
+//! map unusable (the caller then reads every block) instead of trusting it.
+
+use super::alloc::{self, PIECE, UsedRuns};
+use super::{BlockMap, FsInfo};
+use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
+use crate::error::Result;
+use crate::probe::signatures::NTFS_OEM;
+use crate::volume::Volume;
+
+/// MFT records the map reads.
+const RECORD_MFT: u64 = 0;
+const RECORD_VOLUME: u64 = 3;
+const RECORD_BITMAP: u64 = 6;
+/// Attribute types.
+const ATTR_ATTRIBUTE_LIST: u32 = 0x20;
+const ATTR_VOLUME_NAME: u32 = 0x60;
+const ATTR_DATA: u32 = 0x80;
+const ATTR_END: u32 = 0xFFFF_FFFF;
+/// Multi-sector fixups protect strides of 512 bytes whatever the sector size.
+const FIXUP_STRIDE: usize = 512;
+const RECORD_IN_USE: u16 = 0x1;
+/// The `$Boot` file: the first 8 KiB of the volume (boot sector and boot code).
+const BOOT_FILE_LEN: u64 = 8192;
+
+/// The fields of an NTFS boot sector that the map needs.
+#[derive(Debug, Clone)]
+pub struct BootSector {
+    pub sector_size: u64,
+    pub cluster_size: u64,
+    /// Sectors of the filesystem (the backup boot sector follows them).
+    pub total_sectors: u64,
+    pub mft_lcn: u64,
+    pub record_size: u64,
+    pub serial: u64,
+}
+
+impl BootSector {
+    /// Parses sector 0; `None` when it is not a plausible NTFS boot sector.
+    pub fn parse(h: &[u8]) -> Option<BootSector> {
+        if h.len() < 512 || h[3..11] != *NTFS_OEM {
+            return None;
+        }
+        let sector = u64::from(u16_at(h, 0x0B));
+        if !sector.is_power_of_two() || !(256..=4096).contains(&sector) {
+            return None;
+        }
+        let spc = h[0x0D];
+        let spc: u64 = if spc <= 0x80 {
+            u64::from(spc)
+        } else {
+            1u64.checked_shl(256 - u32::from(spc))?
+        };
+        if spc == 0 || !spc.is_power_of_two() {
+            return None;
+        }
+        if u16_at(h, 0x0E) != 0 || h[0x10] != 0 || u16_at(h, 0x11) != 0 || u16_at(h, 0x13) != 0 {
+            return None;
+        }
+        if u16_at(h, 0x16) != 0 || u32_at(h, 0x20) != 0 {
+            return None;
+        }
+        let cluster = sector.checked_mul(spc)?;
+        if cluster > 2 << 20 {
+            return None;
+        }
+        let cpr = h[0x40] as i8;
+        let record = if cpr > 0 {
+            cluster * cpr as u64
+        } else {
+            1u64.checked_shl(u32::from(cpr.unsigned_abs()))?
+        };
+        if !(256..=65536).contains(&record) {
+            return None;
+        }
+        let total_sectors = u64_at(h, 0x28);
+        total_sectors.checked_mul(sector)?;
+        Some(BootSector {
+            sector_size: sector,
+            cluster_size: cluster,
+            total_sectors,
+            mft_lcn: u64_at(h, 0x30),
+            record_size: record,
+            serial: u64_at(h, 0x48),
+        })
+    }
+
+    /// Reads and parses sector 0 of `vol`.
+    pub fn read(vol: &dyn Volume) -> Result<Option<BootSector>> {
+        if vol.size() < 512 {
+            return Ok(None);
+        }
+        let mut h = vec![0u8; 512];
+        vol.read_at(0, &mut h)?;
+        Ok(BootSector::parse(&h))
+    }
+
+    /// Clusters of the filesystem.
+    pub fn clusters(&self) -> u64 {
+        self.total_sectors / (self.cluster_size / self.sector_size)
+    }
+
+    /// Bytes the filesystem spans (without the backup boot sector), as `blkid` counts them.
+    pub fn size(&self) -> u64 {
+        // Checked by `parse`.
+        self.total_sectors * self.sector_size
+    }
+
+    /// The serial number as `blkid` prints it (16 upper-case hex digits).
+    pub fn uuid(&self) -> String {
+        format!("{:016X}", self.serial)
+    }
+}
+
+/// Applies the update sequence array of a multi-sector protected record in place, checking
+/// that every stride carries the update sequence number.
+pub fn apply_fixups(r: &mut [u8]) -> std::result::Result<(), String> {
+    if r.len() < FIXUP_STRIDE || !r.len().is_multiple_of(FIXUP_STRIDE) {
+        return Err(format!("a {}-byte record cannot carry fixups", r.len()));
+    }
+    let usa = usize::from(u16_at(r, 4));
+    let count = usize::from(u16_at(r, 6));
+    let strides = r.len() / FIXUP_STRIDE;
+    // The array lies in the first stride, before its protected last two bytes.
+    if count != strides + 1 || !usa.is_multiple_of(2) || usa < 8 || usa + 2 * count > 510 {
+        return Err(format!(
+            "update sequence array at {usa} with {count} entries does not fit a {}-byte \
+             record",
+            r.len()
+        ));
+    }
+    let usn = [r[usa], r[usa + 1]];
+    for i in 1..count {
+        let end = i * FIXUP_STRIDE;
+        if r[end - 2..end] != usn {
+            return Err(format!(
+                "stride {i} does not end in the update sequence number (torn write)"
+            ));
+        }
+        r[end - 2] = r[usa + 2 * i];
+        r[end - 1] = r[usa + 2 * i + 1];
+    }
+    Ok(())
+}
+
+/// A run of a non-resident attribute: `len` clusters from virtual cluster `vcn` stored at
+/// logical cluster `lcn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub vcn: u64,
+    pub lcn: u64,
+    pub len: u64,
+}
+
+/// Decodes a runlist of a metadata file on a volume of `clusters` clusters. Sparse runs, runs
+/// outside the volume and more virtual clusters than the volume has are refused (metadata
+/// files are never sparse, and a file cannot be bigger than its volume).
+pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, String> {
+    let mut runs = Vec::new();
+    let mut pos = 0usize;
+    let mut vcn = 0u64;
+    let mut lcn = 0i64;
+    loop {
+        let Some(&h) = b.get(pos) else {
+            return Err("the runlist has no end marker".into());
+        };
+        if h == 0 {
+            return Ok(runs);
+        }
+        let len_bytes = usize::from(h & 0x0F);
+        let off_bytes = usize::from(h >> 4);
+        if !(1..=8).contains(&len_bytes) || off_bytes > 8 {
+            return Err(format!("runlist header byte {h:#04x} is invalid"));
+        }
+        let field = |at: usize, n: usize| -> std::result::Result<&[u8], String> {
+            b.get(at..at + n)
+                .ok_or_else(|| "the runlist runs past its attribute".to_string())
+        };
+        let len = le_unsigned(field(pos + 1, len_bytes)?);
+        if off_bytes == 0 {
+            return Err(format!("sparse run at VCN {vcn} in a metadata file"));
+        }
+        let delta = le_signed(field(pos + 1 + len_bytes, off_bytes)?);
+        pos += 1 + len_bytes + off_bytes;
+        lcn = lcn
+            .checked_add(delta)
+            .filter(|&l| l >= 0)
+            .ok_or_else(|| format!("run at VCN {vcn} has a negative LCN"))?;
+        let start = lcn as u64;
+        if len == 0 || start.checked_add(len).is_none_or(|e| e > clusters) {
+            return Err(format!(
+                "run at VCN {vcn} (LCN {start}, {len} clusters) lies outside the {clusters} \
+                 clusters of the volume"
+            ));
+        }
+        runs.push(Run {
+            vcn,
+            lcn: start,
+            len,
+        });
+        vcn = vcn
+            .checked_add(len)
+            .filter(|&v| v <= clusters)
+            .ok_or_else(|| format!("the runlist maps more than the {clusters} clusters"))?;
+    }
+}
+
+fn le_unsigned(b: &[u8]) -> u64 {
+    b.iter()
+        .rev()
+        .fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+}
+
+fn le_signed(b: &[u8]) -> i64 {
+    let v = le_unsigned(b);
+    let bits = 8 * b.len() as u32;
+    if bits == 0 || bits == 64 {
+        return v as i64;
+    }
+    // Sign-extend from the top bit of the field.
+    let shift = 64 - bits;
+    ((v << shift) as i64) >> shift
+}
+
+/// One attribute of a record.
+struct Attr<'a> {
+    ty: u32,
+    b: &'a [u8],
+}
+
+impl<'a> Attr<'a> {
+    fn non_resident(&self) -> bool {
+        self.b[8] != 0
+    }
+
+    fn unnamed(&self) -> bool {
+        self.b[9] == 0
+    }
+
+    fn resident_value(&self) -> std::result::Result<&'a [u8], String> {
+        let b = self.b;
+        let len = u32_at(b, 0x10) as usize;
+        let off = usize::from(u16_at(b, 0x14));
+        off.checked_add(len)
+            .and_then(|end| b.get(off..end))
+            .ok_or_else(|| format!("resident value of attribute {:#x} overflows it", self.ty))
+    }
+}
+
+/// A data attribute's content.
+enum Data<'a> {
+    Resident(&'a [u8]),
+    NonResident {
+        runs: Vec<Run>,
+        /// Bytes of data (initialised: the map refuses anything less).
+        size: u64,
+    },
+}
+
+/// An MFT record with its fixups applied.
+pub struct Record {
+    bytes: Vec<u8>,
+    number: u64,
+}
+
+impl Record {
+    /// Checks the record header, applies fixups and checks that it is record `number` in use.
+    fn parse(mut bytes: Vec<u8>, number: u64) -> std::result::Result<Record, String> {
+        if bytes.len() < 64 || &bytes[0..4] != b"FILE" {
+            return Err(format!("MFT record {number} has no FILE signature"));
+        }
+        apply_fixups(&mut bytes).map_err(|e| format!("MFT record {number}: {e}"))?;
+        if u16_at(&bytes, 0x16) & RECORD_IN_USE == 0 {
+            return Err(format!("MFT record {number} is not in use"));
+        }
+        // NTFS 3.1 headers (array at 0x30 or later) carry their own number.
+        if u16_at(&bytes, 4) >= 0x30 && u64::from(u32_at(&bytes, 0x2C)) != number {
+            return Err(format!(
+                "MFT record {number} says it is record {}",
+                u32_at(&bytes, 0x2C)
+            ));
+        }
+        Ok(Record { bytes, number })
+    }
+
+    /// The attributes, each checked to lie inside the used part of the record.
+    fn attributes(&self) -> std::result::Result<Vec<Attr<'_>>, String> {
+        let r = &self.bytes;
+        let n = self.number;
+        let used = (u32_at(r, 0x18) as usize).min(r.len());
+        let mut a = usize::from(u16_at(r, 0x14));
+        let mut out = Vec::new();
+        // Each attribute takes at least 24 bytes, so the walk ends.
+        loop {
+            if a + 8 > used {
+                return Err(format!("MFT record {n}: attribute list has no end marker"));
+            }
+            let ty = u32_at(r, a);
+            if ty == ATTR_END {
+                return Ok(out);
+            }
+            let len = u32_at(r, a + 4) as usize;
+            if len < 24 || !len.is_multiple_of(8) || a + len > used {
+                return Err(format!(
+                    "MFT record {n}: attribute {ty:#x} at {a} has a bad length {len}"
+                ));
+            }
+            let b = &r[a..a + len];
+            if b[8] != 0 && len < 0x40 {
+                return Err(format!(
+                    "MFT record {n}: non-resident attribute {ty:#x} is too short"
+                ));
+            }
+            out.push(Attr { ty, b });
+            a += len;
+        }
+    }
+
+    /// The unnamed `$DATA` attribute of a metadata file on a volume of `clusters` clusters.
+    fn data(&self, clusters: u64, cluster_size: u64) -> std::result::Result<Data<'_>, String> {
+        let n = self.number;
+        let attrs = self.attributes()?;
+        let Some(a) = attrs.iter().find(|a| a.ty == ATTR_DATA && a.unnamed()) else {
+            return Err(if attrs.iter().any(|a| a.ty == ATTR_ATTRIBUTE_LIST) {
+                format!("MFT record {n}: $DATA is in extension records (attribute list)")
+            } else {
+                format!("MFT record {n} has no $DATA attribute")
+            });
+        };
+        if !a.non_resident() {
+            return Ok(Data::Resident(a.resident_value()?));
+        }
+        let b = a.b;
+        let lowest = u64_at(b, 0x10);
+        let highest = u64_at(b, 0x18);
+        let runs_at = usize::from(u16_at(b, 0x20));
+        let data_size = u64_at(b, 0x30);
+        let initialised = u64_at(b, 0x38);
+        if lowest != 0 {
+            return Err(format!(
+                "MFT record {n}: $DATA starts at VCN {lowest} (continued from elsewhere)"
+            ));
+        }
+        let runs = decode_runlist(b.get(runs_at..).unwrap_or_default(), clusters)
+            .map_err(|e| format!("MFT record {n}: {e}"))?;
+        let mapped = runs.last().map_or(0, |r| r.vcn + r.len);
+        if highest.checked_add(1) != Some(mapped) {
+            return Err(format!(
+                "MFT record {n}: $DATA ends at VCN {highest} but its runs map {mapped} clusters"
+            ));
+        }
+        // `mapped` <= clusters, and the volume holds clusters × cluster size bytes.
+        if data_size > mapped * cluster_size || initialised < data_size {
+            return Err(format!(
+                "MFT record {n}: $DATA of {data_size} bytes ({initialised} initialised) does \
+                 not match its {mapped} clusters"
+            ));
+        }
+        Ok(Data::NonResident {
+            runs,
+            size: data_size,
+        })
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` of a non-resident attribute.
+fn read_runs(
+    vol: &dyn Volume,
+    runs: &[Run],
+    cluster: u64,
+    offset: u64,
+    buf: &mut [u8],
+    what: &str,
+) -> std::result::Result<(), String> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let vcn = pos / cluster;
+        let run = runs
+            .iter()
+            .find(|r| r.vcn <= vcn && vcn < r.vcn + r.len)
+            .ok_or_else(|| format!("{what}: byte {pos} is not mapped"))?;
+        let left = (run.vcn + run.len) * cluster - pos;
+        let n = left.min((buf.len() - done) as u64) as usize;
+        let disk = (run.lcn + (vcn - run.vcn)) * cluster + pos % cluster;
+        alloc::read(vol, disk, &mut buf[done..done + n], what)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// The master file table: where its records are.
+pub struct Mft {
+    boot: BootSector,
+    runs: Vec<Run>,
+}
+
+impl Mft {
+    /// Reads record 0 (`$MFT`) at the LCN the boot sector gives, and its `$DATA` runlist.
+    pub fn open(vol: &dyn Volume, boot: &BootSector) -> std::result::Result<Mft, String> {
+        let clusters = boot.clusters();
+        if boot.mft_lcn >= clusters {
+            return Err(format!(
+                "$MFT at cluster {} is outside the {clusters} clusters",
+                boot.mft_lcn
+            ));
+        }
+        let mut b = vec![0u8; boot.record_size as usize];
+        alloc::read(
+            vol,
+            boot.mft_lcn * boot.cluster_size,
+            &mut b,
+            "MFT record 0",
+        )?;
+        let rec = Record::parse(b, RECORD_MFT)?;
+        let runs = match rec.data(clusters, boot.cluster_size)? {
+            Data::NonResident { runs, .. } => runs,
+            Data::Resident(_) => return Err("$MFT's $DATA is resident".into()),
+        };
+        if runs.first().map(|r| r.lcn) != Some(boot.mft_lcn) {
+            return Err("$MFT's $DATA does not start where the boot sector says".into());
+        }
+        Ok(Mft {
+            boot: boot.clone(),
+            runs,
+        })
+    }
+
+    /// Reads MFT record `n`.
+    fn record(&self, vol: &dyn Volume, n: u64) -> std::result::Result<Record, String> {
+        let size = self.boot.record_size;
+        let mut b = vec![0u8; size as usize];
+        read_runs(
+            vol,
+            &self.runs,
+            self.boot.cluster_size,
+            n * size,
+            &mut b,
+            &format!("MFT record {n}"),
+        )?;
+        Record::parse(b, n)
+    }
+
+    /// The volume label (`$VOLUME_NAME` of `$Volume`); `None` when it is empty.
+    pub fn label(&self, vol: &dyn Volume) -> std::result::Result<Option<String>, String> {
+        let rec = self.record(vol, RECORD_VOLUME)?;
+        let attrs = rec.attributes()?;
+        let Some(a) = attrs
+            .iter()
+            .find(|a| a.ty == ATTR_VOLUME_NAME && !a.non_resident())
+        else {
+            return Ok(None);
+        };
+        let units: Vec<u16> = a
+            .resident_value()?
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        let s = String::from_utf16_lossy(&units);
+        Ok((!s.is_empty()).then_some(s))
+    }
+
+    /// Walks `$Bitmap`, feeding the used clusters to `used`. At most `limit` bytes of bitmap
+    /// are read; a bigger bitmap is an error.
+    fn walk_bitmap(
+        &self,
+        vol: &dyn Volume,
+        used: &mut UsedRuns,
+        limit: u64,
+    ) -> std::result::Result<(), String> {
+        let clusters = self.boot.clusters();
+        let cluster = self.boot.cluster_size;
+        let need = clusters.div_ceil(8);
+        if need > limit {
+            return Err(format!(
+                "$Bitmap of {need} bytes is over the {limit}-byte limit"
+            ));
+        }
+        let rec = self.record(vol, RECORD_BITMAP)?;
+        match rec.data(clusters, cluster)? {
+            Data::Resident(v) => {
+                if (v.len() as u64) < need {
+                    return Err(format!(
+                        "$Bitmap holds {} bytes for {clusters} clusters",
+                        v.len()
+                    ));
+                }
+                used.bitmap(0, v, clusters);
+            }
+            Data::NonResident { runs, size } => {
+                if size < need {
+                    return Err(format!(
+                        "$Bitmap holds {size} bytes for {clusters} clusters"
+                    ));
+                }
+                let mut buf = vec![0u8; PIECE.min(need) as usize];
+                let mut pos = 0u64;
+                while pos < need {
+                    let n = PIECE.min(need - pos) as usize;
+                    read_runs(vol, &runs, cluster, pos, &mut buf[..n], "$Bitmap")?;
+                    used.bitmap(pos * 8, &buf[..n], clusters - pos * 8);
+                    pos += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Clusters in use according to `$Bitmap`, reading at most `limit` bytes of it.
+    pub fn used_clusters(&self, vol: &dyn Volume, limit: u64) -> std::result::Result<u64, String> {
+        let mut used = UsedRuns::new(None, 0, self.boot.cluster_size);
+        self.walk_bitmap(vol, &mut used, limit)?;
+        Ok(used.finish())
+    }
+}
+
+/// Builds the allocation map of an NTFS volume at `granularity` bytes per bit, with the
+/// number of clusters in use. `Err` explains why the filesystem's data cannot be trusted.
+pub fn allocation_map(
+    vol: &dyn Volume,
+    mft: &Mft,
+    granularity: u64,
+) -> std::result::Result<(BlockMap, u64), String> {
+    let boot = &mft.boot;
+    // Fits: total sectors × sector size does (checked by `BootSector::parse`).
+    let fs_bytes = boot.clusters() * boot.cluster_size;
+    if fs_bytes > vol.size() {
+        return Err(format!(
+            "the filesystem spans {fs_bytes} bytes but the volume has only {}",
+            vol.size()
+        ));
+    }
+    let mut map = BlockMap::new(vol.size(), granularity);
+    // The backup boot sector and whatever follows the last cluster.
+    map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
+    // $Boot is in the bitmap too; kept whatever the bitmap says.
+    map.mark_bytes(0, BOOT_FILE_LEN);
+    let mut used = UsedRuns::new(Some(&mut map), 0, boot.cluster_size);
+    mft.walk_bitmap(vol, &mut used, u64::MAX)?;
+    let n = used.finish();
+    Ok((map, n))
+}
+
+/// Recognises NTFS on `vol`: its description and its allocation map (or why there is none).
+pub fn probe(
+    vol: &dyn Volume,
+    granularity: u64,
+) -> Result<Option<(FsInfo, std::result::Result<BlockMap, String>)>> {
+    let Some(boot) = BootSector::read(vol)? else {
+        return Ok(None);
+    };
+    let size = boot.size();
+    let mft = Mft::open(vol, &boot);
+    let label = mft
+        .as_ref()
+        .ok()
+        .and_then(|m| m.label(vol).ok().flatten())
+        .unwrap_or_default();
+    let map = mft.and_then(|m| allocation_map(vol, &m, granularity));
+    let info = FsInfo {
+        fs_type: "ntfs".into(),
+        version: None,
+        uuid: boot.uuid(),
+        label,
+        block_size: boot.cluster_size as u32,
+        size,
+        // Unknown without the bitmap: everything is read.
+        used_bytes: map
+            .as_ref()
+            .map_or(size, |(_, used)| used * boot.cluster_size),
+    };
+    Ok(Some((info, map.map(|(m, _)| m))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::tests::Mem;
+    use proptest::prelude::*;
+
+    const CLUSTER: usize = 4096;
+    const RECORD: usize = 1024;
+    const CLUSTERS: usize = 256;
+    const MFT_LCN: usize = 4;
+    const BITMAP_LCN: usize = 20;
+
+    fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
+        img[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Writes record `n` at `at` with `attrs` (already laid out) and fixups applied.
+    fn write_record(img: &mut [u8], at: usize, n: u32, attrs: &[u8]) {
+        let mut r = vec![0u8; RECORD];
+        put(&mut r, 0, b"FILE");
+        put(&mut r, 4, &0x30u16.to_le_bytes());
+        put(&mut r, 6, &3u16.to_le_bytes());
+        put(&mut r, 0x14, &0x38u16.to_le_bytes());
+        put(&mut r, 0x16, &1u16.to_le_bytes());
+        put(&mut r, 0x2C, &n.to_le_bytes());
+        put(&mut r, 0x38, attrs);
+        let end = 0x38 + attrs.len();
+        put(&mut r, end, &ATTR_END.to_le_bytes());
+        put(&mut r, 0x18, &((end + 8) as u32).to_le_bytes());
+        put(&mut r, 0x1C, &(RECORD as u32).to_le_bytes());
+        // Update sequence number 0x0007; save the last two bytes of each stride.
+        put(&mut r, 0x30, &[7, 0]);
+        for i in 1..3 {
+            let e = i * 512;
+            let saved = [r[e - 2], r[e - 1]];
+            put(&mut r, 0x30 + 2 * i, &saved);
+            put(&mut r, e - 2, &[7, 0]);
+        }
+        put(img, at, &r);
+    }
+
+    /// A non-resident unnamed $DATA attribute with `runlist`, covering `clusters` clusters
+    /// and `size` bytes.
+    fn nonresident_data(runlist: &[u8], clusters: u64, size: u64) -> Vec<u8> {
+        let len = (0x40 + runlist.len() + 1).div_ceil(8) * 8;
+        let mut a = vec![0u8; len];
+        put(&mut a, 0, &ATTR_DATA.to_le_bytes());
+        put(&mut a, 4, &(len as u32).to_le_bytes());
+        a[8] = 1;
+        put(&mut a, 0x18, &(clusters - 1).to_le_bytes());
+        put(&mut a, 0x20, &0x40u16.to_le_bytes());
+        put(&mut a, 0x28, &(clusters * CLUSTER as u64).to_le_bytes());
+        put(&mut a, 0x30, &size.to_le_bytes());
+        put(&mut a, 0x38, &size.to_le_bytes());
+        put(&mut a, 0x40, runlist);
+        a
+    }
+
+    fn resident(ty: u32, value: &[u8]) -> Vec<u8> {
+        let len = (0x18 + value.len()).div_ceil(8) * 8;
+        let mut a = vec![0u8; len];
+        put(&mut a, 0, &ty.to_le_bytes());
+        put(&mut a, 4, &(len as u32).to_le_bytes());
+        put(&mut a, 0x10, &(value.len() as u32).to_le_bytes());
+        put(&mut a, 0x14, &0x18u16.to_le_bytes());
+        put(&mut a, 0x18, value);
+        a
+    }
+
+    /// A 1 MiB NTFS-like volume: 256 clusters of 4 KiB, the MFT (4 clusters, records 0..15)
+    /// at cluster 4, a non-resident $Bitmap at cluster 20, label "vb".
+    fn image() -> Vec<u8> {
+        let mut img = vec![0u8; CLUSTERS * CLUSTER + 512];
+        put(&mut img, 3, NTFS_OEM);
+        put(&mut img, 0x0B, &512u16.to_le_bytes());
+        img[0x0D] = 8;
+        put(&mut img, 0x28, &((CLUSTERS * 8) as u64).to_le_bytes());
+        put(&mut img, 0x30, &(MFT_LCN as u64).to_le_bytes());
+        img[0x40] = 0xF6;
+        put(&mut img, 0x48, &0x0123_4567_89AB_CDEFu64.to_le_bytes());
+        let mft = MFT_LCN * CLUSTER;
+        // $MFT: one run of 4 clusters at LCN 4.
+        let mft_data = nonresident_data(&[0x11, 4, MFT_LCN as u8, 0], 4, 4 * CLUSTER as u64);
+        write_record(&mut img, mft, 0, &mft_data);
+        let name: Vec<u8> = "vb".encode_utf16().flat_map(u16::to_le_bytes).collect();
+        write_record(
+            &mut img,
+            mft + 3 * RECORD,
+            3,
+            &resident(ATTR_VOLUME_NAME, &name),
+        );
+        let bm = nonresident_data(&[0x11, 1, BITMAP_LCN as u8, 0], 1, (CLUSTERS / 8) as u64);
+        write_record(&mut img, mft + 6 * RECORD, 6, &bm);
+        // Used: clusters 0..8 (boot, MFT), 20 (bitmap), 100..=131.
+        let b = BITMAP_LCN * CLUSTER;
+        img[b] = 0xFF;
+        img[b + 2] = 0x10;
+        img[b + 12] = 0xF0;
+        img[b + 13..b + 16].fill(0xFF);
+        img[b + 16] = 0x0F;
+        img
+    }
+
+    #[test]
+    fn bitmap_clusters_and_the_tail_are_marked() {
+        let vol = Mem(image());
+        let (info, map) = probe(&vol, 4096).unwrap().unwrap();
+        let map = map.unwrap();
+        assert_eq!(info.label, "vb");
+        assert_eq!(info.uuid, "0123456789ABCDEF");
+        assert_eq!(info.block_size, 4096);
+        assert_eq!(info.used_bytes, (8 + 1 + 32) * 4096);
+        let used: Vec<u64> = (0..map.block_count()).filter(|&b| map.is_used(b)).collect();
+        let mut want: Vec<u64> = (0..8).chain([20]).chain(100..132).collect();
+        want.push(256); // the backup boot sector
+        assert_eq!(used, want);
+    }
+
+    #[test]
+    fn torn_bitmap_record_is_refused() {
+        let mut img = image();
+        let at = MFT_LCN * CLUSTER + 6 * RECORD + 1022;
+        img[at] ^= 0xFF;
+        let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
+        let err = map.unwrap_err();
+        assert!(err.contains("torn"), "{err}");
+    }
+
+    #[test]
+    fn bitmap_run_outside_the_volume_is_refused() {
+        let mut img = image();
+        let bm = nonresident_data(&[0x21, 1, 0x00, 0x7F, 0], 1, 32);
+        write_record(&mut img, MFT_LCN * CLUSTER + 6 * RECORD, 6, &bm);
+        let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
+        assert!(map.unwrap_err().contains("outside"));
+    }
+
+    #[test]
+    fn runlists_decode_signed_deltas() {
+        // 2 clusters at 0x100, then 3 clusters at 0x100 - 0x10.
+        let runs = decode_runlist(&[0x21, 2, 0x00, 0x01, 0x11, 3, 0xF0, 0], 1000).unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                Run {
+                    vcn: 0,
+                    lcn: 0x100,
+                    len: 2
+                },
+                Run {
+                    vcn: 2,
+                    lcn: 0xF0,
+                    len: 3
+                }
+            ]
+        );
+        assert!(decode_runlist(&[0x01, 2, 0], 1000).is_err(), "sparse");
+        assert!(decode_runlist(&[0x11, 2, 5], 1000).is_err(), "no end");
+        assert!(
+            decode_runlist(&[0x11, 2, 0x80, 0], 1000).is_err(),
+            "negative"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Mutated boot sectors, MFT records and bitmaps never panic, hang or allocate wildly.
+        #[test]
+        fn mutated_volumes_never_panic(
+            patches in proptest::collection::vec(
+                (0usize..4, 0usize..RECORD, any::<u8>()), 0..24),
+        ) {
+            let mut img = image();
+            for (area, o, v) in patches {
+                let base = match area {
+                    0 => 0,
+                    1 => MFT_LCN * CLUSTER,
+                    2 => MFT_LCN * CLUSTER + 6 * RECORD,
+                    _ => MFT_LCN * CLUSTER + 3 * RECORD,
+                };
+                img[base + o] = v;
+            }
+            let _ = probe(&Mem(img), 65536);
+        }
+
+        #[test]
+        fn random_runlists_never_panic(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_runlist(&b, 1 << 40);
+        }
+
+        #[test]
+        fn random_records_never_panic(mut b in proptest::collection::vec(any::<u8>(), 1024)) {
+            // A valid header and fixups, so that the attribute walk sees random attributes.
+            b[0..4].copy_from_slice(b"FILE");
+            b[4..8].copy_from_slice(&[0x30, 0, 3, 0]);
+            b[0x16] |= 1;
+            b[0x2C..0x30].copy_from_slice(&6u32.to_le_bytes());
+            b[0x30..0x32].copy_from_slice(&[9, 9]);
+            b[510..512].copy_from_slice(&[9, 9]);
+            b[1022..1024].copy_from_slice(&[9, 9]);
+            if let Ok(r) = Record::parse(b, 6) {
+                let _ = r.data(1000, 4096);
+            }
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! Scan: the read side shared by `backup`, `copy`, `export` and copy verification.
+//!
+//! A scan walks a volume in block order and hands every block to parallel workers, reading
+//! only what must be read:
+//!
+//! ```text
+//!  I/O loop ──staged runs──▶ dispatcher ──jobs──▶ workers (N) ──results──▶ commit (caller)
+//!     │ (hole and unused runs) ──────────────────▶ jobs
+//!     ▲                                                  │
+//!     └─ staging buffers (3 × 4 MiB) ◀─ dispatcher       └─ block buffers back to a fixed pool
+//! ```
+//!
+//! - The **I/O loop** skips blocks the allocation map marks unused and holes that
+//!   [`Volume::next_data`] reports (sparse files, unstored snapshot blocks) without reading
+//!   them, and reads runs of consecutive blocks in one request of up to 4 MiB
+//!   ([`ScanSource::read_bulk`]: `O_DIRECT` for sources that support it).
+//! - The **dispatcher** copies each block of a staged run into a buffer from a fixed pool and
+//!   attaches the caller's per-block hint (a backup's parent reference), streamed in order.
+//! - **Workers** run the caller's [`Stage::process`] (hash, compress, store…) on every core.
+//! - The caller's **commit** function receives the results back in block order through
+//!   [`Ordered`].
+//!
+//! Memory is bounded by the pool, whatever the volume size: a result that keeps its block's
+//! data ([`BlockBuf`]) holds a pool buffer, which returns to the pool when dropped.
+
+use crate::buffer::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::fs::BlockMap;
+use crate::progress::Progress;
+use crate::source::Source;
+use crate::volume::Volume;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A volume a scan can read: any [`Volume`], with optional fast paths for bulk reads.
+pub trait ScanSource: Volume {
+    /// Reads `len` bytes at `offset` into `buf` (which holds at least `len` rounded up to the
+    /// buffer alignment) for a sequential pass.
+    fn read_bulk(&self, offset: u64, buf: &mut AlignedBuf, len: usize) -> Result<()> {
+        self.read_at(offset, &mut buf[..len])
+    }
+
+    /// True while bulk reads bypass the page cache (read-ahead hints are then pointless).
+    fn direct_io(&self) -> bool {
+        false
+    }
+
+    /// Hints that `[offset, offset + len)` will be read soon.
+    fn prefetch(&self, _offset: u64, _len: u64) {}
+}
+
+impl ScanSource for Source {
+    fn read_bulk(&self, offset: u64, buf: &mut AlignedBuf, len: usize) -> Result<()> {
+        Source::read_bulk(self, offset, buf, len)
+    }
+
+    fn direct_io(&self) -> bool {
+        self.uses_direct_io()
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        crate::platform::prefetch(self.file(), offset, len)
+    }
+}
+
+impl ScanSource for dyn Volume + '_ {}
+
+/// One block's bytes in a pool buffer; the buffer goes back to the pool when this is dropped.
+pub struct BlockBuf {
+    buf: Option<AlignedBuf>,
+    len: usize,
+    home: Sender<AlignedBuf>,
+}
+
+impl Deref for BlockBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.buf {
+            Some(b) => &b[..self.len],
+            None => &[],
+        }
+    }
+}
+
+impl Drop for BlockBuf {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            // The pool channel has room for every buffer; if the scan is over it is gone and
+            // the buffer is simply freed.
+            let _ = self.home.try_send(b);
+        }
+    }
+}
+
+/// What a worker receives for a job.
+pub enum Input<H> {
+    /// `count` blocks that read as zeros without being read (holes of the source).
+    Hole,
+    /// `count` blocks the allocation map marks unused: not read.
+    Unused,
+    /// One block that was read, with the stage's hint for it.
+    Data { buf: BlockBuf, hint: H },
+}
+
+/// The caller's work on each block.
+pub trait Stage: Sync {
+    /// Per-block information the dispatcher attaches to data blocks, in block order.
+    type Hint: Send;
+    /// The dispatcher's state for producing hints (created on the dispatcher thread).
+    type Hints;
+    /// Per-worker state.
+    type Worker;
+    /// A worker's result for one job.
+    type Out: Send;
+
+    fn hints(&self) -> Self::Hints;
+
+    /// The hint for data block `block`; called in increasing block order.
+    fn hint(&self, hints: &mut Self::Hints, block: u64, progress: &dyn Progress) -> Self::Hint;
+
+    fn worker(&self) -> Result<Self::Worker>;
+
+    /// Processes `count` blocks starting at `index` (`count` is 1 for data).
+    fn process(
+        &self,
+        worker: &mut Self::Worker,
+        index: u64,
+        count: u64,
+        input: Input<Self::Hint>,
+    ) -> Result<Self::Out>;
+}
+
+/// A worker's result, with the blocks it covers.
+pub struct Done<O> {
+    pub index: u64,
+    pub count: u64,
+    pub out: O,
+}
+
+/// What to scan.
+pub struct Scan<'a, S: ?Sized> {
+    pub source: &'a S,
+    pub block_size: u64,
+    /// First block to read (a resumed run starts after its finished blocks).
+    pub start_block: u64,
+    /// Blocks the filesystem uses; `None` reads every block (holes are still skipped).
+    pub map: Option<&'a BlockMap>,
+    /// Worker threads (at least one).
+    pub threads: usize,
+    /// Set to stop early; the blocks finished in order so far are still committed.
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl<S: ScanSource + ?Sized> Scan<'_, S> {
+    pub fn block_count(&self) -> u64 {
+        self.source.size().div_ceil(self.block_size)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// Worker results in block order, as the commit function sees them.
+///
+/// Iteration ends when every block was delivered, or early when the scan stopped (an error,
+/// cancellation); [`Ordered::take_error`] then tells the first error of the other stages.
+pub struct Ordered<'c, O> {
+    rx: &'c Receiver<Result<Done<O>>>,
+    pending: BTreeMap<u64, Done<O>>,
+    next: u64,
+    error: Option<Error>,
+}
+
+impl<O> Ordered<'_, O> {
+    /// The first block not delivered yet.
+    pub fn next_block(&self) -> u64 {
+        self.next
+    }
+
+    /// The first error of the reader or a worker, if one happened.
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.error.take()
+    }
+}
+
+impl<O> Iterator for Ordered<'_, O> {
+    type Item = Done<O>;
+
+    fn next(&mut self) -> Option<Done<O>> {
+        loop {
+            if let Some(d) = self.pending.remove(&self.next) {
+                self.next += d.count;
+                return Some(d);
+            }
+            match self.rx.recv() {
+                Ok(Ok(d)) => {
+                    self.pending.insert(d.index, d);
+                }
+                Ok(Err(e)) => {
+                    self.error.get_or_insert(e);
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Blocks the reader fetches in one request (4 MiB worth, at least one block).
+pub fn staging_blocks(block_size: u64) -> u64 {
+    ((4u64 << 20) / block_size).max(1)
+}
+
+/// Runs a scan: reader and workers on their own threads, `commit` on this one. `commit` gets
+/// the results in block order and returns what the scan returns; when it returns early the
+/// other stages are stopped.
+pub fn run<S, St, R>(
+    scan: &Scan<'_, S>,
+    stage: &St,
+    progress: &dyn Progress,
+    commit: impl FnOnce(&mut Ordered<'_, St::Out>) -> Result<R>,
+) -> Result<R>
+where
+    S: ScanSource + ?Sized,
+    St: Stage,
+{
+    if scan.block_size == 0 || scan.threads == 0 {
+        return Err(Error::InvalidArgument(
+            "a scan needs a block size and at least one worker".into(),
+        ));
+    }
+    let block_size = usize::try_from(scan.block_size)
+        .map_err(|_| Error::InvalidArgument("block size too large".into()))?;
+    // Enough buffers for the workers to chew on one staged read while the reader fetches
+    // the next.
+    let pool_size = scan.threads * 3 + 2 * staging_blocks(scan.block_size) as usize;
+    let (free_tx, free_rx) = bounded::<AlignedBuf>(pool_size);
+    for _ in 0..pool_size {
+        free_tx
+            .send(AlignedBuf::new(block_size))
+            .map_err(|_| Error::InvalidArgument("buffer pool closed".into()))?;
+    }
+    let (job_tx, job_rx) = bounded::<(u64, u64, Input<St::Hint>)>(scan.threads * 2);
+    let (done_tx, done_rx) = bounded::<Result<Done<St::Out>>>(pool_size + scan.threads * 2 + 4);
+    let stop = AtomicBool::new(false);
+
+    std::thread::scope(|s| {
+        let stop = &stop;
+        {
+            let done_tx = done_tx.clone();
+            let free_rx = free_rx.clone();
+            let free_tx = free_tx.clone();
+            s.spawn(move || {
+                if let Err(e) =
+                    read_blocks(scan, stage, &job_tx, &free_rx, &free_tx, stop, progress)
+                {
+                    stop.store(true, Ordering::Relaxed);
+                    let _ = done_tx.send(Err(e));
+                }
+            });
+        }
+        for _ in 0..scan.threads {
+            let job_rx = job_rx.clone();
+            let done_tx = done_tx.clone();
+            s.spawn(move || work(stage, &job_rx, &done_tx, stop));
+        }
+        drop(done_tx);
+        drop(job_rx);
+        drop(free_tx);
+        let mut ordered = Ordered {
+            rx: &done_rx,
+            pending: BTreeMap::new(),
+            next: scan.start_block,
+            error: None,
+        };
+        let r = commit(&mut ordered);
+        // Unblock the other stages, whatever happened: results still in flight are dropped
+        // (their buffers go back to the pool) until every sender is gone.
+        stop.store(true, Ordering::Relaxed);
+        drop(ordered);
+        for _ in done_rx.iter() {}
+        drop(free_rx);
+        r
+    })
+}
+
+/// Worker stage.
+fn work<St: Stage>(
+    stage: &St,
+    jobs: &Receiver<(u64, u64, Input<St::Hint>)>,
+    done: &Sender<Result<Done<St::Out>>>,
+    stop: &AtomicBool,
+) {
+    let mut worker = match stage.worker() {
+        Ok(w) => w,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            let _ = done.send(Err(e));
+            return;
+        }
+    };
+    for (index, count, input) in jobs.iter() {
+        if stop.load(Ordering::Relaxed) {
+            continue;
+        }
+        let result = stage
+            .process(&mut worker, index, count, input)
+            .map(|out| Done { index, count, out });
+        let failed = result.is_err();
+        if failed {
+            stop.store(true, Ordering::Relaxed);
+        }
+        if done.send(result).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Reader stage: an I/O loop (this thread) that walks the volume, emits hole and unused runs,
+/// and reads runs of data blocks into staging buffers; and a dispatcher thread that splits
+/// staged runs into per-block jobs with their hints. Two threads keep a read in flight while
+/// the previous run is handed out.
+fn read_blocks<S, St>(
+    scan: &Scan<'_, S>,
+    stage: &St,
+    jobs: &Sender<(u64, u64, Input<St::Hint>)>,
+    free: &Receiver<AlignedBuf>,
+    free_home: &Sender<AlignedBuf>,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<()>
+where
+    S: ScanSource + ?Sized,
+    St: Stage,
+{
+    const STAGING_BUFFERS: usize = 3;
+    let bs = scan.block_size;
+    let size = scan.source.size();
+    let block_count = scan.block_count();
+    let max_run = staging_blocks(bs);
+    let (staged_tx, staged_rx) = bounded::<(u64, u64, AlignedBuf)>(STAGING_BUFFERS);
+    let (empty_tx, empty_rx) = bounded::<AlignedBuf>(STAGING_BUFFERS);
+    for _ in 0..STAGING_BUFFERS {
+        let _ = empty_tx.send(AlignedBuf::new((max_run * bs) as usize));
+    }
+    std::thread::scope(|s| {
+        let dispatcher = s.spawn(move || {
+            let mut hints = stage.hints();
+            for (first, end, staging) in staged_rx.iter() {
+                for block in first..end {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Ok(mut buf) = free.recv() else {
+                        return;
+                    };
+                    let off = ((block - first) * bs) as usize;
+                    let len = ((block * bs + bs).min(size) - block * bs) as usize;
+                    buf[..len].copy_from_slice(&staging[off..off + len]);
+                    let hint = stage.hint(&mut hints, block, progress);
+                    let buf = BlockBuf {
+                        buf: Some(buf),
+                        len,
+                        home: free_home.clone(),
+                    };
+                    if jobs.send((block, 1, Input::Data { buf, hint })).is_err() {
+                        return;
+                    }
+                }
+                // The I/O loop may be done already; the staged runs still count.
+                let _ = empty_tx.send(staging);
+            }
+        });
+        // `staged_tx` moves into the I/O loop and is dropped when it ends, which ends the
+        // dispatcher.
+        let io = move || -> Result<()> {
+            let mut extent: Option<std::ops::Range<u64>> = None;
+            let mut extents_done = false;
+            let mut index = scan.start_block;
+            // Read-ahead of the blocks the map says will be read, for buffered reads: the
+            // kernel's own read-ahead stops at every skipped (unused) block. Direct reads
+            // bypass the page cache, where read-ahead would be wasted.
+            const PREFETCH_WINDOW: u64 = 32 << 20;
+            let window_blocks = (PREFETCH_WINDOW / bs).max(1);
+            let mut prefetched = scan.start_block;
+            let used = |b: u64| scan.map.is_none_or(|m| m.is_used(b));
+            while index < block_count {
+                if !scan.source.direct_io() && prefetched < index + window_blocks / 2 {
+                    let from = prefetched.max(index);
+                    let to = (index + window_blocks).min(block_count);
+                    let mut b = from;
+                    while b < to {
+                        if !used(b) {
+                            b += 1;
+                            continue;
+                        }
+                        let run = b;
+                        while b < to && used(b) {
+                            b += 1;
+                        }
+                        let s = run * bs;
+                        let e = (b * bs).min(size);
+                        scan.source.prefetch(s, e - s);
+                    }
+                    prefetched = to;
+                }
+                if stop.load(Ordering::Relaxed) || scan.cancelled() {
+                    return Ok(());
+                }
+                let start = index * bs;
+                let end = (start + bs).min(size);
+                if !used(index) {
+                    let mut until = index + 1;
+                    while until < block_count && !used(until) {
+                        until += 1;
+                    }
+                    if jobs.send((index, until - index, Input::Unused)).is_err() {
+                        return Ok(());
+                    }
+                    index = until;
+                    continue;
+                }
+                if !extents_done && extent.as_ref().is_none_or(|e| e.end <= start) {
+                    extent = scan.source.next_data(start, size)?;
+                    if extent.is_none() {
+                        extents_done = true;
+                    }
+                }
+                let hole_until = match &extent {
+                    None => block_count,
+                    Some(e) if e.start >= end => e.start / bs,
+                    Some(_) => index,
+                };
+                if hole_until > index {
+                    if jobs.send((index, hole_until - index, Input::Hole)).is_err() {
+                        return Ok(());
+                    }
+                    index = hole_until;
+                    continue;
+                }
+                // A run of consecutive blocks that all need reading, in one request (fewer,
+                // larger reads: what O_DIRECT needs to reach the device's speed).
+                let mut run_end = index + 1;
+                let data_end = extent.as_ref().map_or(size, |e| e.end);
+                while run_end < block_count
+                    && run_end - index < max_run
+                    && run_end * bs < data_end
+                    && used(run_end)
+                {
+                    run_end += 1;
+                }
+                let Ok(mut staging) = empty_rx.recv() else {
+                    return Ok(());
+                };
+                let run_bytes = ((run_end * bs).min(size) - start) as usize;
+                scan.source.read_bulk(start, &mut staging, run_bytes)?;
+                if staged_tx.send((index, run_end, staging)).is_err() {
+                    return Ok(());
+                }
+                index = run_end;
+            }
+            Ok(())
+        };
+        let r = io();
+        // Drops `staged_tx`, which the closure holds: the dispatcher then ends.
+        drop(io);
+        if r.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let _ = dispatcher.join();
+        r
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Silent;
+
+    /// A volume of `size` bytes where byte `i` is `(i / 7) as u8`, with a hole in
+    /// `[hole.0, hole.1)`.
+    struct Pattern {
+        size: u64,
+        hole: (u64, u64),
+    }
+
+    impl Volume for Pattern {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let x = offset + i as u64;
+                *b = if (self.hole.0..self.hole.1).contains(&x) {
+                    0
+                } else {
+                    (x / 7) as u8
+                };
+            }
+            Ok(())
+        }
+        fn next_data(&self, offset: u64, end: u64) -> Result<Option<std::ops::Range<u64>>> {
+            let end = end.min(self.size);
+            if offset >= end {
+                return Ok(None);
+            }
+            if offset < self.hole.0 {
+                return Ok(Some(offset..self.hole.0.min(end)));
+            }
+            let s = offset.max(self.hole.1);
+            Ok((s < end).then_some(s..end))
+        }
+        fn describe(&self) -> String {
+            "pattern".into()
+        }
+    }
+
+    struct Sum;
+
+    impl Stage for Sum {
+        type Hint = u64;
+        type Hints = u64;
+        type Worker = ();
+        type Out = (u8, u64);
+        fn hints(&self) -> u64 {
+            0
+        }
+        fn hint(&self, calls: &mut u64, block: u64, _: &dyn Progress) -> u64 {
+            *calls += 1;
+            block
+        }
+        fn worker(&self) -> Result<()> {
+            Ok(())
+        }
+        fn process(&self, _: &mut (), index: u64, _: u64, input: Input<u64>) -> Result<(u8, u64)> {
+            Ok(match input {
+                Input::Hole => (0, 0),
+                Input::Unused => (1, 0),
+                Input::Data { buf, hint } => {
+                    assert_eq!(hint, index);
+                    (2, buf.iter().map(|&b| b as u64).sum())
+                }
+            })
+        }
+    }
+
+    /// Every block arrives once, in order, with the right kind and content; unused and hole
+    /// blocks are not read; a resumed scan starts at its first block.
+    #[test]
+    fn blocks_arrive_in_order_with_holes_and_unused_runs() {
+        let bs = 4096u64;
+        let vol = Pattern {
+            size: 200 * bs + 100,
+            hole: (50 * bs, 120 * bs + 10),
+        };
+        let mut map = BlockMap::new(vol.size, bs);
+        map.mark_bytes(0, 10 * bs);
+        map.mark_bytes(20 * bs, 181 * bs);
+        for start in [0u64, 7, 150] {
+            let scan = Scan {
+                source: &vol as &dyn Volume,
+                block_size: bs,
+                start_block: start,
+                map: Some(&map),
+                threads: 3,
+                cancel: None,
+            };
+            let got = run(&scan, &Sum, &Silent, |ordered| {
+                let mut v = Vec::new();
+                for d in ordered.by_ref() {
+                    v.push((d.index, d.count, d.out));
+                }
+                assert!(ordered.take_error().is_none());
+                Ok(v)
+            })
+            .unwrap();
+            let mut next = start;
+            for (index, count, (kind, sum)) in got {
+                assert_eq!(index, next);
+                next += count;
+                for b in index..index + count {
+                    let expect_kind = if !map.is_used(b) {
+                        1
+                    } else if (50..120).contains(&b) {
+                        0
+                    } else {
+                        2
+                    };
+                    assert_eq!(kind, expect_kind, "block {b}");
+                }
+                if kind == 2 {
+                    let len = (vol.size - index * bs).min(bs) as usize;
+                    let mut buf = vec![0u8; len];
+                    vol.read_at(index * bs, &mut buf).unwrap();
+                    assert_eq!(sum, buf.iter().map(|&b| b as u64).sum::<u64>());
+                }
+            }
+            assert_eq!(next, 201);
+        }
+    }
+}
