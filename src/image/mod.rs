@@ -27,7 +27,6 @@ use crate::error::Result;
 use crate::volume::Volume;
 use std::path::Path;
 
-mod crc32c;
 mod file;
 mod mapped;
 mod qcow2;

@@ -236,10 +236,10 @@ impl Footer {
         Ok(f)
     }
 
-    /// The virtual size, by the rule qemu applies (block/vpc.c): images from Virtual PC and
-    /// from old qemu versions (`vpc `, `qemu`) are as large as their CHS geometry says unless
-    /// the geometry is the maximum; all others (Hyper-V, Windows, disk2vhd, volback…) by
-    /// "current size", rounded down to whole sectors.
+    /// The virtual size: images from Virtual PC and from qemu without `force_size` (creators
+    /// `vpc ` and `qemu`) are as large as their CHS geometry says unless it is the maximum
+    /// geometry (as qemu reads them); all others (Hyper-V, Windows, disk2vhd, volback…) by
+    /// "current size", rounded down to whole sectors (as Windows reads every VHD).
     pub fn disk_size(&self) -> u64 {
         let chs = self.cylinders as u64 * self.heads as u64 * self.sectors as u64;
         if (&self.creator_app == b"vpc " || &self.creator_app == b"qemu") && chs != MAX_CHS_SECTORS
@@ -944,7 +944,11 @@ pub(crate) fn open_for_update(
         if Footer::parse(&f).is_ok() {
             f
         } else {
-            o.footer.encode()
+            // The copy at offset 0 is damaged (the footer at the end was used): repair it,
+            // qemu reads that one first.
+            let f = o.footer.encode();
+            o.file.write_all_at(0, &f)?;
+            f
         }
     };
     // Anything past the last block is an unreferenced leftover (or the old footer): cut it

@@ -37,13 +37,13 @@
 //! (2^23 × logical sector size / block size) comes one sector-bitmap entry, never present in a
 //! dynamic disk.
 
-use super::crc32c::{crc32c, crc32c_without_field};
 use super::file::{DirtyPages, ImageFile, round_up};
 use super::mapped::{MappedVolume, Mapping, Unit};
 use super::sparse::{Alloc, SparseWriter, UnitMap};
 use super::{CreateOptions, ImageWriter};
 use crate::bytes::{le_u16, le_u32, le_u64};
 use crate::error::{Error, Result};
+use crate::probe::crc32::{crc32c, crc32c_skipping};
 use crate::probe::guid::Guid;
 use crate::volume::Volume;
 use std::ops::Range;
@@ -170,7 +170,7 @@ impl Header {
             return Err("no \"head\" signature".into());
         }
         let stored = le_u32(b, 4);
-        let computed = crc32c_without_field(b, 4);
+        let computed = crc32c_skipping(b, 4);
         if stored != computed {
             return Err(format!(
                 "CRC-32C mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -228,7 +228,7 @@ pub(crate) fn parse_region_table(b: &[u8]) -> std::result::Result<Vec<Region>, S
         return Err("no \"regi\" signature".into());
     }
     let stored = le_u32(b, 4);
-    let computed = crc32c_without_field(b, 4);
+    let computed = crc32c_skipping(b, 4);
     if stored != computed {
         return Err(format!(
             "CRC-32C mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -637,7 +637,7 @@ fn log_has_entries(file: &ImageFile, header: &Header, log: &Range<u64>) -> Resul
             let first = entry_len.min(len - pos) as usize;
             file.read_exact_at(log.start + pos, &mut entry[..first], "VHDX log")?;
             file.read_exact_at(log.start, &mut entry[first..], "VHDX log")?;
-            if crc32c_without_field(&entry, 4) == le_u32(&head, 4) {
+            if crc32c_skipping(&entry, 4) == le_u32(&head, 4) {
                 return Ok(true);
             }
         }
@@ -1180,7 +1180,7 @@ mod tests {
             ];
             let mut b = encode_region_table(&r);
             b[pos] = val;
-            let crc = crc32c_without_field(&b, 4);
+            let crc = crc32c_skipping(&b, 4);
             b[4..8].copy_from_slice(&crc.to_le_bytes());
             let _ = parse_region_table(&b);
         }

@@ -611,6 +611,16 @@ fn damaged_images_are_refused() {
     let img = small_image(&dir, ImageFormat::VhdDynamic, "dyn.vhd");
     poke(&img, 64, &be32(0x1234_5678));
     assert!(image::open(ImageFormat::VhdDynamic, &img).is_ok());
+    let copy = dir.join("dyn-copy.vhd");
+    std::fs::copy(&img, &copy).unwrap();
+    // Updating repairs the copy.
+    image::open_for_update(ImageFormat::VhdDynamic, &copy, 8 * MIB)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let len = std::fs::metadata(&copy).unwrap().len();
+    poke(&copy, len - 512 + 64, &be32(0x1234_5678));
+    assert!(image::open(ImageFormat::VhdDynamic, &copy).is_ok());
     // ...both are.
     let len = std::fs::metadata(&img).unwrap().len();
     poke(&img, len - 512 + 64, &be32(0x1234_5678));
