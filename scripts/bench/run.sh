@@ -7,7 +7,9 @@
 #
 # Needs root (drops the page cache before every timed run), a release build of volback
 # (built here), and the anchor tools. ANCHORS="zstd restic partclone e2image" selects anchors;
-# ANCHORS=none reuses WORKDIR/anchors.kv from an earlier run of the same volumes.
+# ANCHORS=none reuses WORKDIR/anchors.kv from an earlier run of the same volumes;
+# UNITS="volback_access_unit …" reruns only those volback units and keeps every other figure
+# of the last run (WORKDIR/bench.kv).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -23,7 +25,10 @@ work=$(cd "$2" && pwd)
 VB="$root/target/release/volback"
 
 BENCH_KV="$work/bench.kv"
-if [[ ${ANCHORS:-} == none ]]; then
+if [[ -n ${UNITS:-} ]]; then
+    # Rerun only these volback units; keep every other figure of the last run.
+    [[ -f $BENCH_KV ]] || bench_die "UNITS needs $BENCH_KV from an earlier run"
+elif [[ ${ANCHORS:-} == none ]]; then
     [[ -f $work/anchors.kv ]] || bench_die "ANCHORS=none needs $work/anchors.kv"
     cp "$work/anchors.kv" "$BENCH_KV"
 else
@@ -97,7 +102,7 @@ volback_access_unit() {
     "$VB" init "$repo" >/dev/null
     "$VB" backup --quiet "$vol/v1.img" "$repo" >/dev/null
     mount -o loop,ro,noload "$vol/v1.img" "$raw"
-    first=$(cd "$raw" && find . -type f -size +1k | sort | head -n 1)
+    first=$(cd "$raw" && find . -type f -size +1k -print -quit)
     bench_time_sh volback.tar_raw_mount 'cd "$1" && tar -cf - . | cat >/dev/null' "$raw"
     umount "$raw"
     bench_time_sh volback.mount_first_byte \
@@ -141,10 +146,9 @@ volback_copy_unit() {
     rm -rf "$q"*
 }
 
-bench_run_unit volback_unit
-bench_run_unit volback_sparse_unit
-bench_run_unit volback_copy_unit
-bench_run_unit volback_access_unit
+for unit in ${UNITS:-volback_unit volback_sparse_unit volback_copy_unit volback_access_unit}; do
+    bench_run_unit "$unit"
+done
 bench_kv_to_json "$BENCH_KV" "$work/bench.json"
 python3 "$here/report.py" "$work/bench.json" "$root/docs/BENCHMARKS.md" \
     "scripts/bench/run.sh $1 $2"
