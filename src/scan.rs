@@ -154,9 +154,7 @@ pub struct Scan<'a, S: ?Sized> {
     pub block_size: u64,
     /// First block to read (a resumed run starts after its finished blocks).
     pub start_block: u64,
-    /// What the filesystem uses; `None` reads every block (holes are still skipped). Its
-    /// granularity divides the block size: a block with nothing used is not read, and the
-    /// unused parts of a partly used block read as zeros (residue is never seen).
+    /// Blocks the filesystem uses; `None` reads every block (holes are still skipped).
     pub map: Option<&'a BlockMap>,
     /// Worker threads (at least one).
     pub threads: usize,
@@ -374,9 +372,6 @@ where
                     let off = ((block - first) * bs) as usize;
                     let len = ((block * bs + bs).min(size) - block * bs) as usize;
                     buf[..len].copy_from_slice(&staging[off..off + len]);
-                    if let Some(m) = scan.map.filter(|m| m.granularity() < bs) {
-                        m.zero_unused(block * bs, &mut buf[..len]);
-                    }
                     let hint = stage.hint(&mut hints, block, progress);
                     let buf = BlockBuf {
                         buf: Some(buf),
@@ -403,7 +398,7 @@ where
             const PREFETCH_WINDOW: u64 = 32 << 20;
             let window_blocks = (PREFETCH_WINDOW / bs).max(1);
             let mut prefetched = scan.start_block;
-            let used = |b: u64| scan.map.is_none_or(|m| m.any_used(b * bs, bs));
+            let used = |b: u64| scan.map.is_none_or(|m| m.is_used(b));
             while index < block_count {
                 if !scan.source.direct_io() && prefetched < index + window_blocks / 2 {
                     let from = prefetched.max(index);

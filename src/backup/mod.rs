@@ -190,14 +190,7 @@ pub fn backup(
     let bs = block_size as u64;
     let block_count = info.size.div_ceil(bs);
     let chunk_hash = repo.config().chunk_hash;
-    // The map at a fine granularity (the filesystem's usual 4 KiB): the scan skips blocks with
-    // nothing used and zeroes the unused parts of partly used ones.
-    let fine_granularity = crate::fs::fine_granularity(info.size, bs);
-    let probe = crate::fs::disk::map_volume(
-        source,
-        source.geometry().logical_sector_size,
-        fine_granularity,
-    )?;
+    let probe = crate::fs::disk::map_volume(source, source.geometry().logical_sector_size, bs)?;
     for w in &probe.warnings {
         progress.warn(w);
     }

@@ -637,7 +637,7 @@ fn probe_source(
     let probe = crate::fs::disk::map_volume(
         source,
         source.geometry().logical_sector_size,
-        crate::fs::fine_granularity(source.size(), block_size as u64),
+        block_size as u64,
     )?;
     for w in &probe.warnings {
         progress.warn(w);

@@ -96,46 +96,6 @@ impl BlockMap {
         self.bits.iter().map(|w| w.count_ones() as u64).sum()
     }
 
-    /// True when any byte of `[start, start + len)` is in a used block.
-    pub fn any_used(&self, start: u64, len: u64) -> bool {
-        if len == 0 || self.blocks == 0 {
-            return false;
-        }
-        let first = start / self.granularity;
-        let last = ((start.saturating_add(len) - 1) / self.granularity).min(self.blocks - 1);
-        if first > last {
-            return false;
-        }
-        // Word by word over [first, last] only.
-        let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
-        (fw..=lw).any(|w| {
-            let mut word = self.bits[w];
-            if w == fw {
-                word &= u64::MAX << (first % 64);
-            }
-            if w == lw && last % 64 != 63 {
-                word &= (1u64 << (last % 64 + 1)) - 1;
-            }
-            word != 0
-        })
-    }
-
-    /// Zeroes the parts of `buf` (the volume's bytes at `offset`) that the map says are
-    /// unused.
-    pub fn zero_unused(&self, offset: u64, buf: &mut [u8]) {
-        let g = self.granularity;
-        let end = offset + buf.len() as u64;
-        let mut b = offset / g;
-        while b * g < end {
-            if !self.is_used(b) {
-                let s = (b * g).max(offset) - offset;
-                let e = ((b + 1) * g).min(end) - offset;
-                buf[s as usize..e as usize].fill(0);
-            }
-            b += 1;
-        }
-    }
-
     /// The runs of used blocks, in order, as block index ranges.
     pub fn used_runs(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
         let mut b = 0u64;
@@ -161,18 +121,6 @@ impl BlockMap {
         }
         None
     }
-}
-
-/// The granularity of the fine allocation map of a volume of `size` bytes backed up in blocks
-/// of `block_size`: 4 KiB (the usual filesystem block), coarser for huge volumes so that the
-/// map stays within 32 MiB (2 TiB at 4 KiB), never coarser than the block size.
-pub fn fine_granularity(size: u64, block_size: u64) -> u64 {
-    const MAX_BITS: u64 = 1 << 28;
-    let mut g = 4096u64;
-    while g < block_size && size.div_ceil(g) > MAX_BITS {
-        g *= 2;
-    }
-    g.min(block_size).max(1)
 }
 
 /// Result of probing a volume for an allocation map.
@@ -265,36 +213,5 @@ mod tests {
         full.mark_bytes(0, 130 * 4096);
         assert_eq!(full.used_runs().collect::<Vec<_>>(), vec![0..130]);
         assert_eq!(BlockMap::new(0, 4096).used_runs().count(), 0);
-
-        assert!(m.any_used(10 * 4096, 1) && m.any_used(0, 11 * 4096) && !m.any_used(0, 10 * 4096));
-        assert!(!m.any_used(11 * 4096, 53 * 4096) && m.any_used(11 * 4096, 53 * 4096 + 1));
-        assert!(m.any_used(999 * 4096, 1 << 30) && !m.any_used(192 * 4096, 807 * 4096));
-        assert!(!m.any_used(5000 * 4096, 4096), "past the end");
-        let mut buf = vec![0xAAu8; 4096 * 64];
-        m.zero_unused(4096 * 64 * 2, &mut buf);
-        assert!(
-            buf[..4096 * 64].iter().all(|&b| b == 0xAA),
-            "blocks 128..191 are used"
-        );
-        let mut buf = vec![0xAAu8; 3 * 4096];
-        m.zero_unused(9 * 4096 + 100, &mut buf);
-        assert!(
-            buf[..4096 - 100].iter().all(|&b| b == 0),
-            "block 9 is unused"
-        );
-        assert!(
-            buf[4096 - 100..2 * 4096 - 100].iter().all(|&b| b == 0xAA),
-            "block 10"
-        );
-        assert!(buf[2 * 4096 - 100..].iter().all(|&b| b == 0), "block 11");
-    }
-
-    #[test]
-    fn fine_granularity_bounds_the_map() {
-        assert_eq!(fine_granularity(4 << 30, 256 << 10), 4096);
-        assert_eq!(fine_granularity(1 << 40, 256 << 10), 4096);
-        assert_eq!(fine_granularity(4 << 40, 256 << 10), 16384);
-        assert_eq!(fine_granularity(1 << 60, 256 << 10), 256 << 10);
-        assert_eq!(fine_granularity(1 << 30, 4096), 4096);
     }
 }

@@ -126,10 +126,9 @@ impl FreeMap {
     }
 }
 
-/// Asserts that `restored` holds the bytes of `source` in every piece of `bs` bytes that the
-/// filesystem uses, and either the source's bytes or zeros in pieces it does not use. Returns
-/// how many pieces were restored as zeros where the source held stale data. (Backups zero the
-/// unused 4 KiB pieces of a partly used block: compare at 4 KiB, or finer.)
+/// Asserts that `restored` holds the bytes of `source` in every block of `bs` bytes that the
+/// filesystem uses, and either the source's bytes or zeros in blocks it does not use. Returns
+/// how many blocks were restored as zeros where the source held stale data.
 fn assert_used_blocks_match(source: &Path, restored: &Path, bs: u64, free: &FreeMap) -> u64 {
     use std::io::Read;
     let size = std::fs::metadata(source).unwrap().len();
@@ -185,6 +184,7 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
     let repo = t.join("repo");
     let mnt = t.join("mnt");
     let size = 256 * MIB;
+    let bs = 256 * KIB;
     let mut rng = Rng::new(10);
     sparse_file(&img, size);
     init_repo(&repo, &[]);
@@ -225,7 +225,7 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
     let id = |v: &serde_json::Value| jstr(v, "/snapshot").to_string();
     let out_d1 = t.join("dev1.img");
     restore(&repo, &id(&d1), &out_d1);
-    assert_used_blocks_match(&img, &out_d1, 4 * KIB, &free1);
+    assert_used_blocks_match(&img, &out_d1, bs, &free1);
     assert_fs_clean_with_files(&t, &out_d1, &files1);
     let sha_d1 = sha256_file(&out_d1);
     std::fs::remove_file(&out_d1).unwrap();
@@ -261,7 +261,7 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
 
     let out_d2 = t.join("dev2.img");
     restore(&repo, &format!("latest:{}", p(&lo.dev)), &out_d2);
-    let zeroed = assert_used_blocks_match(&img, &out_d2, 4 * KIB, &free2);
+    let zeroed = assert_used_blocks_match(&img, &out_d2, bs, &free2);
     eprintln!("{zeroed} blocks freed by deletions were restored as zeros");
     assert_fs_clean_with_files(&t, &out_d2, &files2);
     std::fs::remove_file(&out_d2).unwrap();

@@ -18,6 +18,9 @@ enum Kind {
     Exfat,
 }
 
+/// Block size of the backups (the map's granularity).
+const BS: u64 = 16 * KIB;
+
 impl Kind {
     fn size(self) -> u64 {
         match self {
@@ -289,15 +292,14 @@ fn mounted_hashes(kind: Kind, img: &Path, t: &TestDir) -> BTreeMap<String, Strin
         .collect()
 }
 
-/// Compares `restored` with `source` in 4 KiB pieces (the granularity at which a backup zeroes
-/// what the filesystem does not use): each piece is the same or zeros. Returns how many pieces
-/// were zeroed.
+/// Compares `restored` with `source` block by block: each block is the same or, where the
+/// filesystem does not use it, zeros. Returns how many blocks were zeroed.
 fn zeroed_blocks(source: &Path, restored: &Path) -> u64 {
     let a = std::fs::read(source).unwrap();
     let b = std::fs::read(restored).unwrap();
     assert_eq!(a.len(), b.len(), "restored size");
     let mut zeroed = 0;
-    for (i, (x, y)) in a.chunks(4096).zip(b.chunks(4096)).enumerate() {
+    for (i, (x, y)) in a.chunks(BS as usize).zip(b.chunks(BS as usize)).enumerate() {
         if x != y {
             assert!(
                 y.iter().all(|&v| v == 0),
