@@ -104,6 +104,9 @@ def main():
       f"{m.get('volback_version', 'volback')} at commit {m.get('volback_commit', '?')}; "
       f"zstd {m.get('zstd_version', '?')}, restic {m.get('restic_version', '?')}, "
       f"partclone {m.get('partclone_version', '?')}, e2fsprogs {m.get('e2fsprogs_version', '?')}.")
+    if m.get("rerun"):
+        w(f"The volback units were rerun after the anchors, with `UNITS=` ({m['rerun']}); the "
+          "anchors and every other figure are from the run above.")
     w("The page cache is dropped before every timed command; wall time includes reading the")
     w("source from disk. Peak RSS is that of the largest process.")
     w("")

@@ -44,6 +44,7 @@ else
     done
     cp "$BENCH_KV" "$work/anchors.kv"
 fi
+[[ -z ${UNITS:-} ]] || bench_record meta.rerun "$(date -u +%FT%TZ): $UNITS"
 bench_record meta.volback_version "$("$VB" --version)"
 bench_record meta.volback_commit "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
@@ -133,7 +134,7 @@ volback_copy_unit() {
     rm -rf "$raw"* "$q"*
     bench_time volback.copy_raw_v1 "$VB" copy --quiet --json "$vol/v1.img" "$raw" --format raw >"$work/copy-raw.json"
     bench_time volback.copy_update_v2 "$VB" copy --quiet --json --update "$vol/v2.img" "$raw" >"$work/copy-update.json"
-    bench_record volback.copy_update_v2.blocks_rewritten "$(python3 -c "$field" "$work/copy-update.json" blocks_rewritten)"
+    bench_record volback.copy_update_v2.blocks_rewritten "$(python3 -c "$field" "$work/copy-update.json" blocks_written)"
     bench_record volback.copy_update_v2.bytes_read "$(python3 -c "$field" "$work/copy-update.json" bytes_read)"
     rm -rf "$raw"*
     bench_time volback.copy_qcow2_v1 "$VB" copy --quiet --json "$vol/v1.img" "$q" --format qcow2 >/dev/null
