@@ -27,6 +27,18 @@ pub trait Volume: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Checks that a read of `len` bytes at `offset` lies inside a volume of `size` bytes;
+/// `name` describes the volume for the error ("snapshot 3fa2…").
+pub fn check_read(size: u64, offset: u64, len: usize, name: impl FnOnce() -> String) -> Result<()> {
+    if offset.checked_add(len as u64).is_none_or(|e| e > size) {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "read of {len} bytes at offset {offset} is past the end of {} ({size} bytes)",
+            name()
+        )));
+    }
+    Ok(())
+}
+
 /// Returns true when every byte of `buf` is zero. Word-at-a-time; the compiler vectorises it.
 pub fn is_zero(buf: &[u8]) -> bool {
     let (prefix, words, suffix) = {

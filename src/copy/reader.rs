@@ -86,17 +86,9 @@ impl Volume for CopyVolume {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "read of {} bytes at offset {offset} is past the end of copy {} ({} bytes)",
-                buf.len(),
-                self.dest.display(),
-                self.size
-            )));
-        }
+        crate::volume::check_read(self.size, offset, buf.len(), || {
+            format!("copy {}", self.dest.display())
+        })?;
         let bs = self.block_size;
         let mut done = 0usize;
         while done < buf.len() {
@@ -200,17 +192,7 @@ impl Volume for Prefix {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "read of {} bytes at offset {offset} is past the end of {} ({} bytes)",
-                buf.len(),
-                self.inner.describe(),
-                self.size
-            )));
-        }
+        crate::volume::check_read(self.size, offset, buf.len(), || self.inner.describe())?;
         self.inner.read_at(offset, buf)
     }
 

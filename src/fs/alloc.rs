@@ -24,6 +24,17 @@ pub fn read(vol: &dyn Volume, offset: u64, buf: &mut [u8], what: &str) -> Result
         .map_err(|e| format!("reading {what} at byte {offset}: {e}"))
 }
 
+/// Sector 0 of `vol` (where NTFS, FAT and exFAT keep their boot sector); `None` when the
+/// volume is shorter than a sector.
+pub fn boot_sector(vol: &dyn Volume) -> crate::error::Result<Option<Vec<u8>>> {
+    if vol.size() < 512 {
+        return Ok(None);
+    }
+    let mut h = vec![0u8; 512];
+    vol.read_at(0, &mut h)?;
+    Ok(Some(h))
+}
+
 /// Collects used allocation units (clusters) in increasing order and marks them, merged into
 /// runs, in a [`BlockMap`] (or only counts them when there is no map).
 pub struct UsedRuns<'a> {

@@ -97,12 +97,7 @@ impl BootSector {
 
     /// Reads and parses sector 0 of `vol`.
     pub fn read(vol: &dyn Volume) -> Result<Option<BootSector>> {
-        if vol.size() < 512 {
-            return Ok(None);
-        }
-        let mut h = vec![0u8; 512];
-        vol.read_at(0, &mut h)?;
-        Ok(BootSector::parse(&h))
+        Ok(super::alloc::boot_sector(vol)?.and_then(|h| BootSector::parse(&h)))
     }
 
     /// The serial number as `blkid` prints it (`XXXX-XXXX`).

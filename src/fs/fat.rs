@@ -173,12 +173,7 @@ impl Bpb {
 
     /// Reads and parses sector 0 of `vol`.
     pub fn read(vol: &dyn Volume) -> Result<Option<Bpb>> {
-        if vol.size() < 512 {
-            return Ok(None);
-        }
-        let mut h = vec![0u8; 512];
-        vol.read_at(0, &mut h)?;
-        Ok(Bpb::parse(&h))
+        Ok(super::alloc::boot_sector(vol)?.and_then(|h| Bpb::parse(&h)))
     }
 
     /// "FAT12", "FAT16" or "FAT32", as `blkid` calls the version.

@@ -485,17 +485,7 @@ impl Volume for FixedVolume {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "read of {} bytes at offset {offset} is past the end of {} ({} bytes)",
-                buf.len(),
-                self.describe(),
-                self.size
-            )));
-        }
+        crate::volume::check_read(self.size, offset, buf.len(), || self.describe())?;
         self.file.read_exact_at(offset, buf, "VHD data")
     }
 

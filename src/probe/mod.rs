@@ -234,17 +234,7 @@ impl Volume for Slice<'_> {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.len)
-        {
-            return Err(crate::Error::InvalidArgument(format!(
-                "read of {} bytes at offset {offset} is past the end of {} ({} bytes)",
-                buf.len(),
-                self.describe(),
-                self.len
-            )));
-        }
+        crate::volume::check_read(self.len, offset, buf.len(), || self.describe())?;
         self.inner.read_at(self.start + offset, buf)
     }
 
