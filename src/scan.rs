@@ -675,6 +675,12 @@ mod tests {
         }
     }
 
+    /// EIO; ERROR_CRC on Windows.
+    #[cfg(unix)]
+    const MEDIA_ERROR: i32 = 5;
+    #[cfg(windows)]
+    const MEDIA_ERROR: i32 = 23;
+
     /// A volume whose bytes in `bad` cannot be read (EIO), like a disk with bad sectors.
     struct Failing {
         inner: Pattern,
@@ -692,7 +698,7 @@ mod tests {
                     op: "read",
                     path: "failing".into(),
                     offset,
-                    source: std::io::Error::from_raw_os_error(5),
+                    source: std::io::Error::from_raw_os_error(MEDIA_ERROR),
                 });
             }
             self.inner.read_at(offset, buf)
