@@ -284,6 +284,30 @@ impl DirtyPages {
         self.pages.is_empty()
     }
 
+    /// Writes the dirty pages of a table of fixed-size entries stored at `table_offset` in
+    /// `file` (pages of `page_size` bytes, the last one cut at the table's end), each entry
+    /// encoded by `encode`, and forgets them.
+    pub fn write_back<T: Copy, const N: usize>(
+        &mut self,
+        file: &ImageFile,
+        table_offset: u64,
+        page_size: u64,
+        entries: &[T],
+        encode: impl Fn(T) -> [u8; N],
+    ) -> Result<()> {
+        let total = entries.len() as u64 * N as u64;
+        for (first, end) in self.take_runs() {
+            let from = first * page_size;
+            let to = (end * page_size).min(total);
+            let raw: Vec<u8> = entries[(from / N as u64) as usize..(to / N as u64) as usize]
+                .iter()
+                .flat_map(|&e| encode(e))
+                .collect();
+            file.write_all_at(table_offset + from, &raw)?;
+        }
+        Ok(())
+    }
+
     /// Takes the dirty pages as runs of consecutive page numbers `[first, end)`.
     pub fn take_runs(&mut self) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();

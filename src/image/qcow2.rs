@@ -824,16 +824,9 @@ impl UnitMap for Qcow2Writer {
         if !self.l1_dirty.is_empty() {
             // New L2 tables are durable before the L1 entries that point at them.
             file.sync()?;
-            let total = self.l1.len() as u64 * 8;
-            for (first, end) in self.l1_dirty.take_runs() {
-                let from = first * 4096;
-                let to = (end * 4096).min(total);
-                let raw: Vec<u8> = self.l1[(from / 8) as usize..(to / 8) as usize]
-                    .iter()
-                    .flat_map(|e| e.to_be_bytes())
-                    .collect();
-                file.write_all_at(self.header.l1_table_offset + from, &raw)?;
-            }
+            let offset = self.header.l1_table_offset;
+            self.l1_dirty
+                .write_back(file, offset, 4096, &self.l1, u64::to_be_bytes)?;
         }
         Ok(())
     }

@@ -53,7 +53,10 @@ pub(crate) trait UnitMap: Send {
     /// The metadata written by the last [`UnitMap::flush`] is durable.
     fn durable(&mut self);
     /// Writes the final metadata; called after a complete sync. The writer syncs afterwards.
-    fn finish(&mut self, file: &ImageFile) -> Result<()>;
+    /// Nothing by default (formats whose metadata is complete after every flush).
+    fn finish(&mut self, _file: &ImageFile) -> Result<()> {
+        Ok(())
+    }
     /// True when enough deallocated space waits for a sync that one should be done now (bounds
     /// the memory that tracks it).
     fn wants_sync(&self) -> bool {

@@ -781,25 +781,12 @@ impl UnitMap for DynWriter {
             file.write_all_at(self.data_end, &self.footer)?;
             self.footer_at = self.data_end;
         }
-        let bat_bytes = self.bat.len() as u64 * 4;
-        for (first, end) in self.dirty.take_runs() {
-            let from = first * SECTOR;
-            let to = (end * SECTOR).min(bat_bytes);
-            let mut buf = Vec::with_capacity((to - from) as usize);
-            for e in &self.bat[(from / 4) as usize..(to / 4) as usize] {
-                buf.extend_from_slice(&e.to_be_bytes());
-            }
-            file.write_all_at(self.bat_offset + from, &buf)?;
-        }
-        Ok(())
+        self.dirty
+            .write_back(file, self.bat_offset, SECTOR, &self.bat, u32::to_be_bytes)
     }
 
     fn durable(&mut self) {
         self.free.append(&mut self.pending);
-    }
-
-    fn finish(&mut self, _file: &ImageFile) -> Result<()> {
-        Ok(())
     }
 
     fn wants_sync(&self) -> bool {

@@ -842,25 +842,12 @@ impl UnitMap for VhdxWriter {
     }
 
     fn flush(&mut self, file: &ImageFile) -> Result<()> {
-        let total = self.bat.len() as u64 * 8;
-        for (first, end) in self.dirty.take_runs() {
-            let from = first * 4096;
-            let to = (end * 4096).min(total);
-            let mut buf = Vec::with_capacity((to - from) as usize);
-            for e in &self.bat[(from / 8) as usize..(to / 8) as usize] {
-                buf.extend_from_slice(&e.to_le_bytes());
-            }
-            file.write_all_at(self.bat_offset + from, &buf)?;
-        }
-        Ok(())
+        self.dirty
+            .write_back(file, self.bat_offset, 4096, &self.bat, u64::to_le_bytes)
     }
 
     fn durable(&mut self) {
         self.free.append(&mut self.pending);
-    }
-
-    fn finish(&mut self, _file: &ImageFile) -> Result<()> {
-        Ok(())
     }
 
     fn wants_sync(&self) -> bool {
