@@ -36,29 +36,14 @@ fn mib(n: u64) -> u64 {
     n * MIB
 }
 
-/// Builds a disk image: table from `script`, filesystems in `parts`, boot code and gap junk.
-/// Returns the bytes of files deleted (residue).
+/// Builds a disk image: table from `script`, filesystems in `parts` (each filled, then part of
+/// its data deleted so that residue stays in free blocks), boot code and gap junk.
 fn build_disk(disk: &Path, size: u64, script: &str, parts: &[Part], rng: &mut Rng, dir: &TestDir) {
     sparse_file(disk, size);
-    let mut child = std::process::Command::new("sfdisk")
-        .args(["-q", "--no-reread", "--no-tell-kernel", p(disk)])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run sfdisk");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sfdisk failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_stdin_ok(
+        "sfdisk",
+        &["-q", "--no-reread", "--no-tell-kernel", p(disk)],
+        script.as_bytes(),
     );
     // Boot code in the MBR (bytes 0..440) and a "boot loader" in the gap before the first
     // partition, after the table sectors (GPT entries end at LBA 33).

@@ -155,19 +155,10 @@ fn partitioned_disk_shows_each_partition() {
     let disk = dir.join("disk.img");
     sparse_file(&disk, 40 * MIB);
     let script = "label: gpt\nstart=2048, size=30720, type=L\nstart=34816, size=36864, type=L\n";
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "printf '{}' | sfdisk -q --no-reread --no-tell-kernel {}",
-            script.replace('\n', "\\n"),
-            p(&disk)
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_stdin_ok(
+        "sfdisk",
+        &["-q", "--no-reread", "--no-tell-kernel", p(&disk)],
+        script.as_bytes(),
     );
     let parts = [(MIB, 15 * MIB), (17 * MIB, 18 * MIB)];
     let mut expected = Vec::new();

@@ -9,9 +9,7 @@
 use crate::util::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -51,43 +49,6 @@ const DISK_TOOLS: &[&str] = &[
     "cryptsetup",
     "pvcreate",
 ];
-
-/// Runs a program with `input` on its standard input.
-fn run_stdin(program: &str, args: &[&str], input: &[u8]) -> Run {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input)
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    Run {
-        cmd: format!("{program} {}", args.join(" ")),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn run_stdin_ok(program: &str, args: &[&str], input: &[u8]) -> Run {
-    let r = run_stdin(program, args, input);
-    assert_eq!(
-        r.code,
-        Some(0),
-        "`{}` failed:\n{}\n{}",
-        r.cmd,
-        r.stdout,
-        r.stderr
-    );
-    r
-}
 
 /// A loop device over a partitioned image, with its partition nodes; partitions removed and
 /// device detached when dropped.

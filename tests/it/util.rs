@@ -114,6 +114,44 @@ pub fn run_ok(program: &str, args: &[&str]) -> Run {
     r
 }
 
+/// Runs a program with `input` on its standard input.
+pub fn run_stdin(program: &str, args: &[&str], input: &[u8]) -> Run {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    Run {
+        cmd: format!("{program} {}", args.join(" ")),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// [`run_stdin`], asserting success.
+pub fn run_stdin_ok(program: &str, args: &[&str], input: &[u8]) -> Run {
+    let r = run_stdin(program, args, input);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "`{}` failed:\n{}\n{}",
+        r.cmd,
+        r.stdout,
+        r.stderr
+    );
+    r
+}
+
 /// Runs `volback ARGS`, whatever its exit code.
 pub fn volback(args: &[&str]) -> Run {
     let r = run_program(VOLBACK, args);
