@@ -9,16 +9,15 @@ use std::path::Path;
 /// `mkfs.ext4` without background initialisation, so that nothing changes the volume after
 /// it is unmounted.
 pub(crate) fn mkfs_ext4(target: &Path) {
-    run_ok(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0",
-            p(target),
-        ],
-    );
+    mkfs_ext4_with(target, &[]);
+}
+
+/// [`mkfs_ext4`] with extra options (`-b 4096`…).
+pub(crate) fn mkfs_ext4_with(target: &Path, extra: &[&str]) {
+    let mut args = vec!["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"];
+    args.extend_from_slice(extra);
+    args.push(p(target));
+    run_ok("mkfs.ext4", &args);
 }
 
 fn file_content(rng: &mut Rng, len: usize) -> Vec<u8> {

@@ -2,16 +2,10 @@
 //! loop driver (ext4 and NTFS), a partitioned disk showing each partition, `--files`, reads
 //! past the end, and `umount` after the server was killed with SIGKILL.
 
+use crate::ext4::{mkfs_ext4, mkfs_ext4_with};
 use crate::util::*;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-
-fn mkfs_ext4(target: &Path, extra: &[&str]) {
-    let mut args = vec!["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"];
-    args.extend_from_slice(extra);
-    args.push(p(target));
-    run_ok("mkfs.ext4", &args);
-}
 
 fn fill(root: &Path, rng: &mut Rng) {
     std::fs::create_dir_all(root.join("d/e")).unwrap();
@@ -65,7 +59,7 @@ fn ext4_snapshot_through_the_loop_driver_and_files() {
     let dir = TestDir::new();
     let img = dir.join("ext4.img");
     sparse_file(&img, 48 * MIB);
-    mkfs_ext4(&img, &[]);
+    mkfs_ext4(&img);
     let mut rng = Rng::new(51);
     {
         let m = Mount::new(&img, &dir.join("fill"), Some("loop"));
@@ -115,7 +109,7 @@ fn umount_after_the_server_was_killed() {
     let dir = TestDir::new();
     let img = dir.join("ext4.img");
     sparse_file(&img, 32 * MIB);
-    mkfs_ext4(&img, &[]);
+    mkfs_ext4(&img);
     {
         let m = Mount::new(&img, &dir.join("fill"), Some("loop"));
         fill(&m.dir, &mut Rng::new(7));
@@ -269,7 +263,7 @@ fn unreadable_sectors_are_zero_filled_recorded_and_exit_3() {
     let dir = TestDir::new();
     let img = dir.join("ext4.img");
     sparse_file(&img, 32 * MIB);
-    mkfs_ext4(&img, &["-b", "4096"]);
+    mkfs_ext4_with(&img, &["-b", "4096"]);
     let mut rng = Rng::new(77);
     {
         let m = Mount::new(&img, &dir.join("fill"), Some("loop"));
