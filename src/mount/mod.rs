@@ -90,17 +90,62 @@ pub fn mount_view(
     fuser::Session::new(fs, dir, &config).map_err(|e| Error::io("mount a FUSE view at", dir, e))
 }
 
-/// How to mount one filesystem type read-only without replaying its journal: `mount -t`
-/// types with options, tried in order (the kernel driver first, then FUSE drivers).
-fn mount_methods(fs_type: &str) -> &'static [(&'static str, &'static str)] {
+/// One way to mount a filesystem read-only: a kernel driver through `mount -t TYPE -o loop,…`
+/// (a read-only loop device with auto-clear), or a FUSE driver reading the image file itself.
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    Kernel(&'static str, &'static str),
+    /// `mount -t TYPE -o OPTIONS` handed to the type's FUSE helper (`mount.ntfs-3g`…).
+    FuseHelper(&'static str, &'static str),
+    /// A FUSE program run directly: `PROGRAM -o OPTIONS,fsname=IMAGE IMAGE DIR` (the fsname
+    /// puts the image's path in the mount table, where [`unmount`] looks for it).
+    Program(&'static str, &'static str),
+}
+
+impl Method {
+    /// The command line for mounting `image`, without the image and the target directory.
+    fn command(self, image: &Path) -> (&'static str, Vec<String>) {
+        match self {
+            Method::Kernel(kind, opts) => (
+                "mount",
+                vec![
+                    "-t".into(),
+                    kind.into(),
+                    "-o".into(),
+                    format!("loop,{opts}"),
+                ],
+            ),
+            Method::FuseHelper(kind, opts) => (
+                "mount",
+                vec!["-t".into(), kind.into(), "-o".into(), opts.into()],
+            ),
+            Method::Program(name, opts) => {
+                // libfuse option syntax: commas and backslashes in a value are escaped.
+                let fsname = image
+                    .to_string_lossy()
+                    .replace('\\', "\\\\")
+                    .replace(',', "\\,");
+                (name, vec!["-o".into(), format!("{opts},fsname={fsname}")])
+            }
+        }
+    }
+}
+
+/// How to mount one filesystem type read-only without replaying its journal, in the order
+/// tried (the kernel driver first, then FUSE drivers).
+fn mount_methods(fs_type: &str) -> &'static [Method] {
+    use Method::*;
     match fs_type {
-        "ext2" => &[("ext2", "ro"), ("ext4", "ro")],
-        "ext3" | "ext4" => &[("ext4", "ro,noload")],
-        "xfs" => &[("xfs", "ro,norecovery")],
-        "btrfs" => &[("btrfs", "ro,rescue=nologreplay"), ("btrfs", "ro")],
-        "ntfs" => &[("ntfs3", "ro"), ("ntfs-3g", "ro")],
-        "vfat" => &[("vfat", "ro")],
-        "exfat" => &[("exfat", "ro"), ("exfat-fuse", "ro")],
+        "ext2" => &[Kernel("ext2", "ro"), Kernel("ext4", "ro")],
+        "ext3" | "ext4" => &[Kernel("ext4", "ro,noload")],
+        "xfs" => &[Kernel("xfs", "ro,norecovery")],
+        "btrfs" => &[
+            Kernel("btrfs", "ro,rescue=nologreplay"),
+            Kernel("btrfs", "ro"),
+        ],
+        "ntfs" => &[Kernel("ntfs3", "ro"), FuseHelper("ntfs-3g", "ro")],
+        "vfat" => &[Kernel("vfat", "ro"), Program("fusefat", "ro")],
+        "exfat" => &[Kernel("exfat", "ro"), FuseHelper("exfat-fuse", "ro")],
         _ => &[],
     }
 }
@@ -171,42 +216,21 @@ fn mount_read_only(image: &Path, fs_type: &str, target: &Path) -> std::result::R
         return Err(format!("volback does not know how to mount {fs_type}"));
     }
     let mut errors = Vec::new();
-    for (kind, options) in methods {
-        // Kernel drivers go through a read-only loop device with auto-clear (`-o loop`),
-        // FUSE drivers read the file directly.
-        let fuse_driver = matches!(*kind, "ntfs-3g" | "exfat-fuse");
-        let opts = if fuse_driver {
-            (*options).to_string()
-        } else {
-            format!("loop,{options}")
-        };
-        let out = Command::new("mount")
-            .args(["-t", kind, "-o", &opts])
+    for method in methods {
+        let (program, args) = method.command(image);
+        let what = format!("{program} {}", args.join(" "));
+        match Command::new(program)
+            .args(&args)
             .arg(image)
             .arg(target)
-            .output();
-        match out {
+            .output()
+        {
             Ok(o) if o.status.success() => return Ok(()),
             Ok(o) => errors.push(format!(
-                "mount -t {kind}: {}",
+                "{what}: {}",
                 String::from_utf8_lossy(&o.stderr).trim()
             )),
-            Err(e) => errors.push(format!("cannot run mount: {e}")),
-        }
-    }
-    if fs_type == "vfat" {
-        let out = Command::new("fusefat")
-            .args(["-o", "ro"])
-            .arg(image)
-            .arg(target)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => return Ok(()),
-            Ok(o) => errors.push(format!(
-                "fusefat: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => errors.push(format!("cannot run fusefat: {e}")),
+            Err(e) => errors.push(format!("cannot run {program}: {e}")),
         }
     }
     Err(errors.join("; "))

@@ -320,3 +320,36 @@ fn unreadable_sectors_are_zero_filled_recorded_and_exit_3() {
     let list = volback_ok(&["snapshots", "--json", p(&repo_b)]).json();
     assert_eq!(list.as_array().map(Vec::len), Some(1));
 }
+
+/// A FAT snapshot with `--files` (no kernel vfat here: the FUSE driver `fusefat` reads the
+/// view's image); `umount` finds that mount too and leaves nothing behind.
+#[test]
+fn fat_snapshot_files_through_a_fuse_driver() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let dir = TestDir::new();
+    let img = dir.join("fat.img");
+    sparse_file(&img, 32 * MIB);
+    run_ok("mkfs.vfat", &[p(&img)]);
+    let mut rng = Rng::new(91);
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..12 {
+        let name = format!("F{i}.BIN");
+        let len = (rng.below(300) * KIB) as usize + 5;
+        let data = rng.bytes(len);
+        let src = dir.join(&name);
+        std::fs::write(&src, &data).unwrap();
+        run_ok("mcopy", &["-i", p(&img), p(&src), &format!("::{name}")]);
+        expected.insert(name, sha256_bytes(&data));
+    }
+    let repo = dir.join("repo");
+    init_repo(&repo, &[]);
+    backup_json(&img, &repo, &[]);
+    let view = dir.join("view");
+    let files = dir.join("files");
+    mount_view(&repo, &view, &["--files", p(&files)]);
+    assert_eq!(tree_hashes(&files), expected);
+    umount(&view);
+    assert_clean(dir.path());
+}
