@@ -48,19 +48,26 @@ impl Common {
     }
 }
 
+/// How `copy` reads its source.
+pub struct SourceFlags {
+    pub all_blocks: bool,
+    pub allow_mounted: bool,
+    pub rehash: bool,
+}
+
 /// `volback copy [--update] SOURCE DEST`.
 pub fn copy(
     source: &Path,
     dest: &Path,
     update: bool,
-    all_blocks: bool,
-    allow_mounted: bool,
+    flags: SourceFlags,
     common: &Common,
     cancel: Arc<AtomicBool>,
 ) -> Result<ExitCode> {
     let mut opts = common.options(cancel);
-    opts.all_blocks = all_blocks;
-    opts.allow_mounted = allow_mounted;
+    opts.all_blocks = flags.all_blocks;
+    opts.allow_mounted = flags.allow_mounted;
+    opts.rehash = flags.rehash;
     let src = Source::open(source)?;
     let progress = CliProgress::new(common.quiet);
     let report = if update {
@@ -133,6 +140,7 @@ fn print_report(r: &CopyReport, json: bool, snapshot: Option<&str>) {
             "blocks_zeroed": s.blocks_zeroed,
             "bytes_written": s.bytes_written,
             "unchanged_blocks": s.unchanged_blocks,
+            "unread_blocks": r.unread_blocks,
             "stats": r.stats,
             "duration_secs": r.duration_secs,
         });
@@ -184,6 +192,12 @@ fn print_report(r: &CopyReport, json: bool, snapshot: Option<&str>) {
         human_bytes(r.block_size as u64)
     );
     println!("  read            {}", human_bytes(s.bytes_read));
+    if r.unread_blocks > 0 {
+        println!(
+            "  not read        {} blocks unchanged since the last update (ext4 inodes)",
+            r.unread_blocks
+        );
+    }
     println!(
         "  written         {} blocks ({}), {} zeroed, {} unchanged",
         s.blocks_written,

@@ -94,6 +94,10 @@ enum Command {
         /// Back up even though the volume is mounted read-write (the copy may be inconsistent).
         #[arg(long)]
         allow_mounted: bool,
+        /// Read and hash every used block, also those change tracking finds unchanged since
+        /// the parent snapshot (ext4 inodes and extent trees).
+        #[arg(long)]
+        rehash: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -214,6 +218,10 @@ enum Command {
         /// Read the volume even though it is mounted read-write (the copy may be inconsistent).
         #[arg(long)]
         allow_mounted: bool,
+        /// Read and hash every used block, also those change tracking finds unchanged since
+        /// the copy was last written (ext4 inodes and extent trees).
+        #[arg(long)]
+        rehash: bool,
         /// Seconds between checkpoints that an interrupted run continues from.
         #[arg(long, default_value_t = 5.0)]
         checkpoint_secs: f64,
@@ -388,6 +396,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             restart,
             all_blocks,
             allow_mounted,
+            rehash,
             json,
         } => {
             let repository = Repository::open(&repo)?;
@@ -400,6 +409,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 restart,
                 all_blocks,
                 allow_mounted,
+                rehash,
                 cancel: Some(cancel),
             };
             let progress = CliProgress::new(quiet);
@@ -414,6 +424,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     "all_blocks": r.all_blocks,
                     "unreadable": r.unreadable,
                     "bytes_read": r.this_run.bytes_read,
+                    "unread_blocks": r.unread_blocks,
                     "new_chunks": r.this_run.new_chunks,
                     "new_bytes": r.this_run.new_bytes,
                     "new_bytes_stored": r.this_run.new_bytes_stored,
@@ -485,6 +496,12 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     human_bytes(repository.config().block_size as u64)
                 );
                 println!("  read            {}", human_bytes(r.this_run.bytes_read));
+                if r.unread_blocks > 0 {
+                    println!(
+                        "  not read        {} blocks unchanged since the parent (ext4 inodes)",
+                        r.unread_blocks
+                    );
+                }
                 println!(
                     "  new data        {} in {} chunks, {} stored",
                     human_bytes(r.this_run.new_bytes),
@@ -739,6 +756,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             block_size,
             all_blocks,
             allow_mounted,
+            rehash,
             checkpoint_secs,
             threads,
             json,
@@ -756,8 +774,11 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 &source,
                 &dest,
                 update,
-                all_blocks,
-                allow_mounted,
+                copy_cli::SourceFlags {
+                    all_blocks,
+                    allow_mounted,
+                    rehash,
+                },
                 &common,
                 cancel,
             )

@@ -10,7 +10,8 @@
 //!     └─ staging buffers (3 × 4 MiB) ◀─ dispatcher       └─ block buffers back to a fixed pool
 //! ```
 //!
-//! - The **I/O loop** skips blocks the allocation map marks unused and holes that
+//! - The **I/O loop** skips blocks the allocation map marks unused, blocks change tracking
+//!   knows to be unchanged since the caller's base ([`Scan::known`]), and holes that
 //!   [`Volume::next_data`] reports (sparse files, unstored snapshot blocks) without reading
 //!   them, and reads runs of consecutive blocks in one request of up to 4 MiB
 //!   ([`ScanSource::read_bulk`]: `O_DIRECT` for sources that support it).
@@ -111,6 +112,9 @@ pub enum Input<H> {
     Unused,
     /// One block that was read, with the stage's hint for it.
     Data { buf: BlockBuf, hint: H },
+    /// One block that change tracking knows to equal the base's (not read), with the
+    /// stage's hint for it.
+    Known { hint: H },
 }
 
 /// The caller's work on each block.
@@ -126,7 +130,7 @@ pub trait Stage: Sync {
 
     fn hints(&self) -> Self::Hints;
 
-    /// The hint for data block `block`; called in increasing block order.
+    /// The hint for data or known block `block`; called in increasing block order.
     fn hint(&self, hints: &mut Self::Hints, block: u64, progress: &dyn Progress) -> Self::Hint;
 
     fn worker(&self) -> Result<Self::Worker>;
@@ -156,6 +160,9 @@ pub struct Scan<'a, S: ?Sized> {
     pub start_block: u64,
     /// Blocks the filesystem uses; `None` reads every block (holes are still skipped).
     pub map: Option<&'a BlockMap>,
+    /// Used blocks known to hold what the caller's base (parent snapshot, copy) holds: not
+    /// read, handed to the stage as [`Input::Known`].
+    pub known: Option<&'a BlockMap>,
     /// Worker threads (at least one).
     pub threads: usize,
     /// Set to stop early; the blocks finished in order so far are still committed.
@@ -353,7 +360,8 @@ where
     let size = scan.source.size();
     let block_count = scan.block_count();
     let max_run = staging_blocks(bs);
-    let (staged_tx, staged_rx) = bounded::<(u64, u64, AlignedBuf)>(STAGING_BUFFERS);
+    // A staged run: blocks read into a staging buffer, or (`None`) known blocks.
+    let (staged_tx, staged_rx) = bounded::<(u64, u64, Option<AlignedBuf>)>(STAGING_BUFFERS + 1);
     let (empty_tx, empty_rx) = bounded::<AlignedBuf>(STAGING_BUFFERS);
     for _ in 0..STAGING_BUFFERS {
         let _ = empty_tx.send(AlignedBuf::new((max_run * bs) as usize));
@@ -362,6 +370,18 @@ where
         let dispatcher = s.spawn(move || {
             let mut hints = stage.hints();
             for (first, end, staging) in staged_rx.iter() {
+                let Some(staging) = staging else {
+                    for block in first..end {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let hint = stage.hint(&mut hints, block, progress);
+                        if jobs.send((block, 1, Input::Known { hint })).is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                };
                 for block in first..end {
                     if stop.load(Ordering::Relaxed) {
                         return;
@@ -398,7 +418,10 @@ where
             const PREFETCH_WINDOW: u64 = 32 << 20;
             let window_blocks = (PREFETCH_WINDOW / bs).max(1);
             let mut prefetched = scan.start_block;
-            let used = |b: u64| scan.map.is_none_or(|m| m.is_used(b));
+            let mapped = |b: u64| scan.map.is_none_or(|m| m.is_used(b));
+            let known = |b: u64| mapped(b) && scan.known.is_some_and(|k| k.is_used(b));
+            // Blocks to read.
+            let used = |b: u64| mapped(b) && !known(b);
             while index < block_count {
                 if !scan.source.direct_io() && prefetched < index + window_blocks / 2 {
                     let from = prefetched.max(index);
@@ -424,9 +447,20 @@ where
                 }
                 let start = index * bs;
                 let end = (start + bs).min(size);
-                if !used(index) {
+                if known(index) {
                     let mut until = index + 1;
-                    while until < block_count && !used(until) {
+                    while until < block_count && until - index < max_run && known(until) {
+                        until += 1;
+                    }
+                    if staged_tx.send((index, until, None)).is_err() {
+                        return Ok(());
+                    }
+                    index = until;
+                    continue;
+                }
+                if !mapped(index) {
+                    let mut until = index + 1;
+                    while until < block_count && !mapped(until) {
                         until += 1;
                     }
                     if jobs.send((index, until - index, Input::Unused)).is_err() {
@@ -488,7 +522,7 @@ where
                         }
                     }
                 }
-                if staged_tx.send((index, run_end, staging)).is_err() {
+                if staged_tx.send((index, run_end, Some(staging))).is_err() {
                     return Ok(());
                 }
                 index = run_end;
@@ -615,12 +649,16 @@ mod tests {
                     assert_eq!(hint, index);
                     (2, buf.iter().map(|&b| b as u64).sum())
                 }
+                Input::Known { hint } => {
+                    assert_eq!(hint, index);
+                    (3, 0)
+                }
             })
         }
     }
 
-    /// Every block arrives once, in order, with the right kind and content; unused and hole
-    /// blocks are not read; a resumed scan starts at its first block.
+    /// Every block arrives once, in order, with the right kind and content; unused, known and
+    /// hole blocks are not read; a resumed scan starts at its first block.
     #[test]
     fn blocks_arrive_in_order_with_holes_and_unused_runs() {
         let bs = 4096u64;
@@ -631,12 +669,19 @@ mod tests {
         let mut map = BlockMap::new(vol.size, bs);
         map.mark_bytes(0, 10 * bs);
         map.mark_bytes(20 * bs, 181 * bs);
+        // Known: a run inside used blocks, one straddling unused ones. (A hole run that
+        // starts before a known block covers it: holes read as zeros anyway.)
+        let mut known = BlockMap::new(vol.size, bs);
+        known.mark_bytes(150 * bs, 2000 * bs);
+        known.mark_bytes(5 * bs, 10 * bs);
+        known.unmark_bytes(170 * bs, 1);
         for start in [0u64, 7, 150] {
             let scan = Scan {
                 source: &vol as &dyn Volume,
                 block_size: bs,
                 start_block: start,
                 map: Some(&map),
+                known: Some(&known),
                 threads: 3,
                 cancel: None,
                 rescue: None,
@@ -657,6 +702,8 @@ mod tests {
                 for b in index..index + count {
                     let expect_kind = if !map.is_used(b) {
                         1
+                    } else if known.is_used(b) {
+                        3
                     } else if (50..120).contains(&b) {
                         0
                     } else {
@@ -726,6 +773,7 @@ mod tests {
             block_size: bs,
             start_block: 0,
             map: None,
+            known: None,
             threads: 2,
             cancel: None,
             rescue: Some(&found),

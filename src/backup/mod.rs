@@ -15,7 +15,6 @@
 use crate::error::{Error, Result};
 use crate::fs::disk::DiskLayout;
 use crate::fs::{BlockMap, FsInfo};
-use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::chunks::Encoder;
 use crate::repo::format::{BlockRef, decode_records, encode_run};
@@ -49,6 +48,9 @@ pub struct BackupOptions {
     pub all_blocks: bool,
     /// Back up a volume even though it is mounted read-write.
     pub allow_mounted: bool,
+    /// Read and hash every used block, also those change tracking knows to be unchanged
+    /// since the parent snapshot.
+    pub rehash: bool,
     /// Set to stop the backup early (Ctrl-C); finished work is checkpointed.
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -63,6 +65,7 @@ impl Default for BackupOptions {
             restart: false,
             all_blocks: false,
             allow_mounted: false,
+            rehash: false,
             cancel: None,
         }
     }
@@ -88,6 +91,11 @@ pub struct BackupReport {
     /// Byte ranges (offset, length) that stayed unreadable and were stored as zeros (this
     /// run; a resumed run does not know those of the runs before it).
     pub unreadable: Vec<(u64, u64)>,
+    /// Blocks that change tracking found unchanged since the parent snapshot: taken from
+    /// it without being read (this run).
+    pub unread_blocks: u64,
+    /// Why change tracking was not used, when it could have been.
+    pub tracking_note: Option<String>,
 }
 
 /// The identity of a volume, used to find the parent of its next backup and its journal:
@@ -136,6 +144,8 @@ struct Done {
     block_ref: BlockRef,
     outcome: Outcome,
     bytes_read: u64,
+    /// Taken from the parent by change tracking, without reading.
+    unread: bool,
 }
 
 /// Worker threads for `requested` (0: one per core).
@@ -145,6 +155,40 @@ pub fn worker_threads(requested: usize) -> usize {
     } else {
         requested
     }
+}
+
+/// True when `source` is mounted read-write (its blocks may change while they are read).
+pub fn mounted_read_write(source: &Source) -> Result<bool> {
+    let mounted = crate::platform::mount_point_of(source.path())
+        .map_err(|e| Error::io("check mounts of", source.path(), e))?;
+    Ok(mounted.is_some_and(|m| !m.read_only))
+}
+
+/// Change tracking against `base`, an earlier state of `source` (parent snapshot, copy):
+/// the blocks known to be unchanged, with `avoid` ranges (offset, length) taken out. `None`
+/// when nothing is known; a note says why a recognised filesystem was not tracked.
+pub fn track_changes(
+    source: &Source,
+    base: &dyn Volume,
+    block_size: u64,
+    avoid: &[(u64, u64)],
+    progress: &dyn Progress,
+) -> Result<Option<BlockMap>> {
+    let u = crate::fs::disk::unchanged_volume(
+        source,
+        base,
+        source.geometry().logical_sector_size,
+        block_size,
+    )?;
+    if let Some(n) = &u.note {
+        progress.warn(&format!("{n}; reading every used block"));
+    }
+    Ok(u.map.map(|mut m| {
+        for &(off, len) in avoid {
+            m.unmark_bytes(off, len);
+        }
+        m
+    }))
 }
 
 /// Refuses a source that is mounted read-write: its blocks change while they are read.
@@ -185,6 +229,9 @@ pub fn backup(
     if !opts.allow_mounted {
         refuse_mounted_read_write(source)?;
     }
+    // A snapshot of a volume mounted read-write may not be one point in time: later backups
+    // do not trust it for change tracking.
+    let consistent = !mounted_read_write(source)?;
     let block_size = opts.block_size.unwrap_or(repo.config().block_size);
     check_block_size(block_size)?;
     let bs = block_size as u64;
@@ -304,6 +351,28 @@ pub fn backup(
         None => None,
     };
 
+    // Change tracking: only against a consistent parent, from a consistent source.
+    let mut tracking_note = None;
+    let known = match (&parent_snap, &map) {
+        (Some(parent), Some(_)) if !opts.rehash && consistent => {
+            if parent.header().consistent == Some(true) {
+                let base = crate::repo::reader::SnapshotVolume::new(
+                    repo.open_snapshot(parent.id())?,
+                    repo.chunks().clone(),
+                );
+                track_changes(source, &base, bs, &parent.header().unreadable, progress)?
+            } else {
+                tracking_note = Some(
+                    "the parent snapshot was taken of a mounted volume (or by an older \
+                     volback): every used block is read"
+                        .to_string(),
+                );
+                None
+            }
+        }
+        _ => None,
+    };
+
     let threads = worker_threads(opts.threads);
     progress.start("backup", info.size - (start_block * bs).min(info.size));
     let unreadable = std::sync::Mutex::new(Vec::new());
@@ -312,6 +381,7 @@ pub fn backup(
         source,
         &unreadable,
         map.as_ref(),
+        known.as_ref(),
         parent_snap.as_ref(),
         opts,
         threads,
@@ -322,7 +392,7 @@ pub fn backup(
         progress,
     );
     progress.finish();
-    let this_run = this_run?;
+    let (this_run, unread_blocks) = this_run?;
     total.add(&this_run);
 
     let stats = SnapshotStats {
@@ -354,6 +424,7 @@ pub fn backup(
         tags: jheader.tags.clone(),
         stats: stats.clone(),
         unreadable: unreadable.into_inner().unwrap_or_else(|p| p.into_inner()),
+        consistent: Some(consistent),
     };
     // Chunks first, then the snapshot that names them, then forget the journal.
     repo.sync_chunks()?;
@@ -370,6 +441,8 @@ pub fn backup(
         layout: probe.layout,
         all_blocks,
         unreadable: header.unreadable,
+        unread_blocks,
+        tracking_note,
     })
 }
 
@@ -406,13 +479,56 @@ fn find_parent(
 /// The backup's work on each block (the read side is [`crate::scan`]).
 struct BackupStage<'a> {
     repo: &'a Repository,
+    source: &'a Source,
+    block_size: u64,
     parent: Option<&'a SnapshotFile>,
     zstd_level: i32,
 }
 
+impl BackupStage<'_> {
+    /// Stores one block read from the source (or compares it with the parent's).
+    fn data(&self, encoder: &mut Encoder, data: &[u8], parent: Option<BlockRef>) -> Result<Done> {
+        let hash = self.repo.config().chunk_hash;
+        let store = self.repo.chunks();
+        let bytes_read = data.len() as u64;
+        let (block_ref, outcome) = if is_zero(data) {
+            (BlockRef::Zero, Outcome::Zero)
+        } else {
+            let id = hash.hash(data);
+            let parent = match parent {
+                Some(BlockRef::Chunk(p)) => Some(p),
+                _ => None,
+            };
+            // The parent's chunk must still be there: a lost chunk is stored again instead
+            // of being carried into the new snapshot.
+            if parent == Some(id) && store.exists(&id)? {
+                (BlockRef::Chunk(id), Outcome::Unchanged)
+            } else if parent != Some(id) && store.is_present(&id)? {
+                (BlockRef::Chunk(id), Outcome::Deduplicated)
+            } else {
+                let enc = encoder.encode(data);
+                store.put(&id, &enc)?;
+                (
+                    BlockRef::Chunk(id),
+                    Outcome::New {
+                        raw: bytes_read,
+                        stored: enc.len() as u64,
+                    },
+                )
+            }
+        };
+        Ok(Done {
+            block_ref,
+            outcome,
+            bytes_read,
+            unread: false,
+        })
+    }
+}
+
 impl<'a> Stage for BackupStage<'a> {
-    /// The parent snapshot's chunk for the block.
-    type Hint = Option<ChunkId>;
+    /// The parent snapshot's reference for the block.
+    type Hint = Option<BlockRef>;
     /// The parent's references, streamed; set when they became unreadable.
     type Hints = (Option<BlockCursor<'a>>, bool);
     type Worker = Encoder;
@@ -427,12 +543,11 @@ impl<'a> Stage for BackupStage<'a> {
         hints: &mut Self::Hints,
         block: u64,
         progress: &dyn Progress,
-    ) -> Option<ChunkId> {
+    ) -> Option<BlockRef> {
         let (cursor, failed) = hints;
         match cursor.as_mut() {
             Some(c) if !*failed => match c.get(block) {
-                Ok(Some(BlockRef::Chunk(id))) => Some(id),
-                Ok(_) => None,
+                Ok(r) => r,
                 Err(e) => {
                     *failed = true;
                     progress.warn(&format!(
@@ -453,54 +568,46 @@ impl<'a> Stage for BackupStage<'a> {
     fn process(
         &self,
         encoder: &mut Encoder,
-        _index: u64,
+        index: u64,
         _count: u64,
-        input: Input<Option<ChunkId>>,
+        input: Input<Option<BlockRef>>,
     ) -> Result<Done> {
-        let hash = self.repo.config().chunk_hash;
-        let store = self.repo.chunks();
         Ok(match input {
             Input::Hole => Done {
                 block_ref: BlockRef::Zero,
                 outcome: Outcome::Zero,
                 bytes_read: 0,
+                unread: false,
             },
             Input::Unused => Done {
                 block_ref: BlockRef::Unused,
                 outcome: Outcome::Unused,
                 bytes_read: 0,
+                unread: false,
             },
-            Input::Data { buf, hint: parent } => {
-                let data: &[u8] = &buf;
-                let bytes_read = data.len() as u64;
-                let (block_ref, outcome) = if is_zero(data) {
-                    (BlockRef::Zero, Outcome::Zero)
-                } else {
-                    let id = hash.hash(data);
-                    // The parent's chunk must still be there: a lost chunk is stored again
-                    // instead of being carried into the new snapshot.
-                    if parent == Some(id) && store.exists(&id)? {
-                        (BlockRef::Chunk(id), Outcome::Unchanged)
-                    } else if parent != Some(id) && store.is_present(&id)? {
-                        (BlockRef::Chunk(id), Outcome::Deduplicated)
-                    } else {
-                        let enc = encoder.encode(data);
-                        store.put(&id, &enc)?;
-                        (
-                            BlockRef::Chunk(id),
-                            Outcome::New {
-                                raw: bytes_read,
-                                stored: enc.len() as u64,
-                            },
-                        )
-                    }
-                };
-                Done {
-                    block_ref,
-                    outcome,
-                    bytes_read,
+            Input::Data { buf, hint } => self.data(encoder, &buf, hint)?,
+            Input::Known { hint } => match hint {
+                Some(BlockRef::Chunk(id)) if self.repo.chunks().exists(&id)? => Done {
+                    block_ref: BlockRef::Chunk(id),
+                    outcome: Outcome::Unchanged,
+                    bytes_read: 0,
+                    unread: true,
+                },
+                Some(BlockRef::Zero) => Done {
+                    block_ref: BlockRef::Zero,
+                    outcome: Outcome::Zero,
+                    bytes_read: 0,
+                    unread: true,
+                },
+                // The parent does not hold the block after all (or lost its chunk): read it.
+                other => {
+                    let start = index * self.block_size;
+                    let len = self.block_size.min(self.source.size() - start) as usize;
+                    let mut data = vec![0u8; len];
+                    self.source.read_at(start, &mut data)?;
+                    self.data(encoder, &data, other)?
                 }
-            }
+            },
         })
     }
 }
@@ -516,6 +623,7 @@ fn run_backup(
     source: &Source,
     unreadable: &std::sync::Mutex<Vec<(u64, u64)>>,
     map: Option<&BlockMap>,
+    known: Option<&BlockMap>,
     parent: Option<&SnapshotFile>,
     opts: &BackupOptions,
     threads: usize,
@@ -524,7 +632,7 @@ fn run_backup(
     writer: &mut SnapshotWriter,
     journal: &mut Journal,
     progress: &dyn Progress,
-) -> Result<BatchStats> {
+) -> Result<(BatchStats, u64)> {
     let cancel = opts.cancel.as_deref();
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     let scan = Scan {
@@ -532,6 +640,7 @@ fn run_backup(
         block_size,
         start_block,
         map,
+        known,
         threads,
         cancel,
         rescue: Some(unreadable),
@@ -539,6 +648,8 @@ fn run_backup(
     let block_count = scan.block_count();
     let stage = BackupStage {
         repo,
+        source,
+        block_size,
         parent,
         zstd_level: repo.config().zstd_level,
     };
@@ -555,6 +666,7 @@ fn run_backup(
                 Ok(())
             });
             let mut run_stats = BatchStats::default();
+            let mut unread = 0u64;
             let mut batch = Batch::new(start_block);
             let mut last_checkpoint = Instant::now();
             let mut failed = false;
@@ -565,6 +677,7 @@ fn run_backup(
                     break;
                 }
                 batch.push(&d.out, d.count);
+                unread += u64::from(d.out.unread);
                 progress.advance((d.count * bs).min(size - d.index * bs));
                 if batch.blocks > 0
                     && (last_checkpoint.elapsed() >= opts.checkpoint_interval
@@ -606,7 +719,7 @@ fn run_backup(
                     "backup stopped at block {next} of {block_count} without an error"
                 )));
             }
-            Ok(run_stats)
+            Ok((run_stats, unread))
         })
     })
 }

@@ -58,6 +58,7 @@ pub fn verify(
     let size = meta.size;
     let zeros = ZeroHashes::new(size, bs);
     let scan = Scan {
+        known: None,
         source: inner.as_ref(),
         block_size: bs,
         start_block: 0,
@@ -86,6 +87,12 @@ pub fn verify(
                     Hashed::Data { hash, .. } => {
                         report.bytes_read += len;
                         *hash
+                    }
+                    // Verification never uses change tracking.
+                    Hashed::Known => {
+                        return Err(Error::InvalidArgument(
+                            "verification met a block it did not read".into(),
+                        ));
                     }
                 };
                 report.blocks_checked += 1;

@@ -31,6 +31,8 @@ pub enum Hashed {
     Zero,
     /// One block of data: its SHA-256, and its bytes when the stage keeps them.
     Data { hash: Hash, buf: Option<BlockBuf> },
+    /// One block change tracking knows to be what the copy holds (not read).
+    Known,
 }
 
 /// Workers: zero detection and SHA-256 (on every core).
@@ -57,6 +59,7 @@ impl Stage for HashStage {
         Ok(match input {
             Input::Hole => Hashed::Hole,
             Input::Unused => Hashed::Unused,
+            Input::Known { .. } => Hashed::Known,
             Input::Data { buf, .. } => {
                 if is_zero(&buf) {
                     Hashed::Zero
@@ -115,6 +118,9 @@ pub struct Run<'a, S: ?Sized> {
     pub meta: CopyMeta,
     pub source: &'a S,
     pub map: Option<&'a BlockMap>,
+    /// Used blocks change tracking knows to hold what `base` says (not read); only with a
+    /// base and a run that starts afresh.
+    pub known: Option<&'a BlockMap>,
     pub writer: Box<dyn ImageWriter>,
     pub journal: Journal,
     pub replay: Replay,
@@ -128,6 +134,8 @@ pub struct RunResult {
     pub meta: CopyMeta,
     pub this_run: CopyStats,
     pub total: CopyStats,
+    /// Blocks change tracking found unchanged, not read (this run).
+    pub unread_blocks: u64,
 }
 
 /// Blocks finished since the last journal record.
@@ -150,6 +158,8 @@ struct Committer<'a> {
     size: u64,
     run_stats: CopyStats,
     last_checkpoint: Instant,
+    /// Blocks change tracking found unchanged (not read) in this run.
+    unread: u64,
 }
 
 impl Committer<'_> {
@@ -202,6 +212,7 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
             mut meta,
             source,
             map,
+            known,
             writer,
             mut journal,
             replay,
@@ -235,6 +246,7 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
             size,
             run_stats: CopyStats::default(),
             last_checkpoint: Instant::now(),
+            unread: 0,
         };
         let cancelled = || settings.cancel.is_some_and(|x| x.load(Ordering::Relaxed));
         let scan = Scan {
@@ -242,6 +254,8 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
             block_size: bs,
             start_block: start,
             map,
+            // What the copy holds is only known when no earlier run touched it.
+            known: known.filter(|_| base.is_some() && forced_end == 0 && start == 0),
             threads: settings.threads,
             cancel: settings.cancel,
             rescue: None,
@@ -274,6 +288,21 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
                                     c.batch.stats.data_blocks += 1;
                                     c.batch.stats.bytes_read += len;
                                     (*hash, buf.as_deref())
+                                }
+                                Hashed::Known => {
+                                    let Some(cur) = base_cursor.as_mut() else {
+                                        return Err(Error::InvalidArgument(
+                                            "change tracking without a base".into(),
+                                        ));
+                                    };
+                                    let old = cur.get(b)?;
+                                    if old == zeros.of(b) {
+                                        c.batch.stats.zero_blocks += 1;
+                                    } else {
+                                        c.batch.stats.data_blocks += 1;
+                                    }
+                                    c.unread += 1;
+                                    (old, None)
                                 }
                             };
                             let old = if b < forced_end {
@@ -353,7 +382,10 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
             }
         }
         let Committer {
-            writer, run_stats, ..
+            writer,
+            run_stats,
+            unread,
+            ..
         } = c;
         writer.finish()?;
 
@@ -380,6 +412,7 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
             meta,
             this_run: run_stats,
             total,
+            unread_blocks: unread,
         })
     }
 }

@@ -218,6 +218,11 @@ pub struct CopyMeta {
     /// Statistics of the last completed copy or update.
     #[serde(default)]
     pub stats: Option<CopyStats>,
+    /// True when the source was not mounted read-write while the last copy or update read
+    /// it (the copy is one point in time, which change tracking can trust); absent in copies
+    /// written before change tracking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent: Option<bool>,
 }
 
 /// Where a copy's metadata lives: `base` + `.json`, `.sha256`, `.journal`.
@@ -511,6 +516,7 @@ mod tests {
             created: "t".into(),
             updated: "t".into(),
             stats: None,
+            consistent: None,
         }
     }
 

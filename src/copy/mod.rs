@@ -78,6 +78,9 @@ pub struct CopyOptions {
     pub all_blocks: bool,
     /// Read a source that is mounted read-write.
     pub allow_mounted: bool,
+    /// Read and hash every used block, also those change tracking knows to be unchanged
+    /// since the copy was last written.
+    pub rehash: bool,
     /// Worker threads; 0 means one per core.
     pub threads: usize,
     /// How often progress is made durable for resuming.
@@ -96,6 +99,7 @@ impl Default for CopyOptions {
             slice_size: None,
             all_blocks: false,
             allow_mounted: false,
+            rehash: false,
             threads: 0,
             checkpoint_interval: Duration::from_secs(5),
             cancel: None,
@@ -127,6 +131,9 @@ pub struct CopyReport {
     pub this_run: CopyStats,
     /// Statistics of the whole copy or update (all runs of a resumed one).
     pub stats: CopyStats,
+    /// Blocks change tracking found unchanged since the copy was last written: kept without
+    /// being read (this run).
+    pub unread_blocks: u64,
     pub duration_secs: f64,
 }
 
@@ -143,6 +150,8 @@ struct Described {
     layout: Option<DiskLayout>,
     all_blocks: bool,
     snapshot: Option<SnapshotOrigin>,
+    /// See [`CopyMeta::consistent`].
+    consistent: Option<bool>,
 }
 
 impl CopyPaths {
@@ -399,6 +408,7 @@ fn start_new<S: ScanSource + ?Sized>(
         created: time.clone(),
         updated: time,
         stats: None,
+        consistent: described.consistent,
     };
     // Metadata first: from here on the destination is a copy in state `updating`.
     meta.store(&paths)?;
@@ -436,6 +446,7 @@ fn run_fresh<S: ScanSource + ?Sized>(
         meta,
         source,
         map,
+        known: None,
         writer,
         journal,
         replay: Replay::default(),
@@ -487,18 +498,21 @@ fn finish_report(
         resumed,
         this_run: r.this_run,
         stats: r.total,
+        unread_blocks: r.unread_blocks,
         duration_secs: started.elapsed().as_secs_f64(),
     })
 }
 
 /// Updates an existing copy in place from `source`, or continues an interrupted copy or
 /// update of it.
+#[allow(clippy::too_many_arguments)]
 fn continue_update<S: ScanSource + ?Sized>(
     paths: &CopyPaths,
     mut meta: CopyMeta,
     lock_held: Option<File>,
     source: &S,
     map: Option<&BlockMap>,
+    known: Option<&BlockMap>,
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyReport> {
@@ -526,6 +540,7 @@ fn continue_update<S: ScanSource + ?Sized>(
                 meta,
                 source,
                 map,
+                known,
                 writer,
                 journal,
                 replay: Replay::default(),
@@ -585,6 +600,7 @@ fn continue_update<S: ScanSource + ?Sized>(
                         meta,
                         source,
                         map,
+                        known: None,
                         writer,
                         journal,
                         replay,
@@ -612,6 +628,7 @@ fn continue_update<S: ScanSource + ?Sized>(
                         meta,
                         source,
                         map,
+                        known: None,
                         writer,
                         journal,
                         replay,
@@ -677,6 +694,7 @@ pub fn copy(
         layout,
         all_blocks,
         snapshot: None,
+        consistent: Some(!crate::backup::mounted_read_write(source)?),
     };
     start_new(
         source,
@@ -731,16 +749,32 @@ pub fn update(
     refuse_source_as_data(source, &paths, &meta)?;
     let all_blocks = meta.all_blocks || opts.all_blocks;
     let (fs, layout, map) = probe_source(source, meta.block_size, all_blocks, progress)?;
+    let consistent = !crate::backup::mounted_read_write(source)?;
+    // Change tracking against what the copy holds: only for a complete copy of one point in
+    // time, from a source that is one too.
+    let known = if map.is_some()
+        && !opts.rehash
+        && consistent
+        && meta.state == CopyState::Complete
+        && meta.consistent == Some(true)
+    {
+        let base = reader::open_data(&paths, &meta)?;
+        crate::backup::track_changes(source, &*base, meta.block_size as u64, &[], progress)?
+    } else {
+        None
+    };
     meta.source = source.info();
     meta.filesystem = fs;
     meta.layout = layout;
     meta.all_blocks = map.is_none();
+    meta.consistent = Some(consistent);
     continue_update(
         &paths,
         meta,
         lock_held,
         source,
         map.as_ref(),
+        known.as_ref(),
         opts,
         progress,
     )
@@ -767,7 +801,7 @@ pub fn export(
     {
         let lock_held = lock_for_update(&paths, &meta)?;
         let meta = CopyMeta::load(&paths)?;
-        return continue_update(&paths, meta, lock_held, source, None, opts, progress);
+        return continue_update(&paths, meta, lock_held, source, None, None, opts, progress);
     }
     let block_size = opts.block_size.unwrap_or(header.block_size);
     let root = std::path::absolute(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
@@ -780,6 +814,7 @@ pub fn export(
             repository: root.to_string_lossy().into_owned(),
             id: snapshot_id.to_string(),
         }),
+        consistent: header.consistent,
     };
     start_new(source, None, described, dest, block_size, opts, progress)
 }

@@ -12,8 +12,12 @@
 //!
 //! Overlapping partitions (a damaged table) only make the map larger: a block is unused only
 //! when nothing claims it.
+//!
+//! Change tracking ([`unchanged_volume`]) composes the same way: each partition's unchanged
+//! blocks, moved to its offset; never for overlapping partitions or partitions not aligned to
+//! the block size.
 
-use super::{BlockMap, FsInfo, probe};
+use super::{BlockMap, FsInfo, Unchanged, probe, unchanged_blocks};
 use crate::error::Result;
 use crate::probe::{self as disk_probe, MbrRole, ProbeOptions, Slice};
 use crate::volume::Volume;
@@ -187,6 +191,70 @@ pub fn map_volume(vol: &dyn Volume, sector_size: u32, granularity: u64) -> Resul
         }),
         map: Some(map),
         warnings,
+    })
+}
+
+/// Change tracking for a whole volume (a filesystem or a partitioned disk) against
+/// `earlier`, the same volume as a parent snapshot or copy holds it: the blocks known to be
+/// unchanged, at `granularity` bytes.
+pub fn unchanged_volume(
+    vol: &dyn Volume,
+    earlier: &dyn Volume,
+    sector_size: u32,
+    granularity: u64,
+) -> Result<Unchanged> {
+    let size = vol.size();
+    if earlier.size() != size {
+        return Ok(Unchanged::default());
+    }
+    let report = disk_probe::probe(
+        vol,
+        sector_size,
+        sector_size,
+        &ProbeOptions { filesystems: false },
+    )?;
+    let Some(table) = report.partition_table else {
+        return unchanged_blocks(vol, earlier, granularity);
+    };
+    let mut parts: Vec<(u64, u64, u32)> = table
+        .partitions
+        .iter()
+        .filter(|p| p.role != Some(MbrRole::Extended) && p.size > 0 && p.start < size)
+        .map(|p| (p.start, p.start.saturating_add(p.size).min(size), p.number))
+        .collect();
+    parts.sort_unstable();
+    if parts.windows(2).any(|w| w[0].1 > w[1].0) {
+        return Ok(Unchanged {
+            map: None,
+            note: Some("overlapping partitions: no change tracking".into()),
+        });
+    }
+    let mut known = BlockMap::new(size, granularity);
+    let mut any = false;
+    let mut notes = Vec::new();
+    for (start, end, number) in parts {
+        if !start.is_multiple_of(granularity) {
+            continue;
+        }
+        let cur = Slice::new(vol, start, end - start);
+        let old = Slice::new(earlier, start, end - start);
+        let u = unchanged_blocks(&cur, &old, granularity)?;
+        if let Some(note) = u.note {
+            notes.push(format!("partition {number}: {note}"));
+        }
+        if let Some(pm) = u.map {
+            any = true;
+            for run in pm.used_runs() {
+                known.mark_bytes(
+                    start + run.start * granularity,
+                    (run.end - run.start) * granularity,
+                );
+            }
+        }
+    }
+    Ok(Unchanged {
+        map: any.then_some(known),
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
     })
 }
 

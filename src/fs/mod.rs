@@ -87,6 +87,25 @@ impl BlockMap {
         }
     }
 
+    /// Marks every block that overlaps `[start, start+len)` unused (clipped to the map).
+    pub fn unmark_bytes(&mut self, start: u64, len: u64) {
+        if len == 0 || self.blocks == 0 {
+            return;
+        }
+        let first = start / self.granularity;
+        let last = ((start.saturating_add(len) - 1) / self.granularity).min(self.blocks - 1);
+        let mut b = first;
+        while b <= last {
+            if b.is_multiple_of(64) && b + 63 <= last {
+                self.bits[(b / 64) as usize] = 0;
+                b += 64;
+            } else {
+                self.bits[(b / 64) as usize] &= !(1 << (b % 64));
+                b += 1;
+            }
+        }
+    }
+
     pub fn is_used(&self, block: u64) -> bool {
         block < self.blocks && self.bits[(block / 64) as usize] & (1 << (block % 64)) != 0
     }
@@ -164,6 +183,42 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
         map: None,
         warning: None,
     })
+}
+
+/// What change tracking found: the blocks of a volume known to be unchanged since an
+/// earlier state of it, without reading them.
+#[derive(Debug, Clone, Default)]
+pub struct Unchanged {
+    /// Blocks (at the requested granularity) whose bytes equal the earlier state's in every
+    /// filesystem block in use; `None`: nothing is known, every used block is read.
+    pub map: Option<BlockMap>,
+    /// Why a recognised filesystem could not be tracked.
+    pub note: Option<String>,
+}
+
+/// Change tracking for the filesystem spanning `vol`, against `earlier` (the same volume as
+/// a parent snapshot or a copy holds it). Only ext4 (extent-mapped files) is tracked; other
+/// filesystems give an empty answer without a note.
+pub fn unchanged_blocks(
+    vol: &dyn Volume,
+    earlier: &dyn Volume,
+    granularity: u64,
+) -> Result<Unchanged> {
+    if let Some(sb) = ext::Superblock::read(vol)? {
+        return Ok(
+            match ext::changes::unchanged_blocks(vol, earlier, &sb, granularity) {
+                Ok(map) => Unchanged {
+                    map: Some(map),
+                    note: None,
+                },
+                Err(why) => Unchanged {
+                    map: None,
+                    note: Some(format!("{}: no change tracking ({why})", sb.fs_type())),
+                },
+            },
+        );
+    }
+    Ok(Unchanged::default())
 }
 
 impl Probe {

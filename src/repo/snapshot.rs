@@ -76,6 +76,11 @@ pub struct SnapshotHeader {
     /// Byte ranges that could not be read and were stored as zeros.
     #[serde(default)]
     pub unreadable: Vec<(u64, u64)>,
+    /// True when the source was not mounted read-write while it was read: the snapshot is
+    /// one point in time, and later backups may use it for change tracking. Absent in
+    /// snapshots written before change tracking (not trusted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent: Option<bool>,
 }
 
 /// One entry of the segment directory.

@@ -48,14 +48,15 @@ fn assert_identical(a: &Path, fa: &str, b: &Path, fb: &str) {
 }
 
 /// The source as a restore of its backup shows it: used blocks as they are, unused blocks
-/// zeroed (what a copy made through the allocation map must equal).
+/// zeroed (what a copy made through the allocation map must equal). `--rehash`: the judge
+/// reads every used block, so that what its repository held before does not matter.
 fn backup_and_restore(t: &TestDir, src: &Path, name: &str) -> PathBuf {
     // One repository per test: later backups are incremental.
     let repo = t.join("judge.repo");
     if !repo.exists() {
         init_repo(&repo, &[]);
     }
-    let b = backup_json(src, &repo, &[]);
+    let b = backup_json(src, &repo, &["--rehash"]);
     let out = t.join(&format!("{name}.restored"));
     restore(&repo, jstr(&b, "/snapshot"), &out);
     out

@@ -17,6 +17,12 @@
 //!
 //! Every block number read from disk is checked against the block count; a violation makes
 //! the map unusable (the caller then reads every block) instead of trusting it.
+//!
+//! [`changes`] finds the blocks that cannot have changed since an earlier state of the same
+//! filesystem, from its inodes and extent trees ([`inode`]).
+
+pub mod changes;
+mod inode;
 
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at};
@@ -33,7 +39,12 @@ const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_EXTENTS: u32 = 0x40;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_META_BG: u32 = 0x10;
+const INCOMPAT_INLINE_DATA: u32 = 0x8000;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+const RO_COMPAT_GDT_CSUM: u32 = 0x10;
+const RO_COMPAT_BIGALLOC: u32 = 0x200;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+const BG_INODE_UNINIT: u16 = 0x1;
 const BG_BLOCK_UNINIT: u16 = 0x2;
 
 /// The fields of an ext superblock that the map needs.
@@ -53,6 +64,16 @@ pub struct Superblock {
     backup_bgs: [u64; 2],
     uuid: [u8; 16],
     label: String,
+    inodes_per_group: u64,
+    /// Bytes per inode slot in the inode tables (128 with revision 0).
+    inode_size: u64,
+    /// First inode number not reserved for the filesystem's own use.
+    first_ino: u64,
+    /// Last time the superblock was written (Unix seconds).
+    wtime: i64,
+    /// Inodes the superblock names (journal, quota files, orphan file…): their blocks change
+    /// without their timestamps changing.
+    special_inodes: Vec<u64>,
 }
 
 impl Superblock {
@@ -92,6 +113,19 @@ impl Superblock {
         {
             return Ok(None);
         }
+        let rev = u32_at(&b, 0x4C);
+        let (inode_size, first_ino) = if rev == 0 {
+            (128, 11)
+        } else {
+            (u16_at(&b, 0x58) as u64, u32_at(&b, 0x54) as u64)
+        };
+        // s_journal_inum, s_snapshot_inum, s_usr/grp_quota_inum, s_prj_quota_inum,
+        // s_orphan_file_inum.
+        let special_inodes = [0xE0, 0x180, 0x240, 0x244, 0x26C, 0x280]
+            .iter()
+            .map(|&o| u32_at(&b, o) as u64)
+            .filter(|&i| i != 0)
+            .collect();
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[0x68..0x78]);
         let name = &b[0x78..0x88];
@@ -111,6 +145,11 @@ impl Superblock {
             backup_bgs: [u32_at(&b, 0x24C) as u64, u32_at(&b, 0x250) as u64],
             uuid,
             label: String::from_utf8_lossy(&name[..end]).into_owned(),
+            inodes_per_group: u32_at(&b, 0x28) as u64,
+            inode_size,
+            first_ino,
+            wtime: u32_at(&b, 0x30) as i64 | (b[0x274] as i64) << 32,
+            special_inodes,
         }))
     }
 
@@ -219,6 +258,8 @@ struct Desc {
     inode_bitmap: u64,
     inode_table: u64,
     flags: u16,
+    /// Inode slots at the end of the group's table never used (kept with group checksums).
+    itable_unused: u64,
 }
 
 /// Reads group descriptors, one descriptor block cached at a time.
@@ -261,8 +302,24 @@ impl DescReader<'_> {
             inode_bitmap: u32_at(d, 0x04) as u64 | hi(0x24),
             inode_table: u32_at(d, 0x08) as u64 | hi(0x28),
             flags: u16_at(d, 0x12),
+            itable_unused: u16_at(d, 0x1C) as u64
+                | if sb.desc_size >= 64 {
+                    (u16_at(d, 0x32) as u64) << 16
+                } else {
+                    0
+                },
         })
     }
+}
+
+/// What a run of used blocks holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Used {
+    /// The filesystem's own structures: boot block and superblock, descriptors, bitmaps,
+    /// inode tables.
+    Metadata,
+    /// Blocks the block bitmaps mark used (file data, directories, extent trees, journal…).
+    Allocated,
 }
 
 /// Builds the allocation map of an ext2/3/4 filesystem at `granularity` bytes per bit.
@@ -272,6 +329,19 @@ pub fn allocation_map(
     sb: &Superblock,
     granularity: u64,
 ) -> std::result::Result<BlockMap, String> {
+    let bs = sb.block_size;
+    let fs_bytes = check_fits(vol, sb)?;
+    let mut map = BlockMap::new(vol.size(), granularity);
+    // Bytes past the filesystem's end are not the filesystem's to describe: keep them.
+    map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
+    for_each_used(vol, sb, |_, first, count| {
+        map.mark_bytes(first * bs, count * bs)
+    })?;
+    Ok(map)
+}
+
+/// The filesystem's size in bytes, checked against the volume's.
+fn check_fits(vol: &dyn Volume, sb: &Superblock) -> std::result::Result<u64, String> {
     if sb.incompat & INCOMPAT_RECOVER != 0 {
         // Committed transactions still in the journal may allocate blocks that the on-disk
         // bitmaps show as free (their data is already in place with data=ordered); replay
@@ -283,10 +353,9 @@ pub fn allocation_map(
                 .into(),
         );
     }
-    let bs = sb.block_size;
     let fs_bytes = sb
         .blocks_count
-        .checked_mul(bs)
+        .checked_mul(sb.block_size)
         .ok_or("block count overflows")?;
     if fs_bytes > vol.size() {
         return Err(format!(
@@ -294,33 +363,38 @@ pub fn allocation_map(
             vol.size()
         ));
     }
-    let mut map = BlockMap::new(vol.size(), granularity);
-    // Bytes past the filesystem's end are not the filesystem's to describe: keep them.
-    map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
-    // Everything up to the first group (boot sector, superblock) is always kept.
-    map.mark_bytes(0, (sb.first_data_block + 1) * bs);
-    let groups = sb.group_count();
-    let inodes_per_group = {
-        let mut b = vec![0u8; SB_LEN];
-        vol.read_at(SB_OFFSET, &mut b)
-            .map_err(|e| format!("reading superblock: {e}"))?;
-        u32_at(&b, 0x28) as u64
-    };
-    let inode_size = {
-        let mut b = vec![0u8; SB_LEN];
-        vol.read_at(SB_OFFSET, &mut b)
-            .map_err(|e| format!("reading superblock: {e}"))?;
-        let rev = u32_at(&b, 0x4C);
-        if rev == 0 {
-            128
-        } else {
-            u16_at(&b, 0x58) as u64
-        }
-    };
-    if inode_size == 0 || inode_size > bs {
-        return Err(format!("inode size {inode_size} is implausible"));
+    if sb.inode_size < 128 || sb.inode_size > sb.block_size || !sb.inode_size.is_power_of_two() {
+        return Err(format!("inode size {} is implausible", sb.inode_size));
     }
-    let itable_blocks = (inodes_per_group * inode_size).div_ceil(bs);
+    Ok(fs_bytes)
+}
+
+impl Superblock {
+    /// Blocks of one group's inode table.
+    fn itable_blocks(&self) -> u64 {
+        (self.inodes_per_group * self.inode_size).div_ceil(self.block_size)
+    }
+
+    /// Whether descriptors carry checksums (and with them a trustworthy `itable_unused`).
+    fn group_checksums(&self) -> bool {
+        self.ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM) != 0
+    }
+}
+
+/// Calls `f(kind, first_block, count)` for every run of blocks the filesystem uses (runs may
+/// overlap and come in any order). `Err` explains why the filesystem's data cannot be
+/// trusted.
+pub(crate) fn for_each_used(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    mut f: impl FnMut(Used, u64, u64),
+) -> std::result::Result<(), String> {
+    check_fits(vol, sb)?;
+    let bs = sb.block_size;
+    // Everything up to the first group (boot sector, superblock) is always kept.
+    f(Used::Metadata, 0, sb.first_data_block + 1);
+    let groups = sb.group_count();
+    let itable_blocks = sb.itable_blocks();
     let mut descs = DescReader {
         vol,
         sb,
@@ -341,12 +415,15 @@ pub fn allocation_map(
         check("block bitmap", d.block_bitmap, 1, g)?;
         check("inode bitmap", d.inode_bitmap, 1, g)?;
         check("inode table", d.inode_table, itable_blocks, g)?;
-        map.mark_bytes(d.block_bitmap * bs, bs);
-        map.mark_bytes(d.inode_bitmap * bs, bs);
-        map.mark_bytes(d.inode_table * bs, itable_blocks * bs);
+        f(Used::Metadata, d.block_bitmap, 1);
+        f(Used::Metadata, d.inode_bitmap, 1);
+        f(Used::Metadata, d.inode_table, itable_blocks);
         let first = sb.group_first_block(g);
-        map.mark_bytes(first * bs, sb.super_area_blocks(g) * bs);
-        map.mark_bytes(sb.desc_block(g) * bs, bs);
+        let area = sb
+            .super_area_blocks(g)
+            .min(sb.blocks_count.saturating_sub(first));
+        f(Used::Metadata, first, area);
+        f(Used::Metadata, sb.desc_block(g), 1);
     }
 
     // Pass 2: the block bitmaps of initialised groups.
@@ -376,10 +453,10 @@ pub fn allocation_map(
             while i < in_group && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
                 i += 1;
             }
-            map.mark_bytes((first + start) * bs, (i - start) * bs);
+            f(Used::Allocated, first + start, i - start);
         }
     }
-    Ok(map)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,249 @@
+//! Change tracking for ext4: which blocks cannot have changed since an earlier state of the
+//! same filesystem (the parent snapshot, or the copy being updated), found from inodes and
+//! extent trees instead of by reading the blocks.
+//!
+//! A block of the volume is *unchanged* when every filesystem block in it that is in use now
+//! belongs to a file or directory whose inode is unchanged:
+//!
+//! - the inode slot holds the same bytes in both states, apart from the access time and the
+//!   checksum (so the same size, block count, flags, generation, modification and change
+//!   times, and extent tree root);
+//! - its change time lies more than [`RACY_SECONDS`] before the earlier state's superblock
+//!   write time (`s_wtime`), so that a write in the same clock tick as the earlier backup,
+//!   which would leave the timestamps as they were, cannot hide;
+//! - its extent trees (leaves included) list the same extents in both states;
+//! - it is a regular file or directory with an extent tree, not an inode the filesystem
+//!   keeps for itself (reserved numbers, journal, quota, orphan file, EA inodes).
+//!
+//! Everything else in use is read: filesystem metadata (superblocks, descriptors, bitmaps,
+//! inode tables), extent tree blocks, the journal, blocks of changed files, and blocks that a
+//! changed or unknown inode also claims. Free filesystem blocks inside an unchanged block
+//! impose nothing: their content is not part of the filesystem.
+//!
+//! Memory: one bit per filesystem block (64 MiB at most: 2 TiB of 4 KiB blocks); larger
+//! filesystems are not tracked.
+
+use super::inode::{
+    FL_EA_INODE, FL_EXTENTS, FL_INLINE_DATA, Inode, Node, S_IFDIR, S_IFMT, S_IFREG, walk_extents,
+};
+use super::{
+    BG_INODE_UNINIT, DescReader, INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC, Superblock, Used,
+    for_each_used,
+};
+use crate::fs::BlockMap;
+use crate::volume::Volume;
+
+/// Seconds before the earlier state's superblock write time within which a change time is
+/// too close to trust (timestamps are coarse: whole seconds with 128-byte inodes).
+pub const RACY_SECONDS: i64 = 3;
+
+/// The most filesystem blocks tracked (one bit each: 64 MiB).
+const MAX_TRACKED_BLOCKS: u64 = 1 << 29;
+
+/// Inode table bytes read at a time.
+const ITABLE_CHUNK: u64 = 1 << 20;
+
+/// An extent tree larger than this is not compared (its file is read).
+const MAX_TREE_BLOCKS: u64 = 1 << 16;
+
+/// One bit per filesystem block.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: u64) -> Bits {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+
+    fn set_run(&mut self, start: u64, len: u64) {
+        for b in start..start + len {
+            self.0[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    fn get(&self, b: u64) -> bool {
+        self.0[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+}
+
+/// The blocks (at `granularity` bytes) of `vol` whose bytes equal those of `earlier`, an
+/// earlier state of the same ext filesystem, in every filesystem block in use now. `Err` says
+/// why nothing can be told (different filesystem or geometry, damaged structures…).
+pub fn unchanged_blocks(
+    vol: &dyn Volume,
+    earlier: &dyn Volume,
+    sb: &Superblock,
+    granularity: u64,
+) -> std::result::Result<BlockMap, String> {
+    let Some(old) =
+        Superblock::read(earlier).map_err(|e| format!("reading the earlier superblock: {e}"))?
+    else {
+        return Err("the earlier state holds no ext filesystem".into());
+    };
+    if old.uuid != sb.uuid
+        || old.block_size != sb.block_size
+        || old.blocks_count != sb.blocks_count
+        || old.first_data_block != sb.first_data_block
+        || old.blocks_per_group != sb.blocks_per_group
+        || old.inodes_per_group != sb.inodes_per_group
+        || old.inode_size != sb.inode_size
+        || old.desc_size != sb.desc_size
+        || vol.size() != earlier.size()
+    {
+        return Err("the earlier state is another filesystem or has another geometry".into());
+    }
+    if sb.ro_compat & RO_COMPAT_BIGALLOC != 0 {
+        return Err("bigalloc filesystems are not tracked".into());
+    }
+    if sb.blocks_count > MAX_TRACKED_BLOCKS {
+        return Err(format!(
+            "{} blocks are more than change tracking keeps in memory ({MAX_TRACKED_BLOCKS})",
+            sb.blocks_count
+        ));
+    }
+    // Both states must be consistent: the earlier one's journal clean too.
+    super::check_fits(earlier, &old)?;
+    super::check_fits(vol, sb)?;
+
+    let bs = sb.block_size;
+    let threshold = old.wtime - RACY_SECONDS;
+    let mut claimed = Bits::new(sb.blocks_count);
+    let mut tainted = BlockMap::new(vol.size(), granularity);
+    let mut taint = |start: u64, len: u64| tainted.mark_bytes(start * bs, len * bs);
+
+    let mut cur_descs = DescReader {
+        vol,
+        sb,
+        cached: None,
+    };
+    let mut old_descs = DescReader {
+        vol: earlier,
+        sb: &old,
+        cached: None,
+    };
+    let ipg = sb.inodes_per_group;
+    let isz = sb.inode_size;
+    let slots_in_use = |d: &super::Desc, s: &Superblock| -> u64 {
+        if d.flags & BG_INODE_UNINIT != 0 && s.group_checksums() {
+            0
+        } else if s.group_checksums() {
+            ipg.saturating_sub(d.itable_unused)
+        } else {
+            ipg
+        }
+    };
+    let per_chunk = (ITABLE_CHUNK / isz).max(1);
+    let mut cur_buf = vec![0u8; (per_chunk * isz) as usize];
+    let mut old_buf = vec![0u8; (per_chunk * isz) as usize];
+    let inline_possible = sb.incompat & INCOMPAT_INLINE_DATA != 0;
+
+    for g in 0..sb.group_count() {
+        let cd = cur_descs.get(g)?;
+        let od = old_descs.get(g)?;
+        if cd.inode_table != od.inode_table {
+            return Err(format!("the inode table of group {g} moved"));
+        }
+        let n = slots_in_use(&cd, sb);
+        let on = slots_in_use(&od, &old);
+        if cd
+            .inode_table
+            .checked_add(sb.itable_blocks())
+            .is_none_or(|e| e > sb.blocks_count)
+        {
+            return Err(format!("group {g}: inode table outside the filesystem"));
+        }
+        let mut first = 0u64;
+        while first < n {
+            let count = per_chunk.min(n - first);
+            let bytes = (count * isz) as usize;
+            let at = cd.inode_table * bs + first * isz;
+            vol.read_at(at, &mut cur_buf[..bytes])
+                .map_err(|e| format!("reading inode table of group {g}: {e}"))?;
+            let old_count = on.saturating_sub(first).min(count);
+            if old_count > 0 {
+                earlier
+                    .read_at(at, &mut old_buf[..(old_count * isz) as usize])
+                    .map_err(|e| format!("reading earlier inode table of group {g}: {e}"))?;
+            }
+            for i in 0..count {
+                let slot = (i * isz) as usize..((i + 1) * isz) as usize;
+                let cur = Inode(&cur_buf[slot.clone()]);
+                if !cur.in_use() || cur.flags() & FL_EXTENTS == 0 {
+                    // Block-mapped files are not tracked: their blocks are unclaimed, so read.
+                    continue;
+                }
+                if inline_possible && cur.flags() & FL_INLINE_DATA != 0 {
+                    continue;
+                }
+                let ino = g * ipg + first + i + 1;
+                let kind = cur.mode() & S_IFMT;
+                let candidate = ino >= sb.first_ino.max(11)
+                    && !sb.special_inodes.contains(&ino)
+                    && (kind == S_IFREG || kind == S_IFDIR)
+                    && cur.flags() & FL_EA_INODE == 0
+                    && i < old_count
+                    && cur.same_as(&Inode(&old_buf[slot]))
+                    && cur.ctime() < threshold;
+                let mut extents = Vec::new();
+                let mut nodes = Vec::new();
+                let walked = walk_extents(vol, sb, cur.root(), MAX_TREE_BLOCKS, &mut |n| match n {
+                    Node::Block(b) => nodes.push(b),
+                    Node::Extent(e) => extents.push(e),
+                });
+                let unchanged =
+                    candidate
+                        && walked.is_ok()
+                        && (nodes.is_empty() || {
+                            // The root is the same; the rest of the tree must be too.
+                            let mut old_extents = Vec::with_capacity(extents.len());
+                            let mut old_nodes = Vec::with_capacity(nodes.len());
+                            walk_extents(earlier, &old, cur.root(), MAX_TREE_BLOCKS, &mut |n| {
+                                match n {
+                                    Node::Block(b) => old_nodes.push(b),
+                                    Node::Extent(e) => old_extents.push(e),
+                                }
+                            })
+                            .is_ok()
+                                && old_extents == extents
+                                && old_nodes == nodes
+                        });
+                for &b in &nodes {
+                    taint(b, 1);
+                }
+                for e in &extents {
+                    if unchanged {
+                        claimed.set_run(e.start, e.len);
+                    } else {
+                        taint(e.start, e.len);
+                    }
+                }
+            }
+            first += count;
+        }
+    }
+
+    // Unchanged: blocks wholly inside the filesystem where every block in use is claimed by
+    // an unchanged inode, no metadata lies, and nothing changed claims a block.
+    let fs_bytes = sb.blocks_count * bs;
+    let mut known = BlockMap::new(vol.size(), granularity);
+    known.mark_bytes(0, fs_bytes);
+    if !fs_bytes.is_multiple_of(granularity) {
+        known.unmark_bytes(fs_bytes, granularity);
+    }
+    for_each_used(vol, sb, |kind, start, len| {
+        let end = (start + len).min(sb.blocks_count);
+        match kind {
+            Used::Metadata => known.unmark_bytes(start * bs, (end - start.min(end)) * bs),
+            Used::Allocated => {
+                for b in start..end {
+                    if !claimed.get(b) {
+                        known.unmark_bytes(b * bs, bs);
+                    }
+                }
+            }
+        }
+    })?;
+    for run in tainted.used_runs() {
+        known.unmark_bytes(run.start * granularity, (run.end - run.start) * granularity);
+    }
+    Ok(known)
+}
