@@ -14,7 +14,8 @@ volback=target/release/volback
 # an incremental one of a changed volume.
 cp -r src docs README.md "$work/files/" 2>/dev/null || true
 date > "$work/files/last-run.txt"
-rm -f "$work/disk.img"
+# The file the second backup sees changed is added after mkfs (debugfs refuses to overwrite).
+rm -f "$work/files/changed.bin" "$work/disk.img"
 truncate -s 64M "$work/disk.img"
 mkfs.ext4 -q -F -L demo -U 6f6c6276-6261-636b-2d64-656d6f000001 -E root_owner=0:0 \
     -d "$work/files" "$work/disk.img"
