@@ -157,13 +157,6 @@ pub fn worker_threads(requested: usize) -> usize {
     }
 }
 
-/// True when `source` is mounted read-write (its blocks may change while they are read).
-pub fn mounted_read_write(source: &Source) -> Result<bool> {
-    let mounted = crate::platform::mount_point_of(source.path())
-        .map_err(|e| Error::io("check mounts of", source.path(), e))?;
-    Ok(mounted.is_some_and(|m| !m.read_only))
-}
-
 /// Change tracking against `base`, an earlier state of `source` (parent snapshot, copy):
 /// the blocks known to be unchanged, with `avoid` ranges (offset, length) taken out. `None`
 /// when nothing is known; a note says why a recognised filesystem was not tracked.
@@ -191,23 +184,29 @@ pub fn track_changes(
     }))
 }
 
-/// Refuses a source that is mounted read-write: its blocks change while they are read.
-pub fn refuse_mounted_read_write(source: &Source) -> Result<()> {
+/// Checks how `source` is mounted. A source mounted read-write is refused (its blocks change
+/// while they are read) unless `allow_mounted`. Returns whether the source is consistent: not
+/// mounted read-write, so what is read is one point in time (change tracking trusts only
+/// such snapshots and copies).
+pub fn check_mounts(source: &Source, allow_mounted: bool) -> Result<bool> {
     let mounted = crate::platform::mount_point_of(source.path())
         .map_err(|e| Error::io("check mounts of", source.path(), e))?;
-    if let Some(m) = mounted.filter(|m| !m.read_only) {
-        return Err(Error::BadSource {
-            path: source.path().to_path_buf(),
-            detail: format!(
-                "it is mounted read-write at {}: its blocks change while they are read. \
-                 Back up a snapshot of it instead (lvcreate --snapshot, then back up the \
-                 snapshot device), or freeze it (fsfreeze --freeze {}) and pass \
-                 --allow-mounted, or pass --allow-mounted to accept an inconsistent copy",
-                m.point, m.point
-            ),
-        });
+    let Some(m) = mounted.filter(|m| !m.read_only) else {
+        return Ok(true);
+    };
+    if allow_mounted {
+        return Ok(false);
     }
-    Ok(())
+    Err(Error::BadSource {
+        path: source.path().to_path_buf(),
+        detail: format!(
+            "it is mounted read-write at {}: its blocks change while they are read. \
+             Back up a snapshot of it instead (lvcreate --snapshot, then back up the \
+             snapshot device), or freeze it (fsfreeze --freeze {}) and pass \
+             --allow-mounted, or pass --allow-mounted to accept an inconsistent copy",
+            m.point, m.point
+        ),
+    })
 }
 
 /// Backs up `source` into `repo`. Full the first time; incremental against the latest
@@ -226,12 +225,7 @@ pub fn backup(
             detail: "it is empty (0 bytes)".into(),
         });
     }
-    if !opts.allow_mounted {
-        refuse_mounted_read_write(source)?;
-    }
-    // A snapshot of a volume mounted read-write may not be one point in time: later backups
-    // do not trust it for change tracking.
-    let consistent = !mounted_read_write(source)?;
+    let consistent = check_mounts(source, opts.allow_mounted)?;
     let block_size = opts.block_size.unwrap_or(repo.config().block_size);
     check_block_size(block_size)?;
     let bs = block_size as u64;

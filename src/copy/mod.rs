@@ -663,17 +663,16 @@ fn probe_source(
     Ok((probe.fs, probe.layout, map))
 }
 
-fn check_source(source: &Source, opts: &CopyOptions) -> Result<()> {
+/// Refuses an empty or (unless allowed) read-write mounted source; returns whether it is
+/// consistent (see [`crate::backup::check_mounts`]).
+fn check_source(source: &Source, opts: &CopyOptions) -> Result<bool> {
     if source.size() == 0 {
         return Err(Error::BadSource {
             path: source.path().to_path_buf(),
             detail: "it is empty (0 bytes)".into(),
         });
     }
-    if !opts.allow_mounted {
-        crate::backup::refuse_mounted_read_write(source)?;
-    }
-    Ok(())
+    crate::backup::check_mounts(source, opts.allow_mounted)
 }
 
 /// Copies `source` to a new copy at `dest` (`volback copy`).
@@ -683,7 +682,7 @@ pub fn copy(
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyReport> {
-    check_source(source, opts)?;
+    let consistent = check_source(source, opts)?;
     let block_size = opts.block_size.unwrap_or(crate::repo::DEFAULT_BLOCK_SIZE);
     crate::repo::check_block_size(block_size)?;
     let (fs, layout, map) = probe_source(source, block_size, opts.all_blocks, progress)?;
@@ -694,7 +693,7 @@ pub fn copy(
         layout,
         all_blocks,
         snapshot: None,
-        consistent: Some(!crate::backup::mounted_read_write(source)?),
+        consistent: Some(consistent),
     };
     start_new(
         source,
@@ -727,7 +726,7 @@ pub fn update(
     // Under the lock, the metadata cannot change any more.
     let lock_held = lock_for_update(&paths, &meta)?;
     let mut meta = CopyMeta::load(&paths)?;
-    check_source(source, opts)?;
+    let consistent = check_source(source, opts)?;
     if source.size() != meta.size {
         return Err(Error::InvalidArgument(format!(
             "{} holds {} bytes but the copy {} holds {}: a copy is updated from a volume of \
@@ -749,7 +748,6 @@ pub fn update(
     refuse_source_as_data(source, &paths, &meta)?;
     let all_blocks = meta.all_blocks || opts.all_blocks;
     let (fs, layout, map) = probe_source(source, meta.block_size, all_blocks, progress)?;
-    let consistent = !crate::backup::mounted_read_write(source)?;
     // Change tracking against what the copy holds: only for a complete copy of one point in
     // time, from a source that is one too.
     let known = if map.is_some()

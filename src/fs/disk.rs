@@ -87,15 +87,20 @@ fn alignment(x: u64, cap: u64) -> u64 {
     a.clamp(4096.min(cap), cap)
 }
 
-/// Probes `vol` (logical sectors of `sector_size` bytes) and builds its allocation map at
-/// `granularity` bytes per bit.
-pub fn map_volume(vol: &dyn Volume, sector_size: u32, granularity: u64) -> Result<VolumeMap> {
-    let report = disk_probe::probe(
+/// The partition table of `vol` (and what is wrong with it), without probing filesystems.
+fn table_probe(vol: &dyn Volume, sector_size: u32) -> Result<disk_probe::ProbeReport> {
+    disk_probe::probe(
         vol,
         sector_size,
         sector_size,
         &ProbeOptions { filesystems: false },
-    )?;
+    )
+}
+
+/// Probes `vol` (logical sectors of `sector_size` bytes) and builds its allocation map at
+/// `granularity` bytes per bit.
+pub fn map_volume(vol: &dyn Volume, sector_size: u32, granularity: u64) -> Result<VolumeMap> {
+    let report = table_probe(vol, sector_size)?;
     let Some(table) = report.partition_table else {
         let p = probe(vol, granularity)?;
         return Ok(VolumeMap {
@@ -207,12 +212,7 @@ pub fn unchanged_volume(
     if earlier.size() != size {
         return Ok(Unchanged::default());
     }
-    let report = disk_probe::probe(
-        vol,
-        sector_size,
-        sector_size,
-        &ProbeOptions { filesystems: false },
-    )?;
+    let report = table_probe(vol, sector_size)?;
     let Some(table) = report.partition_table else {
         return unchanged_blocks(vol, earlier, granularity);
     };

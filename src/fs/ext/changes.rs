@@ -135,6 +135,9 @@ pub fn unchanged_blocks(
     let mut cur_buf = vec![0u8; (per_chunk * isz) as usize];
     let mut old_buf = vec![0u8; (per_chunk * isz) as usize];
     let inline_possible = sb.incompat & INCOMPAT_INLINE_DATA != 0;
+    // One inode's tree blocks and extents (reused from inode to inode).
+    let mut extents = Vec::new();
+    let mut nodes = Vec::new();
 
     for g in 0..sb.group_count() {
         let cd = cur_descs.get(g)?;
@@ -183,8 +186,8 @@ pub fn unchanged_blocks(
                     && i < old_count
                     && cur.same_as(&Inode(&old_buf[slot]))
                     && cur.ctime() < threshold;
-                let mut extents = Vec::new();
-                let mut nodes = Vec::new();
+                extents.clear();
+                nodes.clear();
                 let walked = walk_extents(vol, sb, cur.root(), MAX_TREE_BLOCKS, &mut |n| match n {
                     Node::Block(b) => nodes.push(b),
                     Node::Extent(e) => extents.push(e),
@@ -251,27 +254,9 @@ pub fn unchanged_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{Error, Result};
     use proptest::prelude::*;
 
-    struct Mem(Vec<u8>);
-
-    impl Volume for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            let end = offset as usize + buf.len();
-            if end > self.0.len() {
-                return Err(Error::InvalidArgument("past end".into()));
-            }
-            buf.copy_from_slice(&self.0[offset as usize..end]);
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "mem".into()
-        }
-    }
+    use crate::probe::tests::Mem;
 
     /// A 4 MiB ext4 (1 KiB blocks, a two-level extent tree) and the same after some files
     /// changed: tests/fixtures/make-ext4-tracking.sh.

@@ -462,27 +462,9 @@ pub(crate) fn for_each_used(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
     use proptest::prelude::*;
 
-    struct Mem(Vec<u8>);
-
-    impl Volume for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            let end = offset as usize + buf.len();
-            if end > self.0.len() {
-                return Err(Error::InvalidArgument("past end".into()));
-            }
-            buf.copy_from_slice(&self.0[offset as usize..end]);
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "mem".into()
-        }
-    }
+    use crate::probe::tests::Mem;
 
     /// A plausible superblock header for a 4 MiB, 1 KiB-block filesystem.
     fn base_image() -> Vec<u8> {
