@@ -66,6 +66,11 @@ enum Command {
         /// Default block size in bytes (power of two, 4 KiB to 16 MiB).
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
+        /// Largest pack: the blocks a backup stores from one read of consecutive blocks are
+        /// compressed together, up to this size (default 4M; 0 or at most one block: every
+        /// block compressed alone, which makes random reads through mount/serve cheaper).
+        #[arg(long, value_parser = parse_size)]
+        pack_size: Option<u64>,
     },
     /// Back up a block device or image file: full the first time, incremental afterwards.
     Backup {
@@ -366,6 +371,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             hash,
             zstd_level,
             block_size,
+            pack_size,
         } => {
             let mut opts = InitOptions {
                 chunk_hash: hash,
@@ -374,6 +380,9 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             };
             if let Some(bs) = block_size_arg(block_size)? {
                 opts.block_size = bs;
+            }
+            if let Some(ps) = pack_size {
+                opts.pack_size = u32::try_from(ps).context("pack size too large")?;
             }
             let r = Repository::init(&repo, &opts)?;
             println!(
@@ -714,15 +723,33 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                         (None, Some(s)) => println!("BAD snapshot {s}: {}", p.detail),
                         _ => println!("BAD: {}", p.detail),
                     }
+                    // Per snapshot, in the order found: its first offset and how many more
+                    // blocks (a pack's damage reaches all of its blocks).
                     const SHOW: usize = 20;
-                    for (s, off) in p.affected.iter().take(SHOW) {
-                        println!(
-                            "    affects snapshot {} at offset {off}",
-                            &s[..12.min(s.len())]
-                        );
+                    let mut groups: Vec<(&str, u64, u64, usize)> = Vec::new();
+                    for (s, off) in &p.affected {
+                        match groups.iter_mut().find(|g| g.0 == s.as_str()) {
+                            Some(g) => {
+                                g.2 = g.2.max(*off);
+                                g.3 += 1;
+                            }
+                            None => groups.push((s, *off, *off, 1)),
+                        }
                     }
-                    if p.affected.len() > SHOW {
-                        println!("    … and {} more blocks", p.affected.len() - SHOW);
+                    for &(s, first, last, n) in groups.iter().take(SHOW) {
+                        let s = &s[..12.min(s.len())];
+                        if n == 1 {
+                            println!("    affects snapshot {s} at offset {first}");
+                        } else {
+                            println!(
+                                "    affects snapshot {s} at offset {first} and {} more blocks \
+                                 up to offset {last}",
+                                n - 1
+                            );
+                        }
+                    }
+                    if groups.len() > SHOW {
+                        println!("    … and {} more snapshots", groups.len() - SHOW);
                     }
                 }
                 println!(

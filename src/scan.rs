@@ -112,6 +112,9 @@ pub enum Input<H> {
     Unused,
     /// One block that was read, with the stage's hint for it.
     Data { buf: BlockBuf, hint: H },
+    /// `count` consecutive blocks that were read in one request, with the stage's hint for
+    /// each: only for stages whose [`Stage::whole_runs`] says so.
+    Run { buf: BlockBuf, hints: Vec<H> },
     /// One block that change tracking knows to equal the base's (not read), with the
     /// stage's hint for it.
     Known { hint: H },
@@ -130,12 +133,20 @@ pub trait Stage: Sync {
 
     fn hints(&self) -> Self::Hints;
 
+    /// `Some(n)` when the stage wants each run of consecutive blocks read in one request as
+    /// one [`Input::Run`] job of at most `n` blocks (and at most [`staging_blocks`]) instead
+    /// of one job per block: it can then treat neighbouring blocks together (a backup
+    /// compresses them as one pack).
+    fn whole_runs(&self) -> Option<u64> {
+        None
+    }
+
     /// The hint for data or known block `block`; called in increasing block order.
     fn hint(&self, hints: &mut Self::Hints, block: u64, progress: &dyn Progress) -> Self::Hint;
 
     fn worker(&self) -> Result<Self::Worker>;
 
-    /// Processes `count` blocks starting at `index` (`count` is 1 for data).
+    /// Processes `count` blocks starting at `index` (`count` is 1 for [`Input::Data`]).
     fn process(
         &self,
         worker: &mut Self::Worker,
@@ -254,8 +265,12 @@ where
     let block_size = usize::try_from(scan.block_size)
         .map_err(|_| Error::InvalidArgument("block size too large".into()))?;
     // Enough buffers for the workers to chew on one staged read while the reader fetches
-    // the next.
-    let pool_size = scan.threads * 3 + 2 * staging_blocks(scan.block_size) as usize;
+    // the next. Whole runs travel in their staging buffers and need no pool.
+    let pool_size = if stage.whole_runs().is_some() {
+        1
+    } else {
+        scan.threads * 3 + 2 * staging_blocks(scan.block_size) as usize
+    };
     let (free_tx, free_rx) = bounded::<AlignedBuf>(pool_size);
     for _ in 0..pool_size {
         free_tx
@@ -355,15 +370,22 @@ where
     S: ScanSource + ?Sized,
     St: Stage,
 {
-    const STAGING_BUFFERS: usize = 3;
+    // Three staging buffers keep a read in flight while the previous run is handed out; a
+    // stage that takes whole runs holds up to two per worker besides.
+    let staging_buffers = 3 + if stage.whole_runs().is_some() {
+        2 * scan.threads
+    } else {
+        0
+    };
     let bs = scan.block_size;
     let size = scan.source.size();
     let block_count = scan.block_count();
-    let max_run = staging_blocks(bs);
+    let staging = staging_blocks(bs);
+    let max_run = stage.whole_runs().map_or(staging, |n| n.clamp(1, staging));
     // A staged run: blocks read into a staging buffer, or (`None`) known blocks.
-    let (staged_tx, staged_rx) = bounded::<(u64, u64, Option<AlignedBuf>)>(STAGING_BUFFERS + 1);
-    let (empty_tx, empty_rx) = bounded::<AlignedBuf>(STAGING_BUFFERS);
-    for _ in 0..STAGING_BUFFERS {
+    let (staged_tx, staged_rx) = bounded::<(u64, u64, Option<AlignedBuf>)>(staging_buffers + 1);
+    let (empty_tx, empty_rx) = bounded::<AlignedBuf>(staging_buffers);
+    for _ in 0..staging_buffers {
         let _ = empty_tx.send(AlignedBuf::new((max_run * bs) as usize));
     }
     std::thread::scope(|s| {
@@ -382,6 +404,25 @@ where
                     }
                     continue;
                 };
+                if stage.whole_runs().is_some() {
+                    // The staging buffer itself is the job's buffer; it comes back here (to
+                    // `empty_tx`) when the worker drops it.
+                    let hints = (first..end)
+                        .map(|block| stage.hint(&mut hints, block, progress))
+                        .collect();
+                    let buf = BlockBuf {
+                        len: ((end * bs).min(size) - first * bs) as usize,
+                        buf: Some(staging),
+                        home: empty_tx.clone(),
+                    };
+                    if jobs
+                        .send((first, end - first, Input::Run { buf, hints }))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
                 for block in first..end {
                     if stop.load(Ordering::Relaxed) {
                         return;
@@ -624,7 +665,11 @@ mod tests {
         }
     }
 
-    struct Sum;
+    /// Sums each job's bytes; `whole`: takes runs as one job.
+    #[derive(Default)]
+    struct Sum {
+        whole: bool,
+    }
 
     impl Stage for Sum {
         type Hint = u64;
@@ -641,9 +686,23 @@ mod tests {
         fn worker(&self) -> Result<()> {
             Ok(())
         }
-        fn process(&self, _: &mut (), index: u64, _: u64, input: Input<u64>) -> Result<(u8, u64)> {
+        fn whole_runs(&self) -> Option<u64> {
+            self.whole.then_some(7)
+        }
+        fn process(
+            &self,
+            _: &mut (),
+            index: u64,
+            count: u64,
+            input: Input<u64>,
+        ) -> Result<(u8, u64)> {
             Ok(match input {
                 Input::Hole => (0, 0),
+                Input::Run { buf, hints } => {
+                    assert!(self.whole);
+                    assert_eq!(hints, (index..index + count).collect::<Vec<_>>());
+                    (2, buf.iter().map(|&b| b as u64).sum())
+                }
                 Input::Unused => (1, 0),
                 Input::Data { buf, hint } => {
                     assert_eq!(hint, index);
@@ -686,39 +745,43 @@ mod tests {
                 cancel: None,
                 rescue: None,
             };
-            let got = run(&scan, &Sum, &Silent, |ordered| {
-                let mut v = Vec::new();
-                for d in ordered.by_ref() {
-                    v.push((d.index, d.count, d.out));
+            for whole in [false, true] {
+                let got = run(&scan, &Sum { whole }, &Silent, |ordered| {
+                    let mut v = Vec::new();
+                    for d in ordered.by_ref() {
+                        v.push((d.index, d.count, d.out));
+                    }
+                    assert!(ordered.take_error().is_none());
+                    Ok(v)
+                })
+                .unwrap();
+                let mut next = start;
+                for (index, count, (kind, sum)) in got {
+                    assert_eq!(index, next);
+                    next += count;
+                    for b in index..index + count {
+                        let expect_kind = if !map.is_used(b) {
+                            1
+                        } else if known.is_used(b) {
+                            3
+                        } else if (50..120).contains(&b) {
+                            0
+                        } else {
+                            2
+                        };
+                        assert_eq!(kind, expect_kind, "block {b}");
+                    }
+                    if kind == 2 {
+                        assert!(whole || count == 1);
+                        assert!(count <= if whole { 7 } else { 1 });
+                        let len = (vol.size.min((index + count) * bs) - index * bs) as usize;
+                        let mut buf = vec![0u8; len];
+                        vol.read_at(index * bs, &mut buf).unwrap();
+                        assert_eq!(sum, buf.iter().map(|&b| b as u64).sum::<u64>());
+                    }
                 }
-                assert!(ordered.take_error().is_none());
-                Ok(v)
-            })
-            .unwrap();
-            let mut next = start;
-            for (index, count, (kind, sum)) in got {
-                assert_eq!(index, next);
-                next += count;
-                for b in index..index + count {
-                    let expect_kind = if !map.is_used(b) {
-                        1
-                    } else if known.is_used(b) {
-                        3
-                    } else if (50..120).contains(&b) {
-                        0
-                    } else {
-                        2
-                    };
-                    assert_eq!(kind, expect_kind, "block {b}");
-                }
-                if kind == 2 {
-                    let len = (vol.size - index * bs).min(bs) as usize;
-                    let mut buf = vec![0u8; len];
-                    vol.read_at(index * bs, &mut buf).unwrap();
-                    assert_eq!(sum, buf.iter().map(|&b| b as u64).sum::<u64>());
-                }
+                assert_eq!(next, 201);
             }
-            assert_eq!(next, 201);
         }
     }
 
@@ -778,7 +841,7 @@ mod tests {
             cancel: None,
             rescue: Some(&found),
         };
-        let sums = run(&scan, &Sum, &Silent, |ordered| {
+        let sums = run(&scan, &Sum::default(), &Silent, |ordered| {
             Ok(ordered.map(|d| (d.index, d.out)).collect::<Vec<_>>())
         })
         .unwrap();
@@ -800,7 +863,7 @@ mod tests {
             assert_eq!(sum, expect, "block {index}");
         }
         scan.rescue = None;
-        let r = run(&scan, &Sum, &Silent, |ordered| {
+        let r = run(&scan, &Sum::default(), &Silent, |ordered| {
             let n = ordered.by_ref().count();
             Ok((n, ordered.take_error()))
         })

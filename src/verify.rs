@@ -110,18 +110,32 @@ pub fn verify(
             let base = seg as u64 * crate::repo::format::SEGMENT_BLOCKS;
             // Chunks of this segment not checked yet, each once.
             let mut todo: Vec<ChunkId> = Vec::new();
+            // Per pack to check: its slices (index, content hash, length).
+            let mut slices: HashMap<ChunkId, Vec<Slice>> = HashMap::new();
             {
                 let mut queued = std::collections::HashSet::new();
-                for r in &refs {
-                    if let BlockRef::Chunk(c) = r
-                        && !seen.contains_key(c)
-                        && queued.insert(*c)
-                    {
-                        todo.push(*c);
+                let size = snap.header().source.size;
+                for (i, r) in refs.iter().enumerate() {
+                    let Some(c) = r.chunk() else { continue };
+                    if seen.contains_key(&c) {
+                        continue;
+                    }
+                    if queued.insert(c) {
+                        todo.push(c);
+                    }
+                    if let BlockRef::Slice { hash, index, .. } = *r {
+                        let start = (base + i as u64) * bs;
+                        let len = size.saturating_sub(start).min(bs);
+                        slices.entry(c).or_default().push(Slice {
+                            index,
+                            hash,
+                            len,
+                            block_size: bs,
+                        });
                     }
                 }
             }
-            let results = check_chunks(store, &todo, opts.read_data, threads);
+            let results = check_chunks(store, &todo, &slices, opts.read_data, threads);
             for (c, r) in todo.iter().zip(results) {
                 report.chunks_checked += 1;
                 match r {
@@ -143,8 +157,8 @@ pub fn verify(
                 }
             }
             for (i, r) in refs.iter().enumerate() {
-                if let BlockRef::Chunk(c) = r
-                    && let Some(Status::Bad(p)) = seen.get(c)
+                if let Some(c) = r.chunk()
+                    && let Some(Status::Bad(p)) = seen.get(&c)
                 {
                     report.problems[*p]
                         .affected
@@ -158,16 +172,55 @@ pub fn verify(
     Ok(report)
 }
 
-/// Checks chunks in parallel; returns per chunk the bytes checked or the problem.
+/// A block stored in a pack, as a snapshot names it.
+struct Slice {
+    index: u8,
+    hash: ChunkId,
+    len: u64,
+    block_size: u64,
+}
+
+/// Checks chunks in parallel; returns per chunk the bytes checked or the problem. With
+/// `read_data`, the content of every slice in `slices` is also checked against its hash.
 fn check_chunks(
     store: &crate::repo::chunks::ChunkStore,
     ids: &[ChunkId],
+    slices: &HashMap<ChunkId, Vec<Slice>>,
     read_data: bool,
     threads: usize,
 ) -> Vec<Result<u64>> {
     let check = |id: &ChunkId, buf: &mut Vec<u8>| -> Result<u64> {
         if read_data {
             store.get_into(id, buf)?;
+            for s in slices.get(id).into_iter().flatten() {
+                let start = u64::from(s.index) * s.block_size;
+                let piece = usize::try_from(start)
+                    .ok()
+                    .zip(usize::try_from(start + s.len).ok())
+                    .and_then(|(a, b)| buf.get(a..b));
+                let detail = match piece {
+                    None => format!(
+                        "pack holds {} bytes, too few for slice {}",
+                        buf.len(),
+                        s.index
+                    ),
+                    Some(p) => {
+                        let h = store.hash_algorithm().hash(p);
+                        if h == s.hash {
+                            continue;
+                        }
+                        format!(
+                            "slice {} hashes to {h}, the snapshot says {}",
+                            s.index, s.hash
+                        )
+                    }
+                };
+                return Err(Error::corrupt(
+                    format!("chunk {id}"),
+                    store.path(id),
+                    detail,
+                ));
+            }
             Ok(buf.len() as u64)
         } else if store.is_present(id)? {
             Ok(0)

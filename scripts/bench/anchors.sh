@@ -207,7 +207,11 @@ anchor_restic() {
     local vol=$1 work=$2 ver=${3:-2} k s0 s1 s2 snap
     k=anchors.restic_repo_v$ver
     local repo="$work/restic-repo-v$ver"
-    rm -rf "$repo" "$work/restic-cache-v$ver"
+    if [[ -n ${BENCH_DISCARD:-} ]]; then
+        bench_discard "$repo" "$work/restic-cache-v$ver"
+    else
+        rm -rf "$repo" "$work/restic-cache-v$ver"
+    fi
     export RESTIC_REPOSITORY=$repo RESTIC_PASSWORD=$BENCH_RESTIC_PASSWORD
     export RESTIC_CACHE_DIR="$work/restic-cache-v$ver"
 

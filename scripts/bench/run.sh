@@ -25,6 +25,7 @@ work=$(cd "$2" && pwd)
 VB="$root/target/release/volback"
 
 BENCH_KV="$work/bench.kv"
+BENCH_DISCARD="$work/.discard"
 if [[ -n ${UNITS:-} ]]; then
     # Rerun only these volback units; keep every other figure of the last run.
     [[ -f $BENCH_KV ]] || bench_die "UNITS needs $BENCH_KV from an earlier run"
@@ -52,7 +53,7 @@ bench_record meta.volback_commit "$(git -C "$root" rev-parse --short HEAD 2>/dev
 # restore of v2 to a sparse file, and a full backup with --all-blocks for comparison.
 volback_unit() {
     local repo=$work/vb-repo
-    rm -rf "$repo" "$work/vb-restored.img"
+    bench_discard "$repo" "$work/vb-restored.img"
     "$VB" init "$repo" >/dev/null
     bench_time volback.full_v1 "$VB" backup --quiet --json "$vol/v1.img" "$repo" >"$work/vb-full.json"
     bench_record volback.full_v1.repo_bytes "$(bench_dir_bytes "$repo")"
@@ -72,11 +73,11 @@ volback_unit() {
         bench_record volback.restore_v1.fsck_clean false
     fi
     rm -f "$work/vb-restored.img"
-    rm -rf "$repo"
+    bench_discard "$repo"
     "$VB" init "$repo" >/dev/null
     bench_time volback.full_v1_all_blocks "$VB" backup --quiet --all-blocks --json "$vol/v1.img" "$repo" >/dev/null
     bench_record volback.full_v1_all_blocks.repo_bytes "$(bench_dir_bytes "$repo")"
-    rm -rf "$repo"
+    bench_discard "$repo"
 }
 
 # Peak memory on a 1 TiB sparse file holding the v1 filesystem (4 GiB, ~3 GiB used).
@@ -153,9 +154,11 @@ volback_copy_unit() {
     rm -rf "$q"*
 }
 
+rm -rf "$BENCH_DISCARD"
 for unit in ${UNITS:-volback_unit volback_sparse_unit volback_copy_unit volback_access_unit}; do
     bench_run_unit "$unit"
 done
+rm -rf "$BENCH_DISCARD"
 bench_kv_to_json "$BENCH_KV" "$work/bench.json"
 python3 "$here/report.py" "$work/bench.json" "$root/docs/BENCHMARKS.md" \
     "scripts/bench/run.sh $1 $2"

@@ -15,9 +15,10 @@
 use crate::error::{Error, Result};
 use crate::fs::disk::DiskLayout;
 use crate::fs::{BlockMap, FsInfo};
+use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::chunks::Encoder;
-use crate::repo::format::{BlockRef, decode_records, encode_run};
+use crate::repo::format::{BlockRef, MAX_PACK_BLOCKS, decode_records, encode_run};
 use crate::repo::journal::{BatchStats, Journal, JournalHeader};
 use crate::repo::snapshot::{
     BlockCursor, SnapshotFile, SnapshotHeader, SnapshotStats, SnapshotWriter,
@@ -136,16 +137,64 @@ enum Outcome {
     Unused,
     Unchanged,
     Deduplicated,
-    New { raw: u64, stored: u64 },
+    /// Stored now: `raw` bytes of content, `stored` bytes and `chunks` chunk files written
+    /// (a pack counts on its first block, its other blocks add 0 and 0).
+    New {
+        raw: u64,
+        stored: u64,
+        chunks: u64,
+    },
 }
 
-/// A worker's result for one job.
+/// A worker's result for `count` blocks with one reference (a job yields one or, for a run
+/// of blocks, several).
 struct Done {
     block_ref: BlockRef,
     outcome: Outcome,
+    count: u64,
     bytes_read: u64,
     /// Taken from the parent by change tracking, without reading.
     unread: bool,
+}
+
+impl Done {
+    fn one(block_ref: BlockRef, outcome: Outcome, bytes_read: u64, unread: bool) -> Done {
+        Done {
+            block_ref,
+            outcome,
+            count: 1,
+            bytes_read,
+            unread,
+        }
+    }
+}
+
+/// Blocks this backup stored in packs, by content hash, so that a block met again elsewhere
+/// in the volume refers to the stored copy. Bounded: past [`PACKED_INDEX_MAX`] entries new
+/// blocks are no longer remembered (their duplicates are then stored again).
+#[derive(Default)]
+struct PackedIndex {
+    slices: std::sync::Mutex<std::collections::HashMap<ChunkId, (ChunkId, u8)>>,
+}
+
+/// About 30 MiB of index at most.
+const PACKED_INDEX_MAX: usize = 1 << 19;
+
+impl PackedIndex {
+    fn get(&self, id: &ChunkId) -> Option<(ChunkId, u8)> {
+        self.slices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    fn insert(&self, id: ChunkId, pack: ChunkId, index: u8) {
+        let mut m = self.slices.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() < PACKED_INDEX_MAX {
+            m.entry(id).or_insert((pack, index));
+        }
+    }
 }
 
 /// Worker threads for `requested` (0: one per core).
@@ -477,46 +526,178 @@ struct BackupStage<'a> {
     block_size: u64,
     parent: Option<&'a SnapshotFile>,
     zstd_level: i32,
+    packed: PackedIndex,
 }
 
 impl BackupStage<'_> {
+    /// Classifies one block read from the source against the parent and the repository:
+    /// zero, unchanged, deduplicated, or `None` when its content must be stored (its hash
+    /// is returned with it).
+    fn classify(
+        &self,
+        data: &[u8],
+        parent: Option<BlockRef>,
+    ) -> Result<std::result::Result<(BlockRef, Outcome), ChunkId>> {
+        if is_zero(data) {
+            return Ok(Ok((BlockRef::Zero, Outcome::Zero)));
+        }
+        let store = self.repo.chunks();
+        let id = self.repo.config().chunk_hash.hash(data);
+        // The parent's chunk must still be there: a lost chunk is stored again instead of
+        // being carried into the new snapshot.
+        if let Some(p) = parent.filter(|p| p.content_hash() == Some(id))
+            && let Some(c) = p.chunk()
+            && store.exists(&c)?
+        {
+            return Ok(Ok((p, Outcome::Unchanged)));
+        }
+        if store.is_present(&id)? {
+            return Ok(Ok((BlockRef::Chunk(id), Outcome::Deduplicated)));
+        }
+        if let Some((pack, index)) = self.packed.get(&id) {
+            let r = BlockRef::Slice {
+                hash: id,
+                pack,
+                index,
+            };
+            return Ok(Ok((r, Outcome::Deduplicated)));
+        }
+        Ok(Err(id))
+    }
+
     /// Stores one block read from the source (or compares it with the parent's).
     fn data(&self, encoder: &mut Encoder, data: &[u8], parent: Option<BlockRef>) -> Result<Done> {
-        let hash = self.repo.config().chunk_hash;
-        let store = self.repo.chunks();
         let bytes_read = data.len() as u64;
-        let (block_ref, outcome) = if is_zero(data) {
-            (BlockRef::Zero, Outcome::Zero)
-        } else {
-            let id = hash.hash(data);
-            let parent = match parent {
-                Some(BlockRef::Chunk(p)) => Some(p),
-                _ => None,
-            };
-            // The parent's chunk must still be there: a lost chunk is stored again instead
-            // of being carried into the new snapshot.
-            if parent == Some(id) && store.exists(&id)? {
-                (BlockRef::Chunk(id), Outcome::Unchanged)
-            } else if parent != Some(id) && store.is_present(&id)? {
-                (BlockRef::Chunk(id), Outcome::Deduplicated)
-            } else {
+        let (block_ref, outcome) = match self.classify(data, parent)? {
+            Ok(known) => known,
+            Err(id) => {
                 let enc = encoder.encode(data);
-                store.put(&id, &enc)?;
-                (
-                    BlockRef::Chunk(id),
-                    Outcome::New {
-                        raw: bytes_read,
-                        stored: enc.len() as u64,
-                    },
-                )
+                self.repo.chunks().put(&id, &enc)?;
+                let outcome = Outcome::New {
+                    raw: bytes_read,
+                    stored: enc.len() as u64,
+                    chunks: 1,
+                };
+                (BlockRef::Chunk(id), outcome)
             }
         };
-        Ok(Done {
-            block_ref,
-            outcome,
-            bytes_read,
-            unread: false,
-        })
+        Ok(Done::one(block_ref, outcome, bytes_read, false))
+    }
+
+    /// Stores a run of consecutive blocks read in one request: the blocks that must be
+    /// stored go into one pack chunk, compressed together (a lone one becomes a plain chunk).
+    fn run(
+        &self,
+        encoder: &mut Encoder,
+        index: u64,
+        data: &[u8],
+        hints: Vec<Option<BlockRef>>,
+    ) -> Result<Vec<Done>> {
+        let bs = self.block_size as usize;
+        let mut out = Vec::with_capacity(hints.len());
+        // Blocks to store: (position in the run, content hash), first occurrence only.
+        let mut fresh: Vec<(usize, ChunkId)> = Vec::new();
+        // Position in `out` of each block that waits for the pack, with its slot in `fresh`.
+        let mut waiting: Vec<(usize, usize)> = Vec::new();
+        for (i, hint) in hints.into_iter().enumerate() {
+            let Some(block) = data.get(i * bs..((i + 1) * bs).min(data.len())) else {
+                return Err(Error::InvalidArgument(format!(
+                    "run at block {index} is shorter than its {} blocks",
+                    i + 1
+                )));
+            };
+            match self.classify(block, hint)? {
+                Ok((r, outcome)) => out.push(Done::one(r, outcome, block.len() as u64, false)),
+                Err(id) => {
+                    let slot = match fresh.iter().position(|(_, h)| *h == id) {
+                        Some(slot) => slot,
+                        None => {
+                            fresh.push((i, id));
+                            fresh.len() - 1
+                        }
+                    };
+                    waiting.push((out.len(), slot));
+                    out.push(Done::one(
+                        BlockRef::Zero,
+                        Outcome::Zero,
+                        block.len() as u64,
+                        false,
+                    ));
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(out);
+        }
+        let block = |i: usize| &data[i * bs..((i + 1) * bs).min(data.len())];
+        if fresh.len() == 1 {
+            let (i, id) = fresh[0];
+            let enc = encoder.encode(block(i));
+            self.repo.chunks().put(&id, &enc)?;
+            let mut first = true;
+            for &(pos, _) in &waiting {
+                out[pos].block_ref = BlockRef::Chunk(id);
+                out[pos].outcome = if std::mem::take(&mut first) {
+                    Outcome::New {
+                        raw: block(i).len() as u64,
+                        stored: enc.len() as u64,
+                        chunks: 1,
+                    }
+                } else {
+                    Outcome::Deduplicated
+                };
+            }
+            return Ok(out);
+        }
+        // The pack's content: the fresh blocks in order, without copying when they are the
+        // run's first blocks back to back (the common case of a full backup).
+        let contiguous = fresh.iter().enumerate().all(|(k, &(i, _))| k == i);
+        let content: std::borrow::Cow<'_, [u8]> = if contiguous {
+            let (last, _) = fresh[fresh.len() - 1];
+            std::borrow::Cow::Borrowed(&data[..(last * bs + block(last).len())])
+        } else {
+            let mut v = Vec::with_capacity(fresh.len() * bs);
+            for &(i, _) in &fresh {
+                v.extend_from_slice(block(i));
+            }
+            std::borrow::Cow::Owned(v)
+        };
+        let store = self.repo.chunks();
+        let pack = self.repo.config().chunk_hash.hash(&content);
+        // The same pack may be stored already: the same run of an identical volume, or of
+        // this volume after its parent lost the pack.
+        let (stored, chunks) = if store.is_present(&pack)? {
+            (0, 0)
+        } else {
+            let enc = encoder.encode(&content);
+            store.put(&pack, &enc)?;
+            (enc.len() as u64, 1)
+        };
+        let existed = chunks == 0;
+        for (slot, &(_, id)) in fresh.iter().enumerate() {
+            self.packed.insert(id, pack, slot as u8);
+        }
+        let mut stored_once = vec![false; fresh.len()];
+        let mut first = true;
+        for &(pos, slot) in &waiting {
+            let (i, id) = fresh[slot];
+            out[pos].block_ref = BlockRef::Slice {
+                hash: id,
+                pack,
+                index: slot as u8,
+            };
+            out[pos].outcome = if existed || std::mem::replace(&mut stored_once[slot], true) {
+                Outcome::Deduplicated
+            } else {
+                let first = std::mem::take(&mut first);
+                Outcome::New {
+                    raw: block(i).len() as u64,
+                    stored: if first { stored } else { 0 },
+                    chunks: if first { chunks } else { 0 },
+                }
+            };
+        }
+        Ok(out)
     }
 }
 
@@ -526,10 +707,17 @@ impl<'a> Stage for BackupStage<'a> {
     /// The parent's references, streamed; set when they became unreadable.
     type Hints = (Option<BlockCursor<'a>>, bool);
     type Worker = Encoder;
-    type Out = Done;
+    type Out = Vec<Done>;
 
     fn hints(&self) -> Self::Hints {
         (self.parent.map(BlockCursor::new), false)
+    }
+
+    fn whole_runs(&self) -> Option<u64> {
+        // Packs hold at most MAX_PACK_BLOCKS blocks (a one-byte index); a pack of one block
+        // is a plain chunk, and runs of one block would only make read requests smaller.
+        let n = (u64::from(self.repo.config().pack_size) / self.block_size).min(MAX_PACK_BLOCKS);
+        (n > 1).then_some(n)
     }
 
     fn hint(
@@ -563,36 +751,29 @@ impl<'a> Stage for BackupStage<'a> {
         &self,
         encoder: &mut Encoder,
         index: u64,
-        _count: u64,
+        count: u64,
         input: Input<Option<BlockRef>>,
-    ) -> Result<Done> {
-        Ok(match input {
-            Input::Hole => Done {
-                block_ref: BlockRef::Zero,
-                outcome: Outcome::Zero,
-                bytes_read: 0,
-                unread: false,
-            },
-            Input::Unused => Done {
-                block_ref: BlockRef::Unused,
-                outcome: Outcome::Unused,
-                bytes_read: 0,
-                unread: false,
-            },
+    ) -> Result<Vec<Done>> {
+        let run = |block_ref, outcome| Done {
+            block_ref,
+            outcome,
+            count,
+            bytes_read: 0,
+            unread: false,
+        };
+        Ok(vec![match input {
+            Input::Hole => run(BlockRef::Zero, Outcome::Zero),
+            Input::Unused => run(BlockRef::Unused, Outcome::Unused),
             Input::Data { buf, hint } => self.data(encoder, &buf, hint)?,
+            Input::Run { buf, hints } => return self.run(encoder, index, &buf, hints),
             Input::Known { hint } => match hint {
-                Some(BlockRef::Chunk(id)) if self.repo.chunks().exists(&id)? => Done {
-                    block_ref: BlockRef::Chunk(id),
-                    outcome: Outcome::Unchanged,
-                    bytes_read: 0,
-                    unread: true,
-                },
-                Some(BlockRef::Zero) => Done {
-                    block_ref: BlockRef::Zero,
-                    outcome: Outcome::Zero,
-                    bytes_read: 0,
-                    unread: true,
-                },
+                Some(r)
+                    if let Some(c) = r.chunk()
+                        && self.repo.chunks().exists(&c)? =>
+                {
+                    Done::one(r, Outcome::Unchanged, 0, true)
+                }
+                Some(BlockRef::Zero) => Done::one(BlockRef::Zero, Outcome::Zero, 0, true),
                 // The parent does not hold the block after all (or lost its chunk): read it.
                 other => {
                     let start = index * self.block_size;
@@ -602,7 +783,7 @@ impl<'a> Stage for BackupStage<'a> {
                     self.data(encoder, &data, other)?
                 }
             },
-        })
+        }])
     }
 }
 
@@ -646,6 +827,7 @@ fn run_backup(
         block_size,
         parent,
         zstd_level: repo.config().zstd_level,
+        packed: PackedIndex::default(),
     };
     let bs = block_size;
     let size = source.size();
@@ -666,12 +848,19 @@ fn run_backup(
             let mut failed = false;
             let mut first_error = None;
             while let Some(d) = done.next() {
-                if let Err(e) = writer.push(d.out.block_ref, d.count) {
+                let mut pushed = Ok(());
+                for part in &d.out {
+                    pushed = writer.push(part.block_ref, part.count);
+                    if pushed.is_err() {
+                        break;
+                    }
+                    batch.push(part);
+                    unread += if part.unread { part.count } else { 0 };
+                }
+                if let Err(e) = pushed {
                     first_error = Some(e);
                     break;
                 }
-                batch.push(&d.out, d.count);
-                unread += u64::from(d.out.unread);
                 progress.advance((d.count * bs).min(size - d.index * bs));
                 if batch.blocks > 0
                     && (last_checkpoint.elapsed() >= opts.checkpoint_interval
@@ -738,7 +927,8 @@ impl Batch {
         }
     }
 
-    fn push(&mut self, d: &Done, count: u64) {
+    fn push(&mut self, d: &Done) {
+        let count = d.count;
         self.blocks += count;
         let s = &mut self.stats;
         s.bytes_read += d.bytes_read;
@@ -753,20 +943,22 @@ impl Batch {
                 s.data_blocks += 1;
                 s.deduplicated_blocks += 1
             }
-            Outcome::New { raw, stored } => {
+            Outcome::New {
+                raw,
+                stored,
+                chunks,
+            } => {
                 s.data_blocks += 1;
-                s.new_chunks += 1;
+                s.new_chunks += chunks;
                 s.new_bytes += raw;
                 s.new_bytes_stored += stored;
             }
         }
         match (self.run, d.block_ref) {
-            (Some((r, c)), b) if r == b && !matches!(b, BlockRef::Chunk(_)) => {
-                self.run = Some((r, c + count))
-            }
+            (Some((r, c)), b) if r == b && !b.is_data() => self.run = Some((r, c + count)),
             (_, b) => {
                 self.flush_run();
-                if matches!(b, BlockRef::Chunk(_)) {
+                if b.is_data() {
                     encode_run(&mut self.records, b, count);
                 } else {
                     self.run = Some((b, count));

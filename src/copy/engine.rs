@@ -60,6 +60,11 @@ impl Stage for HashStage {
             Input::Hole => Hashed::Hole,
             Input::Unused => Hashed::Unused,
             Input::Known { .. } => Hashed::Known,
+            Input::Run { .. } => {
+                return Err(crate::error::Error::InvalidArgument(
+                    "copy: a multi-block job reached a per-block stage".into(),
+                ));
+            }
             Input::Data { buf, .. } => {
                 if is_zero(&buf) {
                     Hashed::Zero

@@ -22,7 +22,10 @@ pub const CODEC_ZSTD: u8 = 1;
 
 /// Snapshot file: `"VBSNAP"` + CR LF (catches text-mode mangling), then a u32 version.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"VBSNAP\r\n";
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Version written. Version 2 added SLICE records (blocks stored in pack chunks); a version 1
+/// snapshot is a version 2 snapshot without them, so readers accept both.
+pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=2;
 /// magic(8) version(4).
 pub const SNAPSHOT_PREAMBLE_LEN: usize = 12;
 /// Trailer: header_offset u64, header_len u32, segment_count u32, directory_offset u64,
@@ -37,7 +40,9 @@ pub const MAX_HEADER_LEN: u32 = 16 << 20;
 
 /// Resume journal: `"VBJRNL"` + CR LF, then a u32 version.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"VBJRNL\r\n";
-pub const JOURNAL_VERSION: u32 = 1;
+/// Version written; version 2 added SLICE records, readers accept both.
+pub const JOURNAL_VERSION: u32 = 2;
+pub const JOURNAL_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=2;
 /// Upper bound of one journal record payload.
 pub const MAX_JOURNAL_RECORD: u32 = 64 << 20;
 
@@ -49,9 +54,18 @@ pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
 pub const REC_ZERO: u8 = 0;
 pub const REC_UNUSED: u8 = 1;
 pub const REC_CHUNK: u8 = 2;
-/// Bytes per record: tag + u32 count, or tag + 32-byte id.
+pub const REC_SLICE: u8 = 3;
+/// Bytes per record: tag + u32 count; tag + 32-byte id; tag + 32-byte content hash + 32-byte
+/// pack id + u8 index.
 pub const REC_RUN_LEN: usize = 5;
 pub const REC_CHUNK_LEN: usize = 33;
+pub const REC_SLICE_LEN: usize = 66;
+/// The longest record per block: bounds a decoded segment.
+pub const REC_MAX_LEN: usize = REC_SLICE_LEN;
+
+/// Most blocks one pack chunk holds (an index is one byte; a pack is also at most
+/// [`MAX_BLOCK_SIZE`] bytes).
+pub const MAX_PACK_BLOCKS: u64 = 64;
 
 /// What one block of a snapshot holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +76,39 @@ pub enum BlockRef {
     Unused,
     /// Content stored in this chunk.
     Chunk(ChunkId),
+    /// Content stored as block `index` of a pack chunk: bytes `[index · block_size, …)` of
+    /// chunk `pack`, whose content is several consecutive blocks compressed together. `hash`
+    /// is the hash of the block's own content (what its chunk id would be).
+    Slice {
+        hash: ChunkId,
+        pack: ChunkId,
+        index: u8,
+    },
+}
+
+impl BlockRef {
+    /// True for blocks whose content is stored (a chunk or a slice of a pack).
+    pub fn is_data(&self) -> bool {
+        matches!(self, BlockRef::Chunk(_) | BlockRef::Slice { .. })
+    }
+
+    /// The hash of the block's content, for stored blocks.
+    pub fn content_hash(&self) -> Option<ChunkId> {
+        match *self {
+            BlockRef::Chunk(id) => Some(id),
+            BlockRef::Slice { hash, .. } => Some(hash),
+            BlockRef::Zero | BlockRef::Unused => None,
+        }
+    }
+
+    /// The chunk file that holds the block's content.
+    pub fn chunk(&self) -> Option<ChunkId> {
+        match *self {
+            BlockRef::Chunk(id) => Some(id),
+            BlockRef::Slice { pack, .. } => Some(pack),
+            BlockRef::Zero | BlockRef::Unused => None,
+        }
+    }
 }
 
 /// Appends `count` copies of `r` to `out` in record encoding.
@@ -71,6 +118,14 @@ pub fn encode_run(out: &mut Vec<u8>, r: BlockRef, mut count: u64) {
             for _ in 0..count {
                 out.push(REC_CHUNK);
                 out.extend_from_slice(&id.0);
+            }
+        }
+        BlockRef::Slice { hash, pack, index } => {
+            for _ in 0..count {
+                out.push(REC_SLICE);
+                out.extend_from_slice(&hash.0);
+                out.extend_from_slice(&pack.0);
+                out.push(index);
             }
         }
         BlockRef::Zero | BlockRef::Unused => {
@@ -120,6 +175,26 @@ pub fn decode_records(
                 };
                 (BlockRef::Chunk(ChunkId(*id)), 1, rest)
             }
+            REC_SLICE => {
+                let Some((hash, rest)) = rest.split_first_chunk::<32>() else {
+                    return Err("truncated slice record".into());
+                };
+                let Some((pack, rest)) = rest.split_first_chunk::<32>() else {
+                    return Err("truncated slice record".into());
+                };
+                let Some((&index, rest)) = rest.split_first() else {
+                    return Err("truncated slice record".into());
+                };
+                if u64::from(index) >= MAX_PACK_BLOCKS {
+                    return Err(format!("slice index {index} out of range"));
+                }
+                let r = BlockRef::Slice {
+                    hash: ChunkId(*hash),
+                    pack: ChunkId(*pack),
+                    index,
+                };
+                (r, 1, rest)
+            }
             t => return Err(format!("unknown record tag {t}")),
         };
         seen = seen.saturating_add(count);
@@ -149,7 +224,41 @@ mod tests {
             Just(BlockRef::Zero),
             Just(BlockRef::Unused),
             any::<[u8; 32]>().prop_map(|b| BlockRef::Chunk(ChunkId(b))),
+            (any::<[u8; 32]>(), any::<[u8; 32]>(), 0u8..64).prop_map(|(h, p, index)| {
+                BlockRef::Slice {
+                    hash: ChunkId(h),
+                    pack: ChunkId(p),
+                    index,
+                }
+            }),
         ]
+    }
+
+    #[test]
+    fn slice_records_are_checked() {
+        let mut enc = Vec::new();
+        let r = BlockRef::Slice {
+            hash: ChunkId([1; 32]),
+            pack: ChunkId([2; 32]),
+            index: 63,
+        };
+        encode_run(&mut enc, r, 2);
+        assert_eq!(enc.len(), 2 * REC_SLICE_LEN);
+        let mut got = Vec::new();
+        decode_records(&enc, 2, |r, n| got.push((r, n))).unwrap();
+        assert_eq!(got, vec![(r, 1), (r, 1)]);
+        let mut bad = enc.clone();
+        bad[REC_SLICE_LEN - 1] = 64;
+        assert!(
+            decode_records(&bad, 2, |_, _| {})
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(
+            decode_records(&enc[..REC_SLICE_LEN + 40], 2, |_, _| {})
+                .unwrap_err()
+                .contains("truncated")
+        );
     }
 
     proptest! {

@@ -119,7 +119,7 @@ fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeade
         return Ok(None);
     }
     let version = le_u32(&pre, 8);
-    if version != JOURNAL_VERSION {
+    if !JOURNAL_VERSIONS_READ.contains(&version) {
         return Err(Error::UnsupportedVersion {
             what: "resume journal",
             path: path.to_path_buf(),

@@ -61,6 +61,15 @@ use std::path::{Path, PathBuf};
 /// large enough that per-chunk costs stay negligible.
 pub const DEFAULT_BLOCK_SIZE: u32 = 256 * 1024;
 
+/// Largest pack a backup writes by default: consecutive blocks compressed together
+/// (docs/FORMAT.md §3). 4 MiB compresses like a stream (docs/BENCHMARKS.md) and is what one
+/// read request fetches.
+pub const DEFAULT_PACK_SIZE: u32 = 4 << 20;
+
+fn default_pack_size() -> u32 {
+    DEFAULT_PACK_SIZE
+}
+
 /// The `config` file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
@@ -72,6 +81,10 @@ pub struct Config {
     pub compression: String,
     pub zstd_level: i32,
     pub block_size: u32,
+    /// Largest pack new backups write, in bytes; at most one block turns packing off.
+    /// Absent in repositories made before packs: the default.
+    #[serde(default = "default_pack_size")]
+    pub pack_size: u32,
 }
 
 /// Options of `volback init`.
@@ -80,6 +93,7 @@ pub struct InitOptions {
     pub chunk_hash: HashAlgorithm,
     pub zstd_level: i32,
     pub block_size: u32,
+    pub pack_size: u32,
 }
 
 impl Default for InitOptions {
@@ -88,6 +102,7 @@ impl Default for InitOptions {
             chunk_hash: HashAlgorithm::Blake3,
             zstd_level: 3,
             block_size: DEFAULT_BLOCK_SIZE,
+            pack_size: DEFAULT_PACK_SIZE,
         }
     }
 }
@@ -154,6 +169,12 @@ impl Repository {
     /// Creates a new repository in `path` (which must not exist or be an empty directory).
     pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
         check_block_size(opts.block_size)?;
+        if opts.pack_size > MAX_BLOCK_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "pack size {} is above the largest chunk, {MAX_BLOCK_SIZE} bytes",
+                opts.pack_size
+            )));
+        }
         if !(1..=22).contains(&opts.zstd_level) {
             return Err(Error::InvalidArgument(format!(
                 "zstd level {} must be between 1 and 22",
@@ -197,6 +218,7 @@ impl Repository {
             compression: "zstd".into(),
             zstd_level: opts.zstd_level,
             block_size: opts.block_size,
+            pack_size: opts.pack_size,
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| Error::InvalidArgument(format!("cannot encode config: {e}")))?;

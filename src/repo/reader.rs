@@ -12,6 +12,7 @@ use super::chunks::ChunkStore;
 use super::format::{BlockRef, SEGMENT_BLOCKS};
 use super::snapshot::SnapshotFile;
 use crate::error::{Error, Result};
+use crate::hash::ChunkId;
 use crate::volume::Volume;
 use crossbeam_channel::{Sender, TrySendError};
 use std::collections::HashMap;
@@ -33,7 +34,19 @@ struct Inner {
     snap: SnapshotFile,
     chunks: ChunkStore,
     segments: Mutex<Vec<(usize, Arc<Vec<BlockRef>>)>>,
+    /// Decoded pack chunks: consecutive blocks of a pack are read one after the other, often
+    /// by different threads, and the pack is decoded once for all of them.
+    packs: LoadCache<ChunkId, Pack>,
 }
+
+/// A decoded pack and the slices found to match their snapshot's hash so far.
+struct Pack {
+    data: Vec<u8>,
+    verified: Mutex<Vec<(u8, ChunkId)>>,
+}
+
+/// Decoded packs a reader keeps (a pack is at most 4 MiB at the default block size).
+const CACHED_PACKS: usize = 8;
 
 /// Settings of the decoded-block cache.
 #[derive(Debug, Clone, Copy)]
@@ -104,9 +117,77 @@ impl Inner {
             })
     }
 
+    /// Block `index`, decoded into a new buffer.
+    fn decode_block(&self, index: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_block(index, &mut buf)?;
+        Ok(buf)
+    }
+
     fn block_len(&self, index: u64) -> usize {
         let bs = self.block_size();
         (self.size() - index * bs).min(bs) as usize
+    }
+
+    /// The decoded pack `pack`, from the cache or read now. Its own hash is not checked:
+    /// each slice is checked against the hash its snapshot records (see `with_slice`).
+    fn pack(&self, pack: &ChunkId) -> Result<Arc<Pack>> {
+        self.packs.get(*pack, || {
+            let mut data = Vec::new();
+            self.chunks.read_into(pack, &mut data, false)?;
+            Ok(Pack {
+                data,
+                verified: Mutex::new(Vec::new()),
+            })
+        })
+    }
+
+    /// Bytes `[within, within + n)` of block `index`, stored as slice `slot` of `pack` with
+    /// content hash `hash`, passed to `f`. The slice is checked against `hash` the first time.
+    #[allow(clippy::too_many_arguments)]
+    fn with_slice<T>(
+        &self,
+        index: u64,
+        hash: &ChunkId,
+        pack: &ChunkId,
+        slot: u8,
+        within: usize,
+        n: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
+        let p = self.pack(pack)?;
+        let start = u64::from(slot) * self.block_size();
+        let len = self.block_len(index) as u64;
+        let corrupt = |detail: String| {
+            Error::corrupt(
+                format!("chunk {pack}"),
+                self.chunks.path(pack),
+                format!("{detail} (block {index} of snapshot {})", self.snap.id()),
+            )
+        };
+        let Some(piece) = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(start + len).ok())
+            .and_then(|(s, e)| p.data.get(s..e))
+        else {
+            return Err(corrupt(format!(
+                "pack holds {} bytes, too few for slice {slot}",
+                p.data.len()
+            )));
+        };
+        if !lock(&p.verified).contains(&(slot, *hash)) {
+            let actual = self.chunks.hash_algorithm().hash(piece);
+            if actual != *hash {
+                return Err(corrupt(format!(
+                    "slice {slot} hashes to {actual}, the snapshot says {hash}"
+                )));
+            }
+            lock(&p.verified).push((slot, *hash));
+        }
+        let part = piece
+            .get(within..within + n)
+            .ok_or_else(|| corrupt(format!("slice {slot} is shorter than the block")))?;
+        Ok(f(part))
     }
 
     fn read_block(&self, index: u64, buf: &mut Vec<u8>) -> Result<BlockRef> {
@@ -116,6 +197,16 @@ impl Inner {
             BlockRef::Zero | BlockRef::Unused => {
                 buf.clear();
                 buf.resize(len, 0);
+            }
+            BlockRef::Slice {
+                hash,
+                pack,
+                index: slot,
+            } => {
+                self.with_slice(index, &hash, &pack, slot, 0, len, |p| {
+                    buf.clear();
+                    buf.extend_from_slice(p);
+                })?;
             }
             BlockRef::Chunk(id) => {
                 self.chunks.get_into(&id, buf)?;
@@ -136,36 +227,50 @@ impl Inner {
     }
 }
 
-/// A bounded LRU cache of decoded blocks, shared by readers and read-ahead threads. A block
-/// being decoded is marked so that a second reader waits for it instead of decoding it again.
-struct BlockCache {
-    state: Mutex<CacheState>,
+/// A bounded LRU cache of decoded data (blocks, packs), shared by readers and read-ahead
+/// threads. An entry being decoded is marked so that a second reader waits for it instead of
+/// decoding it again.
+struct LoadCache<K, V = Vec<u8>> {
+    state: Mutex<CacheState<K, V>>,
     loaded: Condvar,
     capacity: usize,
 }
 
-struct CacheState {
-    slots: HashMap<u64, Slot>,
+struct CacheState<K, V> {
+    slots: HashMap<K, Slot<V>>,
     clock: u64,
-    /// End offset of the previous read (sequential detection).
+    /// End offset of the previous read (sequential detection; block caches only).
     last_end: u64,
-    /// Blocks below this were already queued for read-ahead.
+    /// Blocks below this were already queued for read-ahead (block caches only).
     queued_to: u64,
 }
 
-enum Slot {
+enum Slot<V> {
     Loading,
-    Ready { data: Arc<Vec<u8>>, used: u64 },
+    Ready { data: Arc<V>, used: u64 },
 }
 
-impl BlockCache {
-    /// The decoded block `index`, from the cache or decoded now.
-    fn get(&self, inner: &Inner, index: u64) -> Result<Arc<Vec<u8>>> {
+impl<K: std::hash::Hash + Eq + Copy, V> LoadCache<K, V> {
+    fn new(capacity: usize) -> Self {
+        LoadCache {
+            state: Mutex::new(CacheState {
+                slots: HashMap::new(),
+                clock: 0,
+                last_end: u64::MAX,
+                queued_to: 0,
+            }),
+            loaded: Condvar::new(),
+            capacity,
+        }
+    }
+
+    /// The data of `key`, from the cache or from `load` now.
+    fn get(&self, key: K, load: impl FnOnce() -> Result<V>) -> Result<Arc<V>> {
         let mut st = lock(&self.state);
         loop {
             st.clock += 1;
             let now = st.clock;
-            match st.slots.get_mut(&index) {
+            match st.slots.get_mut(&key) {
                 Some(Slot::Ready { data, used }) => {
                     *used = now;
                     return Ok(data.clone());
@@ -176,23 +281,22 @@ impl BlockCache {
                 None => break,
             }
         }
-        st.slots.insert(index, Slot::Loading);
+        st.slots.insert(key, Slot::Loading);
         drop(st);
-        self.load(inner, index)
+        self.load(key, load)
     }
 
-    /// Decodes block `index` (whose slot the caller marked `Loading`) and publishes it.
-    fn load(&self, inner: &Inner, index: u64) -> Result<Arc<Vec<u8>>> {
-        let mut buf = Vec::new();
-        let result = inner.read_block(index, &mut buf);
+    /// Runs `load` for `key` (whose slot the caller marked `Loading`) and publishes it.
+    fn load(&self, key: K, load: impl FnOnce() -> Result<V>) -> Result<Arc<V>> {
+        let result = load();
         let mut st = lock(&self.state);
         let out = match result {
-            Ok(_) => {
+            Ok(buf) => {
                 let data = Arc::new(buf);
                 st.clock += 1;
                 let used = st.clock;
                 st.slots.insert(
-                    index,
+                    key,
                     Slot::Ready {
                         data: data.clone(),
                         used,
@@ -202,7 +306,7 @@ impl BlockCache {
                 Ok(data)
             }
             Err(e) => {
-                st.slots.remove(&index);
+                st.slots.remove(&key);
                 Err(e)
             }
         };
@@ -211,35 +315,38 @@ impl BlockCache {
         out
     }
 
-    fn evict(&self, st: &mut CacheState) {
+    fn evict(&self, st: &mut CacheState<K, V>) {
         while st.slots.len() > self.capacity {
             let oldest = st
                 .slots
                 .iter()
-                .filter_map(|(&i, s)| match s {
-                    Slot::Ready { used, .. } => Some((*used, i)),
+                .filter_map(|(&k, s)| match s {
+                    Slot::Ready { used, .. } => Some((*used, k)),
                     Slot::Loading => None,
                 })
-                .min();
+                .min_by_key(|&(used, _)| used);
             match oldest {
-                Some((_, i)) => {
-                    st.slots.remove(&i);
+                Some((_, k)) => {
+                    st.slots.remove(&k);
                 }
                 None => break,
             }
         }
     }
 
-    /// Claims block `index` for read-ahead: true when nobody has it or is decoding it.
-    fn claim(&self, index: u64) -> bool {
+    /// Claims `key` for read-ahead: true when nobody has it or is decoding it.
+    fn claim(&self, key: K) -> bool {
         let mut st = lock(&self.state);
-        if st.slots.contains_key(&index) {
+        if st.slots.contains_key(&key) {
             return false;
         }
-        st.slots.insert(index, Slot::Loading);
+        st.slots.insert(key, Slot::Loading);
         true
     }
 }
+
+/// Decoded blocks, keyed by block index.
+type BlockCache = LoadCache<u64>;
 
 /// Background threads decoding blocks ahead of a sequential reader.
 struct Prefetcher {
@@ -265,6 +372,7 @@ impl SnapshotVolume {
                 snap,
                 chunks,
                 segments: Mutex::new(Vec::new()),
+                packs: LoadCache::new(CACHED_PACKS),
             }),
             cache: None,
             prefetch: None,
@@ -275,16 +383,7 @@ impl SnapshotVolume {
     pub fn with_cache(snap: SnapshotFile, chunks: ChunkStore, options: CacheOptions) -> Self {
         let mut vol = SnapshotVolume::new(snap, chunks);
         let bs = vol.block_size().max(1);
-        let cache = Arc::new(BlockCache {
-            state: Mutex::new(CacheState {
-                slots: HashMap::new(),
-                clock: 0,
-                last_end: u64::MAX,
-                queued_to: 0,
-            }),
-            loaded: Condvar::new(),
-            capacity: (options.capacity / bs).max(8) as usize,
-        });
+        let cache = Arc::new(BlockCache::new((options.capacity / bs).max(8) as usize));
         let window = (options.read_ahead / bs).min(cache.capacity as u64 / 2);
         if window > 0 && options.threads > 0 {
             let (tx, rx) = crossbeam_channel::bounded::<u64>(window as usize * 2);
@@ -298,7 +397,7 @@ impl SnapshotVolume {
                             if cache.claim(index) {
                                 // A failed read-ahead is not reported: the reader that needs
                                 // the block decodes it again and gets the error then.
-                                let _ = cache.load(&inner, index);
+                                let _ = cache.load(index, || inner.decode_block(index));
                             }
                         }
                     })
@@ -363,7 +462,7 @@ impl SnapshotVolume {
             (from, to)
         };
         for index in from..to {
-            if !matches!(self.inner.block_ref(index), Ok(BlockRef::Chunk(_))) {
+            if !self.inner.block_ref(index).is_ok_and(|r| r.is_data()) {
                 continue;
             }
             match queue.try_send(index) {
@@ -404,9 +503,19 @@ impl Volume for SnapshotVolume {
             let out = &mut buf[done..done + n];
             match self.inner.block_ref(index)? {
                 BlockRef::Zero | BlockRef::Unused => out.fill(0),
-                BlockRef::Chunk(_) => match &self.cache {
+                BlockRef::Slice {
+                    hash,
+                    pack,
+                    index: slot,
+                } if self.cache.is_none() => {
+                    self.inner
+                        .with_slice(index, &hash, &pack, slot, within, n, |p| {
+                            out.copy_from_slice(p)
+                        })?;
+                }
+                BlockRef::Chunk(_) | BlockRef::Slice { .. } => match &self.cache {
                     Some(cache) => {
-                        let data = cache.get(&self.inner, index)?;
+                        let data = cache.get(index, || self.inner.decode_block(index))?;
                         let src = data.get(within..within + n).ok_or_else(|| {
                             Error::corrupt(
                                 format!("block {index}"),
@@ -439,7 +548,7 @@ impl Volume for SnapshotVolume {
         let bs = self.block_size();
         let last = (end - 1) / bs;
         let mut i = offset / bs;
-        while i <= last && !matches!(self.block_ref(i)?, BlockRef::Chunk(_)) {
+        while i <= last && !self.block_ref(i)?.is_data() {
             i += 1;
         }
         if i > last {
@@ -447,7 +556,7 @@ impl Volume for SnapshotVolume {
         }
         let start = (i * bs).max(offset);
         let mut j = i + 1;
-        while j <= last && matches!(self.block_ref(j)?, BlockRef::Chunk(_)) {
+        while j <= last && self.block_ref(j)?.is_data() {
             j += 1;
         }
         Ok(Some(start..(j * bs).min(end)))

@@ -148,7 +148,7 @@ impl SnapshotWriter {
             self.run = None;
             self.encode(pr, pc)?;
         }
-        if matches!(r, BlockRef::Chunk(_)) {
+        if r.is_data() {
             self.encode(r, count)
         } else {
             self.run = Some((r, count));
@@ -227,7 +227,7 @@ impl SnapshotWriter {
         trailer.extend_from_slice(&(self.directory.len() as u32).to_le_bytes());
         trailer.extend_from_slice(&directory_offset.to_le_bytes());
         trailer.extend_from_slice(&0u64.to_le_bytes());
-        let checksum = snapshot_checksum(&header_json, &dir_bytes, &trailer);
+        let checksum = snapshot_checksum(SNAPSHOT_VERSION, &header_json, &dir_bytes, &trailer);
         trailer.extend_from_slice(&checksum);
         self.out.write_all(&trailer).ctx("write", self.tmp.path())?;
         self.out.flush().ctx("write", self.tmp.path())?;
@@ -239,10 +239,15 @@ impl SnapshotWriter {
     }
 }
 
-fn snapshot_checksum(header: &[u8], directory: &[u8], trailer_fields: &[u8]) -> [u8; 32] {
+fn snapshot_checksum(
+    version: u32,
+    header: &[u8],
+    directory: &[u8],
+    trailer_fields: &[u8],
+) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(&SNAPSHOT_MAGIC);
-    h.update(&SNAPSHOT_VERSION.to_le_bytes());
+    h.update(&version.to_le_bytes());
     h.update(header);
     h.update(directory);
     h.update(&trailer_fields[..32]);
@@ -296,7 +301,7 @@ impl SnapshotFile {
             return Err(bad("bad magic (not a volback snapshot)".into()));
         }
         let version = le_u32(&pre, 8);
-        if version != SNAPSHOT_VERSION {
+        if !SNAPSHOT_VERSIONS_READ.contains(&version) {
             return Err(Error::UnsupportedVersion {
                 what: "snapshot",
                 path: path.to_path_buf(),
@@ -327,7 +332,7 @@ impl SnapshotFile {
         }
         let header_json = read_exact_at(&file, path, header_offset, header_len as usize)?;
         let dir_bytes = read_exact_at(&file, path, directory_offset, dir_len as usize)?;
-        let checksum = snapshot_checksum(&header_json, &dir_bytes, &tr);
+        let checksum = snapshot_checksum(version, &header_json, &dir_bytes, &tr);
         if checksum[..] != tr[32..64] {
             return Err(bad("checksum mismatch (damaged file)".into()));
         }
@@ -414,7 +419,7 @@ impl SnapshotFile {
         if *blake3::hash(&stored).as_bytes() != e.hash {
             return Err(Error::corrupt(what(), &self.path, "checksum mismatch"));
         }
-        let bound = e.block_count as usize * REC_CHUNK_LEN;
+        let bound = e.block_count as usize * REC_MAX_LEN;
         let raw = zstd::bulk::decompress(&stored, bound)
             .map_err(|err| Error::corrupt(what(), &self.path, format!("zstd: {err}")))?;
         let mut out = Vec::with_capacity(e.block_count as usize);

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 const BS: u64 = 64 * KIB;
 
 /// A repository with two snapshots (of two files with the same content, so they share every
-/// chunk): 2 MiB of random data followed by 1 MiB of text.
+/// chunk): 4 MiB of random data followed by 1 MiB of text. Each is read in two runs (a read
+/// request is at most 4 MiB), stored as two packs: blocks 0-63 (random, stored raw) and
+/// 64-79 (text, compressed).
 struct Fixture {
     t: TestDir,
     repo: PathBuf,
@@ -22,7 +24,7 @@ impl Fixture {
         let t = TestDir::new();
         let repo = t.join("repo");
         let mut rng = Rng::new(seed);
-        let mut data = rng.bytes(2 * MIB as usize);
+        let mut data = rng.bytes(4 * MIB as usize);
         data.extend(rng.text(MIB as usize));
         let a = t.join("a.img");
         let b = t.join("b.img");
@@ -45,15 +47,10 @@ impl Fixture {
         &self.data[s..s + BS as usize]
     }
 
-    /// Id and path of the chunk holding block `index`.
+    /// Id and path of the chunk (a pack) holding block `index`.
     fn chunk_of(&self, index: u64) -> (String, PathBuf) {
-        let id = blake3_hex(self.block(index));
-        let path = chunk_path(&self.repo, &id);
-        assert!(
-            path.is_file(),
-            "chunk of block {index} at {}",
-            path.display()
-        );
+        let (id, path, content) = chunk_of_block(&self.repo, &self.snap_a, index);
+        assert_eq!(content, blake3_hex(self.block(index)));
         (id, path)
     }
 
@@ -76,11 +73,18 @@ fn flip_byte(path: &Path, offset: usize) {
 #[test]
 fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
     let f = Fixture::new(30);
-    // Block 5 is random (stored raw), block 40 is text (stored compressed).
+    // Block 5 is random (its pack is stored raw), block 70 is text (compressed).
     let (raw_id, raw_path) = f.chunk_of(5);
-    let (zst_id, zst_path) = f.chunk_of(40);
+    let (zst_id, zst_path) = f.chunk_of(70);
+    assert_eq!(f.chunk_of(63).0, raw_id, "blocks 0-63 share a pack");
+    assert_eq!(f.chunk_of(64).0, zst_id, "blocks 64-79 share a pack");
+    assert_eq!(
+        std::fs::metadata(&raw_path).unwrap().len(),
+        16 + 4 * MIB,
+        "random data is stored raw"
+    );
     assert!(
-        std::fs::metadata(&zst_path).unwrap().len() < BS / 2,
+        std::fs::metadata(&zst_path).unwrap().len() < MIB / 2,
         "text is compressed"
     );
     // Quick verify passes before and after: it does not re-hash.
@@ -91,7 +95,8 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
 
     let r = volback_code(&["verify", "--read-data", f.r()], 1);
     r.stdout_has(&["2 problems"]);
-    for (id, block) in [(&raw_id, 5), (&zst_id, 40)] {
+    // Reported per snapshot from the first block of each pack.
+    for (id, block) in [(&raw_id, 0), (&zst_id, 64)] {
         let offset = (block * BS).to_string();
         r.stdout_has(&[
             &format!("BAD chunk {id}"),
@@ -108,8 +113,9 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
         .iter()
         .find(|pr| pr["chunk"] == raw_id.as_str())
         .unwrap_or_else(|| panic!("chunk {raw_id} not reported: {j}"));
+    // Every block of the pack, in both snapshots.
     let affected = raw["affected"].as_array().unwrap();
-    assert_eq!(affected.len(), 2, "{raw}");
+    assert_eq!(affected.len(), 2 * 64, "{raw}");
     assert!(
         affected
             .iter()
@@ -188,7 +194,8 @@ fn missing_chunk_is_reported_with_affected_offsets() {
     let f = Fixture::new(32);
     let (id, path) = f.chunk_of(3);
     std::fs::remove_file(&path).unwrap();
-    let offset = (3 * BS).to_string();
+    // The pack of block 3 holds blocks 0-63: reported from its first block.
+    let offset = 0.to_string();
     for extra in [&[][..], &["--read-data"][..]] {
         let mut args = vec!["verify"];
         args.extend_from_slice(extra);
@@ -204,7 +211,7 @@ fn missing_chunk_is_reported_with_affected_offsets() {
     volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1).stderr_has(&[&id, "missing"]);
 
     // A truncated chunk file (as a power cut could leave) is reported without --read-data.
-    let (id2, path2) = f.chunk_of(7);
+    let (id2, path2) = f.chunk_of(70);
     let bytes = std::fs::read(&path2).unwrap();
     std::fs::write(&path2, &bytes[..bytes.len() / 2]).unwrap();
     volback_code(&["verify", f.r()], 1).stdout_has(&[&id2]);

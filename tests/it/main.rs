@@ -20,6 +20,7 @@ mod fs_maps_win;
 mod images;
 mod mount;
 mod nbd;
+mod packs;
 mod probe;
 mod roundtrip;
 mod util;

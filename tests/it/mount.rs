@@ -283,8 +283,9 @@ fn unreadable_sectors_are_zero_filled_recorded_and_exit_3() {
     let image = std::fs::read(&img).unwrap();
     let block = &image[(index * bs) as usize..((index + 1) * bs) as usize];
 
+    // Without packs, so that the damage is one block (in a pack it would be the pack's).
     let repo_a = dir.join("repo-a");
-    init_repo(&repo_a, &[]);
+    init_repo(&repo_a, &["--pack-size", "0"]);
     backup_json(&img, &repo_a, &[]);
     let chunk = chunk_path(&repo_a, &blake3_hex(block));
     let mut bytes = std::fs::read(&chunk).expect("the block's chunk exists");

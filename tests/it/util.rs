@@ -682,3 +682,40 @@ pub fn loops_mentioning(needle: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The reference of block `index` in snapshot `snap` (an id or any selector), read with the
+/// library.
+pub fn block_ref(repo: &Path, snap: &str, index: u64) -> volback::repo::format::BlockRef {
+    let r = volback::repo::Repository::open(repo).expect("open repository");
+    let id = r.resolve(snap).expect("resolve snapshot");
+    let s = r.open_snapshot(&id).expect("open snapshot");
+    let per = volback::repo::format::SEGMENT_BLOCKS;
+    s.segment((index / per) as usize).expect("read segment")[(index % per) as usize]
+}
+
+/// Id (hex) and path of the chunk file holding block `index` of snapshot `snap`, with the
+/// hex content hash of the block itself.
+pub fn chunk_of_block(repo: &Path, snap: &str, index: u64) -> (String, PathBuf, String) {
+    let r = block_ref(repo, snap, index);
+    let chunk = r.chunk().expect("a stored block").to_hex();
+    let content = r.content_hash().expect("a stored block").to_hex();
+    let path = chunk_path(repo, &chunk);
+    assert!(
+        path.is_file(),
+        "chunk of block {index} at {}",
+        path.display()
+    );
+    (chunk, path, content)
+}
+
+/// The content of a chunk file, decoded by hand from its documented layout (FORMAT.md §3).
+pub fn decode_chunk(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).expect("read chunk file");
+    assert_eq!(&bytes[..4], b"VBCK", "chunk magic");
+    let payload = &bytes[16..];
+    match bytes[5] {
+        0 => payload.to_vec(),
+        1 => zstd::decode_all(payload).expect("zstd payload"),
+        c => panic!("unknown codec {c}"),
+    }
+}
