@@ -52,8 +52,15 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(level: i32) -> Result<Encoder> {
-        let compressor = zstd::bulk::Compressor::new(level)
+        let mut compressor = zstd::bulk::Compressor::new(level)
             .map_err(|e| Error::InvalidArgument(format!("zstd level {level}: {e}")))?;
+        // A 4 MiB window, so that a whole default pack is context for its end (levels up to
+        // 8 default to 2 MiB or less; zstd shrinks the window for smaller inputs itself).
+        if level <= 8 {
+            compressor
+                .set_parameter(zstd::zstd_safe::CParameter::WindowLog(22))
+                .map_err(|e| Error::InvalidArgument(format!("zstd window: {e}")))?;
+        }
         Ok(Encoder {
             compressor,
             scratch: Vec::new(),
