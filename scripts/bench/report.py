@@ -9,6 +9,7 @@ import sys
 
 NOTES = {
     "blocksize.txt": (
+        "(Measured before pack chunks: sizes are for blocks compressed one by one.) "
         "`scripts/bench/block-sizes.sh /work/bench-data > WORKDIR/blocksize.txt`: the full backup "
         "of v1 and the incremental of v2 at each block size (wall/user/sys seconds; times are from "
         "a shared machine, sizes are exact). Smaller blocks store less per change but compress "
