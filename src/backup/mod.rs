@@ -324,6 +324,8 @@ pub fn backup(
     let mut writer = SnapshotWriter::create(&repo.tmp_dir())?;
     let mut total = BatchStats::default();
     let mut resumes = 0u32;
+    // Unreadable ranges: those of the journal's batches, then this run's.
+    let mut replayed_unreadable: Vec<(u64, u64)> = Vec::new();
     let (mut journal, jheader) = if resumable {
         let mut replay_err = None;
         let r = Journal::resume(&journal_path, |_, batch| {
@@ -331,6 +333,9 @@ pub fn backup(
                 resumes += 1;
             }
             total.add(&batch.stats);
+            for &r in &batch.unreadable {
+                add_range(&mut replayed_unreadable, r);
+            }
             let mut res = Ok(());
             decode_records(&batch.records, batch.block_count, |r, n| {
                 if res.is_ok() {
@@ -377,7 +382,7 @@ pub fn backup(
     let resumed = resumable && start_block > 0 || resumes > 0;
     if resumable {
         // Mark this run in the journal, so the snapshot counts its resumptions.
-        journal.append(start_block, 0, &BatchStats::default(), &[])?;
+        journal.append(start_block, 0, &BatchStats::default(), &[], &[])?;
         resumes += 1;
     }
 
@@ -418,7 +423,7 @@ pub fn backup(
 
     let threads = worker_threads(opts.threads);
     progress.start("backup", info.size - (start_block * bs).min(info.size));
-    let unreadable = std::sync::Mutex::new(Vec::new());
+    let unreadable = std::sync::Mutex::new(replayed_unreadable);
     let this_run = run_backup(
         repo,
         source,
@@ -837,13 +842,43 @@ fn run_backup(
             let checkpointer = scope.spawn(move || -> Result<()> {
                 for batch in cp_rx.iter() {
                     repo.sync_chunks()?;
-                    journal.append(batch.first, batch.blocks, &batch.stats, &batch.records)?;
+                    journal.append(
+                        batch.first,
+                        batch.blocks,
+                        &batch.stats,
+                        &batch.unreadable,
+                        &batch.records,
+                    )?;
                 }
                 Ok(())
             });
             let mut run_stats = BatchStats::default();
             let mut unread = 0u64;
             let mut batch = Batch::new(start_block);
+            // The unreadable ranges journaled so far: entries of the shared list wholly
+            // journaled, and the byte offset up to which ranges are journaled (a range found
+            // now may extend one replayed from the journal).
+            let mut journaled = (0usize, start_block * bs);
+            let mut take_unreadable = |upto: u64| -> Vec<(u64, u64)> {
+                let all = unreadable.lock().unwrap_or_else(|p| p.into_inner());
+                let upto = upto.min(size);
+                let (ref mut whole, ref mut from) = journaled;
+                let mut out = Vec::new();
+                for &(off, len) in &all[*whole..] {
+                    if off >= upto {
+                        break;
+                    }
+                    let (s, e) = (off.max(*from), (off + len).min(upto));
+                    if s < e {
+                        out.push((s, e - s));
+                    }
+                }
+                while all.get(*whole).is_some_and(|&(o, l)| o + l <= upto) {
+                    *whole += 1;
+                }
+                *from = (*from).max(upto);
+                out
+            };
             let mut last_checkpoint = Instant::now();
             let mut failed = false;
             let mut first_error = None;
@@ -867,7 +902,8 @@ fn run_backup(
                         || batch.records.len() >= 8 << 20)
                 {
                     // Hand over only if the checkpointer is idle (rendezvous channel).
-                    let full = batch.take(done.next_block(), &mut last_checkpoint);
+                    let mut full = batch.take(done.next_block(), &mut last_checkpoint);
+                    full.unreadable = take_unreadable(done.next_block() * bs);
                     let stats = full.stats;
                     match cp_tx.try_send(full) {
                         Ok(()) => run_stats.add(&stats),
@@ -881,7 +917,8 @@ fn run_backup(
             }
             let next = done.next_block();
             // Whatever finished in order is kept for the next run, even after an error.
-            let last = batch.take(next, &mut last_checkpoint);
+            let mut last = batch.take(next, &mut last_checkpoint);
+            last.unreadable = take_unreadable(next * bs);
             run_stats.add(&last.stats);
             if last.blocks > 0 && !failed && first_error.is_none() {
                 let _ = cp_tx.send(last);
@@ -907,11 +944,21 @@ fn run_backup(
     })
 }
 
+/// Adds range `r` to a sorted list of ranges, merging it with the last one when they touch.
+fn add_range(list: &mut Vec<(u64, u64)>, r: (u64, u64)) {
+    match list.last_mut() {
+        Some(last) if last.0 + last.1 == r.0 => last.1 += r.1,
+        _ => list.push(r),
+    }
+}
+
 /// Block references and statistics since the last checkpoint.
 struct Batch {
     first: u64,
     blocks: u64,
     stats: BatchStats,
+    /// Unreadable byte ranges of the batch's blocks (set when the batch is taken).
+    unreadable: Vec<(u64, u64)>,
     records: Vec<u8>,
     run: Option<(BlockRef, u64)>,
 }
@@ -922,6 +969,7 @@ impl Batch {
             first,
             blocks: 0,
             stats: BatchStats::default(),
+            unreadable: Vec::new(),
             records: Vec::new(),
             run: None,
         }
@@ -980,6 +1028,7 @@ impl Batch {
         self.flush_run();
         earlier.blocks += self.blocks;
         earlier.stats.add(&self.stats);
+        earlier.unreadable.append(&mut self.unreadable);
         earlier.records.extend_from_slice(&self.records);
         *self = earlier;
     }

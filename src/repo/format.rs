@@ -40,9 +40,12 @@ pub const MAX_HEADER_LEN: u32 = 16 << 20;
 
 /// Resume journal: `"VBJRNL"` + CR LF, then a u32 version.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"VBJRNL\r\n";
-/// Version written; version 2 added SLICE records, readers accept both.
-pub const JOURNAL_VERSION: u32 = 2;
-pub const JOURNAL_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=2;
+/// Version written. Version 2 added SLICE records, version 3 the unreadable ranges of each
+/// batch; readers accept all three.
+pub const JOURNAL_VERSION: u32 = 3;
+pub const JOURNAL_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=3;
+/// Most unreadable ranges one journal batch may list (against hostile files).
+pub const MAX_BATCH_UNREADABLE: u32 = 1 << 20;
 /// Upper bound of one journal record payload.
 pub const MAX_JOURNAL_RECORD: u32 = 64 << 20;
 

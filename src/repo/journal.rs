@@ -97,6 +97,9 @@ pub struct Batch {
     pub first_block: u64,
     pub block_count: u64,
     pub stats: BatchStats,
+    /// Byte ranges (offset, length) of the batch's blocks that could not be read and were
+    /// stored as zeros (always empty in journals before version 3).
+    pub unreadable: Vec<(u64, u64)>,
     /// Block-reference records (see `format::decode_records`).
     pub records: Vec<u8>,
 }
@@ -106,13 +109,15 @@ pub struct Batch {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// The layout of its batches: a resumed older journal is continued in its own layout.
+    version: u32,
 }
 
 const BATCH_FIXED: usize = 16 + BatchStats::FIELDS * 8;
 
 /// Reads the preamble and header of a journal from the start of `file`. `Ok(None)` when it is
 /// not a complete, checksummed journal header; returns the header and its JSON length.
-fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeader, u64)>> {
+fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeader, u64, u32)>> {
     let len = file.metadata().ctx("stat", path)?.len();
     let mut pre = [0u8; 16];
     if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
@@ -138,7 +143,9 @@ fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeade
     if *blake3::hash(&json).as_bytes() != sum {
         return Ok(None);
     }
-    Ok(serde_json::from_slice(&json).ok().map(|h| (h, hlen)))
+    Ok(serde_json::from_slice(&json)
+        .ok()
+        .map(|h| (h, hlen, version)))
 }
 
 fn header_bytes(h: &JournalHeader) -> Result<Vec<u8>> {
@@ -153,6 +160,30 @@ fn header_bytes(h: &JournalHeader) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Byte ranges (offset, length).
+type Ranges = Vec<(u64, u64)>;
+
+/// Splits what follows a batch's statistics into its unreadable ranges (version 3 and later)
+/// and its records; `None` when the list is malformed.
+fn split_batch_tail(tail: &[u8], version: u32) -> Option<(Ranges, &[u8])> {
+    if version < 3 {
+        return Some((Vec::new(), tail));
+    }
+    let (n, rest) = tail.split_first_chunk::<4>()?;
+    let n = u32::from_le_bytes(*n);
+    if n > MAX_BATCH_UNREADABLE || (n as usize) * 16 > rest.len() {
+        return None;
+    }
+    let (list, records) = rest.split_at(n as usize * 16);
+    let mut ranges = Vec::with_capacity(n as usize);
+    for r in list.chunks_exact(16) {
+        let (off, len) = (le_u64(r, 0), le_u64(r, 8));
+        off.checked_add(len).filter(|_| len > 0)?;
+        ranges.push((off, len));
+    }
+    Some((ranges, records))
+}
+
 impl Journal {
     /// Creates a new journal at `path` (replacing any old one) atomically.
     pub fn create(path: &Path, header: &JournalHeader) -> Result<Journal> {
@@ -162,10 +193,10 @@ impl Journal {
             .write_all(&header_bytes(header)?)
             .ctx("write", tmp.path())?;
         tmp.persist(path, true)?;
-        Self::open_append(path)
+        Self::open_append(path, JOURNAL_VERSION)
     }
 
-    fn open_append(path: &Path) -> Result<Journal> {
+    fn open_append(path: &Path, version: u32) -> Result<Journal> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -175,6 +206,7 @@ impl Journal {
         Ok(Journal {
             path: path.to_path_buf(),
             file,
+            version,
         })
     }
 
@@ -186,7 +218,7 @@ impl Journal {
             Err(e) => return Err(Error::io("open journal", path, e)),
         };
         match read_header_from(&mut file, path) {
-            Ok(h) => Ok(h.map(|(h, _)| h)),
+            Ok(h) => Ok(h.map(|(h, _, _)| h)),
             // A journal of another version is not resumable; `resume` reports it.
             Err(Error::UnsupportedVersion { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -207,7 +239,7 @@ impl Journal {
             Err(e) => return Err(Error::io("open journal", path, e)),
         };
         let len = file.metadata().ctx("stat", path)?.len();
-        let Some((header, hlen)) = read_header_from(&mut file, path)? else {
+        let Some((header, hlen, version)) = read_header_from(&mut file, path)? else {
             return Ok(None);
         };
         let mut valid_end = 16 + hlen + 32;
@@ -239,20 +271,25 @@ impl Journal {
             for (i, x) in a.iter_mut().enumerate() {
                 *x = le_u64(&payload, 16 + i * 8);
             }
-            let records = payload[BATCH_FIXED..].to_vec();
+            let Some((unreadable, records)) = split_batch_tail(&payload[BATCH_FIXED..], version)
+            else {
+                break;
+            };
             let end = first_block.checked_add(block_count);
             if first_block != next_block
                 || end.is_none_or(|e| e > header.block_count)
-                || decode_records(&records, block_count, |_, _| {}).is_err()
+                || decode_records(records, block_count, |_, _| {}).is_err()
             {
                 break;
             }
+            let records = records.to_vec();
             f(
                 &header,
                 Batch {
                     first_block,
                     block_count,
                     stats: BatchStats::from_array(a),
+                    unreadable,
                     records,
                 },
             )?;
@@ -265,22 +302,41 @@ impl Journal {
             file.sync_data().ctx("flush", path)?;
         }
         drop(file);
-        Ok(Some((Self::open_append(path)?, header)))
+        Ok(Some((Self::open_append(path, version)?, header)))
     }
 
-    /// Appends a batch and makes it durable.
+    /// Appends a batch and makes it durable. `unreadable` lists the byte ranges of its blocks
+    /// that could not be read (dropped when continuing a journal older than version 3).
     pub fn append(
         &mut self,
         first_block: u64,
         block_count: u64,
         stats: &BatchStats,
+        unreadable: &[(u64, u64)],
         records: &[u8],
     ) -> Result<()> {
-        let mut payload = Vec::with_capacity(BATCH_FIXED + records.len());
+        let mut payload =
+            Vec::with_capacity(BATCH_FIXED + 4 + unreadable.len() * 16 + records.len());
         payload.extend_from_slice(&first_block.to_le_bytes());
         payload.extend_from_slice(&block_count.to_le_bytes());
         for x in stats.to_array() {
             payload.extend_from_slice(&x.to_le_bytes());
+        }
+        if self.version >= 3 {
+            let n = u32::try_from(unreadable.len())
+                .ok()
+                .filter(|&n| n <= MAX_BATCH_UNREADABLE)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{} unreadable ranges in one checkpoint",
+                        unreadable.len()
+                    ))
+                })?;
+            payload.extend_from_slice(&n.to_le_bytes());
+            for &(off, len) in unreadable {
+                payload.extend_from_slice(&off.to_le_bytes());
+                payload.extend_from_slice(&len.to_le_bytes());
+            }
         }
         payload.extend_from_slice(records);
         let mut rec = Vec::with_capacity(payload.len() + 36);
@@ -300,6 +356,83 @@ impl Journal {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io("remove journal", &self.path, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::HashAlgorithm;
+    use crate::repo::format::{BlockRef, encode_run};
+    use proptest::prelude::*;
+
+    fn header() -> JournalHeader {
+        JournalHeader {
+            source: crate::source::SourceInfo {
+                path: "/dev/x".into(),
+                kind: "file".into(),
+                size: 1 << 20,
+                logical_sector_size: 512,
+                physical_sector_size: 512,
+            },
+            volume_key: "k".into(),
+            block_size: 65536,
+            block_count: 16,
+            chunk_hash: HashAlgorithm::Blake3,
+            parent: None,
+            all_blocks: true,
+            time: "2026-11-22T00:00:00Z".into(),
+            time_unix: 0,
+            tags: Vec::new(),
+        }
+    }
+
+    /// Batches come back with their unreadable ranges; a torn last batch is cut off.
+    #[test]
+    fn batches_round_trip_with_unreadable_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.journal");
+        let mut j = Journal::create(&path, &header()).unwrap();
+        let mut recs = Vec::new();
+        encode_run(&mut recs, BlockRef::Zero, 4);
+        j.append(
+            0,
+            4,
+            &BatchStats::default(),
+            &[(4096, 512), (8192, 1024)],
+            &recs,
+        )
+        .unwrap();
+        j.append(4, 4, &BatchStats::default(), &[], &recs).unwrap();
+        drop(j);
+        // A torn third batch.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(f);
+        let mut got = Vec::new();
+        let (_, h) = Journal::resume(&path, |_, b| {
+            got.push((b.first_block, b.block_count, b.unreadable));
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.block_count, 16);
+        assert_eq!(
+            got,
+            vec![(0, 4, vec![(4096, 512), (8192, 1024)]), (4, 4, vec![])]
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+    }
+
+    proptest! {
+        #[test]
+        fn batch_tail_parser_never_panics(
+            tail in proptest::collection::vec(any::<u8>(), 0..120),
+            version in 1u32..4,
+        ) {
+            let _ = split_batch_tail(&tail, version);
         }
     }
 }

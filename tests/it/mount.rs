@@ -29,14 +29,14 @@ fn hashes_of(
     h
 }
 
-fn mount_view(repo: &Path, view: &Path, extra: &[&str]) -> serde_json::Value {
+pub(crate) fn mount_view(repo: &Path, view: &Path, extra: &[&str]) -> serde_json::Value {
     std::fs::create_dir_all(view).unwrap();
     let mut args = vec!["mount", p(repo), "latest", p(view), "--json"];
     args.extend_from_slice(extra);
     volback_ok(&args).json()
 }
 
-fn umount(dir: &Path) {
+pub(crate) fn umount(dir: &Path) {
     volback_ok(&["umount", p(dir)]);
 }
 

@@ -719,3 +719,34 @@ pub fn decode_chunk(path: &Path) -> Vec<u8> {
         c => panic!("unknown codec {c}"),
     }
 }
+
+/// Blocks covered by the complete batches of the repository's one resume journal (0 when
+/// there is none), read from its documented layout (FORMAT.md §5).
+pub fn journal_blocks(repo: &Path) -> u64 {
+    let Some(path) = journals(repo).into_iter().next() else {
+        return 0;
+    };
+    let Ok(b) = std::fs::read(path) else {
+        return 0;
+    };
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|x| u32::from_le_bytes(x.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        b.get(o..o + 8)
+            .map(|x| u64::from_le_bytes(x.try_into().unwrap()))
+    };
+    let Some(hlen) = u32_at(12) else { return 0 };
+    let mut pos = 16 + hlen as usize + 32;
+    let mut blocks = 0;
+    while let Some(plen) = u32_at(pos) {
+        let end = pos + 4 + plen as usize + 32;
+        if end > b.len() {
+            break;
+        }
+        blocks += u64_at(pos + 4 + 8).unwrap_or(0);
+        pos = end;
+    }
+    blocks
+}
