@@ -217,6 +217,7 @@ pub fn restore_copy(
     copy: &Path,
     target: &Path,
     verify: bool,
+    only_changed: bool,
     threads: usize,
     quiet: bool,
     cancel: Arc<AtomicBool>,
@@ -239,21 +240,12 @@ pub fn restore_copy(
         verify,
         protected,
         cancel: Some(cancel),
+        only_changed,
     };
     let progress = CliProgress::new(quiet);
     let r = restore(volume, &plan, &opts, &progress)?;
-    println!(
-        "restored copy {} to {}: {} written, {} zero{}",
-        paths.dest().display(),
-        plan.target.display(),
-        human_bytes(r.bytes_written),
-        human_bytes(r.zero_bytes),
-        if verify {
-            ", read back and verified"
-        } else {
-            ""
-        }
-    );
+    let what = format!("copy {}", paths.dest().display());
+    crate::display::print_restore(&what, &plan.target, &r, &opts);
     Ok(ExitCode::SUCCESS)
 }
 

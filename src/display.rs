@@ -72,3 +72,29 @@ impl Progress for CliProgress {
         }
     }
 }
+
+/// The summary line of a restore: `what` ("snapshot 3fa2…", "copy /x") to `target`.
+pub fn print_restore(
+    what: &str,
+    target: &std::path::Path,
+    r: &volback::restore::RestoreReport,
+    opts: &volback::restore::RestoreOptions,
+) {
+    let mut line = format!(
+        "restored {what} to {}: {} written, {} zero",
+        target.display(),
+        human_bytes(r.bytes_written),
+        human_bytes(r.zero_bytes)
+    );
+    if opts.only_changed {
+        line.push_str(&format!(
+            " ({} of it zeroed), {} already up to date",
+            human_bytes(r.zeroed_bytes),
+            human_bytes(r.unchanged_bytes)
+        ));
+    }
+    if opts.verify {
+        line.push_str(", read back and verified");
+    }
+    println!("{line}");
+}

@@ -133,6 +133,11 @@ enum Command {
         /// with the snapshot (chunks are always checked against their hashes).
         #[arg(long)]
         verify: bool,
+        /// Read the target first and write only the blocks that differ (a target holding an
+        /// older state of the volume is brought up to date with few writes); zero and unused
+        /// ranges are zeroed only where the target is not zero.
+        #[arg(long)]
+        only_changed: bool,
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
@@ -602,6 +607,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             snapshot,
             target,
             verify,
+            only_changed,
             threads,
         } => {
             let Some(target) = target else {
@@ -623,6 +629,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                     &repo,
                     std::path::Path::new(&snapshot),
                     verify,
+                    only_changed,
                     threads,
                     quiet,
                     cancel,
@@ -640,21 +647,12 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 verify,
                 protected: vec![repo.clone()],
                 cancel: Some(cancel),
+                only_changed,
             };
             let progress = CliProgress::new(quiet);
             let r = restore(&volume, &plan, &opts, &progress)?;
-            println!(
-                "restored snapshot {} to {}: {} written, {} zero{}",
-                &id[..12],
-                plan.target.display(),
-                human_bytes(r.bytes_written),
-                human_bytes(r.zero_bytes),
-                if opts.verify {
-                    ", read back and verified"
-                } else {
-                    ""
-                }
-            );
+            let what = format!("snapshot {}", &id[..12]);
+            display::print_restore(&what, &plan.target, &r, &opts);
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {

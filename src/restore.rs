@@ -29,6 +29,11 @@ pub struct RestoreOptions {
     /// Paths that must never be written (the repository, sources being read).
     pub protected: Vec<PathBuf>,
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Read the target first and write only what differs from the volume: a target that
+    /// already holds an older state of the volume is brought up to date with few writes.
+    /// Blocks whose hash the volume knows ([`Volume::known_hash`]) are compared by hashing
+    /// the target alone; zero and unused ranges are zeroed only where the target is not.
+    pub only_changed: bool,
 }
 
 /// What the target is and what a restore will do to it.
@@ -49,6 +54,19 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     pub zero_bytes: u64,
     pub verified_bytes: u64,
+    /// `only_changed`: bytes the target already held (not written).
+    pub unchanged_bytes: u64,
+    /// `only_changed`: bytes of zero ranges that the target did not hold as zeros (zeroed).
+    pub zeroed_bytes: u64,
+}
+
+/// What a worker did with one piece.
+#[derive(Default)]
+struct Done {
+    written: u64,
+    verified: u64,
+    unchanged: u64,
+    zeroed: u64,
 }
 
 fn refuse(target: &Path, reason: String) -> Error {
@@ -157,11 +175,12 @@ pub fn restore(
             platform::open_write_existing(path).ctx("open for writing", path)?
         }
         _ => {
+            // Only-changed keeps what the file holds; otherwise it starts empty (sparse).
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(!opts.only_changed)
                 .open(path)
                 .ctx("create", path)?;
             f.set_len(size).ctx("set the size of", path)?;
@@ -183,6 +202,8 @@ pub fn restore(
     };
     let mut report = RestoreReport::default();
     for verify_pass in [false, true] {
+        // Only-changed: this pass compares with the target before writing.
+        let checking = opts.only_changed && !verify_pass;
         if verify_pass {
             if !opts.verify {
                 break;
@@ -195,8 +216,9 @@ pub fn restore(
         let direct = platform::open_direct_rw(path);
         progress.start(if verify_pass { "verify" } else { "restore" }, size);
         let result: Result<()> = std::thread::scope(|scope| {
-            let (tx, rx) = bounded::<(u64, u64)>(threads * 4);
-            let (res_tx, res_rx) = bounded::<Result<(u64, u64)>>(threads * 4);
+            // Pieces: (offset, length, is a zero range to check).
+            let (tx, rx) = bounded::<(u64, u64, bool)>(threads * 4);
+            let (res_tx, res_rx) = bounded::<Result<Done>>(threads * 4);
             for _ in 0..threads {
                 let rx = rx.clone();
                 let res_tx = res_tx.clone();
@@ -206,7 +228,7 @@ pub fn restore(
                 scope.spawn(move || {
                     let mut piece = AlignedBuf::new(PIECE as usize);
                     let mut check = AlignedBuf::new(PIECE as usize);
-                    for (off, len) in rx.iter() {
+                    for (off, len, gap) in rx.iter() {
                         if stop.load(Ordering::Relaxed) {
                             continue;
                         }
@@ -218,26 +240,71 @@ pub fn restore(
                         };
                         let buf = &mut piece[..n];
                         let r = (|| {
+                            if checking {
+                                // What the target holds now.
+                                let old = &mut check[..n];
+                                match (direct.as_ref(), aligned) {
+                                    (Some(d), true) => read_exact_at(d, old, off, path)?,
+                                    _ => read_exact_at(file, old, off, path)?,
+                                }
+                                if gap {
+                                    if crate::volume::is_zero(old) {
+                                        return Ok(Done {
+                                            unchanged: len,
+                                            ..Done::default()
+                                        });
+                                    }
+                                    platform::zero_range(file, off, len).map_err(|e| {
+                                        Error::IoAt {
+                                            op: "zero",
+                                            path: path.clone(),
+                                            offset: off,
+                                            source: e,
+                                        }
+                                    })?;
+                                    return Ok(Done {
+                                        zeroed: len,
+                                        ..Done::default()
+                                    });
+                                }
+                                if matches_known_hashes(volume, off, old)? {
+                                    return Ok(Done {
+                                        unchanged: len,
+                                        ..Done::default()
+                                    });
+                                }
+                                volume.read_at(off, buf)?;
+                                // Write only the sub-pieces that differ.
+                                let mut written = 0u64;
+                                let mut at = 0usize;
+                                while at < n {
+                                    let step = |i: usize| (n - i).min(SUB);
+                                    if buf[at..at + step(at)] == old[at..at + step(at)] {
+                                        at += step(at);
+                                        continue;
+                                    }
+                                    let from = at;
+                                    while at < n && buf[at..at + step(at)] != old[at..at + step(at)]
+                                    {
+                                        at += step(at);
+                                    }
+                                    let w = off + from as u64;
+                                    write_piece(out, file, &buf[from..at], w, path)?;
+                                    written += (at - from) as u64;
+                                }
+                                return Ok(Done {
+                                    written,
+                                    unchanged: len - written,
+                                    ..Done::default()
+                                });
+                            }
                             volume.read_at(off, buf)?;
                             if !verify_pass {
-                                platform::write_all_at(out, buf, off)
-                                    .or_else(|e| {
-                                        // A filesystem that refuses O_DIRECT at write time.
-                                        if e.kind() == std::io::ErrorKind::InvalidInput
-                                            && !std::ptr::eq(out, file)
-                                        {
-                                            platform::write_all_at(file, buf, off)
-                                        } else {
-                                            Err(e)
-                                        }
-                                    })
-                                    .map_err(|e| Error::IoAt {
-                                        op: "write",
-                                        path: path.clone(),
-                                        offset: off,
-                                        source: e,
-                                    })?;
-                                return Ok((len, 0));
+                                write_piece(out, file, buf, off, path)?;
+                                return Ok(Done {
+                                    written: len,
+                                    ..Done::default()
+                                });
                             }
                             // Read back from the medium: O_DIRECT where possible, so the page
                             // cache cannot answer in the device's place.
@@ -258,7 +325,10 @@ pub fn restore(
                                     ),
                                 });
                             }
-                            Ok((0, len))
+                            Ok(Done {
+                                verified: len,
+                                ..Done::default()
+                            })
                         })();
                         if r.is_err() {
                             stop.store(true, Ordering::Relaxed);
@@ -285,7 +355,17 @@ pub fn restore(
                         None => (size, size),
                     };
                     if ds > pos {
-                        if is_device && !verify_pass {
+                        if checking {
+                            // Workers check the target and zero what is not zero already.
+                            let mut off = pos;
+                            while off < ds {
+                                let len = (ds - off).min(PIECE - off % PIECE);
+                                if tx.send((off, len, true)).is_err() {
+                                    return Ok(zero_bytes);
+                                }
+                                off += len;
+                            }
+                        } else if is_device && !verify_pass {
                             platform::zero_range(&file, pos, ds - pos).map_err(|e| {
                                 Error::IoAt {
                                     op: "zero",
@@ -296,12 +376,14 @@ pub fn restore(
                             })?;
                         }
                         zero_bytes += ds - pos;
-                        progress.advance(ds - pos);
+                        if !checking {
+                            progress.advance(ds - pos);
+                        }
                     }
                     let mut off = ds;
                     while off < de {
                         let len = (de - off).min(PIECE - off % PIECE);
-                        if tx.send((off, len)).is_err() {
+                        if tx.send((off, len, false)).is_err() {
                             return Ok(zero_bytes);
                         }
                         off += len;
@@ -314,10 +396,12 @@ pub fn restore(
             let mut first_err = None;
             for r in res_rx.iter() {
                 match r {
-                    Ok((n, v)) => {
-                        report.bytes_written += n;
-                        report.verified_bytes += v;
-                        progress.advance(n + v);
+                    Ok(d) => {
+                        report.bytes_written += d.written;
+                        report.verified_bytes += d.verified;
+                        report.unchanged_bytes += d.unchanged;
+                        report.zeroed_bytes += d.zeroed;
+                        progress.advance(d.written + d.verified + d.unchanged + d.zeroed);
                     }
                     Err(e) => {
                         stop.store(true, Ordering::Relaxed);
@@ -347,6 +431,51 @@ pub fn restore(
     }
     file.sync_all().ctx("flush", path)?;
     Ok(report)
+}
+
+/// Granularity of `only_changed` writes (a multiple of the direct-I/O alignment).
+const SUB: usize = 64 << 10;
+
+/// Writes `buf` at `offset` through `out` (the `O_DIRECT` descriptor when the piece is
+/// aligned), falling back to `file` where the filesystem refuses `O_DIRECT` at write time.
+fn write_piece(out: &File, file: &File, buf: &[u8], offset: u64, path: &Path) -> Result<()> {
+    let aligned = offset.is_multiple_of(ALIGN as u64) && buf.len().is_multiple_of(ALIGN);
+    let out = if aligned { out } else { file };
+    platform::write_all_at(out, buf, offset)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidInput && !std::ptr::eq(out, file) {
+                platform::write_all_at(file, buf, offset)
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| Error::IoAt {
+            op: "write",
+            path: path.to_path_buf(),
+            offset,
+            source: e,
+        })
+}
+
+/// True when `old`, the target's bytes at `offset`, hashes block by block to what `volume`
+/// records for those blocks (every block of the piece whole and with a known hash).
+fn matches_known_hashes(volume: &dyn Volume, offset: u64, old: &[u8]) -> Result<bool> {
+    let end = offset + old.len() as u64;
+    let mut pos = offset;
+    while pos < end {
+        let Some(k) = volume.known_hash(pos)? else {
+            return Ok(false);
+        };
+        if k.start != pos || k.len == 0 || k.start + k.len > end {
+            return Ok(false);
+        }
+        let s = (pos - offset) as usize;
+        if k.algorithm.hash(&old[s..s + k.len as usize]) != k.hash {
+            return Ok(false);
+        }
+        pos += k.len;
+    }
+    Ok(true)
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {

@@ -25,6 +25,23 @@ pub trait Volume: Send + Sync {
 
     /// A short human description ("/dev/loop3", "snapshot 3fa2…").
     fn describe(&self) -> String;
+
+    /// The hash of the stored block that holds byte `offset`, when the volume knows it
+    /// without reading the block (a snapshot's records): lets `restore --only-changed` compare
+    /// a target with the volume by hashing the target alone. `None` by default.
+    fn known_hash(&self, _offset: u64) -> Result<Option<KnownHash>> {
+        Ok(None)
+    }
+}
+
+/// A block's hash as a volume records it: bytes `[start, start + len)` hash to `hash` with
+/// `algorithm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownHash {
+    pub start: u64,
+    pub len: u64,
+    pub algorithm: crate::hash::HashAlgorithm,
+    pub hash: crate::hash::ChunkId,
 }
 
 /// Checks that a read of `len` bytes at `offset` lies inside a volume of `size` bytes;

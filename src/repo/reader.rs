@@ -565,4 +565,21 @@ impl Volume for SnapshotVolume {
     fn describe(&self) -> String {
         format!("snapshot {}", &self.inner.snap.id()[..12])
     }
+
+    fn known_hash(&self, offset: u64) -> Result<Option<crate::volume::KnownHash>> {
+        if offset >= self.size() {
+            return Ok(None);
+        }
+        let index = offset / self.block_size();
+        Ok(self
+            .inner
+            .block_ref(index)?
+            .content_hash()
+            .map(|hash| crate::volume::KnownHash {
+                start: index * self.block_size(),
+                len: self.inner.block_len(index) as u64,
+                algorithm: self.inner.snap.header().chunk_hash,
+                hash,
+            }))
+    }
 }
