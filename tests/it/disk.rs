@@ -359,9 +359,13 @@ fn gpt_disk_partitions_are_change_tracked() {
     m.unmount();
     let incr = backup_json(&disk, &repo, &[]);
     assert_eq!(incr["parent"], full["snapshot"], "{incr}");
-    assert!(ju64(&incr, "/unread_blocks") > 0, "nothing skipped: {incr}");
+    // Blocks taken unread are blocks the full backup had to read, and the incremental reads
+    // nothing more than the rest (how many blocks each side needs varies with where ext4
+    // put its metadata: 45 to 53 blocks for the full backup here).
+    let unread = ju64(&incr, "/unread_blocks");
+    assert!(unread > 0, "nothing skipped: {incr}");
     assert!(
-        ju64(&incr, "/bytes_read") < ju64(&full, "/bytes_read") / 2,
+        ju64(&incr, "/bytes_read") + unread * 256 * KIB <= ju64(&full, "/bytes_read"),
         "the incremental read too much: {incr} after {full}"
     );
     let restored = dir.join("restored.img");
