@@ -83,6 +83,7 @@ def main():
     if get(v, "incr_v2.repo_bytes") is not None and full_b is not None:
         incr_growth = get(v, "incr_v2.repo_bytes") - full_b
     rest_t = get(v, "restore_v1.wall_s")
+    oc_t = get(v, "restore_only_changed_v2.wall_s")
     all_t = get(v, "full_v1_all_blocks.wall_s")
     all_b = get(v, "full_v1_all_blocks.repo_bytes")
     sparse_rss = get(v, "sparse_1t.max_rss_kib")
@@ -144,6 +145,11 @@ def main():
       f"restic repository growth: {mib(restic_growth)} | {verdict(ratio(incr_growth, restic_growth), 1.0)} |")
     w(f"| restore of v1 to a file, wall | {secs(rest_t)} | `zstd -d \\| dd bs=1M`: {secs(unzstd_t)} | "
       f"{verdict(ratio(rest_t, unzstd_t), 1.0)} |")
+    if oc_t is not None:
+        same = get(v, "restore_only_changed_v2.identical", "n/a")
+        w(f"| restore of v2 `--only-changed` onto the restore of v1 (identical to a full restore of "
+          f"v2: {same}) | {secs(oc_t)} | volback's full restore of v1: {secs(rest_t)} | "
+          f"{ratio(oc_t, rest_t) and f'{ratio(oc_t, rest_t):.2f}×'} |")
     w(f"| full backup, `--all-blocks` (every block, residue included) | {secs(all_t)}, {gib(all_b)} | "
       f"`dd \\| zstd`: {secs(zstd_t)}, {gib(zstd_b)} | {ratio(all_t, zstd_t) and f'{ratio(all_t, zstd_t):.2f}× time'} |")
     w(f"| peak RSS, full backup of v1 | {mib(full_rss and full_rss * 1024)} | | limit 300 MiB |")
