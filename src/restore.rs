@@ -233,20 +233,12 @@ pub fn restore(
                             continue;
                         }
                         let n = len as usize;
-                        let aligned = off.is_multiple_of(ALIGN as u64) && n.is_multiple_of(ALIGN);
-                        let out = match (direct.as_ref(), aligned) {
-                            (Some(d), true) => d,
-                            _ => file,
-                        };
                         let buf = &mut piece[..n];
                         let r = (|| {
                             if checking {
                                 // What the target holds now.
                                 let old = &mut check[..n];
-                                match (direct.as_ref(), aligned) {
-                                    (Some(d), true) => read_exact_at(d, old, off, path)?,
-                                    _ => read_exact_at(file, old, off, path)?,
-                                }
+                                read_target(direct.as_ref(), file, old, off, path)?;
                                 if gap {
                                     if crate::volume::is_zero(old) {
                                         return Ok(Done {
@@ -289,7 +281,7 @@ pub fn restore(
                                         at += step(at);
                                     }
                                     let w = off + from as u64;
-                                    write_piece(out, file, &buf[from..at], w, path)?;
+                                    write_piece(direct.as_ref(), file, &buf[from..at], w, path)?;
                                     written += (at - from) as u64;
                                 }
                                 return Ok(Done {
@@ -300,7 +292,7 @@ pub fn restore(
                             }
                             volume.read_at(off, buf)?;
                             if !verify_pass {
-                                write_piece(out, file, buf, off, path)?;
+                                write_piece(direct.as_ref(), file, buf, off, path)?;
                                 return Ok(Done {
                                     written: len,
                                     ..Done::default()
@@ -308,13 +300,7 @@ pub fn restore(
                             }
                             // Read back from the medium: O_DIRECT where possible, so the page
                             // cache cannot answer in the device's place.
-                            let n = len as usize;
-                            let aligned =
-                                off.is_multiple_of(ALIGN as u64) && n.is_multiple_of(ALIGN);
-                            match (direct.as_ref(), aligned) {
-                                (Some(d), true) => read_exact_at(d, &mut check[..n], off, path)?,
-                                _ => read_exact_at(file, &mut check[..n], off, path)?,
-                            }
+                            read_target(direct.as_ref(), file, &mut check[..n], off, path)?;
                             if check[..n] != buf[..] {
                                 return Err(Error::IoAt {
                                     op: "verify",
@@ -436,11 +422,18 @@ pub fn restore(
 /// Granularity of `only_changed` writes (a multiple of the direct-I/O alignment).
 const SUB: usize = 64 << 10;
 
-/// Writes `buf` at `offset` through `out` (the `O_DIRECT` descriptor when the piece is
-/// aligned), falling back to `file` where the filesystem refuses `O_DIRECT` at write time.
-fn write_piece(out: &File, file: &File, buf: &[u8], offset: u64, path: &Path) -> Result<()> {
-    let aligned = offset.is_multiple_of(ALIGN as u64) && buf.len().is_multiple_of(ALIGN);
-    let out = if aligned { out } else { file };
+/// Writes `buf` at `offset` through `direct` (`O_DIRECT`) when the piece is aligned, falling
+/// back to `file` otherwise and where the filesystem refuses `O_DIRECT` at write time.
+fn write_piece(
+    direct: Option<&File>,
+    file: &File,
+    buf: &[u8],
+    offset: u64,
+    path: &Path,
+) -> Result<()> {
+    let out = direct
+        .filter(|_| aligned(offset, buf.len()))
+        .unwrap_or(file);
     platform::write_all_at(out, buf, offset)
         .or_else(|e| {
             if e.kind() == std::io::ErrorKind::InvalidInput && !std::ptr::eq(out, file) {
@@ -476,6 +469,26 @@ fn matches_known_hashes(volume: &dyn Volume, offset: u64, old: &[u8]) -> Result<
         pos += k.len;
     }
     Ok(true)
+}
+
+/// True when a piece can go through `O_DIRECT`.
+fn aligned(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
+}
+
+/// Reads the target's bytes at `offset` from the medium: through `direct` (`O_DIRECT`, so
+/// the page cache cannot answer in the device's place) when the piece is aligned.
+fn read_target(
+    direct: Option<&File>,
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    path: &Path,
+) -> Result<()> {
+    match direct.filter(|_| aligned(offset, buf.len())) {
+        Some(d) => read_exact_at(d, buf, offset, path),
+        None => read_exact_at(file, buf, offset, path),
+    }
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {

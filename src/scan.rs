@@ -239,6 +239,15 @@ impl<O> Iterator for Ordered<'_, O> {
     }
 }
 
+/// Appends byte range `r` (offset, length) to a list in increasing order, merging it with the
+/// last range when they touch.
+pub fn push_range(list: &mut Vec<(u64, u64)>, r: (u64, u64)) {
+    match list.last_mut() {
+        Some(last) if last.0 + last.1 == r.0 => last.1 += r.1,
+        _ => list.push(r),
+    }
+}
+
 /// Blocks the reader fetches in one request (4 MiB worth, at least one block).
 pub fn staging_blocks(block_size: u64) -> u64 {
     ((4u64 << 20) / block_size).max(1)
@@ -557,10 +566,7 @@ where
                     }
                     let mut all = found.lock().unwrap_or_else(|p| p.into_inner());
                     for r in bad {
-                        match all.last_mut() {
-                            Some(last) if last.0 + last.1 == r.0 => last.1 += r.1,
-                            _ => all.push(r),
-                        }
+                        push_range(&mut all, r);
                     }
                 }
                 if staged_tx.send((index, run_end, Some(staging))).is_err() {
@@ -612,10 +618,7 @@ fn rescue<S: ScanSource + ?Sized>(
         }
         if !ok {
             piece.fill(0);
-            match bad.last_mut() {
-                Some(last) if last.0 + last.1 == pos => last.1 += n as u64,
-                _ => bad.push((pos, n as u64)),
-            }
+            push_range(&mut bad, (pos, n as u64));
         }
         off += n;
     }

@@ -193,11 +193,7 @@ fn check_chunks(
         if read_data {
             store.get_into(id, buf)?;
             for s in slices.get(id).into_iter().flatten() {
-                let start = u64::from(s.index) * s.block_size;
-                let piece = usize::try_from(start)
-                    .ok()
-                    .zip(usize::try_from(start + s.len).ok())
-                    .and_then(|(a, b)| buf.get(a..b));
+                let piece = crate::repo::format::pack_slice(buf, s.index, s.block_size, s.len);
                 let detail = match piece {
                     None => format!(
                         "pack holds {} bytes, too few for slice {}",

@@ -334,7 +334,7 @@ pub fn backup(
             }
             total.add(&batch.stats);
             for &r in &batch.unreadable {
-                add_range(&mut replayed_unreadable, r);
+                scan::push_range(&mut replayed_unreadable, r);
             }
             let mut res = Ok(());
             decode_records(&batch.records, batch.block_count, |r, n| {
@@ -942,14 +942,6 @@ fn run_backup(
             Ok((run_stats, unread))
         })
     })
-}
-
-/// Adds range `r` to a sorted list of ranges, merging it with the last one when they touch.
-fn add_range(list: &mut Vec<(u64, u64)>, r: (u64, u64)) {
-    match list.last_mut() {
-        Some(last) if last.0 + last.1 == r.0 => last.1 += r.1,
-        _ => list.push(r),
-    }
 }
 
 /// Block references and statistics since the last checkpoint.

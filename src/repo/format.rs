@@ -114,6 +114,14 @@ impl BlockRef {
     }
 }
 
+/// The bytes of slot `slot` of a decoded pack whose blocks are `block_size` bytes, for a
+/// block of `len` bytes; `None` when the pack is too short for it.
+pub fn pack_slice(pack: &[u8], slot: u8, block_size: u64, len: u64) -> Option<&[u8]> {
+    let start = u64::from(slot).checked_mul(block_size)?;
+    let end = start.checked_add(len)?;
+    pack.get(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
+}
+
 /// Appends `count` copies of `r` to `out` in record encoding.
 pub fn encode_run(out: &mut Vec<u8>, r: BlockRef, mut count: u64) {
     match r {

@@ -156,8 +156,6 @@ impl Inner {
         f: impl FnOnce(&[u8]) -> T,
     ) -> Result<T> {
         let p = self.pack(pack)?;
-        let start = u64::from(slot) * self.block_size();
-        let len = self.block_len(index) as u64;
         let corrupt = |detail: String| {
             Error::corrupt(
                 format!("chunk {pack}"),
@@ -165,11 +163,8 @@ impl Inner {
                 format!("{detail} (block {index} of snapshot {})", self.snap.id()),
             )
         };
-        let Some(piece) = usize::try_from(start)
-            .ok()
-            .zip(usize::try_from(start + len).ok())
-            .and_then(|(s, e)| p.data.get(s..e))
-        else {
+        let len = self.block_len(index) as u64;
+        let Some(piece) = super::format::pack_slice(&p.data, slot, self.block_size(), len) else {
             return Err(corrupt(format!(
                 "pack holds {} bytes, too few for slice {slot}",
                 p.data.len()

@@ -237,11 +237,7 @@ fn unreadable_ranges_found_before_an_interruption_stay_in_the_snapshot() {
     std::fs::File::open(&src)
         .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut block, 4 * BS))
         .unwrap();
-    let chunk = chunk_path(&repo_a, &blake3_hex(&block));
-    let mut bytes = std::fs::read(&chunk).expect("the block's chunk exists");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    std::fs::write(&chunk, bytes).unwrap();
+    damage_chunk_of(&repo_a, &block);
     let view = t.join("view");
     crate::mount::mount_view(&repo_a, &view, &[]);
     let failing = view.join("volume.img");

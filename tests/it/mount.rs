@@ -287,11 +287,7 @@ fn unreadable_sectors_are_zero_filled_recorded_and_exit_3() {
     let repo_a = dir.join("repo-a");
     init_repo(&repo_a, &["--pack-size", "0"]);
     backup_json(&img, &repo_a, &[]);
-    let chunk = chunk_path(&repo_a, &blake3_hex(block));
-    let mut bytes = std::fs::read(&chunk).expect("the block's chunk exists");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    std::fs::write(&chunk, bytes).unwrap();
+    damage_chunk_of(&repo_a, block);
 
     let view = dir.join("view");
     mount_view(&repo_a, &view, &[]);

@@ -750,3 +750,13 @@ pub fn journal_blocks(repo: &Path) -> u64 {
     }
     blocks
 }
+
+/// Flips a byte in the middle of the chunk that stores a block with content `block` (in a
+/// repository without packs), so that reading that block fails its hash check.
+pub fn damage_chunk_of(repo: &Path, block: &[u8]) {
+    let chunk = chunk_path(repo, &blake3_hex(block));
+    let mut bytes = std::fs::read(&chunk).expect("the block's chunk exists");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&chunk, bytes).unwrap();
+}
