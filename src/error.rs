@@ -99,6 +99,20 @@ pub enum Error {
     #[error("copy {} is in use by another volback process", path.display())]
     CopyInUse { path: PathBuf },
 
+    /// A repository file is a symbolic link, FIFO, directory or device: refused, never opened
+    /// through (a link planted in a repository must not redirect a write).
+    #[error("{} is a {kind}, not a regular file; volback does not use it", path.display())]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+
+    /// A restore failed after it began writing: the target holds part of the volume.
+    #[error("restore onto {} failed{}", path.display(), if *.removed { "; the incomplete file it had created was removed" } else { "; the target now holds an incomplete restore: do not use it until a restore completes" })]
+    IncompleteRestore {
+        path: PathBuf,
+        removed: bool,
+        #[source]
+        source: Box<Error>,
+    },
+
     /// Another process holds a lock that this operation needs.
     #[error("repository {} is locked by another operation ({detail})", path.display())]
     Locked { path: PathBuf, detail: String },

@@ -290,7 +290,7 @@ pub fn backup(
 
     // One backup per volume at a time.
     let lock_path = repo.journals_dir().join(format!("{key}.lock"));
-    let lock = File::create(&lock_path).map_err(|e| Error::io("create", &lock_path, e))?;
+    let lock: File = repo.volume_lock_file(&lock_path)?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {

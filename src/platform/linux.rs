@@ -175,7 +175,7 @@ fn dev_numbers(rdev: u64) -> (u64, u64) {
 
 /// Block devices whose mounting would make writing `dev` unsafe: the device itself and its
 /// partitions (from `/sys/dev/block/M:m/`), as `major:minor` strings.
-fn device_family(rdev: u64) -> Vec<String> {
+pub fn device_family(rdev: u64) -> Vec<String> {
     let (maj, min) = dev_numbers(rdev);
     let me = format!("{maj}:{min}");
     let mut out = vec![me.clone()];
@@ -201,12 +201,57 @@ fn device_family(rdev: u64) -> Vec<String> {
     out
 }
 
-/// Loop devices backed by the regular file `path`, as `major:minor` strings.
-fn loop_devices_backed_by(path: &Path) -> Vec<u64> {
-    let mut out = Vec::new();
-    let Ok(canon) = std::fs::canonicalize(path) else {
-        return out;
+/// `LOOP_GET_STATUS64` from <linux/loop.h>: `#define LOOP_GET_STATUS64 0x4C05`, filling a
+/// `struct loop_info64`.
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+
+/// `struct loop_info64` of <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// Identity of a loop device's backing file: from the kernel (`LOOP_GET_STATUS64`, which also
+/// knows a deleted or renamed file) when the device can be opened, else by `stat` of the path
+/// in `/sys/block/loopN/loop/backing_file`.
+fn loop_backing_id(sys: &Path, name: &std::ffi::OsStr) -> Option<(u64, u64)> {
+    let backing = std::fs::read_to_string(sys.join("loop/backing_file")).ok()?;
+    let backing = backing.trim_end_matches('\n');
+    let by_path = || path_id(Path::new(backing.trim_end_matches(" (deleted)"))).ok()?;
+    let Ok(dev) = open_read_only(&Path::new("/dev").join(name)) else {
+        return by_path();
     };
+    let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64` through the pointer, which
+    // points to live, zero-initialised storage of that layout; `dev` is alive for the call.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, info.as_mut_ptr()) };
+    if r != 0 {
+        return by_path();
+    }
+    // SAFETY: the ioctl succeeded and filled the structure (all fields are plain integers,
+    // valid for any bit pattern; it was zero-initialised anyway).
+    let info = unsafe { info.assume_init() };
+    // A block device as backing file: identify it by its rdev, as `object_id` does.
+    match by_path() {
+        Some(id) if id.0 == u64::MAX => Some(id),
+        _ => Some((info.lo_device, info.lo_inode)),
+    }
+}
+
+pub fn loop_backings() -> Vec<((u64, u64), u64)> {
+    let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/sys/block") else {
         return out;
     };
@@ -215,21 +260,66 @@ fn loop_devices_backed_by(path: &Path) -> Vec<u64> {
         if !name.as_bytes().starts_with(b"loop") {
             continue;
         }
-        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+        let Some(id) = loop_backing_id(&e.path(), &name) else {
             continue;
         };
-        let backing = backing
-            .trim_end_matches('\n')
-            .trim_end_matches(" (deleted)");
-        if Path::new(backing) == canon
-            && let Ok(dev) = std::fs::read_to_string(e.path().join("dev"))
+        if let Ok(dev) = std::fs::read_to_string(e.path().join("dev"))
             && let Some((a, b)) = dev.trim().split_once(':')
             && let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>())
         {
-            out.push(libc::makedev(a, b));
+            out.push((id, libc::makedev(a, b)));
         }
     }
     out
+}
+
+pub fn path_id(path: &Path) -> io::Result<Option<(u64, u64)>> {
+    let meta = std::fs::metadata(path)?;
+    Ok(Some(if meta.file_type().is_block_device() {
+        (u64::MAX, meta.rdev())
+    } else {
+        (meta.dev(), meta.ino())
+    }))
+}
+
+pub fn mounted_devices() -> io::Result<Vec<(String, MountUse)>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 5 {
+            continue;
+        }
+        let read_only = fields
+            .get(5)
+            .is_some_and(|o| o.split(',').any(|x| x == "ro"));
+        out.push((
+            fields[2].to_string(),
+            MountUse {
+                point: unescape_mountinfo(fields[4]),
+                read_only,
+            },
+        ));
+    }
+    // Swap areas on block devices are "mounted" too.
+    if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
+        for line in swaps.lines().skip(1) {
+            if let Some(dev) = line.split_whitespace().next()
+                && let Ok(m) = std::fs::metadata(unescape_mountinfo(dev))
+                && m.file_type().is_block_device()
+            {
+                let (a, b) = dev_numbers(m.rdev());
+                out.push((
+                    format!("{a}:{b}"),
+                    MountUse {
+                        point: "swap".into(),
+                        read_only: false,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub fn mount_point_of(path: &Path) -> io::Result<Option<MountUse>> {
@@ -238,39 +328,46 @@ pub fn mount_point_of(path: &Path) -> io::Result<Option<MountUse>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let id = if meta.file_type().is_block_device() {
+        (u64::MAX, meta.rdev())
+    } else {
+        (meta.dev(), meta.ino())
+    };
     let mut family: Vec<String> = Vec::new();
+    let loops = loop_backings();
     if meta.file_type().is_block_device() {
         family.extend(device_family(meta.rdev()));
-    } else if meta.file_type().is_file() {
-        for rdev in loop_devices_backed_by(path) {
-            family.extend(device_family(rdev));
+        // A loop device: every other loop device over the same backing file writes the same
+        // bytes, so its mounts count too.
+        if let Some((backing, _)) = loops.iter().find(|(_, dev)| *dev == meta.rdev()) {
+            for (other, dev) in &loops {
+                if other == backing {
+                    family.extend(device_family(*dev));
+                }
+            }
         }
     }
-    if family.is_empty() {
-        return Ok(None);
-    }
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 5 {
-            continue;
-        }
-        if family.iter().any(|d| d == fields[2]) {
-            let read_only = fields
-                .get(5)
-                .is_some_and(|o| o.split(',').any(|x| x == "ro"));
-            return Ok(Some(MountUse {
-                point: unescape_mountinfo(fields[4]),
-                read_only,
-            }));
+    if meta.file_type().is_file() || meta.file_type().is_block_device() {
+        // Loop devices over this file or device (compared by identity: a hard link or a
+        // renamed path is the same file).
+        for (backing, dev) in &loops {
+            if *backing == id {
+                family.extend(device_family(*dev));
+            }
         }
     }
-    // Swap areas are "mounted" too.
+    if !family.is_empty() {
+        for (dev, mount) in mounted_devices()? {
+            if family.contains(&dev) {
+                return Ok(Some(mount));
+            }
+        }
+    }
+    // Swap files and devices in use, by identity.
     if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
-        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         for line in swaps.lines().skip(1) {
             if let Some(dev) = line.split_whitespace().next()
-                && Path::new(&unescape_mountinfo(dev)) == canon
+                && path_id(Path::new(&unescape_mountinfo(dev))).ok().flatten() == Some(id)
             {
                 return Ok(Some(MountUse {
                     point: "swap".into(),
@@ -280,6 +377,54 @@ pub fn mount_point_of(path: &Path) -> io::Result<Option<MountUse>> {
         }
     }
     Ok(None)
+}
+
+pub fn open_no_follow(path: &Path, write: bool, create: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .create(create)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if file.metadata()?.file_type().is_file() {
+        // SAFETY: fcntl on a descriptor owned by `file` (alive for the calls) with integer
+        // arguments only.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
+    }
+    Ok(file)
+}
+
+pub fn file_kind_name(meta: &std::fs::Metadata) -> Option<&'static str> {
+    let ft = meta.file_type();
+    Some(if ft.is_file() {
+        return None;
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_symlink() {
+        "symbolic link"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    })
+}
+
+pub fn path_names_file(path: &Path, file: &File) -> io::Result<bool> {
+    let a = std::fs::symlink_metadata(path)?;
+    let b = file.metadata()?;
+    Ok(a.dev() == b.dev() && a.ino() == b.ino())
 }
 
 pub fn object_id(file: &File) -> io::Result<(u64, u64)> {

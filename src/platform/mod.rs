@@ -64,6 +64,51 @@ pub fn open_write_existing(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens a file of a repository without following a symbolic link in the last component of
+/// `path` and without blocking on a FIFO or device (`O_NOFOLLOW | O_NONBLOCK` on Linux; the
+/// descriptor is switched back to blocking mode after the open). `create` creates a missing
+/// file (never truncating an existing one). Callers check that the result is a regular file
+/// ([`file_kind_name`]). A symbolic link fails with [`io::ErrorKind`] `FilesystemLoop` on Linux.
+pub fn open_no_follow(path: &Path, write: bool, create: bool) -> io::Result<File> {
+    imp::open_no_follow(path, write, create)
+}
+
+/// `None` for a regular file; otherwise what it is ("FIFO", "symbolic link", "directory",
+/// "socket", "block device", "character device"), for messages.
+pub fn file_kind_name(meta: &std::fs::Metadata) -> Option<&'static str> {
+    imp::file_kind_name(meta)
+}
+
+/// True when `path` names the very file `file` has open (same device and inode); `true` where
+/// the platform cannot tell.
+pub fn path_names_file(path: &Path, file: &File) -> io::Result<bool> {
+    imp::path_names_file(path, file)
+}
+
+/// The identity of whatever `path` names after following symbolic links: `(device, inode)` for
+/// a file or directory, `(u64::MAX, rdev)` for a block device (the same as [`object_id`]).
+/// `None` where the platform has no such identity.
+pub fn path_id(path: &Path) -> io::Result<Option<(u64, u64)>> {
+    imp::path_id(path)
+}
+
+/// Identities (as [`object_id`]) of the files backing the loop devices of the machine, with the
+/// `major:minor` of each loop device. A backing file that was deleted or renamed is still
+/// recognised by its inode where the kernel reports it (`LOOP_GET_STATUS64`).
+pub fn loop_backings() -> Vec<((u64, u64), u64)> {
+    imp::loop_backings()
+}
+
+/// `major:minor` strings of the block devices that are mounted or used as swap, with where.
+pub fn mounted_devices() -> io::Result<Vec<(String, MountUse)>> {
+    imp::mounted_devices()
+}
+
+/// `major:minor` strings of a block device, its partitions and its holders (device-mapper, md).
+pub fn device_family(rdev: u64) -> Vec<String> {
+    imp::device_family(rdev)
+}
+
 /// Size, kind and sector sizes of an opened file or device.
 pub fn geometry(file: &File) -> io::Result<Geometry> {
     imp::geometry(file)

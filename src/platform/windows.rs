@@ -59,6 +59,47 @@ pub fn mount_point_of(_path: &Path) -> io::Result<Option<MountUse>> {
     Ok(None)
 }
 
+pub fn open_no_follow(path: &Path, write: bool, create: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .create(create)
+        .open(path)
+}
+
+pub fn file_kind_name(meta: &std::fs::Metadata) -> Option<&'static str> {
+    let ft = meta.file_type();
+    if ft.is_file() {
+        None
+    } else if ft.is_dir() {
+        Some("directory")
+    } else if ft.is_symlink() {
+        Some("symbolic link")
+    } else {
+        Some("special file")
+    }
+}
+
+pub fn path_names_file(_path: &Path, _file: &File) -> io::Result<bool> {
+    Ok(true)
+}
+
+pub fn path_id(_path: &Path) -> io::Result<Option<(u64, u64)>> {
+    Ok(None)
+}
+
+pub fn loop_backings() -> Vec<((u64, u64), u64)> {
+    Vec::new()
+}
+
+pub fn mounted_devices() -> io::Result<Vec<(String, MountUse)>> {
+    Ok(Vec::new())
+}
+
+pub fn device_family(_rdev: u64) -> Vec<String> {
+    Vec::new()
+}
+
 pub fn object_id(_file: &File) -> io::Result<(u64, u64)> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,

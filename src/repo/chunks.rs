@@ -9,10 +9,9 @@
 //! unsynced rename can leave after a power cut, so they are rewritten instead of reused.
 
 use super::format::*;
-use super::fsio::TempFile;
+use super::fsio::{self, TempFile};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{ChunkId, HashAlgorithm};
-use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -166,10 +165,10 @@ impl ChunkStore {
     /// length). Content is not re-hashed; `verify --read-data` does that.
     pub fn is_present(&self, id: &ChunkId) -> Result<bool> {
         let path = self.path(id);
-        let mut f = match File::open(&path) {
+        let mut f = match fsio::open_regular(&path, false, "open") {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io("open", &path, e)),
+            Err(e) if fsio::is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(e),
         };
         let len = f.metadata().ctx("stat", &path)?.len();
         let mut h = [0u8; CHUNK_HEADER_LEN];
@@ -231,15 +230,15 @@ impl ChunkStore {
     /// reader of pack slices checks each slice's own hash instead).
     pub fn read_into(&self, id: &ChunkId, out: &mut Vec<u8>, check_hash: bool) -> Result<()> {
         let path = self.path(id);
-        let mut f = match File::open(&path) {
+        let mut f = match fsio::open_regular(&path, false, "open") {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if fsio::is_not_found(&e) => {
                 return Err(Error::MissingChunk {
                     id: id.to_hex(),
                     path,
                 });
             }
-            Err(e) => return Err(Error::io("open", &path, e)),
+            Err(e) => return Err(e),
         };
         let what = || format!("chunk {id}");
         let len = f.metadata().ctx("stat", &path)?.len();

@@ -1,9 +1,21 @@
-//! Crash-safe file writing: temporary file, fsync, rename, directory fsync.
+//! Crash-safe file writing (temporary file, fsync, rename, directory fsync) and safe opening
+//! of repository files.
+//!
+//! Every file of a repository is opened through [`open_regular`] or [`lock_file`]: a symbolic
+//! link as the last component is refused (never followed), the open never blocks (a FIFO put
+//! in a repository cannot hang a command), and anything but a regular file is refused with
+//! [`Error::NotRegularFile`]. Lock files are created without truncation. The directories of a
+//! repository may be symbolic links (a repository can be spread over disks that way): only the
+//! files themselves are checked.
+//!
+//! Temporary files (`.tmp-*`) are locked (`flock`) by their writer from creation until they
+//! are renamed or removed; [`remove_stale_temp_files`] removes those whose writer is gone
+//! (killed), which the kernel shows by letting the lock be taken.
 
 use crate::error::{Error, IoContext, Result};
 use crate::platform;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// A random lowercase hex string of `bytes` random bytes.
@@ -47,6 +59,13 @@ impl TempFile {
                 .open(&path)
             {
                 Ok(file) => {
+                    // Held until persisted or dropped: shows `remove_stale_temp_files` that the
+                    // writer is alive. A cleaner that took it first (between the create and
+                    // this lock) removed the name: start over under a new one.
+                    file.lock().ctx("lock", &path)?;
+                    if !platform::path_names_file(&path, &file).unwrap_or(false) {
+                        continue;
+                    }
                     return Ok(TempFile {
                         path,
                         file: Some(file),
@@ -73,8 +92,10 @@ impl TempFile {
         if durable {
             file.sync_all().ctx("flush", &self.path)?;
         }
+        // Renamed while still open and locked, so no cleaner can remove it first.
+        let renamed = std::fs::rename(&self.path, dest).map_err(|e| Error::io("rename", dest, e));
         drop(file);
-        std::fs::rename(&self.path, dest).map_err(|e| Error::io("rename", dest, e))?;
+        renamed?;
         if durable && let Some(parent) = dest.parent() {
             platform::sync_dir(parent).ctx("flush directory", parent)?;
         }
@@ -100,15 +121,110 @@ pub fn atomic_write(dest: &Path, data: &[u8]) -> Result<()> {
     tmp.persist(dest, true)
 }
 
-/// Reads a whole small file, refusing files larger than `limit` bytes.
+/// Reads a whole small file, refusing files larger than `limit` bytes and anything but a
+/// regular file ([`open_regular`]).
 pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).ctx("read", path)?;
-    if meta.len() > limit {
+    let mut file = open_regular(path, false, "read")?;
+    let len = file.metadata().ctx("read", path)?.len();
+    if len > limit {
         return Err(Error::corrupt(
             what,
             path,
-            format!("{} bytes, more than the {limit} allowed", meta.len()),
+            format!("{len} bytes, more than the {limit} allowed"),
         ));
     }
-    std::fs::read(path).ctx("read", path)
+    let mut out = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut out).ctx("read", path)?;
+    Ok(out)
+}
+
+/// Opens an existing repository file for reading (and writing if `write`): no symbolic link
+/// as the last component, no blocking open, regular files only ([`Error::NotRegularFile`]).
+/// `op` names the operation in I/O errors ("open", "read"…). A missing file is an
+/// [`Error::Io`] whose source has kind `NotFound` ([`is_not_found`]).
+pub fn open_regular(path: &Path, write: bool, op: &'static str) -> Result<File> {
+    checked(path, platform::open_no_follow(path, write, false), op)
+}
+
+/// Opens (creating it if missing, never truncating) a lock file of a repository, with the
+/// same checks as [`open_regular`]: a symbolic link planted as a lock file is refused, never
+/// followed (following it and truncating would empty the file it points to).
+pub fn lock_file(path: &Path) -> Result<File> {
+    checked(path, platform::open_no_follow(path, true, true), "open lock file")
+}
+
+fn checked(path: &Path, opened: std::io::Result<File>, op: &'static str) -> Result<File> {
+    let file = match opened {
+        Ok(f) => f,
+        // O_NOFOLLOW on a symbolic link.
+        Err(e) if e.raw_os_error() == Some(ELOOP) => {
+            return Err(Error::NotRegularFile {
+                path: path.to_path_buf(),
+                kind: "symbolic link",
+            });
+        }
+        Err(e) => {
+            // Name what is there when it is not a regular file (a directory, say).
+            if let Ok(m) = std::fs::symlink_metadata(path)
+                && let Some(kind) = platform::file_kind_name(&m)
+            {
+                return Err(Error::NotRegularFile {
+                    path: path.to_path_buf(),
+                    kind,
+                });
+            }
+            return Err(Error::io(op, path, e));
+        }
+    };
+    let meta = file.metadata().ctx(op, path)?;
+    if let Some(kind) = platform::file_kind_name(&meta) {
+        return Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    Ok(file)
+}
+
+/// `ELOOP`, what `O_NOFOLLOW` returns for a symbolic link (Linux's value; Windows follows
+/// links and never returns it).
+const ELOOP: i32 = 40;
+
+/// True for an I/O error saying the file does not exist.
+pub fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Removes the temporary files (`.tmp-*`) in `dir` whose writer is gone: their lock can be
+/// taken (a live writer holds it, see [`TempFile`]) and they were last modified before
+/// `before`. Returns how many were removed. Best effort: whatever cannot be inspected or
+/// removed is left alone.
+pub fn remove_stale_temp_files(dir: &Path, before: std::time::SystemTime) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+            continue;
+        }
+        let path = e.path();
+        let Ok(file) = open_regular(&path, false, "open") else {
+            continue;
+        };
+        let old = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < before);
+        if !old || file.try_lock().is_err() {
+            continue;
+        }
+        // Still the file that was locked (not one created under the same name since).
+        if platform::path_names_file(&path, &file).unwrap_or(false)
+            && std::fs::remove_file(&path).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
 }

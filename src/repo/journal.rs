@@ -13,7 +13,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::source::SourceInfo;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -197,11 +197,7 @@ impl Journal {
     }
 
     fn open_append(path: &Path, version: u32) -> Result<Journal> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .ctx("open journal", path)?;
+        let mut file = super::fsio::open_regular(path, true, "open journal")?;
         file.seek(SeekFrom::End(0)).ctx("seek", path)?;
         Ok(Journal {
             path: path.to_path_buf(),
@@ -212,10 +208,10 @@ impl Journal {
 
     /// Reads only the header of the journal at `path`; `None` when there is no usable one.
     pub fn read_header(path: &Path) -> Result<Option<JournalHeader>> {
-        let mut file = match File::open(path) {
+        let mut file = match super::fsio::open_regular(path, false, "open journal") {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open journal", path, e)),
+            Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
         };
         match read_header_from(&mut file, path) {
             Ok(h) => Ok(h.map(|(h, _, _)| h)),
@@ -233,10 +229,10 @@ impl Journal {
         path: &Path,
         mut f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
     ) -> Result<Option<(Journal, JournalHeader)>> {
-        let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        let mut file = match super::fsio::open_regular(path, true, "open journal") {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open journal", path, e)),
+            Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
         };
         let len = file.metadata().ctx("stat", path)?.len();
         let Some((header, hlen, version)) = read_header_from(&mut file, path)? else {
@@ -408,7 +404,7 @@ mod tests {
         drop(j);
         // A torn third batch.
         let len = std::fs::metadata(&path).unwrap().len();
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         drop(f);
         let mut got = Vec::new();

@@ -24,6 +24,24 @@
 //! | restore, verify, list  | shared            | —                     |
 //! | gc, forget (future)    | exclusive (try)   | —                     |
 //!
+//! A missing `lock` file is created when the repository is writable; in a repository that
+//! cannot be written (read-only medium or permissions) it is treated as "no lock held":
+//! nothing that needs the exclusive lock can run there either, so restore, verify, listing,
+//! export, mount and serve work on such a repository.
+//!
+//! Every repository file is opened through [`fsio::open_regular`] or [`fsio::lock_file`]:
+//! symbolic links, FIFOs, devices and directories where a file belongs are refused
+//! ([`Error::NotRegularFile`]), never followed or opened in a way that could block. The
+//! repository's directories may be symbolic links.
+//!
+//! # Temporary files
+//!
+//! Every writer creates `.tmp-*` files and holds an exclusive lock on each until it is renamed
+//! or removed. A process killed while writing leaves its temporary file behind, unlocked: the
+//! next backup removes such files from `tmp/`, `journals/` and the repository root (those of
+//! `chunks/` wait for garbage collection: listing every chunk directory at each backup would
+//! cost too much).
+//!
 //! Backups of different volumes, or of one volume into different repositories, run side by
 //! side: chunk files are content-addressed and appear by atomic rename, so two writers of the
 //! same chunk write the same bytes. Two backups of the same volume at once are refused (the
@@ -55,6 +73,13 @@ use serde::{Deserialize, Serialize};
 use snapshot::{SnapshotFile, SnapshotHeader};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+
+/// True when an I/O error says that the repository cannot be written (read-only filesystem,
+/// no permission).
+fn cannot_write(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied
+        || e.kind() == std::io::ErrorKind::ReadOnlyFilesystem
+}
 
 /// Block size used when neither the repository nor the command chooses one.
 /// Chosen by measurement (docs/BENCHMARKS.md, "Block size"): with pack chunks, smaller blocks
@@ -163,7 +188,8 @@ pub struct Repository {
     root: PathBuf,
     config: Config,
     chunks: ChunkStore,
-    _lock: File,
+    /// `None` in a read-only repository without a `lock` file.
+    _lock: Option<File>,
 }
 
 impl Repository {
@@ -209,7 +235,7 @@ impl Repository {
             let p = path.join("chunks").join(format!("{i:02x}"));
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
-        File::create(path.join("lock")).ctx("create", &path.join("lock"))?;
+        fsio::lock_file(&path.join("lock"))?;
         let config = Config {
             format: REPO_FORMAT_NAME.into(),
             version: REPO_VERSION,
@@ -264,16 +290,29 @@ impl Repository {
         check_block_size(config.block_size)
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
         let lock_path = path.join("lock");
-        let lock = File::open(&lock_path).ctx("open", &lock_path)?;
-        match lock.try_lock_shared() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
-                    path: path.to_path_buf(),
-                    detail: "an exclusive operation such as gc is running".into(),
-                });
+        let lock = match fsio::open_regular(&lock_path, false, "open") {
+            Ok(f) => Some(f),
+            // Created where the repository is writable; a read-only one is used unlocked.
+            Err(e) if fsio::is_not_found(&e) => match fsio::lock_file(&lock_path) {
+                Ok(f) => Some(f),
+                Err(Error::Io { source, .. }) if cannot_write(&source) => None,
+                Err(e) => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        if let Some(lock) = &lock {
+            match lock.try_lock_shared() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Locked {
+                        path: path.to_path_buf(),
+                        detail: "an exclusive operation such as gc is running".into(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("lock", &lock_path, e));
+                }
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
         }
         let fsync_each = !cfg!(target_os = "linux");
         let chunks = ChunkStore::new(path.join("chunks"), config.chunk_hash, fsync_each);
@@ -295,6 +334,18 @@ impl Repository {
 
     pub fn chunks(&self) -> &ChunkStore {
         &self.chunks
+    }
+
+    /// Opens (creating it, never truncating, never through a symbolic link) the lock file
+    /// `path` of a backup of one volume, and removes temporary files left by killed writers
+    /// (module doc, "Temporary files"). The caller takes the lock.
+    pub fn volume_lock_file(&self, path: &Path) -> Result<File> {
+        let file = fsio::lock_file(path)?;
+        let started = std::time::SystemTime::now();
+        for dir in [self.tmp_dir(), self.journals_dir(), self.root.clone()] {
+            fsio::remove_stale_temp_files(&dir, started);
+        }
+        Ok(file)
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
@@ -332,7 +383,7 @@ impl Repository {
     /// Opens snapshot `id` (a full id) and checks its metadata.
     pub fn open_snapshot(&self, id: &str) -> Result<SnapshotFile> {
         let path = self.snapshots_dir().join(id);
-        if !path.exists() {
+        if std::fs::symlink_metadata(&path).is_err() {
             return Err(Error::SnapshotNotFound {
                 selector: id.into(),
             });

@@ -289,7 +289,7 @@ impl SnapshotFile {
     /// Opens and checks the snapshot file at `path`. When `expected_id` is given, the file's
     /// checksum must match it.
     pub fn open(path: &Path, expected_id: Option<&str>) -> Result<SnapshotFile> {
-        let file = File::open(path).ctx("open snapshot", path)?;
+        let file = super::fsio::open_regular(path, false, "open snapshot")?;
         let len = file.metadata().ctx("stat", path)?.len();
         let bad = |d: String| Error::corrupt("snapshot", path, d);
         let min = (SNAPSHOT_PREAMBLE_LEN + SNAPSHOT_TRAILER_LEN) as u64;
