@@ -76,35 +76,105 @@ fn refuse(target: &Path, reason: String) -> Error {
     }
 }
 
-fn same_object(a: &Path, b: &Path) -> bool {
-    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
-        return false;
+/// Why `target` is (inside, or the same file as) one of `protected`, if it is: compared by
+/// path and by identity (device and inode), so that a hard link, a symbolic link or a bind
+/// mount of a protected file is recognised too.
+fn protected_reason(abs: &Path, protected: &[PathBuf]) -> Option<String> {
+    let target_id = platform::path_id(abs).ok().flatten();
+    // Where a new file would be created: its directory.
+    let parent_id = abs
+        .parent()
+        .and_then(|d| platform::path_id(d).ok().flatten());
+    // A regular file with other names may be one of the protected files under another name.
+    let linked = std::fs::metadata(abs).is_ok_and(|m| m.is_file() && has_other_links(&m));
+    let ta = std::fs::canonicalize(abs)
+        .or_else(|_| {
+            abs.parent()
+                .map(std::fs::canonicalize)
+                .unwrap_or(Ok(abs.to_path_buf()))
+                .map(|d| d.join(abs.file_name().unwrap_or_default()))
+        })
+        .unwrap_or_else(|_| abs.to_path_buf());
+    for p in protected {
+        let because = || Some(format!("it is (inside) {}, which this operation reads", p.display()));
+        let pa = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        if ta.starts_with(&pa) {
+            return because();
+        }
+        let Ok(Some(pid)) = platform::path_id(p) else {
+            continue;
+        };
+        if target_id == Some(pid) {
+            return because();
+        }
+        if !std::fs::metadata(p).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        // The target's directory is one of the protected tree's (a bind mount of it), or the
+        // target is a hard link of one of its files.
+        let mut dirs = Vec::new();
+        let mut files = Vec::new();
+        walk_ids(p, 0, &mut dirs, linked.then_some(&mut files));
+        if parent_id.is_some_and(|d| dirs.contains(&d))
+            || target_id.is_some_and(|t| files.contains(&t) || dirs.contains(&t))
+        {
+            return because();
+        }
+    }
+    None
+}
+
+#[cfg(unix)]
+fn has_other_links(m: &std::fs::Metadata) -> bool {
+    std::os::unix::fs::MetadataExt::nlink(m) > 1
+}
+
+#[cfg(not(unix))]
+fn has_other_links(_m: &std::fs::Metadata) -> bool {
+    false
+}
+
+/// Identities of the directories under `dir` (itself included), and of its files when `files`
+/// is given. Symbolic links to directories are followed to a bounded depth.
+fn walk_ids(
+    dir: &Path,
+    depth: usize,
+    dirs: &mut Vec<(u64, u64)>,
+    mut files: Option<&mut Vec<(u64, u64)>>,
+) {
+    let Ok(Some(id)) = platform::path_id(dir) else {
+        return;
     };
-    match (platform::object_id(&fa), platform::object_id(&fb)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok(),
+    if depth > 8 || dirs.contains(&id) {
+        return;
+    }
+    dirs.push(id);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => walk_ids(&path, depth + 1, dirs, files.as_deref_mut()),
+            Ok(_) => {
+                if let Some(f) = files.as_deref_mut()
+                    && let Ok(Some(id)) = platform::path_id(&path)
+                {
+                    f.push(id);
+                }
+            }
+            Err(_) => {}
+        }
     }
 }
 
-/// Checks that `target` can safely receive a volume of `volume_size` bytes.
+/// Checks that `target` can safely receive a volume of `volume_size` bytes: not one of the
+/// `protected` files (by path or identity), not mounted, not a file or device behind a mounted
+/// loop device (by the loop devices' backing-file identities), big enough.
 pub fn plan_restore(target: &Path, volume_size: u64, protected: &[PathBuf]) -> Result<RestorePlan> {
     let abs = std::path::absolute(target).unwrap_or_else(|_| target.to_path_buf());
-    for p in protected {
-        let pa = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-        let ta = std::fs::canonicalize(&abs)
-            .or_else(|_| {
-                abs.parent()
-                    .map(std::fs::canonicalize)
-                    .unwrap_or(Ok(abs.clone()))
-                    .map(|d| d.join(abs.file_name().unwrap_or_default()))
-            })
-            .unwrap_or_else(|_| abs.clone());
-        if ta.starts_with(&pa) || same_object(&abs, p) {
-            return Err(refuse(
-                target,
-                format!("it is (inside) {}, which this operation reads", p.display()),
-            ));
-        }
+    if let Some(reason) = protected_reason(&abs, protected) {
+        return Err(refuse(target, reason));
     }
     let meta = match std::fs::metadata(&abs) {
         Ok(m) => Some(m),
@@ -162,15 +232,38 @@ pub fn plan_restore(target: &Path, volume_size: u64, protected: &[PathBuf]) -> R
 }
 
 /// Writes `volume` to the target of `plan`.
+///
+/// When writing fails part-way, the error is [`Error::IncompleteRestore`]: a file target that
+/// this restore created is removed (a partial image must not pass for a restored one); an
+/// existing file or device is left holding the partial restore, and the error says so.
+/// Cancellation ([`Error::Interrupted`]) removes a created file the same way.
 pub fn restore(
     volume: &dyn Volume,
     plan: &RestorePlan,
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
-    let size = volume.size();
     let path = &plan.target;
-    let file = match plan.target_kind {
+    let file = open_target(plan, volume.size(), opts)?;
+    let created = !plan.overwrites && plan.target_kind == ObjectKind::RegularFile;
+    write_target(volume, plan, &file, opts, progress).map_err(|e| {
+        drop(file);
+        let removed = created && std::fs::remove_file(path).is_ok();
+        match e {
+            Error::Interrupted { .. } => e,
+            e => Error::IncompleteRestore {
+                path: path.clone(),
+                removed,
+                source: Box::new(e),
+            },
+        }
+    })
+}
+
+/// Opens (a file: creates) the target of `plan` for writing.
+fn open_target(plan: &RestorePlan, size: u64, opts: &RestoreOptions) -> Result<File> {
+    let path = &plan.target;
+    Ok(match plan.target_kind {
         ObjectKind::BlockDevice => {
             platform::open_write_existing(path).ctx("open for writing", path)?
         }
@@ -186,7 +279,21 @@ pub fn restore(
             f.set_len(size).ctx("set the size of", path)?;
             f
         }
-    };
+    })
+}
+
+/// The writing (and verifying) passes of [`restore`].
+fn write_target(
+    volume: &dyn Volume,
+    plan: &RestorePlan,
+    file: &File,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let size = volume.size();
+    let path = &plan.target;
+    // Holes of a file target read as zeros without reading (`SEEK_DATA`).
+    let sparse_target = plan.target_kind == ObjectKind::RegularFile;
     let is_device = plan.target_kind == ObjectKind::BlockDevice;
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -222,7 +329,6 @@ pub fn restore(
             for _ in 0..threads {
                 let rx = rx.clone();
                 let res_tx = res_tx.clone();
-                let file = &file;
                 let stop = &stop;
                 let direct = &direct;
                 scope.spawn(move || {
@@ -238,7 +344,11 @@ pub fn restore(
                             if checking {
                                 // What the target holds now.
                                 let old = &mut check[..n];
-                                read_target(direct.as_ref(), file, old, off, path)?;
+                                if sparse_target {
+                                    read_target_data(direct.as_ref(), file, old, off, path)?;
+                                } else {
+                                    read_target(direct.as_ref(), file, old, off, path)?;
+                                }
                                 if gap {
                                     if crate::volume::is_zero(old) {
                                         return Ok(Done {
@@ -328,9 +438,12 @@ pub fn restore(
             drop(res_tx);
             drop(rx);
             // Producer: walk the data ranges, zero the gaps on devices.
-            let producer = scope.spawn(|| -> Result<u64> {
+            // Returns the bytes of zero ranges, and those of zero ranges where the target has
+            // holes (only-changed: unchanged without reading).
+            let producer = scope.spawn(|| -> Result<(u64, u64)> {
                 let mut pos = 0u64;
                 let mut zero_bytes = 0u64;
+                let mut hole_bytes = 0u64;
                 while pos < size {
                     if stop.load(Ordering::Relaxed) || cancelled() {
                         break;
@@ -342,17 +455,28 @@ pub fn restore(
                     };
                     if ds > pos {
                         if checking {
-                            // Workers check the target and zero what is not zero already.
-                            let mut off = pos;
-                            while off < ds {
-                                let len = (ds - off).min(PIECE - off % PIECE);
-                                if tx.send((off, len, true)).is_err() {
-                                    return Ok(zero_bytes);
+                            // Workers check the target and zero what is not zero already;
+                            // the target's holes are zeros already.
+                            let mut at = pos;
+                            while at < ds {
+                                let (cs, ce) = match sparse_target {
+                                    true => target_data(file, at, ds, path)?,
+                                    false => (at, ds),
+                                };
+                                hole_bytes += cs - at;
+                                progress.advance(cs - at);
+                                let mut off = cs;
+                                while off < ce {
+                                    let len = (ce - off).min(PIECE - off % PIECE);
+                                    if tx.send((off, len, true)).is_err() {
+                                        return Ok((zero_bytes, hole_bytes));
+                                    }
+                                    off += len;
                                 }
-                                off += len;
+                                at = ce;
                             }
                         } else if is_device && !verify_pass {
-                            platform::zero_range(&file, pos, ds - pos).map_err(|e| {
+                            platform::zero_range(file, pos, ds - pos).map_err(|e| {
                                 Error::IoAt {
                                     op: "zero",
                                     path: path.clone(),
@@ -370,14 +494,14 @@ pub fn restore(
                     while off < de {
                         let len = (de - off).min(PIECE - off % PIECE);
                         if tx.send((off, len, false)).is_err() {
-                            return Ok(zero_bytes);
+                            return Ok((zero_bytes, hole_bytes));
                         }
                         off += len;
                     }
                     pos = de;
                 }
                 drop(tx);
-                Ok(zero_bytes)
+                Ok((zero_bytes, hole_bytes))
             });
             let mut first_err = None;
             for r in res_rx.iter() {
@@ -401,9 +525,10 @@ pub fn restore(
             if let Some(e) = first_err {
                 return Err(e);
             }
-            let zero = produced?;
+            let (zero, holes) = produced?;
             if !verify_pass {
                 report.zero_bytes = zero;
+                report.unchanged_bytes += holes;
             }
             Ok(())
         });
@@ -489,6 +614,47 @@ fn read_target(
         Some(d) => read_exact_at(d, buf, offset, path),
         None => read_exact_at(file, buf, offset, path),
     }
+}
+
+/// The first range of `file` (a regular file) in `[from, end)` that holds data, as
+/// `(start, end)`; `(end, end)` when only holes remain.
+fn target_data(file: &File, from: u64, end: u64, path: &Path) -> Result<(u64, u64)> {
+    let next = platform::next_data(file, from, end).map_err(|e| Error::IoAt {
+        op: "find data in",
+        path: path.to_path_buf(),
+        offset: from,
+        source: e,
+    })?;
+    Ok(match next {
+        Some((s, e)) => {
+            let s = s.clamp(from, end);
+            // A range that does not advance: treat the rest as data.
+            (s, if e > s { e.min(end) } else { end })
+        }
+        None => (end, end),
+    })
+}
+
+/// Like [`read_target`] for a regular file: holes are filled with zeros, not read.
+fn read_target_data(
+    direct: Option<&File>,
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    path: &Path,
+) -> Result<()> {
+    let end = offset + buf.len() as u64;
+    let mut pos = offset;
+    while pos < end {
+        let (ds, de) = target_data(file, pos, end, path)?;
+        buf[(pos - offset) as usize..(ds - offset) as usize].fill(0);
+        if de > ds {
+            let b = &mut buf[(ds - offset) as usize..(de - offset) as usize];
+            read_target(direct, file, b, ds, path)?;
+        }
+        pos = de;
+    }
+    Ok(())
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
