@@ -22,6 +22,7 @@ mod mount;
 mod nbd;
 mod packs;
 mod probe;
+mod repo_safety;
 mod roundtrip;
 mod util;
 mod xfs_btrfs;
