@@ -96,7 +96,12 @@ fn protected_reason(abs: &Path, protected: &[PathBuf]) -> Option<String> {
         })
         .unwrap_or_else(|_| abs.to_path_buf());
     for p in protected {
-        let because = || Some(format!("it is (inside) {}, which this operation reads", p.display()));
+        let because = || {
+            Some(format!(
+                "it is (inside) {}, which this operation reads",
+                p.display()
+            ))
+        };
         let pa = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
         if ta.starts_with(&pa) {
             return because();
@@ -476,13 +481,11 @@ fn write_target(
                                 at = ce;
                             }
                         } else if is_device && !verify_pass {
-                            platform::zero_range(file, pos, ds - pos).map_err(|e| {
-                                Error::IoAt {
-                                    op: "zero",
-                                    path: path.clone(),
-                                    offset: pos,
-                                    source: e,
-                                }
+                            platform::zero_range(file, pos, ds - pos).map_err(|e| Error::IoAt {
+                                op: "zero",
+                                path: path.clone(),
+                                offset: pos,
+                                source: e,
                             })?;
                         }
                         zero_bytes += ds - pos;

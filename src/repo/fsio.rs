@@ -150,7 +150,11 @@ pub fn open_regular(path: &Path, write: bool, op: &'static str) -> Result<File> 
 /// same checks as [`open_regular`]: a symbolic link planted as a lock file is refused, never
 /// followed (following it and truncating would empty the file it points to).
 pub fn lock_file(path: &Path) -> Result<File> {
-    checked(path, platform::open_no_follow(path, true, true), "open lock file")
+    checked(
+        path,
+        platform::open_no_follow(path, true, true),
+        "open lock file",
+    )
 }
 
 fn checked(path: &Path, opened: std::io::Result<File>, op: &'static str) -> Result<File> {

@@ -404,7 +404,10 @@ mod tests {
         drop(j);
         // A torn third batch.
         let len = std::fs::metadata(&path).unwrap().len();
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         drop(f);
         let mut got = Vec::new();

@@ -61,7 +61,11 @@ fn volume_lock_symlink_never_truncates_its_target() {
     let locks = volume_lock_files(&repo);
     assert_eq!(locks.len(), 1, "one volume lock file after a backup");
     let victim = t.join("victim.txt");
-    std::fs::write(&victim, b"precious data that a backup must never truncate\n").unwrap();
+    std::fs::write(
+        &victim,
+        b"precious data that a backup must never truncate\n",
+    )
+    .unwrap();
     std::fs::remove_file(&locks[0]).unwrap();
     std::os::unix::fs::symlink(&victim, &locks[0]).unwrap();
     fails_with(
@@ -165,7 +169,12 @@ fn restore_refuses_hard_links_to_repository_files() {
     let alias = t.join("alias");
     std::os::unix::fs::symlink(&repo, &alias).unwrap();
     fails_with(
-        &["restore", p(&repo), &id, p(&alias.join("snapshots").join("x"))],
+        &[
+            "restore",
+            p(&repo),
+            &id,
+            p(&alias.join("snapshots").join("x")),
+        ],
         &["refusing"],
     );
     volback_ok(&["verify", "--read-data", p(&repo)]);
@@ -239,7 +248,10 @@ fn stale_temporary_files_are_removed_by_the_next_backup() {
     for d in &dead {
         assert!(!d.exists(), "{} was not removed", d.display());
     }
-    assert!(live_path.exists(), "a live writer's temporary file was removed");
+    assert!(
+        live_path.exists(),
+        "a live writer's temporary file was removed"
+    );
     assert!(other.exists());
     drop(live);
 
@@ -271,7 +283,10 @@ fn stale_temporary_files_are_removed_by_the_next_backup() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     child.wait().unwrap();
-    let left: Vec<PathBuf> = tmp_files().into_iter().filter(|f| seen.contains(f)).collect();
+    let left: Vec<PathBuf> = tmp_files()
+        .into_iter()
+        .filter(|f| seen.contains(f))
+        .collect();
     if !left.is_empty() {
         volback_ok(&["backup", p(&big), p(&repo)]);
         for f in &left {
@@ -342,10 +357,19 @@ fn restore_refuses_a_second_loop_device_over_a_mounted_image() {
         &["refusing", "mounted"],
     );
     fails_with(
-        &["restore", "--only-changed", p(&repo), "latest", p(second.path())],
+        &[
+            "restore",
+            "--only-changed",
+            p(&repo),
+            "latest",
+            p(second.path()),
+        ],
         &["mounted"],
     );
-    assert_eq!(std::fs::read(m.dir.join("hello.txt")).unwrap(), b"still here\n");
+    assert_eq!(
+        std::fs::read(m.dir.join("hello.txt")).unwrap(),
+        b"still here\n"
+    );
     drop(second);
     m.unmount();
     run_ok("e2fsck", &["-fn", p(&img)]);
@@ -369,7 +393,10 @@ fn restore_refuses_links_and_new_names_of_a_mounted_backing_file() {
     // The link again, once the name the loop device knows is gone.
     std::fs::remove_file(&renamed).unwrap();
     fails_with(&["restore", p(&repo), "latest", p(&link)], &["mounted"]);
-    assert_eq!(std::fs::read(m.dir.join("hello.txt")).unwrap(), b"still here\n");
+    assert_eq!(
+        std::fs::read(m.dir.join("hello.txt")).unwrap(),
+        b"still here\n"
+    );
     m.unmount();
     run_ok("e2fsck", &["-fn", p(&link)]);
 }
@@ -400,13 +427,7 @@ fn only_changed_onto_a_huge_sparse_file_skips_its_holes() {
 
     let target = t.join("target.img");
     restore(&repo, &v1_id, &target);
-    volback_ok(&[
-        "restore",
-        "--only-changed",
-        p(&repo),
-        &v2_id,
-        p(&target),
-    ]);
+    volback_ok(&["restore", "--only-changed", p(&repo), &v2_id, p(&target)]);
     assert_eq!(std::fs::metadata(&target).unwrap().len(), TIB);
     // Every range that held data in either version, and some holes, compared byte for byte.
     let mut ranges: Vec<(u64, u64)> = v1_at.iter().map(|&a| (a, 2 * MIB)).collect();
