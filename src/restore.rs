@@ -6,6 +6,18 @@
 //! device target gets its zero ranges zeroed. Every chunk is checked against its hash as it is
 //! read, before it is written; with `verify`, a second pass flushes the target, reads every
 //! data block back from the medium and compares it with the snapshot.
+//!
+//! Target safety is decided by identity, not by path: the target (after following symbolic
+//! links) is compared by device and inode with the protected files (the repository or copy
+//! being read: its files, its directories, hard links to them), and with the backing file of
+//! every loop device (by inode, so a hard link, a renamed or a deleted backing file is still
+//! recognised); a target behind a mounted loop device, or a loop device sharing its backing
+//! file with a mounted one, is refused.
+//!
+//! A restore that fails after opening the target returns [`Error::IncompleteRestore`]: a file
+//! that the restore created is removed; an existing file or device keeps what was written and
+//! the error says it holds an incomplete restore. `only_changed` treats the holes of a file
+//! target as zeros without reading them (`SEEK_DATA`).
 
 use crate::buffer::{ALIGN, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
@@ -140,7 +152,9 @@ fn has_other_links(_m: &std::fs::Metadata) -> bool {
 }
 
 /// Identities of the directories under `dir` (itself included), and of its files when `files`
-/// is given. Symbolic links to directories are followed to a bounded depth.
+/// is given. Without `files`, directories deeper than two levels are recorded but not listed
+/// (a repository's `chunks/xx/` hold only chunk files: listing them all at every restore would
+/// cost too much). Symbolic links to directories are followed to a bounded depth.
 fn walk_ids(
     dir: &Path,
     depth: usize,
@@ -154,21 +168,24 @@ fn walk_ids(
         return;
     }
     dirs.push(id);
+    if depth >= 2 && files.is_none() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
+        let Ok(ft) = e.file_type() else {
+            continue;
+        };
         let path = e.path();
-        match std::fs::metadata(&path) {
-            Ok(m) if m.is_dir() => walk_ids(&path, depth + 1, dirs, files.as_deref_mut()),
-            Ok(_) => {
-                if let Some(f) = files.as_deref_mut()
-                    && let Ok(Some(id)) = platform::path_id(&path)
-                {
-                    f.push(id);
-                }
-            }
-            Err(_) => {}
+        let is_dir = ft.is_dir() || (ft.is_symlink() && path.is_dir());
+        if is_dir {
+            walk_ids(&path, depth + 1, dirs, files.as_deref_mut());
+        } else if let Some(f) = files.as_deref_mut()
+            && let Ok(Some(id)) = platform::path_id(&path)
+        {
+            f.push(id);
         }
     }
 }

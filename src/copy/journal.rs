@@ -13,10 +13,10 @@ use super::format::*;
 use super::meta::{CopyStats, UpdateBase};
 use crate::bytes::{le_u32, le_u64};
 use crate::error::{Error, IoContext, Result};
-use crate::repo::fsio::TempFile;
+use crate::repo::fsio::{self, TempFile};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -82,11 +82,7 @@ impl Journal {
         let tmp = TempFile::create_in(dir, JOURNAL_EXT)?;
         tmp.file().write_all(&b).ctx("write", tmp.path())?;
         tmp.persist(path, true)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .ctx("open", path)?;
+        let file = fsio::open_regular(path, true, "open")?;
         Ok(Journal {
             file,
             path: path.to_path_buf(),
@@ -98,10 +94,10 @@ impl Journal {
     /// Opens an existing journal, replays its records (cutting off a torn tail) and returns it
     /// ready for appending. `Ok(None)`: there is no journal at `path`.
     pub fn open(path: &Path) -> Result<Option<(Journal, JournalHeader, Replay)>> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
+        let file = match fsio::open_regular(path, true, "open") {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open", path, e)),
+            Err(e) if fsio::is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
         };
         let (header, header_end) = read_header(&file, path)?;
         let mut replay = Replay::default();
@@ -320,7 +316,10 @@ mod tests {
         drop(j);
         let good_len = std::fs::metadata(&path).unwrap().len();
         // A torn record at the end.
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(&[200, 0, 0, 0, 5, 0, 0]).unwrap();
         drop(f);
         let (j, h, r) = Journal::open(&path).unwrap().unwrap();

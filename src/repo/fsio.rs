@@ -49,6 +49,7 @@ impl TempFile {
         static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let prefix = PREFIX.get_or_init(|| random_hex(6));
+        let mut lost = 0u32;
         loop {
             let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let path = dir.join(format!(".tmp-{prefix}-{n}{suffix}"));
@@ -62,8 +63,18 @@ impl TempFile {
                     // Held until persisted or dropped: shows `remove_stale_temp_files` that the
                     // writer is alive. A cleaner that took it first (between the create and
                     // this lock) removed the name: start over under a new one.
-                    file.lock().ctx("lock", &path)?;
-                    if !platform::path_names_file(&path, &file).unwrap_or(false) {
+                    // (Where the filesystem has no locks, nothing can remove it either.)
+                    if file.lock().is_ok()
+                        && !platform::path_names_file(&path, &file).unwrap_or(false)
+                    {
+                        lost += 1;
+                        if lost > 1000 {
+                            return Err(Error::io(
+                                "create temporary file",
+                                &path,
+                                std::io::Error::other("it keeps disappearing after creation"),
+                            ));
+                        }
                         continue;
                     }
                     return Ok(TempFile {
@@ -231,4 +242,64 @@ pub fn remove_stale_temp_files(dir: &Path, before: std::time::SystemTime) -> usi
         }
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn only_temp_files_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = TempFile::create_in(dir.path(), ".x").unwrap();
+        let dead = dir.path().join(".tmp-dead-0.x");
+        std::fs::write(&dead, b"").unwrap();
+        let other = dir.path().join("config");
+        std::fs::write(&other, b"{}").unwrap();
+        // Not older than the sweep's start: kept.
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(remove_stale_temp_files(dir.path(), past), 0);
+        assert!(dead.exists());
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        assert_eq!(remove_stale_temp_files(dir.path(), later), 1);
+        assert!(live.path().exists() && !dead.exists() && other.exists());
+        let dest = dir.path().join("done");
+        live.persist(&dest, false).unwrap();
+        assert!(dest.exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_and_directories_are_refused_and_never_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let link = dir.path().join("x.lock");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        for r in [lock_file(&link), open_regular(&link, true, "open")] {
+            assert!(matches!(
+                r,
+                Err(Error::NotRegularFile {
+                    kind: "symbolic link",
+                    ..
+                })
+            ));
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(matches!(
+            read_limited(dir.path(), 10, "config"),
+            Err(Error::NotRegularFile {
+                kind: "directory",
+                ..
+            })
+        ));
+        let missing = open_regular(&dir.path().join("nope"), false, "open").unwrap_err();
+        assert!(is_not_found(&missing));
+        // A lock file is created, and an existing one keeps its content.
+        let lock = dir.path().join("lock");
+        std::fs::write(&lock, b"x").unwrap();
+        lock_file(&lock).unwrap();
+        assert_eq!(std::fs::read(&lock).unwrap(), b"x");
+    }
 }

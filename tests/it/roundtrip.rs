@@ -285,8 +285,11 @@ fn restore_only_changed_writes_only_what_differs() {
     write_at(&src, MIB + 7, b"changed");
     backup_json(&src, &repo, &[]);
     write_at(&out, 4 * MIB + 100, &[0xaa; 1000]);
-    volback_ok(&["restore", "--only-changed", p(&repo), "latest", p(&out)])
-        .stdout_has(&["64.0 KiB written", "(1.0 MiB of it zeroed)"]);
+    // Only the garbage's data range is zeroed (the target's holes are zeros already): how
+    // much that is depends on the filesystem's block size, so only "some" is asserted.
+    let r = volback_ok(&["restore", "--only-changed", p(&repo), "latest", p(&out)]);
+    r.stdout_has(&["64.0 KiB written", "of it zeroed"]);
+    assert!(!r.stdout.contains("(0 B of it zeroed)"), "{}", r.stdout);
     assert_eq!(sha256_file(&out), sha256_file(&src));
 
     // Up to date: nothing written, and --verify reads it all back.
