@@ -322,6 +322,36 @@ pub fn mounted_devices() -> io::Result<Vec<(String, MountUse)>> {
     Ok(out)
 }
 
+fn dev_string(rdev: u64) -> String {
+    let (a, b) = dev_numbers(rdev);
+    format!("{a}:{b}")
+}
+
+fn parse_dev(s: &str) -> Option<u64> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some(libc::makedev(a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The whole device and the partition number of a partition (from `/sys/dev/block/M:m/`).
+fn partition_of(rdev: u64) -> Option<(u64, String)> {
+    let sys = PathBuf::from(format!("/sys/dev/block/{}", dev_string(rdev)));
+    let number = std::fs::read_to_string(sys.join("partition")).ok()?;
+    let parent = parse_dev(&std::fs::read_to_string(sys.join("../dev")).ok()?)?;
+    Some((parent, number.trim().to_string()))
+}
+
+/// `major:minor` of partition `number` of the whole device `rdev`, if it has one.
+fn partition_numbered(rdev: u64, number: &str) -> Option<String> {
+    let sys = PathBuf::from(format!("/sys/dev/block/{}", dev_string(rdev)));
+    std::fs::read_dir(&sys).ok()?.flatten().find_map(|e| {
+        let n = std::fs::read_to_string(e.path().join("partition")).ok()?;
+        (n.trim() == number)
+            .then(|| std::fs::read_to_string(e.path().join("dev")).ok())
+            .flatten()
+            .map(|d| d.trim().to_string())
+    })
+}
+
 pub fn mount_point_of(path: &Path) -> io::Result<Option<MountUse>> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -343,6 +373,19 @@ pub fn mount_point_of(path: &Path) -> io::Result<Option<MountUse>> {
             for (other, dev) in &loops {
                 if other == backing {
                     family.extend(device_family(*dev));
+                }
+            }
+        }
+        // A partition: a filesystem on its whole device covers it, and so does the same
+        // partition of another loop device over the same backing file.
+        if let Some((parent, number)) = partition_of(meta.rdev()) {
+            family.push(dev_string(parent));
+            if let Some((backing, _)) = loops.iter().find(|(_, dev)| *dev == parent) {
+                for (other, dev) in &loops {
+                    if other == backing && *dev != parent {
+                        family.push(dev_string(*dev));
+                        family.extend(partition_numbered(*dev, &number));
+                    }
                 }
             }
         }

@@ -450,3 +450,55 @@ fn only_changed_onto_a_huge_sparse_file_skips_its_holes() {
     let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
     assert!(allocated < 64 * MIB, "target allocates {allocated} bytes");
 }
+
+#[test]
+fn restore_refuses_a_partition_of_a_second_loop_device_over_a_mounted_disk_image() {
+    if !require_root_and_loop() {
+        return;
+    }
+    let t = TestDir::new();
+    let (repo, _src) = repo_with_backup(&t);
+    let disk = t.join("disk.img");
+    sparse_file(&disk, 64 * MIB);
+    run_stdin_ok("sfdisk", &["-q", p(&disk)], b"label: dos\n,24M\n,\n");
+    let first = attach_partitioned(&disk);
+    let p1 = PathBuf::from(format!("{}p1", p(first.path())));
+    run_ok("mkfs.ext4", &["-q", "-F", p(&p1)]);
+    let m = Mount::new(&p1, &t.join("mnt"), None);
+    let second = attach_partitioned(&disk);
+    let q1 = PathBuf::from(format!("{}p1", p(second.path())));
+    let q2 = PathBuf::from(format!("{}p2", p(second.path())));
+    fails_with(&["restore", p(&repo), "latest", p(&q1)], &["mounted"]);
+    fails_with(
+        &["restore", p(&repo), "latest", p(second.path())],
+        &["mounted"],
+    );
+    // The other partition holds nothing mounted: allowed.
+    volback_ok(&["restore", p(&repo), "latest", p(&q2)]);
+    run_program("partx", &["-d", p(second.path())]);
+    drop(second);
+    m.unmount();
+    run_program("partx", &["-d", p(first.path())]);
+}
+
+/// A loop device over `file` with its partitions 1 and 2 (scanned by the kernel, or added with
+/// `partx` where it does not scan).
+fn attach_partitioned(file: &Path) -> Loop {
+    let r = run_ok("losetup", &["--find", "--show", "--partscan", p(file)]);
+    let l = Loop {
+        dev: PathBuf::from(r.stdout.trim()),
+    };
+    let there = |l: &Loop| (1..=2).all(|n| Path::new(&format!("{}p{n}", l.dev.display())).exists());
+    for round in 0..2 {
+        for _ in 0..50 {
+            if there(&l) {
+                return l;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if round == 0 {
+            run_program("partx", &["-a", p(&l.dev)]);
+        }
+    }
+    panic!("the partitions of {} never appeared", l.dev.display());
+}
