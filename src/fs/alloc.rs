@@ -1,6 +1,7 @@
-//! Helpers shared by the cluster-based maps (NTFS, FAT, exFAT): checked reads and a collector
+//! Helpers shared by the cluster-based maps (NTFS, FAT, exFAT): checked reads, a collector
 //! that turns used clusters, one by one or as bitmap bytes, into byte ranges of a
-//! [`BlockMap`].
+//! [`BlockMap`], and the list of clusters the filesystem's own metadata occupies, which a
+//! bitmap must mark used before it is trusted.
 
 use super::BlockMap;
 use crate::volume::Volume;
@@ -110,6 +111,61 @@ impl<'a> UsedRuns<'a> {
     }
 }
 
+/// Units (clusters) that the filesystem's own metadata occupies, each with what it holds. A
+/// bitmap that marks any of them free is damaged: the map must not be trusted.
+#[derive(Debug, Default)]
+pub struct Required {
+    /// `(first, count, what)`.
+    runs: Vec<(u64, u64, String)>,
+}
+
+impl Required {
+    /// Units `[first, first + count)` hold `what`.
+    pub fn add(&mut self, first: u64, count: u64, what: &str) {
+        if count > 0 {
+            self.runs.push((first, count, what.to_string()));
+        }
+    }
+
+    /// The runs, as `(first, count)`.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs.iter().map(|&(f, c, _)| (f, c))
+    }
+
+    /// Checks a piece of a bitmap (bit `i` of byte `j`, least significant first, is unit
+    /// `first + 8j + i`; only the first `units` bits count): every required unit in it must be
+    /// set. `bitmap` names the bitmap in the error.
+    pub fn check_bitmap(
+        &self,
+        first: u64,
+        bytes: &[u8],
+        units: u64,
+        bitmap: &str,
+    ) -> Result<(), String> {
+        let end = first + units.min(bytes.len() as u64 * 8);
+        for (start, count, what) in &self.runs {
+            let lo = (*start).max(first);
+            let hi = start.saturating_add(*count).min(end);
+            let mut u = lo;
+            while u < hi {
+                let i = u - first;
+                let byte = bytes[(i / 8) as usize];
+                if i.is_multiple_of(8) && u + 8 <= hi && byte == 0xFF {
+                    u += 8;
+                    continue;
+                }
+                if byte & (1 << (i % 8)) == 0 {
+                    return Err(format!(
+                        "{bitmap} marks cluster {u} free, but it holds {what}"
+                    ));
+                }
+                u += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +187,18 @@ mod tests {
         let mut r = UsedRuns::new(None, 0, 4096);
         r.bitmap(100, &[0xFF, 0xFF, 0x01], 24);
         assert_eq!(r.finish(), 17);
+    }
+
+    #[test]
+    fn required_units_must_be_set() {
+        let mut req = Required::default();
+        req.add(3, 10, "the MFT");
+        // Units 8..16: bits 0..7 of byte 1.
+        assert!(req.check_bitmap(8, &[0xFF], 8, "$Bitmap").is_ok());
+        assert!(req.check_bitmap(0, &[0xF8, 0x1F], 16, "$Bitmap").is_ok());
+        let err = req.check_bitmap(0, &[0xF8, 0x1B], 16, "$Bitmap").unwrap_err();
+        assert!(err.contains("cluster 10") && err.contains("the MFT"), "{err}");
+        // Outside the piece: not checked here.
+        assert!(req.check_bitmap(16, &[0], 8, "$Bitmap").is_ok());
     }
 }
