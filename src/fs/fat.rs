@@ -676,6 +676,7 @@ mod tests {
         put(&mut img, 0x16, &0u16.to_le_bytes());
         put(&mut img, 0x11, &0u16.to_le_bytes());
         put(&mut img, 0x24, &8u32.to_le_bytes());
+        put(&mut img, 0x28, &0u16.to_le_bytes());
         put(&mut img, 0x2C, &2u32.to_le_bytes());
         for fat in [512, 512 + 8 * 512] {
             put(&mut img, fat, &[0xF8, 0xFF, 0xFF, 0x0F, 0xFF, 0xFF, 0xFF, 0x0F]);
