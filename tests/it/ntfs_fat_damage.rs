@@ -389,7 +389,8 @@ fn exfat_zeroed_bitmap_or_bad_boot_checksum_falls_back_to_every_block() {
 fn damage(rng: &mut Rng, b: &mut [u8], areas: &[std::ops::Range<u64>]) {
     let area = &areas[rng.below(areas.len() as u64) as usize];
     for _ in 0..1 + rng.below(4) {
-        let len = 1 + rng.below(if rng.below(2) == 0 { 16 } else { 4096 });
+        let max = if rng.below(2) == 0 { 16 } else { 4096 };
+        let len = 1 + rng.below(max);
         let len = len.min(area.end - area.start);
         let at = (area.start + rng.below(area.end - area.start - len + 1)) as usize;
         if rng.below(3) == 0 {
