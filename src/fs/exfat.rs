@@ -296,10 +296,7 @@ impl BootSector {
             alloc::read(vol, i as u64 * len as u64, &mut b, "boot region")?;
             let body = len - self.sector as usize;
             let sum = boot_checksum(&b[..body]);
-            if b[body..]
-                .chunks_exact(4)
-                .any(|c| u32_at(c, 0) != sum)
-            {
+            if b[body..].chunks_exact(4).any(|c| u32_at(c, 0) != sum) {
                 return Err(format!(
                     "the {name} boot region's checksum sector does not hold its checksum                      {sum:#010x}"
                 ));
@@ -335,7 +332,9 @@ impl BootSector {
                 self.chain(
                     vol,
                     bm,
-                    bm_len.min(self.cluster_count.div_ceil(8)).div_ceil(self.cluster),
+                    bm_len
+                        .min(self.cluster_count.div_ceil(8))
+                        .div_ceil(self.cluster),
                     "the allocation bitmap",
                 )?,
             ),
@@ -355,6 +354,7 @@ impl BootSector {
                 req.add(u64::from(c - 2), 1, what);
             }
         }
+        req.sort();
         Ok(req)
     }
 

@@ -277,9 +277,15 @@ impl Bpb {
         let mut b = [0u8; 4];
         alloc::read(vol, self.fat_offset(self.active_fat()), &mut b, "FAT[0]")?;
         let (v, want) = match self.bits {
-            12 => (u32::from(u16_at(&b, 0)) & 0xFFF, 0xF00 | u32::from(self.media)),
+            12 => (
+                u32::from(u16_at(&b, 0)) & 0xFFF,
+                0xF00 | u32::from(self.media),
+            ),
             16 => (u32::from(u16_at(&b, 0)), 0xFF00 | u32::from(self.media)),
-            _ => (u32_at(&b, 0) & 0x0FFF_FFFF, 0x0FFF_FF00 | u32::from(self.media)),
+            _ => (
+                u32_at(&b, 0) & 0x0FFF_FFFF,
+                0x0FFF_FF00 | u32::from(self.media),
+            ),
         };
         if v != want {
             return Err(format!(
@@ -679,13 +685,20 @@ mod tests {
         put(&mut img, 0x28, &0u16.to_le_bytes());
         put(&mut img, 0x2C, &2u32.to_le_bytes());
         for fat in [512, 512 + 8 * 512] {
-            put(&mut img, fat, &[0xF8, 0xFF, 0xFF, 0x0F, 0xFF, 0xFF, 0xFF, 0x0F]);
+            put(
+                &mut img,
+                fat,
+                &[0xF8, 0xFF, 0xFF, 0x0F, 0xFF, 0xFF, 0xFF, 0x0F],
+            );
             img[fat + 8..fat + 8 * 512].fill(0);
         }
         let bpb = Bpb::read(&Mem(img.clone())).unwrap().unwrap();
         assert_eq!(bpb.bits, 32);
         let err = allocation_map(&Mem(img.clone()), &bpb, 4096).unwrap_err();
-        assert!(err.contains("root directory's cluster 2 is marked free"), "{err}");
+        assert!(
+            err.contains("root directory's cluster 2 is marked free"),
+            "{err}"
+        );
         for fat in [512, 512 + 8 * 512] {
             put(&mut img, fat + 8, &[0xFF, 0xFF, 0xFF, 0x0F]);
         }

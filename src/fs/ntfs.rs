@@ -214,6 +214,17 @@ pub struct Run {
 /// outside the volume and more virtual clusters than the volume has are refused (metadata
 /// files are never sparse, and a file cannot be bigger than its volume).
 pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, String> {
+    decode(b, clusters, false)
+}
+
+/// Decodes the runlist of any file's attribute: sparse runs (compressed and sparse files) are
+/// skipped, and the virtual clusters may outnumber the volume's; every allocated run must lie
+/// inside the volume.
+fn decode_file_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, String> {
+    decode(b, clusters, true)
+}
+
+fn decode(b: &[u8], clusters: u64, sparse_ok: bool) -> std::result::Result<Vec<Run>, String> {
     let mut runs = Vec::new();
     let mut pos = 0usize;
     let mut vcn = 0u64;
@@ -235,6 +246,13 @@ pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, 
                 .ok_or_else(|| "the runlist runs past its attribute".to_string())
         };
         let len = le_unsigned(field(pos + 1, len_bytes)?);
+        if off_bytes == 0 && sparse_ok {
+            pos += 1 + len_bytes;
+            vcn = vcn
+                .checked_add(len)
+                .ok_or_else(|| format!("the runlist overflows at VCN {vcn}"))?;
+            continue;
+        }
         if off_bytes == 0 {
             return Err(format!("sparse run at VCN {vcn} in a metadata file"));
         }
@@ -258,7 +276,7 @@ pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, 
         });
         vcn = vcn
             .checked_add(len)
-            .filter(|&v| v <= clusters)
+            .filter(|&v| sparse_ok || v <= clusters)
             .ok_or_else(|| format!("the runlist maps more than the {clusters} clusters"))?;
     }
 }
@@ -548,6 +566,50 @@ impl Mft {
         Ok(req)
     }
 
+    /// The clusters of every file: the runs of each non-resident attribute of every MFT
+    /// record in use after the system records (extension records included, so attribute
+    /// lists need not be followed). An in-use record that is torn or otherwise unsound, or a
+    /// run outside the volume, is damage.
+    fn file_clusters(
+        &self,
+        vol: &dyn Volume,
+        req: &mut Required,
+    ) -> std::result::Result<(), String> {
+        let (clusters, cluster) = (self.boot.clusters(), self.boot.cluster_size);
+        let size_rec = self.boot.record_size;
+        let records = match self.record(vol, RECORD_MFT)?.data(clusters, cluster)? {
+            Data::NonResident { size, .. } => size / size_rec,
+            Data::Resident(_) => return Err("$MFT's $DATA is resident".into()),
+        };
+        let per_piece = (PIECE / size_rec).max(1);
+        let mut buf = vec![0u8; (per_piece.min(records) * size_rec) as usize];
+        let mut n = SYSTEM_NAMES.len() as u64;
+        while n < records {
+            let count = per_piece.min(records - n);
+            let piece = &mut buf[..(count * size_rec) as usize];
+            read_runs(vol, &self.runs, cluster, n * size_rec, piece, "the MFT")?;
+            for b in piece.chunks_exact(size_rec as usize) {
+                // Never used (zeros, or not yet a record) or not in use: no clusters.
+                if &b[0..4] == b"FILE" && u16_at(b, 0x16) & RECORD_IN_USE != 0 {
+                    let rec = Record::parse(b.to_vec(), n)?;
+                    for a in rec.attributes()? {
+                        if !a.non_resident() {
+                            continue;
+                        }
+                        let at = usize::from(u16_at(a.b, 0x20));
+                        let runs = decode_file_runlist(a.b.get(at..).unwrap_or_default(), clusters)
+                            .map_err(|e| format!("MFT record {n}, attribute {:#x}: {e}", a.ty))?;
+                        for r in runs {
+                            req.add_record(r.lcn, r.len, n);
+                        }
+                    }
+                }
+                n += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that the first records of `$MFT` equal their copies in `$MFTMirr` (as ntfs-3g
     /// does before it mounts): both with their fixups applied, over the bytes in use.
     fn check_mirror(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
@@ -718,9 +780,11 @@ pub fn allocation_map(
     }
     // Validation before trusting $Bitmap: the system files are sound and agree with their
     // mirror, and (in the walk) $Bitmap marks every one of their clusters used.
-    let required = mft.system_clusters(vol)?;
+    let mut required = mft.system_clusters(vol)?;
     mft.check_mirror(vol)?;
     mft.check_record_bitmap(vol)?;
+    mft.file_clusters(vol, &mut required)?;
+    required.sort();
     let mut map = BlockMap::new(vol.size(), granularity);
     // The backup boot sector and whatever follows the last cluster.
     map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
@@ -904,8 +968,15 @@ mod tests {
         assert_eq!(err, "$Bitmap marks $Boot free (bit 0)");
         let mut no_mirror = image();
         no_mirror[BITMAP_LCN * CLUSTER + 2] = 0x10;
-        let err = probe(&Mem(no_mirror), 4096).unwrap().unwrap().1.unwrap_err();
-        assert!(err.contains("$MFTMirr (attribute 0x80) free (bit 21)"), "{err}");
+        let err = probe(&Mem(no_mirror), 4096)
+            .unwrap()
+            .unwrap()
+            .1
+            .unwrap_err();
+        assert!(
+            err.contains("$MFTMirr (attribute 0x80) free (bit 21)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -921,7 +992,11 @@ mod tests {
     fn a_damaged_system_record_is_refused() {
         let mut img = image();
         img[MFT_LCN * CLUSTER + 10 * RECORD..][..4].fill(0);
-        let err = probe(&Mem(img.clone()), 4096).unwrap().unwrap().1.unwrap_err();
+        let err = probe(&Mem(img.clone()), 4096)
+            .unwrap()
+            .unwrap()
+            .1
+            .unwrap_err();
         assert!(err.contains("MFT record 10"), "{err}");
         // The reserved records 12 to 15 may be anything.
         img = image();
@@ -938,7 +1013,10 @@ mod tests {
         img[rec0 + 0x38 + 0x48 + 0x18] = 0x7F;
         img.copy_within(rec0..rec0 + RECORD, MIRROR_LCN * CLUSTER);
         let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
-        assert!(err.contains("$MFT's $BITMAP marks system records free"), "{err}");
+        assert!(
+            err.contains("$MFT's $BITMAP marks system records free"),
+            "{err}"
+        );
     }
 
     #[test]

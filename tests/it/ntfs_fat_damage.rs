@@ -62,7 +62,10 @@ impl Kind {
             .min(budget - total + 1);
             total += len;
             let dir = ["", "Dir-A/"][files.len() % 2];
-            files.push((format!("{dir}File-{:02}.bin", files.len()), rng.bytes(len as usize)));
+            files.push((
+                format!("{dir}File-{:02}.bin", files.len()),
+                rng.bytes(len as usize),
+            ));
         }
         match self {
             Kind::Ntfs | Kind::Exfat => {
@@ -100,10 +103,7 @@ fn require(kinds: &[Kind]) -> bool {
     if !require_root_loop_and_fuse() {
         return false;
     }
-    let missing = kinds
-        .iter()
-        .flat_map(|k| k.tools())
-        .find(|t| !in_path(t));
+    let missing = kinds.iter().flat_map(|k| k.tools()).find(|t| !in_path(t));
     match missing {
         None => true,
         Some(tool) if std::env::var_os("CI").is_some() => {
@@ -163,7 +163,10 @@ fn check_never_drops(damaged: &[u8], used: &[bool], img: &Path, repo: &Path, t: 
     let (j, stderr, restored) = round_trip(img, repo, t);
     assert_eq!(restored.len(), damaged.len());
     if j["all_blocks"] == true {
-        assert!(restored == damaged, "a fallback must restore the source bit for bit");
+        assert!(
+            restored == damaged,
+            "a fallback must restore the source bit for bit"
+        );
         return true;
     }
     for (b, (x, y)) in damaged
@@ -297,7 +300,10 @@ fn ntfs_zeroed_bitmap_falls_back_to_every_block() {
     );
     assert_eq!(j["all_blocks"], true, "{j}");
     assert_eq!(ju64(&j, "/bytes_read"), b.len() as u64);
-    assert!(restored == b, "the restore is the damaged source, bit for bit");
+    assert!(
+        restored == b,
+        "the restore is the damaged source, bit for bit"
+    );
 
     // ntfsfix on copies of the damaged source and of the restore: the same files survive,
     // and they are the files written.
@@ -337,7 +343,10 @@ fn fat_copy_damage_falls_back_to_every_block() {
             "{kind:?}: {stderr}"
         );
         assert_eq!(j["all_blocks"], true, "{kind:?}: {j}");
-        assert!(restored == b, "{kind:?}: the restore is the source, bit for bit");
+        assert!(
+            restored == b,
+            "{kind:?}: the restore is the source, bit for bit"
+        );
         let fixed = t.join("fixed.img");
         std::fs::write(&fixed, &restored).unwrap();
         let _ = run_program("fsck.vfat", &["-a", "-w", p(&fixed)]);
@@ -365,7 +374,10 @@ fn exfat_zeroed_bitmap_or_bad_boot_checksum_falls_back_to_every_block() {
     let mut checksum = good.clone();
     checksum[300] ^= 0x5A;
     for (b, why) in [
-        (&zeroed, "the allocation bitmap marks the allocation bitmap free"),
+        (
+            &zeroed,
+            "the allocation bitmap marks the allocation bitmap free",
+        ),
         (&checksum, "the main boot region's checksum"),
     ] {
         std::fs::write(&img, b).unwrap();
@@ -438,7 +450,10 @@ fn ntfs_random_metadata_damage_never_drops_used_blocks() {
         let mirror = le(b, 0x38, 8) * cluster;
         vec![bitmap, mft..mft + 16 * rec, mirror..mirror + 4 * rec]
     });
-    assert!(fell_back > 0, "no case fell back: the damage is too weak to test anything");
+    assert!(
+        fell_back > 0,
+        "no case fell back: the damage is too weak to test anything"
+    );
 }
 
 #[test]
@@ -454,7 +469,10 @@ fn fat_random_metadata_damage_never_drops_used_blocks() {
             vec![fats.start..fats.start + per, fats.start + per..fats.end]
         });
     }
-    assert!(fell_back > 0, "no case fell back: the damage is too weak to test anything");
+    assert!(
+        fell_back > 0,
+        "no case fell back: the damage is too weak to test anything"
+    );
 }
 
 #[test]
@@ -469,5 +487,8 @@ fn exfat_random_metadata_damage_never_drops_used_blocks() {
         // volume unrecognisable rather than damaged).
         vec![120..24 * sector, fat, bitmap, root]
     });
-    assert!(fell_back > 0, "no case fell back: the damage is too weak to test anything");
+    assert!(
+        fell_back > 0,
+        "no case fell back: the damage is too weak to test anything"
+    );
 }
