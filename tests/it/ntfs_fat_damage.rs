@@ -318,6 +318,52 @@ fn ntfs_zeroed_bitmap_falls_back_to_every_block() {
     assert_eq!(kept, files);
 }
 
+/// One bit of `$Bitmap` cleared: the first cluster of a file's data, found by its content.
+/// The system files are all marked, but the file's record claims the cluster: the backup
+/// warns and reads every block.
+#[test]
+fn ntfs_bitmap_missing_a_file_cluster_falls_back_to_every_block() {
+    if !require(&[Kind::Ntfs]) {
+        return;
+    }
+    let t = TestDir::new();
+    let img = t.join("ntfs.img");
+    Kind::Ntfs.build(&img, &t, 1111);
+    // One more file of 64 KiB of random bytes: its first cluster is unique on the volume.
+    let content = Rng::new(1112).bytes(64 * KIB as usize);
+    let lo = Loop::attach(&img, false);
+    let m = Mount::with_command("ntfs-3g", &[p(&lo.dev), p(&t.join("one.mnt"))]);
+    std::fs::write(m.dir.join("marker.bin"), &content).unwrap();
+    m.unmount();
+    drop(lo);
+    let mut b = std::fs::read(&img).unwrap();
+    let (cluster, _, _, bitmap) = ntfs_layout(&b);
+    let at = (0..b.len() as u64 / cluster)
+        .find(|&c| {
+            let o = (c * cluster) as usize;
+            b[o..o + cluster as usize] == content[..cluster as usize]
+        })
+        .expect("the marker file's first cluster is on the volume");
+    let byte = (bitmap.start + at / 8) as usize;
+    assert_ne!(b[byte] & (1 << (at % 8)), 0, "the cluster is marked used");
+    b[byte] &= !(1 << (at % 8));
+    std::fs::write(&img, &b).unwrap();
+
+    let repo = t.join("repo");
+    init_repo(&repo, &[]);
+    let (j, stderr, restored) = round_trip(&img, &repo, &t);
+    assert!(
+        stderr.contains("$Bitmap marks an attribute of MFT record")
+            && stderr.contains(&format!("free (bit {at})")),
+        "{stderr}"
+    );
+    assert_eq!(j["all_blocks"], true, "{j}");
+    assert!(
+        restored == b,
+        "the restore is the damaged source, bit for bit"
+    );
+}
+
 /// The first FAT zeroed (FAT12, FAT16, FAT32): every file looks deleted there and its media
 /// byte is gone. The backup warns and reads every block; `fsck.vfat -a` then takes the second
 /// FAT, on the restore as on the source, and every file is back.
