@@ -27,7 +27,10 @@
 //! count and cluster number is checked against the volume; a broken chain or an implausible
 //! layout makes the map unusable (the caller then reads every block). Before the bitmap is
 //! trusted, both boot regions must carry a valid and equal checksum, and the bitmap must mark
-//! its own clusters, the up-case table's and the root directory's used.
+//! its own clusters, the up-case table's, the root directory's and every file's used.
+//! - File entry set: 0x85 (FileAttributes u16 @4, 0x10 directory), then a stream extension
+//!   0xC0 (GeneralSecondaryFlags @1, bit 1 NoFatChain; FirstCluster u32 @20; DataLength u64
+//!   @24).
 
 use super::alloc::{self, PIECE, Required, UsedRuns};
 use super::{BlockMap, FsInfo};
@@ -51,6 +54,13 @@ const BOOT_REGION_SECTORS: u64 = 12;
 const CHECKSUM_SKIPPED: [usize; 3] = [106, 107, 112];
 /// Longest root directory chain checked against the bitmap (clusters).
 const ROOT_CHAIN_LIMIT: u64 = 1 << 16;
+/// Most directory bytes read to check files' clusters against the bitmap; past it the rest
+/// of the files go unchecked.
+const DIR_WALK_LIMIT: u64 = 256 << 20;
+const ENTRY_FILE: u8 = 0x85;
+const ENTRY_STREAM: u8 = 0xC0;
+const ATTR_DIRECTORY: u16 = 0x10;
+const FLAG_NO_FAT_CHAIN: u8 = 0x02;
 
 /// The fields of an exFAT boot sector that the map needs.
 #[derive(Debug, Clone)]
@@ -354,8 +364,69 @@ impl BootSector {
                 req.add(u64::from(c - 2), 1, what);
             }
         }
-        req.sort();
         Ok(req)
+    }
+
+    /// Adds the clusters of every file and directory to `req`, walking the directory tree from
+    /// the root (at most [`DIR_WALK_LIMIT`] bytes of directories): each file entry set's
+    /// stream extension gives the first cluster and the length; with NoFatChain the clusters
+    /// are contiguous, otherwise they follow the FAT.
+    fn file_clusters(
+        &self,
+        vol: &dyn Volume,
+        req: &mut Required,
+    ) -> std::result::Result<(), String> {
+        let mut queue = vec![self.root_chain(vol)?];
+        let mut read = 0u64;
+        let max_dir = DIR_WALK_LIMIT / self.cluster;
+        while let Some(dir) = queue.pop() {
+            let mut data = Vec::new();
+            for &c in &dir {
+                if read >= DIR_WALK_LIMIT {
+                    return Ok(());
+                }
+                let mut b = vec![0u8; self.cluster as usize];
+                alloc::read(vol, self.cluster_offset(c), &mut b, "a directory")?;
+                read += self.cluster;
+                data.extend_from_slice(&b);
+            }
+            let mut i = 0;
+            while i + 64 <= data.len() {
+                let (e, x) = (&data[i..i + 32], &data[i + 32..i + 64]);
+                if e[0] == 0 {
+                    break;
+                }
+                i += 32;
+                let (first, len) = (u32_at(x, 20), u64_at(x, 24));
+                if e[0] != ENTRY_FILE || x[0] != ENTRY_STREAM || first == 0 || len == 0 {
+                    continue;
+                }
+                let n = len.div_ceil(self.cluster);
+                let is_dir = u16_at(e, 4) & ATTR_DIRECTORY != 0;
+                let clusters = if x[1] & FLAG_NO_FAT_CHAIN != 0 {
+                    if !self.in_range(first) || u64::from(first) - 2 + n > self.cluster_count {
+                        return Err(format!(
+                            "a file's {n} contiguous clusters from {first} leave the heap"
+                        ));
+                    }
+                    req.add(u64::from(first) - 2, n, "a file's data");
+                    if !is_dir {
+                        continue;
+                    }
+                    (first..).take(n.min(max_dir) as usize).collect()
+                } else {
+                    let chain = self.chain(vol, first, n, "a file")?;
+                    for &c in &chain {
+                        req.add(u64::from(c) - 2, 1, "a file's data");
+                    }
+                    chain
+                };
+                if is_dir {
+                    queue.push(clusters);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Walks the allocation bitmap (its cluster chain from the FAT), feeding the used
@@ -483,7 +554,9 @@ pub fn allocation_map(
     // Validation before trusting the bitmap (which must mark `required` used, checked in the
     // walk).
     boot.check_boot_regions(vol)?;
-    let required = boot.system_clusters(vol, root)?;
+    let mut required = boot.system_clusters(vol, root)?;
+    boot.file_clusters(vol, &mut required)?;
+    required.sort();
     let mut map = BlockMap::new(vol.size(), granularity);
     // Main and backup boot regions, FAT alignment, the FATs, heap alignment.
     map.mark_bytes(0, boot.heap_offset);
