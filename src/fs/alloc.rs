@@ -1,6 +1,7 @@
-//! Helpers shared by the cluster-based maps (NTFS, FAT, exFAT): checked reads and a collector
+//! Helpers shared by the cluster-based maps (NTFS, FAT, exFAT): checked reads, a collector
 //! that turns used clusters, one by one or as bitmap bytes, into byte ranges of a
-//! [`BlockMap`].
+//! [`BlockMap`], and the list of clusters the filesystem's own metadata occupies, which a
+//! bitmap must mark used before it is trusted.
 
 use super::BlockMap;
 use crate::volume::Volume;
@@ -110,6 +111,108 @@ impl<'a> UsedRuns<'a> {
     }
 }
 
+/// Units (clusters) that the filesystem's own metadata or its files occupy, each with what it
+/// holds. A bitmap that marks any of them free is damaged: the map must not be trusted.
+#[derive(Debug, Default)]
+pub struct Required {
+    /// `(first, count, owner)`, sorted by `first` once [`Required::sort`] ran.
+    runs: Vec<(u64, u64, Owner)>,
+    names: Vec<String>,
+    /// The longest run: a run overlapping unit `u` starts after `u - longest`.
+    longest: u64,
+}
+
+/// What a run holds: a named structure (an index into `Required::names`) or a file's data
+/// (its MFT record number), kept small because a volume may have millions of file runs.
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    Named(usize),
+    Record(u64),
+}
+
+impl Required {
+    /// Units `[first, first + count)` hold `what`.
+    pub fn add(&mut self, first: u64, count: u64, what: &str) {
+        let id = match self.names.iter().position(|n| n == what) {
+            Some(i) => i,
+            None => {
+                self.names.push(what.to_string());
+                self.names.len() - 1
+            }
+        };
+        self.push(first, count, Owner::Named(id));
+    }
+
+    /// Units `[first, first + count)` hold an attribute of MFT record `record`.
+    pub fn add_record(&mut self, first: u64, count: u64, record: u64) {
+        self.push(first, count, Owner::Record(record));
+    }
+
+    fn push(&mut self, first: u64, count: u64, owner: Owner) {
+        if count > 0 {
+            self.runs.push((first, count, owner));
+            self.longest = self.longest.max(count);
+        }
+    }
+
+    /// The runs, as `(first, count)`.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs.iter().map(|&(f, c, _)| (f, c))
+    }
+
+    /// Sorts the runs; [`Required::check_bitmap`] needs it.
+    pub fn sort(&mut self) {
+        self.runs.sort_unstable_by_key(|r| r.0);
+    }
+
+    fn describe(&self, owner: Owner) -> String {
+        match owner {
+            Owner::Named(i) => self.names[i].clone(),
+            Owner::Record(n) => format!("an attribute of MFT record {n}"),
+        }
+    }
+
+    /// Checks a piece of a bitmap (bit `i` of byte `j`, least significant first, is unit
+    /// `first + 8j + i`; only the first `units` bits count): every required unit in it must be
+    /// set. `bitmap` names the bitmap in the error. The runs must be sorted.
+    pub fn check_bitmap(
+        &self,
+        first: u64,
+        bytes: &[u8],
+        units: u64,
+        bitmap: &str,
+    ) -> Result<(), String> {
+        let end = first + units.min(bytes.len() as u64 * 8);
+        let from = self
+            .runs
+            .partition_point(|r| r.0.saturating_add(self.longest) <= first);
+        for &(start, count, owner) in &self.runs[from..] {
+            if start >= end {
+                break;
+            }
+            let lo = start.max(first);
+            let hi = start.saturating_add(count).min(end);
+            let mut u = lo;
+            while u < hi {
+                let i = u - first;
+                let byte = bytes[(i / 8) as usize];
+                if i.is_multiple_of(8) && u + 8 <= hi && byte == 0xFF {
+                    u += 8;
+                    continue;
+                }
+                if byte & (1 << (i % 8)) == 0 {
+                    return Err(format!(
+                        "{bitmap} marks {} free (bit {u})",
+                        self.describe(owner)
+                    ));
+                }
+                u += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +234,27 @@ mod tests {
         let mut r = UsedRuns::new(None, 0, 4096);
         r.bitmap(100, &[0xFF, 0xFF, 0x01], 24);
         assert_eq!(r.finish(), 17);
+    }
+
+    #[test]
+    fn required_units_must_be_set() {
+        let mut req = Required::default();
+        req.add_record(40, 2, 77);
+        req.add(3, 10, "the MFT");
+        req.sort();
+        // Units 8..16: bits 0..7 of byte 1.
+        assert!(req.check_bitmap(8, &[0xFF], 8, "$Bitmap").is_ok());
+        assert!(req.check_bitmap(0, &[0xF8, 0x1F], 16, "$Bitmap").is_ok());
+        let err = req
+            .check_bitmap(0, &[0xF8, 0x1B], 16, "$Bitmap")
+            .unwrap_err();
+        assert_eq!(err, "$Bitmap marks the MFT free (bit 10)");
+        // Outside the piece: not checked here.
+        assert!(req.check_bitmap(16, &[0], 8, "$Bitmap").is_ok());
+        let err = req.check_bitmap(40, &[0x01], 8, "$Bitmap").unwrap_err();
+        assert_eq!(
+            err,
+            "$Bitmap marks an attribute of MFT record 77 free (bit 41)"
+        );
     }
 }

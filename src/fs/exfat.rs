@@ -17,12 +17,22 @@
 //!   0x83 volume label (character count @1, UTF-16LE @2, at most 11 characters).
 //! - Allocation bitmap: bit `i` (least significant first) is cluster `i + 2`, set when in use.
 //!
+//! - Boot checksum: sector 11 of each boot region repeats a u32 computed over sectors 0–10,
+//!   skipping VolumeFlags (bytes 106, 107) and PercentInUse (byte 112) of the boot sector: for
+//!   each byte, `sum = sum.rotate_right(1) + byte`.
+//! - Up-case table entry (0x82): FirstCluster u32 @20, DataLength u64 @24.
+//!
 //! The map keeps everything before the cluster heap (both boot regions, the FAT alignment,
 //! the FATs), the clusters the bitmap marks, and everything after the heap. Every offset,
 //! count and cluster number is checked against the volume; a broken chain or an implausible
-//! layout makes the map unusable (the caller then reads every block).
+//! layout makes the map unusable (the caller then reads every block). Before the bitmap is
+//! trusted, both boot regions must carry a valid and equal checksum, and the bitmap must mark
+//! its own clusters, the up-case table's, the root directory's and every file's used.
+//! - File entry set: 0x85 (FileAttributes u16 @4, 0x10 directory), then a stream extension
+//!   0xC0 (GeneralSecondaryFlags @1, bit 1 NoFatChain; FirstCluster u32 @20; DataLength u64
+//!   @24).
 
-use super::alloc::{self, PIECE, UsedRuns};
+use super::alloc::{self, PIECE, Required, UsedRuns};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
@@ -34,8 +44,23 @@ const DIR_SCAN_LIMIT: u64 = 1 << 20;
 /// The two boot regions: 24 sectors.
 const BOOT_REGIONS_SECTORS: u64 = 24;
 const ENTRY_BITMAP: u8 = 0x81;
+const ENTRY_UPCASE: u8 = 0x82;
 const ENTRY_LABEL: u8 = 0x83;
 const FAT_BAD: u32 = 0xFFFF_FFF7;
+const FAT_END: u32 = 0xFFFF_FFFF;
+/// Sectors of one boot region; the last holds the checksum.
+const BOOT_REGION_SECTORS: u64 = 12;
+/// Bytes of the boot sector left out of the checksum: VolumeFlags and PercentInUse.
+const CHECKSUM_SKIPPED: [usize; 3] = [106, 107, 112];
+/// Longest root directory chain checked against the bitmap (clusters).
+const ROOT_CHAIN_LIMIT: u64 = 1 << 16;
+/// Most directory bytes read to check files' clusters against the bitmap; past it the rest
+/// of the files go unchecked.
+const DIR_WALK_LIMIT: u64 = 256 << 20;
+const ENTRY_FILE: u8 = 0x85;
+const ENTRY_STREAM: u8 = 0xC0;
+const ATTR_DIRECTORY: u16 = 0x10;
+const FLAG_NO_FAT_CHAIN: u8 = 0x02;
 
 /// The fields of an exFAT boot sector that the map needs.
 #[derive(Debug, Clone)]
@@ -196,6 +221,9 @@ impl BootSector {
                     {
                         root.bitmap = Some((u32_at(e, 20), u64_at(e, 24)));
                     }
+                    ENTRY_UPCASE if root.upcase.is_none() => {
+                        root.upcase = Some((u32_at(e, 20), u64_at(e, 24)));
+                    }
                     _ => {}
                 }
             }
@@ -208,13 +236,208 @@ impl BootSector {
         Ok(root)
     }
 
+    /// The first `count` clusters of the chain starting at `first` (of `what`), each a
+    /// cluster of the volume, none twice, none bad.
+    fn chain(
+        &self,
+        vol: &dyn Volume,
+        first: u32,
+        count: u64,
+        what: &str,
+    ) -> std::result::Result<Vec<u32>, String> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut c = first;
+        while (out.len() as u64) < count {
+            if !self.in_range(c) {
+                return Err(format!(
+                    "{what}'s chain reaches cluster {c:#x} after {} clusters",
+                    out.len()
+                ));
+            }
+            if !seen.insert(c) {
+                return Err(format!("{what}'s chain loops at cluster {c}"));
+            }
+            out.push(c);
+            if (out.len() as u64) < count {
+                let next = self.fat_entry(vol, c)?;
+                if next == FAT_BAD {
+                    return Err(format!("{what}'s chain hits bad cluster {c}"));
+                }
+                c = next;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The root directory's clusters (at most [`ROOT_CHAIN_LIMIT`]): its chain up to the
+    /// end-of-chain entry, which must come after clusters of the volume only.
+    fn root_chain(&self, vol: &dyn Volume) -> std::result::Result<Vec<u32>, String> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut c = self.root_cluster;
+        while (out.len() as u64) < ROOT_CHAIN_LIMIT {
+            if !self.in_range(c) {
+                return Err(format!(
+                    "the root directory's chain reaches {c:#x} after {} clusters",
+                    out.len()
+                ));
+            }
+            if !seen.insert(c) {
+                return Err(format!("the root directory's chain loops at cluster {c}"));
+            }
+            out.push(c);
+            c = self.fat_entry(vol, c)?;
+            if c == FAT_END {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks the main and the backup boot region: sector 11 of each repeats the checksum of
+    /// sectors 0–10, and both checksums are equal (the backup is never rewritten, the main
+    /// region only in the fields the checksum skips).
+    fn check_boot_regions(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+        let len = (BOOT_REGION_SECTORS * self.sector) as usize;
+        let mut sums = [0u32; 2];
+        for (i, name) in ["main", "backup"].into_iter().enumerate() {
+            let mut b = vec![0u8; len];
+            alloc::read(vol, i as u64 * len as u64, &mut b, "boot region")?;
+            let body = len - self.sector as usize;
+            let sum = boot_checksum(&b[..body]);
+            if b[body..].chunks_exact(4).any(|c| u32_at(c, 0) != sum) {
+                return Err(format!(
+                    "the {name} boot region's checksum sector does not hold its checksum                      {sum:#010x}"
+                ));
+            }
+            sums[i] = sum;
+        }
+        if sums[0] != sums[1] {
+            return Err(format!(
+                "the main and backup boot regions differ (checksums {:#010x} and {:#010x})",
+                sums[0], sums[1]
+            ));
+        }
+        Ok(())
+    }
+
+    /// The clusters the filesystem's own structures hold: the allocation bitmap, the up-case
+    /// table, the root directory. Units are bitmap bits (cluster − 2).
+    fn system_clusters(
+        &self,
+        vol: &dyn Volume,
+        root: &Root,
+    ) -> std::result::Result<Required, String> {
+        let mut req = Required::default();
+        let (bm, bm_len) = root
+            .bitmap
+            .ok_or("the root directory has no allocation bitmap entry")?;
+        let (up, up_len) = root
+            .upcase
+            .ok_or("the root directory has no up-case table entry")?;
+        let parts = [
+            (
+                "the allocation bitmap",
+                self.chain(
+                    vol,
+                    bm,
+                    bm_len
+                        .min(self.cluster_count.div_ceil(8))
+                        .div_ceil(self.cluster),
+                    "the allocation bitmap",
+                )?,
+            ),
+            (
+                "the up-case table",
+                self.chain(
+                    vol,
+                    up,
+                    up_len.div_ceil(self.cluster).max(1),
+                    "the up-case table",
+                )?,
+            ),
+            ("the root directory", self.root_chain(vol)?),
+        ];
+        for (what, clusters) in parts {
+            for c in clusters {
+                req.add(u64::from(c - 2), 1, what);
+            }
+        }
+        Ok(req)
+    }
+
+    /// Adds the clusters of every file and directory to `req`, walking the directory tree from
+    /// the root (at most [`DIR_WALK_LIMIT`] bytes of directories): each file entry set's
+    /// stream extension gives the first cluster and the length; with NoFatChain the clusters
+    /// are contiguous, otherwise they follow the FAT.
+    fn file_clusters(
+        &self,
+        vol: &dyn Volume,
+        req: &mut Required,
+    ) -> std::result::Result<(), String> {
+        let mut queue = vec![self.root_chain(vol)?];
+        let mut read = 0u64;
+        let max_dir = DIR_WALK_LIMIT / self.cluster;
+        while let Some(dir) = queue.pop() {
+            let mut data = Vec::new();
+            for &c in &dir {
+                if read >= DIR_WALK_LIMIT {
+                    return Ok(());
+                }
+                let mut b = vec![0u8; self.cluster as usize];
+                alloc::read(vol, self.cluster_offset(c), &mut b, "a directory")?;
+                read += self.cluster;
+                data.extend_from_slice(&b);
+            }
+            let mut i = 0;
+            while i + 64 <= data.len() {
+                let (e, x) = (&data[i..i + 32], &data[i + 32..i + 64]);
+                if e[0] == 0 {
+                    break;
+                }
+                i += 32;
+                let (first, len) = (u32_at(x, 20), u64_at(x, 24));
+                if e[0] != ENTRY_FILE || x[0] != ENTRY_STREAM || first == 0 || len == 0 {
+                    continue;
+                }
+                let n = len.div_ceil(self.cluster);
+                let is_dir = u16_at(e, 4) & ATTR_DIRECTORY != 0;
+                let clusters = if x[1] & FLAG_NO_FAT_CHAIN != 0 {
+                    if !self.in_range(first) || u64::from(first) - 2 + n > self.cluster_count {
+                        return Err(format!(
+                            "a file's {n} contiguous clusters from {first} leave the heap"
+                        ));
+                    }
+                    req.add(u64::from(first) - 2, n, "a file's data");
+                    if !is_dir {
+                        continue;
+                    }
+                    (first..).take(n.min(max_dir) as usize).collect()
+                } else {
+                    let chain = self.chain(vol, first, n, "a file")?;
+                    for &c in &chain {
+                        req.add(u64::from(c) - 2, 1, "a file's data");
+                    }
+                    chain
+                };
+                if is_dir {
+                    queue.push(clusters);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Walks the allocation bitmap (its cluster chain from the FAT), feeding the used
-    /// clusters to `used`. At most `limit` bytes of bitmap are read.
+    /// clusters to `used` and checking that it marks the `required` ones used. At most
+    /// `limit` bytes of bitmap are read.
     fn walk_bitmap(
         &self,
         vol: &dyn Volume,
         root: &Root,
         used: &mut UsedRuns,
+        required: Option<&Required>,
         limit: u64,
     ) -> std::result::Result<(), String> {
         let (first, len) = root
@@ -260,6 +483,14 @@ impl BootSector {
                 )?;
                 let at = pos + done;
                 used.bitmap(at * 8, &buf[..n], self.cluster_count - at * 8);
+                if let Some(req) = required {
+                    req.check_bitmap(
+                        at * 8,
+                        &buf[..n],
+                        self.cluster_count - at * 8,
+                        "the allocation bitmap",
+                    )?;
+                }
                 done += n as u64;
             }
             pos += in_cluster;
@@ -285,7 +516,7 @@ impl BootSector {
         limit: u64,
     ) -> std::result::Result<u64, String> {
         let mut used = UsedRuns::new(None, 0, self.cluster);
-        self.walk_bitmap(vol, root, &mut used, limit)?;
+        self.walk_bitmap(vol, root, &mut used, None, limit)?;
         Ok(used.finish())
     }
 }
@@ -296,6 +527,19 @@ pub struct Root {
     pub label: Option<String>,
     /// The active allocation bitmap: first cluster and length in bytes.
     pub bitmap: Option<(u32, u64)>,
+    /// The up-case table: first cluster and length in bytes.
+    pub upcase: Option<(u32, u64)>,
+}
+
+/// The boot checksum of `b` (sectors 0 to 10 of a boot region).
+fn boot_checksum(b: &[u8]) -> u32 {
+    b.iter().enumerate().fold(0u32, |sum, (i, &x)| {
+        if CHECKSUM_SKIPPED.contains(&i) {
+            sum
+        } else {
+            sum.rotate_right(1).wrapping_add(u32::from(x))
+        }
+    })
 }
 
 /// Builds the allocation map of an exFAT volume at `granularity` bytes per bit, with the
@@ -307,13 +551,19 @@ pub fn allocation_map(
     granularity: u64,
 ) -> std::result::Result<(BlockMap, u64), String> {
     let heap_end = boot.check_layout(vol)?;
+    // Validation before trusting the bitmap (which must mark `required` used, checked in the
+    // walk).
+    boot.check_boot_regions(vol)?;
+    let mut required = boot.system_clusters(vol, root)?;
+    boot.file_clusters(vol, &mut required)?;
+    required.sort();
     let mut map = BlockMap::new(vol.size(), granularity);
     // Main and backup boot regions, FAT alignment, the FATs, heap alignment.
     map.mark_bytes(0, boot.heap_offset);
     // Past the last cluster (and past the filesystem).
     map.mark_bytes(heap_end, vol.size() - heap_end);
     let mut used = UsedRuns::new(Some(&mut map), boot.heap_offset, boot.cluster);
-    boot.walk_bitmap(vol, root, &mut used, u64::MAX)?;
+    boot.walk_bitmap(vol, root, &mut used, Some(&required), u64::MAX)?;
     let n = used.finish();
     Ok((map, n))
 }
@@ -372,7 +622,18 @@ mod tests {
         put(img, FAT + 4 * c, &v.to_le_bytes());
     }
 
-    /// Bitmap in cluster 2, root directory in clusters 3 then 5 (a chain), label "vb".
+    /// Writes both boot regions' checksum sectors, the backup region a copy of the main one.
+    fn seal(img: &mut [u8]) {
+        let body = 11 * SECTOR;
+        let sum = boot_checksum(&img[..body]);
+        for i in 0..SECTOR / 4 {
+            put(img, body + 4 * i, &sum.to_le_bytes());
+        }
+        img.copy_within(0..12 * SECTOR, 12 * SECTOR);
+    }
+
+    /// Bitmap in cluster 2, root directory in clusters 3 then 5 (a chain), up-case table in
+    /// cluster 4, label "vb".
     fn image() -> Vec<u8> {
         let len = HEAP + CLUSTERS * CLUSTER + 2 * SECTOR;
         let mut img = vec![0u8; len];
@@ -392,6 +653,7 @@ mod tests {
         put(&mut img, 510, &[0x55, 0xAA]);
         set_fat(&mut img, 2, u32::MAX);
         set_fat(&mut img, 3, 5);
+        set_fat(&mut img, 4, u32::MAX);
         set_fat(&mut img, 5, u32::MAX);
         // Root: the first cluster full of unused entries of another type, then in cluster 5
         // the label and the bitmap entries.
@@ -409,10 +671,14 @@ mod tests {
             r + 32 + 24,
             &((CLUSTERS / 8 + 1) as u64).to_le_bytes(),
         );
-        // In use: clusters 2, 3, 5, 104 and 105.
+        img[r + 64] = ENTRY_UPCASE;
+        put(&mut img, r + 64 + 20, &4u32.to_le_bytes());
+        put(&mut img, r + 64 + 24, &2048u64.to_le_bytes());
+        // In use: clusters 2 to 5, 104 and 105.
         let b = cluster(2);
-        img[b] = 0b0000_1011;
+        img[b] = 0b0000_1111;
         img[b + 12] = 0xC0; // bits 102 and 103: clusters 104 and 105
+        seal(&mut img);
         img
     }
 
@@ -424,11 +690,11 @@ mod tests {
         assert_eq!(info.label, "vb");
         assert_eq!(info.uuid, "FB83-9433");
         assert_eq!(info.version.as_deref(), Some("1.0"));
-        assert_eq!(info.used_bytes, 5 * 4096);
+        assert_eq!(info.used_bytes, 6 * 4096);
         // Heap at byte 32 KiB (block 8): cluster c is block 8 + c − 2.
         let used: Vec<u64> = (0..map.block_count()).filter(|&b| map.is_used(b)).collect();
         let want: Vec<u64> = (0..8)
-            .chain([8, 9, 11])
+            .chain([8, 9, 10, 11])
             .chain([110, 111])
             .chain([508])
             .collect();
@@ -443,6 +709,38 @@ mod tests {
         put(&mut img, r + 20, &700u32.to_le_bytes());
         let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
         assert!(map.unwrap_err().contains("chain"));
+    }
+
+    #[test]
+    fn a_bitmap_marking_system_clusters_free_is_refused() {
+        for (bits, want) in [
+            (0b1110, "the allocation bitmap free (bit 0)"),
+            (0b1011, "the up-case table free (bit 2)"),
+            (0b0111, "the root directory free (bit 3)"),
+        ] {
+            let mut img = image();
+            img[cluster(2)] = bits;
+            let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_broken_boot_checksum_is_refused() {
+        let mut img = image();
+        // Boot code (covered by the checksum) in the main region.
+        img[200] ^= 1;
+        let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
+        assert!(err.contains("main boot region"), "{err}");
+        let mut img = image();
+        img[12 * SECTOR + 200] ^= 1;
+        let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
+        assert!(err.contains("backup boot region"), "{err}");
+        // VolumeFlags and PercentInUse are left out of the checksum.
+        let mut img = image();
+        img[106] = 2;
+        img[112] = 42;
+        assert!(probe(&Mem(img), 4096).unwrap().unwrap().1.is_ok());
     }
 
     proptest! {

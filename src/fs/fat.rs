@@ -22,8 +22,11 @@
 //!
 //! The map keeps everything before the data clusters, every cluster whose entry in the active
 //! FAT is not zero (bad clusters excepted: they hold nothing and may not even be readable), and
-//! everything after the last cluster. An entry pointing outside the clusters makes the map
-//! unusable (the caller then reads every block).
+//! everything after the last cluster. The FAT is trusted only when it looks sound: every copy
+//! equal to the active one (unless FAT32 mirroring is off), FAT\[0\] carrying the media byte,
+//! every entry free, bad, end of chain or a cluster of the volume, and the FAT32 root
+//! directory's chain allocated. Anything else makes the map unusable (the caller then reads
+//! every block).
 
 use super::alloc::{self, PIECE, UsedRuns};
 use super::{BlockMap, FsInfo};
@@ -56,6 +59,8 @@ pub struct Bpb {
     pub clusters: u64,
     /// 12, 16 or 32.
     pub bits: u32,
+    /// The media descriptor, repeated in the low byte of FAT\[0\].
+    media: u8,
     /// FAT32: first cluster of the root directory.
     root_cluster: u64,
     /// FAT32: FSInfo sector (0: none).
@@ -163,6 +168,7 @@ impl Bpb {
             total_sectors,
             clusters,
             bits,
+            media,
             root_cluster,
             fsinfo,
             active_fat,
@@ -214,8 +220,8 @@ impl Bpb {
         (2..self.clusters + 2).contains(&c)
     }
 
-    /// The next cluster of a FAT32 chain; `None` at its end or on a bad entry.
-    fn fat32_next(&self, vol: &dyn Volume, c: u64) -> std::result::Result<Option<u64>, String> {
+    /// The FAT32 entry of cluster `c` (its low 28 bits) in the active FAT.
+    fn fat32_entry(&self, vol: &dyn Volume, c: u64) -> std::result::Result<u32, String> {
         let mut b = [0u8; 4];
         alloc::read(
             vol,
@@ -223,8 +229,101 @@ impl Bpb {
             &mut b,
             "FAT entry",
         )?;
-        let n = u64::from(u32_at(&b, 0) & 0x0FFF_FFFF);
+        Ok(u32_at(&b, 0) & 0x0FFF_FFFF)
+    }
+
+    /// The next cluster of a FAT32 chain; `None` at its end or on a bad entry.
+    fn fat32_next(&self, vol: &dyn Volume, c: u64) -> std::result::Result<Option<u64>, String> {
+        let n = u64::from(self.fat32_entry(vol, c)?);
         Ok(self.in_range(n).then_some(n))
+    }
+
+    /// Bytes of a FAT that hold entries (clusters 0 to `clusters + 1`).
+    fn fat_bytes_used(&self) -> u64 {
+        ((self.clusters + 2) * u64::from(self.bits)).div_ceil(8)
+    }
+
+    /// Checks that every FAT copy equals the active one over the bytes holding entries (as
+    /// `fsck.fat` compares them). FAT32 with mirroring turned off keeps the others stale on
+    /// purpose: not compared.
+    fn check_copies(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+        if self.active_fat.is_some() || self.fats < 2 {
+            return Ok(());
+        }
+        let need = self.fat_bytes_used();
+        let mut a = vec![0u8; PIECE.min(need) as usize];
+        let mut b = a.clone();
+        let mut pos = 0u64;
+        while pos < need {
+            let n = PIECE.min(need - pos) as usize;
+            alloc::read(vol, self.fat_offset(0) + pos, &mut a[..n], "FAT 1")?;
+            for k in 1..self.fats {
+                alloc::read(vol, self.fat_offset(k) + pos, &mut b[..n], "a FAT copy")?;
+                if let Some(i) = (0..n).find(|&i| a[i] != b[i]) {
+                    return Err(format!(
+                        "FAT 1 and FAT {} differ at byte {}",
+                        k + 1,
+                        pos + i as u64
+                    ));
+                }
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Checks that FAT\[0\] holds the media byte with every other bit set.
+    fn check_media(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+        let mut b = [0u8; 4];
+        alloc::read(vol, self.fat_offset(self.active_fat()), &mut b, "FAT[0]")?;
+        let (v, want) = match self.bits {
+            12 => (
+                u32::from(u16_at(&b, 0)) & 0xFFF,
+                0xF00 | u32::from(self.media),
+            ),
+            16 => (u32::from(u16_at(&b, 0)), 0xFF00 | u32::from(self.media)),
+            _ => (
+                u32_at(&b, 0) & 0x0FFF_FFFF,
+                0x0FFF_FF00 | u32::from(self.media),
+            ),
+        };
+        if v != want {
+            return Err(format!(
+                "FAT[0] is {v:#x}, not {want:#x} for media byte {:#04x}",
+                self.media
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that FAT32's root directory is an allocated chain of clusters of the volume,
+    /// without a loop.
+    fn check_root_chain(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+        if self.bits != 32 {
+            return Ok(());
+        }
+        let (bad, eoc) = self.markers();
+        let mut c = self.root_cluster;
+        // A chain longer than the clusters loops.
+        for _ in 0..=self.clusters {
+            if !self.in_range(c) {
+                return Err(format!(
+                    "the root directory's chain reaches cluster {c:#x}, outside the clusters"
+                ));
+            }
+            let v = self.fat32_entry(vol, c)?;
+            if v == 0 || v == bad {
+                return Err(format!(
+                    "the root directory's cluster {c} is marked {} in the FAT",
+                    if v == 0 { "free" } else { "bad" }
+                ));
+            }
+            if v >= eoc {
+                return Ok(());
+            }
+            c = u64::from(v);
+        }
+        Err("the root directory's chain loops".into())
     }
 
     /// The root directory bytes (at most [`DIR_SCAN_LIMIT`]), up to its end marker.
@@ -306,7 +405,7 @@ impl Bpb {
         mut f: impl FnMut(u64, u32) -> std::result::Result<(), String>,
     ) -> std::result::Result<(), String> {
         let bits = u64::from(self.bits);
-        let need = ((self.clusters + 2) * bits).div_ceil(8);
+        let need = self.fat_bytes_used();
         if need > limit {
             return Err(format!(
                 "the FAT of {need} bytes is over the {limit}-byte limit"
@@ -408,6 +507,17 @@ pub fn allocation_map(
             bpb.root_cluster
         ));
     }
+    // Validation before trusting the FAT (the entries themselves are checked in the walk).
+    if bpb.active_fat() >= bpb.fats {
+        return Err(format!(
+            "the active FAT is number {} of {}",
+            bpb.active_fat(),
+            bpb.fats
+        ));
+    }
+    bpb.check_media(vol)?;
+    bpb.check_copies(vol)?;
+    bpb.check_root_chain(vol)?;
     let data = bpb.data_offset();
     // `Bpb::parse` checked that the metadata and the clusters fit in the total sectors.
     let data_end = data + bpb.clusters * bpb.cluster;
@@ -493,6 +603,9 @@ mod tests {
         let root = 7 * 512;
         put(&mut img, root, b"DIRLABEL   ");
         img[root + 11] = 0x08;
+        // FAT[0]: the media byte; FAT[1]: end of chain.
+        set12(&mut img, 0, 0xFF8);
+        set12(&mut img, 1, 0xFFF);
         img
     }
 
@@ -540,6 +653,56 @@ mod tests {
         set12(&mut img, 5, 0xFF0);
         let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
         assert!(map.unwrap_err().contains("outside"));
+    }
+
+    #[test]
+    fn differing_fat_copies_are_refused() {
+        let mut img = fat12();
+        set12(&mut img, 2, 0xFFF);
+        // Cluster 3 allocated in the second FAT only.
+        put(&mut img, 512 + 3 * 512 + 4, &[0xFF, 0x0F]);
+        let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
+        let err = map.unwrap_err();
+        assert!(err.contains("FAT 1 and FAT 2 differ at byte 4"), "{err}");
+    }
+
+    #[test]
+    fn a_fat_without_the_media_byte_is_refused() {
+        let mut img = fat12();
+        img[0x15] = 0xF0;
+        let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
+        let err = map.unwrap_err();
+        assert!(err.contains("media byte 0xf0"), "{err}");
+    }
+
+    #[test]
+    fn a_free_fat32_root_directory_is_refused() {
+        let mut img = fat12();
+        // The same layout as FAT32 (the cluster count is not checked against the type here).
+        put(&mut img, 0x16, &0u16.to_le_bytes());
+        put(&mut img, 0x11, &0u16.to_le_bytes());
+        put(&mut img, 0x24, &8u32.to_le_bytes());
+        put(&mut img, 0x28, &0u16.to_le_bytes());
+        put(&mut img, 0x2C, &2u32.to_le_bytes());
+        for fat in [512, 512 + 8 * 512] {
+            put(
+                &mut img,
+                fat,
+                &[0xF8, 0xFF, 0xFF, 0x0F, 0xFF, 0xFF, 0xFF, 0x0F],
+            );
+            img[fat + 8..fat + 8 * 512].fill(0);
+        }
+        let bpb = Bpb::read(&Mem(img.clone())).unwrap().unwrap();
+        assert_eq!(bpb.bits, 32);
+        let err = allocation_map(&Mem(img.clone()), &bpb, 4096).unwrap_err();
+        assert!(
+            err.contains("root directory's cluster 2 is marked free"),
+            "{err}"
+        );
+        for fat in [512, 512 + 8 * 512] {
+            put(&mut img, fat + 8, &[0xFF, 0xFF, 0xFF, 0x0F]);
+        }
+        assert!(allocation_map(&Mem(img), &bpb, 4096).is_ok());
     }
 
     proptest! {

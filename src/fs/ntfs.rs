@@ -28,8 +28,15 @@
 //! Every cluster number, length and size read from disk is checked against the cluster
 //! count and the volume before use; a violation, a torn record or an attribute list makes the
 //! map unusable (the caller then reads every block) instead of trusting it.
+//!
+//! `$Bitmap` is trusted only once it agrees with the rest of the filesystem: every cluster of
+//! the filesystem's own files (the non-resident attributes of MFT records 0–15: `$MFT`,
+//! `$MFTMirr`, `$LogFile`, `$AttrDef`, the root directory, `$Bitmap`, `$Boot`, `$Secure`,
+//! `$UpCase`, `$Extend`…) must be marked used, the first MFT records must equal their copies in
+//! `$MFTMirr`, and `$MFT`'s own record bitmap must mark the system records in use. A `$Bitmap`
+//! zeroed or overwritten fails the first check; a damaged MFT start fails the second.
 
-use super::alloc::{self, PIECE, UsedRuns};
+use super::alloc::{self, PIECE, Required, UsedRuns};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
@@ -38,12 +45,38 @@ use crate::volume::Volume;
 
 /// MFT records the map reads.
 const RECORD_MFT: u64 = 0;
+const RECORD_MFTMIRR: u64 = 1;
 const RECORD_VOLUME: u64 = 3;
 const RECORD_BITMAP: u64 = 6;
+const RECORD_BADCLUS: u64 = 8;
+/// The system files, records 0 to 15 (12–15 are reserved: checked only when readable).
+const SYSTEM_NAMES: [&str; 16] = [
+    "$MFT",
+    "$MFTMirr",
+    "$LogFile",
+    "$Volume",
+    "$AttrDef",
+    "the root directory",
+    "$Bitmap",
+    "$Boot",
+    "$BadClus",
+    "$Secure",
+    "$UpCase",
+    "$Extend",
+    "MFT record 12",
+    "MFT record 13",
+    "MFT record 14",
+    "MFT record 15",
+];
+/// Records 0 to 11 always exist on NTFS 1.2 and later.
+const REQUIRED_RECORDS: u64 = 12;
+/// `$MFTMirr` copies at least the first four records.
+const MIRROR_RECORDS: u64 = 4;
 /// Attribute types.
 const ATTR_ATTRIBUTE_LIST: u32 = 0x20;
 const ATTR_VOLUME_NAME: u32 = 0x60;
 const ATTR_DATA: u32 = 0x80;
+const ATTR_BITMAP: u32 = 0xB0;
 const ATTR_END: u32 = 0xFFFF_FFFF;
 /// Multi-sector fixups protect strides of 512 bytes whatever the sector size.
 const FIXUP_STRIDE: usize = 512;
@@ -59,6 +92,7 @@ pub struct BootSector {
     /// Sectors of the filesystem (the backup boot sector follows them).
     pub total_sectors: u64,
     pub mft_lcn: u64,
+    pub mirror_lcn: u64,
     pub record_size: u64,
     pub serial: u64,
 }
@@ -108,6 +142,7 @@ impl BootSector {
             cluster_size: cluster,
             total_sectors,
             mft_lcn: u64_at(h, 0x30),
+            mirror_lcn: u64_at(h, 0x38),
             record_size: record,
             serial: u64_at(h, 0x48),
         })
@@ -179,6 +214,17 @@ pub struct Run {
 /// outside the volume and more virtual clusters than the volume has are refused (metadata
 /// files are never sparse, and a file cannot be bigger than its volume).
 pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, String> {
+    decode(b, clusters, false)
+}
+
+/// Decodes the runlist of any file's attribute: sparse runs (compressed and sparse files) are
+/// skipped, and the virtual clusters may outnumber the volume's; every allocated run must lie
+/// inside the volume.
+fn decode_file_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, String> {
+    decode(b, clusters, true)
+}
+
+fn decode(b: &[u8], clusters: u64, sparse_ok: bool) -> std::result::Result<Vec<Run>, String> {
     let mut runs = Vec::new();
     let mut pos = 0usize;
     let mut vcn = 0u64;
@@ -200,6 +246,13 @@ pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, 
                 .ok_or_else(|| "the runlist runs past its attribute".to_string())
         };
         let len = le_unsigned(field(pos + 1, len_bytes)?);
+        if off_bytes == 0 && sparse_ok {
+            pos += 1 + len_bytes;
+            vcn = vcn
+                .checked_add(len)
+                .ok_or_else(|| format!("the runlist overflows at VCN {vcn}"))?;
+            continue;
+        }
         if off_bytes == 0 {
             return Err(format!("sparse run at VCN {vcn} in a metadata file"));
         }
@@ -223,7 +276,7 @@ pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, 
         });
         vcn = vcn
             .checked_add(len)
-            .filter(|&v| v <= clusters)
+            .filter(|&v| sparse_ok || v <= clusters)
             .ok_or_else(|| format!("the runlist maps more than the {clusters} clusters"))?;
     }
 }
@@ -258,6 +311,13 @@ impl<'a> Attr<'a> {
 
     fn unnamed(&self) -> bool {
         self.b[9] == 0
+    }
+
+    /// The runlist of a non-resident attribute (sparse runs refused) on a volume of
+    /// `clusters` clusters.
+    fn runs(&self, clusters: u64) -> std::result::Result<Vec<Run>, String> {
+        let at = usize::from(u16_at(self.b, 0x20));
+        decode_runlist(self.b.get(at..).unwrap_or_default(), clusters)
     }
 
     fn resident_value(&self) -> std::result::Result<&'a [u8], String> {
@@ -356,7 +416,6 @@ impl Record {
         let b = a.b;
         let lowest = u64_at(b, 0x10);
         let highest = u64_at(b, 0x18);
-        let runs_at = usize::from(u16_at(b, 0x20));
         let data_size = u64_at(b, 0x30);
         let initialised = u64_at(b, 0x38);
         if lowest != 0 {
@@ -364,7 +423,8 @@ impl Record {
                 "MFT record {n}: $DATA starts at VCN {lowest} (continued from elsewhere)"
             ));
         }
-        let runs = decode_runlist(b.get(runs_at..).unwrap_or_default(), clusters)
+        let runs = a
+            .runs(clusters)
             .map_err(|e| format!("MFT record {n}: {e}"))?;
         let mapped = runs.last().map_or(0, |r| r.vcn + r.len);
         if highest.checked_add(1) != Some(mapped) {
@@ -449,8 +509,8 @@ impl Mft {
         })
     }
 
-    /// Reads MFT record `n`.
-    fn record(&self, vol: &dyn Volume, n: u64) -> std::result::Result<Record, String> {
+    /// Reads the raw bytes of MFT record `n`.
+    fn raw_record(&self, vol: &dyn Volume, n: u64) -> std::result::Result<Vec<u8>, String> {
         let size = self.boot.record_size;
         let mut b = vec![0u8; size as usize];
         read_runs(
@@ -461,7 +521,164 @@ impl Mft {
             &mut b,
             &format!("MFT record {n}"),
         )?;
-        Record::parse(b, n)
+        Ok(b)
+    }
+
+    /// Reads MFT record `n`.
+    fn record(&self, vol: &dyn Volume, n: u64) -> std::result::Result<Record, String> {
+        Record::parse(self.raw_record(vol, n)?, n)
+    }
+
+    /// The clusters of the filesystem's own files: `$Boot`'s first 8 KiB, `$MFT`'s runs and
+    /// every run of a non-resident attribute of MFT records 0 to 15 (but `$BadClus`'s `$Bad`
+    /// stream, which is sparse and names clusters that may not be readable). Records 0 to 11
+    /// must be readable and sound; the reserved records 12 to 15 are skipped when not.
+    fn system_clusters(&self, vol: &dyn Volume) -> std::result::Result<Required, String> {
+        let clusters = self.boot.clusters();
+        let mut req = Required::default();
+        req.add(0, BOOT_FILE_LEN.div_ceil(self.boot.cluster_size), "$Boot");
+        for r in &self.runs {
+            req.add(r.lcn, r.len, "$MFT");
+        }
+        for (n, name) in (0u64..).zip(SYSTEM_NAMES) {
+            let found = self.record(vol, n).and_then(|rec| {
+                let mut runs = Vec::new();
+                for a in rec.attributes()? {
+                    if !a.non_resident() || (n == RECORD_BADCLUS && !a.unnamed()) {
+                        continue;
+                    }
+                    let what = format!("{name} (attribute {:#x})", a.ty);
+                    let r = a
+                        .runs(clusters)
+                        .map_err(|e| format!("MFT record {n}, attribute {:#x}: {e}", a.ty))?;
+                    runs.extend(r.into_iter().map(|r| (r, what.clone())));
+                }
+                Ok(runs)
+            });
+            match found {
+                Ok(runs) => runs
+                    .iter()
+                    .for_each(|(r, what)| req.add(r.lcn, r.len, what)),
+                Err(e) if n < REQUIRED_RECORDS => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(req)
+    }
+
+    /// The clusters of every file: the runs of each non-resident attribute of every MFT
+    /// record in use after the system records (extension records included, so attribute
+    /// lists need not be followed). An in-use record that is torn or otherwise unsound, or a
+    /// run outside the volume, is damage.
+    fn file_clusters(
+        &self,
+        vol: &dyn Volume,
+        req: &mut Required,
+    ) -> std::result::Result<(), String> {
+        let (clusters, cluster) = (self.boot.clusters(), self.boot.cluster_size);
+        let size_rec = self.boot.record_size;
+        let records = match self.record(vol, RECORD_MFT)?.data(clusters, cluster)? {
+            Data::NonResident { size, .. } => size / size_rec,
+            Data::Resident(_) => return Err("$MFT's $DATA is resident".into()),
+        };
+        let per_piece = (PIECE / size_rec).max(1);
+        let mut buf = vec![0u8; (per_piece.min(records) * size_rec) as usize];
+        let mut n = SYSTEM_NAMES.len() as u64;
+        while n < records {
+            let count = per_piece.min(records - n);
+            let piece = &mut buf[..(count * size_rec) as usize];
+            read_runs(vol, &self.runs, cluster, n * size_rec, piece, "the MFT")?;
+            for b in piece.chunks_exact(size_rec as usize) {
+                // Never used (zeros, or not yet a record) or not in use: no clusters.
+                if &b[0..4] == b"FILE" && u16_at(b, 0x16) & RECORD_IN_USE != 0 {
+                    let rec = Record::parse(b.to_vec(), n)?;
+                    for a in rec.attributes()? {
+                        if !a.non_resident() {
+                            continue;
+                        }
+                        let at = usize::from(u16_at(a.b, 0x20));
+                        let runs = decode_file_runlist(a.b.get(at..).unwrap_or_default(), clusters)
+                            .map_err(|e| format!("MFT record {n}, attribute {:#x}: {e}", a.ty))?;
+                        for r in runs {
+                            req.add_record(r.lcn, r.len, n);
+                        }
+                    }
+                }
+                n += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the first records of `$MFT` equal their copies in `$MFTMirr` (as ntfs-3g
+    /// does before it mounts): both with their fixups applied, over the bytes in use.
+    fn check_mirror(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+        let (clusters, cluster) = (self.boot.clusters(), self.boot.cluster_size);
+        let rec = self.record(vol, RECORD_MFTMIRR)?;
+        let Data::NonResident { runs, size } = rec.data(clusters, cluster)? else {
+            return Err("$MFTMirr's $DATA is resident".into());
+        };
+        if runs.first().map(|r| r.lcn) != Some(self.boot.mirror_lcn) {
+            return Err("$MFTMirr's $DATA does not start where the boot sector says".into());
+        }
+        let size_rec = self.boot.record_size;
+        let count = MIRROR_RECORDS.min(size / size_rec);
+        if count == 0 {
+            return Err(format!("$MFTMirr holds {size} bytes, less than a record"));
+        }
+        for n in 0..count {
+            let mut main = self.raw_record(vol, n)?;
+            let mut copy = vec![0u8; size_rec as usize];
+            read_runs(vol, &runs, cluster, n * size_rec, &mut copy, "$MFTMirr")?;
+            apply_fixups(&mut main).map_err(|e| format!("MFT record {n}: {e}"))?;
+            apply_fixups(&mut copy).map_err(|e| format!("$MFTMirr record {n}: {e}"))?;
+            let used = (u32_at(&main, 0x18) as usize).min(main.len());
+            if main[..used] != copy[..used] {
+                return Err(format!("MFT record {n} differs from its copy in $MFTMirr"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `$MFT`'s own `$BITMAP` (one bit per record, set when in use): it covers every
+    /// record and marks records 0 to 11 in use.
+    fn check_record_bitmap(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+        let (clusters, cluster) = (self.boot.clusters(), self.boot.cluster_size);
+        let rec = self.record(vol, RECORD_MFT)?;
+        let attrs = rec.attributes()?;
+        let a = attrs
+            .iter()
+            .find(|a| a.ty == ATTR_BITMAP && a.unnamed())
+            .ok_or("$MFT has no $BITMAP attribute")?;
+        let records = match rec.data(clusters, cluster)? {
+            Data::NonResident { size, .. } => size / self.boot.record_size,
+            Data::Resident(_) => return Err("$MFT's $DATA is resident".into()),
+        };
+        let mut head = [0u8; 2];
+        let bits = if a.non_resident() {
+            let runs = a
+                .runs(clusters)
+                .map_err(|e| format!("$MFT's $BITMAP: {e}"))?;
+            read_runs(vol, &runs, cluster, 0, &mut head, "$MFT's $BITMAP")?;
+            u64_at(a.b, 0x30).saturating_mul(8)
+        } else {
+            let v = a.resident_value()?;
+            let n = v.len().min(2);
+            head[..n].copy_from_slice(&v[..n]);
+            v.len() as u64 * 8
+        };
+        if bits < records {
+            return Err(format!(
+                "$MFT's $BITMAP has {bits} bits for {records} records"
+            ));
+        }
+        if head[0] != 0xFF || head[1] & 0x0F != 0x0F {
+            return Err(format!(
+                "$MFT's $BITMAP marks system records free ({:#04x} {:#04x})",
+                head[0], head[1]
+            ));
+        }
+        Ok(())
     }
 
     /// The volume label (`$VOLUME_NAME` of `$Volume`); `None` when it is empty.
@@ -483,12 +700,14 @@ impl Mft {
         Ok((!s.is_empty()).then_some(s))
     }
 
-    /// Walks `$Bitmap`, feeding the used clusters to `used`. At most `limit` bytes of bitmap
-    /// are read; a bigger bitmap is an error.
+    /// Walks `$Bitmap`, feeding the used clusters to `used` and checking that it marks the
+    /// `required` clusters used. At most `limit` bytes of bitmap are read; a bigger bitmap is
+    /// an error.
     fn walk_bitmap(
         &self,
         vol: &dyn Volume,
         used: &mut UsedRuns,
+        required: Option<&Required>,
         limit: u64,
     ) -> std::result::Result<(), String> {
         let clusters = self.boot.clusters();
@@ -509,6 +728,9 @@ impl Mft {
                     ));
                 }
                 used.bitmap(0, v, clusters);
+                if let Some(req) = required {
+                    req.check_bitmap(0, v, clusters, "$Bitmap")?;
+                }
             }
             Data::NonResident { runs, size } => {
                 if size < need {
@@ -522,6 +744,9 @@ impl Mft {
                     let n = PIECE.min(need - pos) as usize;
                     read_runs(vol, &runs, cluster, pos, &mut buf[..n], "$Bitmap")?;
                     used.bitmap(pos * 8, &buf[..n], clusters - pos * 8);
+                    if let Some(req) = required {
+                        req.check_bitmap(pos * 8, &buf[..n], clusters - pos * 8, "$Bitmap")?;
+                    }
                     pos += n as u64;
                 }
             }
@@ -532,7 +757,7 @@ impl Mft {
     /// Clusters in use according to `$Bitmap`, reading at most `limit` bytes of it.
     pub fn used_clusters(&self, vol: &dyn Volume, limit: u64) -> std::result::Result<u64, String> {
         let mut used = UsedRuns::new(None, 0, self.boot.cluster_size);
-        self.walk_bitmap(vol, &mut used, limit)?;
+        self.walk_bitmap(vol, &mut used, None, limit)?;
         Ok(used.finish())
     }
 }
@@ -553,14 +778,27 @@ pub fn allocation_map(
             vol.size()
         ));
     }
+    // Validation before trusting $Bitmap: the system files are sound and agree with their
+    // mirror, and (in the walk) $Bitmap marks every one of their clusters used.
+    let mut required = mft.system_clusters(vol)?;
+    mft.check_mirror(vol)?;
+    mft.check_record_bitmap(vol)?;
+    mft.file_clusters(vol, &mut required)?;
+    required.sort();
     let mut map = BlockMap::new(vol.size(), granularity);
     // The backup boot sector and whatever follows the last cluster.
     map.mark_bytes(fs_bytes, vol.size() - fs_bytes);
-    // $Boot is in the bitmap too; kept whatever the bitmap says.
+    // $Boot and the system files are in the bitmap too (checked); kept whatever it says.
     map.mark_bytes(0, BOOT_FILE_LEN);
+    for (first, count) in required.runs() {
+        map.mark_bytes(first * boot.cluster_size, count * boot.cluster_size);
+    }
     let mut used = UsedRuns::new(Some(&mut map), 0, boot.cluster_size);
-    mft.walk_bitmap(vol, &mut used, u64::MAX)?;
+    mft.walk_bitmap(vol, &mut used, Some(&required), u64::MAX)?;
     let n = used.finish();
+    if n == 0 {
+        return Err("$Bitmap marks no cluster in use".into());
+    }
     Ok((map, n))
 }
 
@@ -606,6 +844,7 @@ mod tests {
     const CLUSTERS: usize = 256;
     const MFT_LCN: usize = 4;
     const BITMAP_LCN: usize = 20;
+    const MIRROR_LCN: usize = 21;
 
     fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
         img[at..at + bytes.len()].copy_from_slice(bytes);
@@ -665,7 +904,7 @@ mod tests {
     }
 
     /// A 1 MiB NTFS-like volume: 256 clusters of 4 KiB, the MFT (4 clusters, records 0..15)
-    /// at cluster 4, a non-resident $Bitmap at cluster 20, label "vb".
+    /// at cluster 4, a non-resident $Bitmap at cluster 20, $MFTMirr at cluster 21, label "vb".
     fn image() -> Vec<u8> {
         let mut img = vec![0u8; CLUSTERS * CLUSTER + 512];
         put(&mut img, 3, NTFS_OEM);
@@ -673,12 +912,19 @@ mod tests {
         img[0x0D] = 8;
         put(&mut img, 0x28, &((CLUSTERS * 8) as u64).to_le_bytes());
         put(&mut img, 0x30, &(MFT_LCN as u64).to_le_bytes());
+        put(&mut img, 0x38, &(MIRROR_LCN as u64).to_le_bytes());
         img[0x40] = 0xF6;
         put(&mut img, 0x48, &0x0123_4567_89AB_CDEFu64.to_le_bytes());
         let mft = MFT_LCN * CLUSTER;
         // $MFT: one run of 4 clusters at LCN 4.
-        let mft_data = nonresident_data(&[0x11, 4, MFT_LCN as u8, 0], 4, 4 * CLUSTER as u64);
-        write_record(&mut img, mft, 0, &mft_data);
+        let mut rec0 = nonresident_data(&[0x11, 4, MFT_LCN as u8, 0], 4, 4 * CLUSTER as u64);
+        rec0.extend(resident(ATTR_BITMAP, &[0xFF, 0xFF, 0, 0, 0, 0, 0, 0]));
+        write_record(&mut img, mft, 0, &rec0);
+        let mirror = nonresident_data(&[0x11, 1, MIRROR_LCN as u8, 0], 1, CLUSTER as u64);
+        write_record(&mut img, mft + RECORD, 1, &mirror);
+        for n in [2, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            write_record(&mut img, mft + n * RECORD, n as u32, &[]);
+        }
         let name: Vec<u8> = "vb".encode_utf16().flat_map(u16::to_le_bytes).collect();
         write_record(
             &mut img,
@@ -688,10 +934,11 @@ mod tests {
         );
         let bm = nonresident_data(&[0x11, 1, BITMAP_LCN as u8, 0], 1, (CLUSTERS / 8) as u64);
         write_record(&mut img, mft + 6 * RECORD, 6, &bm);
-        // Used: clusters 0..8 (boot, MFT), 20 (bitmap), 100..=131.
+        img.copy_within(mft..mft + 4 * RECORD, MIRROR_LCN * CLUSTER);
+        // Used: clusters 0..8 (boot, MFT), 20 (bitmap), 21 (mirror), 100..=131.
         let b = BITMAP_LCN * CLUSTER;
         img[b] = 0xFF;
-        img[b + 2] = 0x10;
+        img[b + 2] = 0x30;
         img[b + 12] = 0xF0;
         img[b + 13..b + 16].fill(0xFF);
         img[b + 16] = 0x0F;
@@ -706,11 +953,70 @@ mod tests {
         assert_eq!(info.label, "vb");
         assert_eq!(info.uuid, "0123456789ABCDEF");
         assert_eq!(info.block_size, 4096);
-        assert_eq!(info.used_bytes, (8 + 1 + 32) * 4096);
+        assert_eq!(info.used_bytes, (8 + 2 + 32) * 4096);
         let used: Vec<u64> = (0..map.block_count()).filter(|&b| map.is_used(b)).collect();
-        let mut want: Vec<u64> = (0..8).chain([20]).chain(100..132).collect();
+        let mut want: Vec<u64> = (0..8).chain([20, 21]).chain(100..132).collect();
         want.push(256); // the backup boot sector
         assert_eq!(used, want);
+    }
+
+    #[test]
+    fn a_bitmap_marking_system_files_free_is_refused() {
+        let mut zeroed = image();
+        zeroed[BITMAP_LCN * CLUSTER..BITMAP_LCN * CLUSTER + 32].fill(0);
+        let err = probe(&Mem(zeroed), 4096).unwrap().unwrap().1.unwrap_err();
+        assert_eq!(err, "$Bitmap marks $Boot free (bit 0)");
+        let mut no_mirror = image();
+        no_mirror[BITMAP_LCN * CLUSTER + 2] = 0x10;
+        let err = probe(&Mem(no_mirror), 4096)
+            .unwrap()
+            .unwrap()
+            .1
+            .unwrap_err();
+        assert!(
+            err.contains("$MFTMirr (attribute 0x80) free (bit 21)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_mirror_that_differs_is_refused() {
+        let mut img = image();
+        // A byte inside record 3's attributes (the label), in the copy only.
+        img[MIRROR_LCN * CLUSTER + 3 * RECORD + 0x38 + 0x18] = b'x';
+        let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
+        assert!(err.contains("MFT record 3 differs"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_system_record_is_refused() {
+        let mut img = image();
+        img[MFT_LCN * CLUSTER + 10 * RECORD..][..4].fill(0);
+        let err = probe(&Mem(img.clone()), 4096)
+            .unwrap()
+            .unwrap()
+            .1
+            .unwrap_err();
+        assert!(err.contains("MFT record 10"), "{err}");
+        // The reserved records 12 to 15 may be anything.
+        img = image();
+        img[MFT_LCN * CLUSTER + 13 * RECORD..][..RECORD].fill(0);
+        assert!(probe(&Mem(img), 4096).unwrap().unwrap().1.is_ok());
+    }
+
+    #[test]
+    fn a_record_bitmap_marking_system_records_free_is_refused() {
+        let mut img = image();
+        let rec0 = MFT_LCN * CLUSTER;
+        // The resident $BITMAP value follows the 0x48-byte $DATA attribute: offset 0x38 + 0x48
+        // + 0x18.
+        img[rec0 + 0x38 + 0x48 + 0x18] = 0x7F;
+        img.copy_within(rec0..rec0 + RECORD, MIRROR_LCN * CLUSTER);
+        let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
+        assert!(
+            err.contains("$MFT's $BITMAP marks system records free"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod fs_maps_win;
 mod images;
 mod mount;
 mod nbd;
+mod ntfs_fat_damage;
 mod packs;
 mod probe;
 mod repo_safety;
