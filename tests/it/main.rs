@@ -22,6 +22,7 @@ mod mount;
 mod nbd;
 mod packs;
 mod probe;
+mod resume_changed;
 mod roundtrip;
 mod util;
 mod xfs_btrfs;
