@@ -205,8 +205,9 @@ fn xfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
 }
 
 /// The boot sector, MFT records 0..15 (`$MFT` .. `$Extend` and reserved: `$Volume` flags,
-/// root directory, `$Bitmap` size) and the first 8 KiB of `$LogFile` (its restart pages, which
-/// every mount rewrites).
+/// root directory, `$Bitmap` size), the first 8 KiB of `$LogFile` (its restart pages, which a
+/// mount rewrites), and the first runs of the MFT's bitmap and of `$Bitmap` (which change
+/// whenever a file record or a cluster is allocated or freed).
 fn ntfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
     let mut out = vec![(0, 512)];
     let Some(bs) = read_bytes(vol, base, 512) else {
@@ -232,47 +233,63 @@ fn ntfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
         return out;
     };
     out.push((mft, 16 * record));
-    // $LogFile's first data run, from its unnamed $DATA attribute in record 2.
-    if let Some(rec) = read_bytes(
-        vol,
-        base.saturating_add(mft).saturating_add(2 * record),
-        record as usize,
-    ) && let Some(lcn) = first_data_lcn(&rec)
-        && let Some(off) = lcn.checked_mul(cluster)
-    {
-        out.push((off, 8192));
+    let rec = |n: u64| {
+        read_bytes(
+            vol,
+            base.saturating_add(mft).saturating_add(n * record),
+            record as usize,
+        )
+    };
+    // (record, attribute type, bytes hashed at most)
+    for (n, ty, cap) in [
+        (2u64, 0x80u32, 8192u64),
+        (0, 0xb0, MAX_REGION),
+        (6, 0x80, MAX_REGION),
+    ] {
+        if let Some(r) = rec(n)
+            && let Some((lcn, clusters)) = first_run(&r, ty)
+            && let Some(off) = lcn.checked_mul(cluster)
+        {
+            out.push((off, clusters.saturating_mul(cluster).min(cap)));
+        }
     }
     out
 }
 
-/// The first LCN of the non-resident unnamed `$DATA` attribute of an MFT record (the update
-/// sequence fix-ups do not touch the bytes read here in records of the usual sizes).
-fn first_data_lcn(rec: &[u8]) -> Option<u64> {
+/// The first run (LCN, length in clusters) of the non-resident unnamed attribute of type `ty`
+/// of an MFT record; `None` when it is resident (then the record itself holds it) or absent.
+/// The update sequence fix-ups do not touch the bytes read here in records of the usual sizes.
+fn first_run(rec: &[u8], ty: u32) -> Option<(u64, u64)> {
     if rec.get(0..4)? != b"FILE" {
         return None;
     }
     let mut at = le16(rec, 0x14) as usize;
     for _ in 0..32 {
-        let ty = le32(rec, at);
+        let t = le32(rec, at) as u32;
         let len = le32(rec, at + 4) as usize;
-        if ty == 0xffff_ffff || len < 16 || at + len > rec.len() {
+        if t == 0xffff_ffff || len < 16 || at + len > rec.len() {
             return None;
         }
         let nonresident = *rec.get(at + 8)? != 0;
         let name_len = *rec.get(at + 9)?;
-        if ty == 0x80 && nonresident && name_len == 0 {
+        if t == ty && nonresident && name_len == 0 {
             let runs = at + le16(rec, at + 0x20) as usize;
             let header = *rec.get(runs)?;
             let (nlen, olen) = ((header & 0x0f) as usize, (header >> 4) as usize);
-            if nlen == 0 || olen == 0 || olen > 8 {
+            if nlen == 0 || nlen > 8 || olen == 0 || olen > 8 {
                 return None;
             }
-            let o = rec.get(runs + 1 + nlen..runs + 1 + nlen + olen)?;
-            let mut v = 0u64;
-            for (i, b) in o.iter().enumerate() {
-                v |= (*b as u64) << (8 * i);
-            }
-            return Some(v);
+            let field = |from: usize, n: usize| -> Option<u64> {
+                let b = rec.get(from..from + n)?;
+                Some(
+                    b.iter()
+                        .enumerate()
+                        .fold(0u64, |v, (i, x)| v | (*x as u64) << (8 * i)),
+                )
+            };
+            let clusters = field(runs + 1, nlen)?;
+            let lcn = field(runs + 1 + nlen, olen)?;
+            return Some((lcn, clusters));
         }
         at += len;
     }

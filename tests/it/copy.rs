@@ -347,9 +347,9 @@ fn kill_update_midway(src: &Path, dest: &Path, journal: &Path) {
         // Header (16 bytes, JSON, checksum), the run's first record (124 bytes), then
         // records with blocks.
         let bytes = std::fs::read(journal).unwrap_or_default();
-        let header_end = bytes
-            .get(12..16)
-            .map_or(u64::MAX / 2, |b| 48 + u32::from_le_bytes(b.try_into().unwrap()) as u64);
+        let header_end = bytes.get(12..16).map_or(u64::MAX / 2, |b| {
+            48 + u32::from_le_bytes(b.try_into().unwrap()) as u64
+        });
         if bytes.len() as u64 > header_end + 124 + 276 {
             break;
         }

@@ -326,3 +326,95 @@ fn interrupted_new_copy_of_changed_source_starts_over() {
     assert_eq!(sha256_file(&dest), sha256_file(&src));
     volback_ok(&["verify", p(&dest)]);
 }
+
+/// The source state of an image, with fixed platform markers (so that only what volback reads
+/// from the volume itself is compared).
+fn volume_state(img: &Path) -> volback::source_state::SourceState {
+    let source = volback::source::Source::open(img).expect("open image");
+    let m = volback::fs::disk::map_volume(&source, 512, 256 * KIB).expect("map");
+    assert!(
+        m.fs.is_some(),
+        "a filesystem is recognised on {}",
+        img.display()
+    );
+    let fixed = volback::source_state::Marker {
+        what: "fixed".into(),
+        hash: String::new(),
+    };
+    volback::source_state::SourceState::capture_volume(
+        &source,
+        Some(fixed),
+        m.fs.as_ref(),
+        m.layout.as_ref(),
+        m.map.as_ref(),
+    )
+}
+
+/// The write markers volback reads from each filesystem (see FORMAT.md §5.1) are stable while
+/// it is untouched and change when a file is written into a subdirectory through the
+/// filesystem's own driver.
+#[test]
+fn filesystem_write_markers_change_when_a_file_is_written() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let t = TestDir::new();
+    let payload = t.join("payload.bin");
+    random_file(&payload, 192 * KIB, 31);
+    for (fs, size) in [
+        ("ext4", 64 * MIB),
+        ("xfs", 320 * MIB),
+        ("btrfs", 128 * MIB),
+        ("ntfs", 64 * MIB),
+        ("vfat", 64 * MIB),
+        ("exfat", 64 * MIB),
+    ] {
+        let img = t.join(&format!("{fs}.img"));
+        sparse_file(&img, size);
+        let i = p(&img);
+        match fs {
+            "ext4" => run_ok("mkfs.ext4", &["-q", "-F", i]),
+            "xfs" => run_ok("mkfs.xfs", &["-q", "-f", i]),
+            "btrfs" => run_ok("mkfs.btrfs", &["-q", "-f", i]),
+            "ntfs" => run_ok("mkntfs", &["-Q", "-F", "-q", i]),
+            "vfat" => run_ok("mkfs.vfat", &["-F", "32", "-s", "1", i]),
+            _ => run_ok("mkfs.exfat", &[i]),
+        };
+        // Writes `name` (the payload) into the directory `d`, created if needed.
+        let write = |name: &str| {
+            if fs == "vfat" {
+                let _ = run_program("mmd", &["-i", i, "::/d"]);
+                run_ok("mcopy", &["-i", i, p(&payload), &format!("::/d/{name}")]);
+                return;
+            }
+            let lo = Loop::attach(&img, false);
+            let dir = t.join(&format!("{fs}.mnt"));
+            let m = match fs {
+                "ntfs" => Mount::with_command("ntfs-3g", &[p(&lo.dev), p(&dir)]),
+                "exfat" => Mount::with_command("mount.exfat-fuse", &[p(&lo.dev), p(&dir)]),
+                _ => Mount::new(lo.path(), &dir, None),
+            };
+            std::fs::create_dir_all(m.dir.join("d")).unwrap();
+            std::fs::copy(&payload, m.dir.join("d").join(name)).unwrap();
+            m.unmount();
+            drop(lo);
+        };
+        write("a.bin");
+        let before = volume_state(&img);
+        assert_eq!(before.filesystems.len(), 1, "{fs}: {before:?}");
+        assert_eq!(
+            before.change_from(&volume_state(&img)),
+            None,
+            "{fs}: the markers of an untouched filesystem are stable"
+        );
+        write("b.bin");
+        let why = before
+            .change_from(&volume_state(&img))
+            .unwrap_or_else(|| panic!("{fs}: writing a file changes its write markers"));
+        let name = before.filesystems[0].fs_type.clone();
+        assert!(
+            why.contains(&format!("{name} write markers at offset 0")),
+            "{fs}: {why}"
+        );
+    }
+}
