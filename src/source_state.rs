@@ -517,11 +517,17 @@ pub enum Expected {
 /// A deterministic, evenly spread sample of finished blocks: the first [`SAMPLE_FIRST`] data
 /// blocks, then every `stride`-th block, the stride doubling whenever the sample grows past
 /// its bound (so that it stays spread over everything finished, however long).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SampleCheck {
     first: Vec<(u64, Expected)>,
     spread: Vec<(u64, Expected)>,
     stride: u64,
+}
+
+impl Default for SampleCheck {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl SampleCheck {
