@@ -33,6 +33,7 @@ pub mod repo;
 pub mod restore;
 pub mod scan;
 pub mod source;
+pub mod source_state;
 pub mod time;
 pub mod verify;
 pub mod volume;

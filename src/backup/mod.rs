@@ -303,8 +303,14 @@ pub fn backup(
     }
 
     let journal_path = repo.journals_dir().join(format!("{key}.journal"));
+    let state = crate::source_state::SourceState::capture(
+        source,
+        probe.fs.as_ref(),
+        probe.layout.as_ref(),
+        map.as_ref(),
+    )?;
     let mut resumable = match Journal::read_header(&journal_path)? {
-        Some(h) => {
+        Some(h) if !opts.restart => {
             h.source == info
                 && h.volume_key == key
                 && h.block_size == block_size
@@ -314,8 +320,16 @@ pub fn backup(
                 && h.parent
                     .as_ref()
                     .is_none_or(|p| repo.snapshots_dir().join(p).exists())
+                // Only a journal of this very source state is resumed (see `source_state`).
+                && crate::source_state::backup_may_resume(
+                    source,
+                    &journal_path,
+                    &h,
+                    &state,
+                    progress,
+                )?
         }
-        None => false,
+        _ => false,
     };
     if opts.restart {
         resumable = false;
@@ -375,6 +389,7 @@ pub fn backup(
             time: crate::time::rfc3339(now),
             time_unix: now,
             tags: opts.tags.clone(),
+            source_state: Some(state),
         };
         (Journal::create(&journal_path, &h)?, h)
     };

@@ -31,6 +31,11 @@ pub struct JournalHeader {
     pub size: u64,
     pub block_size: u32,
     pub block_count: u64,
+    /// The source's state when this run started; `None` for a snapshot (immutable) source,
+    /// and in journals written before volback recorded it (those of a device or file are then
+    /// never resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_state: Option<crate::source_state::SourceState>,
 }
 
 /// One record as read back.
@@ -294,6 +299,7 @@ mod tests {
             size: 10 * 4096,
             block_size: 4096,
             block_count: 10,
+            source_state: None,
         }
     }
 

@@ -58,6 +58,7 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::scan::ScanSource;
 use crate::source::{Source, SourceInfo};
+use crate::source_state::{Expected, SampleCheck, SourceState};
 use crate::volume::Volume;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -353,6 +354,7 @@ fn check_new_dest(
 fn start_new<S: ScanSource + ?Sized>(
     source: &S,
     map: Option<&BlockMap>,
+    state: Option<&SourceState>,
     described: Described,
     dest: &Path,
     block_size: u32,
@@ -413,7 +415,7 @@ fn start_new<S: ScanSource + ?Sized>(
     // Metadata first: from here on the destination is a copy in state `updating`.
     meta.store(&paths)?;
     run_fresh(
-        &paths, meta, None, source, map, opts, false, started, progress,
+        &paths, meta, None, source, map, state, opts, false, started, progress,
     )
 }
 
@@ -426,6 +428,7 @@ fn run_fresh<S: ScanSource + ?Sized>(
     lock_held: Option<File>,
     source: &S,
     map: Option<&BlockMap>,
+    state: Option<&SourceState>,
     opts: &CopyOptions,
     update: bool,
     started: Instant,
@@ -440,7 +443,10 @@ fn run_fresh<S: ScanSource + ?Sized>(
         Some(l) => l,
         None => lock(paths, &meta, true)?,
     };
-    let journal = Journal::create(&paths.file(&u.journal), &journal_header(&meta, &u, None))?;
+    let journal = Journal::create(
+        &paths.file(&u.journal),
+        &journal_header(&meta, &u, None, state),
+    )?;
     let run = Run {
         paths,
         meta,
@@ -456,7 +462,12 @@ fn run_fresh<S: ScanSource + ?Sized>(
     finish_report(paths, run.execute(progress)?, update, false, started)
 }
 
-fn journal_header(meta: &CopyMeta, u: &UpdateRef, base_sha256: Option<String>) -> JournalHeader {
+fn journal_header(
+    meta: &CopyMeta,
+    u: &UpdateRef,
+    base_sha256: Option<String>,
+    state: Option<&SourceState>,
+) -> JournalHeader {
     JournalHeader {
         id: u.id.clone(),
         base: u.base,
@@ -464,7 +475,48 @@ fn journal_header(meta: &CopyMeta, u: &UpdateRef, base_sha256: Option<String>) -
         size: meta.size,
         block_size: meta.block_size,
         block_count: meta.block_count,
+        source_state: state.cloned(),
     }
+}
+
+/// Why the interrupted run of `journal` (header `h`) must not be continued from `source`,
+/// now in state `now` (`None`: a snapshot, which cannot change): its recorded source state
+/// differs, or a sample of the blocks it finished no longer holds what it wrote.
+fn resume_refusal<S: ScanSource + ?Sized>(
+    journal: &Journal,
+    h: &JournalHeader,
+    source: &S,
+    now: Option<&SourceState>,
+) -> Result<Option<String>> {
+    let Some(now) = now else {
+        return Ok(None);
+    };
+    if let Some(why) = crate::source_state::resume_refusal(h.source_state.as_ref(), now) {
+        return Ok(Some(why));
+    }
+    let zeros = engine::ZeroHashes::new(h.size, h.block_size as u64);
+    let mut sample = SampleCheck::new();
+    let mut b = 0u64;
+    journal.for_each_record(h.block_count, |r| {
+        for hash in r.hashes.chunks_exact(HASH_LEN) {
+            // Zero hashes are also those of unused blocks (zeroed, whatever the source held).
+            if hash != zeros.of(b).as_slice()
+                && let Ok(hash) = <[u8; 32]>::try_from(hash)
+            {
+                sample.offer(b, Expected::Hash(hash));
+            }
+            b += 1;
+        }
+        Ok(())
+    })?;
+    Ok(sample
+        .first_mismatch(source, h.block_size as u64, hashes::sha256)
+        .map(|b| {
+            format!(
+                "the source changed since it started (block {b}, finished before the \
+                 interruption, holds other data now)"
+            )
+        }))
 }
 
 fn settings(opts: &CopyOptions) -> RunSettings<'_> {
@@ -513,6 +565,7 @@ fn continue_update<S: ScanSource + ?Sized>(
     source: &S,
     map: Option<&BlockMap>,
     known: Option<&BlockMap>,
+    state: Option<&SourceState>,
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyReport> {
@@ -530,7 +583,10 @@ fn continue_update<S: ScanSource + ?Sized>(
             };
             let base_sha = meta.hashes.as_ref().map(|h| h.sha256.clone());
             // Journal first, then the metadata says `updating`, then data is written.
-            let journal = Journal::create(&journal_path(&u), &journal_header(&meta, &u, base_sha))?;
+            let journal = Journal::create(
+                &journal_path(&u),
+                &journal_header(&meta, &u, base_sha, state),
+            )?;
             meta.state = CopyState::Updating;
             meta.update = Some(u);
             meta.updated = now();
@@ -550,9 +606,31 @@ fn continue_update<S: ScanSource + ?Sized>(
             finish_report(paths, run.execute(progress)?, true, false, started)
         }
         (CopyState::Updating, Some(u)) => {
+            // Set when the source changed since the interrupted run started.
+            let mut changed = false;
             let existing = match Journal::open(&journal_path(&u)) {
-                Ok(Some((j, h, r))) if h == journal_header(&meta, &u, h.base_sha256.clone()) => {
-                    Some((j, r))
+                Ok(Some((j, h, r)))
+                    if h == journal_header(
+                        &meta,
+                        &u,
+                        h.base_sha256.clone(),
+                        h.source_state.as_ref(),
+                    ) =>
+                {
+                    match resume_refusal(&j, &h, source, state)? {
+                        None => Some((j, r)),
+                        Some(why) => {
+                            changed = true;
+                            let what = if u.base == UpdateBase::Zeros {
+                                "starting the copy over"
+                            } else {
+                                "rewriting every block of the copy"
+                            };
+                            progress
+                                .warn(&format!("not resuming the interrupted run: {why}; {what}"));
+                            None
+                        }
+                    }
                 }
                 Ok(Some(_)) => {
                     progress.warn("the copy's journal belongs to another run; starting over");
@@ -569,7 +647,7 @@ fn continue_update<S: ScanSource + ?Sized>(
             let update = meta.hashes.is_some();
             match (u.base, existing) {
                 (UpdateBase::Zeros, None) => run_fresh(
-                    paths, meta, lock_held, source, map, opts, update, started, progress,
+                    paths, meta, lock_held, source, map, state, opts, update, started, progress,
                 ),
                 (base, Some((journal, replay))) => {
                     let _lock = match lock_held {
@@ -611,13 +689,22 @@ fn continue_update<S: ScanSource + ?Sized>(
                 }
                 (UpdateBase::Hashes, None) => {
                     // The journal is written before the metadata says `updating`; without
-                    // it, which blocks changed is unknown: rewrite them all.
-                    progress.warn("the copy's update journal is missing; rewriting every block");
+                    // it (or after the source changed), which blocks the copy holds is
+                    // unknown: rewrite them all.
+                    if !changed {
+                        progress
+                            .warn("the copy's update journal is missing; rewriting every block");
+                    }
                     let _lock = lock_held;
                     let writer = open_data_for_update(paths, &meta)?;
                     let journal = Journal::create(
                         &journal_path(&u),
-                        &journal_header(&meta, &u, meta.hashes.as_ref().map(|h| h.sha256.clone())),
+                        &journal_header(
+                            &meta,
+                            &u,
+                            meta.hashes.as_ref().map(|h| h.sha256.clone()),
+                            state,
+                        ),
                     )?;
                     let replay = Replay {
                         horizon: meta.block_count,
@@ -635,7 +722,7 @@ fn continue_update<S: ScanSource + ?Sized>(
                         base: None,
                         settings: settings(opts),
                     };
-                    finish_report(paths, run.execute(progress)?, true, true, started)
+                    finish_report(paths, run.execute(progress)?, true, !changed, started)
                 }
             }
         }
@@ -687,6 +774,7 @@ pub fn copy(
     crate::repo::check_block_size(block_size)?;
     let (fs, layout, map) = probe_source(source, block_size, opts.all_blocks, progress)?;
     let all_blocks = map.is_none();
+    let state = SourceState::capture(source, fs.as_ref(), layout.as_ref(), map.as_ref())?;
     let described = Described {
         source: source.info(),
         filesystem: fs,
@@ -698,6 +786,7 @@ pub fn copy(
     start_new(
         source,
         map.as_ref(),
+        Some(&state),
         described,
         dest,
         block_size,
@@ -748,6 +837,7 @@ pub fn update(
     refuse_source_as_data(source, &paths, &meta)?;
     let all_blocks = meta.all_blocks || opts.all_blocks;
     let (fs, layout, map) = probe_source(source, meta.block_size, all_blocks, progress)?;
+    let state = SourceState::capture(source, fs.as_ref(), layout.as_ref(), map.as_ref())?;
     // Change tracking against what the copy holds: only for a complete copy of one point in
     // time, from a source that is one too.
     let known = if map.is_some()
@@ -773,6 +863,7 @@ pub fn update(
         source,
         map.as_ref(),
         known.as_ref(),
+        Some(&state),
         opts,
         progress,
     )
@@ -799,7 +890,9 @@ pub fn export(
     {
         let lock_held = lock_for_update(&paths, &meta)?;
         let meta = CopyMeta::load(&paths)?;
-        return continue_update(&paths, meta, lock_held, source, None, None, opts, progress);
+        return continue_update(
+            &paths, meta, lock_held, source, None, None, None, opts, progress,
+        );
     }
     let block_size = opts.block_size.unwrap_or(header.block_size);
     let root = std::path::absolute(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
@@ -814,7 +907,9 @@ pub fn export(
         }),
         consistent: header.consistent,
     };
-    start_new(source, None, described, dest, block_size, opts, progress)
+    start_new(
+        source, None, None, described, dest, block_size, opts, progress,
+    )
 }
 
 /// A complete copy, opened for reading.

@@ -479,6 +479,79 @@ pub fn object_id(file: &File) -> io::Result<(u64, u64)> {
     }
 }
 
+/// The write counters of the block device whose sysfs directory is `dir`: writes completed,
+/// sectors written, discards completed and sectors discarded (fields 5, 7, 12 and 14 of
+/// `stat`, see the kernel's Documentation/block/stat.rst), then for a loop device the identity
+/// and times of its backing file.
+fn device_write_counters(dir: &Path, out: &mut Vec<u8>) -> io::Result<()> {
+    let stat = std::fs::read_to_string(dir.join("stat"))?;
+    let fields: Vec<&str> = stat.split_whitespace().collect();
+    for i in [4usize, 6, 11, 13] {
+        let v = fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        out.extend_from_slice(&v.unwrap_or(u64::MAX).to_le_bytes());
+    }
+    if let Ok(backing) = std::fs::read_to_string(dir.join("loop/backing_file")) {
+        let backing = backing.trim_end_matches('\n');
+        out.extend_from_slice(backing.as_bytes());
+        out.push(0);
+        if let Ok(m) = std::fs::metadata(backing) {
+            file_markers(&m, out);
+        }
+    }
+    Ok(())
+}
+
+fn file_markers(m: &std::fs::Metadata, out: &mut Vec<u8>) {
+    for v in [
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime() as u64,
+        m.mtime_nsec() as u64,
+        m.ctime() as u64,
+        m.ctime_nsec() as u64,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+pub fn write_markers(file: &File) -> io::Result<Option<super::WriteMarkers>> {
+    let meta = file.metadata()?;
+    let ft = meta.file_type();
+    let mut bytes = Vec::new();
+    if ft.is_file() {
+        file_markers(&meta, &mut bytes);
+        return Ok(Some(super::WriteMarkers {
+            what: "file identity, size, modification and change times".into(),
+            bytes,
+        }));
+    }
+    if !ft.is_block_device() {
+        return Ok(None);
+    }
+    let (maj, min) = dev_numbers(meta.rdev());
+    let sys = PathBuf::from(format!("/sys/dev/block/{maj}:{min}"));
+    let Ok(dir) = std::fs::canonicalize(&sys) else {
+        return Ok(None);
+    };
+    bytes.extend_from_slice(&meta.rdev().to_le_bytes());
+    if device_write_counters(&dir, &mut bytes).is_err() {
+        return Ok(None);
+    }
+    let mut what = format!("write counters of {}", dir.display());
+    // A partition: writes to the disk beside it (its partition table, other partitions or
+    // the whole-disk device) show in the disk's counters.
+    if dir.join("partition").exists()
+        && let Some(parent) = dir.parent()
+    {
+        if device_write_counters(parent, &mut bytes).is_err() {
+            return Ok(None);
+        }
+        what.push_str(" and its disk");
+    }
+    Ok(Some(super::WriteMarkers { what, bytes }))
+}
+
 pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     if len == 0 {
         return Ok(true);

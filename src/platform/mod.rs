@@ -169,6 +169,24 @@ pub fn object_id(file: &File) -> io::Result<(u64, u64)> {
     imp::object_id(file)
 }
 
+/// What the platform can tell about writes to a source since some earlier moment: a short
+/// description and opaque bytes that change whenever the source is written (see
+/// [`crate::source_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteMarkers {
+    /// What the bytes are made of ("file identity, size, mtime and ctime", ...).
+    pub what: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The write markers of the source open as `file`: for a regular file its identity, size,
+/// modification and change times; for a block device its write counters (and those of its
+/// parent disk, and the backing file of a loop device). `None` when the platform cannot tell
+/// (then an interrupted run on this source is never resumed).
+pub fn write_markers(file: &File) -> io::Result<Option<WriteMarkers>> {
+    imp::write_markers(file)
+}
+
 /// Zeroes `len` bytes at `offset` of a block device or file as cheaply as the platform can
 /// (discard-free zeroing on Linux devices, hole punching on files); falls back to writes.
 pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {

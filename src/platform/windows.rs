@@ -107,6 +107,28 @@ pub fn object_id(_file: &File) -> io::Result<(u64, u64)> {
     ))
 }
 
+/// Regular files: size, creation and last-write times (a write changes the last). Devices:
+/// unknown (an interrupted run on a device is never resumed on Windows).
+pub fn write_markers(file: &File) -> io::Result<Option<super::WriteMarkers>> {
+    use std::os::windows::fs::MetadataExt;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    for v in [
+        meta.file_size(),
+        meta.creation_time(),
+        meta.last_write_time(),
+    ] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    Ok(Some(super::WriteMarkers {
+        what: "file size, creation and last-write times".into(),
+        bytes,
+    }))
+}
+
 pub fn zero_range(_file: &File, _offset: u64, _len: u64) -> io::Result<bool> {
     Ok(false)
 }

@@ -32,6 +32,10 @@ pub struct JournalHeader {
     pub time: String,
     pub time_unix: i64,
     pub tags: Vec<String>,
+    /// The source's state when the backup started (journals written before volback recorded
+    /// it have none, and are never resumed: nothing proves their source did not change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_state: Option<crate::source_state::SourceState>,
 }
 
 /// Statistics added by one batch (integers only; see `SnapshotStats`).
@@ -184,6 +188,73 @@ fn split_batch_tail(tail: &[u8], version: u32) -> Option<(Ranges, &[u8])> {
     Some((ranges, records))
 }
 
+/// Reads the header and then the valid batches of a journal through `f`; returns the header,
+/// the journal's version and the offset where its valid batches end (a torn tail follows).
+fn scan(
+    file: &mut File,
+    path: &Path,
+    mut f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
+) -> Result<Option<(JournalHeader, u32, u64)>> {
+    let len = file.metadata().ctx("stat", path)?.len();
+    let Some((header, hlen, version)) = read_header_from(file, path)? else {
+        return Ok(None);
+    };
+    let mut valid_end = 16 + hlen + 32;
+    let mut sum = [0u8; 32];
+    let mut next_block = 0u64;
+    let mut reader = std::io::BufReader::new(file);
+    loop {
+        let mut lenb = [0u8; 4];
+        if reader.read_exact(&mut lenb).is_err() {
+            break;
+        }
+        let plen = u32::from_le_bytes(lenb);
+        if plen > MAX_JOURNAL_RECORD
+            || (plen as usize) < BATCH_FIXED
+            || valid_end + 4 + plen as u64 + 32 > len
+        {
+            break;
+        }
+        let mut payload = vec![0u8; plen as usize];
+        if reader.read_exact(&mut payload).is_err() || reader.read_exact(&mut sum).is_err() {
+            break;
+        }
+        if *blake3::hash(&payload).as_bytes() != sum {
+            break;
+        }
+        let first_block = le_u64(&payload, 0);
+        let block_count = le_u64(&payload, 8);
+        let mut a = [0u64; BatchStats::FIELDS];
+        for (i, x) in a.iter_mut().enumerate() {
+            *x = le_u64(&payload, 16 + i * 8);
+        }
+        let Some((unreadable, records)) = split_batch_tail(&payload[BATCH_FIXED..], version) else {
+            break;
+        };
+        let end = first_block.checked_add(block_count);
+        if first_block != next_block
+            || end.is_none_or(|e| e > header.block_count)
+            || decode_records(records, block_count, |_, _| {}).is_err()
+        {
+            break;
+        }
+        let records = records.to_vec();
+        f(
+            &header,
+            Batch {
+                first_block,
+                block_count,
+                stats: BatchStats::from_array(a),
+                unreadable,
+                records,
+            },
+        )?;
+        next_block += block_count;
+        valid_end += 4 + plen as u64 + 32;
+    }
+    Ok(Some((header, version, valid_end)))
+}
+
 impl Journal {
     /// Creates a new journal at `path` (replacing any old one) atomically.
     pub fn create(path: &Path, header: &JournalHeader) -> Result<Journal> {
@@ -227,78 +298,38 @@ impl Journal {
     /// header never became durable holds nothing worth resuming).
     pub fn resume(
         path: &Path,
-        mut f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
+        f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
     ) -> Result<Option<(Journal, JournalHeader)>> {
         let mut file = match super::fsio::open_regular(path, true, "open journal") {
             Ok(f) => f,
             Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let len = file.metadata().ctx("stat", path)?.len();
-        let Some((header, hlen, version)) = read_header_from(&mut file, path)? else {
+        let Some((header, version, valid_end)) = scan(&mut file, path, f)? else {
             return Ok(None);
         };
-        let mut valid_end = 16 + hlen + 32;
-        let mut sum = [0u8; 32];
-        let mut next_block = 0u64;
-        let mut reader = std::io::BufReader::new(&mut file);
-        loop {
-            let mut lenb = [0u8; 4];
-            if reader.read_exact(&mut lenb).is_err() {
-                break;
-            }
-            let plen = u32::from_le_bytes(lenb);
-            if plen > MAX_JOURNAL_RECORD
-                || (plen as usize) < BATCH_FIXED
-                || valid_end + 4 + plen as u64 + 32 > len
-            {
-                break;
-            }
-            let mut payload = vec![0u8; plen as usize];
-            if reader.read_exact(&mut payload).is_err() || reader.read_exact(&mut sum).is_err() {
-                break;
-            }
-            if *blake3::hash(&payload).as_bytes() != sum {
-                break;
-            }
-            let first_block = le_u64(&payload, 0);
-            let block_count = le_u64(&payload, 8);
-            let mut a = [0u64; BatchStats::FIELDS];
-            for (i, x) in a.iter_mut().enumerate() {
-                *x = le_u64(&payload, 16 + i * 8);
-            }
-            let Some((unreadable, records)) = split_batch_tail(&payload[BATCH_FIXED..], version)
-            else {
-                break;
-            };
-            let end = first_block.checked_add(block_count);
-            if first_block != next_block
-                || end.is_none_or(|e| e > header.block_count)
-                || decode_records(records, block_count, |_, _| {}).is_err()
-            {
-                break;
-            }
-            let records = records.to_vec();
-            f(
-                &header,
-                Batch {
-                    first_block,
-                    block_count,
-                    stats: BatchStats::from_array(a),
-                    unreadable,
-                    records,
-                },
-            )?;
-            next_block += block_count;
-            valid_end += 4 + plen as u64 + 32;
-        }
-        drop(reader);
+        let len = file.metadata().ctx("stat", path)?.len();
         if valid_end < len {
             file.set_len(valid_end).ctx("truncate torn journal", path)?;
             file.sync_data().ctx("flush", path)?;
         }
         drop(file);
         Ok(Some((Self::open_append(path, version)?, header)))
+    }
+
+    /// Reads the valid batches of the journal at `path` through `f`, in order, changing
+    /// nothing (a resume checks them before it commits to resuming). Returns the header, or
+    /// `None` when there is no usable journal.
+    pub fn read_batches(
+        path: &Path,
+        f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
+    ) -> Result<Option<JournalHeader>> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open journal", path, e)),
+        };
+        Ok(scan(&mut file, path, f)?.map(|(h, _, _)| h))
     }
 
     /// Appends a batch and makes it durable. `unreadable` lists the byte ranges of its blocks
@@ -381,6 +412,7 @@ mod tests {
             time: "2026-11-22T00:00:00Z".into(),
             time_unix: 0,
             tags: Vec::new(),
+            source_state: None,
         }
     }
 

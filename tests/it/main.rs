@@ -24,6 +24,7 @@ mod ntfs_fat_damage;
 mod packs;
 mod probe;
 mod repo_safety;
+mod resume_changed;
 mod roundtrip;
 mod util;
 mod xfs_btrfs;
