@@ -22,6 +22,7 @@
 //! filesystem, from its inodes and extent trees ([`inode`]).
 
 pub mod changes;
+mod csum;
 mod inode;
 
 use super::{BlockMap, FsInfo};
@@ -39,6 +40,7 @@ const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_EXTENTS: u32 = 0x40;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_META_BG: u32 = 0x10;
+const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 const INCOMPAT_INLINE_DATA: u32 = 0x8000;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const RO_COMPAT_GDT_CSUM: u32 = 0x10;
@@ -74,6 +76,13 @@ pub struct Superblock {
     /// Inodes the superblock names (journal, quota files, orphan file…): their blocks change
     /// without their timestamps changing.
     special_inodes: Vec<u64>,
+    /// s_journal_inum (0: no journal inside the filesystem).
+    journal_inum: u64,
+    /// How descriptors and bitmaps are checksummed.
+    scheme: csum::Scheme,
+    /// Why the superblock itself cannot be trusted (metadata_csum mismatch, unknown checksum
+    /// type), found while reading it.
+    damage: Option<String>,
 }
 
 impl Superblock {
@@ -130,6 +139,21 @@ impl Superblock {
         uuid.copy_from_slice(&b[0x68..0x78]);
         let name = &b[0x78..0x88];
         let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        let ro_compat = u32_at(&b, 0x64);
+        let mut damage = None;
+        let scheme = if ro_compat & RO_COMPAT_METADATA_CSUM != 0 {
+            if b[0x175] != 1 {
+                damage = Some(format!("unknown metadata checksum type {}", b[0x175]));
+            } else if !csum::superblock_ok(&b) {
+                damage = Some("superblock checksum mismatch".into());
+            }
+            let explicit = (incompat & INCOMPAT_CSUM_SEED != 0).then(|| u32_at(&b, 0x270));
+            csum::Scheme::Crc32c(csum::Scheme::seed(&uuid, explicit))
+        } else if ro_compat & RO_COMPAT_GDT_CSUM != 0 {
+            csum::Scheme::Crc16(uuid)
+        } else {
+            csum::Scheme::None
+        };
         Ok(Some(Superblock {
             block_size,
             blocks_count,
@@ -138,7 +162,7 @@ impl Superblock {
             blocks_per_group,
             compat: u32_at(&b, 0x5C),
             incompat,
-            ro_compat: u32_at(&b, 0x64),
+            ro_compat,
             desc_size,
             reserved_gdt: u16_at(&b, 0xCE) as u64,
             first_meta_bg: u32_at(&b, 0x104) as u64,
@@ -150,6 +174,9 @@ impl Superblock {
             first_ino,
             wtime: u32_at(&b, 0x30) as i64 | (b[0x274] as i64) << 32,
             special_inodes,
+            journal_inum: u32_at(&b, 0xE0) as u64,
+            scheme,
+            damage,
         }))
     }
 
@@ -260,6 +287,12 @@ struct Desc {
     flags: u16,
     /// Inode slots at the end of the group's table never used (kept with group checksums).
     itable_unused: u64,
+    /// bg_free_blocks_count (lo 0x0C, hi 0x2C).
+    free_blocks: u64,
+    /// False when the descriptor's group checksum (gdt_csum or metadata_csum) is wrong.
+    checksum_ok: bool,
+    /// The block bitmap checksum recorded (metadata_csum).
+    bitmap_csum: (u16, Option<u16>),
 }
 
 /// Reads group descriptors, one descriptor block cached at a time.
@@ -297,17 +330,26 @@ impl DescReader<'_> {
                 0
             }
         };
+        let hi16 = |o: usize| -> u64 {
+            if sb.desc_size >= 64 {
+                (u16_at(d, o) as u64) << 16
+            } else {
+                0
+            }
+        };
+        let checksum_ok = sb
+            .scheme
+            .descriptor(g, d)
+            .is_none_or(|c| c == u16_at(d, csum::BG_CHECKSUM));
         Ok(Desc {
+            free_blocks: u16_at(d, 0x0C) as u64 | hi16(0x2C),
+            checksum_ok,
+            bitmap_csum: csum::Scheme::recorded_bitmap_csum(d),
             block_bitmap: u32_at(d, 0x00) as u64 | hi(0x20),
             inode_bitmap: u32_at(d, 0x04) as u64 | hi(0x24),
             inode_table: u32_at(d, 0x08) as u64 | hi(0x28),
             flags: u16_at(d, 0x12),
-            itable_unused: u16_at(d, 0x1C) as u64
-                | if sb.desc_size >= 64 {
-                    (u16_at(d, 0x32) as u64) << 16
-                } else {
-                    0
-                },
+            itable_unused: u16_at(d, 0x1C) as u64 | hi16(0x32),
         })
     }
 }
@@ -381,15 +423,218 @@ impl Superblock {
     }
 }
 
+/// Which of the filesystem's own structures a run of blocks holds (for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Meta {
+    Superblock,
+    Descriptors,
+    BlockBitmap,
+    InodeBitmap,
+    InodeTable,
+    Journal,
+}
+
+impl Meta {
+    fn name(self) -> &'static str {
+        match self {
+            Meta::Superblock => "superblock",
+            Meta::Descriptors => "descriptor or reserved GDT blocks",
+            Meta::BlockBitmap => "block bitmap",
+            Meta::InodeBitmap => "inode bitmap",
+            Meta::InodeTable => "inode table",
+            Meta::Journal => "journal",
+        }
+    }
+}
+
+/// A run of blocks that the filesystem's own structures occupy, with its owner group.
+#[derive(Debug, Clone, Copy)]
+struct MetaRun {
+    start: u64,
+    len: u64,
+    what: Meta,
+    group: u64,
+}
+
+impl MetaRun {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    fn describe(&self) -> String {
+        match self.what {
+            Meta::Journal => format!("the journal (block {})", self.start),
+            w => format!("the {} of group {} (block {})", w.name(), self.group, self.start),
+        }
+    }
+}
+
+/// The most indirect or extent tree blocks read to find the journal's blocks.
+const MAX_JOURNAL_TREE: u64 = 1 << 16;
+
+impl Superblock {
+    /// The superblock backup, descriptor blocks and reserved GDT blocks inside group `g`,
+    /// exactly where e2fsprogs (`ext2fs_super_and_bgd_loc2`) puts them: a superblock copy
+    /// opens each group that has one; without META_BG (or before s_first_meta_bg) the whole
+    /// descriptor table and the reserved GDT blocks follow it; with META_BG a meta group's
+    /// descriptor block sits in its first, second and last group, after a superblock copy.
+    fn group_layout(&self, g: u64, out: &mut Vec<MetaRun>) {
+        let first = self.group_first_block(g);
+        let has_super = self.has_super(g);
+        let mut push = |start: u64, len: u64, what: Meta| {
+            let len = len.min(self.blocks_count.saturating_sub(start));
+            if len > 0 {
+                out.push(MetaRun {
+                    start,
+                    len,
+                    what,
+                    group: g,
+                });
+            }
+        };
+        if has_super {
+            push(first, 1, Meta::Superblock);
+        }
+        let dpb = self.descs_per_block();
+        if !self.meta_bg() || g / dpb < self.first_meta_bg {
+            if has_super {
+                let old = if self.meta_bg() {
+                    self.first_meta_bg
+                } else {
+                    self.group_count().div_ceil(dpb) + self.reserved_gdt
+                };
+                push(first + 1, old, Meta::Descriptors);
+            }
+        } else if [0, 1, dpb - 1].contains(&(g % dpb)) {
+            push(first + u64::from(has_super), 1, Meta::Descriptors);
+        }
+    }
+
+    /// Why the filesystem's map cannot be trusted before any descriptor is read.
+    fn precheck(&self) -> std::result::Result<(), String> {
+        if let Some(why) = &self.damage {
+            return Err(why.clone());
+        }
+        if self.inodes_per_group == 0 {
+            return Err("zero inodes per group".into());
+        }
+        if !self.blocks_per_group.is_multiple_of(8) {
+            return Err(format!(
+                "{} blocks per group is not a whole number of bitmap bytes",
+                self.blocks_per_group
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The blocks of the journal inode (data and extent tree or indirect blocks), merged into
+/// runs; empty without an internal journal.
+fn journal_runs(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    descs: &mut DescReader<'_>,
+) -> std::result::Result<Vec<(u64, u64)>, String> {
+    let ino = sb.journal_inum;
+    if sb.compat & COMPAT_HAS_JOURNAL == 0 || ino == 0 {
+        return Ok(Vec::new());
+    }
+    let group = (ino - 1) / sb.inodes_per_group;
+    if group >= sb.group_count() {
+        return Err(format!("journal inode {ino} does not exist"));
+    }
+    let d = descs.get(group)?;
+    let index = (ino - 1) % sb.inodes_per_group;
+    let mut slot = vec![0u8; sb.inode_size as usize];
+    let at = d
+        .inode_table
+        .checked_mul(sb.block_size)
+        .and_then(|b| b.checked_add(index * sb.inode_size))
+        .filter(|&a| a + sb.inode_size <= sb.blocks_count * sb.block_size)
+        .ok_or_else(|| format!("journal inode {ino} lies outside the filesystem"))?;
+    vol.read_at(at, &mut slot)
+        .map_err(|e| format!("reading journal inode {ino}: {e}"))?;
+    let inode = inode::Inode(&slot);
+    if inode.mode() & inode::S_IFMT != inode::S_IFREG || !inode.in_use() {
+        return Err(format!("journal inode {ino} holds no journal"));
+    }
+    let mut blocks: Vec<(u64, u64)> = Vec::new();
+    if inode.flags() & inode::FL_EXTENTS != 0 {
+        inode::walk_extents(vol, sb, inode.root(), MAX_JOURNAL_TREE, &mut |n| match n {
+            inode::Node::Block(b) => blocks.push((b, 1)),
+            inode::Node::Extent(e) => blocks.push((e.start, e.len)),
+        })
+    } else {
+        inode::walk_block_map(vol, sb, inode.root(), MAX_JOURNAL_TREE, &mut |b| {
+            blocks.push((b, 1))
+        })
+    }
+    .map_err(|e| format!("journal inode {ino}: {e}"))?;
+    if blocks.is_empty() {
+        return Err(format!("journal inode {ino} has no blocks"));
+    }
+    blocks.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in blocks {
+        match runs.last_mut() {
+            Some((s, l)) if *s + *l == start => *l += len,
+            Some((s, l)) if *s + *l > start => {
+                return Err(format!(
+                    "journal inode {ino} names block {start} twice (also at {s}+{l})"
+                ));
+            }
+            _ => runs.push((start, len)),
+        }
+    }
+    Ok(runs)
+}
+
+/// Checks that no two of the filesystem's own structures share a block; `runs` ends up sorted
+/// by start and free of overlaps.
+fn check_disjoint(runs: &mut [MetaRun]) -> std::result::Result<(), String> {
+    runs.sort_unstable_by_key(|r| (r.start, r.len));
+    let mut reach: Option<&MetaRun> = None;
+    for r in runs.iter() {
+        if let Some(prev) = reach {
+            if prev.end() > r.start {
+                return Err(format!(
+                    "{} overlaps {}",
+                    r.describe(),
+                    prev.describe()
+                ));
+            }
+        }
+        reach = Some(r);
+    }
+    Ok(())
+}
+
+/// Set bits among the first `bits` of `bitmap`.
+fn count_set(bitmap: &[u8], bits: u64) -> u64 {
+    let whole = (bits / 8) as usize;
+    let mut n: u64 = bitmap[..whole].iter().map(|b| b.count_ones() as u64).sum();
+    if !bits.is_multiple_of(8) {
+        n += (bitmap[whole] & ((1u8 << (bits % 8)) - 1)).count_ones() as u64;
+    }
+    n
+}
+
 /// Calls `f(kind, first_block, count)` for every run of blocks the filesystem uses (runs may
 /// overlap and come in any order). `Err` explains why the filesystem's data cannot be
 /// trusted.
+///
+/// Nothing is trusted before it is checked (docs/ALLOCATION.md, "ext: validation before
+/// trusting"): the superblock and descriptor checksums, every structure's location (inside
+/// the filesystem, not overlapping another), each block bitmap's checksum, its free count
+/// against the descriptor's, and the filesystem's own blocks (superblocks, descriptors,
+/// reserved GDT blocks, bitmaps, inode tables, journal) marked used in it.
 pub(crate) fn for_each_used(
     vol: &dyn Volume,
     sb: &Superblock,
     mut f: impl FnMut(Used, u64, u64),
 ) -> std::result::Result<(), String> {
     check_fits(vol, sb)?;
+    sb.precheck()?;
     let bs = sb.block_size;
     // Everything up to the first group (boot sector, superblock) is always kept.
     f(Used::Metadata, 0, sb.first_data_block + 1);
@@ -410,14 +655,29 @@ pub(crate) fn for_each_used(
     };
 
     // Pass 1: metadata of every group (wherever flex_bg placed it) and the superblock areas.
+    let mut meta: Vec<MetaRun> = Vec::new();
     for g in 0..groups {
         let d = descs.get(g)?;
+        if !d.checksum_ok {
+            return Err(format!("group {g}: descriptor checksum mismatch"));
+        }
         check("block bitmap", d.block_bitmap, 1, g)?;
         check("inode bitmap", d.inode_bitmap, 1, g)?;
         check("inode table", d.inode_table, itable_blocks, g)?;
-        f(Used::Metadata, d.block_bitmap, 1);
-        f(Used::Metadata, d.inode_bitmap, 1);
-        f(Used::Metadata, d.inode_table, itable_blocks);
+        for (start, len, what) in [
+            (d.block_bitmap, 1, Meta::BlockBitmap),
+            (d.inode_bitmap, 1, Meta::InodeBitmap),
+            (d.inode_table, itable_blocks, Meta::InodeTable),
+        ] {
+            meta.push(MetaRun {
+                start,
+                len,
+                what,
+                group: g,
+            });
+        }
+        sb.group_layout(g, &mut meta);
+        // A generous estimate of the same areas, kept in the map whatever the checks say.
         let first = sb.group_first_block(g);
         let area = sb
             .super_area_blocks(g)
@@ -425,18 +685,57 @@ pub(crate) fn for_each_used(
         f(Used::Metadata, first, area);
         f(Used::Metadata, sb.desc_block(g), 1);
     }
+    for (start, len) in journal_runs(vol, sb, &mut descs)? {
+        meta.push(MetaRun {
+            start,
+            len,
+            what: Meta::Journal,
+            group: 0,
+        });
+    }
+    check_disjoint(&mut meta)?;
+    for r in &meta {
+        f(Used::Metadata, r.start, r.len);
+    }
 
-    // Pass 2: the block bitmaps of initialised groups.
+    // Pass 2: the block bitmaps of initialised groups. Without group checksums BLOCK_UNINIT
+    // means nothing (the kernel and e2fsck read the bitmap then too).
+    let honour_uninit = sb.group_checksums();
+    let csum_bytes = (sb.blocks_per_group / 8) as usize;
     let mut bitmap = vec![0u8; bs as usize];
     for g in 0..groups {
         let d = descs.get(g)?;
-        if d.flags & BG_BLOCK_UNINIT != 0 {
+        if honour_uninit && d.flags & BG_BLOCK_UNINIT != 0 {
             continue;
         }
         vol.read_at(d.block_bitmap * bs, &mut bitmap)
             .map_err(|e| format!("reading block bitmap of group {g}: {e}"))?;
+        if !sb.scheme.bitmap_ok(d.bitmap_csum, &bitmap[..csum_bytes]) {
+            return Err(format!("group {g}: block bitmap checksum mismatch"));
+        }
         let first = sb.group_first_block(g);
         let in_group = sb.blocks_per_group.min(sb.blocks_count - first);
+        let free = in_group - count_set(&bitmap, in_group);
+        if free != d.free_blocks {
+            return Err(format!(
+                "group {g}: its descriptor counts {} free blocks, its bitmap {free}",
+                d.free_blocks
+            ));
+        }
+        // The filesystem's own blocks in this group must be marked used.
+        let end = first + in_group;
+        let from = meta.partition_point(|r| r.end() <= first);
+        for r in meta[from..].iter().take_while(|r| r.start < end) {
+            for b in r.start.max(first)..r.end().min(end) {
+                let i = b - first;
+                if bitmap[(i / 8) as usize] & (1 << (i % 8)) == 0 {
+                    return Err(format!(
+                        "group {g}: the block bitmap marks block {b} of {} free",
+                        r.describe()
+                    ));
+                }
+            }
+        }
         // Walk set bits, marking runs.
         let mut i = 0u64;
         while i < in_group {
