@@ -685,6 +685,8 @@ pub(crate) fn for_each_used(
         f(Used::Metadata, first, area);
         f(Used::Metadata, sb.desc_block(g), 1);
     }
+    // Locations first: a journal inode found through a misplaced inode table is noise.
+    check_disjoint(&mut meta)?;
     for (start, len) in journal_runs(vol, sb, &mut descs)? {
         meta.push(MetaRun {
             start,
