@@ -707,7 +707,26 @@ pub(crate) fn for_each_used(
     let mut bitmap = vec![0u8; bs as usize];
     for g in 0..groups {
         let d = descs.get(g)?;
+        let first = sb.group_first_block(g);
+        let in_group = sb.blocks_per_group.min(sb.blocks_count - first);
+        let end = first + in_group;
+        let from = meta.partition_point(|r| r.end() <= first);
+        let own = || meta[from..].iter().take_while(|r| r.start < end);
         if honour_uninit && d.flags & BG_BLOCK_UNINIT != 0 {
+            // No bitmap: the group holds nothing but metadata, and its descriptor must say so
+            // (a group that holds data but claims otherwise would drop that data).
+            let used: u64 = own()
+                .map(|r| r.end().min(end) - r.start.max(first))
+                .sum();
+            if in_group - used != d.free_blocks {
+                return Err(format!(
+                    "group {g}: uninitialised, but its descriptor counts {} free blocks of {}, \
+                     not {}",
+                    d.free_blocks,
+                    in_group,
+                    in_group - used
+                ));
+            }
             continue;
         }
         vol.read_at(d.block_bitmap * bs, &mut bitmap)
@@ -715,8 +734,6 @@ pub(crate) fn for_each_used(
         if !sb.scheme.bitmap_ok(d.bitmap_csum, &bitmap[..csum_bytes]) {
             return Err(format!("group {g}: block bitmap checksum mismatch"));
         }
-        let first = sb.group_first_block(g);
-        let in_group = sb.blocks_per_group.min(sb.blocks_count - first);
         let free = in_group - count_set(&bitmap, in_group);
         if free != d.free_blocks {
             return Err(format!(
@@ -725,9 +742,7 @@ pub(crate) fn for_each_used(
             ));
         }
         // The filesystem's own blocks in this group must be marked used.
-        let end = first + in_group;
-        let from = meta.partition_point(|r| r.end() <= first);
-        for r in meta[from..].iter().take_while(|r| r.start < end) {
+        for r in own() {
             for b in r.start.max(first)..r.end().min(end) {
                 let i = b - first;
                 if bitmap[(i / 8) as usize] & (1 << (i % 8)) == 0 {
