@@ -32,7 +32,11 @@ const fn crc16_table() -> [u16; 256] {
         let mut c = i as u16;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xA001 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xA001 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[i] = c;

@@ -464,7 +464,12 @@ impl MetaRun {
     fn describe(&self) -> String {
         match self.what {
             Meta::Journal => format!("the journal (block {})", self.start),
-            w => format!("the {} of group {} (block {})", w.name(), self.group, self.start),
+            w => format!(
+                "the {} of group {} (block {})",
+                w.name(),
+                self.group,
+                self.start
+            ),
         }
     }
 }
@@ -597,11 +602,7 @@ fn check_disjoint(runs: &mut [MetaRun]) -> std::result::Result<(), String> {
     for r in runs.iter() {
         if let Some(prev) = reach {
             if prev.end() > r.start {
-                return Err(format!(
-                    "{} overlaps {}",
-                    r.describe(),
-                    prev.describe()
-                ));
+                return Err(format!("{} overlaps {}", r.describe(), prev.describe()));
             }
         }
         reach = Some(r);
@@ -715,9 +716,7 @@ pub(crate) fn for_each_used(
         if honour_uninit && d.flags & BG_BLOCK_UNINIT != 0 {
             // No bitmap: the group holds nothing but metadata, and its descriptor must say so
             // (a group that holds data but claims otherwise would drop that data).
-            let used: u64 = own()
-                .map(|r| r.end().min(end) - r.start.max(first))
-                .sum();
+            let used: u64 = own().map(|r| r.end().min(end) - r.start.max(first)).sum();
             if in_group - used != d.free_blocks {
                 return Err(format!(
                     "group {g}: uninitialised, but its descriptor counts {} free blocks of {}, \
@@ -810,6 +809,154 @@ mod tests {
             let vol = Mem(img);
             if let Ok(Some(sb)) = Superblock::read(&vol) {
                 let _ = allocation_map(&vol, &sb, 65536);
+            }
+        }
+    }
+
+    /// A real 4 MiB ext4 (1 KiB blocks, one group, metadata_csum, 64-byte descriptors, a
+    /// journal): tests/fixtures/make-ext4-tracking.sh.
+    fn fixture() -> Vec<u8> {
+        zstd::decode_all(
+            &include_bytes!("../../../tests/fixtures/ext4-tracking-current.img.zst")[..],
+        )
+        .expect("fixture decompresses")
+    }
+
+    /// Group 0's descriptor (block 2) in the fixture.
+    const GD: usize = 2048;
+
+    fn map_of(img: &[u8]) -> std::result::Result<BlockMap, String> {
+        let vol = Mem(img.to_vec());
+        let sb = Superblock::read(&vol).unwrap().unwrap();
+        allocation_map(&vol, &sb, 1024)
+    }
+
+    fn put_u16(img: &mut [u8], at: usize, v: u16) {
+        img[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put_u32(img: &mut [u8], at: usize, v: u32) {
+        img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Recomputes the fixture's block bitmap, descriptor and superblock checksums, so that
+    /// only the damage a test made on purpose remains.
+    fn reseal(img: &mut [u8]) {
+        let sb = Superblock::read(&Mem(img.to_vec())).unwrap().unwrap();
+        let csum::Scheme::Crc32c(seed) = sb.scheme else {
+            panic!("the fixture has metadata_csum");
+        };
+        let bb = u32_at(img, GD) as usize * 1024;
+        let c = crate::probe::crc32::crc32c_update(seed, &img[bb..bb + 1024]);
+        put_u16(img, GD + 0x18, c as u16);
+        put_u16(img, GD + 0x38, (c >> 16) as u16);
+        let d = sb.scheme.descriptor(0, &img[GD..GD + 64]).unwrap();
+        put_u16(img, GD + csum::BG_CHECKSUM, d);
+        let c = crate::probe::crc32::crc32c_update(!0, &img[1024..1024 + csum::SB_CHECKSUM]);
+        put_u32(img, 1024 + csum::SB_CHECKSUM, c);
+    }
+
+    fn expect_err(img: &[u8], needle: &str) {
+        let err = map_of(img).expect_err("damage must not give a map");
+        assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+    }
+
+    #[test]
+    fn the_intact_fixture_is_trusted_and_resealing_changes_nothing() {
+        let img = fixture();
+        let map = map_of(&img).unwrap();
+        let mut again = img.clone();
+        reseal(&mut again);
+        assert!(again == img, "reseal must reproduce the real checksums");
+        // The journal (inode 8) and the inode table are in the map.
+        assert!(map.used_blocks() > 1024 + 32);
+    }
+
+    #[test]
+    fn every_checksum_is_checked() {
+        let img = fixture();
+        // s_free_blocks_count: not used by the map, but covered by the superblock checksum.
+        let mut a = img.clone();
+        a[1024 + 0x0C] ^= 1;
+        expect_err(&a, "superblock checksum mismatch");
+        // bg_free_inodes_count.
+        let mut b = img.clone();
+        b[GD + 0x0E] ^= 1;
+        expect_err(&b, "descriptor checksum mismatch");
+        // One bit of the block bitmap.
+        let mut c = img.clone();
+        let bb = u32_at(&img, GD) as usize * 1024;
+        c[bb + 1000] ^= 0x10;
+        expect_err(&c, "block bitmap checksum mismatch");
+    }
+
+    #[test]
+    fn damage_behind_valid_checksums_is_found() {
+        let img = fixture();
+        let bb = u32_at(&img, GD) as usize;
+        let itable = u32_at(&img, GD + 8) as usize;
+        let free = u16_at(&img, GD + 0x0C);
+
+        // A free count that disagrees with the bitmap.
+        let mut a = img.clone();
+        put_u16(&mut a, GD + 0x0C, free + 1);
+        reseal(&mut a);
+        expect_err(&a, "free blocks");
+
+        // The block bitmap at the superblock, or inside the inode table.
+        for (at, what) in [(1, "superblock"), (itable as u32 + 3, "inode table")] {
+            let mut b = img.clone();
+            put_u32(&mut b, GD, at);
+            reseal(&mut b);
+            expect_err(&b, what);
+        }
+
+        // An inode table block marked free (with a matching free count).
+        let mut c = img.clone();
+        let bit = itable + 2 - 1; // bit i is block first_data_block + i
+        c[bb * 1024 + bit / 8] &= !(1 << (bit % 8));
+        put_u16(&mut c, GD + 0x0C, free + 1);
+        reseal(&mut c);
+        expect_err(&c, "inode table");
+
+        // A group in use claiming to be uninitialised.
+        let mut d = img.clone();
+        let flags = u16_at(&img, GD + 0x12);
+        put_u16(&mut d, GD + 0x12, flags | BG_BLOCK_UNINIT);
+        reseal(&mut d);
+        expect_err(&d, "uninitialised");
+
+        // The journal inode's first extent moved onto the inode table.
+        let mut e = img.clone();
+        let slot = itable * 1024 + 7 * 256;
+        let ext_start = slot + 0x28 + 12 + 8;
+        assert_eq!(
+            u16_at(&img, slot + 0x28),
+            0xF30A,
+            "journal inode has an extent root"
+        );
+        put_u32(&mut e, ext_start, itable as u32 + 1);
+        expect_err(&e, "overlaps");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Random bytes anywhere in the first MiB of a real metadata_csum filesystem (its
+        /// superblock, descriptors, bitmaps, inode table, journal, files): either the map is
+        /// refused or it still holds every block the intact filesystem's map holds. Never a
+        /// smaller map.
+        #[test]
+        fn damage_never_shrinks_the_map(
+            patches in proptest::collection::vec((0usize..(1 << 20), any::<u8>()), 1..12),
+        ) {
+            let img = fixture();
+            let intact = map_of(&img).unwrap();
+            let mut bad = img.clone();
+            for (at, v) in patches { bad[at] ^= v | 1; }
+            if let Ok(map) = map_of(&bad) {
+                for b in 0..intact.block_count() {
+                    prop_assert!(!intact.is_used(b) || map.is_used(b), "block {} dropped", b);
+                }
             }
         }
     }
