@@ -602,7 +602,7 @@ fn check_disjoint(runs: &mut [MetaRun]) -> std::result::Result<(), String> {
     for r in runs.iter() {
         if let Some(prev) = reach {
             if prev.end() > r.start {
-                return Err(format!("{} overlaps {}", r.describe(), prev.describe()));
+                return Err(format!("{} and {} overlap", prev.describe(), r.describe()));
             }
         }
         reach = Some(r);
@@ -936,7 +936,7 @@ mod tests {
             "journal inode has an extent root"
         );
         put_u32(&mut e, ext_start, itable as u32 + 1);
-        expect_err(&e, "overlaps");
+        expect_err(&e, "overlap");
     }
 
     proptest! {
