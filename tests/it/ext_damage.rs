@@ -317,6 +317,7 @@ fn random_metadata_damage_never_drops_blocks_e2fsck_keeps() {
         let restored = t.join("restored.img");
         let _ = std::fs::remove_file(&restored);
         let (v, stderr) = backup_and_restore(&img, &repo, &restored);
+        eprintln!("case {case}: {what}: all blocks read: {}", v["all_blocks"]);
         let src = std::fs::read(&img).unwrap();
         let rst = std::fs::read(&restored).unwrap();
         if v["all_blocks"] == true {
