@@ -520,6 +520,10 @@ impl Superblock {
         if let Some(why) = &self.damage {
             return Err(why.clone());
         }
+        if self.ro_compat & RO_COMPAT_BIGALLOC != 0 {
+            // Bitmaps count clusters, not blocks.
+            return Err("bigalloc is not supported".into());
+        }
         if self.inodes_per_group == 0 {
             return Err("zero inodes per group".into());
         }
@@ -600,10 +604,10 @@ fn check_disjoint(runs: &mut [MetaRun]) -> std::result::Result<(), String> {
     runs.sort_unstable_by_key(|r| (r.start, r.len));
     let mut reach: Option<&MetaRun> = None;
     for r in runs.iter() {
-        if let Some(prev) = reach {
-            if prev.end() > r.start {
-                return Err(format!("{} and {} overlap", prev.describe(), r.describe()));
-            }
+        if let Some(prev) = reach
+            && prev.end() > r.start
+        {
+            return Err(format!("{} and {} overlap", prev.describe(), r.describe()));
         }
         reach = Some(r);
     }
