@@ -15,8 +15,14 @@
 //! - A group with BLOCK_UNINIT has no bitmap on disk; its used blocks are its superblock backup
 //!   and descriptor blocks and any bitmap or inode table placed in it (flex_bg).
 //!
-//! Every block number read from disk is checked against the block count; a violation makes
-//! the map unusable (the caller then reads every block) instead of trusting it.
+//! Further fields for validation: s_journal_inum 0xE0, s_checksum_type 0x175,
+//! s_checksum_seed 0x270, s_checksum 0x3FC; descriptor bg_free_blocks_count lo 0x0C / hi 0x2C,
+//! bg_block_bitmap_csum lo 0x18 / hi 0x38, bg_checksum 0x1E (checksums: [`csum`]).
+//!
+//! Nothing read is trusted before it is checked ([`for_each_used`], docs/ALLOCATION.md "ext:
+//! validation before trusting"): checksums, locations and overlaps of every structure, free
+//! counts against bitmaps, and the filesystem's own blocks and journal marked used. A failed
+//! check makes the map unusable (the caller then reads every block, saying why).
 //!
 //! [`changes`] finds the blocks that cannot have changed since an earlier state of the same
 //! filesystem, from its inodes and extent trees ([`inode`]).
