@@ -46,6 +46,13 @@ pub fn crc32c(data: &[u8]) -> u32 {
     !update(&TABLE_CASTAGNOLI, !0, data)
 }
 
+/// The CRC-32C register after `data`, starting from `crc`, without the initial and final
+/// inversions: `!crc32c_update(!0, d) == crc32c(d)`. ext4 chains its checksums this way
+/// (the kernel's `ext4_chksum`).
+pub fn crc32c_update(crc: u32, data: &[u8]) -> u32 {
+    update(&TABLE_CASTAGNOLI, crc, data)
+}
+
 /// CRC-32C of `data` with the four bytes at `field` taken as zero: how XFS checksums a block
 /// that holds its own checksum. `field + 4` must not exceed `data.len()`.
 pub fn crc32c_skipping(data: &[u8], field: usize) -> u32 {

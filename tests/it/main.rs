@@ -16,6 +16,7 @@ mod corruption;
 mod crash;
 mod disk;
 mod ext4;
+mod ext_damage;
 mod fs_maps_win;
 mod images;
 mod mount;

@@ -215,6 +215,61 @@ fn walk_node(
     Ok(())
 }
 
+/// Walks a block-mapped inode's i_block (twelve direct pointers, then the single, double and
+/// triple indirect blocks), calling `visit(block)` for every data and indirect block it names.
+/// Zero pointers are holes. Every pointer is checked against the filesystem; more than
+/// `max_nodes` indirect blocks is an error.
+pub fn walk_block_map(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    iblock: &[u8],
+    max_nodes: u64,
+    visit: &mut dyn FnMut(u64),
+) -> std::result::Result<(), String> {
+    let mut nodes = 0u64;
+    for i in 0..15 {
+        let ptr = u32_at(iblock, i * 4) as u64;
+        let level = i.saturating_sub(11) as u32;
+        walk_pointer(vol, sb, ptr, level, &mut nodes, max_nodes, visit)?;
+    }
+    Ok(())
+}
+
+/// One pointer of a block map: a data block (`level` 0) or an indirect block `level` levels
+/// above the data.
+fn walk_pointer(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ptr: u64,
+    level: u32,
+    nodes: &mut u64,
+    max_nodes: u64,
+    visit: &mut dyn FnMut(u64),
+) -> std::result::Result<(), String> {
+    if ptr == 0 {
+        return Ok(());
+    }
+    if ptr < sb.first_data_block || ptr >= sb.blocks_count {
+        return Err(format!("block pointer {ptr} is outside the filesystem"));
+    }
+    visit(ptr);
+    if level == 0 {
+        return Ok(());
+    }
+    *nodes += 1;
+    if *nodes > max_nodes {
+        return Err(format!("block map larger than {max_nodes} indirect blocks"));
+    }
+    let mut buf = vec![0u8; sb.block_size as usize];
+    vol.read_at(ptr * sb.block_size, &mut buf)
+        .map_err(|err| format!("reading indirect block {ptr}: {err}"))?;
+    for c in buf.chunks_exact(4) {
+        let child = u32_at(c, 0) as u64;
+        walk_pointer(vol, sb, child, level - 1, nodes, max_nodes, visit)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

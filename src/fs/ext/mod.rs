@@ -15,13 +15,20 @@
 //! - A group with BLOCK_UNINIT has no bitmap on disk; its used blocks are its superblock backup
 //!   and descriptor blocks and any bitmap or inode table placed in it (flex_bg).
 //!
-//! Every block number read from disk is checked against the block count; a violation makes
-//! the map unusable (the caller then reads every block) instead of trusting it.
+//! Further fields for validation: s_journal_inum 0xE0, s_checksum_type 0x175,
+//! s_checksum_seed 0x270, s_checksum 0x3FC; descriptor bg_free_blocks_count lo 0x0C / hi 0x2C,
+//! bg_block_bitmap_csum lo 0x18 / hi 0x38, bg_checksum 0x1E (checksums: [`csum`]).
+//!
+//! Nothing read is trusted before it is checked ([`for_each_used`], docs/ALLOCATION.md "ext:
+//! validation before trusting"): checksums, locations and overlaps of every structure, free
+//! counts against bitmaps, and the filesystem's own blocks and journal marked used. A failed
+//! check makes the map unusable (the caller then reads every block, saying why).
 //!
 //! [`changes`] finds the blocks that cannot have changed since an earlier state of the same
 //! filesystem, from its inodes and extent trees ([`inode`]).
 
 pub mod changes;
+mod csum;
 mod inode;
 
 use super::{BlockMap, FsInfo};
@@ -39,6 +46,7 @@ const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_EXTENTS: u32 = 0x40;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_META_BG: u32 = 0x10;
+const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 const INCOMPAT_INLINE_DATA: u32 = 0x8000;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const RO_COMPAT_GDT_CSUM: u32 = 0x10;
@@ -74,6 +82,13 @@ pub struct Superblock {
     /// Inodes the superblock names (journal, quota files, orphan file…): their blocks change
     /// without their timestamps changing.
     special_inodes: Vec<u64>,
+    /// s_journal_inum (0: no journal inside the filesystem).
+    journal_inum: u64,
+    /// How descriptors and bitmaps are checksummed.
+    scheme: csum::Scheme,
+    /// Why the superblock itself cannot be trusted (metadata_csum mismatch, unknown checksum
+    /// type), found while reading it.
+    damage: Option<String>,
 }
 
 impl Superblock {
@@ -130,6 +145,21 @@ impl Superblock {
         uuid.copy_from_slice(&b[0x68..0x78]);
         let name = &b[0x78..0x88];
         let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        let ro_compat = u32_at(&b, 0x64);
+        let mut damage = None;
+        let scheme = if ro_compat & RO_COMPAT_METADATA_CSUM != 0 {
+            if b[0x175] != 1 {
+                damage = Some(format!("unknown metadata checksum type {}", b[0x175]));
+            } else if !csum::superblock_ok(&b) {
+                damage = Some("superblock checksum mismatch".into());
+            }
+            let explicit = (incompat & INCOMPAT_CSUM_SEED != 0).then(|| u32_at(&b, 0x270));
+            csum::Scheme::Crc32c(csum::Scheme::seed(&uuid, explicit))
+        } else if ro_compat & RO_COMPAT_GDT_CSUM != 0 {
+            csum::Scheme::Crc16(uuid)
+        } else {
+            csum::Scheme::None
+        };
         Ok(Some(Superblock {
             block_size,
             blocks_count,
@@ -138,7 +168,7 @@ impl Superblock {
             blocks_per_group,
             compat: u32_at(&b, 0x5C),
             incompat,
-            ro_compat: u32_at(&b, 0x64),
+            ro_compat,
             desc_size,
             reserved_gdt: u16_at(&b, 0xCE) as u64,
             first_meta_bg: u32_at(&b, 0x104) as u64,
@@ -150,6 +180,9 @@ impl Superblock {
             first_ino,
             wtime: u32_at(&b, 0x30) as i64 | (b[0x274] as i64) << 32,
             special_inodes,
+            journal_inum: u32_at(&b, 0xE0) as u64,
+            scheme,
+            damage,
         }))
     }
 
@@ -260,6 +293,12 @@ struct Desc {
     flags: u16,
     /// Inode slots at the end of the group's table never used (kept with group checksums).
     itable_unused: u64,
+    /// bg_free_blocks_count (lo 0x0C, hi 0x2C).
+    free_blocks: u64,
+    /// False when the descriptor's group checksum (gdt_csum or metadata_csum) is wrong.
+    checksum_ok: bool,
+    /// The block bitmap checksum recorded (metadata_csum).
+    bitmap_csum: (u16, Option<u16>),
 }
 
 /// Reads group descriptors, one descriptor block cached at a time.
@@ -297,17 +336,26 @@ impl DescReader<'_> {
                 0
             }
         };
+        let hi16 = |o: usize| -> u64 {
+            if sb.desc_size >= 64 {
+                (u16_at(d, o) as u64) << 16
+            } else {
+                0
+            }
+        };
+        let checksum_ok = sb
+            .scheme
+            .descriptor(g, d)
+            .is_none_or(|c| c == u16_at(d, csum::BG_CHECKSUM));
         Ok(Desc {
+            free_blocks: u16_at(d, 0x0C) as u64 | hi16(0x2C),
+            checksum_ok,
+            bitmap_csum: csum::Scheme::recorded_bitmap_csum(d),
             block_bitmap: u32_at(d, 0x00) as u64 | hi(0x20),
             inode_bitmap: u32_at(d, 0x04) as u64 | hi(0x24),
             inode_table: u32_at(d, 0x08) as u64 | hi(0x28),
             flags: u16_at(d, 0x12),
-            itable_unused: u16_at(d, 0x1C) as u64
-                | if sb.desc_size >= 64 {
-                    (u16_at(d, 0x32) as u64) << 16
-                } else {
-                    0
-                },
+            itable_unused: u16_at(d, 0x1C) as u64 | hi16(0x32),
         })
     }
 }
@@ -381,15 +429,223 @@ impl Superblock {
     }
 }
 
+/// Which of the filesystem's own structures a run of blocks holds (for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Meta {
+    Superblock,
+    Descriptors,
+    BlockBitmap,
+    InodeBitmap,
+    InodeTable,
+    Journal,
+}
+
+impl Meta {
+    fn name(self) -> &'static str {
+        match self {
+            Meta::Superblock => "superblock",
+            Meta::Descriptors => "descriptor or reserved GDT blocks",
+            Meta::BlockBitmap => "block bitmap",
+            Meta::InodeBitmap => "inode bitmap",
+            Meta::InodeTable => "inode table",
+            Meta::Journal => "journal",
+        }
+    }
+}
+
+/// A run of blocks that the filesystem's own structures occupy, with its owner group.
+#[derive(Debug, Clone, Copy)]
+struct MetaRun {
+    start: u64,
+    len: u64,
+    what: Meta,
+    group: u64,
+}
+
+impl MetaRun {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    fn describe(&self) -> String {
+        match self.what {
+            Meta::Journal => format!("the journal (block {})", self.start),
+            w => format!(
+                "the {} of group {} (block {})",
+                w.name(),
+                self.group,
+                self.start
+            ),
+        }
+    }
+}
+
+/// The most indirect or extent tree blocks read to find the journal's blocks.
+const MAX_JOURNAL_TREE: u64 = 1 << 16;
+
+impl Superblock {
+    /// The superblock backup, descriptor blocks and reserved GDT blocks inside group `g`,
+    /// exactly where e2fsprogs (`ext2fs_super_and_bgd_loc2`) puts them: a superblock copy
+    /// opens each group that has one; without META_BG (or before s_first_meta_bg) the whole
+    /// descriptor table and the reserved GDT blocks follow it; with META_BG a meta group's
+    /// descriptor block sits in its first, second and last group, after a superblock copy.
+    fn group_layout(&self, g: u64, out: &mut Vec<MetaRun>) {
+        let first = self.group_first_block(g);
+        let has_super = self.has_super(g);
+        let mut push = |start: u64, len: u64, what: Meta| {
+            let len = len.min(self.blocks_count.saturating_sub(start));
+            if len > 0 {
+                out.push(MetaRun {
+                    start,
+                    len,
+                    what,
+                    group: g,
+                });
+            }
+        };
+        if has_super {
+            push(first, 1, Meta::Superblock);
+        }
+        let dpb = self.descs_per_block();
+        if !self.meta_bg() || g / dpb < self.first_meta_bg {
+            if has_super {
+                let old = if self.meta_bg() {
+                    self.first_meta_bg
+                } else {
+                    self.group_count().div_ceil(dpb) + self.reserved_gdt
+                };
+                push(first + 1, old, Meta::Descriptors);
+            }
+        } else if [0, 1, dpb - 1].contains(&(g % dpb)) {
+            push(first + u64::from(has_super), 1, Meta::Descriptors);
+        }
+    }
+
+    /// Why the filesystem's map cannot be trusted before any descriptor is read.
+    fn precheck(&self) -> std::result::Result<(), String> {
+        if let Some(why) = &self.damage {
+            return Err(why.clone());
+        }
+        if self.ro_compat & RO_COMPAT_BIGALLOC != 0 {
+            // Bitmaps count clusters, not blocks.
+            return Err("bigalloc is not supported".into());
+        }
+        if self.inodes_per_group == 0 {
+            return Err("zero inodes per group".into());
+        }
+        if !self.blocks_per_group.is_multiple_of(8) {
+            return Err(format!(
+                "{} blocks per group is not a whole number of bitmap bytes",
+                self.blocks_per_group
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The blocks of the journal inode (data and extent tree or indirect blocks), merged into
+/// runs; empty without an internal journal.
+fn journal_runs(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    descs: &mut DescReader<'_>,
+) -> std::result::Result<Vec<(u64, u64)>, String> {
+    let ino = sb.journal_inum;
+    if sb.compat & COMPAT_HAS_JOURNAL == 0 || ino == 0 {
+        return Ok(Vec::new());
+    }
+    let group = (ino - 1) / sb.inodes_per_group;
+    if group >= sb.group_count() {
+        return Err(format!("journal inode {ino} does not exist"));
+    }
+    let d = descs.get(group)?;
+    let index = (ino - 1) % sb.inodes_per_group;
+    let mut slot = vec![0u8; sb.inode_size as usize];
+    let at = d
+        .inode_table
+        .checked_mul(sb.block_size)
+        .and_then(|b| b.checked_add(index * sb.inode_size))
+        .filter(|&a| a + sb.inode_size <= sb.blocks_count * sb.block_size)
+        .ok_or_else(|| format!("journal inode {ino} lies outside the filesystem"))?;
+    vol.read_at(at, &mut slot)
+        .map_err(|e| format!("reading journal inode {ino}: {e}"))?;
+    let inode = inode::Inode(&slot);
+    if inode.mode() & inode::S_IFMT != inode::S_IFREG || !inode.in_use() {
+        return Err(format!("journal inode {ino} holds no journal"));
+    }
+    let mut blocks: Vec<(u64, u64)> = Vec::new();
+    if inode.flags() & inode::FL_EXTENTS != 0 {
+        inode::walk_extents(vol, sb, inode.root(), MAX_JOURNAL_TREE, &mut |n| match n {
+            inode::Node::Block(b) => blocks.push((b, 1)),
+            inode::Node::Extent(e) => blocks.push((e.start, e.len)),
+        })
+    } else {
+        inode::walk_block_map(vol, sb, inode.root(), MAX_JOURNAL_TREE, &mut |b| {
+            blocks.push((b, 1))
+        })
+    }
+    .map_err(|e| format!("journal inode {ino}: {e}"))?;
+    if blocks.is_empty() {
+        return Err(format!("journal inode {ino} has no blocks"));
+    }
+    blocks.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in blocks {
+        match runs.last_mut() {
+            Some((s, l)) if *s + *l == start => *l += len,
+            Some((s, l)) if *s + *l > start => {
+                return Err(format!(
+                    "journal inode {ino} names block {start} twice (also at {s}+{l})"
+                ));
+            }
+            _ => runs.push((start, len)),
+        }
+    }
+    Ok(runs)
+}
+
+/// Checks that no two of the filesystem's own structures share a block; `runs` ends up sorted
+/// by start and free of overlaps.
+fn check_disjoint(runs: &mut [MetaRun]) -> std::result::Result<(), String> {
+    runs.sort_unstable_by_key(|r| (r.start, r.len));
+    let mut reach: Option<&MetaRun> = None;
+    for r in runs.iter() {
+        if let Some(prev) = reach
+            && prev.end() > r.start
+        {
+            return Err(format!("{} and {} overlap", prev.describe(), r.describe()));
+        }
+        reach = Some(r);
+    }
+    Ok(())
+}
+
+/// Set bits among the first `bits` of `bitmap`.
+fn count_set(bitmap: &[u8], bits: u64) -> u64 {
+    let whole = (bits / 8) as usize;
+    let mut n: u64 = bitmap[..whole].iter().map(|b| b.count_ones() as u64).sum();
+    if !bits.is_multiple_of(8) {
+        n += (bitmap[whole] & ((1u8 << (bits % 8)) - 1)).count_ones() as u64;
+    }
+    n
+}
+
 /// Calls `f(kind, first_block, count)` for every run of blocks the filesystem uses (runs may
 /// overlap and come in any order). `Err` explains why the filesystem's data cannot be
 /// trusted.
+///
+/// Nothing is trusted before it is checked (docs/ALLOCATION.md, "ext: validation before
+/// trusting"): the superblock and descriptor checksums, every structure's location (inside
+/// the filesystem, not overlapping another), each block bitmap's checksum, its free count
+/// against the descriptor's, and the filesystem's own blocks (superblocks, descriptors,
+/// reserved GDT blocks, bitmaps, inode tables, journal) marked used in it.
 pub(crate) fn for_each_used(
     vol: &dyn Volume,
     sb: &Superblock,
     mut f: impl FnMut(Used, u64, u64),
 ) -> std::result::Result<(), String> {
     check_fits(vol, sb)?;
+    sb.precheck()?;
     let bs = sb.block_size;
     // Everything up to the first group (boot sector, superblock) is always kept.
     f(Used::Metadata, 0, sb.first_data_block + 1);
@@ -410,14 +666,29 @@ pub(crate) fn for_each_used(
     };
 
     // Pass 1: metadata of every group (wherever flex_bg placed it) and the superblock areas.
+    let mut meta: Vec<MetaRun> = Vec::new();
     for g in 0..groups {
         let d = descs.get(g)?;
+        if !d.checksum_ok {
+            return Err(format!("group {g}: descriptor checksum mismatch"));
+        }
         check("block bitmap", d.block_bitmap, 1, g)?;
         check("inode bitmap", d.inode_bitmap, 1, g)?;
         check("inode table", d.inode_table, itable_blocks, g)?;
-        f(Used::Metadata, d.block_bitmap, 1);
-        f(Used::Metadata, d.inode_bitmap, 1);
-        f(Used::Metadata, d.inode_table, itable_blocks);
+        for (start, len, what) in [
+            (d.block_bitmap, 1, Meta::BlockBitmap),
+            (d.inode_bitmap, 1, Meta::InodeBitmap),
+            (d.inode_table, itable_blocks, Meta::InodeTable),
+        ] {
+            meta.push(MetaRun {
+                start,
+                len,
+                what,
+                group: g,
+            });
+        }
+        sb.group_layout(g, &mut meta);
+        // A generous estimate of the same areas, kept in the map whatever the checks say.
         let first = sb.group_first_block(g);
         let area = sb
             .super_area_blocks(g)
@@ -425,18 +696,72 @@ pub(crate) fn for_each_used(
         f(Used::Metadata, first, area);
         f(Used::Metadata, sb.desc_block(g), 1);
     }
+    // Locations first: a journal inode found through a misplaced inode table is noise.
+    check_disjoint(&mut meta)?;
+    for (start, len) in journal_runs(vol, sb, &mut descs)? {
+        meta.push(MetaRun {
+            start,
+            len,
+            what: Meta::Journal,
+            group: 0,
+        });
+    }
+    check_disjoint(&mut meta)?;
+    for r in &meta {
+        f(Used::Metadata, r.start, r.len);
+    }
 
-    // Pass 2: the block bitmaps of initialised groups.
+    // Pass 2: the block bitmaps of initialised groups. Without group checksums BLOCK_UNINIT
+    // means nothing (the kernel and e2fsck read the bitmap then too).
+    let honour_uninit = sb.group_checksums();
+    let csum_bytes = (sb.blocks_per_group / 8) as usize;
     let mut bitmap = vec![0u8; bs as usize];
     for g in 0..groups {
         let d = descs.get(g)?;
-        if d.flags & BG_BLOCK_UNINIT != 0 {
+        let first = sb.group_first_block(g);
+        let in_group = sb.blocks_per_group.min(sb.blocks_count - first);
+        let end = first + in_group;
+        let from = meta.partition_point(|r| r.end() <= first);
+        let own = || meta[from..].iter().take_while(|r| r.start < end);
+        if honour_uninit && d.flags & BG_BLOCK_UNINIT != 0 {
+            // No bitmap: the group holds nothing but metadata, and its descriptor must say so
+            // (a group that holds data but claims otherwise would drop that data).
+            let used: u64 = own().map(|r| r.end().min(end) - r.start.max(first)).sum();
+            if in_group - used != d.free_blocks {
+                return Err(format!(
+                    "group {g}: uninitialised, but its descriptor counts {} free blocks of {}, \
+                     not {}",
+                    d.free_blocks,
+                    in_group,
+                    in_group - used
+                ));
+            }
             continue;
         }
         vol.read_at(d.block_bitmap * bs, &mut bitmap)
             .map_err(|e| format!("reading block bitmap of group {g}: {e}"))?;
-        let first = sb.group_first_block(g);
-        let in_group = sb.blocks_per_group.min(sb.blocks_count - first);
+        if !sb.scheme.bitmap_ok(d.bitmap_csum, &bitmap[..csum_bytes]) {
+            return Err(format!("group {g}: block bitmap checksum mismatch"));
+        }
+        let free = in_group - count_set(&bitmap, in_group);
+        if free != d.free_blocks {
+            return Err(format!(
+                "group {g}: its descriptor counts {} free blocks, its bitmap {free}",
+                d.free_blocks
+            ));
+        }
+        // The filesystem's own blocks in this group must be marked used.
+        for r in own() {
+            for b in r.start.max(first)..r.end().min(end) {
+                let i = b - first;
+                if bitmap[(i / 8) as usize] & (1 << (i % 8)) == 0 {
+                    return Err(format!(
+                        "group {g}: the block bitmap marks block {b} of {} free",
+                        r.describe()
+                    ));
+                }
+            }
+        }
         // Walk set bits, marking runs.
         let mut i = 0u64;
         while i < in_group {
@@ -494,6 +819,154 @@ mod tests {
             let vol = Mem(img);
             if let Ok(Some(sb)) = Superblock::read(&vol) {
                 let _ = allocation_map(&vol, &sb, 65536);
+            }
+        }
+    }
+
+    /// A real 4 MiB ext4 (1 KiB blocks, one group, metadata_csum, 64-byte descriptors, a
+    /// journal): tests/fixtures/make-ext4-tracking.sh.
+    fn fixture() -> Vec<u8> {
+        zstd::decode_all(
+            &include_bytes!("../../../tests/fixtures/ext4-tracking-current.img.zst")[..],
+        )
+        .expect("fixture decompresses")
+    }
+
+    /// Group 0's descriptor (block 2) in the fixture.
+    const GD: usize = 2048;
+
+    fn map_of(img: &[u8]) -> std::result::Result<BlockMap, String> {
+        let vol = Mem(img.to_vec());
+        let sb = Superblock::read(&vol).unwrap().unwrap();
+        allocation_map(&vol, &sb, 1024)
+    }
+
+    fn put_u16(img: &mut [u8], at: usize, v: u16) {
+        img[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put_u32(img: &mut [u8], at: usize, v: u32) {
+        img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Recomputes the fixture's block bitmap, descriptor and superblock checksums, so that
+    /// only the damage a test made on purpose remains.
+    fn reseal(img: &mut [u8]) {
+        let sb = Superblock::read(&Mem(img.to_vec())).unwrap().unwrap();
+        let csum::Scheme::Crc32c(seed) = sb.scheme else {
+            panic!("the fixture has metadata_csum");
+        };
+        let bb = u32_at(img, GD) as usize * 1024;
+        let c = crate::probe::crc32::crc32c_update(seed, &img[bb..bb + 1024]);
+        put_u16(img, GD + 0x18, c as u16);
+        put_u16(img, GD + 0x38, (c >> 16) as u16);
+        let d = sb.scheme.descriptor(0, &img[GD..GD + 64]).unwrap();
+        put_u16(img, GD + csum::BG_CHECKSUM, d);
+        let c = crate::probe::crc32::crc32c_update(!0, &img[1024..1024 + csum::SB_CHECKSUM]);
+        put_u32(img, 1024 + csum::SB_CHECKSUM, c);
+    }
+
+    fn expect_err(img: &[u8], needle: &str) {
+        let err = map_of(img).expect_err("damage must not give a map");
+        assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+    }
+
+    #[test]
+    fn the_intact_fixture_is_trusted_and_resealing_changes_nothing() {
+        let img = fixture();
+        let map = map_of(&img).unwrap();
+        let mut again = img.clone();
+        reseal(&mut again);
+        assert!(again == img, "reseal must reproduce the real checksums");
+        // The journal (inode 8) and the inode table are in the map.
+        assert!(map.used_blocks() > 1024 + 32);
+    }
+
+    #[test]
+    fn every_checksum_is_checked() {
+        let img = fixture();
+        // s_free_blocks_count: not used by the map, but covered by the superblock checksum.
+        let mut a = img.clone();
+        a[1024 + 0x0C] ^= 1;
+        expect_err(&a, "superblock checksum mismatch");
+        // bg_free_inodes_count.
+        let mut b = img.clone();
+        b[GD + 0x0E] ^= 1;
+        expect_err(&b, "descriptor checksum mismatch");
+        // One bit of the block bitmap.
+        let mut c = img.clone();
+        let bb = u32_at(&img, GD) as usize * 1024;
+        c[bb + 1000] ^= 0x10;
+        expect_err(&c, "block bitmap checksum mismatch");
+    }
+
+    #[test]
+    fn damage_behind_valid_checksums_is_found() {
+        let img = fixture();
+        let bb = u32_at(&img, GD) as usize;
+        let itable = u32_at(&img, GD + 8) as usize;
+        let free = u16_at(&img, GD + 0x0C);
+
+        // A free count that disagrees with the bitmap.
+        let mut a = img.clone();
+        put_u16(&mut a, GD + 0x0C, free + 1);
+        reseal(&mut a);
+        expect_err(&a, "free blocks");
+
+        // The block bitmap at the superblock, or inside the inode table.
+        for (at, what) in [(1, "superblock"), (itable as u32 + 3, "inode table")] {
+            let mut b = img.clone();
+            put_u32(&mut b, GD, at);
+            reseal(&mut b);
+            expect_err(&b, what);
+        }
+
+        // An inode table block marked free (with a matching free count).
+        let mut c = img.clone();
+        let bit = itable + 2 - 1; // bit i is block first_data_block + i
+        c[bb * 1024 + bit / 8] &= !(1 << (bit % 8));
+        put_u16(&mut c, GD + 0x0C, free + 1);
+        reseal(&mut c);
+        expect_err(&c, "inode table");
+
+        // A group in use claiming to be uninitialised.
+        let mut d = img.clone();
+        let flags = u16_at(&img, GD + 0x12);
+        put_u16(&mut d, GD + 0x12, flags | BG_BLOCK_UNINIT);
+        reseal(&mut d);
+        expect_err(&d, "uninitialised");
+
+        // The journal inode's first extent moved onto the inode table.
+        let mut e = img.clone();
+        let slot = itable * 1024 + 7 * 256;
+        let ext_start = slot + 0x28 + 12 + 8;
+        assert_eq!(
+            u16_at(&img, slot + 0x28),
+            0xF30A,
+            "journal inode has an extent root"
+        );
+        put_u32(&mut e, ext_start, itable as u32 + 1);
+        expect_err(&e, "overlap");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Random bytes anywhere in the first MiB of a real metadata_csum filesystem (its
+        /// superblock, descriptors, bitmaps, inode table, journal, files): either the map is
+        /// refused or it still holds every block the intact filesystem's map holds. Never a
+        /// smaller map.
+        #[test]
+        fn damage_never_shrinks_the_map(
+            patches in proptest::collection::vec((0usize..(1 << 20), any::<u8>()), 1..12),
+        ) {
+            let img = fixture();
+            let intact = map_of(&img).unwrap();
+            let mut bad = img.clone();
+            for (at, v) in patches { bad[at] ^= v | 1; }
+            if let Ok(map) = map_of(&bad) {
+                for b in 0..intact.block_count() {
+                    prop_assert!(!intact.is_used(b) || map.is_used(b), "block {} dropped", b);
+                }
             }
         }
     }
