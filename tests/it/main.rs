@@ -25,3 +25,4 @@ mod probe;
 mod roundtrip;
 mod util;
 mod xfs_btrfs;
+mod xfs_btrfs_damage;
