@@ -364,7 +364,7 @@ fn xfs_random_damage_to_allocation_metadata_never_drops_data() {
             3 => (x.block_at(ag, bno), 128, XfsMeta::Btree),
             _ => (x.block_at(ag, cnt), 128, XfsMeta::Btree),
         };
-        let recrc = rng.below(2) == 0;
+        let recrc = case % 2 == 0;
         let mut hits = Vec::new();
         for _ in 0..1 + rng.below(3) {
             let o = at + rng.below(len);
@@ -534,7 +534,7 @@ fn btrfs_random_damage_to_the_extent_tree_never_drops_data() {
         let damaged = t.join("damaged.img");
         std::fs::copy(&img, &damaged).unwrap();
         let (logical, copies, n) = &blocks[rng.below(blocks.len() as u64) as usize];
-        let recrc = rng.below(2) == 0;
+        let recrc = case % 2 == 0;
         // Mostly the keys and item headers; sometimes the node header or the item data.
         let hits: Vec<(usize, u8)> = (0..1 + rng.below(3))
             .map(|_| {
