@@ -863,86 +863,13 @@ pub fn allocation_map(
     })?;
     let (root, level, generation) = extent_root.ok_or("the root tree has no extent tree")?;
 
-    // The extent tree: every allocated extent, in order and disjoint; tree block extents
-    // remembered; bytes per chunk summed; block group items collected.
-    let mut used = 0u64;
-    let mut extents: Vec<(u64, u64)> = Vec::new();
-    let mut tree_extents: HashSet<u64> = HashSet::new();
-    let mut chunk_used = vec![0u64; chunks.chunks.len()];
-    let mut groups: Vec<(Key, Vec<u8>)> = Vec::new();
+    // The free-space tree, when valid: its free ranges (in order, disjoint) and their bytes
+    // per chunk, for the extents to be checked against.
     let sector = u64::from(sb.sectorsize);
-    trees.walk(&chunks, root, level, generation, &mut |v| {
-        let (logical, len) = match v {
-            Visit::Node(logical) => {
-                read_nodes.push(logical);
-                return mark_logical(&mut map, &chunks, logical, ns);
-            }
-            Visit::Item(key, data) if key.kind == KEY_BLOCK_GROUP_ITEM => {
-                groups.push((key, data.to_vec()));
-                return Ok(());
-            }
-            Visit::Item(key, data) if key.kind == KEY_EXTENT_ITEM => {
-                let tree_block = data.len() >= 24 && le_u64(data, 16) & EXTENT_FLAG_TREE_BLOCK != 0;
-                if tree_block && key.offset == ns {
-                    tree_extents.insert(key.objectid);
-                }
-                (key.objectid, key.offset)
-            }
-            Visit::Item(key, _) if key.kind == KEY_METADATA_ITEM => {
-                tree_extents.insert(key.objectid);
-                (key.objectid, ns)
-            }
-            Visit::Item(..) => return Ok(()),
-        };
-        if len == 0 || !logical.is_multiple_of(sector) || !len.is_multiple_of(sector) {
-            return Err(format!(
-                "extent at logical {logical} (+{len}) is empty or not sector-aligned"
-            ));
-        }
-        if let Some(&(s, l)) = extents.last()
-            && logical < s + l
-        {
-            return Err(format!(
-                "extents at logical {s} (+{l}) and {logical} (+{len}) overlap"
-            ));
-        }
-        let i = chunks.index_of(logical, len)?;
-        mark_logical(&mut map, &chunks, logical, len)?;
-        chunk_used[i] += len;
-        extents.push((logical, len));
-        used = used.saturating_add(len);
-        Ok(())
-    })?;
-    if used != sb.bytes_used {
-        return Err(format!(
-            "the extent tree holds {used} bytes of extents, the superblock counts {}",
-            sb.bytes_used
-        ));
-    }
-
-    // Block group items: in the block group tree when the filesystem has one.
-    if sb.compat_ro & COMPAT_RO_BLOCK_GROUP_TREE != 0 {
-        let (root, level, generation) = bg_root.ok_or("the root tree has no block group tree")?;
-        trees.walk(&chunks, root, level, generation, &mut |v| {
-            match v {
-                Visit::Node(logical) => {
-                    read_nodes.push(logical);
-                    mark_logical(&mut map, &chunks, logical, ns)?
-                }
-                Visit::Item(key, data) if key.kind == KEY_BLOCK_GROUP_ITEM => {
-                    groups.push((key, data.to_vec()))
-                }
-                Visit::Item(..) => {}
-            }
-            Ok(())
-        })?;
-    }
-    check_block_groups(&chunks, &groups, &chunk_used)?;
-
-    // The free-space tree, when valid: free space and extents must tile each block group.
-    if sb.compat_ro & COMPAT_RO_FST == COMPAT_RO_FST {
+    let fst = if sb.compat_ro & COMPAT_RO_FST == COMPAT_RO_FST {
         let (root, level, generation) = fst_root.ok_or("the root tree has no free-space tree")?;
-        let mut free = vec![0u64; chunks.chunks.len()];
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut per_chunk = vec![0u64; chunks.chunks.len()];
         let mut add_free = |start: u64, len: u64| -> std::result::Result<(), String> {
             let i = match chunks.index_of(start, len) {
                 Ok(i) => i,
@@ -951,16 +878,15 @@ pub fn allocation_map(
                 Err(_) if !chunks.touches(start, len) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let k = extents.partition_point(|&(s, l)| s + l <= start);
-            if let Some(&(s, l)) = extents.get(k)
-                && s < start + len
+            if let Some(&(s, l)) = ranges.last()
+                && start < s + l
             {
                 return Err(format!(
-                    "the free-space tree lists logical {start} (+{len}) as free, but the extent \
-                     at {s} (+{l}) is allocated"
+                    "the free-space tree's ranges at {s} (+{l}) and {start} (+{len}) overlap"
                 ));
             }
-            free[i] += len;
+            ranges.push((start, len));
+            per_chunk[i] += len;
             Ok(())
         };
         trees.walk(&chunks, root, level, generation, &mut |v| {
@@ -1000,6 +926,103 @@ pub fn allocation_map(
             }
             Ok(())
         })?;
+        Some((ranges, per_chunk))
+    } else {
+        None
+    };
+
+    // The extent tree: every allocated extent, in order and disjoint; tree block extents
+    // remembered; bytes per chunk summed; block group items collected.
+    let mut used = 0u64;
+    let mut last_extent: Option<(u64, u64)> = None;
+    // The first free range that may still meet an extent.
+    let mut next_free = 0usize;
+    let mut tree_extents: HashSet<u64> = HashSet::new();
+    let mut chunk_used = vec![0u64; chunks.chunks.len()];
+    let mut groups: Vec<(Key, Vec<u8>)> = Vec::new();
+    trees.walk(&chunks, root, level, generation, &mut |v| {
+        let (logical, len) = match v {
+            Visit::Node(logical) => {
+                read_nodes.push(logical);
+                return mark_logical(&mut map, &chunks, logical, ns);
+            }
+            Visit::Item(key, data) if key.kind == KEY_BLOCK_GROUP_ITEM => {
+                groups.push((key, data.to_vec()));
+                return Ok(());
+            }
+            Visit::Item(key, data) if key.kind == KEY_EXTENT_ITEM => {
+                let tree_block = data.len() >= 24 && le_u64(data, 16) & EXTENT_FLAG_TREE_BLOCK != 0;
+                if tree_block && key.offset == ns {
+                    tree_extents.insert(key.objectid);
+                }
+                (key.objectid, key.offset)
+            }
+            Visit::Item(key, _) if key.kind == KEY_METADATA_ITEM => {
+                tree_extents.insert(key.objectid);
+                (key.objectid, ns)
+            }
+            Visit::Item(..) => return Ok(()),
+        };
+        if len == 0 || !logical.is_multiple_of(sector) || !len.is_multiple_of(sector) {
+            return Err(format!(
+                "extent at logical {logical} (+{len}) is empty or not sector-aligned"
+            ));
+        }
+        if let Some((s, l)) = last_extent
+            && logical < s + l
+        {
+            return Err(format!(
+                "extents at logical {s} (+{l}) and {logical} (+{len}) overlap"
+            ));
+        }
+        if let Some((free, _)) = &fst {
+            while free.get(next_free).is_some_and(|&(s, l)| s + l <= logical) {
+                next_free += 1;
+            }
+            if let Some(&(s, l)) = free.get(next_free)
+                && s < logical + len
+            {
+                return Err(format!(
+                    "the free-space tree lists logical {s} (+{l}) as free, but the extent at \
+                     {logical} (+{len}) is allocated"
+                ));
+            }
+        }
+        let i = chunks.index_of(logical, len)?;
+        mark_logical(&mut map, &chunks, logical, len)?;
+        chunk_used[i] += len;
+        last_extent = Some((logical, len));
+        used = used.saturating_add(len);
+        Ok(())
+    })?;
+    if used != sb.bytes_used {
+        return Err(format!(
+            "the extent tree holds {used} bytes of extents, the superblock counts {}",
+            sb.bytes_used
+        ));
+    }
+
+    // Block group items: in the block group tree when the filesystem has one.
+    if sb.compat_ro & COMPAT_RO_BLOCK_GROUP_TREE != 0 {
+        let (root, level, generation) = bg_root.ok_or("the root tree has no block group tree")?;
+        trees.walk(&chunks, root, level, generation, &mut |v| {
+            match v {
+                Visit::Node(logical) => {
+                    read_nodes.push(logical);
+                    mark_logical(&mut map, &chunks, logical, ns)?
+                }
+                Visit::Item(key, data) if key.kind == KEY_BLOCK_GROUP_ITEM => {
+                    groups.push((key, data.to_vec()))
+                }
+                Visit::Item(..) => {}
+            }
+            Ok(())
+        })?;
+    }
+    check_block_groups(&chunks, &groups, &chunk_used)?;
+
+    // Extents and free space must tile each block group.
+    if let Some((_, free)) = &fst {
         for (i, c) in chunks.chunks.iter().enumerate() {
             // The kernel records a new block group as wholly free, superblock copies
             // included (only its in-memory cache leaves them out).
