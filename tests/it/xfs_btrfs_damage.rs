@@ -438,11 +438,11 @@ fn nodesize(img: &Path) -> usize {
 }
 
 /// A change to a tree block's bytes.
-type Patch = dyn Fn(&mut [u8]);
+type Patch<'a> = dyn Fn(&mut [u8]) + 'a;
 
 /// Applies `f` to the tree block at each physical copy, then (with `recrc`) recomputes its
 /// CRC-32C.
-fn patch_tree_block(img: &Path, copies: &[u64], ns: usize, recrc: bool, f: &Patch) {
+fn patch_tree_block(img: &Path, copies: &[u64], ns: usize, recrc: bool, f: &Patch<'_>) {
     for &at in copies {
         let mut b = read_bytes(img, at, ns);
         f(&mut b);
@@ -496,7 +496,7 @@ fn btrfs_damaged_extent_tree_leaf_is_not_trusted() {
         let moved = le64(b, o) + 4096;
         b[o..o + 8].copy_from_slice(&moved.to_le_bytes());
     };
-    let cases: [(&str, bool, &Patch, &str); 3] = [
+    let cases: [(&str, bool, &Patch<'_>, &str); 3] = [
         ("stale CRC", false, &shorten, "checksum mismatch"),
         ("recomputed CRC", true, &shorten, "the superblock counts"),
         ("extent moved", true, &shift, "allocation data is unusable"),
