@@ -77,7 +77,19 @@ const KEY_EXTENT_ITEM: u8 = 168;
 const KEY_METADATA_ITEM: u8 = 169;
 const KEY_DEV_ITEM: u8 = 216;
 const KEY_CHUNK_ITEM: u8 = 228;
+const KEY_BLOCK_GROUP_ITEM: u8 = 192;
+const KEY_FREE_SPACE_EXTENT: u8 = 199;
+const KEY_FREE_SPACE_BITMAP: u8 = 200;
 const EXTENT_TREE_OBJECTID: u64 = 2;
+const FREE_SPACE_TREE_OBJECTID: u64 = 10;
+const BLOCK_GROUP_TREE_OBJECTID: u64 = 11;
+/// Extent item flag of a tree block (in non-skinny EXTENT_ITEMs: flags u64 @16).
+const EXTENT_FLAG_TREE_BLOCK: u64 = 2;
+/// Block group type bits: DATA, SYSTEM, METADATA.
+const BG_TYPE_MASK: u64 = 0x7;
+/// compat_ro FREE_SPACE_TREE and FREE_SPACE_TREE_VALID: the free-space tree is trustworthy.
+const COMPAT_RO_FST: u64 = 0x3;
+const COMPAT_RO_BLOCK_GROUP_TREE: u64 = 0x8;
 
 const BG_DUP: u64 = 1 << 5;
 /// RAID0, RAID1, DUP, RAID10, RAID5, RAID6, RAID1C3, RAID1C4.
@@ -395,6 +407,8 @@ impl Key {
 struct Chunk {
     logical: u64,
     length: u64,
+    /// Block group flags (type and profile).
+    flags: u64,
     /// Physical offsets of its copies on this device (one for SINGLE, two for DUP).
     stripes: Vec<u64>,
 }
@@ -460,6 +474,7 @@ fn parse_chunk(
     Ok(Chunk {
         logical,
         length,
+        flags,
         stripes,
     })
 }
@@ -486,10 +501,24 @@ impl ChunkMap {
 
     /// The chunk holding all of `[logical, logical+len)`.
     fn lookup(&self, logical: u64, len: u64) -> std::result::Result<&Chunk, String> {
+        self.index_of(logical, len).map(|i| &self.chunks[i])
+    }
+
+    /// Whether any chunk overlaps `[logical, logical+len)`.
+    fn touches(&self, logical: u64, len: u64) -> bool {
+        let end = logical.saturating_add(len);
+        let i = self
+            .chunks
+            .partition_point(|c| c.logical + c.length <= logical);
+        self.chunks.get(i).is_some_and(|c| c.logical < end)
+    }
+
+    /// The index of the chunk holding all of `[logical, logical+len)`.
+    fn index_of(&self, logical: u64, len: u64) -> std::result::Result<usize, String> {
         let i = self.chunks.partition_point(|c| c.logical <= logical);
         i.checked_sub(1)
-            .and_then(|i| self.chunks.get(i))
-            .filter(|c| {
+            .filter(|&i| {
+                let c = &self.chunks[i];
                 logical
                     .checked_add(len)
                     .is_some_and(|e| e <= c.logical + c.length)
@@ -609,6 +638,12 @@ impl Trees<'_> {
             return Err(format!(
                 "{what}: generation {}, expected {generation}",
                 le_u64(b, 0x50)
+            ));
+        }
+        if generation > self.sb.generation {
+            return Err(format!(
+                "{what}: generation {generation} is newer than the superblock's ({})",
+                self.sb.generation
             ));
         }
         let n = le_u32(b, 0x60) as usize;
@@ -732,6 +767,12 @@ pub fn allocation_map(
             map.mark_bytes(m, SB_LEN as u64);
         }
     }
+    if sb.chunk_root_generation > sb.generation {
+        return Err(format!(
+            "the chunk root's generation {} is newer than the superblock's ({})",
+            sb.chunk_root_generation, sb.generation
+        ));
+    }
     let mut trees = Trees {
         vol,
         sb,
@@ -739,6 +780,8 @@ pub fn allocation_map(
         nodes_read: 0,
         max_nodes: dev_size / ns + 1,
     };
+    // Every tree block read: the extent tree must account for each of them.
+    let mut read_nodes: Vec<u64> = Vec::new();
     // The chunk tree, read through the SYSTEM chunks.
     let sys = sys_chunks(sb)?;
     let mut chunks = Vec::new();
@@ -750,7 +793,10 @@ pub fn allocation_map(
         sb.chunk_root_generation,
         &mut |v| {
             match v {
-                Visit::Node(logical) => mark_logical(&mut map, &sys, logical, ns)?,
+                Visit::Node(logical) => {
+                    read_nodes.push(logical);
+                    mark_logical(&mut map, &sys, logical, ns)?
+                }
                 Visit::Item(key, data) if key.kind == KEY_CHUNK_ITEM => {
                     chunks.push(parse_chunk(data, key.offset, sb.devid, dev_size)?)
                 }
@@ -766,19 +812,50 @@ pub fn allocation_map(
         ));
     }
     let chunks = ChunkMap::from_vec(chunks)?;
+    // The superblock's copy of the SYSTEM chunks must be the chunk tree's.
+    for c in &sys.chunks {
+        let same = chunks.lookup(c.logical, c.length).is_ok_and(|t| {
+            t.logical == c.logical
+                && t.length == c.length
+                && t.flags == c.flags
+                && t.stripes == c.stripes
+        });
+        if !same {
+            return Err(format!(
+                "the system chunk at logical {} differs from the chunk tree's",
+                c.logical
+            ));
+        }
+    }
 
-    // The root tree, for the extent tree's root.
+    // The root tree, for the roots of the extent, free-space and block group trees.
     let mut extent_root = None;
+    let mut fst_root = None;
+    let mut bg_root = None;
     trees.walk(&chunks, sb.root, sb.root_level, sb.generation, &mut |v| {
         match v {
-            Visit::Node(logical) => mark_logical(&mut map, &chunks, logical, ns)?,
-            Visit::Item(key, data)
-                if key.objectid == EXTENT_TREE_OBJECTID && key.kind == KEY_ROOT_ITEM =>
-            {
+            Visit::Node(logical) => {
+                read_nodes.push(logical);
+                mark_logical(&mut map, &chunks, logical, ns)?
+            }
+            Visit::Item(key, data) if key.kind == KEY_ROOT_ITEM => {
+                let slot = match key.objectid {
+                    EXTENT_TREE_OBJECTID => &mut extent_root,
+                    FREE_SPACE_TREE_OBJECTID => &mut fst_root,
+                    BLOCK_GROUP_TREE_OBJECTID => &mut bg_root,
+                    _ => return Ok(()),
+                };
                 if data.len() < ROOT_ITEM_MIN_LEN {
-                    return Err("extent tree root item is too short".into());
+                    return Err(format!("root item of tree {} is too short", key.objectid));
                 }
-                extent_root = Some((le_u64(data, 176), data[238], le_u64(data, 160)));
+                let generation = le_u64(data, 160);
+                if generation > sb.generation {
+                    return Err(format!(
+                        "tree {} has generation {generation}, newer than the superblock's ({})",
+                        key.objectid, sb.generation
+                    ));
+                }
+                *slot = Some((le_u64(data, 176), data[238], generation));
             }
             Visit::Item(..) => {}
         }
@@ -786,19 +863,135 @@ pub fn allocation_map(
     })?;
     let (root, level, generation) = extent_root.ok_or("the root tree has no extent tree")?;
 
-    // The extent tree: every allocated extent.
+    // The free-space tree, when valid: its free ranges (in order, disjoint) and their bytes
+    // per chunk, for the extents to be checked against.
+    let sector = u64::from(sb.sectorsize);
+    let fst = if sb.compat_ro & COMPAT_RO_FST == COMPAT_RO_FST {
+        let (root, level, generation) = fst_root.ok_or("the root tree has no free-space tree")?;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut per_chunk = vec![0u64; chunks.chunks.len()];
+        let mut add_free = |start: u64, len: u64| -> std::result::Result<(), String> {
+            let i = match chunks.index_of(start, len) {
+                Ok(i) => i,
+                // mkfs.btrfs (6.2 at least) leaves the free space of the temporary block
+                // groups it removes in the tree: a range no chunk touches describes nothing.
+                Err(_) if !chunks.touches(start, len) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if let Some(&(s, l)) = ranges.last()
+                && start < s + l
+            {
+                return Err(format!(
+                    "the free-space tree's ranges at {s} (+{l}) and {start} (+{len}) overlap"
+                ));
+            }
+            ranges.push((start, len));
+            per_chunk[i] += len;
+            Ok(())
+        };
+        trees.walk(&chunks, root, level, generation, &mut |v| {
+            match v {
+                Visit::Node(logical) => {
+                    read_nodes.push(logical);
+                    mark_logical(&mut map, &chunks, logical, ns)?
+                }
+                Visit::Item(key, _) if key.kind == KEY_FREE_SPACE_EXTENT => {
+                    if key.offset == 0 {
+                        return Err(format!("free-space extent at {} is empty", key.objectid));
+                    }
+                    add_free(key.objectid, key.offset)?
+                }
+                Visit::Item(key, data) if key.kind == KEY_FREE_SPACE_BITMAP => {
+                    let bits = key.offset / sector;
+                    if bits == 0 || (data.len() as u64) < bits.div_ceil(8) {
+                        return Err(format!(
+                            "free-space bitmap at {} is shorter than its range",
+                            key.objectid
+                        ));
+                    }
+                    let mut run: Option<u64> = None;
+                    for b in 0..=bits {
+                        let set = b < bits && data[(b / 8) as usize] & (1 << (b % 8)) != 0;
+                        match (set, run) {
+                            (true, None) => run = Some(b),
+                            (false, Some(r)) => {
+                                add_free(key.objectid + r * sector, (b - r) * sector)?;
+                                run = None;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Visit::Item(..) => {}
+            }
+            Ok(())
+        })?;
+        Some((ranges, per_chunk))
+    } else {
+        None
+    };
+
+    // The extent tree: every allocated extent, in order and disjoint; tree block extents
+    // remembered; bytes per chunk summed; block group items collected.
     let mut used = 0u64;
+    let mut last_extent: Option<(u64, u64)> = None;
+    // The first free range that may still meet an extent.
+    let mut next_free = 0usize;
+    let mut tree_extents: HashSet<u64> = HashSet::new();
+    let mut chunk_used = vec![0u64; chunks.chunks.len()];
+    let mut groups: Vec<(Key, Vec<u8>)> = Vec::new();
     trees.walk(&chunks, root, level, generation, &mut |v| {
         let (logical, len) = match v {
-            Visit::Node(logical) => return mark_logical(&mut map, &chunks, logical, ns),
-            Visit::Item(key, _) if key.kind == KEY_EXTENT_ITEM => (key.objectid, key.offset),
-            Visit::Item(key, _) if key.kind == KEY_METADATA_ITEM => (key.objectid, ns),
+            Visit::Node(logical) => {
+                read_nodes.push(logical);
+                return mark_logical(&mut map, &chunks, logical, ns);
+            }
+            Visit::Item(key, data) if key.kind == KEY_BLOCK_GROUP_ITEM => {
+                groups.push((key, data.to_vec()));
+                return Ok(());
+            }
+            Visit::Item(key, data) if key.kind == KEY_EXTENT_ITEM => {
+                let tree_block = data.len() >= 24 && le_u64(data, 16) & EXTENT_FLAG_TREE_BLOCK != 0;
+                if tree_block && key.offset == ns {
+                    tree_extents.insert(key.objectid);
+                }
+                (key.objectid, key.offset)
+            }
+            Visit::Item(key, _) if key.kind == KEY_METADATA_ITEM => {
+                tree_extents.insert(key.objectid);
+                (key.objectid, ns)
+            }
             Visit::Item(..) => return Ok(()),
         };
-        if len == 0 {
-            return Err(format!("extent at logical {logical} has length 0"));
+        if len == 0 || !logical.is_multiple_of(sector) || !len.is_multiple_of(sector) {
+            return Err(format!(
+                "extent at logical {logical} (+{len}) is empty or not sector-aligned"
+            ));
         }
+        if let Some((s, l)) = last_extent
+            && logical < s + l
+        {
+            return Err(format!(
+                "extents at logical {s} (+{l}) and {logical} (+{len}) overlap"
+            ));
+        }
+        if let Some((free, _)) = &fst {
+            while free.get(next_free).is_some_and(|&(s, l)| s + l <= logical) {
+                next_free += 1;
+            }
+            if let Some(&(s, l)) = free.get(next_free)
+                && s < logical + len
+            {
+                return Err(format!(
+                    "the free-space tree lists logical {s} (+{l}) as free, but the extent at \
+                     {logical} (+{len}) is allocated"
+                ));
+            }
+        }
+        let i = chunks.index_of(logical, len)?;
         mark_logical(&mut map, &chunks, logical, len)?;
+        chunk_used[i] += len;
+        last_extent = Some((logical, len));
         used = used.saturating_add(len);
         Ok(())
     })?;
@@ -808,7 +1001,92 @@ pub fn allocation_map(
             sb.bytes_used
         ));
     }
+
+    // Block group items: in the block group tree when the filesystem has one.
+    if sb.compat_ro & COMPAT_RO_BLOCK_GROUP_TREE != 0 {
+        let (root, level, generation) = bg_root.ok_or("the root tree has no block group tree")?;
+        trees.walk(&chunks, root, level, generation, &mut |v| {
+            match v {
+                Visit::Node(logical) => {
+                    read_nodes.push(logical);
+                    mark_logical(&mut map, &chunks, logical, ns)?
+                }
+                Visit::Item(key, data) if key.kind == KEY_BLOCK_GROUP_ITEM => {
+                    groups.push((key, data.to_vec()))
+                }
+                Visit::Item(..) => {}
+            }
+            Ok(())
+        })?;
+    }
+    check_block_groups(&chunks, &groups, &chunk_used)?;
+
+    // Extents and free space must tile each block group.
+    if let Some((_, free)) = &fst {
+        for (i, c) in chunks.chunks.iter().enumerate() {
+            // The kernel records a new block group as wholly free, superblock copies
+            // included (only its in-memory cache leaves them out).
+            let accounted = chunk_used[i] + free[i];
+            if accounted != c.length {
+                return Err(format!(
+                    "block group at logical {}: {} bytes of extents and {} free make {accounted} \
+                     of its {} bytes",
+                    c.logical, chunk_used[i], free[i], c.length
+                ));
+            }
+        }
+    }
+
+    // Every tree block read lies in an extent the extent tree lists as a tree block.
+    for logical in read_nodes {
+        if !tree_extents.contains(&logical) {
+            return Err(format!(
+                "tree block {logical} is not allocated in the extent tree"
+            ));
+        }
+    }
     Ok(map)
+}
+
+/// Checks that each chunk has one block group item of the same range and type, whose `used`
+/// counter equals the bytes of extents the extent tree lists in it. Block group item: used
+/// u64 @0, chunk_objectid u64 @8, flags u64 @16; key (start, 192, length).
+fn check_block_groups(
+    chunks: &ChunkMap,
+    groups: &[(Key, Vec<u8>)],
+    chunk_used: &[u64],
+) -> std::result::Result<(), String> {
+    if groups.len() != chunks.chunks.len() {
+        return Err(format!(
+            "{} block group items for {} chunks",
+            groups.len(),
+            chunks.chunks.len()
+        ));
+    }
+    for (key, data) in groups {
+        let what = format!("block group at logical {}", key.objectid);
+        if data.len() < 24 {
+            return Err(format!("{what}: item too short"));
+        }
+        let i = chunks
+            .index_of(key.objectid, key.offset.max(1))
+            .map_err(|e| format!("{what}: {e}"))?;
+        let c = &chunks.chunks[i];
+        if c.logical != key.objectid || c.length != key.offset {
+            return Err(format!("{what}: its range differs from its chunk's"));
+        }
+        let (bg_used, flags) = (le_u64(data, 0), le_u64(data, 16));
+        if flags & BG_TYPE_MASK != c.flags & BG_TYPE_MASK {
+            return Err(format!("{what}: its type differs from its chunk's"));
+        }
+        if bg_used != chunk_used[i] {
+            return Err(format!(
+                "{what}: it counts {bg_used} bytes used, the extent tree lists {}",
+                chunk_used[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -980,7 +1258,16 @@ mod tests {
                 .iter()
                 .map(|&b| (key(b, KEY_METADATA_ITEM, 0), vec![1; 33])),
         );
-        items.push((key(DATA, 192, 2 * MIB), vec![0; 24])); // a block group item
+        // Block group items: used bytes, chunk objectid, flags.
+        let bg = |used: u64, flags: u64| [used, 256, flags].map(u64::to_le_bytes).concat();
+        items.push((key(SYS, KEY_BLOCK_GROUP_ITEM, MIB), bg(NS as u64, 2)));
+        let meta_used = tree_blocks.len() as u64 * NS as u64;
+        items.push((
+            key(META, KEY_BLOCK_GROUP_ITEM, MIB),
+            bg(meta_used, 4 | BG_DUP),
+        ));
+        let data_used = EXTENTS.iter().map(|e| e.1).sum();
+        items.push((key(DATA, KEY_BLOCK_GROUP_ITEM, 2 * MIB), bg(data_used, 1)));
         items.extend(
             EXTENTS
                 .iter()
@@ -1141,6 +1428,81 @@ mod tests {
         img[sb_at + 0x100] ^= 1;
         let err = map_of(img).unwrap_err();
         assert!(err.contains("superblock: checksum mismatch"), "{err}");
+    }
+
+    /// The unsplit image with the extent tree leaf's item `from` given key `to` (and its
+    /// data patched by `data`), checksum recomputed.
+    fn with_extent_item(from: Key, to: Key, data: &dyn Fn(&mut [u8])) -> Vec<u8> {
+        let mut img = image(false);
+        let at = (META_PHYS[0] + NS as u64) as usize;
+        let mut b = img[at..at + NS].to_vec();
+        let n = le_u32(&b, 0x60) as usize;
+        let i = (0..n)
+            .find(|&i| Key::at(&b, HEADER_LEN + i * ITEM_LEN) == from)
+            .unwrap();
+        let o = HEADER_LEN + i * ITEM_LEN;
+        put(&mut b, o, &key_bytes(to));
+        let off = HEADER_LEN + le_u32(&b, o + KEY_LEN) as usize;
+        let size = le_u32(&b, o + KEY_LEN + 4) as usize;
+        data(&mut b[off..off + size]);
+        let c = crc32c(&b[CSUM_LEN..]);
+        put(&mut b, 0, &c.to_le_bytes());
+        write_meta(&mut img, META + NS as u64, &b);
+        img
+    }
+
+    #[test]
+    fn the_extent_tree_must_agree_with_itself_and_the_trees_read() {
+        let ext = |l: u64, n: u64| key(l, KEY_EXTENT_ITEM, n);
+        let meta = |l: u64| key(l, KEY_METADATA_ITEM, 0);
+        let bg = |l: u64, n: u64| key(l, KEY_BLOCK_GROUP_ITEM, n);
+        let none = |_: &mut [u8]| {};
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            // The second data extent moved onto the first.
+            (
+                with_extent_item(ext(DATA + 65536, 4096), ext(DATA + 4096, 4096), &none),
+                "overlap",
+            ),
+            // Not sector-aligned.
+            (
+                with_extent_item(
+                    ext(DATA + 65536, 4096),
+                    ext(DATA + 65536 + 512, 4096),
+                    &none,
+                ),
+                "not sector-aligned",
+            ),
+            // The extent tree root's own item moved elsewhere.
+            (
+                with_extent_item(meta(META + 4096), meta(META + 20480), &none),
+                "tree block 16781312 is not allocated",
+            ),
+            // A block group counter that disagrees.
+            (
+                with_extent_item(bg(DATA, 2 * MIB), bg(DATA, 2 * MIB), &|d| d[0] ^= 0x10),
+                "counts 12304 bytes used, the extent tree lists 12288",
+            ),
+            // A block group of the wrong type.
+            (
+                with_extent_item(bg(DATA, 2 * MIB), bg(DATA, 2 * MIB), &|d| d[16] = 4),
+                "type differs",
+            ),
+            // A block group that is not its chunk's range.
+            (
+                with_extent_item(bg(DATA, 2 * MIB), bg(DATA, MIB), &none),
+                "range differs",
+            ),
+        ];
+        for (img, want) in cases {
+            let err = map_of(img).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // A tree block newer than the superblock.
+        let mut img = image(false);
+        put(&mut img, SB_OFFSET as usize + 0x48, &6u64.to_le_bytes());
+        set_sb_csum(&mut img);
+        let err = map_of(img).unwrap_err();
+        assert!(err.contains("newer than the superblock's"), "{err}");
     }
 
     #[test]

@@ -45,11 +45,22 @@ const AGF_MAGIC: &[u8; 4] = b"XAGF";
 /// bnobt block magic, v4 (`XFS_ABTB_MAGIC`) and v5 with CRC (`XFS_ABTB_CRC_MAGIC`).
 const BNOBT_MAGIC_V4: &[u8; 4] = b"ABTB";
 const BNOBT_MAGIC_V5: &[u8; 4] = b"AB3B";
+/// cntbt (free space by size) block magic, v4 (`XFS_ABTC_MAGIC`) and v5
+/// (`XFS_ABTC_CRC_MAGIC`).
+const CNTBT_MAGIC_V4: &[u8; 4] = b"ABTC";
+const CNTBT_MAGIC_V5: &[u8; 4] = b"AB3C";
+/// AGI magic (`XFS_AGI_MAGIC`) and AGFL magic (`XFS_AGFL_MAGIC`, v5 only).
+const AGI_MAGIC: &[u8; 4] = b"XAGI";
+const AGFL_MAGIC: &[u8; 4] = b"XAFL";
 
 /// Bytes of the superblock that [`Superblock::parse`] needs (the v5 fields end at 264).
 pub const SB_PARSE_LEN: usize = 512;
 const SB_CRC_OFF: usize = 224;
 const AGF_CRC_OFF: usize = 216;
+const AGI_CRC_OFF: usize = 312;
+const AGFL_CRC_OFF: usize = 32;
+/// v5 AGFL header: magic, seqno, uuid, lsn, crc; the block numbers follow.
+const AGFL_HDR_V5: usize = 36;
 const BTREE_CRC_OFF: usize = 52;
 const BTREE_HDR_V4: usize = 16;
 const BTREE_HDR_V5: usize = 56;
@@ -65,6 +76,9 @@ const INCOMPAT_META_UUID: u32 = 0x4;
 const INCOMPAT_NEEDSREPAIR: u32 = 0x10;
 /// v5 read-only-compatible features: FINOBT, RMAPBT, REFLINK, INOBTCNT.
 const RO_COMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8;
+const RO_COMPAT_FINOBT: u32 = 0x1;
+const RO_COMPAT_RMAPBT: u32 = 0x2;
+const RO_COMPAT_REFLINK: u32 = 0x4;
 
 /// The fields of an XFS superblock that the probe and the map need.
 #[derive(Debug, Clone)]
@@ -493,27 +507,91 @@ pub fn allocation_map(
         check_log_clean(vol, sb, start, len)?;
         map.mark_bytes(start, len);
     }
-    let mut block = vec![0u8; sb.block_size as usize];
     for ag in 0..sb.agcount {
-        map_ag(vol, sb, ag, &mut map, &mut block)?;
+        map_ag(vol, sb, ag, &mut map)?;
     }
     Ok(map)
 }
 
-/// Marks the used blocks of AG `ag`: everything its bnobt does not list as free.
-fn map_ag(
+/// An AG's header sectors, checked: what the map must treat as used whatever the free-space
+/// trees say, and the roots of the two free-space trees.
+struct AgHeaders {
+    /// AGF `freeblks` and `longest`.
+    freeblks: u64,
+    longest: u64,
+    /// (root, levels) of the bnobt and of the cntbt.
+    bno: (u64, u32),
+    cnt: (u64, u32),
+    /// AG block ranges `[start, end)` that cannot be free: the header sectors, every btree
+    /// root the AGF and AGI name, the blocks on the AGFL, the internal log's part in this AG.
+    in_use: Vec<(u64, u64)>,
+}
+
+/// Reads sector `index` of AG `ag`.
+fn read_sector(
     vol: &dyn Volume,
     sb: &Superblock,
     ag: u64,
-    map: &mut BlockMap,
-    block: &mut [u8],
+    index: u64,
+    what: &str,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut s = vec![0u8; sb.sect_size as usize];
+    let at = ag * sb.agblocks * sb.block_size + index * sb.sect_size;
+    vol.read_at(at, &mut s)
+        .map_err(|e| format!("reading the {what} of AG {ag}: {e}"))?;
+    Ok(s)
+}
+
+/// Checks a (root, levels) pair an AG header gives for one of its btrees.
+fn check_root(
+    what: &str,
+    tree: &str,
+    root: u64,
+    levels: u32,
+    headers: u64,
+    len: u64,
 ) -> std::result::Result<(), String> {
-    let bs = sb.block_size;
+    if !(1..=MAX_LEVELS).contains(&levels) {
+        return Err(format!("{what}: {tree} has {levels} levels"));
+    }
+    if root < headers || root >= len {
+        return Err(format!("{what}: {tree} root {root} is outside the AG"));
+    }
+    Ok(())
+}
+
+/// Reads and checks the superblock copy (AGs after the first), AGF, AGI and AGFL of AG `ag`.
+fn read_ag_headers(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ag: u64,
+) -> std::result::Result<AgHeaders, String> {
     let len = sb.ag_len(ag);
-    let base = ag * sb.agblocks * bs;
-    let mut agf = vec![0u8; sb.sect_size as usize];
-    vol.read_at(base + sb.sect_size, &mut agf)
-        .map_err(|e| format!("reading the AGF of AG {ag}: {e}"))?;
+    // The AG headers (four sectors) come first; nothing before them can be free.
+    let headers = (4 * sb.sect_size).div_ceil(sb.block_size);
+    let mut in_use = vec![(0, headers)];
+    if ag > 0 {
+        let s = read_sector(vol, sb, ag, 0, "superblock copy")?;
+        let what = format!("superblock copy of AG {ag}");
+        if s[0..4] != *MAGIC {
+            return Err(format!("{what}: bad magic"));
+        }
+        if sb.crc() {
+            check_crc(&what, &s, SB_CRC_OFF)?;
+        }
+        // What never changes (growing the filesystem changes dblocks and agcount, and old
+        // kernels did not update the copies).
+        let same = be_u32(&s, 4) == sb.block_size as u32
+            && u64::from(be_u32(&s, 84)) == sb.agblocks
+            && uuid_at(&s, 32) == sb.uuid;
+        if !same {
+            return Err(format!(
+                "{what}: block size, AG size or UUID differs from the primary superblock's"
+            ));
+        }
+    }
+
+    let agf = read_sector(vol, sb, ag, 1, "AGF")?;
     let what = format!("AGF of AG {ag}");
     if agf[0..4] != *AGF_MAGIC {
         return Err(format!("{what}: bad magic"));
@@ -531,61 +609,161 @@ fn map_ag(
              {len})"
         ));
     }
-    let root = u64::from(be_u32(&agf, 16));
-    let levels = be_u32(&agf, 28);
-    let freeblks = u64::from(be_u32(&agf, 52));
-    if !(1..=MAX_LEVELS).contains(&levels) {
-        return Err(format!("{what}: free-space btree has {levels} levels"));
+    let bno = (u64::from(be_u32(&agf, 16)), be_u32(&agf, 28));
+    let cnt = (u64::from(be_u32(&agf, 20)), be_u32(&agf, 32));
+    check_root(&what, "free-space btree", bno.0, bno.1, headers, len)?;
+    check_root(
+        &what,
+        "by-size free-space btree",
+        cnt.0,
+        cnt.1,
+        headers,
+        len,
+    )?;
+    let mut roots = vec![bno.0, cnt.0];
+    if sb.ro_compat & RO_COMPAT_RMAPBT != 0 {
+        let (root, levels) = (u64::from(be_u32(&agf, 24)), be_u32(&agf, 36));
+        check_root(&what, "reverse-mapping btree", root, levels, headers, len)?;
+        roots.push(root);
     }
-    // The AG headers (four sectors) come first; nothing before them can be free.
-    let headers = (4 * sb.sect_size).div_ceil(bs);
-    if root < headers || root >= len {
+    if sb.ro_compat & RO_COMPAT_REFLINK != 0 {
+        let (root, levels) = (u64::from(be_u32(&agf, 88)), be_u32(&agf, 92));
+        check_root(&what, "refcount btree", root, levels, headers, len)?;
+        roots.push(root);
+    }
+    let freeblks = u64::from(be_u32(&agf, 52));
+    let longest = u64::from(be_u32(&agf, 56));
+    let (flfirst, fllast, flcount) = (
+        u64::from(be_u32(&agf, 40)),
+        u64::from(be_u32(&agf, 44)),
+        u64::from(be_u32(&agf, 48)),
+    );
+
+    let agi = read_sector(vol, sb, ag, 2, "AGI")?;
+    let what = format!("AGI of AG {ag}");
+    if agi[0..4] != *AGI_MAGIC {
+        return Err(format!("{what}: bad magic"));
+    }
+    if sb.crc() {
+        check_crc(&what, &agi, AGI_CRC_OFF)?;
+        if uuid_at(&agi, 296) != sb.metadata_uuid() {
+            return Err(format!("{what}: UUID differs from the superblock's"));
+        }
+    }
+    let (version, seqno, length) = (be_u32(&agi, 4), be_u32(&agi, 8), be_u32(&agi, 12));
+    if version != 1 || u64::from(seqno) != ag || u64::from(length) != len {
         return Err(format!(
-            "{what}: free-space btree root {root} is outside the AG"
+            "{what}: version {version}, number {seqno}, length {length} (expected 1, {ag}, \
+             {len})"
         ));
     }
+    let (root, levels) = (u64::from(be_u32(&agi, 20)), be_u32(&agi, 24));
+    check_root(&what, "inode btree", root, levels, headers, len)?;
+    roots.push(root);
+    if sb.ro_compat & RO_COMPAT_FINOBT != 0 {
+        let (root, levels) = (u64::from(be_u32(&agi, 328)), be_u32(&agi, 332));
+        check_root(&what, "free-inode btree", root, levels, headers, len)?;
+        roots.push(root);
+    }
+    in_use.extend(roots.iter().map(|&r| (r, r + 1)));
 
+    let agfl = read_sector(vol, sb, ag, 3, "AGFL")?;
+    let what = format!("AGFL of AG {ag}");
+    let first_entry = if sb.crc() {
+        if agfl[0..4] != *AGFL_MAGIC {
+            return Err(format!("{what}: bad magic"));
+        }
+        check_crc(&what, &agfl, AGFL_CRC_OFF)?;
+        if u64::from(be_u32(&agfl, 4)) != ag || uuid_at(&agfl, 8) != sb.metadata_uuid() {
+            return Err(format!("{what}: AG number or UUID does not match"));
+        }
+        AGFL_HDR_V5
+    } else {
+        0
+    };
+    let slots = (sb.sect_size as usize - first_entry) as u64 / 4;
+    let chain_ok = flcount == 0 || (fllast + slots - flfirst) % slots + 1 == flcount;
+    if flfirst >= slots || fllast >= slots || flcount > slots || !chain_ok {
+        return Err(format!(
+            "AGF of AG {ag}: free list first {flfirst}, last {fllast}, count {flcount} do not \
+             fit {slots} slots"
+        ));
+    }
+    for i in 0..flcount {
+        let slot = ((flfirst + i) % slots) as usize;
+        let b = u64::from(be_u32(&agfl, first_entry + 4 * slot));
+        if b < headers || b >= len {
+            return Err(format!("{what}: block {b} is outside the AG"));
+        }
+        in_use.push((b, b + 1));
+    }
+
+    if let Some((start, log_len)) = sb.internal_log()? {
+        let ag_start = ag * sb.agblocks * sb.block_size;
+        let ag_end = ag_start + len * sb.block_size;
+        let end = start + log_len;
+        if start < ag_end && end > ag_start {
+            let s = (start.max(ag_start) - ag_start) / sb.block_size;
+            let e = (end.min(ag_end) - ag_start).div_ceil(sb.block_size);
+            in_use.push((s, e));
+        }
+    }
+    Ok(AgHeaders {
+        freeblks,
+        longest,
+        bno,
+        cnt,
+        in_use,
+    })
+}
+
+/// Walks one free-space btree of AG `ag` (root, levels), depth-first with children in key
+/// order, so `record` sees the leaf records in key order. Returns the blocks of the tree.
+fn walk_free_tree(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ag: u64,
+    (root, levels): (u64, u32),
+    magic: &[u8; 4],
+    tree: &str,
+    record: &mut dyn FnMut(u64, u64) -> std::result::Result<(), String>,
+) -> std::result::Result<Vec<u64>, String> {
+    let bs = sb.block_size;
+    let len = sb.ag_len(ag);
+    let base = ag * sb.agblocks * bs;
+    let headers = (4 * sb.sect_size).div_ceil(bs);
     let hdr_len = if sb.crc() { BTREE_HDR_V5 } else { BTREE_HDR_V4 };
     let leaf_max = (bs as usize - hdr_len) / 8;
     let node_max = (bs as usize - hdr_len) / 12;
-    // Depth-first, children left to right, so leaves come in key order. `mark_from` is the
-    // first AG block not yet marked used nor known free.
-    let mut mark_from = 0u64;
-    let mut next_free_ok = headers;
-    let mut free = 0u64;
-    let mut visited = 0u64;
+    let mut block = vec![0u8; bs as usize];
+    let mut blocks = Vec::new();
     let mut nodes = HashSet::new();
     let mut stack = vec![(root, levels - 1)];
     while let Some((bno, level)) = stack.pop() {
-        visited += 1;
-        if visited > len {
+        if blocks.len() as u64 >= len {
             return Err(format!(
-                "{what}: free-space btree visits more blocks than the AG has"
+                "the {tree} of AG {ag} visits more blocks than the AG has"
             ));
         }
-        let what = format!("free-space btree block {bno} of AG {ag}");
-        vol.read_at(base + bno * bs, block)
+        blocks.push(bno);
+        let what = format!("{tree} block {bno} of AG {ag}");
+        vol.read_at(base + bno * bs, &mut block)
             .map_err(|e| format!("reading {what}: {e}"))?;
-        let magic = if sb.crc() {
-            BNOBT_MAGIC_V5
-        } else {
-            BNOBT_MAGIC_V4
-        };
         if block[0..4] != *magic {
             return Err(format!("{what}: bad magic"));
         }
         if sb.crc() {
-            check_crc(&what, block, BTREE_CRC_OFF)?;
+            check_crc(&what, &block, BTREE_CRC_OFF)?;
             let daddr = (ag * sb.agblocks + bno) * (bs / 512);
-            if be_u64(block, 16) != daddr
-                || uuid_at(block, 32) != sb.metadata_uuid()
-                || u64::from(be_u32(block, 48)) != ag
+            if be_u64(&block, 16) != daddr
+                || uuid_at(&block, 32) != sb.metadata_uuid()
+                || u64::from(be_u32(&block, 48)) != ag
             {
                 return Err(format!("{what}: address, UUID or owner does not match"));
             }
         }
-        let got_level = u32::from(be_u16(block, 4));
-        let numrecs = be_u16(block, 6) as usize;
+        let got_level = u32::from(be_u16(&block, 4));
+        let numrecs = be_u16(&block, 6) as usize;
         if got_level != level {
             return Err(format!("{what}: level {got_level}, expected {level}"));
         }
@@ -595,18 +773,11 @@ fn map_ag(
             }
             for i in 0..numrecs {
                 let o = hdr_len + 8 * i;
-                let start = u64::from(be_u32(block, o));
-                let count = u64::from(be_u32(block, o + 4));
-                if count == 0 || start < next_free_ok || start + count > len {
-                    return Err(format!(
-                        "{what}: free extent {start}+{count} overlaps another, the AG \
-                         headers, or the AG's end ({len})"
-                    ));
-                }
-                map.mark_bytes(base + mark_from * bs, (start - mark_from) * bs);
-                mark_from = start + count;
-                next_free_ok = mark_from;
-                free += count;
+                record(
+                    u64::from(be_u32(&block, o)),
+                    u64::from(be_u32(&block, o + 4)),
+                )
+                .map_err(|e| format!("{what}: {e}"))?;
             }
         } else {
             if numrecs == 0 || numrecs > node_max {
@@ -617,22 +788,133 @@ fn map_ag(
             }
             let ptrs = hdr_len + node_max * 8;
             for i in (0..numrecs).rev() {
-                let child = u64::from(be_u32(block, ptrs + 4 * i));
+                let child = u64::from(be_u32(&block, ptrs + 4 * i));
                 if child < headers || child >= len {
                     return Err(format!("{what}: child {child} is outside the AG"));
                 }
                 stack.push((child, level - 1));
             }
         }
-        // A btree block that is in use cannot also be free.
-        map.mark_bytes(base + bno * bs, bs);
     }
-    map.mark_bytes(base + mark_from * bs, (len - mark_from) * bs);
-    if free != freeblks {
+    Ok(blocks)
+}
+
+/// The free extent of `free` (sorted, disjoint) that overlaps AG blocks `[start, end)`.
+fn free_overlap(free: &[(u64, u64)], start: u64, end: u64) -> Option<(u64, u64)> {
+    let i = free.partition_point(|&(s, c)| s + c <= start);
+    free.get(i).copied().filter(|&(s, _)| s < end)
+}
+
+/// Marks the used blocks of AG `ag`: everything its bnobt does not list as free, after
+/// checking the AG's headers and both free-space trees against each other.
+fn map_ag(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ag: u64,
+    map: &mut BlockMap,
+) -> std::result::Result<(), String> {
+    let bs = sb.block_size;
+    let len = sb.ag_len(ag);
+    let base = ag * sb.agblocks * bs;
+    let h = read_ag_headers(vol, sb, ag)?;
+    let headers = (4 * sb.sect_size).div_ceil(bs);
+    let (bno_magic, cnt_magic) = if sb.crc() {
+        (BNOBT_MAGIC_V5, CNTBT_MAGIC_V5)
+    } else {
+        (BNOBT_MAGIC_V4, CNTBT_MAGIC_V4)
+    };
+
+    // The by-block tree: free extents strictly in order, disjoint, past the headers.
+    let mut free: Vec<(u64, u64)> = Vec::new();
+    let mut next_ok = headers;
+    let bno_blocks = walk_free_tree(
+        vol,
+        sb,
+        ag,
+        h.bno,
+        bno_magic,
+        "free-space btree",
+        &mut |start, count| {
+            if count == 0 || start < next_ok || start + count > len {
+                return Err(format!(
+                    "free extent {start}+{count} overlaps another, the AG headers, or the \
+                     AG's end ({len})"
+                ));
+            }
+            next_ok = start + count;
+            free.push((start, count));
+            Ok(())
+        },
+    )?;
+    let what = format!("AG {ag}");
+    let total: u64 = free.iter().map(|f| f.1).sum();
+    if total != h.freeblks {
         return Err(format!(
-            "{what}: the free-space btree lists {free} free blocks, the AGF counts {freeblks}"
+            "AGF of {what}: the free-space btree lists {total} free blocks, the AGF counts {}",
+            h.freeblks
         ));
     }
+    let longest = free.iter().map(|f| f.1).max().unwrap_or(0);
+    if longest != h.longest {
+        return Err(format!(
+            "AGF of {what}: the longest free extent is {longest} blocks, the AGF says {}",
+            h.longest
+        ));
+    }
+
+    // The by-size tree must list exactly the same extents, ordered by (length, start).
+    let mut seen = 0usize;
+    let mut prev: Option<(u64, u64)> = None;
+    let cnt_blocks = walk_free_tree(
+        vol,
+        sb,
+        ag,
+        h.cnt,
+        cnt_magic,
+        "by-size free-space btree",
+        &mut |start, count| {
+            if prev.is_some_and(|p| (count, start) <= p) {
+                return Err(format!("free extent {start}+{count} is out of order"));
+            }
+            prev = Some((count, start));
+            let i = free.partition_point(|f| f.0 < start);
+            if free.get(i) != Some(&(start, count)) {
+                return Err(format!(
+                    "free extent {start}+{count} is not in the by-block free-space btree"
+                ));
+            }
+            seen += 1;
+            Ok(())
+        },
+    )?;
+    if seen != free.len() {
+        return Err(format!(
+            "{what}: the free-space btrees disagree ({} extents by block, {seen} by size)",
+            free.len()
+        ));
+    }
+
+    // What is certainly in use must not be listed as free.
+    let in_use = h
+        .in_use
+        .iter()
+        .copied()
+        .chain(bno_blocks.iter().chain(&cnt_blocks).map(|&b| (b, b + 1)));
+    for (start, end) in in_use {
+        if let Some((s, c)) = free_overlap(&free, start, end) {
+            return Err(format!(
+                "{what}: free extent {s}+{c} covers blocks {start}..{end}, which its headers, \
+                 btrees, free list or the log use"
+            ));
+        }
+    }
+
+    let mut used_from = 0u64;
+    for &(start, count) in &free {
+        map.mark_bytes(base + used_from * bs, (start - used_from) * bs);
+        used_from = start + count;
+    }
+    map.mark_bytes(base + used_from * bs, (len - used_from) * bs);
     Ok(())
 }
 
@@ -668,10 +950,26 @@ mod tests {
         n: usize,
         body: &[u8],
     ) {
+        let magic = if v5 { BNOBT_MAGIC_V5 } else { BNOBT_MAGIC_V4 };
+        write_tree_block(img, v5, magic, ag, bno, level, n, body);
+    }
+
+    /// Writes a short-form btree block with `magic`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_tree_block(
+        img: &mut [u8],
+        v5: bool,
+        magic: &[u8; 4],
+        ag: u64,
+        bno: u64,
+        level: u16,
+        n: usize,
+        body: &[u8],
+    ) {
         let o = ((ag * AGBLOCKS + bno) * BS) as usize;
         let b = &mut img[o..o + BS as usize];
         b.fill(0);
-        put(b, 0, if v5 { BNOBT_MAGIC_V5 } else { BNOBT_MAGIC_V4 });
+        put(b, 0, magic);
         put(b, 4, &level.to_be_bytes());
         put(b, 6, &(n as u16).to_be_bytes());
         put(b, 8, &u32::MAX.to_be_bytes());
@@ -753,18 +1051,51 @@ mod tests {
                 write_btree_block(&mut img, v5, ag, 4, 0, recs.len(), &recs_body(&recs));
                 (4, 1)
             };
+            // The by-size tree: one leaf at block 6.
+            let mut by_size = recs.clone();
+            by_size.sort_by_key(|&(s, c)| (c, s));
+            let cnt_magic = if v5 { CNTBT_MAGIC_V5 } else { CNTBT_MAGIC_V4 };
+            let body = recs_body(&by_size);
+            write_tree_block(&mut img, v5, cnt_magic, ag, 6, 0, by_size.len(), &body);
             let agf = &mut img[base + 512..base + 1024];
             put(agf, 0, AGF_MAGIC);
             put(agf, 4, &1u32.to_be_bytes());
             put(agf, 8, &(ag as u32).to_be_bytes());
             put(agf, 12, &(len as u32).to_be_bytes());
             put(agf, 16, &root.to_be_bytes());
+            put(agf, 20, &6u32.to_be_bytes());
             put(agf, 28, &levels.to_be_bytes());
+            put(agf, 32, &1u32.to_be_bytes());
+            // One block on the free list (block 9, in slot 0).
+            put(agf, 48, &1u32.to_be_bytes());
             let total: u32 = recs.iter().map(|r| r.1).sum();
             put(agf, 52, &total.to_be_bytes());
+            let longest = recs.iter().map(|r| r.1).max().unwrap_or(0);
+            put(agf, 56, &longest.to_be_bytes());
             if v5 {
                 put(agf, 64, &[0x5A; 16]);
                 set_crc(agf, AGF_CRC_OFF);
+            }
+            // AGI: the inode btree root at block 7.
+            let agi = &mut img[base + 1024..base + 1536];
+            put(agi, 0, AGI_MAGIC);
+            put(agi, 4, &1u32.to_be_bytes());
+            put(agi, 8, &(ag as u32).to_be_bytes());
+            put(agi, 12, &(len as u32).to_be_bytes());
+            put(agi, 20, &7u32.to_be_bytes());
+            put(agi, 24, &1u32.to_be_bytes());
+            if v5 {
+                put(agi, 296, &[0x5A; 16]);
+                set_crc(agi, AGI_CRC_OFF);
+            }
+            let agfl = &mut img[base + 1536..base + 2048];
+            let first = if v5 { AGFL_HDR_V5 } else { 0 };
+            put(agfl, first, &9u32.to_be_bytes());
+            if v5 {
+                put(agfl, 0, AGFL_MAGIC);
+                put(agfl, 4, &(ag as u32).to_be_bytes());
+                put(agfl, 8, &[0x5A; 16]);
+                set_crc(agfl, AGFL_CRC_OFF);
             }
         }
         img
@@ -863,10 +1194,20 @@ mod tests {
         set_crc(&mut img[0..512], SB_CRC_OFF);
         for ag in 0..img.len() / (64 * 512) {
             let base = ag * 64 * 512;
+            if ag > 0 {
+                set_crc(&mut img[base..base + 512], SB_CRC_OFF);
+            }
             set_crc(&mut img[base + 512..base + 1024], AGF_CRC_OFF);
-            for b in [4, 5, 8] {
+            set_crc(&mut img[base + 1024..base + 1536], AGI_CRC_OFF);
+            set_crc(&mut img[base + 1536..base + 2048], AGFL_CRC_OFF);
+            for b in [4, 5, 6, 8] {
                 let o = base + b * 512;
-                if img[o..o + 4] == *BNOBT_MAGIC_V5 {
+                if [BNOBT_MAGIC_V5, CNTBT_MAGIC_V5].contains(&&[
+                    img[o],
+                    img[o + 1],
+                    img[o + 2],
+                    img[o + 3],
+                ]) {
                     set_crc(&mut img[o..o + 512], BTREE_CRC_OFF);
                 }
             }
@@ -993,6 +1334,103 @@ mod tests {
     }
 
     #[test]
+    fn free_extents_over_what_is_in_use_are_rejected() {
+        // (AG 0's free extents, what the error must name)
+        let cases: [(Vec<(u32, u32)>, &str); 4] = [
+            // Over the internal log (blocks 60..64).
+            (vec![(20, 20), (45, 16)], "covers blocks 60..64"),
+            // Over the inode btree root (block 7).
+            (vec![(7, 1), (20, 20)], "covers blocks 7..8"),
+            // Over the block on the free list (block 9).
+            (vec![(9, 2), (20, 20)], "covers blocks 9..10"),
+            // Over the by-size tree's root (block 6).
+            (vec![(6, 1), (20, 20)], "covers blocks 6..7"),
+        ];
+        for (recs, want) in cases {
+            for v5 in [false, true] {
+                let img = image(v5, 3, 40, false, &|ag| {
+                    if ag == 0 {
+                        recs.clone()
+                    } else {
+                        sample_free(ag, if ag == 2 { 40 } else { 64 })
+                    }
+                });
+                let vol = Mem(img);
+                let sb = Superblock::read(&vol).unwrap().unwrap();
+                let err = allocation_map(&vol, &sb, BS).unwrap_err();
+                assert!(err.contains(want), "{want}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_free_space_btrees_and_the_agf_must_agree() {
+        for v5 in [false, true] {
+            let good = sample(v5, false);
+            let sb = Superblock::read(&Mem(good.clone())).unwrap().unwrap();
+            let leaf = 4 * 512 + hdr_len(v5);
+            let cnt_leaf = 6 * 512 + hdr_len(v5);
+            // A bnobt record claims 2 more blocks, the AGF agrees: the by-size tree does not.
+            let mut img = good.clone();
+            put(&mut img, leaf + 4, &22u32.to_be_bytes());
+            put(&mut img, 512 + 52, &37u32.to_be_bytes());
+            put(&mut img, 512 + 56, &22u32.to_be_bytes());
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("not in the by-block"), "{err}");
+            // The AGF's longest extent.
+            let mut img = good.clone();
+            put(&mut img, 512 + 56, &19u32.to_be_bytes());
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("longest free extent is 20"), "{err}");
+            // The by-size tree misses an extent.
+            let mut img = good.clone();
+            put(&mut img, 6 * 512 + 6, &1u16.to_be_bytes());
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("2 extents by block, 1 by size"), "{err}");
+            // Out of order by size.
+            let mut img = good.clone();
+            let (a, b) = (
+                img[cnt_leaf..cnt_leaf + 8].to_vec(),
+                img[cnt_leaf + 8..cnt_leaf + 16].to_vec(),
+            );
+            put(&mut img, cnt_leaf, &b);
+            put(&mut img, cnt_leaf + 8, &a);
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("out of order"), "{err}");
+            // AGI and AGFL damage, and a free list that does not fit its slots.
+            for (at, want) in [
+                (1024, "AGI of AG 0: bad magic"),
+                (512 + 40, "free list first"),
+                (64 * 512 + 1024 + 20, "inode btree root"),
+            ] {
+                let mut img = good.clone();
+                img[at] ^= 0x40;
+                recrc_all(&mut img);
+                let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+                assert!(err.contains(want), "{want}: {err}");
+            }
+            // A superblock copy that disagrees with the primary.
+            let mut img = good.clone();
+            img[2 * 64 * 512 + 86] ^= 1;
+            recrc_all(&mut img);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("superblock copy of AG 2"), "{err}");
+            if v5 {
+                for at in [1024 + 100, 1536 + 100, 64 * 512 + 100, 6 * 512 + 100] {
+                    let mut img = good.clone();
+                    img[at] ^= 1;
+                    let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+                    assert!(err.contains("checksum mismatch"), "{at}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn probe_keeps_the_map_and_notes_a_realtime_section() {
         let mut img = sample(false, false);
         put(&mut img, 16, &1000u64.to_be_bytes());
@@ -1023,10 +1461,11 @@ mod tests {
         fn mutated_images_never_panic(
             v5 in any::<bool>(),
             split in any::<bool>(),
-            // (AG, block: 0 superblock, 1 AGF, 4 and 5 leaves, 8 node, 60..64 log; byte;
+            // (AG, block: 0 superblock, 1 AGF, 2 AGI, 3 AGFL, 4 and 5 leaves, 6 by-size
+            // leaf, 8 node, 60..64 log; byte;
             // value)
             patch in proptest::collection::vec(
-                (0u64..3, prop::sample::select(vec![0u64, 1, 4, 5, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
+                (0u64..3, prop::sample::select(vec![0u64, 1, 2, 3, 4, 5, 6, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
                 1..12,
             ),
             recrc in any::<bool>(),

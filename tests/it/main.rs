@@ -29,3 +29,4 @@ mod resume_changed;
 mod roundtrip;
 mod util;
 mod xfs_btrfs;
+mod xfs_btrfs_damage;
