@@ -435,6 +435,55 @@ mod tests {
         assert!(matches!(store.get(&id), Err(Error::MissingChunk { .. })));
     }
 
+    #[test]
+    fn cheap_check_and_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
+        let data = b"0123456789".repeat(700);
+        let id = HashAlgorithm::Blake3.hash(&data);
+        assert_eq!(store.check_cheap(&id).unwrap(), ChunkHealth::Missing);
+        assert_eq!(store.quarantine(&id).unwrap(), None);
+        let enc_bytes = {
+            let mut enc = Encoder::new(3).unwrap();
+            let e = enc.encode(&data);
+            let mut v = e.header.to_vec();
+            v.extend_from_slice(e.payload);
+            v
+        };
+        let p = store.path(&id);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &enc_bytes).unwrap();
+        assert_eq!(store.check_cheap(&id).unwrap(), ChunkHealth::Good);
+        // Broken magic, a length that disagrees with the header, a directory in its place.
+        let mut bad = enc_bytes.clone();
+        bad[0] = b'X';
+        std::fs::write(&p, &bad).unwrap();
+        assert!(
+            matches!(store.check_cheap(&id).unwrap(), ChunkHealth::Damaged(d) if d.contains("magic"))
+        );
+        let mut long = enc_bytes.clone();
+        long.push(0);
+        std::fs::write(&p, &long).unwrap();
+        assert!(matches!(
+            store.check_cheap(&id).unwrap(),
+            ChunkHealth::Damaged(_)
+        ));
+        // Quarantine keeps every damaged copy under a free name.
+        let first = store.quarantine(&id).unwrap().unwrap();
+        assert_eq!(first, store.quarantine_path(&id, 0));
+        assert_eq!(std::fs::read(&first).unwrap(), long);
+        assert_eq!(store.check_cheap(&id).unwrap(), ChunkHealth::Missing);
+        std::fs::write(&p, &bad).unwrap();
+        let second = store.quarantine(&id).unwrap().unwrap();
+        assert_eq!(second, store.quarantine_path(&id, 1));
+        assert_eq!(std::fs::read(&second).unwrap(), bad);
+        std::fs::create_dir(&p).unwrap();
+        assert!(matches!(
+            store.check_cheap(&id).unwrap(),
+            ChunkHealth::Damaged(_)
+        ));
+    }
+
     proptest! {
         #[test]
         fn header_parser_never_panics(h in proptest::collection::vec(any::<u8>(), 0..40)) {
