@@ -8,6 +8,12 @@
 //!   for that block (the stage's hint).
 //! - Workers detect zero blocks, hash, compare with the parent, check the chunk store, and
 //!   compress and store new chunks.
+//! - A chunk already in the repository is referred to again only when it passes the cheap
+//!   check ([`ChunkStore::check_cheap`], cached per chunk): the parent's chunk or pack, the
+//!   chunks of blocks that change tracking takes unread (checked before the scan, see
+//!   [`drop_unreusable`]), a deduplicated chunk, an existing pack. A missing or damaged chunk
+//!   is stored again, which also repairs the older snapshots that refer to it
+//!   (docs/REPAIR.md).
 //! - The committer puts results back in block order, appends them to the snapshot being
 //!   written, and every few seconds checkpoints: `syncfs`, then a durable journal batch.
 //!   A later run of the same volume replays the journal and continues where it stopped.

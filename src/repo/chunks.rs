@@ -263,9 +263,9 @@ impl ChunkStore {
         ))
     }
 
-    /// True when a chunk file for `id` exists and is at least a header long. Cheaper than
-    /// [`ChunkStore::is_present`] (metadata only, no data read): used for chunks that a
-    /// committed snapshot refers to, which were made durable before that snapshot was.
+    /// True when a chunk file for `id` exists and is longer than a header (metadata only).
+    /// It does not see a damaged header: before reusing a chunk, a backup makes
+    /// [`ChunkStore::check_cheap`] instead.
     pub fn exists(&self, id: &ChunkId) -> Result<bool> {
         let path = self.path(id);
         match std::fs::metadata(&path) {
