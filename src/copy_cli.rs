@@ -108,7 +108,7 @@ pub fn export(
         bail!("--format is required (raw, bin, vhd, vhd-dynamic, vhdx, qcow2)");
     }
     let repository = Repository::open(repo)?;
-    let id = repository.resolve(snapshot)?;
+    let id = repository.resolve_warn(snapshot, &CliProgress::new(true))?;
     let opts = common.options(cancel);
     let progress = CliProgress::new(common.quiet);
     let report = volback::copy::export(&repository, &id, out, &opts, &progress)?;

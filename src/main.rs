@@ -636,7 +636,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
                 );
             };
             let repository = Repository::open(&repo)?;
-            let id = repository.resolve(&snapshot)?;
+            let id = repository.resolve_warn(&snapshot, &CliProgress::new(true))?;
             let snap = repository.open_snapshot(&id)?;
             let volume =
                 volback::repo::reader::SnapshotVolume::new(snap, repository.chunks().clone());
@@ -682,7 +682,7 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             }
             let repository = Repository::open(&repo)?;
             let ids = match snapshot {
-                Some(s) => vec![repository.resolve(&s)?],
+                Some(s) => vec![repository.resolve_warn(&s, &CliProgress::new(true))?],
                 None => Vec::new(),
             };
             let progress = CliProgress::new(quiet);

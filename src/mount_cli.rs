@@ -36,7 +36,7 @@ fn open_volume(args: &[PathBuf]) -> Result<(Arc<dyn Volume>, String)> {
         [repo, snapshot] => {
             let repository = Repository::open(repo)?;
             let selector = snapshot.to_string_lossy();
-            let id = repository.resolve(&selector)?;
+            let id = repository.resolve_warn(&selector, &crate::display::CliProgress::new(true))?;
             let snap = repository.open_snapshot(&id)?;
             let vol = SnapshotVolume::with_cache(
                 snap,

@@ -95,7 +95,7 @@ pub fn serve(args: ServeArgs<'_>, cancel: &AtomicBool) -> Result<ExitCode> {
     let (volume, short, description): (Arc<dyn Volume>, String, String) = match args.args {
         [repo, snapshot] => {
             let repository = Repository::open(Path::new(repo))?;
-            let id = repository.resolve(snapshot)?;
+            let id = repository.resolve_warn(snapshot, &crate::display::CliProgress::new(true))?;
             let snap = repository.open_snapshot(&id)?;
             let short = id[..12.min(id.len())].to_string();
             let header = snap.header();

@@ -24,7 +24,10 @@ pub struct Source {
 /// What a snapshot records about the volume it was taken from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceInfo {
-    /// The path given by the user, made absolute.
+    /// The path given by the user, made canonical: absolute, with `.`, `..` and symbolic
+    /// links resolved (`/dev/disk/by-id/…` becomes `/dev/sdX`), so that one volume is
+    /// known by one path whichever way it is named. Snapshots made before volback
+    /// canonicalised paths hold the path as given, made absolute.
     pub path: String,
     /// "block-device" or "file".
     pub kind: String,
@@ -32,6 +35,18 @@ pub struct SourceInfo {
     pub size: u64,
     pub logical_sector_size: u32,
     pub physical_sector_size: u32,
+}
+
+/// `path` made canonical ([`SourceInfo::path`]); absolute only where it cannot be resolved,
+/// and on Windows (where canonical paths take the `\\?\` form that other tools do not
+/// show).
+pub fn canonical(path: &Path) -> PathBuf {
+    if !cfg!(windows)
+        && let Ok(c) = std::fs::canonicalize(path)
+    {
+        return c;
+    }
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 impl Source {
@@ -46,7 +61,7 @@ impl Source {
             });
         }
         let direct = platform::open_direct(path);
-        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let path = canonical(path);
         Ok(Source {
             path,
             direct_ok: AtomicBool::new(direct.is_some()),

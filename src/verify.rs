@@ -5,13 +5,22 @@
 //! With `read_data`, every referenced chunk is also read, decompressed and re-hashed. Each
 //! chunk is checked once, however many snapshots share it; a bad chunk is reported with every
 //! snapshot and block offset it affects.
+//!
+//! A chunk file found damaged (bad header, length, compressed data or content hash) is moved
+//! aside, renamed to `<id>.bad` ([`ChunkStore::quarantine`], never deleted), as Proxmox
+//! Backup Server does: the chunk then counts as missing, so the next backup of a source that
+//! still holds the data stores it again, and since chunks are content-addressed that repairs
+//! every snapshot referring to it (docs/REPAIR.md). A missing chunk needs nothing moved; a
+//! chunk that cannot be read for another reason (an I/O error) is left where it is.
 
 use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::Repository;
+use crate::repo::chunks::{ChunkHealth, ChunkStore};
 use crate::repo::format::BlockRef;
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 /// Options of a verification.
 #[derive(Debug, Clone, Default)]
@@ -172,6 +181,27 @@ pub fn verify(
     Ok(report)
 }
 
+/// Moves the damaged chunk `id` aside and returns the problem to report, saying where it went
+/// (or why it could not be moved).
+fn set_aside(
+    store: &ChunkStore,
+    id: &ChunkId,
+    what: String,
+    path: PathBuf,
+    detail: String,
+) -> Error {
+    let detail = match store.quarantine(id) {
+        Ok(Some(dest)) => format!(
+            "{detail}; moved aside to {}: the next backup of a source that still holds this \
+             data stores it again",
+            dest.display()
+        ),
+        Ok(None) => detail,
+        Err(e) => format!("{detail}; could not be moved aside: {e}"),
+    };
+    Error::Corrupt { what, path, detail }
+}
+
 /// A block stored in a pack, as a snapshot names it.
 struct Slice {
     index: u8,
@@ -183,7 +213,7 @@ struct Slice {
 /// Checks chunks in parallel; returns per chunk the bytes checked or the problem. With
 /// `read_data`, the content of every slice in `slices` is also checked against its hash.
 fn check_chunks(
-    store: &crate::repo::chunks::ChunkStore,
+    store: &ChunkStore,
     ids: &[ChunkId],
     slices: &HashMap<ChunkId, Vec<Slice>>,
     read_data: bool,
@@ -191,7 +221,13 @@ fn check_chunks(
 ) -> Vec<Result<u64>> {
     let check = |id: &ChunkId, buf: &mut Vec<u8>| -> Result<u64> {
         if read_data {
-            store.get_into(id, buf)?;
+            match store.get_into(id, buf) {
+                Ok(()) => {}
+                Err(Error::Corrupt { what, path, detail }) => {
+                    return Err(set_aside(store, id, what, path, detail));
+                }
+                Err(e) => return Err(e),
+            }
             for s in slices.get(id).into_iter().flatten() {
                 let piece = crate::repo::format::pack_slice(buf, s.index, s.block_size, s.len);
                 let detail = match piece {
@@ -218,19 +254,21 @@ fn check_chunks(
                 ));
             }
             Ok(buf.len() as u64)
-        } else if store.is_present(id)? {
-            Ok(0)
-        } else if store.path(id).exists() {
-            Err(Error::corrupt(
-                format!("chunk {id}"),
-                store.path(id),
-                "truncated or bad header",
-            ))
         } else {
-            Err(Error::MissingChunk {
-                id: id.to_hex(),
-                path: store.path(id),
-            })
+            match store.check_cheap(id)? {
+                ChunkHealth::Good => Ok(0),
+                ChunkHealth::Missing => Err(Error::MissingChunk {
+                    id: id.to_hex(),
+                    path: store.path(id),
+                }),
+                ChunkHealth::Damaged(d) => Err(set_aside(
+                    store,
+                    id,
+                    format!("chunk {id}"),
+                    store.path(id),
+                    d,
+                )),
+            }
         }
     };
     if ids.is_empty() {

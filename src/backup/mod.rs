@@ -8,6 +8,12 @@
 //!   for that block (the stage's hint).
 //! - Workers detect zero blocks, hash, compare with the parent, check the chunk store, and
 //!   compress and store new chunks.
+//! - A chunk already in the repository is referred to again only when it passes the cheap
+//!   check ([`ChunkStore::check_cheap`], cached per chunk): the parent's chunk or pack, the
+//!   chunks of blocks that change tracking takes unread (checked before the scan, see
+//!   [`drop_unreusable`]), a deduplicated chunk, an existing pack. A missing or damaged chunk
+//!   is stored again, which also repairs the older snapshots that refer to it
+//!   (docs/REPAIR.md).
 //! - The committer puts results back in block order, appends them to the snapshot being
 //!   written, and every few seconds checkpoints: `syncfs`, then a durable journal batch.
 //!   A later run of the same volume replays the journal and continues where it stopped.
@@ -17,7 +23,7 @@ use crate::fs::disk::DiskLayout;
 use crate::fs::{BlockMap, FsInfo};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
-use crate::repo::chunks::Encoder;
+use crate::repo::chunks::{ChunkHealth, ChunkStore, Encoder};
 use crate::repo::format::{BlockRef, MAX_PACK_BLOCKS, decode_records, encode_run};
 use crate::repo::journal::{BatchStats, Journal, JournalHeader};
 use crate::repo::snapshot::{
@@ -102,7 +108,8 @@ pub struct BackupReport {
 /// The identity of a volume, used to find the parent of its next backup and its journal:
 /// the filesystem's type and UUID when one was recognised, or the partition table's disk
 /// identifier (GPT disk GUID, MBR signature) for a partitioned disk, so that a volume is found
-/// again when its device path changes; else the source path; always with the size.
+/// again when its device path changes; else the source path (canonical: see [`Source::open`]);
+/// always with the size.
 pub fn volume_key(source: &Source, fs: Option<&FsInfo>, layout: Option<&DiskLayout>) -> String {
     let info = source.info();
     let mut h = blake3::Hasher::new();
@@ -121,14 +128,38 @@ pub fn volume_key(source: &Source, fs: Option<&FsInfo>, layout: Option<&DiskLayo
             h.update(b"\0");
             h.update(l.id.as_bytes());
         }
-        _ => {
-            h.update(b"volback volume key v1 path\0");
-            h.update(info.path.as_bytes());
-        }
+        _ => return path_key(&info.path, info.size),
     }
     h.update(b"\0");
     h.update(&info.size.to_le_bytes());
     hex::encode(&h.finalize().as_bytes()[..16])
+}
+
+/// The [`volume_key`] of a volume known by its path alone.
+fn path_key(path: &str, size: u64) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"volback volume key v1 path\0");
+    h.update(path.as_bytes());
+    h.update(b"\0");
+    h.update(&size.to_le_bytes());
+    hex::encode(&h.finalize().as_bytes()[..16])
+}
+
+/// True when a snapshot whose header has `recorded_key` for the volume at `recorded_path`
+/// is of the volume `key` because its key was made from a path that was not canonical
+/// (older versions recorded the path as given, made absolute) and that path now resolves
+/// to the same file or device.
+fn legacy_path_match(key: &str, recorded_key: &str, recorded_path: &str, size: u64) -> bool {
+    if recorded_key != path_key(recorded_path, size) {
+        return false;
+    }
+    match std::fs::canonicalize(recorded_path) {
+        Ok(c) => {
+            let c = c.to_string_lossy();
+            c != recorded_path && path_key(&c, size) == key
+        }
+        Err(_) => false,
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -195,6 +226,87 @@ impl PackedIndex {
             m.entry(id).or_insert((pack, index));
         }
     }
+}
+
+/// Verdicts of the cheap check of existing chunks ([`ChunkStore::check_cheap`]) that the
+/// backup would reuse, so that a pack many blocks refer to is checked once. Bounded: emptied
+/// when [`VERDICTS_MAX`] chunks are remembered (they are then checked again).
+#[derive(Default)]
+struct Verdicts {
+    good: std::sync::Mutex<std::collections::HashMap<ChunkId, bool>>,
+}
+
+/// About 12 MiB of verdicts at most.
+const VERDICTS_MAX: usize = 1 << 18;
+
+impl Verdicts {
+    /// True when chunk `id` may be referred to again: it passes the cheap check.
+    fn reusable(&self, store: &ChunkStore, id: &ChunkId) -> Result<bool> {
+        if let Some(&v) = self.lock().get(id) {
+            return Ok(v);
+        }
+        let good = store.check_cheap(id)? == ChunkHealth::Good;
+        self.set(*id, good);
+        Ok(good)
+    }
+
+    /// Records a verdict (a chunk just stored is good).
+    fn set(&self, id: ChunkId, good: bool) {
+        let mut m = self.lock();
+        if m.len() >= VERDICTS_MAX {
+            m.clear();
+        }
+        m.insert(id, good);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<ChunkId, bool>> {
+        self.good.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The blocks of `known` (change tracking: unchanged since the parent, taken from it unread)
+/// from `start_block` on, without those whose parent chunk fails the cheap check (missing or
+/// damaged): those are read and stored again, so that a damaged chunk is not inherited, and
+/// stored in runs like a full backup's, so that a lost pack is rewritten whole (which repairs
+/// the older snapshots that refer to it too). Each distinct chunk is checked once.
+fn drop_unreusable(
+    known: &BlockMap,
+    parent: &SnapshotFile,
+    start_block: u64,
+    store: &ChunkStore,
+    verdicts: &Verdicts,
+    progress: &dyn Progress,
+) -> Result<Option<BlockMap>> {
+    let mut out = known.clone();
+    let mut cursor = BlockCursor::new(parent);
+    let mut dropped = 0u64;
+    for run in known.used_runs() {
+        for b in run.start.max(start_block)..run.end {
+            let r = match cursor.get(b) {
+                Ok(r) => r,
+                Err(e) => {
+                    progress.warn(&format!(
+                        "parent snapshot unreadable at block {b} ({e}); reading every used \
+                         block"
+                    ));
+                    return Ok(None);
+                }
+            };
+            if let Some(c) = r.and_then(|r| r.chunk())
+                && !verdicts.reusable(store, &c)?
+            {
+                out.unmark_bytes(b * known.granularity(), known.granularity());
+                dropped += 1;
+            }
+        }
+    }
+    if dropped > 0 {
+        progress.warn(&format!(
+            "{dropped} unchanged blocks refer to chunks of the parent snapshot that are missing \
+             or damaged: they are read and stored again"
+        ));
+    }
+    Ok(Some(out))
 }
 
 /// Worker threads for `requested` (0: one per core).
@@ -521,7 +633,9 @@ fn find_parent(
         match repo.open_snapshot(&id) {
             Ok(s) => {
                 let h = s.header();
-                if h.volume_key == key
+                let same_volume = h.volume_key == key
+                    || legacy_path_match(key, &h.volume_key, &h.source.path, h.source.size);
+                if same_volume
                     && h.block_size == block_size
                     && h.chunk_hash == repo.config().chunk_hash
                 {
@@ -547,6 +661,7 @@ struct BackupStage<'a> {
     parent: Option<&'a SnapshotFile>,
     zstd_level: i32,
     packed: PackedIndex,
+    verdicts: Verdicts,
 }
 
 impl BackupStage<'_> {
@@ -563,11 +678,11 @@ impl BackupStage<'_> {
         }
         let store = self.repo.chunks();
         let id = self.repo.config().chunk_hash.hash(data);
-        // The parent's chunk must still be there: a lost chunk is stored again instead of
-        // being carried into the new snapshot.
+        // The parent's chunk (or pack) must still be there and pass the cheap check: a lost
+        // or damaged chunk is stored again instead of being carried into the new snapshot.
         if let Some(p) = parent.filter(|p| p.content_hash() == Some(id))
             && let Some(c) = p.chunk()
-            && store.exists(&c)?
+            && self.verdicts.reusable(store, &c)?
         {
             return Ok(Ok((p, Outcome::Unchanged)));
         }
@@ -685,12 +800,14 @@ impl BackupStage<'_> {
         let store = self.repo.chunks();
         let pack = self.repo.config().chunk_hash.hash(&content);
         // The same pack may be stored already: the same run of an identical volume, or of
-        // this volume after its parent lost the pack.
+        // this volume after its parent lost the pack. A damaged pack file is replaced, which
+        // repairs the snapshots that refer to it.
         let (stored, chunks) = if store.is_present(&pack)? {
             (0, 0)
         } else {
             let enc = encoder.encode(&content);
             store.put(&pack, &enc)?;
+            self.verdicts.set(pack, true);
             (enc.len() as u64, 1)
         };
         let existed = chunks == 0;
@@ -789,12 +906,13 @@ impl<'a> Stage for BackupStage<'a> {
             Input::Known { hint } => match hint {
                 Some(r)
                     if let Some(c) = r.chunk()
-                        && self.repo.chunks().exists(&c)? =>
+                        && self.verdicts.reusable(self.repo.chunks(), &c)? =>
                 {
                     Done::one(r, Outcome::Unchanged, 0, true)
                 }
                 Some(BlockRef::Zero) => Done::one(BlockRef::Zero, Outcome::Zero, 0, true),
-                // The parent does not hold the block after all (or lost its chunk): read it.
+                // The parent does not hold the block after all (or its chunk is missing or
+                // damaged since `drop_unreusable` checked it): read it.
                 other => {
                     let start = index * self.block_size;
                     let len = self.block_size.min(self.source.size() - start) as usize;
@@ -830,6 +948,14 @@ fn run_backup(
 ) -> Result<(BatchStats, u64)> {
     let cancel = opts.cancel.as_deref();
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    let verdicts = Verdicts::default();
+    let checked_known = match (known, parent) {
+        (Some(k), Some(p)) => {
+            drop_unreusable(k, p, start_block, repo.chunks(), &verdicts, progress)?
+        }
+        _ => None,
+    };
+    let known = checked_known.as_ref();
     let scan = Scan {
         source,
         block_size,
@@ -848,6 +974,7 @@ fn run_backup(
         parent,
         zstd_level: repo.config().zstd_level,
         packed: PackedIndex::default(),
+        verdicts,
     };
     let bs = block_size;
     let size = source.size();

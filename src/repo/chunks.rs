@@ -98,6 +98,17 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), None)) };
 }
 
+/// What [`ChunkStore::check_cheap`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkHealth {
+    /// A regular file with a sane header whose lengths match the file.
+    Good,
+    /// No file under the chunk's name.
+    Missing,
+    /// A file that cannot be a complete chunk, and why.
+    Damaged(String),
+}
+
 /// Parsed chunk header.
 #[derive(Debug, Clone, Copy)]
 struct ChunkHeader {
@@ -162,28 +173,101 @@ impl ChunkStore {
     }
 
     /// True when a complete chunk file for `id` exists (header consistent with the file
-    /// length). Content is not re-hashed; `verify --read-data` does that.
+    /// length): [`ChunkStore::check_cheap`] found it [`ChunkHealth::Good`]. Content is not
+    /// re-hashed; `verify --read-data` does that.
     pub fn is_present(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.check_cheap(id)? == ChunkHealth::Good)
+    }
+
+    /// The cheap check of an existing chunk, made wherever a backup would reuse a chunk
+    /// instead of storing the block again (the parent's reference, change tracking,
+    /// deduplication, pack slots, chunks a resume journal names): the chunk file exists, is
+    /// a regular file (not a symlink, FIFO or directory), and its 16-byte header is sane
+    /// (magic, version, codec, declared lengths) and agrees with the file's length. One
+    /// `lstat`, one `open` and a 16-byte read; the content is not read (`verify
+    /// --read-data` does that). A chunk that is not [`ChunkHealth::Good`] must be stored
+    /// again from the source, which also repairs every snapshot that refers to it (chunks
+    /// are content-addressed).
+    pub fn check_cheap(&self, id: &ChunkId) -> Result<ChunkHealth> {
         let path = self.path(id);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ChunkHealth::Missing);
+            }
+            Err(e) => return Err(Error::io("stat", &path, e)),
+        };
+        if !meta.file_type().is_file() {
+            return Ok(ChunkHealth::Damaged("not a regular file".into()));
+        }
+        let len = meta.len();
+        if len < CHUNK_HEADER_LEN as u64 {
+            return Ok(ChunkHealth::Damaged(format!("file has only {len} bytes")));
+        }
+        // Opened without following links or waiting on a FIFO: the file may have been
+        // swapped since the lstat.
         let mut f = match fsio::open_regular(&path, false, "open") {
             Ok(f) => f,
-            Err(e) if fsio::is_not_found(&e) => return Ok(false),
+            Err(e) if fsio::is_not_found(&e) => return Ok(ChunkHealth::Missing),
+            Err(Error::NotRegularFile { kind, .. }) => {
+                return Ok(ChunkHealth::Damaged(format!("{kind}, not a regular file")));
+            }
             Err(e) => return Err(e),
         };
-        let len = f.metadata().ctx("stat", &path)?.len();
         let mut h = [0u8; CHUNK_HEADER_LEN];
-        if len < CHUNK_HEADER_LEN as u64 || f.read_exact(&mut h).is_err() {
-            return Ok(false);
+        if let Err(e) = f.read_exact(&mut h) {
+            return Ok(ChunkHealth::Damaged(format!("header unreadable: {e}")));
         }
         Ok(match parse_header(&h) {
-            Ok(hd) => len == CHUNK_HEADER_LEN as u64 + hd.stored_len as u64,
-            Err(_) => false,
+            Ok(hd) if len == CHUNK_HEADER_LEN as u64 + hd.stored_len as u64 => ChunkHealth::Good,
+            Ok(hd) => ChunkHealth::Damaged(format!(
+                "file is {len} bytes but its header announces {}",
+                CHUNK_HEADER_LEN as u64 + hd.stored_len as u64
+            )),
+            Err(d) => ChunkHealth::Damaged(d),
         })
     }
 
-    /// True when a chunk file for `id` exists and is at least a header long. Cheaper than
-    /// [`ChunkStore::is_present`] (metadata only, no data read): used for chunks that a
-    /// committed snapshot refers to, which were made durable before that snapshot was.
+    /// Where [`ChunkStore::quarantine`] moves a damaged chunk: `<id>.bad` beside it (then
+    /// `<id>.bad.1`, `<id>.bad.2`, … when that name is taken). Nothing reads these names.
+    pub fn quarantine_path(&self, id: &ChunkId, n: u32) -> PathBuf {
+        let mut p = self.path(id).into_os_string();
+        p.push(".bad");
+        if n > 0 {
+            p.push(format!(".{n}"));
+        }
+        PathBuf::from(p)
+    }
+
+    /// Moves the damaged chunk file of `id` aside (renamed to a free
+    /// [`ChunkStore::quarantine_path`], never deleted), so that the chunk counts as missing
+    /// and the next backup of a source that still holds its data stores it again. Returns
+    /// where it went, or `None` when there was no file to move.
+    pub fn quarantine(&self, id: &ChunkId) -> Result<Option<PathBuf>> {
+        let path = self.path(id);
+        for n in 0..1000 {
+            let dest = self.quarantine_path(id, n);
+            match std::fs::symlink_metadata(&dest) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("stat", &dest, e)),
+            }
+            return match std::fs::rename(&path, &dest) {
+                Ok(()) => Ok(Some(dest)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io("rename", &path, e)),
+            };
+        }
+        Err(Error::corrupt(
+            format!("chunk {id}"),
+            &path,
+            "1000 earlier copies of it were already moved aside",
+        ))
+    }
+
+    /// True when a chunk file for `id` exists and is longer than a header (metadata only).
+    /// It does not see a damaged header: before reusing a chunk, a backup makes
+    /// [`ChunkStore::check_cheap`] instead.
     pub fn exists(&self, id: &ChunkId) -> Result<bool> {
         let path = self.path(id);
         match std::fs::metadata(&path) {
@@ -351,6 +435,55 @@ mod tests {
         assert!(matches!(store.get(&id), Err(Error::Corrupt { .. })));
         std::fs::remove_file(&p).unwrap();
         assert!(matches!(store.get(&id), Err(Error::MissingChunk { .. })));
+    }
+
+    #[test]
+    fn cheap_check_and_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
+        let data = b"0123456789".repeat(700);
+        let id = HashAlgorithm::Blake3.hash(&data);
+        assert_eq!(store.check_cheap(&id).unwrap(), ChunkHealth::Missing);
+        assert_eq!(store.quarantine(&id).unwrap(), None);
+        let enc_bytes = {
+            let mut enc = Encoder::new(3).unwrap();
+            let e = enc.encode(&data);
+            let mut v = e.header.to_vec();
+            v.extend_from_slice(e.payload);
+            v
+        };
+        let p = store.path(&id);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &enc_bytes).unwrap();
+        assert_eq!(store.check_cheap(&id).unwrap(), ChunkHealth::Good);
+        // Broken magic, a length that disagrees with the header, a directory in its place.
+        let mut bad = enc_bytes.clone();
+        bad[0] = b'X';
+        std::fs::write(&p, &bad).unwrap();
+        assert!(
+            matches!(store.check_cheap(&id).unwrap(), ChunkHealth::Damaged(d) if d.contains("magic"))
+        );
+        let mut long = enc_bytes.clone();
+        long.push(0);
+        std::fs::write(&p, &long).unwrap();
+        assert!(matches!(
+            store.check_cheap(&id).unwrap(),
+            ChunkHealth::Damaged(_)
+        ));
+        // Quarantine keeps every damaged copy under a free name.
+        let first = store.quarantine(&id).unwrap().unwrap();
+        assert_eq!(first, store.quarantine_path(&id, 0));
+        assert_eq!(std::fs::read(&first).unwrap(), long);
+        assert_eq!(store.check_cheap(&id).unwrap(), ChunkHealth::Missing);
+        std::fs::write(&p, &bad).unwrap();
+        let second = store.quarantine(&id).unwrap().unwrap();
+        assert_eq!(second, store.quarantine_path(&id, 1));
+        assert_eq!(std::fs::read(&second).unwrap(), bad);
+        std::fs::create_dir(&p).unwrap();
+        assert!(matches!(
+            store.check_cheap(&id).unwrap(),
+            ChunkHealth::Damaged(_)
+        ));
     }
 
     proptest! {

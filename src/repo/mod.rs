@@ -419,29 +419,63 @@ impl Repository {
     }
 
     /// Resolves a snapshot selector: a full id, a unique id prefix, `latest`, or
-    /// `latest:SOURCE` (the latest snapshot whose source path is SOURCE).
+    /// `latest:SOURCE` (the latest snapshot whose source path is SOURCE). Like
+    /// [`Repository::resolve_warn`], without its warnings.
     pub fn resolve(&self, selector: &str) -> Result<String> {
+        self.resolve_warn(selector, &crate::progress::Silent)
+    }
+
+    /// Resolves a snapshot selector: a full id, a unique id prefix, `latest`, or
+    /// `latest:SOURCE` (the latest snapshot whose source path is SOURCE, compared as given,
+    /// made absolute, and with symlinks resolved where both paths still exist).
+    ///
+    /// Unreadable snapshot files (damaged, or stray files with a 64-hex-digit name) are
+    /// skipped with a warning through `progress`, as a backup skips them when it looks for
+    /// its parent: `latest` is the latest readable snapshot, and a prefix that also matches
+    /// unreadable files names the one readable snapshot it matches. `verify` still reports
+    /// them.
+    pub fn resolve_warn(
+        &self,
+        selector: &str,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<String> {
         let not_found = || Error::SnapshotNotFound {
             selector: selector.into(),
         };
         if selector == "latest" || selector.starts_with("latest:") {
-            // Strict: a damaged snapshot might be the latest one, and restoring an older one
-            // in its place without a word would be wrong.
-            let list = self.list_snapshots()?;
+            let (list, damaged) = self.list_snapshots_lenient()?;
+            for e in &damaged {
+                progress.warn(&format!("skipping unreadable snapshot: {e}"));
+            }
             let wanted = selector.strip_prefix("latest:");
-            let wanted_abs = wanted.map(|w| {
-                std::path::absolute(w)
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| w.to_string())
-            });
+            let Some(wanted) = wanted else {
+                return list.last().map(|s| s.id.clone()).ok_or_else(not_found);
+            };
+            let wanted_abs = std::path::absolute(wanted)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| wanted.to_string());
+            let wanted_canonical = std::fs::canonicalize(wanted).ok();
+            let mut canonical: std::collections::HashMap<String, Option<PathBuf>> =
+                std::collections::HashMap::new();
+            let mut same_source = |recorded: &str| -> bool {
+                if recorded == wanted || recorded == wanted_abs {
+                    return true;
+                }
+                let Some(w) = &wanted_canonical else {
+                    return false;
+                };
+                // Snapshots taken before source paths were canonical recorded the path as
+                // given (made absolute): compare what both resolve to now.
+                canonical
+                    .entry(recorded.to_string())
+                    .or_insert_with(|| std::fs::canonicalize(recorded).ok())
+                    .as_ref()
+                    == Some(w)
+            };
             return list
                 .iter()
                 .rev()
-                .find(|s| {
-                    wanted.is_none()
-                        || Some(s.header.source.path.as_str()) == wanted
-                        || Some(&s.header.source.path) == wanted_abs.as_ref()
-                })
+                .find(|s| same_source(&s.header.source.path))
                 .map(|s| s.id.clone())
                 .ok_or_else(not_found);
         }
@@ -455,6 +489,23 @@ impl Repository {
             .filter(|id| id.starts_with(&prefix))
             .collect();
         matches.sort();
+        if matches.len() > 1 {
+            // Several files match: keep the readable ones, if that leaves exactly one.
+            let mut readable = Vec::new();
+            let mut unreadable = Vec::new();
+            for id in &matches {
+                match self.open_snapshot(id) {
+                    Ok(_) => readable.push(id.clone()),
+                    Err(e) => unreadable.push(e),
+                }
+            }
+            if readable.len() == 1 {
+                for e in &unreadable {
+                    progress.warn(&format!("skipping unreadable snapshot: {e}"));
+                }
+                matches = readable;
+            }
+        }
         match matches.len() {
             0 => Err(not_found()),
             1 => Ok(matches.remove(0)),

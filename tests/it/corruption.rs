@@ -94,7 +94,18 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
     volback_ok(&["verify", f.r()]);
 
     let r = volback_code(&["verify", "--read-data", f.r()], 1);
-    r.stdout_has(&["2 problems"]);
+    r.stdout_has(&["2 problems", "moved aside"]);
+    // Both damaged chunks were moved aside (docs/REPAIR.md): from now on they are missing.
+    for path in [&raw_path, &zst_path] {
+        assert!(!path.exists(), "{} still in place", path.display());
+        assert!(
+            path.with_file_name(format!(
+                "{}.bad",
+                path.file_name().unwrap().to_string_lossy()
+            ))
+            .exists()
+        );
+    }
     // Reported per snapshot from the first block of each pack.
     for (id, block) in [(&raw_id, 0), (&zst_id, 64)] {
         let offset = (block * BS).to_string();
@@ -121,7 +132,7 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
             .iter()
             .any(|a| a["snapshot"] == f.snap_a.as_str() && a["offset"] == 5 * BS)
     );
-    assert!(jstr(raw, "/detail").contains("corrupt"), "{raw}");
+    assert!(jstr(raw, "/detail").contains("missing"), "{raw}");
 
     // Verifying one snapshot reports only that snapshot.
     volback_code(&["verify", "--read-data", f.r(), &f.snap_b[..8]], 1)
@@ -129,14 +140,14 @@ fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
 
     // Restore stops with an error naming the chunk.
     let out = f.t.join("out.img");
-    volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1).stderr_has(&["corrupt"]);
+    volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1).stderr_has(&["missing"]);
     let e = volback_code(&["restore", f.r(), &f.snap_b, p(&out)], 1);
     assert!(
         e.stderr.contains(&raw_id) || e.stderr.contains(&zst_id),
         "restore error does not name the bad chunk: {}",
         e.stderr
     );
-    e.stderr_has(&["corrupt"]);
+    e.stderr_has(&["missing"]);
 }
 
 #[test]
@@ -156,7 +167,9 @@ fn truncated_snapshot_file_gives_clear_errors() {
             .stderr_has(&[&file, "corrupt"])
             .stdout_has(&[&f.snap_b[..12], "1 snapshots"]);
         volback_code(&["restore", f.r(), &f.snap_a[..10], p(&out)], 1).stderr_has(&[&file]);
-        volback_code(&["restore", f.r(), "latest", p(&out)], 1).stderr_has(&[&file]);
+        // `latest` skips the damaged (older) snapshot, saying so.
+        volback_ok(&["restore", f.r(), "latest", p(&out)])
+            .stderr_has(&[&file, "skipping unreadable snapshot"]);
         let r = volback_code(&["verify", f.r()], 1);
         assert!(
             r.stdout.contains(&format!("BAD snapshot {}", f.snap_a)),

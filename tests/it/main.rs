@@ -10,6 +10,7 @@
 //! a Windows build runs the library's unit tests.
 #![cfg(unix)]
 
+mod chunk_repair;
 mod cli;
 mod copy;
 mod corruption;
