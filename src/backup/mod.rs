@@ -440,6 +440,8 @@ pub fn backup(
                     &state,
                     progress,
                 )?
+                // Every chunk the journal names must still be there and sane.
+                && journal_chunks_intact(repo, &journal_path, progress)?
         }
         _ => false,
     };
@@ -618,6 +620,58 @@ pub fn backup(
         unreadable: header.unreadable,
         unread_blocks,
         tracking_note,
+    })
+}
+
+/// Whether every chunk that the journal at `journal_path` names passes the cheap check
+/// ([`crate::repo::chunks::ChunkStore::check_cheap`]). A journal naming a chunk that is
+/// missing or damaged (deleted, truncated, moved aside by `verify`) must not be resumed: its
+/// finished blocks would be carried into the snapshot without their data. Warns why not.
+fn journal_chunks_intact(
+    repo: &Repository,
+    journal_path: &std::path::Path,
+    progress: &dyn Progress,
+) -> Result<bool> {
+    use crate::repo::chunks::ChunkHealth;
+    // Consecutive blocks of one pack name the same chunk: check each run of them once.
+    let mut last: Option<ChunkId> = None;
+    let mut bad: Option<(ChunkId, String)> = None;
+    let mut failure: Option<Error> = None;
+    let read = Journal::read_batches(journal_path, |_, batch| {
+        if bad.is_some() || failure.is_some() {
+            return Ok(());
+        }
+        decode_records(&batch.records, batch.block_count, |r, _| {
+            let Some(id) = r.chunk() else { return };
+            if bad.is_some() || failure.is_some() || last == Some(id) {
+                return;
+            }
+            last = Some(id);
+            match repo.chunks().check_cheap(&id) {
+                Ok(ChunkHealth::Good) => {}
+                Ok(ChunkHealth::Missing) => bad = Some((id, "missing".into())),
+                Ok(ChunkHealth::Damaged(why)) => bad = Some((id, why)),
+                Err(e) => failure = Some(e),
+            }
+        })
+        .map_err(|d| Error::corrupt("journal batch", journal_path, d))
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if read.is_none() {
+        return Ok(false);
+    }
+    Ok(match bad {
+        Some((id, why)) => {
+            progress.warn(&format!(
+                "not resuming the interrupted backup: chunk {} that it stored is {why}; \
+                 starting over",
+                id.to_hex()
+            ));
+            false
+        }
+        None => true,
     })
 }
 

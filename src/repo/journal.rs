@@ -324,10 +324,10 @@ impl Journal {
         path: &Path,
         f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
     ) -> Result<Option<JournalHeader>> {
-        let mut file = match File::open(path) {
+        let mut file = match super::fsio::open_regular(path, false, "open journal") {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open journal", path, e)),
+            Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
         };
         Ok(scan(&mut file, path, f)?.map(|(h, _, _)| h))
     }

@@ -465,3 +465,40 @@ fn partition_table_marker_changes_with_the_table() {
     let why = before.change_from(&volume_state(&img)).unwrap();
     assert!(why.contains("partition table"), "{why}");
 }
+
+/// Issue 11 item 3: a chunk that a resume journal names but that was deleted or damaged
+/// since the interruption (by hand, by a disk error, by `verify` moving it aside) is not
+/// carried into the snapshot: the run starts over and stores it again.
+#[test]
+fn backup_whose_journal_names_a_lost_or_damaged_chunk_starts_over() {
+    for damage in ["delete", "truncate"] {
+        let t = TestDir::new();
+        let src = t.join("raw.img");
+        random_file(&src, 128 * MIB, 9);
+        let repo = t.join("repo");
+        init_repo(&repo, &[]);
+        interrupted_backup(&src, &repo);
+        let chunks = chunk_files(&repo);
+        assert!(!chunks.is_empty(), "the interrupted run stored chunks");
+        for c in &chunks {
+            match damage {
+                "delete" => std::fs::remove_file(c).expect("delete chunk"),
+                _ => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(c)
+                    .and_then(|f| f.set_len(100))
+                    .expect("truncate chunk"),
+            }
+        }
+        let (report, stderr) = backup_with_stderr(&src, &repo);
+        assert_eq!(report["resumed"], false, "{damage}: {report}");
+        assert!(
+            stderr.contains("not resuming the interrupted backup") && stderr.contains("chunk"),
+            "{damage}: the run must say which chunk is lost: {stderr}"
+        );
+        let out = t.join("restored.img");
+        restore(&repo, "latest", &out);
+        assert_eq!(sha256_file(&out), sha256_file(&src), "{damage}");
+        volback_ok(&["verify", "--read-data", p(&repo)]);
+    }
+}
