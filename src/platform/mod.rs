@@ -92,6 +92,12 @@ pub fn path_id(path: &Path) -> io::Result<Option<(u64, u64)>> {
     imp::path_id(path)
 }
 
+/// The number of names (hard links) of the file `path` names after following symbolic links;
+/// `None` where the platform cannot tell (callers then assume it may have others).
+pub fn link_count(path: &Path) -> io::Result<Option<u64>> {
+    imp::link_count(path)
+}
+
 /// Identities (as [`object_id`]) of the files backing the loop devices of the machine, with the
 /// `major:minor` of each loop device. A backing file that was deleted or renamed is still
 /// recognised by its inode where the kernel reports it (`LOOP_GET_STATUS64`).
