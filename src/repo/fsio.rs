@@ -271,7 +271,7 @@ mod tests {
 
     #[cfg(unix)]
     #[test]
-    fn symlinks_and_directories_are_refused_and_never_truncated() {
+    fn symlinks_are_refused_and_their_targets_never_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
@@ -287,6 +287,11 @@ mod tests {
             ));
         }
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn directories_are_refused_and_lock_files_never_truncated() {
+        let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             read_limited(dir.path(), 10, "config"),
             Err(Error::NotRegularFile {
