@@ -68,7 +68,8 @@ pub fn open_write_existing(path: &Path) -> io::Result<File> {
 /// `path` and without blocking on a FIFO or device (`O_NOFOLLOW | O_NONBLOCK` on Linux; the
 /// descriptor is switched back to blocking mode after the open). `create` creates a missing
 /// file (never truncating an existing one). Callers check that the result is a regular file
-/// ([`file_kind_name`]). A symbolic link fails with [`io::ErrorKind`] `FilesystemLoop` on Linux.
+/// ([`file_kind_name`]). A symbolic link fails with [`io::ErrorKind`] `FilesystemLoop` on Linux;
+/// on Windows the link (or other reparse point) itself is opened, and is not a regular file.
 pub fn open_no_follow(path: &Path, write: bool, create: bool) -> io::Result<File> {
     imp::open_no_follow(path, write, create)
 }

@@ -201,8 +201,8 @@ fn checked(path: &Path, opened: std::io::Result<File>, op: &'static str) -> Resu
     Ok(file)
 }
 
-/// `ELOOP`, what `O_NOFOLLOW` returns for a symbolic link (Linux's value; Windows follows
-/// links and never returns it).
+/// `ELOOP`, what `O_NOFOLLOW` returns for a symbolic link (Linux's value). Windows opens the
+/// link itself instead (`FILE_FLAG_OPEN_REPARSE_POINT`), which the metadata check refuses.
 const ELOOP: i32 = 40;
 
 /// True for an I/O error saying the file does not exist.
