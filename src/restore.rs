@@ -98,7 +98,9 @@ fn protected_reason(abs: &Path, protected: &[PathBuf]) -> Option<String> {
         .parent()
         .and_then(|d| platform::path_id(d).ok().flatten());
     // A regular file with other names may be one of the protected files under another name.
-    let linked = std::fs::metadata(abs).is_ok_and(|m| m.is_file() && has_other_links(&m));
+    // Where the platform cannot count links, assume there may be others.
+    let linked = std::fs::metadata(abs).is_ok_and(|m| m.is_file())
+        && !matches!(platform::link_count(abs), Ok(Some(n)) if n <= 1);
     let ta = std::fs::canonicalize(abs)
         .or_else(|_| {
             abs.parent()
@@ -139,16 +141,6 @@ fn protected_reason(abs: &Path, protected: &[PathBuf]) -> Option<String> {
         }
     }
     None
-}
-
-#[cfg(unix)]
-fn has_other_links(m: &std::fs::Metadata) -> bool {
-    std::os::unix::fs::MetadataExt::nlink(m) > 1
-}
-
-#[cfg(not(unix))]
-fn has_other_links(_m: &std::fs::Metadata) -> bool {
-    false
 }
 
 /// Identities of the directories under `dir` (itself included), and of its files when `files`

@@ -282,6 +282,10 @@ pub fn path_id(path: &Path) -> io::Result<Option<(u64, u64)>> {
     }))
 }
 
+pub fn link_count(path: &Path) -> io::Result<Option<u64>> {
+    Ok(Some(std::fs::metadata(path)?.nlink()))
+}
+
 pub fn mounted_devices() -> io::Result<Vec<(String, MountUse)>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut out = Vec::new();

@@ -68,7 +68,8 @@ pub fn open_write_existing(path: &Path) -> io::Result<File> {
 /// `path` and without blocking on a FIFO or device (`O_NOFOLLOW | O_NONBLOCK` on Linux; the
 /// descriptor is switched back to blocking mode after the open). `create` creates a missing
 /// file (never truncating an existing one). Callers check that the result is a regular file
-/// ([`file_kind_name`]). A symbolic link fails with [`io::ErrorKind`] `FilesystemLoop` on Linux.
+/// ([`file_kind_name`]). A symbolic link fails with [`io::ErrorKind`] `FilesystemLoop` on Linux;
+/// on Windows the link (or other reparse point) itself is opened, and is not a regular file.
 pub fn open_no_follow(path: &Path, write: bool, create: bool) -> io::Result<File> {
     imp::open_no_follow(path, write, create)
 }
@@ -90,6 +91,12 @@ pub fn path_names_file(path: &Path, file: &File) -> io::Result<bool> {
 /// `None` where the platform has no such identity.
 pub fn path_id(path: &Path) -> io::Result<Option<(u64, u64)>> {
     imp::path_id(path)
+}
+
+/// The number of names (hard links) of the file `path` names after following symbolic links;
+/// `None` where the platform cannot tell (callers then assume it may have others).
+pub fn link_count(path: &Path) -> io::Result<Option<u64>> {
+    imp::link_count(path)
 }
 
 /// Identities (as [`object_id`]) of the files backing the loop devices of the machine, with the
@@ -233,4 +240,51 @@ pub fn is_media_error(e: &io::Error) -> bool {
 /// The machine's host name, for snapshot metadata.
 pub fn hostname() -> String {
     imp::hostname()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_identity_follows_the_file_not_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"a").unwrap();
+        let file = File::open(&a).unwrap();
+        assert!(path_names_file(&a, &file).unwrap());
+        let id = path_id(&a)
+            .unwrap()
+            .expect("a regular file has an identity");
+        assert_eq!(object_id(&file).unwrap(), id);
+        assert_eq!(link_count(&a).unwrap(), Some(1));
+        // A second name of the same file.
+        let b = dir.path().join("b");
+        std::fs::hard_link(&a, &b).unwrap();
+        assert_eq!(path_id(&b).unwrap(), Some(id));
+        assert_eq!(link_count(&a).unwrap(), Some(2));
+        // Another file under the first name (renamed away: removing an open file is not
+        // immediate everywhere).
+        std::fs::rename(&a, dir.path().join("c")).unwrap();
+        std::fs::write(&a, b"other").unwrap();
+        assert!(!path_names_file(&a, &file).unwrap());
+        assert_ne!(path_id(&a).unwrap(), Some(id));
+        // A directory has an identity too.
+        assert!(path_id(dir.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn write_markers_of_a_file_change_when_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"one").unwrap();
+        let before = write_markers(&File::open(&p).unwrap()).unwrap().unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"two"))
+            .unwrap();
+        let after = write_markers(&File::open(&p).unwrap()).unwrap().unwrap();
+        assert_ne!(before.bytes, after.bytes);
+    }
 }

@@ -1,12 +1,132 @@
 //! Windows implementation of the platform layer. Image files are fully supported through the
 //! standard library; raw volumes (`\\.\C:`), VSS and hole queries are future work, so files are
 //! read as fully allocated and repository durability relies on per-file flushes.
+//!
+//! File identity (volume serial number and file index, the Windows counterpart of device and
+//! inode) and the link count come from `GetFileInformationByHandle`, declared below: the
+//! standard library's accessors for them are unstable.
 
 use super::{Geometry, MountUse, ObjectKind};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::windows::fs::FileExt;
+use std::os::windows::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::windows::io::AsRawHandle;
 use std::path::Path;
+
+/// `FILE_FLAG_OPEN_REPARSE_POINT`: open a symbolic link (or other reparse point) itself.
+const FILE_FLAG_OPEN_REPARSE_POINT: u32 = 0x0020_0000;
+/// `FILE_FLAG_BACKUP_SEMANTICS`: needed to open a directory handle.
+const FILE_FLAG_BACKUP_SEMANTICS: u32 = 0x0200_0000;
+/// `FILE_ATTRIBUTE_REPARSE_POINT`.
+const FILE_ATTRIBUTE_REPARSE_POINT: u32 = 0x0400;
+
+/// `FILETIME`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FileTime {
+    low: u32,
+    high: u32,
+}
+
+/// `BY_HANDLE_FILE_INFORMATION` of <fileapi.h>.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ByHandleFileInformation {
+    file_attributes: u32,
+    creation_time: FileTime,
+    last_access_time: FileTime,
+    last_write_time: FileTime,
+    volume_serial_number: u32,
+    file_size_high: u32,
+    file_size_low: u32,
+    number_of_links: u32,
+    file_index_high: u32,
+    file_index_low: u32,
+}
+
+/// `FILE_BASIC_INFO` of <winbase.h> (for its `ChangeTime`, which std does not expose).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FileBasicInfo {
+    creation_time: i64,
+    last_access_time: i64,
+    last_write_time: i64,
+    change_time: i64,
+    file_attributes: u32,
+}
+
+/// `FileBasicInfo` of the `FILE_INFO_BY_HANDLE_CLASS` enumeration.
+const FILE_BASIC_INFO_CLASS: i32 = 0;
+
+#[link(name = "kernel32")]
+unsafe extern "system" {
+    fn GetFileInformationByHandle(
+        file: *mut std::ffi::c_void,
+        info: *mut ByHandleFileInformation,
+    ) -> i32;
+    fn GetFileInformationByHandleEx(
+        file: *mut std::ffi::c_void,
+        class: i32,
+        info: *mut std::ffi::c_void,
+        size: u32,
+    ) -> i32;
+}
+
+/// `GetFileInformationByHandle` of an open file or directory.
+fn handle_info(file: &File) -> io::Result<ByHandleFileInformation> {
+    let mut info = ByHandleFileInformation::default();
+    // SAFETY: the handle is owned by `file`, alive for the call; the function writes one
+    // BY_HANDLE_FILE_INFORMATION (whose layout `ByHandleFileInformation` reproduces) through
+    // the pointer to live, initialised storage.
+    let r = unsafe { GetFileInformationByHandle(file.as_raw_handle(), &mut info) };
+    if r == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
+/// The change time (`FILE_BASIC_INFO.ChangeTime`: any change of data or metadata) of an open
+/// file.
+fn change_time(file: &File) -> io::Result<i64> {
+    let mut info = FileBasicInfo::default();
+    // SAFETY: the handle is owned by `file`, alive for the call; the function writes at most
+    // `size` bytes (one FILE_BASIC_INFO, whose layout `FileBasicInfo` reproduces) through the
+    // pointer to live, initialised storage of that size.
+    let r = unsafe {
+        GetFileInformationByHandleEx(
+            file.as_raw_handle(),
+            FILE_BASIC_INFO_CLASS,
+            (&mut info as *mut FileBasicInfo).cast(),
+            std::mem::size_of::<FileBasicInfo>() as u32,
+        )
+    };
+    if r == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.change_time)
+}
+
+/// (volume serial number, file index): what identifies a file on Windows.
+fn identity(info: &ByHandleFileInformation) -> (u64, u64) {
+    (
+        u64::from(info.volume_serial_number),
+        (u64::from(info.file_index_high) << 32) | u64::from(info.file_index_low),
+    )
+}
+
+/// Opens `path` for querying its attributes only (no read or write access, every sharing
+/// mode), directories included; `follow` false opens a symbolic link itself.
+fn open_for_query(path: &Path, follow: bool) -> io::Result<File> {
+    let mut flags = FILE_FLAG_BACKUP_SEMANTICS;
+    if !follow {
+        flags |= FILE_FLAG_OPEN_REPARSE_POINT;
+    }
+    OpenOptions::new()
+        .access_mode(0)
+        .share_mode(0x7) // FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
+        .custom_flags(flags)
+        .open(path)
+}
 
 pub fn open_read_only(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).open(path)
@@ -59,35 +179,60 @@ pub fn mount_point_of(_path: &Path) -> io::Result<Option<MountUse>> {
     Ok(None)
 }
 
+/// `FILE_FLAG_OPEN_REPARSE_POINT` opens a symbolic link (or any other reparse point) itself
+/// instead of its target, the counterpart of `O_NOFOLLOW`: the caller then sees a non-regular
+/// file ([`file_kind_name`]) and refuses it. Creating never truncates (`OPEN_ALWAYS`). Opening
+/// a directory fails (no `FILE_FLAG_BACKUP_SEMANTICS`); a repository holds no named pipes or
+/// devices, which only exist under `\\.\`, so there is nothing to block on.
 pub fn open_no_follow(path: &Path, write: bool, create: bool) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(write)
         .create(create)
+        .custom_flags(FILE_FLAG_OPEN_REPARSE_POINT)
         .open(path)
 }
 
+/// A reparse point that is not a symbolic link (a junction, a deduplicated or cloud
+/// placeholder file) is refused too: opened with `FILE_FLAG_OPEN_REPARSE_POINT` its content is
+/// not the file's data.
 pub fn file_kind_name(meta: &std::fs::Metadata) -> Option<&'static str> {
     let ft = meta.file_type();
-    if ft.is_file() {
-        None
+    if ft.is_symlink() {
+        Some("symbolic link")
     } else if ft.is_dir() {
         Some("directory")
-    } else if ft.is_symlink() {
-        Some("symbolic link")
+    } else if meta.file_attributes() & FILE_ATTRIBUTE_REPARSE_POINT != 0 {
+        Some("reparse point")
+    } else if ft.is_file() {
+        None
     } else {
         Some("special file")
     }
 }
 
-pub fn path_names_file(_path: &Path, _file: &File) -> io::Result<bool> {
-    Ok(true)
+/// Compares volume serial numbers and file indexes (`path` itself, not a link's target).
+pub fn path_names_file(path: &Path, file: &File) -> io::Result<bool> {
+    let a = handle_info(&open_for_query(path, false)?)?;
+    let b = handle_info(file)?;
+    Ok(identity(&a) == identity(&b))
 }
 
-pub fn path_id(_path: &Path) -> io::Result<Option<(u64, u64)>> {
-    Ok(None)
+/// (volume serial number, file index) of what `path` names after following links. `None`
+/// where the object has no such identity (a raw volume such as `\\.\C:`).
+pub fn path_id(path: &Path) -> io::Result<Option<(u64, u64)>> {
+    let f = open_for_query(path, true)?;
+    Ok(handle_info(&f).ok().map(|i| identity(&i)))
 }
 
+/// The number of names (hard links) of the file `path` names after following links; `None`
+/// where it cannot be read.
+pub fn link_count(path: &Path) -> io::Result<Option<u64>> {
+    let f = open_for_query(path, true)?;
+    Ok(handle_info(&f).ok().map(|i| u64::from(i.number_of_links)))
+}
+
+/// Windows has no loop devices (attached VHDs are not looked at): nothing is backed by a file.
 pub fn loop_backings() -> Vec<((u64, u64), u64)> {
     Vec::new()
 }
@@ -100,31 +245,38 @@ pub fn device_family(_rdev: u64) -> Vec<String> {
     Vec::new()
 }
 
-pub fn object_id(_file: &File) -> io::Result<(u64, u64)> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "file identity is not available on this platform",
-    ))
+/// (volume serial number, file index). Raw volumes have no file index: an error, so callers
+/// treat the identity as unknown.
+pub fn object_id(file: &File) -> io::Result<(u64, u64)> {
+    Ok(identity(&handle_info(file)?))
 }
 
-/// Regular files: size, creation and last-write times (a write changes the last). Devices:
-/// unknown (an interrupted run on a device is never resumed on Windows).
+/// Regular files: identity (volume serial number, file index), size, creation, last-write and
+/// change times (a write changes the last two; setting the last-write time back changes the
+/// change time). Devices and anything whose markers cannot be read: unknown, so an interrupted
+/// run on them is never resumed on Windows (it starts over).
 pub fn write_markers(file: &File) -> io::Result<Option<super::WriteMarkers>> {
-    use std::os::windows::fs::MetadataExt;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Ok(None);
     }
+    let (Ok(info), Ok(ctime)) = (handle_info(file), change_time(file)) else {
+        return Ok(None);
+    };
+    let (volume, index) = identity(&info);
     let mut bytes = Vec::new();
     for v in [
+        volume,
+        index,
         meta.file_size(),
         meta.creation_time(),
         meta.last_write_time(),
+        ctime as u64,
     ] {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     Ok(Some(super::WriteMarkers {
-        what: "file size, creation and last-write times".into(),
+        what: "file identity, size, creation, last-write and change times".into(),
         bytes,
     }))
 }

@@ -201,8 +201,8 @@ fn checked(path: &Path, opened: std::io::Result<File>, op: &'static str) -> Resu
     Ok(file)
 }
 
-/// `ELOOP`, what `O_NOFOLLOW` returns for a symbolic link (Linux's value; Windows follows
-/// links and never returns it).
+/// `ELOOP`, what `O_NOFOLLOW` returns for a symbolic link (Linux's value). Windows opens the
+/// link itself instead (`FILE_FLAG_OPEN_REPARSE_POINT`), which the metadata check refuses.
 const ELOOP: i32 = 40;
 
 /// True for an I/O error saying the file does not exist.
@@ -271,7 +271,7 @@ mod tests {
 
     #[cfg(unix)]
     #[test]
-    fn symlinks_and_directories_are_refused_and_never_truncated() {
+    fn symlinks_are_refused_and_their_targets_never_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
@@ -287,6 +287,11 @@ mod tests {
             ));
         }
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn directories_are_refused_and_lock_files_never_truncated() {
+        let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             read_limited(dir.path(), 10, "config"),
             Err(Error::NotRegularFile {
