@@ -196,6 +196,17 @@ pub fn plan_restore(target: &Path, volume_size: u64, protected: &[PathBuf]) -> R
         Err(e) => return Err(Error::io("inspect", &abs, e)),
     };
     let Some(meta) = meta else {
+        if platform::in_device_namespace(&abs) {
+            // Restoring would create a plain file in the device directory (in memory on
+            // Linux) while the user meant a device that is not there.
+            return Err(refuse(
+                target,
+                "no such device (a partition of a loop device appears after `partx -a`); \
+                 restore writes to an existing device, or to a file outside the device \
+                 directory"
+                    .into(),
+            ));
+        }
         return Ok(RestorePlan {
             target: abs,
             target_kind: ObjectKind::RegularFile,

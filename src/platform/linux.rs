@@ -594,6 +594,10 @@ pub fn prefetch(file: &File, offset: u64, len: u64) {
     }
 }
 
+pub fn in_device_namespace(path: &Path) -> bool {
+    path.starts_with("/dev")
+}
+
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `buf.len()` bytes into the live buffer.

@@ -237,6 +237,13 @@ pub fn is_media_error(e: &io::Error) -> bool {
     imp::is_media_error(e)
 }
 
+/// Whether `path` names an entry of the system's device namespace (`/dev` on Linux, `\\.\`
+/// on Windows): a path there that does not exist is a device that is absent, never a file to
+/// create.
+pub fn in_device_namespace(path: &Path) -> bool {
+    imp::in_device_namespace(path)
+}
+
 /// The machine's host name, for snapshot metadata.
 pub fn hostname() -> String {
     imp::hostname()

@@ -502,3 +502,55 @@ fn attach_partitioned(file: &Path) -> Loop {
     }
     panic!("the partitions of {} never appeared", l.dev.display());
 }
+
+/// The same bytes mounted through a loop device with an offset (`losetup -o`), and the
+/// partition over them from another loop device of the file: refused. The partition's
+/// device node is made with `partx`, never by the restore: a missing device path is refused
+/// instead of being created as a plain file in /dev.
+#[test]
+fn restore_refuses_a_partition_over_a_range_mounted_through_an_offset_loop_device() {
+    if !require_root_and_loop() {
+        return;
+    }
+    let t = TestDir::new();
+    let (repo, _src) = repo_with_backup(&t);
+    let disk = t.join("disk.img");
+    sparse_file(&disk, 64 * MIB);
+    run_stdin_ok("sfdisk", &["-q", p(&disk)], b"label: dos\n,24M\n,\n");
+    let r = run_ok(
+        "losetup",
+        &[
+            "--find",
+            "--show",
+            "--offset",
+            &(MIB).to_string(),
+            "--sizelimit",
+            &(24 * MIB).to_string(),
+            p(&disk),
+        ],
+    );
+    let ranged = Loop {
+        dev: PathBuf::from(r.stdout.trim()),
+    };
+    run_ok("mkfs.ext4", &["-q", "-F", p(ranged.path())]);
+    let m = Mount::new(ranged.path(), &t.join("mnt"), None);
+    let second = attach_partitioned(&disk);
+    let q1 = PathBuf::from(format!("{}p1", p(second.path())));
+    fails_with(&["restore", p(&repo), "latest", p(&q1)], &["mounted"]);
+    run_program("partx", &["-d", p(second.path())]);
+    drop(second);
+    m.unmount();
+    drop(ranged);
+}
+
+#[test]
+fn restore_refuses_a_device_path_that_does_not_exist() {
+    let t = TestDir::new();
+    let (repo, _src) = repo_with_backup(&t);
+    let ghost = PathBuf::from(format!("/dev/volback-test-absent-{}", std::process::id()));
+    fails_with(
+        &["restore", p(&repo), "latest", p(&ghost)],
+        &["no such device"],
+    );
+    assert!(!ghost.exists(), "the restore created {}", ghost.display());
+}
