@@ -104,6 +104,11 @@ pub enum Error {
     #[error("{} is a {kind}, not a regular file; volback does not use it", path.display())]
     NotRegularFile { path: PathBuf, kind: &'static str },
 
+    /// A repository directory is a symbolic link or not a directory: refused (a link planted
+    /// in a repository must not redirect its writes elsewhere).
+    #[error("{} is a {kind}, not a directory; volback does not use it", path.display())]
+    NotADirectory { path: PathBuf, kind: &'static str },
+
     /// A restore failed after it began writing: the target holds part of the volume.
     #[error("restore onto {} failed{}", path.display(), if *.removed { "; the incomplete file it had created was removed" } else { "; the target now holds an incomplete restore: do not use it until a restore completes" })]
     IncompleteRestore {

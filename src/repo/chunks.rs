@@ -281,6 +281,7 @@ impl ChunkStore {
     pub fn put(&self, id: &ChunkId, chunk: &EncodedChunk<'_>) -> Result<()> {
         let dest = self.path(id);
         let dir = dest.parent().unwrap_or(&self.dir);
+        fsio::check_directory(dir)?;
         let tmp = match TempFile::create_in(dir, "") {
             Ok(t) => t,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {

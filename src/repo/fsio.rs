@@ -206,6 +206,24 @@ fn checked(path: &Path, opened: std::io::Result<File>, op: &'static str) -> Resu
 const ELOOP: i32 = 40;
 
 /// True for an I/O error saying the file does not exist.
+/// Checks that `dir`, a directory of a repository, is a real directory and not a symbolic
+/// link (or anything else); a missing one is fine (it is created when needed).
+pub fn check_directory(dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_dir() => Ok(()),
+        Ok(m) => Err(Error::NotADirectory {
+            path: dir.to_path_buf(),
+            kind: if m.file_type().is_symlink() {
+                "symbolic link"
+            } else {
+                crate::platform::file_kind_name(&m).unwrap_or("regular file")
+            },
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("inspect", dir, e)),
+    }
+}
+
 pub fn is_not_found(e: &Error) -> bool {
     matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }

@@ -289,6 +289,10 @@ impl Repository {
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
         check_block_size(config.block_size)
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
+        // The repository's own directories are never followed through a link.
+        for d in ["snapshots", "chunks", "journals", "tmp"] {
+            fsio::check_directory(&path.join(d))?;
+        }
         let lock_path = path.join("lock");
         let lock = match fsio::open_regular(&lock_path, false, "open") {
             Ok(f) => Some(f),

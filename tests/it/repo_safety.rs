@@ -554,3 +554,47 @@ fn restore_refuses_a_device_path_that_does_not_exist() {
     );
     assert!(!ghost.exists(), "the restore created {}", ghost.display());
 }
+
+/// A repository directory replaced by a symbolic link (journals/, tmp/, a chunk fan-out
+/// directory) is refused: a link planted there must not redirect the repository's writes.
+#[test]
+fn symlinked_repository_directories_are_refused() {
+    for dir in ["journals", "tmp", "snapshots", "chunks"] {
+        let t = TestDir::new();
+        let (repo, src) = repo_with_backup(&t);
+        let elsewhere = t.join("elsewhere");
+        std::fs::rename(repo.join(dir), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, repo.join(dir)).unwrap();
+        let before = std::fs::read_dir(&elsewhere).unwrap().count();
+        fails_with(
+            &["backup", p(&src), p(&repo)],
+            &[dir, "symbolic link", "not a directory"],
+        );
+        assert_eq!(
+            std::fs::read_dir(&elsewhere).unwrap().count(),
+            before,
+            "{dir}"
+        );
+    }
+    // A chunk fan-out directory: a backup that would store a chunk there refuses.
+    let t = TestDir::new();
+    let (repo, _) = repo_with_backup(&t);
+    let src = t.join("other.img");
+    random_file(&src, 2 * MIB, 77);
+    let fanout: Vec<_> = std::fs::read_dir(repo.join("chunks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let elsewhere = t.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for d in &fanout {
+        std::fs::remove_dir_all(d).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, d).unwrap();
+    }
+    fails_with(
+        &["backup", p(&src), p(&repo)],
+        &["symbolic link", "not a directory"],
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
