@@ -258,6 +258,11 @@ pub fn plan_restore(target: &Path, volume_size: u64, protected: &[PathBuf]) -> R
 
 /// Writes `volume` to the target of `plan`.
 ///
+/// A file target that does not exist yet is written under a temporary name beside it,
+/// `TARGET.volback-incomplete`, and renamed to its name only once it is complete and flushed:
+/// a restore killed half-way (kill -9, power loss) never leaves a partial image under the name
+/// the user asked for.
+///
 /// When writing fails part-way, the error is [`Error::IncompleteRestore`]: a file target that
 /// this restore created is removed (a partial image must not pass for a restored one); an
 /// existing file or device is left holding the partial restore, and the error says so.
@@ -269,11 +274,27 @@ pub fn restore(
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     let path = &plan.target;
-    let file = open_target(plan, volume.size(), opts)?;
     let created = !plan.overwrites && plan.target_kind == ObjectKind::RegularFile;
-    write_target(volume, plan, &file, opts, progress).map_err(|e| {
-        drop(file);
-        let removed = created && std::fs::remove_file(path).is_ok();
+    // A new file is written under its incomplete name first.
+    let staging = created.then(|| RestorePlan {
+        target: incomplete_name(path),
+        ..plan.clone()
+    });
+    let writing = staging.as_ref().unwrap_or(plan);
+    if let Some(staging) = &staging {
+        // Left by a restore that was killed: start afresh, and never write through a link
+        // planted under that name (it is created new below).
+        match std::fs::remove_file(&staging.target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &staging.target, e)),
+        }
+    }
+    let file = open_target(writing, volume.size(), staging.is_some(), opts)?;
+    let result = write_target(volume, writing, &file, opts, progress);
+    drop(file);
+    let report = result.map_err(|e| {
+        let removed = created && std::fs::remove_file(&writing.target).is_ok();
         match e {
             Error::Interrupted { .. } => e,
             e => Error::IncompleteRestore {
@@ -282,25 +303,41 @@ pub fn restore(
                 source: Box::new(e),
             },
         }
-    })
+    })?;
+    if let Some(staging) = &staging {
+        std::fs::rename(&staging.target, path).ctx("rename into place", &staging.target)?;
+        if let Some(parent) = path.parent() {
+            platform::sync_dir(parent).ctx("flush directory", parent)?;
+        }
+    }
+    Ok(report)
+}
+
+/// The name a new file target has while it is being written.
+pub fn incomplete_name(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_owned();
+    name.push(".volback-incomplete");
+    PathBuf::from(name)
 }
 
 /// Opens (a file: creates) the target of `plan` for writing.
-fn open_target(plan: &RestorePlan, size: u64, opts: &RestoreOptions) -> Result<File> {
+fn open_target(plan: &RestorePlan, size: u64, fresh: bool, opts: &RestoreOptions) -> Result<File> {
     let path = &plan.target;
     Ok(match plan.target_kind {
         ObjectKind::BlockDevice => {
             platform::open_write_existing(path).ctx("open for writing", path)?
         }
         _ => {
-            // Only-changed keeps what the file holds; otherwise it starts empty (sparse).
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(!opts.only_changed)
-                .open(path)
-                .ctx("create", path)?;
+            // Only-changed keeps what the file holds; otherwise it starts empty (sparse). A
+            // fresh file must not exist yet.
+            let mut o = OpenOptions::new();
+            o.read(true).write(true);
+            if fresh {
+                o.create_new(true);
+            } else {
+                o.create(true).truncate(!opts.only_changed);
+            }
+            let f = o.open(path).ctx("create", path)?;
             f.set_len(size).ctx("set the size of", path)?;
             f
         }

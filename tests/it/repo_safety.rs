@@ -598,3 +598,51 @@ fn symlinked_repository_directories_are_refused() {
     );
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
 }
+
+/// A new file target is written as `TARGET.volback-incomplete` and renamed when complete: a
+/// restore killed with -9 never leaves a partial image under the target's name, and a link
+/// planted under the temporary name is not written through.
+#[test]
+fn killed_restore_never_leaves_a_partial_file_under_the_target_name() {
+    let t = TestDir::new();
+    let repo = t.join("repo");
+    let src = t.join("src.img");
+    random_file(&src, 192 * MIB, 21);
+    init_repo(&repo, &[]);
+    backup_json(&src, &repo, &[]);
+    let target = t.join("restored.img");
+    let staging = t.join("restored.img.volback-incomplete");
+    let mut child = std::process::Command::new(VOLBACK)
+        .args(["restore", "--threads", "1", p(&repo), "latest", p(&target)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it has started writing (or let it finish, if it is faster than us).
+    for _ in 0..2000 {
+        if staging.exists() || target.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // Whatever the timing: the target name holds a complete restore or nothing.
+    if target.exists() {
+        assert_eq!(sha256_file(&target), sha256_file(&src));
+    }
+    // The next restore completes and leaves no temporary file.
+    let _ = std::fs::remove_file(&target);
+    restore(&repo, "latest", &target);
+    assert_eq!(sha256_file(&target), sha256_file(&src));
+    assert!(!staging.exists());
+    // A link planted under the temporary name: removed, never written through.
+    let victim = t.join("victim.txt");
+    std::fs::write(&victim, b"keep me").unwrap();
+    std::fs::remove_file(&target).unwrap();
+    std::os::unix::fs::symlink(&victim, &staging).unwrap();
+    restore(&repo, "latest", &target);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    assert_eq!(sha256_file(&target), sha256_file(&src));
+    assert!(!staging.exists());
+}
