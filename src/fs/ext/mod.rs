@@ -21,7 +21,8 @@
 //!
 //! Nothing read is trusted before it is checked ([`for_each_used`], docs/ALLOCATION.md "ext:
 //! validation before trusting"): checksums, locations and overlaps of every structure, free
-//! counts against bitmaps, and the filesystem's own blocks and journal marked used. A failed
+//! counts against bitmaps, the filesystem's own blocks and journal marked used, and every
+//! block of every inode in use marked used (the bitmaps checked against the inodes). A failed
 //! check makes the map unusable (the caller then reads every block, saying why).
 //!
 //! [`changes`] finds the blocks that cannot have changed since an earlier state of the same
@@ -688,8 +689,10 @@ fn count_set(bitmap: &[u8], bits: u64) -> u64 {
 /// Nothing is trusted before it is checked (docs/ALLOCATION.md, "ext: validation before
 /// trusting"): the superblock and descriptor checksums, every structure's location (inside
 /// the filesystem, not overlapping another), each block bitmap's checksum, its free count
-/// against the descriptor's, and the filesystem's own blocks (superblocks, descriptors,
-/// reserved GDT blocks, bitmaps, inode tables, journal) marked used in it.
+/// against the descriptor's, the filesystem's own blocks (superblocks, descriptors,
+/// reserved GDT blocks, bitmaps, inode tables, journal) marked used in it, and every block an
+/// inode in use names marked used and none of those (the inode tables and extent trees are
+/// read for this; `f` may have been called before an `Err`).
 pub(crate) fn for_each_used(
     vol: &dyn Volume,
     sb: &Superblock,
