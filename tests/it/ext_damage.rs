@@ -359,7 +359,15 @@ fn make_twelve_files(t: &TestDir, name: &str) -> (PathBuf, BTreeMap<String, Stri
     sparse_file(&img, 256 * MIB);
     run_ok(
         "mkfs.ext4",
-        &["-q", "-F", "-b", "1024", "-E", "lazy_itable_init=0,lazy_journal_init=0", p(&img)],
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "1024",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            p(&img),
+        ],
     );
     let lo = Loop::attach(&img, false);
     let m = Mount::new(&lo.dev, &t.join(&format!("{name}.mnt")), None);

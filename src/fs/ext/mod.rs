@@ -1241,6 +1241,25 @@ mod tests {
         expect_err(&e, "overlap");
     }
 
+    /// A file's block marked free, with the free count and every checksum made consistent
+    /// (red team A): only reading the inodes can tell, and it must.
+    #[test]
+    fn a_file_block_marked_free_behind_consistent_counts_is_found() {
+        let img = fixture();
+        let bb = u32_at(&img, GD) as usize;
+        let itable = u32_at(&img, GD + 8) as usize;
+        // The root directory (inode 2, slot 1): an extent tree whose first extent is data.
+        let slot = itable * 1024 + 256;
+        assert_eq!(u16_at(&img, slot + 0x28), 0xF30A, "root has an extent root");
+        let data = u32_at(&img, slot + 0x28 + 12 + 8) as usize;
+        let mut a = img.clone();
+        let bit = data - 1;
+        a[bb * 1024 + bit / 8] &= !(1 << (bit % 8));
+        put_u16(&mut a, GD + 0x0C, u16_at(&img, GD + 0x0C) + 1);
+        reseal(&mut a);
+        expect_err(&a, &format!("marks block {data} free but inode 2 uses it"));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Random bytes anywhere in the first MiB of a real metadata_csum filesystem (its
