@@ -896,7 +896,8 @@ const WINDOW_BLOCKS: u64 = 1 << 29;
 /// Inode table bytes read at a time.
 const ITABLE_CHUNK: u64 = 1 << 20;
 
-/// The most extent tree or indirect blocks one inode may have before its map is refused.
+/// The most extent tree or indirect blocks one inode may have before the map is refused
+/// (all inodes together may have no more than the filesystem has blocks).
 const MAX_FILE_TREE: u64 = 1 << 24;
 
 /// The resize inode: its blocks are the reserved GDT blocks and their backups.
@@ -970,6 +971,10 @@ fn check_inodes(
     let inline = sb.incompat & INCOMPAT_INLINE_DATA != 0;
     let is64 = sb.incompat & INCOMPAT_64BIT != 0;
     let journal = (sb.compat & COMPAT_HAS_JOURNAL != 0).then_some(sb.journal_inum);
+    // Tree and indirect blocks (and block-mapped data blocks) of all inodes together: a
+    // healthy filesystem has no more of them than blocks, so hostile trees that name the
+    // same blocks over and over cannot make the walk long.
+    let mut budget = sb.blocks_count;
     let damage = |descs: &mut DescReader<'_>, ino: u64, b: u64| -> String {
         let i = meta.partition_point(|r| r.end() <= b);
         if let Some(r) = meta.get(i).filter(|r| r.start <= b) {
@@ -1052,20 +1057,24 @@ fn check_inodes(
                     continue;
                 }
                 let mut bad = None;
-                let mut check = |start: u64, len: u64| {
+                let mut spent = 0u64;
+                let mut check = |start: u64, len: u64, counted: bool| {
+                    spent += u64::from(counted);
                     if bad.is_none() {
                         bad = window.first_unusable(start, len);
                     }
                 };
+                let limit = budget.min(MAX_FILE_TREE);
                 if flags & inode::FL_EXTENTS != 0 {
-                    inode::walk_extents(vol, sb, node.root(), MAX_FILE_TREE, &mut |n| match n {
-                        inode::Node::Block(b) => check(b, 1),
-                        inode::Node::Extent(e) => check(e.start, e.len),
+                    inode::walk_extents(vol, sb, node.root(), limit, &mut |n| match n {
+                        inode::Node::Block(b) => check(b, 1, true),
+                        inode::Node::Extent(e) => check(e.start, e.len, false),
                     })
                 } else {
-                    inode::walk_block_map(vol, sb, node.root(), MAX_FILE_TREE, &mut |b| check(b, 1))
+                    inode::walk_block_map(vol, sb, node.root(), limit, &mut |b| check(b, 1, true))
                 }
                 .map_err(|e| format!("inode {ino}: {e}"))?;
+                budget = budget.saturating_sub(spent);
                 if let Some(b) = bad {
                     return Err(damage(descs, ino, b));
                 }
