@@ -351,3 +351,172 @@ fn random_metadata_damage_never_drops_blocks_e2fsck_keeps() {
     }
     eprintln!("{whole} damaged sources read whole, {mapped} through a map");
 }
+
+/// Red team A: a 256 MiB ext4 (1 KiB blocks) holding twelve 12 MiB random files, made by
+/// mkfs and filled through a loop mount; returns the image and every file's SHA-256.
+fn make_twelve_files(t: &TestDir, name: &str) -> (PathBuf, BTreeMap<String, String>) {
+    let img = t.join(&format!("{name}.img"));
+    sparse_file(&img, 256 * MIB);
+    run_ok(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "1024",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            p(&img),
+        ],
+    );
+    let lo = Loop::attach(&img, false);
+    let m = Mount::new(&lo.dev, &t.join(&format!("{name}.mnt")), None);
+    for i in 1..=12u64 {
+        random_file(&m.dir.join(format!("f{i}")), 12 * MIB, 0xA11C + i);
+    }
+    let files = tree_hashes(&m.dir);
+    m.unmount();
+    drop(lo);
+    (img, files)
+}
+
+/// The leaf extents of `file` (`debugfs -R "ex FILE"`): (physical start, length). A leaf
+/// line holds nine numbers (level/depth, entry/entries, logical and physical ranges,
+/// length); index lines hold eight.
+fn extents_of(image: &Path, file: &str) -> Vec<(u64, u64)> {
+    let r = run_ok("debugfs", &["-R", &format!("ex {file}"), p(image)]);
+    r.stdout
+        .lines()
+        .filter_map(|l| {
+            let n: Vec<u64> = l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect();
+            (n.len() == 9).then(|| (n[6], n[8]))
+        })
+        .collect()
+}
+
+/// `dumpe2fs` facts of a group: its free block count and every metadata block inside it
+/// (superblock copies, descriptors, reserved GDT blocks, bitmaps and inode tables of any
+/// group that flex_bg placed there).
+fn group_facts(image: &Path, g: u64, first: u64, len: u64) -> (u64, u64) {
+    let r = run_ok("dumpe2fs", &[p(image)]);
+    let out = r.stdout;
+    let head = format!("Group {g}: ");
+    let free = out
+        .lines()
+        .skip_while(|l| !l.starts_with(&head))
+        .find_map(|l| l.trim().split_once(" free blocks,"))
+        .and_then(|(n, _)| n.parse().ok())
+        .expect("dumpe2fs shows the group's free blocks");
+    let mut meta = 0;
+    for l in out.lines() {
+        for what in [
+            "superblock at ",
+            "Group descriptors at ",
+            "Reserved GDT blocks at ",
+            "Block bitmap at ",
+            "Inode bitmap at ",
+            "Inode table at ",
+        ] {
+            let Some(at) = l.find(what) else { continue };
+            let range: String = l[at + what.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '-')
+                .collect();
+            let (a, b) = range.split_once('-').unwrap_or((&range, &range));
+            let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+            let (s, e) = (a.max(first), (b + 1).min(first + len));
+            meta += e.saturating_sub(s);
+        }
+    }
+    (free, meta)
+}
+
+/// Red team A: a file's blocks marked free in the block bitmap (`freeb`), or its group
+/// flagged BLOCK_UNINIT, with the free counts and checksums made consistent, so that every
+/// check of the bitmaps alone passes. e2fsck keeps the file ("Block bitmap differences");
+/// the backup must check the bitmaps against the inodes, warn, and read every block.
+#[test]
+fn file_blocks_marked_free_behind_consistent_counts_are_found() {
+    if !require_root_and_loop() {
+        return;
+    }
+    let t = TestDir::new();
+    for variant in ["freeb", "block-uninit"] {
+        let (img, files) = make_twelve_files(&t, variant);
+        let per_group = dumpe2fs_field(&img, "Blocks per group:");
+        let first_block = dumpe2fs_field(&img, "First block:");
+        let sb_free = dumpe2fs_field(&img, "Free blocks:");
+        let extents = extents_of(&img, "/f5");
+        assert!(!extents.is_empty(), "debugfs lists no extent of /f5");
+        // Blocks of /f5 per group.
+        let mut in_group: BTreeMap<u64, u64> = BTreeMap::new();
+        for &(start, len) in &extents {
+            for b in start..start + len {
+                *in_group.entry((b - first_block) / per_group).or_default() += 1;
+            }
+        }
+        let cmds = if variant == "freeb" {
+            // The first extent, clipped to its group.
+            let (start, len) = extents[0];
+            let g = (start - first_block) / per_group;
+            let group_end = first_block + (g + 1) * per_group;
+            let len = len.min(group_end - start);
+            let (free, _) = group_facts(&img, g, 0, 0);
+            format!(
+                "freeb {start} {len}\nset_bg {g} free_blocks_count {}\nset_bg {g} checksum calc\n\
+                 ssv free_blocks_count {}\n",
+                free + len,
+                sb_free + len
+            )
+        } else {
+            // A group holding nothing but /f5 and metadata: uninitialised, it claims to hold
+            // only its metadata, with the free count that implies.
+            let (g, free, mine) = in_group
+                .iter()
+                .find_map(|(&g, &mine)| {
+                    let first = first_block + g * per_group;
+                    let (free, meta) = group_facts(&img, g, first, per_group);
+                    (free + mine + meta == per_group).then_some((g, per_group - meta, mine))
+                })
+                .expect("/f5 fills a group");
+            format!(
+                "set_bg {g} flags 2\nset_bg {g} free_blocks_count {free}\nset_bg {g} checksum calc\n\
+                 ssv free_blocks_count {}\n",
+                sb_free + mine
+            )
+        };
+        run_stdin_ok("debugfs", &["-w", "-f", "-", p(&img)], cmds.as_bytes());
+
+        let repo = t.join(&format!("{variant}.repo"));
+        let restored = t.join(&format!("{variant}.restored"));
+        let (v, stderr) = backup_and_restore(&img, &repo, &restored);
+        assert!(
+            stderr.contains("reading every block")
+                && stderr.contains("free")
+                && stderr.contains("but inode")
+                && stderr.contains("uses it"),
+            "{variant}: no warning naming the inode: {stderr}"
+        );
+        assert_eq!(v["all_blocks"], true, "{variant}: {v}");
+        assert_eq!(
+            sha256_file(&restored),
+            sha256_file(&img),
+            "{variant}: the restore differs from the damaged source"
+        );
+        // e2fsck keeps /f5 (it marks its blocks used again); so does the restore.
+        let fixed = fsck_copy(&restored, &t.join(&format!("{variant}.rst-fsck")))
+            .unwrap_or_else(|| panic!("{variant}: e2fsck cannot repair the restore"));
+        let kept = files_of(&t, &fixed);
+        for (name, hash) in &files {
+            assert_eq!(kept.get(name), Some(hash), "{variant}: {name} lost");
+        }
+        for f in [img, restored, fixed] {
+            std::fs::remove_file(f).unwrap();
+        }
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+}

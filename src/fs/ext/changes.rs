@@ -27,7 +27,7 @@ use super::inode::{
     FL_EA_INODE, FL_EXTENTS, FL_INLINE_DATA, Inode, Node, S_IFDIR, S_IFMT, S_IFREG, walk_extents,
 };
 use super::{
-    BG_INODE_UNINIT, DescReader, INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC, Superblock, Used,
+    BG_INODE_UNINIT, Bits, DescReader, INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC, Superblock, Used,
     for_each_used,
 };
 use crate::fs::BlockMap;
@@ -45,25 +45,6 @@ const ITABLE_CHUNK: u64 = 1 << 20;
 
 /// An extent tree larger than this is not compared (its file is read).
 const MAX_TREE_BLOCKS: u64 = 1 << 16;
-
-/// One bit per filesystem block.
-struct Bits(Vec<u64>);
-
-impl Bits {
-    fn new(n: u64) -> Bits {
-        Bits(vec![0; n.div_ceil(64) as usize])
-    }
-
-    fn set_run(&mut self, start: u64, len: u64) {
-        for b in start..start + len {
-            self.0[(b / 64) as usize] |= 1 << (b % 64);
-        }
-    }
-
-    fn get(&self, b: u64) -> bool {
-        self.0[(b / 64) as usize] & (1 << (b % 64)) != 0
-    }
-}
 
 /// The blocks (at `granularity` bytes) of `vol` whose bytes equal those of `earlier`, an
 /// earlier state of the same ext filesystem, in every filesystem block in use now. `Err` says

@@ -13,7 +13,8 @@
 //!   checksum field taken as zero. A block bitmap's checksum (`bg_block_bitmap_csum_lo` at
 //!   0x18, `_hi` at 0x38 when the descriptor reaches 0x3A) chains from the seed over the
 //!   group's bitmap bytes (clusters per group / 8); only the low 16 bits count when there is
-//!   no high half.
+//!   no high half. An inode bitmap's checksum (`bg_inode_bitmap_csum_lo` at 0x1A, `_hi` at
+//!   0x3A when the descriptor reaches 0x3C) is the same chain over inodes per group / 8 bytes.
 
 use crate::bytes::le_u32 as u32_at;
 use crate::probe::crc32::crc32c_update;
@@ -24,6 +25,8 @@ pub const BG_CHECKSUM: usize = 0x1E;
 pub const SB_CHECKSUM: usize = 0x3FC;
 /// A descriptor holds `bg_block_bitmap_csum_hi` when it is at least this long.
 pub const BITMAP_CSUM_HI_END: usize = 0x3A;
+/// A descriptor holds `bg_inode_bitmap_csum_hi` when it is at least this long.
+pub const INODE_BITMAP_CSUM_HI_END: usize = 0x3C;
 
 const fn crc16_table() -> [u16; 256] {
     let mut t = [0u16; 256];
@@ -104,6 +107,15 @@ impl Scheme {
         let lo = u16::from_le_bytes([desc[0x18], desc[0x19]]);
         let hi = (desc.len() >= BITMAP_CSUM_HI_END)
             .then(|| u16::from_le_bytes([desc[0x38], desc[0x39]]));
+        (lo, hi)
+    }
+
+    /// The inode bitmap checksum a descriptor records: `bg_inode_bitmap_csum_lo` (0x1A) and,
+    /// when the descriptor reaches it, `_hi` (0x3A).
+    pub fn recorded_inode_bitmap_csum(desc: &[u8]) -> (u16, Option<u16>) {
+        let lo = u16::from_le_bytes([desc[0x1A], desc[0x1B]]);
+        let hi = (desc.len() >= INODE_BITMAP_CSUM_HI_END)
+            .then(|| u16::from_le_bytes([desc[0x3A], desc[0x3B]]));
         (lo, hi)
     }
 

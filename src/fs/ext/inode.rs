@@ -1,8 +1,8 @@
 //! ext2/3/4 inodes and extent trees, as far as change tracking needs them.
 //!
 //! Inode fields used (little-endian offsets into the slot): i_mode 0x00, i_atime 0x08,
-//! i_ctime 0x0C, i_dtime 0x14, i_links_count 0x1A, i_flags 0x20, i_block 0x28 (60 bytes: the
-//! extent tree's root), l_i_checksum_lo 0x7C, i_extra_isize 0x80, i_checksum_hi 0x82,
+//! i_size 0x04 (hi 0x6C), i_ctime 0x0C, i_dtime 0x14, i_links_count 0x1A, i_flags 0x20, i_block 0x28 (60 bytes: the
+//! extent tree's root), i_file_acl 0x68 (hi 0x76), l_i_checksum_lo 0x7C, i_extra_isize 0x80, i_checksum_hi 0x82,
 //! i_ctime_extra 0x84, i_atime_extra 0x8C.
 //!
 //! An extent tree node starts with a 12-byte header (magic 0xF30A at 0, entries at 2, max at
@@ -25,6 +25,7 @@ pub const FL_INLINE_DATA: u32 = 0x1000_0000;
 pub const S_IFMT: u16 = 0xF000;
 pub const S_IFREG: u16 = 0x8000;
 pub const S_IFDIR: u16 = 0x4000;
+pub const S_IFLNK: u16 = 0xA000;
 
 /// One inode slot's bytes.
 #[derive(Clone, Copy)]
@@ -45,6 +46,18 @@ impl Inode<'_> {
 
     pub fn flags(&self) -> u32 {
         u32_at(self.0, 0x20)
+    }
+
+    /// i_size_lo (0x04) and i_size_high (0x6C).
+    pub fn size(&self) -> u64 {
+        u32_at(self.0, 0x04) as u64 | (u32_at(self.0, 0x6C) as u64) << 32
+    }
+
+    /// The extended-attribute block (i_file_acl_lo 0x68, l_i_file_acl_high 0x76 with 64BIT);
+    /// 0 when there is none.
+    pub fn file_acl(&self, is64: bool) -> u64 {
+        let hi = if is64 { u16_at(self.0, 0x76) as u64 } else { 0 };
+        u32_at(self.0, 0x68) as u64 | hi << 32
     }
 
     /// Size of the fields past the first 128 bytes (0 for 128-byte inodes).

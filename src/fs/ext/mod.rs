@@ -21,7 +21,8 @@
 //!
 //! Nothing read is trusted before it is checked ([`for_each_used`], docs/ALLOCATION.md "ext:
 //! validation before trusting"): checksums, locations and overlaps of every structure, free
-//! counts against bitmaps, and the filesystem's own blocks and journal marked used. A failed
+//! counts against bitmaps, the filesystem's own blocks and journal marked used, and every
+//! block of every inode in use marked used (the bitmaps checked against the inodes). A failed
 //! check makes the map unusable (the caller then reads every block, saying why).
 //!
 //! [`changes`] finds the blocks that cannot have changed since an earlier state of the same
@@ -299,6 +300,8 @@ struct Desc {
     checksum_ok: bool,
     /// The block bitmap checksum recorded (metadata_csum).
     bitmap_csum: (u16, Option<u16>),
+    /// The inode bitmap checksum recorded (metadata_csum).
+    inode_bitmap_csum: (u16, Option<u16>),
 }
 
 /// Reads group descriptors, one descriptor block cached at a time.
@@ -351,6 +354,7 @@ impl DescReader<'_> {
             free_blocks: u16_at(d, 0x0C) as u64 | hi16(0x2C),
             checksum_ok,
             bitmap_csum: csum::Scheme::recorded_bitmap_csum(d),
+            inode_bitmap_csum: csum::Scheme::recorded_inode_bitmap_csum(d),
             block_bitmap: u32_at(d, 0x00) as u64 | hi(0x20),
             inode_bitmap: u32_at(d, 0x04) as u64 | hi(0x24),
             inode_table: u32_at(d, 0x08) as u64 | hi(0x28),
@@ -368,6 +372,54 @@ pub(crate) enum Used {
     Metadata,
     /// Blocks the block bitmaps mark used (file data, directories, extent trees, journal…).
     Allocated,
+}
+
+/// One bit per filesystem block.
+pub(crate) struct Bits(Vec<u64>);
+
+impl Bits {
+    pub(crate) fn new(n: u64) -> Bits {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+
+    pub(crate) fn set_run(&mut self, start: u64, len: u64) {
+        let (mut b, end) = (start, start + len);
+        while b < end {
+            let w = (b / 64) as usize;
+            if b.is_multiple_of(64) && end - b >= 64 {
+                self.0[w] = !0;
+                b += 64;
+            } else {
+                self.0[w] |= 1 << (b % 64);
+                b += 1;
+            }
+        }
+    }
+
+    fn clear_run(&mut self, start: u64, len: u64) {
+        for b in start..start + len {
+            self.0[(b / 64) as usize] &= !(1 << (b % 64));
+        }
+    }
+
+    pub(crate) fn get(&self, b: u64) -> bool {
+        self.0[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+
+    /// The first clear bit in `start..start + len`.
+    fn first_clear(&self, start: u64, len: u64) -> Option<u64> {
+        let (mut b, end) = (start, start + len);
+        while b < end {
+            if b.is_multiple_of(64) && end - b >= 64 && self.0[(b / 64) as usize] == !0 {
+                b += 64;
+            } else if !self.get(b) {
+                return Some(b);
+            } else {
+                b += 1;
+            }
+        }
+        None
+    }
 }
 
 /// Builds the allocation map of an ext2/3/4 filesystem at `granularity` bytes per bit.
@@ -637,8 +689,10 @@ fn count_set(bitmap: &[u8], bits: u64) -> u64 {
 /// Nothing is trusted before it is checked (docs/ALLOCATION.md, "ext: validation before
 /// trusting"): the superblock and descriptor checksums, every structure's location (inside
 /// the filesystem, not overlapping another), each block bitmap's checksum, its free count
-/// against the descriptor's, and the filesystem's own blocks (superblocks, descriptors,
-/// reserved GDT blocks, bitmaps, inode tables, journal) marked used in it.
+/// against the descriptor's, the filesystem's own blocks (superblocks, descriptors,
+/// reserved GDT blocks, bitmaps, inode tables, journal) marked used in it, and every block an
+/// inode in use names marked used and none of those (the inode tables and extent trees are
+/// read for this; `f` may have been called before an `Err`).
 pub(crate) fn for_each_used(
     vol: &dyn Volume,
     sb: &Superblock,
@@ -714,8 +768,8 @@ pub(crate) fn for_each_used(
     // Pass 2: the block bitmaps of initialised groups. Without group checksums BLOCK_UNINIT
     // means nothing (the kernel and e2fsck read the bitmap then too).
     let honour_uninit = sb.group_checksums();
-    let csum_bytes = (sb.blocks_per_group / 8) as usize;
     let mut bitmap = vec![0u8; bs as usize];
+    let mut window = Window::new(0, sb.blocks_count);
     for g in 0..groups {
         let d = descs.get(g)?;
         let first = sb.group_first_block(g);
@@ -738,11 +792,7 @@ pub(crate) fn for_each_used(
             }
             continue;
         }
-        vol.read_at(d.block_bitmap * bs, &mut bitmap)
-            .map_err(|e| format!("reading block bitmap of group {g}: {e}"))?;
-        if !sb.scheme.bitmap_ok(d.bitmap_csum, &bitmap[..csum_bytes]) {
-            return Err(format!("group {g}: block bitmap checksum mismatch"));
-        }
+        read_block_bitmap(vol, sb, g, &d, &mut bitmap)?;
         let free = in_group - count_set(&bitmap, in_group);
         if free != d.free_blocks {
             return Err(format!(
@@ -762,23 +812,274 @@ pub(crate) fn for_each_used(
                 }
             }
         }
-        // Walk set bits, marking runs.
-        let mut i = 0u64;
-        while i < in_group {
-            let byte = bitmap[(i / 8) as usize];
-            if byte == 0 && i.is_multiple_of(8) {
-                i += 8;
+        bitmap_runs(&bitmap, in_group, |start, len| {
+            f(Used::Allocated, first + start, len);
+            window.set(first + start, len);
+        });
+    }
+
+    // Pass 3: every block an inode uses must be marked used, and not be the filesystem's own
+    // (e2fsck pass 1 against pass 5): bitmaps with consistent checksums and counts can still
+    // mark a file's blocks free. One window of blocks at a time keeps memory bounded.
+    loop {
+        for r in &meta {
+            window.clear(r.start, r.len);
+        }
+        check_inodes(vol, sb, &mut descs, &meta, &window)?;
+        let next = window.lo + window.len;
+        if next >= sb.blocks_count {
+            return Ok(());
+        }
+        window = Window::new(next, sb.blocks_count);
+        for g in 0..groups {
+            let d = descs.get(g)?;
+            let first = sb.group_first_block(g);
+            let in_group = sb.blocks_per_group.min(sb.blocks_count - first);
+            if (honour_uninit && d.flags & BG_BLOCK_UNINIT != 0)
+                || first + in_group <= window.lo
+                || first >= window.lo + window.len
+            {
                 continue;
             }
-            if byte & (1 << (i % 8)) == 0 {
-                i += 1;
-                continue;
+            read_block_bitmap(vol, sb, g, &d, &mut bitmap)?;
+            bitmap_runs(&bitmap, in_group, |start, len| {
+                window.set(first + start, len)
+            });
+        }
+    }
+}
+
+/// Reads group `g`'s block bitmap into `bitmap` (one block) and checks its checksum.
+fn read_block_bitmap(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    g: u64,
+    d: &Desc,
+    bitmap: &mut [u8],
+) -> std::result::Result<(), String> {
+    vol.read_at(d.block_bitmap * sb.block_size, bitmap)
+        .map_err(|e| format!("reading block bitmap of group {g}: {e}"))?;
+    if !sb
+        .scheme
+        .bitmap_ok(d.bitmap_csum, &bitmap[..(sb.blocks_per_group / 8) as usize])
+    {
+        return Err(format!("group {g}: block bitmap checksum mismatch"));
+    }
+    Ok(())
+}
+
+/// Calls `visit(start, len)` for every run of set bits among the first `bits` of `bitmap`.
+fn bitmap_runs(bitmap: &[u8], bits: u64, mut visit: impl FnMut(u64, u64)) {
+    let mut i = 0u64;
+    while i < bits {
+        let byte = bitmap[(i / 8) as usize];
+        if byte == 0 && i.is_multiple_of(8) {
+            i += 8;
+            continue;
+        }
+        if byte & (1 << (i % 8)) == 0 {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bits && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
+            i += 1;
+        }
+        visit(start, i - start);
+    }
+}
+
+/// Filesystem blocks checked against the inodes per pass over the inode tables (one bit
+/// each: 64 MiB, 2 TiB of 4 KiB blocks).
+const WINDOW_BLOCKS: u64 = 1 << 29;
+
+/// Inode table bytes read at a time.
+const ITABLE_CHUNK: u64 = 1 << 20;
+
+/// The most extent tree or indirect blocks one inode may have before the map is refused
+/// (all inodes together may have no more than the filesystem has blocks).
+const MAX_FILE_TREE: u64 = 1 << 24;
+
+/// The resize inode: its blocks are the reserved GDT blocks and their backups.
+const RESIZE_INO: u64 = 7;
+
+/// Blocks `lo..lo + len` of the filesystem, one bit each: set when the block bitmaps mark
+/// the block used and it holds no structure of the filesystem's own.
+struct Window {
+    lo: u64,
+    len: u64,
+    bits: Bits,
+}
+
+impl Window {
+    fn new(lo: u64, blocks: u64) -> Window {
+        let len = (blocks - lo).min(WINDOW_BLOCKS);
+        Window {
+            lo,
+            len,
+            bits: Bits::new(len),
+        }
+    }
+
+    /// `start..start + len` clipped to the window, relative to its start.
+    fn clip(&self, start: u64, len: u64) -> Option<(u64, u64)> {
+        let s = start.max(self.lo);
+        let e = start.saturating_add(len).min(self.lo + self.len);
+        (s < e).then(|| (s - self.lo, e - s))
+    }
+
+    fn set(&mut self, start: u64, len: u64) {
+        if let Some((s, l)) = self.clip(start, len) {
+            self.bits.set_run(s, l);
+        }
+    }
+
+    fn clear(&mut self, start: u64, len: u64) {
+        if let Some((s, l)) = self.clip(start, len) {
+            self.bits.clear_run(s, l);
+        }
+    }
+
+    /// The first block of `start..start + len` inside the window that is not usable by a
+    /// file.
+    fn first_unusable(&self, start: u64, len: u64) -> Option<u64> {
+        let (s, l) = self.clip(start, len)?;
+        self.bits.first_clear(s, l).map(|b| b + self.lo)
+    }
+}
+
+/// Checks every block that an inode in use names (extent tree or indirect blocks, data,
+/// extended-attribute block) against `window`: `Err` names the first inode using a block
+/// the bitmaps mark free or that holds the filesystem's own structures (`meta`, sorted).
+fn check_inodes(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    descs: &mut DescReader<'_>,
+    meta: &[MetaRun],
+    window: &Window,
+) -> std::result::Result<(), String> {
+    let (bs, ipg, isz) = (sb.block_size, sb.inodes_per_group, sb.inode_size);
+    let ibm_bytes = ipg.div_ceil(8);
+    if ibm_bytes > bs {
+        return Err(format!(
+            "{ipg} inodes per group do not fit one bitmap block"
+        ));
+    }
+    let per_chunk = (ITABLE_CHUNK / isz).max(1);
+    let mut table = vec![0u8; (per_chunk * isz) as usize];
+    let mut ibm = vec![0u8; bs as usize];
+    let inline = sb.incompat & INCOMPAT_INLINE_DATA != 0;
+    let is64 = sb.incompat & INCOMPAT_64BIT != 0;
+    let journal = (sb.compat & COMPAT_HAS_JOURNAL != 0).then_some(sb.journal_inum);
+    // Tree and indirect blocks (and block-mapped data blocks) of all inodes together: a
+    // healthy filesystem has no more of them than blocks, so hostile trees that name the
+    // same blocks over and over cannot make the walk long.
+    let mut budget = sb.blocks_count;
+    let damage = |descs: &mut DescReader<'_>, ino: u64, b: u64| -> String {
+        let i = meta.partition_point(|r| r.end() <= b);
+        if let Some(r) = meta.get(i).filter(|r| r.start <= b) {
+            return format!("inode {ino} uses block {b}, which holds {}", r.describe());
+        }
+        let g = b.saturating_sub(sb.first_data_block) / sb.blocks_per_group;
+        let uninit = descs
+            .get(g)
+            .is_ok_and(|d| sb.group_checksums() && d.flags & BG_BLOCK_UNINIT != 0);
+        format!(
+            "block bitmap marks block {b} free{} but inode {ino} uses it",
+            if uninit {
+                format!(" (group {g} is uninitialised)")
+            } else {
+                String::new()
             }
-            let start = i;
-            while i < in_group && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
-                i += 1;
+        )
+    };
+    for g in 0..sb.group_count() {
+        let d = descs.get(g)?;
+        let slots = if !sb.group_checksums() {
+            ipg
+        } else if d.flags & BG_INODE_UNINIT != 0 {
+            0
+        } else {
+            ipg.saturating_sub(d.itable_unused)
+        };
+        if slots == 0 {
+            continue;
+        }
+        vol.read_at(d.inode_bitmap * bs, &mut ibm)
+            .map_err(|e| format!("reading inode bitmap of group {g}: {e}"))?;
+        if !sb
+            .scheme
+            .bitmap_ok(d.inode_bitmap_csum, &ibm[..(ipg / 8) as usize])
+        {
+            return Err(format!("group {g}: inode bitmap checksum mismatch"));
+        }
+        let mut done = 0u64;
+        while done < slots {
+            let count = per_chunk.min(slots - done);
+            let bytes = (count * isz) as usize;
+            vol.read_at(d.inode_table * bs + done * isz, &mut table[..bytes])
+                .map_err(|e| format!("reading inode table of group {g}: {e}"))?;
+            for (k, slot) in table[..bytes].chunks_exact(isz as usize).enumerate() {
+                let idx = done + k as u64;
+                let ino = g * ipg + idx + 1;
+                let node = inode::Inode(slot);
+                let marked = ibm[(idx / 8) as usize] & (1 << (idx % 8)) != 0;
+                // In use as e2fsck sees it: a mode and a link; an inode with both whose
+                // bitmap bit is clear still counts unless it was deleted (dtime set).
+                if node.mode() == 0 || node.links() == 0 || (!marked && node.dtime() != 0) {
+                    continue;
+                }
+                if ino == RESIZE_INO || Some(ino) == journal {
+                    // Their blocks are checked as the filesystem's own above.
+                    continue;
+                }
+                let acl = node.file_acl(is64);
+                if acl != 0 {
+                    if acl < sb.first_data_block || acl >= sb.blocks_count {
+                        return Err(format!(
+                            "inode {ino}: extended-attribute block {acl} is outside the \
+                             filesystem"
+                        ));
+                    }
+                    if let Some(b) = window.first_unusable(acl, 1) {
+                        return Err(damage(descs, ino, b));
+                    }
+                }
+                let flags = node.flags();
+                let has_blocks = match node.mode() & inode::S_IFMT {
+                    inode::S_IFREG | inode::S_IFDIR => true,
+                    // A fast symlink keeps its target in i_block.
+                    inode::S_IFLNK => flags & inode::FL_EXTENTS != 0 || node.size() >= 60,
+                    // Devices keep their numbers in i_block; fifos and sockets have nothing.
+                    _ => false,
+                };
+                if !has_blocks || (inline && flags & inode::FL_INLINE_DATA != 0) {
+                    continue;
+                }
+                let mut bad = None;
+                let mut spent = 0u64;
+                let mut check = |start: u64, len: u64, counted: bool| {
+                    spent += u64::from(counted);
+                    if bad.is_none() {
+                        bad = window.first_unusable(start, len);
+                    }
+                };
+                let limit = budget.min(MAX_FILE_TREE);
+                if flags & inode::FL_EXTENTS != 0 {
+                    inode::walk_extents(vol, sb, node.root(), limit, &mut |n| match n {
+                        inode::Node::Block(b) => check(b, 1, true),
+                        inode::Node::Extent(e) => check(e.start, e.len, false),
+                    })
+                } else {
+                    inode::walk_block_map(vol, sb, node.root(), limit, &mut |b| check(b, 1, true))
+                }
+                .map_err(|e| format!("inode {ino}: {e}"))?;
+                budget = budget.saturating_sub(spent);
+                if let Some(b) = bad {
+                    return Err(damage(descs, ino, b));
+                }
             }
-            f(Used::Allocated, first + start, i - start);
+            done += count;
         }
     }
     Ok(())
@@ -947,6 +1248,25 @@ mod tests {
         );
         put_u32(&mut e, ext_start, itable as u32 + 1);
         expect_err(&e, "overlap");
+    }
+
+    /// A file's block marked free, with the free count and every checksum made consistent
+    /// (red team A): only reading the inodes can tell, and it must.
+    #[test]
+    fn a_file_block_marked_free_behind_consistent_counts_is_found() {
+        let img = fixture();
+        let bb = u32_at(&img, GD) as usize;
+        let itable = u32_at(&img, GD + 8) as usize;
+        // The root directory (inode 2, slot 1): an extent tree whose first extent is data.
+        let slot = itable * 1024 + 256;
+        assert_eq!(u16_at(&img, slot + 0x28), 0xF30A, "root has an extent root");
+        let data = u32_at(&img, slot + 0x28 + 12 + 8) as usize;
+        let mut a = img.clone();
+        let bit = data - 1;
+        a[bb * 1024 + bit / 8] &= !(1 << (bit % 8));
+        put_u16(&mut a, GD + 0x0C, u16_at(&img, GD + 0x0C) + 1);
+        reseal(&mut a);
+        expect_err(&a, &format!("marks block {data} free but inode 2 uses it"));
     }
 
     proptest! {
