@@ -1446,6 +1446,10 @@ mod tests {
             sb[120] = 9;
             sb[121] = 9;
             sb[124] = 6;
+            // 256-byte inodes, two a block.
+            put(sb, 104, &256u16.to_be_bytes());
+            put(sb, 106, &2u16.to_be_bytes());
+            sb[123] = 1;
             put(sb, 144, &10u64.to_be_bytes());
             if v5 {
                 put(sb, 216, &0x3u32.to_be_bytes());
@@ -1506,7 +1510,9 @@ mod tests {
                 put(agf, 64, &[0x5A; 16]);
                 set_crc(agf, AGF_CRC_OFF);
             }
-            // AGI: the inode btree root at block 7.
+            // AGI: the inode btree root at block 7, an empty leaf.
+            let ino_magic = if v5 { INOBT_MAGIC_V5 } else { INOBT_MAGIC_V4 };
+            write_tree_block(&mut img, v5, ino_magic, ag, 7, 0, 0, &[]);
             let agi = &mut img[base + 1024..base + 1536];
             put(agi, 0, AGI_MAGIC);
             put(agi, 4, &1u32.to_be_bytes());
@@ -1630,9 +1636,9 @@ mod tests {
             set_crc(&mut img[base + 512..base + 1024], AGF_CRC_OFF);
             set_crc(&mut img[base + 1024..base + 1536], AGI_CRC_OFF);
             set_crc(&mut img[base + 1536..base + 2048], AGFL_CRC_OFF);
-            for b in [4, 5, 6, 8] {
+            for b in [4, 5, 6, 7, 8] {
                 let o = base + b * 512;
-                if [BNOBT_MAGIC_V5, CNTBT_MAGIC_V5].contains(&&[
+                if [BNOBT_MAGIC_V5, CNTBT_MAGIC_V5, INOBT_MAGIC_V5].contains(&&[
                     img[o],
                     img[o + 1],
                     img[o + 2],
@@ -1860,6 +1866,62 @@ mod tests {
         }
     }
 
+    /// An image whose AG 1 holds one inode chunk at blocks 32..64 (AG inodes 64..128) with
+    /// only inode 192 (the chunk's first) in use: a regular file in extents format whose one
+    /// extent is AG 0 blocks 40..40+`count`. AG 1's free extents are `ag1_free`.
+    fn image_with_inode(v5: bool, ag1_free: Vec<(u32, u32)>, count: u64) -> Vec<u8> {
+        let mut img = image(v5, 3, 40, false, &|ag| match ag {
+            1 => ag1_free.clone(),
+            _ => sample_free(ag, if ag == 2 { 40 } else { 64 }),
+        });
+        let mut rec = Vec::new();
+        rec.extend(64u32.to_be_bytes());
+        rec.extend(63u32.to_be_bytes());
+        rec.extend((!1u64).to_be_bytes());
+        let magic = if v5 { INOBT_MAGIC_V5 } else { INOBT_MAGIC_V4 };
+        write_tree_block(&mut img, v5, magic, 1, 7, 0, 1, &rec);
+        let o = ((64 + 32) * BS) as usize;
+        let d = &mut img[o..o + 256];
+        put(d, 0, DINODE_MAGIC);
+        put(d, 2, &0o100644u16.to_be_bytes());
+        d[4] = if v5 { 3 } else { 2 };
+        d[5] = 2;
+        put(d, 76, &1u32.to_be_bytes());
+        if v5 {
+            put(d, 152, &192u64.to_be_bytes());
+        }
+        let lit = if v5 { 176 } else { 100 };
+        // startoff 0, startblock 40, blockcount `count`.
+        let l1 = (40u64 << 21) | count;
+        put(d, lit + 8, &l1.to_be_bytes());
+        img
+    }
+
+    #[test]
+    fn free_extents_over_what_inodes_use_are_rejected() {
+        for v5 in [false, true] {
+            let vol = Mem(image_with_inode(v5, vec![(10, 22)], 5));
+            let sb = Superblock::read(&vol).unwrap().unwrap();
+            allocation_map(&vol, &sb, BS).unwrap();
+            // The file's extent runs into AG 0's free extent at 45.
+            let vol = Mem(image_with_inode(v5, vec![(10, 22)], 6));
+            let err = allocation_map(&vol, &sb, BS).unwrap_err();
+            assert!(
+                err.contains("AG 0 lists block 45 free") && err.contains("inode 192 uses it"),
+                "{err}"
+            );
+            // The inode chunk itself in a free extent.
+            let vol = Mem(image_with_inode(v5, vec![(10, 10), (30, 34)], 5));
+            let err = allocation_map(&vol, &sb, BS).unwrap_err();
+            assert!(err.contains("hold inodes 64..68"), "{err}");
+            // An in-use inode without its magic.
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            img[(96 * BS) as usize] = 0;
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("inode 192 is in use"), "{err}");
+        }
+    }
+
     #[test]
     fn probe_keeps_the_map_and_notes_a_realtime_section() {
         let mut img = sample(false, false);
@@ -1892,10 +1954,10 @@ mod tests {
             v5 in any::<bool>(),
             split in any::<bool>(),
             // (AG, block: 0 superblock, 1 AGF, 2 AGI, 3 AGFL, 4 and 5 leaves, 6 by-size
-            // leaf, 8 node, 60..64 log; byte;
+            // leaf, 7 inode btree leaf, 8 node, 60..64 log; byte;
             // value)
             patch in proptest::collection::vec(
-                (0u64..3, prop::sample::select(vec![0u64, 1, 2, 3, 4, 5, 6, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
+                (0u64..3, prop::sample::select(vec![0u64, 1, 2, 3, 4, 5, 6, 7, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
                 1..12,
             ),
             recrc in any::<bool>(),
