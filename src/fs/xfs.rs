@@ -28,7 +28,10 @@
 //! chunks, the internal log, every btree block, the AGFL, file data. Every number read is
 //! checked against the AG; a record out of order or past the AG, a wrong level, a loop, a
 //! checksum mismatch or a free count that disagrees with the AGF makes the map unusable (the
-//! caller then reads every block).
+//! caller then reads every block). The free extents are then checked against the inodes, as
+//! xfs_repair does: the inode btree of each AG gives the inode chunks, and no chunk, no extent
+//! of an in-use inode's data or attribute fork and no block of its block-mapping btree may be
+//! listed free.
 
 use super::{BlockMap, FsInfo};
 use crate::bytes::{be_u16, be_u32, be_u64};
