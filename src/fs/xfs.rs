@@ -1925,6 +1925,60 @@ mod tests {
         }
     }
 
+    /// Turns inode 192 of [`image_with_inode`] into a btree-format file: the root in its
+    /// fork points at a bmbt leaf at AG 0 block `leaf` whose one extent is AG 0 blocks
+    /// 41..41+`count`.
+    fn with_bmbt(img: &mut [u8], v5: bool, leaf: u64, count: u64) {
+        let o = ((64 + 32) * BS) as usize;
+        let lit = if v5 { 176 } else { 100 };
+        let d = &mut img[o..o + 256];
+        d[5] = 3;
+        d[lit..].fill(0);
+        let root_max = (256 - lit - 4) / 16;
+        put(d, lit, &1u16.to_be_bytes());
+        put(d, lit + 2, &1u16.to_be_bytes());
+        put(d, lit + 4 + root_max * 8, &leaf.to_be_bytes());
+        let b = &mut img[(leaf * BS) as usize..((leaf + 1) * BS) as usize];
+        b.fill(0);
+        put(b, 0, if v5 { BMBT_MAGIC_V5 } else { BMBT_MAGIC_V4 });
+        put(b, 6, &1u16.to_be_bytes());
+        let hdr = if v5 { LBTREE_HDR_V5 } else { LBTREE_HDR_V4 };
+        put(b, hdr + 8, &((41u64 << 21) | count).to_be_bytes());
+        if v5 {
+            put(b, 24, &leaf.to_be_bytes());
+            put(b, 40, &[0x5A; 16]);
+            put(b, 56, &192u64.to_be_bytes());
+            set_crc(b, LBTREE_CRC_OFF);
+        }
+    }
+
+    #[test]
+    fn free_extents_over_a_block_mapping_btree_are_rejected() {
+        for v5 in [false, true] {
+            let sb = Superblock::read(&Mem(sample(v5, false))).unwrap().unwrap();
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            with_bmbt(&mut img, v5, 40, 4);
+            allocation_map(&Mem(img), &sb, BS).unwrap();
+            // The leaf's extent runs into the free extent at 45.
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            with_bmbt(&mut img, v5, 40, 5);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("lists block 45 free"), "{err}");
+            // The leaf itself in free space.
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            with_bmbt(&mut img, v5, 50, 4);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("data fork btree block 50+1"), "{err}");
+            if v5 {
+                let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+                with_bmbt(&mut img, v5, 40, 4);
+                img[40 * 512 + 100] ^= 1;
+                let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+                assert!(err.contains("checksum mismatch"), "{err}");
+            }
+        }
+    }
+
     #[test]
     fn probe_keeps_the_map_and_notes_a_realtime_section() {
         let mut img = sample(false, false);
