@@ -28,7 +28,10 @@
 //! chunks, the internal log, every btree block, the AGFL, file data. Every number read is
 //! checked against the AG; a record out of order or past the AG, a wrong level, a loop, a
 //! checksum mismatch or a free count that disagrees with the AGF makes the map unusable (the
-//! caller then reads every block).
+//! caller then reads every block). The free extents are then checked against the inodes, as
+//! xfs_repair does: the inode btree of each AG gives the inode chunks, and no chunk, no extent
+//! of an in-use inode's data or attribute fork and no block of its block-mapping btree may be
+//! listed free.
 
 use super::{BlockMap, FsInfo};
 use crate::bytes::{be_u16, be_u32, be_u64};
@@ -507,8 +510,21 @@ pub fn allocation_map(
         check_log_clean(vol, sb, start, len)?;
         map.mark_bytes(start, len);
     }
+    let mut ags = Vec::new();
     for ag in 0..sb.agcount {
-        map_ag(vol, sb, ag, &mut map)?;
+        ags.push(check_ag(vol, sb, ag)?);
+    }
+    check_inodes(vol, sb, &ags)?;
+    for (ag, a) in ags.iter().enumerate() {
+        let base = ag as u64 * sb.agblocks * sb.block_size;
+        let bs = sb.block_size;
+        let mut used_from = 0u64;
+        for &(start, count) in &a.free {
+            map.mark_bytes(base + used_from * bs, (start - used_from) * bs);
+            used_from = start + count;
+        }
+        let len = sb.ag_len(ag as u64);
+        map.mark_bytes(base + used_from * bs, (len - used_from) * bs);
     }
     Ok(map)
 }
@@ -522,6 +538,8 @@ struct AgHeaders {
     /// (root, levels) of the bnobt and of the cntbt.
     bno: (u64, u32),
     cnt: (u64, u32),
+    /// (root, levels) of the inode btree.
+    inobt: (u64, u32),
     /// AG block ranges `[start, end)` that cannot be free: the header sectors, every btree
     /// root the AGF and AGI name, the blocks on the AGFL, the internal log's part in this AG.
     in_use: Vec<(u64, u64)>,
@@ -660,6 +678,7 @@ fn read_ag_headers(
     let (root, levels) = (u64::from(be_u32(&agi, 20)), be_u32(&agi, 24));
     check_root(&what, "inode btree", root, levels, headers, len)?;
     roots.push(root);
+    let inobt = (root, levels);
     if sb.ro_compat & RO_COMPAT_FINOBT != 0 {
         let (root, levels) = (u64::from(be_u32(&agi, 328)), be_u32(&agi, 332));
         check_root(&what, "free-inode btree", root, levels, headers, len)?;
@@ -713,6 +732,7 @@ fn read_ag_headers(
         longest,
         bno,
         cnt,
+        inobt,
         in_use,
     })
 }
@@ -723,18 +743,38 @@ fn walk_free_tree(
     vol: &dyn Volume,
     sb: &Superblock,
     ag: u64,
-    (root, levels): (u64, u32),
+    root: (u64, u32),
     magic: &[u8; 4],
     tree: &str,
     record: &mut dyn FnMut(u64, u64) -> std::result::Result<(), String>,
+) -> std::result::Result<Vec<u64>, String> {
+    walk_short_tree(vol, sb, ag, root, magic, tree, 8, 8, &mut |r| {
+        record(u64::from(be_u32(r, 0)), u64::from(be_u32(r, 4)))
+    })
+}
+
+/// Walks a short-form btree of AG `ag` (root, levels) whose leaf records are `rec_len`
+/// bytes and whose node keys are `key_len` bytes (child pointers are u32 AG block numbers),
+/// depth-first with children in key order. Returns the blocks of the tree.
+#[allow(clippy::too_many_arguments)]
+fn walk_short_tree(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ag: u64,
+    (root, levels): (u64, u32),
+    magic: &[u8; 4],
+    tree: &str,
+    rec_len: usize,
+    key_len: usize,
+    record: &mut dyn FnMut(&[u8]) -> std::result::Result<(), String>,
 ) -> std::result::Result<Vec<u64>, String> {
     let bs = sb.block_size;
     let len = sb.ag_len(ag);
     let base = ag * sb.agblocks * bs;
     let headers = (4 * sb.sect_size).div_ceil(bs);
     let hdr_len = if sb.crc() { BTREE_HDR_V5 } else { BTREE_HDR_V4 };
-    let leaf_max = (bs as usize - hdr_len) / 8;
-    let node_max = (bs as usize - hdr_len) / 12;
+    let leaf_max = (bs as usize - hdr_len) / rec_len;
+    let node_max = (bs as usize - hdr_len) / (key_len + 4);
     let mut block = vec![0u8; bs as usize];
     let mut blocks = Vec::new();
     let mut nodes = HashSet::new();
@@ -772,12 +812,8 @@ fn walk_free_tree(
                 return Err(format!("{what}: {numrecs} records"));
             }
             for i in 0..numrecs {
-                let o = hdr_len + 8 * i;
-                record(
-                    u64::from(be_u32(&block, o)),
-                    u64::from(be_u32(&block, o + 4)),
-                )
-                .map_err(|e| format!("{what}: {e}"))?;
+                let o = hdr_len + rec_len * i;
+                record(&block[o..o + rec_len]).map_err(|e| format!("{what}: {e}"))?;
             }
         } else {
             if numrecs == 0 || numrecs > node_max {
@@ -786,7 +822,7 @@ fn walk_free_tree(
             if !nodes.insert(bno) {
                 return Err(format!("{what}: reached twice (the tree has a loop)"));
             }
-            let ptrs = hdr_len + node_max * 8;
+            let ptrs = hdr_len + node_max * key_len;
             for i in (0..numrecs).rev() {
                 let child = u64::from(be_u32(&block, ptrs + 4 * i));
                 if child < headers || child >= len {
@@ -805,17 +841,19 @@ fn free_overlap(free: &[(u64, u64)], start: u64, end: u64) -> Option<(u64, u64)>
     free.get(i).copied().filter(|&(s, _)| s < end)
 }
 
-/// Marks the used blocks of AG `ag`: everything its bnobt does not list as free, after
-/// checking the AG's headers and both free-space trees against each other.
-fn map_ag(
-    vol: &dyn Volume,
-    sb: &Superblock,
-    ag: u64,
-    map: &mut BlockMap,
-) -> std::result::Result<(), String> {
+/// What the map keeps of a checked AG.
+struct CheckedAg {
+    /// Free extents (start, count) in AG blocks, sorted and disjoint.
+    free: Vec<(u64, u64)>,
+    /// (root, levels) of the inode btree.
+    inobt: (u64, u32),
+}
+
+/// Checks the AG's headers and both free-space trees against each other; returns the free
+/// extents its bnobt lists (everything else in the AG is used).
+fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> std::result::Result<CheckedAg, String> {
     let bs = sb.block_size;
     let len = sb.ag_len(ag);
-    let base = ag * sb.agblocks * bs;
     let h = read_ag_headers(vol, sb, ag)?;
     let headers = (4 * sb.sect_size).div_ceil(bs);
     let (bno_magic, cnt_magic) = if sb.crc() {
@@ -908,13 +946,408 @@ fn map_ag(
             ));
         }
     }
+    Ok(CheckedAg {
+        free,
+        inobt: h.inobt,
+    })
+}
 
-    let mut used_from = 0u64;
-    for &(start, count) in &free {
-        map.mark_bytes(base + used_from * bs, (start - used_from) * bs);
-        used_from = start + count;
+/// Inode btree block magic, v4 (`XFS_IBT_MAGIC`) and v5 (`XFS_IBT_CRC_MAGIC`).
+const INOBT_MAGIC_V4: &[u8; 4] = b"IABT";
+const INOBT_MAGIC_V5: &[u8; 4] = b"IAB3";
+/// Inode magic (`XFS_DINODE_MAGIC`, "IN").
+const DINODE_MAGIC: &[u8; 2] = b"IN";
+/// Block-mapping btree block magic, v4 (`XFS_BMAP_MAGIC`) and v5 (`XFS_BMAP_CRC_MAGIC`).
+const BMBT_MAGIC_V4: &[u8; 4] = b"BMAP";
+const BMBT_MAGIC_V5: &[u8; 4] = b"BMA3";
+/// Long-form btree header: v4 24 bytes; v5 72 (crc u32 @64, owner u64 @56, blkno u64 @24,
+/// uuid @40).
+const LBTREE_HDR_V4: usize = 24;
+const LBTREE_HDR_V5: usize = 72;
+const LBTREE_CRC_OFF: usize = 64;
+const INCOMPAT_SPINODES: u32 = 0x2;
+const INCOMPAT_NREXT64: u32 = 0x20;
+/// Inodes per inode btree record (`XFS_INODES_PER_CHUNK`).
+const INODES_PER_CHUNK: u64 = 64;
+/// Most bytes of inode chunks read at once.
+const INODE_READ_MAX: u64 = 1 << 20;
+/// `di_flags` bit of a file whose data lives on the realtime device.
+const DIFLAG_REALTIME: u16 = 0x1;
+/// `di_flags2` bit: 64-bit extent counters (`XFS_DIFLAG2_NREXT64`).
+const DIFLAG2_NREXT64: u64 = 0x10;
+
+/// Inode geometry from the superblock: inodesize u16 @104, inopblock u16 @106, inopblog u8
+/// @123.
+struct InodeGeometry {
+    size: u64,
+    per_block_log: u32,
+}
+
+fn inode_geometry(vol: &dyn Volume, sb: &Superblock) -> std::result::Result<InodeGeometry, String> {
+    let mut h = vec![0u8; SB_PARSE_LEN];
+    vol.read_at(0, &mut h)
+        .map_err(|e| format!("reading the superblock: {e}"))?;
+    let size = u64::from(be_u16(&h, 104));
+    let per_block = u64::from(be_u16(&h, 106));
+    let log = u32::from(h[123]);
+    let ok = size.is_power_of_two()
+        && (256..=2048).contains(&size)
+        && size <= sb.block_size
+        && per_block == sb.block_size / size
+        && log < 32
+        && 1u64 << log == per_block
+        && u32::from(sb.agblklog) + log <= 32;
+    if !ok {
+        return Err(format!(
+            "inode size {size}, {per_block} inodes a block (log {log}) are inconsistent"
+        ));
     }
-    map.mark_bytes(base + used_from * bs, (len - used_from) * bs);
+    Ok(InodeGeometry {
+        size,
+        per_block_log: log,
+    })
+}
+
+/// Checks the free-space trees against the inodes, as xfs_repair does: every block of an
+/// inode chunk, of a file's extents (data and attribute forks) and of its block-mapping
+/// btree must not be listed free. Inode chunks come from each AG's inode btree (records:
+/// startino u32 @0, then freecount u32 — or, with sparse inodes, holemask u16 @4, count u8,
+/// freecount u8 — and the free mask u64 @8; node keys are 4 bytes).
+fn check_inodes(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ags: &[CheckedAg],
+) -> std::result::Result<(), String> {
+    let geo = inode_geometry(vol, sb)?;
+    let magic = if sb.crc() {
+        INOBT_MAGIC_V5
+    } else {
+        INOBT_MAGIC_V4
+    };
+    let sparse = sb.incompat & INCOMPAT_SPINODES != 0;
+    let mut bmbt_seen = HashSet::new();
+    for (ag, a) in ags.iter().enumerate() {
+        let ag = ag as u64;
+        let len = sb.ag_len(ag);
+        let tree = "inode btree";
+        let mut recs: Vec<(u64, u16, u64)> = Vec::new();
+        let mut next_ok = 0u64;
+        let blocks = walk_short_tree(vol, sb, ag, a.inobt, magic, tree, 16, 4, &mut |r| {
+            let start = u64::from(be_u32(r, 0));
+            let holemask = if sparse { be_u16(r, 4) } else { 0 };
+            let free = be_u64(r, 8);
+            // AG inode number `start` is at byte `start * size` of the AG.
+            if start % INODES_PER_CHUNK != 0
+                || start < next_ok
+                || (start + INODES_PER_CHUNK) * geo.size > len * sb.block_size
+            {
+                return Err(format!(
+                    "inode chunk {start} is misaligned, out of order or past the AG's end"
+                ));
+            }
+            next_ok = start + INODES_PER_CHUNK;
+            recs.push((start, holemask, free));
+            Ok(())
+        })?;
+        for &b in &blocks {
+            if let Some((s, c)) = free_overlap(&a.free, b, b + 1) {
+                return Err(format!(
+                    "AG {ag}: free extent {s}+{c} covers block {b} of the inode btree"
+                ));
+            }
+        }
+        // Chunks in runs of adjacent ones, read at most INODE_READ_MAX bytes at a time.
+        let chunk_bytes = INODES_PER_CHUNK * geo.size;
+        let base = ag * sb.agblocks * sb.block_size;
+        let mut i = 0;
+        let mut buf = Vec::new();
+        while i < recs.len() {
+            let mut j = i + 1;
+            while j < recs.len()
+                && recs[j].0 == recs[j - 1].0 + INODES_PER_CHUNK
+                && (j + 1 - i) as u64 * chunk_bytes <= INODE_READ_MAX
+            {
+                j += 1;
+            }
+            let first = recs[i].0;
+            buf.resize(((j - i) as u64 * chunk_bytes) as usize, 0);
+            vol.read_at(base + first * geo.size, &mut buf)
+                .map_err(|e| format!("reading inode chunk {first} of AG {ag}: {e}"))?;
+            for &(start, holemask, free) in &recs[i..j] {
+                let off = ((start - first) * geo.size) as usize;
+                let chunk = &buf[off..off + chunk_bytes as usize];
+                check_chunk(
+                    vol,
+                    sb,
+                    &geo,
+                    ags,
+                    ag,
+                    start,
+                    holemask,
+                    free,
+                    chunk,
+                    &mut bmbt_seen,
+                )?;
+            }
+            i = j;
+        }
+    }
+    Ok(())
+}
+
+/// Checks one inode chunk (64 inodes from AG inode number `start`, its bytes in `chunk`):
+/// its blocks (outside sparse holes) are not free, and neither is any block its in-use
+/// inodes map.
+#[allow(clippy::too_many_arguments)]
+fn check_chunk(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    geo: &InodeGeometry,
+    ags: &[CheckedAg],
+    ag: u64,
+    start: u64,
+    holemask: u16,
+    free: u64,
+    chunk: &[u8],
+    bmbt_seen: &mut HashSet<u64>,
+) -> std::result::Result<(), String> {
+    let per_bit = INODES_PER_CHUNK / 16;
+    for bit in 0..16u64 {
+        if holemask & (1 << bit) != 0 {
+            continue;
+        }
+        let first = start + bit * per_bit;
+        let b0 = first * geo.size / sb.block_size;
+        let b1 = ((first + per_bit) * geo.size).div_ceil(sb.block_size);
+        if let Some((s, c)) = free_overlap(&ags[ag as usize].free, b0, b1) {
+            return Err(format!(
+                "the free-space tree of AG {ag} lists blocks {s}..{} free but they hold inodes \
+                 {first}..{} of that AG",
+                s + c,
+                first + per_bit
+            ));
+        }
+        for k in 0..per_bit {
+            let idx = bit * per_bit + k;
+            if free & (1 << idx) != 0 {
+                continue;
+            }
+            let agino = start + idx;
+            let ino = (ag << (u32::from(sb.agblklog) + geo.per_block_log)) | agino;
+            let o = (idx * geo.size) as usize;
+            let dinode = &chunk[o..o + geo.size as usize];
+            check_inode(vol, sb, ags, ino, dinode, bmbt_seen)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks the forks of in-use inode `ino`. Inode core (big-endian): magic @0, mode u16 @2,
+/// version u8 @4, format u8 @5, NREXT64 data extent count u64 @24, nextents u32 @76 (NREXT64:
+/// attribute extent count), anextents u16 @80, forkoff u8 @82 (attribute fork offset in
+/// 8-byte units), aformat u8 @83, flags u16 @90; v3: flags2 u64 @120, ino u64 @152. The
+/// forks start at byte 100 (v1, v2) or 176 (v3).
+fn check_inode(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ags: &[CheckedAg],
+    ino: u64,
+    d: &[u8],
+    bmbt_seen: &mut HashSet<u64>,
+) -> std::result::Result<(), String> {
+    if d[0..2] != *DINODE_MAGIC {
+        return Err(format!(
+            "inode {ino} is in use in the inode btree but has no inode magic"
+        ));
+    }
+    if be_u16(d, 2) == 0 {
+        return Ok(());
+    }
+    let version = d[4];
+    let v3 = version == 3;
+    if sb.crc() != v3 || v3 && be_u64(d, 152) != ino {
+        return Err(format!(
+            "inode {ino}: version {version} or its inode number does not match the filesystem"
+        ));
+    }
+    let lit = if v3 { 176 } else { 100 };
+    let forkoff = usize::from(d[82]) * 8;
+    if lit + forkoff > d.len() {
+        return Err(format!(
+            "inode {ino}: attribute fork offset {forkoff} is past the inode"
+        ));
+    }
+    let data_len = if forkoff == 0 { d.len() - lit } else { forkoff };
+    let big = v3 && sb.incompat & INCOMPAT_NREXT64 != 0 && be_u64(d, 120) & DIFLAG2_NREXT64 != 0;
+    let (nextents, anextents) = if big {
+        (be_u64(d, 24), u64::from(be_u32(d, 76)))
+    } else {
+        (u64::from(be_u32(d, 76)), u64::from(be_u16(d, 80)))
+    };
+    let realtime = be_u16(d, 90) & DIFLAG_REALTIME != 0;
+    if !realtime {
+        let fork = &d[lit..lit + data_len];
+        check_fork(vol, sb, ags, ino, "data", d[5], fork, nextents, bmbt_seen)?;
+    }
+    if forkoff != 0 {
+        let fork = &d[lit + forkoff..];
+        check_fork(
+            vol,
+            sb,
+            ags,
+            ino,
+            "attribute",
+            d[83],
+            fork,
+            anextents,
+            bmbt_seen,
+        )?;
+    }
+    Ok(())
+}
+
+/// One 128-bit extent record: (startblock as an fsblock, blockcount).
+fn extent(r: &[u8]) -> (u64, u64) {
+    let l0 = be_u64(r, 0);
+    let l1 = be_u64(r, 8);
+    (((l0 & 0x1FF) << 43) | (l1 >> 21), l1 & ((1 << 21) - 1))
+}
+
+/// Checks that `count` blocks from fsblock `fsb`, used by inode `ino`, lie in one AG and
+/// are not listed free.
+fn check_used(
+    sb: &Superblock,
+    ags: &[CheckedAg],
+    ino: u64,
+    what: &str,
+    fsb: u64,
+    count: u64,
+) -> std::result::Result<(), String> {
+    let ag = fsb >> sb.agblklog;
+    let agbno = fsb & ((1u64 << sb.agblklog) - 1);
+    if ag >= sb.agcount || count == 0 || agbno + count > sb.ag_len(ag) {
+        return Err(format!(
+            "inode {ino}: {what} at block {fsb} (+{count}) is outside its AG"
+        ));
+    }
+    if let Some((s, c)) = free_overlap(&ags[ag as usize].free, agbno, agbno + count) {
+        let b = s.max(agbno);
+        return Err(format!(
+            "the free-space tree of AG {ag} lists block {b} free (extent {s}+{c}) but inode \
+             {ino} uses it ({what} {agbno}+{count})"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a fork of inode `ino` (format 1 local, 2 extents, 3 btree; 0 device and 4 UUID
+/// hold no blocks).
+#[allow(clippy::too_many_arguments)]
+fn check_fork(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ags: &[CheckedAg],
+    ino: u64,
+    which: &str,
+    format: u8,
+    fork: &[u8],
+    count: u64,
+    bmbt_seen: &mut HashSet<u64>,
+) -> std::result::Result<(), String> {
+    match format {
+        0 | 1 | 4 => Ok(()),
+        2 => {
+            if count > (fork.len() / 16) as u64 {
+                return Err(format!(
+                    "inode {ino}: {count} extents do not fit its {which} fork"
+                ));
+            }
+            for i in 0..count as usize {
+                let (fsb, n) = extent(&fork[16 * i..16 * i + 16]);
+                check_used(sb, ags, ino, &format!("{which} extent"), fsb, n)?;
+            }
+            Ok(())
+        }
+        3 => check_bmbt(vol, sb, ags, ino, which, fork, bmbt_seen),
+        f => Err(format!(
+            "inode {ino}: {which} fork format {f} is not one this check reads"
+        )),
+    }
+}
+
+/// Walks the block-mapping btree whose root is in `fork` (level u16 @0, numrecs u16 @2,
+/// keys u64 @4, pointers u64 after the fork's `(len - 4) / 16` key slots).
+fn check_bmbt(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ags: &[CheckedAg],
+    ino: u64,
+    which: &str,
+    fork: &[u8],
+    seen: &mut HashSet<u64>,
+) -> std::result::Result<(), String> {
+    let bs = sb.block_size as usize;
+    let what = format!("inode {ino}: {which} fork btree");
+    let level = u32::from(be_u16(fork, 0));
+    let numrecs = be_u16(fork, 2) as usize;
+    let root_max = (fork.len() - 4) / 16;
+    if !(1..MAX_LEVELS).contains(&level) || numrecs == 0 || numrecs > root_max {
+        return Err(format!("{what}: root of level {level} with {numrecs} keys"));
+    }
+    let mut stack: Vec<(u64, u32)> = (0..numrecs)
+        .rev()
+        .map(|i| (be_u64(fork, 4 + root_max * 8 + 8 * i), level - 1))
+        .collect();
+    let (magic, hdr) = if sb.crc() {
+        (BMBT_MAGIC_V5, LBTREE_HDR_V5)
+    } else {
+        (BMBT_MAGIC_V4, LBTREE_HDR_V4)
+    };
+    let max = (bs - hdr) / 16;
+    let mut block = vec![0u8; bs];
+    while let Some((fsb, level)) = stack.pop() {
+        check_used(sb, ags, ino, &format!("{which} fork btree block"), fsb, 1)?;
+        if !seen.insert(fsb) || seen.len() as u64 > sb.dblocks {
+            return Err(format!("{what}: block {fsb} is reached twice"));
+        }
+        let ag = fsb >> sb.agblklog;
+        let agbno = fsb & ((1u64 << sb.agblklog) - 1);
+        let daddr = (ag * sb.agblocks + agbno) * (sb.block_size / 512);
+        vol.read_at(daddr * 512, &mut block)
+            .map_err(|e| format!("reading {what} block {fsb}: {e}"))?;
+        if block[0..4] != *magic {
+            return Err(format!("{what} block {fsb}: bad magic"));
+        }
+        if sb.crc() {
+            check_crc(&format!("{what} block {fsb}"), &block, LBTREE_CRC_OFF)?;
+            if be_u64(&block, 24) != daddr
+                || uuid_at(&block, 40) != sb.metadata_uuid()
+                || be_u64(&block, 56) != ino
+            {
+                return Err(format!(
+                    "{what} block {fsb}: address, UUID or owner does not match"
+                ));
+            }
+        }
+        let got = u32::from(be_u16(&block, 4));
+        let n = be_u16(&block, 6) as usize;
+        if got != level || n == 0 || n > max {
+            return Err(format!(
+                "{what} block {fsb}: level {got} (expected {level}), {n} records"
+            ));
+        }
+        if level == 0 {
+            for i in 0..n {
+                let (s, c) = extent(&block[hdr + 16 * i..hdr + 16 * i + 16]);
+                check_used(sb, ags, ino, &format!("{which} extent"), s, c)?;
+            }
+        } else {
+            let ptrs = hdr + max * 8;
+            for i in (0..n).rev() {
+                stack.push((be_u64(&block, ptrs + 8 * i), level - 1));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1016,6 +1449,10 @@ mod tests {
             sb[120] = 9;
             sb[121] = 9;
             sb[124] = 6;
+            // 256-byte inodes, two a block.
+            put(sb, 104, &256u16.to_be_bytes());
+            put(sb, 106, &2u16.to_be_bytes());
+            sb[123] = 1;
             put(sb, 144, &10u64.to_be_bytes());
             if v5 {
                 put(sb, 216, &0x3u32.to_be_bytes());
@@ -1076,7 +1513,9 @@ mod tests {
                 put(agf, 64, &[0x5A; 16]);
                 set_crc(agf, AGF_CRC_OFF);
             }
-            // AGI: the inode btree root at block 7.
+            // AGI: the inode btree root at block 7, an empty leaf.
+            let ino_magic = if v5 { INOBT_MAGIC_V5 } else { INOBT_MAGIC_V4 };
+            write_tree_block(&mut img, v5, ino_magic, ag, 7, 0, 0, &[]);
             let agi = &mut img[base + 1024..base + 1536];
             put(agi, 0, AGI_MAGIC);
             put(agi, 4, &1u32.to_be_bytes());
@@ -1200,9 +1639,9 @@ mod tests {
             set_crc(&mut img[base + 512..base + 1024], AGF_CRC_OFF);
             set_crc(&mut img[base + 1024..base + 1536], AGI_CRC_OFF);
             set_crc(&mut img[base + 1536..base + 2048], AGFL_CRC_OFF);
-            for b in [4, 5, 6, 8] {
+            for b in [4, 5, 6, 7, 8] {
                 let o = base + b * 512;
-                if [BNOBT_MAGIC_V5, CNTBT_MAGIC_V5].contains(&&[
+                if [BNOBT_MAGIC_V5, CNTBT_MAGIC_V5, INOBT_MAGIC_V5].contains(&&[
                     img[o],
                     img[o + 1],
                     img[o + 2],
@@ -1430,6 +1869,116 @@ mod tests {
         }
     }
 
+    /// An image whose AG 1 holds one inode chunk at blocks 32..64 (AG inodes 64..128) with
+    /// only inode 192 (the chunk's first) in use: a regular file in extents format whose one
+    /// extent is AG 0 blocks 40..40+`count`. AG 1's free extents are `ag1_free`.
+    fn image_with_inode(v5: bool, ag1_free: Vec<(u32, u32)>, count: u64) -> Vec<u8> {
+        let mut img = image(v5, 3, 40, false, &|ag| match ag {
+            1 => ag1_free.clone(),
+            _ => sample_free(ag, if ag == 2 { 40 } else { 64 }),
+        });
+        let mut rec = Vec::new();
+        rec.extend(64u32.to_be_bytes());
+        rec.extend(63u32.to_be_bytes());
+        rec.extend((!1u64).to_be_bytes());
+        let magic = if v5 { INOBT_MAGIC_V5 } else { INOBT_MAGIC_V4 };
+        write_tree_block(&mut img, v5, magic, 1, 7, 0, 1, &rec);
+        let o = ((64 + 32) * BS) as usize;
+        let d = &mut img[o..o + 256];
+        put(d, 0, DINODE_MAGIC);
+        put(d, 2, &0o100644u16.to_be_bytes());
+        d[4] = if v5 { 3 } else { 2 };
+        d[5] = 2;
+        put(d, 76, &1u32.to_be_bytes());
+        if v5 {
+            put(d, 152, &192u64.to_be_bytes());
+        }
+        let lit = if v5 { 176 } else { 100 };
+        // startoff 0, startblock 40, blockcount `count`.
+        let l1 = (40u64 << 21) | count;
+        put(d, lit + 8, &l1.to_be_bytes());
+        img
+    }
+
+    #[test]
+    fn free_extents_over_what_inodes_use_are_rejected() {
+        for v5 in [false, true] {
+            let vol = Mem(image_with_inode(v5, vec![(10, 22)], 5));
+            let sb = Superblock::read(&vol).unwrap().unwrap();
+            allocation_map(&vol, &sb, BS).unwrap();
+            // The file's extent runs into AG 0's free extent at 45.
+            let vol = Mem(image_with_inode(v5, vec![(10, 22)], 6));
+            let err = allocation_map(&vol, &sb, BS).unwrap_err();
+            assert!(
+                err.contains("AG 0 lists block 45 free") && err.contains("inode 192 uses it"),
+                "{err}"
+            );
+            // The inode chunk itself in a free extent.
+            let vol = Mem(image_with_inode(v5, vec![(10, 10), (30, 34)], 5));
+            let err = allocation_map(&vol, &sb, BS).unwrap_err();
+            assert!(err.contains("hold inodes 64..68"), "{err}");
+            // An in-use inode without its magic.
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            img[(96 * BS) as usize] = 0;
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("inode 192 is in use"), "{err}");
+        }
+    }
+
+    /// Turns inode 192 of [`image_with_inode`] into a btree-format file: the root in its
+    /// fork points at a bmbt leaf at AG 0 block `leaf` whose one extent is AG 0 blocks
+    /// 41..41+`count`.
+    fn with_bmbt(img: &mut [u8], v5: bool, leaf: u64, count: u64) {
+        let o = ((64 + 32) * BS) as usize;
+        let lit = if v5 { 176 } else { 100 };
+        let d = &mut img[o..o + 256];
+        d[5] = 3;
+        d[lit..].fill(0);
+        let root_max = (256 - lit - 4) / 16;
+        put(d, lit, &1u16.to_be_bytes());
+        put(d, lit + 2, &1u16.to_be_bytes());
+        put(d, lit + 4 + root_max * 8, &leaf.to_be_bytes());
+        let b = &mut img[(leaf * BS) as usize..((leaf + 1) * BS) as usize];
+        b.fill(0);
+        put(b, 0, if v5 { BMBT_MAGIC_V5 } else { BMBT_MAGIC_V4 });
+        put(b, 6, &1u16.to_be_bytes());
+        let hdr = if v5 { LBTREE_HDR_V5 } else { LBTREE_HDR_V4 };
+        put(b, hdr + 8, &((41u64 << 21) | count).to_be_bytes());
+        if v5 {
+            put(b, 24, &leaf.to_be_bytes());
+            put(b, 40, &[0x5A; 16]);
+            put(b, 56, &192u64.to_be_bytes());
+            set_crc(b, LBTREE_CRC_OFF);
+        }
+    }
+
+    #[test]
+    fn free_extents_over_a_block_mapping_btree_are_rejected() {
+        for v5 in [false, true] {
+            let sb = Superblock::read(&Mem(sample(v5, false))).unwrap().unwrap();
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            with_bmbt(&mut img, v5, 40, 4);
+            allocation_map(&Mem(img), &sb, BS).unwrap();
+            // The leaf's extent runs into the free extent at 45.
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            with_bmbt(&mut img, v5, 40, 5);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("lists block 45 free"), "{err}");
+            // The leaf itself in free space.
+            let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+            with_bmbt(&mut img, v5, 50, 4);
+            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+            assert!(err.contains("data fork btree block 50+1"), "{err}");
+            if v5 {
+                let mut img = image_with_inode(v5, vec![(10, 22)], 5);
+                with_bmbt(&mut img, v5, 40, 4);
+                img[40 * 512 + 100] ^= 1;
+                let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
+                assert!(err.contains("checksum mismatch"), "{err}");
+            }
+        }
+    }
+
     #[test]
     fn probe_keeps_the_map_and_notes_a_realtime_section() {
         let mut img = sample(false, false);
@@ -1462,10 +2011,10 @@ mod tests {
             v5 in any::<bool>(),
             split in any::<bool>(),
             // (AG, block: 0 superblock, 1 AGF, 2 AGI, 3 AGFL, 4 and 5 leaves, 6 by-size
-            // leaf, 8 node, 60..64 log; byte;
+            // leaf, 7 inode btree leaf, 8 node, 60..64 log; byte;
             // value)
             patch in proptest::collection::vec(
-                (0u64..3, prop::sample::select(vec![0u64, 1, 2, 3, 4, 5, 6, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
+                (0u64..3, prop::sample::select(vec![0u64, 1, 2, 3, 4, 5, 6, 7, 8, 60, 61, 62, 63]), 0usize..512, any::<u8>()),
                 1..12,
             ),
             recrc in any::<bool>(),

@@ -213,6 +213,7 @@ impl Xfs {
     /// Recomputes the CRC of the metadata at `offset`: an AG header sector or a btree block.
     fn recrc(&self, img: &Path, offset: u64, kind: XfsMeta) {
         let (len, field) = match kind {
+            XfsMeta::Sb => (self.sect, 224),
             XfsMeta::Agf => (self.sect, 216),
             XfsMeta::Agi => (self.sect, 312),
             XfsMeta::Agfl => (self.sect, 32),
@@ -226,6 +227,7 @@ impl Xfs {
 
 #[derive(Clone, Copy, Debug)]
 enum XfsMeta {
+    Sb,
     Agf,
     Agi,
     Agfl,
@@ -335,6 +337,147 @@ fn xfs_free_space_claiming_used_blocks_is_not_trusted() {
     let outcome = backup_and_restore(&damaged, &repo, &out);
     assert!(outcome.1.contains("the AGF counts"), "{}", outcome.1);
     assert_nothing_lost("AGF count alone", &damaged, &out, outcome, &used);
+}
+
+/// The records (start, count) of a one-leaf free-space btree whose leaf is at byte `at`.
+fn leaf_records(img: &Path, at: u64, block: u64) -> Vec<(u32, u32)> {
+    let leaf = read_bytes(img, at, block as usize);
+    let n = u16::from_be_bytes([leaf[6], leaf[7]]) as usize;
+    (0..n)
+        .map(|i| (be32(&leaf, 56 + 8 * i), be32(&leaf, 60 + 8 * i)))
+        .collect()
+}
+
+/// Writes `recs` as the records of the one-leaf free-space btree at byte `at`.
+fn write_leaf_records(img: &Path, at: u64, recs: &[(u32, u32)]) {
+    write_at(img, at + 6, &(recs.len() as u16).to_be_bytes());
+    let body: Vec<u8> = recs
+        .iter()
+        .flat_map(|(s, c)| [s.to_be_bytes(), c.to_be_bytes()].concat())
+        .collect();
+    write_at(img, at + 56, &body);
+}
+
+/// The data extents (AG, AG block, count) of inode `ino`, as `xfs_db bmap` prints them
+/// ("data offset 0 startblock 12345 (1/4153) count 3072 flag 0").
+fn xfs_db_bmap(img: &Path, ino: u64) -> Vec<(u64, u64, u64)> {
+    let out = run_ok(
+        "xfs_db",
+        &["-r", "-c", &format!("inode {ino}"), "-c", "bmap", p(img)],
+    );
+    out.stdout
+        .lines()
+        .filter_map(|l| {
+            let l = l.strip_prefix("data offset ")?;
+            let (_, rest) = l.split_once('(')?;
+            let (agbno, rest) = rest.split_once(')')?;
+            let (ag, bno) = agbno.split_once('/')?;
+            let count = rest.split_whitespace().nth(1)?;
+            Some((ag.parse().ok()?, bno.parse().ok()?, count.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The red-team repro, made deterministic: a free extent of the bnobt and the cntbt is
+/// widened back over a file's data, and the AGF (free count, longest extent) and the
+/// superblock's free count are adjusted to match with every checksum recomputed, so that
+/// the free-space trees, the AGF and the superblock all agree (the kernel mounts it and
+/// xfs_repair keeps the file). Only the inodes disagree: the backup must warn, name the
+/// inode, read every block, and restore bit for bit.
+#[test]
+fn xfs_free_space_over_a_files_data_is_not_trusted() {
+    if !xfs_ready() || !in_path("xfs_db") {
+        return;
+    }
+    let t = TestDir::new();
+    let img = t.join("xfs.img");
+    sparse_file(&img, 512 * MIB);
+    let lo = Loop::attach(&img, false);
+    run_ok("mkfs.xfs", &["-q", "-f", p(&lo.dev)]);
+    let m = Mount::new(&lo.dev, &t.join("xfs-mnt"), None);
+    let mut rng = Rng::new(0x0B_0B7);
+    let mut inodes = Vec::new();
+    for i in 0..16 {
+        let f = m.dir.join(format!("f{i:02}"));
+        std::fs::write(&f, rng.bytes((12 * MIB) as usize)).unwrap();
+        inodes.push(std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(&f).unwrap(),
+        ));
+    }
+    run_ok("sync", &["-f", p(&m.dir)]);
+    m.unmount();
+    drop(lo);
+    let repo = t.join("repo");
+    init_repo(&repo, &[]);
+    let clean = backup_and_restore(&img, &repo, &t.join("clean.img"));
+    assert!(!clean.0, "the undamaged filesystem must map: {}", clean.1);
+    let used = used_runs(&img);
+
+    // A file extent followed, in its AG, by a free extent: that free extent is stretched
+    // back to the file extent's start.
+    let x = Xfs::read(&img);
+    let (ino, ag, start, recs, i) = inodes
+        .iter()
+        .flat_map(|&ino| {
+            xfs_db_bmap(&img, ino)
+                .into_iter()
+                .map(move |(ag, bno, _)| (ino, ag, bno))
+        })
+        .find_map(|(ino, ag, bno)| {
+            let agf = read_bytes(&img, x.sector(ag, 1), 64);
+            if be32(&agf, 28) != 1 || be32(&agf, 32) != 1 {
+                return None;
+            }
+            let recs = leaf_records(&img, x.block_at(ag, x.roots(&img, ag).0), x.block);
+            let i = recs.iter().position(|&(s, _)| u64::from(s) > bno)?;
+            Some((ino, ag, bno as u32, recs, i))
+        })
+        .expect("a file extent with free space after it in its AG");
+    let (bno_root, cnt_root) = x.roots(&img, ag);
+    let grow = recs[i].0 - start;
+    let mut widened = recs.clone();
+    widened[i] = (start, recs[i].1 + grow);
+    let mut by_size = widened.clone();
+    by_size.sort_by_key(|&(s, c)| (c, s));
+
+    let damaged = t.join("damaged.img");
+    std::fs::copy(&img, &damaged).unwrap();
+    write_leaf_records(&damaged, x.block_at(ag, bno_root), &widened);
+    x.recrc(&damaged, x.block_at(ag, bno_root), XfsMeta::Btree);
+    write_leaf_records(&damaged, x.block_at(ag, cnt_root), &by_size);
+    x.recrc(&damaged, x.block_at(ag, cnt_root), XfsMeta::Btree);
+    let agf_at = x.sector(ag, 1);
+    let agf = read_bytes(&damaged, agf_at, 64);
+    let longest = widened.iter().map(|r| r.1).max().unwrap();
+    write_at(
+        &damaged,
+        agf_at + 52,
+        &(be32(&agf, 52) + grow).to_be_bytes(),
+    );
+    write_at(&damaged, agf_at + 56, &longest.to_be_bytes());
+    x.recrc(&damaged, agf_at, XfsMeta::Agf);
+    let sb = read_bytes(&damaged, 0, 512);
+    let fdblocks = u64::from_be_bytes(sb[144..152].try_into().unwrap()) + u64::from(grow);
+    write_at(&damaged, 144, &fdblocks.to_be_bytes());
+    x.recrc(&damaged, 0, XfsMeta::Sb);
+
+    let out = t.join("restored.img");
+    let outcome = backup_and_restore(&damaged, &repo, &out);
+    assert!(
+        outcome.0,
+        "free space over inode {ino}'s data (AG {ag} block {start}) was trusted: {}",
+        outcome.1
+    );
+    assert!(
+        outcome.1.contains("xfs allocation data is unusable")
+            && outcome
+                .1
+                .contains(&format!("the free-space tree of AG {ag} lists block"))
+            && outcome.1.contains("but inode"),
+        "{}",
+        outcome.1
+    );
+    assert_nothing_lost("free space over a file", &damaged, &out, outcome, &used);
 }
 
 /// Random bytes of AG headers and free-space tree blocks, half of them with the checksum
