@@ -234,6 +234,9 @@ impl PackedIndex {
 #[derive(Default)]
 struct Verdicts {
     good: std::sync::Mutex<std::collections::HashMap<ChunkId, bool>>,
+    /// Checks that found a chunk missing or damaged (each chunk counted once while its
+    /// verdict is remembered).
+    failed: std::sync::atomic::AtomicU64,
 }
 
 /// About 12 MiB of verdicts at most.
@@ -246,6 +249,9 @@ impl Verdicts {
             return Ok(v);
         }
         let good = store.check_cheap(id)? == ChunkHealth::Good;
+        if !good {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
         self.set(*id, good);
         Ok(good)
     }
@@ -1032,7 +1038,7 @@ fn run_backup(
     };
     let bs = block_size;
     let size = source.size();
-    scan::run(&scan, &stage, progress, |done| {
+    let result = scan::run(&scan, &stage, progress, |done| {
         let (cp_tx, cp_rx) = bounded::<Batch>(0);
         std::thread::scope(|scope| {
             let checkpointer = scope.spawn(move || -> Result<()> {
@@ -1137,7 +1143,19 @@ fn run_backup(
             }
             Ok((run_stats, unread))
         })
-    })
+    });
+    // Healing is not silent: damage found in the repository is named, so that the user runs
+    // `verify` (other snapshots may refer to chunks no source holds any more).
+    let failed = stage.verdicts.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        progress.warn(&format!(
+            "{failed} existing chunk(s) that this backup would have reused were missing or \
+             damaged; their blocks were stored again (this also repairs older snapshots that \
+             refer to the same content). Run `volback verify --read-data` on the repository \
+             (docs/REPAIR.md)"
+        ));
+    }
+    result
 }
 
 /// Block references and statistics since the last checkpoint.

@@ -53,8 +53,19 @@ fn damaged_parent_chunk_is_stored_again(damage: impl Fn(&Path)) -> String {
     assert_restores(&repo, &first, &src, &out);
     volback_ok(&["verify", "--read-data", p(&repo)]);
     // A third backup finds everything in place again.
-    let again = volback_ok(&args).json();
-    assert_eq!(ju64(&again, "/new_chunks"), 0, "{again}");
+    let again = volback_ok(&args);
+    assert_eq!(ju64(&again.json(), "/new_chunks"), 0, "{}", again.stdout);
+    // Healing is not silent: the run that stored the chunk again said so, the next did not.
+    assert!(
+        r.stderr.contains("missing or damaged") && r.stderr.contains("verify --read-data"),
+        "the backup must name the damage it repaired: {}",
+        r.stderr
+    );
+    assert!(
+        !again.stderr.contains("missing or damaged"),
+        "{}",
+        again.stderr
+    );
     r.stderr
 }
 
