@@ -503,6 +503,19 @@ fn write_target(
             // Returns the bytes of zero ranges, and those of zero ranges where the target has
             // holes (only-changed: unchanged without reading).
             let producer = scope.spawn(|| -> Result<(u64, u64)> {
+                // Hands [start, end) to the workers in pieces aligned to PIECE; false when
+                // the workers are gone.
+                let send_pieces = |start: u64, end: u64, zero: bool| -> bool {
+                    let mut off = start;
+                    while off < end {
+                        let len = (end - off).min(PIECE - off % PIECE);
+                        if tx.send((off, len, zero)).is_err() {
+                            return false;
+                        }
+                        off += len;
+                    }
+                    true
+                };
                 let mut pos = 0u64;
                 let mut zero_bytes = 0u64;
                 let mut hole_bytes = 0u64;
@@ -527,13 +540,8 @@ fn write_target(
                                 };
                                 hole_bytes += cs - at;
                                 progress.advance(cs - at);
-                                let mut off = cs;
-                                while off < ce {
-                                    let len = (ce - off).min(PIECE - off % PIECE);
-                                    if tx.send((off, len, true)).is_err() {
-                                        return Ok((zero_bytes, hole_bytes));
-                                    }
-                                    off += len;
+                                if !send_pieces(cs, ce, true) {
+                                    return Ok((zero_bytes, hole_bytes));
                                 }
                                 at = ce;
                             }
@@ -550,13 +558,8 @@ fn write_target(
                             progress.advance(ds - pos);
                         }
                     }
-                    let mut off = ds;
-                    while off < de {
-                        let len = (de - off).min(PIECE - off % PIECE);
-                        if tx.send((off, len, false)).is_err() {
-                            return Ok((zero_bytes, hole_bytes));
-                        }
-                        off += len;
+                    if !send_pieces(ds, de, false) {
+                        return Ok((zero_bytes, hole_bytes));
                     }
                     pos = de;
                 }
