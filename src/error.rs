@@ -126,9 +126,34 @@ pub enum Error {
     #[error("interrupted{}", if *.checkpointed { "; progress was saved and the next run resumes it" } else { "" })]
     Interrupted { checkpointed: bool },
 
-    /// An argument is invalid.
+    /// A value the caller (ultimately the user) chose is invalid: a block size, a zstd level,
+    /// an image size a format cannot hold, options that contradict each other.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A read or write asked for bytes outside an object: past the end of a volume, an image
+    /// or a snapshot, or a block index past its last block. A caller's bug or a hostile client
+    /// request, never bad user input.
+    #[error("{op} of {len} bytes at offset {offset} is outside {object} ({size} bytes)")]
+    OutOfRange {
+        /// "read" or "write".
+        op: &'static str,
+        /// What was addressed: a path, "snapshot 3fa2…", "block 12 of snapshot 3fa2…".
+        object: String,
+        offset: u64,
+        len: u64,
+        /// The object's size in bytes.
+        size: u64,
+    },
+
+    /// volback broke one of its own invariants: a worker thread panicked, a channel or buffer
+    /// pool closed early, a cache lost an entry it had just filled. Always a bug; the message
+    /// names the component.
+    #[error("internal error in {component}: {detail}")]
+    Internal {
+        component: &'static str,
+        detail: String,
+    },
 
     /// A partition table script (`sfdisk --dump` text) is malformed or describes a table that
     /// cannot exist (overlaps, partitions outside the usable area, bad types).
@@ -212,6 +237,45 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Shorthand for an [`Error::Internal`].
+    pub fn internal(component: &'static str, detail: impl Into<String>) -> Self {
+        Error::Internal {
+            component,
+            detail: detail.into(),
+        }
+    }
+
+    /// Shorthand for an [`Error::OutOfRange`] read.
+    pub fn read_out_of_range(object: impl Into<String>, offset: u64, len: u64, size: u64) -> Self {
+        Error::OutOfRange {
+            op: "read",
+            object: object.into(),
+            offset,
+            len,
+            size,
+        }
+    }
+}
+
+/// An error and every cause behind it, on one line: `"cannot read x: Input/output error (os
+/// error 5)"`. Warnings, verify problems and protocol replies store this rather than
+/// `to_string()`, which drops the OS error behind a library error.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // A wrapper that repeats its cause's text adds nothing.
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
+}
+
 /// Adds a path and an operation name to `std::io::Result`s.
 pub(crate) trait IoContext<T> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
@@ -220,5 +284,24 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
         self.map_err(|e| Error::io(op, path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_keeps_the_os_error_behind_a_library_error() {
+        let e = Error::io("read", "/dev/sdz", std::io::Error::from_raw_os_error(5));
+        let text = chain(&e);
+        assert!(text.starts_with("cannot read /dev/sdz: "), "{text}");
+        assert!(text.contains("os error 5"), "{text}");
+        let nested = Error::IncompleteRestore {
+            path: "/tmp/t".into(),
+            removed: true,
+            source: Box::new(e),
+        };
+        assert!(chain(&nested).contains("os error 5"));
     }
 }
