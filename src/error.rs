@@ -184,6 +184,15 @@ pub enum Error {
         detail: String,
     },
 
+    /// A filesystem of a view could not be mounted: no method is known for its type, or every
+    /// mount command failed (their messages are in `detail`).
+    #[error("cannot mount the {fs_type} filesystem of {}: {detail}", image.display())]
+    MountFailed {
+        image: PathBuf,
+        fs_type: String,
+        detail: String,
+    },
+
     /// A volume has no partition table that can be dumped.
     #[error("{} has no usable partition table: {detail}", path.display())]
     NoPartitionTable { path: PathBuf, detail: String },

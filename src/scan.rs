@@ -284,7 +284,7 @@ where
     for _ in 0..pool_size {
         free_tx
             .send(AlignedBuf::new(block_size))
-            .map_err(|_| Error::InvalidArgument("buffer pool closed".into()))?;
+            .map_err(|_| Error::internal("scan", "the buffer pool closed while being filled"))?;
     }
     let (job_tx, job_rx) = bounded::<(u64, u64, Input<St::Hint>)>(scan.threads * 2);
     let (done_tx, done_rx) = bounded::<Result<Done<St::Out>>>(pool_size + scan.threads * 2 + 4);

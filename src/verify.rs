@@ -291,7 +291,7 @@ fn check_chunks(
             .into_iter()
             .flat_map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    vec![Err(Error::InvalidArgument("verify worker panicked".into()))]
+                    vec![Err(Error::internal("verify", "a worker thread panicked"))]
                 })
             })
             .collect()

@@ -136,10 +136,15 @@ impl HashListWriter {
     pub fn push(&mut self, hashes: &[u8]) -> Result<()> {
         let n = (hashes.len() / HASH_LEN) as u64;
         if self.written + n > self.header.block_count || !hashes.len().is_multiple_of(HASH_LEN) {
-            return Err(Error::InvalidArgument(format!(
-                "hash list of {} blocks overflows",
-                self.header.block_count
-            )));
+            return Err(Error::internal(
+                "hash list writer",
+                format!(
+                    "{} more hashes overflow a list of {} blocks ({} written)",
+                    hashes.len() / HASH_LEN,
+                    self.header.block_count,
+                    self.written
+                ),
+            ));
         }
         self.written += n;
         self.put(hashes)
@@ -149,10 +154,13 @@ impl HashListWriter {
     /// the file, hex.
     pub fn finish(mut self, dest: &Path) -> Result<String> {
         if self.written != self.header.block_count {
-            return Err(Error::InvalidArgument(format!(
-                "hash list has {} of {} blocks",
-                self.written, self.header.block_count
-            )));
+            return Err(Error::internal(
+                "hash list writer",
+                format!(
+                    "finished with {} of {} blocks",
+                    self.written, self.header.block_count
+                ),
+            ));
         }
         self.flush()?;
         let digest = hex::encode(self.sha.finalize_reset());
@@ -227,9 +235,12 @@ impl HashList {
             .checked_add(n)
             .is_none_or(|e| e > self.header.block_count)
         {
-            return Err(Error::InvalidArgument(format!(
-                "blocks {first}+{n} are past the end of the hash list"
-            )));
+            return Err(Error::read_out_of_range(
+                format!("hash list {}", self.path.display()),
+                first.saturating_mul(HASH_LEN as u64),
+                out.len() as u64,
+                self.header.block_count.saturating_mul(HASH_LEN as u64),
+            ));
         }
         read_full(
             &self.file,
@@ -287,9 +298,12 @@ impl HashCursor<'_> {
             const CHUNK: u64 = 32 << 10;
             let n = CHUNK.min(self.list.header.block_count.saturating_sub(index));
             if n == 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "block {index} is past the end of the hash list"
-                )));
+                return Err(Error::read_out_of_range(
+                    format!("hash list {}", self.list.path.display()),
+                    index.saturating_mul(HASH_LEN as u64),
+                    HASH_LEN as u64,
+                    self.list.header.block_count.saturating_mul(HASH_LEN as u64),
+                ));
             }
             self.buf.resize(n as usize * HASH_LEN, 0);
             self.list.read(index, &mut self.buf)?;

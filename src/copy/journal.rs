@@ -75,8 +75,9 @@ fn bad(path: &Path, detail: impl Into<String>) -> Error {
 impl Journal {
     /// Creates a journal with no records, durably (replacing any file at `path`).
     pub fn create(path: &Path, header: &JournalHeader) -> Result<Journal> {
-        let json = serde_json::to_vec(header)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode journal header: {e}")))?;
+        let json = serde_json::to_vec(header).map_err(|e| {
+            Error::internal("copy journal", format!("cannot encode its header: {e}"))
+        })?;
         let mut b = Vec::with_capacity(json.len() + 48);
         b.extend_from_slice(&JOURNAL_MAGIC_V1);
         b.extend_from_slice(&JOURNAL_VERSION_V1.to_le_bytes());
@@ -144,10 +145,13 @@ impl Journal {
     ) -> Result<()> {
         let count = (hashes.len() / HASH_LEN) as u64;
         if first != self.next || count > RECORD_MAX_BLOCKS {
-            return Err(Error::InvalidArgument(format!(
-                "journal record for blocks {first}+{count} does not continue at {}",
-                self.next
-            )));
+            return Err(Error::internal(
+                "copy journal",
+                format!(
+                    "a record for blocks {first}+{count} does not continue at {}",
+                    self.next
+                ),
+            ));
         }
         let mut p = Vec::with_capacity(4 + RECORD_FIXED_LEN + hashes.len() + 32);
         let len = (RECORD_FIXED_LEN + hashes.len()) as u32;

@@ -465,7 +465,7 @@ impl CopyMeta {
     /// fsync).
     pub fn store(&self, paths: &CopyPaths) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(self)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode copy metadata: {e}")))?;
+            .map_err(|e| Error::internal("copy metadata", format!("cannot encode it: {e}")))?;
         json.push(b'\n');
         crate::repo::fsio::atomic_write(&paths.meta(), &json)
     }

@@ -58,7 +58,9 @@ impl Encoder {
         if level <= 8 {
             compressor
                 .set_parameter(zstd::zstd_safe::CParameter::WindowLog(22))
-                .map_err(|e| Error::InvalidArgument(format!("zstd window: {e}")))?;
+                .map_err(|e| {
+                    Error::internal("chunk encoder", format!("cannot set the zstd window: {e}"))
+                })?;
         }
         Ok(Encoder {
             compressor,

@@ -154,7 +154,7 @@ fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeade
 
 fn header_bytes(h: &JournalHeader) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(h)
-        .map_err(|e| Error::InvalidArgument(format!("cannot encode journal header: {e}")))?;
+        .map_err(|e| Error::internal("backup journal", format!("cannot encode its header: {e}")))?;
     let mut out = Vec::with_capacity(json.len() + 48);
     out.extend_from_slice(&JOURNAL_MAGIC);
     out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
@@ -354,10 +354,13 @@ impl Journal {
                 .ok()
                 .filter(|&n| n <= MAX_BATCH_UNREADABLE)
                 .ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "{} unreadable ranges in one checkpoint",
-                        unreadable.len()
-                    ))
+                    Error::internal(
+                        "backup journal",
+                        format!(
+                            "{} unreadable ranges in one checkpoint (at most {MAX_BATCH_UNREADABLE})",
+                            unreadable.len()
+                        ),
+                    )
                 })?;
             payload.extend_from_slice(&n.to_le_bytes());
             for &(off, len) in unreadable {

@@ -247,8 +247,9 @@ impl Repository {
             block_size: opts.block_size,
             pack_size: opts.pack_size,
         };
-        let json = serde_json::to_vec_pretty(&config)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode config: {e}")))?;
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| {
+            Error::internal("repository init", format!("cannot encode the config: {e}"))
+        })?;
         // Everything below config is durable before config appears.
         platform::sync_filesystem(path).ctx("flush", path)?;
         fsio::atomic_write(&path.join("config"), &json)?;

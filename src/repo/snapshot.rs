@@ -198,14 +198,18 @@ impl SnapshotWriter {
             self.encode(r, c)?;
         }
         if header.block_count != self.blocks_total {
-            return Err(Error::InvalidArgument(format!(
-                "snapshot has {} blocks but its header says {}",
-                self.blocks_total, header.block_count
-            )));
+            return Err(Error::internal(
+                "snapshot writer",
+                format!(
+                    "{} blocks were pushed but the header says {}",
+                    self.blocks_total, header.block_count
+                ),
+            ));
         }
         self.flush_segment()?;
-        let header_json = serde_json::to_vec(header)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode snapshot header: {e}")))?;
+        let header_json = serde_json::to_vec(header).map_err(|e| {
+            Error::internal("snapshot writer", format!("cannot encode the header: {e}"))
+        })?;
         let header_offset = self.pos;
         self.out
             .write_all(&header_json)
@@ -412,7 +416,16 @@ impl SnapshotFile {
     /// `index * SEGMENT_BLOCKS .. + block_count`.
     pub fn segment(&self, index: usize) -> Result<Vec<BlockRef>> {
         let e = self.directory.get(index).ok_or_else(|| {
-            Error::InvalidArgument(format!("snapshot {} has no segment {index}", self.id))
+            // The blocks of a segment past the last one.
+            let bs = self.header.block_size as u64;
+            Error::read_out_of_range(
+                format!("snapshot {}", self.id),
+                (index as u64)
+                    .saturating_mul(SEGMENT_BLOCKS)
+                    .saturating_mul(bs),
+                SEGMENT_BLOCKS * bs,
+                self.header.source.size,
+            )
         })?;
         let what = || format!("manifest segment {index} of snapshot {}", self.id);
         let stored = read_exact_at(&self.file, &self.path, e.offset, e.stored_len as usize)?;
