@@ -398,6 +398,29 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_hash_list_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = HashListHeader {
+            size: 4096,
+            block_size: 4096,
+            block_count: 1,
+        };
+        let mut w = HashListWriter::create_in(dir.path(), h).unwrap();
+        w.push(&zero_hash(4096)).unwrap();
+        let dest = dir.path().join("x.sha256");
+        w.finish(&dest).unwrap();
+        let mut bytes = std::fs::read(&dest).unwrap();
+        bytes[8..12].copy_from_slice(&(HASHES_VERSION_V1 + 1).to_le_bytes());
+        std::fs::write(&dest, &bytes).unwrap();
+        let e = HashList::open(&dest, h).unwrap_err();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "copy hash list", found, supported, .. }
+                if found == HASHES_VERSION_V1 + 1 && supported == HASHES_VERSION_V1),
+            "{e}"
+        );
+    }
+
     proptest! {
         #[test]
         fn header_parser_never_panics(data in proptest::collection::vec(any::<u8>(), 0..80)) {

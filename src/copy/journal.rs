@@ -72,6 +72,16 @@ fn bad(path: &Path, detail: impl Into<String>) -> Error {
     Error::corrupt("copy journal", path, detail)
 }
 
+/// A failed read of the journal header: the file ending early is damage (`short`
+/// describes it), any other failure an I/O error.
+fn header_read_error(path: &Path, e: std::io::Error, short: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        bad(path, short)
+    } else {
+        Error::io("read", path, e)
+    }
+}
+
 impl Journal {
     /// Creates a journal with no records, durably (replacing any file at `path`).
     pub fn create(path: &Path, header: &JournalHeader) -> Result<Journal> {
@@ -201,7 +211,7 @@ fn read_header(file: &File, path: &Path) -> Result<(JournalHeader, u64)> {
     let mut r = BufReader::new(file);
     let mut pre = [0u8; 16];
     r.read_exact(&mut pre)
-        .map_err(|_| bad(path, "shorter than its header"))?;
+        .map_err(|e| header_read_error(path, e, "shorter than its header"))?;
     if pre[0..8] != JOURNAL_MAGIC_V1 {
         return Err(bad(path, "bad magic number"));
     }
@@ -220,7 +230,7 @@ fn read_header(file: &File, path: &Path) -> Result<(JournalHeader, u64)> {
     }
     let mut json = vec![0u8; len as usize + 32];
     r.read_exact(&mut json)
-        .map_err(|_| bad(path, "header cut short"))?;
+        .map_err(|e| header_read_error(path, e, "header cut short"))?;
     let (json, sum) = json.split_at(len as usize);
     if Sha256::digest(json).as_slice() != sum {
         return Err(bad(path, "header checksum mismatch"));
@@ -357,6 +367,22 @@ mod tests {
         assert_eq!(j.next_block(), 5);
         j.remove().unwrap();
         assert!(Journal::open(&path).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_journal_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        drop(Journal::create(&path, &header()).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&(JOURNAL_VERSION_V1 + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Journal::open(&path).err().unwrap();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "copy journal", found, supported, .. }
+                if found == JOURNAL_VERSION_V1 + 1 && supported == JOURNAL_VERSION_V1),
+            "{e}"
+        );
     }
 
     proptest! {

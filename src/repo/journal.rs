@@ -460,6 +460,28 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
     }
 
+    #[test]
+    fn a_journal_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.journal");
+        drop(Journal::create(&path, &header()).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&(JOURNAL_VERSION + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Journal::resume(&path, |_, _| Ok(())).err().unwrap();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "resume journal", found, supported, .. }
+                if found == JOURNAL_VERSION + 1 && supported == JOURNAL_VERSION),
+            "{e}"
+        );
+        let e = Journal::read_batches(&path, |_, _| Ok(())).err().unwrap();
+        assert!(matches!(e, Error::UnsupportedVersion { .. }), "{e}");
+        // Reading only the header treats it as no journal; `resume` reports the version.
+        assert!(Journal::read_header(&path).unwrap().is_none());
+        // The file was left as it was.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
     proptest! {
         #[test]
         fn batch_tail_parser_never_panics(

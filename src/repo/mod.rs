@@ -521,3 +521,50 @@ impl Repository {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repository_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo");
+        Repository::init(&path, &InitOptions::default()).unwrap();
+        let cfg = path.join("config");
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+        value["version"] = (REPO_VERSION + 1).into();
+        std::fs::write(&cfg, serde_json::to_vec(&value).unwrap()).unwrap();
+        let e = Repository::open(&path).err().unwrap();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "repository", found, supported, .. }
+                if found == REPO_VERSION + 1 && supported == REPO_VERSION),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn user_values_are_invalid_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        for opts in [
+            InitOptions {
+                block_size: 5000,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                zstd_level: 23,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                pack_size: MAX_BLOCK_SIZE + 1,
+                ..InitOptions::default()
+            },
+        ] {
+            let e = Repository::init(&dir.path().join("r"), &opts)
+                .err()
+                .unwrap();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        }
+    }
+}
