@@ -560,8 +560,9 @@ where
                     let bad = rescue(scan.source, start, &mut staging[..run_bytes], sector)?;
                     for &(off, len) in &bad {
                         progress.warn(&format!(
-                            "unreadable: {len} bytes at offset {off} of {} ({e}); stored as zeros",
-                            scan.source.describe()
+                            "unreadable: {len} bytes at offset {off} of {} ({}); stored as zeros",
+                            scan.source.describe(),
+                            crate::error::chain(&e)
                         ));
                     }
                     let mut all = found.lock().unwrap_or_else(|p| p.into_inner());

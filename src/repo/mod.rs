@@ -450,7 +450,10 @@ impl Repository {
         if selector == "latest" || selector.starts_with("latest:") {
             let (list, damaged) = self.list_snapshots_lenient()?;
             for e in &damaged {
-                progress.warn(&format!("skipping unreadable snapshot: {e}"));
+                progress.warn(&format!(
+                    "skipping unreadable snapshot: {}",
+                    crate::error::chain(e)
+                ));
             }
             let wanted = selector.strip_prefix("latest:");
             let Some(wanted) = wanted else {
@@ -506,7 +509,10 @@ impl Repository {
             }
             if readable.len() == 1 {
                 for e in &unreadable {
-                    progress.warn(&format!("skipping unreadable snapshot: {e}"));
+                    progress.warn(&format!(
+                        "skipping unreadable snapshot: {}",
+                        crate::error::chain(e)
+                    ));
                 }
                 matches = readable;
             }
