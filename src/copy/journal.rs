@@ -13,7 +13,7 @@ use super::format::*;
 use super::meta::{CopyStats, UpdateBase};
 use crate::bytes::{le_u32, le_u64};
 use crate::error::{Error, IoContext, Result};
-use crate::repo::fsio::{self, TempFile};
+use crate::repo::fsio::{self, TempFile, read_unless_eof};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -258,7 +258,7 @@ fn scan_records(
     let mut payload = Vec::new();
     loop {
         let mut lb = [0u8; 4];
-        if r.read_exact(&mut lb).is_err() {
+        if !read_unless_eof(&mut r, &mut lb, path, at)? {
             break;
         }
         let len = u32::from_le_bytes(lb) as u64;
@@ -266,7 +266,7 @@ fn scan_records(
             break;
         }
         payload.resize(len as usize + 32, 0);
-        if r.read_exact(&mut payload).is_err() {
+        if !read_unless_eof(&mut r, &mut payload, path, at + 4)? {
             break;
         }
         let (p, sum) = payload.split_at(len as usize);

@@ -8,7 +8,7 @@
 //! off. The next backup of the same volume replays the batches and continues after them.
 
 use super::format::*;
-use super::fsio::TempFile;
+use super::fsio::{TempFile, read_unless_eof};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::source::SourceInfo;
@@ -124,7 +124,7 @@ const BATCH_FIXED: usize = 16 + BatchStats::FIELDS * 8;
 fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeader, u64, u32)>> {
     let len = file.metadata().ctx("stat", path)?.len();
     let mut pre = [0u8; 16];
-    if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
+    if len < 16 || !read_unless_eof(file, &mut pre, path, 0)? || pre[..8] != JOURNAL_MAGIC {
         return Ok(None);
     }
     let version = le_u32(&pre, 8);
@@ -205,7 +205,7 @@ fn scan(
     let mut reader = std::io::BufReader::new(file);
     loop {
         let mut lenb = [0u8; 4];
-        if reader.read_exact(&mut lenb).is_err() {
+        if !read_unless_eof(&mut reader, &mut lenb, path, valid_end)? {
             break;
         }
         let plen = u32::from_le_bytes(lenb);
@@ -216,7 +216,9 @@ fn scan(
             break;
         }
         let mut payload = vec![0u8; plen as usize];
-        if reader.read_exact(&mut payload).is_err() || reader.read_exact(&mut sum).is_err() {
+        if !read_unless_eof(&mut reader, &mut payload, path, valid_end + 4)?
+            || !read_unless_eof(&mut reader, &mut sum, path, valid_end + 4 + plen as u64)?
+        {
             break;
         }
         if *blake3::hash(&payload).as_bytes() != sum {

@@ -113,7 +113,10 @@ impl Inner {
             .copied()
             .ok_or_else(|| {
                 Error::corrupt(
-                    format!("manifest segment of block {index}"),
+                    format!(
+                        "manifest segment of block {index} of snapshot {}",
+                        self.snap.id()
+                    ),
                     self.snap.path(),
                     "segment is shorter than the block count says",
                 )
@@ -517,7 +520,7 @@ impl Volume for SnapshotVolume {
                         let data = cache.get(index, || self.inner.decode_block(index))?;
                         let src = data.get(within..within + n).ok_or_else(|| {
                             Error::corrupt(
-                                format!("block {index}"),
+                                format!("block {index} of snapshot {}", self.inner.snap.id()),
                                 self.inner.snap.path(),
                                 "decoded block is shorter than the snapshot says",
                             )
