@@ -5,9 +5,25 @@
 //!   the message. `anyhow` lives in the binary only.
 //! - Each variant carries the context a user needs to act: the file, the byte offset, the
 //!   chunk or snapshot id. The message is one short sentence that does not repeat the text of
-//!   its `source()`; the binary prints the chain.
+//!   its `source()`; the binary prints the chain. An OS error is an [`Error::Io`] naming the
+//!   path, or an [`Error::IoAt`] when it happened at an offset of a volume or file.
 //! - Data read from disk is never trusted: a parser returns [`Error::Corrupt`] naming what it
-//!   was reading and why it was rejected, never panics.
+//!   was reading (with its chunk or snapshot id) and why it was rejected, never panics. A
+//!   file of a format version this build does not read is [`Error::UnsupportedVersion`],
+//!   not damage. A parser of a structure too small to know its path returns its own typed
+//!   error (such as [`crate::repo::format::BadRecords`]) that the caller wraps; no parser
+//!   returns `Result<_, String>`.
+//! - Three kinds are easy to confuse:
+//!   - [`Error::InvalidArgument`]: a value the user (or the caller on the user's behalf)
+//!     chose is wrong: a block size, a zstd level, a slice size, an image size a format
+//!     cannot hold, options that contradict each other. The user can fix it.
+//!   - [`Error::OutOfRange`]: a read or write outside a volume, image, snapshot or hash list,
+//!     or a block index past the end: a caller's bug or a hostile client request.
+//!   - [`Error::Internal`]: volback broke one of its own invariants (a thread panicked, a
+//!     channel or pool closed early, its own structure failed to encode). Always a bug.
+//! - Wherever a message is stored rather than returned (warnings, verify problems, NBD error
+//!   replies, reports), it is [`chain`]`(&e)`, never `e.to_string()`, which drops the OS
+//!   error behind a library error.
 
 use std::path::{Path, PathBuf};
 
@@ -181,6 +197,15 @@ pub enum Error {
     NbdProtocol {
         /// The client ("client 3 (127.0.0.1:41234)").
         client: String,
+        detail: String,
+    },
+
+    /// A filesystem of a view could not be mounted: no method is known for its type, or every
+    /// mount command failed (their messages are in `detail`).
+    #[error("cannot mount the {fs_type} filesystem of {}: {detail}", image.display())]
+    MountFailed {
+        image: PathBuf,
+        fs_type: String,
         detail: String,
     },
 

@@ -67,13 +67,17 @@ impl HashAlgorithm {
     }
 }
 
+/// Parses a name the user chose (`--hash`): an unknown one is an
+/// [`crate::Error::InvalidArgument`].
 impl FromStr for HashAlgorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "blake3" => Ok(HashAlgorithm::Blake3),
             "sha256" => Ok(HashAlgorithm::Sha256),
-            _ => Err(format!("unknown hash {s:?} (expected blake3 or sha256)")),
+            _ => Err(crate::error::Error::InvalidArgument(format!(
+                "unknown hash {s:?} (expected blake3 or sha256)"
+            ))),
         }
     }
 }
@@ -95,5 +99,14 @@ mod tests {
         let id = HashAlgorithm::Blake3.hash(b"x");
         assert_eq!(ChunkId::from_hex(&id.to_hex()), Some(id));
         assert_eq!(ChunkId::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn hash_names_parse() {
+        assert!(matches!("sha256".parse(), Ok(HashAlgorithm::Sha256)));
+        assert!(matches!(
+            "md5".parse::<HashAlgorithm>(),
+            Err(crate::error::Error::InvalidArgument(_))
+        ));
     }
 }

@@ -583,7 +583,7 @@ fn write_target(
                 }
             }
             let produced = producer.join().unwrap_or_else(|_| {
-                Err(Error::InvalidArgument("restore producer panicked".into()))
+                Err(Error::internal("restore", "the producer thread panicked"))
             });
             if let Some(e) = first_err {
                 return Err(e);

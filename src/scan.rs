@@ -284,7 +284,7 @@ where
     for _ in 0..pool_size {
         free_tx
             .send(AlignedBuf::new(block_size))
-            .map_err(|_| Error::InvalidArgument("buffer pool closed".into()))?;
+            .map_err(|_| Error::internal("scan", "the buffer pool closed while being filled"))?;
     }
     let (job_tx, job_rx) = bounded::<(u64, u64, Input<St::Hint>)>(scan.threads * 2);
     let (done_tx, done_rx) = bounded::<Result<Done<St::Out>>>(pool_size + scan.threads * 2 + 4);
@@ -560,8 +560,9 @@ where
                     let bad = rescue(scan.source, start, &mut staging[..run_bytes], sector)?;
                     for &(off, len) in &bad {
                         progress.warn(&format!(
-                            "unreadable: {len} bytes at offset {off} of {} ({e}); stored as zeros",
-                            scan.source.describe()
+                            "unreadable: {len} bytes at offset {off} of {} ({}); stored as zeros",
+                            scan.source.describe(),
+                            crate::error::chain(&e)
                         ));
                     }
                     let mut all = found.lock().unwrap_or_else(|p| p.into_inner());

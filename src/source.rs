@@ -118,7 +118,7 @@ impl Source {
                 let ra = self.read_bulk_slice(offset, a, half);
                 let rb = t
                     .join()
-                    .unwrap_or_else(|_| Err(Error::InvalidArgument("read thread panicked".into())));
+                    .unwrap_or_else(|_| Err(Error::internal("source", "a read thread panicked")));
                 (ra, rb)
             });
             return ra.and(rb);
@@ -191,12 +191,12 @@ impl Volume for Source {
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.geometry.size);
         if end.is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "read of {} bytes at offset {offset} is past the end of {} ({} bytes)",
-                buf.len(),
-                self.path.display(),
-                self.geometry.size
-            )));
+            return Err(Error::read_out_of_range(
+                self.path.display().to_string(),
+                offset,
+                buf.len() as u64,
+                self.geometry.size,
+            ));
         }
         let mut done = 0usize;
         while done < buf.len() {

@@ -13,7 +13,7 @@
 //! every snapshot referring to it (docs/REPAIR.md). A missing chunk needs nothing moved; a
 //! chunk that cannot be read for another reason (an I/O error) is left where it is.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, chain};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -91,7 +91,7 @@ pub fn verify(
                 report.problems.push(Problem {
                     chunk: None,
                     snapshot: Some(id.clone()),
-                    detail: e.to_string(),
+                    detail: chain(&e),
                     affected: Vec::new(),
                 });
                 continue;
@@ -110,7 +110,7 @@ pub fn verify(
                     report.problems.push(Problem {
                         chunk: None,
                         snapshot: Some(id.clone()),
-                        detail: e.to_string(),
+                        detail: chain(&e),
                         affected: Vec::new(),
                     });
                     break;
@@ -158,7 +158,7 @@ pub fn verify(
                         report.problems.push(Problem {
                             chunk: Some(c.to_hex()),
                             snapshot: None,
-                            detail: e.to_string(),
+                            detail: chain(&e),
                             affected: Vec::new(),
                         });
                         seen.insert(*c, Status::Bad(report.problems.len() - 1));
@@ -197,7 +197,7 @@ fn set_aside(
             dest.display()
         ),
         Ok(None) => detail,
-        Err(e) => format!("{detail}; could not be moved aside: {e}"),
+        Err(e) => format!("{detail}; could not be moved aside: {}", chain(&e)),
     };
     Error::Corrupt { what, path, detail }
 }
@@ -291,7 +291,7 @@ fn check_chunks(
             .into_iter()
             .flat_map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    vec![Err(Error::InvalidArgument("verify worker panicked".into()))]
+                    vec![Err(Error::internal("verify", "a worker thread panicked"))]
                 })
             })
             .collect()

@@ -48,10 +48,12 @@ pub struct KnownHash {
 /// `name` describes the volume for the error ("snapshot 3fa2…").
 pub fn check_read(size: u64, offset: u64, len: usize, name: impl FnOnce() -> String) -> Result<()> {
     if offset.checked_add(len as u64).is_none_or(|e| e > size) {
-        return Err(crate::error::Error::InvalidArgument(format!(
-            "read of {len} bytes at offset {offset} is past the end of {} ({size} bytes)",
-            name()
-        )));
+        return Err(crate::error::Error::read_out_of_range(
+            name(),
+            offset,
+            len as u64,
+            size,
+        ));
     }
     Ok(())
 }

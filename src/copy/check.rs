@@ -90,8 +90,9 @@ pub fn verify(
                     }
                     // Verification never uses change tracking.
                     Hashed::Known => {
-                        return Err(Error::InvalidArgument(
-                            "verification met a block it did not read".into(),
+                        return Err(Error::internal(
+                            "copy verification",
+                            "met a block it did not read",
                         ));
                     }
                 };

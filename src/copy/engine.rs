@@ -61,8 +61,9 @@ impl Stage for HashStage {
             Input::Unused => Hashed::Unused,
             Input::Known { .. } => Hashed::Known,
             Input::Run { .. } => {
-                return Err(crate::error::Error::InvalidArgument(
-                    "copy: a multi-block job reached a per-block stage".into(),
+                return Err(crate::error::Error::internal(
+                    "copy",
+                    "a multi-block job reached a per-block stage",
                 ));
             }
             Input::Data { buf, .. } => {
@@ -296,8 +297,9 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
                                 }
                                 Hashed::Known => {
                                     let Some(cur) = base_cursor.as_mut() else {
-                                        return Err(Error::InvalidArgument(
-                                            "change tracking without a base".into(),
+                                        return Err(Error::internal(
+                                            "copy",
+                                            "change tracking without a base",
                                         ));
                                     };
                                     let old = cur.get(b)?;
@@ -381,9 +383,10 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
                 if cancelled() {
                     return Err(Error::Interrupted { checkpointed: true });
                 }
-                return Err(Error::InvalidArgument(format!(
-                    "copy stopped at block {next} of {block_count} without an error"
-                )));
+                return Err(Error::internal(
+                    "copy",
+                    format!("the copy stopped at block {next} of {block_count} without an error"),
+                ));
             }
         }
         let Committer {

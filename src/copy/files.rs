@@ -183,10 +183,9 @@ impl FileSet {
             open.push(entry);
             return Ok(f);
         }
-        let s = self
-            .slices
-            .get(i)
-            .ok_or_else(|| Error::InvalidArgument(format!("no slice {i}")))?;
+        let s = self.slices.get(i).ok_or_else(|| {
+            Error::internal("copy data files", format!("no slice {i} in {}", self.name))
+        })?;
         let f = if self.write {
             platform::open_write_existing(&s.path)
         } else {
@@ -202,9 +201,11 @@ impl FileSet {
     }
 
     /// Calls `f(slice index, offset in the slice, start in the range, length)` for each
-    /// piece of `[offset, offset + len)`.
+    /// piece of `[offset, offset + len)`; `op` ("read", "write") names the access in the
+    /// out-of-range error.
     fn pieces(
         &self,
+        op: &'static str,
         offset: u64,
         len: u64,
         mut f: impl FnMut(usize, u64, u64, u64) -> Result<()>,
@@ -212,11 +213,12 @@ impl FileSet {
         let end = offset
             .checked_add(len)
             .filter(|&e| e <= self.size)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{len} bytes at offset {offset} are past the end of {} ({} bytes)",
-                    self.name, self.size
-                ))
+            .ok_or_else(|| Error::OutOfRange {
+                op,
+                object: self.name.clone(),
+                offset,
+                len,
+                size: self.size,
             })?;
         let mut pos = offset;
         let mut i = self.slices.partition_point(|s| s.range.end <= pos);
@@ -236,7 +238,7 @@ impl FileSet {
 impl ImageWriter for FileSet {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let mut touched = Vec::new();
-        self.pieces(offset, data.len() as u64, |i, at, from, n| {
+        self.pieces("write", offset, data.len() as u64, |i, at, from, n| {
             let f = self.file(i)?;
             platform::write_all_at(&f, &data[from as usize..(from + n) as usize], at).map_err(
                 |e| Error::IoAt {
@@ -257,7 +259,7 @@ impl ImageWriter for FileSet {
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         let mut touched = Vec::new();
-        self.pieces(offset, len, |i, at, _, n| {
+        self.pieces("write", offset, len, |i, at, _, n| {
             let f = self.file(i)?;
             platform::zero_range(&f, at, n).map_err(|e| Error::IoAt {
                 op: "zero",
@@ -298,7 +300,7 @@ impl Volume for FileSet {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.pieces(offset, buf.len() as u64, |i, at, from, n| {
+        self.pieces("read", offset, buf.len() as u64, |i, at, from, n| {
             let file = self.file(i)?;
             let path = &self.slices[i].path;
             let out = &mut buf[from as usize..(from + n) as usize];

@@ -136,10 +136,15 @@ impl HashListWriter {
     pub fn push(&mut self, hashes: &[u8]) -> Result<()> {
         let n = (hashes.len() / HASH_LEN) as u64;
         if self.written + n > self.header.block_count || !hashes.len().is_multiple_of(HASH_LEN) {
-            return Err(Error::InvalidArgument(format!(
-                "hash list of {} blocks overflows",
-                self.header.block_count
-            )));
+            return Err(Error::internal(
+                "hash list writer",
+                format!(
+                    "{} more hashes overflow a list of {} blocks ({} written)",
+                    hashes.len() / HASH_LEN,
+                    self.header.block_count,
+                    self.written
+                ),
+            ));
         }
         self.written += n;
         self.put(hashes)
@@ -149,10 +154,13 @@ impl HashListWriter {
     /// the file, hex.
     pub fn finish(mut self, dest: &Path) -> Result<String> {
         if self.written != self.header.block_count {
-            return Err(Error::InvalidArgument(format!(
-                "hash list has {} of {} blocks",
-                self.written, self.header.block_count
-            )));
+            return Err(Error::internal(
+                "hash list writer",
+                format!(
+                    "finished with {} of {} blocks",
+                    self.written, self.header.block_count
+                ),
+            ));
         }
         self.flush()?;
         let digest = hex::encode(self.sha.finalize_reset());
@@ -227,9 +235,12 @@ impl HashList {
             .checked_add(n)
             .is_none_or(|e| e > self.header.block_count)
         {
-            return Err(Error::InvalidArgument(format!(
-                "blocks {first}+{n} are past the end of the hash list"
-            )));
+            return Err(Error::read_out_of_range(
+                format!("hash list {}", self.path.display()),
+                first.saturating_mul(HASH_LEN as u64),
+                out.len() as u64,
+                self.header.block_count.saturating_mul(HASH_LEN as u64),
+            ));
         }
         read_full(
             &self.file,
@@ -287,9 +298,12 @@ impl HashCursor<'_> {
             const CHUNK: u64 = 32 << 10;
             let n = CHUNK.min(self.list.header.block_count.saturating_sub(index));
             if n == 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "block {index} is past the end of the hash list"
-                )));
+                return Err(Error::read_out_of_range(
+                    format!("hash list {}", self.list.path.display()),
+                    index.saturating_mul(HASH_LEN as u64),
+                    HASH_LEN as u64,
+                    self.list.header.block_count.saturating_mul(HASH_LEN as u64),
+                ));
             }
             self.buf.resize(n as usize * HASH_LEN, 0);
             self.list.read(index, &mut self.buf)?;
@@ -382,6 +396,29 @@ mod tests {
             HashList::open(&dest, h),
             Err(Error::BadCopy { .. })
         ));
+    }
+
+    #[test]
+    fn a_hash_list_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = HashListHeader {
+            size: 4096,
+            block_size: 4096,
+            block_count: 1,
+        };
+        let mut w = HashListWriter::create_in(dir.path(), h).unwrap();
+        w.push(&zero_hash(4096)).unwrap();
+        let dest = dir.path().join("x.sha256");
+        w.finish(&dest).unwrap();
+        let mut bytes = std::fs::read(&dest).unwrap();
+        bytes[8..12].copy_from_slice(&(HASHES_VERSION_V1 + 1).to_le_bytes());
+        std::fs::write(&dest, &bytes).unwrap();
+        let e = HashList::open(&dest, h).unwrap_err();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "copy hash list", found, supported, .. }
+                if found == HASHES_VERSION_V1 + 1 && supported == HASHES_VERSION_V1),
+            "{e}"
+        );
     }
 
     proptest! {

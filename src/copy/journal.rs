@@ -13,7 +13,7 @@ use super::format::*;
 use super::meta::{CopyStats, UpdateBase};
 use crate::bytes::{le_u32, le_u64};
 use crate::error::{Error, IoContext, Result};
-use crate::repo::fsio::{self, TempFile};
+use crate::repo::fsio::{self, TempFile, read_unless_eof};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -72,11 +72,22 @@ fn bad(path: &Path, detail: impl Into<String>) -> Error {
     Error::corrupt("copy journal", path, detail)
 }
 
+/// A failed read of the journal header: the file ending early is damage (`short`
+/// describes it), any other failure an I/O error.
+fn header_read_error(path: &Path, e: std::io::Error, short: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        bad(path, short)
+    } else {
+        Error::io("read", path, e)
+    }
+}
+
 impl Journal {
     /// Creates a journal with no records, durably (replacing any file at `path`).
     pub fn create(path: &Path, header: &JournalHeader) -> Result<Journal> {
-        let json = serde_json::to_vec(header)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode journal header: {e}")))?;
+        let json = serde_json::to_vec(header).map_err(|e| {
+            Error::internal("copy journal", format!("cannot encode its header: {e}"))
+        })?;
         let mut b = Vec::with_capacity(json.len() + 48);
         b.extend_from_slice(&JOURNAL_MAGIC_V1);
         b.extend_from_slice(&JOURNAL_VERSION_V1.to_le_bytes());
@@ -144,10 +155,13 @@ impl Journal {
     ) -> Result<()> {
         let count = (hashes.len() / HASH_LEN) as u64;
         if first != self.next || count > RECORD_MAX_BLOCKS {
-            return Err(Error::InvalidArgument(format!(
-                "journal record for blocks {first}+{count} does not continue at {}",
-                self.next
-            )));
+            return Err(Error::internal(
+                "copy journal",
+                format!(
+                    "a record for blocks {first}+{count} does not continue at {}",
+                    self.next
+                ),
+            ));
         }
         let mut p = Vec::with_capacity(4 + RECORD_FIXED_LEN + hashes.len() + 32);
         let len = (RECORD_FIXED_LEN + hashes.len()) as u32;
@@ -197,7 +211,7 @@ fn read_header(file: &File, path: &Path) -> Result<(JournalHeader, u64)> {
     let mut r = BufReader::new(file);
     let mut pre = [0u8; 16];
     r.read_exact(&mut pre)
-        .map_err(|_| bad(path, "shorter than its header"))?;
+        .map_err(|e| header_read_error(path, e, "shorter than its header"))?;
     if pre[0..8] != JOURNAL_MAGIC_V1 {
         return Err(bad(path, "bad magic number"));
     }
@@ -216,7 +230,7 @@ fn read_header(file: &File, path: &Path) -> Result<(JournalHeader, u64)> {
     }
     let mut json = vec![0u8; len as usize + 32];
     r.read_exact(&mut json)
-        .map_err(|_| bad(path, "header cut short"))?;
+        .map_err(|e| header_read_error(path, e, "header cut short"))?;
     let (json, sum) = json.split_at(len as usize);
     if Sha256::digest(json).as_slice() != sum {
         return Err(bad(path, "header checksum mismatch"));
@@ -244,7 +258,7 @@ fn scan_records(
     let mut payload = Vec::new();
     loop {
         let mut lb = [0u8; 4];
-        if r.read_exact(&mut lb).is_err() {
+        if !read_unless_eof(&mut r, &mut lb, path, at)? {
             break;
         }
         let len = u32::from_le_bytes(lb) as u64;
@@ -252,7 +266,7 @@ fn scan_records(
             break;
         }
         payload.resize(len as usize + 32, 0);
-        if r.read_exact(&mut payload).is_err() {
+        if !read_unless_eof(&mut r, &mut payload, path, at + 4)? {
             break;
         }
         let (p, sum) = payload.split_at(len as usize);
@@ -353,6 +367,22 @@ mod tests {
         assert_eq!(j.next_block(), 5);
         j.remove().unwrap();
         assert!(Journal::open(&path).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_journal_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        drop(Journal::create(&path, &header()).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&(JOURNAL_VERSION_V1 + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Journal::open(&path).err().unwrap();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "copy journal", found, supported, .. }
+                if found == JOURNAL_VERSION_V1 + 1 && supported == JOURNAL_VERSION_V1),
+            "{e}"
+        );
     }
 
     proptest! {

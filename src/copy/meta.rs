@@ -64,14 +64,18 @@ impl std::fmt::Display for CopyFormat {
     }
 }
 
+/// Parses a name the user chose (`--format`): an unknown one is an
+/// [`Error::InvalidArgument`].
 impl std::str::FromStr for CopyFormat {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         CopyFormat::ALL
             .into_iter()
             .find(|f| f.name() == s)
             .ok_or_else(|| {
-                format!("unknown format {s:?} (expected raw, bin, vhd, vhd-dynamic, vhdx or qcow2)")
+                Error::InvalidArgument(format!(
+                    "unknown format {s:?} (expected raw, bin, vhd, vhd-dynamic, vhdx or qcow2)"
+                ))
             })
     }
 }
@@ -465,7 +469,7 @@ impl CopyMeta {
     /// fsync).
     pub fn store(&self, paths: &CopyPaths) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(self)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode copy metadata: {e}")))?;
+            .map_err(|e| Error::internal("copy metadata", format!("cannot encode it: {e}")))?;
         json.push(b'\n');
         crate::repo::fsio::atomic_write(&paths.meta(), &json)
     }

@@ -639,7 +639,8 @@ fn continue_update<S: ScanSource + ?Sized>(
                 Ok(None) => None,
                 Err(e) => {
                     progress.warn(&format!(
-                        "the copy's journal is unusable ({e}); starting over"
+                        "the copy's journal is unusable ({}); starting over",
+                        crate::error::chain(&e)
                     ));
                     None
                 }
@@ -664,7 +665,8 @@ fn continue_update<S: ScanSource + ?Sized>(
                             Ok(l) => Some(l),
                             Err(e) => {
                                 progress.warn(&format!(
-                                    "{e}; rewriting every remaining block of the copy"
+                                    "{}; rewriting every remaining block of the copy",
+                                    crate::error::chain(&e)
                                 ));
                                 replay.horizon = meta.block_count;
                                 None

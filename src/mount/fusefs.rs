@@ -9,8 +9,8 @@ use fuser::{
     ReplyOpen, ReplyStatfs, Request,
 };
 use std::ffi::OsStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Attributes never change: the kernel may cache them for long.
@@ -28,6 +28,8 @@ pub struct ViewFs {
     time: SystemTime,
     /// Reads that failed (served as EIO).
     errors: AtomicU64,
+    /// The first of them, with its causes (the kernel only sees EIO).
+    first_error: Mutex<Option<String>>,
 }
 
 impl ViewFs {
@@ -41,12 +43,21 @@ impl ViewFs {
             gid,
             time: SystemTime::now(),
             errors: AtomicU64::new(0),
+            first_error: Mutex::new(None),
         }
     }
 
     /// Reads that failed so far.
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// The first read that failed, as [`crate::error::chain`] formats it.
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn entry(&self, ino: INodeNo) -> Option<&ViewEntry> {
@@ -145,8 +156,11 @@ impl Filesystem for ViewFs {
         let mut buf = vec![0u8; len];
         match self.vol.read_at(e.start + offset, &mut buf) {
             Ok(()) => reply.data(&buf),
-            Err(_) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
+            Err(err) => {
+                if self.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    *self.first_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(crate::error::chain(&err));
+                }
                 reply.error(Errno::EIO)
             }
         }

@@ -195,14 +195,11 @@ pub fn attach_files(
                 mount_point: target,
                 fs_type: fs_type.clone(),
             }),
-            Err(why) => {
+            Err(err) => {
                 if attached.is_empty() && !partitioned {
-                    return Err(Error::InvalidArgument(format!(
-                        "cannot mount the {fs_type} filesystem of {}: {why}",
-                        image.display()
-                    )));
+                    return Err(err);
                 }
-                warnings.push(format!("{}: cannot mount {fs_type}: {why}", e.name));
+                warnings.push(format!("{}: {}", e.name, crate::error::chain(&err)));
             }
         }
     }
@@ -210,10 +207,17 @@ pub fn attach_files(
 }
 
 /// Mounts `image` (a file) read-only at `target` with the first method that works.
-fn mount_read_only(image: &Path, fs_type: &str, target: &Path) -> std::result::Result<(), String> {
+fn mount_read_only(image: &Path, fs_type: &str, target: &Path) -> Result<()> {
+    let failed = |detail: String| Error::MountFailed {
+        image: image.to_path_buf(),
+        fs_type: fs_type.to_string(),
+        detail,
+    };
     let methods = mount_methods(fs_type);
     if methods.is_empty() {
-        return Err(format!("volback does not know how to mount {fs_type}"));
+        return Err(failed(format!(
+            "volback does not know how to mount {fs_type}"
+        )));
     }
     let mut errors = Vec::new();
     for method in methods {
@@ -233,7 +237,7 @@ fn mount_read_only(image: &Path, fs_type: &str, target: &Path) -> std::result::R
             Err(e) => errors.push(format!("cannot run {program}: {e}")),
         }
     }
-    Err(errors.join("; "))
+    Err(failed(errors.join("; ")))
 }
 
 /// What [`unmount`] did.

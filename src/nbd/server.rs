@@ -325,12 +325,11 @@ impl Server {
                                 serve_client(stream, &client, export, options, events, stopping)
                             }))
                             .unwrap_or_else(|_| {
-                                let e =
-                                    io::Error::other("internal error (panic) serving the client");
-                                (
-                                    SessionEnd::Failed(client_io(&client, e)),
-                                    SessionStats::default(),
-                                )
+                                let e = Error::internal(
+                                    "NBD server",
+                                    format!("the thread serving {} panicked", client_name(&client)),
+                                );
+                                (SessionEnd::Failed(e), SessionStats::default())
                             });
                         registry
                             .lock()
@@ -508,7 +507,7 @@ mod tests {
     impl Events for Record {
         fn disconnected(&self, client: &Client, end: &SessionEnd, _stats: &SessionStats) {
             let what = match end {
-                SessionEnd::Failed(e) => e.to_string(),
+                SessionEnd::Failed(e) => crate::error::chain(e),
                 e => format!("{e:?}"),
             };
             self.0

@@ -27,10 +27,20 @@ impl Volume for Mem {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset + buf.len() as u64;
         if end > self.size() {
-            return Err(Error::InvalidArgument("past the end".into()));
+            return Err(Error::read_out_of_range(
+                "the test volume",
+                offset,
+                buf.len() as u64,
+                self.size(),
+            ));
         }
         if self.bad.is_some_and(|b| offset <= b && b < end) {
-            return Err(Error::InvalidArgument("bad sector".into()));
+            return Err(Error::IoAt {
+                op: "read",
+                path: "the test volume".into(),
+                offset,
+                source: std::io::Error::from_raw_os_error(5),
+            });
         }
         buf.copy_from_slice(&self.bytes[offset as usize..end as usize]);
         Ok(())

@@ -100,13 +100,7 @@ impl<W: Write> Transmitter<'_, W> {
     /// A volume error while serving `req`: reported, and answered with `NBD_EIO`.
     fn volume_error(&mut self, req: &Request, offset: u64, e: Error) -> Reply {
         self.events.request_failed(self.client, &e);
-        let mut msg = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            msg.push_str(": ");
-            msg.push_str(&c.to_string());
-            cause = c.source();
-        }
+        let msg = crate::error::chain(&e);
         if self.negotiated.structured {
             self.stats.errors += 1;
             let m = proto::truncate_message(&msg, proto::MAX_STRING);

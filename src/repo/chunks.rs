@@ -58,7 +58,9 @@ impl Encoder {
         if level <= 8 {
             compressor
                 .set_parameter(zstd::zstd_safe::CParameter::WindowLog(22))
-                .map_err(|e| Error::InvalidArgument(format!("zstd window: {e}")))?;
+                .map_err(|e| {
+                    Error::internal("chunk encoder", format!("cannot set the zstd window: {e}"))
+                })?;
         }
         Ok(Encoder {
             compressor,
@@ -117,30 +119,43 @@ struct ChunkHeader {
     stored_len: u32,
 }
 
-fn parse_header(h: &[u8]) -> Result<ChunkHeader, String> {
+/// Parses the header of chunk `id`, read from `path`: [`Error::UnsupportedVersion`] for a
+/// chunk of another format version, [`Error::Corrupt`] for anything else wrong.
+fn parse_header(h: &[u8], id: &ChunkId, path: &Path) -> Result<ChunkHeader> {
+    let bad = |detail: String| Error::corrupt(format!("chunk {id}"), path, detail);
     if h.len() < CHUNK_HEADER_LEN {
-        return Err(format!("{} bytes, shorter than a chunk header", h.len()));
+        return Err(bad(format!(
+            "{} bytes, shorter than a chunk header",
+            h.len()
+        )));
     }
     if h[0..4] != CHUNK_MAGIC {
-        return Err("bad magic (not a volback chunk)".into());
+        return Err(bad("bad magic (not a volback chunk)".into()));
     }
     if h[4] != CHUNK_VERSION {
-        return Err(format!("unknown chunk version {}", h[4]));
+        return Err(Error::UnsupportedVersion {
+            what: "chunk",
+            path: path.to_path_buf(),
+            found: h[4].into(),
+            supported: CHUNK_VERSION.into(),
+        });
     }
     let codec = h[5];
     if codec != CODEC_RAW && codec != CODEC_ZSTD {
-        return Err(format!("unknown codec {codec}"));
+        return Err(bad(format!("unknown codec {codec}")));
     }
     let raw_len = le_u32(h, 8);
     let stored_len = le_u32(h, 12);
     if raw_len == 0 || raw_len > MAX_BLOCK_SIZE {
-        return Err(format!("uncompressed length {raw_len} out of range"));
+        return Err(bad(format!("uncompressed length {raw_len} out of range")));
     }
     if codec == CODEC_RAW && stored_len != raw_len {
-        return Err("raw chunk whose stored and uncompressed lengths differ".into());
+        return Err(bad(
+            "raw chunk whose stored and uncompressed lengths differ".into(),
+        ));
     }
     if stored_len > MAX_BLOCK_SIZE + (MAX_BLOCK_SIZE >> 6) + 1024 {
-        return Err(format!("stored length {stored_len} out of range"));
+        return Err(bad(format!("stored length {stored_len} out of range")));
     }
     Ok(ChunkHeader {
         codec,
@@ -188,6 +203,8 @@ impl ChunkStore {
     /// --read-data` does that). A chunk that is not [`ChunkHealth::Good`] must be stored
     /// again from the source, which also repairs every snapshot that refers to it (chunks
     /// are content-addressed).
+    /// A chunk of another format version is neither good nor damaged: the check fails with
+    /// [`Error::UnsupportedVersion`], and the chunk is left alone.
     pub fn check_cheap(&self, id: &ChunkId) -> Result<ChunkHealth> {
         let path = self.path(id);
         let meta = match std::fs::symlink_metadata(&path) {
@@ -218,13 +235,16 @@ impl ChunkStore {
         if let Err(e) = f.read_exact(&mut h) {
             return Ok(ChunkHealth::Damaged(format!("header unreadable: {e}")));
         }
-        Ok(match parse_header(&h) {
+        Ok(match parse_header(&h, id, &path) {
             Ok(hd) if len == CHUNK_HEADER_LEN as u64 + hd.stored_len as u64 => ChunkHealth::Good,
             Ok(hd) => ChunkHealth::Damaged(format!(
                 "file is {len} bytes but its header announces {}",
                 CHUNK_HEADER_LEN as u64 + hd.stored_len as u64
             )),
-            Err(d) => ChunkHealth::Damaged(d),
+            Err(Error::Corrupt { detail, .. }) => ChunkHealth::Damaged(detail),
+            // A chunk of another format version is not damaged: it is neither set aside nor
+            // rewritten, and the caller reports the version.
+            Err(e) => return Err(e),
         })
     }
 
@@ -336,7 +356,7 @@ impl ChunkStore {
             ));
         }
         f.read_exact(&mut h).ctx("read", &path)?;
-        let hd = parse_header(&h).map_err(|d| Error::corrupt(what(), &path, d))?;
+        let hd = parse_header(&h, id, &path)?;
         if len != CHUNK_HEADER_LEN as u64 + hd.stored_len as u64 {
             return Err(Error::corrupt(
                 what(),
@@ -439,6 +459,28 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_of_the_next_version_is_unsupported_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
+        let data = b"next version".repeat(100);
+        let id = HashAlgorithm::Blake3.hash(&data);
+        store
+            .put(&id, &Encoder::new(3).unwrap().encode(&data))
+            .unwrap();
+        let p = store.path(&id);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[4] = CHUNK_VERSION + 1;
+        std::fs::write(&p, &bytes).unwrap();
+        let unsupported = |r: Result<_>| {
+            matches!(r, Err(Error::UnsupportedVersion { what: "chunk", found, supported, .. })
+                if found == u32::from(CHUNK_VERSION) + 1 && supported == u32::from(CHUNK_VERSION))
+        };
+        assert!(unsupported(store.get(&id).map(|_| ())));
+        assert!(unsupported(store.check_cheap(&id).map(|_| ())));
+        assert!(unsupported(store.is_present(&id).map(|_| ())));
+    }
+
+    #[test]
     fn cheap_check_and_quarantine() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
@@ -490,7 +532,7 @@ mod tests {
     proptest! {
         #[test]
         fn header_parser_never_panics(h in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let _ = parse_header(&h);
+            let _ = parse_header(&h, &ChunkId([0; 32]), Path::new("chunk"));
         }
     }
 }

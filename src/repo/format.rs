@@ -155,23 +155,48 @@ pub fn encode_run(out: &mut Vec<u8>, r: BlockRef, mut count: u64) {
     }
 }
 
+/// Why a sequence of block-reference records was rejected. The caller wraps it into an
+/// [`crate::Error::Corrupt`] naming the segment or journal batch it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRecords {
+    /// A record ends before its last field; the kind is "run", "chunk" or "slice".
+    #[error("truncated {0} record")]
+    Truncated(&'static str),
+    #[error("run record of length 0")]
+    EmptyRun,
+    #[error("slice index {0} out of range")]
+    SliceIndex(u8),
+    #[error("unknown record tag {0}")]
+    UnknownTag(u8),
+    #[error("records cover more than the {expected} blocks expected")]
+    TooMany { expected: u64 },
+    #[error("records cover {seen} blocks, {expected} expected")]
+    TooFew { seen: u64, expected: u64 },
+}
+
+/// The `detail` of the [`crate::Error::Corrupt`] that reports it.
+impl From<BadRecords> for String {
+    fn from(e: BadRecords) -> String {
+        e.to_string()
+    }
+}
+
 /// Decodes records, expecting exactly `expected` blocks. Calls `f(ref, count)` per record.
-/// Returns a description of the problem on malformed input.
 pub fn decode_records(
     mut data: &[u8],
     expected: u64,
     mut f: impl FnMut(BlockRef, u64),
-) -> Result<(), String> {
+) -> Result<(), BadRecords> {
     let mut seen = 0u64;
     while let Some((&tag, rest)) = data.split_first() {
         let (r, count, rest) = match tag {
             REC_ZERO | REC_UNUSED => {
                 let Some((n, rest)) = rest.split_first_chunk::<4>() else {
-                    return Err("truncated run record".into());
+                    return Err(BadRecords::Truncated("run"));
                 };
                 let n = u32::from_le_bytes(*n) as u64;
                 if n == 0 {
-                    return Err("run record of length 0".into());
+                    return Err(BadRecords::EmptyRun);
                 }
                 let r = if tag == REC_ZERO {
                     BlockRef::Zero
@@ -182,22 +207,22 @@ pub fn decode_records(
             }
             REC_CHUNK => {
                 let Some((id, rest)) = rest.split_first_chunk::<32>() else {
-                    return Err("truncated chunk record".into());
+                    return Err(BadRecords::Truncated("chunk"));
                 };
                 (BlockRef::Chunk(ChunkId(*id)), 1, rest)
             }
             REC_SLICE => {
                 let Some((hash, rest)) = rest.split_first_chunk::<32>() else {
-                    return Err("truncated slice record".into());
+                    return Err(BadRecords::Truncated("slice"));
                 };
                 let Some((pack, rest)) = rest.split_first_chunk::<32>() else {
-                    return Err("truncated slice record".into());
+                    return Err(BadRecords::Truncated("slice"));
                 };
                 let Some((&index, rest)) = rest.split_first() else {
-                    return Err("truncated slice record".into());
+                    return Err(BadRecords::Truncated("slice"));
                 };
                 if u64::from(index) >= MAX_PACK_BLOCKS {
-                    return Err(format!("slice index {index} out of range"));
+                    return Err(BadRecords::SliceIndex(index));
                 }
                 let r = BlockRef::Slice {
                     hash: ChunkId(*hash),
@@ -206,19 +231,17 @@ pub fn decode_records(
                 };
                 (r, 1, rest)
             }
-            t => return Err(format!("unknown record tag {t}")),
+            t => return Err(BadRecords::UnknownTag(t)),
         };
         seen = seen.saturating_add(count);
         if seen > expected {
-            return Err(format!(
-                "records cover more than the {expected} blocks expected"
-            ));
+            return Err(BadRecords::TooMany { expected });
         }
         f(r, count);
         data = rest;
     }
     if seen != expected {
-        return Err(format!("records cover {seen} blocks, {expected} expected"));
+        return Err(BadRecords::TooFew { seen, expected });
     }
     Ok(())
 }
@@ -260,15 +283,20 @@ mod tests {
         assert_eq!(got, vec![(r, 1), (r, 1)]);
         let mut bad = enc.clone();
         bad[REC_SLICE_LEN - 1] = 64;
-        assert!(
-            decode_records(&bad, 2, |_, _| {})
-                .unwrap_err()
-                .contains("out of range")
+        assert_eq!(
+            decode_records(&bad, 2, |_, _| {}),
+            Err(BadRecords::SliceIndex(64))
         );
-        assert!(
-            decode_records(&enc[..REC_SLICE_LEN + 40], 2, |_, _| {})
-                .unwrap_err()
-                .contains("truncated")
+        assert_eq!(
+            decode_records(&enc[..REC_SLICE_LEN + 40], 2, |_, _| {}),
+            Err(BadRecords::Truncated("slice"))
+        );
+        assert_eq!(
+            decode_records(&enc, 3, |_, _| {}),
+            Err(BadRecords::TooFew {
+                seen: 2,
+                expected: 3
+            })
         );
     }
 

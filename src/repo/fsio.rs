@@ -262,6 +262,27 @@ pub fn remove_stale_temp_files(dir: &Path, before: std::time::SystemTime) -> usi
     removed
 }
 
+/// Fills `buf` from `r`, at `offset` of the file at `path`: `false` when the file ends first
+/// (a torn tail of a journal), an [`Error::IoAt`] when the read fails: a failed read is not a
+/// torn tail, and must not get a journal's valid records cut off.
+pub(crate) fn read_unless_eof(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    path: &Path,
+    offset: u64,
+) -> Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(source) => Err(Error::IoAt {
+            op: "read",
+            path: path.to_path_buf(),
+            offset,
+            source,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 //! off. The next backup of the same volume replays the batches and continues after them.
 
 use super::format::*;
-use super::fsio::TempFile;
+use super::fsio::{TempFile, read_unless_eof};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::source::SourceInfo;
@@ -124,7 +124,7 @@ const BATCH_FIXED: usize = 16 + BatchStats::FIELDS * 8;
 fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeader, u64, u32)>> {
     let len = file.metadata().ctx("stat", path)?.len();
     let mut pre = [0u8; 16];
-    if len < 16 || file.read_exact(&mut pre).is_err() || pre[..8] != JOURNAL_MAGIC {
+    if len < 16 || !read_unless_eof(file, &mut pre, path, 0)? || pre[..8] != JOURNAL_MAGIC {
         return Ok(None);
     }
     let version = le_u32(&pre, 8);
@@ -154,7 +154,7 @@ fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeade
 
 fn header_bytes(h: &JournalHeader) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(h)
-        .map_err(|e| Error::InvalidArgument(format!("cannot encode journal header: {e}")))?;
+        .map_err(|e| Error::internal("backup journal", format!("cannot encode its header: {e}")))?;
     let mut out = Vec::with_capacity(json.len() + 48);
     out.extend_from_slice(&JOURNAL_MAGIC);
     out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
@@ -205,7 +205,7 @@ fn scan(
     let mut reader = std::io::BufReader::new(file);
     loop {
         let mut lenb = [0u8; 4];
-        if reader.read_exact(&mut lenb).is_err() {
+        if !read_unless_eof(&mut reader, &mut lenb, path, valid_end)? {
             break;
         }
         let plen = u32::from_le_bytes(lenb);
@@ -216,7 +216,9 @@ fn scan(
             break;
         }
         let mut payload = vec![0u8; plen as usize];
-        if reader.read_exact(&mut payload).is_err() || reader.read_exact(&mut sum).is_err() {
+        if !read_unless_eof(&mut reader, &mut payload, path, valid_end + 4)?
+            || !read_unless_eof(&mut reader, &mut sum, path, valid_end + 4 + plen as u64)?
+        {
             break;
         }
         if *blake3::hash(&payload).as_bytes() != sum {
@@ -354,10 +356,13 @@ impl Journal {
                 .ok()
                 .filter(|&n| n <= MAX_BATCH_UNREADABLE)
                 .ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "{} unreadable ranges in one checkpoint",
-                        unreadable.len()
-                    ))
+                    Error::internal(
+                        "backup journal",
+                        format!(
+                            "{} unreadable ranges in one checkpoint (at most {MAX_BATCH_UNREADABLE})",
+                            unreadable.len()
+                        ),
+                    )
                 })?;
             payload.extend_from_slice(&n.to_le_bytes());
             for &(off, len) in unreadable {
@@ -455,6 +460,28 @@ mod tests {
             vec![(0, 4, vec![(4096, 512), (8192, 1024)]), (4, 4, vec![])]
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+    }
+
+    #[test]
+    fn a_journal_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.journal");
+        drop(Journal::create(&path, &header()).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&(JOURNAL_VERSION + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Journal::resume(&path, |_, _| Ok(())).err().unwrap();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "resume journal", found, supported, .. }
+                if found == JOURNAL_VERSION + 1 && supported == JOURNAL_VERSION),
+            "{e}"
+        );
+        let e = Journal::read_batches(&path, |_, _| Ok(())).err().unwrap();
+        assert!(matches!(e, Error::UnsupportedVersion { .. }), "{e}");
+        // Reading only the header treats it as no journal; `resume` reports the version.
+        assert!(Journal::read_header(&path).unwrap().is_none());
+        // The file was left as it was.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     proptest! {

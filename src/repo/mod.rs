@@ -247,8 +247,9 @@ impl Repository {
             block_size: opts.block_size,
             pack_size: opts.pack_size,
         };
-        let json = serde_json::to_vec_pretty(&config)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode config: {e}")))?;
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| {
+            Error::internal("repository init", format!("cannot encode the config: {e}"))
+        })?;
         // Everything below config is durable before config appears.
         platform::sync_filesystem(path).ctx("flush", path)?;
         fsio::atomic_write(&path.join("config"), &json)?;
@@ -449,7 +450,10 @@ impl Repository {
         if selector == "latest" || selector.starts_with("latest:") {
             let (list, damaged) = self.list_snapshots_lenient()?;
             for e in &damaged {
-                progress.warn(&format!("skipping unreadable snapshot: {e}"));
+                progress.warn(&format!(
+                    "skipping unreadable snapshot: {}",
+                    crate::error::chain(e)
+                ));
             }
             let wanted = selector.strip_prefix("latest:");
             let Some(wanted) = wanted else {
@@ -505,7 +509,10 @@ impl Repository {
             }
             if readable.len() == 1 {
                 for e in &unreadable {
-                    progress.warn(&format!("skipping unreadable snapshot: {e}"));
+                    progress.warn(&format!(
+                        "skipping unreadable snapshot: {}",
+                        crate::error::chain(e)
+                    ));
                 }
                 matches = readable;
             }
@@ -517,6 +524,53 @@ impl Repository {
                 prefix: selector.into(),
                 candidates: matches.into_iter().map(|m| m[..12].to_string()).collect(),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repository_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo");
+        Repository::init(&path, &InitOptions::default()).unwrap();
+        let cfg = path.join("config");
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+        value["version"] = (REPO_VERSION + 1).into();
+        std::fs::write(&cfg, serde_json::to_vec(&value).unwrap()).unwrap();
+        let e = Repository::open(&path).err().unwrap();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "repository", found, supported, .. }
+                if found == REPO_VERSION + 1 && supported == REPO_VERSION),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn user_values_are_invalid_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        for opts in [
+            InitOptions {
+                block_size: 5000,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                zstd_level: 23,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                pack_size: MAX_BLOCK_SIZE + 1,
+                ..InitOptions::default()
+            },
+        ] {
+            let e = Repository::init(&dir.path().join("r"), &opts)
+                .err()
+                .unwrap();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         }
     }
 }

@@ -100,17 +100,23 @@ impl Inner {
 
     fn block_ref(&self, index: u64) -> Result<BlockRef> {
         if index >= self.snap.header().block_count {
-            return Err(Error::InvalidArgument(format!(
-                "block {index} is past the end of snapshot {}",
-                self.snap.id()
-            )));
+            let bs = self.block_size();
+            return Err(Error::read_out_of_range(
+                format!("snapshot {}", self.snap.id()),
+                index.saturating_mul(bs),
+                bs,
+                self.size(),
+            ));
         }
         let seg = self.segment((index / SEGMENT_BLOCKS) as usize)?;
         seg.get((index % SEGMENT_BLOCKS) as usize)
             .copied()
             .ok_or_else(|| {
                 Error::corrupt(
-                    format!("manifest segment of block {index}"),
+                    format!(
+                        "manifest segment of block {index} of snapshot {}",
+                        self.snap.id()
+                    ),
                     self.snap.path(),
                     "segment is shorter than the block count says",
                 )
@@ -481,11 +487,12 @@ impl Volume for SnapshotVolume {
         let size = self.size();
         let end = offset.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > size) {
-            return Err(Error::InvalidArgument(format!(
-                "read of {} bytes at offset {offset} is past the end of snapshot {} ({size} bytes)",
-                buf.len(),
-                self.inner.snap.id()
-            )));
+            return Err(Error::read_out_of_range(
+                format!("snapshot {}", self.inner.snap.id()),
+                offset,
+                buf.len() as u64,
+                size,
+            ));
         }
         let bs = self.block_size();
         let mut done = 0usize;
@@ -513,7 +520,7 @@ impl Volume for SnapshotVolume {
                         let data = cache.get(index, || self.inner.decode_block(index))?;
                         let src = data.get(within..within + n).ok_or_else(|| {
                             Error::corrupt(
-                                format!("block {index}"),
+                                format!("block {index} of snapshot {}", self.inner.snap.id()),
                                 self.inner.snap.path(),
                                 "decoded block is shorter than the snapshot says",
                             )

@@ -198,14 +198,18 @@ impl SnapshotWriter {
             self.encode(r, c)?;
         }
         if header.block_count != self.blocks_total {
-            return Err(Error::InvalidArgument(format!(
-                "snapshot has {} blocks but its header says {}",
-                self.blocks_total, header.block_count
-            )));
+            return Err(Error::internal(
+                "snapshot writer",
+                format!(
+                    "{} blocks were pushed but the header says {}",
+                    self.blocks_total, header.block_count
+                ),
+            ));
         }
         self.flush_segment()?;
-        let header_json = serde_json::to_vec(header)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode snapshot header: {e}")))?;
+        let header_json = serde_json::to_vec(header).map_err(|e| {
+            Error::internal("snapshot writer", format!("cannot encode the header: {e}"))
+        })?;
         let header_offset = self.pos;
         self.out
             .write_all(&header_json)
@@ -412,7 +416,16 @@ impl SnapshotFile {
     /// `index * SEGMENT_BLOCKS .. + block_count`.
     pub fn segment(&self, index: usize) -> Result<Vec<BlockRef>> {
         let e = self.directory.get(index).ok_or_else(|| {
-            Error::InvalidArgument(format!("snapshot {} has no segment {index}", self.id))
+            // The blocks of a segment past the last one.
+            let bs = self.header.block_size as u64;
+            Error::read_out_of_range(
+                format!("snapshot {}", self.id),
+                (index as u64)
+                    .saturating_mul(SEGMENT_BLOCKS)
+                    .saturating_mul(bs),
+                SEGMENT_BLOCKS * bs,
+                self.header.source.size,
+            )
         })?;
         let what = || format!("manifest segment {index} of snapshot {}", self.id);
         let stored = read_exact_at(&self.file, &self.path, e.offset, e.stored_len as usize)?;
@@ -477,5 +490,60 @@ impl<'a> BlockCursor<'a> {
             self.segment_index = seg;
         }
         Ok(self.segment.get((index % SEGMENT_BLOCKS) as usize).copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_snapshot(dir: &Path) -> PathBuf {
+        let mut w = SnapshotWriter::create(dir).unwrap();
+        w.push(BlockRef::Zero, 3).unwrap();
+        let header = SnapshotHeader {
+            time: "2026-12-03T00:00:00Z".into(),
+            time_unix: 0,
+            hostname: "h".into(),
+            source: SourceInfo {
+                path: "/dev/x".into(),
+                kind: "file".into(),
+                size: 3 * 4096,
+                logical_sector_size: 512,
+                physical_sector_size: 512,
+            },
+            filesystem: None,
+            layout: None,
+            all_blocks: true,
+            volume_key: "k".into(),
+            block_size: 4096,
+            block_count: 3,
+            chunk_hash: HashAlgorithm::Blake3,
+            parent: None,
+            tags: Vec::new(),
+            stats: SnapshotStats::default(),
+            unreadable: Vec::new(),
+            consistent: None,
+        };
+        let id = w.finish(&header, dir).unwrap();
+        dir.join(id)
+    }
+
+    #[test]
+    fn a_snapshot_of_the_next_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_snapshot(dir.path());
+        let snap = SnapshotFile::open(&path, None).unwrap();
+        assert_eq!(snap.segment(0).unwrap(), vec![BlockRef::Zero; 3]);
+        // Past the last segment: out of range, not a bad argument.
+        assert!(matches!(snap.segment(1), Err(Error::OutOfRange { .. })));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&(SNAPSHOT_VERSION + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = SnapshotFile::open(&path, None).unwrap_err();
+        assert!(
+            matches!(e, Error::UnsupportedVersion { what: "snapshot", found, supported, .. }
+                if found == SNAPSHOT_VERSION + 1 && supported == SNAPSHOT_VERSION),
+            "{e}"
+        );
     }
 }
