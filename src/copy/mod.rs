@@ -36,10 +36,12 @@ pub mod files;
 pub mod format;
 pub mod hashes;
 pub mod journal;
+mod locate;
 pub mod meta;
 mod reader;
 
 pub use check::{BadBlock, MAX_REPORTED, VerifyCopyOptions, VerifyCopyReport, verify};
+pub use locate::{CopyInfo, existing_format};
 pub use meta::{CopyFormat, CopyMeta, CopyPaths, CopyState, CopyStats};
 pub use reader::CopyVolume;
 
