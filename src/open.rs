@@ -153,10 +153,7 @@ impl Opened {
 
 /// Works out what `args` name (one path, or `REPO SNAPSHOT`) without opening a volume.
 /// Warnings (unreadable snapshot files skipped while resolving `latest`) go to `progress`.
-pub fn identify<A: AsRef<OsStr>>(
-    args: &[A],
-    progress: &dyn Progress,
-) -> Result<Target, OpenError> {
+pub fn identify<A: AsRef<OsStr>>(args: &[A], progress: &dyn Progress) -> Result<Target, OpenError> {
     match args {
         [repo, selector] => {
             let root = PathBuf::from(repo.as_ref());
@@ -317,4 +314,79 @@ pub fn open<A: AsRef<OsStr>>(
     progress: &dyn Progress,
 ) -> Result<Opened, OpenError> {
     identify(args, progress)?.open(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Silent;
+
+    fn kind_of(path: &Path) -> Result<VolumeKind, OpenError> {
+        identify(&[path], &Silent).map(|t| t.kind())
+    }
+
+    #[test]
+    fn identifies_raw_and_formatted_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw.img");
+        std::fs::write(&raw, vec![7u8; 64 * 1024]).unwrap();
+        assert_eq!(kind_of(&raw).unwrap(), VolumeKind::RawImage);
+        let opened = open(&[&raw], &OpenOptions::default(), &Silent).unwrap();
+        assert_eq!(opened.volume.size(), 64 * 1024);
+        assert_eq!(opened.members, vec![raw.clone()]);
+        assert_eq!(opened.describe(), format!("raw image {}", raw.display()));
+
+        for (format, kind) in [
+            (ImageFormat::Qcow2, VolumeKind::Qcow2),
+            (ImageFormat::Vhdx, VolumeKind::Vhdx),
+            (ImageFormat::VhdDynamic, VolumeKind::Vhd),
+            (ImageFormat::Vhd, VolumeKind::Vhd),
+        ] {
+            let path = dir.path().join(format!("{kind:?}-{format:?}"));
+            let w = image::create(format, &path, 4 << 20, &Default::default()).unwrap();
+            w.finish().unwrap();
+            assert_eq!(kind_of(&path).unwrap(), kind, "{format:?}");
+            let opened = open(&[&path], &OpenOptions::default(), &Silent).unwrap();
+            assert_eq!(opened.kind, kind);
+            assert_eq!(opened.volume.size(), 4 << 20);
+        }
+    }
+
+    #[test]
+    fn a_path_that_is_no_volume_is_named_with_what_was_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such.img");
+        let e = kind_of(&missing).unwrap_err();
+        assert!(matches!(e, OpenError::NotAVolume { ref path, .. } if *path == missing));
+        let text = e.to_string();
+        assert!(
+            text.contains("no-such.img") && text.contains("does not exist"),
+            "{text}"
+        );
+        assert!(
+            text.contains("copy") && text.contains("block device"),
+            "{text}"
+        );
+
+        let e = kind_of(dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("directory without copy metadata"),
+            "{e}"
+        );
+
+        let three = identify(&["a", "b", "c"], &Silent).err().unwrap();
+        assert!(matches!(three, OpenError::WrongArguments { count: 3 }));
+    }
+
+    #[test]
+    fn repo_snapshot_that_is_no_repository_is_a_volback_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = identify(&[dir.path().as_os_str(), OsStr::new("latest")], &Silent)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, OpenError::Volume(Error::NotARepository { .. })),
+            "{e}"
+        );
+    }
 }
