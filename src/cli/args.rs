@@ -56,7 +56,7 @@ pub enum Command {
     Export(ExportArgs),
 }
 
-/// Arguments of `volback probe`.
+// Arguments of `volback probe`.
 #[derive(Args)]
 pub struct ProbeArgs {
     /// Block device or image file (opened read-only).
@@ -66,14 +66,14 @@ pub struct ProbeArgs {
     pub json: bool,
 }
 
-/// Arguments of `volback ptable`.
+// Arguments of `volback ptable`.
 #[derive(Args)]
 pub struct PtableArgs {
     #[command(subcommand)]
     pub action: PtableCommand,
 }
 
-/// Arguments of `volback init`.
+// Arguments of `volback init`.
 #[derive(Args)]
 pub struct InitArgs {
     /// Repository directory (created if missing; must be empty).
@@ -94,7 +94,7 @@ pub struct InitArgs {
     pub pack_size: Option<u64>,
 }
 
-/// Arguments of `volback backup`.
+// Arguments of `volback backup`.
 #[derive(Args)]
 pub struct BackupArgs {
     /// Block device or regular file to read (opened read-only).
@@ -131,7 +131,7 @@ pub struct BackupArgs {
     pub json: bool,
 }
 
-/// Arguments of `volback snapshots`.
+// Arguments of `volback snapshots`.
 #[derive(Args)]
 pub struct SnapshotsArgs {
     pub repo: PathBuf,
@@ -140,7 +140,7 @@ pub struct SnapshotsArgs {
     pub json: bool,
 }
 
-/// Arguments of `volback restore`.
+// Arguments of `volback restore`.
 #[derive(Args)]
 pub struct RestoreArgs {
     /// Repository directory, or a copy (made by `copy` or `export`).
@@ -164,7 +164,7 @@ pub struct RestoreArgs {
     pub threads: usize,
 }
 
-/// Arguments of `volback mount`.
+// Arguments of `volback mount`.
 #[cfg(target_os = "linux")]
 #[derive(Args)]
 pub struct MountArgs {
@@ -187,7 +187,7 @@ pub struct MountArgs {
     pub json: bool,
 }
 
-/// Arguments of `volback umount`.
+// Arguments of `volback umount`.
 #[cfg(target_os = "linux")]
 #[derive(Args)]
 pub struct UmountArgs {
@@ -195,7 +195,7 @@ pub struct UmountArgs {
     pub dir: PathBuf,
 }
 
-/// Arguments of `volback serve`.
+// Arguments of `volback serve`.
 #[derive(Args)]
 pub struct ServeArgs {
     /// REPO SNAPSHOT (id, unique id prefix, `latest` or `latest:SOURCE`), or COPY.
@@ -214,7 +214,7 @@ pub struct ServeArgs {
     pub max_clients: usize,
 }
 
-/// Arguments of `volback verify`.
+// Arguments of `volback verify`.
 #[derive(Args)]
 pub struct VerifyArgs {
     /// Repository directory, or a copy.
@@ -231,7 +231,7 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-/// Arguments of `volback copy`.
+// Arguments of `volback copy`.
 #[derive(Args)]
 pub struct CopyArgs {
     /// Block device or regular file to read (opened read-only).
@@ -271,7 +271,7 @@ pub struct CopyArgs {
     pub json: bool,
 }
 
-/// Arguments of `volback export`.
+// Arguments of `volback export`.
 #[derive(Args)]
 pub struct ExportArgs {
     pub repo: PathBuf,
