@@ -12,6 +12,7 @@
 //! - [`copy`]: plain copies (raw, BIN slices, VHD, VHDX, qcow2) with a SHA-256 per block,
 //!   updated in place; exports of snapshots.
 //! - [`nbd`]: a read-only NBD server over any volume.
+//! - [`open`]: one opener for a device, an image file, a copy or a snapshot.
 //! - [`platform`]: the operating-system layer (Linux, Windows).
 
 pub mod backup;
@@ -25,6 +26,7 @@ pub mod image;
 #[cfg(target_os = "linux")]
 pub mod mount;
 pub mod nbd;
+pub mod open;
 pub mod platform;
 pub mod probe;
 pub mod progress;

@@ -79,7 +79,7 @@ impl Default for BackupOptions {
 }
 
 /// What a backup did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct BackupReport {
     pub snapshot_id: String,
     pub parent: Option<String>,

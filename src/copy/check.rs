@@ -19,16 +19,18 @@ pub struct VerifyCopyOptions {
 }
 
 /// A block whose content does not match its recorded SHA-256.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BadBlock {
+    #[serde(rename = "block")]
     pub index: u64,
     pub offset: u64,
     pub length: u64,
 }
 
 /// What [`verify`] found.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyCopyReport {
+    #[serde(rename = "copy")]
     pub dest: PathBuf,
     pub format: Option<CopyFormat>,
     pub blocks_checked: u64,

@@ -36,10 +36,12 @@ pub mod files;
 pub mod format;
 pub mod hashes;
 pub mod journal;
+mod locate;
 pub mod meta;
 mod reader;
 
 pub use check::{BadBlock, MAX_REPORTED, VerifyCopyOptions, VerifyCopyReport, verify};
+pub use locate::{CopyInfo, existing_format};
 pub use meta::{CopyFormat, CopyMeta, CopyPaths, CopyState, CopyStats};
 pub use reader::CopyVolume;
 
@@ -110,9 +112,10 @@ impl Default for CopyOptions {
 }
 
 /// What a copy, update or export did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct CopyReport {
     /// The copy (the path users pass to restore, verify, mount).
+    #[serde(rename = "copy")]
     pub dest: PathBuf,
     /// Its metadata file.
     pub metadata: PathBuf,
@@ -129,6 +132,7 @@ pub struct CopyReport {
     /// True when this run continued an interrupted one.
     pub resumed: bool,
     /// Statistics of this run.
+    #[serde(flatten)]
     pub this_run: CopyStats,
     /// Statistics of the whole copy or update (all runs of a resumed one).
     pub stats: CopyStats,

@@ -151,12 +151,14 @@ fn mount_methods(fs_type: &str) -> &'static [Method] {
 }
 
 /// A filesystem mounted by [`attach_files`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct AttachedFiles {
     /// The view file holding the filesystem.
     pub image: PathBuf,
     /// Where its files are.
+    #[serde(rename = "path")]
     pub mount_point: PathBuf,
+    #[serde(rename = "filesystem")]
     pub fs_type: String,
 }
 

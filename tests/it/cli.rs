@@ -166,3 +166,16 @@ fn init_refuses_non_empty_directories_and_bad_options() {
         serde_json::from_slice(&std::fs::read(t.join("r4/config")).unwrap()).unwrap();
     assert_eq!(ju64(&cfg, "/block_size"), MIB);
 }
+
+#[test]
+fn a_path_that_is_no_volume_is_named_with_what_was_tried() {
+    let t = TestDir::new();
+    let missing = t.join("no-such.img");
+    let sock = t.join("x.sock");
+    volback_code(&["serve", p(&missing), "--nbd", p(&sock)], 1).stderr_has(&[
+        "no-such.img",
+        "not a volume volback can read",
+        "does not exist",
+        "block device",
+    ]);
+}

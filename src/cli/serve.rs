@@ -1,41 +1,20 @@
 //! `volback serve REPO SNAPSHOT --nbd ADDR` / `volback serve COPY --nbd ADDR`: a snapshot or a
-//! copy served read-only over NBD.
+//! copy (or an image file or device) served read-only over NBD.
 
-use crate::display::human_bytes;
+use super::Ctx;
+use super::args::ServeArgs;
+use super::display::{CliProgress, human_bytes};
 use anyhow::Result;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use volback::nbd::{self, Client, Events, Export, ListenAddr, Server, ServerOptions, SessionEnd};
-use volback::repo::Repository;
-use volback::repo::reader::{CacheOptions, SnapshotVolume};
-use volback::volume::Volume;
-
-/// What `volback serve` was asked to do.
-pub struct ServeArgs<'a> {
-    /// `[REPO, SNAPSHOT]` or `[COPY]`.
-    pub args: &'a [String],
-    pub nbd: ListenAddr,
-    pub name: Option<String>,
-    pub max_clients: usize,
-    pub quiet: bool,
-}
+use volback::error::chain;
+use volback::nbd::{self, Client, Events, Export, Server, ServerOptions, SessionEnd};
+use volback::open::{self, OpenOptions};
+use volback::repo::reader::CacheOptions;
 
 /// Connection events as lines on stderr (errors even with `--quiet`).
 struct CliEvents {
     quiet: bool,
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 impl Events for CliEvents {
@@ -90,58 +69,58 @@ impl Events for CliEvents {
     }
 }
 
-/// `volback serve REPO SNAPSHOT --nbd ADDR [--name EXPORT]`: serves until `cancel`.
-pub fn serve(args: ServeArgs<'_>, cancel: &AtomicBool) -> Result<ExitCode> {
-    let (volume, short, description): (Arc<dyn Volume>, String, String) = match args.args {
-        [repo, snapshot] => {
-            let repository = Repository::open(Path::new(repo))?;
-            let id = repository.resolve_warn(snapshot, &crate::display::CliProgress::new(true))?;
-            let snap = repository.open_snapshot(&id)?;
-            let short = id[..12.min(id.len())].to_string();
-            let header = snap.header();
+/// `volback serve REPO SNAPSHOT --nbd ADDR [--name EXPORT]` (or `COPY`, or any volume the
+/// opener accepts): serves until Ctrl-C.
+pub fn run(a: ServeArgs, ctx: &Ctx) -> Result<ExitCode> {
+    // Clients read small pieces and come back to the same blocks: decoded-block cache and
+    // read-ahead.
+    let options = OpenOptions {
+        snapshot_cache: Some(CacheOptions::default()),
+    };
+    let opened = open::open(&a.args, &options, &CliProgress::new(true))?;
+    let size = opened.volume.size();
+    let (short, description) = match (&opened.snapshot, &opened.copy) {
+        (Some(snap), _) => {
+            let header = &snap.header;
             let description = format!(
-                "volback snapshot {short} of {} ({}, {})",
+                "volback snapshot {} of {} ({}, {})",
+                opened.name,
                 header.source.path,
                 header.time,
                 human_bytes(header.source.size)
             );
-            // Clients read small pieces and come back to the same blocks: decoded-block
-            // cache and read-ahead.
-            let volume = SnapshotVolume::with_cache(
-                snap,
-                repository.chunks().clone(),
-                CacheOptions::default(),
-            );
-            (Arc::new(volume), short, description)
+            (opened.name.clone(), description)
         }
-        [copy] => {
-            let opened = volback::copy::open_copy(Path::new(copy))?;
-            let dest = opened.paths.dest();
-            let name = dest
+        (None, copy) => {
+            let path = match copy {
+                Some(c) => c.paths.dest(),
+                None => PathBuf::from(&opened.name),
+            };
+            let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "copy".into());
             let description = format!(
-                "volback copy {} of {}",
-                dest.display(),
-                human_bytes(opened.volume.size())
+                "volback {} {} of {}",
+                opened.kind,
+                path.display(),
+                human_bytes(size)
             );
-            (Arc::new(opened.volume), name, description)
+            (name, description)
         }
-        _ => anyhow::bail!("usage: volback serve REPO SNAPSHOT --nbd ADDR, or COPY --nbd ADDR"),
     };
-    let size = volume.size();
+    let volume = opened.volume;
     let export = Export {
-        name: args.name.unwrap_or_else(|| short.clone()),
+        name: a.name.unwrap_or_else(|| short.clone()),
         description,
         volume,
     };
     let name = export.name.clone();
     let options = ServerOptions {
-        max_clients: args.max_clients,
+        max_clients: a.max_clients,
         ..ServerOptions::default()
     };
-    let server = Server::bind(&args.nbd, export, options)?;
+    let server = Server::bind(&a.nbd, export, options)?;
     eprintln!(
         "serving {short} ({}) read-only as export {name:?} on {}; Ctrl-C stops",
         human_bytes(size),
@@ -149,7 +128,7 @@ pub fn serve(args: ServeArgs<'_>, cancel: &AtomicBool) -> Result<ExitCode> {
     );
     // The URI alone on standard output, for scripts.
     println!("{}", server.uri());
-    let summary = server.run(cancel, &CliEvents { quiet: args.quiet })?;
+    let summary = server.run(&ctx.cancel, &CliEvents { quiet: ctx.quiet })?;
     eprintln!(
         "stopped after serving {} clients{}",
         summary.clients,

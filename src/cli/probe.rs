@@ -1,17 +1,15 @@
-//! `volback probe` and `volback ptable`: printing probe reports and partition table dumps.
+//! `volback probe SOURCE [--json]`: what is on a disk, partition or image.
 
-use crate::display::human_bytes;
-use anyhow::{Context, Result};
-use std::io::Read;
+use super::args::ProbeArgs;
+use super::display::human_bytes;
+use anyhow::Result;
 use std::path::Path;
 use std::process::ExitCode;
-use volback::platform::ObjectKind;
 use volback::probe::{self, Filesystem, HeaderCheck, HeaderStatus, ProbeOptions, ProbeReport};
-use volback::ptable;
 use volback::source::Source;
 
-/// Opens a disk, partition or image read-only, with a message that fits these commands.
-fn open(path: &Path) -> Result<Source> {
+/// Opens a disk, partition or image read-only, with a message that fits `probe` and `ptable`.
+pub(super) fn open(path: &Path) -> Result<Source> {
     if path.is_dir() {
         anyhow::bail!(
             "{} is a directory, not a disk, partition or image file",
@@ -22,71 +20,13 @@ fn open(path: &Path) -> Result<Source> {
 }
 
 /// `volback probe SOURCE [--json]`.
-pub fn probe(source: &Path, json: bool) -> Result<ExitCode> {
-    let src = open(source)?;
+pub fn run(ProbeArgs { source, json }: ProbeArgs) -> Result<ExitCode> {
+    let src = open(&source)?;
     let report = probe::probe_source(&src, &ProbeOptions::default())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", render(&report));
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `volback ptable dump DISK`.
-pub fn ptable_dump(disk: &Path) -> Result<ExitCode> {
-    let src = open(disk)?;
-    let d = ptable::dump(&src)?;
-    for w in &d.warnings {
-        eprintln!("volback: warning: {w}");
-    }
-    print!("{}", d.text);
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `volback ptable restore DISK FILE [--dry-run]`.
-pub fn ptable_restore(disk: &Path, file: &Path, dry_run: bool) -> Result<ExitCode> {
-    let text = if file == Path::new("-") {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("read the partition table from standard input")?;
-        s
-    } else {
-        std::fs::read_to_string(file)
-            .with_context(|| format!("read the partition table file {}", file.display()))?
-    };
-    let script = ptable::parse_script(&text, file)?;
-    let plan = ptable::plan_restore(disk, &script, file)?;
-    for w in &plan.warnings {
-        eprintln!("volback: warning: {w}");
-    }
-    let kind = plan.table.label.name();
-    let n = plan.table.partitions.len();
-    if dry_run {
-        println!(
-            "would write a {kind} partition table with {n} partitions to {} ({} bytes in {} \
-             places):",
-            disk.display(),
-            plan.bytes_to_write(),
-            plan.writes.len()
-        );
-        print!("{}", plan.table.render());
-        return Ok(ExitCode::SUCCESS);
-    }
-    let r = ptable::restore(&plan)?;
-    println!(
-        "wrote a {kind} partition table with {} partitions to {} ({} bytes), verified",
-        r.partitions,
-        disk.display(),
-        r.bytes_written
-    );
-    if plan.target_kind == ObjectKind::BlockDevice {
-        println!(
-            "the kernel still lists the old partitions: run `partx -u {0}` or `blockdev \
-             --rereadpt {0}`",
-            disk.display()
-        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,4 @@
-//! Terminal output: progress bars and human-readable sizes.
+//! Terminal output: progress bars, human-readable sizes, and the lines several commands share.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -97,4 +97,24 @@ pub fn print_restore(
         line.push_str(", read back and verified");
     }
     println!("{line}");
+}
+
+/// A filesystem as the reports show it: `ext4 UUID LABEL, 1.2 GiB used` (FAT with its version:
+/// `vfat (FAT32) …`), then `note` (" (all blocks read)").
+pub fn filesystem_line(fs: &volback::fs::FsInfo, note: &str) -> String {
+    format!(
+        "{}{} {} {}, {} used{note}",
+        fs.fs_type,
+        match (&fs.version, fs.fs_type.as_str()) {
+            (Some(v), "vfat") => format!(" ({v})"),
+            _ => String::new(),
+        },
+        fs.uuid,
+        if fs.label.is_empty() {
+            "(no label)"
+        } else {
+            &fs.label
+        },
+        human_bytes(fs.used_bytes),
+    )
 }

@@ -6,6 +6,10 @@
 //! to look. `--foreground` runs the server in the calling process instead (Ctrl-C undoes the
 //! mounts).
 
+use super::Ctx;
+use super::args::{MountArgs, UmountArgs};
+use super::display::{CliProgress, human_bytes};
+use super::report::{MountImageJson, MountJson, print_json};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -14,47 +18,29 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use volback::mount::{self, ViewEntry};
-use volback::repo::Repository;
-use volback::repo::reader::{CacheOptions, SnapshotVolume};
+use volback::open::{self, OpenOptions};
+use volback::repo::reader::CacheOptions;
 use volback::volume::Volume;
 
 /// The line a server prints on stdout when the view (and the files) are mounted.
 const READY: &str = "volback-mount-ready";
 
-/// What to mount.
-pub struct MountArgs {
-    /// `REPO SNAPSHOT DIR`.
-    pub args: Vec<PathBuf>,
-    pub files: Option<PathBuf>,
-    pub foreground: bool,
-    pub allow_other: bool,
-    pub json: bool,
-}
-
+/// Opens what `args` name (`REPO SNAPSHOT`, a copy, an image file or a device) for a view.
 fn open_volume(args: &[PathBuf]) -> Result<(Arc<dyn Volume>, String)> {
-    match args {
-        [repo, snapshot] => {
-            let repository = Repository::open(repo)?;
-            let selector = snapshot.to_string_lossy();
-            let id = repository.resolve_warn(&selector, &crate::display::CliProgress::new(true))?;
-            let snap = repository.open_snapshot(&id)?;
-            let vol = SnapshotVolume::with_cache(
-                snap,
-                repository.chunks().clone(),
-                CacheOptions::default(),
-            );
-            Ok((Arc::new(vol), format!("snapshot {id}")))
-        }
-        [copy] => {
-            let opened = volback::copy::open_copy(copy)?;
-            let what = format!("copy {}", opened.paths.dest().display());
-            Ok((Arc::new(opened.volume), what))
-        }
-        _ => bail!("usage: volback mount REPO SNAPSHOT DIR, or volback mount COPY DIR"),
-    }
+    let options = OpenOptions {
+        snapshot_cache: Some(CacheOptions::default()),
+    };
+    let opened = open::open(args, &options, &CliProgress::new(true))?;
+    let what = match &opened.snapshot {
+        Some(snap) => format!("snapshot {}", snap.id),
+        None => opened.describe(),
+    };
+    Ok((opened.volume, what))
 }
 
-pub fn mount(a: MountArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
+/// `volback mount REPO SNAPSHOT DIR` (or `COPY DIR`): starts a server (or, with
+/// `--foreground`, is one).
+pub fn mount(a: MountArgs, ctx: &Ctx) -> Result<ExitCode> {
     let Some((dir, source)) = a.args.split_last() else {
         bail!("usage: volback mount REPO SNAPSHOT DIR, or volback mount COPY DIR");
     };
@@ -68,7 +54,7 @@ pub fn mount(a: MountArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             a.files.as_deref(),
             a.allow_other,
             a.json,
-            cancel,
+            ctx.cancel.clone(),
         )
     } else {
         spawn_server(&a)
@@ -199,22 +185,24 @@ fn report(
     json: bool,
 ) {
     if json {
-        let v = serde_json::json!({
-            "source": what,
-            "view": dir,
-            "images": entries.iter().map(|e| serde_json::json!({
-                "path": dir.join(&e.name),
-                "start": e.start,
-                "size": e.size,
-                "filesystem": e.fs_type,
-            })).collect::<Vec<_>>(),
-            "files": attached.iter().map(|a| serde_json::json!({
-                "path": a.mount_point,
-                "image": a.image,
-                "filesystem": a.fs_type,
-            })).collect::<Vec<_>>(),
-        });
-        println!("{v}");
+        let images = entries
+            .iter()
+            .map(|e| MountImageJson {
+                path: dir.join(&e.name),
+                start: e.start,
+                size: e.size,
+                filesystem: e.fs_type.as_deref(),
+            })
+            .collect();
+        let report = MountJson {
+            source: what,
+            view: dir,
+            images,
+            files: attached,
+        };
+        if let Err(e) = print_json(&report) {
+            eprintln!("volback: error: {}", volback::error::chain(e.as_ref()));
+        }
         return;
     }
     println!("mounted {what} at {}", dir.display());
@@ -222,7 +210,7 @@ fn report(
         println!(
             "  {:<14} {:>10}  {}",
             e.name,
-            crate::display::human_bytes(e.size),
+            human_bytes(e.size),
             e.fs_type.as_deref().unwrap_or("")
         );
     }
@@ -240,8 +228,9 @@ fn report(
     println!("undo with: volback umount {}", dir.display());
 }
 
-pub fn umount(dir: &Path) -> Result<ExitCode> {
-    let r = mount::unmount(dir)?;
+/// `volback umount DIR`.
+pub fn umount(UmountArgs { dir }: UmountArgs) -> Result<ExitCode> {
+    let r = mount::unmount(&dir)?;
     for m in &r.inner {
         println!("unmounted {}", m.display());
     }

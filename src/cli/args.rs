@@ -1,0 +1,345 @@
+//! The command line: clap definitions of every command and its arguments, and the parsers of
+//! argument values. Each command's handler is in its own module of `cli`.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use volback::copy::CopyFormat;
+use volback::hash::HashAlgorithm;
+use volback::nbd::ListenAddr;
+
+#[derive(Parser)]
+#[command(name = "volback", version, about = "Block-level volume backup", long_about = None)]
+pub struct Cli {
+    /// Never show progress bars (`serve`: no per-client lines, only warnings and errors).
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Show what is on a disk, partition or image: partition table, filesystems, sizes, UUIDs.
+    Probe(ProbeArgs),
+    /// Partition table backup and restore in `sfdisk --dump` text.
+    Ptable(PtableArgs),
+    /// Create a repository in a directory.
+    Init(InitArgs),
+    /// Back up a block device or image file: full the first time, incremental afterwards.
+    Backup(BackupArgs),
+    /// List snapshots.
+    Snapshots(SnapshotsArgs),
+    /// Write a snapshot (REPO SNAPSHOT TARGET) or a copy (COPY TARGET) to a block device or a
+    /// file (sparse).
+    #[command(
+        override_usage = "volback restore [OPTIONS] REPO SNAPSHOT TARGET\n       \
+                                volback restore [OPTIONS] COPY TARGET"
+    )]
+    Restore(RestoreArgs),
+    /// Show a snapshot read-only without restoring it: the volume and each partition as image
+    /// files in DIR (FUSE), and with --files the filesystems' files.
+    #[cfg(target_os = "linux")]
+    Mount(MountArgs),
+    /// Undo `volback mount`: unmount the files, detach the loop devices, unmount the view.
+    #[cfg(target_os = "linux")]
+    Umount(UmountArgs),
+    /// Serve a snapshot (REPO SNAPSHOT) or a copy (COPY) read-only over NBD until Ctrl-C
+    /// (prints the URI to connect to).
+    Serve(ServeArgs),
+    /// Check snapshots and their chunks, or a copy (every block against its SHA-256).
+    Verify(VerifyArgs),
+    /// Copy a volume to plain image files (raw, BIN slices, VHD, VHDX, qcow2) with a SHA-256
+    /// per block; `--update` rewrites only the blocks that changed.
+    Copy(CopyArgs),
+    /// Write a snapshot as a copy: plain image files with a SHA-256 per block.
+    Export(ExportArgs),
+}
+
+// Arguments of `volback probe`.
+#[derive(Args)]
+pub struct ProbeArgs {
+    /// Block device or image file (opened read-only).
+    pub source: PathBuf,
+    /// Print the report as JSON (schema in docs/PROBE.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+// Arguments of `volback ptable`.
+#[derive(Args)]
+pub struct PtableArgs {
+    #[command(subcommand)]
+    pub action: PtableCommand,
+}
+
+// Arguments of `volback init`.
+#[derive(Args)]
+pub struct InitArgs {
+    /// Repository directory (created if missing; must be empty).
+    pub repo: PathBuf,
+    /// Chunk hash: blake3 (default, fastest here) or sha256.
+    #[arg(long, default_value = "blake3")]
+    pub hash: HashAlgorithm,
+    /// zstd compression level for chunks.
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
+    /// Default block size in bytes (power of two, 4 KiB to 16 MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// Largest pack: the blocks a backup stores from one read of consecutive blocks are
+    /// compressed together, up to this size (default 4M; 0 or at most one block: every
+    /// block compressed alone, which makes random reads through mount/serve cheaper).
+    #[arg(long, value_parser = parse_size)]
+    pub pack_size: Option<u64>,
+}
+
+// Arguments of `volback backup`.
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Block device or regular file to read (opened read-only).
+    pub source: PathBuf,
+    /// Repository directory.
+    pub repo: PathBuf,
+    /// Tag to attach to the snapshot (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Block size for this volume (default: the repository's).
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// Seconds between checkpoints that an interrupted backup resumes from.
+    #[arg(long, default_value_t = 5.0)]
+    pub checkpoint_secs: f64,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Start over instead of resuming an interrupted backup of this volume.
+    #[arg(long)]
+    pub restart: bool,
+    /// Read every block, also those the filesystem does not use (forensic copy).
+    #[arg(long)]
+    pub all_blocks: bool,
+    /// Back up even though the volume is mounted read-write (the copy may be inconsistent).
+    #[arg(long)]
+    pub allow_mounted: bool,
+    /// Read and hash every used block, also those change tracking finds unchanged since
+    /// the parent snapshot (ext4 inodes and extent trees).
+    #[arg(long)]
+    pub rehash: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// Arguments of `volback snapshots`.
+#[derive(Args)]
+pub struct SnapshotsArgs {
+    pub repo: PathBuf,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// Arguments of `volback restore`.
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// Repository directory, or a copy (made by `copy` or `export`).
+    #[arg(value_name = "REPO|COPY")]
+    pub repo: PathBuf,
+    /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`; for a copy, the target.
+    #[arg(value_name = "SNAPSHOT|TARGET")]
+    pub snapshot: String,
+    /// Target block device or file (with a repository).
+    pub target: Option<PathBuf>,
+    /// After writing, flush and read every data block back from the target and compare it
+    /// with the snapshot (chunks are always checked against their hashes).
+    #[arg(long)]
+    pub verify: bool,
+    /// Read the target first and write only the blocks that differ (a target holding an
+    /// older state of the volume is brought up to date with few writes); zero and unused
+    /// ranges are zeroed only where the target is not zero.
+    #[arg(long)]
+    pub only_changed: bool,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+// Arguments of `volback mount`.
+#[cfg(target_os = "linux")]
+#[derive(Args)]
+pub struct MountArgs {
+    /// REPO SNAPSHOT DIR.
+    #[arg(num_args = 2..=3, required = true, value_name = "REPO SNAPSHOT DIR")]
+    pub args: Vec<PathBuf>,
+    /// Also mount the filesystem(s) inside read-only, without journal replay, here (a
+    /// partitioned disk gets one directory per partition: part1, part5…).
+    #[arg(long, value_name = "MOUNTPOINT")]
+    pub files: Option<PathBuf>,
+    /// Serve in this process until Ctrl-C instead of starting a background server.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Let other users (and root) read the view (needs user_allow_other in
+    /// /etc/fuse.conf when not root).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Print what was mounted as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// Arguments of `volback umount`.
+#[cfg(target_os = "linux")]
+#[derive(Args)]
+pub struct UmountArgs {
+    /// The view directory (or a --files mount point of it).
+    pub dir: PathBuf,
+}
+
+// Arguments of `volback serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// REPO SNAPSHOT (id, unique id prefix, `latest` or `latest:SOURCE`), or COPY.
+    #[arg(num_args = 1..=2, required = true, value_name = "REPO SNAPSHOT | COPY")]
+    pub args: Vec<String>,
+    /// Where to listen: HOST:PORT for TCP (port 0 picks a free port), or a Unix socket
+    /// path, recognised by containing a `/` (./nbd.sock, /run/volback.sock).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+    pub nbd: ListenAddr,
+    /// Export name (default: the snapshot's 12-character id; clients asking for the
+    /// empty default name get it too).
+    #[arg(long, value_name = "EXPORT")]
+    pub name: Option<String>,
+    /// Most clients connected at once; more connections are closed at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_clients: usize,
+}
+
+// Arguments of `volback verify`.
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Repository directory, or a copy.
+    #[arg(value_name = "REPO|COPY")]
+    pub repo: PathBuf,
+    /// Snapshot to check (default: all).
+    pub snapshot: Option<String>,
+    /// Read and re-hash every chunk.
+    #[arg(long)]
+    pub read_data: bool,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+// Arguments of `volback copy`.
+#[derive(Args)]
+pub struct CopyArgs {
+    /// Block device or regular file to read (opened read-only).
+    pub source: PathBuf,
+    /// The copy: an image file (raw, vhd, vhdx, qcow2; raw slices are DEST.000, …) or a
+    /// directory (bin).
+    pub dest: PathBuf,
+    /// raw, bin, vhd, vhd-dynamic, vhdx or qcow2 (required for a new copy).
+    #[arg(long, required_unless_present = "update")]
+    pub format: Option<CopyFormat>,
+    /// Update an existing copy in place (or finish an interrupted copy or update).
+    #[arg(long)]
+    pub update: bool,
+    /// Split a raw or bin copy into files of this size (a multiple of the block size).
+    #[arg(long, value_parser = parse_size, conflicts_with = "update")]
+    pub slice_size: Option<u64>,
+    /// Block size of a new copy (default 256 KiB): the unit of hashing and of updates.
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// Copy every block, also those the filesystem does not use (forensic copy).
+    #[arg(long)]
+    pub all_blocks: bool,
+    /// Read the volume even though it is mounted read-write (the copy may be inconsistent).
+    #[arg(long)]
+    pub allow_mounted: bool,
+    /// Read and hash every used block, also those change tracking finds unchanged since
+    /// the copy was last written (ext4 inodes and extent trees).
+    #[arg(long)]
+    pub rehash: bool,
+    /// Seconds between checkpoints that an interrupted run continues from.
+    #[arg(long, default_value_t = 5.0)]
+    pub checkpoint_secs: f64,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// Arguments of `volback export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    pub repo: PathBuf,
+    /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE`.
+    pub snapshot: String,
+    /// Output image file (raw, vhd, vhdx, qcow2) or directory (bin).
+    pub out: PathBuf,
+    /// raw, bin, vhd, vhd-dynamic, vhdx or qcow2.
+    #[arg(long, required = true)]
+    pub format: Option<CopyFormat>,
+    /// Split a raw or bin copy into files of this size (a multiple of the block size).
+    #[arg(long, value_parser = parse_size)]
+    pub slice_size: Option<u64>,
+    /// Block size of the copy (default: the snapshot's).
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    #[arg(long, default_value_t = 5.0)]
+    pub checkpoint_secs: f64,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum PtableCommand {
+    /// Print the partition table of DISK as `sfdisk --dump` text (which `sfdisk` reads back).
+    Dump {
+        /// Block device or disk image (opened read-only).
+        disk: PathBuf,
+    },
+    /// Write the partition table in FILE (`sfdisk --dump` text) to DISK.
+    Restore {
+        /// Block device or disk image to write (must not be mounted).
+        disk: PathBuf,
+        /// The dump to restore; `-` reads standard input.
+        file: PathBuf,
+        /// Check everything and show the table, but write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Parses sizes like `262144`, `256K`, `256KiB`, `4M`, `1G`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `--nbd ADDR` (a usage error when malformed).
+fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
+    ListenAddr::parse(s).map_err(|e| e.to_string())
+}
+
+/// A `--block-size` value as the library takes it.
+pub fn block_size_arg(v: Option<u64>) -> Result<Option<u32>> {
+    v.map(|b| u32::try_from(b).context("block size too large"))
+        .transpose()
+}
