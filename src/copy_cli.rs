@@ -42,7 +42,6 @@ impl Common {
             threads: self.threads,
             checkpoint_interval: Duration::from_secs_f64(self.checkpoint_secs.clamp(0.0, 3600.0)),
             cancel: Some(cancel),
-            pace,
             ..CopyOptions::default()
         }
     }
@@ -238,7 +237,6 @@ pub fn restore_copy(
     let opts = RestoreOptions {
         threads,
         verify,
-        protected,
         cancel: Some(cancel),
         only_changed,
     };
