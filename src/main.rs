@@ -645,7 +645,6 @@ fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
             let opts = RestoreOptions {
                 threads,
                 verify,
-                protected: vec![repo.clone()],
                 cancel: Some(cancel),
                 only_changed,
             };
