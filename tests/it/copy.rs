@@ -5,9 +5,9 @@
 
 use crate::ext4::{mkfs_ext4, modify, populate};
 use crate::util::*;
-use std::path::{Path, PathBuf};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -419,7 +419,10 @@ fn killed_update_child() {
     };
     let source = Source::open(Path::new(src)).unwrap();
     let r = volback::copy::update(&source, Path::new(dest), &opts, &gate);
-    panic!("the update ended before it was stopped: {:?}", r.map(|r| r.stats));
+    panic!(
+        "the update ended before it was stopped: {:?}",
+        r.map(|r| r.stats)
+    );
 }
 
 /// Runs `copy --update` in a child process (this test binary running
@@ -436,24 +439,20 @@ fn kill_update_midway(src: &Path, dest: &Path, journal: &Path) {
         .env(CHILD_ENV, [p(src), p(dest), p(journal)].join("\n"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // Not piped: a child blocked on a full stderr pipe would never reach the gate.
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn the child test");
     let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut stopped = false;
-    for line in stdout.lines() {
-        if line.unwrap().trim() == CHILD_STOPPED {
-            stopped = true;
-            break;
-        }
-    }
+    let stopped = stdout
+        .lines()
+        .map_while(Result::ok)
+        // Not a whole line: libtest prints "test NAME ... " before the test's own output.
+        .any(|line| line.contains(CHILD_STOPPED));
     if !stopped {
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "the child ended ({:?}) before it stopped: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        panic!("the child ended ({status:?}) before it stopped (its stderr is above)");
     }
     child.kill().unwrap();
     let status = child.wait().unwrap();
