@@ -209,10 +209,13 @@ fn snapshot_of_a_future_version_is_unsupported() {
     }
 }
 
+/// A batch to write: first block, count, the ten statistics, unreadable ranges, records.
+type BatchSpec<'a> = (u64, u64, [u64; 10], &'a [(u64, u64)], &'a [u8]);
+
 /// A resume journal (FORMAT.md §5) of `version` with a header as the first versions wrote it
 /// (no `source_state`) and the given batches (first block, count, stats, unreadable, records);
 /// the unreadable list is written only from version 3.
-fn journal_bytes(version: u32, batches: &[(u64, u64, [u64; 10], &[(u64, u64)], &[u8])]) -> Vec<u8> {
+fn journal_bytes(version: u32, batches: &[BatchSpec]) -> Vec<u8> {
     let header = serde_json::json!({
         "source": {
             "path": "/dev/old", "kind": "block-device", "size": 40960,
