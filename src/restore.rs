@@ -38,8 +38,6 @@ pub struct RestoreOptions {
     /// After writing and flushing, read every data block back from the target (bypassing the
     /// page cache where possible) and compare it with the snapshot.
     pub verify: bool,
-    /// Paths that must never be written (the repository, sources being read).
-    pub protected: Vec<PathBuf>,
     pub cancel: Option<Arc<AtomicBool>>,
     /// Read the target first and write only what differs from the volume: a target that
     /// already holds an older state of the volume is brought up to date with few writes.
@@ -721,28 +719,10 @@ fn read_target_data(
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match platform::read_at(file, &mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                return Err(Error::IoAt {
-                    op: "read back",
-                    path: path.to_path_buf(),
-                    offset: offset + done as u64,
-                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short file"),
-                });
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::IoAt {
-                    op: "read back",
-                    path: path.to_path_buf(),
-                    offset: offset + done as u64,
-                    source: e,
-                });
-            }
-        }
-    }
-    Ok(())
+    platform::read_exact_at(file, buf, offset).map_err(|source| Error::IoAt {
+        op: "read back",
+        path: path.to_path_buf(),
+        offset,
+        source,
+    })
 }

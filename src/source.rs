@@ -198,34 +198,16 @@ impl Volume for Source {
                 self.geometry.size,
             ));
         }
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            match platform::read_at(&self.file, &mut buf[done..], pos) {
-                Ok(0) => {
-                    return Err(Error::IoAt {
-                        op: "read",
-                        path: self.path.clone(),
-                        offset: pos,
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the source ended early (did it shrink?)",
-                        ),
-                    });
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Error::IoAt {
-                        op: "read",
-                        path: self.path.clone(),
-                        offset: pos,
-                        source: e,
-                    });
-                }
-            }
-        }
-        Ok(())
+        platform::read_exact_at(&self.file, buf, offset).map_err(|e| Error::IoAt {
+            op: "read",
+            path: self.path.clone(),
+            offset,
+            source: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(e.kind(), format!("{e} (did the source shrink?)"))
+            } else {
+                e
+            },
+        })
     }
 
     fn next_data(&self, offset: u64, end: u64) -> Result<Option<Range<u64>>> {

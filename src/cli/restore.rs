@@ -46,7 +46,6 @@ pub fn run(a: RestoreArgs, ctx: &Ctx) -> Result<ExitCode> {
     let opts = RestoreOptions {
         threads: a.threads,
         verify: a.verify,
-        protected: opened.members.clone(),
         cancel: Some(ctx.cancel.clone()),
         only_changed: a.only_changed,
     };

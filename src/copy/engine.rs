@@ -113,8 +113,6 @@ pub struct RunSettings<'a> {
     pub threads: usize,
     pub checkpoint_interval: Duration,
     pub cancel: Option<&'a AtomicBool>,
-    /// Test hook: pause after each block written.
-    pub pace: Option<Duration>,
 }
 
 /// One run of an update (new copy, update, or the continuation of an interrupted one).
@@ -330,9 +328,6 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
                                         c.writer.write_at(b * bs, bytes)?;
                                         c.batch.stats.blocks_written += 1;
                                         c.batch.stats.bytes_written += bytes.len() as u64;
-                                        if let Some(p) = settings.pace {
-                                            std::thread::sleep(p);
-                                        }
                                     }
                                     None => {
                                         c.zero_run = match c.zero_run {

@@ -304,32 +304,16 @@ impl Volume for FileSet {
             let file = self.file(i)?;
             let path = &self.slices[i].path;
             let out = &mut buf[from as usize..(from + n) as usize];
-            let mut done = 0usize;
-            while done < out.len() {
-                match platform::read_at(&file, &mut out[done..], at + done as u64) {
-                    Ok(0) => {
-                        return Err(Error::IoAt {
-                            op: "read",
-                            path: path.clone(),
-                            offset: at + done as u64,
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "the data file ended early (was it truncated?)",
-                            ),
-                        });
-                    }
-                    Ok(k) => done += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Err(Error::IoAt {
-                            op: "read",
-                            path: path.clone(),
-                            offset: at + done as u64,
-                            source: e,
-                        });
-                    }
-                }
-            }
+            platform::read_exact_at(&file, out, at).map_err(|e| Error::IoAt {
+                op: "read",
+                path: path.clone(),
+                offset: at,
+                source: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(e.kind(), format!("{e} (was the data file truncated?)"))
+                } else {
+                    e
+                },
+            })?;
             Ok(())
         })
     }

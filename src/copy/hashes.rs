@@ -317,28 +317,15 @@ impl HashCursor<'_> {
 }
 
 fn read_full(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match platform::read_at(file, &mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                return Err(bad_copy(
-                    path,
-                    format!("the file ends at {} bytes", offset + done as u64),
-                ));
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::IoAt {
-                    op: "read",
-                    path: path.to_path_buf(),
-                    offset: offset + done as u64,
-                    source: e,
-                });
-            }
-        }
-    }
-    Ok(())
+    platform::read_exact_at(file, buf, offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => bad_copy(path, e.to_string()),
+        _ => Error::IoAt {
+            op: "read",
+            path: path.to_path_buf(),
+            offset,
+            source: e,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -89,9 +89,6 @@ pub struct CopyOptions {
     /// How often progress is made durable for resuming.
     pub checkpoint_interval: Duration,
     pub cancel: Option<Arc<AtomicBool>>,
-    /// Test hook: pause this long after each block written, so that tests can interrupt a run
-    /// at a chosen point. Not for production use.
-    pub pace: Option<Duration>,
 }
 
 impl Default for CopyOptions {
@@ -106,7 +103,6 @@ impl Default for CopyOptions {
             threads: 0,
             checkpoint_interval: Duration::from_secs(5),
             cancel: None,
-            pace: None,
         }
     }
 }
@@ -528,7 +524,6 @@ fn settings(opts: &CopyOptions) -> RunSettings<'_> {
         threads: threads(opts.threads),
         checkpoint_interval: opts.checkpoint_interval,
         cancel: opts.cancel.as_deref(),
-        pace: opts.pace,
     }
 }
 

@@ -62,24 +62,12 @@ impl ImageFile {
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (fewer only at
     /// the end of the file).
     pub fn read_at_most(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            match platform::read_at(&self.file, &mut buf[done..], pos) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(Error::IoAt {
-                        op: "read",
-                        path: self.path.clone(),
-                        offset: pos,
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(done)
+        platform::read_up_to_at(&self.file, buf, offset).map_err(|source| Error::IoAt {
+            op: "read",
+            path: self.path.clone(),
+            offset,
+            source,
+        })
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`. A file that ends first is corrupt

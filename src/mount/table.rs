@@ -2,6 +2,7 @@
 
 use super::SUBTYPE;
 use crate::error::{Error, Result};
+use crate::platform::{self, loop_backing_file};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -39,53 +40,21 @@ impl MountEntry {
     }
 }
 
-/// Decodes the octal escapes (`\040` for space…) of mountinfo fields.
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+impl From<platform::MountInfo> for MountEntry {
+    fn from(m: platform::MountInfo) -> MountEntry {
+        MountEntry {
+            mount_point: PathBuf::from(m.mount_point),
+            fs_type: m.fs_type,
+            source: m.source,
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses mountinfo text.
-fn parse(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            Some(MountEntry {
-                mount_point: PathBuf::from(unescape(fields.get(4)?)),
-                fs_type: unescape(fields.get(sep + 1)?),
-                source: unescape(fields.get(sep + 2)?),
-            })
-        })
-        .collect()
 }
 
 /// The current mount table.
 pub fn mounts() -> Result<Vec<MountEntry>> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-    Ok(parse(&text))
-}
-
-/// The backing file of loop device `name` (`loop3`), if attached.
-fn loop_backing_file(name: &str) -> Option<PathBuf> {
-    let s = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
-    let s = s.trim_end_matches('\n');
-    Some(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(s)))
+    let entries = platform::mountinfo()
+        .map_err(|e| Error::io("read", Path::new("/proc/self/mountinfo"), e))?;
+    Ok(entries.into_iter().map(MountEntry::from).collect())
 }
 
 /// Loop devices whose backing file lies under `dir`.
@@ -178,7 +147,10 @@ mod tests {
         let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
                     40 30 0:50 / /tmp/view rw,nosuid - fuse.volback volback ro,user_id=0\n\
                     garbage line\n";
-        let m = parse(text);
+        let m: Vec<MountEntry> = platform::parse_mountinfo(text)
+            .into_iter()
+            .map(MountEntry::from)
+            .collect();
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
         assert_eq!(m[0].fs_type, "ext3");

@@ -561,14 +561,16 @@ mod tests {
             );
             // A client that finished its handshake is not subject to the timeout; it is
             // disconnected when the server stops.
+            // Its whole handshake is sent at once, before the greeting is read: it waits in
+            // the socket when the server reads, however late the server thread runs.
             let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
             idle.set_read_timeout(guard).unwrap();
-            idle.read_exact(&mut greeting).unwrap();
             let mut go = 3u32.to_be_bytes().to_vec();
             go.extend_from_slice(&super::super::proto::IHAVEOPT.to_be_bytes());
             go.extend_from_slice(&super::super::proto::OPT_EXPORT_NAME.to_be_bytes());
             go.extend_from_slice(&0u32.to_be_bytes());
             idle.write_all(&go).unwrap();
+            idle.read_exact(&mut greeting).unwrap();
             let mut export_info = [0u8; 10];
             idle.read_exact(&mut export_info).unwrap();
             stop.store(true, Ordering::SeqCst);

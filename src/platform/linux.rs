@@ -169,6 +169,70 @@ fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One line of `/proc/self/mountinfo` (proc(5)), its fields unescaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// `major:minor` of the mounted device (field 3).
+    pub dev: String,
+    /// Mount point (field 5).
+    pub mount_point: String,
+    /// Per-mount options (field 6: `rw,noatime`).
+    pub options: String,
+    /// Filesystem type, with a FUSE subtype (`fuse.volback`, `ext4`).
+    pub fs_type: String,
+    /// Mount source (`/dev/loop3`, a file path, `volback`).
+    pub source: String,
+}
+
+impl MountInfo {
+    /// True when the mount is read-only.
+    pub fn read_only(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+}
+
+/// Parses mountinfo text; lines without the `-` separator are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            if sep < 6 {
+                return None;
+            }
+            Some(MountInfo {
+                dev: fields[2].to_string(),
+                mount_point: unescape_mountinfo(fields[4]),
+                options: fields[5].to_string(),
+                fs_type: unescape_mountinfo(fields.get(sep + 1)?),
+                source: unescape_mountinfo(fields.get(sep + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// The mount table of this process (`/proc/self/mountinfo`).
+pub fn mountinfo() -> io::Result<Vec<MountInfo>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+/// What `/sys/block/loopN/loop/backing_file` says for the loop device whose sysfs directory
+/// is `sys` (a deleted file keeps its old path followed by ` (deleted)`); `None` when it is
+/// not attached.
+fn backing_file_text(sys: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(sys.join("loop/backing_file")).ok()?;
+    Some(s.trim_end_matches('\n').to_string())
+}
+
+/// The backing file of loop device `name` (`loop3`), if attached (the path it was attached
+/// with, also when that file was deleted since).
+pub fn loop_backing_file(name: &str) -> Option<PathBuf> {
+    let s = backing_file_text(&Path::new("/sys/block").join(name))?;
+    Some(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s)))
+}
+
 fn dev_numbers(rdev: u64) -> (u64, u64) {
     (libc::major(rdev) as u64, libc::minor(rdev) as u64)
 }
@@ -227,8 +291,7 @@ struct LoopInfo64 {
 /// knows a deleted or renamed file) when the device can be opened, else by `stat` of the path
 /// in `/sys/block/loopN/loop/backing_file`.
 fn loop_backing_id(sys: &Path, name: &std::ffi::OsStr) -> Option<(u64, u64)> {
-    let backing = std::fs::read_to_string(sys.join("loop/backing_file")).ok()?;
-    let backing = backing.trim_end_matches('\n');
+    let backing = backing_file_text(sys)?;
     let by_path = || path_id(Path::new(backing.trim_end_matches(" (deleted)"))).ok()?;
     let Ok(dev) = open_read_only(&Path::new("/dev").join(name)) else {
         return by_path();
@@ -287,24 +350,19 @@ pub fn link_count(path: &Path) -> io::Result<Option<u64>> {
 }
 
 pub fn mounted_devices() -> io::Result<Vec<(String, MountUse)>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mut out = Vec::new();
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 5 {
-            continue;
-        }
-        let read_only = fields
-            .get(5)
-            .is_some_and(|o| o.split(',').any(|x| x == "ro"));
-        out.push((
-            fields[2].to_string(),
-            MountUse {
-                point: unescape_mountinfo(fields[4]),
-                read_only,
-            },
-        ));
-    }
+    let mut out: Vec<(String, MountUse)> = mountinfo()?
+        .into_iter()
+        .map(|m| {
+            let read_only = m.read_only();
+            (
+                m.dev,
+                MountUse {
+                    point: m.mount_point,
+                    read_only,
+                },
+            )
+        })
+        .collect();
     // Swap areas on block devices are "mounted" too.
     if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
         for line in swaps.lines().skip(1) {
@@ -494,8 +552,8 @@ fn device_write_counters(dir: &Path, out: &mut Vec<u8>) -> io::Result<()> {
         let v = fields.get(i).and_then(|f| f.parse::<u64>().ok());
         out.extend_from_slice(&v.unwrap_or(u64::MAX).to_le_bytes());
     }
-    if let Ok(backing) = std::fs::read_to_string(dir.join("loop/backing_file")) {
-        let backing = backing.trim_end_matches('\n');
+    if let Some(backing) = backing_file_text(dir) {
+        let backing = backing.as_str();
         out.extend_from_slice(backing.as_bytes());
         out.push(0);
         if let Ok(m) = std::fs::metadata(backing) {

@@ -13,6 +13,10 @@ mod linux;
 #[cfg(target_os = "linux")]
 use linux as imp;
 
+/// The mount table and loop devices: Linux only (FUSE views and `mount` run there).
+#[cfg(target_os = "linux")]
+pub use linux::{MountInfo, loop_backing_file, mountinfo, parse_mountinfo};
+
 #[cfg(windows)]
 mod windows;
 #[cfg(windows)]
@@ -124,6 +128,40 @@ pub fn geometry(file: &File) -> io::Result<Geometry> {
 /// Reads up to `buf.len()` bytes at `offset`; returns the count (0 at end of file).
 pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     imp::read_at(file, buf, offset)
+}
+
+/// Fills `buf` from `offset` as far as the file goes (pread on Unix, seek_read on Windows),
+/// retrying reads interrupted by a signal; returns the bytes read, fewer than `buf.len()` only
+/// when the file ends first.
+pub fn read_up_to_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match imp::read_at(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, retrying reads interrupted by a signal. A file
+/// that ends first gives [`io::ErrorKind::UnexpectedEof`], whose message says where it ended.
+pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let n = read_up_to_at(file, buf, offset)?;
+    if n < buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the file ends at byte {}, {} bytes short of the {} wanted at offset {offset}",
+                offset + n as u64,
+                buf.len() - n,
+                buf.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes all of `buf` at `offset`.

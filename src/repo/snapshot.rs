@@ -270,22 +270,15 @@ pub struct SnapshotFile {
 
 fn read_exact_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match platform::read_at(file, &mut buf[done..], offset + done as u64) {
-            Ok(0) => return Err(Error::corrupt("snapshot", path, "file ends early")),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::IoAt {
-                    op: "read",
-                    path: path.to_path_buf(),
-                    offset: offset + done as u64,
-                    source: e,
-                });
-            }
-        }
-    }
+    platform::read_exact_at(file, &mut buf, offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::corrupt("snapshot", path, "file ends early"),
+        _ => Error::IoAt {
+            op: "read",
+            path: path.to_path_buf(),
+            offset,
+            source: e,
+        },
+    })?;
     Ok(buf)
 }
 

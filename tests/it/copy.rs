@@ -5,9 +5,16 @@
 
 use crate::ext4::{mkfs_ext4, modify, populate};
 use crate::util::*;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use volback::copy::{CopyFormat, CopyOptions};
+use volback::progress::Progress;
+use volback::source::Source;
 
 /// Block size of copies (the default).
 const BS: u64 = 256 * KIB;
@@ -331,38 +338,129 @@ fn journal_has_records(path: &Path) -> bool {
     bytes.len() as u64 > header_end + 124 + 276
 }
 
-/// Runs `copy --update` slowly (test hook: a pause per block written) and kills it with
-/// SIGKILL once its journal records finished blocks.
+/// A copy's [`Progress`] that stops the copy at a chosen point: in the "copy" phase, the
+/// first report after `ready()` says yes calls `stop` (once). The copy engine reports a batch
+/// of blocks before it checkpoints them, so with a zero checkpoint interval every batch
+/// reported before that one is in the journal.
+struct Gate<R, S> {
+    in_copy: AtomicBool,
+    done: AtomicU64,
+    fired: AtomicBool,
+    ready: R,
+    stop: S,
+}
+
+impl<R: Fn(u64) -> bool + Send + Sync, S: Fn() + Send + Sync> Gate<R, S> {
+    /// `ready` gets the bytes reported so far in the copy phase.
+    fn new(ready: R, stop: S) -> Self {
+        Gate {
+            in_copy: AtomicBool::new(false),
+            done: AtomicU64::new(0),
+            fired: AtomicBool::new(false),
+            ready,
+            stop,
+        }
+    }
+}
+
+impl<R: Fn(u64) -> bool + Send + Sync, S: Fn() + Send + Sync> Progress for Gate<R, S> {
+    fn start(&self, phase: &str, _total: u64) {
+        self.in_copy.store(phase == "copy", Ordering::SeqCst);
+        self.done.store(0, Ordering::SeqCst);
+    }
+
+    fn advance(&self, bytes: u64) {
+        if !self.in_copy.load(Ordering::SeqCst) {
+            return;
+        }
+        let done = self.done.fetch_add(bytes, Ordering::SeqCst);
+        if (self.ready)(done) && !self.fired.swap(true, Ordering::SeqCst) {
+            (self.stop)();
+        }
+    }
+}
+
+/// Marks the child process of [`kill_update_midway`]; its value is `SOURCE\nDEST\nJOURNAL`.
+const CHILD_ENV: &str = "VOLBACK_TEST_KILLED_UPDATE_CHILD";
+/// What the child prints once it has stopped for good.
+const CHILD_STOPPED: &str = "volback-test: update stopped";
+
+/// The child of [`kill_update_midway`] (does nothing in a normal test run): `copy --update`
+/// through the library, stopped for good once the copy journal records written blocks.
+#[test]
+fn killed_update_child() {
+    let Ok(paths) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let [src, dest, journal]: [&str; 3] = paths
+        .split('\n')
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("SOURCE\nDEST\nJOURNAL");
+    let gate = Gate::new(
+        |_| {
+            volback::copy::journal::Journal::open(Path::new(journal))
+                .ok()
+                .flatten()
+                .is_some_and(|(_, _, replay)| replay.stats.blocks_written > 0)
+        },
+        || {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{CHILD_STOPPED}").unwrap();
+            out.flush().unwrap();
+            loop {
+                std::thread::park();
+            }
+        },
+    );
+    let opts = CopyOptions {
+        checkpoint_interval: Duration::ZERO,
+        ..CopyOptions::default()
+    };
+    let source = Source::open(Path::new(src)).unwrap();
+    let r = volback::copy::update(&source, Path::new(dest), &opts, &gate);
+    panic!(
+        "the update ended before it was stopped: {:?}",
+        r.map(|r| r.stats)
+    );
+}
+
+/// Runs `copy --update` in a child process (this test binary running
+/// [`killed_update_child`]) that stops once its journal records written blocks, and kills
+/// it with SIGKILL.
 fn kill_update_midway(src: &Path, dest: &Path, journal: &Path) {
-    let mut child = Command::new(VOLBACK)
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
-            "copy",
-            "--update",
-            "--checkpoint-secs",
-            "0.05",
-            p(src),
-            p(dest),
+            "copy::killed_update_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
         ])
-        .env("VOLBACK_TEST_COPY_PACE_MS", "15")
+        .env(CHILD_ENV, [p(src), p(dest), p(journal)].join("\n"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // Not piped: a child blocked on a full stderr pipe would never reach the gate.
+        .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawn volback copy --update");
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the update finished ({status:?}) before it could be interrupted");
-        }
-        if journal_has_records(journal) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(5));
+        .expect("spawn the child test");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let stopped = stdout
+        .lines()
+        .map_while(Result::ok)
+        // Not a whole line: libtest prints "test NAME ... " before the test's own output.
+        .any(|line| line.contains(CHILD_STOPPED));
+    if !stopped {
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        panic!("the child ended ({status:?}) before it stopped (its stderr is above)");
     }
     child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), None, "killed by a signal");
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    let (_, _, replay) = volback::copy::journal::Journal::open(journal)
+        .unwrap()
+        .expect("the journal of the killed update");
+    assert!(replay.stats.blocks_written > 0, "{replay:?}");
 }
 
 #[test]
@@ -417,34 +515,30 @@ fn killed_update_is_refused_as_incomplete_then_finished() {
 fn interrupted_new_copy_is_finished_by_update() {
     let t = TestDir::new();
     let src = t.join("src.img");
-    random_file(&src, 6 * MIB + 5, 7);
+    // Much more than the scan can hold in flight (its buffer pool and staging buffers, about
+    // 21 MiB at 64 KiB blocks), so that blocks remain unread when the copy is cancelled.
+    random_file(&src, 48 * MIB + 5, 7);
     let dest = t.join("bin");
     let journal = dest.join("volback-copy.journal");
-    // A new copy, killed midway…
-    let mut child = Command::new(VOLBACK)
-        .args([
-            "copy",
-            "--format",
-            "bin",
-            "--block-size",
-            "64K",
-            "--checkpoint-secs",
-            "0.05",
-        ])
-        .args([p(&src), p(&dest)])
-        .env("VOLBACK_TEST_COPY_PACE_MS", "10")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !journal_has_records(&journal) {
-        assert!(child.try_wait().unwrap().is_none(), "copy ended early");
-        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // A new copy, interrupted (as by Ctrl-C) once 1 MiB is done…
+    let cancel = Arc::new(AtomicBool::new(false));
+    let opts = CopyOptions {
+        format: CopyFormat::Bin,
+        block_size: Some(64 * KIB as u32),
+        threads: 2,
+        checkpoint_interval: Duration::ZERO,
+        cancel: Some(cancel.clone()),
+        ..CopyOptions::default()
+    };
+    let gate = Gate::new(|done| done >= MIB, || cancel.store(true, Ordering::SeqCst));
+    let source = Source::open(&src).unwrap();
+    let e = volback::copy::copy(&source, &dest, &opts, &gate).unwrap_err();
+    assert!(
+        matches!(e, volback::Error::Interrupted { checkpointed: true }),
+        "{e}"
+    );
+    drop(source);
+    assert!(journal_has_records(&journal));
     volback_code(&["verify", p(&dest)], 1).stderr_has(&["incomplete"]);
     volback_code(&["copy", "--format", "bin", p(&src), p(&dest)], 1)
         .stderr_has(&["incomplete", "copy --update"]);

@@ -80,25 +80,7 @@ impl Kind {
 
 /// Skips (or fails under CI) without root, loop devices, FUSE or the tools of `kind`.
 fn require(kind: Kind) -> bool {
-    if !require_root_and_loop() {
-        return false;
-    }
-    let missing = kind
-        .tools()
-        .iter()
-        .find(|t| !in_path(t))
-        .map(|t| format!("{t} is not installed"))
-        .or_else(|| (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".to_string()));
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => {
-            panic!("this test needs {why:?} fixed (CI is set: not skipping)")
-        }
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
+    require_root_loop_and(kind.tools(), true)
 }
 
 /// Files to write (path under the root, content): random bytes of varied sizes in a few

@@ -40,21 +40,9 @@ fn ext(f: ImageFormat) -> &'static str {
     }
 }
 
-/// True when qemu-img runs here; without it the tests skip, or fail when `CI` is set.
+/// True when qemu-img is installed; without it the tests skip, or fail when `CI` is set.
 fn require_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-img is missing (CI is set: not skipping)"
-        );
-        eprintln!("skipped: qemu-img is not installed");
-    }
-    ok
+    require_tools(&["qemu-img"])
 }
 
 /// A raw file and an image receiving the same writes.

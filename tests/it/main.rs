@@ -23,6 +23,7 @@ mod images;
 mod mount;
 mod nbd;
 mod ntfs_fat_damage;
+mod old_formats;
 mod packs;
 mod probe;
 mod repo_safety;

@@ -100,20 +100,8 @@ impl Kind {
 
 /// Skips (or fails under CI) without root, loop devices, FUSE or the tools of `kinds`.
 fn require(kinds: &[Kind]) -> bool {
-    if !require_root_loop_and_fuse() {
-        return false;
-    }
-    let missing = kinds.iter().flat_map(|k| k.tools()).find(|t| !in_path(t));
-    match missing {
-        None => true,
-        Some(tool) if std::env::var_os("CI").is_some() => {
-            panic!("this test needs {tool}, which is not installed (CI is set: not skipping)")
-        }
-        Some(tool) => {
-            eprintln!("skipped: {tool} is not installed");
-            false
-        }
-    }
+    let tools: Vec<&str> = kinds.iter().flat_map(|k| k.tools()).copied().collect();
+    require_root_loop_and(&tools, true)
 }
 
 /// An image in memory, for the library's map of an undamaged volume.

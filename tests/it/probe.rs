@@ -14,28 +14,6 @@ use std::path::{Path, PathBuf};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn in_path(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/sbin", "/usr/sbin"].map(PathBuf::from))
-        .any(|d| d.join(tool).is_file())
-}
-
-/// True when every tool is installed. Otherwise: panics when `CI` is set, else prints
-/// "skipped: …" and returns false.
-fn require_tools(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !in_path(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!("{} not installed", missing.join(", "));
-    if std::env::var_os("CI").is_some() {
-        panic!("this test needs {why} (CI is set: not skipping; see .ci/run)");
-    }
-    eprintln!("skipped: this test needs {why}");
-    false
-}
-
 const DISK_TOOLS: &[&str] = &[
     "sfdisk",
     "blkid",

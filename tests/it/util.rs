@@ -500,6 +500,7 @@ pub fn in_path(tool: &str) -> bool {
         .any(|d| d.join(tool).is_file())
 }
 
+/// Why this test cannot use root and loop devices (with the ext4 tools), if it cannot.
 fn root_and_loop_missing() -> Option<String> {
     let uid = run_program("id", &["-u"]);
     if uid.stdout.trim() != "0" {
@@ -508,37 +509,61 @@ fn root_and_loop_missing() -> Option<String> {
     if !Path::new("/dev/loop-control").exists() {
         return Some("no /dev/loop-control (loop driver not available)".into());
     }
-    for tool in [
+    tools_missing(&[
         "losetup",
         "mount",
         "umount",
         "mkfs.ext4",
         "e2fsck",
         "dumpe2fs",
-    ] {
-        if !in_path(tool) {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
+    ])
 }
 
-/// True when this test can use root, loop devices and the ext4 tools. When it cannot: panics
-/// if the `CI` environment variable is set (CI must run every test), otherwise prints
-/// "skipped: …" and returns false so that the test returns early.
-pub fn require_root_and_loop() -> bool {
-    match root_and_loop_missing() {
-        None => true,
-        Some(why) => {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "this test needs root and loop devices, but {why} (CI is set: not skipping)"
-                );
-            }
-            eprintln!("skipped: this test needs root and loop devices, but {why}");
-            false
-        }
+/// Which of `tools` are not installed, if any.
+fn tools_missing(tools: &[&str]) -> Option<String> {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !in_path(t)).collect();
+    (!missing.is_empty()).then(|| format!("{} not installed", missing.join(", ")))
+}
+
+/// The one rule for a test whose capability is missing (`why`): it panics when the `CI`
+/// environment variable is set (CI must run every test), otherwise it prints "skipped: …"
+/// and returns false so that the test returns early. True when nothing is missing.
+fn skip_unless(missing: Option<String>) -> bool {
+    let Some(why) = missing else {
+        return true;
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("this test cannot run: {why} (CI is set: not skipping)");
     }
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// True when this test can use root, loop devices and the ext4 tools (see [`skip_unless`]
+/// for what happens when it cannot).
+pub fn require_root_and_loop() -> bool {
+    require_root_loop_and(&[], false)
+}
+
+/// [`require_root_and_loop`], and also `tools` (mkfs and fsck of other filesystems…) and,
+/// when `fuse` is true, `/dev/fuse`.
+pub fn require_root_loop_and(tools: &[&str], fuse: bool) -> bool {
+    skip_unless(
+        root_and_loop_missing()
+            .map(|why| format!("it needs root and loop devices, but {why}"))
+            .or_else(|| tools_missing(tools))
+            .or_else(|| (fuse && !Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".into())),
+    )
+}
+
+/// True when this test can mount FUSE filesystems as root.
+pub fn require_root_loop_and_fuse() -> bool {
+    require_root_loop_and(&[], true)
+}
+
+/// True when every one of `tools` is installed (for tests that need no root).
+pub fn require_tools(tools: &[&str]) -> bool {
+    skip_unless(tools_missing(tools))
 }
 
 /// A loop device attached to a file; detached when dropped.
@@ -647,22 +672,6 @@ impl Drop for Mount {
             eprintln!("warning: {e}");
         }
     }
-}
-
-/// True when this test can mount FUSE filesystems as root (see [`require_root_and_loop`] for
-/// the CI rule).
-pub fn require_root_loop_and_fuse() -> bool {
-    if !require_root_and_loop() {
-        return false;
-    }
-    if Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("this test needs /dev/fuse, which is missing (CI is set: not skipping)");
-    }
-    eprintln!("skipped: this test needs /dev/fuse");
-    false
 }
 
 /// True when a line of `/proc/self/mountinfo` mentions `needle`.

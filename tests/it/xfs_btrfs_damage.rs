@@ -235,7 +235,7 @@ enum XfsMeta {
 }
 
 fn xfs_ready() -> bool {
-    require_root_and_loop() && in_path("mkfs.xfs")
+    require_root_loop_and(&["mkfs.xfs"], false)
 }
 
 /// The AG with the most free extents (at least two: one preceded by used space).
@@ -386,7 +386,7 @@ fn xfs_db_bmap(img: &Path, ino: u64) -> Vec<(u64, u64, u64)> {
 /// inode, read every block, and restore bit for bit.
 #[test]
 fn xfs_free_space_over_a_files_data_is_not_trusted() {
-    if !xfs_ready() || !in_path("xfs_db") {
+    if !require_root_loop_and(&["mkfs.xfs", "xfs_db"], false) {
         return;
     }
     let t = TestDir::new();
@@ -536,7 +536,7 @@ const NODE_HEADER: usize = 101;
 const ITEM: usize = 25;
 
 fn btrfs_ready() -> bool {
-    require_root_and_loop() && in_path("mkfs.btrfs") && in_path("btrfs")
+    require_root_loop_and(&["mkfs.btrfs", "btrfs"], false)
 }
 
 /// The extent tree's blocks (logical addresses, leaves and nodes) as `btrfs inspect-internal`
