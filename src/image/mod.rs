@@ -63,7 +63,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Vhd | ImageFormat::VhdDynamic => vhd::MAX_SIZE,
             ImageFormat::Vhdx => vhdx::MAX_SIZE,
-            ImageFormat::Qcow2 => 1 << 61,
+            ImageFormat::Qcow2 => qcow2::MAX_SIZE,
         }
     }
 }
