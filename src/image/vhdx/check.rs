@@ -78,8 +78,8 @@ fn read_header_slot(file: &ImageFile, slot: usize) -> Result<Result<Header, Pars
     Ok(Header::parse(&b))
 }
 
-pub(super) fn parse(file: &ImageFile) -> Result<Parsed> {
-    let file_len = file.len()?;
+/// The current header and its slot: the valid one with the higher sequence number.
+fn current_header(file: &ImageFile) -> Result<(usize, Header)> {
     let mut sig = [0u8; 8];
     file.read_exact_at(0, &mut sig, "VHDX file type identifier")?;
     if &sig != FILE_SIGNATURE {
@@ -105,10 +105,15 @@ pub(super) fn parse(file: &ImageFile) -> Result<Parsed> {
             ));
         }
     };
+    Ok((slot, header))
+}
+
+/// Checks the log's place; refuses a log that holds updates never applied.
+fn check_log(file: &ImageFile, header: &Header, file_len: u64) -> Result<()> {
     let log = header.log();
     if header.log_length > 0
         && (header.log_offset < HEADER_SECTION
-            || header.log_offset % MIB != 0
+            || !header.log_offset.is_multiple_of(MIB)
             || !(header.log_length as u64).is_multiple_of(MIB)
             || log.end > file_len)
     {
@@ -127,7 +132,7 @@ pub(super) fn parse(file: &ImageFile) -> Result<Parsed> {
                 header.log_version
             )));
         }
-        if log_has_entries(file, &header, &log)? {
+        if log_has_entries(file, header, &log)? {
             return Err(file.unsupported(
                 "its log holds updates that were never applied (the program writing it \
                  stopped); attach it once in Windows or run `qemu-img check -r all` on it to \
@@ -135,6 +140,13 @@ pub(super) fn parse(file: &ImageFile) -> Result<Parsed> {
             ));
         }
     }
+    Ok(())
+}
+
+/// The BAT and metadata regions from the first valid region table, checked to lie inside the
+/// file and apart from each other and the header section and log; with all the file ranges
+/// the image's structures take.
+fn regions(file: &ImageFile, header: &Header, file_len: u64) -> Result<Regions> {
     // Region table: the first valid copy.
     let mut regions = None;
     let mut why = Vec::new();
@@ -155,7 +167,7 @@ pub(super) fn parse(file: &ImageFile) -> Result<Parsed> {
     let mut reserved: Vec<Range<u64>> = Vec::new();
     reserved.push(0..HEADER_SECTION);
     if header.log_length > 0 {
-        reserved.push(log.clone());
+        reserved.push(header.log());
     }
     let (mut bat, mut meta) = (None, None);
     for r in &regions {
@@ -203,6 +215,30 @@ pub(super) fn parse(file: &ImageFile) -> Result<Parsed> {
             "the BAT or the metadata region is missing",
         ));
     };
+    Ok(Regions {
+        bat,
+        meta,
+        reserved,
+    })
+}
+
+/// The regions volback reads, and every file range the image's structures take.
+struct Regions {
+    bat: Range<u64>,
+    meta: Range<u64>,
+    reserved: Vec<Range<u64>>,
+}
+
+/// Opens a VHDX's headers, regions and metadata and checks them against the file.
+pub(super) fn parse(file: &ImageFile) -> Result<Parsed> {
+    let file_len = file.len()?;
+    let (slot, header) = current_header(file)?;
+    check_log(file, &header, file_len)?;
+    let Regions {
+        bat,
+        meta,
+        reserved,
+    } = regions(file, &header, file_len)?;
     // Metadata.
     let mut table = vec![0u8; TABLE_SIZE];
     let meta_len = meta.end - meta.start;
