@@ -1,9 +1,11 @@
 //! The image file itself: positioned reads and writes with error context, and small helpers
-//! shared by the format modules.
+//! shared by the format modules (table reads, layout checks, sizes, bit sets, dirty pages).
 
+use super::error::ParseError;
 use crate::error::{Error, IoContext, Result};
 use crate::platform;
 use std::fs::{File, OpenOptions};
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 
 /// An open image file and its path (for error messages).
@@ -89,6 +91,28 @@ impl ImageFile {
         Ok(())
     }
 
+    /// Reads a table of `count` entries of `N` bytes at `offset`, each decoded by `decode`
+    /// (`u32::from_be_bytes`, …). A file that ends first is corrupt, as in
+    /// [`ImageFile::read_exact_at`].
+    pub fn read_table<T, const N: usize>(
+        &self,
+        offset: u64,
+        count: u64,
+        what: &str,
+        decode: impl Fn([u8; N]) -> T,
+    ) -> Result<Vec<T>> {
+        let mut raw = vec![0u8; count as usize * N];
+        self.read_exact_at(offset, &mut raw, what)?;
+        Ok(raw
+            .chunks_exact(N)
+            .map(|c| {
+                let mut a = [0u8; N];
+                a.copy_from_slice(c);
+                decode(a)
+            })
+            .collect())
+    }
+
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         platform::write_all_at(&self.file, buf, offset).map_err(|source| Error::IoAt {
@@ -161,6 +185,96 @@ impl ImageFile {
             detail: detail.into(),
         }
     }
+
+    /// The error for a structure `what` ("VHD footer", …) of this file that a parser
+    /// rejected: [`Error::UnsupportedImage`] for a feature volback does not handle,
+    /// [`Error::Corrupt`] otherwise.
+    pub fn rejected(&self, what: impl Into<String>, e: ParseError) -> Error {
+        match e {
+            ParseError::Unsupported { detail, .. } => self.unsupported(detail),
+            e => self.corrupt(what, e.to_string()),
+        }
+    }
+
+    /// Checks that a block or cluster at file offset `off`, of `extent` bytes of which the
+    /// first `need` must be inside the file (`file_len` bytes), is clear of the image's own
+    /// structures (`reserved`). `what` names the table entry that placed it, `unit` says
+    /// "block" or "cluster".
+    pub fn check_placement(
+        &self,
+        what: impl Fn() -> String,
+        unit: &str,
+        off: u64,
+        (need, extent): (u64, u64),
+        file_len: u64,
+        reserved: &[Range<u64>],
+    ) -> Result<()> {
+        let end = off.saturating_add(need);
+        if end > file_len {
+            return Err(self.corrupt(
+                what(),
+                format!(
+                    "{unit} at offset {off} ends at {end}, past the end of the file \
+                     ({file_len} bytes)"
+                ),
+            ));
+        }
+        if let Some(o) = clash(reserved, &(off..off.saturating_add(extent))) {
+            return Err(self.corrupt(
+                what(),
+                format!(
+                    "{unit} at offset {off} overlaps the image's own structures at {}..{}",
+                    o.start, o.end
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that no two blocks of `blocks` (file offset, block number), each `len` bytes
+    /// long, overlap; sorts `blocks` by offset. `what` names the table ("VHDX BAT", …).
+    pub fn check_disjoint(&self, what: &str, blocks: &mut [(u64, u64)], len: u64) -> Result<()> {
+        blocks.sort_unstable();
+        for w in blocks.windows(2) {
+            if w[0].0 + len > w[1].0 {
+                return Err(self.corrupt(what, format!("blocks {} and {} overlap", w[0].1, w[1].1)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// True when the ranges share a byte (an empty range shares none).
+pub(crate) fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+    !a.is_empty() && !b.is_empty() && a.start < b.end && b.start < a.end
+}
+
+/// The first of `reserved` that `r` overlaps.
+pub(crate) fn clash<'a>(reserved: &'a [Range<u64>], r: &Range<u64>) -> Option<&'a Range<u64>> {
+    reserved.iter().find(|o| overlaps(o, r))
+}
+
+/// The virtual size of an image for a volume of `size` bytes: whole 512-byte sectors, as
+/// [`ImageFormat::virtual_size`](super::ImageFormat::virtual_size) says; `None` above `max`.
+pub(crate) fn whole_sectors(size: u64, max: u64) -> Option<u64> {
+    round_up(size, 512).filter(|&s| s <= max)
+}
+
+/// True when `x` is a power of two inside `range` (block and cluster sizes).
+pub(crate) fn power_of_two_in(x: u64, range: RangeInclusive<u64>) -> bool {
+    x.is_power_of_two() && range.contains(&x)
+}
+
+/// The check every `open_for_update` makes: the image's virtual size is the one expected.
+pub(crate) fn check_virtual_size(path: &Path, found: u64, expected: u64) -> Result<()> {
+    if found != expected {
+        return Err(Error::ImageSizeMismatch {
+            path: path.to_path_buf(),
+            found,
+            expected,
+        });
+    }
+    Ok(())
 }
 
 /// `x` rounded up to a multiple of `to` (a power of two); `None` on overflow.
@@ -344,6 +458,20 @@ mod tests {
         }
         assert_eq!(d.take_runs(), vec![(0, 2), (3, 5)]);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn ranges_and_sizes() {
+        assert!(overlaps(&(0..10), &(9..20)));
+        assert!(!overlaps(&(0..10), &(10..20)));
+        assert!(!overlaps(&(0..10), &(5..5)));
+        assert_eq!(clash(&[0..4, 8..12], &(10..11)), Some(&(8..12)));
+        assert_eq!(whole_sectors(1, 1024), Some(512));
+        assert_eq!(whole_sectors(1025, 1024), None);
+        assert_eq!(whole_sectors(u64::MAX, u64::MAX), None);
+        assert!(power_of_two_in(4096, 512..=4096));
+        assert!(!power_of_two_in(3000, 512..=4096));
+        assert!(!power_of_two_in(8192, 512..=4096));
     }
 
     #[test]

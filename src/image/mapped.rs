@@ -60,10 +60,13 @@ impl<M: Mapping> MappedVolume<M> {
             let want = (count - before as u64).min(LOOKUP_BATCH);
             self.map.lookup(&self.file, next, want, &mut out)?;
             if out.len() == before {
-                return Err(Error::InvalidArgument(format!(
-                    "internal error: no mapping returned for unit {next} of {}",
-                    self.file.path().display()
-                )));
+                return Err(Error::internal(
+                    "image reader",
+                    format!(
+                        "no mapping returned for unit {next} of {}",
+                        self.file.path().display()
+                    ),
+                ));
             }
             out.truncate(before + want as usize);
         }
@@ -103,11 +106,12 @@ impl<M: Mapping> Volume for MappedVolume<M> {
         let end = match offset.checked_add(buf.len() as u64) {
             Some(e) if e <= size => e,
             _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "read of {} bytes at offset {offset} is past the end of {} ({size} bytes)",
-                    buf.len(),
-                    self.describe()
-                )));
+                return Err(Error::read_out_of_range(
+                    self.describe(),
+                    offset,
+                    buf.len() as u64,
+                    size,
+                ));
             }
         };
         if buf.is_empty() {

@@ -27,6 +27,7 @@ use crate::error::Result;
 use crate::volume::Volume;
 use std::path::Path;
 
+mod error;
 mod file;
 mod mapped;
 mod qcow2;
@@ -62,7 +63,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Vhd | ImageFormat::VhdDynamic => vhd::MAX_SIZE,
             ImageFormat::Vhdx => vhdx::MAX_SIZE,
-            ImageFormat::Qcow2 => 1 << 61,
+            ImageFormat::Qcow2 => qcow2::MAX_SIZE,
         }
     }
 }
@@ -145,13 +146,13 @@ pub fn detect(path: &Path) -> Result<Option<ImageFormat>> {
     }
     let disk_type = |b: &[u8]| crate::bytes::be_u32(b, 60);
     // A dynamic VHD starts with a copy of its footer; every VHD ends with its footer.
-    if n == 512 && head[0..8] == *vhd::COOKIE && disk_type(&head) != 2 {
+    if n == 512 && head[0..8] == *vhd::COOKIE && disk_type(&head) != vhd::DISK_FIXED {
         return Ok(Some(ImageFormat::VhdDynamic));
     }
     let mut tail = [0u8; 512];
     f.read_exact_at(len - 512, &mut tail, "last sector")?;
     if tail[0..8] == *vhd::COOKIE {
-        return Ok(Some(if disk_type(&tail) == 2 {
+        return Ok(Some(if disk_type(&tail) == vhd::DISK_FIXED {
             ImageFormat::Vhd
         } else {
             ImageFormat::VhdDynamic

@@ -64,6 +64,42 @@ pub(crate) trait UnitMap: Send {
     }
 }
 
+/// Deallocated units waiting for reuse: their space is handed out again only after a sync
+/// made the unmapping durable (VHD and VHDX blocks; qcow2 tracks clusters in its own bitmap).
+#[derive(Debug, Default)]
+pub(crate) struct FreeList {
+    /// Deallocated since the last flush.
+    pending: Vec<u64>,
+    /// Deallocated, unmapping durable: free for reuse.
+    free: Vec<u64>,
+}
+
+/// Most deallocations a map keeps pending before it asks for a sync
+/// ([`UnitMap::wants_sync`]).
+pub(crate) const MAX_PENDING: usize = 65536;
+
+impl FreeList {
+    /// Remembers the space at `host`, just unmapped.
+    pub fn release(&mut self, host: u64) {
+        self.pending.push(host);
+    }
+
+    /// Space free for reuse, if any.
+    pub fn take(&mut self) -> Option<u64> {
+        self.free.pop()
+    }
+
+    /// The unmappings so far are durable: their space can be reused.
+    pub fn durable(&mut self) {
+        self.free.append(&mut self.pending);
+    }
+
+    /// True when enough space waits for a sync ([`UnitMap::wants_sync`]).
+    pub fn wants_sync(&self) -> bool {
+        self.pending.len() > MAX_PENDING
+    }
+}
+
 /// An [`ImageWriter`] over any [`UnitMap`].
 pub(crate) struct SparseWriter<M> {
     file: ImageFile,
@@ -86,11 +122,13 @@ impl<M: UnitMap> SparseWriter<M> {
         let size = self.map.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(end),
-            _ => Err(Error::InvalidArgument(format!(
-                "write of {len} bytes at offset {offset} is past the end of image {} \
-                 ({size} bytes)",
-                self.file.path().display()
-            ))),
+            _ => Err(Error::OutOfRange {
+                op: "write",
+                object: format!("image {}", self.file.path().display()),
+                offset,
+                len,
+                size,
+            }),
         }
     }
 
