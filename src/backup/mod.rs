@@ -22,6 +22,9 @@ use crate::error::{Error, Result};
 use crate::fs::disk::DiskLayout;
 use crate::fs::{BlockMap, FsInfo};
 use crate::hash::ChunkId;
+/// Moved to [`crate::job`], shared with copies; re-exported for existing callers.
+pub use crate::job::track_changes;
+use crate::job::{check_mounts, worker_threads};
 use crate::progress::Progress;
 use crate::repo::chunks::{ChunkHealth, ChunkStore, Encoder};
 use crate::repo::format::{BlockRef, MAX_PACK_BLOCKS, decode_records, encode_run};
@@ -313,67 +316,6 @@ fn drop_unreusable(
         ));
     }
     Ok(Some(out))
-}
-
-/// Worker threads for `requested` (0: one per core).
-pub fn worker_threads(requested: usize) -> usize {
-    if requested == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        requested
-    }
-}
-
-/// Change tracking against `base`, an earlier state of `source` (parent snapshot, copy):
-/// the blocks known to be unchanged, with `avoid` ranges (offset, length) taken out. `None`
-/// when nothing is known; a note says why a recognised filesystem was not tracked.
-pub fn track_changes(
-    source: &Source,
-    base: &dyn Volume,
-    block_size: u64,
-    avoid: &[(u64, u64)],
-    progress: &dyn Progress,
-) -> Result<Option<BlockMap>> {
-    let u = crate::fs::disk::unchanged_volume(
-        source,
-        base,
-        source.geometry().logical_sector_size,
-        block_size,
-    )?;
-    if let Some(n) = &u.note {
-        progress.warn(&format!("{n}; reading every used block"));
-    }
-    Ok(u.map.map(|mut m| {
-        for &(off, len) in avoid {
-            m.unmark_bytes(off, len);
-        }
-        m
-    }))
-}
-
-/// Checks how `source` is mounted. A source mounted read-write is refused (its blocks change
-/// while they are read) unless `allow_mounted`. Returns whether the source is consistent: not
-/// mounted read-write, so what is read is one point in time (change tracking trusts only
-/// such snapshots and copies).
-pub fn check_mounts(source: &Source, allow_mounted: bool) -> Result<bool> {
-    let mounted = crate::platform::mount_point_of(source.path())
-        .map_err(|e| Error::io("check mounts of", source.path(), e))?;
-    let Some(m) = mounted.filter(|m| !m.read_only) else {
-        return Ok(true);
-    };
-    if allow_mounted {
-        return Ok(false);
-    }
-    Err(Error::BadSource {
-        path: source.path().to_path_buf(),
-        detail: format!(
-            "it is mounted read-write at {}: its blocks change while they are read. \
-             Back up a snapshot of it instead (lvcreate --snapshot, then back up the \
-             snapshot device), or freeze it (fsfreeze --freeze {}) and pass \
-             --allow-mounted, or pass --allow-mounted to accept an inconsistent copy",
-            m.point, m.point
-        ),
-    })
 }
 
 /// Backs up `source` into `repo`. Full the first time; incremental against the latest
