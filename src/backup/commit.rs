@@ -436,3 +436,109 @@ impl Batch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::ChunkId;
+
+    fn done(block_ref: BlockRef, outcome: Outcome, count: u64) -> Done {
+        Done {
+            block_ref,
+            outcome,
+            count,
+            bytes_read: 0,
+            unread: false,
+        }
+    }
+
+    fn refs(b: &Batch) -> Vec<(BlockRef, u64)> {
+        let mut out = Vec::new();
+        decode_records(&b.records, b.blocks, |r, n| out.push((r, n))).unwrap();
+        out
+    }
+
+    #[test]
+    fn batch_merges_runs_and_counts_outcomes() {
+        let c = BlockRef::Chunk(ChunkId([1; 32]));
+        let mut b = Batch::new(10);
+        b.push(&done(BlockRef::Zero, Outcome::Zero, 2));
+        b.push(&done(BlockRef::Zero, Outcome::Zero, 3));
+        b.push(&done(BlockRef::Unused, Outcome::Unused, 4));
+        b.push(&Done::one(
+            c,
+            Outcome::New {
+                raw: 100,
+                stored: 40,
+                chunks: 1,
+            },
+            100,
+            false,
+        ));
+        b.push(&Done::one(c, Outcome::Deduplicated, 100, false));
+        b.push(&Done::one(c, Outcome::Unchanged, 0, true));
+        let mut last = Instant::now();
+        let full = b.take(25, &mut last);
+        assert_eq!((full.first, full.blocks), (10, 12));
+        assert_eq!(
+            refs(&full),
+            vec![
+                (BlockRef::Zero, 5),
+                (BlockRef::Unused, 4),
+                (c, 1),
+                (c, 1),
+                (c, 1)
+            ]
+        );
+        let s = full.stats;
+        assert_eq!((s.zero_blocks, s.unused_blocks, s.data_blocks), (5, 4, 3));
+        assert_eq!(
+            (s.new_chunks, s.new_bytes, s.new_bytes_stored),
+            (1, 100, 40)
+        );
+        assert_eq!((s.deduplicated_blocks, s.unchanged_blocks), (1, 1));
+        assert_eq!(s.bytes_read, 200);
+        // The next batch starts where this one ended, empty.
+        assert_eq!((b.first, b.blocks, b.records.len()), (25, 0, 0));
+    }
+
+    #[test]
+    fn a_batch_not_handed_over_is_prepended_to_the_next() {
+        let mut b = Batch::new(0);
+        b.push(&done(BlockRef::Zero, Outcome::Zero, 2));
+        let mut last = Instant::now();
+        let mut first = b.take(2, &mut last);
+        first.unreadable = vec![(0, 512)];
+        b.push(&done(BlockRef::Zero, Outcome::Zero, 3));
+        b.push(&done(BlockRef::Unused, Outcome::Unused, 1));
+        b.prepend(first);
+        let all = b.take(6, &mut last);
+        assert_eq!((all.first, all.blocks), (0, 6));
+        assert_eq!(all.unreadable, vec![(0, 512)]);
+        assert_eq!(all.stats.zero_blocks, 5);
+        assert_eq!(all.stats.unused_blocks, 1);
+        assert_eq!(
+            refs(&all),
+            vec![
+                (BlockRef::Zero, 2),
+                (BlockRef::Zero, 3),
+                (BlockRef::Unused, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_ranges_are_journaled_once_each_part() {
+        // A range replayed from the journal ends at 1000; the run started at byte 800.
+        let mut all = vec![(500u64, 500u64)];
+        let mut j = JournaledRanges::new(800);
+        // The scan extends it and finds another.
+        all[0] = (500, 700);
+        all.push((2000, 100));
+        assert_eq!(j.take(&all, 1100), vec![(800, 300)]);
+        assert_eq!(j.take(&all, 1100), vec![]);
+        assert_eq!(j.take(&all, 2050), vec![(1100, 100), (2000, 50)]);
+        assert_eq!(j.take(&all, 5000), vec![(2050, 50)]);
+        assert_eq!(j.take(&all, 6000), vec![]);
+    }
+}

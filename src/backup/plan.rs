@@ -807,3 +807,393 @@ impl std::fmt::Display for BackupPlan {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::{BackupOptions, backup};
+    use crate::progress::Silent;
+    use crate::repo::InitOptions;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// Keeps the warnings.
+    #[derive(Default)]
+    struct Warnings(Mutex<Vec<String>>);
+
+    impl Progress for Warnings {
+        fn warn(&self, message: &str) {
+            self.0.lock().unwrap().push(message.to_string());
+        }
+    }
+
+    /// Sets the cancel flag at the first committed block.
+    struct CancelAtFirstBlock(Arc<AtomicBool>);
+
+    impl Progress for CancelAtFirstBlock {
+        fn advance(&self, bytes: u64) {
+            if bytes > 0 {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A file of `len` pseudo-random bytes (seeded).
+    fn random_file(path: &Path, len: usize, seed: u64) {
+        let mut x = seed | 1;
+        let mut data = Vec::with_capacity(len);
+        while data.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        data.truncate(len);
+        std::fs::write(path, data).unwrap();
+    }
+
+    /// Every entry under `root`: kind, size, modification time and, for files, content hash.
+    fn tree(root: &Path) -> BTreeMap<PathBuf, (bool, u64, std::time::SystemTime, String)> {
+        let mut out = BTreeMap::new();
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let m = std::fs::symlink_metadata(e.path()).unwrap();
+                let hash = if m.is_file() {
+                    blake3::hash(&std::fs::read(e.path()).unwrap())
+                        .to_hex()
+                        .to_string()
+                } else {
+                    String::new()
+                };
+                if m.is_dir() {
+                    todo.push(e.path());
+                }
+                let key = e.path().strip_prefix(root).unwrap().to_path_buf();
+                out.insert(key, (m.is_dir(), m.len(), m.modified().unwrap(), hash));
+            }
+        }
+        out
+    }
+
+    fn header(e: &Expected<'_>) -> JournalHeader {
+        JournalHeader {
+            source: e.source.clone(),
+            volume_key: e.volume_key.to_string(),
+            block_size: e.block_size,
+            block_count: e.block_count,
+            chunk_hash: e.chunk_hash,
+            parent: None,
+            all_blocks: e.all_blocks,
+            time: String::new(),
+            time_unix: 0,
+            tags: Vec::new(),
+            source_state: None,
+        }
+    }
+
+    #[test]
+    fn a_journal_of_other_settings_is_not_resumed() {
+        let info = SourceInfo {
+            path: "/dev/x".into(),
+            kind: "block-device".into(),
+            size: 1 << 30,
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+        };
+        let e = Expected {
+            source: &info,
+            volume_key: "k",
+            block_size: 65536,
+            block_count: 16384,
+            chunk_hash: HashAlgorithm::Blake3,
+            all_blocks: false,
+        };
+        assert_eq!(settings_differ(&header(&e), &e), None);
+        let differs = |f: &dyn Fn(&mut JournalHeader)| {
+            let mut h = header(&e);
+            f(&mut h);
+            settings_differ(&h, &e).expect("a difference")
+        };
+        assert!(differs(&|h| h.source.size += 1).contains("another source"));
+        assert!(differs(&|h| h.volume_key = "other".into()).contains("another volume"));
+        assert!(differs(&|h| h.block_size = 4096).contains("4096 byte blocks"));
+        assert!(differs(&|h| h.block_count = 1).contains("of 1 blocks"));
+        assert!(differs(&|h| h.chunk_hash = HashAlgorithm::Sha256).contains("chunk hash"));
+        assert!(differs(&|h| h.all_blocks = true).contains("every block"));
+        // Only the settings count: the time, tags and parent are the journal's own.
+        let mut h = header(&e);
+        h.time_unix = 5;
+        h.tags = vec!["t".into()];
+        h.parent = Some("p".into());
+        assert_eq!(settings_differ(&h, &e), None);
+    }
+
+    #[test]
+    fn counts_start_at_the_first_block_read() {
+        let bs = 4096;
+        let mut map = BlockMap::new(100 * bs, bs);
+        map.mark_bytes(0, 10 * bs);
+        map.mark_bytes(50 * bs, 20 * bs);
+        assert_eq!(count_from(&map, 0), 30);
+        assert_eq!(count_from(&map, 5), 25);
+        assert_eq!(count_from(&map, 60), 10);
+        assert_eq!(count_from(&map, 100), 0);
+        let mut known = BlockMap::new(100 * bs, bs);
+        known.mark_bytes(8 * bs, 50 * bs);
+        // Blocks 8..10 and 50..58 are both used and known.
+        assert_eq!(count_known(Some(&map), &known, 0), 10);
+        assert_eq!(count_known(Some(&map), &known, 9), 9);
+        assert_eq!(count_known(None, &known, 0), 50);
+    }
+
+    #[test]
+    fn volume_key_prefers_filesystem_then_disk_then_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        random_file(&a, 1 << 20, 1);
+        random_file(&b, 1 << 20, 2);
+        let (sa, sb) = (Source::open(&a).unwrap(), Source::open(&b).unwrap());
+        let path_a = path_key(&sa.info().path, 1 << 20);
+        assert_eq!(volume_key(&sa, None, None), path_a);
+        assert_ne!(volume_key(&sb, None, None), path_a);
+        let fs = |uuid: &str| FsInfo {
+            fs_type: "ext4".into(),
+            version: None,
+            uuid: uuid.into(),
+            label: String::new(),
+            block_size: 4096,
+            size: 1 << 20,
+            used_bytes: 0,
+        };
+        let layout = |id: &str| DiskLayout {
+            table: "dos".into(),
+            id: id.into(),
+            sector_size: 512,
+            partitions: Vec::new(),
+        };
+        // A meaningless identifier falls back to the path.
+        let zero = fs("00000000-0000-0000-0000-000000000000");
+        assert_eq!(volume_key(&sa, Some(&zero), None), path_a);
+        assert_eq!(volume_key(&sa, None, Some(&layout("0x00000000"))), path_a);
+        // A filesystem UUID or disk identifier names the volume wherever it is.
+        let f = fs("3f1c2a9e-0000-4000-8000-0123456789ab");
+        let by_fs = volume_key(&sa, Some(&f), None);
+        assert_ne!(by_fs, path_a);
+        assert_eq!(volume_key(&sb, Some(&f), None), by_fs);
+        assert_eq!(
+            volume_key(&sa, Some(&f), Some(&layout("0x1234abcd"))),
+            by_fs
+        );
+        let by_disk = volume_key(&sa, Some(&zero), Some(&layout("0x1234abcd")));
+        assert_ne!(by_disk, path_a);
+        assert_ne!(by_disk, by_fs);
+        assert_eq!(volume_key(&sb, None, Some(&layout("0x1234abcd"))), by_disk);
+    }
+
+    #[test]
+    fn legacy_path_keys_match_through_their_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vol.img");
+        random_file(&file, 4096, 3);
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let canonical = std::fs::canonicalize(&file).unwrap();
+        let canonical = canonical.to_str().unwrap();
+        let link = link.to_str().unwrap();
+        let key = path_key(canonical, 4096);
+        assert!(legacy_path_match(&key, &path_key(link, 4096), link, 4096));
+        // The recorded key must be the one of the recorded path and size.
+        assert!(!legacy_path_match(&key, &path_key(link, 8192), link, 4096));
+        assert!(!legacy_path_match(&key, "0123", link, 4096));
+        // A canonical recorded path matches by key alone (not here).
+        assert!(!legacy_path_match(&key, &key, canonical, 4096));
+        let gone = dir.path().join("gone");
+        let gone = gone.to_str().unwrap();
+        assert!(!legacy_path_match(&key, &path_key(gone, 4096), gone, 4096));
+    }
+
+    #[test]
+    fn find_parent_and_drop_unreusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        let bs = 64 * 1024u64;
+        random_file(&img, 16 * bs as usize, 4);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let opts = BackupOptions {
+            block_size: Some(bs as u32),
+            ..Default::default()
+        };
+        let key = volume_key(&source, None, None);
+        assert_eq!(find_parent(&repo, &key, bs as u32, &Silent).unwrap(), None);
+        let first = backup(&repo, &source, &opts, &Silent).unwrap();
+        let second = backup(&repo, &source, &opts, &Silent).unwrap();
+        assert_eq!(second.parent.as_deref(), Some(first.snapshot_id.as_str()));
+        let found = find_parent(&repo, &key, bs as u32, &Silent).unwrap();
+        assert_eq!(found.as_deref(), Some(second.snapshot_id.as_str()));
+        assert_eq!(find_parent(&repo, &key, 4096, &Silent).unwrap(), None);
+        assert_eq!(
+            find_parent(&repo, "other", bs as u32, &Silent).unwrap(),
+            None
+        );
+
+        let parent = repo.open_snapshot(&second.snapshot_id).unwrap();
+        let mut known = BlockMap::new(16 * bs, bs);
+        known.mark_bytes(0, 16 * bs);
+        let w = Warnings::default();
+        let v = Verdicts::default();
+        let (kept, dropped) = drop_unreusable(&known, &parent, 0, repo.chunks(), &v, &w)
+            .unwrap()
+            .unwrap();
+        assert_eq!((kept.used_blocks(), dropped), (16, 0));
+        assert!(w.0.lock().unwrap().is_empty());
+
+        // Lose the chunk of block 5: the blocks that refer to it are read again.
+        let lost = BlockCursor::new(&parent)
+            .get(5)
+            .unwrap()
+            .unwrap()
+            .chunk()
+            .unwrap();
+        std::fs::remove_file(repo.chunks().path(&lost)).unwrap();
+        let v = Verdicts::default();
+        let (kept, dropped) = drop_unreusable(&known, &parent, 0, repo.chunks(), &v, &w)
+            .unwrap()
+            .unwrap();
+        assert!(dropped >= 1);
+        assert_eq!(kept.used_blocks(), 16 - dropped);
+        assert!(!kept.is_used(5));
+        assert_eq!(v.failed(), 1, "each chunk is checked once");
+        assert!(w.0.lock().unwrap()[0].contains(&format!("{dropped} unchanged blocks")));
+        // Blocks before the first one read are not checked.
+        let v = Verdicts::default();
+        let (kept, dropped) = drop_unreusable(&known, &parent, 16, repo.chunks(), &v, &w)
+            .unwrap()
+            .unwrap();
+        assert_eq!((kept.used_blocks(), dropped), (16, 0));
+    }
+
+    /// `backup --dry-run`: a plan of a small ext4 image changes nothing and tells a full
+    /// backup, an incremental one and a resumed one apart.
+    #[test]
+    fn plan_of_an_ext4_image_changes_nothing() {
+        if std::process::Command::new("mkfs.ext4")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            eprintln!("mkfs.ext4 is not installed: skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("e4.img");
+        // Random bytes under the filesystem, so that every block read costs something and an
+        // interrupted backup of every block is interrupted well before its end.
+        random_file(&img, 96 << 20, 5);
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "nodiscard"])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(mkfs.success());
+        let repo_dir = dir.path().join("repo");
+        let repo = Repository::init(&repo_dir, &InitOptions::default()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let image_before = tree(dir.path())
+            .remove(Path::new("e4.img"))
+            .expect("the image");
+        let unchanged = |what: &str, before: &BTreeMap<_, _>| {
+            assert_eq!(&tree(&repo_dir), before, "{what} changed the repository");
+            assert_eq!(
+                tree(dir.path()).remove(Path::new("e4.img")).as_ref(),
+                Some(&image_before),
+                "{what} changed the source"
+            );
+        };
+        let opts = BackupOptions::default();
+
+        let before = tree(&repo_dir);
+        let p = plan(&repo, &source, &opts, &Silent).unwrap();
+        unchanged("a plan of a full backup", &before);
+        assert_eq!(p.parent, None);
+        assert_eq!(p.resume, Resume::Fresh);
+        assert!(matches!(p.tracking, Tracking::NotUsed { .. }));
+        assert_eq!(p.filesystem.as_ref().unwrap().fs_type, "ext4");
+        assert!(!p.all_blocks && p.used_blocks < p.block_count);
+        assert_eq!(p.read_blocks, p.used_blocks);
+        assert_eq!(p.read_blocks + p.unused_blocks, p.block_count);
+        assert!(p.to_string().contains("full backup"), "{p}");
+
+        let full = backup(&repo, &source, &opts, &Silent).unwrap();
+        assert_eq!(full.parent, None);
+        let before = tree(&repo_dir);
+        let p = plan(&repo, &source, &opts, &Silent).unwrap();
+        unchanged("a plan of an incremental backup", &before);
+        assert_eq!(p.parent.as_deref(), Some(full.snapshot_id.as_str()));
+        assert_eq!(p.resume, Resume::Fresh);
+        match p.tracking {
+            Tracking::Used {
+                unchanged_blocks,
+                damaged_blocks: 0,
+            } => assert!(unchanged_blocks > 0),
+            ref t => panic!("change tracking not used: {t:?}"),
+        }
+        assert!(p.read_blocks < p.used_blocks);
+        assert!(p.to_string().contains("incremental"), "{p}");
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["parent"], full.snapshot_id.as_str());
+        assert_eq!(json["resume"]["decision"], "fresh");
+        assert_eq!(json["tracking"]["result"], "used");
+        assert!(json.get("work").is_none());
+
+        // An interrupted backup of every block: the plan continues it.
+        let flag = Arc::new(AtomicBool::new(false));
+        let every = BackupOptions {
+            all_blocks: true,
+            threads: 1,
+            checkpoint_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let interrupted = BackupOptions {
+            cancel: Some(flag.clone()),
+            ..every.clone()
+        };
+        match backup(&repo, &source, &interrupted, &CancelAtFirstBlock(flag)) {
+            Err(Error::Interrupted { checkpointed: true }) => {}
+            other => panic!("the backup was not interrupted: {other:?}"),
+        }
+        let before = tree(&repo_dir);
+        let p = plan(&repo, &source, &every, &Silent).unwrap();
+        let from = match p.resume {
+            Resume::Continue { from_block } => from_block,
+            ref r => panic!("not resumed: {r:?}"),
+        };
+        assert!(from > 0 && from < p.block_count, "{from}");
+        assert_eq!(p.read_blocks, p.block_count - from);
+        assert!(p.to_string().contains(&format!("from block {from}")), "{p}");
+        let restart = BackupOptions {
+            restart: true,
+            ..every.clone()
+        };
+        let p = plan(&repo, &source, &restart, &Silent).unwrap();
+        assert!(
+            matches!(p.resume, Resume::StartOver { .. }),
+            "{:?}",
+            p.resume
+        );
+        let p = plan(&repo, &source, &opts, &Silent).unwrap();
+        match &p.resume {
+            Resume::StartOver { reason } => assert!(reason.contains("of every block"), "{reason}"),
+            r => panic!("resumed a backup of other settings: {r:?}"),
+        }
+        unchanged("plans of a resumed backup", &before);
+
+        // The backup does what the plan said.
+        let resumed = backup(&repo, &source, &every, &Silent).unwrap();
+        assert!(resumed.resumed);
+        assert_eq!(resumed.parent.as_deref(), Some(full.snapshot_id.as_str()));
+    }
+}

@@ -435,3 +435,84 @@ impl<'a> Stage for BackupStage<'a> {
         }])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::InitOptions;
+
+    fn id(n: u64) -> ChunkId {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&n.to_le_bytes());
+        b[31] = 0x5a;
+        ChunkId(b)
+    }
+
+    fn repo(dir: &tempfile::TempDir) -> Repository {
+        Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn packed_index_keeps_the_first_slot_of_a_content() {
+        let p = PackedIndex::default();
+        assert_eq!(p.get(&id(1)), None);
+        p.insert(id(1), id(100), 3);
+        p.insert(id(1), id(200), 4);
+        assert_eq!(p.get(&id(1)), Some((id(100), 3)));
+        assert_eq!(p.get(&id(2)), None);
+    }
+
+    #[test]
+    fn packed_index_is_bounded() {
+        let p = PackedIndex::default();
+        for n in 0..PACKED_INDEX_MAX as u64 + 10 {
+            p.insert(id(n), id(0), 0);
+        }
+        assert!(p.get(&id(PACKED_INDEX_MAX as u64 - 1)).is_some());
+        // Past the bound new blocks are not remembered; the old ones stay.
+        assert_eq!(p.get(&id(PACKED_INDEX_MAX as u64)), None);
+        assert!(p.get(&id(0)).is_some());
+    }
+
+    #[test]
+    fn verdicts_check_each_chunk_once_and_count_failures_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(&dir);
+        let store = repo.chunks();
+        let data = vec![7u8; 4096];
+        let present = repo.config().chunk_hash.hash(&data);
+        let mut encoder = Encoder::new(3).unwrap();
+        let enc = encoder.encode(&data);
+        store.put(&present, &enc).unwrap();
+        let v = Verdicts::default();
+        assert!(v.reusable(store, &present).unwrap());
+        assert!(!v.reusable(store, &id(9)).unwrap());
+        assert_eq!(v.failed(), 1);
+        // Remembered: a missing chunk is not counted again.
+        assert!(!v.reusable(store, &id(9)).unwrap());
+        assert_eq!(v.failed(), 1);
+        // The verdict is remembered even once the chunk is gone.
+        std::fs::remove_file(store.path(&present)).unwrap();
+        assert!(v.reusable(store, &present).unwrap());
+        // A chunk just stored is good.
+        v.set(id(9), true);
+        assert!(v.reusable(store, &id(9)).unwrap());
+        assert_eq!(v.failed(), 1);
+    }
+
+    #[test]
+    fn verdicts_are_forgotten_past_their_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(&dir);
+        let v = Verdicts::default();
+        v.set(id(u64::MAX), true);
+        for n in 0..VERDICTS_MAX as u64 {
+            v.set(id(n), true);
+        }
+        // The map was emptied when full: the first verdict is gone and the missing chunk
+        // is checked again.
+        assert!(!v.reusable(repo.chunks(), &id(u64::MAX)).unwrap());
+        assert_eq!(v.failed(), 1);
+        assert!(v.lock().len() <= VERDICTS_MAX);
+    }
+}
