@@ -83,6 +83,14 @@ pub enum Error {
     #[error("cannot create a repository in {}: {detail}", path.display())]
     RepositoryExists { path: PathBuf, detail: String },
 
+    /// A path given as a volume to read is none of the things a volume is read from.
+    #[error(
+        "{} is not a volume volback can read: {detail} (tried: a volback copy, a block device, \
+         an image file (VHD, VHDX, qcow2 or raw); a snapshot is named REPO SNAPSHOT)",
+        path.display()
+    )]
+    NotAVolume { path: PathBuf, detail: String },
+
     /// A snapshot selector matched nothing.
     #[error("no snapshot matches {selector:?}")]
     SnapshotNotFound { selector: String },

@@ -23,6 +23,7 @@ pub mod error;
 pub mod fs;
 pub mod hash;
 pub mod image;
+pub mod job;
 #[cfg(target_os = "linux")]
 pub mod mount;
 pub mod nbd;

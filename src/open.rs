@@ -10,10 +10,10 @@
 //! A single path is tried in this order: a copy (the path is a BIN directory, a copy's data
 //! file or its metadata file; see [`crate::copy::locate`]), a block device, then a regular
 //! file whose contents [`crate::image::detect`] recognises as VHD, VHDX or qcow2, else a raw
-//! image. Anything else is [`OpenError::NotAVolume`], which names the path and what was tried.
+//! image. Anything else is [`Error::NotAVolume`], which names the path and what was tried.
 
 use crate::copy::{self, CopyPaths};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::image::{self, ImageFormat};
 use crate::platform::ObjectKind;
 use crate::progress::Progress;
@@ -66,26 +66,6 @@ impl fmt::Display for VolumeKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
-}
-
-/// Why arguments could not be opened as a volume.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum OpenError {
-    /// The path is none of the things a volume is read from.
-    #[error(
-        "{} is not a volume volback can read: {detail} (tried: a volback copy, a block device, \
-         an image file (VHD, VHDX, qcow2 or raw); a snapshot is named REPO SNAPSHOT)",
-        path.display()
-    )]
-    NotAVolume { path: PathBuf, detail: String },
-    /// Neither one path nor `REPO SNAPSHOT`.
-    #[error("expected one path or REPO SNAPSHOT, got {count} arguments")]
-    WrongArguments { count: usize },
-    /// What the arguments name was found but could not be opened (a damaged copy, an unknown
-    /// snapshot, an unreadable image, …).
-    #[error(transparent)]
-    Volume(#[from] Error),
 }
 
 /// What the arguments name, found but not opened yet.
@@ -153,7 +133,7 @@ impl Opened {
 
 /// Works out what `args` name (one path, or `REPO SNAPSHOT`) without opening a volume.
 /// Warnings (unreadable snapshot files skipped while resolving `latest`) go to `progress`.
-pub fn identify<A: AsRef<OsStr>>(args: &[A], progress: &dyn Progress) -> Result<Target, OpenError> {
+pub fn identify<A: AsRef<OsStr>>(args: &[A], progress: &dyn Progress) -> Result<Target> {
     match args {
         [repo, selector] => {
             let root = PathBuf::from(repo.as_ref());
@@ -167,18 +147,21 @@ pub fn identify<A: AsRef<OsStr>>(args: &[A], progress: &dyn Progress) -> Result<
             })
         }
         [path] => identify_path(Path::new(path.as_ref())),
-        _ => Err(OpenError::WrongArguments { count: args.len() }),
+        _ => Err(Error::InvalidArgument(format!(
+            "expected one path or REPO SNAPSHOT, got {} arguments",
+            args.len()
+        ))),
     }
 }
 
-fn identify_path(path: &Path) -> Result<Target, OpenError> {
+fn identify_path(path: &Path) -> Result<Target> {
     if let Some(paths) = copy::locate(path) {
         return Ok(Target::Copy {
             path: path.to_path_buf(),
             paths,
         });
     }
-    let not = |detail: &str| OpenError::NotAVolume {
+    let not = |detail: &str| Error::NotAVolume {
         path: path.to_path_buf(),
         detail: detail.into(),
     };
@@ -207,7 +190,7 @@ fn identify_path(path: &Path) -> Result<Target, OpenError> {
     // Not a regular file: a block device is the only other thing volback reads.
     let source = Source::open(path).map_err(|e| match e {
         Error::BadSource { .. } => not("it is neither a block device nor a regular file"),
-        e => OpenError::Volume(e),
+        e => e,
     })?;
     match source.geometry().kind {
         ObjectKind::BlockDevice => Ok(Target::Device {
@@ -241,7 +224,7 @@ impl Target {
     }
 
     /// Opens the volume.
-    pub fn open(self, options: &OpenOptions) -> Result<Opened, OpenError> {
+    pub fn open(self, options: &OpenOptions) -> Result<Opened> {
         let kind = self.kind();
         let opened = match self {
             Target::Device { path } | Target::Image { path, format: None } => Opened {
@@ -312,7 +295,7 @@ pub fn open<A: AsRef<OsStr>>(
     args: &[A],
     options: &OpenOptions,
     progress: &dyn Progress,
-) -> Result<Opened, OpenError> {
+) -> Result<Opened> {
     identify(args, progress)?.open(options)
 }
 
@@ -321,7 +304,7 @@ mod tests {
     use super::*;
     use crate::progress::Silent;
 
-    fn kind_of(path: &Path) -> Result<VolumeKind, OpenError> {
+    fn kind_of(path: &Path) -> Result<VolumeKind> {
         identify(&[path], &Silent).map(|t| t.kind())
     }
 
@@ -357,7 +340,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("no-such.img");
         let e = kind_of(&missing).unwrap_err();
-        assert!(matches!(e, OpenError::NotAVolume { ref path, .. } if *path == missing));
+        assert!(matches!(e, Error::NotAVolume { ref path, .. } if *path == missing));
         let text = e.to_string();
         assert!(
             text.contains("no-such.img") && text.contains("does not exist"),
@@ -375,7 +358,7 @@ mod tests {
         );
 
         let three = identify(&["a", "b", "c"], &Silent).err().unwrap();
-        assert!(matches!(three, OpenError::WrongArguments { count: 3 }));
+        assert!(matches!(three, Error::InvalidArgument(ref m) if m.contains("got 3")));
     }
 
     #[test]
@@ -385,7 +368,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(e, OpenError::Volume(Error::NotARepository { .. })),
+            matches!(e, Error::NotARepository { .. }),
             "{e}"
         );
     }

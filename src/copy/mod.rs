@@ -168,7 +168,7 @@ impl CopyPaths {
 }
 
 fn threads(requested: usize) -> usize {
-    crate::backup::worker_threads(requested)
+    crate::job::worker_threads(requested)
 }
 
 fn now() -> String {
@@ -752,7 +752,7 @@ fn probe_source(
 }
 
 /// Refuses an empty or (unless allowed) read-write mounted source; returns whether it is
-/// consistent (see [`crate::backup::check_mounts`]).
+/// consistent (see [`crate::job::check_mounts`]).
 fn check_source(source: &Source, opts: &CopyOptions) -> Result<bool> {
     if source.size() == 0 {
         return Err(Error::BadSource {
@@ -760,7 +760,7 @@ fn check_source(source: &Source, opts: &CopyOptions) -> Result<bool> {
             detail: "it is empty (0 bytes)".into(),
         });
     }
-    crate::backup::check_mounts(source, opts.allow_mounted)
+    crate::job::check_mounts(source, opts.allow_mounted)
 }
 
 /// Copies `source` to a new copy at `dest` (`volback copy`).
@@ -848,7 +848,7 @@ pub fn update(
         && meta.consistent == Some(true)
     {
         let base = reader::open_data(&paths, &meta)?;
-        crate::backup::track_changes(source, &*base, meta.block_size as u64, &[], progress)?
+        crate::job::track_changes(source, &*base, meta.block_size as u64, &[], progress)?
     } else {
         None
     };

@@ -39,7 +39,7 @@ pub struct JournalHeader {
 }
 
 /// Statistics added by one batch (integers only; see `SnapshotStats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct BatchStats {
     pub bytes_read: u64,
     pub data_blocks: u64,

@@ -186,7 +186,7 @@ fn change_tracking_does_not_inherit_a_missing_parent_chunk() {
         let snap = r.open_snapshot(jstr(&control, "/snapshot")).unwrap();
         let base = volback::repo::reader::SnapshotVolume::new(snap, r.chunks().clone());
         let source = volback::source::Source::open(&img).unwrap();
-        let known = volback::backup::track_changes(
+        let known = volback::job::track_changes(
             &source,
             &base,
             256 * KIB,
