@@ -126,6 +126,10 @@ pub struct BackupArgs {
     /// the parent snapshot (ext4 inodes and extent trees).
     #[arg(long)]
     pub rehash: bool,
+    /// Work out and print what the backup would do (parent, resume, change tracking, blocks
+    /// to read), then stop: nothing is written to the repository or the source.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

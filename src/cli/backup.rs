@@ -7,7 +7,7 @@ use super::report::{BackupJson, print_json};
 use anyhow::Result;
 use std::process::ExitCode;
 use std::time::Duration;
-use volback::backup::{BackupOptions, BackupReport, backup};
+use volback::backup::{BackupOptions, BackupReport, backup, plan};
 use volback::repo::Repository;
 use volback::source::Source;
 
@@ -26,9 +26,16 @@ pub fn run(a: BackupArgs, ctx: &Ctx) -> Result<ExitCode> {
         rehash: a.rehash,
         cancel: Some(ctx.cancel.clone()),
     };
-    // A dry run (`--dry-run`: plan, print the plan, stop) goes here, before anything is
-    // written.
     let progress = CliProgress::new(ctx.quiet);
+    if a.dry_run {
+        let plan = plan(&repository, &src, &opts, &progress)?;
+        if a.json {
+            print_json(&plan)?;
+        } else {
+            print!("{plan}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let r = backup(&repository, &src, &opts, &progress)?;
     if a.json {
         print_json(&BackupJson::new(&r))?;
