@@ -334,7 +334,7 @@ pub fn track_changes(
     avoid: &[(u64, u64)],
     progress: &dyn Progress,
 ) -> Result<Option<BlockMap>> {
-    let u = crate::fs::disk::unchanged_volume(
+    let u = crate::probe::disk::unchanged_volume(
         source,
         base,
         source.geometry().logical_sector_size,
@@ -398,7 +398,7 @@ pub fn backup(
     let bs = block_size as u64;
     let block_count = info.size.div_ceil(bs);
     let chunk_hash = repo.config().chunk_hash;
-    let probe = crate::fs::disk::map_volume(source, source.geometry().logical_sector_size, bs)?;
+    let probe = crate::probe::disk::map_volume(source, source.geometry().logical_sector_size, bs)?;
     for w in &probe.warnings {
         progress.warn(w);
     }

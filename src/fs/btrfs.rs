@@ -42,8 +42,8 @@
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16, le_u32, le_u64};
 use crate::error::Result;
-use crate::probe::crc32::crc32c;
-use crate::probe::guid::uuid_string;
+use crate::fs::crc32::crc32c;
+use crate::fs::uuid_string;
 use crate::volume::Volume;
 use sha2::Digest;
 use std::collections::HashSet;
@@ -1092,7 +1092,7 @@ fn check_block_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const MIB: u64 = 1 << 20;

@@ -36,8 +36,11 @@ use super::alloc::{self, PIECE, Required, UsedRuns};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
-use crate::probe::signatures::EXFAT_OEM;
+
 use crate::volume::Volume;
+
+/// The OEM id at byte 3 of the boot sector.
+pub const EXFAT_OEM: &[u8; 8] = b"EXFAT   ";
 
 /// Largest root directory span scanned for the label and the bitmap entry.
 const DIR_SCAN_LIMIT: u64 = 1 << 20;
@@ -600,7 +603,7 @@ pub fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const SECTOR: usize = 512;

@@ -29,10 +29,11 @@
 //! every block).
 
 use super::alloc::{self, PIECE, UsedRuns};
+use super::exfat::EXFAT_OEM;
+use super::ntfs::NTFS_OEM;
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at};
 use crate::error::Result;
-use crate::probe::signatures::{EXFAT_OEM, NTFS_OEM};
 use crate::volume::Volume;
 
 /// Largest root directory span scanned for the volume label.
@@ -573,7 +574,7 @@ pub fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     fn put(img: &mut [u8], at: usize, bytes: &[u8]) {

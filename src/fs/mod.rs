@@ -7,6 +7,8 @@
 
 mod alloc;
 pub mod btrfs;
+pub mod crc32;
+pub mod detect;
 pub mod disk;
 pub mod exfat;
 pub mod ext;
@@ -221,6 +223,18 @@ pub fn unchanged_blocks(
     Ok(Unchanged::default())
 }
 
+/// A 16-byte UUID in its usual text form (`8-4-4-4-12` hex digits, bytes in order).
+pub fn uuid_string(b: &[u8; 16]) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex::encode(&b[0..4]),
+        hex::encode(&b[4..6]),
+        hex::encode(&b[6..8]),
+        hex::encode(&b[8..10]),
+        hex::encode(&b[10..16])
+    )
+}
+
 impl Probe {
     /// A recognised filesystem with its map, or without one and a warning saying why.
     fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
@@ -240,8 +254,30 @@ impl Probe {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::error::Error;
+
+    /// An in-memory volume.
+    pub struct Mem(pub Vec<u8>);
+
+    impl Volume for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let len = buf.len() as u64;
+            let end = offset
+                .checked_add(len)
+                .filter(|&e| e <= self.0.len() as u64)
+                .ok_or_else(|| Error::read_out_of_range("mem", offset, len, self.size()))?;
+            buf.copy_from_slice(&self.0[offset as usize..end as usize]);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+    }
 
     #[test]
     fn fs_info_without_version_reads_and_writes_as_before() {

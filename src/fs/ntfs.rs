@@ -40,8 +40,11 @@ use super::alloc::{self, PIECE, Required, UsedRuns};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
-use crate::probe::signatures::NTFS_OEM;
+
 use crate::volume::Volume;
+
+/// The OEM id at byte 3 of the boot sector.
+pub const NTFS_OEM: &[u8; 8] = b"NTFS    ";
 
 /// MFT records the map reads.
 const RECORD_MFT: u64 = 0;
@@ -836,7 +839,7 @@ pub fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const CLUSTER: usize = 4096;

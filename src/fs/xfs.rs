@@ -36,8 +36,8 @@
 use super::{BlockMap, FsInfo};
 use crate::bytes::{be_u16, be_u32, be_u64};
 use crate::error::Result;
-use crate::probe::crc32::crc32c_skipping;
-use crate::probe::guid::uuid_string;
+use crate::fs::crc32::crc32c_skipping;
+use crate::fs::uuid_string;
 use crate::volume::Volume;
 use std::collections::HashSet;
 
@@ -1354,7 +1354,7 @@ fn check_bmbt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const BS: u64 = 512;

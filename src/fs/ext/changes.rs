@@ -237,7 +237,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
 
     /// A 4 MiB ext4 (1 KiB blocks, a two-level extent tree) and the same after some files
     /// changed: tests/fixtures/make-ext4-tracking.sh.

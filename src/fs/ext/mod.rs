@@ -1090,7 +1090,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
 
     /// A plausible superblock header for a 4 MiB, 1 KiB-block filesystem.
     fn base_image() -> Vec<u8> {
@@ -1158,12 +1158,12 @@ mod tests {
             panic!("the fixture has metadata_csum");
         };
         let bb = u32_at(img, GD) as usize * 1024;
-        let c = crate::probe::crc32::crc32c_update(seed, &img[bb..bb + 1024]);
+        let c = crate::fs::crc32::crc32c_update(seed, &img[bb..bb + 1024]);
         put_u16(img, GD + 0x18, c as u16);
         put_u16(img, GD + 0x38, (c >> 16) as u16);
         let d = sb.scheme.descriptor(0, &img[GD..GD + 64]).unwrap();
         put_u16(img, GD + csum::BG_CHECKSUM, d);
-        let c = crate::probe::crc32::crc32c_update(!0, &img[1024..1024 + csum::SB_CHECKSUM]);
+        let c = crate::fs::crc32::crc32c_update(!0, &img[1024..1024 + csum::SB_CHECKSUM]);
         put_u32(img, 1024 + csum::SB_CHECKSUM, c);
     }
 

@@ -17,12 +17,12 @@
 //! | ext2/3/4      | byte 1024 + 0x38      | 0xEF53 (see [`crate::fs::ext`])                      |
 //! | swap          | page size − 10        | `SWAPSPACE2` (v1), page sizes 4 KiB to 64 KiB        |
 
-use super::Filesystem;
-use super::guid::uuid_string;
+use super::uuid_string;
+use super::{btrfs, exfat, ext, fat, ntfs, xfs};
 use crate::bytes::{be_u16 as u16_be, be_u32 as u32_be, le_u32 as u32_le, le_u64 as u64_le};
 use crate::error::Result;
-use crate::fs::{btrfs, exfat, ext, fat, ntfs, xfs};
 use crate::volume::Volume;
+use serde::{Deserialize, Serialize};
 
 /// LUKS (1 and 2) header magic at byte 0.
 pub const LUKS_MAGIC: &[u8; 6] = b"LUKS\xBA\xBE";
@@ -31,8 +31,8 @@ pub const LVM_LABEL_ID: &[u8; 8] = b"LABELONE";
 pub const LVM_TYPE_2: &[u8; 8] = b"LVM2 001";
 /// XFS superblock magic (`XFS_SB_MAGIC`, 0x58465342).
 pub const XFS_MAGIC: &[u8; 4] = xfs::MAGIC;
-pub const NTFS_OEM: &[u8; 8] = b"NTFS    ";
-pub const EXFAT_OEM: &[u8; 8] = b"EXFAT   ";
+pub use super::exfat::EXFAT_OEM;
+pub use super::ntfs::NTFS_OEM;
 /// btrfs primary superblock offset and magic (at 0x40 in the superblock).
 pub const BTRFS_SB_OFFSET: u64 = btrfs::SB_OFFSET;
 pub const BTRFS_MAGIC: &[u8; 8] = btrfs::MAGIC;
@@ -86,6 +86,27 @@ fn fs(fs_type: &str, usage: &str) -> Filesystem {
         size: None,
         used_bytes: None,
     }
+}
+
+/// A filesystem or other recognised format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filesystem {
+    /// `blkid` TYPE: ext2, ext3, ext4, xfs, btrfs, ntfs, vfat, exfat, swap, LVM2_member,
+    /// crypto_LUKS.
+    #[serde(rename = "type")]
+    pub fs_type: String,
+    /// `blkid` USAGE: filesystem, crypto, raid, other.
+    pub usage: String,
+    /// FAT12/FAT16/FAT32, LUKS 1/2, swap 1, LVM2 001, exFAT revision.
+    pub version: Option<String>,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    /// Allocation unit (block, cluster, page) in bytes.
+    pub block_size: Option<u32>,
+    /// Bytes the format says it spans.
+    pub size: Option<u64>,
+    /// Bytes the format reports as used, where its superblock says so cheaply.
+    pub used_bytes: Option<u64>,
 }
 
 /// What [`detect`] found.
@@ -387,7 +408,7 @@ fn swap(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
