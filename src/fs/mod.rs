@@ -156,35 +156,10 @@ pub struct Probe {
 }
 
 /// Detects the filesystem on `vol` and, when supported, builds its allocation map at
-/// `granularity` bytes per bit.
+/// `granularity` bytes per bit. The format is the first match of [`detect::RECOGNISERS`]
+/// (see [`detect`] for the rule when a volume carries several signatures).
 pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
-    if let Some(sb) = ext::Superblock::read(vol)? {
-        let map = ext::allocation_map(vol, &sb, granularity);
-        return Ok(Probe::mapped(sb.info(), map));
-    }
-    if let Some(sb) = xfs::Superblock::read(vol)? {
-        let mut p = Probe::mapped(sb.info(), xfs::allocation_map(vol, &sb, granularity));
-        p.warning = p.warning.or(sb.realtime_note());
-        return Ok(p);
-    }
-    if let Some(sb) = btrfs::Superblock::read(vol)? {
-        let map = btrfs::allocation_map(vol, &sb, granularity);
-        return Ok(Probe::mapped(sb.info(), map));
-    }
-    if let Some((info, map)) = ntfs::probe(vol, granularity)? {
-        return Ok(Probe::mapped(info, map));
-    }
-    if let Some((info, map)) = exfat::probe(vol, granularity)? {
-        return Ok(Probe::mapped(info, map));
-    }
-    if let Some((info, map)) = fat::probe(vol, granularity)? {
-        return Ok(Probe::mapped(info, map));
-    }
-    Ok(Probe {
-        fs: None,
-        map: None,
-        warning: None,
-    })
+    detect::map(vol, granularity)
 }
 
 /// What change tracking found: the blocks of a volume known to be unchanged since an
