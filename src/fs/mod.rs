@@ -7,6 +7,7 @@
 
 mod alloc;
 pub mod btrfs;
+pub mod check;
 pub mod crc32;
 pub mod detect;
 pub mod disk;
@@ -18,6 +19,8 @@ pub mod xfs;
 
 use crate::error::Result;
 use crate::volume::Volume;
+use check::Checked;
+pub use check::MapCheck;
 use serde::{Deserialize, Serialize};
 
 /// What a probe found on a volume.
@@ -190,7 +193,11 @@ pub fn unchanged_blocks(
                 },
                 Err(why) => Unchanged {
                     map: None,
-                    note: Some(format!("{}: no change tracking ({why})", sb.fs_type())),
+                    note: Some(format!(
+                        "{}: no change tracking ({})",
+                        sb.fs_type(),
+                        crate::error::chain(&why)
+                    )),
                 },
             },
         );
@@ -212,13 +219,16 @@ pub fn uuid_string(b: &[u8; 16]) -> String {
 
 impl Probe {
     /// A recognised filesystem with its map, or without one and a warning saying why.
-    fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
+    fn mapped(info: FsInfo, map: Checked<BlockMap>) -> Probe {
         let warning = map.as_ref().err().map(|why| {
             let name = match &info.version {
                 Some(v) if info.fs_type == "vfat" => format!("{} ({v})", info.fs_type),
                 _ => info.fs_type.clone(),
             };
-            format!("{name} allocation data is unusable ({why}); reading every block")
+            format!(
+                "{name} allocation data is unusable ({}); reading every block",
+                crate::error::chain(why)
+            )
         });
         Probe {
             fs: Some(info),
