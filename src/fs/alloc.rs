@@ -3,7 +3,7 @@
 //! [`BlockMap`], and the list of clusters the filesystem's own metadata occupies, which a
 //! bitmap must mark used before it is trusted.
 
-use super::BlockMap;
+use super::{BlockMap, FsInfo};
 use crate::fs::check::{Checked, MapCheck};
 use crate::volume::Volume;
 
@@ -32,6 +32,18 @@ pub fn read(vol: &dyn Volume, offset: u64, buf: &mut [u8], what: &str) -> Checke
         offset,
         source: Box::new(e),
     })
+}
+
+/// What the probe of a cluster-based filesystem reports: `info` with its used bytes (`used`
+/// clusters of `cluster` bytes; the whole size when the allocation data is unusable, since
+/// every block is then read), and the map alone.
+pub fn with_used_bytes(
+    mut info: FsInfo,
+    map: Checked<(BlockMap, u64)>,
+    cluster: u64,
+) -> (FsInfo, Checked<BlockMap>) {
+    info.used_bytes = map.as_ref().map_or(info.size, |(_, used)| used * cluster);
+    (info, map.map(|(m, _)| m))
 }
 
 /// Sector 0 of `vol` (where NTFS, FAT and exFAT keep their boot sector); `None` when the

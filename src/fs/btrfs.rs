@@ -44,7 +44,7 @@ use crate::bytes::{le_u16, le_u32, le_u64};
 use crate::error::Result;
 use crate::fs::check::{Checked, bad, within};
 use crate::fs::crc32::crc32c;
-use crate::fs::uuid_string;
+use crate::fs::{uuid_at, uuid_string};
 use crate::volume::Volume;
 use sha2::Digest;
 use std::collections::HashSet;
@@ -145,12 +145,6 @@ pub struct Superblock {
     devid: u64,
     dev_total_bytes: u64,
     label: String,
-}
-
-fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
-    let mut u = [0u8; 16];
-    u.copy_from_slice(&b[at..at + 16]);
-    u
 }
 
 impl Superblock {
@@ -1056,7 +1050,7 @@ fn check_block_groups(
         }
         let i = chunks
             .index_of(key.objectid, key.offset.max(1))
-            .map_err(|e| within(e, format!("{what}")))?;
+            .map_err(|e| within(e, what.clone()))?;
         let c = &chunks.chunks[i];
         if c.logical != key.objectid || c.length != key.offset {
             return Err(bad!("{what}: its range differs from its chunk's"));

@@ -27,7 +27,7 @@
 //! An I/O error while recognising is a warning in `probe` (the next recogniser is tried) and
 //! an error in backup.
 
-use super::{Probe, uuid_string};
+use super::{Probe, uuid_at, uuid_string};
 use super::{btrfs, exfat, ext, fat, ntfs, xfs};
 use crate::bytes::{be_u16 as u16_be, be_u32 as u32_be, le_u32 as u32_le, le_u64 as u64_le};
 use crate::error::Result;
@@ -57,12 +57,6 @@ const HEAD_LEN: u64 = 4096;
 /// at most 128 KiB; 16 MiB of bitmap covers 128 Mi clusters). Beyond it, used bytes are not
 /// reported.
 const COUNT_LIMIT: u64 = 16 << 20;
-
-fn arr16(b: &[u8], o: usize) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b[o..o + 16]);
-    a
-}
 
 /// A NUL-terminated (or full-length) byte string; `None` when empty.
 fn cstr(b: &[u8]) -> Option<String> {
@@ -504,7 +498,7 @@ fn swap(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
         };
         let mut f = fs("swap", "other");
         f.version = Some(format!("{version}"));
-        f.uuid = nonzero_uuid(&arr16(h, 1036));
+        f.uuid = nonzero_uuid(&uuid_at(h, 1036));
         f.label = cstr(&h[1052..1068]);
         f.block_size = Some(ps as u32);
         f.size = Some((last_page + 1) * ps);

@@ -32,7 +32,7 @@
 //!   0xC0 (GeneralSecondaryFlags @1, bit 1 NoFatChain; FirstCluster u32 @20; DataLength u64
 //!   @24).
 
-use super::alloc::{self, PIECE, Required, UsedRuns};
+use super::alloc::{self, PIECE, Required, UsedRuns, with_used_bytes};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
@@ -570,10 +570,9 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Option<(FsInfo, Check
         label,
         block_size: boot.cluster as u32,
         size,
-        // Unknown without the bitmap: everything is read.
-        used_bytes: map.as_ref().map_or(size, |(_, used)| used * boot.cluster),
+        used_bytes: 0, // set from the bitmap
     };
-    Ok(Some((info, map.map(|(m, _)| m))))
+    Ok(Some(with_used_bytes(info, map, boot.cluster)))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@
 //! directory's chain allocated. Anything else makes the map unusable (the caller then reads
 //! every block).
 
-use super::alloc::{self, PIECE, UsedRuns};
+use super::alloc::{self, PIECE, UsedRuns, with_used_bytes};
 use super::exfat::EXFAT_OEM;
 use super::ntfs::NTFS_OEM;
 use super::{BlockMap, FsInfo};
@@ -557,12 +557,9 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Option<(FsInfo, Check
         label: bpb.label(vol).unwrap_or_default(),
         block_size: bpb.cluster as u32,
         size: bpb.size(),
-        // Unknown without the FAT: everything is read.
-        used_bytes: map
-            .as_ref()
-            .map_or(bpb.size(), |(_, used)| used * bpb.cluster),
+        used_bytes: 0, // set from the FAT
     };
-    Ok(Some((info, map.map(|(m, _)| m))))
+    Ok(Some(with_used_bytes(info, map, bpb.cluster)))
 }
 
 #[cfg(test)]

@@ -217,6 +217,13 @@ pub fn uuid_string(b: &[u8; 16]) -> String {
     )
 }
 
+/// The 16 bytes at `at` of `b` (a UUID field of a superblock).
+pub(crate) fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&b[at..at + 16]);
+    u
+}
+
 impl Probe {
     /// A recognised filesystem with its map, or without one and a warning saying why.
     fn mapped(info: FsInfo, map: Checked<BlockMap>) -> Probe {

@@ -36,7 +36,7 @@
 //! `$MFTMirr`, and `$MFT`'s own record bitmap must mark the system records in use. A `$Bitmap`
 //! zeroed or overwritten fails the first check; a damaged MFT start fails the second.
 
-use super::alloc::{self, PIECE, Required, UsedRuns};
+use super::alloc::{self, PIECE, Required, UsedRuns, with_used_bytes};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
@@ -662,9 +662,7 @@ impl Mft {
         };
         let mut head = [0u8; 2];
         let bits = if a.non_resident() {
-            let runs = a
-                .runs(clusters)
-                .map_err(|e| within(e, format!("$MFT's $BITMAP")))?;
+            let runs = a.runs(clusters).map_err(|e| within(e, "$MFT's $BITMAP"))?;
             read_runs(vol, &runs, cluster, 0, &mut head, "$MFT's $BITMAP")?;
             u64_at(a.b, 0x30).saturating_mul(8)
         } else {
@@ -821,12 +819,9 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Option<(FsInfo, Check
         label,
         block_size: boot.cluster_size as u32,
         size,
-        // Unknown without the bitmap: everything is read.
-        used_bytes: map
-            .as_ref()
-            .map_or(size, |(_, used)| used * boot.cluster_size),
+        used_bytes: 0, // set from $Bitmap
     };
-    Ok(Some((info, map.map(|(m, _)| m))))
+    Ok(Some(with_used_bytes(info, map, boot.cluster_size)))
 }
 
 #[cfg(test)]
@@ -961,7 +956,7 @@ mod tests {
         let mut zeroed = image();
         zeroed[BITMAP_LCN * CLUSTER..BITMAP_LCN * CLUSTER + 32].fill(0);
         let err = probe(&Mem(zeroed), 4096).unwrap().unwrap().1.unwrap_err();
-        assert_eq!(err, "$Bitmap marks $Boot free (bit 0)");
+        assert_eq!(err.to_string(), "$Bitmap marks $Boot free (bit 0)");
         let mut no_mirror = image();
         no_mirror[BITMAP_LCN * CLUSTER + 2] = 0x10;
         let err = probe(&Mem(no_mirror), 4096)

@@ -38,7 +38,7 @@ use crate::bytes::{be_u16, be_u32, be_u64};
 use crate::error::Result;
 use crate::fs::check::{Checked, MapCheck, bad, within};
 use crate::fs::crc32::crc32c_skipping;
-use crate::fs::uuid_string;
+use crate::fs::{uuid_at, uuid_string};
 use crate::volume::Volume;
 use std::collections::HashSet;
 
@@ -106,12 +106,6 @@ pub struct Superblock {
     uuid: [u8; 16],
     meta_uuid: [u8; 16],
     label: String,
-}
-
-fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
-    let mut u = [0u8; 16];
-    u.copy_from_slice(&b[at..at + 16]);
-    u
 }
 
 impl Superblock {
@@ -393,7 +387,7 @@ fn check_log_clean(vol: &dyn Volume, sb: &Superblock, start: u64, len: u64) -> C
     let read = |first: u64, count: u64| -> Checked<Vec<u8>> {
         let mut b = vec![0u8; (count * BB) as usize];
         vol.read_at(start + first * BB, &mut b)
-            .map_err(|e| within(e, format!("reading the log")))?;
+            .map_err(|e| within(e, "reading the log"))?;
         Ok(b)
     };
     let cycle_at = |blk: u64| -> Checked<u32> { Ok(log_cycle(&read(blk, 1)?, 0)) };
@@ -498,7 +492,7 @@ pub fn allocation_map(vol: &dyn Volume, sb: &Superblock, granularity: u64) -> Ch
     if sb.crc() {
         let mut s = vec![0u8; sb.sect_size as usize];
         vol.read_at(0, &mut s)
-            .map_err(|e| within(e, format!("reading the superblock")))?;
+            .map_err(|e| within(e, "reading the superblock"))?;
         check_crc("superblock", &s, SB_CRC_OFF)?;
     }
     let mut map = BlockMap::new(vol.size(), granularity);
@@ -809,7 +803,7 @@ fn walk_short_tree(
             }
             for i in 0..numrecs {
                 let o = hdr_len + rec_len * i;
-                record(&block[o..o + rec_len]).map_err(|e| within(e, format!("{what}")))?;
+                record(&block[o..o + rec_len]).map_err(|e| within(e, what.clone()))?;
             }
         } else {
             if numrecs == 0 || numrecs > node_max {
@@ -982,7 +976,7 @@ struct InodeGeometry {
 fn inode_geometry(vol: &dyn Volume, sb: &Superblock) -> Checked<InodeGeometry> {
     let mut h = vec![0u8; SB_PARSE_LEN];
     vol.read_at(0, &mut h)
-        .map_err(|e| within(e, format!("reading the superblock")))?;
+        .map_err(|e| within(e, "reading the superblock"))?;
     let size = u64::from(be_u16(&h, 104));
     let per_block = u64::from(be_u16(&h, 106));
     let log = u32::from(h[123]);

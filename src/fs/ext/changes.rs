@@ -56,8 +56,8 @@ pub fn unchanged_blocks(
     sb: &Superblock,
     granularity: u64,
 ) -> Checked<BlockMap> {
-    let Some(old) = Superblock::read(earlier)
-        .map_err(|e| within(e, format!("reading the earlier superblock")))?
+    let Some(old) =
+        Superblock::read(earlier).map_err(|e| within(e, "reading the earlier superblock"))?
     else {
         return Err(bad!("the earlier state holds no ext filesystem"));
     };
