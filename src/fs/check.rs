@@ -63,7 +63,7 @@ pub enum MapCheck {
     Inconsistent(String),
 }
 
-/// `Err(MapCheck::Inconsistent(format!(...)))` in short.
+/// `MapCheck::Inconsistent(format!(...))` in short.
 macro_rules! bad {
     ($($arg:tt)*) => {
         $crate::fs::MapCheck::Inconsistent(format!($($arg)*))
