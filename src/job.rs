@@ -36,7 +36,7 @@ pub fn changes_since(
     block_size: u64,
     avoid: &[(u64, u64)],
 ) -> Result<Tracked> {
-    let u = crate::fs::disk::unchanged_volume(
+    let u = crate::probe::disk::unchanged_volume(
         source,
         base,
         source.geometry().logical_sector_size,

@@ -173,7 +173,7 @@ pub(super) fn prepare(
     let bs = block_size as u64;
     let block_count = info.size.div_ceil(bs);
     let chunk_hash = repo.config().chunk_hash;
-    let probe = crate::fs::disk::map_volume(source, source.geometry().logical_sector_size, bs)?;
+    let probe = crate::probe::disk::map_volume(source, source.geometry().logical_sector_size, bs)?;
     for w in &probe.warnings {
         progress.warn(w);
     }

@@ -739,7 +739,7 @@ fn probe_source(
     all_blocks: bool,
     progress: &dyn Progress,
 ) -> Result<(Option<FsInfo>, Option<DiskLayout>, Option<BlockMap>)> {
-    let probe = crate::fs::disk::map_volume(
+    let probe = crate::probe::disk::map_volume(
         source,
         source.geometry().logical_sector_size,
         block_size as u64,

@@ -3,7 +3,8 @@
 //! [`BlockMap`], and the list of clusters the filesystem's own metadata occupies, which a
 //! bitmap must mark used before it is trusted.
 
-use super::BlockMap;
+use super::{BlockMap, FsInfo};
+use crate::fs::check::{Checked, MapCheck};
 use crate::volume::Volume;
 
 /// Largest single read a map makes; bigger structures (a FAT, a bitmap) are streamed in pieces
@@ -11,18 +12,38 @@ use crate::volume::Volume;
 pub const PIECE: u64 = 1 << 20;
 
 /// Reads `buf.len()` bytes at `offset`, refusing (with a reason) a range past the volume's end.
-pub fn read(vol: &dyn Volume, offset: u64, buf: &mut [u8], what: &str) -> Result<(), String> {
+pub fn read(vol: &dyn Volume, offset: u64, buf: &mut [u8], what: &str) -> Checked<()> {
     let end = offset
         .checked_add(buf.len() as u64)
-        .ok_or_else(|| format!("{what} at byte {offset} overflows"))?;
+        .ok_or_else(|| MapCheck::Overflow {
+            what: what.to_string(),
+            offset,
+        })?;
     if end > vol.size() {
-        return Err(format!(
-            "{what} (bytes {offset}..{end}) lies past the end of the volume ({} bytes)",
-            vol.size()
-        ));
+        return Err(MapCheck::PastEnd {
+            what: what.to_string(),
+            offset,
+            end,
+            size: vol.size(),
+        });
     }
-    vol.read_at(offset, buf)
-        .map_err(|e| format!("reading {what} at byte {offset}: {e}"))
+    vol.read_at(offset, buf).map_err(|e| MapCheck::Read {
+        what: what.to_string(),
+        offset,
+        source: Box::new(e),
+    })
+}
+
+/// What the probe of a cluster-based filesystem reports: `info` with its used bytes (`used`
+/// clusters of `cluster` bytes; the whole size when the allocation data is unusable, since
+/// every block is then read), and the map alone.
+pub fn with_used_bytes(
+    mut info: FsInfo,
+    map: Checked<(BlockMap, u64)>,
+    cluster: u64,
+) -> (FsInfo, Checked<BlockMap>) {
+    info.used_bytes = map.as_ref().map_or(info.size, |(_, used)| used * cluster);
+    (info, map.map(|(m, _)| m))
 }
 
 /// Sector 0 of `vol` (where NTFS, FAT and exFAT keep their boot sector); `None` when the
@@ -175,13 +196,7 @@ impl Required {
     /// Checks a piece of a bitmap (bit `i` of byte `j`, least significant first, is unit
     /// `first + 8j + i`; only the first `units` bits count): every required unit in it must be
     /// set. `bitmap` names the bitmap in the error. The runs must be sorted.
-    pub fn check_bitmap(
-        &self,
-        first: u64,
-        bytes: &[u8],
-        units: u64,
-        bitmap: &str,
-    ) -> Result<(), String> {
+    pub fn check_bitmap(&self, first: u64, bytes: &[u8], units: u64, bitmap: &str) -> Checked<()> {
         let end = first + units.min(bytes.len() as u64 * 8);
         let from = self
             .runs
@@ -201,10 +216,11 @@ impl Required {
                     continue;
                 }
                 if byte & (1 << (i % 8)) == 0 {
-                    return Err(format!(
-                        "{bitmap} marks {} free (bit {u})",
-                        self.describe(owner)
-                    ));
+                    return Err(MapCheck::MarkedFree {
+                        bitmap: bitmap.to_string(),
+                        owner: self.describe(owner),
+                        bit: u,
+                    });
                 }
                 u += 1;
             }
@@ -248,12 +264,12 @@ mod tests {
         let err = req
             .check_bitmap(0, &[0xF8, 0x1B], 16, "$Bitmap")
             .unwrap_err();
-        assert_eq!(err, "$Bitmap marks the MFT free (bit 10)");
+        assert_eq!(err.to_string(), "$Bitmap marks the MFT free (bit 10)");
         // Outside the piece: not checked here.
         assert!(req.check_bitmap(16, &[0], 8, "$Bitmap").is_ok());
         let err = req.check_bitmap(40, &[0x01], 8, "$Bitmap").unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             "$Bitmap marks an attribute of MFT record 77 free (bit 41)"
         );
     }

@@ -42,8 +42,9 @@
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16, le_u32, le_u64};
 use crate::error::Result;
-use crate::probe::crc32::crc32c;
-use crate::probe::guid::uuid_string;
+use crate::fs::check::{Checked, bad, within};
+use crate::fs::crc32::crc32c;
+use crate::fs::{uuid_at, uuid_string};
 use crate::volume::Volume;
 use sha2::Digest;
 use std::collections::HashSet;
@@ -146,12 +147,6 @@ pub struct Superblock {
     label: String,
 }
 
-fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
-    let mut u = [0u8; 16];
-    u.copy_from_slice(&b[at..at + 16]);
-    u
-}
-
 impl Superblock {
     /// Parses the 4096 bytes at [`SB_OFFSET`]; `None` when they are not a btrfs superblock
     /// (or its sector size is implausible).
@@ -245,54 +240,53 @@ impl Superblock {
     }
 
     /// Checks the superblock's checksum, features and geometry against `vol`.
-    fn check(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+    fn check(&self, vol: &dyn Volume) -> Checked<()> {
         verify_csum(self.csum_type, &self.raw, "superblock")?;
         for (bit, name) in INCOMPAT_NAMES {
             if self.incompat & bit != 0 {
-                return Err(format!("{name} filesystems are not mapped"));
+                return Err(bad!("{name} filesystems are not mapped"));
             }
         }
         let unknown = self.incompat & !INCOMPAT_KNOWN;
         if unknown != 0 {
-            return Err(format!("unsupported incompatible features {unknown:#x}"));
+            return Err(bad!("unsupported incompatible features {unknown:#x}"));
         }
         let unknown = self.compat_ro & !COMPAT_RO_KNOWN;
         if unknown != 0 {
-            return Err(format!(
+            return Err(bad!(
                 "unsupported read-only-compatible features {unknown:#x}"
             ));
         }
         if self.num_devices != 1 {
-            return Err(format!(
+            return Err(bad!(
                 "the filesystem spans {} devices; only single-device filesystems are mapped",
                 self.num_devices
             ));
         }
         if self.log_root != 0 {
-            return Err(
+            return Err(bad!(
                 "it has a log tree that was not replayed (not cleanly unmounted); mount it once \
                  to replay the log"
-                    .into(),
-            );
+            ));
         }
         let ns = self.nodesize;
         if !ns.is_power_of_two() || !(4096..=65536).contains(&ns) || ns < self.sectorsize {
-            return Err(format!(
+            return Err(bad!(
                 "node size {ns} is implausible (sector size {})",
                 self.sectorsize
             ));
         }
         if self.root_level > MAX_LEVEL || self.chunk_root_level > MAX_LEVEL {
-            return Err("a root level exceeds the btrfs maximum".into());
+            return Err(bad!("a root level exceeds the btrfs maximum"));
         }
         if self.sys_array_size as usize > SYS_CHUNK_ARRAY_MAX {
-            return Err(format!(
+            return Err(bad!(
                 "system chunk array of {} bytes is too large",
                 self.sys_array_size
             ));
         }
         if self.dev_total_bytes > vol.size() {
-            return Err(format!(
+            return Err(bad!(
                 "the device holds {} bytes of filesystem but the volume has only {}",
                 self.dev_total_bytes,
                 vol.size()
@@ -304,19 +298,19 @@ impl Superblock {
 
 /// Checks the checksum at the start of `block` (which covers the bytes after the 32-byte
 /// checksum field).
-fn verify_csum(kind: u16, block: &[u8], what: &str) -> std::result::Result<(), String> {
+fn verify_csum(kind: u16, block: &[u8], what: &str) -> Checked<()> {
     let data = &block[CSUM_LEN..];
     let ok = match kind {
         0 => crc32c(data).to_le_bytes() == block[..4],
         1 => xxh64(data).to_le_bytes() == block[..8],
         2 => sha2::Sha256::digest(data)[..] == block[..32],
-        3 => return Err("blake2b checksums are not supported".into()),
-        k => return Err(format!("unknown checksum type {k}")),
+        3 => return Err(bad!("blake2b checksums are not supported")),
+        k => return Err(bad!("unknown checksum type {k}")),
     };
     if ok {
         Ok(())
     } else {
-        Err(format!("{what}: checksum mismatch"))
+        Err(bad!("{what}: checksum mismatch"))
     }
 }
 
@@ -415,24 +409,19 @@ struct Chunk {
 
 /// Parses the chunk item `data` for logical address `logical`, checking that it is SINGLE or
 /// DUP and lives on device `devid` within `dev_size` bytes.
-fn parse_chunk(
-    data: &[u8],
-    logical: u64,
-    devid: u64,
-    dev_size: u64,
-) -> std::result::Result<Chunk, String> {
+fn parse_chunk(data: &[u8], logical: u64, devid: u64, dev_size: u64) -> Checked<Chunk> {
     let what = format!("chunk at logical {logical}");
     if data.len() < CHUNK_ITEM_LEN {
-        return Err(format!("{what}: item too short"));
+        return Err(bad!("{what}: item too short"));
     }
     let length = le_u64(data, 0);
     let flags = le_u64(data, 24);
     let num_stripes = le_u16(data, 44) as usize;
     if length == 0 || logical.checked_add(length).is_none() {
-        return Err(format!("{what}: length {length}"));
+        return Err(bad!("{what}: length {length}"));
     }
     if num_stripes == 0 || data.len() < CHUNK_ITEM_LEN + num_stripes * STRIPE_LEN {
-        return Err(format!("{what}: {num_stripes} stripes do not fit its item"));
+        return Err(bad!("{what}: {num_stripes} stripes do not fit its item"));
     }
     let profile = flags & BG_PROFILE_MASK;
     let expected = match profile {
@@ -443,13 +432,13 @@ fn parse_chunk(
                 .iter()
                 .find(|(b, _)| profile & b != 0)
                 .map_or("unknown", |(_, n)| n);
-            return Err(format!(
+            return Err(bad!(
                 "{what} uses the {name} profile; only SINGLE and DUP are mapped"
             ));
         }
     };
     if num_stripes != expected {
-        return Err(format!(
+        return Err(bad!(
             "{what}: {num_stripes} stripes for a {} chunk",
             if profile == 0 { "SINGLE" } else { "DUP" }
         ));
@@ -460,12 +449,12 @@ fn parse_chunk(
         let dev = le_u64(data, o);
         let phys = le_u64(data, o + 8);
         if dev != devid {
-            return Err(format!(
+            return Err(bad!(
                 "{what} has a stripe on device {dev}, not on this one ({devid})"
             ));
         }
         if phys.checked_add(length).is_none_or(|e| e > dev_size) {
-            return Err(format!(
+            return Err(bad!(
                 "{what}: stripe at {phys} (+{length}) is past the device's end ({dev_size})"
             ));
         }
@@ -486,13 +475,14 @@ struct ChunkMap {
 }
 
 impl ChunkMap {
-    fn from_vec(mut chunks: Vec<Chunk>) -> std::result::Result<ChunkMap, String> {
+    fn from_vec(mut chunks: Vec<Chunk>) -> Checked<ChunkMap> {
         chunks.sort_by_key(|c| c.logical);
         for w in chunks.windows(2) {
             if w[0].logical + w[0].length > w[1].logical {
-                return Err(format!(
+                return Err(bad!(
                     "chunks at logical {} and {} overlap",
-                    w[0].logical, w[1].logical
+                    w[0].logical,
+                    w[1].logical
                 ));
             }
         }
@@ -500,7 +490,7 @@ impl ChunkMap {
     }
 
     /// The chunk holding all of `[logical, logical+len)`.
-    fn lookup(&self, logical: u64, len: u64) -> std::result::Result<&Chunk, String> {
+    fn lookup(&self, logical: u64, len: u64) -> Checked<&Chunk> {
         self.index_of(logical, len).map(|i| &self.chunks[i])
     }
 
@@ -514,7 +504,7 @@ impl ChunkMap {
     }
 
     /// The index of the chunk holding all of `[logical, logical+len)`.
-    fn index_of(&self, logical: u64, len: u64) -> std::result::Result<usize, String> {
+    fn index_of(&self, logical: u64, len: u64) -> Checked<usize> {
         let i = self.chunks.partition_point(|c| c.logical <= logical);
         i.checked_sub(1)
             .filter(|&i| {
@@ -523,31 +513,28 @@ impl ChunkMap {
                     .checked_add(len)
                     .is_some_and(|e| e <= c.logical + c.length)
             })
-            .ok_or_else(|| format!("logical range {logical} (+{len}) is not inside one chunk"))
+            .ok_or_else(|| bad!("logical range {logical} (+{len}) is not inside one chunk"))
     }
 }
 
 /// The SYSTEM chunks of the superblock's sys_chunk_array.
-fn sys_chunks(sb: &Superblock) -> std::result::Result<ChunkMap, String> {
+fn sys_chunks(sb: &Superblock) -> Checked<ChunkMap> {
     let arr = &sb.raw[SYS_CHUNK_ARRAY_OFF..SYS_CHUNK_ARRAY_OFF + sb.sys_array_size as usize];
     let mut chunks = Vec::new();
     let mut o = 0usize;
     while o < arr.len() {
         if o + KEY_LEN + CHUNK_ITEM_LEN > arr.len() {
-            return Err("system chunk array is truncated".into());
+            return Err(bad!("system chunk array is truncated"));
         }
         let key = Key::at(arr, o);
         if key.kind != KEY_CHUNK_ITEM {
-            return Err(format!(
-                "system chunk array holds a key of type {}",
-                key.kind
-            ));
+            return Err(bad!("system chunk array holds a key of type {}", key.kind));
         }
         let item = &arr[o + KEY_LEN..];
         let stripes = le_u16(item, 44) as usize;
         let len = CHUNK_ITEM_LEN + stripes * STRIPE_LEN;
         if len > item.len() {
-            return Err("system chunk array is truncated".into());
+            return Err(bad!("system chunk array is truncated"));
         }
         chunks.push(parse_chunk(
             &item[..len],
@@ -558,7 +545,7 @@ fn sys_chunks(sb: &Superblock) -> std::result::Result<ChunkMap, String> {
         o += KEY_LEN + len;
     }
     if chunks.is_empty() {
-        return Err("system chunk array is empty".into());
+        return Err(bad!("system chunk array is empty"));
     }
     ChunkMap::from_vec(chunks)
 }
@@ -589,20 +576,20 @@ impl Trees<'_> {
         logical: u64,
         level: u8,
         generation: u64,
-    ) -> std::result::Result<Vec<u8>, String> {
+    ) -> Checked<Vec<u8>> {
         self.nodes_read += 1;
         if self.nodes_read > self.max_nodes {
-            return Err("the trees have more blocks than the filesystem can hold".into());
+            return Err(bad!(
+                "the trees have more blocks than the filesystem can hold"
+            ));
         }
         let ns = u64::from(self.sb.nodesize);
         if !logical.is_multiple_of(u64::from(self.sb.sectorsize)) {
-            return Err(format!(
-                "tree block address {logical} is not sector-aligned"
-            ));
+            return Err(bad!("tree block address {logical} is not sector-aligned"));
         }
         let chunk = chunks.lookup(logical, ns)?;
         let mut buf = vec![0u8; ns as usize];
-        let mut last_err = String::new();
+        let mut last_err = bad!("tree block {logical} has no stripe");
         for &phys in &chunk.stripes {
             let at = phys + (logical - chunk.logical);
             match self.vol.read_at(at, &mut buf) {
@@ -610,38 +597,32 @@ impl Trees<'_> {
                     Ok(()) => return Ok(buf),
                     Err(e) => last_err = e,
                 },
-                Err(e) => last_err = format!("reading tree block {logical}: {e}"),
+                Err(e) => last_err = within(e, format!("reading tree block {logical}")),
             }
         }
         Err(last_err)
     }
 
-    fn check_node(
-        &self,
-        b: &[u8],
-        logical: u64,
-        level: u8,
-        generation: u64,
-    ) -> std::result::Result<(), String> {
+    fn check_node(&self, b: &[u8], logical: u64, level: u8, generation: u64) -> Checked<()> {
         let what = format!("tree block {logical}");
         verify_csum(self.sb.csum_type, b, &what)?;
         if uuid_at(b, 0x20) != self.fsid {
-            return Err(format!("{what}: belongs to another filesystem"));
+            return Err(bad!("{what}: belongs to another filesystem"));
         }
         if le_u64(b, 0x30) != logical {
-            return Err(format!("{what}: records address {}", le_u64(b, 0x30)));
+            return Err(bad!("{what}: records address {}", le_u64(b, 0x30)));
         }
         if b[0x64] != level {
-            return Err(format!("{what}: level {}, expected {level}", b[0x64]));
+            return Err(bad!("{what}: level {}, expected {level}", b[0x64]));
         }
         if le_u64(b, 0x50) != generation {
-            return Err(format!(
+            return Err(bad!(
                 "{what}: generation {}, expected {generation}",
                 le_u64(b, 0x50)
             ));
         }
         if generation > self.sb.generation {
-            return Err(format!(
+            return Err(bad!(
                 "{what}: generation {generation} is newer than the superblock's ({})",
                 self.sb.generation
             ));
@@ -650,7 +631,7 @@ impl Trees<'_> {
         let room = b.len() - HEADER_LEN;
         if level == 0 {
             if n > room / ITEM_LEN {
-                return Err(format!("{what}: {n} items do not fit"));
+                return Err(bad!("{what}: {n} items do not fit"));
             }
             let items_end = n * ITEM_LEN;
             for i in 0..n {
@@ -658,11 +639,11 @@ impl Trees<'_> {
                 let off = le_u32(b, o + KEY_LEN) as usize;
                 let size = le_u32(b, o + KEY_LEN + 4) as usize;
                 if off < items_end || off.checked_add(size).is_none_or(|e| e > room) {
-                    return Err(format!("{what}: item {i} data is outside the block"));
+                    return Err(bad!("{what}: item {i} data is outside the block"));
                 }
             }
         } else if n == 0 || n > room / KEY_PTR_LEN {
-            return Err(format!("{what}: {n} key pointers"));
+            return Err(bad!("{what}: {n} key pointers"));
         }
         Ok(())
     }
@@ -676,10 +657,10 @@ impl Trees<'_> {
         root: u64,
         level: u8,
         generation: u64,
-        visit: &mut dyn FnMut(Visit) -> std::result::Result<(), String>,
-    ) -> std::result::Result<(), String> {
+        visit: &mut dyn FnMut(Visit) -> Checked<()>,
+    ) -> Checked<()> {
         if level > MAX_LEVEL {
-            return Err(format!("tree root {root} has level {level}"));
+            return Err(bad!("tree root {root} has level {level}"));
         }
         let mut last: Option<Key> = None;
         let mut nodes = HashSet::new();
@@ -692,16 +673,16 @@ impl Trees<'_> {
             let what = format!("tree block {logical}");
             if level == 0 {
                 if n == 0 && first.is_some() {
-                    return Err(format!("{what}: empty leaf below a node"));
+                    return Err(bad!("{what}: empty leaf below a node"));
                 }
                 for i in 0..n {
                     let o = HEADER_LEN + i * ITEM_LEN;
                     let key = Key::at(&b, o);
                     if i == 0 && first.is_some_and(|f| f != key) {
-                        return Err(format!("{what}: first key differs from its parent's"));
+                        return Err(bad!("{what}: first key differs from its parent's"));
                     }
                     if last.is_some_and(|l| key <= l) {
-                        return Err(format!("{what}: keys out of order"));
+                        return Err(bad!("{what}: keys out of order"));
                     }
                     last = Some(key);
                     let off = HEADER_LEN + le_u32(&b, o + KEY_LEN) as usize;
@@ -710,7 +691,7 @@ impl Trees<'_> {
                 }
             } else {
                 if !nodes.insert(logical) {
-                    return Err(format!("{what}: reached twice (the tree has a loop)"));
+                    return Err(bad!("{what}: reached twice (the tree has a loop)"));
                 }
                 let mut children = Vec::with_capacity(n);
                 let mut prev: Option<Key> = None;
@@ -718,10 +699,10 @@ impl Trees<'_> {
                     let o = HEADER_LEN + i * KEY_PTR_LEN;
                     let key = Key::at(&b, o);
                     if i == 0 && first.is_some_and(|f| f != key) {
-                        return Err(format!("{what}: first key differs from its parent's"));
+                        return Err(bad!("{what}: first key differs from its parent's"));
                     }
                     if prev.is_some_and(|p| key <= p) {
-                        return Err(format!("{what}: keys out of order"));
+                        return Err(bad!("{what}: keys out of order"));
                     }
                     prev = Some(key);
                     let ptr = le_u64(&b, o + KEY_LEN);
@@ -736,12 +717,7 @@ impl Trees<'_> {
 }
 
 /// Marks the physical copies of the logical range `[logical, logical+len)`.
-fn mark_logical(
-    map: &mut BlockMap,
-    chunks: &ChunkMap,
-    logical: u64,
-    len: u64,
-) -> std::result::Result<(), String> {
+fn mark_logical(map: &mut BlockMap, chunks: &ChunkMap, logical: u64, len: u64) -> Checked<()> {
     let c = chunks.lookup(logical, len)?;
     for &phys in &c.stripes {
         map.mark_bytes(phys + (logical - c.logical), len);
@@ -751,11 +727,7 @@ fn mark_logical(
 
 /// Builds the allocation map of a single-device btrfs filesystem at `granularity` bytes per
 /// bit. `Err` explains why the filesystem's data cannot be used.
-pub fn allocation_map(
-    vol: &dyn Volume,
-    sb: &Superblock,
-    granularity: u64,
-) -> std::result::Result<BlockMap, String> {
+pub fn allocation_map(vol: &dyn Volume, sb: &Superblock, granularity: u64) -> Checked<BlockMap> {
     sb.check(vol)?;
     let dev_size = sb.dev_total_bytes;
     let ns = u64::from(sb.nodesize);
@@ -768,9 +740,10 @@ pub fn allocation_map(
         }
     }
     if sb.chunk_root_generation > sb.generation {
-        return Err(format!(
+        return Err(bad!(
             "the chunk root's generation {} is newer than the superblock's ({})",
-            sb.chunk_root_generation, sb.generation
+            sb.chunk_root_generation,
+            sb.generation
         ));
     }
     let mut trees = Trees {
@@ -807,7 +780,7 @@ pub fn allocation_map(
         },
     )?;
     if devices != [sb.devid] {
-        return Err(format!(
+        return Err(bad!(
             "the chunk tree lists devices {devices:?}; only single-device filesystems are mapped"
         ));
     }
@@ -821,7 +794,7 @@ pub fn allocation_map(
                 && t.stripes == c.stripes
         });
         if !same {
-            return Err(format!(
+            return Err(bad!(
                 "the system chunk at logical {} differs from the chunk tree's",
                 c.logical
             ));
@@ -846,13 +819,14 @@ pub fn allocation_map(
                     _ => return Ok(()),
                 };
                 if data.len() < ROOT_ITEM_MIN_LEN {
-                    return Err(format!("root item of tree {} is too short", key.objectid));
+                    return Err(bad!("root item of tree {} is too short", key.objectid));
                 }
                 let generation = le_u64(data, 160);
                 if generation > sb.generation {
-                    return Err(format!(
+                    return Err(bad!(
                         "tree {} has generation {generation}, newer than the superblock's ({})",
-                        key.objectid, sb.generation
+                        key.objectid,
+                        sb.generation
                     ));
                 }
                 *slot = Some((le_u64(data, 176), data[238], generation));
@@ -861,16 +835,18 @@ pub fn allocation_map(
         }
         Ok(())
     })?;
-    let (root, level, generation) = extent_root.ok_or("the root tree has no extent tree")?;
+    let (root, level, generation) =
+        extent_root.ok_or_else(|| bad!("the root tree has no extent tree"))?;
 
     // The free-space tree, when valid: its free ranges (in order, disjoint) and their bytes
     // per chunk, for the extents to be checked against.
     let sector = u64::from(sb.sectorsize);
     let fst = if sb.compat_ro & COMPAT_RO_FST == COMPAT_RO_FST {
-        let (root, level, generation) = fst_root.ok_or("the root tree has no free-space tree")?;
+        let (root, level, generation) =
+            fst_root.ok_or_else(|| bad!("the root tree has no free-space tree"))?;
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut per_chunk = vec![0u64; chunks.chunks.len()];
-        let mut add_free = |start: u64, len: u64| -> std::result::Result<(), String> {
+        let mut add_free = |start: u64, len: u64| -> Checked<()> {
             let i = match chunks.index_of(start, len) {
                 Ok(i) => i,
                 // mkfs.btrfs (6.2 at least) leaves the free space of the temporary block
@@ -881,7 +857,7 @@ pub fn allocation_map(
             if let Some(&(s, l)) = ranges.last()
                 && start < s + l
             {
-                return Err(format!(
+                return Err(bad!(
                     "the free-space tree's ranges at {s} (+{l}) and {start} (+{len}) overlap"
                 ));
             }
@@ -897,14 +873,14 @@ pub fn allocation_map(
                 }
                 Visit::Item(key, _) if key.kind == KEY_FREE_SPACE_EXTENT => {
                     if key.offset == 0 {
-                        return Err(format!("free-space extent at {} is empty", key.objectid));
+                        return Err(bad!("free-space extent at {} is empty", key.objectid));
                     }
                     add_free(key.objectid, key.offset)?
                 }
                 Visit::Item(key, data) if key.kind == KEY_FREE_SPACE_BITMAP => {
                     let bits = key.offset / sector;
                     if bits == 0 || (data.len() as u64) < bits.div_ceil(8) {
-                        return Err(format!(
+                        return Err(bad!(
                             "free-space bitmap at {} is shorter than its range",
                             key.objectid
                         ));
@@ -964,14 +940,14 @@ pub fn allocation_map(
             Visit::Item(..) => return Ok(()),
         };
         if len == 0 || !logical.is_multiple_of(sector) || !len.is_multiple_of(sector) {
-            return Err(format!(
+            return Err(bad!(
                 "extent at logical {logical} (+{len}) is empty or not sector-aligned"
             ));
         }
         if let Some((s, l)) = last_extent
             && logical < s + l
         {
-            return Err(format!(
+            return Err(bad!(
                 "extents at logical {s} (+{l}) and {logical} (+{len}) overlap"
             ));
         }
@@ -982,7 +958,7 @@ pub fn allocation_map(
             if let Some(&(s, l)) = free.get(next_free)
                 && s < logical + len
             {
-                return Err(format!(
+                return Err(bad!(
                     "the free-space tree lists logical {s} (+{l}) as free, but the extent at \
                      {logical} (+{len}) is allocated"
                 ));
@@ -996,7 +972,7 @@ pub fn allocation_map(
         Ok(())
     })?;
     if used != sb.bytes_used {
-        return Err(format!(
+        return Err(bad!(
             "the extent tree holds {used} bytes of extents, the superblock counts {}",
             sb.bytes_used
         ));
@@ -1004,7 +980,8 @@ pub fn allocation_map(
 
     // Block group items: in the block group tree when the filesystem has one.
     if sb.compat_ro & COMPAT_RO_BLOCK_GROUP_TREE != 0 {
-        let (root, level, generation) = bg_root.ok_or("the root tree has no block group tree")?;
+        let (root, level, generation) =
+            bg_root.ok_or_else(|| bad!("the root tree has no block group tree"))?;
         trees.walk(&chunks, root, level, generation, &mut |v| {
             match v {
                 Visit::Node(logical) => {
@@ -1028,10 +1005,13 @@ pub fn allocation_map(
             // included (only its in-memory cache leaves them out).
             let accounted = chunk_used[i] + free[i];
             if accounted != c.length {
-                return Err(format!(
+                return Err(bad!(
                     "block group at logical {}: {} bytes of extents and {} free make {accounted} \
                      of its {} bytes",
-                    c.logical, chunk_used[i], free[i], c.length
+                    c.logical,
+                    chunk_used[i],
+                    free[i],
+                    c.length
                 ));
             }
         }
@@ -1040,7 +1020,7 @@ pub fn allocation_map(
     // Every tree block read lies in an extent the extent tree lists as a tree block.
     for logical in read_nodes {
         if !tree_extents.contains(&logical) {
-            return Err(format!(
+            return Err(bad!(
                 "tree block {logical} is not allocated in the extent tree"
             ));
         }
@@ -1055,9 +1035,9 @@ fn check_block_groups(
     chunks: &ChunkMap,
     groups: &[(Key, Vec<u8>)],
     chunk_used: &[u64],
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     if groups.len() != chunks.chunks.len() {
-        return Err(format!(
+        return Err(bad!(
             "{} block group items for {} chunks",
             groups.len(),
             chunks.chunks.len()
@@ -1066,21 +1046,21 @@ fn check_block_groups(
     for (key, data) in groups {
         let what = format!("block group at logical {}", key.objectid);
         if data.len() < 24 {
-            return Err(format!("{what}: item too short"));
+            return Err(bad!("{what}: item too short"));
         }
         let i = chunks
             .index_of(key.objectid, key.offset.max(1))
-            .map_err(|e| format!("{what}: {e}"))?;
+            .map_err(|e| within(e, what.clone()))?;
         let c = &chunks.chunks[i];
         if c.logical != key.objectid || c.length != key.offset {
-            return Err(format!("{what}: its range differs from its chunk's"));
+            return Err(bad!("{what}: its range differs from its chunk's"));
         }
         let (bg_used, flags) = (le_u64(data, 0), le_u64(data, 16));
         if flags & BG_TYPE_MASK != c.flags & BG_TYPE_MASK {
-            return Err(format!("{what}: its type differs from its chunk's"));
+            return Err(bad!("{what}: its type differs from its chunk's"));
         }
         if bg_used != chunk_used[i] {
-            return Err(format!(
+            return Err(bad!(
                 "{what}: it counts {bg_used} bytes used, the extent tree lists {}",
                 chunk_used[i]
             ));
@@ -1092,7 +1072,7 @@ fn check_block_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const MIB: u64 = 1 << 20;
@@ -1334,7 +1314,7 @@ mod tests {
         want
     }
 
-    fn map_of(img: Vec<u8>) -> std::result::Result<BlockMap, String> {
+    fn map_of(img: Vec<u8>) -> Checked<BlockMap> {
         let vol = Mem(img);
         let sb = Superblock::read(&vol).unwrap().unwrap();
         allocation_map(&vol, &sb, 4096)

@@ -32,12 +32,16 @@
 //!   0xC0 (GeneralSecondaryFlags @1, bit 1 NoFatChain; FirstCluster u32 @20; DataLength u64
 //!   @24).
 
-use super::alloc::{self, PIECE, Required, UsedRuns};
+use super::alloc::{self, PIECE, Required, UsedRuns, with_used_bytes};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
-use crate::probe::signatures::EXFAT_OEM;
+use crate::fs::check::{Checked, bad};
+
 use crate::volume::Volume;
+
+/// The OEM id at byte 3 of the boot sector.
+pub const EXFAT_OEM: &[u8; 8] = b"EXFAT   ";
 
 /// Largest root directory span scanned for the label and the bitmap entry.
 const DIR_SCAN_LIMIT: u64 = 1 << 20;
@@ -150,7 +154,7 @@ impl BootSector {
     }
 
     /// The FAT entry of cluster `c` in the active FAT.
-    fn fat_entry(&self, vol: &dyn Volume, c: u32) -> std::result::Result<u32, String> {
+    fn fat_entry(&self, vol: &dyn Volume, c: u32) -> Checked<u32> {
         let mut b = [0u8; 4];
         let at = self.fat_offset + self.active_fat * self.fat_length + u64::from(c) * 4;
         alloc::read(vol, at, &mut b, "FAT entry")?;
@@ -159,9 +163,9 @@ impl BootSector {
 
     /// Checks that the regions lie in order inside the filesystem and the filesystem inside
     /// the volume; returns the end of the cluster heap.
-    fn check_layout(&self, vol: &dyn Volume) -> std::result::Result<u64, String> {
+    fn check_layout(&self, vol: &dyn Volume) -> Checked<u64> {
         let size = self.size().filter(|&s| s <= vol.size()).ok_or_else(|| {
-            format!(
+            bad!(
                 "the filesystem spans {} sectors of {} bytes but the volume has only {} bytes",
                 self.volume_length,
                 self.sector,
@@ -175,7 +179,7 @@ impl BootSector {
             || fats_end > self.heap_offset
             || heap_end > size
         {
-            return Err(format!(
+            return Err(bad!(
                 "the regions do not fit: FATs at {}+{}×{}, heap at {} of {} clusters of {} \
                  bytes, {size} bytes in all",
                 self.fat_offset,
@@ -187,14 +191,14 @@ impl BootSector {
             ));
         }
         if self.active_fat >= self.fats {
-            return Err("the active FAT is the second of one".into());
+            return Err(bad!("the active FAT is the second of one"));
         }
         Ok(heap_end)
     }
 
     /// Reads the root directory (at most [`DIR_SCAN_LIMIT`] bytes) for the label and the
     /// active allocation bitmap's (first cluster, length).
-    pub fn root(&self, vol: &dyn Volume) -> std::result::Result<Root, String> {
+    pub fn root(&self, vol: &dyn Volume) -> Checked<Root> {
         let mut root = Root::default();
         let mut c = self.root_cluster;
         let mut read = 0u64;
@@ -238,31 +242,25 @@ impl BootSector {
 
     /// The first `count` clusters of the chain starting at `first` (of `what`), each a
     /// cluster of the volume, none twice, none bad.
-    fn chain(
-        &self,
-        vol: &dyn Volume,
-        first: u32,
-        count: u64,
-        what: &str,
-    ) -> std::result::Result<Vec<u32>, String> {
+    fn chain(&self, vol: &dyn Volume, first: u32, count: u64, what: &str) -> Checked<Vec<u32>> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut c = first;
         while (out.len() as u64) < count {
             if !self.in_range(c) {
-                return Err(format!(
+                return Err(bad!(
                     "{what}'s chain reaches cluster {c:#x} after {} clusters",
                     out.len()
                 ));
             }
             if !seen.insert(c) {
-                return Err(format!("{what}'s chain loops at cluster {c}"));
+                return Err(bad!("{what}'s chain loops at cluster {c}"));
             }
             out.push(c);
             if (out.len() as u64) < count {
                 let next = self.fat_entry(vol, c)?;
                 if next == FAT_BAD {
-                    return Err(format!("{what}'s chain hits bad cluster {c}"));
+                    return Err(bad!("{what}'s chain hits bad cluster {c}"));
                 }
                 c = next;
             }
@@ -272,19 +270,19 @@ impl BootSector {
 
     /// The root directory's clusters (at most [`ROOT_CHAIN_LIMIT`]): its chain up to the
     /// end-of-chain entry, which must come after clusters of the volume only.
-    fn root_chain(&self, vol: &dyn Volume) -> std::result::Result<Vec<u32>, String> {
+    fn root_chain(&self, vol: &dyn Volume) -> Checked<Vec<u32>> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut c = self.root_cluster;
         while (out.len() as u64) < ROOT_CHAIN_LIMIT {
             if !self.in_range(c) {
-                return Err(format!(
+                return Err(bad!(
                     "the root directory's chain reaches {c:#x} after {} clusters",
                     out.len()
                 ));
             }
             if !seen.insert(c) {
-                return Err(format!("the root directory's chain loops at cluster {c}"));
+                return Err(bad!("the root directory's chain loops at cluster {c}"));
             }
             out.push(c);
             c = self.fat_entry(vol, c)?;
@@ -298,7 +296,7 @@ impl BootSector {
     /// Checks the main and the backup boot region: sector 11 of each repeats the checksum of
     /// sectors 0–10, and both checksums are equal (the backup is never rewritten, the main
     /// region only in the fields the checksum skips).
-    fn check_boot_regions(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+    fn check_boot_regions(&self, vol: &dyn Volume) -> Checked<()> {
         let len = (BOOT_REGION_SECTORS * self.sector) as usize;
         let mut sums = [0u32; 2];
         for (i, name) in ["main", "backup"].into_iter().enumerate() {
@@ -307,16 +305,17 @@ impl BootSector {
             let body = len - self.sector as usize;
             let sum = boot_checksum(&b[..body]);
             if b[body..].chunks_exact(4).any(|c| u32_at(c, 0) != sum) {
-                return Err(format!(
+                return Err(bad!(
                     "the {name} boot region's checksum sector does not hold its checksum                      {sum:#010x}"
                 ));
             }
             sums[i] = sum;
         }
         if sums[0] != sums[1] {
-            return Err(format!(
+            return Err(bad!(
                 "the main and backup boot regions differ (checksums {:#010x} and {:#010x})",
-                sums[0], sums[1]
+                sums[0],
+                sums[1]
             ));
         }
         Ok(())
@@ -324,18 +323,14 @@ impl BootSector {
 
     /// The clusters the filesystem's own structures hold: the allocation bitmap, the up-case
     /// table, the root directory. Units are bitmap bits (cluster − 2).
-    fn system_clusters(
-        &self,
-        vol: &dyn Volume,
-        root: &Root,
-    ) -> std::result::Result<Required, String> {
+    fn system_clusters(&self, vol: &dyn Volume, root: &Root) -> Checked<Required> {
         let mut req = Required::default();
         let (bm, bm_len) = root
             .bitmap
-            .ok_or("the root directory has no allocation bitmap entry")?;
+            .ok_or_else(|| bad!("the root directory has no allocation bitmap entry"))?;
         let (up, up_len) = root
             .upcase
-            .ok_or("the root directory has no up-case table entry")?;
+            .ok_or_else(|| bad!("the root directory has no up-case table entry"))?;
         let parts = [
             (
                 "the allocation bitmap",
@@ -371,11 +366,7 @@ impl BootSector {
     /// the root (at most [`DIR_WALK_LIMIT`] bytes of directories): each file entry set's
     /// stream extension gives the first cluster and the length; with NoFatChain the clusters
     /// are contiguous, otherwise they follow the FAT.
-    fn file_clusters(
-        &self,
-        vol: &dyn Volume,
-        req: &mut Required,
-    ) -> std::result::Result<(), String> {
+    fn file_clusters(&self, vol: &dyn Volume, req: &mut Required) -> Checked<()> {
         let mut queue = vec![self.root_chain(vol)?];
         let mut read = 0u64;
         let max_dir = DIR_WALK_LIMIT / self.cluster;
@@ -405,7 +396,7 @@ impl BootSector {
                 let is_dir = u16_at(e, 4) & ATTR_DIRECTORY != 0;
                 let clusters = if x[1] & FLAG_NO_FAT_CHAIN != 0 {
                     if !self.in_range(first) || u64::from(first) - 2 + n > self.cluster_count {
-                        return Err(format!(
+                        return Err(bad!(
                             "a file's {n} contiguous clusters from {first} leave the heap"
                         ));
                     }
@@ -439,19 +430,19 @@ impl BootSector {
         used: &mut UsedRuns,
         required: Option<&Required>,
         limit: u64,
-    ) -> std::result::Result<(), String> {
+    ) -> Checked<()> {
         let (first, len) = root
             .bitmap
-            .ok_or("the root directory has no allocation bitmap entry")?;
+            .ok_or_else(|| bad!("the root directory has no allocation bitmap entry"))?;
         let need = self.cluster_count.div_ceil(8);
         if len < need {
-            return Err(format!(
+            return Err(bad!(
                 "the allocation bitmap holds {len} bytes for {} clusters",
                 self.cluster_count
             ));
         }
         if need > limit {
-            return Err(format!(
+            return Err(bad!(
                 "the allocation bitmap of {need} bytes is over the {limit}-byte limit"
             ));
         }
@@ -462,14 +453,12 @@ impl BootSector {
         let mut seen = std::collections::HashSet::new();
         loop {
             if !self.in_range(c) {
-                return Err(format!(
+                return Err(bad!(
                     "the allocation bitmap's chain reaches cluster {c:#x} after {pos} bytes"
                 ));
             }
             if !seen.insert(c) {
-                return Err(format!(
-                    "the allocation bitmap's chain loops at cluster {c}"
-                ));
+                return Err(bad!("the allocation bitmap's chain loops at cluster {c}"));
             }
             let in_cluster = self.cluster.min(need - pos);
             let mut done = 0u64;
@@ -499,9 +488,7 @@ impl BootSector {
             }
             let next = self.fat_entry(vol, c)?;
             if next == FAT_BAD {
-                return Err(format!(
-                    "the allocation bitmap's chain hits bad cluster {c}"
-                ));
+                return Err(bad!("the allocation bitmap's chain hits bad cluster {c}"));
             }
             c = next;
         }
@@ -509,12 +496,7 @@ impl BootSector {
 
     /// Clusters in use according to the allocation bitmap, reading at most `limit` bytes of
     /// it.
-    pub fn used_clusters(
-        &self,
-        vol: &dyn Volume,
-        root: &Root,
-        limit: u64,
-    ) -> std::result::Result<u64, String> {
+    pub fn used_clusters(&self, vol: &dyn Volume, root: &Root, limit: u64) -> Checked<u64> {
         let mut used = UsedRuns::new(None, 0, self.cluster);
         self.walk_bitmap(vol, root, &mut used, None, limit)?;
         Ok(used.finish())
@@ -549,7 +531,7 @@ pub fn allocation_map(
     boot: &BootSector,
     root: &Root,
     granularity: u64,
-) -> std::result::Result<(BlockMap, u64), String> {
+) -> Checked<(BlockMap, u64)> {
     let heap_end = boot.check_layout(vol)?;
     // Validation before trusting the bitmap (which must mark `required` used, checked in the
     // walk).
@@ -569,10 +551,7 @@ pub fn allocation_map(
 }
 
 /// Recognises exFAT on `vol`: its description and its allocation map (or why there is none).
-pub fn probe(
-    vol: &dyn Volume,
-    granularity: u64,
-) -> Result<Option<(FsInfo, std::result::Result<BlockMap, String>)>> {
+pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Option<(FsInfo, Checked<BlockMap>)>> {
     let Some(boot) = BootSector::read(vol)? else {
         return Ok(None);
     };
@@ -591,16 +570,15 @@ pub fn probe(
         label,
         block_size: boot.cluster as u32,
         size,
-        // Unknown without the bitmap: everything is read.
-        used_bytes: map.as_ref().map_or(size, |(_, used)| used * boot.cluster),
+        used_bytes: 0, // set from the bitmap
     };
-    Ok(Some((info, map.map(|(m, _)| m))))
+    Ok(Some(with_used_bytes(info, map, boot.cluster)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const SECTOR: usize = 512;

@@ -28,11 +28,13 @@
 //! directory's chain allocated. Anything else makes the map unusable (the caller then reads
 //! every block).
 
-use super::alloc::{self, PIECE, UsedRuns};
+use super::alloc::{self, PIECE, UsedRuns, with_used_bytes};
+use super::exfat::EXFAT_OEM;
+use super::ntfs::NTFS_OEM;
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at};
 use crate::error::Result;
-use crate::probe::signatures::{EXFAT_OEM, NTFS_OEM};
+use crate::fs::check::{Checked, bad};
 use crate::volume::Volume;
 
 /// Largest root directory span scanned for the volume label.
@@ -221,7 +223,7 @@ impl Bpb {
     }
 
     /// The FAT32 entry of cluster `c` (its low 28 bits) in the active FAT.
-    fn fat32_entry(&self, vol: &dyn Volume, c: u64) -> std::result::Result<u32, String> {
+    fn fat32_entry(&self, vol: &dyn Volume, c: u64) -> Checked<u32> {
         let mut b = [0u8; 4];
         alloc::read(
             vol,
@@ -233,7 +235,7 @@ impl Bpb {
     }
 
     /// The next cluster of a FAT32 chain; `None` at its end or on a bad entry.
-    fn fat32_next(&self, vol: &dyn Volume, c: u64) -> std::result::Result<Option<u64>, String> {
+    fn fat32_next(&self, vol: &dyn Volume, c: u64) -> Checked<Option<u64>> {
         let n = u64::from(self.fat32_entry(vol, c)?);
         Ok(self.in_range(n).then_some(n))
     }
@@ -246,7 +248,7 @@ impl Bpb {
     /// Checks that every FAT copy equals the active one over the bytes holding entries (as
     /// `fsck.fat` compares them). FAT32 with mirroring turned off keeps the others stale on
     /// purpose: not compared.
-    fn check_copies(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+    fn check_copies(&self, vol: &dyn Volume) -> Checked<()> {
         if self.active_fat.is_some() || self.fats < 2 {
             return Ok(());
         }
@@ -260,7 +262,7 @@ impl Bpb {
             for k in 1..self.fats {
                 alloc::read(vol, self.fat_offset(k) + pos, &mut b[..n], "a FAT copy")?;
                 if let Some(i) = (0..n).find(|&i| a[i] != b[i]) {
-                    return Err(format!(
+                    return Err(bad!(
                         "FAT 1 and FAT {} differ at byte {}",
                         k + 1,
                         pos + i as u64
@@ -273,7 +275,7 @@ impl Bpb {
     }
 
     /// Checks that FAT\[0\] holds the media byte with every other bit set.
-    fn check_media(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+    fn check_media(&self, vol: &dyn Volume) -> Checked<()> {
         let mut b = [0u8; 4];
         alloc::read(vol, self.fat_offset(self.active_fat()), &mut b, "FAT[0]")?;
         let (v, want) = match self.bits {
@@ -288,7 +290,7 @@ impl Bpb {
             ),
         };
         if v != want {
-            return Err(format!(
+            return Err(bad!(
                 "FAT[0] is {v:#x}, not {want:#x} for media byte {:#04x}",
                 self.media
             ));
@@ -298,7 +300,7 @@ impl Bpb {
 
     /// Checks that FAT32's root directory is an allocated chain of clusters of the volume,
     /// without a loop.
-    fn check_root_chain(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+    fn check_root_chain(&self, vol: &dyn Volume) -> Checked<()> {
         if self.bits != 32 {
             return Ok(());
         }
@@ -307,13 +309,13 @@ impl Bpb {
         // A chain longer than the clusters loops.
         for _ in 0..=self.clusters {
             if !self.in_range(c) {
-                return Err(format!(
+                return Err(bad!(
                     "the root directory's chain reaches cluster {c:#x}, outside the clusters"
                 ));
             }
             let v = self.fat32_entry(vol, c)?;
             if v == 0 || v == bad {
-                return Err(format!(
+                return Err(bad!(
                     "the root directory's cluster {c} is marked {} in the FAT",
                     if v == 0 { "free" } else { "bad" }
                 ));
@@ -323,11 +325,11 @@ impl Bpb {
             }
             c = u64::from(v);
         }
-        Err("the root directory's chain loops".into())
+        Err(bad!("the root directory's chain loops"))
     }
 
     /// The root directory bytes (at most [`DIR_SCAN_LIMIT`]), up to its end marker.
-    fn root_dir(&self, vol: &dyn Volume) -> std::result::Result<Vec<u8>, String> {
+    fn root_dir(&self, vol: &dyn Volume) -> Checked<Vec<u8>> {
         if self.bits != 32 {
             let mut b = vec![0u8; (self.root_entries * 32).min(DIR_SCAN_LIMIT) as usize];
             alloc::read(vol, self.root_dir_offset(), &mut b, "root directory")?;
@@ -402,17 +404,17 @@ impl Bpb {
         &self,
         vol: &dyn Volume,
         limit: u64,
-        mut f: impl FnMut(u64, u32) -> std::result::Result<(), String>,
-    ) -> std::result::Result<(), String> {
+        mut f: impl FnMut(u64, u32) -> Checked<()>,
+    ) -> Checked<()> {
         let bits = u64::from(self.bits);
         let need = self.fat_bytes_used();
         if need > limit {
-            return Err(format!(
+            return Err(bad!(
                 "the FAT of {need} bytes is over the {limit}-byte limit"
             ));
         }
         if self.active_fat() >= self.fats {
-            return Err(format!(
+            return Err(bad!(
                 "the active FAT is number {} of {}",
                 self.active_fat(),
                 self.fats
@@ -446,7 +448,7 @@ impl Bpb {
                     }
                     (16, _, Some(w)) => u32::from(u16_at(w, 0)),
                     (32, Some(w), _) => u32_at(w, 0) & 0x0FFF_FFFF,
-                    _ => return Err(format!("FAT entry of cluster {c} is cut short")),
+                    _ => return Err(bad!("FAT entry of cluster {c} is cut short")),
                 };
                 f(c, v)?;
             }
@@ -456,7 +458,7 @@ impl Bpb {
     }
 
     /// Free clusters counted in the active FAT (reading at most `limit` bytes of it).
-    pub fn count_free(&self, vol: &dyn Volume, limit: u64) -> std::result::Result<u64, String> {
+    pub fn count_free(&self, vol: &dyn Volume, limit: u64) -> Checked<u64> {
         let mut free = 0u64;
         self.walk_fat(vol, limit, |_, v| {
             free += u64::from(v == 0);
@@ -477,39 +479,35 @@ impl Bpb {
 
 /// Builds the allocation map of a FAT volume at `granularity` bytes per bit, with the number
 /// of clusters in use. `Err` explains why the filesystem's data cannot be trusted.
-pub fn allocation_map(
-    vol: &dyn Volume,
-    bpb: &Bpb,
-    granularity: u64,
-) -> std::result::Result<(BlockMap, u64), String> {
+pub fn allocation_map(vol: &dyn Volume, bpb: &Bpb, granularity: u64) -> Checked<(BlockMap, u64)> {
     let max = match bpb.bits {
         12 => FAT12_MAX_CLUSTERS,
         16 => FAT16_MAX_CLUSTERS,
         _ => FAT32_MAX_CLUSTERS,
     };
     if bpb.clusters > max {
-        return Err(format!(
+        return Err(bad!(
             "{} clusters are too many for {}",
             bpb.clusters,
             bpb.version()
         ));
     }
     if bpb.size() > vol.size() {
-        return Err(format!(
+        return Err(bad!(
             "the filesystem spans {} bytes but the volume has only {}",
             bpb.size(),
             vol.size()
         ));
     }
     if bpb.bits == 32 && !bpb.in_range(bpb.root_cluster) {
-        return Err(format!(
+        return Err(bad!(
             "the root directory starts at cluster {}, outside the clusters",
             bpb.root_cluster
         ));
     }
     // Validation before trusting the FAT (the entries themselves are checked in the walk).
     if bpb.active_fat() >= bpb.fats {
-        return Err(format!(
+        return Err(bad!(
             "the active FAT is number {} of {}",
             bpb.active_fat(),
             bpb.fats
@@ -533,7 +531,7 @@ pub fn allocation_map(
             return Ok(());
         }
         if v < eoc && !bpb.in_range(u64::from(v)) {
-            return Err(format!(
+            return Err(bad!(
                 "the FAT entry of cluster {c} is {v:#x}, outside the {} clusters",
                 bpb.clusters
             ));
@@ -547,10 +545,7 @@ pub fn allocation_map(
 
 /// Recognises FAT12/16/32 on `vol`: its description and its allocation map (or why there is
 /// none).
-pub fn probe(
-    vol: &dyn Volume,
-    granularity: u64,
-) -> Result<Option<(FsInfo, std::result::Result<BlockMap, String>)>> {
+pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Option<(FsInfo, Checked<BlockMap>)>> {
     let Some(bpb) = Bpb::read(vol)? else {
         return Ok(None);
     };
@@ -562,18 +557,15 @@ pub fn probe(
         label: bpb.label(vol).unwrap_or_default(),
         block_size: bpb.cluster as u32,
         size: bpb.size(),
-        // Unknown without the FAT: everything is read.
-        used_bytes: map
-            .as_ref()
-            .map_or(bpb.size(), |(_, used)| used * bpb.cluster),
+        used_bytes: 0, // set from the FAT
     };
-    Ok(Some((info, map.map(|(m, _)| m))))
+    Ok(Some(with_used_bytes(info, map, bpb.cluster)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     fn put(img: &mut [u8], at: usize, bytes: &[u8]) {

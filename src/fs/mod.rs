@@ -7,6 +7,9 @@
 
 mod alloc;
 pub mod btrfs;
+pub mod check;
+pub mod crc32;
+pub mod detect;
 pub mod disk;
 pub mod exfat;
 pub mod ext;
@@ -16,6 +19,8 @@ pub mod xfs;
 
 use crate::error::Result;
 use crate::volume::Volume;
+use check::Checked;
+pub use check::MapCheck;
 use serde::{Deserialize, Serialize};
 
 /// What a probe found on a volume.
@@ -154,35 +159,10 @@ pub struct Probe {
 }
 
 /// Detects the filesystem on `vol` and, when supported, builds its allocation map at
-/// `granularity` bytes per bit.
+/// `granularity` bytes per bit. The format is the first match of [`detect::RECOGNISERS`]
+/// (see [`detect`] for the rule when a volume carries several signatures).
 pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
-    if let Some(sb) = ext::Superblock::read(vol)? {
-        let map = ext::allocation_map(vol, &sb, granularity);
-        return Ok(Probe::mapped(sb.info(), map));
-    }
-    if let Some(sb) = xfs::Superblock::read(vol)? {
-        let mut p = Probe::mapped(sb.info(), xfs::allocation_map(vol, &sb, granularity));
-        p.warning = p.warning.or(sb.realtime_note());
-        return Ok(p);
-    }
-    if let Some(sb) = btrfs::Superblock::read(vol)? {
-        let map = btrfs::allocation_map(vol, &sb, granularity);
-        return Ok(Probe::mapped(sb.info(), map));
-    }
-    if let Some((info, map)) = ntfs::probe(vol, granularity)? {
-        return Ok(Probe::mapped(info, map));
-    }
-    if let Some((info, map)) = exfat::probe(vol, granularity)? {
-        return Ok(Probe::mapped(info, map));
-    }
-    if let Some((info, map)) = fat::probe(vol, granularity)? {
-        return Ok(Probe::mapped(info, map));
-    }
-    Ok(Probe {
-        fs: None,
-        map: None,
-        warning: None,
-    })
+    detect::map(vol, granularity)
 }
 
 /// What change tracking found: the blocks of a volume known to be unchanged since an
@@ -213,7 +193,11 @@ pub fn unchanged_blocks(
                 },
                 Err(why) => Unchanged {
                     map: None,
-                    note: Some(format!("{}: no change tracking ({why})", sb.fs_type())),
+                    note: Some(format!(
+                        "{}: no change tracking ({})",
+                        sb.fs_type(),
+                        crate::error::chain(&why)
+                    )),
                 },
             },
         );
@@ -221,15 +205,37 @@ pub fn unchanged_blocks(
     Ok(Unchanged::default())
 }
 
+/// A 16-byte UUID in its usual text form (`8-4-4-4-12` hex digits, bytes in order).
+pub fn uuid_string(b: &[u8; 16]) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex::encode(&b[0..4]),
+        hex::encode(&b[4..6]),
+        hex::encode(&b[6..8]),
+        hex::encode(&b[8..10]),
+        hex::encode(&b[10..16])
+    )
+}
+
+/// The 16 bytes at `at` of `b` (a UUID field of a superblock).
+pub(crate) fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&b[at..at + 16]);
+    u
+}
+
 impl Probe {
     /// A recognised filesystem with its map, or without one and a warning saying why.
-    fn mapped(info: FsInfo, map: std::result::Result<BlockMap, String>) -> Probe {
+    fn mapped(info: FsInfo, map: Checked<BlockMap>) -> Probe {
         let warning = map.as_ref().err().map(|why| {
             let name = match &info.version {
                 Some(v) if info.fs_type == "vfat" => format!("{} ({v})", info.fs_type),
                 _ => info.fs_type.clone(),
             };
-            format!("{name} allocation data is unusable ({why}); reading every block")
+            format!(
+                "{name} allocation data is unusable ({}); reading every block",
+                crate::error::chain(why)
+            )
         });
         Probe {
             fs: Some(info),
@@ -240,8 +246,30 @@ impl Probe {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::error::Error;
+
+    /// An in-memory volume.
+    pub struct Mem(pub Vec<u8>);
+
+    impl Volume for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let len = buf.len() as u64;
+            let end = offset
+                .checked_add(len)
+                .filter(|&e| e <= self.0.len() as u64)
+                .ok_or_else(|| Error::read_out_of_range("mem", offset, len, self.size()))?;
+            buf.copy_from_slice(&self.0[offset as usize..end as usize]);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+    }
 
     #[test]
     fn fs_info_without_version_reads_and_writes_as_before() {

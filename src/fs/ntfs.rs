@@ -36,12 +36,16 @@
 //! `$MFTMirr`, and `$MFT`'s own record bitmap must mark the system records in use. A `$Bitmap`
 //! zeroed or overwritten fails the first check; a damaged MFT start fails the second.
 
-use super::alloc::{self, PIECE, Required, UsedRuns};
+use super::alloc::{self, PIECE, Required, UsedRuns, with_used_bytes};
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at, le_u64 as u64_at};
 use crate::error::Result;
-use crate::probe::signatures::NTFS_OEM;
+use crate::fs::check::{Checked, bad, within};
+
 use crate::volume::Volume;
+
+/// The OEM id at byte 3 of the boot sector.
+pub const NTFS_OEM: &[u8; 8] = b"NTFS    ";
 
 /// MFT records the map reads.
 const RECORD_MFT: u64 = 0;
@@ -172,16 +176,16 @@ impl BootSector {
 
 /// Applies the update sequence array of a multi-sector protected record in place, checking
 /// that every stride carries the update sequence number.
-pub fn apply_fixups(r: &mut [u8]) -> std::result::Result<(), String> {
+pub fn apply_fixups(r: &mut [u8]) -> Checked<()> {
     if r.len() < FIXUP_STRIDE || !r.len().is_multiple_of(FIXUP_STRIDE) {
-        return Err(format!("a {}-byte record cannot carry fixups", r.len()));
+        return Err(bad!("a {}-byte record cannot carry fixups", r.len()));
     }
     let usa = usize::from(u16_at(r, 4));
     let count = usize::from(u16_at(r, 6));
     let strides = r.len() / FIXUP_STRIDE;
     // The array lies in the first stride, before its protected last two bytes.
     if count != strides + 1 || !usa.is_multiple_of(2) || usa < 8 || usa + 2 * count > 510 {
-        return Err(format!(
+        return Err(bad!(
             "update sequence array at {usa} with {count} entries does not fit a {}-byte \
              record",
             r.len()
@@ -191,7 +195,7 @@ pub fn apply_fixups(r: &mut [u8]) -> std::result::Result<(), String> {
     for i in 1..count {
         let end = i * FIXUP_STRIDE;
         if r[end - 2..end] != usn {
-            return Err(format!(
+            return Err(bad!(
                 "stride {i} does not end in the update sequence number (torn write)"
             ));
         }
@@ -213,25 +217,25 @@ pub struct Run {
 /// Decodes a runlist of a metadata file on a volume of `clusters` clusters. Sparse runs, runs
 /// outside the volume and more virtual clusters than the volume has are refused (metadata
 /// files are never sparse, and a file cannot be bigger than its volume).
-pub fn decode_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, String> {
+pub fn decode_runlist(b: &[u8], clusters: u64) -> Checked<Vec<Run>> {
     decode(b, clusters, false)
 }
 
 /// Decodes the runlist of any file's attribute: sparse runs (compressed and sparse files) are
 /// skipped, and the virtual clusters may outnumber the volume's; every allocated run must lie
 /// inside the volume.
-fn decode_file_runlist(b: &[u8], clusters: u64) -> std::result::Result<Vec<Run>, String> {
+fn decode_file_runlist(b: &[u8], clusters: u64) -> Checked<Vec<Run>> {
     decode(b, clusters, true)
 }
 
-fn decode(b: &[u8], clusters: u64, sparse_ok: bool) -> std::result::Result<Vec<Run>, String> {
+fn decode(b: &[u8], clusters: u64, sparse_ok: bool) -> Checked<Vec<Run>> {
     let mut runs = Vec::new();
     let mut pos = 0usize;
     let mut vcn = 0u64;
     let mut lcn = 0i64;
     loop {
         let Some(&h) = b.get(pos) else {
-            return Err("the runlist has no end marker".into());
+            return Err(bad!("the runlist has no end marker"));
         };
         if h == 0 {
             return Ok(runs);
@@ -239,32 +243,32 @@ fn decode(b: &[u8], clusters: u64, sparse_ok: bool) -> std::result::Result<Vec<R
         let len_bytes = usize::from(h & 0x0F);
         let off_bytes = usize::from(h >> 4);
         if !(1..=8).contains(&len_bytes) || off_bytes > 8 {
-            return Err(format!("runlist header byte {h:#04x} is invalid"));
+            return Err(bad!("runlist header byte {h:#04x} is invalid"));
         }
-        let field = |at: usize, n: usize| -> std::result::Result<&[u8], String> {
+        let field = |at: usize, n: usize| -> Checked<&[u8]> {
             b.get(at..at + n)
-                .ok_or_else(|| "the runlist runs past its attribute".to_string())
+                .ok_or_else(|| bad!("the runlist runs past its attribute"))
         };
         let len = le_unsigned(field(pos + 1, len_bytes)?);
         if off_bytes == 0 && sparse_ok {
             pos += 1 + len_bytes;
             vcn = vcn
                 .checked_add(len)
-                .ok_or_else(|| format!("the runlist overflows at VCN {vcn}"))?;
+                .ok_or_else(|| bad!("the runlist overflows at VCN {vcn}"))?;
             continue;
         }
         if off_bytes == 0 {
-            return Err(format!("sparse run at VCN {vcn} in a metadata file"));
+            return Err(bad!("sparse run at VCN {vcn} in a metadata file"));
         }
         let delta = le_signed(field(pos + 1 + len_bytes, off_bytes)?);
         pos += 1 + len_bytes + off_bytes;
         lcn = lcn
             .checked_add(delta)
             .filter(|&l| l >= 0)
-            .ok_or_else(|| format!("run at VCN {vcn} has a negative LCN"))?;
+            .ok_or_else(|| bad!("run at VCN {vcn} has a negative LCN"))?;
         let start = lcn as u64;
         if len == 0 || start.checked_add(len).is_none_or(|e| e > clusters) {
-            return Err(format!(
+            return Err(bad!(
                 "run at VCN {vcn} (LCN {start}, {len} clusters) lies outside the {clusters} \
                  clusters of the volume"
             ));
@@ -277,7 +281,7 @@ fn decode(b: &[u8], clusters: u64, sparse_ok: bool) -> std::result::Result<Vec<R
         vcn = vcn
             .checked_add(len)
             .filter(|&v| sparse_ok || v <= clusters)
-            .ok_or_else(|| format!("the runlist maps more than the {clusters} clusters"))?;
+            .ok_or_else(|| bad!("the runlist maps more than the {clusters} clusters"))?;
     }
 }
 
@@ -315,18 +319,18 @@ impl<'a> Attr<'a> {
 
     /// The runlist of a non-resident attribute (sparse runs refused) on a volume of
     /// `clusters` clusters.
-    fn runs(&self, clusters: u64) -> std::result::Result<Vec<Run>, String> {
+    fn runs(&self, clusters: u64) -> Checked<Vec<Run>> {
         let at = usize::from(u16_at(self.b, 0x20));
         decode_runlist(self.b.get(at..).unwrap_or_default(), clusters)
     }
 
-    fn resident_value(&self) -> std::result::Result<&'a [u8], String> {
+    fn resident_value(&self) -> Checked<&'a [u8]> {
         let b = self.b;
         let len = u32_at(b, 0x10) as usize;
         let off = usize::from(u16_at(b, 0x14));
         off.checked_add(len)
             .and_then(|end| b.get(off..end))
-            .ok_or_else(|| format!("resident value of attribute {:#x} overflows it", self.ty))
+            .ok_or_else(|| bad!("resident value of attribute {:#x} overflows it", self.ty))
     }
 }
 
@@ -348,17 +352,17 @@ pub struct Record {
 
 impl Record {
     /// Checks the record header, applies fixups and checks that it is record `number` in use.
-    fn parse(mut bytes: Vec<u8>, number: u64) -> std::result::Result<Record, String> {
+    fn parse(mut bytes: Vec<u8>, number: u64) -> Checked<Record> {
         if bytes.len() < 64 || &bytes[0..4] != b"FILE" {
-            return Err(format!("MFT record {number} has no FILE signature"));
+            return Err(bad!("MFT record {number} has no FILE signature"));
         }
-        apply_fixups(&mut bytes).map_err(|e| format!("MFT record {number}: {e}"))?;
+        apply_fixups(&mut bytes).map_err(|e| within(e, format!("MFT record {number}")))?;
         if u16_at(&bytes, 0x16) & RECORD_IN_USE == 0 {
-            return Err(format!("MFT record {number} is not in use"));
+            return Err(bad!("MFT record {number} is not in use"));
         }
         // NTFS 3.1 headers (array at 0x30 or later) carry their own number.
         if u16_at(&bytes, 4) >= 0x30 && u64::from(u32_at(&bytes, 0x2C)) != number {
-            return Err(format!(
+            return Err(bad!(
                 "MFT record {number} says it is record {}",
                 u32_at(&bytes, 0x2C)
             ));
@@ -367,7 +371,7 @@ impl Record {
     }
 
     /// The attributes, each checked to lie inside the used part of the record.
-    fn attributes(&self) -> std::result::Result<Vec<Attr<'_>>, String> {
+    fn attributes(&self) -> Checked<Vec<Attr<'_>>> {
         let r = &self.bytes;
         let n = self.number;
         let used = (u32_at(r, 0x18) as usize).min(r.len());
@@ -376,7 +380,7 @@ impl Record {
         // Each attribute takes at least 24 bytes, so the walk ends.
         loop {
             if a + 8 > used {
-                return Err(format!("MFT record {n}: attribute list has no end marker"));
+                return Err(bad!("MFT record {n}: attribute list has no end marker"));
             }
             let ty = u32_at(r, a);
             if ty == ATTR_END {
@@ -384,13 +388,13 @@ impl Record {
             }
             let len = u32_at(r, a + 4) as usize;
             if len < 24 || !len.is_multiple_of(8) || a + len > used {
-                return Err(format!(
+                return Err(bad!(
                     "MFT record {n}: attribute {ty:#x} at {a} has a bad length {len}"
                 ));
             }
             let b = &r[a..a + len];
             if b[8] != 0 && len < 0x40 {
-                return Err(format!(
+                return Err(bad!(
                     "MFT record {n}: non-resident attribute {ty:#x} is too short"
                 ));
             }
@@ -400,14 +404,14 @@ impl Record {
     }
 
     /// The unnamed `$DATA` attribute of a metadata file on a volume of `clusters` clusters.
-    fn data(&self, clusters: u64, cluster_size: u64) -> std::result::Result<Data<'_>, String> {
+    fn data(&self, clusters: u64, cluster_size: u64) -> Checked<Data<'_>> {
         let n = self.number;
         let attrs = self.attributes()?;
         let Some(a) = attrs.iter().find(|a| a.ty == ATTR_DATA && a.unnamed()) else {
             return Err(if attrs.iter().any(|a| a.ty == ATTR_ATTRIBUTE_LIST) {
-                format!("MFT record {n}: $DATA is in extension records (attribute list)")
+                bad!("MFT record {n}: $DATA is in extension records (attribute list)")
             } else {
-                format!("MFT record {n} has no $DATA attribute")
+                bad!("MFT record {n} has no $DATA attribute")
             });
         };
         if !a.non_resident() {
@@ -419,22 +423,22 @@ impl Record {
         let data_size = u64_at(b, 0x30);
         let initialised = u64_at(b, 0x38);
         if lowest != 0 {
-            return Err(format!(
+            return Err(bad!(
                 "MFT record {n}: $DATA starts at VCN {lowest} (continued from elsewhere)"
             ));
         }
         let runs = a
             .runs(clusters)
-            .map_err(|e| format!("MFT record {n}: {e}"))?;
+            .map_err(|e| within(e, format!("MFT record {n}")))?;
         let mapped = runs.last().map_or(0, |r| r.vcn + r.len);
         if highest.checked_add(1) != Some(mapped) {
-            return Err(format!(
+            return Err(bad!(
                 "MFT record {n}: $DATA ends at VCN {highest} but its runs map {mapped} clusters"
             ));
         }
         // `mapped` <= clusters, and the volume holds clusters × cluster size bytes.
         if data_size > mapped * cluster_size || initialised < data_size {
-            return Err(format!(
+            return Err(bad!(
                 "MFT record {n}: $DATA of {data_size} bytes ({initialised} initialised) does \
                  not match its {mapped} clusters"
             ));
@@ -454,7 +458,7 @@ fn read_runs(
     offset: u64,
     buf: &mut [u8],
     what: &str,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     let mut done = 0usize;
     while done < buf.len() {
         let pos = offset + done as u64;
@@ -462,7 +466,7 @@ fn read_runs(
         let run = runs
             .iter()
             .find(|r| r.vcn <= vcn && vcn < r.vcn + r.len)
-            .ok_or_else(|| format!("{what}: byte {pos} is not mapped"))?;
+            .ok_or_else(|| bad!("{what}: byte {pos} is not mapped"))?;
         let left = (run.vcn + run.len) * cluster - pos;
         let n = left.min((buf.len() - done) as u64) as usize;
         let disk = (run.lcn + (vcn - run.vcn)) * cluster + pos % cluster;
@@ -480,10 +484,10 @@ pub struct Mft {
 
 impl Mft {
     /// Reads record 0 (`$MFT`) at the LCN the boot sector gives, and its `$DATA` runlist.
-    pub fn open(vol: &dyn Volume, boot: &BootSector) -> std::result::Result<Mft, String> {
+    pub fn open(vol: &dyn Volume, boot: &BootSector) -> Checked<Mft> {
         let clusters = boot.clusters();
         if boot.mft_lcn >= clusters {
-            return Err(format!(
+            return Err(bad!(
                 "$MFT at cluster {} is outside the {clusters} clusters",
                 boot.mft_lcn
             ));
@@ -498,10 +502,12 @@ impl Mft {
         let rec = Record::parse(b, RECORD_MFT)?;
         let runs = match rec.data(clusters, boot.cluster_size)? {
             Data::NonResident { runs, .. } => runs,
-            Data::Resident(_) => return Err("$MFT's $DATA is resident".into()),
+            Data::Resident(_) => return Err(bad!("$MFT's $DATA is resident")),
         };
         if runs.first().map(|r| r.lcn) != Some(boot.mft_lcn) {
-            return Err("$MFT's $DATA does not start where the boot sector says".into());
+            return Err(bad!(
+                "$MFT's $DATA does not start where the boot sector says"
+            ));
         }
         Ok(Mft {
             boot: boot.clone(),
@@ -510,7 +516,7 @@ impl Mft {
     }
 
     /// Reads the raw bytes of MFT record `n`.
-    fn raw_record(&self, vol: &dyn Volume, n: u64) -> std::result::Result<Vec<u8>, String> {
+    fn raw_record(&self, vol: &dyn Volume, n: u64) -> Checked<Vec<u8>> {
         let size = self.boot.record_size;
         let mut b = vec![0u8; size as usize];
         read_runs(
@@ -525,7 +531,7 @@ impl Mft {
     }
 
     /// Reads MFT record `n`.
-    fn record(&self, vol: &dyn Volume, n: u64) -> std::result::Result<Record, String> {
+    fn record(&self, vol: &dyn Volume, n: u64) -> Checked<Record> {
         Record::parse(self.raw_record(vol, n)?, n)
     }
 
@@ -533,7 +539,7 @@ impl Mft {
     /// every run of a non-resident attribute of MFT records 0 to 15 (but `$BadClus`'s `$Bad`
     /// stream, which is sparse and names clusters that may not be readable). Records 0 to 11
     /// must be readable and sound; the reserved records 12 to 15 are skipped when not.
-    fn system_clusters(&self, vol: &dyn Volume) -> std::result::Result<Required, String> {
+    fn system_clusters(&self, vol: &dyn Volume) -> Checked<Required> {
         let clusters = self.boot.clusters();
         let mut req = Required::default();
         req.add(0, BOOT_FILE_LEN.div_ceil(self.boot.cluster_size), "$Boot");
@@ -550,7 +556,7 @@ impl Mft {
                     let what = format!("{name} (attribute {:#x})", a.ty);
                     let r = a
                         .runs(clusters)
-                        .map_err(|e| format!("MFT record {n}, attribute {:#x}: {e}", a.ty))?;
+                        .map_err(|e| within(e, format!("MFT record {n}, attribute {:#x}", a.ty)))?;
                     runs.extend(r.into_iter().map(|r| (r, what.clone())));
                 }
                 Ok(runs)
@@ -570,16 +576,12 @@ impl Mft {
     /// record in use after the system records (extension records included, so attribute
     /// lists need not be followed). An in-use record that is torn or otherwise unsound, or a
     /// run outside the volume, is damage.
-    fn file_clusters(
-        &self,
-        vol: &dyn Volume,
-        req: &mut Required,
-    ) -> std::result::Result<(), String> {
+    fn file_clusters(&self, vol: &dyn Volume, req: &mut Required) -> Checked<()> {
         let (clusters, cluster) = (self.boot.clusters(), self.boot.cluster_size);
         let size_rec = self.boot.record_size;
         let records = match self.record(vol, RECORD_MFT)?.data(clusters, cluster)? {
             Data::NonResident { size, .. } => size / size_rec,
-            Data::Resident(_) => return Err("$MFT's $DATA is resident".into()),
+            Data::Resident(_) => return Err(bad!("$MFT's $DATA is resident")),
         };
         let per_piece = (PIECE / size_rec).max(1);
         let mut buf = vec![0u8; (per_piece.min(records) * size_rec) as usize];
@@ -598,7 +600,9 @@ impl Mft {
                         }
                         let at = usize::from(u16_at(a.b, 0x20));
                         let runs = decode_file_runlist(a.b.get(at..).unwrap_or_default(), clusters)
-                            .map_err(|e| format!("MFT record {n}, attribute {:#x}: {e}", a.ty))?;
+                            .map_err(|e| {
+                                within(e, format!("MFT record {n}, attribute {:#x}", a.ty))
+                            })?;
                         for r in runs {
                             req.add_record(r.lcn, r.len, n);
                         }
@@ -612,29 +616,31 @@ impl Mft {
 
     /// Checks that the first records of `$MFT` equal their copies in `$MFTMirr` (as ntfs-3g
     /// does before it mounts): both with their fixups applied, over the bytes in use.
-    fn check_mirror(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+    fn check_mirror(&self, vol: &dyn Volume) -> Checked<()> {
         let (clusters, cluster) = (self.boot.clusters(), self.boot.cluster_size);
         let rec = self.record(vol, RECORD_MFTMIRR)?;
         let Data::NonResident { runs, size } = rec.data(clusters, cluster)? else {
-            return Err("$MFTMirr's $DATA is resident".into());
+            return Err(bad!("$MFTMirr's $DATA is resident"));
         };
         if runs.first().map(|r| r.lcn) != Some(self.boot.mirror_lcn) {
-            return Err("$MFTMirr's $DATA does not start where the boot sector says".into());
+            return Err(bad!(
+                "$MFTMirr's $DATA does not start where the boot sector says"
+            ));
         }
         let size_rec = self.boot.record_size;
         let count = MIRROR_RECORDS.min(size / size_rec);
         if count == 0 {
-            return Err(format!("$MFTMirr holds {size} bytes, less than a record"));
+            return Err(bad!("$MFTMirr holds {size} bytes, less than a record"));
         }
         for n in 0..count {
             let mut main = self.raw_record(vol, n)?;
             let mut copy = vec![0u8; size_rec as usize];
             read_runs(vol, &runs, cluster, n * size_rec, &mut copy, "$MFTMirr")?;
-            apply_fixups(&mut main).map_err(|e| format!("MFT record {n}: {e}"))?;
-            apply_fixups(&mut copy).map_err(|e| format!("$MFTMirr record {n}: {e}"))?;
+            apply_fixups(&mut main).map_err(|e| within(e, format!("MFT record {n}")))?;
+            apply_fixups(&mut copy).map_err(|e| within(e, format!("$MFTMirr record {n}")))?;
             let used = (u32_at(&main, 0x18) as usize).min(main.len());
             if main[..used] != copy[..used] {
-                return Err(format!("MFT record {n} differs from its copy in $MFTMirr"));
+                return Err(bad!("MFT record {n} differs from its copy in $MFTMirr"));
             }
         }
         Ok(())
@@ -642,23 +648,21 @@ impl Mft {
 
     /// Checks `$MFT`'s own `$BITMAP` (one bit per record, set when in use): it covers every
     /// record and marks records 0 to 11 in use.
-    fn check_record_bitmap(&self, vol: &dyn Volume) -> std::result::Result<(), String> {
+    fn check_record_bitmap(&self, vol: &dyn Volume) -> Checked<()> {
         let (clusters, cluster) = (self.boot.clusters(), self.boot.cluster_size);
         let rec = self.record(vol, RECORD_MFT)?;
         let attrs = rec.attributes()?;
         let a = attrs
             .iter()
             .find(|a| a.ty == ATTR_BITMAP && a.unnamed())
-            .ok_or("$MFT has no $BITMAP attribute")?;
+            .ok_or_else(|| bad!("$MFT has no $BITMAP attribute"))?;
         let records = match rec.data(clusters, cluster)? {
             Data::NonResident { size, .. } => size / self.boot.record_size,
-            Data::Resident(_) => return Err("$MFT's $DATA is resident".into()),
+            Data::Resident(_) => return Err(bad!("$MFT's $DATA is resident")),
         };
         let mut head = [0u8; 2];
         let bits = if a.non_resident() {
-            let runs = a
-                .runs(clusters)
-                .map_err(|e| format!("$MFT's $BITMAP: {e}"))?;
+            let runs = a.runs(clusters).map_err(|e| within(e, "$MFT's $BITMAP"))?;
             read_runs(vol, &runs, cluster, 0, &mut head, "$MFT's $BITMAP")?;
             u64_at(a.b, 0x30).saturating_mul(8)
         } else {
@@ -668,21 +672,20 @@ impl Mft {
             v.len() as u64 * 8
         };
         if bits < records {
-            return Err(format!(
-                "$MFT's $BITMAP has {bits} bits for {records} records"
-            ));
+            return Err(bad!("$MFT's $BITMAP has {bits} bits for {records} records"));
         }
         if head[0] != 0xFF || head[1] & 0x0F != 0x0F {
-            return Err(format!(
+            return Err(bad!(
                 "$MFT's $BITMAP marks system records free ({:#04x} {:#04x})",
-                head[0], head[1]
+                head[0],
+                head[1]
             ));
         }
         Ok(())
     }
 
     /// The volume label (`$VOLUME_NAME` of `$Volume`); `None` when it is empty.
-    pub fn label(&self, vol: &dyn Volume) -> std::result::Result<Option<String>, String> {
+    pub fn label(&self, vol: &dyn Volume) -> Checked<Option<String>> {
         let rec = self.record(vol, RECORD_VOLUME)?;
         let attrs = rec.attributes()?;
         let Some(a) = attrs
@@ -709,12 +712,12 @@ impl Mft {
         used: &mut UsedRuns,
         required: Option<&Required>,
         limit: u64,
-    ) -> std::result::Result<(), String> {
+    ) -> Checked<()> {
         let clusters = self.boot.clusters();
         let cluster = self.boot.cluster_size;
         let need = clusters.div_ceil(8);
         if need > limit {
-            return Err(format!(
+            return Err(bad!(
                 "$Bitmap of {need} bytes is over the {limit}-byte limit"
             ));
         }
@@ -722,7 +725,7 @@ impl Mft {
         match rec.data(clusters, cluster)? {
             Data::Resident(v) => {
                 if (v.len() as u64) < need {
-                    return Err(format!(
+                    return Err(bad!(
                         "$Bitmap holds {} bytes for {clusters} clusters",
                         v.len()
                     ));
@@ -734,9 +737,7 @@ impl Mft {
             }
             Data::NonResident { runs, size } => {
                 if size < need {
-                    return Err(format!(
-                        "$Bitmap holds {size} bytes for {clusters} clusters"
-                    ));
+                    return Err(bad!("$Bitmap holds {size} bytes for {clusters} clusters"));
                 }
                 let mut buf = vec![0u8; PIECE.min(need) as usize];
                 let mut pos = 0u64;
@@ -755,7 +756,7 @@ impl Mft {
     }
 
     /// Clusters in use according to `$Bitmap`, reading at most `limit` bytes of it.
-    pub fn used_clusters(&self, vol: &dyn Volume, limit: u64) -> std::result::Result<u64, String> {
+    pub fn used_clusters(&self, vol: &dyn Volume, limit: u64) -> Checked<u64> {
         let mut used = UsedRuns::new(None, 0, self.boot.cluster_size);
         self.walk_bitmap(vol, &mut used, None, limit)?;
         Ok(used.finish())
@@ -764,16 +765,12 @@ impl Mft {
 
 /// Builds the allocation map of an NTFS volume at `granularity` bytes per bit, with the
 /// number of clusters in use. `Err` explains why the filesystem's data cannot be trusted.
-pub fn allocation_map(
-    vol: &dyn Volume,
-    mft: &Mft,
-    granularity: u64,
-) -> std::result::Result<(BlockMap, u64), String> {
+pub fn allocation_map(vol: &dyn Volume, mft: &Mft, granularity: u64) -> Checked<(BlockMap, u64)> {
     let boot = &mft.boot;
     // Fits: total sectors × sector size does (checked by `BootSector::parse`).
     let fs_bytes = boot.clusters() * boot.cluster_size;
     if fs_bytes > vol.size() {
-        return Err(format!(
+        return Err(bad!(
             "the filesystem spans {fs_bytes} bytes but the volume has only {}",
             vol.size()
         ));
@@ -797,16 +794,13 @@ pub fn allocation_map(
     mft.walk_bitmap(vol, &mut used, Some(&required), u64::MAX)?;
     let n = used.finish();
     if n == 0 {
-        return Err("$Bitmap marks no cluster in use".into());
+        return Err(bad!("$Bitmap marks no cluster in use"));
     }
     Ok((map, n))
 }
 
 /// Recognises NTFS on `vol`: its description and its allocation map (or why there is none).
-pub fn probe(
-    vol: &dyn Volume,
-    granularity: u64,
-) -> Result<Option<(FsInfo, std::result::Result<BlockMap, String>)>> {
+pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Option<(FsInfo, Checked<BlockMap>)>> {
     let Some(boot) = BootSector::read(vol)? else {
         return Ok(None);
     };
@@ -825,18 +819,15 @@ pub fn probe(
         label,
         block_size: boot.cluster_size as u32,
         size,
-        // Unknown without the bitmap: everything is read.
-        used_bytes: map
-            .as_ref()
-            .map_or(size, |(_, used)| used * boot.cluster_size),
+        used_bytes: 0, // set from $Bitmap
     };
-    Ok(Some((info, map.map(|(m, _)| m))))
+    Ok(Some(with_used_bytes(info, map, boot.cluster_size)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const CLUSTER: usize = 4096;
@@ -965,7 +956,7 @@ mod tests {
         let mut zeroed = image();
         zeroed[BITMAP_LCN * CLUSTER..BITMAP_LCN * CLUSTER + 32].fill(0);
         let err = probe(&Mem(zeroed), 4096).unwrap().unwrap().1.unwrap_err();
-        assert_eq!(err, "$Bitmap marks $Boot free (bit 0)");
+        assert_eq!(err.to_string(), "$Bitmap marks $Boot free (bit 0)");
         let mut no_mirror = image();
         no_mirror[BITMAP_LCN * CLUSTER + 2] = 0x10;
         let err = probe(&Mem(no_mirror), 4096)

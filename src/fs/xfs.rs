@@ -36,8 +36,9 @@
 use super::{BlockMap, FsInfo};
 use crate::bytes::{be_u16, be_u32, be_u64};
 use crate::error::Result;
-use crate::probe::crc32::crc32c_skipping;
-use crate::probe::guid::uuid_string;
+use crate::fs::check::{Checked, MapCheck, bad, within};
+use crate::fs::crc32::crc32c_skipping;
+use crate::fs::{uuid_at, uuid_string};
 use crate::volume::Volume;
 use std::collections::HashSet;
 
@@ -105,12 +106,6 @@ pub struct Superblock {
     uuid: [u8; 16],
     meta_uuid: [u8; 16],
     label: String,
-}
-
-fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
-    let mut u = [0u8; 16];
-    u.copy_from_slice(&b[at..at + 16]);
-    u
 }
 
 impl Superblock {
@@ -250,26 +245,29 @@ impl Superblock {
     }
 
     /// Checks everything the map relies on beyond what [`Superblock::parse`] checked.
-    fn check_geometry(&self) -> std::result::Result<(), String> {
+    fn check_geometry(&self) -> Checked<()> {
         if self.version != 4 && self.version != 5 {
-            return Err(format!("superblock version {} is not 4 or 5", self.version));
+            return Err(bad!("superblock version {} is not 4 or 5", self.version));
         }
         if self.inprogress != 0 {
-            return Err("mkfs.xfs did not finish (sb_inprogress is set)".into());
+            return Err(bad!("mkfs.xfs did not finish (sb_inprogress is set)"));
         }
         if u64::from(self.blocklog) >= 64 || 1u64 << self.blocklog != self.block_size {
-            return Err(format!(
+            return Err(bad!(
                 "block log {} does not match block size {}",
-                self.blocklog, self.block_size
+                self.blocklog,
+                self.block_size
             ));
         }
         if u64::from(self.sectlog) >= 64
             || 1u64 << self.sectlog != self.sect_size
             || self.sect_size > self.block_size
         {
-            return Err(format!(
+            return Err(bad!(
                 "sector size {} (log {}) is inconsistent with block size {}",
-                self.sect_size, self.sectlog, self.block_size
+                self.sect_size,
+                self.sectlog,
+                self.block_size
             ));
         }
         // sb_agblklog is log2 of agblocks rounded up.
@@ -277,31 +275,34 @@ impl Superblock {
             && 1u64 << self.agblklog >= self.agblocks
             && (self.agblklog == 0 || 1u64 << (self.agblklog - 1) < self.agblocks);
         if !(MIN_AG_BLOCKS..=1 << 31).contains(&self.agblocks) || !log_ok {
-            return Err(format!(
+            return Err(bad!(
                 "AG size {} blocks (log {}) is implausible",
-                self.agblocks, self.agblklog
+                self.agblocks,
+                self.agblklog
             ));
         }
         let full = (self.agcount - 1)
             .checked_mul(self.agblocks)
-            .ok_or("AG count overflows")?;
+            .ok_or_else(|| bad!("AG count overflows"))?;
         if full >= self.dblocks || self.dblocks - full > self.agblocks {
-            return Err(format!(
+            return Err(bad!(
                 "{} AGs of {} blocks do not make {} blocks",
-                self.agcount, self.agblocks, self.dblocks
+                self.agcount,
+                self.agblocks,
+                self.dblocks
             ));
         }
         if self.crc() {
             if self.incompat & INCOMPAT_NEEDSREPAIR != 0 {
-                return Err("it is marked as needing xfs_repair".into());
+                return Err(bad!("it is marked as needing xfs_repair"));
             }
             let unknown = self.incompat & !INCOMPAT_KNOWN;
             if unknown != 0 {
-                return Err(format!("unsupported incompatible features {unknown:#x}"));
+                return Err(bad!("unsupported incompatible features {unknown:#x}"));
             }
             let unknown = self.ro_compat & !RO_COMPAT_KNOWN;
             if unknown != 0 {
-                return Err(format!(
+                return Err(bad!(
                     "unsupported read-only-compatible features {unknown:#x}"
                 ));
             }
@@ -310,7 +311,7 @@ impl Superblock {
     }
 
     /// The internal log as a byte range, `None` with an external log.
-    fn internal_log(&self) -> std::result::Result<Option<(u64, u64)>, String> {
+    fn internal_log(&self) -> Checked<Option<(u64, u64)>> {
         if self.logstart == 0 {
             return Ok(None);
         }
@@ -322,9 +323,10 @@ impl Superblock {
                 .checked_add(self.logblocks)
                 .is_none_or(|e| e > self.ag_len(ag))
         {
-            return Err(format!(
+            return Err(bad!(
                 "internal log at block {} (+{}) is outside its AG",
-                self.logstart, self.logblocks
+                self.logstart,
+                self.logblocks
             ));
         }
         let start = (ag * self.agblocks + agbno) * self.block_size;
@@ -332,13 +334,15 @@ impl Superblock {
     }
 }
 
-fn check_crc(what: &str, buf: &[u8], field: usize) -> std::result::Result<(), String> {
+fn check_crc(what: &str, buf: &[u8], field: usize) -> Checked<()> {
     let stored = u32::from_le_bytes([buf[field], buf[field + 1], buf[field + 2], buf[field + 3]]);
     let computed = crc32c_skipping(buf, field);
     if stored != computed {
-        return Err(format!(
-            "{what}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-        ));
+        return Err(MapCheck::Checksum {
+            what: what.to_string(),
+            stored,
+            computed,
+        });
     }
     Ok(())
 }
@@ -375,26 +379,20 @@ fn log_cycle(b: &[u8], at: usize) -> u32 {
 /// Record header (big-endian): magic @0, cycle @4, version @8, len @12 (data bytes),
 /// num_logops @40, fs uuid @304, size @320 (in-core log size: headers take
 /// ⌈size / 32 KiB⌉ blocks in version 2). The operation header after it: flags u8 @9.
-fn check_log_clean(
-    vol: &dyn Volume,
-    sb: &Superblock,
-    start: u64,
-    len: u64,
-) -> std::result::Result<(), String> {
+fn check_log_clean(vol: &dyn Volume, sb: &Superblock, start: u64, len: u64) -> Checked<()> {
     let n = len / BB;
     if n < 2 {
-        return Err("the log is too small".into());
+        return Err(bad!("the log is too small"));
     }
-    let read = |first: u64, count: u64| -> std::result::Result<Vec<u8>, String> {
+    let read = |first: u64, count: u64| -> Checked<Vec<u8>> {
         let mut b = vec![0u8; (count * BB) as usize];
         vol.read_at(start + first * BB, &mut b)
-            .map_err(|e| format!("reading the log: {e}"))?;
+            .map_err(|e| within(e, "reading the log"))?;
         Ok(b)
     };
-    let cycle_at =
-        |blk: u64| -> std::result::Result<u32, String> { Ok(log_cycle(&read(blk, 1)?, 0)) };
-    let dirty = |why: &str| -> std::result::Result<(), String> {
-        Err(format!(
+    let cycle_at = |blk: u64| -> Checked<u32> { Ok(log_cycle(&read(blk, 1)?, 0)) };
+    let dirty = |why: &str| -> Checked<()> {
+        Err(bad!(
             "the log needs recovery: {why}; until it is replayed (mount and unmount the \
              filesystem once) the free-space trees may miss recent allocations"
         ))
@@ -482,15 +480,11 @@ fn check_log_clean(
 
 /// Builds the allocation map of an XFS filesystem at `granularity` bytes per bit. `Err`
 /// explains why the filesystem's data cannot be trusted.
-pub fn allocation_map(
-    vol: &dyn Volume,
-    sb: &Superblock,
-    granularity: u64,
-) -> std::result::Result<BlockMap, String> {
+pub fn allocation_map(vol: &dyn Volume, sb: &Superblock, granularity: u64) -> Checked<BlockMap> {
     sb.check_geometry()?;
-    let fs_bytes = sb.size().ok_or("block count overflows")?;
+    let fs_bytes = sb.size().ok_or_else(|| bad!("block count overflows"))?;
     if fs_bytes > vol.size() {
-        return Err(format!(
+        return Err(bad!(
             "the filesystem spans {fs_bytes} bytes but the volume has only {}",
             vol.size()
         ));
@@ -498,7 +492,7 @@ pub fn allocation_map(
     if sb.crc() {
         let mut s = vec![0u8; sb.sect_size as usize];
         vol.read_at(0, &mut s)
-            .map_err(|e| format!("reading the superblock: {e}"))?;
+            .map_err(|e| within(e, "reading the superblock"))?;
         check_crc("superblock", &s, SB_CRC_OFF)?;
     }
     let mut map = BlockMap::new(vol.size(), granularity);
@@ -552,11 +546,11 @@ fn read_sector(
     ag: u64,
     index: u64,
     what: &str,
-) -> std::result::Result<Vec<u8>, String> {
+) -> Checked<Vec<u8>> {
     let mut s = vec![0u8; sb.sect_size as usize];
     let at = ag * sb.agblocks * sb.block_size + index * sb.sect_size;
     vol.read_at(at, &mut s)
-        .map_err(|e| format!("reading the {what} of AG {ag}: {e}"))?;
+        .map_err(|e| within(e, format!("reading the {what} of AG {ag}")))?;
     Ok(s)
 }
 
@@ -568,22 +562,18 @@ fn check_root(
     levels: u32,
     headers: u64,
     len: u64,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     if !(1..=MAX_LEVELS).contains(&levels) {
-        return Err(format!("{what}: {tree} has {levels} levels"));
+        return Err(bad!("{what}: {tree} has {levels} levels"));
     }
     if root < headers || root >= len {
-        return Err(format!("{what}: {tree} root {root} is outside the AG"));
+        return Err(bad!("{what}: {tree} root {root} is outside the AG"));
     }
     Ok(())
 }
 
 /// Reads and checks the superblock copy (AGs after the first), AGF, AGI and AGFL of AG `ag`.
-fn read_ag_headers(
-    vol: &dyn Volume,
-    sb: &Superblock,
-    ag: u64,
-) -> std::result::Result<AgHeaders, String> {
+fn read_ag_headers(vol: &dyn Volume, sb: &Superblock, ag: u64) -> Checked<AgHeaders> {
     let len = sb.ag_len(ag);
     // The AG headers (four sectors) come first; nothing before them can be free.
     let headers = (4 * sb.sect_size).div_ceil(sb.block_size);
@@ -592,7 +582,7 @@ fn read_ag_headers(
         let s = read_sector(vol, sb, ag, 0, "superblock copy")?;
         let what = format!("superblock copy of AG {ag}");
         if s[0..4] != *MAGIC {
-            return Err(format!("{what}: bad magic"));
+            return Err(bad!("{what}: bad magic"));
         }
         if sb.crc() {
             check_crc(&what, &s, SB_CRC_OFF)?;
@@ -603,7 +593,7 @@ fn read_ag_headers(
             && u64::from(be_u32(&s, 84)) == sb.agblocks
             && uuid_at(&s, 32) == sb.uuid;
         if !same {
-            return Err(format!(
+            return Err(bad!(
                 "{what}: block size, AG size or UUID differs from the primary superblock's"
             ));
         }
@@ -612,17 +602,17 @@ fn read_ag_headers(
     let agf = read_sector(vol, sb, ag, 1, "AGF")?;
     let what = format!("AGF of AG {ag}");
     if agf[0..4] != *AGF_MAGIC {
-        return Err(format!("{what}: bad magic"));
+        return Err(bad!("{what}: bad magic"));
     }
     if sb.crc() {
         check_crc(&what, &agf, AGF_CRC_OFF)?;
         if uuid_at(&agf, 64) != sb.metadata_uuid() {
-            return Err(format!("{what}: UUID differs from the superblock's"));
+            return Err(bad!("{what}: UUID differs from the superblock's"));
         }
     }
     let (version, seqno, length) = (be_u32(&agf, 4), be_u32(&agf, 8), be_u32(&agf, 12));
     if version != 1 || u64::from(seqno) != ag || u64::from(length) != len {
-        return Err(format!(
+        return Err(bad!(
             "{what}: version {version}, number {seqno}, length {length} (expected 1, {ag}, \
              {len})"
         ));
@@ -660,17 +650,17 @@ fn read_ag_headers(
     let agi = read_sector(vol, sb, ag, 2, "AGI")?;
     let what = format!("AGI of AG {ag}");
     if agi[0..4] != *AGI_MAGIC {
-        return Err(format!("{what}: bad magic"));
+        return Err(bad!("{what}: bad magic"));
     }
     if sb.crc() {
         check_crc(&what, &agi, AGI_CRC_OFF)?;
         if uuid_at(&agi, 296) != sb.metadata_uuid() {
-            return Err(format!("{what}: UUID differs from the superblock's"));
+            return Err(bad!("{what}: UUID differs from the superblock's"));
         }
     }
     let (version, seqno, length) = (be_u32(&agi, 4), be_u32(&agi, 8), be_u32(&agi, 12));
     if version != 1 || u64::from(seqno) != ag || u64::from(length) != len {
-        return Err(format!(
+        return Err(bad!(
             "{what}: version {version}, number {seqno}, length {length} (expected 1, {ag}, \
              {len})"
         ));
@@ -690,11 +680,11 @@ fn read_ag_headers(
     let what = format!("AGFL of AG {ag}");
     let first_entry = if sb.crc() {
         if agfl[0..4] != *AGFL_MAGIC {
-            return Err(format!("{what}: bad magic"));
+            return Err(bad!("{what}: bad magic"));
         }
         check_crc(&what, &agfl, AGFL_CRC_OFF)?;
         if u64::from(be_u32(&agfl, 4)) != ag || uuid_at(&agfl, 8) != sb.metadata_uuid() {
-            return Err(format!("{what}: AG number or UUID does not match"));
+            return Err(bad!("{what}: AG number or UUID does not match"));
         }
         AGFL_HDR_V5
     } else {
@@ -703,7 +693,7 @@ fn read_ag_headers(
     let slots = (sb.sect_size as usize - first_entry) as u64 / 4;
     let chain_ok = flcount == 0 || (fllast + slots - flfirst) % slots + 1 == flcount;
     if flfirst >= slots || fllast >= slots || flcount > slots || !chain_ok {
-        return Err(format!(
+        return Err(bad!(
             "AGF of AG {ag}: free list first {flfirst}, last {fllast}, count {flcount} do not \
              fit {slots} slots"
         ));
@@ -712,7 +702,7 @@ fn read_ag_headers(
         let slot = ((flfirst + i) % slots) as usize;
         let b = u64::from(be_u32(&agfl, first_entry + 4 * slot));
         if b < headers || b >= len {
-            return Err(format!("{what}: block {b} is outside the AG"));
+            return Err(bad!("{what}: block {b} is outside the AG"));
         }
         in_use.push((b, b + 1));
     }
@@ -746,8 +736,8 @@ fn walk_free_tree(
     root: (u64, u32),
     magic: &[u8; 4],
     tree: &str,
-    record: &mut dyn FnMut(u64, u64) -> std::result::Result<(), String>,
-) -> std::result::Result<Vec<u64>, String> {
+    record: &mut dyn FnMut(u64, u64) -> Checked<()>,
+) -> Checked<Vec<u64>> {
     walk_short_tree(vol, sb, ag, root, magic, tree, 8, 8, &mut |r| {
         record(u64::from(be_u32(r, 0)), u64::from(be_u32(r, 4)))
     })
@@ -766,8 +756,8 @@ fn walk_short_tree(
     tree: &str,
     rec_len: usize,
     key_len: usize,
-    record: &mut dyn FnMut(&[u8]) -> std::result::Result<(), String>,
-) -> std::result::Result<Vec<u64>, String> {
+    record: &mut dyn FnMut(&[u8]) -> Checked<()>,
+) -> Checked<Vec<u64>> {
     let bs = sb.block_size;
     let len = sb.ag_len(ag);
     let base = ag * sb.agblocks * bs;
@@ -781,16 +771,16 @@ fn walk_short_tree(
     let mut stack = vec![(root, levels - 1)];
     while let Some((bno, level)) = stack.pop() {
         if blocks.len() as u64 >= len {
-            return Err(format!(
+            return Err(bad!(
                 "the {tree} of AG {ag} visits more blocks than the AG has"
             ));
         }
         blocks.push(bno);
         let what = format!("{tree} block {bno} of AG {ag}");
         vol.read_at(base + bno * bs, &mut block)
-            .map_err(|e| format!("reading {what}: {e}"))?;
+            .map_err(|e| within(e, format!("reading {what}")))?;
         if block[0..4] != *magic {
-            return Err(format!("{what}: bad magic"));
+            return Err(bad!("{what}: bad magic"));
         }
         if sb.crc() {
             check_crc(&what, &block, BTREE_CRC_OFF)?;
@@ -799,34 +789,34 @@ fn walk_short_tree(
                 || uuid_at(&block, 32) != sb.metadata_uuid()
                 || u64::from(be_u32(&block, 48)) != ag
             {
-                return Err(format!("{what}: address, UUID or owner does not match"));
+                return Err(bad!("{what}: address, UUID or owner does not match"));
             }
         }
         let got_level = u32::from(be_u16(&block, 4));
         let numrecs = be_u16(&block, 6) as usize;
         if got_level != level {
-            return Err(format!("{what}: level {got_level}, expected {level}"));
+            return Err(bad!("{what}: level {got_level}, expected {level}"));
         }
         if level == 0 {
             if numrecs > leaf_max || (numrecs == 0 && bno != root) {
-                return Err(format!("{what}: {numrecs} records"));
+                return Err(bad!("{what}: {numrecs} records"));
             }
             for i in 0..numrecs {
                 let o = hdr_len + rec_len * i;
-                record(&block[o..o + rec_len]).map_err(|e| format!("{what}: {e}"))?;
+                record(&block[o..o + rec_len]).map_err(|e| within(e, what.clone()))?;
             }
         } else {
             if numrecs == 0 || numrecs > node_max {
-                return Err(format!("{what}: {numrecs} keys"));
+                return Err(bad!("{what}: {numrecs} keys"));
             }
             if !nodes.insert(bno) {
-                return Err(format!("{what}: reached twice (the tree has a loop)"));
+                return Err(bad!("{what}: reached twice (the tree has a loop)"));
             }
             let ptrs = hdr_len + node_max * key_len;
             for i in (0..numrecs).rev() {
                 let child = u64::from(be_u32(&block, ptrs + 4 * i));
                 if child < headers || child >= len {
-                    return Err(format!("{what}: child {child} is outside the AG"));
+                    return Err(bad!("{what}: child {child} is outside the AG"));
                 }
                 stack.push((child, level - 1));
             }
@@ -851,7 +841,7 @@ struct CheckedAg {
 
 /// Checks the AG's headers and both free-space trees against each other; returns the free
 /// extents its bnobt lists (everything else in the AG is used).
-fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> std::result::Result<CheckedAg, String> {
+fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> Checked<CheckedAg> {
     let bs = sb.block_size;
     let len = sb.ag_len(ag);
     let h = read_ag_headers(vol, sb, ag)?;
@@ -874,7 +864,7 @@ fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> std::result::Result<C
         "free-space btree",
         &mut |start, count| {
             if count == 0 || start < next_ok || start + count > len {
-                return Err(format!(
+                return Err(bad!(
                     "free extent {start}+{count} overlaps another, the AG headers, or the \
                      AG's end ({len})"
                 ));
@@ -887,14 +877,14 @@ fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> std::result::Result<C
     let what = format!("AG {ag}");
     let total: u64 = free.iter().map(|f| f.1).sum();
     if total != h.freeblks {
-        return Err(format!(
+        return Err(bad!(
             "AGF of {what}: the free-space btree lists {total} free blocks, the AGF counts {}",
             h.freeblks
         ));
     }
     let longest = free.iter().map(|f| f.1).max().unwrap_or(0);
     if longest != h.longest {
-        return Err(format!(
+        return Err(bad!(
             "AGF of {what}: the longest free extent is {longest} blocks, the AGF says {}",
             h.longest
         ));
@@ -912,12 +902,12 @@ fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> std::result::Result<C
         "by-size free-space btree",
         &mut |start, count| {
             if prev.is_some_and(|p| (count, start) <= p) {
-                return Err(format!("free extent {start}+{count} is out of order"));
+                return Err(bad!("free extent {start}+{count} is out of order"));
             }
             prev = Some((count, start));
             let i = free.partition_point(|f| f.0 < start);
             if free.get(i) != Some(&(start, count)) {
-                return Err(format!(
+                return Err(bad!(
                     "free extent {start}+{count} is not in the by-block free-space btree"
                 ));
             }
@@ -926,7 +916,7 @@ fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> std::result::Result<C
         },
     )?;
     if seen != free.len() {
-        return Err(format!(
+        return Err(bad!(
             "{what}: the free-space btrees disagree ({} extents by block, {seen} by size)",
             free.len()
         ));
@@ -940,7 +930,7 @@ fn check_ag(vol: &dyn Volume, sb: &Superblock, ag: u64) -> std::result::Result<C
         .chain(bno_blocks.iter().chain(&cnt_blocks).map(|&b| (b, b + 1)));
     for (start, end) in in_use {
         if let Some((s, c)) = free_overlap(&free, start, end) {
-            return Err(format!(
+            return Err(bad!(
                 "{what}: free extent {s}+{c} covers blocks {start}..{end}, which its headers, \
                  btrees, free list or the log use"
             ));
@@ -983,10 +973,10 @@ struct InodeGeometry {
     per_block_log: u32,
 }
 
-fn inode_geometry(vol: &dyn Volume, sb: &Superblock) -> std::result::Result<InodeGeometry, String> {
+fn inode_geometry(vol: &dyn Volume, sb: &Superblock) -> Checked<InodeGeometry> {
     let mut h = vec![0u8; SB_PARSE_LEN];
     vol.read_at(0, &mut h)
-        .map_err(|e| format!("reading the superblock: {e}"))?;
+        .map_err(|e| within(e, "reading the superblock"))?;
     let size = u64::from(be_u16(&h, 104));
     let per_block = u64::from(be_u16(&h, 106));
     let log = u32::from(h[123]);
@@ -998,7 +988,7 @@ fn inode_geometry(vol: &dyn Volume, sb: &Superblock) -> std::result::Result<Inod
         && 1u64 << log == per_block
         && u32::from(sb.agblklog) + log <= 32;
     if !ok {
-        return Err(format!(
+        return Err(bad!(
             "inode size {size}, {per_block} inodes a block (log {log}) are inconsistent"
         ));
     }
@@ -1013,11 +1003,7 @@ fn inode_geometry(vol: &dyn Volume, sb: &Superblock) -> std::result::Result<Inod
 /// btree must not be listed free. Inode chunks come from each AG's inode btree (records:
 /// startino u32 @0, then freecount u32 — or, with sparse inodes, holemask u16 @4, count u8,
 /// freecount u8 — and the free mask u64 @8; node keys are 4 bytes).
-fn check_inodes(
-    vol: &dyn Volume,
-    sb: &Superblock,
-    ags: &[CheckedAg],
-) -> std::result::Result<(), String> {
+fn check_inodes(vol: &dyn Volume, sb: &Superblock, ags: &[CheckedAg]) -> Checked<()> {
     let geo = inode_geometry(vol, sb)?;
     let magic = if sb.crc() {
         INOBT_MAGIC_V5
@@ -1041,7 +1027,7 @@ fn check_inodes(
                 || start < next_ok
                 || (start + INODES_PER_CHUNK) * geo.size > len * sb.block_size
             {
-                return Err(format!(
+                return Err(bad!(
                     "inode chunk {start} is misaligned, out of order or past the AG's end"
                 ));
             }
@@ -1051,7 +1037,7 @@ fn check_inodes(
         })?;
         for &b in &blocks {
             if let Some((s, c)) = free_overlap(&a.free, b, b + 1) {
-                return Err(format!(
+                return Err(bad!(
                     "AG {ag}: free extent {s}+{c} covers block {b} of the inode btree"
                 ));
             }
@@ -1072,7 +1058,7 @@ fn check_inodes(
             let first = recs[i].0;
             buf.resize(((j - i) as u64 * chunk_bytes) as usize, 0);
             vol.read_at(base + first * geo.size, &mut buf)
-                .map_err(|e| format!("reading inode chunk {first} of AG {ag}: {e}"))?;
+                .map_err(|e| within(e, format!("reading inode chunk {first} of AG {ag}")))?;
             for &(start, holemask, free) in &recs[i..j] {
                 let off = ((start - first) * geo.size) as usize;
                 let chunk = &buf[off..off + chunk_bytes as usize];
@@ -1110,7 +1096,7 @@ fn check_chunk(
     free: u64,
     chunk: &[u8],
     bmbt_seen: &mut HashSet<u64>,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     let per_bit = INODES_PER_CHUNK / 16;
     for bit in 0..16u64 {
         if holemask & (1 << bit) != 0 {
@@ -1120,7 +1106,7 @@ fn check_chunk(
         let b0 = first * geo.size / sb.block_size;
         let b1 = ((first + per_bit) * geo.size).div_ceil(sb.block_size);
         if let Some((s, c)) = free_overlap(&ags[ag as usize].free, b0, b1) {
-            return Err(format!(
+            return Err(bad!(
                 "the free-space tree of AG {ag} lists blocks {s}..{} free but they hold inodes \
                  {first}..{} of that AG",
                 s + c,
@@ -1154,9 +1140,9 @@ fn check_inode(
     ino: u64,
     d: &[u8],
     bmbt_seen: &mut HashSet<u64>,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     if d[0..2] != *DINODE_MAGIC {
-        return Err(format!(
+        return Err(bad!(
             "inode {ino} is in use in the inode btree but has no inode magic"
         ));
     }
@@ -1166,14 +1152,14 @@ fn check_inode(
     let version = d[4];
     let v3 = version == 3;
     if sb.crc() != v3 || v3 && be_u64(d, 152) != ino {
-        return Err(format!(
+        return Err(bad!(
             "inode {ino}: version {version} or its inode number does not match the filesystem"
         ));
     }
     let lit = if v3 { 176 } else { 100 };
     let forkoff = usize::from(d[82]) * 8;
     if lit + forkoff > d.len() {
-        return Err(format!(
+        return Err(bad!(
             "inode {ino}: attribute fork offset {forkoff} is past the inode"
         ));
     }
@@ -1222,17 +1208,17 @@ fn check_used(
     what: &str,
     fsb: u64,
     count: u64,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     let ag = fsb >> sb.agblklog;
     let agbno = fsb & ((1u64 << sb.agblklog) - 1);
     if ag >= sb.agcount || count == 0 || agbno + count > sb.ag_len(ag) {
-        return Err(format!(
+        return Err(bad!(
             "inode {ino}: {what} at block {fsb} (+{count}) is outside its AG"
         ));
     }
     if let Some((s, c)) = free_overlap(&ags[ag as usize].free, agbno, agbno + count) {
         let b = s.max(agbno);
-        return Err(format!(
+        return Err(bad!(
             "the free-space tree of AG {ag} lists block {b} free (extent {s}+{c}) but inode \
              {ino} uses it ({what} {agbno}+{count})"
         ));
@@ -1253,12 +1239,12 @@ fn check_fork(
     fork: &[u8],
     count: u64,
     bmbt_seen: &mut HashSet<u64>,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     match format {
         0 | 1 | 4 => Ok(()),
         2 => {
             if count > (fork.len() / 16) as u64 {
-                return Err(format!(
+                return Err(bad!(
                     "inode {ino}: {count} extents do not fit its {which} fork"
                 ));
             }
@@ -1269,7 +1255,7 @@ fn check_fork(
             Ok(())
         }
         3 => check_bmbt(vol, sb, ags, ino, which, fork, bmbt_seen),
-        f => Err(format!(
+        f => Err(bad!(
             "inode {ino}: {which} fork format {f} is not one this check reads"
         )),
     }
@@ -1285,14 +1271,14 @@ fn check_bmbt(
     which: &str,
     fork: &[u8],
     seen: &mut HashSet<u64>,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     let bs = sb.block_size as usize;
     let what = format!("inode {ino}: {which} fork btree");
     let level = u32::from(be_u16(fork, 0));
     let numrecs = be_u16(fork, 2) as usize;
     let root_max = (fork.len() - 4) / 16;
     if !(1..MAX_LEVELS).contains(&level) || numrecs == 0 || numrecs > root_max {
-        return Err(format!("{what}: root of level {level} with {numrecs} keys"));
+        return Err(bad!("{what}: root of level {level} with {numrecs} keys"));
     }
     let mut stack: Vec<(u64, u32)> = (0..numrecs)
         .rev()
@@ -1308,15 +1294,15 @@ fn check_bmbt(
     while let Some((fsb, level)) = stack.pop() {
         check_used(sb, ags, ino, &format!("{which} fork btree block"), fsb, 1)?;
         if !seen.insert(fsb) || seen.len() as u64 > sb.dblocks {
-            return Err(format!("{what}: block {fsb} is reached twice"));
+            return Err(bad!("{what}: block {fsb} is reached twice"));
         }
         let ag = fsb >> sb.agblklog;
         let agbno = fsb & ((1u64 << sb.agblklog) - 1);
         let daddr = (ag * sb.agblocks + agbno) * (sb.block_size / 512);
         vol.read_at(daddr * 512, &mut block)
-            .map_err(|e| format!("reading {what} block {fsb}: {e}"))?;
+            .map_err(|e| within(e, format!("reading {what} block {fsb}")))?;
         if block[0..4] != *magic {
-            return Err(format!("{what} block {fsb}: bad magic"));
+            return Err(bad!("{what} block {fsb}: bad magic"));
         }
         if sb.crc() {
             check_crc(&format!("{what} block {fsb}"), &block, LBTREE_CRC_OFF)?;
@@ -1324,7 +1310,7 @@ fn check_bmbt(
                 || uuid_at(&block, 40) != sb.metadata_uuid()
                 || be_u64(&block, 56) != ino
             {
-                return Err(format!(
+                return Err(bad!(
                     "{what} block {fsb}: address, UUID or owner does not match"
                 ));
             }
@@ -1332,7 +1318,7 @@ fn check_bmbt(
         let got = u32::from(be_u16(&block, 4));
         let n = be_u16(&block, 6) as usize;
         if got != level || n == 0 || n > max {
-            return Err(format!(
+            return Err(bad!(
                 "{what} block {fsb}: level {got} (expected {level}), {n} records"
             ));
         }
@@ -1354,7 +1340,7 @@ fn check_bmbt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     const BS: u64 = 512;

@@ -81,27 +81,46 @@ pub struct Header {
     pub entries_crc: u32,
 }
 
+/// Why a GPT header, an entry or an attribute text is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GptError {
+    #[error("no \"EFI PART\" signature")]
+    NoSignature,
+    #[error("header size {size} is outside {HEADER_LEN}..={max}")]
+    HeaderSize { size: u32, max: usize },
+    #[error("header checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    HeaderChecksum { stored: u32, computed: u32 },
+    /// A field out of its bounds, a value that cannot be written; the text says which.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `GptError::Invalid(format!(...))` in short.
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        GptError::Invalid(format!($($arg)*))
+    };
+}
+
 impl Header {
     /// Decodes and checks a header sector (signature, size, CRC, entry geometry bounds).
-    pub fn parse(sector: &[u8]) -> Result<Header, String> {
+    pub fn parse(sector: &[u8]) -> Result<Header, GptError> {
         if sector.len() < HEADER_LEN as usize || sector[0..8] != SIGNATURE {
-            return Err("no \"EFI PART\" signature".into());
+            return Err(GptError::NoSignature);
         }
         let header_size = u32_le(sector, 12);
         if header_size < HEADER_LEN || header_size as usize > sector.len() {
-            return Err(format!(
-                "header size {header_size} is outside {HEADER_LEN}..={}",
-                sector.len()
-            ));
+            return Err(GptError::HeaderSize {
+                size: header_size,
+                max: sector.len(),
+            });
         }
         let stored = u32_le(sector, 16);
         let mut copy = sector[..header_size as usize].to_vec();
         copy[16..20].fill(0);
         let computed = crc32(&copy);
         if computed != stored {
-            return Err(format!(
-                "header checksum mismatch (stored {stored:08x}, computed {computed:08x})"
-            ));
+            return Err(GptError::HeaderChecksum { stored, computed });
         }
         let h = Header {
             revision: u32_le(sector, 8),
@@ -118,14 +137,14 @@ impl Header {
         };
         if !h.entry_size.is_power_of_two() || !(ENTRY_LEN..=MAX_ENTRY_SIZE).contains(&h.entry_size)
         {
-            return Err(format!(
+            return Err(invalid!(
                 "partition entry size {} is not a power of two from {ENTRY_LEN} to \
                  {MAX_ENTRY_SIZE}",
                 h.entry_size
             ));
         }
         if h.array_bytes() > MAX_ARRAY_BYTES {
-            return Err(format!(
+            return Err(invalid!(
                 "{} partition entries of {} bytes ({} bytes) exceed the {MAX_ARRAY_BYTES}-byte \
                  limit",
                 h.entry_count,
@@ -134,9 +153,10 @@ impl Header {
             ));
         }
         if h.first_usable_lba > h.last_usable_lba.saturating_add(1) {
-            return Err(format!(
+            return Err(invalid!(
                 "first usable LBA {} is after last usable LBA {}",
-                h.first_usable_lba, h.last_usable_lba
+                h.first_usable_lba,
+                h.last_usable_lba
             ));
         }
         Ok(h)
@@ -209,10 +229,10 @@ impl Entry {
 
     /// Encodes into the first 128 bytes of `out`. Fails when the name does not fit in 36
     /// UTF-16 code units.
-    pub fn encode(&self, out: &mut [u8]) -> Result<(), String> {
+    pub fn encode(&self, out: &mut [u8]) -> Result<(), GptError> {
         let units: Vec<u16> = self.name.encode_utf16().collect();
         if units.len() > NAME_UNITS {
-            return Err(format!(
+            return Err(invalid!(
                 "partition name {:?} is longer than {NAME_UNITS} UTF-16 code units",
                 self.name
             ));
@@ -266,7 +286,7 @@ pub fn attrs_to_string(a: u64) -> String {
 
 /// Parses the `sfdisk` attribute text (names, `GUID:n[,m…]`, bare bit numbers 0–2 and
 /// 48–63, separated by blanks or commas).
-pub fn attrs_from_string(s: &str) -> Result<u64, String> {
+pub fn attrs_from_string(s: &str) -> Result<u64, GptError> {
     let mut bits = 0u64;
     let mut guid_list = false;
     for item in s.split([' ', '\t', ',']).filter(|x| !x.is_empty()) {
@@ -296,10 +316,10 @@ pub fn attrs_from_string(s: &str) -> Result<u64, String> {
         };
         let n: u32 = num
             .parse()
-            .map_err(|_| format!("unknown partition attribute {item:?}"))?;
+            .map_err(|_| invalid!("unknown partition attribute {item:?}"))?;
         let ok = (ATTR_TYPE_SPECIFIC_FIRST..64).contains(&n) || (!is_guid && n <= 2);
         if !ok {
-            return Err(format!(
+            return Err(invalid!(
                 "attribute bit {n} cannot be set (bits 0-2 and 48-63 only)"
             ));
         }
@@ -346,7 +366,7 @@ pub fn read_header_at(vol: &dyn Volume, sector_size: u64, lba: u64) -> HeaderSta
     }
     let header = match Header::parse(&sector) {
         Ok(h) => h,
-        Err(e) => return HeaderState::Corrupt(e),
+        Err(e) => return HeaderState::Corrupt(e.to_string()),
     };
     if header.my_lba != lba {
         return HeaderState::Corrupt(format!(
@@ -425,12 +445,12 @@ pub struct NewTable {
 /// The sectors a GPT occupies, as (LBA, bytes) writes: primary header at LBA 1, primary array
 /// at LBA 2, backup array before the last LBA, backup header at the last LBA. The protective
 /// MBR is not included (it shares sector 0 with boot code).
-pub fn encode_table(t: &NewTable) -> Result<Vec<(u64, Vec<u8>)>, String> {
+pub fn encode_table(t: &NewTable) -> Result<Vec<(u64, Vec<u8>)>, GptError> {
     let ss = t.sector_size;
     let mut array = vec![0u8; (t.entry_count as usize) * ENTRY_LEN as usize];
     for (slot, e) in &t.entries {
         if *slot >= t.entry_count {
-            return Err(format!(
+            return Err(invalid!(
                 "partition {} does not fit a table of {} entries",
                 slot + 1,
                 t.entry_count
@@ -443,13 +463,13 @@ pub fn encode_table(t: &NewTable) -> Result<Vec<(u64, Vec<u8>)>, String> {
     let last = t
         .disk_sectors
         .checked_sub(1)
-        .ok_or("the disk has no sectors")?;
+        .ok_or(GptError::Invalid("the disk has no sectors".into()))?;
     let backup_array_lba = last
         .checked_sub(array_sectors)
         .filter(|&l| l > 1 + array_sectors)
-        .ok_or("the disk is too small for a GPT")?;
+        .ok_or(GptError::Invalid("the disk is too small for a GPT".into()))?;
     if t.first_usable_lba < 2 + array_sectors || t.last_usable_lba >= backup_array_lba {
-        return Err(format!(
+        return Err(invalid!(
             "usable LBAs {}..={} overlap the GPT structures (allowed {}..={})",
             t.first_usable_lba,
             t.last_usable_lba,

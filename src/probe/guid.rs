@@ -70,18 +70,7 @@ impl fmt::Display for Guid {
     }
 }
 
-/// Formats 16 bytes stored in text order (as filesystems store their UUIDs) as a lower-case
-/// RFC 4122 string, the way `blkid` prints filesystem UUIDs.
-pub fn uuid_string(b: &[u8; 16]) -> String {
-    format!(
-        "{}-{}-{}-{}-{}",
-        hex::encode(&b[0..4]),
-        hex::encode(&b[4..6]),
-        hex::encode(&b[6..8]),
-        hex::encode(&b[8..10]),
-        hex::encode(&b[10..16])
-    )
-}
+pub use crate::fs::uuid_string;
 
 /// GPT partition type GUIDs with a name, and the `sfdisk` shortcut letter where it has one.
 pub const GPT_TYPES: &[(&str, &str, Option<&str>)] = &[

@@ -13,14 +13,21 @@
 //! [`SCHEMA_VERSION`] changes when a field changes meaning or disappears.
 //!
 //! - [`mbr`], [`gpt`]: the two partition table formats (read and write).
-//! - [`signatures`]: filesystem and volume signatures.
-//! - [`guid`]: GUID byte order and partition type names; [`crc32`]: GPT's checksum.
+//! - [`disk`]: the allocation map of a whole volume, composed from its partitions' maps.
+//! - [`guid`]: GUID byte order and partition type names.
+//!
+//! Layering: `probe` sits above [`crate::fs`]. The formats a volume can hold are recognised
+//! by one table, [`crate::fs::detect`], which backup uses too; `fs` never refers to `probe`.
+//! [`crc32`] (GPT's checksum, also the filesystems') lives in `fs` and is re-exported here.
 
-pub mod crc32;
+pub mod disk;
 pub mod gpt;
 pub mod guid;
 pub mod mbr;
-pub mod signatures;
+
+pub use crate::fs::crc32;
+use crate::fs::detect;
+pub use crate::fs::detect::Filesystem;
 
 use crate::error::Result;
 use crate::source::Source;
@@ -191,27 +198,6 @@ impl Partition {
     }
 }
 
-/// A filesystem or other recognised format.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Filesystem {
-    /// `blkid` TYPE: ext2, ext3, ext4, xfs, btrfs, ntfs, vfat, exfat, swap, LVM2_member,
-    /// crypto_LUKS.
-    #[serde(rename = "type")]
-    pub fs_type: String,
-    /// `blkid` USAGE: filesystem, crypto, raid, other.
-    pub usage: String,
-    /// FAT12/FAT16/FAT32, LUKS 1/2, swap 1, LVM2 001, exFAT revision.
-    pub version: Option<String>,
-    pub uuid: Option<String>,
-    pub label: Option<String>,
-    /// Allocation unit (block, cluster, page) in bytes.
-    pub block_size: Option<u32>,
-    /// Bytes the format says it spans.
-    pub size: Option<u64>,
-    /// Bytes the format reports as used, where its superblock says so cheaply.
-    pub used_bytes: Option<u64>,
-}
-
 /// A byte range of another volume, as a volume (a partition of a disk).
 pub struct Slice<'a> {
     inner: &'a dyn Volume,
@@ -322,7 +308,7 @@ pub fn probe(
                     continue;
                 }
                 let slice = Slice::new(vol, p.start, p.size);
-                match signatures::detect(&slice) {
+                match detect::detect(&slice) {
                     Ok(d) => {
                         p.filesystem = d.filesystem;
                         p.warnings.extend(d.warnings);
@@ -332,7 +318,7 @@ pub fn probe(
             }
         }
     } else if opts.filesystems {
-        let d = signatures::detect(vol)?;
+        let d = detect::detect(vol)?;
         report.filesystem = d.filesystem;
         report.warnings.extend(d.warnings);
     }
@@ -442,7 +428,7 @@ fn read_table(
     }
     let dos = mbr
         .as_ref()
-        .filter(|m| m.looks_like_table() && !signatures::is_volume_boot_record(&s0));
+        .filter(|m| m.looks_like_table() && !detect::is_volume_boot_record(&s0));
     if has_gpt_signature(vol, ss)? || (ss == 512 && has_gpt_signature(vol, 4096)?) {
         if dos.is_some() {
             warnings.push(
@@ -775,28 +761,9 @@ fn gpt_table(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::error::Error;
     use proptest::prelude::*;
 
-    /// An in-memory volume.
-    pub struct Mem(pub Vec<u8>);
-
-    impl Volume for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            let end = offset
-                .checked_add(buf.len() as u64)
-                .filter(|&e| e <= self.0.len() as u64)
-                .ok_or_else(|| Error::InvalidArgument("past end".into()))?;
-            buf.copy_from_slice(&self.0[offset as usize..end as usize]);
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "mem".into()
-        }
-    }
+    pub(crate) use crate::fs::tests::Mem;
 
     fn entry(kind: u8, start: u32, sectors: u32, abs: u64) -> mbr::Entry {
         mbr::Entry::new(kind, false, start, sectors, abs)

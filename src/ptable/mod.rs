@@ -46,9 +46,9 @@ pub struct Dump {
 pub fn dump(src: &Source) -> Result<Dump> {
     let report = probe::probe_source(src, &ProbeOptions { filesystems: false })?;
     let (script, mut warnings) =
-        Script::from_report(&report).map_err(|detail| Error::NoPartitionTable {
+        Script::from_report(&report).map_err(|e| Error::NoPartitionTable {
             path: src.path().to_path_buf(),
-            detail,
+            detail: crate::error::chain(&e),
         })?;
     let mut all = report.warnings.clone();
     if let Some(t) = &report.partition_table {
@@ -70,10 +70,10 @@ pub fn dump(src: &Source) -> Result<Dump> {
 
 /// Parses a script file's text; `path` names it in errors.
 pub fn parse_script(text: &str, path: &Path) -> Result<Script> {
-    Script::parse(text).map_err(|(line, detail)| Error::BadPartitionScript {
+    Script::parse(text).map_err(|(line, e)| Error::BadPartitionScript {
         path: path.to_path_buf(),
         line: (line > 0).then_some(line),
-        detail,
+        detail: crate::error::chain(&e),
     })
 }
 
@@ -642,7 +642,7 @@ fn gpt_layout(
         entry_count: count,
         entries,
     })
-    .map_err(script_err)?;
+    .map_err(|e| script_err(e.to_string()))?;
     // Protective MBR: one 0xEE entry from LBA 1 to the end (capped at 32 bits), CHS start
     // 0/0/2 and end 0xFFFFFF as libfdisk writes them; boot code and disk signature of the old
     // sector 0 are kept.

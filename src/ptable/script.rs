@@ -56,7 +56,31 @@ pub struct ScriptPartition {
 }
 
 /// A parse error: 1-based line number and what is wrong.
-pub type ParseError = (usize, String);
+pub type ParseError = (usize, ScriptError);
+
+/// What is wrong with a script or with a table that a script cannot express.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScriptError {
+    #[error(
+        "{field}={value:?} is not a number of sectors (volback reads only what `sfdisk --dump` \
+         writes)"
+    )]
+    NotSectors { field: String, value: String },
+    #[error("partition {number} has no {field}=")]
+    MissingField { number: u32, field: &'static str },
+    #[error("unknown field {0:?}")]
+    UnknownField(String),
+    /// Any other line or value that cannot be read; the text says which.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `ScriptError::Invalid(format!(...))` in short.
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        ScriptError::Invalid(format!($($arg)*))
+    };
+}
 
 const HEADERS: &[&str] = &[
     "label",
@@ -106,20 +130,21 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn parse_u64(v: &str, what: &str) -> Result<u64, String> {
-    v.parse::<u64>().map_err(|_| {
-        format!("{what}={v:?} is not a number of sectors (volback reads only what `sfdisk --dump` writes)")
+fn parse_u64(v: &str, what: &str) -> Result<u64, ScriptError> {
+    v.parse::<u64>().map_err(|_| ScriptError::NotSectors {
+        field: what.to_string(),
+        value: v.to_string(),
     })
 }
 
 impl Script {
     /// The dump of a probed partition table. Partitions a dump cannot express (a GPT entry
     /// that ends before it starts) are left out with a warning.
-    pub fn from_report(report: &ProbeReport) -> Result<(Script, Vec<String>), String> {
+    pub fn from_report(report: &ProbeReport) -> Result<(Script, Vec<String>), ScriptError> {
         let t = report
             .partition_table
             .as_ref()
-            .ok_or("it has no partition table")?;
+            .ok_or(ScriptError::Invalid("it has no partition table".into()))?;
         let mut warnings = Vec::new();
         let mut script = Script {
             label: t.kind,
@@ -132,9 +157,12 @@ impl Script {
             partitions: Vec::new(),
         };
         if t.kind == TableKind::Gpt {
-            let g = t.gpt.as_ref().ok_or("the GPT details are missing")?;
+            let g = t
+                .gpt
+                .as_ref()
+                .ok_or(ScriptError::Invalid("the GPT details are missing".into()))?;
             if t.id.is_empty() {
-                return Err(format!(
+                return Err(invalid!(
                     "neither GPT header is usable (primary: {}; backup: {})",
                     g.primary.detail.as_deref().unwrap_or("?"),
                     g.backup.detail.as_deref().unwrap_or("?")
@@ -257,7 +285,7 @@ impl Script {
                 let value = value.trim();
                 let num = |v: &str| {
                     v.parse::<u64>()
-                        .map_err(|_| (n, format!("{name}: {v:?} is not a number")))
+                        .map_err(|_| (n, invalid!("{name}: {v:?} is not a number")))
                 };
                 match name.trim() {
                     "label" => {
@@ -267,7 +295,7 @@ impl Script {
                             other => {
                                 return Err((
                                     n,
-                                    format!("label {other:?} is not supported (dos or gpt)"),
+                                    invalid!("label {other:?} is not supported (dos or gpt)"),
                                 ));
                             }
                         })
@@ -275,7 +303,7 @@ impl Script {
                     "label-id" => script.label_id = Some(value.to_string()),
                     "device" => script.device = Some(value.to_string()),
                     "unit" if value != "sectors" => {
-                        return Err((n, format!("unit {value:?} is not supported (sectors)")));
+                        return Err((n, invalid!("unit {value:?} is not supported (sectors)")));
                     }
                     "first-lba" => script.first_lba = Some(num(value)?),
                     "last-lba" => script.last_lba = Some(num(value)?),
@@ -285,13 +313,13 @@ impl Script {
                             u32::try_from(v)
                                 .ok()
                                 .filter(|&v| v > 0)
-                                .ok_or((n, format!("table-length {v} is out of range")))?,
+                                .ok_or((n, invalid!("table-length {v} is out of range")))?,
                         )
                     }
                     "sector-size" => {
                         let v = num(value)?;
                         if !(512..=65536).contains(&v) || !v.is_power_of_two() {
-                            return Err((n, format!("sector-size {v} is not supported")));
+                            return Err((n, invalid!("sector-size {v} is not supported")));
                         }
                         script.sector_size = Some(v as u32);
                     }
@@ -301,22 +329,22 @@ impl Script {
                 continue;
             }
             if line.split_once(':').is_some_and(|(a, _)| !a.contains('=')) && !line.contains('=') {
-                return Err((n, format!("unknown header {line:?}")));
+                return Err((n, invalid!("unknown header {line:?}")));
             }
             let p = parse_partition_line(line, next_number).map_err(|e| (n, e))?;
             if script.partitions.iter().any(|q| q.number == p.number) {
-                return Err((n, format!("partition {} appears twice", p.number)));
+                return Err((n, invalid!("partition {} appears twice", p.number)));
             }
             next_number = p.number + 1;
             script.partitions.push(p);
         }
-        script.label = label.ok_or((0, "no \"label:\" line (dos or gpt)".to_string()))?;
+        script.label = label.ok_or((0, invalid!("no \"label:\" line (dos or gpt)")))?;
         Ok(script)
     }
 }
 
 /// Parses `[device :] start=…, size=…, …`.
-fn parse_partition_line(line: &str, default_number: u32) -> Result<ScriptPartition, String> {
+fn parse_partition_line(line: &str, default_number: u32) -> Result<ScriptPartition, ScriptError> {
     let eq = line.find('=');
     let (number, mut rest) = match line.find(':') {
         Some(c) if eq.is_none_or(|e| c < e) => {
@@ -329,7 +357,7 @@ fn parse_partition_line(line: &str, default_number: u32) -> Result<ScriptPartiti
                     .parse::<u32>()
                     .ok()
                     .filter(|&v| v > 0)
-                    .ok_or_else(|| format!("partition number in {dev:?} is out of range"))?
+                    .ok_or_else(|| invalid!("partition number in {dev:?} is out of range"))?
             };
             (number, &line[c + 1..])
         }
@@ -359,7 +387,7 @@ fn parse_partition_line(line: &str, default_number: u32) -> Result<ScriptPartiti
             continue;
         }
         let Some(eq) = rest.find('=') else {
-            return Err(format!("cannot read {rest:?} (expected key=value)"));
+            return Err(invalid!("cannot read {rest:?} (expected key=value)"));
         };
         let key = rest[..eq].trim().to_ascii_lowercase();
         rest = rest[eq + 1..].trim_start_matches([' ', '\t']);
@@ -367,7 +395,7 @@ fn parse_partition_line(line: &str, default_number: u32) -> Result<ScriptPartiti
         if let Some(q) = rest.strip_prefix('"') {
             let end = q
                 .find('"')
-                .ok_or_else(|| format!("{key}= has no closing quote"))?;
+                .ok_or_else(|| invalid!("{key}= has no closing quote"))?;
             value = q[..end].to_string();
             rest = &q[end + 1..];
         } else {
@@ -382,17 +410,26 @@ fn parse_partition_line(line: &str, default_number: u32) -> Result<ScriptPartiti
             "uuid" => p.uuid = Some(value),
             "name" => p.name = Some(unescape(&value)),
             "attrs" => p.attrs = Some(value),
-            other => return Err(format!("unknown field {other:?}")),
+            other => return Err(ScriptError::UnknownField(other.to_string())),
         }
     }
     if p.start == u64::MAX {
-        return Err(format!("partition {number} has no start="));
+        return Err(ScriptError::MissingField {
+            number,
+            field: "start",
+        });
     }
     if p.size == u64::MAX {
-        return Err(format!("partition {number} has no size="));
+        return Err(ScriptError::MissingField {
+            number,
+            field: "size",
+        });
     }
     if p.type_id.is_empty() {
-        return Err(format!("partition {number} has no type="));
+        return Err(ScriptError::MissingField {
+            number,
+            field: "type",
+        });
     }
     Ok(p)
 }
@@ -450,16 +487,16 @@ sector-size: 512
     fn errors_name_the_line() {
         let e = Script::parse("label: gpt\n1 : start=2048, size=10MiB, type=L\n").unwrap_err();
         assert_eq!(e.0, 2);
-        assert!(e.1.contains("size"), "{e:?}");
+        assert!(e.1.to_string().contains("size"), "{e:?}");
         let e = Script::parse("label: zfs\n").unwrap_err();
         assert_eq!(e.0, 1);
         let e = Script::parse("1 : start=1, size=2, type=83\n").unwrap_err();
-        assert!(e.1.contains("label"), "{e:?}");
+        assert!(e.1.to_string().contains("label"), "{e:?}");
         let e =
             Script::parse("label: dos\n1 : start=1, size=2, type=83, colour=red\n").unwrap_err();
-        assert!(e.1.contains("colour"), "{e:?}");
+        assert!(e.1.to_string().contains("colour"), "{e:?}");
         let e = Script::parse("label: dos\nbogus: 3\n").unwrap_err();
-        assert!(e.1.contains("unknown header"), "{e:?}");
+        assert!(e.1.to_string().contains("unknown header"), "{e:?}");
     }
 
     proptest! {

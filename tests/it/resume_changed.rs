@@ -360,7 +360,7 @@ fn interrupted_new_copy_of_changed_source_starts_over() {
 /// from the volume itself is compared).
 fn volume_state(img: &Path) -> volback::source_state::SourceState {
     let source = volback::source::Source::open(img).expect("open image");
-    let m = volback::fs::disk::map_volume(&source, 512, 256 * KIB).expect("map");
+    let m = volback::probe::disk::map_volume(&source, 512, 256 * KIB).expect("map");
     let fixed = volback::source_state::Marker {
         what: "fixed".into(),
         hash: String::new(),

@@ -31,6 +31,7 @@ use super::{
     for_each_used,
 };
 use crate::fs::BlockMap;
+use crate::fs::check::{Checked, bad, within};
 use crate::volume::Volume;
 
 /// Seconds before the earlier state's superblock write time within which a change time is
@@ -54,11 +55,11 @@ pub fn unchanged_blocks(
     earlier: &dyn Volume,
     sb: &Superblock,
     granularity: u64,
-) -> std::result::Result<BlockMap, String> {
+) -> Checked<BlockMap> {
     let Some(old) =
-        Superblock::read(earlier).map_err(|e| format!("reading the earlier superblock: {e}"))?
+        Superblock::read(earlier).map_err(|e| within(e, "reading the earlier superblock"))?
     else {
-        return Err("the earlier state holds no ext filesystem".into());
+        return Err(bad!("the earlier state holds no ext filesystem"));
     };
     if old.uuid != sb.uuid
         || old.block_size != sb.block_size
@@ -70,13 +71,15 @@ pub fn unchanged_blocks(
         || old.desc_size != sb.desc_size
         || vol.size() != earlier.size()
     {
-        return Err("the earlier state is another filesystem or has another geometry".into());
+        return Err(bad!(
+            "the earlier state is another filesystem or has another geometry"
+        ));
     }
     if sb.ro_compat & RO_COMPAT_BIGALLOC != 0 {
-        return Err("bigalloc filesystems are not tracked".into());
+        return Err(bad!("bigalloc filesystems are not tracked"));
     }
     if sb.blocks_count > MAX_TRACKED_BLOCKS {
-        return Err(format!(
+        return Err(bad!(
             "{} blocks are more than change tracking keeps in memory ({MAX_TRACKED_BLOCKS})",
             sb.blocks_count
         ));
@@ -124,7 +127,7 @@ pub fn unchanged_blocks(
         let cd = cur_descs.get(g)?;
         let od = old_descs.get(g)?;
         if cd.inode_table != od.inode_table {
-            return Err(format!("the inode table of group {g} moved"));
+            return Err(bad!("the inode table of group {g} moved"));
         }
         let n = slots_in_use(&cd, sb);
         let on = slots_in_use(&od, &old);
@@ -133,7 +136,7 @@ pub fn unchanged_blocks(
             .checked_add(sb.itable_blocks())
             .is_none_or(|e| e > sb.blocks_count)
         {
-            return Err(format!("group {g}: inode table outside the filesystem"));
+            return Err(bad!("group {g}: inode table outside the filesystem"));
         }
         let mut first = 0u64;
         while first < n {
@@ -141,12 +144,12 @@ pub fn unchanged_blocks(
             let bytes = (count * isz) as usize;
             let at = cd.inode_table * bs + first * isz;
             vol.read_at(at, &mut cur_buf[..bytes])
-                .map_err(|e| format!("reading inode table of group {g}: {e}"))?;
+                .map_err(|e| within(e, format!("reading inode table of group {g}")))?;
             let old_count = on.saturating_sub(first).min(count);
             if old_count > 0 {
                 earlier
                     .read_at(at, &mut old_buf[..(old_count * isz) as usize])
-                    .map_err(|e| format!("reading earlier inode table of group {g}: {e}"))?;
+                    .map_err(|e| within(e, format!("reading earlier inode table of group {g}")))?;
             }
             for i in 0..count {
                 let slot = (i * isz) as usize..((i + 1) * isz) as usize;
@@ -237,7 +240,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
 
     /// A 4 MiB ext4 (1 KiB blocks, a two-level extent tree) and the same after some files
     /// changed: tests/fixtures/make-ext4-tracking.sh.

@@ -17,7 +17,7 @@
 //!   0x3A when the descriptor reaches 0x3C) is the same chain over inodes per group / 8 bytes.
 
 use crate::bytes::le_u32 as u32_at;
-use crate::probe::crc32::crc32c_update;
+use crate::fs::crc32::crc32c_update;
 
 /// Offset of `bg_checksum` in a group descriptor.
 pub const BG_CHECKSUM: usize = 0x1E;

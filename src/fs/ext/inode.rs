@@ -13,6 +13,7 @@
 
 use super::Superblock;
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at};
+use crate::fs::check::{Checked, bad, within};
 use crate::volume::Volume;
 
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -138,7 +139,7 @@ pub fn walk_extents(
     root: &[u8],
     max_nodes: u64,
     visit: &mut dyn FnMut(Node),
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     let mut nodes = 0u64;
     let mut buf = Vec::new();
     walk_node(vol, sb, root, None, &mut nodes, max_nodes, &mut buf, visit)
@@ -154,18 +155,18 @@ fn walk_node(
     max_nodes: u64,
     scratch: &mut Vec<Vec<u8>>,
     visit: &mut dyn FnMut(Node),
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     if node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC {
-        return Err("extent node without its magic number".into());
+        return Err(bad!("extent node without its magic number"));
     }
     let entries = u16_at(node, 2) as usize;
     let max = u16_at(node, 4) as usize;
     let depth = u16_at(node, 6);
     if depth > MAX_DEPTH || expect_depth.is_some_and(|d| d != depth) {
-        return Err(format!("extent node of depth {depth} out of place"));
+        return Err(bad!("extent node of depth {depth} out of place"));
     }
     if entries > max || 12 + max * 12 > node.len() {
-        return Err(format!("extent node with {entries} of {max} entries"));
+        return Err(bad!("extent node with {entries} of {max} entries"));
     }
     let in_fs = |start: u64, len: u64| {
         start >= sb.first_data_block && start.checked_add(len).is_some_and(|e| e <= sb.blocks_count)
@@ -184,7 +185,7 @@ fn walk_node(
                 continue;
             }
             if !in_fs(start, len) {
-                return Err(format!(
+                return Err(bad!(
                     "extent at block {start} (+{len}) is outside the filesystem"
                 ));
             }
@@ -197,20 +198,18 @@ fn walk_node(
         } else {
             let child = (u16_at(e, 8) as u64) << 32 | u32_at(e, 4) as u64;
             if !in_fs(child, 1) {
-                return Err(format!(
-                    "extent tree block {child} is outside the filesystem"
-                ));
+                return Err(bad!("extent tree block {child} is outside the filesystem"));
             }
             *nodes += 1;
             if *nodes > max_nodes {
-                return Err(format!("extent tree larger than {max_nodes} blocks"));
+                return Err(bad!("extent tree larger than {max_nodes} blocks"));
             }
             visit(Node::Block(child));
             // One buffer per level, reused.
             let mut buf = scratch.pop().unwrap_or_default();
             buf.resize(sb.block_size as usize, 0);
             vol.read_at(child * sb.block_size, &mut buf)
-                .map_err(|err| format!("reading extent tree block {child}: {err}"))?;
+                .map_err(|err| within(err, format!("reading extent tree block {child}")))?;
             let r = walk_node(
                 vol,
                 sb,
@@ -238,7 +237,7 @@ pub fn walk_block_map(
     iblock: &[u8],
     max_nodes: u64,
     visit: &mut dyn FnMut(u64),
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     let mut nodes = 0u64;
     for i in 0..15 {
         let ptr = u32_at(iblock, i * 4) as u64;
@@ -258,12 +257,12 @@ fn walk_pointer(
     nodes: &mut u64,
     max_nodes: u64,
     visit: &mut dyn FnMut(u64),
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     if ptr == 0 {
         return Ok(());
     }
     if ptr < sb.first_data_block || ptr >= sb.blocks_count {
-        return Err(format!("block pointer {ptr} is outside the filesystem"));
+        return Err(bad!("block pointer {ptr} is outside the filesystem"));
     }
     visit(ptr);
     if level == 0 {
@@ -271,11 +270,11 @@ fn walk_pointer(
     }
     *nodes += 1;
     if *nodes > max_nodes {
-        return Err(format!("block map larger than {max_nodes} indirect blocks"));
+        return Err(bad!("block map larger than {max_nodes} indirect blocks"));
     }
     let mut buf = vec![0u8; sb.block_size as usize];
     vol.read_at(ptr * sb.block_size, &mut buf)
-        .map_err(|err| format!("reading indirect block {ptr}: {err}"))?;
+        .map_err(|err| within(err, format!("reading indirect block {ptr}")))?;
     for c in buf.chunks_exact(4) {
         let child = u32_at(c, 0) as u64;
         walk_pointer(vol, sb, child, level - 1, nodes, max_nodes, visit)?;

@@ -35,6 +35,7 @@ mod inode;
 use super::{BlockMap, FsInfo};
 use crate::bytes::{le_u16 as u16_at, le_u32 as u32_at};
 use crate::error::Result;
+use crate::fs::check::{Checked, MapCheck, bad, within};
 use crate::volume::Volume;
 
 const SB_OFFSET: u64 = 1024;
@@ -312,23 +313,21 @@ struct DescReader<'a> {
 }
 
 impl DescReader<'_> {
-    fn get(&mut self, g: u64) -> std::result::Result<Desc, String> {
+    fn get(&mut self, g: u64) -> Checked<Desc> {
         let sb = self.sb;
         let blk = sb.desc_block(g);
         if blk >= sb.blocks_count {
-            return Err(format!(
-                "descriptor block {blk} of group {g} is past the end"
-            ));
+            return Err(bad!("descriptor block {blk} of group {g} is past the end"));
         }
         if self.cached.as_ref().is_none_or(|(b, _)| *b != blk) {
             let mut buf = vec![0u8; sb.block_size as usize];
             self.vol
                 .read_at(blk * sb.block_size, &mut buf)
-                .map_err(|e| format!("reading descriptor block {blk}: {e}"))?;
+                .map_err(|e| within(e, format!("reading descriptor block {blk}")))?;
             self.cached = Some((blk, buf));
         }
         let Some((_, buf)) = self.cached.as_ref() else {
-            return Err("descriptor cache empty".into());
+            return Err(bad!("descriptor cache empty"));
         };
         let off = ((g % sb.descs_per_block()) * sb.desc_size) as usize;
         let d = &buf[off..off + sb.desc_size as usize];
@@ -424,11 +423,7 @@ impl Bits {
 
 /// Builds the allocation map of an ext2/3/4 filesystem at `granularity` bytes per bit.
 /// `Err` explains why the filesystem's data cannot be trusted.
-pub fn allocation_map(
-    vol: &dyn Volume,
-    sb: &Superblock,
-    granularity: u64,
-) -> std::result::Result<BlockMap, String> {
+pub fn allocation_map(vol: &dyn Volume, sb: &Superblock, granularity: u64) -> Checked<BlockMap> {
     let bs = sb.block_size;
     let fs_bytes = check_fits(vol, sb)?;
     let mut map = BlockMap::new(vol.size(), granularity);
@@ -441,30 +436,29 @@ pub fn allocation_map(
 }
 
 /// The filesystem's size in bytes, checked against the volume's.
-fn check_fits(vol: &dyn Volume, sb: &Superblock) -> std::result::Result<u64, String> {
+fn check_fits(vol: &dyn Volume, sb: &Superblock) -> Checked<u64> {
     if sb.incompat & INCOMPAT_RECOVER != 0 {
         // Committed transactions still in the journal may allocate blocks that the on-disk
         // bitmaps show as free (their data is already in place with data=ordered); replay
         // after restore would point at zeros. A frozen filesystem (fsfreeze, LVM snapshot)
         // has its journal flushed and this flag clear.
-        return Err(
+        return Err(bad!(
             "the journal needs recovery (the filesystem is mounted or was not cleanly \
                     unmounted); freeze it or run e2fsck first to get a map"
-                .into(),
-        );
+        ));
     }
     let fs_bytes = sb
         .blocks_count
         .checked_mul(sb.block_size)
-        .ok_or("block count overflows")?;
+        .ok_or_else(|| bad!("block count overflows"))?;
     if fs_bytes > vol.size() {
-        return Err(format!(
+        return Err(bad!(
             "the filesystem spans {fs_bytes} bytes but the volume has only {}",
             vol.size()
         ));
     }
     if sb.inode_size < 128 || sb.inode_size > sb.block_size || !sb.inode_size.is_power_of_two() {
-        return Err(format!("inode size {} is implausible", sb.inode_size));
+        return Err(bad!("inode size {} is implausible", sb.inode_size));
     }
     Ok(fs_bytes)
 }
@@ -574,19 +568,19 @@ impl Superblock {
     }
 
     /// Why the filesystem's map cannot be trusted before any descriptor is read.
-    fn precheck(&self) -> std::result::Result<(), String> {
+    fn precheck(&self) -> Checked<()> {
         if let Some(why) = &self.damage {
-            return Err(why.clone());
+            return Err(MapCheck::Inconsistent(why.clone()));
         }
         if self.ro_compat & RO_COMPAT_BIGALLOC != 0 {
             // Bitmaps count clusters, not blocks.
-            return Err("bigalloc is not supported".into());
+            return Err(bad!("bigalloc is not supported"));
         }
         if self.inodes_per_group == 0 {
-            return Err("zero inodes per group".into());
+            return Err(bad!("zero inodes per group"));
         }
         if !self.blocks_per_group.is_multiple_of(8) {
-            return Err(format!(
+            return Err(bad!(
                 "{} blocks per group is not a whole number of bitmap bytes",
                 self.blocks_per_group
             ));
@@ -601,14 +595,14 @@ fn journal_runs(
     vol: &dyn Volume,
     sb: &Superblock,
     descs: &mut DescReader<'_>,
-) -> std::result::Result<Vec<(u64, u64)>, String> {
+) -> Checked<Vec<(u64, u64)>> {
     let ino = sb.journal_inum;
     if sb.compat & COMPAT_HAS_JOURNAL == 0 || ino == 0 {
         return Ok(Vec::new());
     }
     let group = (ino - 1) / sb.inodes_per_group;
     if group >= sb.group_count() {
-        return Err(format!("journal inode {ino} does not exist"));
+        return Err(bad!("journal inode {ino} does not exist"));
     }
     let d = descs.get(group)?;
     let index = (ino - 1) % sb.inodes_per_group;
@@ -618,12 +612,12 @@ fn journal_runs(
         .checked_mul(sb.block_size)
         .and_then(|b| b.checked_add(index * sb.inode_size))
         .filter(|&a| a + sb.inode_size <= sb.blocks_count * sb.block_size)
-        .ok_or_else(|| format!("journal inode {ino} lies outside the filesystem"))?;
+        .ok_or_else(|| bad!("journal inode {ino} lies outside the filesystem"))?;
     vol.read_at(at, &mut slot)
-        .map_err(|e| format!("reading journal inode {ino}: {e}"))?;
+        .map_err(|e| within(e, format!("reading journal inode {ino}")))?;
     let inode = inode::Inode(&slot);
     if inode.mode() & inode::S_IFMT != inode::S_IFREG || !inode.in_use() {
-        return Err(format!("journal inode {ino} holds no journal"));
+        return Err(bad!("journal inode {ino} holds no journal"));
     }
     let mut blocks: Vec<(u64, u64)> = Vec::new();
     if inode.flags() & inode::FL_EXTENTS != 0 {
@@ -636,9 +630,9 @@ fn journal_runs(
             blocks.push((b, 1))
         })
     }
-    .map_err(|e| format!("journal inode {ino}: {e}"))?;
+    .map_err(|e| within(e, format!("journal inode {ino}")))?;
     if blocks.is_empty() {
-        return Err(format!("journal inode {ino} has no blocks"));
+        return Err(bad!("journal inode {ino} has no blocks"));
     }
     blocks.sort_unstable();
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -646,7 +640,7 @@ fn journal_runs(
         match runs.last_mut() {
             Some((s, l)) if *s + *l == start => *l += len,
             Some((s, l)) if *s + *l > start => {
-                return Err(format!(
+                return Err(bad!(
                     "journal inode {ino} names block {start} twice (also at {s}+{l})"
                 ));
             }
@@ -658,14 +652,14 @@ fn journal_runs(
 
 /// Checks that no two of the filesystem's own structures share a block; `runs` ends up sorted
 /// by start and free of overlaps.
-fn check_disjoint(runs: &mut [MetaRun]) -> std::result::Result<(), String> {
+fn check_disjoint(runs: &mut [MetaRun]) -> Checked<()> {
     runs.sort_unstable_by_key(|r| (r.start, r.len));
     let mut reach: Option<&MetaRun> = None;
     for r in runs.iter() {
         if let Some(prev) = reach
             && prev.end() > r.start
         {
-            return Err(format!("{} and {} overlap", prev.describe(), r.describe()));
+            return Err(bad!("{} and {} overlap", prev.describe(), r.describe()));
         }
         reach = Some(r);
     }
@@ -697,7 +691,7 @@ pub(crate) fn for_each_used(
     vol: &dyn Volume,
     sb: &Superblock,
     mut f: impl FnMut(Used, u64, u64),
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     check_fits(vol, sb)?;
     sb.precheck()?;
     let bs = sb.block_size;
@@ -710,9 +704,9 @@ pub(crate) fn for_each_used(
         sb,
         cached: None,
     };
-    let check = |what: &str, blk: u64, len: u64, g: u64| -> std::result::Result<(), String> {
+    let check = |what: &str, blk: u64, len: u64, g: u64| -> Checked<()> {
         if blk < sb.first_data_block || blk.checked_add(len).is_none_or(|e| e > sb.blocks_count) {
-            return Err(format!(
+            return Err(bad!(
                 "group {g}: {what} at block {blk} (+{len}) is outside the filesystem"
             ));
         }
@@ -724,7 +718,7 @@ pub(crate) fn for_each_used(
     for g in 0..groups {
         let d = descs.get(g)?;
         if !d.checksum_ok {
-            return Err(format!("group {g}: descriptor checksum mismatch"));
+            return Err(bad!("group {g}: descriptor checksum mismatch"));
         }
         check("block bitmap", d.block_bitmap, 1, g)?;
         check("inode bitmap", d.inode_bitmap, 1, g)?;
@@ -782,7 +776,7 @@ pub(crate) fn for_each_used(
             // (a group that holds data but claims otherwise would drop that data).
             let used: u64 = own().map(|r| r.end().min(end) - r.start.max(first)).sum();
             if in_group - used != d.free_blocks {
-                return Err(format!(
+                return Err(bad!(
                     "group {g}: uninitialised, but its descriptor counts {} free blocks of {}, \
                      not {}",
                     d.free_blocks,
@@ -795,7 +789,7 @@ pub(crate) fn for_each_used(
         read_block_bitmap(vol, sb, g, &d, &mut bitmap)?;
         let free = in_group - count_set(&bitmap, in_group);
         if free != d.free_blocks {
-            return Err(format!(
+            return Err(bad!(
                 "group {g}: its descriptor counts {} free blocks, its bitmap {free}",
                 d.free_blocks
             ));
@@ -805,7 +799,7 @@ pub(crate) fn for_each_used(
             for b in r.start.max(first)..r.end().min(end) {
                 let i = b - first;
                 if bitmap[(i / 8) as usize] & (1 << (i % 8)) == 0 {
-                    return Err(format!(
+                    return Err(bad!(
                         "group {g}: the block bitmap marks block {b} of {} free",
                         r.describe()
                     ));
@@ -856,14 +850,14 @@ fn read_block_bitmap(
     g: u64,
     d: &Desc,
     bitmap: &mut [u8],
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     vol.read_at(d.block_bitmap * sb.block_size, bitmap)
-        .map_err(|e| format!("reading block bitmap of group {g}: {e}"))?;
+        .map_err(|e| within(e, format!("reading block bitmap of group {g}")))?;
     if !sb
         .scheme
         .bitmap_ok(d.bitmap_csum, &bitmap[..(sb.blocks_per_group / 8) as usize])
     {
-        return Err(format!("group {g}: block bitmap checksum mismatch"));
+        return Err(bad!("group {g}: block bitmap checksum mismatch"));
     }
     Ok(())
 }
@@ -957,13 +951,11 @@ fn check_inodes(
     descs: &mut DescReader<'_>,
     meta: &[MetaRun],
     window: &Window,
-) -> std::result::Result<(), String> {
+) -> Checked<()> {
     let (bs, ipg, isz) = (sb.block_size, sb.inodes_per_group, sb.inode_size);
     let ibm_bytes = ipg.div_ceil(8);
     if ibm_bytes > bs {
-        return Err(format!(
-            "{ipg} inodes per group do not fit one bitmap block"
-        ));
+        return Err(bad!("{ipg} inodes per group do not fit one bitmap block"));
     }
     let per_chunk = (ITABLE_CHUNK / isz).max(1);
     let mut table = vec![0u8; (per_chunk * isz) as usize];
@@ -975,16 +967,16 @@ fn check_inodes(
     // healthy filesystem has no more of them than blocks, so hostile trees that name the
     // same blocks over and over cannot make the walk long.
     let mut budget = sb.blocks_count;
-    let damage = |descs: &mut DescReader<'_>, ino: u64, b: u64| -> String {
+    let damage = |descs: &mut DescReader<'_>, ino: u64, b: u64| -> MapCheck {
         let i = meta.partition_point(|r| r.end() <= b);
         if let Some(r) = meta.get(i).filter(|r| r.start <= b) {
-            return format!("inode {ino} uses block {b}, which holds {}", r.describe());
+            return bad!("inode {ino} uses block {b}, which holds {}", r.describe());
         }
         let g = b.saturating_sub(sb.first_data_block) / sb.blocks_per_group;
         let uninit = descs
             .get(g)
             .is_ok_and(|d| sb.group_checksums() && d.flags & BG_BLOCK_UNINIT != 0);
-        format!(
+        bad!(
             "block bitmap marks block {b} free{} but inode {ino} uses it",
             if uninit {
                 format!(" (group {g} is uninitialised)")
@@ -1006,19 +998,19 @@ fn check_inodes(
             continue;
         }
         vol.read_at(d.inode_bitmap * bs, &mut ibm)
-            .map_err(|e| format!("reading inode bitmap of group {g}: {e}"))?;
+            .map_err(|e| within(e, format!("reading inode bitmap of group {g}")))?;
         if !sb
             .scheme
             .bitmap_ok(d.inode_bitmap_csum, &ibm[..(ipg / 8) as usize])
         {
-            return Err(format!("group {g}: inode bitmap checksum mismatch"));
+            return Err(bad!("group {g}: inode bitmap checksum mismatch"));
         }
         let mut done = 0u64;
         while done < slots {
             let count = per_chunk.min(slots - done);
             let bytes = (count * isz) as usize;
             vol.read_at(d.inode_table * bs + done * isz, &mut table[..bytes])
-                .map_err(|e| format!("reading inode table of group {g}: {e}"))?;
+                .map_err(|e| within(e, format!("reading inode table of group {g}")))?;
             for (k, slot) in table[..bytes].chunks_exact(isz as usize).enumerate() {
                 let idx = done + k as u64;
                 let ino = g * ipg + idx + 1;
@@ -1036,7 +1028,7 @@ fn check_inodes(
                 let acl = node.file_acl(is64);
                 if acl != 0 {
                     if acl < sb.first_data_block || acl >= sb.blocks_count {
-                        return Err(format!(
+                        return Err(bad!(
                             "inode {ino}: extended-attribute block {acl} is outside the \
                              filesystem"
                         ));
@@ -1073,7 +1065,7 @@ fn check_inodes(
                 } else {
                     inode::walk_block_map(vol, sb, node.root(), limit, &mut |b| check(b, 1, true))
                 }
-                .map_err(|e| format!("inode {ino}: {e}"))?;
+                .map_err(|e| within(e, format!("inode {ino}")))?;
                 budget = budget.saturating_sub(spent);
                 if let Some(b) = bad {
                     return Err(damage(descs, ino, b));
@@ -1090,7 +1082,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
 
     /// A plausible superblock header for a 4 MiB, 1 KiB-block filesystem.
     fn base_image() -> Vec<u8> {
@@ -1136,7 +1128,7 @@ mod tests {
     /// Group 0's descriptor (block 2) in the fixture.
     const GD: usize = 2048;
 
-    fn map_of(img: &[u8]) -> std::result::Result<BlockMap, String> {
+    fn map_of(img: &[u8]) -> Checked<BlockMap> {
         let vol = Mem(img.to_vec());
         let sb = Superblock::read(&vol).unwrap().unwrap();
         allocation_map(&vol, &sb, 1024)
@@ -1158,12 +1150,12 @@ mod tests {
             panic!("the fixture has metadata_csum");
         };
         let bb = u32_at(img, GD) as usize * 1024;
-        let c = crate::probe::crc32::crc32c_update(seed, &img[bb..bb + 1024]);
+        let c = crate::fs::crc32::crc32c_update(seed, &img[bb..bb + 1024]);
         put_u16(img, GD + 0x18, c as u16);
         put_u16(img, GD + 0x38, (c >> 16) as u16);
         let d = sb.scheme.descriptor(0, &img[GD..GD + 64]).unwrap();
         put_u16(img, GD + csum::BG_CHECKSUM, d);
-        let c = crate::probe::crc32::crc32c_update(!0, &img[1024..1024 + csum::SB_CHECKSUM]);
+        let c = crate::fs::crc32::crc32c_update(!0, &img[1024..1024 + csum::SB_CHECKSUM]);
         put_u32(img, 1024 + csum::SB_CHECKSUM, c);
     }
 

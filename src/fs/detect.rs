@@ -1,28 +1,38 @@
-//! Filesystem and volume signatures: which format a volume holds, with its UUID, label, size
-//! and used bytes where its superblock says so cheaply.
+//! The one table of formats a volume can hold, and the one rule that picks among them. Both
+//! `volback probe` ([`detect`]) and backup ([`crate::fs::probe`], through [`map`]) use it.
 //!
-//! Every detector reads a few sectors at fixed places, checks magic numbers and the sanity of
-//! the fields it uses, and never trusts a length or an offset it read without a bound. Names
-//! (`type`) are those of `blkid`, so that scripts can compare the two.
+//! Every recogniser reads a few sectors at fixed places, checks magic numbers and the sanity
+//! of the fields it uses, and never trusts a length or an offset it read without a bound.
+//! Names (`type`) are those of `blkid`, so that scripts can compare the two.
 //!
-//! | type          | where                 | magic / check                                        |
-//! |---------------|-----------------------|------------------------------------------------------|
-//! | crypto_LUKS   | byte 0                | `LUKS\xBA\xBE`, version (u16 BE at 6) 1 or 2         |
-//! | LVM2_member   | sector 0–3            | `LABELONE` (label), `LVM2 001` at +24                |
-//! | xfs           | byte 0                | `XFSB`, big-endian superblock                        |
-//! | ntfs          | byte 3                | `NTFS    ` OEM id, sane BPB                          |
-//! | exfat         | byte 3                | `EXFAT   ` OEM id, sane shifts                       |
-//! | vfat          | byte 0                | jump instruction, sane BPB, 0x55AA or FAT id string  |
-//! | btrfs         | byte 65536 + 0x40     | `_BHRfS_M`, bytenr field = 65536                     |
-//! | ext2/3/4      | byte 1024 + 0x38      | 0xEF53 (see [`crate::fs::ext`])                      |
-//! | swap          | page size − 10        | `SWAPSPACE2` (v1), page sizes 4 KiB to 64 KiB        |
+//! [`RECOGNISERS`], in priority order:
+//!
+//! | type          | where                 | magic / check                                        | map |
+//! |---------------|-----------------------|------------------------------------------------------|-----|
+//! | ext2/3/4      | byte 1024 + 0x38      | 0xEF53 (see [`crate::fs::ext`])                      | yes |
+//! | xfs           | byte 0                | `XFSB`, big-endian superblock                        | yes |
+//! | btrfs         | byte 65536 + 0x40     | `_BHRfS_M`, bytenr field = 65536                     | yes |
+//! | ntfs          | byte 3                | `NTFS    ` OEM id, sane BPB                          | yes |
+//! | exfat         | byte 3                | `EXFAT   ` OEM id, sane shifts                       | yes |
+//! | vfat          | byte 0                | jump instruction, sane BPB, 0x55AA or FAT id string  | yes |
+//! | crypto_LUKS   | byte 0                | `LUKS\xBA\xBE`, version (u16 BE at 6) 1 or 2         | no  |
+//! | LVM2_member   | sector 0–3            | `LABELONE` (label), `LVM2 001` at +24                | no  |
+//! | swap          | page size − 10        | `SWAPSPACE2` (v1), page sizes 4 KiB to 64 KiB        | no  |
+//!
+//! **The rule**: the volume's format is the first recogniser in this order that matches. A
+//! volume can carry several signatures (a superblock that a later `mkfs` did not overwrite);
+//! the later matches are stale: `probe` names them in a warning, backup ignores them and maps
+//! the volume by the first one (this order is the one backup always used, so a volume with two
+//! signatures is mapped as before). A format without a map (LUKS, LVM2, swap) is read whole.
+//! An I/O error while recognising is a warning in `probe` (the next recogniser is tried) and
+//! an error in backup.
 
-use super::Filesystem;
-use super::guid::uuid_string;
+use super::{Probe, uuid_at, uuid_string};
+use super::{btrfs, exfat, ext, fat, ntfs, xfs};
 use crate::bytes::{be_u16 as u16_be, be_u32 as u32_be, le_u32 as u32_le, le_u64 as u64_le};
 use crate::error::Result;
-use crate::fs::{btrfs, exfat, ext, fat, ntfs, xfs};
 use crate::volume::Volume;
+use serde::{Deserialize, Serialize};
 
 /// LUKS (1 and 2) header magic at byte 0.
 pub const LUKS_MAGIC: &[u8; 6] = b"LUKS\xBA\xBE";
@@ -31,8 +41,8 @@ pub const LVM_LABEL_ID: &[u8; 8] = b"LABELONE";
 pub const LVM_TYPE_2: &[u8; 8] = b"LVM2 001";
 /// XFS superblock magic (`XFS_SB_MAGIC`, 0x58465342).
 pub const XFS_MAGIC: &[u8; 4] = xfs::MAGIC;
-pub const NTFS_OEM: &[u8; 8] = b"NTFS    ";
-pub const EXFAT_OEM: &[u8; 8] = b"EXFAT   ";
+pub use super::exfat::EXFAT_OEM;
+pub use super::ntfs::NTFS_OEM;
 /// btrfs primary superblock offset and magic (at 0x40 in the superblock).
 pub const BTRFS_SB_OFFSET: u64 = btrfs::SB_OFFSET;
 pub const BTRFS_MAGIC: &[u8; 8] = btrfs::MAGIC;
@@ -47,12 +57,6 @@ const HEAD_LEN: u64 = 4096;
 /// at most 128 KiB; 16 MiB of bitmap covers 128 Mi clusters). Beyond it, used bytes are not
 /// reported.
 const COUNT_LIMIT: u64 = 16 << 20;
-
-fn arr16(b: &[u8], o: usize) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b[o..o + 16]);
-    a
-}
 
 /// A NUL-terminated (or full-length) byte string; `None` when empty.
 fn cstr(b: &[u8]) -> Option<String> {
@@ -88,6 +92,27 @@ fn fs(fs_type: &str, usage: &str) -> Filesystem {
     }
 }
 
+/// A filesystem or other recognised format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filesystem {
+    /// `blkid` TYPE: ext2, ext3, ext4, xfs, btrfs, ntfs, vfat, exfat, swap, LVM2_member,
+    /// crypto_LUKS.
+    #[serde(rename = "type")]
+    pub fs_type: String,
+    /// `blkid` USAGE: filesystem, crypto, raid, other.
+    pub usage: String,
+    /// FAT12/FAT16/FAT32, LUKS 1/2, swap 1, LVM2 001, exFAT revision.
+    pub version: Option<String>,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    /// Allocation unit (block, cluster, page) in bytes.
+    pub block_size: Option<u32>,
+    /// Bytes the format says it spans.
+    pub size: Option<u64>,
+    /// Bytes the format reports as used, where its superblock says so cheaply.
+    pub used_bytes: Option<u64>,
+}
+
 /// What [`detect`] found.
 #[derive(Debug, Clone, Default)]
 pub struct Detection {
@@ -95,32 +120,99 @@ pub struct Detection {
     pub warnings: Vec<String>,
 }
 
-/// Detects the format of `vol`. Several signatures at once (a stale superblock that a later
-/// `mkfs` did not wipe) give the first in priority order — the formats that overwrite
-/// sector 0 before those that leave it — and a warning naming the others.
-pub fn detect(vol: &dyn Volume) -> Result<Detection> {
-    let head_len = vol.size().min(HEAD_LEN);
-    let mut head = vec![0u8; head_len as usize];
+/// Describes the format of a volume (given its first [`HEAD_LEN`] bytes) when it matches.
+type Describe = fn(&dyn Volume, &[u8]) -> Result<Option<Filesystem>>;
+/// Builds the allocation map of a volume at a granularity when the format matches.
+type Map = fn(&dyn Volume, u64) -> Result<Option<Probe>>;
+
+/// One format of [`RECOGNISERS`].
+pub struct Recogniser {
+    /// As warnings name it ("while checking for NTFS").
+    pub name: &'static str,
+    describe: Describe,
+    /// `None`: no allocation map, every block is read.
+    map: Option<Map>,
+}
+
+/// The formats, in priority order (see the module documentation for the rule).
+pub static RECOGNISERS: [Recogniser; 9] = [
+    Recogniser {
+        name: "ext",
+        describe: ext_fs,
+        map: Some(|vol, g| {
+            Ok(ext::Superblock::read(vol)?
+                .map(|sb| Probe::mapped(sb.info(), ext::allocation_map(vol, &sb, g))))
+        }),
+    },
+    Recogniser {
+        name: "XFS",
+        describe: xfs,
+        map: Some(|vol, g| {
+            Ok(xfs::Superblock::read(vol)?.map(|sb| {
+                let mut p = Probe::mapped(sb.info(), xfs::allocation_map(vol, &sb, g));
+                p.warning = p.warning.or(sb.realtime_note());
+                p
+            }))
+        }),
+    },
+    Recogniser {
+        name: "btrfs",
+        describe: btrfs,
+        map: Some(|vol, g| {
+            Ok(btrfs::Superblock::read(vol)?
+                .map(|sb| Probe::mapped(sb.info(), btrfs::allocation_map(vol, &sb, g))))
+        }),
+    },
+    Recogniser {
+        name: "NTFS",
+        describe: ntfs,
+        map: Some(|vol, g| Ok(ntfs::probe(vol, g)?.map(|(i, m)| Probe::mapped(i, m)))),
+    },
+    Recogniser {
+        name: "exFAT",
+        describe: exfat,
+        map: Some(|vol, g| Ok(exfat::probe(vol, g)?.map(|(i, m)| Probe::mapped(i, m)))),
+    },
+    Recogniser {
+        name: "FAT",
+        describe: fat,
+        map: Some(|vol, g| Ok(fat::probe(vol, g)?.map(|(i, m)| Probe::mapped(i, m)))),
+    },
+    Recogniser {
+        name: "LUKS",
+        describe: luks,
+        map: None,
+    },
+    Recogniser {
+        name: "LVM2",
+        describe: lvm2,
+        map: None,
+    },
+    Recogniser {
+        name: "swap",
+        describe: swap,
+        map: None,
+    },
+];
+
+/// The first [`HEAD_LEN`] bytes of `vol` (fewer when it is shorter).
+fn head(vol: &dyn Volume) -> Result<Vec<u8>> {
+    let mut head = vec![0u8; vol.size().min(HEAD_LEN) as usize];
     vol.read_at(0, &mut head)?;
+    Ok(head)
+}
+
+/// Describes the format of `vol`: the first match of [`RECOGNISERS`], and warnings naming the
+/// stale signatures that also match and the recognisers that could not read what they need.
+pub fn detect(vol: &dyn Volume) -> Result<Detection> {
+    let head = head(vol)?;
     let mut found: Vec<Filesystem> = Vec::new();
     let mut warnings = Vec::new();
-    type Detector = fn(&dyn Volume, &[u8]) -> Result<Option<Filesystem>>;
-    let detectors: [(&str, Detector); 9] = [
-        ("LUKS", luks),
-        ("LVM2", lvm2),
-        ("XFS", xfs),
-        ("NTFS", ntfs),
-        ("exFAT", exfat),
-        ("FAT", fat),
-        ("btrfs", btrfs),
-        ("ext", ext_fs),
-        ("swap", swap),
-    ];
-    for (name, d) in detectors {
-        match d(vol, &head) {
+    for r in &RECOGNISERS {
+        match (r.describe)(vol, &head) {
             Ok(Some(f)) => found.push(f),
             Ok(None) => {}
-            Err(e) => warnings.push(format!("while checking for {name}: {e}")),
+            Err(e) => warnings.push(format!("while checking for {}: {e}", r.name)),
         }
     }
     let mut it = found.into_iter();
@@ -149,6 +241,37 @@ pub fn detect(vol: &dyn Volume) -> Result<Detection> {
         filesystem: first,
         warnings,
     })
+}
+
+/// Backup's use of the table: the allocation map of `vol` at `granularity` bytes per bit, by
+/// the first recogniser that matches; later ones are not tried. A match without a map (LUKS,
+/// LVM2, swap), like no match, gives no filesystem and no map.
+pub fn map(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
+    let none = Probe {
+        fs: None,
+        map: None,
+        warning: None,
+    };
+    let mut head_bytes = None;
+    for r in &RECOGNISERS {
+        match r.map {
+            Some(map) => {
+                if let Some(p) = map(vol, granularity)? {
+                    return Ok(p);
+                }
+            }
+            None => {
+                let h = match &head_bytes {
+                    Some(h) => h,
+                    None => head_bytes.insert(head(vol)?),
+                };
+                if (r.describe)(vol, h)?.is_some() {
+                    return Ok(none);
+                }
+            }
+        }
+    }
+    Ok(none)
 }
 
 /// Whether sector 0 (`head`) is a filesystem boot sector (FAT, NTFS, exFAT) rather than a
@@ -375,7 +498,7 @@ fn swap(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
         };
         let mut f = fs("swap", "other");
         f.version = Some(format!("{version}"));
-        f.uuid = nonzero_uuid(&arr16(h, 1036));
+        f.uuid = nonzero_uuid(&uuid_at(h, 1036));
         f.label = cstr(&h[1052..1068]);
         f.block_size = Some(ps as u32);
         f.size = Some((last_page + 1) * ps);
@@ -387,7 +510,7 @@ fn swap(vol: &dyn Volume, h: &[u8]) -> Result<Option<Filesystem>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::Mem;
+    use crate::fs::tests::Mem;
     use proptest::prelude::*;
 
     fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
@@ -493,6 +616,73 @@ mod tests {
                 prop_assert!(f.label.map_or(0, |l| l.len()) <= 1024);
             }
         }
+    }
+
+    /// A FAT12 boot sector (a stale one, as an earlier `mkfs.vfat` leaves it).
+    fn fat_boot_sector(img: &mut [u8]) {
+        put(img, 0, &[0xEB, 0x3C, 0x90]);
+        put(img, 3, b"mkfs.fat");
+        put(img, 0x0B, &512u16.to_le_bytes());
+        img[0x0D] = 4;
+        put(img, 0x0E, &1u16.to_le_bytes());
+        img[0x10] = 2;
+        put(img, 0x11, &64u16.to_le_bytes());
+        put(img, 0x13, &4096u16.to_le_bytes());
+        img[0x15] = 0xF8;
+        put(img, 0x16, &3u16.to_le_bytes());
+        put(img, 0x36, b"FAT12   ");
+        put(img, 510, &[0x55, 0xAA]);
+    }
+
+    /// A real ext4 whose unused boot block still holds a FAT boot sector: both signatures
+    /// match; the first in table order (ext4) is the format for probe and backup alike, and
+    /// probe names the stale one.
+    #[test]
+    fn two_signatures_first_in_table_order_wins() {
+        let mut img = zstd::decode_all(
+            &include_bytes!("../../tests/fixtures/ext4-tracking-current.img.zst")[..],
+        )
+        .unwrap();
+        fat_boot_sector(&mut img);
+        let vol = Mem(img.clone());
+        assert!(
+            fat(&vol, &img[..4096]).unwrap().is_some(),
+            "the FAT signature matches"
+        );
+
+        let d = detect(&vol).unwrap();
+        assert_eq!(d.filesystem.unwrap().fs_type, "ext4");
+        assert!(
+            d.warnings
+                .iter()
+                .any(|w| w.starts_with("also carries vfat signature")),
+            "{:?}",
+            d.warnings
+        );
+
+        let p = map(&vol, 4096).unwrap();
+        assert_eq!(p.fs.unwrap().fs_type, "ext4");
+        assert!(p.map.is_some() && p.warning.is_none(), "{:?}", p.warning);
+
+        // Without the ext4 superblock, the FAT boot sector alone is the format.
+        img[1024..2048].fill(0);
+        let d = detect(&Mem(img)).unwrap();
+        assert_eq!(d.filesystem.unwrap().fs_type, "vfat");
+    }
+
+    /// Formats without a map are recognised by backup too, and read whole.
+    #[test]
+    fn a_format_without_a_map_gives_no_map() {
+        let mut img = vec![0u8; 8192];
+        put(&mut img, 0, LUKS_MAGIC);
+        put(&mut img, 6, &2u16.to_be_bytes());
+        let vol = Mem(img);
+        assert_eq!(
+            detect(&vol).unwrap().filesystem.unwrap().fs_type,
+            "crypto_LUKS"
+        );
+        let p = map(&vol, 4096).unwrap();
+        assert!(p.fs.is_none() && p.map.is_none() && p.warning.is_none());
     }
 
     #[test]
