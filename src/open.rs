@@ -367,9 +367,6 @@ mod tests {
         let e = identify(&[dir.path().as_os_str(), OsStr::new("latest")], &Silent)
             .err()
             .unwrap();
-        assert!(
-            matches!(e, Error::NotARepository { .. }),
-            "{e}"
-        );
+        assert!(matches!(e, Error::NotARepository { .. }), "{e}");
     }
 }

@@ -28,7 +28,6 @@ mod stage;
 pub use plan::{BackupPlan, Resume, Tracking, plan};
 
 /// Moved to [`crate::job`], shared with copies; re-exported for existing callers.
-
 use crate::error::Result;
 use crate::fs::FsInfo;
 use crate::fs::disk::DiskLayout;

@@ -186,15 +186,10 @@ fn change_tracking_does_not_inherit_a_missing_parent_chunk() {
         let snap = r.open_snapshot(jstr(&control, "/snapshot")).unwrap();
         let base = volback::repo::reader::SnapshotVolume::new(snap, r.chunks().clone());
         let source = volback::source::Source::open(&img).unwrap();
-        let known = volback::job::track_changes(
-            &source,
-            &base,
-            256 * KIB,
-            &[],
-            &volback::progress::Silent,
-        )
-        .unwrap()
-        .expect("change tracking");
+        let known =
+            volback::job::track_changes(&source, &base, 256 * KIB, &[], &volback::progress::Silent)
+                .unwrap()
+                .expect("change tracking");
         (0..known.block_count())
             .find(|&b| {
                 known.is_used(b) && block_ref(&repo, jstr(&control, "/snapshot"), b).is_data()
