@@ -21,9 +21,10 @@
 //!
 //! **The rule**: the volume's format is the first recogniser in this order that matches. A
 //! volume can carry several signatures (a superblock that a later `mkfs` did not overwrite);
-//! the later matches are stale: `probe` names them in a warning, backup ignores them and maps
-//! the volume by the first one (this order is the one backup always used, so a volume with two
-//! signatures is mapped as before). A format without a map (LUKS, LVM2, swap) is read whole.
+//! `probe` reports the first and names the others in a warning. Backup cannot tell which one is
+//! live, and a map made from a stale superblock would leave the live filesystem's data unread:
+//! it reads every block of such a volume, with a warning naming both. A format without a map
+//! (LUKS, LVM2, swap) is read whole.
 //! An I/O error while recognising is a warning in `probe` (the next recogniser is tried) and
 //! an error in backup.
 
@@ -253,11 +254,11 @@ pub fn map(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
         warning: None,
     };
     let mut head_bytes = None;
-    for r in &RECOGNISERS {
+    for (i, r) in RECOGNISERS.iter().enumerate() {
         match r.map {
             Some(map) => {
                 if let Some(p) = map(vol, granularity)? {
-                    return Ok(p);
+                    return Ok(unless_ambiguous(vol, p, &RECOGNISERS[i + 1..]));
                 }
             }
             None => {
@@ -272,6 +273,42 @@ pub fn map(vol: &dyn Volume, granularity: u64) -> Result<Probe> {
         }
     }
     Ok(none)
+}
+
+/// `p`, the map of the first recogniser that matched, unless one of the `later` recognisers
+/// matches too. Then the volume carries two signatures and nothing on it says which one is
+/// live: a map made from the stale one would leave the live filesystem's data unread, so the
+/// map is dropped (every block is read) and the warning names both. A later recogniser that
+/// cannot read what it needs does not count as a match.
+fn unless_ambiguous(vol: &dyn Volume, p: Probe, later: &[Recogniser]) -> Probe {
+    if p.map.is_none() {
+        return p;
+    }
+    let Ok(h) = head(vol) else { return p };
+    let also: Vec<String> = later
+        .iter()
+        .filter_map(|r| (r.describe)(vol, &h).ok().flatten())
+        .map(|f| f.fs_type)
+        .collect();
+    if also.is_empty() {
+        return p;
+    }
+    let fs_type = p.fs.as_ref().map_or("filesystem", |f| f.fs_type.as_str());
+    let warning = format!(
+        "the {fs_type} volume also carries {} signature{} (left over from an earlier format?); \
+         which one is live cannot be told, so every block is read (remove the stale signature \
+         with `wipefs` to back up only used blocks)",
+        also.join(", "),
+        if also.len() > 1 { "s" } else { "" }
+    );
+    Probe {
+        fs: p.fs,
+        map: None,
+        warning: Some(match p.warning {
+            Some(w) => format!("{w}; {warning}"),
+            None => warning,
+        }),
+    }
 }
 
 /// Whether sector 0 (`head`) is a filesystem boot sector (FAT, NTFS, exFAT) rather than a
@@ -635,8 +672,8 @@ mod tests {
     }
 
     /// A real ext4 whose unused boot block still holds a FAT boot sector: both signatures
-    /// match; the first in table order (ext4) is the format for probe and backup alike, and
-    /// probe names the stale one.
+    /// match; the first in table order (ext4) is the format probe reports, naming the other;
+    /// backup reads every block, since a map from the stale one would lose data.
     #[test]
     fn two_signatures_first_in_table_order_wins() {
         let mut img = zstd::decode_all(
@@ -660,9 +697,11 @@ mod tests {
             d.warnings
         );
 
+        // Backup cannot tell which signature is live: no map, every block is read.
         let p = map(&vol, 4096).unwrap();
         assert_eq!(p.fs.unwrap().fs_type, "ext4");
-        assert!(p.map.is_some() && p.warning.is_none(), "{:?}", p.warning);
+        let w = p.warning.unwrap();
+        assert!(p.map.is_none() && w.contains("also carries vfat"), "{w}");
 
         // Without the ext4 superblock, the FAT boot sector alone is the format.
         img[1024..2048].fill(0);
