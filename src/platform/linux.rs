@@ -74,16 +74,7 @@ pub fn geometry(file: &File) -> io::Result<Geometry> {
             physical_sector_size: pss.max(lss as u32).max(512),
         })
     } else {
-        Ok(Geometry {
-            kind: if ft.is_file() {
-                ObjectKind::RegularFile
-            } else {
-                ObjectKind::Other
-            },
-            size: meta.len(),
-            logical_sector_size: 512,
-            physical_sector_size: 4096,
-        })
+        Ok(Geometry::of_file(&meta))
     }
 }
 

@@ -42,6 +42,23 @@ pub struct Geometry {
     pub physical_sector_size: u32,
 }
 
+impl Geometry {
+    /// A regular file's (or other non-device object's) geometry: its length, 512-byte
+    /// logical and 4096-byte physical sectors.
+    fn of_file(meta: &std::fs::Metadata) -> Geometry {
+        Geometry {
+            kind: if meta.is_file() {
+                ObjectKind::RegularFile
+            } else {
+                ObjectKind::Other
+            },
+            size: meta.len(),
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+        }
+    }
+}
+
 /// Opens `path` for reading only. Never opens a source for writing.
 pub fn open_read_only(path: &Path) -> io::Result<File> {
     imp::open_read_only(path)

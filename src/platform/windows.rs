@@ -6,7 +6,7 @@
 //! inode) and the link count come from `GetFileInformationByHandle`, declared below: the
 //! standard library's accessors for them are unstable.
 
-use super::{Geometry, MountUse, ObjectKind};
+use super::{Geometry, MountUse};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::windows::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -141,17 +141,7 @@ pub fn open_direct_rw(_path: &Path) -> Option<File> {
 }
 
 pub fn geometry(file: &File) -> io::Result<Geometry> {
-    let meta = file.metadata()?;
-    Ok(Geometry {
-        kind: if meta.is_file() {
-            ObjectKind::RegularFile
-        } else {
-            ObjectKind::Other
-        },
-        size: meta.len(),
-        logical_sector_size: 512,
-        physical_sector_size: 4096,
-    })
+    Ok(Geometry::of_file(&file.metadata()?))
 }
 
 pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
