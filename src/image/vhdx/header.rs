@@ -15,6 +15,22 @@ pub(super) const HEADER_SECTION: u64 = MIB;
 /// Size of a region table and of the metadata table.
 pub(super) const TABLE_SIZE: usize = 64 << 10;
 
+/// Most entries a region table or the metadata table may have.
+const MAX_TABLE_ENTRIES: usize = 2047;
+
+/// A region or metadata table's entry count, read from byte `at`: refused past
+/// [`MAX_TABLE_ENTRIES`].
+pub(super) fn table_entry_count(count: usize, at: usize) -> Result<usize, ParseError> {
+    if count > MAX_TABLE_ENTRIES {
+        return Err(ParseError::field(
+            "entry count",
+            at,
+            format!("{count} entries (at most {MAX_TABLE_ENTRIES} allowed)"),
+        ));
+    }
+    Ok(count)
+}
+
 /// The 16 bytes of a GUID at `at`.
 pub(super) fn guid16(b: &[u8], at: usize) -> [u8; 16] {
     let mut g = [0u8; 16];

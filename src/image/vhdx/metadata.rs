@@ -1,14 +1,12 @@
 //! The VHDX metadata region: its table and the items volback knows (decoding, checking,
 //! encoding; no I/O).
 
-use super::header::{MIB, TABLE_SIZE, guid16};
+use super::header::{MIB, TABLE_SIZE, guid16, table_entry_count};
 use crate::bytes::{le_u16, le_u32};
 use crate::image::error::ParseError;
 use crate::probe::guid::Guid;
 
 const METADATA_SIGNATURE: &[u8; 8] = b"metadata";
-/// Most entries the metadata table may have.
-const MAX_ENTRIES: usize = 2047;
 
 /// Entry flags.
 pub(super) const META_IS_USER: u32 = 1;
@@ -74,14 +72,7 @@ pub(crate) fn parse_metadata_table(
 ) -> Result<Vec<MetaEntry>, ParseError> {
     ParseError::need("metadata table", b, TABLE_SIZE)?;
     ParseError::magic("signature", b, 0, METADATA_SIGNATURE, "\"metadata\"")?;
-    let count = le_u16(b, 10) as usize;
-    if count > MAX_ENTRIES {
-        return Err(ParseError::field(
-            "entry count",
-            10,
-            format!("{count} entries (at most {MAX_ENTRIES} allowed)"),
-        ));
-    }
+    let count = table_entry_count(le_u16(b, 10) as usize, 10)?;
     let mut out: Vec<MetaEntry> = Vec::with_capacity(count);
     for i in 0..count {
         let at = 32 + i * 32;

@@ -1,6 +1,6 @@
 //! The VHDX region table (decoding, checking, encoding; no I/O).
 
-use super::header::{HEADER_SECTION, MIB, TABLE_SIZE, guid16};
+use super::header::{HEADER_SECTION, MIB, TABLE_SIZE, guid16, table_entry_count};
 use crate::bytes::{le_u32, le_u64};
 use crate::image::error::ParseError;
 use crate::probe::crc32::{crc32c, crc32c_skipping};
@@ -9,8 +9,6 @@ use crate::probe::guid::Guid;
 const REGION_SIGNATURE: &[u8; 4] = b"regi";
 /// The two copies of the region table.
 pub(super) const REGION_OFFSETS: [u64; 2] = [192 << 10, 256 << 10];
-/// Most entries a region table may have.
-const MAX_ENTRIES: usize = 2047;
 
 /// 2DC27766-F623-4200-9D64-115E9BFD4A08
 pub(super) const BAT_GUID: [u8; 16] = [
@@ -59,14 +57,7 @@ pub(crate) fn parse_region_table(b: &[u8]) -> Result<Vec<Region>, ParseError> {
     let b = &b[..TABLE_SIZE];
     ParseError::magic("signature", b, 0, REGION_SIGNATURE, "\"regi\"")?;
     ParseError::checksum("CRC-32C", 4, le_u32(b, 4), crc32c_skipping(b, 4))?;
-    let count = le_u32(b, 8) as usize;
-    if count > MAX_ENTRIES {
-        return Err(ParseError::field(
-            "entry count",
-            8,
-            format!("{count} entries (at most {MAX_ENTRIES} allowed)"),
-        ));
-    }
+    let count = table_entry_count(le_u32(b, 8) as usize, 8)?;
     let mut out: Vec<Region> = Vec::with_capacity(count);
     for i in 0..count {
         let at = 16 + i * 32;
