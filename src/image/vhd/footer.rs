@@ -70,9 +70,28 @@ pub(crate) fn checksum(b: &[u8], field: usize) -> u32 {
     !sum
 }
 
+/// Stores the checksum of `b` in its field at `field`.
+fn set_checksum(b: &mut [u8], field: usize) {
+    let sum = checksum(b, field);
+    b[field..field + 4].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// Checks the stored checksum at `field` of the structure `b`.
 fn check_sum(b: &[u8], field: usize) -> Result<(), ParseError> {
     ParseError::checksum("checksum", field, be_u32(b, field), checksum(b, field))
+}
+
+/// The 32-bit version at `at` (`field`), refused unless its major version is 1.
+fn major_version_1(b: &[u8], at: usize, field: &'static str) -> Result<u32, ParseError> {
+    let version = be_u32(b, at);
+    if version >> 16 != 1 {
+        return Err(ParseError::field(
+            field,
+            at,
+            format!("unknown {field} {version:#010x}"),
+        ));
+    }
+    Ok(version)
 }
 
 /// CHS geometry for `total_sectors`, as the VHD specification's appendix computes it.
@@ -149,8 +168,7 @@ impl Footer {
         b[60..64].copy_from_slice(&self.disk_type.to_be_bytes());
         b[68..84].copy_from_slice(&self.uuid);
         b[84] = self.saved_state;
-        let sum = checksum(&b, 64);
-        b[64..68].copy_from_slice(&sum.to_be_bytes());
+        set_checksum(&mut b, 64);
         b
     }
 
@@ -160,14 +178,7 @@ impl Footer {
         let b = &b[..FOOTER_SIZE as usize];
         ParseError::magic("cookie", b, 0, COOKIE, "\"conectix\"")?;
         check_sum(b, 64)?;
-        let version = be_u32(b, 12);
-        if version >> 16 != 1 {
-            return Err(ParseError::field(
-                "format version",
-                12,
-                format!("unknown format version {version:#010x}"),
-            ));
-        }
+        let version = major_version_1(b, 12, "format version")?;
         let mut creator_app = [0u8; 4];
         creator_app.copy_from_slice(&b[28..32]);
         let mut uuid = [0u8; 16];
@@ -231,8 +242,7 @@ impl DynHeader {
         b[24..28].copy_from_slice(&HEADER_VERSION.to_be_bytes());
         b[28..32].copy_from_slice(&self.max_table_entries.to_be_bytes());
         b[32..36].copy_from_slice(&self.block_size.to_be_bytes());
-        let sum = checksum(&b, 36);
-        b[36..40].copy_from_slice(&sum.to_be_bytes());
+        set_checksum(&mut b, 36);
         b
     }
 
@@ -242,14 +252,7 @@ impl DynHeader {
         let b = &b[..DYN_HEADER_SIZE];
         ParseError::magic("cookie", b, 0, DYN_COOKIE, "\"cxsparse\"")?;
         check_sum(b, 36)?;
-        let version = be_u32(b, 24);
-        if version >> 16 != 1 {
-            return Err(ParseError::field(
-                "header version",
-                24,
-                format!("unknown header version {version:#010x}"),
-            ));
-        }
+        major_version_1(b, 24, "header version")?;
         let h = DynHeader {
             table_offset: be_u64(b, 16),
             max_table_entries: be_u32(b, 28),
@@ -342,8 +345,7 @@ mod tests {
         ));
         let mut bad = b;
         bad[24] = 2;
-        let sum = checksum(&bad, 36);
-        bad[36..40].copy_from_slice(&sum.to_be_bytes());
+        set_checksum(&mut bad, 36);
         assert!(matches!(
             DynHeader::parse(&bad),
             Err(ParseError::Field { offset: 24, .. })
@@ -372,8 +374,7 @@ mod tests {
             let mut b = Footer::new(12345 * 512, DISK_DYNAMIC).encode();
             b[pos] = val;
             if fix {
-                let sum = checksum(&b, 64);
-                b[64..68].copy_from_slice(&sum.to_be_bytes());
+                set_checksum(&mut b, 64);
             }
             if let Ok(f) = Footer::parse(&b) {
                 let _ = f.disk_size();
@@ -386,8 +387,7 @@ mod tests {
             let mut b = h.encode();
             b[pos] = val;
             if fix {
-                let sum = checksum(&b, 36);
-                b[36..40].copy_from_slice(&sum.to_be_bytes());
+                set_checksum(&mut b, 36);
             }
             if let Ok(h) = DynHeader::parse(&b) {
                 let _ = h.bitmap_size();
