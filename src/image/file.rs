@@ -61,15 +61,20 @@ impl ImageFile {
             .len())
     }
 
-    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (fewer only at
-    /// the end of the file).
-    pub fn read_at_most(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        platform::read_up_to_at(&self.file, buf, offset).map_err(|source| Error::IoAt {
-            op: "read",
+    /// The error of `op` at `offset` in this file, from its I/O error.
+    fn io_at(&self, op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::IoAt {
+            op,
             path: self.path.clone(),
             offset,
             source,
-        })
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (fewer only at
+    /// the end of the file).
+    pub fn read_at_most(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        platform::read_up_to_at(&self.file, buf, offset).map_err(self.io_at("read", offset))
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`. A file that ends first is corrupt
@@ -115,12 +120,7 @@ impl ImageFile {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        platform::write_all_at(&self.file, buf, offset).map_err(|source| Error::IoAt {
-            op: "write",
-            path: self.path.clone(),
-            offset,
-            source,
-        })
+        platform::write_all_at(&self.file, buf, offset).map_err(self.io_at("write", offset))
     }
 
     /// Sets the file length (extending with zeros, which the filesystem keeps as a hole).
@@ -139,12 +139,7 @@ impl ImageFile {
         if len == 0 {
             return Ok(());
         }
-        platform::zero_range(&self.file, offset, len).map_err(|source| Error::IoAt {
-            op: "zero",
-            path: self.path.clone(),
-            offset,
-            source,
-        })
+        platform::zero_range(&self.file, offset, len).map_err(self.io_at("zero", offset))
     }
 
     /// Releases the space of `[offset, offset+len)` if the filesystem can punch a hole (the
@@ -153,24 +148,15 @@ impl ImageFile {
         if len == 0 {
             return Ok(());
         }
-        platform::punch_hole(&self.file, offset, len).map_err(|source| Error::IoAt {
-            op: "release space in",
-            path: self.path.clone(),
-            offset,
-            source,
-        })?;
+        platform::punch_hole(&self.file, offset, len)
+            .map_err(self.io_at("release space in", offset))?;
         Ok(())
     }
 
     /// The next range at or after `offset` (below `end`) that the filesystem says may hold
     /// data (SEEK_DATA); the whole range where holes are not reported.
     pub fn next_data(&self, offset: u64, end: u64) -> Result<Option<(u64, u64)>> {
-        platform::next_data(&self.file, offset, end).map_err(|source| Error::IoAt {
-            op: "look for data in",
-            path: self.path.clone(),
-            offset,
-            source,
-        })
+        platform::next_data(&self.file, offset, end).map_err(self.io_at("look for data in", offset))
     }
 
     /// A [`Error::Corrupt`] about this file.
