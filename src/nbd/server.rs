@@ -468,26 +468,15 @@ mod tests {
 
     #[test]
     fn listen_addresses_by_syntax() {
-        assert_eq!(
-            ListenAddr::parse("127.0.0.1:10809").unwrap(),
-            ListenAddr::Tcp("127.0.0.1:10809".into())
-        );
-        assert_eq!(
-            ListenAddr::parse("localhost:0").unwrap(),
-            ListenAddr::Tcp("localhost:0".into())
-        );
-        assert_eq!(
-            ListenAddr::parse("[::1]:10809").unwrap(),
-            ListenAddr::Tcp("[::1]:10809".into())
-        );
-        assert_eq!(
-            ListenAddr::parse("./nbd.sock").unwrap(),
-            ListenAddr::Unix("./nbd.sock".into())
-        );
-        assert_eq!(
-            ListenAddr::parse("/run/volback:1.sock").unwrap(),
-            ListenAddr::Unix("/run/volback:1.sock".into())
-        );
+        for tcp in ["127.0.0.1:10809", "localhost:0", "[::1]:10809"] {
+            assert_eq!(ListenAddr::parse(tcp).unwrap(), ListenAddr::Tcp(tcp.into()));
+        }
+        for unix in ["./nbd.sock", "/run/volback:1.sock"] {
+            assert_eq!(
+                ListenAddr::parse(unix).unwrap(),
+                ListenAddr::Unix(unix.into())
+            );
+        }
         for bad in [
             "nbd.sock",
             ":10809",
