@@ -378,6 +378,24 @@ fn xxh64(data: &[u8]) -> u64 {
     h ^ (h >> 32)
 }
 
+/// Checks key `i` of a tree block: the first must be its parent's key for the block (`first`),
+/// each must follow the one before it (`prev`).
+fn check_key_order(
+    what: &str,
+    i: usize,
+    key: Key,
+    first: Option<Key>,
+    prev: Option<Key>,
+) -> Checked<()> {
+    if i == 0 && first.is_some_and(|f| f != key) {
+        return Err(bad!("{what}: first key differs from its parent's"));
+    }
+    if prev.is_some_and(|p| key <= p) {
+        return Err(bad!("{what}: keys out of order"));
+    }
+    Ok(())
+}
+
 /// A tree key, ordered as btrfs orders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Key {
@@ -678,12 +696,7 @@ impl Trees<'_> {
                 for i in 0..n {
                     let o = HEADER_LEN + i * ITEM_LEN;
                     let key = Key::at(&b, o);
-                    if i == 0 && first.is_some_and(|f| f != key) {
-                        return Err(bad!("{what}: first key differs from its parent's"));
-                    }
-                    if last.is_some_and(|l| key <= l) {
-                        return Err(bad!("{what}: keys out of order"));
-                    }
+                    check_key_order(&what, i, key, first, last)?;
                     last = Some(key);
                     let off = HEADER_LEN + le_u32(&b, o + KEY_LEN) as usize;
                     let size = le_u32(&b, o + KEY_LEN + 4) as usize;
@@ -698,12 +711,7 @@ impl Trees<'_> {
                 for i in 0..n {
                     let o = HEADER_LEN + i * KEY_PTR_LEN;
                     let key = Key::at(&b, o);
-                    if i == 0 && first.is_some_and(|f| f != key) {
-                        return Err(bad!("{what}: first key differs from its parent's"));
-                    }
-                    if prev.is_some_and(|p| key <= p) {
-                        return Err(bad!("{what}: keys out of order"));
-                    }
+                    check_key_order(&what, i, key, first, prev)?;
                     prev = Some(key);
                     let ptr = le_u64(&b, o + KEY_LEN);
                     let child_gen = le_u64(&b, o + KEY_LEN + 8);
