@@ -305,6 +305,20 @@ mod tests {
         m.encode_into(s);
     }
 
+    /// Writes at `sector` an EBR of the extended partition at sector 10: a 4-sector Linux
+    /// partition 2 sectors in, then the link to the next EBR, `next` sectors into the extended
+    /// partition.
+    fn put_ebr(img: &mut [u8], sector: u64, next: u32) {
+        put(
+            img,
+            sector,
+            &[
+                Entry::new(0x83, false, 2, 4, sector + 2),
+                Entry::new(5, false, next, 10, 10 + u64::from(next)),
+            ],
+        );
+    }
+
     #[test]
     fn chs_matches_fdisk() {
         assert_eq!(chs(2048), [0x20, 0x21, 0x00]);
@@ -316,36 +330,15 @@ mod tests {
     fn looping_chain_is_cut() {
         let mut img = vec![0u8; 64 * 512];
         // Extended partition at 10, 50 sectors. EBR 10 -> EBR 20 -> EBR 10 (loop).
-        put(
-            &mut img,
-            10,
-            &[
-                Entry::new(0x83, false, 2, 4, 12),
-                Entry::new(5, false, 10, 10, 20),
-            ],
-        );
-        put(
-            &mut img,
-            20,
-            &[
-                Entry::new(0x83, false, 2, 4, 22),
-                Entry::new(5, false, 0, 10, 10),
-            ],
-        );
+        put_ebr(&mut img, 10, 10);
+        put_ebr(&mut img, 20, 0);
         let (l, w) = walk_ebr_chain(&Mem(img.clone()), 512, 10, 50);
         assert_eq!(l.len(), 2);
         assert_eq!(l[0].start, 12);
         assert_eq!(l[1].start, 22);
         assert!(w[0].contains("loop"), "{w:?}");
         // Link back to the second EBR itself.
-        put(
-            &mut img,
-            20,
-            &[
-                Entry::new(0x83, false, 2, 4, 22),
-                Entry::new(5, false, 10, 10, 20),
-            ],
-        );
+        put_ebr(&mut img, 20, 10);
         let (l, w) = walk_ebr_chain(&Mem(img), 512, 10, 50);
         assert_eq!(l.len(), 2);
         assert!(w[0].contains("loops back to sector 20"), "{w:?}");
@@ -354,26 +347,12 @@ mod tests {
     #[test]
     fn chain_leaving_the_extended_partition_is_cut() {
         let mut img = vec![0u8; 64 * 512];
-        put(
-            &mut img,
-            10,
-            &[
-                Entry::new(0x83, false, 2, 4, 12),
-                Entry::new(5, false, 40, 10, 50),
-            ],
-        );
+        put_ebr(&mut img, 10, 40);
         let (l, w) = walk_ebr_chain(&Mem(img.clone()), 512, 10, 20);
         assert_eq!(l.len(), 1);
         assert!(w[0].contains("outside the extended partition"), "{w:?}");
         // Past the end of the volume.
-        put(
-            &mut img,
-            10,
-            &[
-                Entry::new(0x83, false, 2, 4, 12),
-                Entry::new(5, false, 90, 10, 100),
-            ],
-        );
+        put_ebr(&mut img, 10, 90);
         let (_, w) = walk_ebr_chain(&Mem(img), 512, 10, 1 << 30);
         assert!(w[0].contains("past the end"), "{w:?}");
     }
