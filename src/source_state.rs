@@ -145,29 +145,38 @@ pub fn fs_ranges(vol: &dyn Volume, base: u64, fs_type: &str) -> Vec<(u64, u64)> 
         "ext2" | "ext3" | "ext4" => vec![(1024, 1024)],
         // The primary superblock (generation, roots).
         "btrfs" => vec![(64 << 10, 4096)],
-        "xfs" => xfs_ranges(vol, base),
-        "ntfs" => ntfs_ranges(vol, base),
-        "vfat" => fat_ranges(vol, base),
-        "exfat" => exfat_ranges(vol, base),
+        "xfs" => first_sector_and(vol, base, xfs_ranges),
+        "ntfs" => first_sector_and(vol, base, ntfs_ranges),
+        "vfat" => first_sector_and(vol, base, fat_ranges),
+        "exfat" => first_sector_and(vol, base, exfat_ranges),
         _ => Vec::new(),
     }
+}
+
+/// Adds the ranges derived from a filesystem's first sector (passed in) to `out`.
+type MoreRanges = fn(&dyn Volume, u64, &[u8], &mut Vec<(u64, u64)>);
+
+/// The ranges of a filesystem whose first sector (superblock or boot sector) holds write
+/// markers: that sector, then what `more` derives from it (nothing when it cannot be read).
+fn first_sector_and(vol: &dyn Volume, base: u64, more: MoreRanges) -> Vec<(u64, u64)> {
+    let mut out = vec![(0, 512)];
+    if let Some(first) = read_bytes(vol, base, 512) {
+        more(vol, base, &first, &mut out);
+    }
+    out
 }
 
 /// The superblock sector and the 4 KiB on each side of the head of the internal log (where
 /// the cycle number stamped in each 512-byte log sector drops; found by binary search). Any
 /// transaction, and every mount and unmount, moves the head.
-fn xfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
-    let mut out = vec![(0, 512)];
-    let Some(sb) = read_bytes(vol, base, 512) else {
-        return out;
-    };
-    let blocksize = be32(&sb, 4);
-    let logstart = be64(&sb, 48);
-    let agblocks = be32(&sb, 84);
-    let logblocks = be32(&sb, 96);
+fn xfs_ranges(vol: &dyn Volume, base: u64, sb: &[u8], out: &mut Vec<(u64, u64)>) {
+    let blocksize = be32(sb, 4);
+    let logstart = be64(sb, 48);
+    let agblocks = be32(sb, 84);
+    let logblocks = be32(sb, 96);
     let agblklog = sb.get(124).copied().unwrap_or(0) as u32;
     if logstart == 0 || !(512..=65536).contains(&blocksize) || agblklog >= 64 || logblocks == 0 {
-        return out;
+        return;
     }
     let agno = logstart >> agblklog;
     let agbno = logstart & ((1u64 << agblklog) - 1);
@@ -176,14 +185,14 @@ fn xfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
         .and_then(|b| b.checked_add(agbno))
         .and_then(|b| b.checked_mul(blocksize))
     else {
-        return out;
+        return;
     };
     let sectors = logblocks * blocksize / 512;
     let cycle = |i: u64| {
         read_bytes(vol, base.saturating_add(start).saturating_add(i * 512), 4).map(|b| be32(&b, 0))
     };
     let Some(first) = cycle(0) else {
-        return out;
+        return;
     };
     // The first sector whose cycle differs from the first one's (the head), or the end.
     let (mut lo, mut hi) = (0u64, sectors);
@@ -201,25 +210,20 @@ fn xfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
         .saturating_add(4096)
         .min(start.saturating_add(sectors * 512));
     out.push((from, to - from));
-    out
 }
 
 /// The boot sector, MFT records 0..15 (`$MFT` .. `$Extend` and reserved: `$Volume` flags,
 /// root directory, `$Bitmap` size), the first 8 KiB of `$LogFile` (its restart pages, which a
 /// mount rewrites), and the first runs of the MFT's bitmap and of `$Bitmap` (which change
 /// whenever a file record or a cluster is allocated or freed).
-fn ntfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
-    let mut out = vec![(0, 512)];
-    let Some(bs) = read_bytes(vol, base, 512) else {
-        return out;
-    };
-    let sector = le16(&bs, 0x0b);
+fn ntfs_ranges(vol: &dyn Volume, base: u64, bs: &[u8], out: &mut Vec<(u64, u64)>) {
+    let sector = le16(bs, 0x0b);
     let spc = bs[0x0d] as u64;
     let per_cluster = match spc {
         0..=128 => spc,
         // A negative exponent: 2^(256 - n) sectors.
         _ if 256 - spc <= 20 => 1 << (256 - spc),
-        _ => return out,
+        _ => return,
     };
     let cluster = sector * per_cluster;
     let raw = bs[0x40] as i8;
@@ -228,9 +232,9 @@ fn ntfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
     } else {
         (raw as u64) * cluster
     };
-    let mft = le64(&bs, 0x30).checked_mul(cluster);
+    let mft = le64(bs, 0x30).checked_mul(cluster);
     let (Some(mft), true) = (mft, (256..=65536).contains(&record) && cluster > 0) else {
-        return out;
+        return;
     };
     out.push((mft, 16 * record));
     let rec = |n: u64| {
@@ -253,7 +257,6 @@ fn ntfs_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
             out.push((off, clusters.saturating_mul(cluster).min(cap)));
         }
     }
-    out
 }
 
 /// The first run (LCN, length in clusters) of the non-resident unnamed attribute of type `ty`
@@ -297,43 +300,34 @@ fn first_run(rec: &[u8], ty: u32) -> Option<(u64, u64)> {
 }
 
 /// The boot sector and the FATs (reserved sectors up to the end of the last FAT).
-fn fat_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
-    let mut out = vec![(0, 512)];
-    let Some(bs) = read_bytes(vol, base, 512) else {
-        return out;
-    };
-    let sector = le16(&bs, 0x0b);
-    let reserved = le16(&bs, 0x0e);
+fn fat_ranges(_vol: &dyn Volume, _base: u64, bs: &[u8], out: &mut Vec<(u64, u64)>) {
+    let sector = le16(bs, 0x0b);
+    let reserved = le16(bs, 0x0e);
     let fats = bs[0x10] as u64;
-    let fat16 = le16(&bs, 0x16);
-    let fat_sectors = if fat16 != 0 { fat16 } else { le32(&bs, 0x24) };
+    let fat16 = le16(bs, 0x16);
+    let fat_sectors = if fat16 != 0 { fat16 } else { le32(bs, 0x24) };
     let len = fats * fat_sectors * sector;
     if sector >= 512 && len > 0 {
         out.push((reserved * sector, len.min(MAX_REGION)));
     }
-    out
 }
 
 /// The boot sector (volume flags, percent in use), the FAT, the allocation bitmap and the
 /// first cluster of the root directory.
-fn exfat_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
-    let mut out = vec![(0, 512)];
-    let Some(bs) = read_bytes(vol, base, 512) else {
-        return out;
-    };
+fn exfat_ranges(vol: &dyn Volume, base: u64, bs: &[u8], out: &mut Vec<(u64, u64)>) {
     let (ss, cs) = (bs[0x6c] as u32, bs[0x6d] as u32);
     if !(9..=12).contains(&ss) || ss + cs > 25 {
-        return out;
+        return;
     }
     let sector = 1u64 << ss;
     let cluster = sector << cs;
     out.push((
-        le32(&bs, 0x50) * sector,
-        (le32(&bs, 0x54) * sector).min(MAX_REGION),
+        le32(bs, 0x50) * sector,
+        (le32(bs, 0x54) * sector).min(MAX_REGION),
     ));
-    let heap = le32(&bs, 0x58) * sector;
+    let heap = le32(bs, 0x58) * sector;
     let at = |c: u64| heap.saturating_add(c.saturating_sub(2) * cluster);
-    let root = at(le32(&bs, 0x60));
+    let root = at(le32(bs, 0x60));
     out.push((root, cluster));
     if let Some(dir) = read_bytes(vol, base.saturating_add(root), cluster as usize) {
         for e in dir.chunks_exact(32) {
@@ -342,7 +336,6 @@ fn exfat_ranges(vol: &dyn Volume, base: u64) -> Vec<(u64, u64)> {
             }
         }
     }
-    out
 }
 
 /// The hash of the write markers of a filesystem at `base`.
