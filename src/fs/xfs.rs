@@ -572,6 +572,60 @@ fn check_root(
     Ok(())
 }
 
+/// The AGF or the AGI: its sector in the AG, magic, and the offsets of its CRC and UUID.
+struct AgHeader {
+    name: &'static str,
+    sector: u64,
+    magic: &'static [u8; 4],
+    crc_off: usize,
+    uuid_off: usize,
+}
+
+const AGF: AgHeader = AgHeader {
+    name: "AGF",
+    sector: 1,
+    magic: AGF_MAGIC,
+    crc_off: AGF_CRC_OFF,
+    uuid_off: 64,
+};
+const AGI: AgHeader = AgHeader {
+    name: "AGI",
+    sector: 2,
+    magic: AGI_MAGIC,
+    crc_off: AGI_CRC_OFF,
+    uuid_off: 296,
+};
+
+/// Reads the AGF or AGI of AG `ag` (`len` blocks) and checks its magic, CRC and UUID (v5),
+/// version, AG number and length; returns it with its name for messages.
+fn read_ag_header(
+    vol: &dyn Volume,
+    sb: &Superblock,
+    ag: u64,
+    len: u64,
+    h: &AgHeader,
+) -> Checked<(Vec<u8>, String)> {
+    let buf = read_sector(vol, sb, ag, h.sector, h.name)?;
+    let what = format!("{} of AG {ag}", h.name);
+    if buf[0..4] != *h.magic {
+        return Err(bad!("{what}: bad magic"));
+    }
+    if sb.crc() {
+        check_crc(&what, &buf, h.crc_off)?;
+        if uuid_at(&buf, h.uuid_off) != sb.metadata_uuid() {
+            return Err(bad!("{what}: UUID differs from the superblock's"));
+        }
+    }
+    let (version, seqno, length) = (be_u32(&buf, 4), be_u32(&buf, 8), be_u32(&buf, 12));
+    if version != 1 || u64::from(seqno) != ag || u64::from(length) != len {
+        return Err(bad!(
+            "{what}: version {version}, number {seqno}, length {length} (expected 1, {ag}, \
+             {len})"
+        ));
+    }
+    Ok((buf, what))
+}
+
 /// Reads and checks the superblock copy (AGs after the first), AGF, AGI and AGFL of AG `ag`.
 fn read_ag_headers(vol: &dyn Volume, sb: &Superblock, ag: u64) -> Checked<AgHeaders> {
     let len = sb.ag_len(ag);
@@ -599,24 +653,7 @@ fn read_ag_headers(vol: &dyn Volume, sb: &Superblock, ag: u64) -> Checked<AgHead
         }
     }
 
-    let agf = read_sector(vol, sb, ag, 1, "AGF")?;
-    let what = format!("AGF of AG {ag}");
-    if agf[0..4] != *AGF_MAGIC {
-        return Err(bad!("{what}: bad magic"));
-    }
-    if sb.crc() {
-        check_crc(&what, &agf, AGF_CRC_OFF)?;
-        if uuid_at(&agf, 64) != sb.metadata_uuid() {
-            return Err(bad!("{what}: UUID differs from the superblock's"));
-        }
-    }
-    let (version, seqno, length) = (be_u32(&agf, 4), be_u32(&agf, 8), be_u32(&agf, 12));
-    if version != 1 || u64::from(seqno) != ag || u64::from(length) != len {
-        return Err(bad!(
-            "{what}: version {version}, number {seqno}, length {length} (expected 1, {ag}, \
-             {len})"
-        ));
-    }
+    let (agf, what) = read_ag_header(vol, sb, ag, len, &AGF)?;
     let bno = (u64::from(be_u32(&agf, 16)), be_u32(&agf, 28));
     let cnt = (u64::from(be_u32(&agf, 20)), be_u32(&agf, 32));
     check_root(&what, "free-space btree", bno.0, bno.1, headers, len)?;
@@ -647,24 +684,7 @@ fn read_ag_headers(vol: &dyn Volume, sb: &Superblock, ag: u64) -> Checked<AgHead
         u64::from(be_u32(&agf, 48)),
     );
 
-    let agi = read_sector(vol, sb, ag, 2, "AGI")?;
-    let what = format!("AGI of AG {ag}");
-    if agi[0..4] != *AGI_MAGIC {
-        return Err(bad!("{what}: bad magic"));
-    }
-    if sb.crc() {
-        check_crc(&what, &agi, AGI_CRC_OFF)?;
-        if uuid_at(&agi, 296) != sb.metadata_uuid() {
-            return Err(bad!("{what}: UUID differs from the superblock's"));
-        }
-    }
-    let (version, seqno, length) = (be_u32(&agi, 4), be_u32(&agi, 8), be_u32(&agi, 12));
-    if version != 1 || u64::from(seqno) != ag || u64::from(length) != len {
-        return Err(bad!(
-            "{what}: version {version}, number {seqno}, length {length} (expected 1, {ag}, \
-             {len})"
-        ));
-    }
+    let (agi, what) = read_ag_header(vol, sb, ag, len, &AGI)?;
     let (root, levels) = (u64::from(be_u32(&agi, 20)), be_u32(&agi, 24));
     check_root(&what, "inode btree", root, levels, headers, len)?;
     roots.push(root);
@@ -1615,6 +1635,21 @@ mod tests {
         (0..map.block_count()).filter(|&b| map.is_used(b)).collect()
     }
 
+    /// Asserts that `good` edited by `edit`, its CRCs then recomputed, is refused with an error
+    /// that mentions `want`.
+    fn assert_edit_refused(
+        good: &[u8],
+        sb: &Superblock,
+        want: &str,
+        edit: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let mut img = good.to_vec();
+        edit(&mut img);
+        recrc_all(&mut img);
+        let err = allocation_map(&Mem(img), sb, BS).unwrap_err();
+        assert!(err.contains(want), "{want}: {err}");
+    }
+
     fn recrc_all(img: &mut [u8]) {
         set_crc(&mut img[0..512], SB_CRC_OFF);
         for ag in 0..img.len() / (64 * 512) {
@@ -1690,34 +1725,22 @@ mod tests {
             let node = 64 * 512 + 8 * 512;
             let ptrs = node + hdr_len(v5) + (512 - hdr_len(v5)) / 12 * 8;
             // Children in the wrong order.
-            let mut img = good.clone();
-            put(&mut img, ptrs, &5u32.to_be_bytes());
-            put(&mut img, ptrs + 4, &4u32.to_be_bytes());
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("overlaps"), "{err}");
+            assert_edit_refused(&good, &sb, "overlaps", |img| {
+                put(img, ptrs, &5u32.to_be_bytes());
+                put(img, ptrs + 4, &4u32.to_be_bytes());
+            });
             // The same leaf twice.
-            let mut img = good.clone();
-            put(&mut img, ptrs + 4, &4u32.to_be_bytes());
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("overlaps"), "{err}");
+            assert_edit_refused(&good, &sb, "overlaps", |img| {
+                put(img, ptrs + 4, &4u32.to_be_bytes());
+            });
             // A child pointing back at the node.
-            let mut img = good.clone();
-            put(&mut img, ptrs, &8u32.to_be_bytes());
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("level 1, expected 0"), "{err}");
+            assert_edit_refused(&good, &sb, "level 1, expected 0", |img| {
+                put(img, ptrs, &8u32.to_be_bytes());
+            });
             // A free extent over the AG headers.
-            let mut img = good.clone();
-            put(
-                &mut img,
-                64 * 512 + 4 * 512 + hdr_len(v5),
-                &1u32.to_be_bytes(),
-            );
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("headers"), "{err}");
+            assert_edit_refused(&good, &sb, "headers", |img| {
+                put(img, 64 * 512 + 4 * 512 + hdr_len(v5), &1u32.to_be_bytes());
+            });
         }
     }
 
@@ -1743,11 +1766,9 @@ mod tests {
         let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
         assert!(err.contains("spans"), "{err}");
         // The AGF's free count must match the tree's.
-        let mut img = good.clone();
-        put(&mut img, 512 + 52, &36u32.to_be_bytes());
-        recrc_all(&mut img);
-        let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-        assert!(err.contains("counts 36"), "{err}");
+        assert_edit_refused(&good, &sb, "counts 36", |img| {
+            put(img, 512 + 52, &36u32.to_be_bytes());
+        });
         // Unknown incompatible features.
         let mut img = good;
         put(&mut img, 216, &0x8003u32.to_be_bytes());
@@ -1796,54 +1817,42 @@ mod tests {
             let leaf = 4 * 512 + hdr_len(v5);
             let cnt_leaf = 6 * 512 + hdr_len(v5);
             // A bnobt record claims 2 more blocks, the AGF agrees: the by-size tree does not.
-            let mut img = good.clone();
-            put(&mut img, leaf + 4, &22u32.to_be_bytes());
-            put(&mut img, 512 + 52, &37u32.to_be_bytes());
-            put(&mut img, 512 + 56, &22u32.to_be_bytes());
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("not in the by-block"), "{err}");
+            assert_edit_refused(&good, &sb, "not in the by-block", |img| {
+                put(img, leaf + 4, &22u32.to_be_bytes());
+                put(img, 512 + 52, &37u32.to_be_bytes());
+                put(img, 512 + 56, &22u32.to_be_bytes());
+            });
             // The AGF's longest extent.
-            let mut img = good.clone();
-            put(&mut img, 512 + 56, &19u32.to_be_bytes());
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("longest free extent is 20"), "{err}");
+            assert_edit_refused(&good, &sb, "longest free extent is 20", |img| {
+                put(img, 512 + 56, &19u32.to_be_bytes());
+            });
             // The by-size tree misses an extent.
-            let mut img = good.clone();
-            put(&mut img, 6 * 512 + 6, &1u16.to_be_bytes());
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("2 extents by block, 1 by size"), "{err}");
+            assert_edit_refused(&good, &sb, "2 extents by block, 1 by size", |img| {
+                put(img, 6 * 512 + 6, &1u16.to_be_bytes());
+            });
             // Out of order by size.
-            let mut img = good.clone();
-            let (a, b) = (
-                img[cnt_leaf..cnt_leaf + 8].to_vec(),
-                img[cnt_leaf + 8..cnt_leaf + 16].to_vec(),
-            );
-            put(&mut img, cnt_leaf, &b);
-            put(&mut img, cnt_leaf + 8, &a);
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("out of order"), "{err}");
+            assert_edit_refused(&good, &sb, "out of order", |img| {
+                let (a, b) = (
+                    img[cnt_leaf..cnt_leaf + 8].to_vec(),
+                    img[cnt_leaf + 8..cnt_leaf + 16].to_vec(),
+                );
+                put(img, cnt_leaf, &b);
+                put(img, cnt_leaf + 8, &a);
+            });
             // AGI and AGFL damage, and a free list that does not fit its slots.
             for (at, want) in [
                 (1024, "AGI of AG 0: bad magic"),
                 (512 + 40, "free list first"),
                 (64 * 512 + 1024 + 20, "inode btree root"),
             ] {
-                let mut img = good.clone();
-                img[at] ^= 0x40;
-                recrc_all(&mut img);
-                let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-                assert!(err.contains(want), "{want}: {err}");
+                assert_edit_refused(&good, &sb, want, |img| {
+                    img[at] ^= 0x40;
+                });
             }
             // A superblock copy that disagrees with the primary.
-            let mut img = good.clone();
-            img[2 * 64 * 512 + 86] ^= 1;
-            recrc_all(&mut img);
-            let err = allocation_map(&Mem(img), &sb, BS).unwrap_err();
-            assert!(err.contains("superblock copy of AG 2"), "{err}");
+            assert_edit_refused(&good, &sb, "superblock copy of AG 2", |img| {
+                img[2 * 64 * 512 + 86] ^= 1;
+            });
             if v5 {
                 for at in [1024 + 100, 1536 + 100, 64 * 512 + 100, 6 * 512 + 100] {
                     let mut img = good.clone();
