@@ -271,6 +271,21 @@ pub(crate) mod tests {
         }
     }
 
+    /// A filesystem module's `probe`.
+    type ProbeFn = fn(&dyn Volume, u64) -> Result<Option<(FsInfo, Checked<BlockMap>)>>;
+
+    /// Why `probe` (a filesystem module's) refuses to map `img` at a 4 KiB granularity; panics
+    /// when the image is not recognised or is mapped.
+    pub fn refusal(probe: ProbeFn, img: Vec<u8>) -> MapCheck {
+        probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err()
+    }
+
+    /// Asserts that `probe` refuses to map `img` with an error that mentions `what`.
+    pub fn assert_refused(probe: ProbeFn, img: Vec<u8>, what: &str) {
+        let err = refusal(probe, img);
+        assert!(err.contains(what), "{err}");
+    }
+
     #[test]
     fn fs_info_without_version_reads_and_writes_as_before() {
         let old =

@@ -827,7 +827,7 @@ pub fn probe(vol: &dyn Volume, granularity: u64) -> Result<Option<(FsInfo, Check
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::tests::Mem;
+    use crate::fs::tests::{Mem, assert_refused, refusal};
     use proptest::prelude::*;
 
     const CLUSTER: usize = 4096;
@@ -955,19 +955,11 @@ mod tests {
     fn a_bitmap_marking_system_files_free_is_refused() {
         let mut zeroed = image();
         zeroed[BITMAP_LCN * CLUSTER..BITMAP_LCN * CLUSTER + 32].fill(0);
-        let err = probe(&Mem(zeroed), 4096).unwrap().unwrap().1.unwrap_err();
+        let err = refusal(probe, zeroed);
         assert_eq!(err.to_string(), "$Bitmap marks $Boot free (bit 0)");
         let mut no_mirror = image();
         no_mirror[BITMAP_LCN * CLUSTER + 2] = 0x10;
-        let err = probe(&Mem(no_mirror), 4096)
-            .unwrap()
-            .unwrap()
-            .1
-            .unwrap_err();
-        assert!(
-            err.contains("$MFTMirr (attribute 0x80) free (bit 21)"),
-            "{err}"
-        );
+        assert_refused(probe, no_mirror, "$MFTMirr (attribute 0x80) free (bit 21)");
     }
 
     #[test]
@@ -975,20 +967,14 @@ mod tests {
         let mut img = image();
         // A byte inside record 3's attributes (the label), in the copy only.
         img[MIRROR_LCN * CLUSTER + 3 * RECORD + 0x38 + 0x18] = b'x';
-        let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
-        assert!(err.contains("MFT record 3 differs"), "{err}");
+        assert_refused(probe, img, "MFT record 3 differs");
     }
 
     #[test]
     fn a_damaged_system_record_is_refused() {
         let mut img = image();
         img[MFT_LCN * CLUSTER + 10 * RECORD..][..4].fill(0);
-        let err = probe(&Mem(img.clone()), 4096)
-            .unwrap()
-            .unwrap()
-            .1
-            .unwrap_err();
-        assert!(err.contains("MFT record 10"), "{err}");
+        assert_refused(probe, img.clone(), "MFT record 10");
         // The reserved records 12 to 15 may be anything.
         img = image();
         img[MFT_LCN * CLUSTER + 13 * RECORD..][..RECORD].fill(0);
@@ -1003,11 +989,7 @@ mod tests {
         // + 0x18.
         img[rec0 + 0x38 + 0x48 + 0x18] = 0x7F;
         img.copy_within(rec0..rec0 + RECORD, MIRROR_LCN * CLUSTER);
-        let err = probe(&Mem(img), 4096).unwrap().unwrap().1.unwrap_err();
-        assert!(
-            err.contains("$MFT's $BITMAP marks system records free"),
-            "{err}"
-        );
+        assert_refused(probe, img, "$MFT's $BITMAP marks system records free");
     }
 
     #[test]
@@ -1015,9 +997,7 @@ mod tests {
         let mut img = image();
         let at = MFT_LCN * CLUSTER + 6 * RECORD + 1022;
         img[at] ^= 0xFF;
-        let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
-        let err = map.unwrap_err();
-        assert!(err.contains("torn"), "{err}");
+        assert_refused(probe, img, "torn");
     }
 
     #[test]
@@ -1025,8 +1005,7 @@ mod tests {
         let mut img = image();
         let bm = nonresident_data(&[0x21, 1, 0x00, 0x7F, 0], 1, 32);
         write_record(&mut img, MFT_LCN * CLUSTER + 6 * RECORD, 6, &bm);
-        let (_, map) = probe(&Mem(img), 4096).unwrap().unwrap();
-        assert!(map.unwrap_err().contains("outside"));
+        assert_refused(probe, img, "outside");
     }
 
     #[test]
