@@ -106,33 +106,29 @@ fn read_bytes(vol: &dyn Volume, offset: u64, len: usize) -> Option<Vec<u8>> {
         .then_some(b)
 }
 
+/// The `N` bytes at `at` in `b`, `None` past its end.
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+    b.get(at..at + N)?.try_into().ok()
+}
+
 fn le16(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 2)
-        .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]) as u64)
+    bytes_at(b, at).map_or(0, |s| u16::from_le_bytes(s) as u64)
 }
 
 fn le32(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, |s| u32::from_le_bytes(s) as u64)
+    bytes_at(b, at).map_or(0, |s| u32::from_le_bytes(s) as u64)
 }
 
 fn le64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
+    bytes_at(b, at).map_or(0, u64::from_le_bytes)
 }
 
 fn be32(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, |s| u32::from_be_bytes(s) as u64)
+    bytes_at(b, at).map_or(0, |s| u32::from_be_bytes(s) as u64)
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
+    bytes_at(b, at).map_or(0, u64::from_be_bytes)
 }
 
 /// The byte ranges (relative to the filesystem's start) that hold the write markers of a
