@@ -1164,6 +1164,14 @@ mod tests {
         assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
     }
 
+    /// [`expect_err`] on `img` edited by `edit`, its checksums then made consistent again.
+    fn expect_err_resealed(img: &[u8], needle: &str, edit: impl FnOnce(&mut Vec<u8>)) {
+        let mut img = img.to_vec();
+        edit(&mut img);
+        reseal(&mut img);
+        expect_err(&img, needle);
+    }
+
     #[test]
     fn the_intact_fixture_is_trusted_and_resealing_changes_nothing() {
         let img = fixture();
@@ -1201,33 +1209,29 @@ mod tests {
         let free = u16_at(&img, GD + 0x0C);
 
         // A free count that disagrees with the bitmap.
-        let mut a = img.clone();
-        put_u16(&mut a, GD + 0x0C, free + 1);
-        reseal(&mut a);
-        expect_err(&a, "free blocks");
+        expect_err_resealed(&img, "free blocks", |a| {
+            put_u16(a, GD + 0x0C, free + 1);
+        });
 
         // The block bitmap at the superblock, or inside the inode table.
         for (at, what) in [(1, "superblock"), (itable as u32 + 3, "inode table")] {
-            let mut b = img.clone();
-            put_u32(&mut b, GD, at);
-            reseal(&mut b);
-            expect_err(&b, what);
+            expect_err_resealed(&img, what, |b| {
+                put_u32(b, GD, at);
+            });
         }
 
         // An inode table block marked free (with a matching free count).
-        let mut c = img.clone();
-        let bit = itable + 2 - 1; // bit i is block first_data_block + i
-        c[bb * 1024 + bit / 8] &= !(1 << (bit % 8));
-        put_u16(&mut c, GD + 0x0C, free + 1);
-        reseal(&mut c);
-        expect_err(&c, "inode table");
+        expect_err_resealed(&img, "inode table", |c| {
+            let bit = itable + 2 - 1; // bit i is block first_data_block + i
+            c[bb * 1024 + bit / 8] &= !(1 << (bit % 8));
+            put_u16(c, GD + 0x0C, free + 1);
+        });
 
         // A group in use claiming to be uninitialised.
-        let mut d = img.clone();
-        let flags = u16_at(&img, GD + 0x12);
-        put_u16(&mut d, GD + 0x12, flags | BG_BLOCK_UNINIT);
-        reseal(&mut d);
-        expect_err(&d, "uninitialised");
+        expect_err_resealed(&img, "uninitialised", |d| {
+            let flags = u16_at(&img, GD + 0x12);
+            put_u16(d, GD + 0x12, flags | BG_BLOCK_UNINIT);
+        });
 
         // The journal inode's first extent moved onto the inode table.
         let mut e = img.clone();
