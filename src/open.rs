@@ -308,6 +308,26 @@ mod tests {
         identify(&[path], &Silent).map(|t| t.kind())
     }
 
+    /// A FIFO is refused at once: opening it must not wait for a writer.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let e = kind_of(&fifo).unwrap_err();
+        assert!(
+            matches!(e, Error::NotAVolume { ref path, .. } if *path == fifo),
+            "{e}"
+        );
+        let e = Source::open(&fifo).unwrap_err();
+        assert!(matches!(e, Error::BadSource { .. }), "{e}");
+    }
+
     #[test]
     fn identifies_raw_and_formatted_images() {
         let dir = tempfile::tempdir().unwrap();

@@ -993,6 +993,7 @@ mod tests {
         assert_eq!(volume_key(&sb, None, Some(&layout("0x1234abcd"))), by_disk);
     }
 
+    #[cfg(unix)]
     #[test]
     fn legacy_path_keys_match_through_their_links() {
         let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@
 
 use crate::cli::display::{filesystem_line, human_bytes};
 use serde::Serialize;
+#[cfg(target_os = "linux")]
 use std::path::{Path, PathBuf};
 use volback::backup::BackupReport;
 use volback::copy::CopyReport;

@@ -20,10 +20,26 @@ const BLKPBSZGET: libc::c_ulong = 0x127b;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 pub fn open_read_only(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (the caller then refuses it by
+    // its kind). Cleared again for the reads that follow.
+    let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    clear_nonblock(&file);
+    Ok(file)
+}
+
+/// Clears `O_NONBLOCK` on `file` (opened with it only so that the open cannot block).
+fn clear_nonblock(file: &File) {
+    // SAFETY: fcntl on a descriptor owned by `file` (alive for the calls) with integer
+    // arguments only.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
 }
 
 pub fn open_direct(path: &Path) -> Option<File> {
@@ -484,14 +500,7 @@ pub fn open_no_follow(path: &Path, write: bool, create: bool) -> io::Result<File
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
     if file.metadata()?.file_type().is_file() {
-        // SAFETY: fcntl on a descriptor owned by `file` (alive for the calls) with integer
-        // arguments only.
-        unsafe {
-            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
-            }
-        }
+        clear_nonblock(&file);
     }
     Ok(file)
 }

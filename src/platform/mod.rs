@@ -59,7 +59,8 @@ impl Geometry {
     }
 }
 
-/// Opens `path` for reading only. Never opens a source for writing.
+/// Opens `path` for reading only, without waiting on a FIFO. Never opens a source for
+/// writing.
 pub fn open_read_only(path: &Path) -> io::Result<File> {
     imp::open_read_only(path)
 }
