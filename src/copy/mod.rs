@@ -273,13 +273,7 @@ fn open_data_for_update(paths: &CopyPaths, meta: &CopyMeta) -> Result<Box<dyn Im
     match meta.container.image() {
         None => Ok(Box::new(FileSet::open(paths, &meta.files, true)?)),
         Some(format) => {
-            let path = paths.file(&meta.files[0].name);
-            if !path.is_file() {
-                return Err(bad_copy(
-                    &paths.meta(),
-                    format!("image file {} is missing", path.display()),
-                ));
-            }
+            let path = reader::image_path(paths, meta)?;
             crate::image::open_for_update(format, &path, meta.size)
         }
     }
