@@ -5,20 +5,9 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use volback::progress::Progress;
 
-/// Formats a byte count with binary units.
+/// Formats a byte count with binary units ("256.0 KiB").
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    volback::bytes::human(n, false)
 }
 
 /// Progress shown as a bar on a terminal; nothing but warnings otherwise.
