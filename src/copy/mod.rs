@@ -639,12 +639,15 @@ fn continue_update<S: ScanSource + ?Sized>(
                 }
             };
             let update = meta.hashes.is_some();
-            match (u.base, existing) {
-                (UpdateBase::Zeros, None) => run_fresh(
-                    paths, meta, lock_held, source, map, state, opts, update, started, progress,
-                ),
+            // What the run resumes or starts over with; the lock is held until it is done.
+            let (_lock, writer, journal, replay, old, update, resumed) = match (u.base, existing) {
+                (UpdateBase::Zeros, None) => {
+                    return run_fresh(
+                        paths, meta, lock_held, source, map, state, opts, update, started, progress,
+                    );
+                }
                 (base, Some((journal, replay))) => {
-                    let _lock = match lock_held {
+                    let held = match lock_held {
                         Some(l) => l,
                         None => lock(paths, &meta, true)?,
                     };
@@ -668,19 +671,7 @@ fn continue_update<S: ScanSource + ?Sized>(
                     } else {
                         None
                     };
-                    let run = Run {
-                        paths,
-                        meta,
-                        source,
-                        map,
-                        known: None,
-                        writer,
-                        journal,
-                        replay,
-                        base: old.as_ref(),
-                        settings: settings(opts),
-                    };
-                    finish_report(paths, run.execute(progress)?, update, true, started)
+                    (Some(held), writer, journal, replay, old, update, true)
                 }
                 (UpdateBase::Hashes, None) => {
                     // The journal is written before the metadata says `updating`; without
@@ -690,7 +681,6 @@ fn continue_update<S: ScanSource + ?Sized>(
                         progress
                             .warn("the copy's update journal is missing; rewriting every block");
                     }
-                    let _lock = lock_held;
                     let writer = open_data_for_update(paths, &meta)?;
                     let journal = Journal::create(
                         &journal_path(&u),
@@ -705,21 +695,22 @@ fn continue_update<S: ScanSource + ?Sized>(
                         horizon: meta.block_count,
                         ..Replay::default()
                     };
-                    let run = Run {
-                        paths,
-                        meta,
-                        source,
-                        map,
-                        known: None,
-                        writer,
-                        journal,
-                        replay,
-                        base: None,
-                        settings: settings(opts),
-                    };
-                    finish_report(paths, run.execute(progress)?, true, !changed, started)
+                    (lock_held, writer, journal, replay, None, true, !changed)
                 }
-            }
+            };
+            let run = Run {
+                paths,
+                meta,
+                source,
+                map,
+                known: None,
+                writer,
+                journal,
+                replay,
+                base: old.as_ref(),
+                settings: settings(opts),
+            };
+            finish_report(paths, run.execute(progress)?, update, resumed, started)
         }
         (CopyState::Updating, None) => Err(bad_copy(&paths.meta(), "no update in progress")),
     }
