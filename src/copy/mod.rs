@@ -441,18 +441,7 @@ fn run_fresh<S: ScanSource + ?Sized>(
         &paths.file(&u.journal),
         &journal_header(&meta, &u, None, state),
     )?;
-    let run = Run {
-        paths,
-        meta,
-        source,
-        map,
-        known: None,
-        writer,
-        journal,
-        replay: Replay::default(),
-        base: None,
-        settings: settings(opts),
-    };
+    let run = new_run(paths, meta, source, map, writer, journal, opts);
     finish_report(paths, run.execute(progress)?, update, false, started)
 }
 
@@ -511,6 +500,31 @@ fn resume_refusal<S: ScanSource + ?Sized>(
                  interruption, holds other data now)"
             )
         }))
+}
+
+/// A run from the start (no replay) onto data files that held zeros (no base), with nothing
+/// known unchanged; callers that resume or have a base set those fields.
+fn new_run<'a, S: ?Sized>(
+    paths: &'a CopyPaths,
+    meta: CopyMeta,
+    source: &'a S,
+    map: Option<&'a BlockMap>,
+    writer: Box<dyn ImageWriter>,
+    journal: Journal,
+    opts: &'a CopyOptions,
+) -> Run<'a, S> {
+    Run {
+        paths,
+        meta,
+        source,
+        map,
+        known: None,
+        writer,
+        journal,
+        replay: Replay::default(),
+        base: None,
+        settings: settings(opts),
+    }
 }
 
 fn settings(opts: &CopyOptions) -> RunSettings<'_> {
@@ -585,16 +599,9 @@ fn continue_update<S: ScanSource + ?Sized>(
             meta.updated = now();
             meta.store(paths)?;
             let run = Run {
-                paths,
-                meta,
-                source,
-                map,
                 known,
-                writer,
-                journal,
-                replay: Replay::default(),
                 base: Some(&old),
-                settings: settings(opts),
+                ..new_run(paths, meta, source, map, writer, journal, opts)
             };
             finish_report(paths, run.execute(progress)?, true, false, started)
         }
@@ -699,16 +706,9 @@ fn continue_update<S: ScanSource + ?Sized>(
                 }
             };
             let run = Run {
-                paths,
-                meta,
-                source,
-                map,
-                known: None,
-                writer,
-                journal,
                 replay,
                 base: old.as_ref(),
-                settings: settings(opts),
+                ..new_run(paths, meta, source, map, writer, journal, opts)
             };
             finish_report(paths, run.execute(progress)?, update, resumed, started)
         }
