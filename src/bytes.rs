@@ -10,28 +10,22 @@ fn array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     a
 }
 
-pub fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(array(b, at))
+/// `name(b, at)`: the integer at byte `at` of `b`, in the byte order its constructor reads.
+macro_rules! readers {
+    ($($name:ident: $t:ty = $from:ident;)*) => {$(
+        pub fn $name(b: &[u8], at: usize) -> $t {
+            <$t>::$from(array(b, at))
+        }
+    )*};
 }
 
-pub fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(array(b, at))
-}
-
-pub fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(array(b, at))
-}
-
-pub fn be_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes(array(b, at))
-}
-
-pub fn be_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(array(b, at))
-}
-
-pub fn be_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(array(b, at))
+readers! {
+    le_u16: u16 = from_le_bytes;
+    le_u32: u32 = from_le_bytes;
+    le_u64: u64 = from_le_bytes;
+    be_u16: u16 = from_be_bytes;
+    be_u32: u32 = from_be_bytes;
+    be_u64: u64 = from_be_bytes;
 }
 
 /// `n` bytes with binary units: "512 B", "1.5 GiB"; a whole number of a larger unit as
