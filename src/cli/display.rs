@@ -88,6 +88,30 @@ pub fn print_restore(
     println!("{line}");
 }
 
+/// The `filesystem` line of a backup or copy report (none without a filesystem), noting
+/// "(all blocks `done`)" when every block was read.
+pub fn print_filesystem(fs: Option<&volback::fs::FsInfo>, all_blocks: bool, done: &str) {
+    if let Some(fs) = fs {
+        let note = if all_blocks {
+            format!(" (all blocks {done})")
+        } else {
+            String::new()
+        };
+        println!("  filesystem      {}", filesystem_line(fs, &note));
+    }
+}
+
+/// The `volume` and `read` lines of a backup or copy report.
+pub fn print_volume(size: u64, blocks: u64, block_size: u64, bytes_read: u64) {
+    println!(
+        "  volume          {} in {} blocks of {}",
+        human_bytes(size),
+        blocks,
+        human_bytes(block_size)
+    );
+    println!("  read            {}", human_bytes(bytes_read));
+}
+
 /// A filesystem as the reports show it: `ext4 UUID LABEL, 1.2 GiB used` (FAT with its version:
 /// `vfat (FAT32) …`), then `note` (" (all blocks read)").
 pub fn filesystem_line(fs: &volback::fs::FsInfo, note: &str) -> String {
