@@ -1,4 +1,5 @@
-//! Fixed-width integer readers for on-disk structures, shared by every parser.
+//! Fixed-width integer readers for on-disk structures, shared by every parser, and byte
+//! counts for people.
 //!
 //! Callers check lengths first (a header is read whole, then its fields are taken); an
 //! offset past the slice is a bug in the caller and panics like any slice index.
@@ -9,28 +10,41 @@ fn array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     a
 }
 
-pub fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(array(b, at))
+/// `name(b, at)`: the integer at byte `at` of `b`, in the byte order its constructor reads.
+macro_rules! readers {
+    ($($name:ident: $t:ty = $from:ident;)*) => {$(
+        pub fn $name(b: &[u8], at: usize) -> $t {
+            <$t>::$from(array(b, at))
+        }
+    )*};
 }
 
-pub fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(array(b, at))
+readers! {
+    le_u16: u16 = from_le_bytes;
+    le_u32: u32 = from_le_bytes;
+    le_u64: u64 = from_le_bytes;
+    be_u16: u16 = from_be_bytes;
+    be_u32: u32 = from_be_bytes;
+    be_u64: u64 = from_be_bytes;
 }
 
-pub fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(array(b, at))
-}
-
-pub fn be_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes(array(b, at))
-}
-
-pub fn be_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(array(b, at))
-}
-
-pub fn be_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(array(b, at))
+/// `n` bytes with binary units: "512 B", "1.5 GiB"; a whole number of a larger unit as
+/// "256 KiB" with `trim_whole`, else "256.0 KiB".
+pub fn human(n: u64, trim_whole: bool) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if trim_whole && v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]

@@ -338,3 +338,23 @@ mod tests {
         assert!(chain(&nested).contains("os error 5"));
     }
 }
+
+/// Test helpers for the format-version checks every versioned file has.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Error;
+    use std::path::Path;
+
+    /// Sets the version field (bytes 8..12, little-endian) of the file at `path` to `version`.
+    pub fn set_version(path: &Path, version: u32) {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
+        std::fs::write(path, &bytes).unwrap();
+    }
+
+    /// `e` says the version after `supported` of a `what` is not supported.
+    pub fn is_next_version(e: &Error, what: &str, supported: u32) -> bool {
+        matches!(e, Error::UnsupportedVersion { what: w, found, supported: s, .. }
+            if *w == what && *found == supported + 1 && *s == supported)
+    }
+}

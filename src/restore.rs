@@ -404,11 +404,7 @@ fn write_target(
                             if checking {
                                 // What the target holds now.
                                 let old = &mut check[..n];
-                                if sparse_target {
-                                    read_target_data(direct.as_ref(), file, old, off, path)?;
-                                } else {
-                                    read_target(direct.as_ref(), file, old, off, path)?;
-                                }
+                                read_target(direct.as_ref(), file, old, off, path, sparse_target)?;
                                 if gap {
                                     if crate::volume::is_zero(old) {
                                         return Ok(Done {
@@ -470,7 +466,7 @@ fn write_target(
                             }
                             // Read back from the medium: O_DIRECT where possible, so the page
                             // cache cannot answer in the device's place.
-                            read_target(direct.as_ref(), file, &mut check[..n], off, path)?;
+                            read_target(direct.as_ref(), file, &mut check[..n], off, path, false)?;
                             if check[..n] != buf[..] {
                                 return Err(Error::IoAt {
                                     op: "verify",
@@ -663,18 +659,34 @@ fn aligned(offset: u64, len: usize) -> bool {
 }
 
 /// Reads the target's bytes at `offset` from the medium: through `direct` (`O_DIRECT`, so
-/// the page cache cannot answer in the device's place) when the piece is aligned.
+/// the page cache cannot answer in the device's place) when the piece is aligned. With
+/// `holes` (a regular file), holes are filled with zeros, not read.
 fn read_target(
     direct: Option<&File>,
     file: &File,
     buf: &mut [u8],
     offset: u64,
     path: &Path,
+    holes: bool,
 ) -> Result<()> {
-    match direct.filter(|_| aligned(offset, buf.len())) {
-        Some(d) => read_exact_at(d, buf, offset, path),
-        None => read_exact_at(file, buf, offset, path),
+    if !holes {
+        return match direct.filter(|_| aligned(offset, buf.len())) {
+            Some(d) => read_exact_at(d, buf, offset, path),
+            None => read_exact_at(file, buf, offset, path),
+        };
     }
+    let end = offset + buf.len() as u64;
+    let mut pos = offset;
+    while pos < end {
+        let (ds, de) = target_data(file, pos, end, path)?;
+        buf[(pos - offset) as usize..(ds - offset) as usize].fill(0);
+        if de > ds {
+            let b = &mut buf[(ds - offset) as usize..(de - offset) as usize];
+            read_target(direct, file, b, ds, path, false)?;
+        }
+        pos = de;
+    }
+    Ok(())
 }
 
 /// The first range of `file` (a regular file) in `[from, end)` that holds data, as
@@ -694,28 +706,6 @@ fn target_data(file: &File, from: u64, end: u64, path: &Path) -> Result<(u64, u6
         }
         None => (end, end),
     })
-}
-
-/// Like [`read_target`] for a regular file: holes are filled with zeros, not read.
-fn read_target_data(
-    direct: Option<&File>,
-    file: &File,
-    buf: &mut [u8],
-    offset: u64,
-    path: &Path,
-) -> Result<()> {
-    let end = offset + buf.len() as u64;
-    let mut pos = offset;
-    while pos < end {
-        let (ds, de) = target_data(file, pos, end, path)?;
-        buf[(pos - offset) as usize..(ds - offset) as usize].fill(0);
-        if de > ds {
-            let b = &mut buf[(ds - offset) as usize..(de - offset) as usize];
-            read_target(direct, file, b, ds, path)?;
-        }
-        pos = de;
-    }
-    Ok(())
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {

@@ -42,6 +42,18 @@ pub struct Problem {
     pub affected: Vec<(String, u64)>,
 }
 
+impl Problem {
+    /// The snapshot file `id` could not be read: `e`.
+    fn snapshot(id: &str, e: &Error) -> Problem {
+        Problem {
+            chunk: None,
+            snapshot: Some(id.to_string()),
+            detail: chain(e),
+            affected: Vec::new(),
+        }
+    }
+}
+
 /// What a verification found.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
@@ -88,12 +100,7 @@ pub fn verify(
         let snap = match repo.open_snapshot(id) {
             Ok(s) => s,
             Err(e) => {
-                report.problems.push(Problem {
-                    chunk: None,
-                    snapshot: Some(id.clone()),
-                    detail: chain(&e),
-                    affected: Vec::new(),
-                });
+                report.problems.push(Problem::snapshot(id, &e));
                 continue;
             }
         };
@@ -107,12 +114,7 @@ pub fn verify(
             let refs = match snap.segment(seg) {
                 Ok(r) => r,
                 Err(e) => {
-                    report.problems.push(Problem {
-                        chunk: None,
-                        snapshot: Some(id.clone()),
-                        detail: chain(&e),
-                        affected: Vec::new(),
-                    });
+                    report.problems.push(Problem::snapshot(id, &e));
                     break;
                 }
             };

@@ -2,7 +2,7 @@
 
 use super::Ctx;
 use super::args::{BackupArgs, block_size_arg};
-use super::display::{CliProgress, filesystem_line, human_bytes};
+use super::display::{CliProgress, human_bytes, print_filesystem, print_volume};
 use super::report::{BackupJson, print_json};
 use anyhow::Result;
 use std::process::ExitCode;
@@ -56,14 +56,7 @@ fn print_text(r: &BackupReport, volume_size: u64, block_size: u32) {
     if let Some(p) = &r.parent {
         println!("  parent          {p}");
     }
-    if let Some(fs) = &r.filesystem {
-        let note = if r.all_blocks {
-            " (all blocks read)"
-        } else {
-            ""
-        };
-        println!("  filesystem      {}", filesystem_line(fs, note));
-    }
+    print_filesystem(r.filesystem.as_ref(), r.all_blocks, "read");
     if let Some(l) = &r.layout {
         println!("  partitions      {} table {}", l.table, l.id);
         for p in &l.partitions {
@@ -90,13 +83,12 @@ fn print_text(r: &BackupReport, volume_size: u64, block_size: u32) {
         }
     }
     let s = &r.stats;
-    println!(
-        "  volume          {} in {} blocks of {}",
-        human_bytes(volume_size),
+    print_volume(
+        volume_size,
         s.data_blocks + s.zero_blocks + s.unused_blocks,
-        human_bytes(block_size as u64)
+        block_size as u64,
+        r.this_run.bytes_read,
     );
-    println!("  read            {}", human_bytes(r.this_run.bytes_read));
     if r.unread_blocks > 0 {
         println!(
             "  not read        {} blocks unchanged since the parent (ext4 inodes)",

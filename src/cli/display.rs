@@ -5,20 +5,9 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use volback::progress::Progress;
 
-/// Formats a byte count with binary units.
+/// Formats a byte count with binary units ("256.0 KiB").
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    volback::bytes::human(n, false)
 }
 
 /// Progress shown as a bar on a terminal; nothing but warnings otherwise.
@@ -97,6 +86,30 @@ pub fn print_restore(
         line.push_str(", read back and verified");
     }
     println!("{line}");
+}
+
+/// The `filesystem` line of a backup or copy report (none without a filesystem), noting
+/// "(all blocks `done`)" when every block was read.
+pub fn print_filesystem(fs: Option<&volback::fs::FsInfo>, all_blocks: bool, done: &str) {
+    if let Some(fs) = fs {
+        let note = if all_blocks {
+            format!(" (all blocks {done})")
+        } else {
+            String::new()
+        };
+        println!("  filesystem      {}", filesystem_line(fs, &note));
+    }
+}
+
+/// The `volume` and `read` lines of a backup or copy report.
+pub fn print_volume(size: u64, blocks: u64, block_size: u64, bytes_read: u64) {
+    println!(
+        "  volume          {} in {} blocks of {}",
+        human_bytes(size),
+        blocks,
+        human_bytes(block_size)
+    );
+    println!("  read            {}", human_bytes(bytes_read));
 }
 
 /// A filesystem as the reports show it: `ext4 UUID LABEL, 1.2 GiB used` (FAT with its version:

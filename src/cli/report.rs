@@ -7,7 +7,7 @@
 //! [`volback::mount::AttachedFiles`]); the structs here cover what differs: keys taken from
 //! nested library structs, and values computed for display.
 
-use crate::cli::display::{filesystem_line, human_bytes};
+use crate::cli::display::{human_bytes, print_filesystem, print_volume};
 use serde::Serialize;
 #[cfg(target_os = "linux")]
 use std::path::{Path, PathBuf};
@@ -201,21 +201,8 @@ pub fn print_copy(r: &CopyReport, json: bool, snapshot: Option<&str>) -> anyhow:
     if let Some(id) = snapshot {
         println!("  snapshot        {id}");
     }
-    if let Some(fs) = &r.filesystem {
-        let note = if r.all_blocks {
-            " (all blocks copied)"
-        } else {
-            ""
-        };
-        println!("  filesystem      {}", filesystem_line(fs, note));
-    }
-    println!(
-        "  volume          {} in {} blocks of {}",
-        human_bytes(r.size),
-        r.block_count,
-        human_bytes(r.block_size as u64)
-    );
-    println!("  read            {}", human_bytes(s.bytes_read));
+    print_filesystem(r.filesystem.as_ref(), r.all_blocks, "copied");
+    print_volume(r.size, r.block_count, r.block_size as u64, s.bytes_read);
     if r.unread_blocks > 0 {
         println!(
             "  not read        {} blocks unchanged since the last update (ext4 inodes)",

@@ -233,36 +233,21 @@ impl FileSet {
         }
         Ok(())
     }
-}
 
-impl ImageWriter for FileSet {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Runs `f(file, at, from, n)` on each slice's piece of `[offset, offset + len)` (an I/O
+    /// error is reported as `op` at the slice's offset) and marks the slices written.
+    fn write_pieces(
+        &mut self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        f: impl Fn(&File, u64, u64, u64) -> std::io::Result<()>,
+    ) -> Result<()> {
         let mut touched = Vec::new();
-        self.pieces("write", offset, data.len() as u64, |i, at, from, n| {
-            let f = self.file(i)?;
-            platform::write_all_at(&f, &data[from as usize..(from + n) as usize], at).map_err(
-                |e| Error::IoAt {
-                    op: "write",
-                    path: self.slices[i].path.clone(),
-                    offset: at,
-                    source: e,
-                },
-            )?;
-            touched.push(i);
-            Ok(())
-        })?;
-        for i in touched {
-            self.dirty[i] = true;
-        }
-        Ok(())
-    }
-
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
-        let mut touched = Vec::new();
-        self.pieces("write", offset, len, |i, at, _, n| {
-            let f = self.file(i)?;
-            platform::zero_range(&f, at, n).map_err(|e| Error::IoAt {
-                op: "zero",
+        self.pieces("write", offset, len, |i, at, from, n| {
+            let file = self.file(i)?;
+            f(&file, at, from, n).map_err(|e| Error::IoAt {
+                op,
                 path: self.slices[i].path.clone(),
                 offset: at,
                 source: e,
@@ -274,6 +259,20 @@ impl ImageWriter for FileSet {
             self.dirty[i] = true;
         }
         Ok(())
+    }
+}
+
+impl ImageWriter for FileSet {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_pieces("write", offset, data.len() as u64, |f, at, from, n| {
+            platform::write_all_at(f, &data[from as usize..(from + n) as usize], at)
+        })
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.write_pieces("zero", offset, len, |f, at, _, n| {
+            platform::zero_range(f, at, n)
+        })
     }
 
     fn sync(&mut self) -> Result<()> {

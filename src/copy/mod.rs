@@ -273,13 +273,7 @@ fn open_data_for_update(paths: &CopyPaths, meta: &CopyMeta) -> Result<Box<dyn Im
     match meta.container.image() {
         None => Ok(Box::new(FileSet::open(paths, &meta.files, true)?)),
         Some(format) => {
-            let path = paths.file(&meta.files[0].name);
-            if !path.is_file() {
-                return Err(bad_copy(
-                    &paths.meta(),
-                    format!("image file {} is missing", path.display()),
-                ));
-            }
+            let path = reader::image_path(paths, meta)?;
             crate::image::open_for_update(format, &path, meta.size)
         }
     }
@@ -447,18 +441,7 @@ fn run_fresh<S: ScanSource + ?Sized>(
         &paths.file(&u.journal),
         &journal_header(&meta, &u, None, state),
     )?;
-    let run = Run {
-        paths,
-        meta,
-        source,
-        map,
-        known: None,
-        writer,
-        journal,
-        replay: Replay::default(),
-        base: None,
-        settings: settings(opts),
-    };
+    let run = new_run(paths, meta, source, map, writer, journal, opts);
     finish_report(paths, run.execute(progress)?, update, false, started)
 }
 
@@ -517,6 +500,31 @@ fn resume_refusal<S: ScanSource + ?Sized>(
                  interruption, holds other data now)"
             )
         }))
+}
+
+/// A run from the start (no replay) onto data files that held zeros (no base), with nothing
+/// known unchanged; callers that resume or have a base set those fields.
+fn new_run<'a, S: ?Sized>(
+    paths: &'a CopyPaths,
+    meta: CopyMeta,
+    source: &'a S,
+    map: Option<&'a BlockMap>,
+    writer: Box<dyn ImageWriter>,
+    journal: Journal,
+    opts: &'a CopyOptions,
+) -> Run<'a, S> {
+    Run {
+        paths,
+        meta,
+        source,
+        map,
+        known: None,
+        writer,
+        journal,
+        replay: Replay::default(),
+        base: None,
+        settings: settings(opts),
+    }
 }
 
 fn settings(opts: &CopyOptions) -> RunSettings<'_> {
@@ -591,16 +599,9 @@ fn continue_update<S: ScanSource + ?Sized>(
             meta.updated = now();
             meta.store(paths)?;
             let run = Run {
-                paths,
-                meta,
-                source,
-                map,
                 known,
-                writer,
-                journal,
-                replay: Replay::default(),
                 base: Some(&old),
-                settings: settings(opts),
+                ..new_run(paths, meta, source, map, writer, journal, opts)
             };
             finish_report(paths, run.execute(progress)?, true, false, started)
         }
@@ -645,12 +646,15 @@ fn continue_update<S: ScanSource + ?Sized>(
                 }
             };
             let update = meta.hashes.is_some();
-            match (u.base, existing) {
-                (UpdateBase::Zeros, None) => run_fresh(
-                    paths, meta, lock_held, source, map, state, opts, update, started, progress,
-                ),
+            // What the run resumes or starts over with; the lock is held until it is done.
+            let (_lock, writer, journal, replay, old, update, resumed) = match (u.base, existing) {
+                (UpdateBase::Zeros, None) => {
+                    return run_fresh(
+                        paths, meta, lock_held, source, map, state, opts, update, started, progress,
+                    );
+                }
                 (base, Some((journal, replay))) => {
-                    let _lock = match lock_held {
+                    let held = match lock_held {
                         Some(l) => l,
                         None => lock(paths, &meta, true)?,
                     };
@@ -674,19 +678,7 @@ fn continue_update<S: ScanSource + ?Sized>(
                     } else {
                         None
                     };
-                    let run = Run {
-                        paths,
-                        meta,
-                        source,
-                        map,
-                        known: None,
-                        writer,
-                        journal,
-                        replay,
-                        base: old.as_ref(),
-                        settings: settings(opts),
-                    };
-                    finish_report(paths, run.execute(progress)?, update, true, started)
+                    (Some(held), writer, journal, replay, old, update, true)
                 }
                 (UpdateBase::Hashes, None) => {
                     // The journal is written before the metadata says `updating`; without
@@ -696,7 +688,6 @@ fn continue_update<S: ScanSource + ?Sized>(
                         progress
                             .warn("the copy's update journal is missing; rewriting every block");
                     }
-                    let _lock = lock_held;
                     let writer = open_data_for_update(paths, &meta)?;
                     let journal = Journal::create(
                         &journal_path(&u),
@@ -711,21 +702,15 @@ fn continue_update<S: ScanSource + ?Sized>(
                         horizon: meta.block_count,
                         ..Replay::default()
                     };
-                    let run = Run {
-                        paths,
-                        meta,
-                        source,
-                        map,
-                        known: None,
-                        writer,
-                        journal,
-                        replay,
-                        base: None,
-                        settings: settings(opts),
-                    };
-                    finish_report(paths, run.execute(progress)?, true, !changed, started)
+                    (lock_held, writer, journal, replay, None, true, !changed)
                 }
-            }
+            };
+            let run = Run {
+                replay,
+                base: old.as_ref(),
+                ..new_run(paths, meta, source, map, writer, journal, opts)
+            };
+            finish_report(paths, run.execute(progress)?, update, resumed, started)
         }
         (CopyState::Updating, None) => Err(bad_copy(&paths.meta(), "no update in progress")),
     }

@@ -158,6 +158,18 @@ impl Volume for CopyVolume {
     }
 }
 
+/// The image file of a copy in an image format; an error when it is missing.
+pub(super) fn image_path(paths: &CopyPaths, meta: &CopyMeta) -> Result<PathBuf> {
+    let path = paths.file(&meta.files[0].name);
+    if !path.is_file() {
+        return Err(bad_copy(
+            &paths.meta(),
+            format!("image file {} is missing", path.display()),
+        ));
+    }
+    Ok(path)
+}
+
 /// Opens the data files of a copy (without hash checks) as a volume.
 pub(crate) fn open_data(paths: &CopyPaths, meta: &CopyMeta) -> Result<Box<dyn Volume>> {
     match meta.container.image() {
@@ -167,13 +179,7 @@ pub(crate) fn open_data(paths: &CopyPaths, meta: &CopyMeta) -> Result<Box<dyn Vo
             false,
         )?)),
         Some(format) => {
-            let path = paths.file(&meta.files[0].name);
-            if !path.is_file() {
-                return Err(bad_copy(
-                    &paths.meta(),
-                    format!("image file {} is missing", path.display()),
-                ));
-            }
+            let path = image_path(paths, meta)?;
             let v = crate::image::open(format, &path)?;
             // Images count whole 512-byte sectors: the volume may end inside the last one.
             if v.size() != format.virtual_size(meta.size) {

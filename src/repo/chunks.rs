@@ -414,10 +414,27 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn round_trip_compressible_and_random() {
+    /// An empty store in a temporary directory (kept while the directory lives).
+    fn store() -> (tempfile::TempDir, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
+        (dir, store)
+    }
+
+    /// Stores `data` compressed: its id, its file and the file's bytes.
+    fn stored(store: &ChunkStore, data: &[u8]) -> (ChunkId, PathBuf, Vec<u8>) {
+        let id = HashAlgorithm::Blake3.hash(data);
+        store
+            .put(&id, &Encoder::new(3).unwrap().encode(data))
+            .unwrap();
+        let p = store.path(&id);
+        let bytes = std::fs::read(&p).unwrap();
+        (id, p, bytes)
+    }
+
+    #[test]
+    fn round_trip_compressible_and_random() {
+        let (_dir, store) = store();
         let mut enc = Encoder::new(3).unwrap();
         let text = b"hello world ".repeat(5000);
         let mut random = vec![0u8; 65536];
@@ -438,15 +455,8 @@ mod tests {
 
     #[test]
     fn flipped_byte_and_truncation_are_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
-        let data = b"abcdefgh".repeat(1000);
-        let id = HashAlgorithm::Blake3.hash(&data);
-        store
-            .put(&id, &Encoder::new(3).unwrap().encode(&data))
-            .unwrap();
-        let p = store.path(&id);
-        let mut bytes = std::fs::read(&p).unwrap();
+        let (_dir, store) = store();
+        let (id, p, mut bytes) = stored(&store, &b"abcdefgh".repeat(1000));
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         std::fs::write(&p, &bytes).unwrap();
@@ -460,15 +470,8 @@ mod tests {
 
     #[test]
     fn a_chunk_of_the_next_version_is_unsupported_not_damaged() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
-        let data = b"next version".repeat(100);
-        let id = HashAlgorithm::Blake3.hash(&data);
-        store
-            .put(&id, &Encoder::new(3).unwrap().encode(&data))
-            .unwrap();
-        let p = store.path(&id);
-        let mut bytes = std::fs::read(&p).unwrap();
+        let (_dir, store) = store();
+        let (id, p, mut bytes) = stored(&store, &b"next version".repeat(100));
         bytes[4] = CHUNK_VERSION + 1;
         std::fs::write(&p, &bytes).unwrap();
         let unsupported = |r: Result<_>| {
@@ -482,8 +485,7 @@ mod tests {
 
     #[test]
     fn cheap_check_and_quarantine() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), HashAlgorithm::Blake3, false);
+        let (_dir, store) = store();
         let data = b"0123456789".repeat(700);
         let id = HashAlgorithm::Blake3.hash(&data);
         assert_eq!(store.check_cheap(&id).unwrap(), ChunkHealth::Missing);

@@ -544,8 +544,7 @@ mod tests {
         std::fs::write(&cfg, serde_json::to_vec(&value).unwrap()).unwrap();
         let e = Repository::open(&path).err().unwrap();
         assert!(
-            matches!(e, Error::UnsupportedVersion { what: "repository", found, supported, .. }
-                if found == REPO_VERSION + 1 && supported == REPO_VERSION),
+            crate::error::testing::is_next_version(&e, "repository", REPO_VERSION),
             "{e}"
         );
     }
