@@ -710,9 +710,12 @@ fn read_ag_headers(vol: &dyn Volume, sb: &Superblock, ag: u64) -> Checked<AgHead
     } else {
         0
     };
-    let slots = (sb.sect_size as usize - first_entry) as u64 / 4;
-    let chain_ok = flcount == 0 || (fllast + slots - flfirst) % slots + 1 == flcount;
-    if flfirst >= slots || fllast >= slots || flcount > slots || !chain_ok {
+    let slots = (sb.sect_size as usize).saturating_sub(first_entry) as u64 / 4;
+    // The chain arithmetic only once the three fields are known to fit (hostile values
+    // would overflow it).
+    let fits = flfirst < slots && fllast < slots && flcount <= slots;
+    let chain_ok = fits && (flcount == 0 || (fllast + slots - flfirst) % slots + 1 == flcount);
+    if !chain_ok {
         return Err(bad!(
             "AGF of AG {ag}: free list first {flfirst}, last {fllast}, count {flcount} do not \
              fit {slots} slots"
