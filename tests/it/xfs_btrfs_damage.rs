@@ -117,6 +117,16 @@ fn make_fs(t: &TestDir, fs: &str, seed: u64) -> PathBuf {
 }
 
 /// Backs `img` up into `repo` and restores it to `out`: (every block read?, stderr).
+/// A repository in `t` holding a backup of the undamaged `img` (which must map), and the
+/// blocks `img` uses.
+fn clean_baseline(t: &TestDir, img: &Path) -> (PathBuf, Vec<std::ops::Range<u64>>) {
+    let repo = t.join("repo");
+    init_repo(&repo, &[]);
+    let clean = backup_and_restore(img, &repo, &t.join("clean.img"));
+    assert!(!clean.0, "the undamaged filesystem must map: {}", clean.1);
+    (repo, used_runs(img))
+}
+
 fn backup_and_restore(img: &Path, repo: &Path, out: &Path) -> (bool, String) {
     let r = volback_ok(&["backup", "--json", p(img), p(repo)]);
     let d = r.json();
@@ -265,11 +275,7 @@ fn xfs_free_space_claiming_used_blocks_is_not_trusted() {
     }
     let t = TestDir::new();
     let img = make_fs(&t, "xfs", 110);
-    let repo = t.join("repo");
-    init_repo(&repo, &[]);
-    let clean = backup_and_restore(&img, &repo, &t.join("clean.img"));
-    assert!(!clean.0, "the undamaged filesystem must map: {}", clean.1);
-    let used = used_runs(&img);
+    let (repo, used) = clean_baseline(&t, &img);
 
     let x = Xfs::read(&img);
     let (ag, recs) = fragmented_ag(&x, &img);
@@ -407,11 +413,7 @@ fn xfs_free_space_over_a_files_data_is_not_trusted() {
     run_ok("sync", &["-f", p(&m.dir)]);
     m.unmount();
     drop(lo);
-    let repo = t.join("repo");
-    init_repo(&repo, &[]);
-    let clean = backup_and_restore(&img, &repo, &t.join("clean.img"));
-    assert!(!clean.0, "the undamaged filesystem must map: {}", clean.1);
-    let used = used_runs(&img);
+    let (repo, used) = clean_baseline(&t, &img);
 
     // A file extent followed, in its AG, by a free extent: that free extent is stretched
     // back to the file extent's start.
@@ -606,11 +608,7 @@ fn btrfs_damaged_extent_tree_leaf_is_not_trusted() {
     }
     let t = TestDir::new();
     let img = make_fs(&t, "btrfs", 120);
-    let repo = t.join("repo");
-    init_repo(&repo, &[]);
-    let clean = backup_and_restore(&img, &repo, &t.join("clean.img"));
-    assert!(!clean.0, "the undamaged filesystem must map: {}", clean.1);
-    let used = used_runs(&img);
+    let (repo, used) = clean_baseline(&t, &img);
     let ns = nodesize(&img);
     // The leaf holding the first data extent (EXTENT_ITEM longer than a node).
     let (leaf, copies, slot) = extent_tree_blocks(&img)
