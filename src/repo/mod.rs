@@ -57,6 +57,7 @@
 //! its header/length check and rewritten by the next backup. Garbage collection (future) must
 //! take the exclusive lock and treat chunks named by any journal as live.
 
+pub mod blob;
 pub mod chunks;
 pub mod format;
 pub mod fsio;
