@@ -1,18 +1,13 @@
-//! Damaged repositories heal instead of passing damage on (issue 11, items 3, 6 and 7): a
-//! backup stores again a block whose existing chunk is missing or fails the cheap header
-//! check (parent references, change tracking, pack slots), `verify` moves damaged chunks aside
-//! so that the next backup re-stores them, `latest` and id prefixes skip unreadable snapshot
-//! files, and a source named by different paths is one volume.
+//! Damaged repositories heal instead of passing damage on (issue 11, items 3, 6 and 7; on the
+//! format-2 layout of issue 13): a backup stores again the blocks whose blobs are in a pack
+//! that is missing or that `verify --read-data` set aside (parent references, change
+//! tracking), which also makes the older snapshots readable again; `latest` and id prefixes
+//! skip unreadable snapshot files; and a source named by different paths is one volume.
 
 use crate::util::*;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-
-/// The chunk file (a pack with the default settings) that holds block `block` of `snap`.
-fn chunk_file_of(repo: &Path, snap: &str, block: u64) -> PathBuf {
-    chunk_of_block(repo, snap, block).1
-}
 
 /// Restores `snap` and asserts that it equals `expect` bit for bit.
 fn assert_restores(repo: &Path, snap: &str, expect: &Path, out: &Path) {
@@ -26,11 +21,24 @@ fn assert_restores(repo: &Path, snap: &str, expect: &Path, out: &Path) {
     );
 }
 
-/// Backs up a 64 MiB file of random data, damages one chunk with `damage`, backs up again,
-/// and checks that the second backup stored the block again (instead of referring to the
-/// damaged chunk) and that both snapshots restore bit-exact: the first one too, because the
-/// chunk was stored again under the same content-addressed name.
-fn damaged_parent_chunk_is_stored_again(damage: impl Fn(&Path)) -> String {
+/// The pack holding block `block` of `snap`, checked to hold data blobs only (so that damage
+/// to it leaves the snapshot's tree readable).
+fn data_pack_of(repo: &Path, snap: &str, block: u64) -> BlockLoc {
+    let loc = locate_block(repo, snap, block);
+    assert!(
+        !pack_has_tree_blobs(&loc.pack_path),
+        "block {block} shares its pack with tree blobs: pick another block"
+    );
+    loc
+}
+
+/// Backs up a 64 MiB file of random data, damages the pack holding one block with `damage`
+/// (running `verify --read-data` first when `via_verify`: damage inside an existing file is
+/// found by reading it), backs up again, and checks that the second backup stored those
+/// blocks again (instead of referring to blobs of the missing or set-aside pack) and that both
+/// snapshots restore bit-exact: the first one too, because the blobs were stored again under
+/// the same content-addressed ids, in new packs.
+fn damaged_parent_pack_is_stored_again(damage: impl Fn(&Path), via_verify: bool) -> String {
     let t = TestDir::new();
     let src = t.join("v.img");
     let repo = t.join("repo");
@@ -38,7 +46,19 @@ fn damaged_parent_chunk_is_stored_again(damage: impl Fn(&Path)) -> String {
     init_repo(&repo, &[]);
     let full = backup_json(&src, &repo, &[]);
     let first = jstr(&full, "/snapshot").to_string();
-    damage(&chunk_file_of(&repo, &first, 100));
+    let loc = data_pack_of(&repo, &first, 100);
+    damage(&loc.pack_path);
+    if via_verify {
+        volback_code(&["verify", "--read-data", p(&repo)], 1).stdout_has(&[&loc.pack]);
+        assert!(
+            !loc.pack_path.exists(),
+            "the damaged pack is still in place"
+        );
+        assert_eq!(bad_packs(&repo).len(), 1, "set aside as <id>.bad");
+    }
+    // The old snapshot needs the pack: it cannot be restored now, with a clear error.
+    let out = t.join("out.img");
+    volback_code(&["restore", p(&repo), &first, p(&out)], 1).stderr_has(&[&loc.pack[..12]]);
 
     let args = ["backup", "--json", p(&src), p(&repo)];
     let r = volback_ok(&args);
@@ -48,14 +68,17 @@ fn damaged_parent_chunk_is_stored_again(damage: impl Fn(&Path)) -> String {
         ju64(&incr, "/new_chunks") >= 1,
         "nothing stored again: {incr}"
     );
-    let out = t.join("out.img");
+    assert!(
+        ju64(&incr, "/new_bytes") < 64 * MIB / 2,
+        "more than the lost pack stored again: {incr}"
+    );
     assert_restores(&repo, "latest", &src, &out);
     assert_restores(&repo, &first, &src, &out);
-    volback_ok(&["verify", "--read-data", p(&repo)]);
+    volback_ok(&["verify", "--read-data", p(&repo)]).stdout_has(&["no problems"]);
     // A third backup finds everything in place again.
     let again = volback_ok(&args);
     assert_eq!(ju64(&again.json(), "/new_chunks"), 0, "{}", again.stdout);
-    // Healing is not silent: the run that stored the chunk again said so, the next did not.
+    // Healing is not silent: the run that stored the blobs again said so, the next did not.
     assert!(
         r.stderr.contains("missing or damaged") && r.stderr.contains("verify --read-data"),
         "the backup must name the damage it repaired: {}",
@@ -69,28 +92,34 @@ fn damaged_parent_chunk_is_stored_again(damage: impl Fn(&Path)) -> String {
     r.stderr
 }
 
-/// Item 3's reproduction: the magic bytes of one pack broken between two backups.
+/// Item 3's reproduction on format 2: the pack holding a block of the parent deleted between
+/// two backups.
 #[test]
-fn parent_chunk_with_broken_magic_is_stored_again_and_old_snapshot_repaired() {
-    damaged_parent_chunk_is_stored_again(|chunk| write_at(chunk, 0, b"JUNK"));
+fn missing_parent_pack_is_stored_again_and_old_snapshot_repaired() {
+    damaged_parent_pack_is_stored_again(|pack| std::fs::remove_file(pack).unwrap(), false);
 }
 
-/// The same with the parent's chunk deleted, and with it truncated.
+/// The same with the pack's magic bytes broken, and with it truncated: `verify --read-data`
+/// sets it aside, then the backup stores its blocks again.
 #[test]
-fn missing_or_truncated_parent_chunk_is_stored_again() {
-    damaged_parent_chunk_is_stored_again(|chunk| std::fs::remove_file(chunk).unwrap());
-    damaged_parent_chunk_is_stored_again(|chunk| {
-        let f = std::fs::OpenOptions::new().write(true).open(chunk).unwrap();
-        f.set_len(1000).unwrap();
-    });
+fn broken_or_truncated_parent_pack_is_set_aside_and_stored_again() {
+    damaged_parent_pack_is_stored_again(|pack| write_at(pack, 0, b"JUNK"), true);
+    damaged_parent_pack_is_stored_again(
+        |pack| {
+            let f = std::fs::OpenOptions::new().write(true).open(pack).unwrap();
+            f.set_len(1000).unwrap();
+        },
+        true,
+    );
 }
 
-/// The repair procedure of docs/REPAIR.md: damage that the cheap check cannot see (a flipped
-/// byte inside a pack) is found by `verify --read-data`, which moves the chunk aside (never
-/// deleting it); the next backup of the source stores it again, which repairs the older
-/// snapshot, and `verify --read-data` is clean again.
+/// The repair procedure of docs/REPAIR.md: damage inside a frame (a flipped byte; the pack's
+/// table and length are intact) is found by `verify --read-data`, which sets the pack aside
+/// as `<id>.bad` (never deleting it) and names the pack, the blob and the snapshots; the
+/// next backup of the source stores the blocks again, which repairs the older snapshot, and
+/// `verify --read-data` is clean again.
 #[test]
-fn verify_moves_damaged_chunk_aside_and_next_backup_repairs_it() {
+fn verify_sets_damaged_pack_aside_and_next_backup_repairs_it() {
     let t = TestDir::new();
     let src = t.join("v.img");
     let repo = t.join("repo");
@@ -98,36 +127,37 @@ fn verify_moves_damaged_chunk_aside_and_next_backup_repairs_it() {
     init_repo(&repo, &[]);
     let full = backup_json(&src, &repo, &[]);
     let first = jstr(&full, "/snapshot").to_string();
-    let chunk = chunk_file_of(&repo, &first, 37);
-    let mut bytes = std::fs::read(&chunk).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    std::fs::write(&chunk, &bytes).unwrap();
-    let name = chunk.file_name().unwrap().to_string_lossy().into_owned();
+    let loc = data_pack_of(&repo, &first, 4000);
+    // Without --read-data, verify does not read packs: the damage is not seen.
+    corrupt_frame(&loc.pack_path, &loc.entry);
+    let bytes = std::fs::read(&loc.pack_path).unwrap();
+    volback_ok(&["verify", p(&repo)]);
 
-    // The cheap check passes such a chunk: without verify, a backup would reuse it.
     let v = volback_code(&["verify", "--read-data", p(&repo)], 1);
-    v.stdout_has(&[&name[..12]]);
+    v.stdout_has(&[&loc.pack, &loc.blob, &first[..12]]);
+    let aside = loc.pack_path.with_file_name(format!("{}.bad", loc.pack));
     assert!(
-        v.all_output().contains("moved aside"),
-        "verify did not say where the chunk went: {}",
-        v.all_output()
+        !loc.pack_path.exists(),
+        "the damaged pack is still in place"
     );
-    let aside = chunk.with_file_name(format!("{name}.bad"));
-    assert!(!chunk.exists(), "the damaged chunk is still in place");
     assert_eq!(
-        std::fs::read(&aside).expect("the damaged chunk is kept as <id>.bad"),
+        std::fs::read(&aside).expect("the damaged pack is kept as <id>.bad"),
         bytes
     );
-    // Until the next backup, the chunk is reported missing.
-    volback_code(&["verify", p(&repo)], 1);
-
-    let incr = backup_json(&src, &repo, &[]);
-    assert!(ju64(&incr, "/new_chunks") >= 1, "{incr}");
+    // Until the next backup, the pack is reported missing, with the snapshot that needs it.
+    volback_code(&["verify", p(&repo)], 1).stdout_has(&[&loc.pack, &first[..12]]);
     let out = t.join("out.img");
+    volback_code(&["restore", p(&repo), &first, p(&out)], 1)
+        .stderr_has(&[&loc.blob[..12], &loc.pack[..12]]);
+    assert!(!out.exists(), "a failed restore left its file");
+
+    let r = volback_ok(&["backup", "--json", p(&src), p(&repo)]);
+    let incr = r.json();
+    assert!(ju64(&incr, "/new_chunks") >= 1, "{incr}");
+    r.stderr_has(&["missing or damaged"]);
     assert_restores(&repo, &first, &src, &out);
     assert_restores(&repo, "latest", &src, &out);
-    volback_ok(&["verify", "--read-data", p(&repo)]);
+    volback_ok(&["verify", "--read-data", p(&repo)]).stdout_has(&["no problems"]);
     assert!(
         aside.exists(),
         "verify or backup deleted the set-aside copy"
@@ -135,12 +165,12 @@ fn verify_moves_damaged_chunk_aside_and_next_backup_repairs_it() {
 }
 
 /// Change tracking takes unchanged blocks from the parent without reading them; a block
-/// whose parent chunk was deleted must be read and stored again instead. On a real ext4
-/// filesystem: the block chosen is one that change tracking knows (asked through the
-/// library), whatever the filesystem's allocation.
+/// whose parent blob is in a deleted pack must be read and stored again instead. On a real
+/// ext4 filesystem: the block chosen is one of a file that did not change (which change
+/// tracking takes unread), found with `debugfs`, whatever the filesystem's allocation.
 #[test]
-fn change_tracking_does_not_inherit_a_missing_parent_chunk() {
-    if !require_root_and_loop() {
+fn change_tracking_does_not_inherit_a_missing_parent_pack() {
+    if !require_root_loop_and(&["debugfs"], false) {
         return;
     }
     let t = TestDir::new();
@@ -148,7 +178,8 @@ fn change_tracking_does_not_inherit_a_missing_parent_chunk() {
     let repo = t.join("repo");
     let mnt = t.join("mnt");
     sparse_file(&img, 64 * MIB);
-    init_repo(&repo, &[]);
+    // Small packs: deleting the pack of one block loses a few blocks, not the tree.
+    init_repo(&repo, &["--pack-size", "1M"]);
     run_ok(
         "mkfs.ext4",
         &[
@@ -177,34 +208,27 @@ fn change_tracking_does_not_inherit_a_missing_parent_chunk() {
     let control = backup_json(&img, &repo, &[]);
     let control_unread = ju64(&control, "/unread_blocks");
     assert!(control_unread > 0, "change tracking unused: {control}");
+    let control_id = jstr(&control, "/snapshot").to_string();
     let control_out = t.join("control.img");
-    restore(&repo, jstr(&control, "/snapshot"), &control_out);
+    restore(&repo, &control_id, &control_out);
 
-    // A block that change tracking knows, and its chunk.
-    let known_block = {
-        let r = volback::repo::Repository::open(&repo).unwrap();
-        let snap = r.open_snapshot(jstr(&control, "/snapshot")).unwrap();
-        let base = volback::repo::reader::SnapshotVolume::new(snap, r.chunks().clone());
-        let source = volback::source::Source::open(&img).unwrap();
-        let known =
-            volback::job::track_changes(&source, &base, 256 * KIB, &[], &volback::progress::Silent)
-                .unwrap()
-                .expect("change tracking");
-        (0..known.block_count())
-            .find(|&b| {
-                known.is_used(b) && block_ref(&repo, jstr(&control, "/snapshot"), b).is_data()
-            })
-            .expect("a known data block")
-    };
-    let chunk = chunk_file_of(&repo, jstr(&control, "/snapshot"), known_block);
-    std::fs::remove_file(&chunk).unwrap();
+    // A block in the middle of f2.bin (change tracking takes it unread), and its pack.
+    let bmap = run_ok("debugfs", &["-R", "bmap /f2.bin 300", p(&img)]);
+    let fs_block: u64 = bmap
+        .stdout
+        .trim()
+        .parse()
+        .expect("debugfs bmap prints a number");
+    let block = fs_block * 4096 / repo_block_size(&repo);
+    let loc = data_pack_of(&repo, &control_id, block);
+    std::fs::remove_file(&loc.pack_path).unwrap();
 
     let r = volback_ok(&["backup", "--json", p(&img), p(&repo)]);
     let incr = r.json();
     assert_eq!(incr["parent"], control["snapshot"], "{incr}");
     assert!(
         ju64(&incr, "/unread_blocks") < control_unread,
-        "the block of the missing chunk was taken unread: {incr}"
+        "the blocks of the missing pack were taken unread: {incr}"
     );
     assert!(ju64(&incr, "/new_chunks") >= 1, "{incr}");
     r.stderr_has(&["missing or damaged"]);

@@ -1,4 +1,4 @@
-//! Damaged repositories: flipped bytes in chunks, truncated snapshots, missing chunks, bad
+//! Damaged repositories: flipped bytes in packs, truncated snapshots, missing packs, bad
 //! configs, bad snapshot selectors. Every case must give a clear error naming what is wrong,
 //! with exit code 1, and never a panic.
 
@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 const BS: u64 = 64 * KIB;
 
 /// A repository with two snapshots (of two files with the same content, so they share every
-/// chunk): 4 MiB of random data followed by 1 MiB of text. Each is read in two runs (a read
-/// request is at most 4 MiB), stored as two packs: blocks 0-63 (random, stored raw) and
-/// 64-79 (text, compressed).
+/// blob): 4 MiB of random data, 1 MiB of text and 1 MiB of random data, in 64 KiB blocks
+/// (one block per blob at this size) and packs of about 1 MiB, so that one damaged pack holds
+/// a few blocks and not the snapshots' trees (written after the data).
 struct Fixture {
     t: TestDir,
     repo: PathBuf,
@@ -26,11 +26,12 @@ impl Fixture {
         let mut rng = Rng::new(seed);
         let mut data = rng.bytes(4 * MIB as usize);
         data.extend(rng.text(MIB as usize));
+        data.extend(rng.bytes(MIB as usize));
         let a = t.join("a.img");
         let b = t.join("b.img");
         std::fs::write(&a, &data).unwrap();
         std::fs::write(&b, &data).unwrap();
-        init_repo(&repo, &["--block-size", "64K"]);
+        init_repo(&repo, &["--block-size", "64K", "--pack-size", "1M"]);
         let snap_a = jstr(&backup_json(&a, &repo, &[]), "/snapshot").to_string();
         let snap_b = jstr(&backup_json(&b, &repo, &[]), "/snapshot").to_string();
         Fixture {
@@ -47,11 +48,20 @@ impl Fixture {
         &self.data[s..s + BS as usize]
     }
 
-    /// Id and path of the chunk (a pack) holding block `index`.
-    fn chunk_of(&self, index: u64) -> (String, PathBuf) {
-        let (id, path, content) = chunk_of_block(&self.repo, &self.snap_a, index);
-        assert_eq!(content, blake3_hex(self.block(index)));
-        (id, path)
+    /// Where block `index` is stored (a pack of data blobs only).
+    fn loc(&self, index: u64) -> BlockLoc {
+        let loc = locate_block(&self.repo, &self.snap_a, index);
+        assert_eq!(
+            loc.blob,
+            repo_hash(&self.repo, self.block(index)),
+            "one block, one blob"
+        );
+        assert_eq!(loc.piece, 0);
+        assert!(
+            !pack_has_tree_blobs(&loc.pack_path),
+            "block {index} shares its pack with tree blobs"
+        );
+        loc
     }
 
     fn snapshot_file(&self, id: &str) -> PathBuf {
@@ -63,91 +73,90 @@ impl Fixture {
     }
 }
 
-fn flip_byte(path: &Path, offset: usize) {
-    let mut bytes = std::fs::read(path).unwrap();
-    assert!(offset < bytes.len());
-    bytes[offset] ^= 0x5a;
-    std::fs::write(path, &bytes).unwrap();
+/// The codec byte of the frame an entry points to (0 raw, 1 zstd).
+fn frame_codec(loc: &BlockLoc) -> u8 {
+    let b = std::fs::read(&loc.pack_path).unwrap();
+    b[loc.entry.frame_offset as usize + 5]
 }
 
 #[test]
-fn flipped_byte_in_a_chunk_is_found_by_verify_and_stops_restore() {
+fn flipped_byte_in_a_pack_is_found_by_verify_and_stops_restore() {
     let f = Fixture::new(30);
-    // Block 5 is random (its pack is stored raw), block 70 is text (compressed).
-    let (raw_id, raw_path) = f.chunk_of(5);
-    let (zst_id, zst_path) = f.chunk_of(70);
-    assert_eq!(f.chunk_of(63).0, raw_id, "blocks 0-63 share a pack");
-    assert_eq!(f.chunk_of(64).0, zst_id, "blocks 64-79 share a pack");
-    assert_eq!(
-        std::fs::metadata(&raw_path).unwrap().len(),
-        16 + 4 * MIB,
-        "random data is stored raw"
+    // Block 5 is random (its frame is stored raw), block 70 is text (compressed).
+    let raw = f.loc(5);
+    let zst = f.loc(70);
+    assert_ne!(
+        raw.pack, zst.pack,
+        "random data and text are in different packs"
+    );
+    assert_eq!(frame_codec(&raw), 0, "random data is stored raw");
+    assert_eq!(frame_codec(&zst), 1, "text is compressed");
+    assert!(zst.entry.frame_len < MIB / 2, "text is compressed");
+    volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["no problems"]);
+    assert!(
+        corrupt_frame(&raw.pack_path, &raw.entry),
+        "raw frame: one blob damaged"
     );
     assert!(
-        std::fs::metadata(&zst_path).unwrap().len() < MIB / 2,
-        "text is compressed"
+        !corrupt_frame(&zst.pack_path, &zst.entry),
+        "zstd frame: the frame damaged"
     );
-    // Quick verify passes before and after: it does not re-hash.
-    volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["no problems"]);
-    flip_byte(&raw_path, 16 + 1000);
-    flip_byte(&zst_path, 16 + 200);
+    let raw_bytes = std::fs::read(&raw.pack_path).unwrap();
+    // Quick verify passes: it does not read packs.
     volback_ok(&["verify", f.r()]);
 
     let r = volback_code(&["verify", "--read-data", f.r()], 1);
-    r.stdout_has(&["2 problems", "moved aside"]);
-    // Both damaged chunks were moved aside (docs/REPAIR.md): from now on they are missing.
-    for path in [&raw_path, &zst_path] {
-        assert!(!path.exists(), "{} still in place", path.display());
+    // Both damaged packs were set aside (docs/REPAIR.md): from now on they are missing.
+    for loc in [&raw, &zst] {
         assert!(
-            path.with_file_name(format!(
-                "{}.bad",
-                path.file_name().unwrap().to_string_lossy()
-            ))
-            .exists()
+            !loc.pack_path.exists(),
+            "{} still in place",
+            loc.pack_path.display()
         );
+        assert!(
+            loc.pack_path
+                .with_file_name(format!("{}.bad", loc.pack))
+                .exists(),
+            "{} not set aside",
+            loc.pack
+        );
+        r.stdout_has(&[&loc.pack, &f.snap_a[..12], &f.snap_b[..12]]);
     }
-    // Reported per snapshot from the first block of each pack.
-    for (id, block) in [(&raw_id, 0), (&zst_id, 64)] {
-        let offset = (block * BS).to_string();
-        r.stdout_has(&[
-            &format!("BAD chunk {id}"),
-            &format!("affects snapshot {} at offset {offset}", &f.snap_a[..12]),
-            &format!("affects snapshot {} at offset {offset}", &f.snap_b[..12]),
-        ]);
-    }
+    // The damaged blob is named.
+    r.stdout_has(&[&raw.blob]);
+    assert_eq!(
+        std::fs::read(raw.pack_path.with_file_name(format!("{}.bad", raw.pack))).unwrap(),
+        raw_bytes,
+        "set aside as it was"
+    );
 
-    // The same in JSON.
+    // The same in JSON: now both packs are missing.
     let j = volback_code(&["verify", "--read-data", "--json", f.r()], 1).json();
     let problems = j["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 2, "{j}");
-    let raw = problems
-        .iter()
-        .find(|pr| pr["chunk"] == raw_id.as_str())
-        .unwrap_or_else(|| panic!("chunk {raw_id} not reported: {j}"));
-    // Every block of the pack, in both snapshots.
-    let affected = raw["affected"].as_array().unwrap();
-    assert_eq!(affected.len(), 2 * 64, "{raw}");
+    assert!(!problems.is_empty(), "{j}");
+    let text = j.to_string();
+    assert!(text.contains(&raw.pack) && text.contains(&zst.pack), "{j}");
     assert!(
-        affected
-            .iter()
-            .any(|a| a["snapshot"] == f.snap_a.as_str() && a["offset"] == 5 * BS)
+        text.contains(&f.snap_a) || text.contains(&f.snap_a[..12]),
+        "{j}"
     );
-    assert!(jstr(raw, "/detail").contains("missing"), "{raw}");
 
     // Verifying one snapshot reports only that snapshot.
-    volback_code(&["verify", "--read-data", f.r(), &f.snap_b[..8]], 1)
-        .stdout_has(&[&raw_id, &f.snap_b[..12]]);
+    let one = volback_code(&["verify", "--read-data", f.r(), &f.snap_b[..8]], 1);
+    one.stdout_has(&[&raw.pack, &f.snap_b[..12]]);
+    assert!(!one.stdout.contains(&f.snap_a[..12]), "{}", one.stdout);
 
-    // Restore stops with an error naming the chunk.
+    // Restore stops with an error naming the pack.
     let out = f.t.join("out.img");
     volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1).stderr_has(&["missing"]);
     let e = volback_code(&["restore", f.r(), &f.snap_b, p(&out)], 1);
     assert!(
-        e.stderr.contains(&raw_id) || e.stderr.contains(&zst_id),
-        "restore error does not name the bad chunk: {}",
+        e.stderr.contains(&raw.pack[..12]) || e.stderr.contains(&zst.pack[..12]),
+        "restore error does not name the bad pack: {}",
         e.stderr
     );
     e.stderr_has(&["missing"]);
+    assert!(!out.exists(), "a failed restore left its file");
 }
 
 #[test]
@@ -202,52 +211,86 @@ fn truncated_snapshot_file_gives_clear_errors() {
     volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["checked 3 snapshots"]);
 }
 
+/// Data blobs of `pack` (as indexed) that no other existing pack holds.
+fn blobs_only_in(repo: &Path, pack: &str) -> usize {
+    let idx = read_index(repo);
+    idx.packs[pack]
+        .iter()
+        .filter(|e| e.kind == 0)
+        .filter(|e| {
+            idx.locations(&e.id)
+                .iter()
+                .all(|(p, _)| p == pack || !pack_path(repo, p).exists())
+        })
+        .count()
+}
+
 #[test]
-fn missing_chunk_is_reported_with_affected_offsets() {
+fn missing_pack_is_reported_with_affected_snapshots() {
     let f = Fixture::new(32);
-    let (id, path) = f.chunk_of(3);
-    std::fs::remove_file(&path).unwrap();
-    // The pack of block 3 holds blocks 0-63: reported from its first block.
-    let offset = 0.to_string();
+    let lost = f.loc(3);
+    let lost_blobs = blobs_only_in(&f.repo, &lost.pack);
+    assert!(lost_blobs >= 1);
+    std::fs::remove_file(&lost.pack_path).unwrap();
     for extra in [&[][..], &["--read-data"][..]] {
         let mut args = vec!["verify"];
         args.extend_from_slice(extra);
         args.push(f.r());
         volback_code(&args, 1).stdout_has(&[
-            &id,
+            &lost.pack,
             "missing",
-            &format!("affects snapshot {} at offset {offset}", &f.snap_a[..12]),
-            &format!("affects snapshot {} at offset {offset}", &f.snap_b[..12]),
+            &f.snap_a[..12],
+            &f.snap_b[..12],
         ]);
     }
     let out = f.t.join("out.img");
-    volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1).stderr_has(&[&id, "missing"]);
+    volback_code(&["restore", f.r(), &f.snap_a, p(&out)], 1)
+        .stderr_has(&[&lost.pack[..12], "missing"]);
 
-    // A truncated chunk file (as a power cut could leave) is reported without --read-data.
-    let (id2, path2) = f.chunk_of(70);
-    let bytes = std::fs::read(&path2).unwrap();
-    std::fs::write(&path2, &bytes[..bytes.len() / 2]).unwrap();
-    volback_code(&["verify", f.r()], 1).stdout_has(&[&id2]);
-    // A backup of another volume with the same content stores the missing and truncated
-    // chunks again, which repairs the older snapshots too.
+    // A truncated pack (as a power cut could leave) is found by reading it, and set aside.
+    let cut = f.loc(70);
+    assert_ne!(cut.pack, lost.pack);
+    let cut_blobs = blobs_only_in(&f.repo, &cut.pack);
+    let bytes = std::fs::read(&cut.pack_path).unwrap();
+    std::fs::write(&cut.pack_path, &bytes[..bytes.len() / 2]).unwrap();
+    volback_code(&["verify", "--read-data", f.r()], 1).stdout_has(&[&cut.pack]);
+    assert!(!cut.pack_path.exists());
+    // A backup of another volume with the same content stores the blobs of the missing and
+    // the set-aside pack again (and only those), which repairs the older snapshots too.
     let c = f.t.join("c.img");
     std::fs::write(&c, &f.data).unwrap();
     let j = backup_json(&c, &f.repo, &[]);
-    assert_eq!(ju64(&j, "/new_chunks"), 2, "{j}");
+    assert_eq!(
+        ju64(&j, "/new_chunks"),
+        (lost_blobs + cut_blobs) as u64,
+        "{j}"
+    );
     volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["no problems"]);
+    for snap in [&f.snap_a, &f.snap_b] {
+        restore(&f.repo, snap, &out);
+        assert_eq!(sha256_file(&out), sha256_bytes(&f.data));
+    }
 }
 
 #[test]
-fn incremental_backup_stores_a_lost_parent_chunk_again() {
+fn incremental_backup_stores_lost_parent_blobs_again() {
     let f = Fixture::new(34);
-    let (id, path) = f.chunk_of(4);
-    std::fs::remove_file(&path).unwrap();
-    // Same volume, unchanged content: the block matches the parent's hash, but its chunk is
-    // gone, so it must be stored again rather than carried into the new snapshot.
+    let lost = f.loc(4);
+    let lost_blobs = blobs_only_in(&f.repo, &lost.pack);
+    std::fs::remove_file(&lost.pack_path).unwrap();
+    // Same volume, unchanged content: the blocks match the parent's, but their pack is
+    // gone, so they must be stored again rather than carried into the new snapshot.
     let a = f.t.join("a.img");
     let j = backup_json(&a, &f.repo, &[]);
-    assert_eq!(ju64(&j, "/new_chunks"), 1, "{j}");
-    assert!(path.is_file(), "chunk {id} stored again");
+    assert_eq!(ju64(&j, "/new_chunks"), lost_blobs as u64, "{j}");
+    let idx = read_index(&f.repo);
+    assert!(
+        idx.locations(&lost.blob)
+            .iter()
+            .any(|(p, _)| pack_path(&f.repo, p).is_file()),
+        "blob {} stored again in an existing pack",
+        lost.blob
+    );
     volback_ok(&["verify", "--read-data", f.r()]).stdout_has(&["no problems"]);
 }
 

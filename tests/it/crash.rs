@@ -7,9 +7,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// Default block size of a repository (256 KiB).
-const BS: u64 = 256 * KIB;
-
 fn spawn_backup(src: &Path, repo: &Path) -> Child {
     Command::new(VOLBACK)
         .args([
@@ -77,18 +74,19 @@ fn kill_9_at_several_points_then_resume_without_rework() {
     init_repo(&repo, &[]);
 
     let mut completed_early = false;
-    // Kill points in chunk files: the 1600 blocks are stored as 100 packs of 16.
-    for threshold in [6, 37, 68] {
+    // Kill points in bytes of pack files (400 MiB of random data are stored as about 400
+    // MiB of packs; packs left by a killed run that no index file names count too).
+    for threshold in [24 * MIB, 140 * MIB, 260 * MIB] {
         let child = spawn_backup(&src, &repo);
         let ended = watch(
             child,
             &repo,
-            |r| chunk_files(r).len() > threshold,
+            |r| pack_bytes(r) > threshold,
             |c| c.kill().expect("SIGKILL"),
         );
         match ended {
             Ended::Completed => {
-                eprintln!("backup finished before {threshold} chunks were stored; not killed");
+                eprintln!("backup finished before {threshold} bytes were stored; not killed");
                 completed_early = true;
                 break;
             }
@@ -129,24 +127,52 @@ fn kill_9_at_several_points_then_resume_without_rework() {
         assert!(ju64(&last, "/stats/resumed") >= 1, "{last}");
     }
     assert!(last["parent"].is_null(), "{last}");
-    let blocks = size / BS;
+    let bs = repo_block_size(&repo);
+    let blocks = size / bs;
     assert_eq!(ju64(&last, "/stats/data_blocks"), blocks, "{last}");
     assert!(
         ju64(&last, "/stats/new_bytes") <= size,
         "new bytes exceed the volume: {last}"
     );
+    // Overhead: a 16-byte header per frame (at most 1 MiB of blobs each) and a 52-byte
+    // table entry per blob (at most one per block).
+    let overhead = blocks * 52 + size / MIB * 16 + 3 * MIB;
     assert!(
-        ju64(&last, "/stats/new_bytes_stored") <= size + blocks * 64 + 3 * BS,
+        ju64(&last, "/stats/new_bytes_stored") <= size + overhead,
         "data stored more than once: {last}"
     );
-    // Random data: every run of 16 blocks is one pack, each stored once.
-    let chunks = chunk_files(&repo);
-    assert_eq!(chunks.len() as u64, blocks / 16);
-    let on_disk: u64 = chunks
-        .iter()
-        .map(|c| std::fs::metadata(c).unwrap().len())
+    // Random data: the indexed data blobs hold the volume (what killed runs had stored
+    // without indexing it is not part of the repository; a blob indexed by a killed run just
+    // before it was killed, whose blocks the resumed run read again, may overlap a new one:
+    // at most one pack per kill), no blob is indexed twice, and the indexed packs hold the
+    // data about once.
+    let idx = read_index(&repo);
+    let data_bytes: u64 = idx
+        .blobs
+        .values()
+        .filter(|locs| locs[0].1.kind == 0)
+        .map(|locs| locs[0].1.len)
         .sum();
-    assert!(on_disk <= size + blocks * 64, "{on_disk} bytes of chunks");
+    assert!(
+        (size..=size + 3 * 16 * MIB).contains(&data_bytes),
+        "{data_bytes} bytes of distinct data blobs for {size}"
+    );
+    let copies: u64 = idx
+        .blobs
+        .values()
+        .filter(|locs| locs[0].1.kind == 0)
+        .map(|locs| locs.len() as u64 - 1)
+        .sum();
+    assert_eq!(copies, 0, "a data blob indexed twice");
+    let on_disk: u64 = idx
+        .packs
+        .keys()
+        .map(|id| std::fs::metadata(pack_path(&repo, id)).unwrap().len())
+        .sum();
+    assert!(
+        on_disk <= data_bytes + overhead,
+        "{on_disk} bytes of indexed packs"
+    );
     assert!(
         journals(&repo).is_empty(),
         "journal removed after completion"
@@ -178,8 +204,8 @@ fn sigint_exits_130_and_the_next_run_resumes() {
     let ended = watch(
         child,
         &repo,
-        // (300 MiB of random data is 75 packs.)
-        |r| !journals(r).is_empty() && chunk_files(r).len() > 15,
+        // (300 MiB of random data: about 300 MiB of packs.)
+        |r| !journals(r).is_empty() && pack_bytes(r) > 60 * MIB,
         |c| {
             run_ok("kill", &["-INT", &c.id().to_string()]);
         },
@@ -228,27 +254,31 @@ fn unreadable_ranges_found_before_an_interruption_stay_in_the_snapshot() {
     let src = t.join("src.img");
     let size = 512 * MIB;
     random_file(&src, size, 23);
-    // A snapshot whose block 4 has a damaged chunk: read through `mount`, that block fails
-    // with EIO, like a disk with a bad area 1 MiB from its start.
+    // A snapshot of 1 MiB blocks (one blob each, alone in its frame) whose block 4 is
+    // damaged: read through `mount`, that block fails with EIO, like a disk with a bad area
+    // 4 MiB from its start.
+    let bad = MIB;
     let repo_a = t.join("repo-a");
-    init_repo(&repo_a, &["--pack-size", "0"]);
-    backup_json(&src, &repo_a, &[]);
-    let mut block = vec![0u8; BS as usize];
-    std::fs::File::open(&src)
-        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut block, 4 * BS))
-        .unwrap();
-    damage_chunk_of(&repo_a, &block);
+    init_repo(&repo_a, &["--block-size", "1M"]);
+    let snap_a = jstr(&backup_json(&src, &repo_a, &[]), "/snapshot").to_string();
+    let loc = locate_block(&repo_a, &snap_a, 4);
+    assert_eq!(loc.entry.len, bad, "one block, one blob");
+    assert!(
+        corrupt_frame(&loc.pack_path, &loc.entry),
+        "random data is stored raw"
+    );
     let view = t.join("view");
     crate::mount::mount_view(&repo_a, &view, &[]);
     let failing = view.join("volume.img");
 
     let repo = t.join("repo");
     init_repo(&repo, &[]);
+    let bs = repo_block_size(&repo);
     // Killed once a checkpoint covers the bad block.
     let ended = watch(
         spawn_backup(&failing, &repo),
         &repo,
-        |r| journal_blocks(r) > 8,
+        |r| journal_blocks(r) * bs > 6 * bad,
         |c| c.kill().expect("SIGKILL"),
     );
     assert!(
@@ -259,12 +289,12 @@ fn unreadable_ranges_found_before_an_interruption_stay_in_the_snapshot() {
     let last = r.json();
     assert_eq!(last["resumed"], true, "{last}");
     assert!(
-        ju64(&last, "/bytes_read") <= size - 8 * BS,
+        ju64(&last, "/bytes_read") <= size - 6 * bad,
         "the resumed run read the bad block again: {last}"
     );
     assert_eq!(
         last["unreadable"],
-        serde_json::json!([[4 * BS, BS]]),
+        serde_json::json!([[4 * bad, bad]]),
         "the journal kept the unreadable block: {last}"
     );
     crate::mount::umount(&view);
@@ -272,7 +302,7 @@ fn unreadable_ranges_found_before_an_interruption_stay_in_the_snapshot() {
     restore(&repo, "latest", &out);
     let got = std::fs::read(&out).unwrap();
     assert!(
-        got[(4 * BS) as usize..(5 * BS) as usize]
+        got[(4 * bad) as usize..(5 * bad) as usize]
             .iter()
             .all(|&b| b == 0)
     );

@@ -183,10 +183,10 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
     let repo = t.join("repo");
     let mnt = t.join("mnt");
     let size = 256 * MIB;
-    let bs = 256 * KIB;
     let mut rng = Rng::new(10);
     sparse_file(&img, size);
     init_repo(&repo, &[]);
+    let bs = repo_block_size(&repo);
     let lo = Loop::attach(&img, false);
     mkfs_ext4(&lo.dev);
 
@@ -209,8 +209,13 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
     );
     let f1 = backup_json(&img, &repo, &["--all-blocks"]);
     assert_eq!(f1["all_blocks"], true, "{f1}");
-    // Device and file hold the same bytes: the second backup stores nothing new.
-    assert_eq!(ju64(&f1, "/new_chunks"), 0, "{f1}");
+    // Device and file hold the same bytes: the second backup stores almost nothing new (it
+    // reads the volume in other runs, and content-defined blobs are cut at the ends of runs
+    // until the next cut the content decides, so a few blobs around them differ).
+    assert!(
+        ju64(&f1, "/new_bytes") * 20 <= ju64(&d1, "/new_bytes"),
+        "the image's blocks were stored again: {f1}"
+    );
     let list = volback_ok(&["snapshots", "--json", p(&repo)]).json();
     let dev_entry = list
         .as_array()
@@ -416,7 +421,7 @@ fn restore_refuses_a_target_inside_the_repository() {
     backup_json(&src, &repo, &[]);
     for target in [
         repo.join("restored.img"),
-        repo.join("chunks/00/x.img"),
+        repo.join("packs/x.img"),
         repo.join("config"),
         repo.clone(),
     ] {
@@ -424,11 +429,11 @@ fn restore_refuses_a_target_inside_the_repository() {
             .stderr_has(&["refusing", "inside"]);
     }
     assert!(!repo.join("restored.img").exists());
-    assert!(!repo.join("chunks/00/x.img").exists());
+    assert!(!repo.join("packs/x.img").exists());
     // The repository is intact.
     volback_ok(&["verify", "--read-data", p(&repo)]).stdout_has(&["no problems"]);
     // Through a path with `..` too.
-    let sneaky = format!("{}/chunks/../tmp/../snap.img", p(&repo));
+    let sneaky = format!("{}/packs/../tmp/../snap.img", p(&repo));
     volback_code(&["restore", p(&repo), "latest", &sneaky], 1).stderr_has(&["refusing"]);
     assert!(!repo.join("snap.img").exists());
 }
@@ -576,7 +581,8 @@ fn change_tracking_reads_only_what_changed_and_restores_exactly() {
     );
     let used = ju64(&rehash, "/stats/data_blocks") + ju64(&rehash, "/stats/zero_blocks");
     assert!(
-        ju64(&incr, "/bytes_read").div_ceil(256 * KIB) + ju64(&incr, "/unread_blocks") <= used,
+        ju64(&incr, "/bytes_read").div_ceil(repo_block_size(&repo)) + ju64(&incr, "/unread_blocks")
+            <= used,
         "the incremental read and skipped more than the {used} used blocks: {incr}"
     );
     let out2 = t.join("rehash.img");

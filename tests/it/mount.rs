@@ -255,7 +255,7 @@ fn ntfs_snapshot_through_the_loop_driver() {
 }
 
 /// A source with a bad block (ddrescue's case): the FUSE view of a snapshot one of whose
-/// chunks was damaged returns EIO for that block. Backing the view up retries the failing
+/// blobs was damaged returns EIO for that block. Backing the view up retries the failing
 /// run sector by sector, stores the unreadable sectors as zeros, records them in the
 /// snapshot, and exits 3; every other byte is backed up.
 #[test]
@@ -274,23 +274,23 @@ fn unreadable_sectors_are_zero_filled_recorded_and_exit_3() {
         std::fs::write(m.dir.join("big.bin"), rng.bytes(4 * MIB as usize)).unwrap();
         m.unmount();
     }
-    // The backup block holding logical block 300 of big.bin.
+    // The 1 MiB block holding logical block 300 of big.bin: in a repository of 1 MiB blocks,
+    // one blob alone in its frame, so that the damage is exactly that block.
     let bmap = run_ok("debugfs", &["-R", "bmap /big.bin 300", p(&img)]);
     let fs_block: u64 = bmap
         .stdout
         .trim()
         .parse()
         .expect("debugfs bmap prints a number");
-    let bs = 256 * KIB;
+    let bs = MIB;
     let index = fs_block * 4096 / bs;
-    let image = std::fs::read(&img).unwrap();
-    let block = &image[(index * bs) as usize..((index + 1) * bs) as usize];
 
-    // Without packs, so that the damage is one block (in a pack it would be the pack's).
     let repo_a = dir.join("repo-a");
-    init_repo(&repo_a, &["--pack-size", "0"]);
-    backup_json(&img, &repo_a, &[]);
-    damage_chunk_of(&repo_a, block);
+    init_repo(&repo_a, &["--block-size", "1M"]);
+    let snap_a = jstr(&backup_json(&img, &repo_a, &[]), "/snapshot").to_string();
+    let loc = locate_block(&repo_a, &snap_a, index);
+    assert_eq!(loc.entry.len, bs, "one block, one blob");
+    corrupt_frame(&loc.pack_path, &loc.entry);
 
     let view = dir.join("view");
     mount_view(&repo_a, &view, &[]);

@@ -114,16 +114,16 @@ fn fifos_in_a_repository_fail_fast_with_a_clear_message() {
     );
     std::fs::remove_file(repo.join("snapshots").join(&fake_id)).unwrap();
 
-    // A FIFO as a chunk: the restore fails naming it, and removes the file it created.
-    let chunk = chunk_files(&repo).remove(0);
-    std::fs::remove_file(&chunk).unwrap();
-    mkfifo(&chunk);
+    // A FIFO as a pack: the restore fails naming it, and removes the file it created.
+    let pack = largest_pack(&repo);
+    std::fs::remove_file(&pack).unwrap();
+    mkfifo(&pack);
     fails_with(&["restore", p(&repo), &id, p(&target)], &["FIFO"]);
     assert!(!target.exists(), "an incomplete restore left its file");
     let v = volback_guarded(&["verify", "--read-data", p(&repo)]);
     assert_eq!(v.code, Some(1), "{v:?}");
     assert!(v.all_output().contains("FIFO"), "{v:?}");
-    std::fs::remove_file(&chunk).unwrap();
+    std::fs::remove_file(&pack).unwrap();
 
     // A FIFO as the repository lock.
     std::fs::remove_file(repo.join("lock")).unwrap();
@@ -152,19 +152,19 @@ fn restore_refuses_hard_links_to_repository_files() {
         &["refusing to restore", "repo"],
     );
     assert_eq!(std::fs::read(repo.join("config")).unwrap(), config_before);
-    // A hard link to a snapshot file, and to a chunk.
+    // A hard link to a snapshot file, and to a pack.
     let snap = repo.join("snapshots").join(&id);
     let snap_before = std::fs::read(&snap).unwrap();
     let link2 = t.join("snap-link.img");
     std::fs::hard_link(&snap, &link2).unwrap();
     fails_with(&["restore", p(&repo), &id, p(&link2)], &["refusing"]);
     assert_eq!(std::fs::read(&snap).unwrap(), snap_before);
-    let chunk = chunk_files(&repo).remove(0);
-    let chunk_before = std::fs::read(&chunk).unwrap();
-    let link3 = t.join("chunk-link.img");
-    std::fs::hard_link(&chunk, &link3).unwrap();
+    let pack = largest_pack(&repo);
+    let pack_before = std::fs::read(&pack).unwrap();
+    let link3 = t.join("pack-link.img");
+    std::fs::hard_link(&pack, &link3).unwrap();
     fails_with(&["restore", p(&repo), &id, p(&link3)], &["refusing"]);
-    assert_eq!(std::fs::read(&chunk).unwrap(), chunk_before);
+    assert_eq!(std::fs::read(&pack).unwrap(), pack_before);
     // The same repository through a symbolic link to its directory.
     let alias = t.join("alias");
     std::os::unix::fs::symlink(&repo, &alias).unwrap();
@@ -189,11 +189,11 @@ fn failed_restore_says_incomplete_and_removes_the_file_it_created() {
     let existing = t.join("existing.img");
     restore(&repo, &id, &existing);
     assert_eq!(sha256_file(&existing), sha256_file(&src));
-    for chunk in chunk_files(&repo) {
-        let mut bytes = std::fs::read(&chunk).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x55;
-        std::fs::write(&chunk, bytes).unwrap();
+    // Every pack holding data damaged inside a frame (trees intact: the restore starts).
+    for pack in pack_files(&repo) {
+        if read_pack_table(&pack).iter().any(|e| e.kind == 0) {
+            corrupt_pack(&pack);
+        }
     }
     let r = fails_with(
         &["restore", p(&repo), &id, p(&existing)],
@@ -555,11 +555,12 @@ fn restore_refuses_a_device_path_that_does_not_exist() {
     assert!(!ghost.exists(), "the restore created {}", ghost.display());
 }
 
-/// A repository directory replaced by a symbolic link (journals/, tmp/, a chunk fan-out
-/// directory) is refused: a link planted there must not redirect the repository's writes.
+/// A repository directory replaced by a symbolic link (journals/, tmp/, packs/, index/, a
+/// pack fan-out directory) is refused: a link planted there must not redirect the
+/// repository's writes.
 #[test]
 fn symlinked_repository_directories_are_refused() {
-    for dir in ["journals", "tmp", "snapshots", "chunks"] {
+    for dir in ["journals", "tmp", "snapshots", "packs", "index"] {
         let t = TestDir::new();
         let (repo, src) = repo_with_backup(&t);
         let elsewhere = t.join("elsewhere");
@@ -576,21 +577,21 @@ fn symlinked_repository_directories_are_refused() {
             "{dir}"
         );
     }
-    // A chunk fan-out directory: a backup that would store a chunk there refuses.
+    // The pack fan-out directories: a backup that would store a pack there refuses. Every
+    // one of packs/00 … packs/ff is a link (whether init made them or not), so that the new
+    // pack's directory is one.
     let t = TestDir::new();
     let (repo, _) = repo_with_backup(&t);
     let src = t.join("other.img");
     random_file(&src, 2 * MIB, 77);
-    let fanout: Vec<_> = std::fs::read_dir(repo.join("chunks"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
     let elsewhere = t.join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
-    for d in &fanout {
-        std::fs::remove_dir_all(d).unwrap();
-        std::os::unix::fs::symlink(&elsewhere, d).unwrap();
+    for i in 0..=255u8 {
+        let d = repo.join("packs").join(format!("{i:02x}"));
+        if d.is_dir() {
+            std::fs::remove_dir_all(&d).unwrap();
+        }
+        std::os::unix::fs::symlink(&elsewhere, &d).unwrap();
     }
     fails_with(
         &["backup", p(&src), p(&repo)],

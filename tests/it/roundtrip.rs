@@ -1,5 +1,7 @@
 //! Backup and restore of image files (no root needed): bit-exact restores, forever-incremental
 //! backups, snapshot selectors, sparse restores, SHA-256 repositories and deduplication.
+//! Backups use 64 KiB blocks: at that size every block is one blob (FORMAT.md §F2.4), so
+//! counts of new blobs are counts of blocks.
 
 use crate::util::*;
 
@@ -133,7 +135,7 @@ fn restore_replaces_an_existing_larger_file() {
 }
 
 #[test]
-fn sha256_repository_roundtrip_names_chunks_by_sha256() {
+fn sha256_repository_roundtrip_names_blobs_by_sha256() {
     let t = TestDir::new();
     let src = t.join("src.img");
     let repo = t.join("repo");
@@ -153,23 +155,24 @@ fn sha256_repository_roundtrip_names_chunks_by_sha256() {
 
     let b = backup_json(&src, &repo, &["--block-size", "64K"]);
     assert!(ju64(&b, "/new_chunks") > 0);
-    // Block 0 is stored in a pack (with the text after it); the snapshot names it by its
-    // SHA-256, and the pack file by the SHA-256 of the pack's content.
-    let (pack, pack_path, content) = chunk_of_block(&repo, "latest", 0);
+    // Block 0 is a blob of its own, named by its SHA-256 (and read back by hand, which checks
+    // the name); the pack holding it is named by the BLAKE3 of the pack file, as always.
+    let loc = locate_block(&repo, "latest", 0);
+    assert_eq!(loc.blob, sha256_bytes(&block0), "block 0's blob id");
+    assert_eq!(loc.piece, 0);
+    let loc1 = locate_block(&repo, "latest", 1);
+    assert_eq!(loc.pack, loc1.pack, "blocks 0 and 1 share a pack");
     assert_eq!(
-        content,
-        sha256_bytes(&block0),
-        "block 0's hash in the snapshot"
+        blake3_hex(&std::fs::read(&loc.pack_path).unwrap()),
+        loc.pack,
+        "the pack is named by its BLAKE3"
     );
-    let (pack1, _, _) = chunk_of_block(&repo, "latest", 1);
-    assert_eq!(pack, pack1, "blocks 0 and 1 share a pack");
-    let raw = decode_chunk(&pack_path);
+    let idx = read_index(&repo);
+    assert_eq!(read_blob(&repo, &idx, &loc.blob), block0);
     assert_eq!(
-        sha256_bytes(&raw),
-        pack,
-        "the pack is named by its content's SHA-256"
+        volume_by_hand(&repo, "latest"),
+        std::fs::read(&src).unwrap()
     );
-    assert_eq!(&raw[..BS as usize], &block0[..]);
 
     let out = t.join("out.img");
     restore(&repo, "latest", &out);
@@ -201,7 +204,7 @@ fn identical_volumes_are_deduplicated_across_sources() {
 
     let ra = backup_json(&a, &repo, &[]);
     assert!(ju64(&ra, "/new_chunks") > 0, "{ra}");
-    let chunks_after_a = chunk_files(&repo).len();
+    let packs_after_a = pack_files(&repo).len();
 
     let rb = backup_json(&b, &repo, &[]);
     assert!(rb["parent"].is_null(), "another volume has no parent: {rb}");
@@ -216,7 +219,8 @@ fn identical_volumes_are_deduplicated_across_sources() {
         ju64(&rb, "/stats/data_blocks"),
         "{rb}"
     );
-    assert_eq!(chunk_files(&repo).len(), chunks_after_a);
+    // Not even a tree node is new: the same blocks make the same tree blobs.
+    assert_eq!(pack_files(&repo).len(), packs_after_a);
 
     let out = t.join("out.img");
     restore(&repo, &format!("latest:{}", p(&b)), &out);
@@ -243,8 +247,8 @@ fn latest_is_the_newest_of_quick_successive_backups() {
             chain.last().map(String::as_str),
             "backup {i} is incremental on the one before: {b}"
         );
-        // The first backup stores the 8 blocks as one pack.
-        let expected_new = 1;
+        // The first backup stores the 8 blocks, each later one the block that changed.
+        let expected_new = if i == 0 { 8 } else { 1 };
         assert_eq!(ju64(&b, "/new_chunks"), expected_new, "{b}");
         chain.push(jstr(&b, "/snapshot").to_string());
         let out = t.join("out.img");

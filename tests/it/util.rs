@@ -443,30 +443,6 @@ pub fn tree_hashes(root: &Path) -> BTreeMap<String, String> {
 // ---------------------------------------------------------------------------------------------
 // Repository inspection
 
-/// Chunk files (complete ones: temporary files are skipped) under `REPO/chunks/*/`.
-pub fn chunk_files(repo: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(fanout) = std::fs::read_dir(repo.join("chunks")) else {
-        return out;
-    };
-    for d in fanout.flatten() {
-        let Ok(entries) = std::fs::read_dir(d.path()) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if !e.file_name().to_string_lossy().starts_with(".tmp") {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
-/// Where a chunk with id `hex` lives.
-pub fn chunk_path(repo: &Path, hex: &str) -> PathBuf {
-    repo.join("chunks").join(&hex[..2]).join(hex)
-}
-
 /// Snapshot ids in the repository (from `snapshots --json`), oldest first.
 pub fn snapshot_ids(repo: &Path) -> Vec<String> {
     let v = volback_ok(&["snapshots", "--json", p(repo)]).json();
@@ -692,43 +668,6 @@ pub fn loops_mentioning(needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// The reference of block `index` in snapshot `snap` (an id or any selector), read with the
-/// library.
-pub fn block_ref(repo: &Path, snap: &str, index: u64) -> volback::repo::format::BlockRef {
-    let r = volback::repo::Repository::open(repo).expect("open repository");
-    let id = r.resolve(snap).expect("resolve snapshot");
-    let s = r.open_snapshot(&id).expect("open snapshot");
-    let per = volback::repo::format::SEGMENT_BLOCKS;
-    s.segment((index / per) as usize).expect("read segment")[(index % per) as usize]
-}
-
-/// Id (hex) and path of the chunk file holding block `index` of snapshot `snap`, with the
-/// hex content hash of the block itself.
-pub fn chunk_of_block(repo: &Path, snap: &str, index: u64) -> (String, PathBuf, String) {
-    let r = block_ref(repo, snap, index);
-    let chunk = r.chunk().expect("a stored block").to_hex();
-    let content = r.content_hash().expect("a stored block").to_hex();
-    let path = chunk_path(repo, &chunk);
-    assert!(
-        path.is_file(),
-        "chunk of block {index} at {}",
-        path.display()
-    );
-    (chunk, path, content)
-}
-
-/// The content of a chunk file, decoded by hand from its documented layout (FORMAT.md §3).
-pub fn decode_chunk(path: &Path) -> Vec<u8> {
-    let bytes = std::fs::read(path).expect("read chunk file");
-    assert_eq!(&bytes[..4], b"VBCK", "chunk magic");
-    let payload = &bytes[16..];
-    match bytes[5] {
-        0 => payload.to_vec(),
-        1 => zstd::decode_all(payload).expect("zstd payload"),
-        c => panic!("unknown codec {c}"),
-    }
-}
-
 /// Blocks covered by the complete batches of the repository's one resume journal (0 when
 /// there is none), read from its documented layout (FORMAT.md §5).
 pub fn journal_blocks(repo: &Path) -> u64 {
@@ -760,12 +699,539 @@ pub fn journal_blocks(repo: &Path) -> u64 {
     blocks
 }
 
-/// Flips a byte in the middle of the chunk that stores a block with content `block` (in a
-/// repository without packs), so that reading that block fails its hash check.
-pub fn damage_chunk_of(repo: &Path, block: &[u8]) {
-    let chunk = chunk_path(repo, &blake3_hex(block));
-    let mut bytes = std::fs::read(&chunk).expect("the block's chunk exists");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    std::fs::write(&chunk, bytes).unwrap();
+// ---------------------------------------------------------------------------------------------
+// Format-2 repositories, read by hand from their documented layout (docs/FORMAT.md §F2), not
+// through the library: a reader change cannot hide a writer change, and the tests do not
+// depend on the library's internal API.
+
+/// The repository's `config`, parsed.
+pub fn repo_config(repo: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(repo.join("config")).expect("read config");
+    serde_json::from_slice(&bytes).expect("config is JSON")
+}
+
+/// The repository's default block size (config `block_size`).
+pub fn repo_block_size(repo: &Path) -> u64 {
+    ju64(&repo_config(repo), "/block_size")
+}
+
+/// Hex chunk hash of `data` as the repository names blobs (config `chunk_hash`).
+pub fn repo_hash(repo: &Path, data: &[u8]) -> String {
+    match repo_config(repo)["chunk_hash"].as_str() {
+        Some("sha256") => sha256_bytes(data),
+        _ => blake3_hex(data),
+    }
+}
+
+/// Where the pack with id `hex` lives: `packs/XX/<id>`.
+pub fn pack_path(repo: &Path, hex: &str) -> PathBuf {
+    repo.join("packs").join(&hex[..2]).join(hex)
+}
+
+/// Every file under `REPO/packs/*/` (temporary `.tmp-*` files skipped).
+fn pack_dir_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(fanout) = std::fs::read_dir(repo.join("packs")) else {
+        return out;
+    };
+    for d in fanout.flatten() {
+        let Ok(entries) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(".tmp") {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Pack files (complete ones, named by 64 hex digits) under `REPO/packs/*/`.
+pub fn pack_files(repo: &Path) -> Vec<PathBuf> {
+    pack_dir_files(repo)
+        .into_iter()
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .collect()
+}
+
+/// Packs that `verify --read-data` set aside: `packs/XX/<id>.bad` (or `.bad.N`).
+pub fn bad_packs(repo: &Path) -> Vec<PathBuf> {
+    pack_dir_files(repo)
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains(".bad"))
+        .collect()
+}
+
+/// Total size of the pack files.
+pub fn pack_bytes(repo: &Path) -> u64 {
+    pack_files(repo)
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+/// The pack file (by id) of a path under `packs/`.
+pub fn pack_id(path: &Path) -> String {
+    path.file_name().unwrap().to_string_lossy()[..64].to_string()
+}
+
+/// The largest pack file.
+pub fn largest_pack(repo: &Path) -> PathBuf {
+    pack_files(repo)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("the repository has packs")
+}
+
+/// Index files under `REPO/index/` (temporary files skipped).
+pub fn index_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(repo.join("index"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// One 52-byte blob-table entry (FORMAT.md §F2.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobEntry {
+    /// Blob id, hex.
+    pub id: String,
+    /// 0 data, 1 tree.
+    pub kind: u8,
+    pub frame_offset: u64,
+    pub frame_len: u64,
+    /// Offset of the blob in the frame's raw content.
+    pub offset: u64,
+    pub len: u64,
+}
+
+fn u32_le(b: &[u8], at: usize) -> u64 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64
+}
+
+fn u64_le(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn parse_entry(e: &[u8]) -> BlobEntry {
+    BlobEntry {
+        id: hex::encode(&e[..32]),
+        kind: e[32],
+        frame_offset: u32_le(e, 36),
+        frame_len: u32_le(e, 40),
+        offset: u32_le(e, 44),
+        len: u32_le(e, 48),
+    }
+}
+
+/// The blob table of a pack file, from its trailer (checked: magic, lengths, table hash).
+pub fn read_pack_table(path: &Path) -> Vec<BlobEntry> {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert_eq!(&b[..8], b"VBPACK\r\n", "pack magic of {}", path.display());
+    assert!(b.len() >= 16 + 56, "{} is too short", path.display());
+    let t = &b[b.len() - 56..];
+    assert_eq!(
+        &t[48..],
+        b"VBPKEND\n",
+        "pack trailer magic of {}",
+        path.display()
+    );
+    let table = u64_le(t, 0) as usize;
+    let n = u32_le(t, 8) as usize;
+    assert_eq!(
+        table + 52 * n + 56,
+        b.len(),
+        "pack length of {}",
+        path.display()
+    );
+    let bytes = &b[table..table + 52 * n];
+    assert_eq!(
+        blake3::hash(bytes).as_bytes(),
+        &t[16..48],
+        "pack table hash"
+    );
+    bytes.chunks_exact(52).map(parse_entry).collect()
+}
+
+/// The union of the repository's index files (FORMAT.md §F2.3).
+#[derive(Debug, Default)]
+pub struct Index {
+    /// Pack id → its entries, as indexed.
+    pub packs: BTreeMap<String, Vec<BlobEntry>>,
+    /// Blob id → every (pack id, entry) that holds it.
+    pub blobs: BTreeMap<String, Vec<(String, BlobEntry)>>,
+}
+
+impl Index {
+    /// The locations of blob `id` (panics when it is not indexed).
+    pub fn locations(&self, id: &str) -> &[(String, BlobEntry)] {
+        self.blobs
+            .get(id)
+            .unwrap_or_else(|| panic!("blob {id} is in no index file"))
+    }
+}
+
+/// Reads every index file by hand (checksum = name checked).
+pub fn read_index(repo: &Path) -> Index {
+    let mut idx = Index::default();
+    for path in index_files(repo) {
+        let b = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        assert_eq!(&b[..8], b"VBINDEX\n", "index magic of {}", path.display());
+        let (body, sum) = b.split_at(b.len() - 32);
+        assert_eq!(
+            blake3::hash(body).as_bytes(),
+            sum,
+            "checksum of {}",
+            path.display()
+        );
+        assert_eq!(
+            hex::encode(sum),
+            path.file_name().unwrap().to_string_lossy(),
+            "index file name"
+        );
+        let packs = u32_le(&b, 12);
+        let mut pos = 16;
+        for _ in 0..packs {
+            let pack = hex::encode(&b[pos..pos + 32]);
+            let m = u32_le(&b, pos + 32) as usize;
+            pos += 36;
+            let entries: Vec<BlobEntry> = b[pos..pos + 52 * m]
+                .chunks_exact(52)
+                .map(parse_entry)
+                .collect();
+            pos += 52 * m;
+            for e in &entries {
+                idx.blobs
+                    .entry(e.id.clone())
+                    .or_default()
+                    .push((pack.clone(), e.clone()));
+            }
+            idx.packs.entry(pack).or_default().extend(entries);
+        }
+        assert_eq!(pos, body.len(), "index file length of {}", path.display());
+    }
+    idx
+}
+
+/// The raw (decompressed) content of the frame an entry points to (FORMAT.md §3 header).
+pub fn read_frame(pack: &Path, e: &BlobEntry) -> Vec<u8> {
+    let f = File::open(pack).unwrap_or_else(|err| panic!("open {}: {err}", pack.display()));
+    let mut frame = vec![0u8; e.frame_len as usize];
+    f.read_exact_at(&mut frame, e.frame_offset)
+        .unwrap_or_else(|err| panic!("read frame of {}: {err}", pack.display()));
+    assert_eq!(&frame[..4], b"VBCK", "frame magic");
+    let raw_len = u32_le(&frame, 8) as usize;
+    let stored = u32_le(&frame, 12) as usize;
+    assert_eq!(16 + stored, frame.len(), "frame length");
+    let raw = match frame[5] {
+        0 => frame[16..].to_vec(),
+        1 => zstd::decode_all(&frame[16..]).expect("zstd frame"),
+        c => panic!("unknown codec {c}"),
+    };
+    assert_eq!(raw.len(), raw_len, "frame raw length");
+    raw
+}
+
+/// The content of blob `id`, read from its first indexed location and checked against its id.
+pub fn read_blob(repo: &Path, idx: &Index, id: &str) -> Vec<u8> {
+    let (pack, e) = &idx.locations(id)[0];
+    let raw = read_frame(&pack_path(repo, pack), e);
+    let blob = raw[e.offset as usize..(e.offset + e.len) as usize].to_vec();
+    assert_eq!(repo_hash(repo, &blob), id, "blob content hashes to its id");
+    blob
+}
+
+/// The full id of the snapshot a selector names: `latest`, or an id prefix.
+pub fn resolve_snapshot(repo: &Path, sel: &str) -> String {
+    let ids = snapshot_ids(repo);
+    if sel == "latest" {
+        return ids.last().expect("a snapshot").clone();
+    }
+    let found: Vec<&String> = ids.iter().filter(|i| i.starts_with(sel)).collect();
+    assert_eq!(found.len(), 1, "selector {sel} in {ids:?}");
+    found[0].clone()
+}
+
+/// The header JSON of a snapshot file (FORMAT.md §4: trailer → header).
+pub fn snapshot_header(repo: &Path, id: &str) -> serde_json::Value {
+    let b = std::fs::read(repo.join("snapshots").join(id)).expect("read snapshot file");
+    let t = &b[b.len() - 64..];
+    let off = u64_le(t, 0) as usize;
+    let len = u32_le(t, 8) as usize;
+    serde_json::from_slice(&b[off..off + len]).expect("snapshot header JSON")
+}
+
+/// What a block of a format-2 snapshot is (a leaf record of FORMAT.md §F2.5, per block).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blk {
+    Zero,
+    Unused,
+    /// Piece `piece` of data blob `blob` (hex).
+    Part {
+        blob: String,
+        piece: u64,
+    },
+}
+
+impl Blk {
+    /// The data blob, if any.
+    pub fn blob(&self) -> Option<&str> {
+        match self {
+            Blk::Part { blob, .. } => Some(blob),
+            _ => None,
+        }
+    }
+}
+
+/// A snapshot's block map read by hand: runs (first block, count, what the first block is;
+/// PART runs cover consecutive pieces), and every tree blob id met.
+pub struct BlockMap {
+    pub block_size: u64,
+    pub block_count: u64,
+    pub runs: Vec<(u64, u64, Blk)>,
+    pub tree_blobs: Vec<String>,
+}
+
+impl BlockMap {
+    /// What block `i` is.
+    pub fn block(&self, i: u64) -> Blk {
+        let k = self.runs.partition_point(|r| r.0 <= i) - 1;
+        let (first, n, r) = &self.runs[k];
+        assert!(i < first + n, "block {i} past the map");
+        match r {
+            Blk::Part { blob, piece } => Blk::Part {
+                blob: blob.clone(),
+                piece: piece + (i - first),
+            },
+            other => other.clone(),
+        }
+    }
+
+    /// Every data blob the snapshot names.
+    pub fn data_blobs(&self) -> std::collections::BTreeSet<String> {
+        self.runs
+            .iter()
+            .filter_map(|r| r.2.blob().map(str::to_string))
+            .collect()
+    }
+}
+
+/// Walks the tree of snapshot `snap` (a selector) by hand.
+pub fn block_map(repo: &Path, snap: &str) -> BlockMap {
+    let id = resolve_snapshot(repo, snap);
+    let h = snapshot_header(repo, &id);
+    let root = jstr(&h, "/tree/root").to_string();
+    let idx = read_index(repo);
+    let mut map = BlockMap {
+        block_size: ju64(&h, "/block_size"),
+        block_count: ju64(&h, "/block_count"),
+        runs: Vec::new(),
+        tree_blobs: Vec::new(),
+    };
+    let mut next = 0u64;
+    walk_node(repo, &idx, &root, &mut map, &mut next);
+    assert_eq!(next, map.block_count, "the tree covers every block");
+    map
+}
+
+fn walk_node(repo: &Path, idx: &Index, id: &str, map: &mut BlockMap, next: &mut u64) {
+    map.tree_blobs.push(id.to_string());
+    let b = read_blob(repo, idx, id);
+    assert_eq!(&b[..4], b"VBTN", "tree node magic");
+    let level = b[5];
+    let covers = u64_le(&b, 8);
+    let start = *next;
+    let mut pos = 16;
+    if level == 0 {
+        while pos < b.len() {
+            let tag = b[pos];
+            let n = u32_le(&b, pos + 1);
+            pos += 5;
+            let r = match tag {
+                0 => Blk::Zero,
+                1 => Blk::Unused,
+                4 => {
+                    let blob = hex::encode(&b[pos..pos + 32]);
+                    let piece = u32_le(&b, pos + 32);
+                    pos += 36;
+                    Blk::Part { blob, piece }
+                }
+                t => panic!("unknown leaf record tag {t}"),
+            };
+            map.runs.push((*next, n, r));
+            *next += n;
+        }
+    } else {
+        let c = u32_le(&b, 16) as usize;
+        for k in 0..c {
+            let child = hex::encode(&b[20 + 32 * k..52 + 32 * k]);
+            walk_node(repo, idx, &child, map, next);
+        }
+    }
+    assert_eq!(*next - start, covers, "node {id} covers what it says");
+}
+
+/// Where block `i` of snapshot `snap` is stored.
+#[derive(Clone, Debug)]
+pub struct BlockLoc {
+    pub blob: String,
+    pub piece: u64,
+    /// Pack id (hex) and path of the blob's first indexed location.
+    pub pack: String,
+    pub pack_path: PathBuf,
+    pub entry: BlobEntry,
+}
+
+/// Where data block `i` of snapshot `snap` is stored (panics if it is not a data block).
+pub fn locate_block(repo: &Path, snap: &str, i: u64) -> BlockLoc {
+    let map = block_map(repo, snap);
+    let Blk::Part { blob, piece } = map.block(i) else {
+        panic!(
+            "block {i} of {snap} is not a data block: {:?}",
+            map.block(i)
+        );
+    };
+    let idx = read_index(repo);
+    let (pack, entry) = idx.locations(&blob)[0].clone();
+    BlockLoc {
+        pack_path: pack_path(repo, &pack),
+        blob,
+        piece,
+        pack,
+        entry,
+    }
+}
+
+/// Packs holding the data blobs of snapshot `snap` (first indexed location of each).
+pub fn data_packs_of(repo: &Path, snap: &str) -> std::collections::BTreeSet<String> {
+    let idx = read_index(repo);
+    block_map(repo, snap)
+        .data_blobs()
+        .iter()
+        .map(|b| idx.locations(b)[0].0.clone())
+        .collect()
+}
+
+/// Flips one byte inside the frame that holds blob entry `e` of `pack`: inside the blob's
+/// own bytes when the frame is stored raw (only that blob then fails its hash check), else
+/// in the middle of the compressed payload (the whole frame fails to decode). The pack's
+/// length and table stay valid: only reading the data finds the damage. Returns true when
+/// only that blob is damaged.
+pub fn corrupt_frame(pack: &Path, e: &BlobEntry) -> bool {
+    let mut b = std::fs::read(pack).unwrap_or_else(|err| panic!("read {}: {err}", pack.display()));
+    let f = e.frame_offset as usize;
+    let raw = b[f + 5] == 0;
+    let at = if raw {
+        f + 16 + (e.offset + e.len / 2) as usize
+    } else {
+        f + 16 + (e.frame_len as usize - 16) / 2
+    };
+    b[at] ^= 0x55;
+    std::fs::write(pack, b).unwrap();
+    raw
+}
+
+/// Flips a byte in the middle of a frame payload of the pack at `path` (the frame holding
+/// its first data blob): the pack's table and length stay valid.
+pub fn corrupt_pack(path: &Path) {
+    let table = read_pack_table(path);
+    let e = table
+        .iter()
+        .find(|e| e.kind == 0)
+        .or(table.first())
+        .expect("a pack holds blobs")
+        .clone();
+    corrupt_frame(path, &e);
+}
+
+/// Damages block `i` of snapshot `snap` (see [`corrupt_frame`]); returns where it was.
+pub fn corrupt_block(repo: &Path, snap: &str, i: u64) -> BlockLoc {
+    let loc = locate_block(repo, snap, i);
+    corrupt_frame(&loc.pack_path, &loc.entry);
+    loc
+}
+
+/// Deletes the pack holding block `i` of snapshot `snap`; returns where it was.
+pub fn delete_pack_of_block(repo: &Path, snap: &str, i: u64) -> BlockLoc {
+    let loc = locate_block(repo, snap, i);
+    std::fs::remove_file(&loc.pack_path).expect("delete pack");
+    loc
+}
+
+/// The volume a snapshot describes, rebuilt by hand from its tree and blobs.
+pub fn volume_by_hand(repo: &Path, snap: &str) -> Vec<u8> {
+    let id = resolve_snapshot(repo, snap);
+    let size = ju64(&snapshot_header(repo, &id), "/source/size");
+    let map = block_map(repo, &id);
+    let idx = read_index(repo);
+    let bs = map.block_size;
+    let mut out = vec![0u8; size as usize];
+    let mut cache: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (first, n, r) in &map.runs {
+        if let Blk::Part { blob, piece } = r {
+            let content = cache
+                .entry(blob.clone())
+                .or_insert_with(|| read_blob(repo, &idx, blob));
+            for k in 0..*n {
+                let at = ((first + k) * bs) as usize;
+                let len = (bs as usize).min(out.len() - at);
+                let from = ((piece + k) * bs) as usize;
+                out[at..at + len].copy_from_slice(&content[from..from + len]);
+            }
+        }
+    }
+    out
+}
+
+/// True when the pack at `path` holds tree blobs (damaging it would make snapshots
+/// unreadable as a whole, not just some of their blocks).
+pub fn pack_has_tree_blobs(path: &Path) -> bool {
+    read_pack_table(path).iter().any(|e| e.kind == 1)
+}
+
+/// Writes an index file by hand (FORMAT.md §F2.3) listing `packs`; returns its id.
+pub fn write_index_file(repo: &Path, packs: &BTreeMap<String, Vec<BlobEntry>>) -> String {
+    let mut b = b"VBINDEX\n".to_vec();
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&(packs.len() as u32).to_le_bytes());
+    for (pack, entries) in packs {
+        b.extend_from_slice(&hex::decode(pack).unwrap());
+        b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        for e in entries {
+            b.extend_from_slice(&hex::decode(&e.id).unwrap());
+            b.push(e.kind);
+            b.extend_from_slice(&[0; 3]);
+            for v in [e.frame_offset, e.frame_len, e.offset, e.len] {
+                b.extend_from_slice(&(v as u32).to_le_bytes());
+            }
+        }
+    }
+    let sum = blake3::hash(&b);
+    b.extend_from_slice(sum.as_bytes());
+    let id = sum.to_hex().to_string();
+    std::fs::write(repo.join("index").join(&id), b).unwrap();
+    id
+}
+
+/// Replaces every index file of the repository by one that lists `packs`.
+pub fn replace_index(repo: &Path, packs: &BTreeMap<String, Vec<BlobEntry>>) -> String {
+    let old = index_files(repo);
+    let id = write_index_file(repo, packs);
+    for f in old {
+        if f.file_name().unwrap().to_string_lossy() != id {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+    id
 }

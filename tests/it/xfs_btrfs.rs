@@ -109,11 +109,11 @@ fn round_trip(case: &Case, seed: u64) {
         "{}: used {used}, read {read}, stored {stored}, deleted {deleted}",
         case.fs_type
     );
-    // What is stored is what the filesystem uses plus whole 256 KiB blocks around what it
-    // uses: at most two partial blocks per file or directory wherever the filesystem put
-    // them, and 12 MiB for its metadata. (That the residue of the deleted files is not
-    // stored is checked below, against a backup of every block.)
-    let rounding = (files.len() as u64 + 8) * 2 * 256 * KIB;
+    // What is stored is what the filesystem uses plus whole blocks (of the repository's
+    // block size) around what it uses: at most two partial blocks per file or directory
+    // wherever the filesystem put them, and 12 MiB for its metadata. (That the residue of
+    // the deleted files is not stored is checked below, against a backup of every block.)
+    let rounding = (files.len() as u64 + 8) * 2 * repo_block_size(&repo);
     assert!(
         stored <= used + rounding + 12 * MIB,
         "{}: stored {stored} bytes for {used} used: {d}",
