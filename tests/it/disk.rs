@@ -361,7 +361,7 @@ fn gpt_disk_partitions_are_change_tracked() {
     let incr = backup_json(&disk, &repo, &[]);
     assert_eq!(incr["parent"], full["snapshot"], "{incr}");
     // Change tracking took blocks from the parent without reading them…
-    let bs = 256 * KIB;
+    let bs = repo_block_size(&repo);
     let unread = ju64(&incr, "/unread_blocks");
     assert!(unread > 0, "nothing skipped: {incr}");
     // …and read no more than the blocks in use at the full backup minus those it skipped,
