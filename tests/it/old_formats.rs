@@ -1,8 +1,10 @@
 //! Files in the formats of older versions, built here byte by byte from docs/FORMAT.md (not
 //! by the current writers, so that a writer change cannot hide a reader change): snapshot
 //! version 1 (no SLICE records), resume journals version 1 (no SLICE records, no unreadable
-//! list) and 2 (no unreadable list). The current readers must read them as documented, and
-//! refuse a version from the future with `Error::UnsupportedVersion`.
+//! list) and 2 (no unreadable list), and a whole repository of format 1 (chunk files, a
+//! version 2 snapshot). The current readers must read them as documented, refuse a version
+//! from the future with `Error::UnsupportedVersion`, and refuse to back up into a format-1
+//! repository, which stays readable (and verifiable: damaged chunks are still moved aside).
 
 use crate::util::*;
 use std::path::Path;
@@ -197,11 +199,12 @@ fn snapshot_version_2_with_slices_is_read() {
 #[test]
 fn snapshot_of_a_future_version_is_unsupported() {
     let t = TestDir::new();
-    let (bytes, sid) = snapshot_bytes(3, &Records::default().zero(1).0, 1, 4096);
+    // Version 3 is format 2's (a tree instead of segments); 9 is from the future.
+    let (bytes, sid) = snapshot_bytes(9, &Records::default().zero(1).0, 1, 4096);
     let path = t.join(&sid);
     std::fs::write(&path, &bytes).unwrap();
     match SnapshotFile::open(&path, Some(&sid)) {
-        Err(Error::UnsupportedVersion { found: 3, .. }) => {}
+        Err(Error::UnsupportedVersion { found: 9, .. }) => {}
         other => panic!(
             "expected UnsupportedVersion, got {:?}",
             other.map(|s| s.id().to_string())
@@ -347,10 +350,11 @@ fn journal_version_2_is_read_and_continued() {
 fn journals_of_a_future_version_are_unsupported() {
     let t = TestDir::new();
     let path = t.join("future.journal");
-    std::fs::write(&path, journal_bytes(4, &[])).unwrap();
+    // Version 4 is format 2's; 9 is from the future.
+    std::fs::write(&path, journal_bytes(9, &[])).unwrap();
     assert!(matches!(
         Journal::read_batches(&path, |_, _| Ok(())),
-        Err(Error::UnsupportedVersion { found: 4, .. })
+        Err(Error::UnsupportedVersion { found: 9, .. })
     ));
     // Not resumable: the header reads as no usable journal.
     assert!(Journal::read_header(&path).unwrap().is_none());
@@ -367,4 +371,107 @@ fn journals_of_a_future_version_are_unsupported() {
         volback::copy::journal::Journal::open(&copy_journal),
         Err(Error::UnsupportedVersion { found: 2, .. })
     ));
+}
+
+/// A chunk file (FORMAT.md §3) holding `content` raw; returns its id (BLAKE3 of the content).
+fn write_chunk(repo: &Path, content: &[u8]) -> String {
+    let id = blake3_hex(content);
+    let mut b = b"VBCK".to_vec();
+    b.extend_from_slice(&[1, 0, 0, 0]);
+    b.extend_from_slice(&(content.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(content.len() as u32).to_le_bytes());
+    b.extend_from_slice(content);
+    let dir = repo.join("chunks").join(&id[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&id), b).unwrap();
+    id
+}
+
+fn hex32(h: &str) -> [u8; 32] {
+    hex::decode(h).unwrap().try_into().unwrap()
+}
+
+/// A format-1 repository made by hand (FORMAT.md §1-§4): five blocks of 4 KiB — a plain
+/// chunk, a zero block, another plain chunk, and two blocks in one pack chunk (SLICE
+/// records). Returns the volume's bytes, the snapshot id and the second chunk's id.
+fn format1_repository(repo: &Path) -> (Vec<u8>, String, String) {
+    for d in ["snapshots", "chunks", "journals", "tmp"] {
+        std::fs::create_dir_all(repo.join(d)).unwrap();
+    }
+    let bs = BLOCK_SIZE as usize;
+    let mut rng = Rng::new(3000);
+    let mut volume = rng.bytes(5 * bs);
+    volume[bs..2 * bs].fill(0);
+    let a = write_chunk(repo, &volume[..bs]);
+    let b = write_chunk(repo, &volume[2 * bs..3 * bs]);
+    let pack = write_chunk(repo, &volume[3 * bs..]);
+    let records = Records::default()
+        .chunk(hex32(&a))
+        .zero(1)
+        .chunk(hex32(&b))
+        .slice(hex32(&blake3_hex(&volume[3 * bs..4 * bs])), hex32(&pack), 0)
+        .slice(hex32(&blake3_hex(&volume[4 * bs..])), hex32(&pack), 1);
+    let (bytes, sid) = snapshot_bytes(2, &records.0, 5, 5 * bs as u64);
+    std::fs::write(repo.join("snapshots").join(&sid), bytes).unwrap();
+    let config = serde_json::json!({
+        "format": "volback-repository",
+        "version": 1,
+        "id": "0123456789abcdef0123456789abcdef",
+        "created": "2024-01-02T03:04:05Z",
+        "chunk_hash": "blake3",
+        "compression": "zstd",
+        "zstd_level": 3,
+        "block_size": BLOCK_SIZE,
+        "pack_size": 4_194_304
+    });
+    std::fs::write(repo.join("config"), serde_json::to_vec(&config).unwrap()).unwrap();
+    (volume, sid, b)
+}
+
+/// A format-1 repository is read as before (snapshots, restore, export, verify), a backup
+/// into it is refused with a clear message and changes nothing, and `verify --read-data`
+/// still moves a damaged chunk aside as `chunks/XX/<id>.bad`.
+#[test]
+fn format_1_repository_is_readable_and_read_only() {
+    let t = TestDir::new();
+    let repo = t.join("repo");
+    let (volume, sid, b) = format1_repository(&repo);
+    let r = p(&repo);
+    assert_eq!(snapshot_ids(&repo), vec![sid.clone()]);
+    let out = t.join("out.img");
+    restore(&repo, "latest", &out);
+    assert_eq!(std::fs::read(&out).unwrap(), volume);
+    let exported = t.join("export.img");
+    volback_ok(&["export", r, &sid[..12], p(&exported), "--format", "raw"]);
+    assert_eq!(std::fs::read(&exported).unwrap(), volume);
+    volback_ok(&["verify", "--read-data", r]).stdout_has(&["no problems"]);
+
+    let src = t.join("src.img");
+    random_file(&src, MIB, 3001);
+    volback_code(&["backup", p(&src), r], 1).stderr_has(&["format 1", "read-only"]);
+    assert_eq!(
+        snapshot_ids(&repo),
+        vec![sid.clone()],
+        "the refused backup wrote a snapshot"
+    );
+    assert!(
+        !repo.join("packs").exists(),
+        "the refused backup made format-2 directories"
+    );
+
+    // A flipped byte in the second chunk's payload: moved aside, named, restore fails.
+    let chunk = repo.join("chunks").join(&b[..2]).join(&b);
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    bytes[16 + 100] ^= 0x55;
+    std::fs::write(&chunk, &bytes).unwrap();
+    volback_code(&["verify", "--read-data", r], 1).stdout_has(&[&b, &sid[..12]]);
+    assert!(!chunk.exists(), "the damaged chunk is still in place");
+    assert_eq!(
+        std::fs::read(chunk.with_file_name(format!("{b}.bad"))).unwrap(),
+        bytes,
+        "the damaged chunk is kept as <id>.bad"
+    );
+    let _ = std::fs::remove_file(&out);
+    volback_code(&["restore", r, &sid, p(&out)], 1).stderr_has(&[&b[..12]]);
+    assert!(!out.exists(), "a failed restore left its file");
 }

@@ -560,7 +560,15 @@ fn restore_refuses_a_device_path_that_does_not_exist() {
 /// repository's writes.
 #[test]
 fn symlinked_repository_directories_are_refused() {
-    for dir in ["journals", "tmp", "snapshots", "packs", "index"] {
+    for dir in [
+        "journals",
+        "tmp",
+        "snapshots",
+        "packs",
+        "index",
+        "writers",
+        "pending",
+    ] {
         let t = TestDir::new();
         let (repo, src) = repo_with_backup(&t);
         let elsewhere = t.join("elsewhere");
