@@ -32,8 +32,10 @@ impl Fixture {
         std::fs::write(&a, &data).unwrap();
         std::fs::write(&b, &data).unwrap();
         init_repo(&repo, &["--block-size", "64K", "--pack-size", "1M"]);
-        let snap_a = jstr(&backup_json(&a, &repo, &[]), "/snapshot").to_string();
-        let snap_b = jstr(&backup_json(&b, &repo, &[]), "/snapshot").to_string();
+        // One worker: frames reach the packs in volume order.
+        let one = ["--threads", "1"];
+        let snap_a = jstr(&backup_json(&a, &repo, &one), "/snapshot").to_string();
+        let snap_b = jstr(&backup_json(&b, &repo, &one), "/snapshot").to_string();
         Fixture {
             t,
             repo,

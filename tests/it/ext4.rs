@@ -209,11 +209,11 @@ fn ext4_loop_device_and_image_backups_restore_with_clean_fsck_and_same_files() {
     );
     let f1 = backup_json(&img, &repo, &["--all-blocks"]);
     assert_eq!(f1["all_blocks"], true, "{f1}");
-    // Device and file hold the same bytes: the second backup stores almost nothing new (it
-    // reads the volume in other runs, and content-defined blobs are cut at the ends of runs
-    // until the next cut the content decides, so a few blobs around them differ).
+    // Device and file hold the same bytes: the second backup stores little new (it reads
+    // the volume in other runs, and content-defined blobs are cut at the ends of runs until
+    // the next cut the content decides, so the blobs around some run ends differ).
     assert!(
-        ju64(&f1, "/new_bytes") * 20 <= ju64(&d1, "/new_bytes"),
+        ju64(&f1, "/new_bytes") * 5 <= ju64(&d1, "/new_bytes"),
         "the image's blocks were stored again: {f1}"
     );
     let list = volback_ok(&["snapshots", "--json", p(&repo)]).json();
