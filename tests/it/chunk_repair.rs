@@ -132,6 +132,12 @@ fn verify_sets_damaged_pack_aside_and_next_backup_repairs_it() {
     corrupt_frame(&loc.pack_path, &loc.entry);
     let bytes = std::fs::read(&loc.pack_path).unwrap();
     volback_ok(&["verify", p(&repo)]);
+    // A restore reads the blob and checks its hash: a clear error naming the blob and the
+    // pack, never zeros or garbage in its place.
+    let out = t.join("out.img");
+    volback_code(&["restore", p(&repo), &first, p(&out)], 1)
+        .stderr_has(&[&loc.blob[..12], &loc.pack[..12]]);
+    assert!(!out.exists(), "a failed restore left its file");
 
     let v = volback_code(&["verify", "--read-data", p(&repo)], 1);
     v.stdout_has(&[&loc.pack, &loc.blob, &first[..12]]);
@@ -146,7 +152,6 @@ fn verify_sets_damaged_pack_aside_and_next_backup_repairs_it() {
     );
     // Until the next backup, the pack is reported missing, with the snapshot that needs it.
     volback_code(&["verify", p(&repo)], 1).stdout_has(&[&loc.pack, &first[..12]]);
-    let out = t.join("out.img");
     volback_code(&["restore", p(&repo), &first, p(&out)], 1)
         .stderr_has(&[&loc.blob[..12], &loc.pack[..12]]);
     assert!(!out.exists(), "a failed restore left its file");
