@@ -284,7 +284,7 @@ fn incremental_backup_stores_lost_parent_blobs_again() {
     // gone, so they must be stored again rather than carried into the new snapshot.
     let a = f.t.join("a.img");
     let j = backup_json(&a, &f.repo, &[]);
-    assert_eq!(ju64(&j, "/new_chunks"), lost_blobs as u64, "{j}");
+    assert_eq!(ju64(&j, "/new_bytes"), lost_blobs as u64 * BS, "{j}");
     let idx = read_index(&f.repo);
     assert!(
         idx.locations(&lost.blob)

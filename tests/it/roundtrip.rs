@@ -1,7 +1,7 @@
 //! Backup and restore of image files (no root needed): bit-exact restores, forever-incremental
 //! backups, snapshot selectors, sparse restores, SHA-256 repositories and deduplication.
 //! Backups use 64 KiB blocks: at that size every block is one blob (FORMAT.md §F2.4), so
-//! counts of new blobs are counts of blocks.
+//! new bytes count new blocks. (`new_chunks` counts the frames a run wrote.)
 
 use crate::util::*;
 
@@ -76,7 +76,7 @@ fn sparse_image_full_then_incremental_restores_bit_exact() {
     let new_chunks = ju64(&b2, "/new_chunks");
     assert!(
         (1..=3).contains(&new_chunks),
-        "three blocks changed to new content, {new_chunks} new chunks: {b2}"
+        "three blocks changed to new content, {new_chunks} new frames: {b2}"
     );
     assert!(ju64(&b2, "/new_bytes") <= 3 * BS, "{b2}");
     assert!(
@@ -247,9 +247,11 @@ fn latest_is_the_newest_of_quick_successive_backups() {
             chain.last().map(String::as_str),
             "backup {i} is incremental on the one before: {b}"
         );
-        // The first backup stores the 8 blocks, each later one the block that changed.
+        // The first backup stores the 8 blocks (one frame), each later one the block that
+        // changed.
         let expected_new = if i == 0 { 8 } else { 1 };
-        assert_eq!(ju64(&b, "/new_chunks"), expected_new, "{b}");
+        assert_eq!(ju64(&b, "/new_chunks"), 1, "{b}");
+        assert_eq!(ju64(&b, "/new_bytes"), expected_new * 64 * KIB, "{b}");
         chain.push(jstr(&b, "/snapshot").to_string());
         let out = t.join("out.img");
         restore(&repo, "latest", &out);
