@@ -4,9 +4,10 @@
 //!
 //! Interruptions are deterministic: the run is started through the library with a progress
 //! observer that sets the cancel flag (what Ctrl-C sets) as soon as the first block is
-//! committed. The scan pipeline holds at most a few staging buffers (about 20 MiB) in
-//! flight, so a source with far more used data than that is always interrupted with a journal
-//! that covers a prefix of it, wherever the filesystem put its files.
+//! committed. With one worker the scan pipeline holds a few staging buffers in flight (runs of
+//! up to 16 MiB at most for a backup of format 2), so a source with far more used data than
+//! that is always interrupted with a journal that covers a prefix of it, wherever the
+//! filesystem put its files (raw sources here are at least 128 MiB).
 
 use crate::util::*;
 use std::path::Path;
@@ -265,7 +266,7 @@ fn backup_of_block_device_resumes_only_while_its_write_counters_stand() {
 fn journal_without_source_state_starts_over() {
     let t = TestDir::new();
     let src = t.join("raw.img");
-    random_file(&src, 96 * MIB, 6);
+    random_file(&src, 192 * MIB, 6);
     let repo = t.join("repo");
     init_repo(&repo, &[]);
     interrupted_backup(&src, &repo);
