@@ -79,6 +79,8 @@ pub struct BlobStore {
     hash: HashAlgorithm,
     /// A reader's store: also reads the packs of pending records.
     reader: bool,
+    /// A format-1 repository (chunk files): no packs, no index.
+    format1: bool,
     exclude: HashSet<ChunkId>,
     index: RwLock<Index>,
     /// Blobs in packs a packer is still writing: known (for deduplication), not readable.
@@ -125,6 +127,7 @@ impl BlobStore {
             pending_dir: repo.pending_dir(),
             hash: repo.config().chunk_hash,
             reader,
+            format1: repo.format_version() == 1,
             exclude,
             index: RwLock::new(Index::default()),
             unsealed: Mutex::new(HashSet::new()),
@@ -137,7 +140,11 @@ impl BlobStore {
     }
 
     /// Builds the index from scratch: index files, then (readers) pending packs' tables.
+    /// A format-1 repository has no blobs: its index is empty.
     fn load_index(&self) -> Result<Index> {
+        if self.format1 {
+            return Ok(Index::default());
+        }
         let mut index = Index::load_dir(&self.index_dir, &self.exclude)?;
         if self.reader {
             let records = match read_pending_dir(&self.pending_dir) {
@@ -209,6 +216,9 @@ impl BlobStore {
 
     /// Loads index files written since the store was opened or last refreshed.
     pub fn refresh(&self) -> Result<()> {
+        if self.format1 {
+            return Ok(());
+        }
         // Read without holding the lock: readers keep going meanwhile.
         let known = self.with_index(|i| i.files());
         let fresh = Index::load_new(&self.index_dir, &self.exclude, &known)?;
