@@ -15,7 +15,7 @@ use super::blob::{BlobEntry, BlobKind, BlobSource, Location};
 use super::fsio;
 use super::index::Index;
 use super::pack::{read_frame_raw, read_pack_table};
-use super::writers::{PendingRecord, read_pending_dir};
+use super::writers::{PendingRecord, read_pending_dir_lenient};
 use crate::error::{Error, Result};
 use crate::hash::{ChunkId, HashAlgorithm};
 use std::collections::HashSet;
@@ -156,7 +156,7 @@ impl BlobStore {
         }
         let mut index = Index::load_dir(&self.index_dir, &self.exclude)?;
         if self.reader {
-            let records = match read_pending_dir(&self.pending_dir) {
+            let records = match read_pending_dir_lenient(&self.pending_dir) {
                 Ok(r) => r,
                 // A repository without pending/ (read-only medium, say) has none.
                 Err(e) if fsio::is_not_found(&e) => Vec::new(),
