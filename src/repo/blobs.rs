@@ -96,6 +96,9 @@ pub struct BlobStore {
     files: Mutex<Lru<ChunkId, Arc<File>>>,
     /// Packs found missing (the index was reloaded for each once).
     missing: Mutex<HashSet<ChunkId>>,
+    /// Packs this process inserted ([`BlobStore::insert`]): kept across a reload, their
+    /// index file may not be written yet.
+    inserted: Mutex<Vec<ChunkId>>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -142,6 +145,7 @@ impl BlobStore {
             blobs: Mutex::new(Lru::new(BLOB_CACHE)),
             files: Mutex::new(Lru::new(FILE_CACHE)),
             missing: Mutex::new(HashSet::new()),
+            inserted: Mutex::new(Vec::new()),
         };
         let index = store.load_index()?;
         *store.index_mut() = index;
@@ -199,6 +203,10 @@ impl BlobStore {
     /// Adds the table of a finished pack.
     pub fn insert(&self, pack: ChunkId, entries: &[BlobEntry]) {
         self.index_mut().insert(pack, entries);
+        self.inserted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pack);
     }
 
     /// Records blobs appended to a pack not finished yet (the packer): [`BlobStore::contains`]
@@ -247,8 +255,19 @@ impl BlobStore {
         {
             return Ok(());
         }
-        let index = self.load_index()?;
-        *self.index_mut() = index;
+        let mut fresh = self.load_index()?;
+        let inserted = self
+            .inserted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut index = self.index_mut();
+        for pack in inserted {
+            if let Some(entries) = index.pack_entries(&pack) {
+                fresh.insert(pack, entries);
+            }
+        }
+        *index = fresh;
         Ok(())
     }
 
