@@ -397,6 +397,31 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_packs_not_indexed_yet() {
+        let (_d, r) = repo();
+        let store = BlobStore::open_writer(&r, &[]).unwrap();
+        let p = Packer::new(&r, store.clone()).unwrap();
+        let lost = put_frame(&p, &[noise(1, 5000)]);
+        p.checkpoint().unwrap();
+        // A pack finished but not yet in an index file (simulated), then a missing pack.
+        let extra = put_frame(&p, &[noise(2, 5000)]);
+        let open = p.state().open.take().unwrap();
+        p.seal(&mut State::default(), open).unwrap();
+        assert!(store.location(&extra[0]).is_some());
+        let gone = store.location(&lost[0]).unwrap().pack;
+        std::fs::remove_file(store.pack_path(&gone)).unwrap();
+        assert!(matches!(
+            store.blob(&lost[0], BlobKind::Data),
+            Err(Error::MissingChunk { .. })
+        ));
+        assert!(store.location(&extra[0]).is_some());
+        assert_eq!(
+            &store.blob(&extra[0], BlobKind::Data).unwrap()[..],
+            &noise(2, 5000)[..]
+        );
+    }
+
+    #[test]
     fn format_1_repositories_get_no_packer() {
         let dir = tempfile::tempdir().unwrap();
         let r = Repository::init(&dir.path().join("r"), &InitOptions::v1()).unwrap();
