@@ -64,6 +64,7 @@ pub mod fsio;
 pub mod journal;
 pub mod reader;
 pub mod snapshot;
+pub mod tree;
 
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
