@@ -630,19 +630,29 @@ impl Volume for SnapshotVolume {
         }
         let bs = self.block_size();
         let last = (end - 1) / bs;
+        // Run by run: one lookup per run of references, not per block.
+        let map = self.inner.map()?;
         let mut i = offset / bs;
-        while i <= last && !self.block_ref(i)?.is_data() {
-            i += 1;
+        while i <= last {
+            let (r, n) = map.run_at(i)?;
+            if r.is_data() {
+                break;
+            }
+            i += n;
         }
         if i > last {
             return Ok(None);
         }
         let start = (i * bs).max(offset);
-        let mut j = i + 1;
-        while j <= last && self.block_ref(j)?.is_data() {
-            j += 1;
+        let mut j = i;
+        while j <= last {
+            let (r, n) = map.run_at(j)?;
+            if !r.is_data() {
+                break;
+            }
+            j += n;
         }
-        Ok(Some(start..(j * bs).min(end)))
+        Ok(Some(start..(j.min(last + 1) * bs).min(end)))
     }
 
     fn describe(&self) -> String {
@@ -753,6 +763,19 @@ pub(crate) mod tests {
             assert_eq!(
                 vol.next_data(2 * 4096, vol.size()).unwrap(),
                 Some(3 * 4096..6 * 4096)
+            );
+            assert_eq!(
+                vol.next_data(4096 + 10, 5 * 4096).unwrap(),
+                Some(4096 + 10..2 * 4096)
+            );
+            assert_eq!(
+                vol.next_data(2 * 4096, 4 * 4096 + 5).unwrap(),
+                Some(3 * 4096..4 * 4096 + 5)
+            );
+            assert_eq!(vol.next_data(6 * 4096, 7 * 4096).unwrap(), None);
+            assert_eq!(
+                vol.next_data(6 * 4096, vol.size()).unwrap(),
+                Some(7 * 4096..vol.size())
             );
             assert!(vol.read_at(data.len() as u64 - 1, &mut [0u8; 2]).is_err());
         }
