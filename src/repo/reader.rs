@@ -52,8 +52,9 @@ struct Pack {
 /// Decoded packs a reader keeps (a pack is at most 4 MiB at the default block size).
 const CACHED_PACKS: usize = 8;
 
-/// Data blobs a reader keeps (a blob is at most 1 MiB).
-const CACHED_BLOBS: usize = 16;
+/// Data blobs a reader keeps (a blob is at most 1 MiB, 64 KiB on average): enough for every
+/// restore worker to keep the blobs of the piece it reads.
+const CACHED_BLOBS: usize = 64;
 
 /// Settings of the decoded-block cache.
 #[derive(Debug, Clone, Copy)]
