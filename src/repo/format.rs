@@ -6,8 +6,11 @@
 
 use crate::hash::ChunkId;
 
-/// Version of the repository as a whole (the `config` file, the directory layout).
-pub const REPO_VERSION: u32 = 1;
+/// Version of the repository as a whole (the `config` file, the directory layout) written by
+/// `init`. Version 1 (chunk files) is still read; see [`REPO_VERSIONS_READ`].
+pub const REPO_VERSION: u32 = 2;
+/// Repository versions this build opens: 1 (chunk files, read-only) and 2 (packs and index).
+pub const REPO_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=2;
 /// `format` field of the `config` file.
 pub const REPO_FORMAT_NAME: &str = "volback-repository";
 
@@ -52,6 +55,43 @@ pub const MAX_JOURNAL_RECORD: u32 = 64 << 20;
 /// Smallest and largest block size a repository accepts.
 pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
+
+// ---- format 2: packs and index (docs/FORMAT.md, "Repository format 2") ----
+
+/// Pack file: `"VBPACK"` + CR LF, then a u32 version and 4 reserved bytes.
+pub const PACK_MAGIC: [u8; 8] = *b"VBPACK\r\n";
+pub const PACK_VERSION: u32 = 1;
+/// magic(8) version(4) reserved(4).
+pub const PACK_HEADER_LEN: usize = 16;
+/// Pack trailer: table offset u64, entry count u32, reserved u32, BLAKE3 of the table [32],
+/// end magic [8].
+pub const PACK_TRAILER_LEN: usize = 56;
+/// Last 8 bytes of a pack file.
+pub const PACK_END_MAGIC: [u8; 8] = *b"VBPKEND\n";
+/// Blob-table entry (pack tables and index files): id [32], kind u8, reserved [3], frame
+/// offset u32, frame length u32, raw offset u32, raw length u32.
+pub const BLOB_ENTRY_LEN: usize = 52;
+/// Largest raw content of one frame, and so of one blob (a tree node may approach it).
+pub const MAX_FRAME_RAW: u32 = MAX_BLOCK_SIZE;
+/// Smallest, default and largest `pack_size` of a format-2 repository.
+pub const MIN_PACK_SIZE_V2: u32 = 1 << 20;
+pub const DEFAULT_PACK_SIZE_V2: u32 = 16 << 20;
+pub const MAX_PACK_SIZE_V2: u32 = 128 << 20;
+/// Default block size of a format-2 repository.
+pub const DEFAULT_BLOCK_SIZE_V2: u32 = 4096;
+
+/// Index file: `"VBINDEX\n"`, u32 version, u32 pack count; ends with the BLAKE3 of all bytes
+/// before it (whose hex is the file name).
+pub const INDEX_MAGIC: [u8; 8] = *b"VBINDEX\n";
+pub const INDEX_VERSION: u32 = 1;
+/// magic(8) version(4) pack_count(4).
+pub const INDEX_HEADER_LEN: usize = 16;
+/// Per pack: pack id [32], entry count u32.
+pub const INDEX_PACK_HEADER_LEN: usize = 36;
+/// Trailing BLAKE3.
+pub const INDEX_TRAILER_LEN: usize = 32;
+/// Largest index file a reader accepts (against hostile files).
+pub const MAX_INDEX_FILE: u64 = 1 << 30;
 
 /// Block-reference record tags, used in manifest segments and journal batches.
 pub const REC_ZERO: u8 = 0;

@@ -58,12 +58,17 @@
 //! take the exclusive lock and treat chunks named by any journal as live.
 
 pub mod blob;
+pub mod blobs;
 pub mod chunks;
 pub mod format;
 pub mod fsio;
+pub mod index;
 pub mod journal;
+pub mod pack;
+pub mod packer;
 pub mod reader;
 pub mod snapshot;
+pub mod writers;
 
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
@@ -74,6 +79,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::{SnapshotFile, SnapshotHeader};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 /// True when an I/O error says that the repository cannot be written (read-only filesystem,
 /// no permission).
@@ -117,6 +123,8 @@ pub struct Config {
 /// Options of `volback init`.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
+    /// Repository format version: 2 (default), or 1 to make old-style repositories in tests.
+    pub format: u32,
     pub chunk_hash: HashAlgorithm,
     pub zstd_level: i32,
     pub block_size: u32,
@@ -124,21 +132,70 @@ pub struct InitOptions {
 }
 
 impl Default for InitOptions {
+    /// A format-2 repository with its defaults (4 KiB blocks, 16 MiB packs).
     fn default() -> Self {
         InitOptions {
+            format: REPO_VERSION,
             chunk_hash: HashAlgorithm::Blake3,
             zstd_level: 3,
-            block_size: DEFAULT_BLOCK_SIZE,
-            pack_size: DEFAULT_PACK_SIZE,
+            block_size: DEFAULT_BLOCK_SIZE_V2,
+            pack_size: DEFAULT_PACK_SIZE_V2,
         }
     }
 }
+
+impl InitOptions {
+    /// A format-1 repository with format 1's defaults (256 KiB blocks, 4 MiB pack chunks):
+    /// what tests of old repositories create.
+    pub fn v1() -> Self {
+        InitOptions {
+            format: 1,
+            block_size: DEFAULT_BLOCK_SIZE,
+            pack_size: DEFAULT_PACK_SIZE,
+            ..InitOptions::default()
+        }
+    }
+}
+
+/// Message of [`Repository::require_format2`].
+pub const FORMAT1_READ_ONLY: &str = "repository format 1 is read-only in this version of \
+    volback: its snapshots can be listed, restored, verified, exported, mounted and served, and \
+    forgotten; back up into a new repository (volback init)";
+
+/// Directories of a format-1 and of a format-2 repository (besides the fan-out ones).
+const DIRS_V1: &[&str] = &["snapshots", "chunks", "journals", "tmp"];
+const DIRS_V2: &[&str] = &[
+    "snapshots",
+    "packs",
+    "index",
+    "writers",
+    "pending",
+    "journals",
+    "tmp",
+];
 
 /// Checks that a block size is a power of two within the supported range.
 pub fn check_block_size(bs: u32) -> Result<()> {
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) || !bs.is_power_of_two() {
         return Err(Error::InvalidArgument(format!(
             "block size {bs} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `pack_size` for a repository of format `version`: format 1 packs are chunks (at
+/// most the largest chunk), format 2 packs are files of 1 MiB … 128 MiB.
+fn check_pack_size(version: u32, pack_size: u32) -> Result<()> {
+    if version == 1 {
+        if pack_size > MAX_BLOCK_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "pack size {pack_size} is above the largest chunk, {MAX_BLOCK_SIZE} bytes"
+            )));
+        }
+    } else if !(MIN_PACK_SIZE_V2..=MAX_PACK_SIZE_V2).contains(&pack_size) {
+        return Err(Error::InvalidArgument(format!(
+            "pack size {pack_size} must be between {MIN_PACK_SIZE_V2} and {MAX_PACK_SIZE_V2} bytes"
         )));
     }
     Ok(())
@@ -189,6 +246,8 @@ pub struct Repository {
     root: PathBuf,
     config: Config,
     chunks: ChunkStore,
+    /// The reader's blob store (format 2), opened on first use.
+    blobs: OnceLock<Arc<blobs::BlobStore>>,
     /// `None` in a read-only repository without a `lock` file.
     _lock: Option<File>,
 }
@@ -197,12 +256,13 @@ impl Repository {
     /// Creates a new repository in `path` (which must not exist or be an empty directory).
     pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
         check_block_size(opts.block_size)?;
-        if opts.pack_size > MAX_BLOCK_SIZE {
+        if !REPO_VERSIONS_READ.contains(&opts.format) {
             return Err(Error::InvalidArgument(format!(
-                "pack size {} is above the largest chunk, {MAX_BLOCK_SIZE} bytes",
-                opts.pack_size
+                "repository format {} is not one this volback writes (1 or 2)",
+                opts.format
             )));
         }
+        check_pack_size(opts.format, opts.pack_size)?;
         if !(1..=22).contains(&opts.zstd_level) {
             return Err(Error::InvalidArgument(format!(
                 "zstd level {} must be between 1 and 22",
@@ -228,18 +288,22 @@ impl Repository {
             }
             Err(e) => return Err(Error::io("read directory", path, e)),
         }
-        for sub in ["snapshots", "journals", "tmp"] {
+        let (dirs, fan_out) = match opts.format {
+            1 => (DIRS_V1, "chunks"),
+            _ => (DIRS_V2, "packs"),
+        };
+        for sub in dirs {
             let p = path.join(sub);
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
         for i in 0..=255u8 {
-            let p = path.join("chunks").join(format!("{i:02x}"));
+            let p = path.join(fan_out).join(format!("{i:02x}"));
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
         fsio::lock_file(&path.join("lock"))?;
         let config = Config {
             format: REPO_FORMAT_NAME.into(),
-            version: REPO_VERSION,
+            version: opts.format,
             id: fsio::random_hex(16),
             created: crate::time::rfc3339(crate::time::now_unix()),
             chunk_hash: opts.chunk_hash,
@@ -279,7 +343,7 @@ impl Repository {
             });
         }
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != REPO_VERSION as u64 {
+        if !(1..=u64::from(*REPO_VERSIONS_READ.end())).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 what: "repository",
                 path: path.to_path_buf(),
@@ -287,12 +351,25 @@ impl Repository {
                 supported: REPO_VERSION,
             });
         }
+        let mut value = value;
+        if version == 2
+            && let Some(obj) = value.as_object_mut()
+        {
+            // Absent in format 2 means format 2's default, not format 1's.
+            obj.entry("pack_size")
+                .or_insert_with(|| DEFAULT_PACK_SIZE_V2.into());
+        }
         let config: Config = serde_json::from_value(value)
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
         check_block_size(config.block_size)
+            .and_then(|()| check_pack_size(config.version, config.pack_size))
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
         // The repository's own directories are never followed through a link.
-        for d in ["snapshots", "chunks", "journals", "tmp"] {
+        let dirs = match config.version {
+            1 => DIRS_V1,
+            _ => DIRS_V2,
+        };
+        for d in dirs {
             fsio::check_directory(&path.join(d))?;
         }
         let lock_path = path.join("lock");
@@ -326,8 +403,57 @@ impl Repository {
             root: path.to_path_buf(),
             config,
             chunks,
+            blobs: OnceLock::new(),
             _lock: lock,
         })
+    }
+
+    /// The repository's format version (`config.version`): 1 or 2.
+    pub fn format_version(&self) -> u32 {
+        self.config.version
+    }
+
+    /// Refuses operation `op` (a backup, a prune's repack…) on a format-1 repository, which
+    /// this version only reads.
+    pub fn require_format2(&self, op: &str) -> Result<()> {
+        match self.config.version {
+            1 => Err(Error::InvalidArgument(format!(
+                "cannot {op} in {}: {FORMAT1_READ_ONLY}",
+                self.root.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `packs/`: pack files under `packs/XX/<id>` (format 2).
+    pub fn packs_dir(&self) -> PathBuf {
+        self.root.join("packs")
+    }
+
+    /// `index/`: index files (format 2).
+    pub fn index_dir(&self) -> PathBuf {
+        self.root.join("index")
+    }
+
+    /// `writers/`: markers of running writers (format 2).
+    pub fn writers_dir(&self) -> PathBuf {
+        self.root.join("writers")
+    }
+
+    /// `pending/`: prune's condemnation records (format 2).
+    pub fn pending_dir(&self) -> PathBuf {
+        self.root.join("pending")
+    }
+
+    /// The reader's blob store (format 2): opened on first use (every index file, and the
+    /// tables of packs pending deletion), then shared.
+    pub fn blobs(&self) -> Result<Arc<blobs::BlobStore>> {
+        if let Some(b) = self.blobs.get() {
+            return Ok(b.clone());
+        }
+        let store = blobs::BlobStore::open(self)?;
+        // Two threads may open it at once: the first one stored wins.
+        Ok(self.blobs.get_or_init(|| store).clone())
     }
 
     pub fn root(&self) -> &Path {
@@ -564,6 +690,18 @@ mod tests {
             },
             InitOptions {
                 pack_size: MAX_BLOCK_SIZE + 1,
+                ..InitOptions::v1()
+            },
+            InitOptions {
+                pack_size: MAX_PACK_SIZE_V2 + 1,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                pack_size: MIN_PACK_SIZE_V2 - 1,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                format: 3,
                 ..InitOptions::default()
             },
         ] {
