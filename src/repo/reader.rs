@@ -1,4 +1,6 @@
-//! A snapshot as a [`Volume`]: random access to its bytes, served from the chunk store.
+//! A snapshot as a [`Volume`]: random access to its bytes, served from the chunk store
+//! (format 1: snapshots versions 1 and 2) or the blob store (format 2: version 3, whose
+//! blocks are pieces of data blobs named by a tree; see [`super::tree`]).
 //!
 //! Two modes:
 //! - plain ([`SnapshotVolume::new`]): every `read_at` decodes the chunks it touches. Right for
@@ -8,20 +10,18 @@
 //!   `serve`, where the kernel or an NBD client asks for small pieces and comes back to the
 //!   same block many times.
 
+use super::blob::BlobKind;
 use super::chunks::ChunkStore;
-use super::format::{BlockRef, SEGMENT_BLOCKS};
-use super::snapshot::SnapshotFile;
+use super::format::BlockRef;
+use super::snapshot::{BlockMap, SnapshotFile};
 use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::volume::Volume;
 use crossbeam_channel::{Sender, TrySendError};
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-
-/// How many decoded manifest segments a reader keeps (about 2 MiB each).
-const CACHED_SEGMENTS: usize = 4;
 
 /// Read access to one snapshot.
 pub struct SnapshotVolume {
@@ -32,11 +32,15 @@ pub struct SnapshotVolume {
 
 struct Inner {
     snap: SnapshotFile,
+    /// The block map, built at first use (a version 3 snapshot without its blob source is
+    /// an error for each read, not at construction).
+    map: OnceLock<BlockMap>,
     chunks: ChunkStore,
-    segments: Mutex<Vec<(usize, Arc<Vec<BlockRef>>)>>,
     /// Decoded pack chunks: consecutive blocks of a pack are read one after the other, often
     /// by different threads, and the pack is decoded once for all of them.
     packs: LoadCache<ChunkId, Pack>,
+    /// Data blobs (format 2), for the same reason: a blob holds several consecutive blocks.
+    blobs: LoadCache<ChunkId, Arc<Vec<u8>>>,
 }
 
 /// A decoded pack and the slices found to match their snapshot's hash so far.
@@ -47,6 +51,9 @@ struct Pack {
 
 /// Decoded packs a reader keeps (a pack is at most 4 MiB at the default block size).
 const CACHED_PACKS: usize = 8;
+
+/// Data blobs a reader keeps (a blob is at most 1 MiB).
+const CACHED_BLOBS: usize = 16;
 
 /// Settings of the decoded-block cache.
 #[derive(Debug, Clone, Copy)]
@@ -82,20 +89,12 @@ impl Inner {
         self.snap.header().source.size
     }
 
-    fn segment(&self, index: usize) -> Result<Arc<Vec<BlockRef>>> {
-        {
-            let cache = lock(&self.segments);
-            if let Some((_, s)) = cache.iter().find(|(i, _)| *i == index) {
-                return Ok(s.clone());
-            }
+    fn map(&self) -> Result<&BlockMap> {
+        if let Some(m) = self.map.get() {
+            return Ok(m);
         }
-        let seg = Arc::new(self.snap.segment(index)?);
-        let mut cache = lock(&self.segments);
-        if cache.len() >= CACHED_SEGMENTS {
-            cache.remove(0);
-        }
-        cache.push((index, seg.clone()));
-        Ok(seg)
+        let m = self.snap.block_map()?;
+        Ok(self.map.get_or_init(|| m))
     }
 
     fn block_ref(&self, index: u64) -> Result<BlockRef> {
@@ -108,19 +107,7 @@ impl Inner {
                 self.size(),
             ));
         }
-        let seg = self.segment((index / SEGMENT_BLOCKS) as usize)?;
-        seg.get((index % SEGMENT_BLOCKS) as usize)
-            .copied()
-            .ok_or_else(|| {
-                Error::corrupt(
-                    format!(
-                        "manifest segment of block {index} of snapshot {}",
-                        self.snap.id()
-                    ),
-                    self.snap.path(),
-                    "segment is shorter than the block count says",
-                )
-            })
+        self.map()?.block_ref(index)
     }
 
     /// Block `index`, decoded into a new buffer.
@@ -191,6 +178,61 @@ impl Inner {
         Ok(f(part))
     }
 
+    /// Data blob `id`, from the cache or the snapshot's blob source (which checks it against
+    /// its id).
+    fn blob(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        let data = self.blobs.get(*id, || {
+            let src = self.snap.blobs().ok_or_else(|| {
+                Error::internal(
+                    "snapshot reader",
+                    format!(
+                        "snapshot {} was opened without its blob store",
+                        self.snap.id()
+                    ),
+                )
+            })?;
+            src.blob(id, BlobKind::Data)
+        })?;
+        Ok(Arc::clone(&data))
+    }
+
+    /// Bytes `[within, within + n)` of block `index`, stored as piece `piece` of blob `blob`,
+    /// passed to `f`.
+    fn with_piece<T>(
+        &self,
+        index: u64,
+        blob: &ChunkId,
+        piece: u32,
+        within: usize,
+        n: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
+        let data = self.blob(blob)?;
+        let len = self.block_len(index) as u64;
+        let bs = self.block_size();
+        let start = u64::from(piece) * bs + within as u64;
+        let part = (within as u64 + n as u64 <= len)
+            .then(|| {
+                let s = usize::try_from(start).ok()?;
+                data.get(s..s.checked_add(n)?)
+            })
+            .flatten();
+        // The block must be whole in the blob, not only the part asked for.
+        let whole = u64::from(piece) * bs + len <= data.len() as u64;
+        match part {
+            Some(p) if whole => Ok(f(p)),
+            _ => Err(Error::corrupt(
+                format!("blob {blob}"),
+                self.snap.path(),
+                format!(
+                    "holds {} bytes, too few for piece {piece} (block {index} of snapshot {})",
+                    data.len(),
+                    self.snap.id()
+                ),
+            )),
+        }
+    }
+
     fn read_block(&self, index: u64, buf: &mut Vec<u8>) -> Result<BlockRef> {
         let r = self.block_ref(index)?;
         let len = self.block_len(index);
@@ -198,6 +240,12 @@ impl Inner {
             BlockRef::Zero | BlockRef::Unused => {
                 buf.clear();
                 buf.resize(len, 0);
+            }
+            BlockRef::Part { blob, index: piece } => {
+                self.with_piece(index, &blob, piece, 0, len, |p| {
+                    buf.clear();
+                    buf.extend_from_slice(p);
+                })?;
             }
             BlockRef::Slice {
                 hash,
@@ -371,9 +419,10 @@ impl SnapshotVolume {
         SnapshotVolume {
             inner: Arc::new(Inner {
                 snap,
+                map: OnceLock::new(),
                 chunks,
-                segments: Mutex::new(Vec::new()),
                 packs: LoadCache::new(CACHED_PACKS),
+                blobs: LoadCache::new(CACHED_BLOBS),
             }),
             cache: None,
             prefetch: None,
@@ -515,23 +564,29 @@ impl Volume for SnapshotVolume {
                             out.copy_from_slice(p)
                         })?;
                 }
-                BlockRef::Chunk(_) | BlockRef::Slice { .. } => match &self.cache {
-                    Some(cache) => {
-                        let data = cache.get(index, || self.inner.decode_block(index))?;
-                        let src = data.get(within..within + n).ok_or_else(|| {
-                            Error::corrupt(
-                                format!("block {index} of snapshot {}", self.inner.snap.id()),
-                                self.inner.snap.path(),
-                                "decoded block is shorter than the snapshot says",
-                            )
-                        })?;
-                        out.copy_from_slice(src);
+                BlockRef::Part { blob, index: piece } if self.cache.is_none() => {
+                    self.inner
+                        .with_piece(index, &blob, piece, within, n, |p| out.copy_from_slice(p))?;
+                }
+                BlockRef::Chunk(_) | BlockRef::Slice { .. } | BlockRef::Part { .. } => {
+                    match &self.cache {
+                        Some(cache) => {
+                            let data = cache.get(index, || self.inner.decode_block(index))?;
+                            let src = data.get(within..within + n).ok_or_else(|| {
+                                Error::corrupt(
+                                    format!("block {index} of snapshot {}", self.inner.snap.id()),
+                                    self.inner.snap.path(),
+                                    "decoded block is shorter than the snapshot says",
+                                )
+                            })?;
+                            out.copy_from_slice(src);
+                        }
+                        None => {
+                            self.inner.read_block(index, &mut block)?;
+                            out.copy_from_slice(&block[within..within + n]);
+                        }
                     }
-                    None => {
-                        self.inner.read_block(index, &mut block)?;
-                        out.copy_from_slice(&block[within..within + n]);
-                    }
-                },
+                }
             }
             done += n;
         }
