@@ -365,7 +365,7 @@ mod tests {
     fn entry(n: u8, frame_offset: u32) -> BlobEntry {
         BlobEntry {
             id: ChunkId([n; 32]),
-            kind: if n % 2 == 0 {
+            kind: if n.is_multiple_of(2) {
                 BlobKind::Data
             } else {
                 BlobKind::Tree
