@@ -21,6 +21,7 @@
 //!
 //! [`backup`] is [`plan`] (taking the volume lock) followed by the stage and the commit.
 
+pub mod chunker;
 mod commit;
 mod plan;
 mod stage;
@@ -35,6 +36,7 @@ use crate::job::worker_threads;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::journal::BatchStats;
+use crate::repo::packer::Packer;
 use crate::repo::snapshot::SnapshotStats;
 use crate::scan::{self, Scan};
 use crate::source::Source;
@@ -174,7 +176,13 @@ fn run(
     let mut replayed = Vec::new();
     let journal_path = std::mem::take(&mut plan.work.journal_path);
     let fresh = plan.journal_header(&opts.tags);
-    let mut draft = commit::Draft::open(repo, &plan, &journal_path, || fresh, &mut replayed)?;
+    let store = plan
+        .work
+        .store
+        .clone()
+        .ok_or_else(|| crate::error::Error::internal("backup", "a plan without a blob store"))?;
+    let packer = Packer::new(repo, store.clone())?;
+    let mut draft = commit::Draft::open(&packer, &plan, &journal_path, || fresh, &mut replayed)?;
     let start_block = draft.start_block();
     let bs = u64::from(plan.block_size);
     let size = plan.source.size;
@@ -190,16 +198,22 @@ fn run(
         cancel,
         rescue: Some(&unreadable),
     };
+    let blobs = stage::RepoBlobs {
+        store: &store,
+        packer: &packer,
+    };
     let stage = stage::BackupStage::new(
-        repo,
         source,
         bs,
         plan.work.parent.as_ref(),
-        std::mem::take(&mut plan.work.verdicts),
+        &blobs,
+        repo.config().chunk_hash,
+        repo.config().zstd_level,
     );
     progress.start("backup", size - (start_block * bs).min(size));
     let committer = commit::Committer {
-        repo,
+        packer: &packer,
+        store: &store,
         draft: &mut draft,
         unreadable: &unreadable,
         checkpoint_interval: opts.checkpoint_interval,
@@ -210,14 +224,15 @@ fn run(
     let this_run = scan::run(&scan, &stage, progress, |done| {
         committer.commit(done, progress)
     });
-    stage.warn_healed(progress);
     progress.finish();
     let (this_run, unread_blocks) = this_run?;
     drop(stage);
     let unreadable = unreadable.into_inner().unwrap_or_else(|p| p.into_inner());
-    let done = draft.finish(repo, &plan, &this_run, unreadable, started)?;
-    // The snapshot is committed: the next backup of the volume may start.
+    let done = draft.finish(repo, &packer, &plan, &this_run, unreadable, started)?;
+    // The snapshot is committed: the next backup of the volume may start, and prune may
+    // delete what this writer did not know to be condemned.
     drop(plan.work.lock.take());
+    drop(plan.work.writer.take());
     Ok(BackupReport {
         snapshot_id: done.snapshot_id,
         parent: done.parent,

@@ -1,17 +1,21 @@
 //! The backup's plan: everything decided before a block is read, without writing anything to
 //! the repository or the source (`backup --dry-run` prints it).
 //!
-//! - the mount policy ([`crate::job::check_mounts`]) and the volume lock (one backup per
-//!   volume at a time; a plan alone only checks that none is running);
+//! - the repository's format (a format-1 repository is read-only), the mount policy
+//!   ([`crate::job::check_mounts`]) and the volume lock (one backup per volume at a time; a
+//!   plan alone only checks that none is running);
+//! - the writer registration (`writers/` marker, docs/DESIGN-format2.md "Concurrency"): made
+//!   before anything is looked up in the index, so that prune never deletes a pack this
+//!   backup may refer to; the writer's index excludes the packs of the pending records it
+//!   read. A plan alone registers nothing and reads the reader's index;
 //! - the source probe: filesystem or partition table, allocation map, [`volume_key`];
 //! - the resume decision: the journal of an interrupted backup of the volume is continued
 //!   only when it was made with the same settings, the source is in the state it read
-//!   ([`crate::source_state`]) and every chunk it names is intact;
+//!   ([`crate::source_state`]) and every blob it names is in the writer's index;
 //! - the parent: the journal's, or the latest snapshot of the volume ([`find_parent`]);
 //! - change tracking against a consistent parent: the blocks taken from it unread, without
-//!   those whose parent chunk is missing or damaged ([`drop_unreusable`]).
+//!   those whose parent blob is not in the writer's index ([`drop_unreusable`]).
 
-use super::stage::Verdicts;
 use super::{BackupOptions, path_key, volume_key};
 use crate::error::{Error, Result, chain};
 use crate::fs::disk::DiskLayout;
@@ -19,7 +23,8 @@ use crate::fs::{BlockMap, FsInfo};
 use crate::hash::{ChunkId, HashAlgorithm};
 use crate::job::{changes_since, check_mounts, tracking_warning};
 use crate::progress::Progress;
-use crate::repo::chunks::{ChunkHealth, ChunkStore};
+use crate::repo::blobs::BlobStore;
+use crate::repo::writers::{self, WriterMarker};
 use crate::repo::format::decode_records;
 use crate::repo::journal::{Journal, JournalHeader};
 use crate::repo::snapshot::{BlockCursor, SnapshotFile};
@@ -75,8 +80,11 @@ pub(super) struct Work {
     /// Blocks change tracking takes from the parent unread.
     pub known: Option<BlockMap>,
     pub parent: Option<SnapshotFile>,
-    /// The cheap checks made while planning, kept for the stage.
-    pub verdicts: Verdicts,
+    /// The writer marker (`None` for a plan alone), held until the snapshot is written.
+    pub writer: Option<WriterMarker>,
+    /// The index the backup refers to blobs through: the writer's (without the packs of the
+    /// pending records it knows), or the reader's for a plan alone.
+    pub store: Option<std::sync::Arc<BlobStore>>,
     /// The source's state, for the header of a new journal.
     pub state: Option<SourceState>,
     /// The snapshot's time when it starts afresh.
@@ -160,6 +168,7 @@ pub(super) fn prepare(
     progress: &dyn Progress,
     locking: Locking,
 ) -> Result<BackupPlan> {
+    repo.require_format2("back up")?;
     let info = source.info();
     if info.size == 0 {
         return Err(Error::BadSource {
@@ -191,6 +200,16 @@ pub(super) fn prepare(
         }
     };
 
+    // Registered before the index is read (resume check, parent, change tracking): every
+    // pack this backup may name stays until it is done.
+    let (writer, store) = match locking {
+        Locking::Take => {
+            let (marker, pending) = writers::register_writer(repo)?;
+            (Some(marker), BlobStore::open_writer(repo, &pending)?)
+        }
+        Locking::Check => (None, repo.blobs()?),
+    };
+
     let journal_path = repo.journals_dir().join(format!("{key}.journal"));
     let state = SourceState::capture(
         source,
@@ -208,6 +227,7 @@ pub(super) fn prepare(
     };
     let (resume, recorded) = decide_resume(
         repo,
+        &store,
         source,
         &journal_path,
         &expected,
@@ -222,7 +242,18 @@ pub(super) fn prepare(
     };
     let parent_snap = match &parent {
         Some(p) => match repo.open_snapshot(p) {
-            Ok(s) => Some(s),
+            // Only a snapshot of format 2 (a tree of blobs) can be a parent: its blocks are
+            // pieces of blobs this backup may refer to again.
+            Ok(s) if s.version() < crate::repo::format::SNAPSHOT_TREE_VERSION => {
+                progress.warn(&format!(
+                    "parent snapshot {p} is of repository format 1; storing every block afresh"
+                ));
+                None
+            }
+            Ok(mut s) => {
+                s.set_blobs(store.clone());
+                Some(s)
+            }
             Err(e) => {
                 progress.warn(&format!(
                     "parent snapshot {p} is unreadable ({}); storing every block afresh",
@@ -236,13 +267,12 @@ pub(super) fn prepare(
 
     // Change tracking: only against a consistent parent, from a consistent source.
     let start_block = resume.from_block();
-    let verdicts = Verdicts::default();
     let mut tracking_note = None;
     let (tracking, known) = match (&parent_snap, &map) {
         (Some(p), Some(_)) if !opts.rehash && consistent => {
             if p.header().consistent == Some(true) {
                 let base = crate::repo::reader::SnapshotVolume::new(
-                    repo.open_snapshot(p.id())?,
+                    repo.open_snapshot(p.id())?.with_blobs(store.clone()),
                     repo.chunks().clone(),
                 );
                 let t = changes_since(source, &base, bs, &p.header().unreadable)?;
@@ -251,7 +281,7 @@ pub(super) fn prepare(
                 }
                 let checked = match &t.map {
                     Some(k) => {
-                        drop_unreusable(k, p, start_block, repo.chunks(), &verdicts, progress)?
+                        drop_unreusable(k, p, start_block, &store, progress)?
                     }
                     None => None,
                 };
@@ -339,7 +369,8 @@ pub(super) fn prepare(
             map,
             known,
             parent: parent_snap,
-            verdicts,
+            writer,
+            store: Some(store),
             state: Some(state),
             time_unix,
             tracking_note,
@@ -455,8 +486,10 @@ fn settings_differ(h: &JournalHeader, e: &Expected<'_>) -> Option<String> {
 /// Decides whether the journal at `journal_path` is continued (see the module doc). Returns
 /// the decision and, when the journal is continued, its header. Warns why a journal that
 /// matches the settings is not continued.
+#[allow(clippy::too_many_arguments)]
 fn decide_resume(
     repo: &Repository,
+    store: &BlobStore,
     source: &Source,
     journal_path: &Path,
     expected: &Expected<'_>,
@@ -481,7 +514,14 @@ fn decide_resume(
     }
     // Only a journal of this very source state is resumed (see `source_state`).
     let noted = LastWarning::new(progress);
-    if !crate::source_state::backup_may_resume(source, journal_path, &h, state, &noted)? {
+    if !crate::source_state::backup_may_resume(
+        source,
+        journal_path,
+        &h,
+        state,
+        Some(store as &dyn crate::repo::blob::BlobSource),
+        &noted,
+    )? {
         let reason = noted.take().map_or_else(
             || "its journal is unreadable".to_string(),
             |w| {
@@ -493,19 +533,19 @@ fn decide_resume(
         );
         return start_over(reason);
     }
-    // Every chunk the journal names must still be there and sane.
-    match check_journal(repo, journal_path)? {
+    // Every blob the journal names must still be usable.
+    match check_journal(store, journal_path)? {
         None => start_over("its journal is unreadable".into()),
         Some(JournalCheck {
             damage: Some((id, why)),
             ..
         }) => {
             progress.warn(&format!(
-                "not resuming the interrupted backup: chunk {} that it stored is {why}; \
+                "not resuming the interrupted backup: blob {} that it stored is {why}; \
                  starting over",
                 id.to_hex()
             ));
-            start_over(format!("chunk {} that it stored is {why}", id.to_hex()))
+            start_over(format!("blob {} that it stored is {why}", id.to_hex()))
         }
         Some(JournalCheck {
             next_block,
@@ -559,44 +599,37 @@ impl Progress for LastWarning<'_> {
 struct JournalCheck {
     /// The first block the journal does not cover.
     next_block: u64,
-    /// The first chunk it names that fails the cheap check, and why.
+    /// The first blob (or format-1 chunk) it names that cannot be referred to, and why.
     damage: Option<(ChunkId, String)>,
 }
 
 /// Reads the journal at `journal_path`, changing nothing: where it ends, and whether every
-/// chunk it names passes the cheap check ([`ChunkStore::check_cheap`]). A journal naming a
-/// chunk that is missing or damaged (deleted, truncated, moved aside by `verify`) must not
-/// be resumed: its finished blocks would be carried into the snapshot without their data.
-/// `None` when there is no usable journal.
-fn check_journal(repo: &Repository, journal_path: &Path) -> Result<Option<JournalCheck>> {
-    // Consecutive blocks of one pack name the same chunk: check each run of them once.
-    let mut last: Option<ChunkId> = None;
+/// blob it names is in the writer's index (`store`). A journal naming a blob that is not (its
+/// pack condemned by a prune this writer knows of, or never indexed) must not be resumed: its
+/// finished blocks would be carried into the snapshot without their data. Neither is a journal
+/// of format-1 references (chunks, pack slices). `None` when there is no usable journal.
+fn check_journal(store: &BlobStore, journal_path: &Path) -> Result<Option<JournalCheck>> {
     let mut bad: Option<(ChunkId, String)> = None;
-    let mut failure: Option<Error> = None;
     let mut next_block = 0u64;
     let read = Journal::read_batches(journal_path, |_, batch| {
         next_block = batch.first_block + batch.block_count;
-        if bad.is_some() || failure.is_some() {
+        if bad.is_some() {
             return Ok(());
         }
         decode_records(&batch.records, batch.block_count, |r, _| {
-            let Some(id) = r.chunk() else { return };
-            if bad.is_some() || failure.is_some() || last == Some(id) {
+            if bad.is_some() {
                 return;
             }
-            last = Some(id);
-            match repo.chunks().check_cheap(&id) {
-                Ok(ChunkHealth::Good) => {}
-                Ok(ChunkHealth::Missing) => bad = Some((id, "missing".into())),
-                Ok(ChunkHealth::Damaged(why)) => bad = Some((id, why)),
-                Err(e) => failure = Some(e),
+            if let Some(id) = r.blob() {
+                if !store.contains(&id) {
+                    bad = Some((id, "not in the repository's index".into()));
+                }
+            } else if let Some(id) = r.chunk() {
+                bad = Some((id, "a chunk of repository format 1".into()));
             }
         })
         .map_err(|d| Error::corrupt("journal batch", journal_path, d))
     })?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
     Ok(read.map(|_| JournalCheck {
         next_block,
         damage: bad,
@@ -621,18 +654,15 @@ fn legacy_path_match(key: &str, recorded_key: &str, recorded_path: &str, size: u
 }
 
 /// The blocks of `known` (change tracking: unchanged since the parent, taken from it unread)
-/// from `start_block` on, without those whose parent chunk fails the cheap check (missing or
-/// damaged): those are read and stored again, so that a damaged chunk is not inherited, and
-/// stored in runs like a full backup's, so that a lost pack is rewritten whole (which repairs
-/// the older snapshots that refer to it too). Each distinct chunk is checked once.
-/// Returns the map and how many blocks were taken out; `None` when the parent's references
-/// are unreadable (every used block is then read).
+/// from `start_block` on, without those whose parent blob is not in the writer's index
+/// (`store`: its pack condemned by a prune, or lost): those are read and stored again, in runs
+/// like a full backup's. Returns the map and how many blocks were taken out; `None` when the
+/// parent's references are unreadable (every used block is then read).
 fn drop_unreusable(
     known: &BlockMap,
     parent: &SnapshotFile,
     start_block: u64,
-    store: &ChunkStore,
-    verdicts: &Verdicts,
+    store: &BlobStore,
     progress: &dyn Progress,
 ) -> Result<Option<(BlockMap, u64)>> {
     let mut out = known.clone();
@@ -651,8 +681,8 @@ fn drop_unreusable(
                     return Ok(None);
                 }
             };
-            if let Some(c) = r.and_then(|r| r.chunk())
-                && !verdicts.reusable(store, &c)?
+            if let Some(blob) = r.and_then(|r| r.blob())
+                && !store.contains(&blob)
             {
                 out.unmark_bytes(b * known.granularity(), known.granularity());
                 dropped += 1;
@@ -661,8 +691,8 @@ fn drop_unreusable(
     }
     if dropped > 0 {
         progress.warn(&format!(
-            "{dropped} unchanged blocks refer to chunks of the parent snapshot that are missing \
-             or damaged: they are read and stored again"
+            "{dropped} unchanged blocks refer to blobs of the parent snapshot that are no longer \
+             in the repository's index: they are read and stored again"
         ));
     }
     Ok(Some((out, dropped)))

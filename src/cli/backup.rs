@@ -96,7 +96,7 @@ fn print_text(r: &BackupReport, volume_size: u64, block_size: u32) {
         );
     }
     println!(
-        "  new data        {} in {} chunks, {} stored",
+        "  new data        {} in {} frames, {} stored",
         human_bytes(r.this_run.new_bytes),
         r.this_run.new_chunks,
         human_bytes(r.this_run.new_bytes_stored)
