@@ -405,9 +405,9 @@ where
     let size = scan.source.size();
     let block_count = scan.block_count();
     let staging = staging_blocks(bs);
-    let max_run = stage.whole_runs().map_or(staging, |n| {
-        n.clamp(1, whole_run_blocks(bs, scan.threads))
-    });
+    let max_run = stage
+        .whole_runs()
+        .map_or(staging, |n| n.clamp(1, whole_run_blocks(bs, scan.threads)));
     // A staged run: blocks read into a staging buffer, or (`None`) known blocks.
     let (staged_tx, staged_rx) = bounded::<(u64, u64, Option<AlignedBuf>)>(staging_buffers + 1);
     let (empty_tx, empty_rx) = bounded::<AlignedBuf>(staging_buffers);

@@ -504,7 +504,10 @@ pub enum Expected {
     /// Content with this hash (the journal's hash function).
     Hash([u8; 32]),
     /// The bytes of piece `index` of data blob `blob` (format 2).
-    Piece { blob: crate::hash::ChunkId, index: u32 },
+    Piece {
+        blob: crate::hash::ChunkId,
+        index: u32,
+    },
 }
 
 /// A deterministic, evenly spread sample of finished blocks: the first [`SAMPLE_FIRST`] data
@@ -611,9 +614,9 @@ impl SampleCheck {
                 Expected::Zero => crate::volume::is_zero(&buf),
                 Expected::Hash(h) => hash(&buf) == h,
                 Expected::Piece { blob, index } => {
-                    let Some(content) = blobs.and_then(|s| {
-                        s.blob(&blob, crate::repo::blob::BlobKind::Data).ok()
-                    }) else {
+                    let Some(content) =
+                        blobs.and_then(|s| s.blob(&blob, crate::repo::blob::BlobKind::Data).ok())
+                    else {
                         continue;
                     };
                     let from = u64::from(index).saturating_mul(block_size);
@@ -734,6 +737,43 @@ mod tests {
         assert_eq!(s.first_mismatch(&Mem(data.clone()), 4096, h), None);
         data[5 * 4096] = 2;
         assert_eq!(s.first_mismatch(&Mem(data), 4096, h), Some(5));
+    }
+
+    /// Pieces of blobs (format 2) are compared with the blob's bytes; without a blob source,
+    /// or when the blob cannot be read, they are skipped.
+    #[test]
+    fn sample_compares_pieces_with_their_blob() {
+        use crate::repo::blob::{BlobKind, BlobSink};
+        let mut data = vec![3u8; 8 * 4096];
+        data[6 * 4096] = 9;
+        let blobs = crate::repo::tree::testing::MemBlobs::new();
+        let id = blobs.put_blob(BlobKind::Data, &data[4 * 4096..]).unwrap();
+        let mut s = SampleCheck::new();
+        for b in 4..8u64 {
+            s.offer(
+                b,
+                Expected::Piece {
+                    blob: id,
+                    index: (b - 4) as u32,
+                },
+            );
+        }
+        let h = |d: &[u8]| *blake3::hash(d).as_bytes();
+        let src: &dyn crate::repo::blob::BlobSource = &*blobs;
+        assert_eq!(
+            s.first_mismatch_in(&Mem(data.clone()), 4096, h, Some(src)),
+            None
+        );
+        data[6 * 4096] = 1;
+        assert_eq!(
+            s.first_mismatch_in(&Mem(data.clone()), 4096, h, Some(src)),
+            Some(6)
+        );
+        assert_eq!(s.first_mismatch_in(&Mem(data.clone()), 4096, h, None), None);
+        // A piece past the blob's end never matches.
+        let mut s = SampleCheck::new();
+        s.offer(7, Expected::Piece { blob: id, index: 9 });
+        assert_eq!(s.first_mismatch_in(&Mem(data), 4096, h, Some(src)), Some(7));
     }
 
     #[test]

@@ -111,8 +111,10 @@ mod tests {
                 v.push(if s == 0 {
                     0
                 } else {
-                    (u32::from(s).wrapping_mul(2654435761).wrapping_add(k as u32 * 40503) >> 13)
-                        as u8
+                    (u32::from(s)
+                        .wrapping_mul(2654435761)
+                        .wrapping_add(k as u32 * 40503)
+                        >> 13) as u8
                 });
             }
         }

@@ -422,7 +422,10 @@ impl Batch {
         // Consecutive zero or unused blocks, and consecutive pieces of one blob, make one
         // record.
         match (self.run, d.block_ref) {
-            (Some((r, c)), b) if r.continues(c, &b) && !matches!(b, BlockRef::Chunk(_) | BlockRef::Slice { .. }) => {
+            (Some((r, c)), b)
+                if r.continues(c, &b)
+                    && !matches!(b, BlockRef::Chunk(_) | BlockRef::Slice { .. }) =>
+            {
                 self.run = Some((r, c + count))
             }
             (_, b) => {
@@ -520,6 +523,40 @@ mod tests {
         assert_eq!(s.bytes_read, 200);
         // The next batch starts where this one ended, empty.
         assert_eq!((b.first, b.blocks, b.records.len()), (25, 0, 0));
+    }
+
+    #[test]
+    fn pieces_of_one_blob_make_one_record() {
+        let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
+        let part = |blob, index| BlockRef::Part { blob, index };
+        let new = Outcome::New {
+            raw: 3 * 4096,
+            stored: 100,
+            chunks: 1,
+        };
+        let mut batch = Batch::new(0);
+        batch.push(&done(part(a, 0), new, 3));
+        batch.push(&done(part(a, 3), Outcome::Deduplicated, 2));
+        batch.push(&done(BlockRef::Zero, Outcome::Zero, 1));
+        batch.push(&done(part(a, 5), Outcome::Unchanged, 1));
+        batch.push(&done(part(b, 0), Outcome::Unchanged, 4));
+        batch.push(&done(part(b, 5), Outcome::Unchanged, 1));
+        let mut last = Instant::now();
+        let full = batch.take(12, &mut last);
+        assert_eq!(
+            refs(&full),
+            vec![
+                (part(a, 0), 5),
+                (BlockRef::Zero, 1),
+                (part(a, 5), 1),
+                (part(b, 0), 4),
+                (part(b, 5), 1)
+            ]
+        );
+        let s = full.stats;
+        assert_eq!(s.data_blocks, 11);
+        assert_eq!((s.unchanged_blocks, s.deduplicated_blocks), (6, 2));
+        assert_eq!((s.new_chunks, s.new_bytes_stored), (1, 100));
     }
 
     #[test]

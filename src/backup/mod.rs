@@ -176,11 +176,10 @@ fn run(
     let mut replayed = Vec::new();
     let journal_path = std::mem::take(&mut plan.work.journal_path);
     let fresh = plan.journal_header(&opts.tags);
-    let store = plan
-        .work
-        .store
-        .clone()
-        .ok_or_else(|| crate::error::Error::internal("backup", "a plan without a blob store"))?;
+    let store =
+        plan.work.store.clone().ok_or_else(|| {
+            crate::error::Error::internal("backup", "a plan without a blob store")
+        })?;
     let packer = Packer::new(repo, store.clone())?;
     let mut draft = commit::Draft::open(&packer, &plan, &journal_path, || fresh, &mut replayed)?;
     let start_block = draft.start_block();

@@ -50,7 +50,11 @@ pub(super) enum Outcome {
     Deduplicated,
     /// A new blob of `raw` bytes. A frame's `stored` bytes and its count (`chunks` = 1) go
     /// with its first blob; its other blobs add 0 and 0.
-    New { raw: u64, stored: u64, chunks: u64 },
+    New {
+        raw: u64,
+        stored: u64,
+        chunks: u64,
+    },
 }
 
 /// A worker's result for `count` blocks with one reference (a PART reference: pieces
@@ -199,8 +203,8 @@ impl<'a> BackupStage<'a> {
             let count = (r.end - r.start) as u64;
             let len = bytes.len();
             if fresh.contains(&id) || self.blobs.contains(&id) {
-                let same_as_parent = (0..count)
-                    .all(|k| hints[r.start + k as usize] == Some(block_ref.advance(k)));
+                let same_as_parent =
+                    (0..count).all(|k| hints[r.start + k as usize] == Some(block_ref.advance(k)));
                 out.push(Done {
                     block_ref,
                     outcome: if same_as_parent {
@@ -538,7 +542,10 @@ mod tests {
         let frames = mem.frames.lock().unwrap().clone();
         let (mut raw, mut chunks) = (0, 0);
         for d in &out {
-            if let Outcome::New { raw: r, chunks: c, .. } = d.outcome {
+            if let Outcome::New {
+                raw: r, chunks: c, ..
+            } = d.outcome
+            {
                 raw += r;
                 chunks += c;
                 assert!(d.count <= 64);
