@@ -2,22 +2,24 @@
 //!
 //! A backup is three steps, one file each:
 //!
-//! - **plan** (`plan.rs`, [`plan`] → [`BackupPlan`]): mount check, volume lock, source probe
-//!   (filesystem, allocation map, [`volume_key`]), whether to continue an interrupted backup,
-//!   the parent snapshot, change tracking. It writes nothing: `backup --dry-run` prints it.
+//! - **plan** (`plan.rs`, [`plan`] → [`BackupPlan`]): repository format check (format 1 is
+//!   read-only), mount check, volume lock, writer registration (`writers/` marker, so that a
+//!   concurrent prune keeps every pack this backup may name), source probe (filesystem,
+//!   allocation map, [`volume_key`]), whether to continue an interrupted backup, the parent
+//!   snapshot, change tracking. It writes nothing: `backup --dry-run` prints it.
 //! - **stage** (`stage.rs`): what the shared scan pipeline's workers ([`crate::scan`]: I/O
-//!   loop, dispatcher, workers on every core, results back in block order) do to each block:
-//!   detect zeros, hash, compare with the parent, check the chunk store, and compress and store
-//!   new blocks, a run's new blocks together as one pack. A chunk already in the repository is
-//!   referred to again only when it passes the cheap check
-//!   ([`crate::repo::chunks::ChunkStore::check_cheap`], cached per chunk): the parent's chunk
-//!   or pack, the chunks of blocks that change tracking takes unread (checked while planning),
-//!   a deduplicated chunk, an existing pack. A missing or damaged chunk is stored again, which
-//!   also repairs the older snapshots that refer to it (docs/REPAIR.md).
-//! - **commit** (`commit.rs`): results back in block order are appended to the snapshot being
-//!   written, and every few seconds checkpointed: `syncfs`, then a durable journal batch. A
-//!   later run of the same volume replays the journal and continues where it stopped. At the
-//!   end the snapshot is written and the journal removed.
+//!   loop, dispatcher, workers on every core, results back in block order) do to each run of
+//!   blocks read in one request (up to 16 MiB): detect zeros, cut the other blocks into blobs
+//!   by content ([`chunker`]), hash each blob, refer to it again when the writer's index holds
+//!   it (the parent's, another snapshot's, a concurrent backup's), else compress the run's new
+//!   blobs into frames of up to 1 MiB and append them to packs
+//!   ([`crate::repo::packer::Packer`]). A blob whose pack a prune condemned is not in the
+//!   writer's index: it is stored again.
+//! - **commit** (`commit.rs`): results back in block order are appended to the snapshot's
+//!   tree ([`crate::repo::tree::TreeWriter`], whose nodes are blobs too), and every few seconds
+//!   checkpointed: packs durable and indexed, then a durable journal batch. A later run of the
+//!   same volume replays the journal and continues where it stopped. At the end the tree is
+//!   finished, packed and indexed, the snapshot (version 3) is written and the journal removed.
 //!
 //! [`backup`] is [`plan`] (taking the volume lock) followed by the stage and the commit.
 
@@ -225,7 +227,6 @@ fn run(
     });
     progress.finish();
     let (this_run, unread_blocks) = this_run?;
-    drop(stage);
     let unreadable = unreadable.into_inner().unwrap_or_else(|p| p.into_inner());
     let done = draft.finish(repo, &packer, &plan, &this_run, unreadable, started)?;
     // The snapshot is committed: the next backup of the volume may start, and prune may

@@ -130,8 +130,8 @@ pub enum Tracking {
     /// Tried, but no block is known to be unchanged; `reason` when change tracking says why.
     NothingKnown { reason: Option<String> },
     /// `unchanged_blocks` (from the first block the run reads) are taken from the parent
-    /// unread; `damaged_blocks` more are unchanged but their parent chunk is missing or
-    /// damaged: they are read and stored again.
+    /// unread; `damaged_blocks` more are unchanged but their parent blob is no longer in the
+    /// writer's index (its pack condemned by a prune): they are read and stored again.
     Used {
         unchanged_blocks: u64,
         damaged_blocks: u64,
@@ -139,8 +139,8 @@ pub enum Tracking {
 }
 
 /// Plans a backup of `source` into `repo` with `opts`, as [`super::backup`] would run it,
-/// and changes nothing: no lock file, journal, chunk or snapshot is written, and the source
-/// is only read. Fails as the backup would before reading a block (empty or mounted source,
+/// and changes nothing: no lock file, writer marker, journal, pack, index file or snapshot
+/// is written, and the source is only read. Fails as the backup would before reading a block (empty or mounted source,
 /// bad block size, another backup of the volume running). Warnings go to `progress`.
 pub fn plan(
     repo: &Repository,
@@ -806,8 +806,8 @@ impl std::fmt::Display for BackupPlan {
                 if *damaged_blocks > 0 {
                     write!(
                         f,
-                        "; {damaged_blocks} more refer to missing or damaged chunks and are \
-                         read again"
+                        "; {damaged_blocks} more refer to blobs no longer in the index and \
+                         are read again"
                     )?;
                 }
                 writeln!(f)?
