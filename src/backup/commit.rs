@@ -18,7 +18,6 @@ use super::stage::{Done, Outcome};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::Repository;
-use crate::repo::blobs::BlobStore;
 use crate::repo::format::{BlockRef, decode_records, encode_run};
 use crate::repo::journal::{BatchStats, Journal, JournalHeader};
 use crate::repo::packer::Packer;
@@ -205,8 +204,6 @@ impl<'p> Draft<'p> {
 pub(super) struct Committer<'a, 'p> {
     /// Made durable and indexed before each journal batch.
     pub packer: &'a Packer,
-    /// The writer's index, refreshed at each checkpoint.
-    pub store: &'a BlobStore,
     pub draft: &'a mut Draft<'p>,
     /// Unreadable byte ranges: those of the journal's batches, then the ones the scan adds.
     pub unreadable: &'a Mutex<Vec<(u64, u64)>>,
@@ -228,7 +225,6 @@ impl Committer<'_, '_> {
     ) -> Result<(BatchStats, u64)> {
         let Committer {
             packer,
-            store,
             draft,
             unreadable,
             checkpoint_interval,
@@ -245,9 +241,9 @@ impl Committer<'_, '_> {
             let checkpointer = scope.spawn(move || -> Result<()> {
                 for batch in cp_rx.iter() {
                     // The batch names blobs added before it was taken: durable and indexed
-                    // first. Index files of concurrent writers are picked up on the way.
+                    // first. (The checkpoint also loads the index files concurrent writers
+                    // wrote, so that their blobs deduplicate from now on.)
                     packer.checkpoint()?;
-                    store.refresh()?;
                     journal.append(
                         batch.first,
                         batch.blocks,

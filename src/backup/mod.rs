@@ -214,7 +214,6 @@ fn run(
     progress.start("backup", size - (start_block * bs).min(size));
     let committer = commit::Committer {
         packer: &packer,
-        store: &store,
         draft: &mut draft,
         unreadable: &unreadable,
         checkpoint_interval: opts.checkpoint_interval,
