@@ -819,6 +819,22 @@ mod tests {
         }
     }
 
+    /// Whole runs reach 16 MiB with few workers and shrink to 4 MiB with many, so that the
+    /// staging buffers stay bounded.
+    #[test]
+    fn whole_runs_are_large_but_bounded() {
+        assert_eq!(whole_run_blocks(4096, 2), 4096);
+        assert_eq!(whole_run_blocks(4096, 1), 4096);
+        assert_eq!(whole_run_blocks(16 << 20, 2), 1);
+        assert_eq!(whole_run_blocks(32 << 20, 2), 1);
+        for threads in [1, 2, 8, 64, 1024] {
+            let n = whole_run_blocks(4096, threads);
+            assert!((1024..=4096).contains(&n), "{threads}: {n}");
+            let buffers = 3 + 2 * threads as u64;
+            assert!(n * 4096 * buffers <= (256 << 20).max(buffers * (4 << 20)));
+        }
+    }
+
     /// EIO; ERROR_CRC on Windows.
     #[cfg(unix)]
     const MEDIA_ERROR: i32 = 5;
