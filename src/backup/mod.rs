@@ -94,8 +94,10 @@ pub struct BackupReport {
     pub resumed: bool,
     /// Statistics of the whole snapshot (all runs).
     pub stats: SnapshotStats,
-    /// Statistics of this run alone.
+    /// Statistics of this run alone (`new_chunks`: frames written).
     pub this_run: BatchStats,
+    /// Pack files this run wrote (data and tree blobs).
+    pub packs_written: u64,
     /// The filesystem found on the volume.
     pub filesystem: Option<FsInfo>,
     /// The partition layout, for a partitioned disk.
@@ -238,6 +240,7 @@ fn run(
         resumed: done.resumed,
         stats: done.stats,
         this_run,
+        packs_written: packer.packs_written(),
         filesystem: plan.filesystem,
         layout: plan.layout,
         all_blocks: plan.all_blocks,
