@@ -716,6 +716,33 @@ impl BlockMap {
         }
     }
 
+    /// The reference of block `index` and how many blocks from it on continue its run (at
+    /// least 1; a run may be cut short at a segment or leaf boundary). Walking a volume run by
+    /// run costs one lookup per run, not per block.
+    pub fn run_at(&self, index: u64) -> Result<(BlockRef, u64)> {
+        match self {
+            BlockMap::Segments(s) => {
+                let r = self.block_ref(index)?;
+                let seg = s.segment((index / SEGMENT_BLOCKS) as usize)?;
+                let at = (index % SEGMENT_BLOCKS) as usize;
+                let n = seg
+                    .get(at..)
+                    .unwrap_or(&[])
+                    .iter()
+                    .take_while(|x| **x == r)
+                    .count()
+                    .max(1);
+                Ok((r, n as u64))
+            }
+            BlockMap::Tree(t) => {
+                if index >= t.block_count() {
+                    return self.block_ref(index).map(|r| (r, 1));
+                }
+                t.run_at(index)
+            }
+        }
+    }
+
     /// Visits every block in order: `f(first_block, ref, count)` per run (equal references,
     /// or consecutive pieces of one blob: see [`BlockRef::advance`]).
     pub fn for_each_run(&self, mut f: impl FnMut(u64, BlockRef, u64) -> Result<()>) -> Result<()> {
@@ -816,21 +843,21 @@ impl<'a> BlockCursor<'a> {
     }
 }
 
+/// Helpers for tests of the modules that read snapshots.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn write_snapshot(dir: &Path) -> PathBuf {
-        let mut w = SnapshotWriter::create(dir).unwrap();
-        w.push(BlockRef::Zero, 3).unwrap();
-        let header = SnapshotHeader {
+    /// A header for a volume of `size` bytes in blocks of `block_size`.
+    pub fn header(size: u64, block_size: u32) -> SnapshotHeader {
+        SnapshotHeader {
             time: "2026-12-03T00:00:00Z".into(),
             time_unix: 0,
             hostname: "h".into(),
             source: SourceInfo {
                 path: "/dev/x".into(),
                 kind: "file".into(),
-                size: 3 * 4096,
+                size,
                 logical_sector_size: 512,
                 physical_sector_size: 512,
             },
@@ -838,8 +865,8 @@ mod tests {
             layout: None,
             all_blocks: true,
             volume_key: "k".into(),
-            block_size: 4096,
-            block_count: 3,
+            block_size,
+            block_count: size.div_ceil(block_size as u64),
             chunk_hash: HashAlgorithm::Blake3,
             parent: None,
             tags: Vec::new(),
@@ -847,9 +874,180 @@ mod tests {
             unreadable: Vec::new(),
             consistent: None,
             tree: None,
-        };
-        let id = w.finish(&header, dir).unwrap();
+        }
+    }
+
+    /// Writes the runs as a version 3 snapshot of `size` bytes into `dir` (blobs into
+    /// `sink`) and opens it with `src` attached.
+    pub fn tree_snapshot(
+        dir: &Path,
+        size: u64,
+        block_size: u32,
+        runs: &[(BlockRef, u64)],
+        blobs: Arc<super::super::tree::testing::MemBlobs>,
+    ) -> SnapshotFile {
+        let h = header(size, block_size);
+        let mut w = super::super::tree::TreeWriter::new(&*blobs, h.block_count);
+        for &(r, n) in runs {
+            w.push(r, n).unwrap();
+        }
+        let root = w.finish().unwrap();
+        let id = write_tree_snapshot(dir, dir, &h, root).unwrap();
+        SnapshotFile::open(&dir.join(&id), Some(&id))
+            .unwrap()
+            .with_blobs(blobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tree::testing::MemBlobs;
+    use super::super::tree::{LEAF_BLOCKS, TreeWriter};
+    use super::testing::{header, tree_snapshot};
+    use super::*;
+
+    fn write_snapshot(dir: &Path) -> PathBuf {
+        let mut w = SnapshotWriter::create(dir).unwrap();
+        w.push(BlockRef::Zero, 3).unwrap();
+        let id = w.finish(&header(3 * 4096, 4096), dir).unwrap();
         dir.join(id)
+    }
+
+    /// Writes a file with any version and header (checksum valid), for the checks of `open`.
+    fn write_raw(dir: &Path, version: u32, h: &SnapshotHeader) -> PathBuf {
+        let tmp = TempFile::create_in(dir, ".snapshot").unwrap();
+        let mut out = BufWriter::new(tmp.file().try_clone().unwrap());
+        out.write_all(&SNAPSHOT_MAGIC).unwrap();
+        out.write_all(&version.to_le_bytes()).unwrap();
+        let id = finish_file(tmp, out, version, 12, h, &[], 0, dir).unwrap();
+        dir.join(id)
+    }
+
+    fn part(b: u8, index: u32) -> BlockRef {
+        BlockRef::Part {
+            blob: crate::hash::ChunkId([b; 32]),
+            index,
+        }
+    }
+
+    #[test]
+    fn version_3_snapshots_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = MemBlobs::new();
+        let blocks = LEAF_BLOCKS + 7;
+        let runs = [
+            (part(1, 0), 4),
+            (BlockRef::Unused, LEAF_BLOCKS),
+            (part(2, 3), 2),
+            (BlockRef::Zero, 1),
+        ];
+        let snap = tree_snapshot(dir.path(), blocks * 4096 - 100, 4096, &runs, blobs.clone());
+        assert_eq!(snap.version(), SNAPSHOT_TREE_VERSION);
+        assert_eq!(snap.segment_count(), 0);
+        let tree = snap.tree().unwrap();
+        assert_eq!(tree.height, 1);
+        // The header JSON names the tree in hex.
+        let json = serde_json::to_value(snap.header()).unwrap();
+        assert_eq!(json["tree"]["root"], tree.root.to_hex());
+        assert_eq!(json["tree"]["height"], 1);
+        let want: Vec<BlockRef> = runs
+            .iter()
+            .flat_map(|&(r, n)| (0..n).map(move |k| r.advance(k)))
+            .collect();
+        let mut got = Vec::new();
+        snap.for_each_run(|first, r, n| {
+            assert_eq!(first, got.len() as u64);
+            got.extend((0..n).map(|k| r.advance(k)));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, want);
+        let map = snap.block_map().unwrap();
+        assert_eq!(map.block_count(), blocks);
+        assert_eq!(map.block_ref(2).unwrap(), part(1, 2));
+        assert_eq!(map.block_ref(LEAF_BLOCKS + 5).unwrap(), part(2, 4));
+        assert!(matches!(
+            map.block_ref(blocks),
+            Err(Error::OutOfRange { .. })
+        ));
+        let mut c = BlockCursor::new(&snap);
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(c.get(i as u64).unwrap(), Some(*w));
+        }
+        assert_eq!(c.get(blocks).unwrap(), None);
+        // Without a blob source the tree cannot be read, but the file opens.
+        let bare = SnapshotFile::open(snap.path(), Some(snap.id())).unwrap();
+        assert!(bare.block_map().is_err());
+        assert!(BlockCursor::new(&bare).get(0).is_err());
+        assert!(matches!(bare.segment(0), Err(Error::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn segments_and_trees_read_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_snapshot(dir.path());
+        let snap = SnapshotFile::open(&path, None).unwrap();
+        assert_eq!(snap.version(), SNAPSHOT_SEGMENTS_VERSION);
+        assert_eq!(snap.tree(), None);
+        let map = snap.block_map().unwrap();
+        assert_eq!(map.block_ref(2).unwrap(), BlockRef::Zero);
+        let mut runs = Vec::new();
+        map.for_each_run(|f, r, n| {
+            runs.push((f, r, n));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, vec![(0, BlockRef::Zero, 3)]);
+        assert_eq!(map.run_at(1).unwrap(), (BlockRef::Zero, 2));
+        assert!(map.run_at(3).is_err());
+        let mut c = map.cursor();
+        assert_eq!(c.get(1).unwrap(), Some(BlockRef::Zero));
+        assert_eq!(c.get(3).unwrap(), None);
+        // Pieces of blobs have no place in segments.
+        let mut w = SnapshotWriter::create(dir.path()).unwrap();
+        assert!(w.push(part(1, 0), 1).is_err());
+    }
+
+    #[test]
+    fn the_tree_field_must_match_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = MemBlobs::new();
+        let h = header(5 * 4096, 4096);
+        let mut tw = TreeWriter::new(&*blobs, 5);
+        tw.push(BlockRef::Zero, 5).unwrap();
+        let root = tw.finish().unwrap();
+        // Version 3 without a tree.
+        let p = write_raw(dir.path(), 3, &h);
+        let e = SnapshotFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("without a tree"), "{e}");
+        // Version 2 naming a tree.
+        let mut with_tree = h.clone();
+        with_tree.tree = Some(root);
+        let p = write_raw(dir.path(), 2, &with_tree);
+        let e = SnapshotFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("names a tree"), "{e}");
+        // A height that does not fit the block count.
+        let mut tall = h.clone();
+        tall.tree = Some(super::super::tree::TreeRoot {
+            root: root.root,
+            height: 1,
+        });
+        let p = write_raw(dir.path(), 3, &tall);
+        let e = SnapshotFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("height"), "{e}");
+        assert!(write_tree_snapshot(dir.path(), dir.path(), &h, tall.tree.unwrap()).is_err());
+        // The segments writer refuses a header naming a tree.
+        let mut w = SnapshotWriter::create(dir.path()).unwrap();
+        w.push(BlockRef::Zero, 5).unwrap();
+        assert!(w.finish(&with_tree, dir.path()).is_err());
+        // The good one.
+        let id = write_tree_snapshot(dir.path(), dir.path(), &h, root).unwrap();
+        let snap = SnapshotFile::open(&dir.path().join(&id), Some(&id)).unwrap();
+        assert_eq!(snap.tree(), Some(root));
+        // A root that is not hex is a damaged header.
+        let mut json = serde_json::to_value(&with_tree).unwrap();
+        json["tree"]["root"] = "zz".into();
+        assert!(serde_json::from_value::<SnapshotHeader>(json).is_err());
     }
 
     #[test]
