@@ -1101,6 +1101,79 @@ mod tests {
         assert_eq!((kept.used_blocks(), dropped), (16, 0));
     }
 
+    /// Format 1 is read-only: neither a plan nor a backup is made there.
+    #[test]
+    fn a_format1_repository_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        random_file(&img, 1 << 20, 6);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::v1()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let opts = BackupOptions::default();
+        for e in [
+            plan(&repo, &source, &opts, &Silent).unwrap_err(),
+            backup(&repo, &source, &opts, &Silent).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("back up"), "{e}");
+        }
+        assert!(repo.snapshot_ids().unwrap().is_empty());
+    }
+
+    /// Counts the live writers each time the backup reports progress.
+    struct WatchWriters<'a>(&'a Repository, Mutex<Vec<usize>>);
+
+    impl Progress for WatchWriters<'_> {
+        fn advance(&self, _: u64) {
+            let n = crate::repo::writers::live_writers(self.0).unwrap().len();
+            self.1.lock().unwrap().push(n);
+        }
+    }
+
+    /// A backup is a registered writer from its plan to its snapshot, and only then; its
+    /// packs are indexed and a second backup of the same content stores no data.
+    #[test]
+    fn a_backup_is_a_writer_until_its_snapshot_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        random_file(&img, 3 << 20, 7);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let watch = WatchWriters(&repo, Mutex::new(Vec::new()));
+        let first = backup(&repo, &source, &BackupOptions::default(), &watch).unwrap();
+        let seen = watch.1.lock().unwrap().clone();
+        assert!(!seen.is_empty() && seen.iter().all(|&n| n == 1), "{seen:?}");
+        assert!(
+            crate::repo::writers::live_writers(&repo)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(first.this_run.new_bytes, 3 << 20);
+        assert!(first.packs_written >= 1);
+        assert!(first.this_run.new_chunks >= 3, "frames of at most 1 MiB");
+        // Every blob of the snapshot is in an index file (a fresh reader sees them).
+        let store = crate::repo::blobs::BlobStore::open(&repo).unwrap();
+        let snap = repo
+            .open_snapshot(&first.snapshot_id)
+            .unwrap()
+            .with_blobs(store.clone());
+        assert_eq!(snap.version(), crate::repo::format::SNAPSHOT_TREE_VERSION);
+        snap.for_each_run(|_, r, _| {
+            if let Some(b) = r.blob() {
+                assert!(store.contains(&b));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let second = backup(&repo, &source, &BackupOptions::default(), &Silent).unwrap();
+        assert_eq!(second.this_run.new_bytes, 0);
+        assert_eq!(second.stats.unchanged_blocks, 768);
+        assert!(
+            crate::repo::writers::live_writers(&repo)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
     /// `backup --dry-run`: a plan of a small ext4 image changes nothing and tells a full
     /// backup, an incremental one and a resumed one apart.
     #[test]
