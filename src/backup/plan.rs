@@ -7,7 +7,7 @@
 //! - the writer registration (`writers/` marker, docs/DESIGN-format2.md "Concurrency"): made
 //!   before anything is looked up in the index, so that prune never deletes a pack this
 //!   backup may refer to; the writer's index excludes the packs of the pending records it
-//!   read. A plan alone registers nothing and reads the reader's index;
+//!   read. A plan alone registers nothing (it reads the index as such a writer would);
 //! - the source probe: filesystem or partition table, allocation map, [`volume_key`];
 //! - the resume decision: the journal of an interrupted backup of the volume is continued
 //!   only when it was made with the same settings, the source is in the state it read
@@ -207,7 +207,11 @@ pub(super) fn prepare(
             let (marker, pending) = writers::register_writer(repo)?;
             (Some(marker), BlobStore::open_writer(repo, &pending)?)
         }
-        Locking::Check => (None, repo.blobs()?),
+        // What a backup starting now would see, without registering: the same exclusions.
+        Locking::Check => (
+            None,
+            BlobStore::open_writer(repo, &writers::read_pending(repo)?)?,
+        ),
     };
 
     let journal_path = repo.journals_dir().join(format!("{key}.journal"));
@@ -1117,6 +1121,49 @@ mod tests {
             assert!(e.to_string().contains("back up"), "{e}");
         }
         assert!(repo.snapshot_ids().unwrap().is_empty());
+    }
+
+    /// An interrupted backup whose packs a prune has condemned since (a pending record the
+    /// next run reads) is not continued: its blobs are not in the writer's index.
+    #[test]
+    fn a_journal_naming_condemned_blobs_is_not_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        // More than one run (16 MiB each), so that the backup stops after the first.
+        random_file(&img, 40 << 20, 8);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let every = BackupOptions {
+            threads: 1,
+            checkpoint_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let interrupted = BackupOptions {
+            cancel: Some(flag.clone()),
+            ..every.clone()
+        };
+        match backup(&repo, &source, &interrupted, &CancelAtFirstBlock(flag)) {
+            Err(Error::Interrupted { checkpointed: true }) => {}
+            other => panic!("the backup was not interrupted: {other:?}"),
+        }
+        let p = plan(&repo, &source, &every, &Silent).unwrap();
+        assert!(
+            matches!(p.resume, Resume::Continue { .. }),
+            "{:?}",
+            p.resume
+        );
+        let packs = BlobStore::open(&repo).unwrap().with_index(|i| i.packs());
+        assert!(!packs.is_empty());
+        crate::repo::writers::write_pending(&repo, &packs, &[]).unwrap();
+        let p = plan(&repo, &source, &every, &Silent).unwrap();
+        match &p.resume {
+            Resume::StartOver { reason } => assert!(reason.contains("index"), "{reason}"),
+            r => panic!("resumed with condemned blobs: {r:?}"),
+        }
+        let done = backup(&repo, &source, &every, &Silent).unwrap();
+        assert!(!done.resumed);
+        assert_eq!(done.this_run.new_bytes, 40 << 20, "everything stored again");
     }
 
     /// Counts the live writers each time the backup reports progress.
