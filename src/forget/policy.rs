@@ -349,8 +349,10 @@ mod tests {
             .collect()
     }
 
-    /// Table cases: (name, policy, snapshots (id, time), expected newest first).
-    fn check(cases: Vec<(&str, Policy, Vec<(&str, i64)>, Vec<&str>)>) {
+    /// A table case: (name, policy, snapshots (id, time), expected newest first).
+    type Case<'a> = (&'a str, Policy, Vec<(&'a str, i64)>, Vec<&'a str>);
+
+    fn check(cases: Vec<Case<'_>>) {
         for (name, policy, snaps, want) in cases {
             let snaps: Vec<Snap> = snaps.iter().map(|&(id, t)| snap(id, t)).collect();
             assert_eq!(run(&policy, &snaps), want, "case {name}");

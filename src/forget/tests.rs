@@ -69,7 +69,7 @@ fn a_policy_applies_to_each_volume_and_keeps_its_newest() {
     let order: Vec<&str> = report.snapshots.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(
         order,
-        vec![&a[3], &a[2], &a[1], &a[0], &tagged, &b]
+        [&a[3], &a[2], &a[1], &a[0], &tagged, &b]
             .iter()
             .map(|s| s.as_str())
             .collect::<Vec<_>>()
