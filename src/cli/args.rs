@@ -98,9 +98,8 @@ pub struct InitArgs {
     /// Default block size in bytes (power of two, 4 KiB to 16 MiB).
     #[arg(long, value_parser = parse_size)]
     pub block_size: Option<u64>,
-    /// Largest pack: the blocks a backup stores from one read of consecutive blocks are
-    /// compressed together, up to this size (default 4M; 0 or at most one block: every
-    /// block compressed alone, which makes random reads through mount/serve cheaper).
+    /// Target size of the pack files that hold the compressed data (1M to 128M, default
+    /// 16M).
     #[arg(long, value_parser = parse_size)]
     pub pack_size: Option<u64>,
 }

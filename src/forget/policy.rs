@@ -160,6 +160,9 @@ pub enum Rule {
     Within,
     /// Carries this tag.
     Tag(String),
+    /// The parent of an interrupted backup that will resume from it (kept so that the
+    /// resume does not have to start over).
+    Resume,
 }
 
 impl fmt::Display for Rule {
@@ -174,6 +177,7 @@ impl fmt::Display for Rule {
             Rule::Monthly => "monthly",
             Rule::Yearly => "yearly",
             Rule::Within => "within",
+            Rule::Resume => "resume",
             Rule::Tag(t) => return write!(f, "tag:{t}"),
         };
         f.write_str(s)
