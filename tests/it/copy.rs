@@ -58,10 +58,11 @@ fn assert_identical(a: &Path, fa: &str, b: &Path, fb: &str) {
 /// zeroed (what a copy made through the allocation map must equal). `--rehash`: the judge
 /// reads every used block, so that what its repository held before does not matter.
 fn backup_and_restore(t: &TestDir, src: &Path, name: &str) -> PathBuf {
-    // One repository per test: later backups are incremental.
+    // One repository per test: later backups are incremental. Its blocks are the copies'
+    // (unused blocks are zeroed with that granularity; a repository's default is 4 KiB).
     let repo = t.join("judge.repo");
     if !repo.exists() {
-        init_repo(&repo, &[]);
+        init_repo(&repo, &["--block-size", "256K"]);
     }
     let b = backup_json(src, &repo, &["--rehash"]);
     let out = t.join(&format!("{name}.restored"));
