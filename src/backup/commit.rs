@@ -174,6 +174,7 @@ impl Draft {
             stats: stats.clone(),
             unreadable,
             consistent: Some(plan.consistent),
+            tree: None,
         };
         repo.sync_chunks()?;
         let snapshot_id = self.writer.finish(&header, &repo.snapshots_dir())?;

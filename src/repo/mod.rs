@@ -68,6 +68,7 @@ pub mod pack;
 pub mod packer;
 pub mod reader;
 pub mod snapshot;
+pub mod tree;
 pub mod writers;
 
 use crate::error::{Error, IoContext, Result};
