@@ -280,7 +280,7 @@ mod tests {
                     (102, vec![9, 10, 11, 12]),
                 ],
                 live: vec![1, 2, 3, 5, 9, 10, 11, 12],
-                max_unused: 10.0,
+                max_unused: 15.0,
                 max_repack: u64::MAX,
                 condemn: vec![],
                 repack: vec![101],
