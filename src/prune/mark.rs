@@ -186,7 +186,11 @@ mod tests {
     }
 
     /// A tree of `blocks` blocks: block i is piece 0 of blob `refs(i)` (or zero).
-    fn tree(mem: &Mem, blocks: u64, refs: impl Fn(u64) -> Option<u8>) -> crate::repo::tree::TreeRoot {
+    fn tree(
+        mem: &Mem,
+        blocks: u64,
+        refs: impl Fn(u64) -> Option<u8>,
+    ) -> crate::repo::tree::TreeRoot {
         let mut w = TreeWriter::new(mem, blocks);
         for i in 0..blocks {
             match refs(i) {

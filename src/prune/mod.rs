@@ -140,10 +140,7 @@ pub fn lock_prune(repo: &Repository) -> Result<File> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
             path: repo.root().to_path_buf(),
-            detail: format!(
-                "{} is held: another prune is running",
-                path.display()
-            ),
+            detail: format!("{} is held: another prune is running", path.display()),
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
     }
@@ -232,7 +229,14 @@ fn prune_v2(
     let mut condemned: Vec<ChunkId> = plan.condemn.clone();
     if !plan.repack.is_empty() {
         let mut wanted = wanted_blobs(&index, &plan, &live.ids);
-        let r = repack::repack(repo, &index.tables, &plan.repack, &mut wanted, progress, abort)?;
+        let r = repack::repack(
+            repo,
+            &index.tables,
+            &plan.repack,
+            &mut wanted,
+            progress,
+            abort,
+        )?;
         report.packs_repacked = r.done.len() as u64;
         report.bytes_repacked = r.bytes_written;
         condemned.extend(r.done);

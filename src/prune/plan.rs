@@ -109,7 +109,10 @@ pub fn pack_usage(pack: ChunkId, entries: &[BlobEntry], live: &HashSet<ChunkId>)
         if idx.iter().any(|&i| live.contains(&entries[i].id)) {
             live_bytes += u64::from(len) + (idx.len() * BLOB_ENTRY_LEN) as u64;
         }
-        live_blobs += idx.iter().filter(|&&i| live.contains(&entries[i].id)).count() as u64;
+        live_blobs += idx
+            .iter()
+            .filter(|&&i| live.contains(&entries[i].id))
+            .count() as u64;
     }
     if live_blobs > 0 {
         // The header and trailer stay with the live part.
