@@ -249,6 +249,29 @@ impl Index {
         ))
     }
 
+    /// An index of the files of `dir` not in `known`, without the packs of `exclude`.
+    pub(crate) fn load_new(
+        dir: &Path,
+        exclude: &HashSet<ChunkId>,
+        known: &[String],
+    ) -> Result<Index> {
+        let mut index = Index {
+            exclude: exclude.clone(),
+            files: known.iter().cloned().collect(),
+            ..Index::default()
+        };
+        index.refresh_dir(dir)?;
+        Ok(index)
+    }
+
+    /// Adds every pack and file of `other`.
+    pub(crate) fn merge(&mut self, other: &Index) {
+        for (p, pack) in other.packs.iter().enumerate() {
+            self.add(*pack, &other.entries[p], other.fallback[p]);
+        }
+        self.files.extend(other.files.iter().cloned());
+    }
+
     /// Records index file `id` as loaded (a writer that wrote it knows its content).
     pub fn mark_loaded(&mut self, id: &str) {
         self.files.insert(id.to_string());
@@ -365,7 +388,7 @@ mod tests {
     fn entry(n: u8, frame_offset: u32) -> BlobEntry {
         BlobEntry {
             id: ChunkId([n; 32]),
-            kind: if n % 2 == 0 {
+            kind: if n.is_multiple_of(2) {
                 BlobKind::Data
             } else {
                 BlobKind::Tree

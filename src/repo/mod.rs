@@ -1,33 +1,49 @@
 //! The repository: where snapshots live.
 //!
-//! # Layout of a local-directory repository (format version 1)
+//! # Layout of a local-directory repository (format version 2)
 //!
 //! ```text
 //! REPO/
-//!   config                 JSON: format name, version, repository id, chunk hash, zstd level,
-//!                          default block size. Written last by `init`: no config, no repository.
-//!   lock                   empty file; operations hold an advisory lock on it (table below)
-//!   chunks/00 … chunks/ff/ one file per chunk, named by the 64-hex-digit chunk id
+//!   config                 JSON: format name, version 2, repository id, chunk hash, zstd level,
+//!                          block size (default 4096), pack size (default 16 MiB). Written
+//!                          last by `init`: no config, no repository.
+//!   lock                   empty; every command holds a shared lock on it (table below)
+//!   prune.lock             empty; a prune holds an exclusive lock on it
+//!   packs/00 … packs/ff/   pack files ([`pack`]), named by the BLAKE3 of the whole file
+//!   index/<id>             immutable index files ([`index`]): which blobs each pack holds
 //!   snapshots/<id>         one immutable file per snapshot; id = hex of its checksum
 //!   journals/<key>.journal resume journal of an unfinished backup of volume <key>
 //!   journals/<key>.lock    held exclusively while a backup of volume <key> runs
-//!   tmp/                   temporary files, renamed into place when complete
+//!   writers/<id>           one marker per running backup, locked by it ([`writers`])
+//!   pending/<id>           packs a prune condemned and has not deleted yet ([`writers`])
+//!   tmp/                   temporary files (packs being written), renamed when complete
 //! ```
+//!
+//! Data lives in blobs ([`blob`]): content-addressed, stored in frames inside packs, found
+//! through the index ([`blobs::BlobStore`]), written by a [`packer::Packer`]. Snapshots name
+//! blobs only by id, so a prune may move them. Format 1 repositories (a `chunks/00 … ff/`
+//! tree of one file per chunk, [`chunks`]) are still opened and read; nothing writes new data
+//! into them ([`Repository::require_format2`]).
 //!
 //! Byte layouts are in [`format`] and docs/FORMAT.md.
 //!
 //! # Locking
 //!
-//! | operation              | `lock`            | `journals/<key>.lock` |
-//! |------------------------|-------------------|-----------------------|
-//! | backup                 | shared            | exclusive (try)       |
-//! | restore, verify, list  | shared            | —                     |
-//! | gc, forget (future)    | exclusive (try)   | —                     |
+//! | operation                                    | `lock` | `prune.lock`     | `journals/<key>.lock` | `writers/` marker |
+//! |----------------------------------------------|--------|------------------|-----------------------|-------------------|
+//! | backup                                       | shared | —                | exclusive (try)       | yes               |
+//! | restore, verify, list, export, mount, serve  | shared | —                | —                     | no                |
+//! | forget                                       | shared | —                | —                     | no                |
+//! | prune                                        | shared | exclusive (try)  | —                     | no                |
+//!
+//! Nothing takes `lock` exclusively any more: prune and backups run side by side. A backup's
+//! marker says which pending records it read before loading the index; a prune deletes the
+//! packs of a record only once every live marker knows it (docs/FORMAT.md F2.8).
 //!
 //! A missing `lock` file is created when the repository is writable; in a repository that
 //! cannot be written (read-only medium or permissions) it is treated as "no lock held":
-//! nothing that needs the exclusive lock can run there either, so restore, verify, listing,
-//! export, mount and serve work on such a repository.
+//! nothing can write there either, so restore, verify, listing, export, mount and serve work
+//! on such a repository.
 //!
 //! Every repository file is opened through [`fsio::open_regular`] or [`fsio::lock_file`]:
 //! symbolic links, FIFOs, devices and directories where a file belongs are refused
@@ -38,24 +54,24 @@
 //!
 //! Every writer creates `.tmp-*` files and holds an exclusive lock on each until it is renamed
 //! or removed. A process killed while writing leaves its temporary file behind, unlocked: the
-//! next backup removes such files from `tmp/`, `journals/` and the repository root (those of
-//! `chunks/` wait for garbage collection: listing every chunk directory at each backup would
-//! cost too much).
+//! next backup removes such files from `tmp/` (where packs are written), `journals/`,
+//! `index/`, `pending/` and the repository root (those of `packs/` and format 1's `chunks/`
+//! wait for prune: listing every fan-out directory at each backup would cost too much).
 //!
 //! Backups of different volumes, or of one volume into different repositories, run side by
-//! side: chunk files are content-addressed and appear by atomic rename, so two writers of the
-//! same chunk write the same bytes. Two backups of the same volume at once are refused (the
-//! second would redo the first one's work from the same journal). Locks are advisory `flock`
+//! side: packs (and format 1's chunk files) appear by atomic rename under content-derived
+//! names, and each writer indexes its own packs. Two backups of the same volume at once are
+//! refused (the second would redo the first one's work from the same journal). Locks are advisory `flock`
 //! style locks that the kernel drops when a process dies, so a crash never leaves a stale lock.
 //!
 //! # Crash safety
 //!
-//! Metadata (config, snapshots, journal headers) is written to a temporary file, fsynced,
-//! renamed and the directory fsynced. Chunk files are renamed into place without an fsync
-//! each; a `syncfs` of the repository's filesystem precedes every journal batch and every
-//! snapshot that refers to them. A chunk file left incomplete by a power cut is detected by
-//! its header/length check and rewritten by the next backup. Garbage collection (future) must
-//! take the exclusive lock and treat chunks named by any journal as live.
+//! Metadata (config, snapshots, journal headers, index files, pending records) is written to
+//! a temporary file, fsynced, renamed and the directory fsynced. Packs are renamed into place
+//! without an fsync each; a `syncfs` of the repository's filesystem precedes the index file
+//! that names them, and only indexed blobs are named by journal batches and snapshots. A pack
+//! no index file names (a crash before the index file) is a leftover a prune deletes. Every
+//! deletion happens after what replaces it is durable.
 
 pub mod blob;
 pub mod blobs;
@@ -475,7 +491,11 @@ impl Repository {
     pub fn volume_lock_file(&self, path: &Path) -> Result<File> {
         let file = fsio::lock_file(path)?;
         let started = std::time::SystemTime::now();
-        for dir in [self.tmp_dir(), self.journals_dir(), self.root.clone()] {
+        let mut dirs = vec![self.tmp_dir(), self.journals_dir(), self.root.clone()];
+        if self.config.version >= 2 {
+            dirs.extend([self.index_dir(), self.pending_dir()]);
+        }
+        for dir in dirs {
             fsio::remove_stale_temp_files(&dir, started);
         }
         Ok(file)
@@ -675,6 +695,49 @@ mod tests {
             crate::error::testing::is_next_version(&e, "repository", REPO_VERSION),
             "{e}"
         );
+    }
+
+    #[test]
+    fn format_2_is_the_default_and_format_1_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p2 = dir.path().join("v2");
+        let r = Repository::init(&p2, &InitOptions::default()).unwrap();
+        assert_eq!(r.format_version(), 2);
+        assert_eq!(r.config().block_size, 4096);
+        assert_eq!(r.config().pack_size, 16 << 20);
+        r.require_format2("back up").unwrap();
+        for d in [
+            r.packs_dir().join("00"),
+            r.packs_dir().join("ff"),
+            r.index_dir(),
+            r.writers_dir(),
+            r.pending_dir(),
+            r.tmp_dir(),
+            r.snapshots_dir(),
+            r.journals_dir(),
+        ] {
+            assert!(d.is_dir(), "{}", d.display());
+        }
+        assert!(!p2.join("chunks").exists());
+        assert_eq!(r.blobs().unwrap().with_index(|i| i.len()), 0);
+        drop(r);
+        // A format-2 config without pack_size means format 2's default.
+        let cfg = p2.join("config");
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+        value.as_object_mut().unwrap().remove("pack_size");
+        std::fs::write(&cfg, serde_json::to_vec(&value).unwrap()).unwrap();
+        assert_eq!(Repository::open(&p2).unwrap().config().pack_size, 16 << 20);
+
+        let p1 = dir.path().join("v1");
+        Repository::init(&p1, &InitOptions::v1()).unwrap();
+        let r = Repository::open(&p1).unwrap();
+        assert_eq!(r.format_version(), 1);
+        assert_eq!(r.config().block_size, DEFAULT_BLOCK_SIZE);
+        assert!(p1.join("chunks").join("ab").is_dir() && !p1.join("packs").exists());
+        let e = r.require_format2("back up").unwrap_err().to_string();
+        assert!(e.contains(FORMAT1_READ_ONLY), "{e}");
+        assert_eq!(r.blobs().unwrap().with_index(|i| i.len()), 0);
     }
 
     #[test]
