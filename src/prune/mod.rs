@@ -246,11 +246,18 @@ fn prune_v2(
     let condemned_set: HashSet<ChunkId> = condemned.iter().copied().collect();
     let compact = !condemned.is_empty() || index.files.len() > 1;
     if compact {
-        sweep::write_compacted(repo, &index.tables, &condemned_set)?;
+        let written = sweep::write_compacted(repo, &index.tables, &condemned_set)?;
         abort.at("compact-index");
-        let id = writers::write_pending(repo, &condemned, &index.files)?;
+        // A compacted file identical to an old one has its name: it stays.
+        let old: Vec<String> = index
+            .files
+            .iter()
+            .filter(|f| !written.contains(f))
+            .cloned()
+            .collect();
+        let id = writers::write_pending(repo, &condemned, &old)?;
         abort.at("pending-written");
-        sweep::delete_index_files(repo, &index.files)?;
+        sweep::delete_index_files(repo, &old)?;
         abort.at("old-index-deleted");
         // 7. This record, now or by a later prune.
         let rec = writers::read_pending(repo)?
@@ -397,3 +404,6 @@ fn prune_v1(
     report.bytes_reclaimable = report.bytes_deleted;
     Ok(report)
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -16,7 +16,7 @@ use crate::platform;
 use crate::progress::Progress;
 use crate::prune::{mark, plan, sweep};
 use crate::repo::Repository;
-use crate::repo::blob::BlobEntry;
+use crate::repo::blob::{BlobEntry, BlobKind, BlobSource};
 use crate::repo::blobs::BlobStore;
 use crate::repo::fsio;
 use crate::repo::index::{IndexFile, list_index_files};
@@ -112,7 +112,12 @@ pub(super) fn verify(
         ids.to_vec()
     };
     snap_ids.sort();
-    let store: Arc<BlobStore> = BlobStore::open(repo)?;
+    // The repository's reader store; when it cannot open (a damaged index file, reported
+    // above), the index files that could be read.
+    let store: Arc<dyn BlobSource> = match BlobStore::open(repo) {
+        Ok(s) => s,
+        Err(_) => Arc::new(TableSource::new(repo, &tables)),
+    };
     let mut seen_nodes: HashSet<ChunkId> = HashSet::new();
     let mut referenced: HashSet<ChunkId> = HashSet::new();
     // Bad blob -> index of its problem.
@@ -220,6 +225,51 @@ pub(super) fn verify(
         }
     }
     Ok(report)
+}
+
+/// Blobs read through the index files that could be read.
+struct TableSource {
+    packs_dir: std::path::PathBuf,
+    hash: HashAlgorithm,
+    locations: HashMap<ChunkId, (ChunkId, BlobEntry)>,
+}
+
+impl TableSource {
+    fn new(repo: &Repository, tables: &HashMap<ChunkId, Vec<BlobEntry>>) -> Self {
+        let mut locations = HashMap::new();
+        for (p, entries) in tables {
+            for e in entries {
+                locations.entry(e.id).or_insert((*p, *e));
+            }
+        }
+        TableSource {
+            packs_dir: repo.packs_dir(),
+            hash: repo.config().chunk_hash,
+            locations,
+        }
+    }
+}
+
+impl BlobSource for TableSource {
+    fn blob(&self, id: &ChunkId, _: BlobKind) -> Result<Arc<Vec<u8>>> {
+        let missing = || Error::MissingChunk {
+            id: id.to_hex(),
+            path: self.packs_dir.clone(),
+        };
+        let (pack, e) = self.locations.get(id).ok_or_else(missing)?;
+        let hex = pack.to_hex();
+        let path = self.packs_dir.join(&hex[..2]).join(&hex);
+        let file = fsio::open_regular(&path, false, "open")?;
+        let raw = read_frame_raw(&file, &path, e)?;
+        let start = e.raw_offset as usize;
+        let content = raw
+            .get(start..start + e.raw_len as usize)
+            .filter(|c| self.hash.hash(c) == *id)
+            .ok_or_else(|| {
+                Error::corrupt(format!("blob {id}"), &path, "content does not match its id")
+            })?;
+        Ok(Arc::new(content.to_vec()))
+    }
 }
 
 /// What reading one pack found: (blob, detail) per problem.
@@ -403,4 +453,130 @@ fn check_pack(
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{VerifyOptions, verify};
+    use crate::progress::Silent;
+    use crate::prune::tests::{assert_clean, fx, packs, put_blobs, snapshot};
+    use crate::repo::Repository;
+
+    fn run(repo: &Repository, read_data: bool) -> super::VerifyReport {
+        verify(
+            repo,
+            &[],
+            &VerifyOptions {
+                read_data,
+                threads: 2,
+            },
+            &Silent,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_clean_repository_verifies() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1, 2, 3], 2);
+        snapshot(&f.repo, &ids);
+        assert_clean(&f.repo);
+        let r = run(&f.repo, true);
+        assert_eq!(r.snapshots_checked, 1);
+        assert_eq!(r.packs_checked, 2);
+        assert!(r.chunks_checked >= 4, "3 data blobs and a tree node");
+        assert!(r.bytes_checked > 0);
+    }
+
+    #[test]
+    fn a_damaged_pack_is_reported_with_its_blobs_and_snapshot() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1, 2, 3], 1);
+        let s = snapshot(&f.repo, &ids);
+        let data_pack = packs(&f.repo)
+            .into_iter()
+            .find(|p| {
+                crate::repo::pack::read_pack_table(&crate::prune::sweep::pack_path(&f.repo, p), p)
+                    .unwrap()
+                    .len()
+                    == 3
+            })
+            .unwrap();
+        let path = crate::prune::sweep::pack_path(&f.repo, &data_pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[40] ^= 0xff; // inside the first frame
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            run(&f.repo, false).problems.is_empty(),
+            "cheap check reads no data"
+        );
+        let r = run(&f.repo, true);
+        assert!(!r.problems.is_empty());
+        let p = &r.problems[0];
+        assert_eq!(p.pack.as_deref(), Some(&data_pack.to_hex()[..]));
+        assert!(p.detail.contains("hashes to"), "{}", p.detail);
+        let blob_problem = r
+            .problems
+            .iter()
+            .find(|p| p.blob.as_deref() == Some(&ids[0].to_hex()[..]))
+            .expect("the blob of the damaged frame is named");
+        assert_eq!(blob_problem.affected, vec![(s.clone(), 0)]);
+    }
+
+    #[test]
+    fn missing_packs_and_unindexed_blobs_are_reported() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1, 2], 1);
+        snapshot(&f.repo, &ids);
+        for p in packs(&f.repo) {
+            let path = crate::prune::sweep::pack_path(&f.repo, &p);
+            let t = crate::repo::pack::read_pack_table(&path, &p).unwrap();
+            if t.len() == 2 {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let r = run(&f.repo, false);
+        assert!(
+            r.problems.iter().any(|p| p.detail.contains("is missing")),
+            "{:#?}",
+            r.problems
+        );
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.blob.as_deref() == Some(&ids[1].to_hex()[..])),
+            "{:#?}",
+            r.problems
+        );
+        // Without index files, the tree itself cannot be read.
+        for f2 in crate::repo::index::list_index_files(&f.repo).unwrap() {
+            std::fs::remove_file(f.repo.index_dir().join(f2)).unwrap();
+        }
+        let r = run(&f.repo, false);
+        assert!(
+            r.problems.iter().any(|p| p.snapshot.is_some()),
+            "{:#?}",
+            r.problems
+        );
+    }
+
+    #[test]
+    fn a_damaged_index_file_is_reported() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1], 1);
+        snapshot(&f.repo, &ids);
+        let files = crate::repo::index::list_index_files(&f.repo).unwrap();
+        let path = f.repo.index_dir().join(&files[0]);
+        let mut b = std::fs::read(&path).unwrap();
+        b[20] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        let r = run(&f.repo, false);
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.detail.contains(&format!("index file {}", files[0]))),
+            "{:#?}",
+            r.problems
+        );
+    }
 }
