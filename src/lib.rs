@@ -20,6 +20,7 @@ pub mod buffer;
 pub mod bytes;
 pub mod copy;
 pub mod error;
+pub mod forget;
 pub mod fs;
 pub mod hash;
 pub mod image;
