@@ -115,7 +115,19 @@ pub fn mark_journal(path: &std::path::Path, live: &mut HashSet<ChunkId>) -> Resu
 /// The live set of `repo`: every snapshot and every journal. Tree blobs are read through
 /// `src`. Progress: phase "mark", measured in snapshot bytes.
 pub fn mark(repo: &Repository, src: &dyn BlobSource, progress: &dyn Progress) -> Result<LiveSet> {
-    let snaps = open_snapshots(repo)?;
+    mark_except(repo, src, progress, &HashSet::new())
+}
+
+/// [`mark`], as if the snapshots `skip` (full ids) were gone (a dry run after a dry-run
+/// `forget`).
+pub fn mark_except(
+    repo: &Repository,
+    src: &dyn BlobSource,
+    progress: &dyn Progress,
+    skip: &HashSet<String>,
+) -> Result<LiveSet> {
+    let mut snaps = open_snapshots(repo)?;
+    snaps.retain(|s| !skip.contains(s.id()));
     let total: u64 = snaps.iter().map(|s| s.header().source.size).sum();
     progress.start("mark", total);
     let mut set = LiveSet::default();

@@ -55,6 +55,9 @@ pub struct PruneOptions {
     pub max_unused_percent: f64,
     /// Most bytes copied by repacking (`None`: no limit).
     pub max_repack: Option<u64>,
+    /// Dry run only: snapshots (full ids) to treat as already forgotten, so that
+    /// `forget --dry-run --prune` shows what the prune after the forget would free.
+    pub assume_removed: Vec<String>,
 }
 
 impl Default for PruneOptions {
@@ -63,6 +66,7 @@ impl Default for PruneOptions {
             dry_run: false,
             max_unused_percent: 5.0,
             max_repack: None,
+            assume_removed: Vec::new(),
         }
     }
 }
@@ -198,7 +202,11 @@ fn prune_v2(
     let mut index = sweep::load_index(repo)?;
     index.tables.retain(|p, _| !pending_packs.contains(p));
     let store = BlobStore::open(repo)?;
-    let live = mark::mark(repo, &*store, progress)?;
+    let skip: HashSet<String> = match opts.dry_run {
+        true => opts.assume_removed.iter().cloned().collect(),
+        false => HashSet::new(),
+    };
+    let live = mark::mark_except(repo, &*store, progress, &skip)?;
     drop(store);
     report.snapshots = live.snapshots;
     report.journals = live.journals;
@@ -356,7 +364,11 @@ fn prune_v1(
             ))
         }
     }
-    let live = mark::mark(repo, &NoBlobs, progress)?;
+    let skip: HashSet<String> = match opts.dry_run {
+        true => opts.assume_removed.iter().cloned().collect(),
+        false => HashSet::new(),
+    };
+    let live = mark::mark_except(repo, &NoBlobs, progress, &skip)?;
     report.snapshots = live.snapshots;
     report.journals = live.journals;
     abort.at("mark");

@@ -139,7 +139,7 @@ pub fn plan<'a>(
         .into_iter()
         .map(|(id, entries)| pack_usage(*id, entries, live))
         .collect();
-    usage.sort_by(|a, b| a.pack.0.cmp(&b.pack.0));
+    usage.sort_by_key(|u| u.pack.0);
     let mut p = Plan::default();
     for u in &usage {
         p.total_bytes += u.size;
@@ -243,7 +243,7 @@ mod tests {
             condemn: Vec<u8>,
             repack: Vec<u8>,
         }
-        let rows = vec![
+        let rows = [
             // Nothing dead: nothing to do.
             Row {
                 packs: vec![(100, vec![1, 2]), (101, vec![3])],

@@ -74,7 +74,7 @@ pub fn write_compacted(
 ) -> Result<Vec<String>> {
     let mut kept: Vec<(&ChunkId, &Vec<BlobEntry>)> =
         tables.iter().filter(|(p, _)| !drop.contains(*p)).collect();
-    kept.sort_by(|a, b| a.0.0.cmp(&b.0.0));
+    kept.sort_by_key(|a| a.0.0);
     let mut ids = Vec::new();
     let mut file = IndexFile::default();
     let mut n = 0usize;

@@ -93,7 +93,7 @@ pub(crate) fn packs(repo: &Repository) -> Vec<ChunkId> {
         .into_iter()
         .map(|p| p.0)
         .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.sort_by_key(|a| a.0);
     v
 }
 

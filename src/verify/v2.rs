@@ -66,7 +66,7 @@ pub(super) fn verify(
     // Packs present; blobs usable (in a pack that exists).
     let mut usable: HashSet<ChunkId> = HashSet::new();
     let mut packs: Vec<ChunkId> = tables.keys().copied().collect();
-    packs.sort_by(|a, b| a.0.cmp(&b.0));
+    packs.sort_by_key(|a| a.0);
     let mut present: Vec<ChunkId> = Vec::new();
     for p in &packs {
         let path = sweep::pack_path(repo, p);
