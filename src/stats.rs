@@ -243,3 +243,36 @@ fn stats_v1(
     }
     Ok(r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Silent;
+    use crate::prune::tests::{fx, put_blobs, snapshot};
+
+    #[test]
+    fn shared_and_unique_blobs_of_a_snapshot() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1, 2, 3, 4], 1);
+        put_blobs(&f.repo, &[9], 1);
+        let s1 = snapshot(&f.repo, &ids[..3]);
+        let _s2 = snapshot(&f.repo, &ids[1..]);
+        let r = stats(&f.repo, None, &Silent).unwrap();
+        assert_eq!(r.format, 2);
+        assert_eq!(r.snapshots, 2);
+        assert_eq!(r.packs, 4);
+        assert!(r.stored_bytes > 0);
+        assert_eq!(r.dead_blobs, 1);
+        assert!(r.reclaimable_bytes > 0, "the pack of blob 9 is dead");
+        let r = stats(&f.repo, Some(&s1), &Silent).unwrap();
+        let u = r.snapshot.unwrap();
+        assert_eq!(u.logical_size, 3 * 4096);
+        // Three data blobs and one tree node (a leaf root); blob 1 and the root only here.
+        assert_eq!(u.blobs, 4);
+        assert_eq!(u.unique_blobs, 2);
+        assert!(u.referenced_bytes >= 3 * 4096);
+        assert!(u.unique_stored_bytes > 0 && u.unique_stored_bytes <= u.referenced_stored_bytes);
+        let e = stats(&f.repo, Some(&"0".repeat(64)), &Silent).unwrap_err();
+        assert!(matches!(e, Error::SnapshotNotFound { .. }), "{e}");
+    }
+}

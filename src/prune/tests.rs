@@ -357,3 +357,61 @@ fn format_1_prune_deletes_unreferenced_chunks() {
     assert!(repo.chunks().exists(&ids[0]).unwrap());
     assert!(!repo.chunks().exists(&ids[1]).unwrap());
 }
+
+/// The state a prune killed after writing its pending record leaves: compacted index, record,
+/// old index files still there.
+#[test]
+fn a_record_left_by_a_killed_prune_is_finished() {
+    let f = fx();
+    let a = put_blobs(&f.repo, &[1, 2], 1);
+    put_blobs(&f.repo, &[3, 4], 1);
+    let s = snapshot(&f.repo, &a);
+    let index = sweep::load_index(&f.repo).unwrap();
+    let live = mark::mark(&f.repo, &*BlobStore::open(&f.repo).unwrap(), &Silent).unwrap();
+    let p = plan::plan(
+        index.tables.iter().map(|(p, e)| (p, &e[..])),
+        &live.ids,
+        &PlanLimits::default(),
+    );
+    assert_eq!(p.condemn.len(), 1);
+    let drop: HashSet<ChunkId> = p.condemn.iter().copied().collect();
+    let written = sweep::write_compacted(&f.repo, &index.tables, &drop).unwrap();
+    let old: Vec<String> = index
+        .files
+        .iter()
+        .filter(|x| !written.contains(x))
+        .cloned()
+        .collect();
+    // Killed here ("compact-index"): old and compacted files side by side.
+    assert_clean(&f.repo);
+    writers::write_pending(&f.repo, &p.condemn, &old).unwrap();
+    // Killed here ("pending-written"): readers still fine.
+    assert_clean(&f.repo);
+    let r = prune_default(&f.repo);
+    assert_eq!(r.packs_deleted, 1, "{r:#?}");
+    assert!(writers::read_pending(&f.repo).unwrap().is_empty());
+    for o in &old {
+        assert!(!f.repo.index_dir().join(o).exists());
+    }
+    assert_clean(&f.repo);
+    assert_readable(&f.repo, &[(s, vec![1, 2])]);
+}
+
+#[test]
+fn dry_run_can_assume_snapshots_forgotten() {
+    let f = fx();
+    let a = put_blobs(&f.repo, &[1, 2], 1);
+    let s = snapshot(&f.repo, &a);
+    let r = prune(
+        &f.repo,
+        &PruneOptions {
+            dry_run: true,
+            assume_removed: vec![s],
+            ..PruneOptions::default()
+        },
+        &Silent,
+    )
+    .unwrap();
+    assert_eq!(r.packs_deleted, 2, "data and tree packs: {r:#?}");
+    assert_eq!(r.snapshots, 0);
+}
