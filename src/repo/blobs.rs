@@ -19,6 +19,7 @@ use super::writers::{PendingRecord, read_pending_dir};
 use crate::error::{Error, Result};
 use crate::hash::{ChunkId, HashAlgorithm};
 use std::collections::HashSet;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -26,6 +27,8 @@ use std::sync::{Arc, Mutex, RwLock};
 const FRAME_CACHE: usize = 16;
 /// Checked blobs kept.
 const BLOB_CACHE: usize = 32;
+/// Pack files kept open.
+const FILE_CACHE: usize = 8;
 
 /// Shared decoded bytes.
 type Content = Arc<Vec<u8>>;
@@ -89,6 +92,10 @@ pub struct BlobStore {
     frames: Mutex<Lru<(ChunkId, u32), Content>>,
     /// Checked blobs by (id, kind).
     blobs: Mutex<Lru<(ChunkId, BlobKind), Content>>,
+    /// Open pack files (a pack is read frame after frame).
+    files: Mutex<Lru<ChunkId, Arc<File>>>,
+    /// Packs found missing (the index was reloaded for each once).
+    missing: Mutex<HashSet<ChunkId>>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -133,6 +140,8 @@ impl BlobStore {
             unsealed: Mutex::new(HashSet::new()),
             frames: Mutex::new(Lru::new(FRAME_CACHE)),
             blobs: Mutex::new(Lru::new(BLOB_CACHE)),
+            files: Mutex::new(Lru::new(FILE_CACHE)),
+            missing: Mutex::new(HashSet::new()),
         };
         let index = store.load_index()?;
         *store.index_mut() = index;
@@ -226,8 +235,18 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Replaces the index by a fresh load of every index file (after a pack went missing).
-    fn reload(&self) -> Result<()> {
+    /// Replaces the index by a fresh load of every index file, once per missing pack: a
+    /// pack deleted by a prune after a repack sends readers to the blobs' new places; a pack
+    /// lost for good does not reload the index at every read of its blobs.
+    fn reload_for(&self, missing_pack: &ChunkId) -> Result<()> {
+        if !self
+            .missing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*missing_pack)
+        {
+            return Ok(());
+        }
         let index = self.load_index()?;
         *self.index_mut() = index;
         Ok(())
@@ -240,7 +259,7 @@ impl BlobStore {
     pub fn frame(&self, loc: &Location) -> Result<Arc<Vec<u8>>> {
         match self.read_frame(loc) {
             Err(e) if is_missing_pack(&e) => {
-                self.reload()?;
+                self.reload_for(&loc.pack)?;
                 match self.location(&loc.entry.id) {
                     Some(new)
                         if new.pack != loc.pack
@@ -269,15 +288,30 @@ impl BlobStore {
             return Ok(f);
         }
         let path = self.pack_path(&loc.pack);
-        let file = match fsio::open_regular(&path, false, "open") {
-            Ok(f) => f,
-            Err(e) if fsio::is_not_found(&e) => {
-                return Err(Error::MissingChunk {
-                    id: loc.entry.id.to_hex(),
-                    path,
-                });
-            }
-            Err(e) => return Err(e),
+        let cached = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&loc.pack);
+        let file = match cached {
+            Some(f) => f,
+            None => match fsio::open_regular(&path, false, "open") {
+                Ok(f) => {
+                    let f = Arc::new(f);
+                    self.files
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .put(loc.pack, f.clone());
+                    f
+                }
+                Err(e) if fsio::is_not_found(&e) => {
+                    return Err(Error::MissingChunk {
+                        id: loc.entry.id.to_hex(),
+                        path,
+                    });
+                }
+                Err(e) => return Err(e),
+            },
         };
         let frame = Arc::new(read_frame_raw(&file, &path, &loc.entry)?);
         self.frames
@@ -390,7 +424,7 @@ impl BlobSource for BlobStore {
         match self.blob_at(id, kind, &loc) {
             Err(e) if is_missing_pack(&e) => {
                 // Repacked by a prune: the index files now say where it went.
-                self.reload()?;
+                self.reload_for(&loc.pack)?;
                 match self.location(id) {
                     Some(new) if new.pack != loc.pack => self.blob_at(id, kind, &new),
                     _ => Err(e),

@@ -51,9 +51,9 @@ pub const MAX_HEADER_LEN: u32 = 16 << 20;
 /// Resume journal: `"VBJRNL"` + CR LF, then a u32 version.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"VBJRNL\r\n";
 /// Version written. Version 2 added SLICE records, version 3 the unreadable ranges of each
-/// batch; readers accept all three.
-pub const JOURNAL_VERSION: u32 = 3;
-pub const JOURNAL_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=3;
+/// batch, version 4 (repository format 2) PART records; readers accept all four.
+pub const JOURNAL_VERSION: u32 = 4;
+pub const JOURNAL_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=4;
 /// Most unreadable ranges one journal batch may list (against hostile files).
 pub const MAX_BATCH_UNREADABLE: u32 = 1 << 20;
 /// Upper bound of one journal record payload.

@@ -52,8 +52,9 @@ struct Pack {
 /// Decoded packs a reader keeps (a pack is at most 4 MiB at the default block size).
 const CACHED_PACKS: usize = 8;
 
-/// Data blobs a reader keeps (a blob is at most 1 MiB).
-const CACHED_BLOBS: usize = 16;
+/// Data blobs a reader keeps (a blob is at most 1 MiB, 64 KiB on average): enough for every
+/// restore worker to keep the blobs of the piece it reads.
+const CACHED_BLOBS: usize = 64;
 
 /// Settings of the decoded-block cache.
 #[derive(Debug, Clone, Copy)]
@@ -630,19 +631,29 @@ impl Volume for SnapshotVolume {
         }
         let bs = self.block_size();
         let last = (end - 1) / bs;
+        // Run by run: one lookup per run of references, not per block.
+        let map = self.inner.map()?;
         let mut i = offset / bs;
-        while i <= last && !self.block_ref(i)?.is_data() {
-            i += 1;
+        while i <= last {
+            let (r, n) = map.run_at(i)?;
+            if r.is_data() {
+                break;
+            }
+            i += n;
         }
         if i > last {
             return Ok(None);
         }
         let start = (i * bs).max(offset);
-        let mut j = i + 1;
-        while j <= last && self.block_ref(j)?.is_data() {
-            j += 1;
+        let mut j = i;
+        while j <= last {
+            let (r, n) = map.run_at(j)?;
+            if !r.is_data() {
+                break;
+            }
+            j += n;
         }
-        Ok(Some(start..(j * bs).min(end)))
+        Ok(Some(start..(j.min(last + 1) * bs).min(end)))
     }
 
     fn describe(&self) -> String {
@@ -671,24 +682,19 @@ impl Volume for SnapshotVolume {
 pub(crate) mod tests {
     use super::*;
     use crate::hash::HashAlgorithm;
-    use crate::repo::blob::BlobSink;
+    use crate::repo::blob::{BlobKind, BlobSink};
     use crate::repo::snapshot::testing::tree_snapshot;
     use crate::repo::tree::testing::MemBlobs;
 
-    /// A version 3 snapshot of `data` (blocks of 4096) stored as blobs of up to 3 blocks, with
-    /// zero blocks as ZERO; returns the volume (cached or not) and the blob store.
-    pub(crate) fn tree_volume(
-        dir: &std::path::Path,
-        data: &[u8],
-        cache: Option<CacheOptions>,
-    ) -> (SnapshotVolume, Arc<MemBlobs>) {
-        let blobs = MemBlobs::new();
+    /// Stores `data` (blocks of 4096) as data blobs of up to 3 blocks into `sink`, zero blocks
+    /// as ZERO; returns the runs of its block map.
+    pub(crate) fn store_blocks(sink: &dyn BlobSink, data: &[u8]) -> Vec<(BlockRef, u64)> {
         let bs = 4096usize;
         let mut runs = Vec::new();
         let mut i = 0usize;
         let blocks = data.len().div_ceil(bs);
+        let block = |k: usize| &data[k * bs..((k + 1) * bs).min(data.len())];
         while i < blocks {
-            let block = |k: usize| &data[k * bs..((k + 1) * bs).min(data.len())];
             if block(i).iter().all(|&b| b == 0) {
                 runs.push((BlockRef::Zero, 1));
                 i += 1;
@@ -699,10 +705,22 @@ pub(crate) mod tests {
                 j += 1;
             }
             let content = &data[i * bs..(j * bs).min(data.len())];
-            let id = blobs.put_blob(BlobKind::Data, content).unwrap();
+            let id = sink.put_blob(BlobKind::Data, content).unwrap();
             runs.push((BlockRef::Part { blob: id, index: 0 }, (j - i) as u64));
             i = j;
         }
+        runs
+    }
+
+    /// A version 3 snapshot of `data` (blocks of 4096) in memory; returns the volume (cached
+    /// or not) and the blob store.
+    pub(crate) fn tree_volume(
+        dir: &std::path::Path,
+        data: &[u8],
+        cache: Option<CacheOptions>,
+    ) -> (SnapshotVolume, Arc<MemBlobs>) {
+        let blobs = MemBlobs::new();
+        let runs = store_blocks(&*blobs, data);
         let snap = tree_snapshot(dir, data.len() as u64, 4096, &runs, blobs.clone());
         let chunks = ChunkStore::new(dir.join("chunks"), HashAlgorithm::Blake3, false);
         let vol = match cache {
@@ -710,6 +728,54 @@ pub(crate) mod tests {
             None => SnapshotVolume::new(snap, chunks),
         };
         (vol, blobs)
+    }
+
+    /// Blobs and tree nodes through the real packer and blob store, the snapshot through
+    /// `SnapshotVolume::open`.
+    #[test]
+    fn a_format_2_repository_reads_back() {
+        use crate::repo::snapshot::{testing::header, write_tree_snapshot};
+        use crate::repo::tree::{TreeWriter, walk_tree};
+        use crate::repo::{InitOptions, Repository, blobs::BlobStore, packer::Packer};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r"), &InitOptions::default()).unwrap();
+        let data = sample(20 * 4096 + 5);
+        let id = {
+            let store = BlobStore::open_writer(&repo, &[]).unwrap();
+            let packer = Packer::new(&repo, store).unwrap();
+            let runs = store_blocks(&packer, &data);
+            let h = header(data.len() as u64, 4096);
+            let mut w = TreeWriter::new(&packer, h.block_count);
+            for &(r, n) in &runs {
+                w.push(r, n).unwrap();
+            }
+            let root = w.finish().unwrap();
+            packer.checkpoint().unwrap();
+            write_tree_snapshot(&repo.tmp_dir(), &repo.snapshots_dir(), &h, root).unwrap()
+        };
+        let repo = Repository::open(&dir.path().join("r")).unwrap();
+        for cache in [None, Some(CacheOptions::default())] {
+            let vol = SnapshotVolume::open(&repo, &id, cache).unwrap();
+            let mut all = vec![0u8; data.len()];
+            vol.read_at(0, &mut all).unwrap();
+            assert!(all == data);
+        }
+        let snap = open_snapshot(&repo, &id).unwrap();
+        let (mut nodes, mut blobs) = (0, 0);
+        walk_tree(
+            &*repo.blobs().unwrap(),
+            &snap.tree().unwrap(),
+            &mut |_, k| {
+                match k {
+                    BlobKind::Tree => nodes += 1,
+                    BlobKind::Data => blobs += 1,
+                }
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(nodes, 1);
+        assert_eq!(blobs, 7);
     }
 
     pub(crate) fn sample(len: usize) -> Vec<u8> {
@@ -753,6 +819,19 @@ pub(crate) mod tests {
             assert_eq!(
                 vol.next_data(2 * 4096, vol.size()).unwrap(),
                 Some(3 * 4096..6 * 4096)
+            );
+            assert_eq!(
+                vol.next_data(4096 + 10, 5 * 4096).unwrap(),
+                Some(4096 + 10..2 * 4096)
+            );
+            assert_eq!(
+                vol.next_data(2 * 4096, 4 * 4096 + 5).unwrap(),
+                Some(3 * 4096..4 * 4096 + 5)
+            );
+            assert_eq!(vol.next_data(6 * 4096, 7 * 4096).unwrap(), None);
+            assert_eq!(
+                vol.next_data(6 * 4096, vol.size()).unwrap(),
+                Some(7 * 4096..vol.size())
             );
             assert!(vol.read_at(data.len() as u64 - 1, &mut [0u8; 2]).is_err());
         }

@@ -716,6 +716,33 @@ impl BlockMap {
         }
     }
 
+    /// The reference of block `index` and how many blocks from it on continue its run (at
+    /// least 1; a run may be cut short at a segment or leaf boundary). Walking a volume run by
+    /// run costs one lookup per run, not per block.
+    pub fn run_at(&self, index: u64) -> Result<(BlockRef, u64)> {
+        match self {
+            BlockMap::Segments(s) => {
+                let r = self.block_ref(index)?;
+                let seg = s.segment((index / SEGMENT_BLOCKS) as usize)?;
+                let at = (index % SEGMENT_BLOCKS) as usize;
+                let n = seg
+                    .get(at..)
+                    .unwrap_or(&[])
+                    .iter()
+                    .take_while(|x| **x == r)
+                    .count()
+                    .max(1);
+                Ok((r, n as u64))
+            }
+            BlockMap::Tree(t) => {
+                if index >= t.block_count() {
+                    return self.block_ref(index).map(|r| (r, 1));
+                }
+                t.run_at(index)
+            }
+        }
+    }
+
     /// Visits every block in order: `f(first_block, ref, count)` per run (equal references,
     /// or consecutive pieces of one blob: see [`BlockRef::advance`]).
     pub fn for_each_run(&self, mut f: impl FnMut(u64, BlockRef, u64) -> Result<()>) -> Result<()> {
@@ -971,6 +998,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(runs, vec![(0, BlockRef::Zero, 3)]);
+        assert_eq!(map.run_at(1).unwrap(), (BlockRef::Zero, 2));
+        assert!(map.run_at(3).is_err());
         let mut c = map.cursor();
         assert_eq!(c.get(1).unwrap(), Some(BlockRef::Zero));
         assert_eq!(c.get(3).unwrap(), None);

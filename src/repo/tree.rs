@@ -481,6 +481,8 @@ pub struct TreeReader {
     ctx: Context,
     /// Small LRU of decoded nodes, and its clock.
     cache: Mutex<(u64, Vec<Cached>)>,
+    /// The leaf of the last lookup: random readers mostly stay in one leaf for a while.
+    last: Mutex<Option<LeafRef>>,
 }
 
 /// A decoded node in a reader's cache, with the geometry it was checked against.
@@ -533,6 +535,7 @@ impl TreeReader {
             block_count,
             ctx,
             cache: Mutex::new((0, Vec::new())),
+            last: Mutex::new(None),
         })
     }
 
@@ -588,6 +591,21 @@ impl TreeReader {
 
     /// The leaf holding block `block`.
     pub fn leaf_at(&self, block: u64) -> Result<LeafRef> {
+        {
+            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = &*last
+                && l.range().contains(&block)
+            {
+                return Ok(l.clone());
+            }
+        }
+        let leaf = self.descend(block)?;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(leaf.clone());
+        Ok(leaf)
+    }
+
+    /// Looks up the leaf holding `block` from the root.
+    fn descend(&self, block: u64) -> Result<LeafRef> {
         if block >= self.block_count {
             return Err(Error::read_out_of_range(
                 self.ctx.what.clone(),
@@ -632,6 +650,19 @@ impl TreeReader {
         leaf.lookup(block, &mut 0).ok_or_else(|| {
             Error::internal("tree reader", format!("block {block} is not in its leaf"))
         })
+    }
+
+    /// The reference of block `block` and the number of blocks from it to the end of its run
+    /// (at least 1; runs end at leaf boundaries here).
+    pub fn run_at(&self, block: u64) -> Result<(BlockRef, u64)> {
+        let leaf = self.leaf_at(block)?;
+        let rel = block - leaf.start;
+        leaf.runs()
+            .get(leaf.find(rel))
+            .map(|run| (run.r.advance(rel - run.start), run.start + run.n - rel))
+            .ok_or_else(|| {
+                Error::internal("tree reader", format!("block {block} is not in its leaf"))
+            })
     }
 
     /// Visits every block in order: `f(first_block, ref, count)` per run (equal references,
@@ -1023,6 +1054,14 @@ mod tests {
         assert_eq!(c.get(want.len() as u64).unwrap(), None);
         assert_eq!(c.get(3).unwrap(), Some(part(1, 3)));
         assert_eq!(c.get(LEAF_BLOCKS + 6).unwrap(), Some(part(2, 8)));
+        assert_eq!(reader.run_at(2).unwrap(), (part(1, 2), 3));
+        assert_eq!(
+            reader.run_at(5).unwrap(),
+            (BlockRef::Unused, LEAF_BLOCKS - 5)
+        );
+        assert_eq!(reader.run_at(LEAF_BLOCKS).unwrap(), (BlockRef::Unused, 5));
+        assert_eq!(reader.run_at(LEAF_BLOCKS + 6).unwrap(), (part(2, 8), 2));
+        assert!(reader.run_at(want.len() as u64).is_err());
     }
 
     #[test]
