@@ -228,7 +228,12 @@ fn prune_v2(
         report.bytes_reclaimable = plan.reclaimed_bytes();
         report.packs_deferred = pending_packs.len() as u64;
         report.deferred = pending.iter().map(|r| r.id.clone()).collect();
-        report.packs_after = report.packs_before - report.packs_deleted;
+        // Repacked packs are replaced by about as many new ones as their live bytes fill.
+        let new_packs = plan
+            .repack_live_bytes
+            .div_ceil(u64::from(repo.config().pack_size).max(1));
+        report.packs_after = (report.packs_before + new_packs)
+            .saturating_sub(report.packs_deleted + report.packs_repacked);
         report.bytes_after = report.bytes_before.saturating_sub(plan.reclaimed_bytes());
         return Ok(report);
     }
