@@ -669,7 +669,19 @@ fn prune_killed_at_every_crash_point_leaves_a_valid_repository_and_the_next_prun
     // The size a prune that never crashed reaches.
     let reference = t.join("reference");
     copy_tree(&tpl.repo, &reference);
-    volback_ok(&["prune", p(&reference), "--max-unused", "0"]);
+    let rep = volback_ok(&["prune", "--json", p(&reference), "--max-unused", "0"]).json();
+    // The template reaches every crash point: the report says what the prune met.
+    for key in [
+        "packs_repacked",
+        "packs_rescued",
+        "orphans_deleted",
+        "packs_deleted",
+    ] {
+        assert!(
+            rep[key].as_u64().is_some_and(|n| n > 0),
+            "{key}: the template does not exercise this part of prune: {rep}"
+        );
+    }
     assert!(pending_records(&reference).is_empty());
     assert_repository_intact(&reference, &tpl.keep, &out);
     let ref_bytes = repo_data_bytes(&reference);
