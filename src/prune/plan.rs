@@ -1,11 +1,12 @@
 //! The prune plan: from the live set and the index, which packs to delete and which to repack.
 //!
-//! Pure: no I/O. Liveness is decided per frame (a frame is decompressed as a whole, so a
-//! frame with one live blob is kept whole); a frame is dead when none of its blobs is live.
-//! A pack whose frames are all dead is condemned. Packs with some dead frames are repacked,
-//! most dead first (by dead fraction, then by dead bytes), while the dead bytes left in the
-//! repository exceed `max_unused_percent` of its pack bytes; a pack whose live bytes would
-//! take the bytes repacked past `max_repack` is passed over (a smaller one may still fit).
+//! Pure: no I/O. A frame is dead when none of its blobs is live: all its bytes are dead. In a
+//! frame with live blobs, the dead blobs' share of the frame's stored bytes (by raw length)
+//! counts as dead too, since a repack copies only live blobs. A pack without live blobs is
+//! condemned. Packs with dead bytes are repacked, most dead first (by dead fraction, then
+//! by dead bytes), while the dead bytes left in the repository exceed `max_unused_percent`
+//! of its pack bytes; a pack whose live bytes would take the bytes repacked past
+//! `max_repack` is passed over (a smaller one may still fit).
 
 use crate::hash::ChunkId;
 use crate::repo::blob::BlobEntry;
@@ -106,13 +107,22 @@ pub fn pack_usage(pack: ChunkId, entries: &[BlobEntry], live: &HashSet<ChunkId>)
     let mut live_bytes = 0u64;
     let mut live_blobs = 0u64;
     for (_, (len, idx)) in frames(entries) {
-        if idx.iter().any(|&i| live.contains(&entries[i].id)) {
-            live_bytes += u64::from(len) + (idx.len() * BLOB_ENTRY_LEN) as u64;
+        let (mut raw_live, mut raw_all, mut n_live) = (0u64, 0u64, 0u64);
+        for &i in &idx {
+            let raw = u64::from(entries[i].raw_len);
+            raw_all += raw;
+            if live.contains(&entries[i].id) {
+                raw_live += raw;
+                n_live += 1;
+            }
         }
-        live_blobs += idx
-            .iter()
-            .filter(|&&i| live.contains(&entries[i].id))
-            .count() as u64;
+        if n_live > 0 {
+            // The live blobs' share of the frame's stored bytes, rounded up.
+            let share =
+                (u128::from(len) * u128::from(raw_live)).div_ceil(u128::from(raw_all.max(1)));
+            live_bytes += share.min(u128::from(len)) as u64 + n_live * BLOB_ENTRY_LEN as u64;
+        }
+        live_blobs += n_live;
     }
     if live_blobs > 0 {
         // The header and trailer stay with the live part.
@@ -218,17 +228,20 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_live_when_any_blob_is() {
+    fn dead_frames_and_dead_shares_of_live_frames() {
         let e = pack(&[&[1, 2], &[3], &[4, 5, 6]], 1000);
         let u = pack_usage(id(100), &e, &live(&[2, 4]));
         assert_eq!(u.size, 16 + 3000 + 6 * 52 + 56);
-        assert_eq!(u.live_bytes, 2000 + 5 * 52 + 16 + 56);
-        assert_eq!(u.dead_bytes, 1000 + 52);
+        // Half of the first frame, a third of the last; their live entries, header, trailer.
+        assert_eq!(u.live_bytes, 500 + 334 + 2 * 52 + 16 + 56);
+        assert_eq!(u.dead_bytes, u.size - u.live_bytes);
         assert_eq!((u.live_blobs, u.dead_blobs), (2, 4));
         let u = pack_usage(id(100), &e, &live(&[]));
         assert_eq!((u.live_bytes, u.dead_bytes), (0, u.size));
-        let u = pack_usage(id(100), &e, &live(&[1, 3, 5]));
+        let u = pack_usage(id(100), &e, &live(&[1, 2, 3, 4, 5, 6]));
         assert_eq!((u.live_bytes, u.dead_bytes), (u.size, 0));
+        let u = pack_usage(id(100), &e, &live(&[1, 3, 5]));
+        assert!(u.dead_bytes > 0 && u.live_bytes > 0);
     }
 
     /// Each row: pack frames (one blob per frame here: blob numbers), live blobs, limits,

@@ -1,34 +1,32 @@
-//! Repack: copies the live frames of partly dead packs into new packs, so that the old packs
+//! Repack: copies the live blobs of partly dead packs into new packs, so that the old packs
 //! can be deleted.
 //!
-//! Liveness is decided per frame, so a live frame is copied whole and verbatim (its encoded
-//! bytes, not recompressed): every blob keeps its offset in the frame's content. That is
-//! what lets a reader that loaded the index before the prune, finding an old pack gone,
-//! reload the index and read the same bytes at the blob's new location (the blob store's
-//! retry requires the same offset in the frame). Each frame is decoded and the blobs it keeps
-//! are checked against their ids first; a blob that does not match is left out of the new
-//! pack's table (a live one makes the whole pack stay as it is). A frame none of whose live
-//! blobs is wanted (all are kept in packs that stay) is not copied.
-//!
-//! The new packs go through a [`Packer`], whose checkpoint makes them durable and indexed
-//! before anything names the old packs as condemned. A pack that cannot be read is left
-//! alone (not repacked, not deleted) with a warning: frames copied from it before the
-//! problem was met then exist twice, which is harmless.
+//! A frame is read and decompressed whole ([`read_frame_raw`]); each of its blobs that is
+//! live and has no copy in a pack that stays is checked against its id and appended to a new
+//! frame; dead blobs of live frames are dropped. New frames hold up to [`FRAME_RAW_TARGET`]
+//! bytes of data blobs; a tree blob is alone in its frame (as a backup writes them). Blobs
+//! change offsets: readers find them again by id ([`crate::repo::blob::BlobSource::blob`]
+//! reloads the index when a pack is gone). The new packs go through a [`Packer`], whose
+//! checkpoint makes them durable and indexed before anything names the old packs as
+//! condemned. A pack that cannot be read is left alone (not repacked, not deleted) with a
+//! warning: its blobs copied before the problem was met then exist twice, which is harmless.
 
 use super::AbortPoint;
 use crate::error::{Error, Result, chain};
 use crate::hash::ChunkId;
-use crate::platform;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::blob::{BlobEntry, BlobKind};
 use crate::repo::blobs::BlobStore;
-use crate::repo::chunks::decode_encoded;
+use crate::repo::chunks::Encoder;
 use crate::repo::fsio;
-use crate::repo::pack::MAX_FRAME_LEN;
+use crate::repo::pack::read_frame_raw;
 use crate::repo::packer::Packer;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+/// Largest raw content of a new frame of data blobs (a larger blob gets a frame of its own).
+pub const FRAME_RAW_TARGET: usize = 1 << 20;
 
 /// What a repack did.
 #[derive(Debug, Default)]
@@ -37,10 +35,47 @@ pub struct RepackOutcome {
     pub done: Vec<ChunkId>,
     /// Packs left alone because they could not be read.
     pub skipped: Vec<ChunkId>,
-    /// Blobs copied (those of the copied frames that match their ids), and the bytes of the
-    /// frames written.
+    /// Blobs copied, and the bytes of new frames written.
     pub blobs_copied: u64,
     pub bytes_written: u64,
+}
+
+/// Blobs collected for the next frame.
+struct FrameBuf {
+    raw: Vec<u8>,
+    blobs: Vec<(ChunkId, BlobKind, u32, u32)>,
+    encoder: Encoder,
+    written: u64,
+}
+
+impl FrameBuf {
+    fn flush(&mut self, packer: &Packer) -> Result<()> {
+        if self.blobs.is_empty() {
+            return Ok(());
+        }
+        let enc = self.encoder.encode(&self.raw);
+        let mut frame = Vec::with_capacity(enc.len());
+        frame.extend_from_slice(&enc.header);
+        frame.extend_from_slice(enc.payload);
+        self.written += packer.add_frame(&frame, &self.blobs)?;
+        self.raw.clear();
+        self.blobs.clear();
+        Ok(())
+    }
+
+    fn add(&mut self, packer: &Packer, id: ChunkId, kind: BlobKind, content: &[u8]) -> Result<()> {
+        let alone = kind == BlobKind::Tree;
+        if alone || self.raw.len() + content.len() > FRAME_RAW_TARGET {
+            self.flush(packer)?;
+        }
+        self.blobs
+            .push((id, kind, self.raw.len() as u32, content.len() as u32));
+        self.raw.extend_from_slice(content);
+        if alone {
+            self.flush(packer)?;
+        }
+        Ok(())
+    }
 }
 
 /// Copies into new packs the blobs of `wanted` found in the packs `to_repack` (tables in
@@ -63,68 +98,61 @@ pub fn repack(
     let store: Arc<BlobStore> = BlobStore::open_writer(repo, &[])?;
     let packer = Packer::new(repo, store.clone())?;
     let hash = repo.config().chunk_hash;
+    let mut buf = FrameBuf {
+        raw: Vec::new(),
+        blobs: Vec::new(),
+        encoder: Encoder::new(repo.config().zstd_level)?,
+        written: 0,
+    };
     let total: u64 = to_repack
         .iter()
         .filter_map(|p| tables.get(p))
-        .map(|t| super::plan::pack_file_len(t))
+        .flat_map(|t| t.iter().map(|e| u64::from(e.raw_len)))
         .sum();
     progress.start("repack", total);
-    let mut raw = Vec::new();
     for pack in to_repack {
         let Some(entries) = tables.get(pack) else {
             continue;
         };
         let path = store.pack_path(pack);
-        let copied = (|| -> Result<(u64, u64)> {
+        let copied = (|| -> Result<u64> {
             let file = fsio::open_regular(&path, false, "open")?;
-            let (mut blobs_n, mut bytes) = (0u64, 0u64);
-            for (offset, (len, idx)) in super::plan::frames(entries) {
+            let mut n = 0u64;
+            for (_, (_, idx)) in super::plan::frames(entries) {
                 if !idx.iter().any(|&i| wanted.contains(&entries[i].id)) {
                     continue;
                 }
-                let what = format!("frame at offset {offset}");
-                if len > MAX_FRAME_LEN {
-                    return Err(Error::corrupt(what, &path, "frame length is impossible"));
-                }
-                let mut frame = vec![0u8; len as usize];
-                platform::read_exact_at(&file, &mut frame, u64::from(offset)).map_err(
-                    |source| Error::IoAt {
-                        op: "read",
-                        path: path.clone(),
-                        offset: u64::from(offset),
-                        source,
-                    },
-                )?;
-                decode_encoded(&frame, &what, &path, &mut raw)?;
-                let mut keep: Vec<(ChunkId, BlobKind, u32, u32)> = Vec::new();
+                let raw = read_frame_raw(&file, &path, &entries[idx[0]])?;
                 for &i in &idx {
-                    let e: &BlobEntry = &entries[i];
+                    let e = &entries[i];
+                    if !wanted.contains(&e.id) {
+                        continue;
+                    }
                     let start = e.raw_offset as usize;
-                    let good = raw
-                        .get(start..start + e.raw_len as usize)
-                        .is_some_and(|c| hash.hash(c) == e.id);
-                    if good {
-                        keep.push((e.id, e.kind, e.raw_offset, e.raw_len));
-                    } else if wanted.contains(&e.id) {
+                    let content = raw.get(start..start + e.raw_len as usize).ok_or_else(|| {
+                        Error::corrupt(
+                            format!("blob {}", e.id),
+                            &path,
+                            "lies beyond its frame's content",
+                        )
+                    })?;
+                    if hash.hash(content) != e.id {
                         return Err(Error::corrupt(
-                            format!("blob {} ({what})", e.id),
+                            format!("blob {}", e.id),
                             &path,
                             "content does not match its id",
                         ));
                     }
+                    buf.add(&packer, e.id, e.kind, content)?;
+                    wanted.remove(&e.id);
+                    n += 1;
                 }
-                bytes += packer.add_frame(&frame, &keep)?;
-                for k in &keep {
-                    wanted.remove(&k.0);
-                }
-                blobs_n += keep.len() as u64;
             }
-            Ok((blobs_n, bytes))
+            Ok(n)
         })();
         match copied {
-            Ok((n, bytes)) => {
+            Ok(n) => {
                 out.blobs_copied += n;
-                out.bytes_written += bytes;
                 out.done.push(*pack);
             }
             Err(e) => {
@@ -135,12 +163,14 @@ pub fn repack(
                 out.skipped.push(*pack);
             }
         }
-        progress.advance(super::plan::pack_file_len(entries));
+        progress.advance(entries.iter().map(|e| u64::from(e.raw_len)).sum());
         abort.at("repack-pack");
     }
+    buf.flush(&packer)?;
     // New packs durable (filesystem synced) and indexed before any record condemns the old.
     packer.checkpoint()?;
     progress.finish();
+    out.bytes_written = buf.written;
     abort.at("repack-index");
     Ok(out)
 }

@@ -177,22 +177,23 @@ fn partly_dead_packs_are_repacked() {
 }
 
 #[test]
-fn a_frame_with_one_live_blob_is_kept_whole() {
+fn dead_blobs_of_a_live_frame_are_dropped_by_a_repack() {
     let f = fx();
-    // One frame of four blobs, one of them live: nothing is dead at frame granularity.
+    // One frame of four blobs, one of them live.
     let ids = put_blobs(&f.repo, &[1, 2, 3, 4], 4);
-    snapshot(&f.repo, &ids[2..3]);
-    let r = prune(
-        &f.repo,
-        &PruneOptions {
-            max_unused_percent: 0.0,
-            ..PruneOptions::default()
-        },
-        &Silent,
-    )
-    .unwrap();
+    let s = snapshot(&f.repo, &ids[2..3]);
+    let opts = PruneOptions {
+        max_unused_percent: 0.0,
+        ..PruneOptions::default()
+    };
+    let r = prune(&f.repo, &opts, &Silent).unwrap();
+    assert_eq!((r.packs_repacked, r.blobs_dead), (1, 3), "{r:#?}");
+    let index = sweep::load_index(&f.repo).unwrap();
+    assert_eq!(index.entries(), 2, "the live blob and the tree node");
+    assert_clean(&f.repo);
+    assert_readable(&f.repo, &[(s, vec![3])]);
+    let r = prune(&f.repo, &opts, &Silent).unwrap();
     assert_eq!((r.packs_deleted, r.packs_repacked), (0, 0), "{r:#?}");
-    assert_eq!(r.blobs_dead, 3);
 }
 
 #[test]
