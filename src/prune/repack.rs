@@ -115,6 +115,9 @@ pub fn repack(
             continue;
         };
         let path = store.pack_path(pack);
+        // Errors reading the old pack skip it; an error writing the new packs ends the
+        // repack (frames of packs already counted as done may be lost with it).
+        let mut write_error: Option<Error> = None;
         let copied = (|| -> Result<u64> {
             let file = fsio::open_regular(&path, false, "open")?;
             let mut n = 0u64;
@@ -143,13 +146,19 @@ pub fn repack(
                             "content does not match its id",
                         ));
                     }
-                    buf.add(&packer, e.id, e.kind, content)?;
+                    if let Err(err) = buf.add(&packer, e.id, e.kind, content) {
+                        write_error = Some(err);
+                        return Ok(n);
+                    }
                     wanted.remove(&e.id);
                     n += 1;
                 }
             }
             Ok(n)
         })();
+        if let Some(e) = write_error {
+            return Err(e);
+        }
         match copied {
             Ok(n) => {
                 out.blobs_copied += n;
