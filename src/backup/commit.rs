@@ -297,6 +297,11 @@ impl Committer<'_, '_> {
                         }
                     }
                 }
+                // Stopped (Ctrl-C): commit what finished in order now, without waiting for
+                // the runs already read (up to a few hundred MiB of whole runs).
+                if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    break;
+                }
             }
             let next = done.next_block();
             // Whatever finished in order is kept for the next run, even after an error.

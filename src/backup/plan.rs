@@ -7,7 +7,7 @@
 //! - the writer registration (`writers/` marker, docs/DESIGN-format2.md "Concurrency"): made
 //!   before anything is looked up in the index, so that prune never deletes a pack this
 //!   backup may refer to; the writer's index excludes the packs of the pending records it
-//!   read. A plan alone registers nothing and reads the reader's index;
+//!   read. A plan alone registers nothing (it reads the index as such a writer would);
 //! - the source probe: filesystem or partition table, allocation map, [`volume_key`];
 //! - the resume decision: the journal of an interrupted backup of the volume is continued
 //!   only when it was made with the same settings, the source is in the state it read
@@ -207,7 +207,11 @@ pub(super) fn prepare(
             let (marker, pending) = writers::register_writer(repo)?;
             (Some(marker), BlobStore::open_writer(repo, &pending)?)
         }
-        Locking::Check => (None, repo.blobs()?),
+        // What a backup starting now would see, without registering: the same exclusions.
+        Locking::Check => (
+            None,
+            BlobStore::open_writer(repo, &writers::read_pending(repo)?)?,
+        ),
     };
 
     let journal_path = repo.journals_dir().join(format!("{key}.journal"));
@@ -1117,6 +1121,90 @@ mod tests {
             assert!(e.to_string().contains("back up"), "{e}");
         }
         assert!(repo.snapshot_ids().unwrap().is_empty());
+    }
+
+    /// An interrupted backup whose packs a prune has condemned since (a pending record the
+    /// next run reads) is not continued: its blobs are not in the writer's index.
+    #[test]
+    fn a_journal_naming_condemned_blobs_is_not_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        // More than one run (16 MiB each), so that the backup stops after the first.
+        random_file(&img, 40 << 20, 8);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let every = BackupOptions {
+            threads: 1,
+            checkpoint_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let interrupted = BackupOptions {
+            cancel: Some(flag.clone()),
+            ..every.clone()
+        };
+        match backup(&repo, &source, &interrupted, &CancelAtFirstBlock(flag)) {
+            Err(Error::Interrupted { checkpointed: true }) => {}
+            other => panic!("the backup was not interrupted: {other:?}"),
+        }
+        let p = plan(&repo, &source, &every, &Silent).unwrap();
+        assert!(
+            matches!(p.resume, Resume::Continue { .. }),
+            "{:?}",
+            p.resume
+        );
+        let packs = BlobStore::open(&repo).unwrap().with_index(|i| i.packs());
+        assert!(!packs.is_empty());
+        crate::repo::writers::write_pending(&repo, &packs, &[]).unwrap();
+        let p = plan(&repo, &source, &every, &Silent).unwrap();
+        match &p.resume {
+            Resume::StartOver { reason } => assert!(reason.contains("index"), "{reason}"),
+            r => panic!("resumed with condemned blobs: {r:?}"),
+        }
+        let done = backup(&repo, &source, &every, &Silent).unwrap();
+        assert!(!done.resumed);
+        assert_eq!(done.this_run.new_bytes, 40 << 20, "everything stored again");
+    }
+
+    /// Two backups into one repository at once (two writers, two packers): both commit,
+    /// and each snapshot reads back as its source.
+    #[test]
+    fn concurrent_backups_commit_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        random_file(&a, 20 << 20, 9);
+        // b: a's content shifted by three blocks, then its own.
+        let mut bytes = vec![1u8; 3 * 4096];
+        bytes.extend_from_slice(&std::fs::read(&a).unwrap()[..10 << 20]);
+        std::fs::write(&b, &bytes).unwrap();
+        let opts = BackupOptions {
+            checkpoint_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let run = |p: &Path| {
+            let repo = Repository::open(&dir.path().join("repo")).unwrap();
+            let source = Source::open(p).unwrap();
+            backup(&repo, &source, &opts, &Silent).unwrap().snapshot_id
+        };
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let ta = s.spawn(|| run(&a));
+            let tb = s.spawn(|| run(&b));
+            vec![ta.join().unwrap(), tb.join().unwrap()]
+        });
+        assert!(
+            crate::repo::writers::live_writers(&repo)
+                .unwrap()
+                .is_empty()
+        );
+        for (id, path) in ids.iter().zip([&a, &b]) {
+            use crate::volume::Volume;
+            let vol = crate::repo::reader::SnapshotVolume::open(&repo, id, None).unwrap();
+            let want = std::fs::read(path).unwrap();
+            let mut got = vec![0u8; want.len()];
+            vol.read_at(0, &mut got).unwrap();
+            assert!(got == want, "snapshot {id} differs from {}", path.display());
+        }
     }
 
     /// Counts the live writers each time the backup reports progress.

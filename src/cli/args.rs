@@ -98,9 +98,8 @@ pub struct InitArgs {
     /// Default block size in bytes (power of two, 4 KiB to 16 MiB).
     #[arg(long, value_parser = parse_size)]
     pub block_size: Option<u64>,
-    /// Largest pack: the blocks a backup stores from one read of consecutive blocks are
-    /// compressed together, up to this size (default 4M; 0 or at most one block: every
-    /// block compressed alone, which makes random reads through mount/serve cheaper).
+    /// Target size of the pack files that hold the compressed data (1M to 128M, default
+    /// 16M).
     #[arg(long, value_parser = parse_size)]
     pub pack_size: Option<u64>,
 }
@@ -318,7 +317,10 @@ pub struct ForgetArgs {
     pub repo: PathBuf,
     /// Snapshots to remove: ids, unique id prefixes, `latest` or `latest:SOURCE` (removed
     /// even when they are the newest of their volume). Without them, a --keep-* policy.
-    #[arg(value_name = "SNAPSHOT")]
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = [
+        "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+        "keep_within", "keep_tags", "source", "volume_key",
+    ])]
     pub snapshots: Vec<String>,
     /// Keep the N newest snapshots.
     #[arg(
@@ -549,6 +551,12 @@ mod tests {
             panic!("not forget")
         };
         assert_eq!(a.snapshots, vec!["abc", "latest"]);
+        // Names and a policy are not mixed: a usage error.
+        let e = parse(&["forget", "r", "abc", "--keep-last", "1"])
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(parse(&["forget", "r", "abc", "--source", "/dev/x"]).is_err());
     }
 
     #[test]

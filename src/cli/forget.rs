@@ -27,6 +27,11 @@ pub fn run(a: ForgetArgs, ctx: &Ctx) -> Result<ExitCode> {
         volume_key: a.volume_key.clone(),
         dry_run: a.dry_run,
     };
+    if request.snapshots.is_empty() && request.policy.is_empty() {
+        // A usage error (exit code 2), worded as the library words it.
+        eprintln!("volback: error: nothing to forget: name snapshots or give a --keep-* rule");
+        return Ok(ExitCode::from(2));
+    }
     let report = {
         let repository = Repository::open(&a.repo)?;
         forget::forget(&repository, &request, &CliProgress::new(ctx.quiet))?

@@ -9,7 +9,9 @@
 //!   the newest of a volume, even when the file is damaged (a named id need not be readable);
 //! - a [`Policy`] applied to the snapshots of each volume separately (grouped by the header's
 //!   `volume_key`), or of one volume (`source` or `volume_key`): see [`policy`]. Damaged
-//!   snapshot files are left alone with a warning.
+//!   snapshot files are left alone with a warning. A snapshot that the journal of an
+//!   interrupted backup names as its parent is kept too ([`Rule::Resume`]): removing it would
+//!   make that backup start over instead of resuming.
 //!
 //! Plan, report, execute: [`forget`] decides everything first, then (unless `dry_run`) removes
 //! the files and flushes the directory once.
@@ -19,10 +21,11 @@ pub mod policy;
 use crate::error::{Error, IoContext, Result, chain};
 use crate::platform;
 use crate::progress::Progress;
+use crate::repo::journal::Journal;
 use crate::repo::{Repository, SnapshotEntry};
 pub use policy::{Decision, KeepWithin, Policy, Rule, Snap};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// What to forget.
@@ -161,7 +164,41 @@ pub fn plan(
             selected
         }
     };
-    Ok(apply_by_volume(&request.policy, &list))
+    let mut decisions = apply_by_volume(&request.policy, &list);
+    let resume = resume_parents(repo, progress)?;
+    for d in &mut decisions {
+        if resume.contains(&d.id) {
+            d.reasons.push(Rule::Resume);
+            d.action = Action::Keep;
+        }
+    }
+    Ok(decisions)
+}
+
+/// The parents named by the journals of interrupted backups. An unreadable journal is skipped
+/// with a warning (its backup cannot resume anyway).
+fn resume_parents(repo: &Repository, progress: &dyn Progress) -> Result<HashSet<String>> {
+    let dir = repo.journals_dir();
+    let mut out = HashSet::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("list", &dir, e)),
+    };
+    for e in entries {
+        let path = e.ctx("list", &dir)?.path();
+        let name = file_name(&path);
+        // `.tmp-*` files are journals being created (FORMAT §7), not interrupted backups.
+        if !name.ends_with(".journal") || name.starts_with(".tmp-") {
+            continue;
+        }
+        match Journal::read_header(&path) {
+            Ok(Some(h)) => out.extend(h.parent),
+            Ok(None) => {}
+            Err(e) => progress.warn(&format!("skipping unreadable journal: {}", chain(&e))),
+        }
+    }
+    Ok(out)
 }
 
 /// Applies `policy` to each volume of `list` separately: volumes in `volume_key` order, each
@@ -242,6 +279,13 @@ fn plan_named(
         out.push(decision(&id, entry.as_ref(), vec![Rule::Named]));
     }
     Ok(out)
+}
+
+/// The file name of a path, lossily.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Removes snapshot files and flushes the directory. A file already gone (another `forget`)

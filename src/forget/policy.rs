@@ -160,6 +160,9 @@ pub enum Rule {
     Within,
     /// Carries this tag.
     Tag(String),
+    /// The parent of an interrupted backup that will resume from it (kept so that the
+    /// resume does not have to start over).
+    Resume,
 }
 
 impl fmt::Display for Rule {
@@ -174,6 +177,7 @@ impl fmt::Display for Rule {
             Rule::Monthly => "monthly",
             Rule::Yearly => "yearly",
             Rule::Within => "within",
+            Rule::Resume => "resume",
             Rule::Tag(t) => return write!(f, "tag:{t}"),
         };
         f.write_str(s)
@@ -534,6 +538,51 @@ mod tests {
                 vec!["jul:newest,monthly", "jun:monthly", "jan:-"],
             ),
         ]);
+    }
+
+    #[test]
+    fn every_calendar_rule_at_month_and_year_ends() {
+        // The last second of a month and the first of the next (twice, in the same second),
+        // every calendar rule keeping 2: the older side is kept by every rule whose period
+        // changes at the boundary.
+        let every = p(|p| {
+            p.keep_hourly = 2;
+            p.keep_daily = 2;
+            p.keep_weekly = 2;
+            p.keep_monthly = 2;
+            p.keep_yearly = 2
+        });
+        let cases = [
+            // (last day of a month, first day of the next, rules keeping the older side)
+            ((2024, 1, 31), (2024, 2, 1), "hourly,daily,monthly"),
+            ((2023, 2, 28), (2023, 3, 1), "hourly,daily,monthly"),
+            ((2024, 2, 29), (2024, 3, 1), "hourly,daily,monthly"),
+            ((2024, 4, 30), (2024, 5, 1), "hourly,daily,monthly"),
+            // Sunday to Monday: a new ISO week too.
+            (
+                (2023, 12, 31),
+                (2024, 1, 1),
+                "hourly,daily,weekly,monthly,yearly",
+            ),
+            // Both days in ISO week 53 of 2020.
+            ((2020, 12, 31), (2021, 1, 1), "hourly,daily,monthly,yearly"),
+        ];
+        for ((y0, m0, d0), (y1, m1, d1), older) in cases {
+            let name = format!("{y0}-{m0}-{d0} to {y1}-{m1}-{d1}");
+            let snaps = vec![
+                snap("x0", at(y0, m0, d0, 22, 0, 0)),
+                snap("x1", at(y0, m0, d0, 23, 59, 59)),
+                snap("x2a", at(y1, m1, d1, 0, 0, 0)),
+                snap("x2b", at(y1, m1, d1, 0, 0, 0)),
+            ];
+            let want = vec![
+                "x2b:newest,hourly,daily,weekly,monthly,yearly".to_string(),
+                "x2a:-".to_string(),
+                format!("x1:{older}"),
+                "x0:-".to_string(),
+            ];
+            assert_eq!(run(&every, &snaps), want, "{name}");
+        }
     }
 
     #[test]

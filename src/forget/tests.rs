@@ -238,3 +238,45 @@ fn report_serialises_for_json() {
     );
     assert_eq!(v["removed"], 0);
 }
+
+#[test]
+fn the_parent_of_an_interrupted_backup_is_kept() {
+    use crate::repo::journal::{Journal, JournalHeader};
+    let (_d, repo) = repo();
+    let old = add(&repo, "a", 100, &[]);
+    add(&repo, "a", 200, &[]);
+    add(&repo, "a", 300, &[]);
+    let header: JournalHeader = serde_json::from_value(serde_json::json!({
+        "source": {"path": "/dev/a", "kind": "file", "size": 4096,
+                   "logical_sector_size": 512, "physical_sector_size": 512},
+        "volume_key": "a",
+        "block_size": 4096,
+        "block_count": 1,
+        "chunk_hash": repo.config().chunk_hash,
+        "parent": old,
+        "time": "2026-12-04T00:00:00Z",
+        "time_unix": 400,
+        "tags": [],
+    }))
+    .unwrap();
+    let journal = Journal::create(&repo.journals_dir().join("a.journal"), &header).unwrap();
+    // A damaged journal is skipped with a warning, a temporary one ignored.
+    std::fs::write(repo.journals_dir().join("b.journal"), b"garbage").unwrap();
+    std::fs::write(repo.journals_dir().join(".tmp-x.journal"), b"garbage").unwrap();
+    let report = forget(
+        &repo,
+        &request(Policy {
+            keep_last: 1,
+            ..Default::default()
+        }),
+        &Silent,
+    )
+    .unwrap();
+    assert_eq!(report.removed, 1);
+    let d = report.snapshots.iter().find(|d| d.id == old).unwrap();
+    assert_eq!(
+        (d.action, d.reasons.clone()),
+        (Action::Keep, vec![Rule::Resume])
+    );
+    drop(journal);
+}

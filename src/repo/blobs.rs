@@ -15,7 +15,7 @@ use super::blob::{BlobEntry, BlobKind, BlobSource, Location};
 use super::fsio;
 use super::index::Index;
 use super::pack::{read_frame_raw, read_pack_table};
-use super::writers::{PendingRecord, read_pending_dir};
+use super::writers::{PendingRecord, read_pending_dir_lenient};
 use crate::error::{Error, Result};
 use crate::hash::{ChunkId, HashAlgorithm};
 use std::collections::HashSet;
@@ -96,6 +96,9 @@ pub struct BlobStore {
     files: Mutex<Lru<ChunkId, Arc<File>>>,
     /// Packs found missing (the index was reloaded for each once).
     missing: Mutex<HashSet<ChunkId>>,
+    /// Packs this process inserted ([`BlobStore::insert`]): kept across a reload, their
+    /// index file may not be written yet.
+    inserted: Mutex<Vec<ChunkId>>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -142,6 +145,7 @@ impl BlobStore {
             blobs: Mutex::new(Lru::new(BLOB_CACHE)),
             files: Mutex::new(Lru::new(FILE_CACHE)),
             missing: Mutex::new(HashSet::new()),
+            inserted: Mutex::new(Vec::new()),
         };
         let index = store.load_index()?;
         *store.index_mut() = index;
@@ -156,7 +160,7 @@ impl BlobStore {
         }
         let mut index = Index::load_dir(&self.index_dir, &self.exclude)?;
         if self.reader {
-            let records = match read_pending_dir(&self.pending_dir) {
+            let records = match read_pending_dir_lenient(&self.pending_dir) {
                 Ok(r) => r,
                 // A repository without pending/ (read-only medium, say) has none.
                 Err(e) if fsio::is_not_found(&e) => Vec::new(),
@@ -199,6 +203,10 @@ impl BlobStore {
     /// Adds the table of a finished pack.
     pub fn insert(&self, pack: ChunkId, entries: &[BlobEntry]) {
         self.index_mut().insert(pack, entries);
+        self.inserted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pack);
     }
 
     /// Records blobs appended to a pack not finished yet (the packer): [`BlobStore::contains`]
@@ -245,8 +253,19 @@ impl BlobStore {
         if !missing.insert(*missing_pack) {
             return Ok(());
         }
-        let index = self.load_index()?;
-        *self.index_mut() = index;
+        let mut fresh = self.load_index()?;
+        let inserted = self
+            .inserted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut index = self.index_mut();
+        for pack in inserted {
+            if let Some(entries) = index.pack_entries(&pack) {
+                fresh.insert(pack, entries);
+            }
+        }
+        *index = fresh;
         Ok(())
     }
 

@@ -225,9 +225,9 @@ impl Index {
                 }
                 match IndexFile::read(&dir.join(&name)) {
                     Ok(file) => {
-                        for (pack, entries) in &file.packs {
-                            if !self.exclude.contains(pack) {
-                                self.add(*pack, entries, false);
+                        for (pack, entries) in file.packs {
+                            if !self.exclude.contains(&pack) {
+                                self.add_owned(pack, entries, false);
                             }
                         }
                         self.files.insert(name);
@@ -302,48 +302,40 @@ impl Index {
     }
 
     fn add(&mut self, pack: ChunkId, entries: &[BlobEntry], fallback: bool) {
+        if self.by_pack.contains_key(&pack) {
+            self.add_owned(pack, Vec::new(), fallback);
+        } else {
+            self.add_owned(pack, entries.to_vec(), fallback);
+        }
+    }
+
+    fn add_owned(&mut self, pack: ChunkId, entries: Vec<BlobEntry>, fallback: bool) {
         let p = match self.by_pack.get(&pack) {
-            Some(&p) => {
-                // Indexed again (a compacted file, a rescue): the first table stays, but a
-                // fallback pack becomes a proper one.
-                if fallback || !self.fallback[p as usize] {
-                    return;
-                }
+            // Indexed again (a compacted file, a rescue): the first table stays, but a
+            // fallback pack becomes a proper one.
+            Some(&p) if !fallback && self.fallback[p as usize] => {
                 self.fallback[p as usize] = false;
-                let ids: Vec<(ChunkId, u32)> = self.entries[p as usize]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (e.id, i as u32))
-                    .collect();
-                for (id, i) in ids {
-                    self.map_blob(id, p, i);
-                }
-                return;
+                p
             }
+            Some(_) => return,
             None => {
                 let p = self.packs.len() as u32;
                 self.packs.push(pack);
-                self.entries.push(entries.to_vec());
+                self.entries.push(entries);
                 self.fallback.push(fallback);
                 self.by_pack.insert(pack, p);
                 p
             }
         };
-        for (i, e) in entries.iter().enumerate() {
-            self.map_blob(e.id, p, i as u32);
+        let table = &self.entries[p as usize];
+        self.blobs.reserve(table.len());
+        for (i, e) in table.iter().enumerate() {
+            let cur = self.blobs.entry(e.id).or_insert((p, i as u32));
+            // A proper location replaces a fallback one.
+            if self.fallback[cur.0 as usize] && !self.fallback[p as usize] {
+                *cur = (p, i as u32);
+            }
         }
-    }
-
-    fn map_blob(&mut self, id: ChunkId, p: u32, i: u32) {
-        let fallback = &self.fallback;
-        self.blobs
-            .entry(id)
-            .and_modify(|cur| {
-                if fallback[cur.0 as usize] && !fallback[p as usize] {
-                    *cur = (p, i);
-                }
-            })
-            .or_insert((p, i));
     }
 
     /// Number of blobs.
@@ -371,6 +363,14 @@ impl Index {
         let mut v: Vec<String> = self.files.iter().cloned().collect();
         v.sort();
         v
+    }
+
+    /// Approximate heap bytes held (tables and map), for sizing reports.
+    pub fn heap_bytes(&self) -> usize {
+        let entries: usize = self.entries.iter().map(|e| e.capacity()).sum();
+        entries * std::mem::size_of::<BlobEntry>()
+            + self.blobs.capacity() * (std::mem::size_of::<(ChunkId, (u32, u32))>() + 1)
+            + self.packs.capacity() * (std::mem::size_of::<ChunkId>() * 2 + 32)
     }
 
     /// The packs left out of this index (a writer's known pending packs).

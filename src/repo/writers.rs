@@ -62,30 +62,51 @@ fn list_names(dir: &Path) -> Result<Vec<String>> {
 pub(crate) fn read_pending_dir(dir: &Path) -> Result<Vec<PendingRecord>> {
     let mut out = Vec::new();
     for id in list_names(dir)? {
-        let path = dir.join(&id);
-        let bytes = match fsio::read_limited(&path, MAX_RECORD_LEN, "pending record") {
-            Ok(b) => b,
-            Err(e) if fsio::is_not_found(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        let bad = |detail: String| Error::corrupt("pending record", &path, detail);
-        let json: PendingJson = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-        let packs = json
-            .packs
-            .iter()
-            .map(|p| ChunkId::from_hex(p).ok_or_else(|| bad(format!("bad pack id {p:?}"))))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(i) = json.index.iter().find(|i| !is_hex_name(i, 64)) {
-            return Err(bad(format!("bad index file id {i:?}")));
+        if let Some(r) = read_record(dir, id)? {
+            out.push(r);
         }
-        out.push(PendingRecord {
-            id,
-            created: json.created,
-            packs,
-            index: json.index,
-        });
     }
     Ok(out)
+}
+
+/// The pending records of `dir` that can be read; damaged ones are skipped (a reader only
+/// uses them to find packs still readable, `verify` and `prune` report the damage).
+pub(crate) fn read_pending_dir_lenient(dir: &Path) -> Result<Vec<PendingRecord>> {
+    let mut out = Vec::new();
+    for id in list_names(dir)? {
+        match read_record(dir, id) {
+            Ok(Some(r)) => out.push(r),
+            Ok(None) | Err(Error::Corrupt { .. }) | Err(Error::NotRegularFile { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Pending record `id` of `dir`; `None` when it was removed meanwhile.
+fn read_record(dir: &Path, id: String) -> Result<Option<PendingRecord>> {
+    let path = dir.join(&id);
+    let bytes = match fsio::read_limited(&path, MAX_RECORD_LEN, "pending record") {
+        Ok(b) => b,
+        Err(e) if fsio::is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |detail: String| Error::corrupt("pending record", &path, detail);
+    let json: PendingJson = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let packs = json
+        .packs
+        .iter()
+        .map(|p| ChunkId::from_hex(p).ok_or_else(|| bad(format!("bad pack id {p:?}"))))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(i) = json.index.iter().find(|i| !is_hex_name(i, 64)) {
+        return Err(bad(format!("bad index file id {i:?}")));
+    }
+    Ok(Some(PendingRecord {
+        id,
+        created: json.created,
+        packs,
+        index: json.index,
+    }))
 }
 
 /// Writes a pending record durably; returns its id.
@@ -300,6 +321,9 @@ mod tests {
         assert_eq!(read_pending(&r).unwrap().len(), 1);
         std::fs::write(r.pending_dir().join("cd".repeat(16)), b"{junk").unwrap();
         assert!(matches!(read_pending(&r), Err(Error::Corrupt { .. })));
+        // Readers skip it: they only look for packs still readable.
+        assert_eq!(read_pending_dir_lenient(&r.pending_dir()).unwrap().len(), 1);
+        crate::repo::blobs::BlobStore::open(&r).unwrap();
         std::fs::remove_file(r.pending_dir().join("cd".repeat(16))).unwrap();
         remove_pending(&r, &id).unwrap();
         remove_pending(&r, &id).unwrap();
