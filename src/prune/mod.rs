@@ -157,7 +157,20 @@ pub fn prune(
     progress: &dyn Progress,
 ) -> Result<PruneReport> {
     let started = Instant::now();
-    let _lock = lock_prune(repo)?;
+    let _lock = match lock_prune(repo) {
+        Ok(l) => Some(l),
+        // A dry run writes nothing: it also works where the lock file cannot be created.
+        Err(Error::Io { source, .. })
+            if opts.dry_run
+                && matches!(
+                    source.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+        {
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let abort = AbortPoint::from_env();
     let mut report = match repo.format_version() {
         1 => prune_v1(repo, opts, progress, &abort)?,
