@@ -416,3 +416,29 @@ fn dry_run_can_assume_snapshots_forgotten() {
     assert_eq!(r.packs_deleted, 2, "data and tree packs: {r:#?}");
     assert_eq!(r.snapshots, 0);
 }
+
+#[test]
+fn a_pack_whose_live_frame_is_damaged_is_kept_as_it_is() {
+    let f = fx();
+    let ids = put_blobs(&f.repo, &[1, 2, 3, 4, 5, 6, 7, 8], 1);
+    snapshot(&f.repo, &ids[..2]);
+    let index = sweep::load_index(&f.repo).unwrap();
+    let (pack, entries) = index
+        .tables
+        .iter()
+        .find(|(_, e)| e.len() == 8)
+        .map(|(p, e)| (*p, e.clone()))
+        .unwrap();
+    let first = entries.iter().find(|e| e.id == ids[0]).unwrap();
+    let path = sweep::pack_path(&f.repo, &pack);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[first.frame_offset as usize + 20] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let r = prune_default(&f.repo);
+    assert_eq!(r.packs_repacked, 0, "{r:#?}");
+    assert!(packs(&f.repo).contains(&pack), "the damaged pack stays");
+    // Its other live blob is still readable where it was.
+    let store = BlobStore::open(&f.repo).unwrap();
+    let b = crate::repo::blob::BlobSource::blob(&*store, &ids[1], BlobKind::Data).unwrap();
+    assert_eq!(&b[..], &content(2)[..]);
+}
