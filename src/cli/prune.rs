@@ -50,8 +50,8 @@ fn print_text(r: &PruneReport) {
     );
     if r.dry_run {
         println!(
-            "dry run: would delete {} ({}) and repack {} (copying {}), freeing {}; nothing \
-             was changed",
+            "dry run: would delete {} ({}), of which {} repacked first (copying {}), \
+             freeing {}; nothing was changed",
             plural(r.packs_deleted, pack, packs),
             human_bytes(r.bytes_deleted),
             plural(r.packs_repacked, pack, packs),

@@ -234,8 +234,16 @@ fn prune_v2(
     report.blobs_live = plan.live_blobs;
     report.blobs_dead = plan.dead_blobs;
     if opts.dry_run {
-        report.packs_deleted = plan.condemn.len() as u64;
-        report.bytes_deleted = plan.condemned_bytes;
+        // As a real run counts them: repacked packs are deleted too.
+        let repacked: HashSet<&ChunkId> = plan.repack.iter().collect();
+        report.packs_deleted = (plan.condemn.len() + plan.repack.len()) as u64;
+        report.bytes_deleted = plan.condemned_bytes
+            + plan
+                .usage
+                .iter()
+                .filter(|u| repacked.contains(&u.pack))
+                .map(|u| u.size)
+                .sum::<u64>();
         report.packs_repacked = plan.repack.len() as u64;
         report.bytes_repacked = plan.repack_live_bytes;
         report.bytes_reclaimable = plan.reclaimed_bytes();
@@ -245,8 +253,7 @@ fn prune_v2(
         let new_packs = plan
             .repack_live_bytes
             .div_ceil(u64::from(repo.config().pack_size).max(1));
-        report.packs_after = (report.packs_before + new_packs)
-            .saturating_sub(report.packs_deleted + report.packs_repacked);
+        report.packs_after = (report.packs_before + new_packs).saturating_sub(report.packs_deleted);
         report.bytes_after = report.bytes_before.saturating_sub(plan.reclaimed_bytes());
         return Ok(report);
     }
