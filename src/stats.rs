@@ -276,3 +276,42 @@ mod tests {
         assert!(matches!(e, Error::SnapshotNotFound { .. }), "{e}");
     }
 }
+
+#[cfg(test)]
+mod tests_v1 {
+    use super::*;
+    use crate::progress::Silent;
+    use crate::repo::InitOptions;
+    use crate::repo::chunks::Encoder;
+    use crate::repo::format::BlockRef;
+    use crate::repo::snapshot::{SnapshotWriter, testing::header};
+
+    #[test]
+    fn format_1_counts_chunk_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r"), &InitOptions::v1()).unwrap();
+        let bs = repo.config().block_size as usize;
+        let mut enc = Encoder::new(3).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3u8 {
+            let data = vec![n + 1; bs];
+            let id = repo.config().chunk_hash.hash(&data);
+            repo.chunks().put(&id, &enc.encode(&data)).unwrap();
+            ids.push(id);
+        }
+        let mut w = SnapshotWriter::create(&repo.tmp_dir()).unwrap();
+        w.push(BlockRef::Chunk(ids[0]), 1).unwrap();
+        w.push(BlockRef::Chunk(ids[1]), 1).unwrap();
+        let s = w
+            .finish(&header(2 * bs as u64, bs as u32), &repo.snapshots_dir())
+            .unwrap();
+        let r = stats(&repo, Some(&s), &Silent).unwrap();
+        assert_eq!(
+            (r.format, r.packs, r.live_blobs, r.dead_blobs),
+            (1, 3, 2, 1)
+        );
+        assert!(r.reclaimable_bytes > 0);
+        let u = r.snapshot.unwrap();
+        assert_eq!((u.blobs, u.unique_blobs), (2, 2));
+    }
+}
