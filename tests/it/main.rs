@@ -26,6 +26,7 @@ mod ntfs_fat_damage;
 mod old_formats;
 mod packs;
 mod probe;
+mod prune;
 mod repo_safety;
 mod resume_changed;
 mod roundtrip;
