@@ -87,6 +87,15 @@ fn dir_allocated(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Asserts that a `prune --json` report shows packs repacked (the case where packs that
+/// running readers and writers know disappear).
+fn assert_repacked(report: serde_json::Value) {
+    assert!(
+        report["packs_repacked"].as_u64().is_some_and(|n| n > 0),
+        "nothing was repacked: {report}"
+    );
+}
+
 fn assert_verify_clean(repo: &Path) {
     volback_ok(&["verify", "--read-data", p(repo)]).stdout_has(&["no problems"]);
 }
@@ -290,7 +299,8 @@ fn ten_backups_forget_keep_last_3_prune_restore_exactly_in_a_compact_repository(
     }
     let before = repo_data_bytes(&repo);
 
-    volback_ok(&["forget", p(&repo), "--keep-last", "3", "--prune"]);
+    let r = volback_ok(&["forget", p(&repo), "--keep-last", "3", "--prune", "--json"]);
+    eprintln!("forget --prune: {}", r.stdout);
     let mut kept = snapshot_ids(&repo);
     kept.sort();
     let mut expect: Vec<String> = versions[7..].iter().map(|v| v.0.clone()).collect();
@@ -322,6 +332,15 @@ fn ten_backups_forget_keep_last_3_prune_restore_exactly_in_a_compact_repository(
         .collect();
     let fresh = fresh_repository_bytes(&t, &images);
     eprintln!("pruned repository: {after} bytes; fresh one with the 3 versions: {fresh} bytes");
+    let again = volback_ok(&[
+        "prune",
+        "--dry-run",
+        "--json",
+        p(&repo),
+        "--max-unused",
+        "0",
+    ]);
+    eprintln!("prune --dry-run --max-unused 0 now: {}", again.stdout);
     assert!(
         after.abs_diff(fresh) <= fresh / 10,
         "pruned repository holds {after} bytes, a fresh one with the same 3 versions {fresh}"
@@ -358,6 +377,10 @@ fn a_copied_file_and_a_cloned_volume_store_almost_nothing_new() {
     m.unmount();
     let second = backup_json(&img, &repo, &[]);
     assert_eq!(second["parent"], first["snapshot"], "{second}");
+    eprintln!(
+        "after copying 200 MiB: new_bytes {}, new_bytes_stored {}",
+        second["new_bytes"], second["new_bytes_stored"]
+    );
     assert!(
         ju64(&second, "/new_bytes") < 5 * MIB,
         "a copied file was stored again: {second}"
@@ -381,7 +404,10 @@ fn a_copied_file_and_a_cloned_volume_store_almost_nothing_new() {
     run_ok("e2fsck", &["-fp", p(&clone)]); // tune2fs -U wants a freshly checked filesystem
     run_ok("tune2fs", &["-U", "random", p(&clone)]);
     let c = backup_json(&clone, &repo, &[]);
-    eprintln!("clone backup: parent {}", c["parent"]);
+    eprintln!(
+        "clone backup: parent {}, new_bytes {}, new_bytes_stored {}",
+        c["parent"], c["new_bytes"], c["new_bytes_stored"]
+    );
     let entry = volback_ok(&["snapshots", "--json", p(&repo)])
         .json()
         .as_array()
@@ -441,7 +467,7 @@ fn backup_and_restore_paused_during_forget_and_prune_complete_exactly() {
     // Its parent's siblings go; every pack holding their data is repacked or deleted.
     volback_ok(&["forget", p(&repo), "--keep-last", "1"]);
     assert_eq!(snapshot_ids(&repo), vec![id5.clone()]);
-    volback_ok(&["prune", p(&repo), "--max-unused", "0"]);
+    assert_repacked(volback_ok(&["prune", "--json", p(&repo), "--max-unused", "0"]).json());
     assert!(
         !pending_records(&repo).is_empty(),
         "with a backup running, condemned packs wait in a pending record"
@@ -475,7 +501,7 @@ fn backup_and_restore_paused_during_forget_and_prune_complete_exactly() {
         eprintln!("the restore finished before it could be paused: concurrency not exercised");
     }
     volback_ok(&["forget", p(&repo), &id5]);
-    volback_ok(&["prune", p(&repo), "--max-unused", "0"]);
+    assert_repacked(volback_ok(&["prune", "--json", p(&repo), "--max-unused", "0"]).json());
     assert!(
         pending_records(&repo).is_empty(),
         "no backup is running: every pending record is finished"
@@ -505,12 +531,12 @@ fn a_mounted_snapshot_reads_correctly_across_a_prune() {
     let repo = t.join("repo");
     let size = 64 * MIB;
     random_file(&src, size, 1335);
-    init_repo(&repo, &["--pack-size", "1M"]);
+    init_repo(&repo, &["--pack-size", "4M"]);
     let mut rng = Rng::new(1336);
     let mut ids = Vec::new();
     for v in 0..3 {
         if v > 0 {
-            rewrite_regions(&src, &mut rng, 4, MIB);
+            rewrite_regions(&src, &mut rng, 4, 2 * MIB);
         }
         ids.push(jstr(&backup_json(&src, &repo, &[]), "/snapshot").to_string());
     }
@@ -532,7 +558,7 @@ fn a_mounted_snapshot_reads_correctly_across_a_prune() {
     };
     read_range(0, size / 2, &mut h);
     volback_ok(&["forget", p(&repo), &ids[0], &ids[1]]);
-    volback_ok(&["prune", p(&repo), "--max-unused", "0"]);
+    assert_repacked(volback_ok(&["prune", "--json", p(&repo), "--max-unused", "0"]).json());
     assert!(pending_records(&repo).is_empty());
     read_range(size / 2, size, &mut h);
     drop(volume);
