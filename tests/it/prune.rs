@@ -519,18 +519,13 @@ fn backup_and_restore_paused_during_forget_and_prune_complete_exactly() {
     assert_restores(&repo, &id6, &t.join("v6-again.img"), &sha6);
 }
 
-/// A mounted snapshot read half before and half after a prune that deleted the packs its
-/// server had indexed: every byte still reads right.
-#[test]
-fn a_mounted_snapshot_reads_correctly_across_a_prune() {
-    if !require_root_loop_and_fuse() {
-        return;
-    }
-    let t = TestDir::new();
+/// Three versions of a 64 MiB image of random data in a repository of 4 MiB packs, each
+/// version rewriting four 2 MiB regions (whole frames die, packs are partly dead); returns
+/// the repository, the snapshot ids, and the SHA-256 of the last version.
+fn three_versions(t: &TestDir) -> (PathBuf, Vec<String>, String) {
     let src = t.join("src.img");
     let repo = t.join("repo");
-    let size = 64 * MIB;
-    random_file(&src, size, 1335);
+    random_file(&src, 64 * MIB, 1335);
     init_repo(&repo, &["--pack-size", "4M"]);
     let mut rng = Rng::new(1336);
     let mut ids = Vec::new();
@@ -541,6 +536,27 @@ fn a_mounted_snapshot_reads_correctly_across_a_prune() {
         ids.push(jstr(&backup_json(&src, &repo, &[]), "/snapshot").to_string());
     }
     let sha = sha256_file(&src);
+    std::fs::remove_file(&src).unwrap();
+    (repo, ids, sha)
+}
+
+/// Forgets the first two snapshots and prunes with repacking.
+fn forget_two_and_repack(repo: &Path, ids: &[String]) {
+    volback_ok(&["forget", p(repo), &ids[0], &ids[1]]);
+    assert_repacked(volback_ok(&["prune", "--json", p(repo), "--max-unused", "0"]).json());
+    assert!(pending_records(repo).is_empty());
+}
+
+/// A mounted snapshot read half before and half after a prune that deleted the packs its
+/// server had indexed: every byte still reads right.
+#[test]
+fn a_mounted_snapshot_reads_correctly_across_a_prune() {
+    if !require_root_loop_and_fuse() {
+        return;
+    }
+    let t = TestDir::new();
+    let (repo, ids, sha) = three_versions(&t);
+    let size = 64 * MIB;
     let view = t.join("view");
     std::fs::create_dir_all(&view).unwrap();
     volback_ok(&["mount", p(&repo), &ids[2], p(&view), "--json"]);
@@ -557,9 +573,7 @@ fn a_mounted_snapshot_reads_correctly_across_a_prune() {
         }
     };
     read_range(0, size / 2, &mut h);
-    volback_ok(&["forget", p(&repo), &ids[0], &ids[1]]);
-    assert_repacked(volback_ok(&["prune", "--json", p(&repo), "--max-unused", "0"]).json());
-    assert!(pending_records(&repo).is_empty());
+    forget_two_and_repack(&repo, &ids);
     read_range(size / 2, size, &mut h);
     drop(volume);
     crate::mount::umount(&view);
@@ -568,6 +582,67 @@ fn a_mounted_snapshot_reads_correctly_across_a_prune() {
         sha,
         "the mounted snapshot read across a prune differs from the volume"
     );
+    assert_verify_clean(&repo);
+}
+
+/// `serve --nbd` started before a prune that repacks: qemu-img reads the whole export after
+/// it, and it is the volume.
+#[test]
+fn a_served_snapshot_reads_correctly_across_a_prune() {
+    if !require_tools(&["qemu-img"]) {
+        return;
+    }
+    let t = TestDir::new();
+    let (repo, ids, sha) = three_versions(&t);
+    let sock = t.join("nbd.sock");
+    let err = t.join("serve.stderr");
+    let mut server = Command::new(VOLBACK)
+        .args(["serve", p(&repo), &ids[2], "--nbd", p(&sock)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&err).unwrap())
+        .spawn()
+        .expect("start volback serve");
+    // Killed if an assertion fails before the end.
+    struct KillOnDrop(Option<Child>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let stdout = server.stdout.take().expect("stdout");
+    let mut guard = KillOnDrop(Some(server));
+    let mut uri = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut uri).unwrap();
+    assert!(
+        uri.starts_with("nbd"),
+        "serve printed {uri:?}: {}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    let uri = uri.trim().to_string();
+    let export_sha = |name: &str| {
+        let out = t.join(name);
+        run_ok("qemu-img", &["convert", "-O", "raw", &uri, p(&out)]);
+        let h = sha256_file(&out);
+        std::fs::remove_file(&out).unwrap();
+        h
+    };
+    assert_eq!(export_sha("before.img"), sha);
+    forget_two_and_repack(&repo, &ids);
+    assert_eq!(
+        export_sha("after.img"),
+        sha,
+        "the export read after a prune differs from the volume"
+    );
+    let child = guard.0.as_mut().unwrap();
+    run_ok("kill", &["-INT", &child.id().to_string()]);
+    let status = child.wait().unwrap();
+    guard.0 = None;
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "volback serve: {stderr}");
     assert_verify_clean(&repo);
 }
 
