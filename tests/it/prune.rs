@@ -970,7 +970,9 @@ fn forget_reports_every_snapshot_with_its_reasons_and_removes_what_it_says() {
     assert_eq!(sorted_ids(&repo), sorted(&[&ids[1], &ids[3]]));
 
     // forget --prune --json: forget's report, then prune's, one JSON line each.
-    let r = volback_ok(&["forget", p(&repo), "--keep-last", "1", "--prune", "--json"]);
+    // (Named: these snapshots share one second and ids[1]..ids[3]'s link is gone, so which
+    // of them a policy sees as newer is the id order.)
+    let r = volback_ok(&["forget", p(&repo), &ids[1], "--prune", "--json"]);
     let lines: Vec<serde_json::Value> = r
         .stdout
         .lines()
@@ -982,5 +984,54 @@ fn forget_reports_every_snapshot_with_its_reasons_and_removes_what_it_says() {
     assert!(lines[1].is_object(), "{}", r.stdout);
     assert_eq!(snapshot_ids(&repo), vec![ids[3].clone()]);
     assert_restores(&repo, &ids[3], &t.join("out.img"), &shas[3]);
+
+    // A second volume: policies apply per volume, --source picks one.
+    let other = t.join("other.img");
+    random_file(&other, MIB, 1370);
+    let o1 = jstr(&backup_json(&other, &repo, &[]), "/snapshot").to_string();
+    rewrite(&other, 0, 64 * KIB, 1371);
+    let o2 = jstr(&backup_json(&other, &repo, &[]), "/snapshot").to_string();
+    let all = volback_ok(&[
+        "forget",
+        p(&repo),
+        "--dry-run",
+        "--json",
+        "--keep-within",
+        "30d",
+        "--keep-daily",
+        "1",
+    ])
+    .json();
+    assert_eq!(
+        all["snapshots"].as_array().map(|a| a.len()),
+        Some(3),
+        "{all}"
+    );
+    assert_eq!(ju64(&all, "/removed"), 0, "{all}");
+    for newest in [&ids[3], &o2] {
+        let (action, reasons) = decision(&all, newest);
+        assert_eq!(action, "keep");
+        for r in ["newest", "daily", "within"] {
+            assert!(reasons.iter().any(|x| x == r), "{newest}: {reasons:?}");
+        }
+    }
+    assert_eq!(decision(&all, &o1), ("keep".into(), vec!["within".into()]));
+    let one = volback_ok(&[
+        "forget",
+        p(&repo),
+        "--json",
+        "--keep-last",
+        "1",
+        "--source",
+        p(&other),
+    ])
+    .json();
+    assert_eq!(
+        one["snapshots"].as_array().map(|a| a.len()),
+        Some(2),
+        "{one}"
+    );
+    assert_eq!(decision(&one, &o1).0, "remove");
+    assert_eq!(sorted_ids(&repo), sorted(&[&ids[3], &o2]));
     assert_verify_clean(&repo);
 }
