@@ -871,6 +871,13 @@ fn a_second_prune_is_refused_while_one_holds_the_prune_lock() {
     r.stderr_has(&["another prune"]);
 
     drop(lock);
+    // A dry run changes nothing.
+    volback_ok(&["prune", "--dry-run", "--json", p(&repo)]).json();
+    assert_eq!(
+        repo_data_bytes(&repo),
+        before,
+        "prune --dry-run changed the repository"
+    );
     volback_ok(&["prune", p(&repo)]);
     assert!(repo_data_bytes(&repo) < before, "the prune freed nothing");
     assert_restores(&repo, jstr(&b2, "/snapshot"), &t.join("out.img"), &sha2);
