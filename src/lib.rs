@@ -9,6 +9,7 @@
 //! - [`repo`]: the repository format (chunks, snapshots, journals, locking).
 //! - [`scan`]: the parallel read pipeline shared by backup, copy and export.
 //! - [`backup`], [`restore`], [`verify`]: the operations.
+//! - [`forget`]: remove snapshots, named or by a retention policy ([`forget::policy`]).
 //! - [`copy`]: plain copies (raw, BIN slices, VHD, VHDX, qcow2) with a SHA-256 per block,
 //!   updated in place; exports of snapshots.
 //! - [`nbd`]: a read-only NBD server over any volume.
@@ -20,6 +21,7 @@ pub mod buffer;
 pub mod bytes;
 pub mod copy;
 pub mod error;
+pub mod forget;
 pub mod fs;
 pub mod hash;
 pub mod image;

@@ -264,13 +264,8 @@ impl Target {
                 repository,
                 id,
             } => {
-                let snap = repository.open_snapshot(&id)?;
-                let header = snap.header().clone();
-                let chunks = repository.chunks().clone();
-                let volume = match &options.snapshot_cache {
-                    Some(cache) => SnapshotVolume::with_cache(snap, chunks, *cache),
-                    None => SnapshotVolume::new(snap, chunks),
-                };
+                let volume = SnapshotVolume::open(&repository, &id, options.snapshot_cache)?;
+                let header = volume.snapshot().header().clone();
                 Opened {
                     volume: Arc::new(volume),
                     kind,

@@ -13,8 +13,9 @@
 //! - The **I/O loop** skips blocks the allocation map marks unused, blocks change tracking
 //!   knows to be unchanged since the caller's base ([`Scan::known`]), and holes that
 //!   [`Volume::next_data`] reports (sparse files, unstored snapshot blocks) without reading
-//!   them, and reads runs of consecutive blocks in one request of up to 4 MiB
-//!   ([`ScanSource::read_bulk`]: `O_DIRECT` for sources that support it).
+//!   them, and reads runs of consecutive blocks in one request of up to 4 MiB (16 MiB for
+//!   stages that take whole runs: [`whole_run_blocks`]) ([`ScanSource::read_bulk`]:
+//!   `O_DIRECT` for sources that support it).
 //! - The **dispatcher** copies each block of a staged run into a buffer from a fixed pool and
 //!   attaches the caller's per-block hint (a backup's parent reference), streamed in order.
 //! - **Workers** run the caller's [`Stage::process`] (hash, compress, store…) on every core.
@@ -115,9 +116,10 @@ pub enum Input<H> {
     /// `count` consecutive blocks that were read in one request, with the stage's hint for
     /// each: only for stages whose [`Stage::whole_runs`] says so.
     Run { buf: BlockBuf, hints: Vec<H> },
-    /// One block that change tracking knows to equal the base's (not read), with the
-    /// stage's hint for it.
-    Known { hint: H },
+    /// Blocks that change tracking knows to equal the base's (not read), with the stage's
+    /// hint for each: one block per job, or a whole run of them (at most
+    /// [`Stage::whole_runs`] blocks) for stages that take whole runs.
+    Known { hints: Vec<H> },
 }
 
 /// The caller's work on each block.
@@ -134,9 +136,9 @@ pub trait Stage: Sync {
     fn hints(&self) -> Self::Hints;
 
     /// `Some(n)` when the stage wants each run of consecutive blocks read in one request as
-    /// one [`Input::Run`] job of at most `n` blocks (and at most [`staging_blocks`]) instead
-    /// of one job per block: it can then treat neighbouring blocks together (a backup
-    /// compresses them as one pack).
+    /// one [`Input::Run`] job of at most `n` blocks (and at most [`whole_run_blocks`]) instead
+    /// of one job per block, and runs of known blocks as one [`Input::Known`] job: it can
+    /// then treat neighbouring blocks together (a backup cuts them into blobs).
     fn whole_runs(&self) -> Option<u64> {
         None
     }
@@ -252,6 +254,19 @@ pub fn push_range(list: &mut Vec<(u64, u64)>, r: (u64, u64)) {
 pub fn staging_blocks(block_size: u64) -> u64 {
     ((4u64 << 20) / block_size).max(1)
 }
+
+/// Largest request for stages that take whole runs: 16 MiB (fewer run ends, where a backup
+/// must cut a blob), less when many workers would make the staging buffers (3 + 2 per worker,
+/// see `read_blocks`) exceed [`WHOLE_RUN_BUDGET`]; never less than [`staging_blocks`].
+pub fn whole_run_blocks(block_size: u64, threads: usize) -> u64 {
+    let buffers = 3 + 2 * threads.max(1) as u64;
+    let bytes = (WHOLE_RUN_BUDGET / buffers).clamp(4 << 20, 16 << 20);
+    (bytes / block_size).max(1)
+}
+
+/// Memory the staging buffers of a whole-run scan aim to stay under (256 MiB; with 4 MiB
+/// requests at least, many-core machines may use more: 4 MiB per buffer).
+const WHOLE_RUN_BUDGET: u64 = 256 << 20;
 
 /// Runs a scan: reader and workers on their own threads, `commit` on this one. `commit` gets
 /// the results in block order and returns what the scan returns; when it returns early the
@@ -390,7 +405,9 @@ where
     let size = scan.source.size();
     let block_count = scan.block_count();
     let staging = staging_blocks(bs);
-    let max_run = stage.whole_runs().map_or(staging, |n| n.clamp(1, staging));
+    let max_run = stage
+        .whole_runs()
+        .map_or(staging, |n| n.clamp(1, whole_run_blocks(bs, scan.threads)));
     // A staged run: blocks read into a staging buffer, or (`None`) known blocks.
     let (staged_tx, staged_rx) = bounded::<(u64, u64, Option<AlignedBuf>)>(staging_buffers + 1);
     let (empty_tx, empty_rx) = bounded::<AlignedBuf>(staging_buffers);
@@ -402,12 +419,24 @@ where
             let mut hints = stage.hints();
             for (first, end, staging) in staged_rx.iter() {
                 let Some(staging) = staging else {
+                    if stage.whole_runs().is_some() {
+                        let hints = (first..end)
+                            .map(|block| stage.hint(&mut hints, block, progress))
+                            .collect();
+                        if jobs
+                            .send((first, end - first, Input::Known { hints }))
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     for block in first..end {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let hint = stage.hint(&mut hints, block, progress);
-                        if jobs.send((block, 1, Input::Known { hint })).is_err() {
+                        let hints = vec![stage.hint(&mut hints, block, progress)];
+                        if jobs.send((block, 1, Input::Known { hints })).is_err() {
                             return;
                         }
                     }
@@ -712,8 +741,9 @@ mod tests {
                     assert_eq!(hint, index);
                     (2, buf.iter().map(|&b| b as u64).sum())
                 }
-                Input::Known { hint } => {
-                    assert_eq!(hint, index);
+                Input::Known { hints } => {
+                    assert_eq!(hints, (index..index + count).collect::<Vec<_>>());
+                    assert!(self.whole || count == 1);
                     (3, 0)
                 }
             })
@@ -786,6 +816,22 @@ mod tests {
                 }
                 assert_eq!(next, 201);
             }
+        }
+    }
+
+    /// Whole runs reach 16 MiB with few workers and shrink to 4 MiB with many, so that the
+    /// staging buffers stay bounded.
+    #[test]
+    fn whole_runs_are_large_but_bounded() {
+        assert_eq!(whole_run_blocks(4096, 2), 4096);
+        assert_eq!(whole_run_blocks(4096, 1), 4096);
+        assert_eq!(whole_run_blocks(16 << 20, 2), 1);
+        assert_eq!(whole_run_blocks(32 << 20, 2), 1);
+        for threads in [1, 2, 8, 64, 1024] {
+            let n = whole_run_blocks(4096, threads);
+            assert!((1024..=4096).contains(&n), "{threads}: {n}");
+            let buffers = 3 + 2 * threads as u64;
+            assert!(n * 4096 * buffers <= (256 << 20).max(buffers * (4 << 20)));
         }
     }
 

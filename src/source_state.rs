@@ -21,8 +21,10 @@
 //!
 //! These are compared before the journal is replayed. Then [`SampleCheck`] re-reads a sample
 //! of the blocks the journal says are finished (the first ones and an even spread, at most
-//! [`SAMPLE_MAX`]) and compares them with the content hashes the journal recorded: this is
-//! what catches a change of content volback cannot interpret. It is a sample, not a proof.
+//! [`SAMPLE_MAX`]) and compares them with the content hashes the journal recorded (format 1)
+//! or with the bytes of the blob piece it recorded, read from the repository (format 2, PART
+//! records: no per-block hash exists, so the blob is read; at most [`SAMPLE_MAX`] blobs): this
+//! is what catches a change of content volback cannot interpret. It is a sample, not a proof.
 
 use crate::error::Result;
 use crate::fs::disk::DiskLayout;
@@ -501,6 +503,11 @@ pub enum Expected {
     Zero,
     /// Content with this hash (the journal's hash function).
     Hash([u8; 32]),
+    /// The bytes of piece `index` of data blob `blob` (format 2).
+    Piece {
+        blob: crate::hash::ChunkId,
+        index: u32,
+    },
 }
 
 /// A deterministic, evenly spread sample of finished blocks: the first [`SAMPLE_FIRST`] data
@@ -579,6 +586,19 @@ impl SampleCheck {
         block_size: u64,
         hash: impl Fn(&[u8]) -> [u8; 32],
     ) -> Option<u64> {
+        self.first_mismatch_in(vol, block_size, hash, None)
+    }
+
+    /// [`Self::first_mismatch`], comparing blob pieces with `blobs` ([`Expected::Piece`]). A
+    /// blob that cannot be read is skipped (whether the journal's blobs are usable is checked
+    /// separately); without `blobs`, pieces are skipped.
+    pub fn first_mismatch_in<V: Volume + ?Sized>(
+        &self,
+        vol: &V,
+        block_size: u64,
+        hash: impl Fn(&[u8]) -> [u8; 32],
+        blobs: Option<&dyn crate::repo::blob::BlobSource>,
+    ) -> Option<u64> {
         let size = vol.size();
         let mut buf = Vec::new();
         for (b, expected) in self.blocks() {
@@ -593,6 +613,18 @@ impl SampleCheck {
             let same = match expected {
                 Expected::Zero => crate::volume::is_zero(&buf),
                 Expected::Hash(h) => hash(&buf) == h,
+                Expected::Piece { blob, index } => {
+                    let Some(content) =
+                        blobs.and_then(|s| s.blob(&blob, crate::repo::blob::BlobKind::Data).ok())
+                    else {
+                        continue;
+                    };
+                    let from = u64::from(index).saturating_mul(block_size);
+                    usize::try_from(from)
+                        .ok()
+                        .and_then(|f| content.get(f..f.checked_add(buf.len())?))
+                        == Some(&buf[..])
+                }
             };
             if !same {
                 return Some(b);
@@ -610,6 +642,7 @@ pub fn backup_may_resume(
     journal_path: &std::path::Path,
     recorded: &crate::repo::journal::JournalHeader,
     now: &SourceState,
+    blobs: Option<&dyn crate::repo::blob::BlobSource>,
     progress: &dyn crate::progress::Progress,
 ) -> Result<bool> {
     let refuse = |why: &str| {
@@ -625,12 +658,17 @@ pub fn backup_may_resume(
     let mut next = 0u64;
     let read = crate::repo::journal::Journal::read_batches(journal_path, |_, batch| {
         let _ = crate::repo::format::decode_records(&batch.records, batch.block_count, |r, n| {
-            match r.content_hash() {
-                Some(h) => sample.offer(next, Expected::Hash(h.0)),
-                None if r == crate::repo::format::BlockRef::Zero => {
+            match (r.content_hash(), r) {
+                (Some(h), _) => sample.offer(next, Expected::Hash(h.0)),
+                // The first block of a run of pieces stands for the run (as one chunk record
+                // stands for its block).
+                (None, crate::repo::format::BlockRef::Part { blob, index }) => {
+                    sample.offer(next, Expected::Piece { blob, index })
+                }
+                (None, crate::repo::format::BlockRef::Zero) => {
                     sample.offer_run(next, n, Expected::Zero)
                 }
-                None => {}
+                (None, _) => {}
             }
             next += n;
         });
@@ -640,7 +678,8 @@ pub fn backup_may_resume(
         return Ok(false);
     }
     let algo = recorded.chunk_hash;
-    match sample.first_mismatch(source, u64::from(recorded.block_size), |d| algo.hash(d).0) {
+    let bs = u64::from(recorded.block_size);
+    match sample.first_mismatch_in(source, bs, |d| algo.hash(d).0, blobs) {
         Some(b) => refuse(&format!(
             "the source changed since it started (block {b}, finished before the \
              interruption, holds other data now)"
@@ -698,6 +737,43 @@ mod tests {
         assert_eq!(s.first_mismatch(&Mem(data.clone()), 4096, h), None);
         data[5 * 4096] = 2;
         assert_eq!(s.first_mismatch(&Mem(data), 4096, h), Some(5));
+    }
+
+    /// Pieces of blobs (format 2) are compared with the blob's bytes; without a blob source,
+    /// or when the blob cannot be read, they are skipped.
+    #[test]
+    fn sample_compares_pieces_with_their_blob() {
+        use crate::repo::blob::{BlobKind, BlobSink};
+        let mut data = vec![3u8; 8 * 4096];
+        data[6 * 4096] = 9;
+        let blobs = crate::repo::tree::testing::MemBlobs::new();
+        let id = blobs.put_blob(BlobKind::Data, &data[4 * 4096..]).unwrap();
+        let mut s = SampleCheck::new();
+        for b in 4..8u64 {
+            s.offer(
+                b,
+                Expected::Piece {
+                    blob: id,
+                    index: (b - 4) as u32,
+                },
+            );
+        }
+        let h = |d: &[u8]| *blake3::hash(d).as_bytes();
+        let src: &dyn crate::repo::blob::BlobSource = &*blobs;
+        assert_eq!(
+            s.first_mismatch_in(&Mem(data.clone()), 4096, h, Some(src)),
+            None
+        );
+        data[6 * 4096] = 1;
+        assert_eq!(
+            s.first_mismatch_in(&Mem(data.clone()), 4096, h, Some(src)),
+            Some(6)
+        );
+        assert_eq!(s.first_mismatch_in(&Mem(data.clone()), 4096, h, None), None);
+        // A piece past the blob's end never matches.
+        let mut s = SampleCheck::new();
+        s.offer(7, Expected::Piece { blob: id, index: 9 });
+        assert_eq!(s.first_mismatch_in(&Mem(data), 4096, h, Some(src)), Some(7));
     }
 
     #[test]

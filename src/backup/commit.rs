@@ -2,12 +2,16 @@
 //! resumable.
 //!
 //! - [`Draft`] opens the run: it replays the journal of the interrupted backup the plan
-//!   continues into a new snapshot writer, or starts a journal; at the end it writes the
-//!   snapshot (chunks durable first, then the snapshot, then the journal is removed).
-//! - [`Committer`] takes the scan's results in block order, appends them to the snapshot and
-//!   every few seconds hands a [`Batch`] to the checkpointer thread: `syncfs`, then a durable
-//!   journal append. A slow flush never stalls the pipeline; while one is in progress the next
-//!   batch keeps growing.
+//!   continues into a new tree writer ([`TreeWriter`]: the snapshot's block map, its nodes
+//!   packed as tree blobs), or starts a journal; at the end it finishes the tree, makes every
+//!   pack durable and indexed ([`Packer::checkpoint`]), writes the snapshot (version 3) and
+//!   removes the journal.
+//! - [`Committer`] takes the scan's results in block order, appends them to the tree and
+//!   every few seconds hands a [`Batch`] to the checkpointer thread: a packer checkpoint
+//!   (packs durable, then an index file naming them), then a durable journal append (version
+//!   4: its PART records name only indexed blobs). Each checkpoint also loads the index files
+//!   other writers wrote meanwhile, so that their blobs deduplicate. A slow flush never stalls
+//!   the pipeline; while one is in progress the next batch keeps growing.
 
 use super::BackupPlan;
 use super::stage::{Done, Outcome};
@@ -16,7 +20,9 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::format::{BlockRef, decode_records, encode_run};
 use crate::repo::journal::{BatchStats, Journal, JournalHeader};
-use crate::repo::snapshot::{SnapshotHeader, SnapshotStats, SnapshotWriter};
+use crate::repo::packer::Packer;
+use crate::repo::snapshot::{SnapshotHeader, SnapshotStats, write_tree_snapshot};
+use crate::repo::tree::TreeWriter;
 use crate::scan::{self, Ordered};
 use crossbeam_channel::bounded;
 use std::path::Path;
@@ -25,8 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The snapshot a run writes, and its journal.
-pub(super) struct Draft {
-    writer: SnapshotWriter,
+pub(super) struct Draft<'p> {
+    /// The snapshot's block map; its nodes go to the packer.
+    writer: TreeWriter<'p>,
     journal: Journal,
     /// The journal's header: the time, tags and parent of the snapshot.
     header: JournalHeader,
@@ -47,18 +54,18 @@ pub(super) struct Committed {
     pub unreadable: Vec<(u64, u64)>,
 }
 
-impl Draft {
+impl<'p> Draft<'p> {
     /// Continues the interrupted backup that `plan` resumes (its journal is replayed into a new
-    /// snapshot writer, its unreadable ranges into `unreadable`, and this run is marked in it)
-    /// or starts a new journal at `journal_path`.
+    /// tree writer, its unreadable ranges into `unreadable`, and this run is marked in it)
+    /// or starts a new journal at `journal_path`. Tree nodes go to `packer`.
     pub fn open(
-        repo: &Repository,
+        packer: &'p Packer,
         plan: &BackupPlan,
         journal_path: &Path,
         fresh: impl FnOnce() -> JournalHeader,
         unreadable: &mut Vec<(u64, u64)>,
-    ) -> Result<Draft> {
-        let mut writer = SnapshotWriter::create(&repo.tmp_dir())?;
+    ) -> Result<Draft<'p>> {
+        let mut writer = TreeWriter::new(packer, plan.block_count);
         let mut earlier = BatchStats::default();
         let mut resumes = 0u32;
         let continues = plan.resume.continues();
@@ -132,11 +139,13 @@ impl Draft {
         self.writer.blocks()
     }
 
-    /// Writes the snapshot of all runs (this one's statistics are `this_run`): chunks first,
-    /// then the snapshot that names them, then the journal is forgotten.
+    /// Writes the snapshot of all runs (this one's statistics are `this_run`): the tree's last
+    /// nodes, then every pack durable and indexed, then the snapshot that names the tree, then
+    /// the journal is forgotten.
     pub fn finish(
         self,
         repo: &Repository,
+        packer: &Packer,
         plan: &BackupPlan,
         this_run: &BatchStats,
         unreadable: Vec<(u64, u64)>,
@@ -174,9 +183,12 @@ impl Draft {
             stats: stats.clone(),
             unreadable,
             consistent: Some(plan.consistent),
+            tree: None,
         };
-        repo.sync_chunks()?;
-        let snapshot_id = self.writer.finish(&header, &repo.snapshots_dir())?;
+        let root = self.writer.finish()?;
+        packer.checkpoint()?;
+        let snapshot_id =
+            write_tree_snapshot(&repo.tmp_dir(), &repo.snapshots_dir(), &header, root)?;
         self.journal.remove()?;
         Ok(Committed {
             snapshot_id,
@@ -189,9 +201,10 @@ impl Draft {
 }
 
 /// Commits one run's results, in block order, to a [`Draft`].
-pub(super) struct Committer<'a> {
-    pub repo: &'a Repository,
-    pub draft: &'a mut Draft,
+pub(super) struct Committer<'a, 'p> {
+    /// Made durable and indexed before each journal batch.
+    pub packer: &'a Packer,
+    pub draft: &'a mut Draft<'p>,
     /// Unreadable byte ranges: those of the journal's batches, then the ones the scan adds.
     pub unreadable: &'a Mutex<Vec<(u64, u64)>>,
     pub checkpoint_interval: Duration,
@@ -201,7 +214,7 @@ pub(super) struct Committer<'a> {
     pub cancel: Option<&'a AtomicBool>,
 }
 
-impl Committer<'_> {
+impl Committer<'_, '_> {
     /// Appends the scan's results to the snapshot and checkpoints every
     /// `checkpoint_interval`. Returns this run's statistics and the blocks taken from the
     /// parent unread.
@@ -211,7 +224,7 @@ impl Committer<'_> {
         progress: &dyn Progress,
     ) -> Result<(BatchStats, u64)> {
         let Committer {
-            repo,
+            packer,
             draft,
             unreadable,
             checkpoint_interval,
@@ -227,7 +240,10 @@ impl Committer<'_> {
         std::thread::scope(|scope| {
             let checkpointer = scope.spawn(move || -> Result<()> {
                 for batch in cp_rx.iter() {
-                    repo.sync_chunks()?;
+                    // The batch names blobs added before it was taken: durable and indexed
+                    // first. (The checkpoint also loads the index files concurrent writers
+                    // wrote, so that their blobs deduplicate from now on.)
+                    packer.checkpoint()?;
                     journal.append(
                         batch.first,
                         batch.blocks,
@@ -280,6 +296,11 @@ impl Committer<'_> {
                             break;
                         }
                     }
+                }
+                // Stopped (Ctrl-C): commit what finished in order now, without waiting for
+                // the runs already read (up to a few hundred MiB of whole runs).
+                if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    break;
                 }
             }
             let next = done.next_block();
@@ -381,33 +402,36 @@ impl Batch {
             Outcome::Zero => s.zero_blocks += count,
             Outcome::Unused => s.unused_blocks += count,
             Outcome::Unchanged => {
-                s.data_blocks += 1;
-                s.unchanged_blocks += 1
+                s.data_blocks += count;
+                s.unchanged_blocks += count
             }
             Outcome::Deduplicated => {
-                s.data_blocks += 1;
-                s.deduplicated_blocks += 1
+                s.data_blocks += count;
+                s.deduplicated_blocks += count
             }
             Outcome::New {
                 raw,
                 stored,
                 chunks,
             } => {
-                s.data_blocks += 1;
+                s.data_blocks += count;
                 s.new_chunks += chunks;
                 s.new_bytes += raw;
                 s.new_bytes_stored += stored;
             }
         }
+        // Consecutive zero or unused blocks, and consecutive pieces of one blob, make one
+        // record.
         match (self.run, d.block_ref) {
-            (Some((r, c)), b) if r == b && !b.is_data() => self.run = Some((r, c + count)),
+            (Some((r, c)), b)
+                if r.continues(c, &b)
+                    && !matches!(b, BlockRef::Chunk(_) | BlockRef::Slice { .. }) =>
+            {
+                self.run = Some((r, c + count))
+            }
             (_, b) => {
                 self.flush_run();
-                if b.is_data() {
-                    encode_run(&mut self.records, b, count);
-                } else {
-                    self.run = Some((b, count));
-                }
+                self.run = Some((b, count));
             }
         }
     }
@@ -500,6 +524,40 @@ mod tests {
         assert_eq!(s.bytes_read, 200);
         // The next batch starts where this one ended, empty.
         assert_eq!((b.first, b.blocks, b.records.len()), (25, 0, 0));
+    }
+
+    #[test]
+    fn pieces_of_one_blob_make_one_record() {
+        let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
+        let part = |blob, index| BlockRef::Part { blob, index };
+        let new = Outcome::New {
+            raw: 3 * 4096,
+            stored: 100,
+            chunks: 1,
+        };
+        let mut batch = Batch::new(0);
+        batch.push(&done(part(a, 0), new, 3));
+        batch.push(&done(part(a, 3), Outcome::Deduplicated, 2));
+        batch.push(&done(BlockRef::Zero, Outcome::Zero, 1));
+        batch.push(&done(part(a, 5), Outcome::Unchanged, 1));
+        batch.push(&done(part(b, 0), Outcome::Unchanged, 4));
+        batch.push(&done(part(b, 5), Outcome::Unchanged, 1));
+        let mut last = Instant::now();
+        let full = batch.take(12, &mut last);
+        assert_eq!(
+            refs(&full),
+            vec![
+                (part(a, 0), 5),
+                (BlockRef::Zero, 1),
+                (part(a, 5), 1),
+                (part(b, 0), 4),
+                (part(b, 5), 1)
+            ]
+        );
+        let s = full.stats;
+        assert_eq!(s.data_blocks, 11);
+        assert_eq!((s.unchanged_blocks, s.deduplicated_blocks), (6, 2));
+        assert_eq!((s.new_chunks, s.new_bytes_stored), (1, 100));
     }
 
     #[test]

@@ -2,25 +2,28 @@
 //!
 //! A backup is three steps, one file each:
 //!
-//! - **plan** (`plan.rs`, [`plan`] → [`BackupPlan`]): mount check, volume lock, source probe
-//!   (filesystem, allocation map, [`volume_key`]), whether to continue an interrupted backup,
-//!   the parent snapshot, change tracking. It writes nothing: `backup --dry-run` prints it.
+//! - **plan** (`plan.rs`, [`plan`] → [`BackupPlan`]): repository format check (format 1 is
+//!   read-only), mount check, volume lock, writer registration (`writers/` marker, so that a
+//!   concurrent prune keeps every pack this backup may name), source probe (filesystem,
+//!   allocation map, [`volume_key`]), whether to continue an interrupted backup, the parent
+//!   snapshot, change tracking. It writes nothing: `backup --dry-run` prints it.
 //! - **stage** (`stage.rs`): what the shared scan pipeline's workers ([`crate::scan`]: I/O
-//!   loop, dispatcher, workers on every core, results back in block order) do to each block:
-//!   detect zeros, hash, compare with the parent, check the chunk store, and compress and store
-//!   new blocks, a run's new blocks together as one pack. A chunk already in the repository is
-//!   referred to again only when it passes the cheap check
-//!   ([`crate::repo::chunks::ChunkStore::check_cheap`], cached per chunk): the parent's chunk
-//!   or pack, the chunks of blocks that change tracking takes unread (checked while planning),
-//!   a deduplicated chunk, an existing pack. A missing or damaged chunk is stored again, which
-//!   also repairs the older snapshots that refer to it (docs/REPAIR.md).
-//! - **commit** (`commit.rs`): results back in block order are appended to the snapshot being
-//!   written, and every few seconds checkpointed: `syncfs`, then a durable journal batch. A
-//!   later run of the same volume replays the journal and continues where it stopped. At the
-//!   end the snapshot is written and the journal removed.
+//!   loop, dispatcher, workers on every core, results back in block order) do to each run of
+//!   blocks read in one request (up to 16 MiB): detect zeros, cut the other blocks into blobs
+//!   by content ([`chunker`]), hash each blob, refer to it again when the writer's index holds
+//!   it (the parent's, another snapshot's, a concurrent backup's), else compress the run's new
+//!   blobs into frames of up to 1 MiB and append them to packs
+//!   ([`crate::repo::packer::Packer`]). A blob whose pack a prune condemned is not in the
+//!   writer's index: it is stored again.
+//! - **commit** (`commit.rs`): results back in block order are appended to the snapshot's
+//!   tree ([`crate::repo::tree::TreeWriter`], whose nodes are blobs too), and every few seconds
+//!   checkpointed: packs durable and indexed, then a durable journal batch. A later run of the
+//!   same volume replays the journal and continues where it stopped. At the end the tree is
+//!   finished, packed and indexed, the snapshot (version 3) is written and the journal removed.
 //!
 //! [`backup`] is [`plan`] (taking the volume lock) followed by the stage and the commit.
 
+pub mod chunker;
 mod commit;
 mod plan;
 mod stage;
@@ -35,6 +38,7 @@ use crate::job::worker_threads;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::journal::BatchStats;
+use crate::repo::packer::Packer;
 use crate::repo::snapshot::SnapshotStats;
 use crate::scan::{self, Scan};
 use crate::source::Source;
@@ -90,8 +94,10 @@ pub struct BackupReport {
     pub resumed: bool,
     /// Statistics of the whole snapshot (all runs).
     pub stats: SnapshotStats,
-    /// Statistics of this run alone.
+    /// Statistics of this run alone (`new_chunks`: frames written).
     pub this_run: BatchStats,
+    /// Pack files this run wrote (data and tree blobs).
+    pub packs_written: u64,
     /// The filesystem found on the volume.
     pub filesystem: Option<FsInfo>,
     /// The partition layout, for a partitioned disk.
@@ -174,7 +180,12 @@ fn run(
     let mut replayed = Vec::new();
     let journal_path = std::mem::take(&mut plan.work.journal_path);
     let fresh = plan.journal_header(&opts.tags);
-    let mut draft = commit::Draft::open(repo, &plan, &journal_path, || fresh, &mut replayed)?;
+    let store =
+        plan.work.store.clone().ok_or_else(|| {
+            crate::error::Error::internal("backup", "a plan without a blob store")
+        })?;
+    let packer = Packer::new(repo, store.clone())?;
+    let mut draft = commit::Draft::open(&packer, &plan, &journal_path, || fresh, &mut replayed)?;
     let start_block = draft.start_block();
     let bs = u64::from(plan.block_size);
     let size = plan.source.size;
@@ -190,16 +201,21 @@ fn run(
         cancel,
         rescue: Some(&unreadable),
     };
+    let blobs = stage::RepoBlobs {
+        store: &store,
+        packer: &packer,
+    };
     let stage = stage::BackupStage::new(
-        repo,
         source,
         bs,
         plan.work.parent.as_ref(),
-        std::mem::take(&mut plan.work.verdicts),
+        &blobs,
+        repo.config().chunk_hash,
+        repo.config().zstd_level,
     );
     progress.start("backup", size - (start_block * bs).min(size));
     let committer = commit::Committer {
-        repo,
+        packer: &packer,
         draft: &mut draft,
         unreadable: &unreadable,
         checkpoint_interval: opts.checkpoint_interval,
@@ -210,20 +226,21 @@ fn run(
     let this_run = scan::run(&scan, &stage, progress, |done| {
         committer.commit(done, progress)
     });
-    stage.warn_healed(progress);
     progress.finish();
     let (this_run, unread_blocks) = this_run?;
-    drop(stage);
     let unreadable = unreadable.into_inner().unwrap_or_else(|p| p.into_inner());
-    let done = draft.finish(repo, &plan, &this_run, unreadable, started)?;
-    // The snapshot is committed: the next backup of the volume may start.
+    let done = draft.finish(repo, &packer, &plan, &this_run, unreadable, started)?;
+    // The snapshot is committed: the next backup of the volume may start, and prune may
+    // delete what this writer did not know to be condemned.
     drop(plan.work.lock.take());
+    drop(plan.work.writer.take());
     Ok(BackupReport {
         snapshot_id: done.snapshot_id,
         parent: done.parent,
         resumed: done.resumed,
         stats: done.stats,
         this_run,
+        packs_written: packer.packs_written(),
         filesystem: plan.filesystem,
         layout: plan.layout,
         all_blocks: plan.all_blocks,

@@ -1,17 +1,21 @@
 //! The backup's plan: everything decided before a block is read, without writing anything to
 //! the repository or the source (`backup --dry-run` prints it).
 //!
-//! - the mount policy ([`crate::job::check_mounts`]) and the volume lock (one backup per
-//!   volume at a time; a plan alone only checks that none is running);
+//! - the repository's format (a format-1 repository is read-only), the mount policy
+//!   ([`crate::job::check_mounts`]) and the volume lock (one backup per volume at a time; a
+//!   plan alone only checks that none is running);
+//! - the writer registration (`writers/` marker, docs/DESIGN-format2.md "Concurrency"): made
+//!   before anything is looked up in the index, so that prune never deletes a pack this
+//!   backup may refer to; the writer's index excludes the packs of the pending records it
+//!   read. A plan alone registers nothing (it reads the index as such a writer would);
 //! - the source probe: filesystem or partition table, allocation map, [`volume_key`];
 //! - the resume decision: the journal of an interrupted backup of the volume is continued
 //!   only when it was made with the same settings, the source is in the state it read
-//!   ([`crate::source_state`]) and every chunk it names is intact;
+//!   ([`crate::source_state`]) and every blob it names is in the writer's index;
 //! - the parent: the journal's, or the latest snapshot of the volume ([`find_parent`]);
 //! - change tracking against a consistent parent: the blocks taken from it unread, without
-//!   those whose parent chunk is missing or damaged ([`drop_unreusable`]).
+//!   those whose parent blob is not in the writer's index ([`drop_unreusable`]).
 
-use super::stage::Verdicts;
 use super::{BackupOptions, path_key, volume_key};
 use crate::error::{Error, Result, chain};
 use crate::fs::disk::DiskLayout;
@@ -19,10 +23,11 @@ use crate::fs::{BlockMap, FsInfo};
 use crate::hash::{ChunkId, HashAlgorithm};
 use crate::job::{changes_since, check_mounts, tracking_warning};
 use crate::progress::Progress;
-use crate::repo::chunks::{ChunkHealth, ChunkStore};
+use crate::repo::blobs::BlobStore;
 use crate::repo::format::decode_records;
 use crate::repo::journal::{Journal, JournalHeader};
 use crate::repo::snapshot::{BlockCursor, SnapshotFile};
+use crate::repo::writers::{self, WriterMarker};
 use crate::repo::{Repository, check_block_size};
 use crate::source::{Source, SourceInfo};
 use crate::source_state::SourceState;
@@ -75,8 +80,11 @@ pub(super) struct Work {
     /// Blocks change tracking takes from the parent unread.
     pub known: Option<BlockMap>,
     pub parent: Option<SnapshotFile>,
-    /// The cheap checks made while planning, kept for the stage.
-    pub verdicts: Verdicts,
+    /// The writer marker (`None` for a plan alone), held until the snapshot is written.
+    pub writer: Option<WriterMarker>,
+    /// The index the backup refers to blobs through: the writer's (without the packs of the
+    /// pending records it knows), or the reader's for a plan alone.
+    pub store: Option<std::sync::Arc<BlobStore>>,
     /// The source's state, for the header of a new journal.
     pub state: Option<SourceState>,
     /// The snapshot's time when it starts afresh.
@@ -122,8 +130,8 @@ pub enum Tracking {
     /// Tried, but no block is known to be unchanged; `reason` when change tracking says why.
     NothingKnown { reason: Option<String> },
     /// `unchanged_blocks` (from the first block the run reads) are taken from the parent
-    /// unread; `damaged_blocks` more are unchanged but their parent chunk is missing or
-    /// damaged: they are read and stored again.
+    /// unread; `damaged_blocks` more are unchanged but their parent blob is no longer in the
+    /// writer's index (its pack condemned by a prune): they are read and stored again.
     Used {
         unchanged_blocks: u64,
         damaged_blocks: u64,
@@ -131,8 +139,8 @@ pub enum Tracking {
 }
 
 /// Plans a backup of `source` into `repo` with `opts`, as [`super::backup`] would run it,
-/// and changes nothing: no lock file, journal, chunk or snapshot is written, and the source
-/// is only read. Fails as the backup would before reading a block (empty or mounted source,
+/// and changes nothing: no lock file, writer marker, journal, pack, index file or snapshot
+/// is written, and the source is only read. Fails as the backup would before reading a block (empty or mounted source,
 /// bad block size, another backup of the volume running). Warnings go to `progress`.
 pub fn plan(
     repo: &Repository,
@@ -160,6 +168,7 @@ pub(super) fn prepare(
     progress: &dyn Progress,
     locking: Locking,
 ) -> Result<BackupPlan> {
+    repo.require_format2("back up")?;
     let info = source.info();
     if info.size == 0 {
         return Err(Error::BadSource {
@@ -191,6 +200,20 @@ pub(super) fn prepare(
         }
     };
 
+    // Registered before the index is read (resume check, parent, change tracking): every
+    // pack this backup may name stays until it is done.
+    let (writer, store) = match locking {
+        Locking::Take => {
+            let (marker, pending) = writers::register_writer(repo)?;
+            (Some(marker), BlobStore::open_writer(repo, &pending)?)
+        }
+        // What a backup starting now would see, without registering: the same exclusions.
+        Locking::Check => (
+            None,
+            BlobStore::open_writer(repo, &writers::read_pending(repo)?)?,
+        ),
+    };
+
     let journal_path = repo.journals_dir().join(format!("{key}.journal"));
     let state = SourceState::capture(
         source,
@@ -208,6 +231,7 @@ pub(super) fn prepare(
     };
     let (resume, recorded) = decide_resume(
         repo,
+        &store,
         source,
         &journal_path,
         &expected,
@@ -222,7 +246,18 @@ pub(super) fn prepare(
     };
     let parent_snap = match &parent {
         Some(p) => match repo.open_snapshot(p) {
-            Ok(s) => Some(s),
+            // Only a snapshot of format 2 (a tree of blobs) can be a parent: its blocks are
+            // pieces of blobs this backup may refer to again.
+            Ok(s) if s.version() < crate::repo::format::SNAPSHOT_TREE_VERSION => {
+                progress.warn(&format!(
+                    "parent snapshot {p} is of repository format 1; storing every block afresh"
+                ));
+                None
+            }
+            Ok(mut s) => {
+                s.set_blobs(store.clone());
+                Some(s)
+            }
             Err(e) => {
                 progress.warn(&format!(
                     "parent snapshot {p} is unreadable ({}); storing every block afresh",
@@ -236,13 +271,12 @@ pub(super) fn prepare(
 
     // Change tracking: only against a consistent parent, from a consistent source.
     let start_block = resume.from_block();
-    let verdicts = Verdicts::default();
     let mut tracking_note = None;
     let (tracking, known) = match (&parent_snap, &map) {
         (Some(p), Some(_)) if !opts.rehash && consistent => {
             if p.header().consistent == Some(true) {
                 let base = crate::repo::reader::SnapshotVolume::new(
-                    repo.open_snapshot(p.id())?,
+                    repo.open_snapshot(p.id())?.with_blobs(store.clone()),
                     repo.chunks().clone(),
                 );
                 let t = changes_since(source, &base, bs, &p.header().unreadable)?;
@@ -250,9 +284,7 @@ pub(super) fn prepare(
                     progress.warn(&tracking_warning(n));
                 }
                 let checked = match &t.map {
-                    Some(k) => {
-                        drop_unreusable(k, p, start_block, repo.chunks(), &verdicts, progress)?
-                    }
+                    Some(k) => drop_unreusable(k, p, start_block, &store, progress)?,
                     None => None,
                 };
                 match checked {
@@ -339,7 +371,8 @@ pub(super) fn prepare(
             map,
             known,
             parent: parent_snap,
-            verdicts,
+            writer,
+            store: Some(store),
             state: Some(state),
             time_unix,
             tracking_note,
@@ -455,8 +488,10 @@ fn settings_differ(h: &JournalHeader, e: &Expected<'_>) -> Option<String> {
 /// Decides whether the journal at `journal_path` is continued (see the module doc). Returns
 /// the decision and, when the journal is continued, its header. Warns why a journal that
 /// matches the settings is not continued.
+#[allow(clippy::too_many_arguments)]
 fn decide_resume(
     repo: &Repository,
+    store: &BlobStore,
     source: &Source,
     journal_path: &Path,
     expected: &Expected<'_>,
@@ -481,7 +516,14 @@ fn decide_resume(
     }
     // Only a journal of this very source state is resumed (see `source_state`).
     let noted = LastWarning::new(progress);
-    if !crate::source_state::backup_may_resume(source, journal_path, &h, state, &noted)? {
+    if !crate::source_state::backup_may_resume(
+        source,
+        journal_path,
+        &h,
+        state,
+        Some(store as &dyn crate::repo::blob::BlobSource),
+        &noted,
+    )? {
         let reason = noted.take().map_or_else(
             || "its journal is unreadable".to_string(),
             |w| {
@@ -493,19 +535,19 @@ fn decide_resume(
         );
         return start_over(reason);
     }
-    // Every chunk the journal names must still be there and sane.
-    match check_journal(repo, journal_path)? {
+    // Every blob the journal names must still be usable.
+    match check_journal(store, journal_path)? {
         None => start_over("its journal is unreadable".into()),
         Some(JournalCheck {
             damage: Some((id, why)),
             ..
         }) => {
             progress.warn(&format!(
-                "not resuming the interrupted backup: chunk {} that it stored is {why}; \
+                "not resuming the interrupted backup: blob {} that it stored is {why}; \
                  starting over",
                 id.to_hex()
             ));
-            start_over(format!("chunk {} that it stored is {why}", id.to_hex()))
+            start_over(format!("blob {} that it stored is {why}", id.to_hex()))
         }
         Some(JournalCheck {
             next_block,
@@ -559,44 +601,37 @@ impl Progress for LastWarning<'_> {
 struct JournalCheck {
     /// The first block the journal does not cover.
     next_block: u64,
-    /// The first chunk it names that fails the cheap check, and why.
+    /// The first blob (or format-1 chunk) it names that cannot be referred to, and why.
     damage: Option<(ChunkId, String)>,
 }
 
 /// Reads the journal at `journal_path`, changing nothing: where it ends, and whether every
-/// chunk it names passes the cheap check ([`ChunkStore::check_cheap`]). A journal naming a
-/// chunk that is missing or damaged (deleted, truncated, moved aside by `verify`) must not
-/// be resumed: its finished blocks would be carried into the snapshot without their data.
-/// `None` when there is no usable journal.
-fn check_journal(repo: &Repository, journal_path: &Path) -> Result<Option<JournalCheck>> {
-    // Consecutive blocks of one pack name the same chunk: check each run of them once.
-    let mut last: Option<ChunkId> = None;
+/// blob it names is in the writer's index (`store`). A journal naming a blob that is not (its
+/// pack condemned by a prune this writer knows of, or never indexed) must not be resumed: its
+/// finished blocks would be carried into the snapshot without their data. Neither is a journal
+/// of format-1 references (chunks, pack slices). `None` when there is no usable journal.
+fn check_journal(store: &BlobStore, journal_path: &Path) -> Result<Option<JournalCheck>> {
     let mut bad: Option<(ChunkId, String)> = None;
-    let mut failure: Option<Error> = None;
     let mut next_block = 0u64;
     let read = Journal::read_batches(journal_path, |_, batch| {
         next_block = batch.first_block + batch.block_count;
-        if bad.is_some() || failure.is_some() {
+        if bad.is_some() {
             return Ok(());
         }
         decode_records(&batch.records, batch.block_count, |r, _| {
-            let Some(id) = r.chunk() else { return };
-            if bad.is_some() || failure.is_some() || last == Some(id) {
+            if bad.is_some() {
                 return;
             }
-            last = Some(id);
-            match repo.chunks().check_cheap(&id) {
-                Ok(ChunkHealth::Good) => {}
-                Ok(ChunkHealth::Missing) => bad = Some((id, "missing".into())),
-                Ok(ChunkHealth::Damaged(why)) => bad = Some((id, why)),
-                Err(e) => failure = Some(e),
+            if let Some(id) = r.blob() {
+                if !store.contains(&id) {
+                    bad = Some((id, "not in the repository's index".into()));
+                }
+            } else if let Some(id) = r.chunk() {
+                bad = Some((id, "a chunk of repository format 1".into()));
             }
         })
         .map_err(|d| Error::corrupt("journal batch", journal_path, d))
     })?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
     Ok(read.map(|_| JournalCheck {
         next_block,
         damage: bad,
@@ -621,18 +656,15 @@ fn legacy_path_match(key: &str, recorded_key: &str, recorded_path: &str, size: u
 }
 
 /// The blocks of `known` (change tracking: unchanged since the parent, taken from it unread)
-/// from `start_block` on, without those whose parent chunk fails the cheap check (missing or
-/// damaged): those are read and stored again, so that a damaged chunk is not inherited, and
-/// stored in runs like a full backup's, so that a lost pack is rewritten whole (which repairs
-/// the older snapshots that refer to it too). Each distinct chunk is checked once.
-/// Returns the map and how many blocks were taken out; `None` when the parent's references
-/// are unreadable (every used block is then read).
+/// from `start_block` on, without those whose parent blob is not in the writer's index
+/// (`store`: its pack condemned by a prune, or lost): those are read and stored again, in runs
+/// like a full backup's. Returns the map and how many blocks were taken out; `None` when the
+/// parent's references are unreadable (every used block is then read).
 fn drop_unreusable(
     known: &BlockMap,
     parent: &SnapshotFile,
     start_block: u64,
-    store: &ChunkStore,
-    verdicts: &Verdicts,
+    store: &BlobStore,
     progress: &dyn Progress,
 ) -> Result<Option<(BlockMap, u64)>> {
     let mut out = known.clone();
@@ -651,8 +683,8 @@ fn drop_unreusable(
                     return Ok(None);
                 }
             };
-            if let Some(c) = r.and_then(|r| r.chunk())
-                && !verdicts.reusable(store, &c)?
+            if let Some(blob) = r.and_then(|r| r.blob())
+                && !store.contains(&blob)
             {
                 out.unmark_bytes(b * known.granularity(), known.granularity());
                 dropped += 1;
@@ -661,8 +693,8 @@ fn drop_unreusable(
     }
     if dropped > 0 {
         progress.warn(&format!(
-            "{dropped} unchanged blocks refer to chunks of the parent snapshot that are missing \
-             or damaged: they are read and stored again"
+            "{dropped} unchanged blocks refer to blobs of the parent snapshot that are no longer \
+             in the repository's index: they are read and stored again"
         ));
     }
     Ok(Some((out, dropped)))
@@ -778,8 +810,8 @@ impl std::fmt::Display for BackupPlan {
                 if *damaged_blocks > 0 {
                     write!(
                         f,
-                        "; {damaged_blocks} more refer to missing or damaged chunks and are \
-                         read again"
+                        "; {damaged_blocks} more refer to blobs no longer in the index and \
+                         are read again"
                     )?;
                 }
                 writeln!(f)?
@@ -1028,40 +1060,206 @@ mod tests {
             None
         );
 
-        let parent = repo.open_snapshot(&second.snapshot_id).unwrap();
+        let store = repo.blobs().unwrap();
+        let parent = repo
+            .open_snapshot(&second.snapshot_id)
+            .unwrap()
+            .with_blobs(store.clone());
         let mut known = BlockMap::new(16 * bs, bs);
         known.mark_bytes(0, 16 * bs);
         let w = Warnings::default();
-        let v = Verdicts::default();
-        let (kept, dropped) = drop_unreusable(&known, &parent, 0, repo.chunks(), &v, &w)
+        let (kept, dropped) = drop_unreusable(&known, &parent, 0, &store, &w)
             .unwrap()
             .unwrap();
         assert_eq!((kept.used_blocks(), dropped), (16, 0));
         assert!(w.0.lock().unwrap().is_empty());
 
-        // Lose the chunk of block 5: the blocks that refer to it are read again.
+        // The pack of block 5's blob is condemned by a prune this writer knows of: the blocks
+        // that refer to it are read again.
         let lost = BlockCursor::new(&parent)
             .get(5)
             .unwrap()
             .unwrap()
-            .chunk()
+            .blob()
             .unwrap();
-        std::fs::remove_file(repo.chunks().path(&lost)).unwrap();
-        let v = Verdicts::default();
-        let (kept, dropped) = drop_unreusable(&known, &parent, 0, repo.chunks(), &v, &w)
+        let pack = store.location(&lost).unwrap().pack;
+        let pending = crate::repo::writers::PendingRecord {
+            id: "p".into(),
+            created: String::new(),
+            packs: vec![pack],
+            index: Vec::new(),
+        };
+        let writer = BlobStore::open_writer(&repo, &[pending]).unwrap();
+        assert!(!writer.contains(&lost));
+        let (kept, dropped) = drop_unreusable(&known, &parent, 0, &writer, &w)
             .unwrap()
             .unwrap();
         assert!(dropped >= 1);
         assert_eq!(kept.used_blocks(), 16 - dropped);
         assert!(!kept.is_used(5));
-        assert_eq!(v.failed(), 1, "each chunk is checked once");
         assert!(w.0.lock().unwrap()[0].contains(&format!("{dropped} unchanged blocks")));
         // Blocks before the first one read are not checked.
-        let v = Verdicts::default();
-        let (kept, dropped) = drop_unreusable(&known, &parent, 16, repo.chunks(), &v, &w)
+        let (kept, dropped) = drop_unreusable(&known, &parent, 16, &writer, &w)
             .unwrap()
             .unwrap();
         assert_eq!((kept.used_blocks(), dropped), (16, 0));
+    }
+
+    /// Format 1 is read-only: neither a plan nor a backup is made there.
+    #[test]
+    fn a_format1_repository_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        random_file(&img, 1 << 20, 6);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::v1()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let opts = BackupOptions::default();
+        for e in [
+            plan(&repo, &source, &opts, &Silent).unwrap_err(),
+            backup(&repo, &source, &opts, &Silent).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("back up"), "{e}");
+        }
+        assert!(repo.snapshot_ids().unwrap().is_empty());
+    }
+
+    /// An interrupted backup whose packs a prune has condemned since (a pending record the
+    /// next run reads) is not continued: its blobs are not in the writer's index.
+    #[test]
+    fn a_journal_naming_condemned_blobs_is_not_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        // More than one run (16 MiB each), so that the backup stops after the first.
+        random_file(&img, 40 << 20, 8);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let every = BackupOptions {
+            threads: 1,
+            checkpoint_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let interrupted = BackupOptions {
+            cancel: Some(flag.clone()),
+            ..every.clone()
+        };
+        match backup(&repo, &source, &interrupted, &CancelAtFirstBlock(flag)) {
+            Err(Error::Interrupted { checkpointed: true }) => {}
+            other => panic!("the backup was not interrupted: {other:?}"),
+        }
+        let p = plan(&repo, &source, &every, &Silent).unwrap();
+        assert!(
+            matches!(p.resume, Resume::Continue { .. }),
+            "{:?}",
+            p.resume
+        );
+        let packs = BlobStore::open(&repo).unwrap().with_index(|i| i.packs());
+        assert!(!packs.is_empty());
+        crate::repo::writers::write_pending(&repo, &packs, &[]).unwrap();
+        let p = plan(&repo, &source, &every, &Silent).unwrap();
+        match &p.resume {
+            Resume::StartOver { reason } => assert!(reason.contains("index"), "{reason}"),
+            r => panic!("resumed with condemned blobs: {r:?}"),
+        }
+        let done = backup(&repo, &source, &every, &Silent).unwrap();
+        assert!(!done.resumed);
+        assert_eq!(done.this_run.new_bytes, 40 << 20, "everything stored again");
+    }
+
+    /// Two backups into one repository at once (two writers, two packers): both commit,
+    /// and each snapshot reads back as its source.
+    #[test]
+    fn concurrent_backups_commit_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        random_file(&a, 20 << 20, 9);
+        // b: a's content shifted by three blocks, then its own.
+        let mut bytes = vec![1u8; 3 * 4096];
+        bytes.extend_from_slice(&std::fs::read(&a).unwrap()[..10 << 20]);
+        std::fs::write(&b, &bytes).unwrap();
+        let opts = BackupOptions {
+            checkpoint_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let run = |p: &Path| {
+            let repo = Repository::open(&dir.path().join("repo")).unwrap();
+            let source = Source::open(p).unwrap();
+            backup(&repo, &source, &opts, &Silent).unwrap().snapshot_id
+        };
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let ta = s.spawn(|| run(&a));
+            let tb = s.spawn(|| run(&b));
+            vec![ta.join().unwrap(), tb.join().unwrap()]
+        });
+        assert!(
+            crate::repo::writers::live_writers(&repo)
+                .unwrap()
+                .is_empty()
+        );
+        for (id, path) in ids.iter().zip([&a, &b]) {
+            use crate::volume::Volume;
+            let vol = crate::repo::reader::SnapshotVolume::open(&repo, id, None).unwrap();
+            let want = std::fs::read(path).unwrap();
+            let mut got = vec![0u8; want.len()];
+            vol.read_at(0, &mut got).unwrap();
+            assert!(got == want, "snapshot {id} differs from {}", path.display());
+        }
+    }
+
+    /// Counts the live writers each time the backup reports progress.
+    struct WatchWriters<'a>(&'a Repository, Mutex<Vec<usize>>);
+
+    impl Progress for WatchWriters<'_> {
+        fn advance(&self, _: u64) {
+            let n = crate::repo::writers::live_writers(self.0).unwrap().len();
+            self.1.lock().unwrap().push(n);
+        }
+    }
+
+    /// A backup is a registered writer from its plan to its snapshot, and only then; its
+    /// packs are indexed and a second backup of the same content stores no data.
+    #[test]
+    fn a_backup_is_a_writer_until_its_snapshot_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("raw.img");
+        random_file(&img, 3 << 20, 7);
+        let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
+        let source = Source::open(&img).unwrap();
+        let watch = WatchWriters(&repo, Mutex::new(Vec::new()));
+        let first = backup(&repo, &source, &BackupOptions::default(), &watch).unwrap();
+        let seen = watch.1.lock().unwrap().clone();
+        assert!(!seen.is_empty() && seen.iter().all(|&n| n == 1), "{seen:?}");
+        assert!(
+            crate::repo::writers::live_writers(&repo)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(first.this_run.new_bytes, 3 << 20);
+        assert!(first.packs_written >= 1);
+        assert!(first.this_run.new_chunks >= 3, "frames of at most 1 MiB");
+        // Every blob of the snapshot is in an index file (a fresh reader sees them).
+        let store = crate::repo::blobs::BlobStore::open(&repo).unwrap();
+        let snap = repo
+            .open_snapshot(&first.snapshot_id)
+            .unwrap()
+            .with_blobs(store.clone());
+        assert_eq!(snap.version(), crate::repo::format::SNAPSHOT_TREE_VERSION);
+        snap.for_each_run(|_, r, _| {
+            if let Some(b) = r.blob() {
+                assert!(store.contains(&b));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let second = backup(&repo, &source, &BackupOptions::default(), &Silent).unwrap();
+        assert_eq!(second.this_run.new_bytes, 0);
+        assert_eq!(second.stats.unchanged_blocks, 768);
+        assert!(
+            crate::repo::writers::live_writers(&repo)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// `backup --dry-run`: a plan of a small ext4 image changes nothing and tells a full

@@ -1,30 +1,55 @@
-//! The backup's stage: what the scan's workers do to each block (the read side is
-//! [`crate::scan`]). A block is zero, unchanged since the parent, a duplicate of a stored chunk
-//! or of a pack slot this backup wrote ([`PackedIndex`]), or new: the new blocks of a run are
-//! compressed together into one pack chunk. An existing chunk is referred to again only when
-//! it passes the cheap check, remembered per chunk ([`Verdicts`]).
+//! The backup's stage: what the scan's workers do to each run of blocks (the read side is
+//! [`crate::scan`]), for repository format 2 (docs/DESIGN-format2.md).
+//!
+//! A run of consecutive blocks read in one request is cut into blobs ([`Chunker`]): zero
+//! blocks are in no blob, the other blocks are cut where their content says so. Each blob is
+//! hashed; a blob the writer's index already holds (the parent's, another volume's, one a
+//! concurrent backup or another worker just stored) is referred to again, the others are new:
+//! consecutive new blobs of the run are grouped into frames of at most [`FRAME_RAW`] bytes,
+//! each compressed once and appended to a pack by the [`Packer`]. Every block becomes a piece
+//! of its blob ([`BlockRef::Part`]).
+//!
+//! Blocks change tracking knows to be unchanged since the parent are taken from it unread
+//! when the parent's blob is still in the index; otherwise they are read and stored like the
+//! others. There are no per-block hashes in format 2: "unchanged" for a block that was read
+//! means its blob is the very blob the parent had at the same place.
 
+use super::chunker::Chunker;
 use crate::error::{Error, Result, chain};
-use crate::hash::ChunkId;
+use crate::hash::{ChunkId, HashAlgorithm};
 use crate::progress::Progress;
-use crate::repo::Repository;
-use crate::repo::chunks::{ChunkHealth, ChunkStore, Encoder};
-use crate::repo::format::{BlockRef, MAX_PACK_BLOCKS};
+use crate::repo::blob::BlobKind;
+use crate::repo::blobs::BlobStore;
+use crate::repo::chunks::Encoder;
+use crate::repo::format::BlockRef;
+use crate::repo::packer::Packer;
 use crate::repo::snapshot::{BlockCursor, SnapshotFile};
 use crate::scan::{Input, Stage};
-use crate::source::Source;
 use crate::volume::{Volume, is_zero};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashSet;
+use std::ops::Range;
 
-/// What became of a block (see [`Done`]).
+/// Largest raw content of a frame of data blobs (1 MiB): what a reader of one block may have
+/// to decompress. A blob larger than that (one block of more than 1 MiB) is alone in its
+/// frame.
+pub(super) const FRAME_RAW: usize = 1 << 20;
+
+/// Largest read request of a backup: 16 MiB (4096 blocks of 4 KiB). Runs end where a blob
+/// must be cut, so larger runs cut fewer blobs at arbitrary places; see
+/// [`crate::scan::whole_run_blocks`] for the memory bound.
+pub(super) const RUN_BYTES: u64 = 16 << 20;
+
+/// What became of a block or a run of blocks (see [`Done`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outcome {
     Zero,
     Unused,
+    /// The same blob as the parent's at the same place.
     Unchanged,
+    /// A blob the repository (or this backup) held already.
     Deduplicated,
-    /// Stored now: `raw` bytes of content, `stored` bytes and `chunks` chunk files written
-    /// (a pack counts on its first block, its other blocks add 0 and 0).
+    /// A new blob of `raw` bytes. A frame's `stored` bytes and its count (`chunks` = 1) go
+    /// with its first blob; its other blobs add 0 and 0.
     New {
         raw: u64,
         stored: u64,
@@ -32,8 +57,8 @@ pub(super) enum Outcome {
     },
 }
 
-/// A worker's result for `count` blocks with one reference (a job yields one or, for a run
-/// of blocks, several).
+/// A worker's result for `count` blocks with one reference (a PART reference: pieces
+/// `index .. index + count` of its blob). A job yields one or several.
 #[derive(Debug)]
 pub(super) struct Done {
     pub block_ref: BlockRef,
@@ -44,6 +69,7 @@ pub(super) struct Done {
     pub unread: bool,
 }
 
+#[cfg(test)]
 impl Done {
     pub fn one(block_ref: BlockRef, outcome: Outcome, bytes_read: u64, unread: bool) -> Done {
         Done {
@@ -56,293 +82,263 @@ impl Done {
     }
 }
 
-/// Blocks this backup stored in packs, by content hash, so that a block met again elsewhere
-/// in the volume refers to the stored copy. Bounded: past [`PACKED_INDEX_MAX`] entries new
-/// blocks are no longer remembered (their duplicates are then stored again).
-#[derive(Debug, Default)]
-pub(super) struct PackedIndex {
-    slices: std::sync::Mutex<std::collections::HashMap<ChunkId, (ChunkId, u8)>>,
+/// Where the stage finds and stores blobs: the writer's [`BlobStore`] and [`Packer`] (tests use
+/// an in-memory one).
+pub(super) trait Blobs: Sync {
+    /// True when blob `id` may be referred to (it is in the writer's usable index, or was
+    /// added by this backup).
+    fn contains(&self, id: &ChunkId) -> bool;
+    /// Appends one encoded frame holding `blobs`; returns the bytes written.
+    fn add_frame(&self, encoded: &[u8], blobs: &[(ChunkId, BlobKind, u32, u32)]) -> Result<u64>;
 }
 
-/// About 30 MiB of index at most.
-const PACKED_INDEX_MAX: usize = 1 << 19;
-
-impl PackedIndex {
-    fn get(&self, id: &ChunkId) -> Option<(ChunkId, u8)> {
-        self.slices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
-    }
-
-    fn insert(&self, id: ChunkId, pack: ChunkId, index: u8) {
-        let mut m = self.slices.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() < PACKED_INDEX_MAX {
-            m.entry(id).or_insert((pack, index));
-        }
-    }
+/// The repository's blobs as a writer sees them.
+pub(super) struct RepoBlobs<'a> {
+    pub store: &'a BlobStore,
+    pub packer: &'a Packer,
 }
 
-/// Verdicts of the cheap check of existing chunks ([`ChunkStore::check_cheap`]) that the
-/// backup would reuse, so that a pack many blocks refer to is checked once. Bounded: emptied
-/// when [`VERDICTS_MAX`] chunks are remembered (they are then checked again).
-#[derive(Debug, Default)]
-pub(super) struct Verdicts {
-    good: std::sync::Mutex<std::collections::HashMap<ChunkId, bool>>,
-    /// Checks that found a chunk missing or damaged (each chunk counted once while its
-    /// verdict is remembered).
-    failed: AtomicU64,
-}
-
-/// About 12 MiB of verdicts at most.
-const VERDICTS_MAX: usize = 1 << 18;
-
-impl Verdicts {
-    /// True when chunk `id` may be referred to again: it passes the cheap check.
-    pub fn reusable(&self, store: &ChunkStore, id: &ChunkId) -> Result<bool> {
-        if let Some(&v) = self.lock().get(id) {
-            return Ok(v);
-        }
-        let good = store.check_cheap(id)? == ChunkHealth::Good;
-        if !good {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        self.set(*id, good);
-        Ok(good)
+impl Blobs for RepoBlobs<'_> {
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.store.contains(id)
     }
 
-    /// Records a verdict (a chunk just stored is good).
-    pub fn set(&self, id: ChunkId, good: bool) {
-        let mut m = self.lock();
-        if m.len() >= VERDICTS_MAX {
-            m.clear();
-        }
-        m.insert(id, good);
-    }
-
-    /// Checks that found a chunk missing or damaged.
-    pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<ChunkId, bool>> {
-        self.good.lock().unwrap_or_else(|p| p.into_inner())
+    fn add_frame(&self, encoded: &[u8], blobs: &[(ChunkId, BlobKind, u32, u32)]) -> Result<u64> {
+        self.packer.add_frame(encoded, blobs)
     }
 }
 
-/// The backup's work on each block (the read side is [`crate::scan`]).
+/// Per-worker state: the compressor and reused buffers.
+pub(super) struct Worker {
+    encoder: Encoder,
+    /// Raw content of the frame being built.
+    frame: Vec<u8>,
+    /// Its encoding (chunk header + payload).
+    encoded: Vec<u8>,
+}
+
+/// The backup's work on each run of blocks (the read side is [`crate::scan`]).
 pub(super) struct BackupStage<'a> {
-    repo: &'a Repository,
-    source: &'a Source,
+    source: &'a dyn Volume,
     block_size: u64,
     parent: Option<&'a SnapshotFile>,
+    blobs: &'a dyn Blobs,
+    hash: HashAlgorithm,
     zstd_level: i32,
-    packed: PackedIndex,
-    verdicts: Verdicts,
+    chunker: Chunker,
+}
+
+/// A new blob waiting for its frame: its result's position, id and bytes in the run.
+struct Pending {
+    out: usize,
+    id: ChunkId,
+    bytes: Range<usize>,
 }
 
 impl<'a> BackupStage<'a> {
     pub fn new(
-        repo: &'a Repository,
-        source: &'a Source,
+        source: &'a dyn Volume,
         block_size: u64,
         parent: Option<&'a SnapshotFile>,
-        verdicts: Verdicts,
+        blobs: &'a dyn Blobs,
+        hash: HashAlgorithm,
+        zstd_level: i32,
     ) -> BackupStage<'a> {
         BackupStage {
-            repo,
             source,
             block_size,
             parent,
-            zstd_level: repo.config().zstd_level,
-            packed: PackedIndex::default(),
-            verdicts,
+            blobs,
+            hash,
+            zstd_level,
+            chunker: Chunker::new(block_size),
         }
     }
 
-    /// Healing is not silent: damage found in the repository is named, so that the user runs
-    /// `verify` (other snapshots may refer to chunks no source holds any more).
-    pub fn warn_healed(&self, progress: &dyn Progress) {
-        let failed = self.verdicts.failed();
-        if failed > 0 {
-            progress.warn(&format!(
-                "{failed} existing chunk(s) that this backup would have reused were missing or \
-                 damaged; their blocks were stored again (this also repairs older snapshots that \
-                 refer to the same content). Run `volback verify --read-data` on the repository \
-                 (docs/REPAIR.md)"
-            ));
-        }
-    }
-
-    /// Classifies one block read from the source against the parent and the repository:
-    /// zero, unchanged, deduplicated, or `None` when its content must be stored (its hash
-    /// is returned with it).
-    fn classify(
-        &self,
-        data: &[u8],
-        parent: Option<BlockRef>,
-    ) -> Result<std::result::Result<(BlockRef, Outcome), ChunkId>> {
-        if is_zero(data) {
-            return Ok(Ok((BlockRef::Zero, Outcome::Zero)));
-        }
-        let store = self.repo.chunks();
-        let id = self.repo.config().chunk_hash.hash(data);
-        // The parent's chunk (or pack) must still be there and pass the cheap check: a lost
-        // or damaged chunk is stored again instead of being carried into the new snapshot.
-        if let Some(p) = parent.filter(|p| p.content_hash() == Some(id))
-            && let Some(c) = p.chunk()
-            && self.verdicts.reusable(store, &c)?
-        {
-            return Ok(Ok((p, Outcome::Unchanged)));
-        }
-        if store.is_present(&id)? {
-            return Ok(Ok((BlockRef::Chunk(id), Outcome::Deduplicated)));
-        }
-        if let Some((pack, index)) = self.packed.get(&id) {
-            let r = BlockRef::Slice {
-                hash: id,
-                pack,
-                index,
-            };
-            return Ok(Ok((r, Outcome::Deduplicated)));
-        }
-        Ok(Err(id))
-    }
-
-    /// Stores one block read from the source (or compares it with the parent's).
-    fn data(&self, encoder: &mut Encoder, data: &[u8], parent: Option<BlockRef>) -> Result<Done> {
-        let bytes_read = data.len() as u64;
-        let (block_ref, outcome) = match self.classify(data, parent)? {
-            Ok(known) => known,
-            Err(id) => {
-                let enc = encoder.encode(data);
-                self.repo.chunks().put(&id, &enc)?;
-                let outcome = Outcome::New {
-                    raw: bytes_read,
-                    stored: enc.len() as u64,
-                    chunks: 1,
-                };
-                (BlockRef::Chunk(id), outcome)
-            }
-        };
-        Ok(Done::one(block_ref, outcome, bytes_read, false))
-    }
-
-    /// Stores a run of consecutive blocks read in one request: the blocks that must be
-    /// stored go into one pack chunk, compressed together (a lone one becomes a plain chunk).
+    /// Stores a run of consecutive blocks starting at block `index`, read in one request
+    /// (`data`), with the parent's reference of each block (`hints`).
     fn run(
         &self,
-        encoder: &mut Encoder,
+        worker: &mut Worker,
         index: u64,
         data: &[u8],
-        hints: Vec<Option<BlockRef>>,
+        hints: &[Option<BlockRef>],
     ) -> Result<Vec<Done>> {
         let bs = self.block_size as usize;
-        let mut out = Vec::with_capacity(hints.len());
-        // Blocks to store: (position in the run, content hash), first occurrence only.
-        let mut fresh: Vec<(usize, ChunkId)> = Vec::new();
-        // Position in `out` of each block that waits for the pack, with its slot in `fresh`.
-        let mut waiting: Vec<(usize, usize)> = Vec::new();
-        for (i, hint) in hints.into_iter().enumerate() {
-            let Some(block) = data.get(i * bs..((i + 1) * bs).min(data.len())) else {
-                return Err(Error::internal(
-                    "backup",
-                    format!("run at block {index} is shorter than its {} blocks", i + 1),
-                ));
-            };
-            match self.classify(block, hint)? {
-                Ok((r, outcome)) => out.push(Done::one(r, outcome, block.len() as u64, false)),
-                Err(id) => {
-                    let slot = match fresh.iter().position(|(_, h)| *h == id) {
-                        Some(slot) => slot,
-                        None => {
-                            fresh.push((i, id));
-                            fresh.len() - 1
-                        }
-                    };
-                    waiting.push((out.len(), slot));
-                    out.push(Done::one(
-                        BlockRef::Zero,
-                        Outcome::Zero,
-                        block.len() as u64,
-                        false,
-                    ));
-                }
+        let n = hints.len();
+        let span = |r: Range<usize>| (r.start * bs).min(data.len())..(r.end * bs).min(data.len());
+        if n == 0 || (n - 1) * bs >= data.len() {
+            return Err(Error::internal(
+                "backup",
+                format!(
+                    "run at block {index} of {n} blocks has {} bytes",
+                    data.len()
+                ),
+            ));
+        }
+        let stored: Vec<bool> = (0..n).map(|i| !is_zero(&data[span(i..i + 1)])).collect();
+        let blobs = self.chunker.blobs(&stored, |i| &data[span(i..i + 1)]);
+        let mut out = Vec::with_capacity(blobs.len() + 2);
+        let mut fresh: HashSet<ChunkId> = HashSet::new();
+        let mut frame: Vec<Pending> = Vec::new();
+        let mut frame_raw = 0usize;
+        let mut pos = 0usize;
+        let zeros = |out: &mut Vec<Done>, r: Range<usize>| {
+            if r.start < r.end {
+                out.push(Done {
+                    block_ref: BlockRef::Zero,
+                    outcome: Outcome::Zero,
+                    count: (r.end - r.start) as u64,
+                    bytes_read: span(r).len() as u64,
+                    unread: false,
+                });
             }
+        };
+        for r in blobs {
+            zeros(&mut out, pos..r.start);
+            pos = r.end;
+            let bytes = span(r.clone());
+            let id = self.hash.hash(&data[bytes.clone()]);
+            let block_ref = BlockRef::Part { blob: id, index: 0 };
+            let count = (r.end - r.start) as u64;
+            let len = bytes.len();
+            if fresh.contains(&id) || self.blobs.contains(&id) {
+                let same_as_parent =
+                    (0..count).all(|k| hints[r.start + k as usize] == Some(block_ref.advance(k)));
+                out.push(Done {
+                    block_ref,
+                    outcome: if same_as_parent {
+                        Outcome::Unchanged
+                    } else {
+                        Outcome::Deduplicated
+                    },
+                    count,
+                    bytes_read: len as u64,
+                    unread: false,
+                });
+                continue;
+            }
+            if !frame.is_empty() && frame_raw + len > FRAME_RAW {
+                self.flush(worker, data, &mut frame, &mut out)?;
+                frame_raw = 0;
+            }
+            fresh.insert(id);
+            frame.push(Pending {
+                out: out.len(),
+                id,
+                bytes,
+            });
+            frame_raw += len;
+            out.push(Done {
+                block_ref,
+                outcome: Outcome::New {
+                    raw: len as u64,
+                    stored: 0,
+                    chunks: 0,
+                },
+                count,
+                bytes_read: len as u64,
+                unread: false,
+            });
         }
-        if fresh.is_empty() {
-            return Ok(out);
+        zeros(&mut out, pos..n);
+        self.flush(worker, data, &mut frame, &mut out)?;
+        Ok(out)
+    }
+
+    /// Compresses the blobs of `frame` as one frame and appends it to a pack; its size goes
+    /// to the first blob's outcome.
+    fn flush(
+        &self,
+        worker: &mut Worker,
+        data: &[u8],
+        frame: &mut Vec<Pending>,
+        out: &mut [Done],
+    ) -> Result<()> {
+        let Some(first) = frame.first() else {
+            return Ok(());
+        };
+        let first_out = first.out;
+        let Worker {
+            encoder,
+            frame: raw,
+            encoded,
+        } = worker;
+        raw.clear();
+        let mut table = Vec::with_capacity(frame.len());
+        for p in frame.iter() {
+            let off = raw.len() as u32;
+            raw.extend_from_slice(&data[p.bytes.clone()]);
+            table.push((p.id, BlobKind::Data, off, p.bytes.len() as u32));
         }
-        let block = |i: usize| &data[i * bs..((i + 1) * bs).min(data.len())];
-        if fresh.len() == 1 {
-            let (i, id) = fresh[0];
-            let enc = encoder.encode(block(i));
-            self.repo.chunks().put(&id, &enc)?;
-            let mut first = true;
-            for &(pos, _) in &waiting {
-                out[pos].block_ref = BlockRef::Chunk(id);
-                out[pos].outcome = if std::mem::take(&mut first) {
-                    Outcome::New {
-                        raw: block(i).len() as u64,
-                        stored: enc.len() as u64,
-                        chunks: 1,
+        let enc = encoder.encode(raw);
+        encoded.clear();
+        encoded.extend_from_slice(&enc.header);
+        encoded.extend_from_slice(enc.payload);
+        let written = self.blobs.add_frame(encoded, &table)?;
+        if let Outcome::New { raw, .. } = out[first_out].outcome {
+            out[first_out].outcome = Outcome::New {
+                raw,
+                stored: written,
+                chunks: 1,
+            };
+        }
+        frame.clear();
+        Ok(())
+    }
+
+    /// Blocks change tracking knows to be unchanged since the parent, from block `index`:
+    /// taken from the parent while its blob is usable, read and stored otherwise.
+    fn known(
+        &self,
+        worker: &mut Worker,
+        index: u64,
+        hints: &[Option<BlockRef>],
+    ) -> Result<Vec<Done>> {
+        let usable = |h: Option<BlockRef>| match h {
+            Some(BlockRef::Part { blob, .. }) => self.blobs.contains(&blob),
+            Some(BlockRef::Zero) => true,
+            _ => false,
+        };
+        let mut out = Vec::new();
+        let mut i = 0usize;
+        while i < hints.len() {
+            let h = hints[i];
+            let mut c = 1usize;
+            match h {
+                Some(r) if usable(h) => {
+                    // A run of pieces of one blob (or of zeros) is one result.
+                    while i + c < hints.len() && hints[i + c] == Some(r.advance(c as u64)) {
+                        c += 1;
                     }
-                } else {
-                    Outcome::Deduplicated
-                };
-            }
-            return Ok(out);
-        }
-        // The pack's content: the fresh blocks in order, without copying when they are the
-        // run's first blocks back to back (the common case of a full backup).
-        let contiguous = fresh.iter().enumerate().all(|(k, &(i, _))| k == i);
-        let content: std::borrow::Cow<'_, [u8]> = if contiguous {
-            let (last, _) = fresh[fresh.len() - 1];
-            std::borrow::Cow::Borrowed(&data[..(last * bs + block(last).len())])
-        } else {
-            let mut v = Vec::with_capacity(fresh.len() * bs);
-            for &(i, _) in &fresh {
-                v.extend_from_slice(block(i));
-            }
-            std::borrow::Cow::Owned(v)
-        };
-        let store = self.repo.chunks();
-        let pack = self.repo.config().chunk_hash.hash(&content);
-        // The same pack may be stored already: the same run of an identical volume, or of
-        // this volume after its parent lost the pack. A damaged pack file is replaced, which
-        // repairs the snapshots that refer to it.
-        let (stored, chunks) = if store.is_present(&pack)? {
-            (0, 0)
-        } else {
-            let enc = encoder.encode(&content);
-            store.put(&pack, &enc)?;
-            self.verdicts.set(pack, true);
-            (enc.len() as u64, 1)
-        };
-        let existed = chunks == 0;
-        for (slot, &(_, id)) in fresh.iter().enumerate() {
-            self.packed.insert(id, pack, slot as u8);
-        }
-        let mut stored_once = vec![false; fresh.len()];
-        let mut first = true;
-        for &(pos, slot) in &waiting {
-            let (i, id) = fresh[slot];
-            out[pos].block_ref = BlockRef::Slice {
-                hash: id,
-                pack,
-                index: slot as u8,
-            };
-            out[pos].outcome = if existed || std::mem::replace(&mut stored_once[slot], true) {
-                Outcome::Deduplicated
-            } else {
-                let first = std::mem::take(&mut first);
-                Outcome::New {
-                    raw: block(i).len() as u64,
-                    stored: if first { stored } else { 0 },
-                    chunks: if first { chunks } else { 0 },
+                    let outcome = if r == BlockRef::Zero {
+                        Outcome::Zero
+                    } else {
+                        Outcome::Unchanged
+                    };
+                    out.push(Done {
+                        block_ref: r,
+                        outcome,
+                        count: c as u64,
+                        bytes_read: 0,
+                        unread: true,
+                    });
                 }
-            };
+                // The parent does not hold the block after all, or its blob is no longer
+                // usable: read it (with its unusable neighbours, as one run).
+                _ => {
+                    while i + c < hints.len() && !usable(hints[i + c]) {
+                        c += 1;
+                    }
+                    let first = index + i as u64;
+                    let start = first * self.block_size;
+                    let end = ((first + c as u64) * self.block_size).min(self.source.size());
+                    let mut data = vec![0u8; end.saturating_sub(start) as usize];
+                    self.source.read_at(start, &mut data)?;
+                    out.extend(self.run(worker, first, &data, &hints[i..i + c])?);
+                }
+            }
+            i += c;
         }
         Ok(out)
     }
@@ -353,7 +349,7 @@ impl<'a> Stage for BackupStage<'a> {
     type Hint = Option<BlockRef>;
     /// The parent's references, streamed; set when they became unreadable.
     type Hints = (Option<BlockCursor<'a>>, bool);
-    type Worker = Encoder;
+    type Worker = Worker;
     type Out = Vec<Done>;
 
     fn hints(&self) -> Self::Hints {
@@ -361,10 +357,7 @@ impl<'a> Stage for BackupStage<'a> {
     }
 
     fn whole_runs(&self) -> Option<u64> {
-        // Packs hold at most MAX_PACK_BLOCKS blocks (a one-byte index); a pack of one block
-        // is a plain chunk, and runs of one block would only make read requests smaller.
-        let n = (u64::from(self.repo.config().pack_size) / self.block_size).min(MAX_PACK_BLOCKS);
-        (n > 1).then_some(n)
+        Some((RUN_BYTES / self.block_size.max(1)).max(1))
     }
 
     fn hint(
@@ -381,7 +374,7 @@ impl<'a> Stage for BackupStage<'a> {
                     *failed = true;
                     progress.warn(&format!(
                         "parent snapshot unreadable from block {block} on ({}); comparing \
-                         with stored chunks instead",
+                         with the repository's blobs instead",
                         chain(&e)
                     ));
                     None
@@ -391,13 +384,17 @@ impl<'a> Stage for BackupStage<'a> {
         }
     }
 
-    fn worker(&self) -> Result<Encoder> {
-        Encoder::new(self.zstd_level)
+    fn worker(&self) -> Result<Worker> {
+        Ok(Worker {
+            encoder: Encoder::new(self.zstd_level)?,
+            frame: Vec::new(),
+            encoded: Vec::new(),
+        })
     }
 
     fn process(
         &self,
-        encoder: &mut Encoder,
+        worker: &mut Worker,
         index: u64,
         count: u64,
         input: Input<Option<BlockRef>>,
@@ -409,110 +406,232 @@ impl<'a> Stage for BackupStage<'a> {
             bytes_read: 0,
             unread: false,
         };
-        Ok(vec![match input {
-            Input::Hole => run(BlockRef::Zero, Outcome::Zero),
-            Input::Unused => run(BlockRef::Unused, Outcome::Unused),
-            Input::Data { buf, hint } => self.data(encoder, &buf, hint)?,
-            Input::Run { buf, hints } => return self.run(encoder, index, &buf, hints),
-            Input::Known { hint } => match hint {
-                Some(r)
-                    if let Some(c) = r.chunk()
-                        && self.verdicts.reusable(self.repo.chunks(), &c)? =>
-                {
-                    Done::one(r, Outcome::Unchanged, 0, true)
-                }
-                Some(BlockRef::Zero) => Done::one(BlockRef::Zero, Outcome::Zero, 0, true),
-                // The parent does not hold the block after all (or its chunk is missing or
-                // damaged since `drop_unreusable` checked it): read it.
-                other => {
-                    let start = index * self.block_size;
-                    let len = self.block_size.min(self.source.size() - start) as usize;
-                    let mut data = vec![0u8; len];
-                    self.source.read_at(start, &mut data)?;
-                    self.data(encoder, &data, other)?
-                }
-            },
-        }])
+        match input {
+            Input::Hole => Ok(vec![run(BlockRef::Zero, Outcome::Zero)]),
+            Input::Unused => Ok(vec![run(BlockRef::Unused, Outcome::Unused)]),
+            Input::Data { buf, hint } => self.run(worker, index, &buf, &[hint]),
+            Input::Run { buf, hints } => self.run(worker, index, &buf, &hints),
+            Input::Known { hints } => self.known(worker, index, &hints),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::InitOptions;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
 
-    fn id(n: u64) -> ChunkId {
-        let mut b = [0u8; 32];
-        b[..8].copy_from_slice(&n.to_le_bytes());
-        b[31] = 0x5a;
-        ChunkId(b)
+    /// Blobs in memory: the frames added, decoded back into their blobs.
+    #[derive(Default)]
+    struct Mem {
+        blobs: Mutex<HashMap<ChunkId, Vec<u8>>>,
+        frames: Mutex<Vec<usize>>,
     }
 
-    fn repo(dir: &tempfile::TempDir) -> Repository {
-        Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap()
-    }
-
-    #[test]
-    fn packed_index_keeps_the_first_slot_of_a_content() {
-        let p = PackedIndex::default();
-        assert_eq!(p.get(&id(1)), None);
-        p.insert(id(1), id(100), 3);
-        p.insert(id(1), id(200), 4);
-        assert_eq!(p.get(&id(1)), Some((id(100), 3)));
-        assert_eq!(p.get(&id(2)), None);
-    }
-
-    #[test]
-    fn packed_index_is_bounded() {
-        let p = PackedIndex::default();
-        for n in 0..PACKED_INDEX_MAX as u64 + 10 {
-            p.insert(id(n), id(0), 0);
+    impl Blobs for Mem {
+        fn contains(&self, id: &ChunkId) -> bool {
+            self.blobs.lock().unwrap().contains_key(id)
         }
-        assert!(p.get(&id(PACKED_INDEX_MAX as u64 - 1)).is_some());
-        // Past the bound new blocks are not remembered; the old ones stay.
-        assert_eq!(p.get(&id(PACKED_INDEX_MAX as u64)), None);
-        assert!(p.get(&id(0)).is_some());
-    }
-
-    #[test]
-    fn verdicts_check_each_chunk_once_and_count_failures_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = repo(&dir);
-        let store = repo.chunks();
-        let data = vec![7u8; 4096];
-        let present = repo.config().chunk_hash.hash(&data);
-        let mut encoder = Encoder::new(3).unwrap();
-        let enc = encoder.encode(&data);
-        store.put(&present, &enc).unwrap();
-        let v = Verdicts::default();
-        assert!(v.reusable(store, &present).unwrap());
-        assert!(!v.reusable(store, &id(9)).unwrap());
-        assert_eq!(v.failed(), 1);
-        // Remembered: a missing chunk is not counted again.
-        assert!(!v.reusable(store, &id(9)).unwrap());
-        assert_eq!(v.failed(), 1);
-        // The verdict is remembered even once the chunk is gone.
-        std::fs::remove_file(store.path(&present)).unwrap();
-        assert!(v.reusable(store, &present).unwrap());
-        // A chunk just stored is good.
-        v.set(id(9), true);
-        assert!(v.reusable(store, &id(9)).unwrap());
-        assert_eq!(v.failed(), 1);
-    }
-
-    #[test]
-    fn verdicts_are_forgotten_past_their_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = repo(&dir);
-        let v = Verdicts::default();
-        v.set(id(u64::MAX), true);
-        for n in 0..VERDICTS_MAX as u64 {
-            v.set(id(n), true);
+        fn add_frame(
+            &self,
+            encoded: &[u8],
+            blobs: &[(ChunkId, BlobKind, u32, u32)],
+        ) -> Result<u64> {
+            let mut raw = Vec::new();
+            crate::repo::chunks::decode_encoded(encoded, "frame", "mem".as_ref(), &mut raw)
+                .unwrap();
+            let mut m = self.blobs.lock().unwrap();
+            let mut end = 0;
+            for &(id, kind, off, len) in blobs {
+                assert_eq!(kind, BlobKind::Data);
+                assert_eq!(off as usize, end, "blobs back to back");
+                end += len as usize;
+                let b = raw[off as usize..end].to_vec();
+                assert_eq!(HashAlgorithm::Blake3.hash(&b), id);
+                m.insert(id, b);
+            }
+            assert_eq!(end, raw.len());
+            assert!(raw.len() <= FRAME_RAW);
+            self.frames.lock().unwrap().push(blobs.len());
+            Ok(encoded.len() as u64)
         }
-        // The map was emptied when full: the first verdict is gone and the missing chunk
-        // is checked again.
-        assert!(!v.reusable(repo.chunks(), &id(u64::MAX)).unwrap());
-        assert_eq!(v.failed(), 1);
-        assert!(v.lock().len() <= VERDICTS_MAX);
+    }
+
+    struct Bytes(Vec<u8>);
+
+    impl Volume for Bytes {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0[o..o + buf.len()]);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "bytes".into()
+        }
+    }
+
+    const BS: usize = 4096;
+
+    /// `blocks` blocks of pseudo-random content from `seed`; blocks in `zero` are zeros.
+    fn volume(blocks: usize, seed: u64, zero: &[usize]) -> Vec<u8> {
+        let mut v = vec![0u8; blocks * BS];
+        let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+        for (i, b) in v.iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if !zero.contains(&(i / BS)) {
+                *b = x as u8;
+            }
+        }
+        v
+    }
+
+    fn stage<'a>(src: &'a Bytes, mem: &'a Mem) -> BackupStage<'a> {
+        BackupStage::new(src, BS as u64, None, mem, HashAlgorithm::Blake3, 1)
+    }
+
+    fn worker() -> Worker {
+        Worker {
+            encoder: Encoder::new(1).unwrap(),
+            frame: Vec::new(),
+            encoded: Vec::new(),
+        }
+    }
+
+    /// The content the results describe, rebuilt from the stored blobs.
+    fn rebuild(mem: &Mem, out: &[Done]) -> Vec<u8> {
+        let m = mem.blobs.lock().unwrap();
+        let mut v = Vec::new();
+        for d in out {
+            match d.block_ref {
+                BlockRef::Zero => v.resize(v.len() + d.count as usize * BS, 0),
+                BlockRef::Part { blob, index } => {
+                    let b = &m[&blob];
+                    let s = index as usize * BS;
+                    let e = (s + d.count as usize * BS).min(b.len());
+                    v.extend_from_slice(&b[s..e]);
+                }
+                r => panic!("unexpected {r:?}"),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn a_run_is_stored_as_blobs_in_frames_and_rebuilds() {
+        let data = volume(600, 1, &[3, 4, 5, 100, 599]);
+        let src = Bytes(data.clone());
+        let mem = Mem::default();
+        let st = stage(&src, &mem);
+        let hints = vec![None; 600];
+        let out = st.run(&mut worker(), 0, &data, &hints).unwrap();
+        assert_eq!(out.iter().map(|d| d.count).sum::<u64>(), 600);
+        assert_eq!(rebuild(&mem, &out), data);
+        let zero: u64 = out
+            .iter()
+            .filter(|d| d.outcome == Outcome::Zero)
+            .map(|d| d.count)
+            .sum();
+        assert_eq!(zero, 5);
+        // Several blobs, several frames, each counted once.
+        let frames = mem.frames.lock().unwrap().clone();
+        let (mut raw, mut chunks) = (0, 0);
+        for d in &out {
+            if let Outcome::New {
+                raw: r, chunks: c, ..
+            } = d.outcome
+            {
+                raw += r;
+                chunks += c;
+                assert!(d.count <= 64);
+            }
+        }
+        assert_eq!(raw, 595 * BS as u64);
+        assert_eq!(chunks as usize, frames.len());
+        assert!(frames.len() >= 3, "{frames:?}");
+        assert!(out.len() > 10);
+
+        // The same run again: every blob is deduplicated, nothing is written.
+        let again = st.run(&mut worker(), 0, &data, &hints).unwrap();
+        assert!(
+            again
+                .iter()
+                .all(|d| matches!(d.outcome, Outcome::Deduplicated | Outcome::Zero))
+        );
+        assert_eq!(mem.frames.lock().unwrap().len(), frames.len());
+        // With the first result as the parent's references: unchanged.
+        let parent: Vec<Option<BlockRef>> = out
+            .iter()
+            .flat_map(|d| (0..d.count).map(move |k| Some(d.block_ref.advance(k))))
+            .collect();
+        let third = st.run(&mut worker(), 0, &data, &parent).unwrap();
+        assert!(
+            third
+                .iter()
+                .all(|d| matches!(d.outcome, Outcome::Unchanged | Outcome::Zero))
+        );
+    }
+
+    #[test]
+    fn identical_blobs_of_one_run_are_stored_once() {
+        let one = volume(40, 7, &[]);
+        let mut data = one.clone();
+        data.extend_from_slice(&volume(1, 99, &[0]));
+        data.extend_from_slice(&one);
+        let src = Bytes(data.clone());
+        let mem = Mem::default();
+        let st = stage(&src, &mem);
+        let out = st.run(&mut worker(), 0, &data, &vec![None; 81]).unwrap();
+        assert_eq!(rebuild(&mem, &out), data);
+        let new: u64 = out
+            .iter()
+            .filter_map(|d| match d.outcome {
+                Outcome::New { raw, .. } => Some(raw),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(new, 40 * BS as u64);
+    }
+
+    #[test]
+    fn a_short_last_block_is_kept() {
+        let mut data = volume(3, 5, &[]);
+        data.truncate(2 * BS + 100);
+        let src = Bytes(data.clone());
+        let mem = Mem::default();
+        let st = stage(&src, &mem);
+        let out = st.run(&mut worker(), 0, &data, &[None; 3]).unwrap();
+        assert_eq!(rebuild(&mem, &out), data);
+        assert!(st.run(&mut worker(), 0, &data, &[None; 4]).is_err());
+    }
+
+    #[test]
+    fn known_blocks_are_taken_unread_while_their_blob_is_usable() {
+        let data = volume(100, 3, &[10]);
+        let src = Bytes(data.clone());
+        let mem = Mem::default();
+        let st = stage(&src, &mem);
+        let first = st.run(&mut worker(), 0, &data, &vec![None; 100]).unwrap();
+        let mut parent: Vec<Option<BlockRef>> = first
+            .iter()
+            .flat_map(|d| (0..d.count).map(move |k| Some(d.block_ref.advance(k))))
+            .collect();
+        let out = st.known(&mut worker(), 0, &parent).unwrap();
+        assert!(out.iter().all(|d| d.unread && d.bytes_read == 0));
+        assert_eq!(rebuild(&mem, &out), data);
+        // A lost blob: its blocks are read and stored again; unknown ones too.
+        let lost = parent[50].unwrap().blob().unwrap();
+        mem.blobs.lock().unwrap().remove(&lost);
+        parent[90] = None;
+        let out = st.known(&mut worker(), 0, &parent).unwrap();
+        assert_eq!(out.iter().map(|d| d.count).sum::<u64>(), 100);
+        assert!(out.iter().any(|d| !d.unread && d.bytes_read > 0));
+        assert!(mem.contains(&lost));
+        assert_eq!(rebuild(&mem, &out), data);
     }
 }

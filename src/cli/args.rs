@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use volback::copy::CopyFormat;
+use volback::forget::KeepWithin;
 use volback::hash::HashAlgorithm;
 use volback::nbd::ListenAddr;
 
@@ -54,6 +55,16 @@ pub enum Command {
     Copy(CopyArgs),
     /// Write a snapshot as a copy: plain image files with a SHA-256 per block.
     Export(ExportArgs),
+    /// Remove snapshots: the ones named, or those a --keep-* policy does not keep (per
+    /// volume). Their data stays in the repository until `prune`.
+    #[command(override_usage = "volback forget [OPTIONS] REPO SNAPSHOT...\n       \
+                                volback forget [OPTIONS] REPO --keep-* N [--source PATH]")]
+    Forget(ForgetArgs),
+    /// Remove data no snapshot uses any more (repacking partly used packs); backups may keep
+    /// running meanwhile.
+    Prune(PruneArgs),
+    /// Show how much the repository, or one snapshot, stores.
+    Stats(StatsArgs),
 }
 
 // Arguments of `volback probe`.
@@ -87,9 +98,8 @@ pub struct InitArgs {
     /// Default block size in bytes (power of two, 4 KiB to 16 MiB).
     #[arg(long, value_parser = parse_size)]
     pub block_size: Option<u64>,
-    /// Largest pack: the blocks a backup stores from one read of consecutive blocks are
-    /// compressed together, up to this size (default 4M; 0 or at most one block: every
-    /// block compressed alone, which makes random reads through mount/serve cheaper).
+    /// Target size of the pack files that hold the compressed data (1M to 128M, default
+    /// 16M).
     #[arg(long, value_parser = parse_size)]
     pub pack_size: Option<u64>,
 }
@@ -300,6 +310,141 @@ pub struct ExportArgs {
     pub json: bool,
 }
 
+// Arguments of `volback forget`.
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Repository directory.
+    pub repo: PathBuf,
+    /// Snapshots to remove: ids, unique id prefixes, `latest` or `latest:SOURCE` (removed
+    /// even when they are the newest of their volume). Without them, a --keep-* policy.
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = [
+        "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+        "keep_within", "keep_tags", "source", "volume_key",
+    ])]
+    pub snapshots: Vec<String>,
+    /// Keep the N newest snapshots.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true,
+        help_heading = "Policy"
+    )]
+    pub keep_last: u32,
+    /// Keep the newest snapshot of each of the last N hours that have one (UTC).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true,
+        help_heading = "Policy"
+    )]
+    pub keep_hourly: u32,
+    /// Keep the newest snapshot of each of the last N days that have one (UTC).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true,
+        help_heading = "Policy"
+    )]
+    pub keep_daily: u32,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one (UTC).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true,
+        help_heading = "Policy"
+    )]
+    pub keep_weekly: u32,
+    /// Keep the newest snapshot of each of the last N months that have one (UTC).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true,
+        help_heading = "Policy"
+    )]
+    pub keep_monthly: u32,
+    /// Keep the newest snapshot of each of the last N years that have one (UTC).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true,
+        help_heading = "Policy"
+    )]
+    pub keep_yearly: u32,
+    /// Keep every snapshot at most DURATION older than the volume's newest snapshot:
+    /// numbers with units y, m (months), w, d, h, e.g. 30d, 12h, 1y6m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_keep_within, help_heading = "Policy")]
+    pub keep_within: Option<KeepWithin>,
+    /// Keep every snapshot with this tag (repeatable: any of them).
+    #[arg(long = "keep-tag", value_name = "TAG", help_heading = "Policy")]
+    pub keep_tags: Vec<String>,
+    /// Apply the policy only to the volume backed up from this path (as `backup` named it).
+    #[arg(long, value_name = "PATH", help_heading = "Policy")]
+    pub source: Option<PathBuf>,
+    /// Apply the policy only to the volume with this key (`snapshots --json` shows it).
+    #[arg(long, value_name = "KEY", help_heading = "Policy")]
+    pub volume_key: Option<String>,
+    /// Show what would be removed and why each snapshot is kept; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run `prune` afterwards (with the prune options below).
+    #[arg(long)]
+    pub prune: bool,
+    #[command(flatten)]
+    pub prune_opts: PruneOptions,
+    /// Print the result as JSON (with --prune: one JSON line each for forget and prune).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options shared by `prune` and `forget --prune`.
+#[derive(Args, Clone, Debug)]
+pub struct PruneOptions {
+    /// Repack partly used packs until at most this percentage of the packs' bytes is unused.
+    #[arg(long, value_name = "PERCENT", default_value_t = 5.0, value_parser = parse_percent, help_heading = "Prune")]
+    pub max_unused: f64,
+    /// Repack at most this many bytes in one run (default: no limit).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Prune")]
+    pub max_repack: Option<u64>,
+}
+
+// Arguments of `volback prune`.
+#[derive(Args, Clone, Debug)]
+pub struct PruneArgs {
+    /// Repository directory.
+    pub repo: PathBuf,
+    #[command(flatten)]
+    pub opts: PruneOptions,
+    /// Show what would be removed and repacked; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Not an option: snapshots `forget --dry-run --prune` would remove, which a dry run of
+    /// prune may treat as gone (empty otherwise).
+    #[arg(skip)]
+    pub assume_removed: Vec<String>,
+}
+
+// Arguments of `volback stats`.
+#[derive(Args, Clone, Debug)]
+pub struct StatsArgs {
+    /// Repository directory.
+    pub repo: PathBuf,
+    /// Snapshot id, unique id prefix, `latest` or `latest:SOURCE` (default: the whole
+    /// repository).
+    pub snapshot: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Subcommand)]
 pub enum PtableCommand {
     /// Print the partition table of DISK as `sfdisk --dump` text (which `sfdisk` reads back).
@@ -337,6 +482,20 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Parses `--keep-within DURATION` (a usage error when malformed).
+fn parse_keep_within(s: &str) -> std::result::Result<KeepWithin, String> {
+    KeepWithin::parse(s).map_err(|e| e.to_string())
+}
+
+/// Parses a percentage from 0 to 100.
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let t = s.trim().trim_end_matches('%');
+    match t.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
+}
+
 /// Parses `--nbd ADDR` (a usage error when malformed).
 fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
     ListenAddr::parse(s).map_err(|e| e.to_string())
@@ -346,4 +505,72 @@ fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
 pub fn block_size_arg(v: Option<u64>) -> Result<Option<u32>> {
     v.map(|b| u32::try_from(b).context("block size too large"))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("volback").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn forget_arguments() {
+        let cli = parse(&[
+            "forget",
+            "r",
+            "--keep-daily",
+            "7",
+            "--keep-within",
+            "1y2m",
+            "--keep-tag",
+            "a",
+            "--keep-tag",
+            "b",
+            "--prune",
+            "--max-unused",
+            "10%",
+            "--max-repack",
+            "1G",
+        ])
+        .unwrap();
+        let Command::Forget(a) = cli.command else {
+            panic!("not forget")
+        };
+        assert_eq!(a.keep_daily, 7);
+        assert_eq!(a.keep_last, 0);
+        assert_eq!(a.keep_within.unwrap().months, 14);
+        assert_eq!(a.keep_tags, vec!["a", "b"]);
+        assert!(a.prune && a.snapshots.is_empty());
+        assert_eq!(a.prune_opts.max_unused, 10.0);
+        assert_eq!(a.prune_opts.max_repack, Some(1 << 30));
+        assert!(parse(&["forget", "r", "--keep-within", "30"]).is_err());
+        assert!(parse(&["forget", "r", "--keep-daily", "-1"]).is_err());
+        let Command::Forget(a) = parse(&["forget", "r", "abc", "latest"]).unwrap().command else {
+            panic!("not forget")
+        };
+        assert_eq!(a.snapshots, vec!["abc", "latest"]);
+        // Names and a policy are not mixed: a usage error.
+        let e = parse(&["forget", "r", "abc", "--keep-last", "1"])
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(parse(&["forget", "r", "abc", "--source", "/dev/x"]).is_err());
+    }
+
+    #[test]
+    fn prune_and_stats_arguments() {
+        let Command::Prune(a) = parse(&["prune", "r", "--dry-run"]).unwrap().command else {
+            panic!("not prune")
+        };
+        assert_eq!((a.opts.max_unused, a.opts.max_repack), (5.0, None));
+        assert!(a.dry_run && !a.json && a.assume_removed.is_empty());
+        assert!(parse(&["prune", "r", "--max-unused", "101"]).is_err());
+        let Command::Stats(a) = parse(&["stats", "r", "latest", "--json"]).unwrap().command else {
+            panic!("not stats")
+        };
+        assert_eq!(a.snapshot.as_deref(), Some("latest"));
+        assert!(a.json);
+    }
 }

@@ -96,10 +96,11 @@ fn print_text(r: &BackupReport, volume_size: u64, block_size: u32) {
         );
     }
     println!(
-        "  new data        {} in {} chunks, {} stored",
+        "  new data        {} in {} frames, {} stored ({} new packs)",
         human_bytes(r.this_run.new_bytes),
         r.this_run.new_chunks,
-        human_bytes(r.this_run.new_bytes_stored)
+        human_bytes(r.this_run.new_bytes_stored),
+        r.packs_written
     );
     println!(
         "  blocks          {} data ({} unchanged, {} deduplicated), {} zero, {} unused",

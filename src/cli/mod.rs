@@ -12,15 +12,18 @@ mod backup;
 mod copy;
 mod display;
 mod export;
+mod forget;
 mod init;
 #[cfg(target_os = "linux")]
 mod mount;
 mod probe;
+mod prune;
 mod ptable;
 mod report;
 mod restore;
 mod serve;
 mod snapshots;
+mod stats;
 mod verify;
 
 use anyhow::Result;
@@ -58,6 +61,9 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
         Command::Verify(a) => verify::run(a, &ctx),
         Command::Copy(a) => copy::run(a, &ctx),
         Command::Export(a) => export::run(a, &ctx),
+        Command::Forget(a) => forget::run(a, &ctx),
+        Command::Prune(a) => prune::run(a, &ctx),
+        Command::Stats(a) => stats::run(a, &ctx),
     }
 }
 

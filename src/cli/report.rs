@@ -74,6 +74,8 @@ pub struct SnapshotJson<'a> {
     block_size: u32,
     hostname: &'a str,
     tags: &'a [String],
+    /// The volume's identity (`forget --volume-key`).
+    volume_key: &'a str,
     stored_bytes: u64,
     stats: &'a SnapshotStats,
 }
@@ -90,6 +92,7 @@ impl<'a> SnapshotJson<'a> {
             block_size: h.block_size,
             hostname: &h.hostname,
             tags: &h.tags,
+            volume_key: &h.volume_key,
             stored_bytes: h.stats.new_bytes_stored,
             stats: &h.stats,
         }

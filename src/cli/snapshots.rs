@@ -19,19 +19,32 @@ pub fn run(a: SnapshotsArgs) -> Result<ExitCode> {
         let arr: Vec<_> = list.iter().map(SnapshotJson::new).collect();
         print_json(&arr)?;
     } else {
+        // The tags column only when some snapshot has tags (`backup --tag`).
+        let tags: Vec<String> = list.iter().map(|s| s.header.tags.join(",")).collect();
+        let width = tags.iter().map(|t| t.chars().count()).max().unwrap_or(0);
+        let tag_col = |t: &str| match width {
+            0 => String::new(),
+            w => format!("{t:<w$}  ", w = w.max(4)),
+        };
         println!(
-            "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  source",
-            "id", "time", "size", "stored", "parent"
+            "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {}source",
+            "id",
+            "time",
+            "size",
+            "stored",
+            "parent",
+            tag_col("tags")
         );
-        for s in &list {
+        for (s, t) in list.iter().zip(&tags) {
             let h = &s.header;
             println!(
-                "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {}",
+                "{:<12}  {:<20}  {:>10}  {:>10}  {:<12}  {}{}",
                 &s.id[..12],
                 h.time,
                 human_bytes(h.source.size),
                 human_bytes(h.stats.new_bytes_stored),
                 h.parent.as_deref().map_or("-", |p| &p[..12.min(p.len())]),
+                tag_col(t),
                 h.source.path
             );
         }

@@ -864,9 +864,8 @@ pub fn export(
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyReport> {
-    let snap = repo.open_snapshot(snapshot_id)?;
-    let header = snap.header().clone();
-    let volume = crate::repo::reader::SnapshotVolume::new(snap, repo.chunks().clone());
+    let volume = crate::repo::reader::SnapshotVolume::open(repo, snapshot_id, None)?;
+    let header = volume.snapshot().header().clone();
     let source: &dyn Volume = &volume;
     if let Some(paths) = CopyPaths::locate(dest)
         && let Ok(meta) = CopyMeta::load(&paths)

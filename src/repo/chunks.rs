@@ -164,6 +164,77 @@ fn parse_header(h: &[u8], id: &ChunkId, path: &Path) -> Result<ChunkHeader> {
     })
 }
 
+/// Decompresses the zstd `payload` of a chunk encoding into `out` (cleared) with the thread's
+/// context `dctx`: exactly `raw_len` bytes, or an error naming `what`.
+fn decompress(
+    dctx: &mut Option<zstd::bulk::Decompressor<'static>>,
+    payload: &[u8],
+    raw_len: u32,
+    out: &mut Vec<u8>,
+    what: &str,
+    path: &Path,
+) -> Result<()> {
+    out.clear();
+    out.reserve(raw_len as usize);
+    let d = match dctx {
+        Some(d) => d,
+        None => dctx.insert(
+            zstd::bulk::Decompressor::new().map_err(|e| Error::io("set up zstd for", path, e))?,
+        ),
+    };
+    let n = d
+        .decompress_to_buffer(payload, out)
+        .map_err(|e| Error::corrupt(what, path, format!("zstd: {e}")))?;
+    if n != raw_len as usize {
+        return Err(Error::corrupt(
+            what,
+            path,
+            format!("decompressed to {n} bytes, header says {raw_len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The uncompressed and stored lengths announced by the header of a chunk encoding held in
+/// memory (a frame of a pack file, docs/FORMAT.md F2.2), after the checks of a chunk file's
+/// header. Errors name `what`, read from `path`.
+pub fn encoded_lengths(encoded: &[u8], what: &str, path: &Path) -> Result<(u32, u32)> {
+    let hd = parse_header(encoded, &ChunkId([0; 32]), path).map_err(|e| match e {
+        Error::Corrupt { path, detail, .. } => Error::Corrupt {
+            what: what.into(),
+            path,
+            detail,
+        },
+        e => e,
+    })?;
+    Ok((hd.raw_len, hd.stored_len))
+}
+
+/// Decodes a whole chunk encoding held in memory (a frame of a pack file): checks its header
+/// and length, and puts exactly its `raw_len` bytes of content in `out`. The content's hash
+/// is the caller's to check (a frame holds several blobs). Errors name `what`.
+pub fn decode_encoded(encoded: &[u8], what: &str, path: &Path, out: &mut Vec<u8>) -> Result<()> {
+    let (raw_len, stored_len) = encoded_lengths(encoded, what, path)?;
+    let payload = &encoded[CHUNK_HEADER_LEN..];
+    if payload.len() != stored_len as usize {
+        return Err(Error::corrupt(
+            what,
+            path,
+            format!(
+                "{} bytes but its header announces {}",
+                encoded.len(),
+                CHUNK_HEADER_LEN as u64 + u64::from(stored_len)
+            ),
+        ));
+    }
+    if encoded[5] == CODEC_RAW {
+        out.clear();
+        out.extend_from_slice(payload);
+        return Ok(());
+    }
+    SCRATCH.with_borrow_mut(|(_, dctx)| decompress(dctx, payload, raw_len, out, what, path))
+}
+
 impl ChunkStore {
     pub fn new(dir: PathBuf, hash: HashAlgorithm, fsync_each: bool) -> ChunkStore {
         ChunkStore {
@@ -372,27 +443,11 @@ impl ChunkStore {
             out.resize(hd.stored_len as usize, 0);
             f.read_exact(out).ctx("read", &path)?;
         } else {
-            let n = SCRATCH.with_borrow_mut(|(payload, dctx)| {
+            SCRATCH.with_borrow_mut(|(payload, dctx)| {
                 payload.resize(hd.stored_len as usize, 0);
                 f.read_exact(payload).ctx("read", &path)?;
-                out.reserve(hd.raw_len as usize);
-                let d = match dctx {
-                    Some(d) => d,
-                    None => dctx.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|e| Error::io("set up zstd for", &path, e))?,
-                    ),
-                };
-                d.decompress_to_buffer(&payload[..], out)
-                    .map_err(|e| Error::corrupt(what(), &path, format!("zstd: {e}")))
+                decompress(dctx, payload, hd.raw_len, out, &what(), &path)
             })?;
-            if n != hd.raw_len as usize {
-                return Err(Error::corrupt(
-                    what(),
-                    &path,
-                    format!("decompressed to {n} bytes, header says {}", hd.raw_len),
-                ));
-            }
         }
         if !check_hash {
             return Ok(());

@@ -1,33 +1,49 @@
 //! The repository: where snapshots live.
 //!
-//! # Layout of a local-directory repository (format version 1)
+//! # Layout of a local-directory repository (format version 2)
 //!
 //! ```text
 //! REPO/
-//!   config                 JSON: format name, version, repository id, chunk hash, zstd level,
-//!                          default block size. Written last by `init`: no config, no repository.
-//!   lock                   empty file; operations hold an advisory lock on it (table below)
-//!   chunks/00 … chunks/ff/ one file per chunk, named by the 64-hex-digit chunk id
+//!   config                 JSON: format name, version 2, repository id, chunk hash, zstd level,
+//!                          block size (default 4096), pack size (default 16 MiB). Written
+//!                          last by `init`: no config, no repository.
+//!   lock                   empty; every command holds a shared lock on it (table below)
+//!   prune.lock             empty; a prune holds an exclusive lock on it
+//!   packs/00 … packs/ff/   pack files ([`pack`]), named by the BLAKE3 of the whole file
+//!   index/<id>             immutable index files ([`index`]): which blobs each pack holds
 //!   snapshots/<id>         one immutable file per snapshot; id = hex of its checksum
 //!   journals/<key>.journal resume journal of an unfinished backup of volume <key>
 //!   journals/<key>.lock    held exclusively while a backup of volume <key> runs
-//!   tmp/                   temporary files, renamed into place when complete
+//!   writers/<id>           one marker per running backup, locked by it ([`writers`])
+//!   pending/<id>           packs a prune condemned and has not deleted yet ([`writers`])
+//!   tmp/                   temporary files (packs being written), renamed when complete
 //! ```
+//!
+//! Data lives in blobs ([`blob`]): content-addressed, stored in frames inside packs, found
+//! through the index ([`blobs::BlobStore`]), written by a [`packer::Packer`]. Snapshots name
+//! blobs only by id, so a prune may move them. Format 1 repositories (a `chunks/00 … ff/`
+//! tree of one file per chunk, [`chunks`]) are still opened and read; nothing writes new data
+//! into them ([`Repository::require_format2`]).
 //!
 //! Byte layouts are in [`format`] and docs/FORMAT.md.
 //!
 //! # Locking
 //!
-//! | operation              | `lock`            | `journals/<key>.lock` |
-//! |------------------------|-------------------|-----------------------|
-//! | backup                 | shared            | exclusive (try)       |
-//! | restore, verify, list  | shared            | —                     |
-//! | gc, forget (future)    | exclusive (try)   | —                     |
+//! | operation                                    | `lock` | `prune.lock`     | `journals/<key>.lock` | `writers/` marker |
+//! |----------------------------------------------|--------|------------------|-----------------------|-------------------|
+//! | backup                                       | shared | —                | exclusive (try)       | yes               |
+//! | restore, verify, list, export, mount, serve  | shared | —                | —                     | no                |
+//! | forget                                       | shared | —                | —                     | no                |
+//! | prune                                        | shared | exclusive (try)  | —                     | no                |
+//!
+//! Nothing takes `lock` exclusively any more: prune and backups run side by side. A backup's
+//! marker says which pending records it read before loading the index; a prune deletes the
+//! packs of a record only once every live marker knows it (docs/FORMAT.md F2.8).
 //!
 //! A missing `lock` file is created when the repository is writable; in a repository that
 //! cannot be written (read-only medium or permissions) it is treated as "no lock held":
-//! nothing that needs the exclusive lock can run there either, so restore, verify, listing,
-//! export, mount and serve work on such a repository.
+//! nothing can write there either, so restore, verify, listing, export, mount and serve work
+//! on such a repository.
 //!
 //! Every repository file is opened through [`fsio::open_regular`] or [`fsio::lock_file`]:
 //! symbolic links, FIFOs, devices and directories where a file belongs are refused
@@ -38,32 +54,38 @@
 //!
 //! Every writer creates `.tmp-*` files and holds an exclusive lock on each until it is renamed
 //! or removed. A process killed while writing leaves its temporary file behind, unlocked: the
-//! next backup removes such files from `tmp/`, `journals/` and the repository root (those of
-//! `chunks/` wait for garbage collection: listing every chunk directory at each backup would
-//! cost too much).
+//! next backup removes such files from `tmp/` (where packs are written), `journals/`,
+//! `index/`, `pending/` and the repository root (those of `packs/` and format 1's `chunks/`
+//! wait for prune: listing every fan-out directory at each backup would cost too much).
 //!
 //! Backups of different volumes, or of one volume into different repositories, run side by
-//! side: chunk files are content-addressed and appear by atomic rename, so two writers of the
-//! same chunk write the same bytes. Two backups of the same volume at once are refused (the
-//! second would redo the first one's work from the same journal). Locks are advisory `flock`
+//! side: packs (and format 1's chunk files) appear by atomic rename under content-derived
+//! names, and each writer indexes its own packs. Two backups of the same volume at once are
+//! refused (the second would redo the first one's work from the same journal). Locks are advisory `flock`
 //! style locks that the kernel drops when a process dies, so a crash never leaves a stale lock.
 //!
 //! # Crash safety
 //!
-//! Metadata (config, snapshots, journal headers) is written to a temporary file, fsynced,
-//! renamed and the directory fsynced. Chunk files are renamed into place without an fsync
-//! each; a `syncfs` of the repository's filesystem precedes every journal batch and every
-//! snapshot that refers to them. A chunk file left incomplete by a power cut is detected by
-//! its header/length check and rewritten by the next backup. Garbage collection (future) must
-//! take the exclusive lock and treat chunks named by any journal as live.
+//! Metadata (config, snapshots, journal headers, index files, pending records) is written to
+//! a temporary file, fsynced, renamed and the directory fsynced. Packs are renamed into place
+//! without an fsync each; a `syncfs` of the repository's filesystem precedes the index file
+//! that names them, and only indexed blobs are named by journal batches and snapshots. A pack
+//! no index file names (a crash before the index file) is a leftover a prune deletes. Every
+//! deletion happens after what replaces it is durable.
 
 pub mod blob;
+pub mod blobs;
 pub mod chunks;
 pub mod format;
 pub mod fsio;
+pub mod index;
 pub mod journal;
+pub mod pack;
+pub mod packer;
 pub mod reader;
 pub mod snapshot;
+pub mod tree;
+pub mod writers;
 
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
@@ -74,6 +96,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::{SnapshotFile, SnapshotHeader};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 /// True when an I/O error says that the repository cannot be written (read-only filesystem,
 /// no permission).
@@ -117,6 +140,8 @@ pub struct Config {
 /// Options of `volback init`.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
+    /// Repository format version: 2 (default), or 1 to make old-style repositories in tests.
+    pub format: u32,
     pub chunk_hash: HashAlgorithm,
     pub zstd_level: i32,
     pub block_size: u32,
@@ -124,21 +149,70 @@ pub struct InitOptions {
 }
 
 impl Default for InitOptions {
+    /// A format-2 repository with its defaults (4 KiB blocks, 16 MiB packs).
     fn default() -> Self {
         InitOptions {
+            format: REPO_VERSION,
             chunk_hash: HashAlgorithm::Blake3,
             zstd_level: 3,
-            block_size: DEFAULT_BLOCK_SIZE,
-            pack_size: DEFAULT_PACK_SIZE,
+            block_size: DEFAULT_BLOCK_SIZE_V2,
+            pack_size: DEFAULT_PACK_SIZE_V2,
         }
     }
 }
+
+impl InitOptions {
+    /// A format-1 repository with format 1's defaults (256 KiB blocks, 4 MiB pack chunks):
+    /// what tests of old repositories create.
+    pub fn v1() -> Self {
+        InitOptions {
+            format: 1,
+            block_size: DEFAULT_BLOCK_SIZE,
+            pack_size: DEFAULT_PACK_SIZE,
+            ..InitOptions::default()
+        }
+    }
+}
+
+/// Message of [`Repository::require_format2`].
+pub const FORMAT1_READ_ONLY: &str = "repository format 1 is read-only in this version of \
+    volback: its snapshots can be listed, restored, verified, exported, mounted and served, and \
+    forgotten; back up into a new repository (volback init)";
+
+/// Directories of a format-1 and of a format-2 repository (besides the fan-out ones).
+const DIRS_V1: &[&str] = &["snapshots", "chunks", "journals", "tmp"];
+const DIRS_V2: &[&str] = &[
+    "snapshots",
+    "packs",
+    "index",
+    "writers",
+    "pending",
+    "journals",
+    "tmp",
+];
 
 /// Checks that a block size is a power of two within the supported range.
 pub fn check_block_size(bs: u32) -> Result<()> {
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) || !bs.is_power_of_two() {
         return Err(Error::InvalidArgument(format!(
             "block size {bs} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `pack_size` for a repository of format `version`: format 1 packs are chunks (at
+/// most the largest chunk), format 2 packs are files of 1 MiB … 128 MiB.
+fn check_pack_size(version: u32, pack_size: u32) -> Result<()> {
+    if version == 1 {
+        if pack_size > MAX_BLOCK_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "pack size {pack_size} is above the largest chunk, {MAX_BLOCK_SIZE} bytes"
+            )));
+        }
+    } else if !(MIN_PACK_SIZE_V2..=MAX_PACK_SIZE_V2).contains(&pack_size) {
+        return Err(Error::InvalidArgument(format!(
+            "pack size {pack_size} must be between {MIN_PACK_SIZE_V2} and {MAX_PACK_SIZE_V2} bytes"
         )));
     }
     Ok(())
@@ -189,6 +263,8 @@ pub struct Repository {
     root: PathBuf,
     config: Config,
     chunks: ChunkStore,
+    /// The reader's blob store (format 2), opened on first use.
+    blobs: OnceLock<Arc<blobs::BlobStore>>,
     /// `None` in a read-only repository without a `lock` file.
     _lock: Option<File>,
 }
@@ -197,12 +273,13 @@ impl Repository {
     /// Creates a new repository in `path` (which must not exist or be an empty directory).
     pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
         check_block_size(opts.block_size)?;
-        if opts.pack_size > MAX_BLOCK_SIZE {
+        if !REPO_VERSIONS_READ.contains(&opts.format) {
             return Err(Error::InvalidArgument(format!(
-                "pack size {} is above the largest chunk, {MAX_BLOCK_SIZE} bytes",
-                opts.pack_size
+                "repository format {} is not one this volback writes (1 or 2)",
+                opts.format
             )));
         }
+        check_pack_size(opts.format, opts.pack_size)?;
         if !(1..=22).contains(&opts.zstd_level) {
             return Err(Error::InvalidArgument(format!(
                 "zstd level {} must be between 1 and 22",
@@ -228,18 +305,22 @@ impl Repository {
             }
             Err(e) => return Err(Error::io("read directory", path, e)),
         }
-        for sub in ["snapshots", "journals", "tmp"] {
+        let (dirs, fan_out) = match opts.format {
+            1 => (DIRS_V1, "chunks"),
+            _ => (DIRS_V2, "packs"),
+        };
+        for sub in dirs {
             let p = path.join(sub);
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
         for i in 0..=255u8 {
-            let p = path.join("chunks").join(format!("{i:02x}"));
+            let p = path.join(fan_out).join(format!("{i:02x}"));
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
         fsio::lock_file(&path.join("lock"))?;
         let config = Config {
             format: REPO_FORMAT_NAME.into(),
-            version: REPO_VERSION,
+            version: opts.format,
             id: fsio::random_hex(16),
             created: crate::time::rfc3339(crate::time::now_unix()),
             chunk_hash: opts.chunk_hash,
@@ -279,7 +360,7 @@ impl Repository {
             });
         }
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != REPO_VERSION as u64 {
+        if !(1..=u64::from(*REPO_VERSIONS_READ.end())).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 what: "repository",
                 path: path.to_path_buf(),
@@ -287,12 +368,25 @@ impl Repository {
                 supported: REPO_VERSION,
             });
         }
+        let mut value = value;
+        if version == 2
+            && let Some(obj) = value.as_object_mut()
+        {
+            // Absent in format 2 means format 2's default, not format 1's.
+            obj.entry("pack_size")
+                .or_insert_with(|| DEFAULT_PACK_SIZE_V2.into());
+        }
         let config: Config = serde_json::from_value(value)
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
         check_block_size(config.block_size)
+            .and_then(|()| check_pack_size(config.version, config.pack_size))
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
         // The repository's own directories are never followed through a link.
-        for d in ["snapshots", "chunks", "journals", "tmp"] {
+        let dirs = match config.version {
+            1 => DIRS_V1,
+            _ => DIRS_V2,
+        };
+        for d in dirs {
             fsio::check_directory(&path.join(d))?;
         }
         let lock_path = path.join("lock");
@@ -326,8 +420,57 @@ impl Repository {
             root: path.to_path_buf(),
             config,
             chunks,
+            blobs: OnceLock::new(),
             _lock: lock,
         })
+    }
+
+    /// The repository's format version (`config.version`): 1 or 2.
+    pub fn format_version(&self) -> u32 {
+        self.config.version
+    }
+
+    /// Refuses operation `op` (a backup, a prune's repack…) on a format-1 repository, which
+    /// this version only reads.
+    pub fn require_format2(&self, op: &str) -> Result<()> {
+        match self.config.version {
+            1 => Err(Error::InvalidArgument(format!(
+                "cannot {op} in {}: {FORMAT1_READ_ONLY}",
+                self.root.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `packs/`: pack files under `packs/XX/<id>` (format 2).
+    pub fn packs_dir(&self) -> PathBuf {
+        self.root.join("packs")
+    }
+
+    /// `index/`: index files (format 2).
+    pub fn index_dir(&self) -> PathBuf {
+        self.root.join("index")
+    }
+
+    /// `writers/`: markers of running writers (format 2).
+    pub fn writers_dir(&self) -> PathBuf {
+        self.root.join("writers")
+    }
+
+    /// `pending/`: prune's condemnation records (format 2).
+    pub fn pending_dir(&self) -> PathBuf {
+        self.root.join("pending")
+    }
+
+    /// The reader's blob store (format 2): opened on first use (every index file, and the
+    /// tables of packs pending deletion), then shared.
+    pub fn blobs(&self) -> Result<Arc<blobs::BlobStore>> {
+        if let Some(b) = self.blobs.get() {
+            return Ok(b.clone());
+        }
+        let store = blobs::BlobStore::open(self)?;
+        // Two threads may open it at once: the first one stored wins.
+        Ok(self.blobs.get_or_init(|| store).clone())
     }
 
     pub fn root(&self) -> &Path {
@@ -348,7 +491,11 @@ impl Repository {
     pub fn volume_lock_file(&self, path: &Path) -> Result<File> {
         let file = fsio::lock_file(path)?;
         let started = std::time::SystemTime::now();
-        for dir in [self.tmp_dir(), self.journals_dir(), self.root.clone()] {
+        let mut dirs = vec![self.tmp_dir(), self.journals_dir(), self.root.clone()];
+        if self.config.version >= 2 {
+            dirs.extend([self.index_dir(), self.pending_dir()]);
+        }
+        for dir in dirs {
             fsio::remove_stale_temp_files(&dir, started);
         }
         Ok(file)
@@ -551,6 +698,49 @@ mod tests {
     }
 
     #[test]
+    fn format_2_is_the_default_and_format_1_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p2 = dir.path().join("v2");
+        let r = Repository::init(&p2, &InitOptions::default()).unwrap();
+        assert_eq!(r.format_version(), 2);
+        assert_eq!(r.config().block_size, 4096);
+        assert_eq!(r.config().pack_size, 16 << 20);
+        r.require_format2("back up").unwrap();
+        for d in [
+            r.packs_dir().join("00"),
+            r.packs_dir().join("ff"),
+            r.index_dir(),
+            r.writers_dir(),
+            r.pending_dir(),
+            r.tmp_dir(),
+            r.snapshots_dir(),
+            r.journals_dir(),
+        ] {
+            assert!(d.is_dir(), "{}", d.display());
+        }
+        assert!(!p2.join("chunks").exists());
+        assert_eq!(r.blobs().unwrap().with_index(|i| i.len()), 0);
+        drop(r);
+        // A format-2 config without pack_size means format 2's default.
+        let cfg = p2.join("config");
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+        value.as_object_mut().unwrap().remove("pack_size");
+        std::fs::write(&cfg, serde_json::to_vec(&value).unwrap()).unwrap();
+        assert_eq!(Repository::open(&p2).unwrap().config().pack_size, 16 << 20);
+
+        let p1 = dir.path().join("v1");
+        Repository::init(&p1, &InitOptions::v1()).unwrap();
+        let r = Repository::open(&p1).unwrap();
+        assert_eq!(r.format_version(), 1);
+        assert_eq!(r.config().block_size, DEFAULT_BLOCK_SIZE);
+        assert!(p1.join("chunks").join("ab").is_dir() && !p1.join("packs").exists());
+        let e = r.require_format2("back up").unwrap_err().to_string();
+        assert!(e.contains(FORMAT1_READ_ONLY), "{e}");
+        assert_eq!(r.blobs().unwrap().with_index(|i| i.len()), 0);
+    }
+
+    #[test]
     fn user_values_are_invalid_arguments() {
         let dir = tempfile::tempdir().unwrap();
         for opts in [
@@ -564,6 +754,18 @@ mod tests {
             },
             InitOptions {
                 pack_size: MAX_BLOCK_SIZE + 1,
+                ..InitOptions::v1()
+            },
+            InitOptions {
+                pack_size: MAX_PACK_SIZE_V2 + 1,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                pack_size: MIN_PACK_SIZE_V2 - 1,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                format: 3,
                 ..InitOptions::default()
             },
         ] {

@@ -1,4 +1,6 @@
-//! A snapshot as a [`Volume`]: random access to its bytes, served from the chunk store.
+//! A snapshot as a [`Volume`]: random access to its bytes, served from the chunk store
+//! (format 1: snapshots versions 1 and 2) or the blob store (format 2: version 3, whose
+//! blocks are pieces of data blobs named by a tree; see [`super::tree`]).
 //!
 //! Two modes:
 //! - plain ([`SnapshotVolume::new`]): every `read_at` decodes the chunks it touches. Right for
@@ -8,20 +10,18 @@
 //!   `serve`, where the kernel or an NBD client asks for small pieces and comes back to the
 //!   same block many times.
 
+use super::blob::BlobKind;
 use super::chunks::ChunkStore;
-use super::format::{BlockRef, SEGMENT_BLOCKS};
-use super::snapshot::SnapshotFile;
+use super::format::BlockRef;
+use super::snapshot::{BlockMap, SnapshotFile};
 use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::volume::Volume;
 use crossbeam_channel::{Sender, TrySendError};
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-
-/// How many decoded manifest segments a reader keeps (about 2 MiB each).
-const CACHED_SEGMENTS: usize = 4;
 
 /// Read access to one snapshot.
 pub struct SnapshotVolume {
@@ -32,11 +32,15 @@ pub struct SnapshotVolume {
 
 struct Inner {
     snap: SnapshotFile,
+    /// The block map, built at first use (a version 3 snapshot without its blob source is
+    /// an error for each read, not at construction).
+    map: OnceLock<BlockMap>,
     chunks: ChunkStore,
-    segments: Mutex<Vec<(usize, Arc<Vec<BlockRef>>)>>,
     /// Decoded pack chunks: consecutive blocks of a pack are read one after the other, often
     /// by different threads, and the pack is decoded once for all of them.
     packs: LoadCache<ChunkId, Pack>,
+    /// Data blobs (format 2), for the same reason: a blob holds several consecutive blocks.
+    blobs: LoadCache<ChunkId, Arc<Vec<u8>>>,
 }
 
 /// A decoded pack and the slices found to match their snapshot's hash so far.
@@ -47,6 +51,10 @@ struct Pack {
 
 /// Decoded packs a reader keeps (a pack is at most 4 MiB at the default block size).
 const CACHED_PACKS: usize = 8;
+
+/// Data blobs a reader keeps (a blob is at most 1 MiB, 64 KiB on average): enough for every
+/// restore worker to keep the blobs of the piece it reads.
+const CACHED_BLOBS: usize = 64;
 
 /// Settings of the decoded-block cache.
 #[derive(Debug, Clone, Copy)]
@@ -82,20 +90,12 @@ impl Inner {
         self.snap.header().source.size
     }
 
-    fn segment(&self, index: usize) -> Result<Arc<Vec<BlockRef>>> {
-        {
-            let cache = lock(&self.segments);
-            if let Some((_, s)) = cache.iter().find(|(i, _)| *i == index) {
-                return Ok(s.clone());
-            }
+    fn map(&self) -> Result<&BlockMap> {
+        if let Some(m) = self.map.get() {
+            return Ok(m);
         }
-        let seg = Arc::new(self.snap.segment(index)?);
-        let mut cache = lock(&self.segments);
-        if cache.len() >= CACHED_SEGMENTS {
-            cache.remove(0);
-        }
-        cache.push((index, seg.clone()));
-        Ok(seg)
+        let m = self.snap.block_map()?;
+        Ok(self.map.get_or_init(|| m))
     }
 
     fn block_ref(&self, index: u64) -> Result<BlockRef> {
@@ -108,19 +108,7 @@ impl Inner {
                 self.size(),
             ));
         }
-        let seg = self.segment((index / SEGMENT_BLOCKS) as usize)?;
-        seg.get((index % SEGMENT_BLOCKS) as usize)
-            .copied()
-            .ok_or_else(|| {
-                Error::corrupt(
-                    format!(
-                        "manifest segment of block {index} of snapshot {}",
-                        self.snap.id()
-                    ),
-                    self.snap.path(),
-                    "segment is shorter than the block count says",
-                )
-            })
+        self.map()?.block_ref(index)
     }
 
     /// Block `index`, decoded into a new buffer.
@@ -191,6 +179,61 @@ impl Inner {
         Ok(f(part))
     }
 
+    /// Data blob `id`, from the cache or the snapshot's blob source (which checks it against
+    /// its id).
+    fn blob(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        let data = self.blobs.get(*id, || {
+            let src = self.snap.blobs().ok_or_else(|| {
+                Error::internal(
+                    "snapshot reader",
+                    format!(
+                        "snapshot {} was opened without its blob store",
+                        self.snap.id()
+                    ),
+                )
+            })?;
+            src.blob(id, BlobKind::Data)
+        })?;
+        Ok(Arc::clone(&data))
+    }
+
+    /// Bytes `[within, within + n)` of block `index`, stored as piece `piece` of blob `blob`,
+    /// passed to `f`.
+    fn with_piece<T>(
+        &self,
+        index: u64,
+        blob: &ChunkId,
+        piece: u32,
+        within: usize,
+        n: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
+        let data = self.blob(blob)?;
+        let len = self.block_len(index) as u64;
+        let bs = self.block_size();
+        let start = u64::from(piece) * bs + within as u64;
+        let part = (within as u64 + n as u64 <= len)
+            .then(|| {
+                let s = usize::try_from(start).ok()?;
+                data.get(s..s.checked_add(n)?)
+            })
+            .flatten();
+        // The block must be whole in the blob, not only the part asked for.
+        let whole = u64::from(piece) * bs + len <= data.len() as u64;
+        match part {
+            Some(p) if whole => Ok(f(p)),
+            _ => Err(Error::corrupt(
+                format!("blob {blob}"),
+                self.snap.path(),
+                format!(
+                    "holds {} bytes, too few for piece {piece} (block {index} of snapshot {})",
+                    data.len(),
+                    self.snap.id()
+                ),
+            )),
+        }
+    }
+
     fn read_block(&self, index: u64, buf: &mut Vec<u8>) -> Result<BlockRef> {
         let r = self.block_ref(index)?;
         let len = self.block_len(index);
@@ -198,6 +241,12 @@ impl Inner {
             BlockRef::Zero | BlockRef::Unused => {
                 buf.clear();
                 buf.resize(len, 0);
+            }
+            BlockRef::Part { blob, index: piece } => {
+                self.with_piece(index, &blob, piece, 0, len, |p| {
+                    buf.clear();
+                    buf.extend_from_slice(p);
+                })?;
             }
             BlockRef::Slice {
                 hash,
@@ -366,14 +415,41 @@ impl Drop for Prefetcher {
     }
 }
 
+/// Opens snapshot `id` of `repo` for reading its blocks: a version 3 snapshot gets the
+/// repository's blob store attached (see [`SnapshotFile::set_blobs`]).
+pub fn open_snapshot(repo: &super::Repository, id: &str) -> Result<SnapshotFile> {
+    let mut snap = repo.open_snapshot(id)?;
+    if snap.tree().is_some() {
+        snap.set_blobs(repo.blobs()?);
+    }
+    Ok(snap)
+}
+
 impl SnapshotVolume {
+    /// Opens snapshot `id` of `repo` as a volume, with a decoded-block cache when `cache` is
+    /// given ([`Self::with_cache`]), plain otherwise ([`Self::new`]).
+    pub fn open(
+        repo: &super::Repository,
+        id: &str,
+        cache: Option<CacheOptions>,
+    ) -> Result<SnapshotVolume> {
+        let snap = open_snapshot(repo, id)?;
+        let chunks = repo.chunks().clone();
+        Ok(match cache {
+            Some(c) => SnapshotVolume::with_cache(snap, chunks, c),
+            None => SnapshotVolume::new(snap, chunks),
+        })
+    }
+
+    /// A plain reader (no block cache). A version 3 snapshot needs its blob source attached.
     pub fn new(snap: SnapshotFile, chunks: ChunkStore) -> SnapshotVolume {
         SnapshotVolume {
             inner: Arc::new(Inner {
                 snap,
+                map: OnceLock::new(),
                 chunks,
-                segments: Mutex::new(Vec::new()),
                 packs: LoadCache::new(CACHED_PACKS),
+                blobs: LoadCache::new(CACHED_BLOBS),
             }),
             cache: None,
             prefetch: None,
@@ -515,23 +591,29 @@ impl Volume for SnapshotVolume {
                             out.copy_from_slice(p)
                         })?;
                 }
-                BlockRef::Chunk(_) | BlockRef::Slice { .. } => match &self.cache {
-                    Some(cache) => {
-                        let data = cache.get(index, || self.inner.decode_block(index))?;
-                        let src = data.get(within..within + n).ok_or_else(|| {
-                            Error::corrupt(
-                                format!("block {index} of snapshot {}", self.inner.snap.id()),
-                                self.inner.snap.path(),
-                                "decoded block is shorter than the snapshot says",
-                            )
-                        })?;
-                        out.copy_from_slice(src);
+                BlockRef::Part { blob, index: piece } if self.cache.is_none() => {
+                    self.inner
+                        .with_piece(index, &blob, piece, within, n, |p| out.copy_from_slice(p))?;
+                }
+                BlockRef::Chunk(_) | BlockRef::Slice { .. } | BlockRef::Part { .. } => {
+                    match &self.cache {
+                        Some(cache) => {
+                            let data = cache.get(index, || self.inner.decode_block(index))?;
+                            let src = data.get(within..within + n).ok_or_else(|| {
+                                Error::corrupt(
+                                    format!("block {index} of snapshot {}", self.inner.snap.id()),
+                                    self.inner.snap.path(),
+                                    "decoded block is shorter than the snapshot says",
+                                )
+                            })?;
+                            out.copy_from_slice(src);
+                        }
+                        None => {
+                            self.inner.read_block(index, &mut block)?;
+                            out.copy_from_slice(&block[within..within + n]);
+                        }
                     }
-                    None => {
-                        self.inner.read_block(index, &mut block)?;
-                        out.copy_from_slice(&block[within..within + n]);
-                    }
-                },
+                }
             }
             done += n;
         }
@@ -549,19 +631,29 @@ impl Volume for SnapshotVolume {
         }
         let bs = self.block_size();
         let last = (end - 1) / bs;
+        // Run by run: one lookup per run of references, not per block.
+        let map = self.inner.map()?;
         let mut i = offset / bs;
-        while i <= last && !self.block_ref(i)?.is_data() {
-            i += 1;
+        while i <= last {
+            let (r, n) = map.run_at(i)?;
+            if r.is_data() {
+                break;
+            }
+            i += n;
         }
         if i > last {
             return Ok(None);
         }
         let start = (i * bs).max(offset);
-        let mut j = i + 1;
-        while j <= last && self.block_ref(j)?.is_data() {
-            j += 1;
+        let mut j = i;
+        while j <= last {
+            let (r, n) = map.run_at(j)?;
+            if !r.is_data() {
+                break;
+            }
+            j += n;
         }
-        Ok(Some(start..(j * bs).min(end)))
+        Ok(Some(start..(j.min(last + 1) * bs).min(end)))
     }
 
     fn describe(&self) -> String {
@@ -583,5 +675,196 @@ impl Volume for SnapshotVolume {
                 algorithm: self.inner.snap.header().chunk_hash,
                 hash,
             }))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::hash::HashAlgorithm;
+    use crate::repo::blob::{BlobKind, BlobSink};
+    use crate::repo::snapshot::testing::tree_snapshot;
+    use crate::repo::tree::testing::MemBlobs;
+
+    /// Stores `data` (blocks of 4096) as data blobs of up to 3 blocks into `sink`, zero blocks
+    /// as ZERO; returns the runs of its block map.
+    pub(crate) fn store_blocks(sink: &dyn BlobSink, data: &[u8]) -> Vec<(BlockRef, u64)> {
+        let bs = 4096usize;
+        let mut runs = Vec::new();
+        let mut i = 0usize;
+        let blocks = data.len().div_ceil(bs);
+        let block = |k: usize| &data[k * bs..((k + 1) * bs).min(data.len())];
+        while i < blocks {
+            if block(i).iter().all(|&b| b == 0) {
+                runs.push((BlockRef::Zero, 1));
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < blocks && j < i + 3 && !block(j).iter().all(|&b| b == 0) {
+                j += 1;
+            }
+            let content = &data[i * bs..(j * bs).min(data.len())];
+            let id = sink.put_blob(BlobKind::Data, content).unwrap();
+            runs.push((BlockRef::Part { blob: id, index: 0 }, (j - i) as u64));
+            i = j;
+        }
+        runs
+    }
+
+    /// A version 3 snapshot of `data` (blocks of 4096) in memory; returns the volume (cached
+    /// or not) and the blob store.
+    pub(crate) fn tree_volume(
+        dir: &std::path::Path,
+        data: &[u8],
+        cache: Option<CacheOptions>,
+    ) -> (SnapshotVolume, Arc<MemBlobs>) {
+        let blobs = MemBlobs::new();
+        let runs = store_blocks(&*blobs, data);
+        let snap = tree_snapshot(dir, data.len() as u64, 4096, &runs, blobs.clone());
+        let chunks = ChunkStore::new(dir.join("chunks"), HashAlgorithm::Blake3, false);
+        let vol = match cache {
+            Some(c) => SnapshotVolume::with_cache(snap, chunks, c),
+            None => SnapshotVolume::new(snap, chunks),
+        };
+        (vol, blobs)
+    }
+
+    /// Blobs and tree nodes through the real packer and blob store, the snapshot through
+    /// `SnapshotVolume::open`.
+    #[test]
+    fn a_format_2_repository_reads_back() {
+        use crate::repo::snapshot::{testing::header, write_tree_snapshot};
+        use crate::repo::tree::{TreeWriter, walk_tree};
+        use crate::repo::{InitOptions, Repository, blobs::BlobStore, packer::Packer};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r"), &InitOptions::default()).unwrap();
+        let data = sample(20 * 4096 + 5);
+        let id = {
+            let store = BlobStore::open_writer(&repo, &[]).unwrap();
+            let packer = Packer::new(&repo, store).unwrap();
+            let runs = store_blocks(&packer, &data);
+            let h = header(data.len() as u64, 4096);
+            let mut w = TreeWriter::new(&packer, h.block_count);
+            for &(r, n) in &runs {
+                w.push(r, n).unwrap();
+            }
+            let root = w.finish().unwrap();
+            packer.checkpoint().unwrap();
+            write_tree_snapshot(&repo.tmp_dir(), &repo.snapshots_dir(), &h, root).unwrap()
+        };
+        let repo = Repository::open(&dir.path().join("r")).unwrap();
+        for cache in [None, Some(CacheOptions::default())] {
+            let vol = SnapshotVolume::open(&repo, &id, cache).unwrap();
+            let mut all = vec![0u8; data.len()];
+            vol.read_at(0, &mut all).unwrap();
+            assert!(all == data);
+        }
+        let snap = open_snapshot(&repo, &id).unwrap();
+        let (mut nodes, mut blobs) = (0, 0);
+        walk_tree(
+            &*repo.blobs().unwrap(),
+            &snap.tree().unwrap(),
+            &mut |_, k| {
+                match k {
+                    BlobKind::Tree => nodes += 1,
+                    BlobKind::Data => blobs += 1,
+                }
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(nodes, 1);
+        assert_eq!(blobs, 7);
+    }
+
+    pub(crate) fn sample(len: usize) -> Vec<u8> {
+        let mut data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        // Blocks 2 and 6 are zeros.
+        data[2 * 4096..3 * 4096].fill(0);
+        data[6 * 4096..7 * 4096].fill(0);
+        data
+    }
+
+    #[test]
+    fn version_3_snapshots_read_back() {
+        let data = sample(9 * 4096 + 1000);
+        for cache in [None, Some(CacheOptions::default())] {
+            let dir = tempfile::tempdir().unwrap();
+            let (vol, _) = tree_volume(dir.path(), &data, cache);
+            assert_eq!(vol.size(), data.len() as u64);
+            let mut all = vec![0u8; data.len()];
+            vol.read_at(0, &mut all).unwrap();
+            assert!(all == data);
+            // Unaligned pieces across blocks and blobs.
+            for (off, len) in [(4000u64, 300usize), (1, 4096 * 4), (9 * 4096 + 10, 990)] {
+                let mut b = vec![0u8; len];
+                vol.read_at(off, &mut b).unwrap();
+                assert!(
+                    b[..] == data[off as usize..off as usize + len],
+                    "{off} {len}"
+                );
+            }
+            let mut buf = Vec::new();
+            assert!(matches!(
+                vol.read_block(4, &mut buf).unwrap(),
+                BlockRef::Part { index: 1, .. }
+            ));
+            assert!(buf[..] == data[4 * 4096..5 * 4096]);
+            vol.read_block(9, &mut buf).unwrap();
+            assert_eq!(buf.len(), 1000);
+            // Part blocks are data without a hash of their own.
+            assert_eq!(vol.known_hash(0).unwrap(), None);
+            assert_eq!(vol.next_data(0, vol.size()).unwrap(), Some(0..2 * 4096));
+            assert_eq!(
+                vol.next_data(2 * 4096, vol.size()).unwrap(),
+                Some(3 * 4096..6 * 4096)
+            );
+            assert_eq!(
+                vol.next_data(4096 + 10, 5 * 4096).unwrap(),
+                Some(4096 + 10..2 * 4096)
+            );
+            assert_eq!(
+                vol.next_data(2 * 4096, 4 * 4096 + 5).unwrap(),
+                Some(3 * 4096..4 * 4096 + 5)
+            );
+            assert_eq!(vol.next_data(6 * 4096, 7 * 4096).unwrap(), None);
+            assert_eq!(
+                vol.next_data(6 * 4096, vol.size()).unwrap(),
+                Some(7 * 4096..vol.size())
+            );
+            assert!(vol.read_at(data.len() as u64 - 1, &mut [0u8; 2]).is_err());
+        }
+    }
+
+    #[test]
+    fn short_and_missing_blobs_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample(8 * 4096);
+        let (vol, blobs) = tree_volume(dir.path(), &data, None);
+        let BlockRef::Part { blob, .. } = vol.block_ref(0).unwrap() else {
+            panic!("block 0 is data");
+        };
+        // A blob shorter than its pieces need (the store returns what it holds).
+        blobs.set_raw(blob, BlobKind::Data, vec![1; 5000]);
+        let mut b = vec![0u8; 100];
+        vol.read_at(0, &mut b).unwrap();
+        let e = vol.read_at(4096, &mut b).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        let e = vol.read_at(4096 + 1000, &mut b).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        // A snapshot opened without its blob store.
+        let snap = SnapshotFile::open(vol.snapshot().path(), None).unwrap();
+        let chunks = ChunkStore::new(dir.path().join("chunks"), HashAlgorithm::Blake3, false);
+        let bare = SnapshotVolume::new(snap, chunks);
+        assert!(bare.read_at(0, &mut b).is_err());
+        // A blob the store lacks.
+        blobs.map.lock().unwrap().remove(&blob);
+        let (vol2, _) = {
+            let snap = vol.snapshot().clone();
+            let chunks = ChunkStore::new(dir.path().join("chunks"), HashAlgorithm::Blake3, false);
+            (SnapshotVolume::new(snap, chunks), ())
+        };
+        assert!(vol2.read_at(0, &mut b).is_err());
     }
 }

@@ -6,9 +6,16 @@
 //! snapshot id is that checksum in hex. Segments are checked by their own BLAKE3 in the
 //! directory, so a reader can load any one of them without reading the others: memory for
 //! random access stays bounded by one segment, whatever the volume size.
+//!
+//! Version 3 (repository format 2) keeps the container but has no segments: the header's
+//! `tree` names the root of the block map, a tree of blobs ([`super::tree`]). Reading its
+//! block references needs a [`BlobSource`] attached to the [`SnapshotFile`]
+//! ([`SnapshotFile::set_blobs`]). [`BlockMap`] and [`BlockCursor`] read either kind.
 
+use super::blob::BlobSource;
 use super::format::*;
 use super::fsio::TempFile;
+use super::tree::{TreeCursor, TreeReader, TreeRoot, tree_height};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::platform;
@@ -17,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Statistics of the backup run(s) that produced a snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -81,6 +89,10 @@ pub struct SnapshotHeader {
     /// snapshots written before change tracking (not trusted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent: Option<bool>,
+    /// Version 3: the root of the block map (required there, absent before). Writers leave it
+    /// `None`; [`write_tree_snapshot`] fills it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeRoot>,
 }
 
 /// One entry of the segment directory.
@@ -92,7 +104,8 @@ struct SegmentEntry {
     hash: [u8; 32],
 }
 
-/// Writes a snapshot file block by block, in block order.
+/// Writes a version 2 snapshot file (manifest segments, format 1 repositories) block by
+/// block, in block order. Format 2 repositories write version 3: [`write_tree_snapshot`].
 pub struct SnapshotWriter {
     tmp: TempFile,
     out: BufWriter<File>,
@@ -113,7 +126,7 @@ impl SnapshotWriter {
         let file = tmp.file().try_clone().ctx("open", tmp.path())?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&SNAPSHOT_MAGIC).ctx("write", tmp.path())?;
-        out.write_all(&SNAPSHOT_VERSION.to_le_bytes())
+        out.write_all(&SNAPSHOT_SEGMENTS_VERSION.to_le_bytes())
             .ctx("write", tmp.path())?;
         let compressor = zstd::bulk::Compressor::new(3)
             .map_err(|e| Error::io("set up zstd for", tmp.path(), e))?;
@@ -139,6 +152,12 @@ impl SnapshotWriter {
     pub fn push(&mut self, r: BlockRef, count: u64) -> Result<()> {
         if count == 0 {
             return Ok(());
+        }
+        if let BlockRef::Part { .. } = r {
+            return Err(Error::internal(
+                "snapshot writer",
+                "pieces of blobs belong in a tree (version 3), not in segments",
+            ));
         }
         if let Some((pr, pc)) = self.run {
             if pr == r {
@@ -206,41 +225,111 @@ impl SnapshotWriter {
                 ),
             ));
         }
-        self.flush_segment()?;
-        let header_json = serde_json::to_vec(header).map_err(|e| {
-            Error::internal("snapshot writer", format!("cannot encode the header: {e}"))
-        })?;
-        let header_offset = self.pos;
-        self.out
-            .write_all(&header_json)
-            .ctx("write", self.tmp.path())?;
-        let directory_offset = header_offset + header_json.len() as u64;
-        let mut dir_bytes = Vec::with_capacity(self.directory.len() * SEGMENT_DIR_ENTRY_LEN);
-        for e in &self.directory {
-            dir_bytes.extend_from_slice(&e.offset.to_le_bytes());
-            dir_bytes.extend_from_slice(&e.stored_len.to_le_bytes());
-            dir_bytes.extend_from_slice(&e.block_count.to_le_bytes());
-            dir_bytes.extend_from_slice(&e.hash);
+        if header.tree.is_some() {
+            return Err(Error::internal(
+                "snapshot writer",
+                "a snapshot with segments cannot name a tree",
+            ));
         }
-        self.out
-            .write_all(&dir_bytes)
-            .ctx("write", self.tmp.path())?;
-        let mut trailer = Vec::with_capacity(SNAPSHOT_TRAILER_LEN);
-        trailer.extend_from_slice(&header_offset.to_le_bytes());
-        trailer.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
-        trailer.extend_from_slice(&(self.directory.len() as u32).to_le_bytes());
-        trailer.extend_from_slice(&directory_offset.to_le_bytes());
-        trailer.extend_from_slice(&0u64.to_le_bytes());
-        let checksum = snapshot_checksum(SNAPSHOT_VERSION, &header_json, &dir_bytes, &trailer);
-        trailer.extend_from_slice(&checksum);
-        self.out.write_all(&trailer).ctx("write", self.tmp.path())?;
-        self.out.flush().ctx("write", self.tmp.path())?;
-        let id = hex::encode(checksum);
-        let dest = snapshots_dir.join(&id);
-        drop(self.out);
-        self.tmp.persist(&dest, true)?;
-        Ok(id)
+        self.flush_segment()?;
+        let dir_bytes = encode_directory(&self.directory);
+        finish_file(
+            self.tmp,
+            self.out,
+            SNAPSHOT_SEGMENTS_VERSION,
+            self.pos,
+            header,
+            &dir_bytes,
+            self.directory.len() as u32,
+            snapshots_dir,
+        )
     }
+}
+
+fn encode_directory(directory: &[SegmentEntry]) -> Vec<u8> {
+    let mut dir_bytes = Vec::with_capacity(directory.len() * SEGMENT_DIR_ENTRY_LEN);
+    for e in directory {
+        dir_bytes.extend_from_slice(&e.offset.to_le_bytes());
+        dir_bytes.extend_from_slice(&e.stored_len.to_le_bytes());
+        dir_bytes.extend_from_slice(&e.block_count.to_le_bytes());
+        dir_bytes.extend_from_slice(&e.hash);
+    }
+    dir_bytes
+}
+
+/// Writes header, directory and trailer after what `out` holds (`header_offset` bytes), makes
+/// the file durable and moves it to `snapshots_dir/<id>`. Returns the id.
+#[allow(clippy::too_many_arguments)]
+fn finish_file(
+    tmp: TempFile,
+    mut out: BufWriter<File>,
+    version: u32,
+    header_offset: u64,
+    header: &SnapshotHeader,
+    dir_bytes: &[u8],
+    segment_count: u32,
+    snapshots_dir: &Path,
+) -> Result<String> {
+    let header_json = serde_json::to_vec(header).map_err(|e| {
+        Error::internal("snapshot writer", format!("cannot encode the header: {e}"))
+    })?;
+    out.write_all(&header_json).ctx("write", tmp.path())?;
+    let directory_offset = header_offset + header_json.len() as u64;
+    out.write_all(dir_bytes).ctx("write", tmp.path())?;
+    let mut trailer = Vec::with_capacity(SNAPSHOT_TRAILER_LEN);
+    trailer.extend_from_slice(&header_offset.to_le_bytes());
+    trailer.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
+    trailer.extend_from_slice(&segment_count.to_le_bytes());
+    trailer.extend_from_slice(&directory_offset.to_le_bytes());
+    trailer.extend_from_slice(&0u64.to_le_bytes());
+    let checksum = snapshot_checksum(version, &header_json, dir_bytes, &trailer);
+    trailer.extend_from_slice(&checksum);
+    out.write_all(&trailer).ctx("write", tmp.path())?;
+    out.flush().ctx("write", tmp.path())?;
+    let id = hex::encode(checksum);
+    let dest = snapshots_dir.join(&id);
+    drop(out);
+    tmp.persist(&dest, true)?;
+    Ok(id)
+}
+
+/// Writes a version 3 snapshot: `header` with `tree` as its block map (every node of the
+/// tree must already be durable and indexed). The file is created in `tmp_dir`, made durable
+/// and moved to `snapshots_dir/<id>`. Returns the id.
+pub fn write_tree_snapshot(
+    tmp_dir: &Path,
+    snapshots_dir: &Path,
+    header: &SnapshotHeader,
+    tree: TreeRoot,
+) -> Result<String> {
+    let want = tree_height(header.block_count);
+    if tree.height != want {
+        return Err(Error::internal(
+            "snapshot writer",
+            format!(
+                "a tree of height {} for {} blocks (height {want} expected)",
+                tree.height, header.block_count
+            ),
+        ));
+    }
+    let mut header = header.clone();
+    header.tree = Some(tree);
+    let tmp = TempFile::create_in(tmp_dir, ".snapshot")?;
+    let file = tmp.file().try_clone().ctx("open", tmp.path())?;
+    let mut out = BufWriter::new(file);
+    out.write_all(&SNAPSHOT_MAGIC).ctx("write", tmp.path())?;
+    out.write_all(&SNAPSHOT_TREE_VERSION.to_le_bytes())
+        .ctx("write", tmp.path())?;
+    finish_file(
+        tmp,
+        out,
+        SNAPSHOT_TREE_VERSION,
+        SNAPSHOT_PREAMBLE_LEN as u64,
+        &header,
+        &[],
+        0,
+        snapshots_dir,
+    )
 }
 
 fn snapshot_checksum(
@@ -258,14 +347,30 @@ fn snapshot_checksum(
     *h.finalize().as_bytes()
 }
 
-/// An opened, checked snapshot file.
-#[derive(Debug)]
+/// An opened, checked snapshot file. Cloning is cheap (the file handle is shared).
+#[derive(Clone)]
 pub struct SnapshotFile {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     id: String,
+    version: u32,
     header: SnapshotHeader,
-    directory: Vec<SegmentEntry>,
+    directory: Arc<Vec<SegmentEntry>>,
+    /// Where the nodes of a version 3 snapshot's tree are read from.
+    blobs: Option<Arc<dyn BlobSource>>,
+}
+
+impl std::fmt::Debug for SnapshotFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotFile")
+            .field("path", &self.path)
+            .field("id", &self.id)
+            .field("version", &self.version)
+            .field("header", &self.header)
+            .field("segments", &self.directory.len())
+            .field("blobs", &self.blobs.is_some())
+            .finish()
+    }
 }
 
 fn read_exact_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -353,7 +458,25 @@ impl SnapshotFile {
                 header.block_count, header.source.size
             )));
         }
-        if segment_count as u64 != header.block_count.div_ceil(SEGMENT_BLOCKS) {
+        let want_segments = if version >= SNAPSHOT_TREE_VERSION {
+            let Some(tree) = header.tree else {
+                return Err(bad(format!("version {version} snapshot without a tree")));
+            };
+            let want = tree_height(header.block_count);
+            if tree.height != want {
+                return Err(bad(format!(
+                    "tree of height {} for {} blocks (height {want} expected)",
+                    tree.height, header.block_count
+                )));
+            }
+            0
+        } else {
+            if header.tree.is_some() {
+                return Err(bad(format!("version {version} snapshot names a tree")));
+            }
+            header.block_count.div_ceil(SEGMENT_BLOCKS)
+        };
+        if segment_count as u64 != want_segments {
             return Err(bad(format!(
                 "{segment_count} segments for {} blocks",
                 header.block_count
@@ -382,10 +505,12 @@ impl SnapshotFile {
         }
         Ok(SnapshotFile {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             id,
+            version,
             header,
-            directory,
+            directory: Arc::new(directory),
+            blobs: None,
         })
     }
 
@@ -401,12 +526,39 @@ impl SnapshotFile {
         &self.path
     }
 
+    /// The file's format version (1, 2: segments; 3: tree).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The root of the block map of a version 3 snapshot.
+    pub fn tree(&self) -> Option<TreeRoot> {
+        self.header.tree
+    }
+
+    /// Attaches the blob source that a version 3 snapshot's tree is read from (the
+    /// repository's blob store, or a backup's own). Snapshots with segments do not need one.
+    pub fn set_blobs(&mut self, blobs: Arc<dyn BlobSource>) {
+        self.blobs = Some(blobs);
+    }
+
+    /// [`Self::set_blobs`], by value.
+    pub fn with_blobs(mut self, blobs: Arc<dyn BlobSource>) -> SnapshotFile {
+        self.set_blobs(blobs);
+        self
+    }
+
+    /// The blob source attached by [`Self::set_blobs`].
+    pub fn blobs(&self) -> Option<&Arc<dyn BlobSource>> {
+        self.blobs.as_ref()
+    }
+
     pub fn segment_count(&self) -> usize {
         self.directory.len()
     }
 
     /// Loads segment `index`: the references of blocks
-    /// `index * SEGMENT_BLOCKS .. + block_count`.
+    /// `index * SEGMENT_BLOCKS .. + block_count`. A version 3 snapshot has no segments.
     pub fn segment(&self, index: usize) -> Result<Vec<BlockRef>> {
         let e = self.directory.get(index).ok_or_else(|| {
             // The blocks of a segment past the last one.
@@ -429,47 +581,251 @@ impl SnapshotFile {
         let raw = zstd::bulk::decompress(&stored, bound)
             .map_err(|err| Error::corrupt(what(), &self.path, format!("zstd: {err}")))?;
         let mut out = Vec::with_capacity(e.block_count as usize);
+        let mut part = false;
         decode_records(&raw, e.block_count as u64, |r, n| {
+            part |= matches!(r, BlockRef::Part { .. });
             out.extend(std::iter::repeat_n(r, n as usize))
         })
         .map_err(|d| Error::corrupt(what(), &self.path, d))?;
+        if part {
+            // Pieces of blobs belong in trees; a segment holding one is damaged.
+            return Err(Error::corrupt(
+                what(),
+                &self.path,
+                "format 2 record in a segment",
+            ));
+        }
         Ok(out)
     }
 
-    /// Visits every block in order: `f(first_block, ref, count)` per run of equal references.
-    pub fn for_each_run(&self, mut f: impl FnMut(u64, BlockRef, u64) -> Result<()>) -> Result<()> {
-        for i in 0..self.directory.len() {
-            let seg = self.segment(i)?;
-            let base = i as u64 * SEGMENT_BLOCKS;
-            let mut j = 0usize;
-            while j < seg.len() {
-                let r = seg[j];
-                let mut k = j + 1;
-                while k < seg.len() && seg[k] == r {
-                    k += 1;
-                }
-                f(base + j as u64, r, (k - j) as u64)?;
-                j = k;
+    /// The block map: segments (versions 1, 2) or the tree (version 3, read through the
+    /// attached blob source; an error without one).
+    pub fn block_map(&self) -> Result<BlockMap> {
+        match self.header.tree {
+            None => Ok(BlockMap::Segments(Arc::new(SegmentMap {
+                snap: self.clone(),
+                cache: Mutex::new(Vec::new()),
+            }))),
+            Some(root) => {
+                let Some(blobs) = &self.blobs else {
+                    return Err(Error::internal(
+                        "snapshot reader",
+                        format!(
+                            "snapshot {} (version {}) was opened without its blob store",
+                            self.id, self.version
+                        ),
+                    ));
+                };
+                Ok(BlockMap::Tree(Arc::new(TreeReader::new(
+                    blobs.clone(),
+                    root,
+                    self.header.block_count,
+                    format!("snapshot {}", self.id),
+                    &self.path,
+                )?)))
             }
         }
-        Ok(())
+    }
+
+    /// Visits every block in order: `f(first_block, ref, count)` per run (equal references,
+    /// or consecutive pieces of one blob: see [`BlockRef::advance`]).
+    pub fn for_each_run(&self, f: impl FnMut(u64, BlockRef, u64) -> Result<()>) -> Result<()> {
+        self.block_map()?.for_each_run(f)
     }
 }
 
-/// Streams a snapshot's block references in order, one segment in memory at a time.
+/// How many decoded manifest segments a [`BlockMap`] keeps (a few MiB each).
+const CACHED_SEGMENTS: usize = 4;
+
+/// The segments of a version 1 or 2 snapshot, with a small cache of decoded ones.
+pub struct SegmentMap {
+    snap: SnapshotFile,
+    cache: Mutex<Vec<(usize, Arc<Vec<BlockRef>>)>>,
+}
+
+impl SegmentMap {
+    /// Segment `index`, decoded (from the cache when it is there).
+    fn segment(&self, index: usize) -> Result<Arc<Vec<BlockRef>>> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, s)) = cache.iter().find(|(i, _)| *i == index) {
+                return Ok(s.clone());
+            }
+        }
+        let seg = Arc::new(self.snap.segment(index)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHED_SEGMENTS {
+            cache.remove(0);
+        }
+        cache.push((index, seg.clone()));
+        Ok(seg)
+    }
+
+    fn get(&self, seg: &[BlockRef], index: u64) -> Result<BlockRef> {
+        seg.get((index % SEGMENT_BLOCKS) as usize)
+            .copied()
+            .ok_or_else(|| {
+                Error::corrupt(
+                    format!(
+                        "manifest segment of block {index} of snapshot {}",
+                        self.snap.id()
+                    ),
+                    self.snap.path(),
+                    "segment is shorter than the block count says",
+                )
+            })
+    }
+}
+
+/// A snapshot's block map, whatever its version: the references of its blocks by index, in
+/// runs, or through a cursor. Cloning is cheap (the caches are shared).
+#[derive(Clone)]
+pub enum BlockMap {
+    /// Versions 1 and 2: manifest segments in the snapshot file.
+    Segments(Arc<SegmentMap>),
+    /// Version 3: a tree of blobs.
+    Tree(Arc<TreeReader>),
+}
+
+impl BlockMap {
+    pub fn block_count(&self) -> u64 {
+        match self {
+            BlockMap::Segments(s) => s.snap.header().block_count,
+            BlockMap::Tree(t) => t.block_count(),
+        }
+    }
+
+    /// The reference of block `index`; past the end, an [`Error::OutOfRange`].
+    pub fn block_ref(&self, index: u64) -> Result<BlockRef> {
+        match self {
+            BlockMap::Segments(s) => {
+                let h = s.snap.header();
+                if index >= h.block_count {
+                    let bs = h.block_size as u64;
+                    return Err(Error::read_out_of_range(
+                        format!("snapshot {}", s.snap.id()),
+                        index.saturating_mul(bs),
+                        bs,
+                        h.source.size,
+                    ));
+                }
+                let seg = s.segment((index / SEGMENT_BLOCKS) as usize)?;
+                s.get(&seg, index)
+            }
+            BlockMap::Tree(t) => t.block_ref(index),
+        }
+    }
+
+    /// The reference of block `index` and how many blocks from it on continue its run (at
+    /// least 1; a run may be cut short at a segment or leaf boundary). Walking a volume run by
+    /// run costs one lookup per run, not per block.
+    pub fn run_at(&self, index: u64) -> Result<(BlockRef, u64)> {
+        match self {
+            BlockMap::Segments(s) => {
+                let r = self.block_ref(index)?;
+                let seg = s.segment((index / SEGMENT_BLOCKS) as usize)?;
+                let at = (index % SEGMENT_BLOCKS) as usize;
+                let n = seg
+                    .get(at..)
+                    .unwrap_or(&[])
+                    .iter()
+                    .take_while(|x| **x == r)
+                    .count()
+                    .max(1);
+                Ok((r, n as u64))
+            }
+            BlockMap::Tree(t) => {
+                if index >= t.block_count() {
+                    return self.block_ref(index).map(|r| (r, 1));
+                }
+                t.run_at(index)
+            }
+        }
+    }
+
+    /// Visits every block in order: `f(first_block, ref, count)` per run (equal references,
+    /// or consecutive pieces of one blob: see [`BlockRef::advance`]).
+    pub fn for_each_run(&self, mut f: impl FnMut(u64, BlockRef, u64) -> Result<()>) -> Result<()> {
+        match self {
+            BlockMap::Segments(s) => {
+                for i in 0..s.snap.directory.len() {
+                    let seg = s.snap.segment(i)?;
+                    let base = i as u64 * SEGMENT_BLOCKS;
+                    let mut j = 0usize;
+                    while j < seg.len() {
+                        let r = seg[j];
+                        let mut k = j + 1;
+                        while k < seg.len() && seg[k] == r {
+                            k += 1;
+                        }
+                        f(base + j as u64, r, (k - j) as u64)?;
+                        j = k;
+                    }
+                }
+                Ok(())
+            }
+            BlockMap::Tree(t) => t.for_each_run(f),
+        }
+    }
+
+    /// A cursor for reading references in increasing block order (one segment or leaf
+    /// decoded at a time).
+    pub fn cursor(&self) -> MapCursor {
+        match self {
+            BlockMap::Segments(s) => MapCursor::Segments {
+                map: s.clone(),
+                index: usize::MAX,
+                segment: Arc::new(Vec::new()),
+            },
+            BlockMap::Tree(t) => MapCursor::Tree(TreeReader::cursor(t)),
+        }
+    }
+}
+
+/// Reads a [`BlockMap`] in increasing block order.
+pub enum MapCursor {
+    Segments {
+        map: Arc<SegmentMap>,
+        index: usize,
+        segment: Arc<Vec<BlockRef>>,
+    },
+    Tree(TreeCursor),
+}
+
+impl MapCursor {
+    /// The reference of block `index`; `None` past the end. Sequential access is cheap.
+    pub fn get(&mut self, index: u64) -> Result<Option<BlockRef>> {
+        match self {
+            MapCursor::Segments {
+                map,
+                index: seg_index,
+                segment,
+            } => {
+                if index >= map.snap.header().block_count {
+                    return Ok(None);
+                }
+                let seg = (index / SEGMENT_BLOCKS) as usize;
+                if seg != *seg_index {
+                    *segment = map.segment(seg)?;
+                    *seg_index = seg;
+                }
+                map.get(segment, index).map(Some)
+            }
+            MapCursor::Tree(c) => c.get(index),
+        }
+    }
+}
+
+/// Streams a snapshot's block references in order, one segment or leaf in memory at a time.
+/// A version 3 snapshot needs its blob source attached ([`SnapshotFile::set_blobs`]).
 pub struct BlockCursor<'a> {
     snap: &'a SnapshotFile,
-    segment_index: usize,
-    segment: Vec<BlockRef>,
+    cursor: Option<MapCursor>,
 }
 
 impl<'a> BlockCursor<'a> {
     pub fn new(snap: &'a SnapshotFile) -> Self {
-        BlockCursor {
-            snap,
-            segment_index: usize::MAX,
-            segment: Vec::new(),
-        }
+        BlockCursor { snap, cursor: None }
     }
 
     /// The reference of block `index`; `None` past the end. Sequential access is cheap.
@@ -477,30 +833,31 @@ impl<'a> BlockCursor<'a> {
         if index >= self.snap.header.block_count {
             return Ok(None);
         }
-        let seg = (index / SEGMENT_BLOCKS) as usize;
-        if seg != self.segment_index {
-            self.segment = self.snap.segment(seg)?;
-            self.segment_index = seg;
+        if self.cursor.is_none() {
+            self.cursor = Some(self.snap.block_map()?.cursor());
         }
-        Ok(self.segment.get((index % SEGMENT_BLOCKS) as usize).copied())
+        match &mut self.cursor {
+            Some(c) => c.get(index),
+            None => Ok(None),
+        }
     }
 }
 
+/// Helpers for tests of the modules that read snapshots.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn write_snapshot(dir: &Path) -> PathBuf {
-        let mut w = SnapshotWriter::create(dir).unwrap();
-        w.push(BlockRef::Zero, 3).unwrap();
-        let header = SnapshotHeader {
+    /// A header for a volume of `size` bytes in blocks of `block_size`.
+    pub fn header(size: u64, block_size: u32) -> SnapshotHeader {
+        SnapshotHeader {
             time: "2026-12-03T00:00:00Z".into(),
             time_unix: 0,
             hostname: "h".into(),
             source: SourceInfo {
                 path: "/dev/x".into(),
                 kind: "file".into(),
-                size: 3 * 4096,
+                size,
                 logical_sector_size: 512,
                 physical_sector_size: 512,
             },
@@ -508,17 +865,189 @@ mod tests {
             layout: None,
             all_blocks: true,
             volume_key: "k".into(),
-            block_size: 4096,
-            block_count: 3,
+            block_size,
+            block_count: size.div_ceil(block_size as u64),
             chunk_hash: HashAlgorithm::Blake3,
             parent: None,
             tags: Vec::new(),
             stats: SnapshotStats::default(),
             unreadable: Vec::new(),
             consistent: None,
-        };
-        let id = w.finish(&header, dir).unwrap();
+            tree: None,
+        }
+    }
+
+    /// Writes the runs as a version 3 snapshot of `size` bytes into `dir` (blobs into
+    /// `sink`) and opens it with `src` attached.
+    pub fn tree_snapshot(
+        dir: &Path,
+        size: u64,
+        block_size: u32,
+        runs: &[(BlockRef, u64)],
+        blobs: Arc<super::super::tree::testing::MemBlobs>,
+    ) -> SnapshotFile {
+        let h = header(size, block_size);
+        let mut w = super::super::tree::TreeWriter::new(&*blobs, h.block_count);
+        for &(r, n) in runs {
+            w.push(r, n).unwrap();
+        }
+        let root = w.finish().unwrap();
+        let id = write_tree_snapshot(dir, dir, &h, root).unwrap();
+        SnapshotFile::open(&dir.join(&id), Some(&id))
+            .unwrap()
+            .with_blobs(blobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tree::testing::MemBlobs;
+    use super::super::tree::{LEAF_BLOCKS, TreeWriter};
+    use super::testing::{header, tree_snapshot};
+    use super::*;
+
+    fn write_snapshot(dir: &Path) -> PathBuf {
+        let mut w = SnapshotWriter::create(dir).unwrap();
+        w.push(BlockRef::Zero, 3).unwrap();
+        let id = w.finish(&header(3 * 4096, 4096), dir).unwrap();
         dir.join(id)
+    }
+
+    /// Writes a file with any version and header (checksum valid), for the checks of `open`.
+    fn write_raw(dir: &Path, version: u32, h: &SnapshotHeader) -> PathBuf {
+        let tmp = TempFile::create_in(dir, ".snapshot").unwrap();
+        let mut out = BufWriter::new(tmp.file().try_clone().unwrap());
+        out.write_all(&SNAPSHOT_MAGIC).unwrap();
+        out.write_all(&version.to_le_bytes()).unwrap();
+        let id = finish_file(tmp, out, version, 12, h, &[], 0, dir).unwrap();
+        dir.join(id)
+    }
+
+    fn part(b: u8, index: u32) -> BlockRef {
+        BlockRef::Part {
+            blob: crate::hash::ChunkId([b; 32]),
+            index,
+        }
+    }
+
+    #[test]
+    fn version_3_snapshots_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = MemBlobs::new();
+        let blocks = LEAF_BLOCKS + 7;
+        let runs = [
+            (part(1, 0), 4),
+            (BlockRef::Unused, LEAF_BLOCKS),
+            (part(2, 3), 2),
+            (BlockRef::Zero, 1),
+        ];
+        let snap = tree_snapshot(dir.path(), blocks * 4096 - 100, 4096, &runs, blobs.clone());
+        assert_eq!(snap.version(), SNAPSHOT_TREE_VERSION);
+        assert_eq!(snap.segment_count(), 0);
+        let tree = snap.tree().unwrap();
+        assert_eq!(tree.height, 1);
+        // The header JSON names the tree in hex.
+        let json = serde_json::to_value(snap.header()).unwrap();
+        assert_eq!(json["tree"]["root"], tree.root.to_hex());
+        assert_eq!(json["tree"]["height"], 1);
+        let want: Vec<BlockRef> = runs
+            .iter()
+            .flat_map(|&(r, n)| (0..n).map(move |k| r.advance(k)))
+            .collect();
+        let mut got = Vec::new();
+        snap.for_each_run(|first, r, n| {
+            assert_eq!(first, got.len() as u64);
+            got.extend((0..n).map(|k| r.advance(k)));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, want);
+        let map = snap.block_map().unwrap();
+        assert_eq!(map.block_count(), blocks);
+        assert_eq!(map.block_ref(2).unwrap(), part(1, 2));
+        assert_eq!(map.block_ref(LEAF_BLOCKS + 5).unwrap(), part(2, 4));
+        assert!(matches!(
+            map.block_ref(blocks),
+            Err(Error::OutOfRange { .. })
+        ));
+        let mut c = BlockCursor::new(&snap);
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(c.get(i as u64).unwrap(), Some(*w));
+        }
+        assert_eq!(c.get(blocks).unwrap(), None);
+        // Without a blob source the tree cannot be read, but the file opens.
+        let bare = SnapshotFile::open(snap.path(), Some(snap.id())).unwrap();
+        assert!(bare.block_map().is_err());
+        assert!(BlockCursor::new(&bare).get(0).is_err());
+        assert!(matches!(bare.segment(0), Err(Error::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn segments_and_trees_read_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_snapshot(dir.path());
+        let snap = SnapshotFile::open(&path, None).unwrap();
+        assert_eq!(snap.version(), SNAPSHOT_SEGMENTS_VERSION);
+        assert_eq!(snap.tree(), None);
+        let map = snap.block_map().unwrap();
+        assert_eq!(map.block_ref(2).unwrap(), BlockRef::Zero);
+        let mut runs = Vec::new();
+        map.for_each_run(|f, r, n| {
+            runs.push((f, r, n));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, vec![(0, BlockRef::Zero, 3)]);
+        assert_eq!(map.run_at(1).unwrap(), (BlockRef::Zero, 2));
+        assert!(map.run_at(3).is_err());
+        let mut c = map.cursor();
+        assert_eq!(c.get(1).unwrap(), Some(BlockRef::Zero));
+        assert_eq!(c.get(3).unwrap(), None);
+        // Pieces of blobs have no place in segments.
+        let mut w = SnapshotWriter::create(dir.path()).unwrap();
+        assert!(w.push(part(1, 0), 1).is_err());
+    }
+
+    #[test]
+    fn the_tree_field_must_match_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = MemBlobs::new();
+        let h = header(5 * 4096, 4096);
+        let mut tw = TreeWriter::new(&*blobs, 5);
+        tw.push(BlockRef::Zero, 5).unwrap();
+        let root = tw.finish().unwrap();
+        // Version 3 without a tree.
+        let p = write_raw(dir.path(), 3, &h);
+        let e = SnapshotFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("without a tree"), "{e}");
+        // Version 2 naming a tree.
+        let mut with_tree = h.clone();
+        with_tree.tree = Some(root);
+        let p = write_raw(dir.path(), 2, &with_tree);
+        let e = SnapshotFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("names a tree"), "{e}");
+        // A height that does not fit the block count.
+        let mut tall = h.clone();
+        tall.tree = Some(super::super::tree::TreeRoot {
+            root: root.root,
+            height: 1,
+        });
+        let p = write_raw(dir.path(), 3, &tall);
+        let e = SnapshotFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("height"), "{e}");
+        assert!(write_tree_snapshot(dir.path(), dir.path(), &h, tall.tree.unwrap()).is_err());
+        // The segments writer refuses a header naming a tree.
+        let mut w = SnapshotWriter::create(dir.path()).unwrap();
+        w.push(BlockRef::Zero, 5).unwrap();
+        assert!(w.finish(&with_tree, dir.path()).is_err());
+        // The good one.
+        let id = write_tree_snapshot(dir.path(), dir.path(), &h, root).unwrap();
+        let snap = SnapshotFile::open(&dir.path().join(&id), Some(&id)).unwrap();
+        assert_eq!(snap.tree(), Some(root));
+        // A root that is not hex is a damaged header.
+        let mut json = serde_json::to_value(&with_tree).unwrap();
+        json["tree"]["root"] = "zz".into();
+        assert!(serde_json::from_value::<SnapshotHeader>(json).is_err());
     }
 
     #[test]

@@ -1,0 +1,547 @@
+//! Index files (docs/FORMAT.md, F2.3) and the in-memory index: where each blob is.
+//!
+//! ```text
+//! 0   16  magic "VBINDEX\n", u32 version 1, u32 pack count p
+//! 16  …   p × ([32] pack id, u32 entry count m, m × 52-byte blob-table entries)
+//! end 32  BLAKE3 of every byte before; its hex is the file name
+//! ```
+//!
+//! Index files are immutable. The in-memory [`Index`] is the union of the files loaded; a
+//! prune replaces files by compacted ones (written before the old ones are deleted), so a
+//! file that vanishes between listing and reading is skipped and the directory listed again.
+
+use super::Repository;
+use super::blob::{BlobEntry, Location};
+use super::format::{
+    BLOB_ENTRY_LEN, INDEX_HEADER_LEN, INDEX_MAGIC, INDEX_PACK_HEADER_LEN, INDEX_TRAILER_LEN,
+    INDEX_VERSION, MAX_INDEX_FILE, le_u32,
+};
+use super::fsio;
+use super::pack::{decode_entry, encode_entry};
+use crate::error::{Error, IoContext, Result};
+use crate::hash::ChunkId;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// The content of one index file: packs and their blob tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexFile {
+    pub packs: Vec<(ChunkId, Vec<BlobEntry>)>,
+}
+
+impl IndexFile {
+    /// The file's bytes, trailing BLAKE3 included.
+    pub fn encode(&self) -> Vec<u8> {
+        let entries: usize = self.packs.iter().map(|(_, e)| e.len()).sum();
+        let mut out = Vec::with_capacity(
+            INDEX_HEADER_LEN
+                + self.packs.len() * INDEX_PACK_HEADER_LEN
+                + entries * BLOB_ENTRY_LEN
+                + INDEX_TRAILER_LEN,
+        );
+        out.extend_from_slice(&INDEX_MAGIC);
+        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
+        for (pack, entries) in &self.packs {
+            out.extend_from_slice(&pack.0);
+            out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for e in entries {
+                encode_entry(e, &mut out);
+            }
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Parses and checks an index file read from `path`: magic, version
+    /// ([`Error::UnsupportedVersion`] for another), checksum, every count against the bytes
+    /// left before anything is allocated, every entry. The name is [`IndexFile::read`]'s to
+    /// check.
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<IndexFile> {
+        let bad = |detail: String| Error::corrupt("index file", path, detail);
+        let len = bytes.len();
+        if len < INDEX_HEADER_LEN + INDEX_TRAILER_LEN {
+            return Err(bad(format!("file has only {len} bytes")));
+        }
+        if len as u64 > MAX_INDEX_FILE {
+            return Err(bad(format!("file has {len} bytes, more than allowed")));
+        }
+        if bytes[..8] != INDEX_MAGIC {
+            return Err(bad("bad magic (not a volback index file)".into()));
+        }
+        let version = le_u32(bytes, 8);
+        if version != INDEX_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "index file",
+                path: path.to_path_buf(),
+                found: version,
+                supported: INDEX_VERSION,
+            });
+        }
+        let body_end = len - INDEX_TRAILER_LEN;
+        if blake3::hash(&bytes[..body_end]).as_bytes()[..] != bytes[body_end..] {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let pack_count = le_u32(bytes, 12) as usize;
+        if pack_count > (body_end - INDEX_HEADER_LEN) / INDEX_PACK_HEADER_LEN {
+            return Err(bad(format!(
+                "{pack_count} packs announced in a {len}-byte file"
+            )));
+        }
+        let mut packs = Vec::with_capacity(pack_count);
+        let mut pos = INDEX_HEADER_LEN;
+        for p in 0..pack_count {
+            if body_end - pos < INDEX_PACK_HEADER_LEN {
+                return Err(bad(format!("pack {p} of {pack_count} is cut off")));
+            }
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&bytes[pos..pos + 32]);
+            let count = le_u32(bytes, pos + 32) as usize;
+            pos += INDEX_PACK_HEADER_LEN;
+            if count > (body_end - pos) / BLOB_ENTRY_LEN {
+                return Err(bad(format!(
+                    "pack {p} announces {count} entries, more than the file holds"
+                )));
+            }
+            let mut entries = Vec::with_capacity(count);
+            for i in 0..count {
+                let e = decode_entry(&bytes[pos..pos + BLOB_ENTRY_LEN])
+                    .ok_or_else(|| bad(format!("entry {i} of pack {} is invalid", ChunkId(id))))?;
+                entries.push(e);
+                pos += BLOB_ENTRY_LEN;
+            }
+            packs.push((ChunkId(id), entries));
+        }
+        if pos != body_end {
+            return Err(bad(format!(
+                "{} bytes follow the last pack",
+                body_end - pos
+            )));
+        }
+        Ok(IndexFile { packs })
+    }
+
+    /// Writes the file durably into the repository's `index/`; returns its id.
+    pub fn write(&self, repo: &Repository) -> Result<String> {
+        self.write_to(&repo.index_dir())
+    }
+
+    /// Writes the file durably into `dir`; returns its id.
+    pub(crate) fn write_to(&self, dir: &Path) -> Result<String> {
+        let bytes = self.encode();
+        let id = hex::encode(&bytes[bytes.len() - INDEX_TRAILER_LEN..]);
+        fsio::atomic_write(&dir.join(&id), &bytes)?;
+        Ok(id)
+    }
+
+    /// Reads and checks index file `path`, whose name must be the hex of its checksum.
+    pub fn read(path: &Path) -> Result<IndexFile> {
+        let bytes = fsio::read_limited(path, MAX_INDEX_FILE, "index file")?;
+        let file = IndexFile::decode(&bytes, path)?;
+        let sum = hex::encode(&bytes[bytes.len() - INDEX_TRAILER_LEN..]);
+        let name = path.file_name().map(|n| n.to_string_lossy());
+        if name.as_deref() != Some(sum.as_str()) {
+            return Err(Error::corrupt(
+                "index file",
+                path,
+                format!("its checksum is {sum}, not its name"),
+            ));
+        }
+        Ok(file)
+    }
+}
+
+/// True for a name that can be an index file, pack or pending id: lowercase hex digits.
+pub(crate) fn is_hex_name(name: &str, len: usize) -> bool {
+    name.len() == len && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Ids of the index files of `repo`, sorted (temporary and unknown names skipped).
+pub fn list_index_files(repo: &Repository) -> Result<Vec<String>> {
+    list_dir(&repo.index_dir())
+}
+
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(dir).ctx("list", dir)? {
+        let e = e.ctx("list", dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_hex_name(&name, 64) {
+            ids.push(name);
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// The in-memory union of index files: blob id → location. A blob listed in several packs
+/// keeps its first location, unless that one is only a fallback (a pack of a pending
+/// record, [`Index::insert_fallback`]) and the new one is not.
+///
+/// Compact: each pack's table is kept once; the map holds a pack number and an entry number.
+#[derive(Debug, Default)]
+pub struct Index {
+    packs: Vec<ChunkId>,
+    entries: Vec<Vec<BlobEntry>>,
+    fallback: Vec<bool>,
+    by_pack: HashMap<ChunkId, u32>,
+    blobs: HashMap<ChunkId, (u32, u32)>,
+    files: HashSet<String>,
+    exclude: HashSet<ChunkId>,
+}
+
+/// Most times the index directory is listed again because files vanished while being read.
+const MAX_RELISTS: usize = 100;
+
+impl Index {
+    /// Loads every index file of `repo`, leaving out the packs in `exclude_packs` (now and
+    /// at every [`Index::refresh`]).
+    pub fn load(repo: &Repository, exclude_packs: &HashSet<ChunkId>) -> Result<Index> {
+        Index::load_dir(&repo.index_dir(), exclude_packs)
+    }
+
+    pub(crate) fn load_dir(dir: &Path, exclude_packs: &HashSet<ChunkId>) -> Result<Index> {
+        let mut index = Index {
+            exclude: exclude_packs.clone(),
+            ..Index::default()
+        };
+        index.refresh_dir(dir)?;
+        Ok(index)
+    }
+
+    /// Loads the index files not loaded yet; returns how many.
+    pub fn refresh(&mut self, repo: &Repository) -> Result<usize> {
+        self.refresh_dir(&repo.index_dir())
+    }
+
+    pub(crate) fn refresh_dir(&mut self, dir: &Path) -> Result<usize> {
+        let mut loaded = 0;
+        for _ in 0..MAX_RELISTS {
+            let mut vanished = false;
+            for name in list_dir(dir)? {
+                if self.files.contains(&name) {
+                    continue;
+                }
+                match IndexFile::read(&dir.join(&name)) {
+                    Ok(file) => {
+                        for (pack, entries) in file.packs {
+                            if !self.exclude.contains(&pack) {
+                                self.add_owned(pack, entries, false);
+                            }
+                        }
+                        self.files.insert(name);
+                        loaded += 1;
+                    }
+                    // Replaced by a compacted file, which the next listing shows.
+                    Err(e) if fsio::is_not_found(&e) => vanished = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            if !vanished {
+                return Ok(loaded);
+            }
+        }
+        Err(Error::io(
+            "read index files in",
+            dir,
+            std::io::Error::other("they keep disappearing while being read"),
+        ))
+    }
+
+    /// An index of the files of `dir` not in `known`, without the packs of `exclude`.
+    pub(crate) fn load_new(
+        dir: &Path,
+        exclude: &HashSet<ChunkId>,
+        known: &[String],
+    ) -> Result<Index> {
+        let mut index = Index {
+            exclude: exclude.clone(),
+            files: known.iter().cloned().collect(),
+            ..Index::default()
+        };
+        index.refresh_dir(dir)?;
+        Ok(index)
+    }
+
+    /// Adds every pack and file of `other`.
+    pub(crate) fn merge(&mut self, other: &Index) {
+        for (p, pack) in other.packs.iter().enumerate() {
+            self.add(*pack, &other.entries[p], other.fallback[p]);
+        }
+        self.files.extend(other.files.iter().cloned());
+    }
+
+    /// Records index file `id` as loaded (a writer that wrote it knows its content).
+    pub fn mark_loaded(&mut self, id: &str) {
+        self.files.insert(id.to_string());
+    }
+
+    /// Where blob `id` is.
+    pub fn get(&self, id: &ChunkId) -> Option<Location> {
+        let &(p, i) = self.blobs.get(id)?;
+        Some(Location {
+            pack: *self.packs.get(p as usize)?,
+            entry: *self.entries.get(p as usize)?.get(i as usize)?,
+        })
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.blobs.contains_key(id)
+    }
+
+    /// Adds the table of `pack` (a pack already indexed keeps its first table).
+    pub fn insert(&mut self, pack: ChunkId, entries: &[BlobEntry]) {
+        self.add(pack, entries, false);
+    }
+
+    /// Adds the table of `pack` as a fallback: its blobs are found there only while no
+    /// other pack holds them (a pack of a pending record, still readable until deleted).
+    pub fn insert_fallback(&mut self, pack: ChunkId, entries: &[BlobEntry]) {
+        self.add(pack, entries, true);
+    }
+
+    fn add(&mut self, pack: ChunkId, entries: &[BlobEntry], fallback: bool) {
+        if self.by_pack.contains_key(&pack) {
+            self.add_owned(pack, Vec::new(), fallback);
+        } else {
+            self.add_owned(pack, entries.to_vec(), fallback);
+        }
+    }
+
+    fn add_owned(&mut self, pack: ChunkId, entries: Vec<BlobEntry>, fallback: bool) {
+        let p = match self.by_pack.get(&pack) {
+            // Indexed again (a compacted file, a rescue): the first table stays, but a
+            // fallback pack becomes a proper one.
+            Some(&p) if !fallback && self.fallback[p as usize] => {
+                self.fallback[p as usize] = false;
+                p
+            }
+            Some(_) => return,
+            None => {
+                let p = self.packs.len() as u32;
+                self.packs.push(pack);
+                self.entries.push(entries);
+                self.fallback.push(fallback);
+                self.by_pack.insert(pack, p);
+                p
+            }
+        };
+        let table = &self.entries[p as usize];
+        self.blobs.reserve(table.len());
+        for (i, e) in table.iter().enumerate() {
+            let cur = self.blobs.entry(e.id).or_insert((p, i as u32));
+            // A proper location replaces a fallback one.
+            if self.fallback[cur.0 as usize] && !self.fallback[p as usize] {
+                *cur = (p, i as u32);
+            }
+        }
+    }
+
+    /// Number of blobs.
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty()
+    }
+
+    /// Every indexed pack (fallback ones included).
+    pub fn packs(&self) -> Vec<ChunkId> {
+        self.packs.clone()
+    }
+
+    /// Every entry of `pack` as indexed.
+    pub fn pack_entries(&self, pack: &ChunkId) -> Option<&[BlobEntry]> {
+        let &p = self.by_pack.get(pack)?;
+        self.entries.get(p as usize).map(|v| &v[..])
+    }
+
+    /// Ids of the index files loaded, sorted.
+    pub fn files(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.files.iter().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Approximate heap bytes held (tables and map), for sizing reports.
+    pub fn heap_bytes(&self) -> usize {
+        let entries: usize = self.entries.iter().map(|e| e.capacity()).sum();
+        entries * std::mem::size_of::<BlobEntry>()
+            + self.blobs.capacity() * (std::mem::size_of::<(ChunkId, (u32, u32))>() + 1)
+            + self.packs.capacity() * (std::mem::size_of::<ChunkId>() * 2 + 32)
+    }
+
+    /// The packs left out of this index (a writer's known pending packs).
+    pub fn excluded(&self) -> &HashSet<ChunkId> {
+        &self.exclude
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::blob::BlobKind;
+    use proptest::prelude::*;
+
+    fn entry(n: u8, frame_offset: u32) -> BlobEntry {
+        BlobEntry {
+            id: ChunkId([n; 32]),
+            kind: if n.is_multiple_of(2) {
+                BlobKind::Data
+            } else {
+                BlobKind::Tree
+            },
+            frame_offset,
+            frame_len: 100,
+            raw_offset: 0,
+            raw_len: 1000,
+        }
+    }
+
+    fn sample() -> IndexFile {
+        IndexFile {
+            packs: vec![
+                (ChunkId([0xa0; 32]), vec![entry(1, 16), entry(2, 116)]),
+                (ChunkId([0xb0; 32]), vec![]),
+                (ChunkId([0xc0; 32]), vec![entry(3, 16)]),
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_name_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sample();
+        let id = f.write_to(dir.path()).unwrap();
+        assert_eq!(list_dir(dir.path()).unwrap(), vec![id.clone()]);
+        assert_eq!(IndexFile::read(&dir.path().join(&id)).unwrap(), f);
+        let other = dir.path().join("f".repeat(64));
+        std::fs::copy(dir.path().join(&id), &other).unwrap();
+        assert!(matches!(
+            IndexFile::read(&other),
+            Err(Error::Corrupt { .. })
+        ));
+        let empty = IndexFile::default();
+        assert_eq!(
+            IndexFile::decode(&empty.encode(), Path::new("x")).unwrap(),
+            empty
+        );
+    }
+
+    #[test]
+    fn truncated_flipped_and_hostile_files_are_corrupt() {
+        let p = Path::new("index/x");
+        let good = sample().encode();
+        for cut in [0, 8, 16, 47, good.len() - 1] {
+            assert!(IndexFile::decode(&good[..cut], p).is_err(), "cut {cut}");
+        }
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 1;
+            assert!(IndexFile::decode(&bad, p).is_err(), "byte {i}");
+        }
+        // Hostile counts with a valid checksum: refused before allocating.
+        let reseal = |mut b: Vec<u8>| {
+            let n = b.len() - 32;
+            let sum = blake3::hash(&b[..n]);
+            b[n..].copy_from_slice(sum.as_bytes());
+            b
+        };
+        let mut b = good.clone();
+        b[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            IndexFile::decode(&reseal(b), p),
+            Err(Error::Corrupt { .. })
+        ));
+        let mut b = good.clone();
+        b[16 + 32..16 + 36].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            IndexFile::decode(&reseal(b), p),
+            Err(Error::Corrupt { .. })
+        ));
+        let mut b = good.clone();
+        b[8] = 2;
+        assert!(matches!(
+            IndexFile::decode(&reseal(b), p),
+            Err(Error::UnsupportedVersion { found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn union_exclusion_fallback_and_vanishing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f1 = sample();
+        let id1 = f1.write_to(dir.path()).unwrap();
+        let exclude: HashSet<ChunkId> = [ChunkId([0xc0; 32])].into();
+        let mut idx = Index::load_dir(dir.path(), &exclude).unwrap();
+        assert_eq!(idx.len(), 2);
+        assert!(!idx.contains(&ChunkId([3; 32])));
+        assert_eq!(idx.files(), vec![id1.clone()]);
+        assert_eq!(idx.pack_entries(&ChunkId([0xa0; 32])).unwrap().len(), 2);
+        assert_eq!(idx.pack_entries(&ChunkId([0xb0; 32])).unwrap().len(), 0);
+        // Blob 1 also in a fallback pack and in a later pack: the first proper one wins.
+        idx.insert_fallback(ChunkId([0xd0; 32]), &[entry(1, 500), entry(5, 16)]);
+        assert_eq!(
+            idx.get(&ChunkId([1; 32])).unwrap().pack,
+            ChunkId([0xa0; 32])
+        );
+        assert_eq!(
+            idx.get(&ChunkId([5; 32])).unwrap().pack,
+            ChunkId([0xd0; 32])
+        );
+        idx.insert(ChunkId([0xe0; 32]), &[entry(5, 16)]);
+        assert_eq!(
+            idx.get(&ChunkId([5; 32])).unwrap().pack,
+            ChunkId([0xe0; 32])
+        );
+        // A fallback pack indexed properly later becomes a proper location.
+        idx.insert_fallback(ChunkId([0xf0; 32]), &[entry(7, 16)]);
+        idx.insert(ChunkId([0xf0; 32]), &[entry(7, 16)]);
+        idx.insert(ChunkId([0x10; 32]), &[entry(7, 32)]);
+        assert_eq!(
+            idx.get(&ChunkId([7; 32])).unwrap().pack,
+            ChunkId([0xf0; 32])
+        );
+        // Refresh loads new files only; a file gone between listing and reading is skipped.
+        let f2 = IndexFile {
+            packs: vec![(ChunkId([0x20; 32]), vec![entry(9, 16)])],
+        };
+        let id2 = f2.write_to(dir.path()).unwrap();
+        assert_eq!(idx.refresh_dir(dir.path()).unwrap(), 1);
+        assert!(idx.contains(&ChunkId([9; 32])));
+        assert_eq!(idx.refresh_dir(dir.path()).unwrap(), 0);
+        std::fs::remove_file(dir.path().join(&id1)).unwrap();
+        std::fs::remove_file(dir.path().join(&id2)).unwrap();
+        let f3 = IndexFile {
+            packs: vec![(ChunkId([0x30; 32]), vec![entry(11, 16)])],
+        };
+        f3.write_to(dir.path()).unwrap();
+        assert_eq!(idx.refresh_dir(dir.path()).unwrap(), 1);
+        assert!(idx.contains(&ChunkId([11; 32])));
+        // Temporary files are not index files.
+        std::fs::write(dir.path().join(".tmp-x"), b"junk").unwrap();
+        assert_eq!(list_dir(dir.path()).unwrap().len(), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_random_bytes_never_panics(
+            b in proptest::collection::vec(any::<u8>(), 0..600),
+            packs in 0u32..4,
+        ) {
+            let mut bytes = INDEX_MAGIC.to_vec();
+            bytes.extend_from_slice(&1u32.to_le_bytes());
+            bytes.extend_from_slice(&packs.to_le_bytes());
+            bytes.extend_from_slice(&b);
+            let n = bytes.len().saturating_sub(32);
+            if n >= 16 {
+                let sum = blake3::hash(&bytes[..n]);
+                bytes[n..].copy_from_slice(sum.as_bytes());
+            }
+            let _ = IndexFile::decode(&bytes, Path::new("x"));
+            let _ = IndexFile::decode(&b, Path::new("x"));
+        }
+    }
+}

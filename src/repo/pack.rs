@@ -1,0 +1,542 @@
+//! Pack files (docs/FORMAT.md, "Repository format 2", F2.2): frames of blobs followed by a
+//! blob table and a trailer. Written once by a [`PackWriter`] into a temporary file, renamed
+//! to `packs/XX/<id>` where `<id>` is the BLAKE3 of the whole file, never modified after.
+//!
+//! ```text
+//! 0      16   magic "VBPACK\r\n", u32 version 1, u32 reserved
+//! 16     …    frames (chunk encodings, FORMAT §3), back to back
+//! T      52·n blob table (encode_entry)
+//! T+52n  56   u64 T, u32 n, u32 reserved, [32] BLAKE3 of the table, magic "VBPKEND\n"
+//! ```
+
+pub use super::format::{
+    BLOB_ENTRY_LEN, PACK_HEADER_LEN, PACK_MAGIC, PACK_TRAILER_LEN, PACK_VERSION,
+};
+
+use super::blob::{BlobEntry, BlobKind};
+use super::chunks;
+use super::format::{CHUNK_HEADER_LEN, MAX_FRAME_RAW, PACK_END_MAGIC, le_u32, le_u64};
+use super::fsio::{self, TempFile};
+use crate::error::{Error, IoContext, Result};
+use crate::hash::ChunkId;
+use crate::platform;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+/// Longest frame a pack may hold: a header and a stored payload (raw, or zstd's worst case)
+/// of a frame of the largest raw content.
+pub const MAX_FRAME_LEN: u32 =
+    CHUNK_HEADER_LEN as u32 + MAX_FRAME_RAW + (MAX_FRAME_RAW >> 6) + 1024;
+
+/// Largest pack file: frame offsets are u32.
+const MAX_PACK_LEN: u64 = u32::MAX as u64;
+
+/// Appends the 52-byte table encoding of `e` to `out`.
+pub fn encode_entry(e: &BlobEntry, out: &mut Vec<u8>) {
+    out.extend_from_slice(&e.id.0);
+    out.push(e.kind.code());
+    out.extend_from_slice(&[0; 3]);
+    out.extend_from_slice(&e.frame_offset.to_le_bytes());
+    out.extend_from_slice(&e.frame_len.to_le_bytes());
+    out.extend_from_slice(&e.raw_offset.to_le_bytes());
+    out.extend_from_slice(&e.raw_len.to_le_bytes());
+}
+
+/// Decodes one 52-byte table entry; `None` for a short slice, an unknown kind, non-zero
+/// reserved bytes, or lengths no writer produces (frame before the pack header or shorter
+/// than a chunk header, empty blob, blob beyond the largest frame content).
+pub fn decode_entry(b: &[u8]) -> Option<BlobEntry> {
+    let b = b.get(..BLOB_ENTRY_LEN)?;
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&b[..32]);
+    let kind = BlobKind::from_code(b[32])?;
+    if b[33..36] != [0; 3] {
+        return None;
+    }
+    let e = BlobEntry {
+        id: ChunkId(id),
+        kind,
+        frame_offset: le_u32(b, 36),
+        frame_len: le_u32(b, 40),
+        raw_offset: le_u32(b, 44),
+        raw_len: le_u32(b, 48),
+    };
+    let blob_end = u64::from(e.raw_offset) + u64::from(e.raw_len);
+    let sane = e.frame_offset as usize >= PACK_HEADER_LEN
+        && e.frame_len as usize > CHUNK_HEADER_LEN
+        && e.frame_len <= MAX_FRAME_LEN
+        && e.raw_len >= 1
+        && blob_end <= u64::from(MAX_FRAME_RAW);
+    sane.then_some(e)
+}
+
+/// Reads and checks the blob table of pack `pack` at `path`: header magic and version
+/// ([`Error::UnsupportedVersion`] for another version), trailer, counts against the file
+/// length (before anything is allocated), the table's BLAKE3, and every entry's frame within
+/// the frame area. The pack's own id is not re-hashed (verify --read-data does that).
+pub fn read_pack_table(path: &Path, pack: &ChunkId) -> Result<Vec<BlobEntry>> {
+    let file = fsio::open_regular(path, false, "open")?;
+    let len = file.metadata().ctx("stat", path)?.len();
+    let what = || format!("pack {pack}");
+    let bad = |detail: String| Error::corrupt(what(), path, detail);
+    if len < (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64 {
+        return Err(bad(format!("file has only {len} bytes")));
+    }
+    if len > MAX_PACK_LEN {
+        return Err(bad(format!("file has {len} bytes, more than a pack can")));
+    }
+    let mut head = [0u8; PACK_HEADER_LEN];
+    platform::read_exact_at(&file, &mut head, 0).ctx("read", path)?;
+    if head[..8] != PACK_MAGIC {
+        return Err(bad("bad magic (not a volback pack)".into()));
+    }
+    let version = le_u32(&head, 8);
+    if version != PACK_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: "pack",
+            path: path.to_path_buf(),
+            found: version,
+            supported: PACK_VERSION,
+        });
+    }
+    let mut trailer = [0u8; PACK_TRAILER_LEN];
+    platform::read_exact_at(&file, &mut trailer, len - PACK_TRAILER_LEN as u64)
+        .ctx("read", path)?;
+    if trailer[48..56] != PACK_END_MAGIC {
+        return Err(bad("bad trailer magic (truncated or not a pack)".into()));
+    }
+    if head[12..16] != [0; 4] || trailer[12..16] != [0; 4] {
+        return Err(bad("reserved bytes are not zero".into()));
+    }
+    let table_offset = le_u64(&trailer, 0);
+    let count = le_u32(&trailer, 8);
+    let expected_len = (count as u64)
+        .checked_mul(BLOB_ENTRY_LEN as u64)
+        .and_then(|t| t.checked_add(table_offset))
+        .and_then(|t| t.checked_add(PACK_TRAILER_LEN as u64));
+    if table_offset < PACK_HEADER_LEN as u64 || expected_len != Some(len) {
+        return Err(bad(format!(
+            "trailer says {count} entries at offset {table_offset}, which does not fit a \
+             {len}-byte file"
+        )));
+    }
+    // Bounded by the file length checked above.
+    let mut table = vec![0u8; count as usize * BLOB_ENTRY_LEN];
+    platform::read_exact_at(&file, &mut table, table_offset).ctx("read", path)?;
+    if blake3::hash(&table).as_bytes()[..] != trailer[16..48] {
+        return Err(bad("blob table checksum mismatch".into()));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for (i, raw) in table.chunks_exact(BLOB_ENTRY_LEN).enumerate() {
+        let e = decode_entry(raw).ok_or_else(|| bad(format!("blob table entry {i} is invalid")))?;
+        if u64::from(e.frame_offset) + u64::from(e.frame_len) > table_offset {
+            return Err(bad(format!(
+                "blob table entry {i}: frame at {} of {} bytes runs past the frames",
+                e.frame_offset, e.frame_len
+            )));
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Reads the frame of `e` from `file` (the pack at `path`), checks its header against the
+/// entry, decompresses it and checks that the blob lies within its content. Returns the
+/// frame's whole raw content. The blob's hash is the caller's to check.
+pub fn read_frame_raw(file: &File, path: &Path, e: &BlobEntry) -> Result<Vec<u8>> {
+    let what = format!("frame at offset {} (blob {})", e.frame_offset, e.id);
+    if (e.frame_len as usize) <= CHUNK_HEADER_LEN || e.frame_len > MAX_FRAME_LEN {
+        return Err(Error::corrupt(
+            what,
+            path,
+            format!("indexed frame length {} is impossible", e.frame_len),
+        ));
+    }
+    let mut frame = vec![0u8; e.frame_len as usize];
+    platform::read_exact_at(file, &mut frame, u64::from(e.frame_offset)).map_err(|source| {
+        Error::IoAt {
+            op: "read",
+            path: path.to_path_buf(),
+            offset: u64::from(e.frame_offset),
+            source,
+        }
+    })?;
+    let mut raw = Vec::new();
+    chunks::decode_encoded(&frame, &what, path, &mut raw)?;
+    if u64::from(e.raw_offset) + u64::from(e.raw_len) > raw.len() as u64 {
+        return Err(Error::corrupt(
+            what,
+            path,
+            format!(
+                "blob at {}+{} lies beyond the frame's {} bytes of content",
+                e.raw_offset,
+                e.raw_len,
+                raw.len()
+            ),
+        ));
+    }
+    Ok(raw)
+}
+
+/// Writes one pack file: a temporary file in the repository's `tmp/`, hashed while written,
+/// renamed to its name by [`PackWriter::finish`]. Dropped unfinished, the file is removed.
+#[derive(Debug)]
+pub struct PackWriter {
+    tmp: TempFile,
+    hasher: blake3::Hasher,
+    len: u64,
+    entries: Vec<BlobEntry>,
+}
+
+impl PackWriter {
+    /// Starts a pack as a temporary file in `tmp_dir`.
+    pub fn create(tmp_dir: &Path) -> Result<PackWriter> {
+        let tmp = TempFile::create_in(tmp_dir, ".pack")?;
+        let mut head = [0u8; PACK_HEADER_LEN];
+        head[..8].copy_from_slice(&PACK_MAGIC);
+        head[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
+        let mut w = PackWriter {
+            tmp,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            entries: Vec::new(),
+        };
+        w.write(&head)?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.tmp
+            .file()
+            .write_all(bytes)
+            .ctx("write", self.tmp.path())?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends one frame. `encoded`: a whole chunk encoding (16-byte VBCK header + payload,
+    /// from `chunks::Encoder`); `blobs`: (id, kind, raw_offset, raw_len) of the blobs inside
+    /// this frame's raw content. A frame that is not a valid encoding, or blobs outside its
+    /// content, are refused (an [`Error::Internal`]: the caller built them).
+    pub fn add_frame(
+        &mut self,
+        encoded: &[u8],
+        blobs: &[(ChunkId, BlobKind, u32, u32)],
+    ) -> Result<()> {
+        let (raw_len, stored_len) = chunks::encoded_lengths(encoded, "new frame", self.tmp.path())
+            .map_err(|e| Error::internal("pack writer", e.to_string()))?;
+        if encoded.len() as u64 != CHUNK_HEADER_LEN as u64 + u64::from(stored_len) {
+            return Err(Error::internal(
+                "pack writer",
+                "frame length disagrees with its header",
+            ));
+        }
+        if blobs.is_empty() {
+            return Err(Error::internal("pack writer", "a frame without blobs"));
+        }
+        for &(id, _, off, len) in blobs {
+            if len == 0 || u64::from(off) + u64::from(len) > u64::from(raw_len) {
+                return Err(Error::internal(
+                    "pack writer",
+                    format!("blob {id} at {off}+{len} is outside its frame of {raw_len} bytes"),
+                ));
+            }
+        }
+        let frame_offset = self.len;
+        if frame_offset + encoded.len() as u64 > MAX_PACK_LEN - (1 << 30) {
+            return Err(Error::internal("pack writer", "pack grew past 3 GiB"));
+        }
+        self.write(encoded)?;
+        for &(id, kind, raw_offset, raw_len) in blobs {
+            self.entries.push(BlobEntry {
+                id,
+                kind,
+                frame_offset: frame_offset as u32,
+                frame_len: encoded.len() as u32,
+                raw_offset,
+                raw_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far (header and frames).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when no frame was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries of the frames added so far (frame offsets final, pack id not known yet).
+    pub fn entries(&self) -> &[BlobEntry] {
+        &self.entries
+    }
+
+    /// Writes the table and trailer and renames the file to `packs_dir/XX/<id>` (the fan-out
+    /// directory must exist); not fsynced where the filesystem can be synced as a whole (the
+    /// caller syncs it before naming the pack anywhere). Returns the pack id and its table.
+    pub fn finish(mut self, packs_dir: &Path) -> Result<(ChunkId, Vec<BlobEntry>)> {
+        let table_offset = self.len;
+        let mut table = Vec::with_capacity(self.entries.len() * BLOB_ENTRY_LEN);
+        for e in &self.entries {
+            encode_entry(e, &mut table);
+        }
+        let mut trailer = Vec::with_capacity(PACK_TRAILER_LEN);
+        trailer.extend_from_slice(&table_offset.to_le_bytes());
+        trailer.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        trailer.extend_from_slice(&[0; 4]);
+        trailer.extend_from_slice(blake3::hash(&table).as_bytes());
+        trailer.extend_from_slice(&PACK_END_MAGIC);
+        self.write(&table)?;
+        self.write(&trailer)?;
+        let id = ChunkId(*self.hasher.finalize().as_bytes());
+        if !cfg!(target_os = "linux") {
+            // No syncfs here: each pack is flushed on its own.
+            self.tmp.file().sync_data().ctx("flush", self.tmp.path())?;
+        }
+        let hex = id.to_hex();
+        let dest = packs_dir.join(&hex[..2]).join(&hex);
+        self.tmp.persist(&dest, false)?;
+        Ok((id, self.entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::HashAlgorithm;
+    use crate::repo::chunks::Encoder;
+    use proptest::prelude::*;
+
+    fn encode(data: &[u8]) -> Vec<u8> {
+        let mut enc = Encoder::new(3).unwrap();
+        let e = enc.encode(data);
+        let mut v = e.header.to_vec();
+        v.extend_from_slice(e.payload);
+        v
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        tmp: std::path::PathBuf,
+        packs: std::path::PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        let packs = dir.path().join("packs");
+        std::fs::create_dir_all(&tmp).unwrap();
+        for i in 0..=255u8 {
+            std::fs::create_dir_all(packs.join(format!("{i:02x}"))).unwrap();
+        }
+        Fixture {
+            _dir: dir,
+            tmp,
+            packs,
+        }
+    }
+
+    /// A pack of two frames: two blobs in the first, one in the second.
+    fn sample(f: &Fixture) -> (ChunkId, Vec<BlobEntry>, Vec<Vec<u8>>, std::path::PathBuf) {
+        let h = HashAlgorithm::Blake3;
+        let a = b"aaaa".repeat(1000);
+        let b = b"bbbb".repeat(3000);
+        let mut random = vec![0u8; 5000];
+        getrandom::fill(&mut random).unwrap();
+        let mut frame1 = a.clone();
+        frame1.extend_from_slice(&b);
+        let mut w = PackWriter::create(&f.tmp).unwrap();
+        assert!(w.is_empty());
+        w.add_frame(
+            &encode(&frame1),
+            &[
+                (h.hash(&a), BlobKind::Data, 0, a.len() as u32),
+                (h.hash(&b), BlobKind::Data, a.len() as u32, b.len() as u32),
+            ],
+        )
+        .unwrap();
+        w.add_frame(
+            &encode(&random),
+            &[(h.hash(&random), BlobKind::Tree, 0, random.len() as u32)],
+        )
+        .unwrap();
+        let (id, entries) = w.finish(&f.packs).unwrap();
+        let hex = id.to_hex();
+        let path = f.packs.join(&hex[..2]).join(&hex);
+        (id, entries, vec![a, b, random], path)
+    }
+
+    #[test]
+    fn round_trip() {
+        let f = fixture();
+        let (id, entries, blobs, path) = sample(&f);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(ChunkId(*blake3::hash(&bytes).as_bytes()), id);
+        assert_eq!(std::fs::read_dir(&f.tmp).unwrap().count(), 0);
+        let table = read_pack_table(&path, &id).unwrap();
+        assert_eq!(table, entries);
+        let file = File::open(&path).unwrap();
+        for (e, content) in table.iter().zip(&blobs) {
+            let raw = read_frame_raw(&file, &path, e).unwrap();
+            let blob = &raw[e.raw_offset as usize..(e.raw_offset + e.raw_len) as usize];
+            assert_eq!(blob, &content[..]);
+            assert_eq!(HashAlgorithm::Blake3.hash(blob), e.id);
+        }
+        assert_eq!(table[2].kind, BlobKind::Tree);
+        let mut enc = Vec::new();
+        encode_entry(&table[1], &mut enc);
+        assert_eq!(enc.len(), BLOB_ENTRY_LEN);
+        assert_eq!(decode_entry(&enc), Some(table[1]));
+    }
+
+    #[test]
+    fn truncated_and_flipped_packs_are_corrupt() {
+        let f = fixture();
+        let (id, entries, _, path) = sample(&f);
+        let good = std::fs::read(&path).unwrap();
+        let corrupt = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            read_pack_table(&path, &id)
+        };
+        for cut in [0, 10, 16, 71, good.len() - 1, good.len() - 57] {
+            assert!(
+                matches!(corrupt(&good[..cut]), Err(Error::Corrupt { .. })),
+                "cut {cut}"
+            );
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(matches!(corrupt(&longer), Err(Error::Corrupt { .. })));
+        // Every single flipped bit of the table or trailer is caught.
+        let table_start = good.len() - PACK_TRAILER_LEN - entries.len() * BLOB_ENTRY_LEN;
+        for i in (table_start..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            assert!(corrupt(&bad).is_err(), "byte {i}");
+        }
+        // A flipped payload byte: the table is fine, the frame is not.
+        let mut bad = good.clone();
+        bad[PACK_HEADER_LEN + 20] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        let table = read_pack_table(&path, &id).unwrap();
+        let file = File::open(&path).unwrap();
+        assert!(read_frame_raw(&file, &path, &table[0]).is_err());
+        // Next version of the pack format.
+        let mut next = good.clone();
+        next[8] = 2;
+        assert!(matches!(
+            corrupt(&next),
+            Err(Error::UnsupportedVersion {
+                what: "pack",
+                found: 2,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn hostile_counts_and_offsets_are_refused_before_allocating() {
+        let f = fixture();
+        let (id, _, _, path) = sample(&f);
+        let good = std::fs::read(&path).unwrap();
+        let n = good.len();
+        let with_trailer = |t_off: u64, count: u32| {
+            let mut b = good.clone();
+            b[n - 56..n - 48].copy_from_slice(&t_off.to_le_bytes());
+            b[n - 48..n - 44].copy_from_slice(&count.to_le_bytes());
+            std::fs::write(&path, &b).unwrap();
+            read_pack_table(&path, &id)
+        };
+        for (t, c) in [
+            (u64::MAX, u32::MAX),
+            (0, 1),
+            (16, u32::MAX),
+            (u64::MAX - 10, 3),
+        ] {
+            assert!(matches!(with_trailer(t, c), Err(Error::Corrupt { .. })));
+        }
+        // An entry whose frame runs into the table (table checksum fixed up).
+        std::fs::write(&path, &good).unwrap();
+        let mut entries = read_pack_table(&path, &id).unwrap();
+        entries[2].frame_len += 1;
+        let table_off = n - 56 - 3 * BLOB_ENTRY_LEN;
+        let mut table = Vec::new();
+        for e in &entries {
+            encode_entry(e, &mut table);
+        }
+        let mut b = good.clone();
+        b[table_off..n - 56].copy_from_slice(&table);
+        b[n - 40..n - 8].copy_from_slice(blake3::hash(&table).as_bytes());
+        std::fs::write(&path, &b).unwrap();
+        assert!(matches!(
+            read_pack_table(&path, &id),
+            Err(Error::Corrupt { .. })
+        ));
+        // Entries with impossible lengths, and a frame read with a lying entry.
+        let mut e = entries[0];
+        e.raw_len = 0;
+        let mut enc = Vec::new();
+        encode_entry(&e, &mut enc);
+        assert_eq!(decode_entry(&enc), None);
+        enc[32] = 9;
+        assert_eq!(decode_entry(&enc), None);
+        assert_eq!(decode_entry(&enc[..51]), None);
+        std::fs::write(&path, &good).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut lying = entries[0];
+        lying.raw_offset = 1 << 20;
+        assert!(read_frame_raw(&file, &path, &lying).is_err());
+        lying = entries[0];
+        lying.frame_len = u32::MAX;
+        assert!(read_frame_raw(&file, &path, &lying).is_err());
+        lying = entries[0];
+        lying.frame_len -= 1;
+        assert!(read_frame_raw(&file, &path, &lying).is_err());
+    }
+
+    #[test]
+    fn writer_refuses_bad_frames() {
+        let f = fixture();
+        let mut w = PackWriter::create(&f.tmp).unwrap();
+        let enc = encode(b"hello hello hello");
+        let id = ChunkId([1; 32]);
+        assert!(w.add_frame(&enc, &[(id, BlobKind::Data, 10, 10)]).is_err());
+        assert!(
+            w.add_frame(&enc[..10], &[(id, BlobKind::Data, 0, 1)])
+                .is_err()
+        );
+        assert!(w.add_frame(&enc, &[]).is_err());
+        assert!(w.is_empty());
+        drop(w);
+        assert_eq!(std::fs::read_dir(&f.tmp).unwrap().count(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_random_bytes_never_panics(
+            b in proptest::collection::vec(any::<u8>(), 0..200),
+            frame in proptest::collection::vec(any::<u8>(), 0..100),
+        ) {
+            let _ = decode_entry(&b);
+            let mut out = Vec::new();
+            let _ = chunks::decode_encoded(&frame, "frame", Path::new("p"), &mut out);
+        }
+
+        #[test]
+        fn random_pack_files_never_panic(b in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("pack");
+            let mut bytes = PACK_MAGIC.to_vec();
+            bytes.extend_from_slice(&1u32.to_le_bytes());
+            bytes.extend_from_slice(&b);
+            std::fs::write(&p, &bytes).unwrap();
+            let _ = read_pack_table(&p, &ChunkId([0; 32]));
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The packer: appends frames to pack files during a backup or a repack, and makes them
+//! durable and indexed at checkpoints.
+//!
+//! Frames go into one open pack (under a mutex: frames are compressed by the callers, only
+//! the append is serialised). A pack is finished when it reaches the repository's
+//! `pack_size`. A checkpoint finishes the open pack, syncs the filesystem (so every pack is
+//! durable before anything names it) and writes one index file for the packs finished since
+//! the previous checkpoint; then it loads index files other writers wrote meanwhile.
+
+use super::Repository;
+use super::blob::{BlobEntry, BlobKind, BlobSink};
+use super::blobs::BlobStore;
+use super::chunks::Encoder;
+use super::format::MAX_FRAME_RAW;
+use super::index::IndexFile;
+use super::pack::PackWriter;
+use crate::error::{Error, IoContext, Result};
+use crate::hash::ChunkId;
+use crate::platform;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Writes packs of one writer (thread-safe).
+pub struct Packer {
+    store: Arc<BlobStore>,
+    root: PathBuf,
+    tmp_dir: PathBuf,
+    packs_dir: PathBuf,
+    index_dir: PathBuf,
+    pack_size: u64,
+    zstd_level: i32,
+    state: Mutex<State>,
+    packs_written: AtomicU64,
+    /// For tree blobs ([`BlobSink::put_blob`]); data frames come encoded.
+    encoder: Mutex<Option<Encoder>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    open: Option<PackWriter>,
+    /// Packs finished since the last checkpoint, not yet in an index file.
+    finished: Vec<(ChunkId, Vec<BlobEntry>)>,
+}
+
+impl std::fmt::Debug for Packer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packer")
+            .field("packs_dir", &self.packs_dir)
+            .field("pack_size", &self.pack_size)
+            .field("packs_written", &self.packs_written())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Packer {
+    /// A packer writing into `repo` (format 2) and recording what it writes in `store`.
+    pub fn new(repo: &Repository, store: Arc<BlobStore>) -> Result<Packer> {
+        repo.require_format2("write packs")?;
+        Ok(Packer {
+            store,
+            root: repo.root().to_path_buf(),
+            tmp_dir: repo.tmp_dir(),
+            packs_dir: repo.packs_dir(),
+            index_dir: repo.index_dir(),
+            pack_size: u64::from(repo.config().pack_size),
+            zstd_level: repo.config().zstd_level,
+            state: Mutex::new(State::default()),
+            packs_written: AtomicU64::new(0),
+            encoder: Mutex::new(None),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one encoded frame (thread-safe); the blobs become visible to
+    /// `store.contains` at once. Returns the bytes written (frame length).
+    pub fn add_frame(
+        &self,
+        encoded: &[u8],
+        blobs: &[(ChunkId, BlobKind, u32, u32)],
+    ) -> Result<u64> {
+        let mut state = self.state();
+        let mut writer = match state.open.take() {
+            Some(w) => w,
+            None => PackWriter::create(&self.tmp_dir)?,
+        };
+        if let Err(e) = writer.add_frame(encoded, blobs) {
+            // A failed append may have left part of a frame: this pack is abandoned (its
+            // temporary file removed), its earlier blobs are forgotten.
+            self.store
+                .remove_unsealed(writer.entries().iter().map(|e| e.id));
+            return Err(e);
+        }
+        self.store.add_unsealed(blobs.iter().map(|b| b.0));
+        if writer.len() >= self.pack_size {
+            self.seal(&mut state, writer)?;
+        } else {
+            state.open = Some(writer);
+        }
+        Ok(encoded.len() as u64)
+    }
+
+    /// Finishes `writer`'s pack and makes its blobs readable through the store.
+    fn seal(&self, state: &mut State, writer: PackWriter) -> Result<()> {
+        let ids: Vec<ChunkId> = writer.entries().iter().map(|e| e.id).collect();
+        let finished = writer.finish(&self.packs_dir);
+        let (pack, entries) = match finished {
+            Ok(f) => f,
+            Err(e) => {
+                self.store.remove_unsealed(ids);
+                return Err(e);
+            }
+        };
+        // Inserted before being removed from the unsealed set: `contains` never misses.
+        self.store.insert(pack, &entries);
+        self.store.remove_unsealed(ids);
+        state.finished.push((pack, entries));
+        self.packs_written.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Finishes the open pack, syncs the filesystem, writes one index file for every pack
+    /// finished since the last checkpoint. After it returns, every blob added before is
+    /// durable and indexed. Then loads the index files other writers wrote meanwhile.
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut state = self.state();
+        if let Some(writer) = state.open.take()
+            && !writer.is_empty()
+        {
+            self.seal(&mut state, writer)?;
+        }
+        if !state.finished.is_empty() {
+            let synced = platform::sync_filesystem(&self.root).ctx("flush", &self.root)?;
+            if !synced {
+                // Each pack was flushed when finished; their names need their directories.
+                let mut dirs: Vec<PathBuf> = state
+                    .finished
+                    .iter()
+                    .map(|(p, _)| self.packs_dir.join(&p.to_hex()[..2]))
+                    .collect();
+                dirs.sort();
+                dirs.dedup();
+                for d in dirs {
+                    platform::sync_dir(&d).ctx("flush directory", &d)?;
+                }
+            }
+            let file = IndexFile {
+                packs: std::mem::take(&mut state.finished),
+            };
+            match file.write_to(&self.index_dir) {
+                Ok(id) => self.store.mark_index_loaded(&id),
+                Err(e) => {
+                    state.finished = file.packs;
+                    return Err(e);
+                }
+            }
+        }
+        drop(state);
+        self.store.refresh()
+    }
+
+    /// Packs finished so far.
+    pub fn packs_written(&self) -> u64 {
+        self.packs_written.load(Ordering::Relaxed)
+    }
+}
+
+impl BlobSink for Packer {
+    /// Stores a blob (a tree node) in a frame of its own, unless the store already has it.
+    fn put_blob(&self, kind: BlobKind, content: &[u8]) -> Result<ChunkId> {
+        let id = self.store.hash_algorithm().hash(content);
+        if self.store.contains(&id) {
+            return Ok(id);
+        }
+        if content.is_empty() || content.len() > MAX_FRAME_RAW as usize {
+            return Err(Error::internal(
+                "packer",
+                format!("a {}-byte {} blob", content.len(), kind.name()),
+            ));
+        }
+        let encoded = {
+            let mut enc = self.encoder.lock().unwrap_or_else(|p| p.into_inner());
+            let enc = match enc.as_mut() {
+                Some(e) => e,
+                None => enc.insert(Encoder::new(self.zstd_level)?),
+            };
+            let e = enc.encode(content);
+            let mut v = Vec::with_capacity(e.len());
+            v.extend_from_slice(&e.header);
+            v.extend_from_slice(e.payload);
+            v
+        };
+        self.add_frame(&encoded, &[(id, kind, 0, content.len() as u32)])?;
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::repo::InitOptions;
+    use crate::repo::blob::BlobSource;
+    use crate::repo::writers;
+
+    fn repo() -> (tempfile::TempDir, Repository) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            pack_size: 1 << 20,
+            ..InitOptions::default()
+        };
+        let r = Repository::init(&dir.path().join("r"), &opts).unwrap();
+        (dir, r)
+    }
+
+    /// `n` pseudo-random, incompressible bytes from `seed`.
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Stores `blobs` as one frame; returns their ids.
+    fn put_frame(p: &Packer, blobs: &[Vec<u8>]) -> Vec<ChunkId> {
+        let mut raw = Vec::new();
+        let mut list = Vec::new();
+        for b in blobs {
+            let id = crate::hash::HashAlgorithm::Blake3.hash(b);
+            list.push((id, BlobKind::Data, raw.len() as u32, b.len() as u32));
+            raw.extend_from_slice(b);
+        }
+        let mut enc = Encoder::new(3).unwrap();
+        let e = enc.encode(&raw);
+        let mut v = e.header.to_vec();
+        v.extend_from_slice(e.payload);
+        assert_eq!(p.add_frame(&v, &list).unwrap(), v.len() as u64);
+        list.iter().map(|l| l.0).collect()
+    }
+
+    #[test]
+    fn frames_are_visible_at_once_and_readable_after_a_checkpoint() {
+        let (_d, r) = repo();
+        let store = BlobStore::open_writer(&r, &[]).unwrap();
+        let p = Packer::new(&r, store.clone()).unwrap();
+        let blobs: Vec<Vec<u8>> = (0..6).map(|i| noise(i, 300_000)).collect();
+        let mut ids = put_frame(&p, &blobs[..2]);
+        assert!(ids.iter().all(|id| store.contains(id)));
+        assert!(store.location(&ids[0]).is_none());
+        for b in &blobs[2..] {
+            ids.extend(put_frame(&p, std::slice::from_ref(b)));
+        }
+        // 1.8 MB in 1 MiB packs: one finished, one open.
+        assert_eq!(p.packs_written(), 1);
+        let tree = p.put_blob(BlobKind::Tree, &b"node".repeat(100)).unwrap();
+        assert_eq!(
+            p.put_blob(BlobKind::Tree, &b"node".repeat(100)).unwrap(),
+            tree
+        );
+        p.checkpoint().unwrap();
+        assert_eq!(p.packs_written(), 2);
+        p.checkpoint().unwrap();
+        assert_eq!(crate::repo::index::list_index_files(&r).unwrap().len(), 1);
+        assert_eq!(std::fs::read_dir(r.tmp_dir()).unwrap().count(), 0);
+        // A reader opened now finds everything, checked.
+        let reader = BlobStore::open(&r).unwrap();
+        for (id, b) in ids.iter().zip(&blobs) {
+            assert_eq!(&reader.blob(id, BlobKind::Data).unwrap()[..], &b[..]);
+        }
+        assert_eq!(
+            &reader.blob(&tree, BlobKind::Tree).unwrap()[..],
+            &b"node".repeat(100)[..]
+        );
+        assert!(matches!(
+            reader.blob(&tree, BlobKind::Data),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            reader.blob(&ChunkId([7; 32]), BlobKind::Data),
+            Err(Error::MissingChunk { .. })
+        ));
+        // Repository::blobs() is that reader, cached.
+        let a = r.blobs().unwrap();
+        assert!(Arc::ptr_eq(&a, &r.blobs().unwrap()));
+        // The writer's own store sees what it wrote; a refresh picks up other writers' files.
+        let other = BlobStore::open_writer(&r, &[]).unwrap();
+        let p2 = Packer::new(&r, other).unwrap();
+        let extra = put_frame(&p2, &[noise(99, 1000)]);
+        p2.checkpoint().unwrap();
+        assert!(!store.contains(&extra[0]));
+        store.refresh().unwrap();
+        assert!(store.contains(&extra[0]));
+    }
+
+    #[test]
+    fn threads_share_one_packer() {
+        let (_d, r) = repo();
+        let store = BlobStore::open_writer(&r, &[]).unwrap();
+        let p = Packer::new(&r, store.clone()).unwrap();
+        let ids: Vec<Vec<ChunkId>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let p = &p;
+                    s.spawn(move || {
+                        (0..10u64)
+                            .flat_map(|i| put_frame(p, &[noise(t * 100 + i, 70_000)]))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        p.checkpoint().unwrap();
+        assert!(p.packs_written() >= 2);
+        let reader = BlobStore::open(&r).unwrap();
+        for (t, list) in ids.iter().enumerate() {
+            for (i, id) in list.iter().enumerate() {
+                let b = reader.blob(id, BlobKind::Data).unwrap();
+                assert_eq!(&b[..], &noise(t as u64 * 100 + i as u64, 70_000)[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_blobs_name_blob_pack_and_offset() {
+        let (_d, r) = repo();
+        let store = BlobStore::open_writer(&r, &[]).unwrap();
+        let p = Packer::new(&r, store.clone()).unwrap();
+        let ids = put_frame(&p, &[b"x".repeat(5000), b"y".repeat(5000)]);
+        p.checkpoint().unwrap();
+        let loc = store.location(&ids[1]).unwrap();
+        let path = store.pack_path(&loc.pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // A flipped byte of the frame's payload: a decode or hash error naming the pack.
+        bytes[16 + 20] ^= 0x55;
+        std::fs::write(&path, &bytes).unwrap();
+        let reader = BlobStore::open(&r).unwrap();
+        let e = reader
+            .blob(&ids[1], BlobKind::Data)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&loc.pack.to_hex()), "{e}");
+        assert!(e.contains(&ids[1].to_hex()), "{e}");
+        assert!(e.contains("offset 16"), "{e}");
+    }
+
+    #[test]
+    fn a_repacked_blob_is_found_after_its_pack_is_deleted() {
+        let (_d, r) = repo();
+        let store = BlobStore::open_writer(&r, &[]).unwrap();
+        let p = Packer::new(&r, store.clone()).unwrap();
+        let keep = b"keep me".repeat(1000);
+        let ids = put_frame(&p, &[b"dead".repeat(900), keep.clone()]);
+        p.checkpoint().unwrap();
+        let reader = BlobStore::open(&r).unwrap();
+        let old = reader.location(&ids[1]).unwrap();
+        // A prune repacks the live blob, writes the compacted index, condemns the old pack.
+        let old_files = crate::repo::index::list_index_files(&r).unwrap();
+        let p2 = Packer::new(&r, BlobStore::open_writer(&r, &[]).unwrap()).unwrap();
+        put_frame(&p2, std::slice::from_ref(&keep));
+        p2.checkpoint().unwrap();
+        let record = writers::write_pending(&r, &[old.pack], &old_files).unwrap();
+        for f in &old_files {
+            std::fs::remove_file(r.index_dir().join(f)).unwrap();
+        }
+        // A reader opened now still reads the condemned pack, but prefers the new one.
+        let late = BlobStore::open(&r).unwrap();
+        assert_ne!(late.location(&ids[1]).unwrap().pack, old.pack);
+        assert_eq!(late.location(&ids[0]).unwrap().pack, old.pack);
+        assert_eq!(
+            &late.blob(&ids[0], BlobKind::Data).unwrap()[..],
+            &b"dead".repeat(900)[..]
+        );
+        // A writer knowing the record does not see the condemned pack at all.
+        let pending = writers::read_pending(&r).unwrap();
+        assert_eq!(pending[0].id, record);
+        let w = BlobStore::open_writer(&r, &pending).unwrap();
+        assert!(!w.contains(&ids[0]) && w.contains(&ids[1]));
+        // The pack is deleted: the early reader reloads the index and follows the blob.
+        std::fs::remove_file(reader.pack_path(&old.pack)).unwrap();
+        assert_eq!(
+            &reader.blob(&ids[1], BlobKind::Data).unwrap()[..],
+            &keep[..]
+        );
+        assert!(matches!(
+            reader.blob(&ids[0], BlobKind::Data),
+            Err(Error::MissingChunk { .. })
+        ));
+    }
+
+    #[test]
+    fn a_reload_keeps_packs_not_indexed_yet() {
+        let (_d, r) = repo();
+        let store = BlobStore::open_writer(&r, &[]).unwrap();
+        let p = Packer::new(&r, store.clone()).unwrap();
+        let lost = put_frame(&p, &[noise(1, 5000)]);
+        p.checkpoint().unwrap();
+        // A pack finished but not yet in an index file (simulated), then a missing pack.
+        let extra = put_frame(&p, &[noise(2, 5000)]);
+        let open = p.state().open.take().unwrap();
+        p.seal(&mut State::default(), open).unwrap();
+        assert!(store.location(&extra[0]).is_some());
+        let gone = store.location(&lost[0]).unwrap().pack;
+        std::fs::remove_file(store.pack_path(&gone)).unwrap();
+        assert!(matches!(
+            store.blob(&lost[0], BlobKind::Data),
+            Err(Error::MissingChunk { .. })
+        ));
+        assert!(store.location(&extra[0]).is_some());
+        assert_eq!(
+            &store.blob(&extra[0], BlobKind::Data).unwrap()[..],
+            &noise(2, 5000)[..]
+        );
+    }
+
+    #[test]
+    fn format_1_repositories_get_no_packer() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Repository::init(&dir.path().join("r"), &InitOptions::v1()).unwrap();
+        assert_eq!(r.format_version(), 1);
+        let store = BlobStore::open_writer(&r, &[]);
+        if let Ok(store) = store {
+            let e = Packer::new(&r, store).unwrap_err().to_string();
+            assert!(e.contains("format 1 is read-only"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Writer markers and pending records (docs/FORMAT.md, F2.8): how a prune learns which
+//! running backups may still use the packs it condemned.
+//!
+//! - `pending/<id>`: JSON `{"created", "packs": [pack ids], "index": [index file ids]}`,
+//!   written atomically by prune; removed once its packs are deleted.
+//! - `writers/<id>`: one per running backup, exclusively `flock`ed by it for its lifetime,
+//!   JSON `{"pid", "host", "started", "knows": [pending record ids]}`. A marker whose lock
+//!   can be taken belongs to a dead process. A marker being written (unparsable) belongs to a
+//!   live writer that knows nothing yet.
+
+use super::Repository;
+use super::fsio;
+use super::index::is_hex_name;
+use crate::error::{Error, IoContext, Result};
+use crate::hash::ChunkId;
+use crate::platform;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Largest pending record or marker read (against hostile files): a million packs.
+const MAX_RECORD_LEN: u64 = 256 << 20;
+const MAX_MARKER_LEN: u64 = 16 << 20;
+
+/// A prune's condemnation record, `pending/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRecord {
+    /// The file name.
+    pub id: String,
+    pub created: String,
+    pub packs: Vec<ChunkId>,
+    pub index: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PendingJson {
+    created: String,
+    packs: Vec<String>,
+    index: Vec<String>,
+}
+
+/// Every pending record of `repo`, sorted by id. A record removed while being listed is
+/// skipped; a damaged one is an error naming it.
+pub fn read_pending(repo: &Repository) -> Result<Vec<PendingRecord>> {
+    read_pending_dir(&repo.pending_dir())
+}
+
+fn list_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).ctx("list", dir)? {
+        let e = e.ctx("list", dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_hex_name(&name, 32) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+pub(crate) fn read_pending_dir(dir: &Path) -> Result<Vec<PendingRecord>> {
+    let mut out = Vec::new();
+    for id in list_names(dir)? {
+        if let Some(r) = read_record(dir, id)? {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// The pending records of `dir` that can be read; damaged ones are skipped (a reader only
+/// uses them to find packs still readable, `verify` and `prune` report the damage).
+pub(crate) fn read_pending_dir_lenient(dir: &Path) -> Result<Vec<PendingRecord>> {
+    let mut out = Vec::new();
+    for id in list_names(dir)? {
+        match read_record(dir, id) {
+            Ok(Some(r)) => out.push(r),
+            Ok(None) | Err(Error::Corrupt { .. }) | Err(Error::NotRegularFile { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Pending record `id` of `dir`; `None` when it was removed meanwhile.
+fn read_record(dir: &Path, id: String) -> Result<Option<PendingRecord>> {
+    let path = dir.join(&id);
+    let bytes = match fsio::read_limited(&path, MAX_RECORD_LEN, "pending record") {
+        Ok(b) => b,
+        Err(e) if fsio::is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |detail: String| Error::corrupt("pending record", &path, detail);
+    let json: PendingJson = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let packs = json
+        .packs
+        .iter()
+        .map(|p| ChunkId::from_hex(p).ok_or_else(|| bad(format!("bad pack id {p:?}"))))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(i) = json.index.iter().find(|i| !is_hex_name(i, 64)) {
+        return Err(bad(format!("bad index file id {i:?}")));
+    }
+    Ok(Some(PendingRecord {
+        id,
+        created: json.created,
+        packs,
+        index: json.index,
+    }))
+}
+
+/// Writes a pending record durably; returns its id.
+pub fn write_pending(repo: &Repository, packs: &[ChunkId], index: &[String]) -> Result<String> {
+    let json = PendingJson {
+        created: crate::time::rfc3339(crate::time::now_unix()),
+        packs: packs.iter().map(|p| p.to_hex()).collect(),
+        index: index.to_vec(),
+    };
+    let bytes =
+        serde_json::to_vec(&json).map_err(|e| Error::internal("pending record", e.to_string()))?;
+    let id = fsio::random_hex(16);
+    fsio::atomic_write(&repo.pending_dir().join(&id), &bytes)?;
+    Ok(id)
+}
+
+/// Removes pending record `id` durably; a record already gone is fine.
+pub fn remove_pending(repo: &Repository, id: &str) -> Result<()> {
+    remove_durably(&repo.pending_dir(), id)
+}
+
+fn remove_durably(dir: &Path, name: &str) -> Result<()> {
+    let path = dir.join(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => platform::sync_dir(dir).ctx("flush directory", dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", &path, e)),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct MarkerJson {
+    pid: u32,
+    host: String,
+    started: String,
+    knows: Vec<String>,
+}
+
+/// A running writer's marker `writers/<id>`: holds its exclusive lock; dropping removes the
+/// file (while still locked, so nobody mistakes it for a dead writer's) and releases it.
+#[derive(Debug)]
+pub struct WriterMarker {
+    id: String,
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl WriterMarker {
+    /// The marker's id (its file name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Replaces the marker's content (fsynced): a reader of a half-written marker takes it
+    /// for a live writer that knows nothing, the safe reading.
+    fn write(&self, json: &MarkerJson) -> Result<()> {
+        let bytes = serde_json::to_vec(json)
+            .map_err(|e| Error::internal("writer marker", e.to_string()))?;
+        let Some(mut f) = self.file.as_ref() else {
+            return Err(Error::internal("writer marker", "marker already released"));
+        };
+        f.set_len(0).ctx("write", &self.path)?;
+        platform::write_all_at(f, &bytes, 0).ctx("write", &self.path)?;
+        f.flush().ctx("write", &self.path)?;
+        f.sync_all().ctx("flush", &self.path)
+    }
+}
+
+impl Drop for WriterMarker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        self.file.take();
+    }
+}
+
+/// Creates this process's writer marker (locked), reads the pending records, and records in
+/// the marker that it knows them, in that order (docs/FORMAT.md F2.8): a prune that wrote a
+/// record after the read waits for this writer, one whose record was read has its packs left
+/// out of this writer's index.
+pub fn register_writer(repo: &Repository) -> Result<(WriterMarker, Vec<PendingRecord>)> {
+    let dir = repo.writers_dir();
+    std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+    let marker = create_marker(&dir)?;
+    let mut json = MarkerJson {
+        pid: std::process::id(),
+        host: platform::hostname(),
+        started: crate::time::rfc3339(crate::time::now_unix()),
+        knows: Vec::new(),
+    };
+    marker.write(&json)?;
+    platform::sync_dir(&dir).ctx("flush directory", &dir)?;
+    let pending = read_pending(repo)?;
+    json.knows = pending.iter().map(|p| p.id.clone()).collect();
+    marker.write(&json)?;
+    Ok((marker, pending))
+}
+
+fn create_marker(dir: &Path) -> Result<WriterMarker> {
+    for _ in 0..1000 {
+        let id = fsio::random_hex(16);
+        let path = dir.join(&id);
+        let file = match platform::open_no_follow(&path, true, true) {
+            Ok(f) => f,
+            Err(e) => return Err(Error::io("create writer marker", &path, e)),
+        };
+        file.lock().ctx("lock", &path)?;
+        // A `live_writers` that took the lock between the create and ours removed the
+        // name as a dead writer's: start over under a new one.
+        if platform::path_names_file(&path, &file).unwrap_or(false) {
+            return Ok(WriterMarker {
+                id,
+                path,
+                file: Some(file),
+            });
+        }
+    }
+    Err(Error::io(
+        "create writer marker in",
+        dir,
+        std::io::Error::other("it keeps disappearing after creation"),
+    ))
+}
+
+/// What a live writer's marker says (pid 0 and empty fields while it is being written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterInfo {
+    pub id: String,
+    pub pid: u32,
+    pub host: String,
+    pub started: String,
+    pub knows: Vec<String>,
+}
+
+/// The live writers of `repo`, sorted by id. Markers of dead writers (their lock can be
+/// taken) are removed.
+pub fn live_writers(repo: &Repository) -> Result<Vec<WriterInfo>> {
+    let dir = repo.writers_dir();
+    let mut out = Vec::new();
+    let names = match list_names(&dir) {
+        Ok(n) => n,
+        Err(e) if fsio::is_not_found(&e) => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for id in names {
+        let path = dir.join(&id);
+        let mut file = match fsio::open_regular(&path, false, "open") {
+            Ok(f) => f,
+            Err(e) if fsio::is_not_found(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                // Dead: still the file that was locked (not a new writer's under that name)?
+                if platform::path_names_file(&path, &file).unwrap_or(false) {
+                    remove_durably(&dir, &id)?;
+                }
+                continue;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+        }
+        let mut bytes = Vec::new();
+        (&mut file)
+            .take(MAX_MARKER_LEN)
+            .read_to_end(&mut bytes)
+            .ctx("read", &path)?;
+        let info = match serde_json::from_slice::<MarkerJson>(&bytes) {
+            Ok(j) => WriterInfo {
+                id,
+                pid: j.pid,
+                host: j.host,
+                started: j.started,
+                knows: j.knows,
+            },
+            Err(_) => WriterInfo {
+                id,
+                pid: 0,
+                host: String::new(),
+                started: String::new(),
+                knows: Vec::new(),
+            },
+        };
+        out.push(info);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::InitOptions;
+
+    fn repo() -> (tempfile::TempDir, Repository) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Repository::init(&dir.path().join("r"), &InitOptions::default()).unwrap();
+        (dir, r)
+    }
+
+    #[test]
+    fn pending_records_round_trip() {
+        let (_d, r) = repo();
+        assert!(read_pending(&r).unwrap().is_empty());
+        let packs = [ChunkId([1; 32]), ChunkId([2; 32])];
+        let index = vec!["ab".repeat(32)];
+        let id = write_pending(&r, &packs, &index).unwrap();
+        let list = read_pending(&r).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].id, id);
+        assert_eq!(list[0].packs, packs);
+        assert_eq!(list[0].index, index);
+        std::fs::write(r.pending_dir().join(".tmp-x"), b"junk").unwrap();
+        assert_eq!(read_pending(&r).unwrap().len(), 1);
+        std::fs::write(r.pending_dir().join("cd".repeat(16)), b"{junk").unwrap();
+        assert!(matches!(read_pending(&r), Err(Error::Corrupt { .. })));
+        // Readers skip it: they only look for packs still readable.
+        assert_eq!(read_pending_dir_lenient(&r.pending_dir()).unwrap().len(), 1);
+        crate::repo::blobs::BlobStore::open(&r).unwrap();
+        std::fs::remove_file(r.pending_dir().join("cd".repeat(16))).unwrap();
+        remove_pending(&r, &id).unwrap();
+        remove_pending(&r, &id).unwrap();
+        assert!(read_pending(&r).unwrap().is_empty());
+    }
+
+    #[test]
+    fn writers_are_live_while_registered_and_dead_markers_are_removed() {
+        let (_d, r) = repo();
+        let pending = write_pending(&r, &[ChunkId([3; 32])], &[]).unwrap();
+        let (marker, known) = register_writer(&r).unwrap();
+        assert_eq!(known.len(), 1);
+        let live = live_writers(&r).unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].id, marker.id());
+        assert_eq!(live[0].pid, std::process::id());
+        assert_eq!(live[0].knows, vec![pending]);
+        // A dead writer's marker (nobody holds its lock) is removed.
+        let dead = r.writers_dir().join("ef".repeat(16));
+        std::fs::write(&dead, b"{}").unwrap();
+        assert_eq!(live_writers(&r).unwrap().len(), 1);
+        assert!(!dead.exists());
+        drop(marker);
+        assert!(live_writers(&r).unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(r.writers_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unparsable_live_marker_knows_nothing() {
+        let (_d, r) = repo();
+        let (marker, _) = register_writer(&r).unwrap();
+        let path = r.writers_dir().join(marker.id());
+        std::fs::write(&path, b"{\"pid\": 1").unwrap();
+        let live = live_writers(&r).unwrap();
+        assert_eq!(live.len(), 1);
+        assert!(live[0].knows.is_empty());
+    }
+}
