@@ -353,6 +353,29 @@ fn ten_backups_forget_keep_last_3_prune_restore_exactly_in_a_compact_repository(
         after.abs_diff(fresh) <= fresh / 10,
         "pruned repository holds {after} bytes, a fresh one with the same 3 versions {fresh}"
     );
+
+    // Life goes on after the prune: filesystem-aware backups (unchanged files' blocks taken
+    // from the parent) on top of repacked data, then a prune that keeps only the last one.
+    volback_ok(&["stats", p(&repo), "--json"]);
+    let a = backup_json(&img, &repo, &[]);
+    let m = Mount::new(&img, &mnt, Some("loop"));
+    modify(&m.dir.join("work"), &mut rng);
+    let files = tree_hashes(&m.dir);
+    m.unmount();
+    let b = backup_json(&img, &repo, &[]);
+    assert_eq!(b["parent"], a["snapshot"], "{b}");
+    eprintln!("after the prune: unread_blocks {}", b["unread_blocks"]);
+    volback_ok(&["forget", p(&repo), "--keep-last", "1", "--prune"]);
+    assert_eq!(snapshot_ids(&repo), vec![jstr(&b, "/snapshot").to_string()]);
+    restore(&repo, jstr(&b, "/snapshot"), &out);
+    run_ok("e2fsck", &["-fn", p(&out)]);
+    let lo = Loop::attach(&out, true);
+    let m = Mount::new(&lo.dev, &t.join("check"), Some("ro"));
+    let got = tree_hashes(&m.dir);
+    m.unmount();
+    drop(lo);
+    assert_eq!(got, files, "files of the last backup after two prunes");
+    assert_verify_clean(&repo);
 }
 
 // ---------------------------------------------------------------------------------------------
