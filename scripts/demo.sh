@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds volback, makes a small ext4 image, backs it up twice (full, then incremental) into a
-# local-directory repository, restores the latest snapshot and checks it with e2fsck.
+# local-directory repository, restores the latest snapshot, checks it with e2fsck, verifies
+# the repository and applies a retention policy (forget --keep-last 3 --prune).
 # Needs cargo and e2fsprogs (mkfs.ext4 -d populates the image without mounting it).
 # Usage: scripts/demo.sh [WORKDIR]   (default /tmp/volback-demo; reruns add snapshots)
 set -euo pipefail
@@ -30,4 +31,6 @@ debugfs -w -R "write $work/files/changed.bin changed.bin" "$work/disk.img" >/dev
 "$volback" restore "$work/repo" latest "$work/restored.img"
 e2fsck -fn "$work/restored.img"
 "$volback" verify "$work/repo" --read-data
+echo "# keep the 3 newest snapshots (reruns add one each), delete what nothing needs any more"
+"$volback" forget "$work/repo" --keep-last 3 --prune
 echo "demo done: repository in $work/repo"

@@ -12,6 +12,9 @@
 //! still holds the data stores it again, and since chunks are content-addressed that repairs
 //! every snapshot referring to it (docs/REPAIR.md). A missing chunk needs nothing moved; a
 //! chunk that cannot be read for another reason (an I/O error) is left where it is.
+//!
+//! Format 2 repositories are checked by [`v2`]: index files, packs, snapshot trees, and with
+//! `read_data` every pack file byte.
 
 use crate::error::{Error, Result, chain};
 use crate::hash::ChunkId;
@@ -22,6 +25,8 @@ use crate::repo::format::BlockRef;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+mod v2;
+
 /// Options of a verification.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
@@ -31,10 +36,14 @@ pub struct VerifyOptions {
 }
 
 /// A problem found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Problem {
     /// The bad chunk, or `None` for a problem with a snapshot file itself.
     pub chunk: Option<String>,
+    /// Format 2: the bad pack, if the problem is one of a pack file.
+    pub pack: Option<String>,
+    /// Format 2: the bad or missing blob.
+    pub blob: Option<String>,
     /// The snapshot whose file is bad (when `chunk` is `None`).
     pub snapshot: Option<String>,
     pub detail: String,
@@ -46,10 +55,9 @@ impl Problem {
     /// The snapshot file `id` could not be read: `e`.
     fn snapshot(id: &str, e: &Error) -> Problem {
         Problem {
-            chunk: None,
             snapshot: Some(id.to_string()),
             detail: chain(e),
-            affected: Vec::new(),
+            ..Problem::default()
         }
     }
 }
@@ -58,7 +66,12 @@ impl Problem {
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
     pub snapshots_checked: usize,
+    /// Chunks (format 1) or blobs (format 2) checked.
     pub chunks_checked: u64,
+    /// Format 2: pack files checked (read whole with `read_data`, else their presence).
+    pub packs_checked: u64,
+    /// Format 2: index files read.
+    pub index_files_checked: u64,
     pub bytes_checked: u64,
     pub problems: Vec<Problem>,
 }
@@ -80,6 +93,28 @@ pub fn verify(
     opts: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    match repo.format_version() {
+        1 => verify_v1(repo, ids, opts, progress),
+        _ => v2::verify(repo, ids, opts, progress),
+    }
+}
+
+/// The worker threads `opts` asks for.
+fn thread_count(opts: &VerifyOptions) -> usize {
+    if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    }
+}
+
+/// Format 1: snapshots and chunk files.
+fn verify_v1(
+    repo: &Repository,
+    ids: &[String],
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let ids: Vec<String> = if ids.is_empty() {
         let mut all = repo.snapshot_ids()?;
         all.sort();
@@ -87,11 +122,7 @@ pub fn verify(
     } else {
         ids.to_vec()
     };
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        opts.threads
-    };
+    let threads = thread_count(opts);
     let mut report = VerifyReport::default();
     let mut seen: HashMap<ChunkId, Status> = HashMap::new();
     let store = repo.chunks();
@@ -159,9 +190,8 @@ pub fn verify(
                     Err(e) => {
                         report.problems.push(Problem {
                             chunk: Some(c.to_hex()),
-                            snapshot: None,
                             detail: chain(&e),
-                            affected: Vec::new(),
+                            ..Problem::default()
                         });
                         seen.insert(*c, Status::Bad(report.problems.len() - 1));
                     }

@@ -105,12 +105,24 @@ pub struct VerifyJson<'a> {
     snapshots_checked: usize,
     chunks_checked: u64,
     bytes_checked: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    packs_checked: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    index_files_checked: u64,
     problems: Vec<ProblemJson<'a>>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
 struct ProblemJson<'a> {
     chunk: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pack: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blob: Option<&'a str>,
     snapshot: Option<&'a str>,
     detail: &'a str,
     affected: Vec<AffectedJson<'a>>,
@@ -126,6 +138,8 @@ impl<'a> VerifyJson<'a> {
     pub fn new(r: &'a VerifyReport) -> Self {
         let problem = |p: &'a Problem| ProblemJson {
             chunk: p.chunk.as_deref(),
+            pack: p.pack.as_deref(),
+            blob: p.blob.as_deref(),
             snapshot: p.snapshot.as_deref(),
             detail: &p.detail,
             affected: p
@@ -141,6 +155,8 @@ impl<'a> VerifyJson<'a> {
             snapshots_checked: r.snapshots_checked,
             chunks_checked: r.chunks_checked,
             bytes_checked: r.bytes_checked,
+            packs_checked: r.packs_checked,
+            index_files_checked: r.index_files_checked,
             problems: r.problems.iter().map(problem).collect(),
         }
     }

@@ -44,10 +44,17 @@ pub fn run(a: VerifyArgs, ctx: &Ctx) -> Result<ExitCode> {
         for p in &r.problems {
             print_problem(p);
         }
+        let objects = if repository.format_version() >= 2 {
+            format!(
+                "{} blobs, {} packs, {} index files",
+                r.chunks_checked, r.packs_checked, r.index_files_checked
+            )
+        } else {
+            format!("{} chunks", r.chunks_checked)
+        };
         println!(
-            "checked {} snapshots, {} chunks{}: {}",
+            "checked {} snapshots, {objects}{}: {}",
             r.snapshots_checked,
-            r.chunks_checked,
             if a.read_data {
                 format!(" ({} re-hashed)", human_bytes(r.bytes_checked))
             } else {
@@ -70,9 +77,11 @@ pub fn run(a: VerifyArgs, ctx: &Ctx) -> Result<ExitCode> {
 /// One problem, and per snapshot, in the order found, its first offset and how many more
 /// blocks it affects (a pack's damage reaches all of its blocks).
 fn print_problem(p: &Problem) {
-    match (&p.chunk, &p.snapshot) {
-        (Some(c), _) => println!("BAD chunk {c}: {}", p.detail),
-        (None, Some(s)) => println!("BAD snapshot {s}: {}", p.detail),
+    match (&p.chunk, &p.pack, &p.blob, &p.snapshot) {
+        (Some(c), ..) => println!("BAD chunk {c}: {}", p.detail),
+        (None, Some(pk), _, _) => println!("BAD pack {pk}: {}", p.detail),
+        (None, None, Some(b), _) => println!("BAD blob {b}: {}", p.detail),
+        (None, None, None, Some(s)) => println!("BAD snapshot {s}: {}", p.detail),
         _ => println!("BAD: {}", p.detail),
     }
     const SHOW: usize = 20;

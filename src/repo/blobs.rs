@@ -247,12 +247,10 @@ impl BlobStore {
     /// pack deleted by a prune after a repack sends readers to the blobs' new places; a pack
     /// lost for good does not reload the index at every read of its blobs.
     fn reload_for(&self, missing_pack: &ChunkId) -> Result<()> {
-        if !self
-            .missing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*missing_pack)
-        {
+        // Held during the reload: another thread that met the same missing pack waits for
+        // the new index instead of retrying against the old one.
+        let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        if !missing.insert(*missing_pack) {
             return Ok(());
         }
         let mut fresh = self.load_index()?;

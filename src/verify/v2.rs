@@ -1,0 +1,582 @@
+//! Verify of a format-2 repository.
+//!
+//! Always: every index file decodes; every indexed pack exists (a pack condemned by a pending
+//! record may be gone); every snapshot's tree is readable (nodes decode and match their ids,
+//! read through the blob store) and every data blob it names is indexed in a pack that exists.
+//! With `read_data`, every pack file (of the snapshots checked, or all indexed packs) is read
+//! whole: its BLAKE3 equals its name, its table parses and agrees with the index, every frame
+//! decodes and every blob's content hashes to its id. Nothing is moved or repaired: a pack
+//! holds many blobs, and a later backup stores again whatever a bad blob held only once the
+//! blob is dropped from the index (by a prune, after `forget` of the snapshots that need it).
+
+use super::{Problem, VerifyOptions, VerifyReport, thread_count};
+use crate::error::{Error, IoContext, Result, chain};
+use crate::hash::{ChunkId, HashAlgorithm};
+use crate::platform;
+use crate::progress::Progress;
+use crate::prune::{mark, plan, sweep};
+use crate::repo::Repository;
+use crate::repo::blob::{BlobEntry, BlobKind, BlobSource};
+use crate::repo::blobs::BlobStore;
+use crate::repo::fsio;
+use crate::repo::index::{IndexFile, list_index_files};
+use crate::repo::pack::{read_frame_raw, read_pack_table};
+use crate::repo::writers;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// At most this many (snapshot, offset) pairs are listed per problem.
+const MAX_AFFECTED: usize = 1000;
+
+/// Verifies a format-2 repository (module doc).
+pub(super) fn verify(
+    repo: &Repository,
+    ids: &[String],
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let hash = repo.config().chunk_hash;
+
+    // Index files.
+    let mut tables: HashMap<ChunkId, Vec<BlobEntry>> = HashMap::new();
+    let mut named_by: HashMap<ChunkId, String> = HashMap::new();
+    let mut files = list_index_files(repo)?;
+    files.sort();
+    for f in &files {
+        match IndexFile::read(&repo.index_dir().join(f)) {
+            Ok(idx) => {
+                for (pack, entries) in idx.packs {
+                    named_by.entry(pack).or_insert_with(|| f.clone());
+                    tables.entry(pack).or_insert(entries);
+                }
+            }
+            Err(e) => report.problems.push(Problem {
+                detail: format!("index file {f}: {}", chain(&e)),
+                ..Problem::default()
+            }),
+        }
+        report.index_files_checked += 1;
+    }
+    let condemned: HashSet<ChunkId> = writers::read_pending(repo)?
+        .into_iter()
+        .flat_map(|r| r.packs)
+        .collect();
+
+    // Packs present; blobs usable (in a pack that exists).
+    let mut usable: HashSet<ChunkId> = HashSet::new();
+    let mut packs: Vec<ChunkId> = tables.keys().copied().collect();
+    packs.sort_by_key(|a| a.0);
+    let mut present: Vec<ChunkId> = Vec::new();
+    for p in &packs {
+        let path = sweep::pack_path(repo, p);
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => {
+                present.push(*p);
+                usable.extend(tables[p].iter().map(|e| e.id));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !condemned.contains(p) {
+                    report.problems.push(Problem {
+                        pack: Some(p.to_hex()),
+                        detail: format!(
+                            "pack {p} is missing (named by index file {}; expected at {})",
+                            named_by.get(p).map_or("?", |s| s.as_str()),
+                            path.display()
+                        ),
+                        ..Problem::default()
+                    });
+                }
+            }
+            Err(e) => report.problems.push(Problem {
+                pack: Some(p.to_hex()),
+                detail: chain(&Error::io("inspect", &path, e)),
+                ..Problem::default()
+            }),
+        }
+    }
+    // Condemned packs still on disk serve readers until deleted.
+    for p in &condemned {
+        if tables.contains_key(p) {
+            continue;
+        }
+        if let Ok(t) = read_pack_table(&sweep::pack_path(repo, p), p) {
+            usable.extend(t.iter().map(|e| e.id));
+        }
+    }
+
+    // Snapshots: trees and the blobs they name.
+    let mut snap_ids: Vec<String> = if ids.is_empty() {
+        repo.snapshot_ids()?
+    } else {
+        ids.to_vec()
+    };
+    snap_ids.sort();
+    // The repository's reader store; when it cannot open (a damaged index file, reported
+    // above), the index files that could be read.
+    let store: Arc<dyn BlobSource> = match BlobStore::open(repo) {
+        Ok(s) => s,
+        Err(_) => Arc::new(TableSource::new(repo, &tables)),
+    };
+    let mut seen_nodes: HashSet<ChunkId> = HashSet::new();
+    let mut referenced: HashSet<ChunkId> = HashSet::new();
+    // Bad blob -> index of its problem.
+    let mut bad: HashMap<ChunkId, usize> = HashMap::new();
+    progress.start("verify trees", snap_ids.len() as u64);
+    for id in &snap_ids {
+        progress.advance(1);
+        let snap = match repo.open_snapshot(id) {
+            Ok(s) => s,
+            Err(e) => {
+                report.problems.push(Problem::snapshot(id, &e));
+                continue;
+            }
+        };
+        report.snapshots_checked += 1;
+        let mut names = HashSet::new();
+        if let Err(e) = mark::mark_snapshot(&snap, &*store, &mut seen_nodes, &mut names) {
+            report.problems.push(Problem::snapshot(id, &e));
+        }
+        for b in &names {
+            if referenced.insert(*b) {
+                report.chunks_checked += 1;
+            }
+            if !usable.contains(b) && !bad.contains_key(b) {
+                report.problems.push(Problem {
+                    blob: Some(b.to_hex()),
+                    snapshot: Some(id.clone()),
+                    detail: format!(
+                        "blob {b}, named by snapshot {}, is in no index file or its pack is \
+                         missing",
+                        &id[..12.min(id.len())]
+                    ),
+                    ..Problem::default()
+                });
+                bad.insert(*b, report.problems.len() - 1);
+            }
+        }
+    }
+    progress.finish();
+    drop(seen_nodes);
+
+    // Pack files.
+    let to_read: Vec<ChunkId> = if !opts.read_data {
+        Vec::new()
+    } else if ids.is_empty() {
+        present.clone()
+    } else {
+        present
+            .iter()
+            .filter(|p| tables[*p].iter().any(|e| referenced.contains(&e.id)))
+            .copied()
+            .collect()
+    };
+    report.packs_checked = if opts.read_data {
+        to_read.len() as u64
+    } else {
+        present.len() as u64
+    };
+    let total: u64 = to_read
+        .iter()
+        .map(|p| plan::pack_file_len(&tables[p]))
+        .sum();
+    progress.start("verify packs", total);
+    let results = check_packs(repo, &to_read, &tables, hash, thread_count(opts), progress);
+    progress.finish();
+    for r in results {
+        report.bytes_checked += r.bytes;
+        for (blob, detail) in r.problems {
+            report.problems.push(Problem {
+                pack: Some(r.pack.to_hex()),
+                blob: blob.map(|b| b.to_hex()),
+                detail,
+                ..Problem::default()
+            });
+            if let Some(b) = blob
+                && referenced.contains(&b)
+            {
+                bad.entry(b).or_insert(report.problems.len() - 1);
+            }
+        }
+    }
+
+    // Where the bad blobs are used: a second pass over the snapshots that need it.
+    if !bad.is_empty() {
+        for id in &snap_ids {
+            let Ok(mut snap) = repo.open_snapshot(id) else {
+                continue;
+            };
+            snap.set_blobs(store.clone());
+            let bs = u64::from(snap.header().block_size);
+            let _ = snap.for_each_run(|first, r, n| {
+                if let Some(b) = r.blob()
+                    && let Some(&p) = bad.get(&b)
+                {
+                    let list = &mut report.problems[p].affected;
+                    for k in 0..n.min(MAX_AFFECTED as u64) {
+                        if list.len() >= MAX_AFFECTED {
+                            break;
+                        }
+                        list.push((id.clone(), (first + k) * bs));
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// Blobs read through the index files that could be read.
+struct TableSource {
+    packs_dir: std::path::PathBuf,
+    hash: HashAlgorithm,
+    locations: HashMap<ChunkId, (ChunkId, BlobEntry)>,
+}
+
+impl TableSource {
+    fn new(repo: &Repository, tables: &HashMap<ChunkId, Vec<BlobEntry>>) -> Self {
+        let mut locations = HashMap::new();
+        for (p, entries) in tables {
+            for e in entries {
+                locations.entry(e.id).or_insert((*p, *e));
+            }
+        }
+        TableSource {
+            packs_dir: repo.packs_dir(),
+            hash: repo.config().chunk_hash,
+            locations,
+        }
+    }
+}
+
+impl BlobSource for TableSource {
+    fn blob(&self, id: &ChunkId, _: BlobKind) -> Result<Arc<Vec<u8>>> {
+        let missing = || Error::MissingChunk {
+            id: id.to_hex(),
+            path: self.packs_dir.clone(),
+        };
+        let (pack, e) = self.locations.get(id).ok_or_else(missing)?;
+        let hex = pack.to_hex();
+        let path = self.packs_dir.join(&hex[..2]).join(&hex);
+        let file = fsio::open_regular(&path, false, "open")?;
+        let raw = read_frame_raw(&file, &path, e)?;
+        let start = e.raw_offset as usize;
+        let content = raw
+            .get(start..start + e.raw_len as usize)
+            .filter(|c| self.hash.hash(c) == *id)
+            .ok_or_else(|| {
+                Error::corrupt(format!("blob {id}"), &path, "content does not match its id")
+            })?;
+        Ok(Arc::new(content.to_vec()))
+    }
+}
+
+/// What reading one pack found: (blob, detail) per problem.
+struct PackResult {
+    pack: ChunkId,
+    bytes: u64,
+    problems: Vec<(Option<ChunkId>, String)>,
+}
+
+/// Reads the packs `packs` in parallel ([`check_pack`]).
+fn check_packs(
+    repo: &Repository,
+    packs: &[ChunkId],
+    tables: &HashMap<ChunkId, Vec<BlobEntry>>,
+    hash: HashAlgorithm,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Vec<PackResult> {
+    if packs.is_empty() {
+        return Vec::new();
+    }
+    let per = packs.len().div_ceil(threads.max(1));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = packs
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|p| {
+                            let r = check_pack(repo, p, &tables[p], hash);
+                            progress.advance(r.bytes);
+                            r
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![PackResult {
+                        pack: ChunkId([0; 32]),
+                        bytes: 0,
+                        problems: vec![(None, "internal error: a worker thread panicked".into())],
+                    }]
+                })
+            })
+            .collect()
+    })
+}
+
+/// The BLAKE3 of the whole file `file` of `len` bytes.
+fn file_blake3(file: &std::fs::File, path: &std::path::Path, len: u64) -> Result<ChunkId> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        platform::read_exact_at(file, &mut buf[..n], off).ctx("read", path)?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(ChunkId(*h.finalize().as_bytes()))
+}
+
+/// Sort key of a table entry, to compare a pack's table with the index.
+fn entry_key(e: &BlobEntry) -> (u32, u32, [u8; 32], u8, u32, u32) {
+    (
+        e.frame_offset,
+        e.raw_offset,
+        e.id.0,
+        e.kind.code(),
+        e.frame_len,
+        e.raw_len,
+    )
+}
+
+/// Reads pack `pack` whole (module doc, `read_data`).
+fn check_pack(
+    repo: &Repository,
+    pack: &ChunkId,
+    indexed: &[BlobEntry],
+    hash: HashAlgorithm,
+) -> PackResult {
+    let path = sweep::pack_path(repo, pack);
+    let mut r = PackResult {
+        pack: *pack,
+        bytes: 0,
+        problems: Vec::new(),
+    };
+    let file = match fsio::open_regular(&path, false, "open") {
+        Ok(f) => f,
+        Err(e) => {
+            r.problems.push((None, chain(&e)));
+            return r;
+        }
+    };
+    let len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => {
+            r.problems.push((None, chain(&Error::io("stat", &path, e))));
+            return r;
+        }
+    };
+    match file_blake3(&file, &path, len) {
+        Ok(h) if h == *pack => {}
+        Ok(h) => r.problems.push((
+            None,
+            format!(
+                "pack file {} hashes to {h}, not to its name (damaged)",
+                path.display()
+            ),
+        )),
+        Err(e) => {
+            r.problems.push((None, chain(&e)));
+            return r;
+        }
+    }
+    r.bytes = len;
+    // The frames to read: the pack's own table when it parses, else the index's entries.
+    let entries: Vec<BlobEntry> = match read_pack_table(&path, pack) {
+        Ok(table) => {
+            let mut a: Vec<_> = table.iter().map(entry_key).collect();
+            let mut b: Vec<_> = indexed.iter().map(entry_key).collect();
+            a.sort_unstable();
+            b.sort_unstable();
+            if a != b {
+                r.problems.push((
+                    None,
+                    format!(
+                        "pack {pack}: its table ({} entries) disagrees with the index ({} entries)",
+                        a.len(),
+                        b.len()
+                    ),
+                ));
+            }
+            table
+        }
+        Err(e) => {
+            r.problems.push((None, chain(&e)));
+            indexed.to_vec()
+        }
+    };
+    for (_, (_, idx)) in plan::frames(&entries) {
+        let first = &entries[idx[0]];
+        let raw = match read_frame_raw(&file, &path, first) {
+            Ok(raw) => raw,
+            Err(e) => {
+                for &i in &idx {
+                    r.problems.push((
+                        Some(entries[i].id),
+                        format!(
+                            "blob {} ({}): {}",
+                            entries[i].id,
+                            entries[i].kind.name(),
+                            chain(&e)
+                        ),
+                    ));
+                }
+                continue;
+            }
+        };
+        for &i in &idx {
+            let e = &entries[i];
+            let start = e.raw_offset as usize;
+            let content = raw.get(start..start + e.raw_len as usize);
+            let ok = content.is_some_and(|c| hash.hash(c) == e.id);
+            if !ok {
+                r.problems.push((
+                    Some(e.id),
+                    format!(
+                        "blob {} ({}) in pack {pack} at frame offset {}: content does not match \
+                         its id",
+                        e.id,
+                        e.kind.name(),
+                        e.frame_offset
+                    ),
+                ));
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{VerifyOptions, verify};
+    use crate::progress::Silent;
+    use crate::prune::tests::{assert_clean, fx, packs, put_blobs, snapshot};
+    use crate::repo::Repository;
+
+    fn run(repo: &Repository, read_data: bool) -> super::VerifyReport {
+        verify(
+            repo,
+            &[],
+            &VerifyOptions {
+                read_data,
+                threads: 2,
+            },
+            &Silent,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_clean_repository_verifies() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1, 2, 3], 2);
+        snapshot(&f.repo, &ids);
+        assert_clean(&f.repo);
+        let r = run(&f.repo, true);
+        assert_eq!(r.snapshots_checked, 1);
+        assert_eq!(r.packs_checked, 2);
+        assert!(r.chunks_checked >= 4, "3 data blobs and a tree node");
+        assert!(r.bytes_checked > 0);
+    }
+
+    #[test]
+    fn a_damaged_pack_is_reported_with_its_blobs_and_snapshot() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1, 2, 3], 1);
+        let s = snapshot(&f.repo, &ids);
+        let data_pack = packs(&f.repo)
+            .into_iter()
+            .find(|p| {
+                crate::repo::pack::read_pack_table(&crate::prune::sweep::pack_path(&f.repo, p), p)
+                    .unwrap()
+                    .len()
+                    == 3
+            })
+            .unwrap();
+        let path = crate::prune::sweep::pack_path(&f.repo, &data_pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[40] ^= 0xff; // inside the first frame
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            run(&f.repo, false).problems.is_empty(),
+            "cheap check reads no data"
+        );
+        let r = run(&f.repo, true);
+        assert!(!r.problems.is_empty());
+        let p = &r.problems[0];
+        assert_eq!(p.pack.as_deref(), Some(&data_pack.to_hex()[..]));
+        assert!(p.detail.contains("hashes to"), "{}", p.detail);
+        let blob_problem = r
+            .problems
+            .iter()
+            .find(|p| p.blob.as_deref() == Some(&ids[0].to_hex()[..]))
+            .expect("the blob of the damaged frame is named");
+        assert_eq!(blob_problem.affected, vec![(s.clone(), 0)]);
+    }
+
+    #[test]
+    fn missing_packs_and_unindexed_blobs_are_reported() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1, 2], 1);
+        snapshot(&f.repo, &ids);
+        for p in packs(&f.repo) {
+            let path = crate::prune::sweep::pack_path(&f.repo, &p);
+            let t = crate::repo::pack::read_pack_table(&path, &p).unwrap();
+            if t.len() == 2 {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let r = run(&f.repo, false);
+        assert!(
+            r.problems.iter().any(|p| p.detail.contains("is missing")),
+            "{:#?}",
+            r.problems
+        );
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.blob.as_deref() == Some(&ids[1].to_hex()[..])),
+            "{:#?}",
+            r.problems
+        );
+        // Without index files, the tree itself cannot be read.
+        for f2 in crate::repo::index::list_index_files(&f.repo).unwrap() {
+            std::fs::remove_file(f.repo.index_dir().join(f2)).unwrap();
+        }
+        let r = run(&f.repo, false);
+        assert!(
+            r.problems.iter().any(|p| p.snapshot.is_some()),
+            "{:#?}",
+            r.problems
+        );
+    }
+
+    #[test]
+    fn a_damaged_index_file_is_reported() {
+        let f = fx();
+        let ids = put_blobs(&f.repo, &[1], 1);
+        snapshot(&f.repo, &ids);
+        let files = crate::repo::index::list_index_files(&f.repo).unwrap();
+        let path = f.repo.index_dir().join(&files[0]);
+        let mut b = std::fs::read(&path).unwrap();
+        b[20] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        let r = run(&f.repo, false);
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.detail.contains(&format!("index file {}", files[0]))),
+            "{:#?}",
+            r.problems
+        );
+    }
+}
