@@ -89,6 +89,7 @@ pub(super) struct Work {
     pub state: Option<SourceState>,
     /// The snapshot's time when it starts afresh.
     pub time_unix: i64,
+    pub time_nanos: u32,
     /// [`super::BackupReport::tracking_note`].
     pub tracking_note: Option<String>,
 }
@@ -239,7 +240,7 @@ pub(super) fn prepare(
         opts.restart,
         progress,
     )?;
-    let time_unix = crate::time::now_unix();
+    let (time_unix, time_nanos) = crate::time::now_unix_nanos();
     let parent = match &recorded {
         Some(h) => h.parent.clone(),
         None => find_parent(repo, &key, block_size, progress)?,
@@ -375,6 +376,7 @@ pub(super) fn prepare(
             store: Some(store),
             state: Some(state),
             time_unix,
+            time_nanos,
             tracking_note,
         },
     })
@@ -393,6 +395,7 @@ impl BackupPlan {
             all_blocks: self.all_blocks,
             time: crate::time::rfc3339(self.work.time_unix),
             time_unix: self.work.time_unix,
+            time_nanos: self.work.time_nanos,
             tags: tags.to_vec(),
             source_state: self.work.state.take(),
         }
@@ -908,6 +911,7 @@ mod tests {
             all_blocks: e.all_blocks,
             time: String::new(),
             time_unix: 0,
+            time_nanos: 0,
             tags: Vec::new(),
             source_state: None,
         }
