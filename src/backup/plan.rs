@@ -626,8 +626,11 @@ fn check_journal(store: &BlobStore, journal_path: &Path) -> Result<Option<Journa
                 return;
             }
             if let Some(id) = r.blob() {
-                if !store.contains(&id) {
-                    bad = Some((id, "not in the repository's index".into()));
+                if !store.usable(&id) {
+                    bad = Some((
+                        id,
+                        "not in the repository's index or its pack is missing".into(),
+                    ));
                 }
             } else if let Some(id) = r.chunk() {
                 bad = Some((id, "a chunk of repository format 1".into()));
@@ -687,7 +690,7 @@ fn drop_unreusable(
                 }
             };
             if let Some(blob) = r.and_then(|r| r.blob())
-                && !store.contains(&blob)
+                && !store.usable(&blob)
             {
                 out.unmark_bytes(b * known.granularity(), known.granularity());
                 dropped += 1;
@@ -697,7 +700,8 @@ fn drop_unreusable(
     if dropped > 0 {
         progress.warn(&format!(
             "{dropped} unchanged blocks refer to blobs of the parent snapshot that are no longer \
-             in the repository's index: they are read and stored again"
+             in the repository's index, or whose pack is missing or damaged: they are read and \
+             stored again"
         ));
     }
     Ok(Some((out, dropped)))
