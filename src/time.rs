@@ -10,6 +10,14 @@ pub fn now_unix() -> i64 {
     }
 }
 
+/// Now as Unix seconds and the nanoseconds past them (0 before 1970).
+pub fn now_unix_nanos() -> (i64, u32) {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => (-(e.duration().as_secs() as i64), 0),
+    }
+}
+
 /// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);

@@ -42,7 +42,7 @@ mkdir -p "$2"
 work=$(cd "$2" && pwd)
 [[ -f $vol/v1.img && -f $vol/v2.img ]] || bench_die "$vol must contain v1.img and v2.img"
 (($(id -u) == 0)) || bench_die "must run as root (loop mounts, dropping caches)"
-bench_require restic qemu-img losetup mount umount e2fsck sha256sum cmp /usr/bin/time "$BENCH_PYTHON"
+bench_require losetup mount umount e2fsck sha256sum /usr/bin/time "$BENCH_PYTHON"
 exec 7>"$work/.lock"
 flock -n 7 || bench_die "another prune.sh is running in $work"
 
@@ -52,6 +52,12 @@ SEED=${SEED:-volback-bench-1}
 CHANGE_EVERY=${CHANGE_EVERY:-50}
 UNITS=${UNITS:-history prune incremental}
 ((HISTORY >= 2 && KEEP >= 1 && KEEP < HISTORY)) || bench_die "need HISTORY >= 2 and 1 <= KEEP < HISTORY"
+for u in $UNITS; do
+    case $u in
+    history | prune) bench_require restic ;;
+    incremental) bench_require qemu-img ;;
+    esac
+done
 if [[ -z ${NEW_RANDOM_BYTES:-} ]]; then
     used=$(awk '$1 == "fs_used_bytes" { print $2 }' "$vol/v1.stats" 2>/dev/null || :)
     NEW_RANDOM_BYTES=$(( ${used:-2684354560} * 12 / 1000 ))

@@ -169,6 +169,7 @@ impl<'p> Draft<'p> {
         let header = SnapshotHeader {
             time: self.header.time,
             time_unix: self.header.time_unix,
+            time_nanos: self.header.time_nanos,
             hostname: crate::platform::hostname(),
             source: plan.source.clone(),
             filesystem: plan.filesystem.clone(),

@@ -228,6 +228,16 @@ fn run(
     });
     progress.finish();
     let (this_run, unread_blocks) = this_run?;
+    // Healing is not silent: other snapshots may name the lost blobs too.
+    let lost = store.unusable_count();
+    if lost > 0 {
+        progress.warn(&format!(
+            "{lost} stored blob(s) this backup would have reused were missing or damaged \
+             (their pack is missing or was set aside); their blocks were stored again, which \
+             also repairs older snapshots that name the same content. Run `volback verify \
+             --read-data` on the repository (docs/REPAIR.md)"
+        ));
+    }
     let unreadable = unreadable.into_inner().unwrap_or_else(|p| p.into_inner());
     let done = draft.finish(repo, &packer, &plan, &this_run, unreadable, started)?;
     // The snapshot is committed: the next backup of the volume may start, and prune may

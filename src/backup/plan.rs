@@ -89,6 +89,7 @@ pub(super) struct Work {
     pub state: Option<SourceState>,
     /// The snapshot's time when it starts afresh.
     pub time_unix: i64,
+    pub time_nanos: u32,
     /// [`super::BackupReport::tracking_note`].
     pub tracking_note: Option<String>,
 }
@@ -239,7 +240,7 @@ pub(super) fn prepare(
         opts.restart,
         progress,
     )?;
-    let time_unix = crate::time::now_unix();
+    let (time_unix, time_nanos) = crate::time::now_unix_nanos();
     let parent = match &recorded {
         Some(h) => h.parent.clone(),
         None => find_parent(repo, &key, block_size, progress)?,
@@ -375,6 +376,7 @@ pub(super) fn prepare(
             store: Some(store),
             state: Some(state),
             time_unix,
+            time_nanos,
             tracking_note,
         },
     })
@@ -393,6 +395,7 @@ impl BackupPlan {
             all_blocks: self.all_blocks,
             time: crate::time::rfc3339(self.work.time_unix),
             time_unix: self.work.time_unix,
+            time_nanos: self.work.time_nanos,
             tags: tags.to_vec(),
             source_state: self.work.state.take(),
         }
@@ -623,8 +626,11 @@ fn check_journal(store: &BlobStore, journal_path: &Path) -> Result<Option<Journa
                 return;
             }
             if let Some(id) = r.blob() {
-                if !store.contains(&id) {
-                    bad = Some((id, "not in the repository's index".into()));
+                if !store.usable(&id) {
+                    bad = Some((
+                        id,
+                        "not in the repository's index or its pack is missing".into(),
+                    ));
                 }
             } else if let Some(id) = r.chunk() {
                 bad = Some((id, "a chunk of repository format 1".into()));
@@ -684,7 +690,7 @@ fn drop_unreusable(
                 }
             };
             if let Some(blob) = r.and_then(|r| r.blob())
-                && !store.contains(&blob)
+                && !store.usable(&blob)
             {
                 out.unmark_bytes(b * known.granularity(), known.granularity());
                 dropped += 1;
@@ -694,7 +700,8 @@ fn drop_unreusable(
     if dropped > 0 {
         progress.warn(&format!(
             "{dropped} unchanged blocks refer to blobs of the parent snapshot that are no longer \
-             in the repository's index: they are read and stored again"
+             in the repository's index, or whose pack is missing or damaged: they are read and \
+             stored again"
         ));
     }
     Ok(Some((out, dropped)))
@@ -908,6 +915,7 @@ mod tests {
             all_blocks: e.all_blocks,
             time: String::new(),
             time_unix: 0,
+            time_nanos: 0,
             tags: Vec::new(),
             source_state: None,
         }

@@ -100,7 +100,7 @@ pub(super) struct RepoBlobs<'a> {
 
 impl Blobs for RepoBlobs<'_> {
     fn contains(&self, id: &ChunkId) -> bool {
-        self.store.contains(id)
+        self.store.usable(id)
     }
 
     fn add_frame(&self, encoded: &[u8], blobs: &[(ChunkId, BlobKind, u32, u32)]) -> Result<u64> {

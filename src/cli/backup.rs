@@ -96,11 +96,11 @@ fn print_text(r: &BackupReport, volume_size: u64, block_size: u32) {
         );
     }
     println!(
-        "  new data        {} in {} frames, {} stored ({} new packs)",
+        "  new data        {} in {}, {} stored ({})",
         human_bytes(r.this_run.new_bytes),
-        r.this_run.new_chunks,
+        super::display::plural(r.this_run.new_chunks, "frame", "frames"),
         human_bytes(r.this_run.new_bytes_stored),
-        r.packs_written
+        super::display::plural(r.packs_written, "new pack", "new packs")
     );
     println!(
         "  blocks          {} data ({} unchanged, {} deduplicated), {} zero, {} unused",

@@ -131,3 +131,8 @@ pub fn filesystem_line(fs: &volback::fs::FsInfo, note: &str) -> String {
         human_bytes(fs.used_bytes),
     )
 }
+
+/// `n` followed by the singular or plural noun.
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}

@@ -3,6 +3,7 @@
 
 use super::Ctx;
 use super::args::PruneArgs;
+use super::display::plural;
 use super::display::{CliProgress, human_bytes};
 use super::report::print_json;
 use anyhow::Result;
@@ -30,10 +31,6 @@ pub fn run(a: PruneArgs, ctx: &Ctx) -> Result<ExitCode> {
         print_text(&r);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn print_text(r: &PruneReport) {

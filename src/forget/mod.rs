@@ -218,6 +218,7 @@ pub fn apply_by_volume(policy: &Policy, list: &[SnapshotEntry]) -> Vec<SnapshotD
             .map(|s| Snap {
                 id: s.id.clone(),
                 time: s.header.time_unix,
+                nanos: s.header.time_nanos,
                 tags: s.header.tags.clone(),
                 parent: s.header.parent.clone(),
             })

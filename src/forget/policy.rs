@@ -196,6 +196,8 @@ pub struct Snap {
     pub id: String,
     /// Unix seconds (UTC).
     pub time: i64,
+    /// Nanoseconds past `time` (0 when unknown).
+    pub nanos: u32,
     pub tags: Vec<String>,
     /// The parent's id: orders snapshots taken in the same second.
     pub parent: Option<String>,
@@ -216,8 +218,8 @@ impl Decision {
     }
 }
 
-/// Orders `snaps` newest first (module doc): by time, then a snapshot before its ancestors
-/// of the same second, then by id. Returns indexes into `snaps`.
+/// Orders `snaps` newest first (module doc): by time (seconds, then nanoseconds), then a
+/// snapshot before its ancestors of the same instant, then by id. Returns indexes into `snaps`.
 pub fn newest_first(snaps: &[Snap]) -> Vec<usize> {
     let by_id: HashMap<&str, &Snap> = snaps.iter().map(|s| (s.id.as_str(), s)).collect();
     // Number of ancestors taken in the same second, bounded (a hostile repository may hold a
@@ -237,7 +239,8 @@ pub fn newest_first(snaps: &[Snap]) -> Vec<usize> {
     let depths: Vec<usize> = snaps.iter().map(depth).collect();
     let mut order: Vec<usize> = (0..snaps.len()).collect();
     order.sort_by(|&a, &b| {
-        (snaps[b].time, depths[b], &snaps[b].id).cmp(&(snaps[a].time, depths[a], &snaps[a].id))
+        let key = |i: usize| (snaps[i].time, snaps[i].nanos, depths[i], &snaps[i].id);
+        key(b).cmp(&key(a))
     });
     order
 }
@@ -329,6 +332,7 @@ mod tests {
         Snap {
             id: id.into(),
             time,
+            nanos: 0,
             tags: vec![],
             parent: None,
         }
@@ -434,6 +438,24 @@ mod tests {
             },
         ];
         assert_eq!(run(&policy, &cycle).len(), 2);
+    }
+
+    #[test]
+    fn same_second_snapshots_are_ordered_by_nanoseconds_without_a_parent_link() {
+        // "b" started 2 ms after "z" in the same second, and the snapshot between them (the
+        // parent that linked them) was forgotten: the nanoseconds still say b is newer.
+        let snaps = vec![
+            Snap {
+                nanos: 700_000_000,
+                ..snap("b", 100)
+            },
+            Snap {
+                nanos: 698_000_000,
+                ..snap("z", 100)
+            },
+        ];
+        let policy = p(|p| p.keep_last = 1);
+        assert_eq!(run(&policy, &snaps), vec!["b:newest,last", "z:-"]);
     }
 
     #[test]

@@ -225,6 +225,38 @@ fn prune_v2(
     report.journals = live.journals;
     abort.at("mark");
 
+    // Packs the index names but that are gone (lost, or set aside by verify): never planned
+    // or read. Dropped from the index when every live blob they held is in another pack (a
+    // backup stored it again); kept in it otherwise, so that what was lost stays named.
+    let missing: Vec<ChunkId> = index
+        .tables
+        .keys()
+        .filter(|p| std::fs::symlink_metadata(sweep::pack_path(repo, p)).is_err())
+        .copied()
+        .collect();
+    let mut kept_missing: Vec<(ChunkId, Vec<crate::repo::blob::BlobEntry>)> = Vec::new();
+    let mut gone = 0usize;
+    if !missing.is_empty() {
+        let mut tables: Vec<(ChunkId, Vec<crate::repo::blob::BlobEntry>)> = missing
+            .iter()
+            .filter_map(|p| index.tables.remove_entry(p))
+            .collect();
+        let elsewhere: HashSet<ChunkId> = index
+            .tables
+            .values()
+            .flat_map(|t| t.iter().map(|e| e.id))
+            .collect();
+        for (p, t) in tables.drain(..) {
+            if t.iter()
+                .any(|e| live.ids.contains(&e.id) && !elsewhere.contains(&e.id))
+            {
+                kept_missing.push((p, t));
+            } else {
+                gone += 1;
+            }
+        }
+    }
+
     // 4. Plan.
     let plan = plan::plan(
         index.tables.iter().map(|(p, e)| (p, &e[..])),
@@ -277,7 +309,8 @@ fn prune_v2(
 
     // 6. Compacted index, record, old index files.
     let condemned_set: HashSet<ChunkId> = condemned.iter().copied().collect();
-    let compact = !condemned.is_empty() || index.files.len() > 1;
+    let compact = !condemned.is_empty() || index.files.len() > 1 || gone > 0;
+    index.tables.extend(kept_missing);
     if compact {
         let written = sweep::write_compacted(repo, &index.tables, &condemned_set)?;
         abort.at("compact-index");

@@ -324,6 +324,7 @@ fn journals_keep_their_blobs() {
         all_blocks: true,
         time: "t".into(),
         time_unix: 0,
+        time_nanos: 0,
         tags: vec![],
         source_state: None,
     };

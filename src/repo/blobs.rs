@@ -18,7 +18,7 @@ use super::pack::{read_frame_raw, read_pack_table};
 use super::writers::{PendingRecord, read_pending_dir_lenient};
 use crate::error::{Error, Result};
 use crate::hash::{ChunkId, HashAlgorithm};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -99,6 +99,11 @@ pub struct BlobStore {
     /// Packs this process inserted ([`BlobStore::insert`]): kept across a reload, their
     /// index file may not be written yet.
     inserted: Mutex<Vec<ChunkId>>,
+    /// Length of each pack file [`BlobStore::usable`] looked at (`None`: missing, set aside
+    /// or not a regular file).
+    pack_lengths: Mutex<HashMap<ChunkId, Option<u64>>>,
+    /// Blobs [`BlobStore::usable`] refused because none of their packs could serve them.
+    unusable: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -146,6 +151,8 @@ impl BlobStore {
             files: Mutex::new(Lru::new(FILE_CACHE)),
             missing: Mutex::new(HashSet::new()),
             inserted: Mutex::new(Vec::new()),
+            pack_lengths: Mutex::new(HashMap::new()),
+            unusable: std::sync::atomic::AtomicU64::new(0),
         };
         let index = store.load_index()?;
         *store.index_mut() = index;
@@ -193,6 +200,66 @@ impl BlobStore {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(id)
+    }
+
+    /// True when a backup may refer to blob `id` again: it is in a pack being written, or
+    /// one of its indexed locations lies in a pack file that exists and is long enough to
+    /// hold it (a stat per pack, remembered). A blob whose packs are missing or were set
+    /// aside by `verify` is not usable: the backup reads and stores its blocks again, which
+    /// also makes older snapshots that name it readable again (docs/REPAIR.md).
+    pub fn usable(&self, id: &ChunkId) -> bool {
+        if self
+            .unsealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+        {
+            return true;
+        }
+        let Some(first) = self.location(id) else {
+            return false;
+        };
+        if self.pack_holds(&first) {
+            return true;
+        }
+        let others = self.with_index(|i| i.locations(id));
+        if others.iter().skip(1).any(|l| self.pack_holds(l)) {
+            return true;
+        }
+        self.unusable
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        false
+    }
+
+    /// Blobs [`BlobStore::usable`] found indexed but in no usable pack.
+    pub fn unusable_count(&self) -> u64 {
+        self.unusable.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True when the pack of `loc` is a regular file that reaches past the blob's frame.
+    fn pack_holds(&self, loc: &Location) -> bool {
+        let cached = self
+            .pack_lengths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&loc.pack)
+            .copied();
+        let len = match cached {
+            Some(len) => len,
+            None => {
+                let len = std::fs::symlink_metadata(self.pack_path(&loc.pack))
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len());
+                self.pack_lengths
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(loc.pack, len);
+                len
+            }
+        };
+        let end = u64::from(loc.entry.frame_offset) + u64::from(loc.entry.frame_len);
+        len.is_some_and(|l| l >= end)
     }
 
     /// Where blob `id` is, when indexed.
@@ -438,7 +505,7 @@ impl BlobSource for BlobStore {
                 })?
             }
         };
-        match self.blob_at(id, kind, &loc) {
+        let first = match self.blob_at(id, kind, &loc) {
             Err(e) if is_missing_pack(&e) => {
                 // Repacked by a prune: the index files now say where it went.
                 self.reload_for(&loc.pack)?;
@@ -448,6 +515,20 @@ impl BlobSource for BlobStore {
                 }
             }
             r => r,
+        };
+        match first {
+            Ok(b) => Ok(b),
+            // Stored again elsewhere (a backup after the pack was lost or set aside): any
+            // other location that reads back right will do; otherwise the first error.
+            Err(e) => {
+                let others = self.with_index(|i| i.locations(id));
+                for other in others.iter().filter(|l| l.pack != loc.pack) {
+                    if let Ok(b) = self.blob_at(id, kind, other) {
+                        return Ok(b);
+                    }
+                }
+                Err(e)
+            }
         }
     }
 }

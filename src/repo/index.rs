@@ -290,6 +290,27 @@ impl Index {
         self.blobs.contains_key(id)
     }
 
+    /// Every location of blob `id`, the one [`Index::get`] gives first. Scans every table:
+    /// for the rare reads whose first location failed (a pack missing or set aside).
+    pub fn locations(&self, id: &ChunkId) -> Vec<Location> {
+        let mut out: Vec<Location> = self.get(id).into_iter().collect();
+        if out.is_empty() {
+            return out;
+        }
+        for (p, entries) in self.entries.iter().enumerate() {
+            for e in entries.iter().filter(|e| e.id == *id) {
+                let loc = Location {
+                    pack: self.packs[p],
+                    entry: *e,
+                };
+                if !out.contains(&loc) {
+                    out.push(loc);
+                }
+            }
+        }
+        out
+    }
+
     /// Adds the table of `pack` (a pack already indexed keeps its first table).
     pub fn insert(&mut self, pack: ChunkId, entries: &[BlobEntry]) {
         self.add(pack, entries, false);

@@ -33,6 +33,10 @@ pub struct JournalHeader {
     pub all_blocks: bool,
     pub time: String,
     pub time_unix: i64,
+    /// Nanoseconds past `time_unix` (orders backups started in the same second; 0 in
+    /// journals written before it existed).
+    #[serde(default)]
+    pub time_nanos: u32,
     pub tags: Vec<String>,
     /// The source's state when the backup started (journals written before volback recorded
     /// it have none, and are never resumed: nothing proves their source did not change).
@@ -418,6 +422,7 @@ mod tests {
             all_blocks: true,
             time: "2026-11-22T00:00:00Z".into(),
             time_unix: 0,
+            time_nanos: 0,
             tags: Vec::new(),
             source_state: None,
         }

@@ -250,9 +250,13 @@ pub fn sort_snapshots(list: &mut [SnapshotEntry]) {
         }
         d
     };
-    let keys: std::collections::HashMap<String, (i64, usize)> = list
+    // Nanoseconds first: a parent forgotten since no longer links two snapshots of one second.
+    let keys: std::collections::HashMap<String, (i64, u32, usize)> = list
         .iter()
-        .map(|s| (s.id.clone(), (s.header.time_unix, depth(&s.id))))
+        .map(|s| {
+            let h = &s.header;
+            (s.id.clone(), (h.time_unix, h.time_nanos, depth(&s.id)))
+        })
         .collect();
     list.sort_by(|a, b| (keys[&a.id], &a.id).cmp(&(keys[&b.id], &b.id)));
 }

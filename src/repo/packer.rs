@@ -172,7 +172,7 @@ impl BlobSink for Packer {
     /// Stores a blob (a tree node) in a frame of its own, unless the store already has it.
     fn put_blob(&self, kind: BlobKind, content: &[u8]) -> Result<ChunkId> {
         let id = self.store.hash_algorithm().hash(content);
-        if self.store.contains(&id) {
+        if self.store.usable(&id) {
             return Ok(id);
         }
         if content.is_empty() || content.len() > MAX_FRAME_RAW as usize {

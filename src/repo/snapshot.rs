@@ -61,6 +61,10 @@ pub struct SnapshotHeader {
     pub time: String,
     /// Same, as Unix seconds.
     pub time_unix: i64,
+    /// Nanoseconds past `time_unix`: orders snapshots started in the same second (0 in
+    /// snapshots written before it existed).
+    #[serde(default)]
+    pub time_nanos: u32,
     pub hostname: String,
     pub source: SourceInfo,
     /// The filesystem found on the volume, if recognised.
@@ -853,6 +857,7 @@ pub(crate) mod testing {
         SnapshotHeader {
             time: "2026-12-03T00:00:00Z".into(),
             time_unix: 0,
+            time_nanos: 0,
             hostname: "h".into(),
             source: SourceInfo {
                 path: "/dev/x".into(),

@@ -68,6 +68,10 @@ pub(super) fn verify(
     let mut packs: Vec<ChunkId> = tables.keys().copied().collect();
     packs.sort_by_key(|a| a.0);
     let mut present: Vec<ChunkId> = Vec::new();
+    // Missing packs: a problem only when a snapshot needs a blob found nowhere else (judged
+    // after the snapshots are read): a pack lost or set aside whose blobs a later backup
+    // stored again is healed.
+    let mut missing: Vec<ChunkId> = Vec::new();
     for p in &packs {
         let path = sweep::pack_path(repo, p);
         match std::fs::symlink_metadata(&path) {
@@ -77,15 +81,7 @@ pub(super) fn verify(
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if !condemned.contains(p) {
-                    report.problems.push(Problem {
-                        pack: Some(p.to_hex()),
-                        detail: format!(
-                            "pack {p} is missing (named by index file {}; expected at {})",
-                            named_by.get(p).map_or("?", |s| s.as_str()),
-                            path.display()
-                        ),
-                        ..Problem::default()
-                    });
+                    missing.push(*p);
                 }
             }
             Err(e) => report.problems.push(Problem {
@@ -158,6 +154,22 @@ pub(super) fn verify(
     }
     progress.finish();
     drop(seen_nodes);
+    for p in &missing {
+        let needed = tables[p]
+            .iter()
+            .any(|e| referenced.contains(&e.id) && !usable.contains(&e.id));
+        if needed {
+            report.problems.push(Problem {
+                pack: Some(p.to_hex()),
+                detail: format!(
+                    "pack {p} is missing (named by index file {}; expected at {})",
+                    named_by.get(p).map_or("?", |s| s.as_str()),
+                    sweep::pack_path(repo, p).display()
+                ),
+                ..Problem::default()
+            });
+        }
+    }
 
     // Pack files.
     let to_read: Vec<ChunkId> = if !opts.read_data {
@@ -183,6 +195,11 @@ pub(super) fn verify(
     progress.start("verify packs", total);
     let results = check_packs(repo, &to_read, &tables, hash, thread_count(opts), progress);
     progress.finish();
+    let damaged: Vec<(ChunkId, HashSet<ChunkId>)> = results
+        .iter()
+        .filter(|r| !r.problems.is_empty() && !condemned.contains(&r.pack))
+        .map(|r| (r.pack, r.problems.iter().filter_map(|(b, _)| *b).collect()))
+        .collect();
     for r in results {
         report.bytes_checked += r.bytes;
         for (blob, detail) in r.problems {
@@ -197,6 +214,23 @@ pub(super) fn verify(
             {
                 bad.entry(b).or_insert(report.problems.len() - 1);
             }
+        }
+    }
+
+    // Damaged packs: their good blobs are copied into a new pack, then the pack is set aside
+    // (`<id>.bad`), so that the next backup stores the bad blobs' blocks again.
+    for (pack, bad_blobs) in &damaged {
+        match salvage(repo, pack, &tables[pack], bad_blobs, hash) {
+            Ok(note) => report.problems.push(Problem {
+                pack: Some(pack.to_hex()),
+                detail: note,
+                ..Problem::default()
+            }),
+            Err(e) => report.problems.push(Problem {
+                pack: Some(pack.to_hex()),
+                detail: format!("pack {pack} could not be set aside: {}", chain(&e)),
+                ..Problem::default()
+            }),
         }
     }
 
@@ -225,6 +259,75 @@ pub(super) fn verify(
         }
     }
     Ok(report)
+}
+
+/// Copies the blobs of damaged pack `pack` that still read back right (those not in
+/// `bad`, checked again) into a new pack, indexes it, and renames the pack to `<id>.bad`
+/// (`<id>.bad.N` when taken) without deleting it. Registers as a writer meanwhile, so that
+/// a prune does not take the new pack for a leftover. Returns what was done.
+fn salvage(
+    repo: &Repository,
+    pack: &ChunkId,
+    indexed: &[BlobEntry],
+    bad: &HashSet<ChunkId>,
+    hash: HashAlgorithm,
+) -> Result<String> {
+    let path = sweep::pack_path(repo, pack);
+    let (_marker, pending) = writers::register_writer(repo)?;
+    let store = BlobStore::open_writer(repo, &pending)?;
+    let packer = crate::repo::packer::Packer::new(repo, store)?;
+    let mut encoder = crate::repo::chunks::Encoder::new(repo.config().zstd_level)?;
+    let file = fsio::open_regular(&path, false, "open")?;
+    let entries = read_pack_table(&path, pack).unwrap_or_else(|_| indexed.to_vec());
+    let mut saved = 0u64;
+    for e in entries.iter().filter(|e| !bad.contains(&e.id)) {
+        let Ok(raw) = read_frame_raw(&file, &path, e) else {
+            continue;
+        };
+        let start = e.raw_offset as usize;
+        let Some(content) = raw.get(start..start + e.raw_len as usize) else {
+            continue;
+        };
+        if hash.hash(content) != e.id {
+            continue;
+        }
+        let enc = encoder.encode(content);
+        let mut frame = Vec::with_capacity(enc.len());
+        frame.extend_from_slice(&enc.header);
+        frame.extend_from_slice(enc.payload);
+        packer.add_frame(&frame, &[(e.id, e.kind, 0, e.raw_len)])?;
+        saved += 1;
+    }
+    packer.checkpoint()?;
+    drop(file);
+    let mut n = 0u32;
+    let aside = loop {
+        let name = if n == 0 {
+            format!("{}.bad", pack.to_hex())
+        } else {
+            format!("{}.bad.{n}", pack.to_hex())
+        };
+        let candidate = path.with_file_name(name);
+        if std::fs::symlink_metadata(&candidate).is_err() {
+            break candidate;
+        }
+        n += 1;
+        if n > 1000 {
+            return Err(Error::internal(
+                "verify",
+                "no free .bad name for a damaged pack",
+            ));
+        }
+    };
+    std::fs::rename(&path, &aside).ctx("rename", &path)?;
+    if let Some(dir) = path.parent() {
+        platform::sync_dir(dir).ctx("flush", dir)?;
+    }
+    Ok(format!(
+        "pack {pack} set aside as {} ({saved} good blobs copied to a new pack; the next \
+         backup stores the blocks of the damaged ones again)",
+        aside.display()
+    ))
 }
 
 /// Blobs read through the index files that could be read.
