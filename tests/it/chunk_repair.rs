@@ -56,18 +56,35 @@ fn damaged_parent_pack_is_stored_again(damage: impl Fn(&Path), via_verify: bool)
         );
         assert_eq!(bad_packs(&repo).len(), 1, "set aside as <id>.bad");
     }
-    // The old snapshot needs the pack: it cannot be restored now, with a clear error.
+    // Blobs of the pack that no existing pack holds (verify stores again what it can still
+    // read of a damaged pack before setting it aside).
+    let idx = read_index(&repo);
+    let lost = idx.packs[&loc.pack]
+        .iter()
+        .filter(|e| {
+            idx.locations(&e.id)
+                .iter()
+                .all(|(pk, _)| !pack_path(&repo, pk).exists())
+        })
+        .count();
     let out = t.join("out.img");
-    volback_code(&["restore", p(&repo), &first, p(&out)], 1).stderr_has(&[&loc.pack[..12]]);
+    if lost > 0 {
+        // The old snapshot needs the pack: it cannot be restored now, with a clear error.
+        volback_code(&["restore", p(&repo), &first, p(&out)], 1).stderr_has(&[&loc.pack[..12]]);
+    }
 
     let args = ["backup", "--json", p(&src), p(&repo)];
     let r = volback_ok(&args);
     let incr = r.json();
     assert_eq!(incr["parent"], full["snapshot"], "{incr}");
-    assert!(
-        ju64(&incr, "/new_chunks") >= 1,
-        "nothing stored again: {incr}"
-    );
+    if lost > 0 {
+        assert!(
+            ju64(&incr, "/new_chunks") >= 1,
+            "nothing stored again: {incr}"
+        );
+    } else {
+        assert_eq!(ju64(&incr, "/new_bytes"), 0, "{incr}");
+    }
     assert!(
         ju64(&incr, "/new_bytes") < 64 * MIB / 2,
         "more than the lost pack stored again: {incr}"
@@ -80,7 +97,8 @@ fn damaged_parent_pack_is_stored_again(damage: impl Fn(&Path), via_verify: bool)
     assert_eq!(ju64(&again.json(), "/new_chunks"), 0, "{}", again.stdout);
     // Healing is not silent: the run that stored the blobs again said so, the next did not.
     assert!(
-        r.stderr.contains("missing or damaged") && r.stderr.contains("verify --read-data"),
+        lost == 0
+            || (r.stderr.contains("missing or damaged") && r.stderr.contains("verify --read-data")),
         "the backup must name the damage it repaired: {}",
         r.stderr
     );
