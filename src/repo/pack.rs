@@ -300,7 +300,10 @@ impl PackWriter {
             self.tmp.file().sync_data().ctx("flush", self.tmp.path())?;
         }
         let hex = id.to_hex();
-        let dest = packs_dir.join(&hex[..2]).join(&hex);
+        let fanout = packs_dir.join(&hex[..2]);
+        // A link planted as a fan-out directory would send the pack elsewhere.
+        fsio::check_directory(&fanout)?;
+        let dest = fanout.join(&hex);
         self.tmp.persist(&dest, false)?;
         Ok((id, self.entries))
     }
