@@ -303,29 +303,41 @@ fn check_chunks(
             }
         }
     };
-    if ids.is_empty() {
+    parallel_map(ids, threads, check, || {
+        Err(Error::internal("verify", "a worker thread panicked"))
+    })
+}
+
+/// Applies `work` to every item of `items`, split into `threads` parts checked by one scoped
+/// thread each, and returns the results in order. Every thread gets its own scratch state
+/// `S::default()` (a reused buffer, say). A thread that panics yields the one result
+/// `on_panic()` for its whole part, so the caller still reports a problem.
+fn parallel_map<T: Sync, S: Default, R: Send>(
+    items: &[T],
+    threads: usize,
+    work: impl Fn(&T, &mut S) -> R + Sync,
+    on_panic: impl Fn() -> R,
+) -> Vec<R> {
+    if items.is_empty() {
         return Vec::new();
     }
-    let per = ids.len().div_ceil(threads.max(1));
+    let per = items.len().div_ceil(threads.max(1));
+    let work = &work;
     std::thread::scope(|s| {
-        let handles: Vec<_> = ids
+        let handles: Vec<_> = items
             .chunks(per)
             .map(|part| {
                 s.spawn(move || {
-                    let mut buf = Vec::new();
+                    let mut state = S::default();
                     part.iter()
-                        .map(|id| check(id, &mut buf))
+                        .map(|item| work(item, &mut state))
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![Err(Error::internal("verify", "a worker thread panicked"))]
-                })
-            })
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![on_panic()]))
             .collect()
     })
 }

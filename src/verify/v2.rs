@@ -9,7 +9,7 @@
 //! holds many blobs, and a later backup stores again whatever a bad blob held only once the
 //! blob is dropped from the index (by a prune, after `forget` of the snapshots that need it).
 
-use super::{Problem, VerifyOptions, VerifyReport, thread_count};
+use super::{Problem, VerifyOptions, VerifyReport, parallel_map, thread_count};
 use crate::error::{Error, IoContext, Result, chain};
 use crate::hash::{ChunkId, HashAlgorithm};
 use crate::platform;
@@ -391,37 +391,15 @@ fn check_packs(
     threads: usize,
     progress: &dyn Progress,
 ) -> Vec<PackResult> {
-    if packs.is_empty() {
-        return Vec::new();
-    }
-    let per = packs.len().div_ceil(threads.max(1));
-    std::thread::scope(|s| {
-        let handles: Vec<_> = packs
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|p| {
-                            let r = check_pack(repo, p, &tables[p], hash);
-                            progress.advance(r.bytes);
-                            r
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![PackResult {
-                        pack: ChunkId([0; 32]),
-                        bytes: 0,
-                        problems: vec![(None, "internal error: a worker thread panicked".into())],
-                    }]
-                })
-            })
-            .collect()
+    let check = |p: &ChunkId, _: &mut ()| {
+        let r = check_pack(repo, p, &tables[p], hash);
+        progress.advance(r.bytes);
+        r
+    };
+    parallel_map(packs, threads, check, || PackResult {
+        pack: ChunkId([0; 32]),
+        bytes: 0,
+        problems: vec![(None, "internal error: a worker thread panicked".into())],
     })
 }
 
