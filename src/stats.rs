@@ -74,6 +74,34 @@ pub fn stats(
     }
 }
 
+/// The usage of snapshot `id`: every blob it names counted with `size_of` (raw and stored
+/// bytes), and the blobs no other snapshot or journal names counted again as unique.
+fn snapshot_usage(
+    repo: &Repository,
+    src: &dyn BlobSource,
+    id: &str,
+    size_of: impl Fn(&ChunkId) -> (u64, u64),
+) -> Result<SnapshotUsage> {
+    let (own, others, size) = split_mark(repo, src, id)?;
+    let mut u = SnapshotUsage {
+        id: id.to_string(),
+        logical_size: size,
+        ..SnapshotUsage::default()
+    };
+    for b in &own {
+        let (raw, stored) = size_of(b);
+        u.blobs += 1;
+        u.referenced_bytes += raw;
+        u.referenced_stored_bytes += stored;
+        if !others.contains(b) {
+            u.unique_blobs += 1;
+            u.unique_bytes += raw;
+            u.unique_stored_bytes += stored;
+        }
+    }
+    Ok(u)
+}
+
 /// Live sets of `snapshot` and of everything else (other snapshots and journals).
 fn split_mark(
     repo: &Repository,
@@ -149,24 +177,8 @@ fn stats_v2(
                 }
             }
         }
-        let (own, others, size) = split_mark(repo, &*store, id)?;
-        let mut u = SnapshotUsage {
-            id: id.to_string(),
-            logical_size: size,
-            ..SnapshotUsage::default()
-        };
-        for b in &own {
-            let (raw, stored) = sizes.get(b).copied().unwrap_or((0, 0));
-            u.blobs += 1;
-            u.referenced_bytes += raw;
-            u.referenced_stored_bytes += stored;
-            if !others.contains(b) {
-                u.unique_blobs += 1;
-                u.unique_bytes += raw;
-                u.unique_stored_bytes += stored;
-            }
-        }
-        r.snapshot = Some(u);
+        let size_of = |b: &ChunkId| sizes.get(b).copied().unwrap_or((0, 0));
+        r.snapshot = Some(snapshot_usage(repo, &*store, id, size_of)?);
     }
     Ok(r)
 }
@@ -222,24 +234,12 @@ fn stats_v1(
     }
     r.reclaimable_bytes = r.dead_bytes;
     if let Some(id) = snapshot {
-        let (own, others, size) = split_mark(repo, &NoBlobs, id)?;
-        let mut u = SnapshotUsage {
-            id: id.to_string(),
-            logical_size: size,
-            ..SnapshotUsage::default()
-        };
-        for c in &own {
+        // A format 1 chunk is stored whole: its raw and stored sizes are its file's.
+        let size_of = |c: &ChunkId| {
             let len = sizes.get(c).copied().unwrap_or(0);
-            u.blobs += 1;
-            u.referenced_bytes += len;
-            u.referenced_stored_bytes += len;
-            if !others.contains(c) {
-                u.unique_blobs += 1;
-                u.unique_bytes += len;
-                u.unique_stored_bytes += len;
-            }
-        }
-        r.snapshot = Some(u);
+            (len, len)
+        };
+        r.snapshot = Some(snapshot_usage(repo, &NoBlobs, id, size_of)?);
     }
     Ok(r)
 }
