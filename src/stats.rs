@@ -11,7 +11,7 @@ use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::prune::{mark, plan, sweep};
 use crate::repo::Repository;
-use crate::repo::blob::{BlobKind, BlobSource};
+use crate::repo::blob::BlobSource;
 use crate::repo::blobs::BlobStore;
 use crate::repo::writers;
 use serde::Serialize;
@@ -183,24 +183,12 @@ fn stats_v2(
     Ok(r)
 }
 
-/// A blob source for format 1, where snapshots name no blobs.
-struct NoBlobs;
-
-impl BlobSource for NoBlobs {
-    fn blob(&self, id: &ChunkId, _: BlobKind) -> Result<Arc<Vec<u8>>> {
-        Err(Error::internal(
-            "stats",
-            format!("format 1 snapshot names blob {id}"),
-        ))
-    }
-}
-
 fn stats_v1(
     repo: &Repository,
     snapshot: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<StatsReport> {
-    let live = mark::mark(repo, &NoBlobs, progress)?;
+    let live = mark::mark(repo, &mark::NoBlobs("stats"), progress)?;
     let mut sizes: HashMap<ChunkId, u64> = HashMap::new();
     let dir = repo.chunks().dir().to_path_buf();
     for i in 0..=255u8 {
@@ -239,7 +227,7 @@ fn stats_v1(
             let len = sizes.get(c).copied().unwrap_or(0);
             (len, len)
         };
-        r.snapshot = Some(snapshot_usage(repo, &NoBlobs, id, size_of)?);
+        r.snapshot = Some(snapshot_usage(repo, &mark::NoBlobs("stats"), id, size_of)?);
     }
     Ok(r)
 }

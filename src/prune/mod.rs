@@ -408,25 +408,11 @@ fn prune_v1(
         }
         _locks.push(f);
     }
-    // No tree blobs in format 1: the source is never asked.
-    struct NoBlobs;
-    impl crate::repo::blob::BlobSource for NoBlobs {
-        fn blob(
-            &self,
-            id: &ChunkId,
-            _: crate::repo::blob::BlobKind,
-        ) -> Result<std::sync::Arc<Vec<u8>>> {
-            Err(Error::internal(
-                "prune",
-                format!("format 1 snapshot names blob {id}"),
-            ))
-        }
-    }
     let skip: HashSet<String> = match opts.dry_run {
         true => opts.assume_removed.iter().cloned().collect(),
         false => HashSet::new(),
     };
-    let live = mark::mark_except(repo, &NoBlobs, progress, &skip)?;
+    let live = mark::mark_except(repo, &mark::NoBlobs("prune"), progress, &skip)?;
     report.snapshots = live.snapshots;
     report.journals = live.journals;
     abort.at("mark");
