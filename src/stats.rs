@@ -269,24 +269,14 @@ mod tests {
 mod tests_v1 {
     use super::*;
     use crate::progress::Silent;
-    use crate::repo::InitOptions;
-    use crate::repo::chunks::Encoder;
     use crate::repo::format::BlockRef;
     use crate::repo::snapshot::{SnapshotWriter, testing::header};
 
     #[test]
     fn format_1_counts_chunk_files() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&dir.path().join("r"), &InitOptions::v1()).unwrap();
+        let (repo, ids) = crate::prune::tests::v1_repo_with_three_chunks(dir.path());
         let bs = repo.config().block_size as usize;
-        let mut enc = Encoder::new(3).unwrap();
-        let mut ids = Vec::new();
-        for n in 0..3u8 {
-            let data = vec![n + 1; bs];
-            let id = repo.config().chunk_hash.hash(&data);
-            repo.chunks().put(&id, &enc.encode(&data)).unwrap();
-            ids.push(id);
-        }
         let mut w = SnapshotWriter::create(&repo.tmp_dir()).unwrap();
         w.push(BlockRef::Chunk(ids[0]), 1).unwrap();
         w.push(BlockRef::Chunk(ids[1]), 1).unwrap();
