@@ -128,14 +128,9 @@ fn verify_v1(
     let store = repo.chunks();
 
     for id in &ids {
-        let snap = match repo.open_snapshot(id) {
-            Ok(s) => s,
-            Err(e) => {
-                report.problems.push(Problem::snapshot(id, &e));
-                continue;
-            }
+        let Some(snap) = open_snapshot(repo, id, &mut report) else {
+            continue;
         };
-        report.snapshots_checked += 1;
         let bs = snap.header().block_size as u64;
         progress.start(
             &format!("verify {}", &id[..12.min(id.len())]),
@@ -240,6 +235,25 @@ struct Slice {
     hash: ChunkId,
     len: u64,
     block_size: u64,
+}
+
+/// Opens snapshot `id` and counts it as checked; when it cannot be read, records the problem
+/// in `report` instead and returns None (verify goes on with the next one).
+fn open_snapshot(
+    repo: &Repository,
+    id: &str,
+    report: &mut VerifyReport,
+) -> Option<crate::repo::snapshot::SnapshotFile> {
+    match repo.open_snapshot(id) {
+        Ok(s) => {
+            report.snapshots_checked += 1;
+            Some(s)
+        }
+        Err(e) => {
+            report.problems.push(Problem::snapshot(id, &e));
+            None
+        }
+    }
 }
 
 /// Checks chunks in parallel; returns per chunk the bytes checked or the problem. With
