@@ -11,7 +11,7 @@ use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::prune::{mark, plan, sweep};
 use crate::repo::Repository;
-use crate::repo::blob::{BlobKind, BlobSource};
+use crate::repo::blob::BlobSource;
 use crate::repo::blobs::BlobStore;
 use crate::repo::writers;
 use serde::Serialize;
@@ -72,6 +72,34 @@ pub fn stats(
         1 => stats_v1(repo, snapshot, progress),
         _ => stats_v2(repo, snapshot, progress),
     }
+}
+
+/// The usage of snapshot `id`: every blob it names counted with `size_of` (raw and stored
+/// bytes), and the blobs no other snapshot or journal names counted again as unique.
+fn snapshot_usage(
+    repo: &Repository,
+    src: &dyn BlobSource,
+    id: &str,
+    size_of: impl Fn(&ChunkId) -> (u64, u64),
+) -> Result<SnapshotUsage> {
+    let (own, others, size) = split_mark(repo, src, id)?;
+    let mut u = SnapshotUsage {
+        id: id.to_string(),
+        logical_size: size,
+        ..SnapshotUsage::default()
+    };
+    for b in &own {
+        let (raw, stored) = size_of(b);
+        u.blobs += 1;
+        u.referenced_bytes += raw;
+        u.referenced_stored_bytes += stored;
+        if !others.contains(b) {
+            u.unique_blobs += 1;
+            u.unique_bytes += raw;
+            u.unique_stored_bytes += stored;
+        }
+    }
+    Ok(u)
 }
 
 /// Live sets of `snapshot` and of everything else (other snapshots and journals).
@@ -149,38 +177,10 @@ fn stats_v2(
                 }
             }
         }
-        let (own, others, size) = split_mark(repo, &*store, id)?;
-        let mut u = SnapshotUsage {
-            id: id.to_string(),
-            logical_size: size,
-            ..SnapshotUsage::default()
-        };
-        for b in &own {
-            let (raw, stored) = sizes.get(b).copied().unwrap_or((0, 0));
-            u.blobs += 1;
-            u.referenced_bytes += raw;
-            u.referenced_stored_bytes += stored;
-            if !others.contains(b) {
-                u.unique_blobs += 1;
-                u.unique_bytes += raw;
-                u.unique_stored_bytes += stored;
-            }
-        }
-        r.snapshot = Some(u);
+        let size_of = |b: &ChunkId| sizes.get(b).copied().unwrap_or((0, 0));
+        r.snapshot = Some(snapshot_usage(repo, &*store, id, size_of)?);
     }
     Ok(r)
-}
-
-/// A blob source for format 1, where snapshots name no blobs.
-struct NoBlobs;
-
-impl BlobSource for NoBlobs {
-    fn blob(&self, id: &ChunkId, _: BlobKind) -> Result<Arc<Vec<u8>>> {
-        Err(Error::internal(
-            "stats",
-            format!("format 1 snapshot names blob {id}"),
-        ))
-    }
 }
 
 fn stats_v1(
@@ -188,7 +188,7 @@ fn stats_v1(
     snapshot: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<StatsReport> {
-    let live = mark::mark(repo, &NoBlobs, progress)?;
+    let live = mark::mark(repo, &mark::NoBlobs("stats"), progress)?;
     let mut sizes: HashMap<ChunkId, u64> = HashMap::new();
     let dir = repo.chunks().dir().to_path_buf();
     for i in 0..=255u8 {
@@ -222,24 +222,12 @@ fn stats_v1(
     }
     r.reclaimable_bytes = r.dead_bytes;
     if let Some(id) = snapshot {
-        let (own, others, size) = split_mark(repo, &NoBlobs, id)?;
-        let mut u = SnapshotUsage {
-            id: id.to_string(),
-            logical_size: size,
-            ..SnapshotUsage::default()
-        };
-        for c in &own {
+        // A format 1 chunk is stored whole: its raw and stored sizes are its file's.
+        let size_of = |c: &ChunkId| {
             let len = sizes.get(c).copied().unwrap_or(0);
-            u.blobs += 1;
-            u.referenced_bytes += len;
-            u.referenced_stored_bytes += len;
-            if !others.contains(c) {
-                u.unique_blobs += 1;
-                u.unique_bytes += len;
-                u.unique_stored_bytes += len;
-            }
-        }
-        r.snapshot = Some(u);
+            (len, len)
+        };
+        r.snapshot = Some(snapshot_usage(repo, &mark::NoBlobs("stats"), id, size_of)?);
     }
     Ok(r)
 }
@@ -281,24 +269,14 @@ mod tests {
 mod tests_v1 {
     use super::*;
     use crate::progress::Silent;
-    use crate::repo::InitOptions;
-    use crate::repo::chunks::Encoder;
     use crate::repo::format::BlockRef;
     use crate::repo::snapshot::{SnapshotWriter, testing::header};
 
     #[test]
     fn format_1_counts_chunk_files() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&dir.path().join("r"), &InitOptions::v1()).unwrap();
+        let (repo, ids) = crate::prune::tests::v1_repo_with_three_chunks(dir.path());
         let bs = repo.config().block_size as usize;
-        let mut enc = Encoder::new(3).unwrap();
-        let mut ids = Vec::new();
-        for n in 0..3u8 {
-            let data = vec![n + 1; bs];
-            let id = repo.config().chunk_hash.hash(&data);
-            repo.chunks().put(&id, &enc.encode(&data)).unwrap();
-            ids.push(id);
-        }
         let mut w = SnapshotWriter::create(&repo.tmp_dir()).unwrap();
         w.push(BlockRef::Chunk(ids[0]), 1).unwrap();
         w.push(BlockRef::Chunk(ids[1]), 1).unwrap();

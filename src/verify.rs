@@ -128,14 +128,9 @@ fn verify_v1(
     let store = repo.chunks();
 
     for id in &ids {
-        let snap = match repo.open_snapshot(id) {
-            Ok(s) => s,
-            Err(e) => {
-                report.problems.push(Problem::snapshot(id, &e));
-                continue;
-            }
+        let Some(snap) = open_snapshot(repo, id, &mut report) else {
+            continue;
         };
-        report.snapshots_checked += 1;
         let bs = snap.header().block_size as u64;
         progress.start(
             &format!("verify {}", &id[..12.min(id.len())]),
@@ -242,6 +237,25 @@ struct Slice {
     block_size: u64,
 }
 
+/// Opens snapshot `id` and counts it as checked; when it cannot be read, records the problem
+/// in `report` instead and returns None (verify goes on with the next one).
+fn open_snapshot(
+    repo: &Repository,
+    id: &str,
+    report: &mut VerifyReport,
+) -> Option<crate::repo::snapshot::SnapshotFile> {
+    match repo.open_snapshot(id) {
+        Ok(s) => {
+            report.snapshots_checked += 1;
+            Some(s)
+        }
+        Err(e) => {
+            report.problems.push(Problem::snapshot(id, &e));
+            None
+        }
+    }
+}
+
 /// Checks chunks in parallel; returns per chunk the bytes checked or the problem. With
 /// `read_data`, the content of every slice in `slices` is also checked against its hash.
 fn check_chunks(
@@ -303,29 +317,41 @@ fn check_chunks(
             }
         }
     };
-    if ids.is_empty() {
+    parallel_map(ids, threads, check, || {
+        Err(Error::internal("verify", "a worker thread panicked"))
+    })
+}
+
+/// Applies `work` to every item of `items`, split into `threads` parts checked by one scoped
+/// thread each, and returns the results in order. Every thread gets its own scratch state
+/// `S::default()` (a reused buffer, say). A thread that panics yields the one result
+/// `on_panic()` for its whole part, so the caller still reports a problem.
+fn parallel_map<T: Sync, S: Default, R: Send>(
+    items: &[T],
+    threads: usize,
+    work: impl Fn(&T, &mut S) -> R + Sync,
+    on_panic: impl Fn() -> R,
+) -> Vec<R> {
+    if items.is_empty() {
         return Vec::new();
     }
-    let per = ids.len().div_ceil(threads.max(1));
+    let per = items.len().div_ceil(threads.max(1));
+    let work = &work;
     std::thread::scope(|s| {
-        let handles: Vec<_> = ids
+        let handles: Vec<_> = items
             .chunks(per)
             .map(|part| {
                 s.spawn(move || {
-                    let mut buf = Vec::new();
+                    let mut state = S::default();
                     part.iter()
-                        .map(|id| check(id, &mut buf))
+                        .map(|item| work(item, &mut state))
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![Err(Error::internal("verify", "a worker thread panicked"))]
-                })
-            })
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![on_panic()]))
             .collect()
     })
 }

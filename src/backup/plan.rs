@@ -865,6 +865,20 @@ mod tests {
         }
     }
 
+    /// Runs a backup with `every`'s options that is cancelled at its first committed block,
+    /// and checks that it stopped after a checkpoint (so that a plan can continue it).
+    fn interrupted_backup(repo: &Repository, source: &Source, every: &BackupOptions) {
+        let flag = Arc::new(AtomicBool::new(false));
+        let interrupted = BackupOptions {
+            cancel: Some(flag.clone()),
+            ..every.clone()
+        };
+        match backup(repo, source, &interrupted, &CancelAtFirstBlock(flag)) {
+            Err(Error::Interrupted { checkpointed: true }) => {}
+            other => panic!("the backup was not interrupted: {other:?}"),
+        }
+    }
+
     /// A file of `len` pseudo-random bytes (seeded).
     fn random_file(path: &Path, len: usize, seed: u64) {
         let mut x = seed | 1;
@@ -1141,20 +1155,12 @@ mod tests {
         random_file(&img, 40 << 20, 8);
         let repo = Repository::init(&dir.path().join("repo"), &InitOptions::default()).unwrap();
         let source = Source::open(&img).unwrap();
-        let flag = Arc::new(AtomicBool::new(false));
         let every = BackupOptions {
             threads: 1,
             checkpoint_interval: std::time::Duration::ZERO,
             ..Default::default()
         };
-        let interrupted = BackupOptions {
-            cancel: Some(flag.clone()),
-            ..every.clone()
-        };
-        match backup(&repo, &source, &interrupted, &CancelAtFirstBlock(flag)) {
-            Err(Error::Interrupted { checkpointed: true }) => {}
-            other => panic!("the backup was not interrupted: {other:?}"),
-        }
+        interrupted_backup(&repo, &source, &every);
         let p = plan(&repo, &source, &every, &Silent).unwrap();
         assert!(
             matches!(p.resume, Resume::Continue { .. }),
@@ -1355,21 +1361,13 @@ mod tests {
         assert!(json.get("work").is_none());
 
         // An interrupted backup of every block: the plan continues it.
-        let flag = Arc::new(AtomicBool::new(false));
         let every = BackupOptions {
             all_blocks: true,
             threads: 1,
             checkpoint_interval: std::time::Duration::ZERO,
             ..Default::default()
         };
-        let interrupted = BackupOptions {
-            cancel: Some(flag.clone()),
-            ..every.clone()
-        };
-        match backup(&repo, &source, &interrupted, &CancelAtFirstBlock(flag)) {
-            Err(Error::Interrupted { checkpointed: true }) => {}
-            other => panic!("the backup was not interrupted: {other:?}"),
-        }
+        interrupted_backup(&repo, &source, &every);
         let before = tree(&repo_dir);
         let p = plan(&repo, &source, &every, &Silent).unwrap();
         let from = match p.resume {

@@ -323,59 +323,23 @@ pub struct ForgetArgs {
     ])]
     pub snapshots: Vec<String>,
     /// Keep the N newest snapshots.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 0,
-        hide_default_value = true,
-        help_heading = "Policy"
-    )]
-    pub keep_last: u32,
+    #[arg(long, value_name = "N", help_heading = "Policy")]
+    pub keep_last: Option<u32>,
     /// Keep the newest snapshot of each of the last N hours that have one (UTC).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 0,
-        hide_default_value = true,
-        help_heading = "Policy"
-    )]
-    pub keep_hourly: u32,
+    #[arg(long, value_name = "N", help_heading = "Policy")]
+    pub keep_hourly: Option<u32>,
     /// Keep the newest snapshot of each of the last N days that have one (UTC).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 0,
-        hide_default_value = true,
-        help_heading = "Policy"
-    )]
-    pub keep_daily: u32,
+    #[arg(long, value_name = "N", help_heading = "Policy")]
+    pub keep_daily: Option<u32>,
     /// Keep the newest snapshot of each of the last N ISO weeks that have one (UTC).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 0,
-        hide_default_value = true,
-        help_heading = "Policy"
-    )]
-    pub keep_weekly: u32,
+    #[arg(long, value_name = "N", help_heading = "Policy")]
+    pub keep_weekly: Option<u32>,
     /// Keep the newest snapshot of each of the last N months that have one (UTC).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 0,
-        hide_default_value = true,
-        help_heading = "Policy"
-    )]
-    pub keep_monthly: u32,
+    #[arg(long, value_name = "N", help_heading = "Policy")]
+    pub keep_monthly: Option<u32>,
     /// Keep the newest snapshot of each of the last N years that have one (UTC).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 0,
-        hide_default_value = true,
-        help_heading = "Policy"
-    )]
-    pub keep_yearly: u32,
+    #[arg(long, value_name = "N", help_heading = "Policy")]
+    pub keep_yearly: Option<u32>,
     /// Keep every snapshot at most DURATION older than the volume's newest snapshot:
     /// numbers with units y, m (months), w, d, h, e.g. 30d, 12h, 1y6m.
     #[arg(long, value_name = "DURATION", value_parser = parse_keep_within, help_heading = "Policy")]
@@ -538,8 +502,8 @@ mod tests {
         let Command::Forget(a) = cli.command else {
             panic!("not forget")
         };
-        assert_eq!(a.keep_daily, 7);
-        assert_eq!(a.keep_last, 0);
+        assert_eq!(a.keep_daily, Some(7));
+        assert_eq!(a.keep_last, None);
         assert_eq!(a.keep_within.unwrap().months, 14);
         assert_eq!(a.keep_tags, vec!["a", "b"]);
         assert!(a.prune && a.snapshots.is_empty());

@@ -14,12 +14,13 @@ pub fn run(a: ForgetArgs, ctx: &Ctx) -> Result<ExitCode> {
     let request = ForgetRequest {
         snapshots: a.snapshots.clone(),
         policy: Policy {
-            keep_last: a.keep_last,
-            keep_hourly: a.keep_hourly,
-            keep_daily: a.keep_daily,
-            keep_weekly: a.keep_weekly,
-            keep_monthly: a.keep_monthly,
-            keep_yearly: a.keep_yearly,
+            // Absent means 0: the policy keeps none by this rule.
+            keep_last: a.keep_last.unwrap_or(0),
+            keep_hourly: a.keep_hourly.unwrap_or(0),
+            keep_daily: a.keep_daily.unwrap_or(0),
+            keep_weekly: a.keep_weekly.unwrap_or(0),
+            keep_monthly: a.keep_monthly.unwrap_or(0),
+            keep_yearly: a.keep_yearly.unwrap_or(0),
             keep_within: a.keep_within,
             keep_tags: a.keep_tags.clone(),
         },

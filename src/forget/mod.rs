@@ -178,20 +178,10 @@ pub fn plan(
 /// The parents named by the journals of interrupted backups. An unreadable journal is skipped
 /// with a warning (its backup cannot resume anyway).
 fn resume_parents(repo: &Repository, progress: &dyn Progress) -> Result<HashSet<String>> {
-    let dir = repo.journals_dir();
     let mut out = HashSet::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::io("list", &dir, e)),
-    };
-    for e in entries {
-        let path = e.ctx("list", &dir)?.path();
-        let name = file_name(&path);
-        // `.tmp-*` files are journals being created (FORMAT §7), not interrupted backups.
-        if !name.ends_with(".journal") || name.starts_with(".tmp-") {
-            continue;
-        }
+    // `.tmp-*` files are journals being created (FORMAT §7), not interrupted backups: the
+    // list leaves them out.
+    for path in crate::prune::mark::journal_paths(repo)? {
         match Journal::read_header(&path) {
             Ok(Some(h)) => out.extend(h.parent),
             Ok(None) => {}
@@ -280,13 +270,6 @@ fn plan_named(
         out.push(decision(&id, entry.as_ref(), vec![Rule::Named]));
     }
     Ok(out)
-}
-
-/// The file name of a path, lossily.
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// Removes snapshot files and flushes the directory. A file already gone (another `forget`)

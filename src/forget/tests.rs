@@ -199,6 +199,15 @@ fn refuses_requests_without_rules_or_with_names_and_rules() {
     assert_eq!(ids(&repo).len(), 1);
 }
 
+/// Runs `forget --keep-last 1` on `repo`.
+fn forget_keep_last_1(repo: &Repository) -> ForgetReport {
+    let policy = Policy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    forget(repo, &request(policy), &Silent).unwrap()
+}
+
 #[test]
 fn damaged_snapshots_are_left_alone_by_a_policy() {
     let (_d, repo) = repo();
@@ -206,15 +215,7 @@ fn damaged_snapshots_are_left_alone_by_a_policy() {
     add(&repo, "a", 200, &[]);
     let bad = "ab".repeat(32);
     std::fs::write(repo.snapshots_dir().join(&bad), b"garbage").unwrap();
-    let report = forget(
-        &repo,
-        &request(Policy {
-            keep_last: 1,
-            ..Default::default()
-        }),
-        &Silent,
-    )
-    .unwrap();
+    let report = forget_keep_last_1(&repo);
     assert_eq!(report.removed, 1);
     assert!(ids(&repo).contains(&bad));
     assert_eq!(ids(&repo).len(), 2);
@@ -263,15 +264,7 @@ fn the_parent_of_an_interrupted_backup_is_kept() {
     // A damaged journal is skipped with a warning, a temporary one ignored.
     std::fs::write(repo.journals_dir().join("b.journal"), b"garbage").unwrap();
     std::fs::write(repo.journals_dir().join(".tmp-x.journal"), b"garbage").unwrap();
-    let report = forget(
-        &repo,
-        &request(Policy {
-            keep_last: 1,
-            ..Default::default()
-        }),
-        &Silent,
-    )
-    .unwrap();
+    let report = forget_keep_last_1(&repo);
     assert_eq!(report.removed, 1);
     let d = report.snapshots.iter().find(|d| d.id == old).unwrap();
     assert_eq!(

@@ -19,6 +19,7 @@ use crate::repo::snapshot::SnapshotFile;
 use crate::repo::tree::walk_tree;
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What the mark found.
 #[derive(Debug, Default)]
@@ -155,6 +156,19 @@ fn in_snapshot(id: &str, e: Error) -> Error {
             detail,
         },
         e => e,
+    }
+}
+
+/// A blob source for format 1, where snapshots name no blobs: asking it is a bug of the
+/// command named by the field.
+pub struct NoBlobs(pub &'static str);
+
+impl BlobSource for NoBlobs {
+    fn blob(&self, id: &ChunkId, _: BlobKind) -> Result<Arc<Vec<u8>>> {
+        Err(Error::internal(
+            self.0,
+            format!("format 1 snapshot names blob {id}"),
+        ))
     }
 }
 

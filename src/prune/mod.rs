@@ -33,7 +33,7 @@ pub mod plan;
 pub mod repack;
 pub mod sweep;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -408,65 +408,32 @@ fn prune_v1(
         }
         _locks.push(f);
     }
-    // No tree blobs in format 1: the source is never asked.
-    struct NoBlobs;
-    impl crate::repo::blob::BlobSource for NoBlobs {
-        fn blob(
-            &self,
-            id: &ChunkId,
-            _: crate::repo::blob::BlobKind,
-        ) -> Result<std::sync::Arc<Vec<u8>>> {
-            Err(Error::internal(
-                "prune",
-                format!("format 1 snapshot names blob {id}"),
-            ))
-        }
-    }
     let skip: HashSet<String> = match opts.dry_run {
         true => opts.assume_removed.iter().cloned().collect(),
         false => HashSet::new(),
     };
-    let live = mark::mark_except(repo, &NoBlobs, progress, &skip)?;
+    let live = mark::mark_except(repo, &mark::NoBlobs("prune"), progress, &skip)?;
     report.snapshots = live.snapshots;
     report.journals = live.journals;
     abort.at("mark");
     let store = repo.chunks();
     let started = std::time::SystemTime::now();
-    for i in 0..=255u8 {
-        let dir = store.dir().join(format!("{i:02x}"));
-        if !opts.dry_run {
-            report.temp_files_removed += fsio::remove_stale_temp_files(&dir, started) as u64;
+    let before = (!opts.dry_run).then_some(started);
+    let (files, temps) = sweep::list_id_files(store.dir(), before)?;
+    report.temp_files_removed += temps as u64;
+    for (id, len) in files {
+        report.packs_before += 1;
+        report.bytes_before += len;
+        if live.ids.contains(&id) {
+            report.blobs_live += 1;
+            continue;
         }
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("list", &dir, e)),
-        };
-        for e in entries {
-            let e = e.ctx("list", &dir)?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = ChunkId::from_hex(&name).filter(|_| name.len() == 64) else {
-                continue;
-            };
-            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-            report.packs_before += 1;
-            report.bytes_before += len;
-            if live.ids.contains(&id) {
-                report.blobs_live += 1;
-                continue;
-            }
-            report.blobs_dead += 1;
-            report.packs_deleted += 1;
-            report.bytes_deleted += len;
-            if !opts.dry_run {
-                let path = e.path();
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io("delete", &path, e)),
-                }
-                abort.at("pack-deleted");
-            }
+        report.blobs_dead += 1;
+        report.packs_deleted += 1;
+        report.bytes_deleted += len;
+        if !opts.dry_run {
+            sweep::remove_if_present(&store.path(&id))?;
+            abort.at("pack-deleted");
         }
     }
     report.packs_after = report.packs_before - report.packs_deleted;

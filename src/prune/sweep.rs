@@ -23,7 +23,7 @@ use crate::repo::index::{IndexFile, list_index_files};
 use crate::repo::pack::read_pack_table;
 use crate::repo::writers::{self, PendingRecord, WriterInfo};
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Most blob entries per compacted index file (52 bytes each: about 200 MiB).
 const MAX_ENTRIES_PER_FILE: usize = 4 << 20;
@@ -120,7 +120,16 @@ pub fn list_pack_files(
     repo: &Repository,
     before: Option<std::time::SystemTime>,
 ) -> Result<(Vec<(ChunkId, u64)>, usize)> {
-    let root = repo.packs_dir();
+    list_id_files(&repo.packs_dir(), before)
+}
+
+/// Every file named by a full hex id in the 256 fan-out directories `root/00`..`root/ff`
+/// (pack files, or format 1 chunk files), with its size; with `before`, `.tmp-*` files of
+/// dead writers older than it are removed on the way (their count is returned too).
+pub fn list_id_files(
+    root: &Path,
+    before: Option<std::time::SystemTime>,
+) -> Result<(Vec<(ChunkId, u64)>, usize)> {
     let mut out = Vec::new();
     let mut temps = 0;
     for i in 0..=255u8 {
@@ -147,6 +156,15 @@ pub fn list_pack_files(
         }
     }
     Ok((out, temps))
+}
+
+/// Deletes the file `path`; false when it was gone already (a concurrent or earlier prune).
+pub fn remove_if_present(path: &Path) -> Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("delete", path, e)),
+    }
 }
 
 /// What finishing the pending records did.
@@ -233,14 +251,9 @@ pub fn finish_records(
                 abort.at("rescue");
                 continue;
             }
-            let path = pack_path(repo, &pack);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    out.packs_deleted += 1;
-                    out.bytes_deleted += len;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("delete", &path, e)),
+            if remove_if_present(&pack_path(repo, &pack))? {
+                out.packs_deleted += 1;
+                out.bytes_deleted += len;
             }
             abort.at("pack-deleted");
         }
@@ -282,14 +295,9 @@ pub fn remove_orphans(repo: &Repository, abort: &AbortPoint) -> Result<OrphanOut
         if named.contains(&pack) {
             continue;
         }
-        let path = pack_path(repo, &pack);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                out.packs_deleted += 1;
-                out.bytes_deleted += len;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("delete", &path, e)),
+        if remove_if_present(&pack_path(repo, &pack))? {
+            out.packs_deleted += 1;
+            out.bytes_deleted += len;
         }
         abort.at("orphans");
     }

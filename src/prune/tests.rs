@@ -336,10 +336,10 @@ fn journals_keep_their_blobs() {
     assert!(live.ids.contains(&ids[0]) && !live.ids.contains(&ids[1]));
 }
 
-#[test]
-fn format_1_prune_deletes_unreferenced_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init(&dir.path().join("r"), &InitOptions::v1()).unwrap();
+/// A format 1 repository in `dir` holding three chunk files of one block each (blocks of
+/// bytes 1, 2 and 3), named by no snapshot yet; returns it and the chunk ids.
+pub(crate) fn v1_repo_with_three_chunks(dir: &std::path::Path) -> (Repository, Vec<ChunkId>) {
+    let repo = Repository::init(&dir.join("r"), &InitOptions::v1()).unwrap();
     let bs = repo.config().block_size as usize;
     let mut enc = Encoder::new(3).unwrap();
     let mut ids = Vec::new();
@@ -349,6 +349,14 @@ fn format_1_prune_deletes_unreferenced_chunks() {
         repo.chunks().put(&id, &enc.encode(&data)).unwrap();
         ids.push(id);
     }
+    (repo, ids)
+}
+
+#[test]
+fn format_1_prune_deletes_unreferenced_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, ids) = v1_repo_with_three_chunks(dir.path());
+    let bs = repo.config().block_size as usize;
     let mut w = crate::repo::snapshot::SnapshotWriter::create(&repo.tmp_dir()).unwrap();
     w.push(BlockRef::Chunk(ids[0]), 1).unwrap();
     w.finish(&header(bs as u64, bs as u32), &repo.snapshots_dir())

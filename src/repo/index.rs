@@ -159,15 +159,16 @@ pub(crate) fn is_hex_name(name: &str, len: usize) -> bool {
 
 /// Ids of the index files of `repo`, sorted (temporary and unknown names skipped).
 pub fn list_index_files(repo: &Repository) -> Result<Vec<String>> {
-    list_dir(&repo.index_dir())
+    list_hex_names(&repo.index_dir(), 64)
 }
 
-pub(crate) fn list_dir(dir: &Path) -> Result<Vec<String>> {
+/// The names in `dir` that are `len` lowercase hex digits, sorted (temporary files skipped).
+pub(crate) fn list_hex_names(dir: &Path, len: usize) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     for e in std::fs::read_dir(dir).ctx("list", dir)? {
         let e = e.ctx("list", dir)?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if is_hex_name(&name, 64) {
+        if is_hex_name(&name, len) {
             ids.push(name);
         }
     }
@@ -219,7 +220,7 @@ impl Index {
         let mut loaded = 0;
         for _ in 0..MAX_RELISTS {
             let mut vanished = false;
-            for name in list_dir(dir)? {
+            for name in list_hex_names(dir, 64)? {
                 if self.files.contains(&name) {
                     continue;
                 }
@@ -436,7 +437,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = sample();
         let id = f.write_to(dir.path()).unwrap();
-        assert_eq!(list_dir(dir.path()).unwrap(), vec![id.clone()]);
+        assert_eq!(list_hex_names(dir.path(), 64).unwrap(), vec![id.clone()]);
         assert_eq!(IndexFile::read(&dir.path().join(&id)).unwrap(), f);
         let other = dir.path().join("f".repeat(64));
         std::fs::copy(dir.path().join(&id), &other).unwrap();
@@ -543,7 +544,7 @@ mod tests {
         assert!(idx.contains(&ChunkId([11; 32])));
         // Temporary files are not index files.
         std::fs::write(dir.path().join(".tmp-x"), b"junk").unwrap();
-        assert_eq!(list_dir(dir.path()).unwrap().len(), 1);
+        assert_eq!(list_hex_names(dir.path(), 64).unwrap().len(), 1);
     }
 
     proptest! {

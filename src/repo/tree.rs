@@ -908,6 +908,18 @@ mod tests {
             .collect()
     }
 
+    /// Every run `reader` reports: (first block, reference, count).
+    fn runs_of(reader: &TreeReader) -> Vec<(u64, BlockRef, u64)> {
+        let mut runs = Vec::new();
+        reader
+            .for_each_run(|f, r, n| {
+                runs.push((f, r, n));
+                Ok(())
+            })
+            .unwrap();
+        runs
+    }
+
     fn read_all(reader: &TreeReader) -> Vec<BlockRef> {
         let mut out = Vec::new();
         reader
@@ -951,13 +963,7 @@ mod tests {
                 reader.block_ref(total),
                 Err(Error::OutOfRange { .. })
             ));
-            let mut runs = Vec::new();
-            reader
-                .for_each_run(|f, r, n| {
-                    runs.push((f, r, n));
-                    Ok(())
-                })
-                .unwrap();
+            let runs = runs_of(&reader);
             assert_eq!(runs, vec![(0, BlockRef::Zero, total)]);
             let mut seen = Vec::new();
             walk_tree(&*src, &root, &mut |id, k| {
@@ -991,13 +997,7 @@ mod tests {
         }
         let root = w.finish().unwrap();
         let reader = TreeReader::new(src.clone(), root, total, "t", Path::new("t")).unwrap();
-        let mut runs = Vec::new();
-        reader
-            .for_each_run(|f, r, n| {
-                runs.push((f, r, n));
-                Ok(())
-            })
-            .unwrap();
+        let runs = runs_of(&reader);
         assert_eq!(runs, vec![(0, part(1, 0), total)]);
         // Each leaf is one record.
         let leaf = reader.leaf_at(LEAF_BLOCKS).unwrap();

@@ -10,7 +10,7 @@
 
 use super::Repository;
 use super::fsio;
-use super::index::is_hex_name;
+use super::index::{is_hex_name, list_hex_names};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::ChunkId;
 use crate::platform;
@@ -46,22 +46,9 @@ pub fn read_pending(repo: &Repository) -> Result<Vec<PendingRecord>> {
     read_pending_dir(&repo.pending_dir())
 }
 
-fn list_names(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for e in std::fs::read_dir(dir).ctx("list", dir)? {
-        let e = e.ctx("list", dir)?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if is_hex_name(&name, 32) {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
 pub(crate) fn read_pending_dir(dir: &Path) -> Result<Vec<PendingRecord>> {
     let mut out = Vec::new();
-    for id in list_names(dir)? {
+    for id in list_hex_names(dir, 32)? {
         if let Some(r) = read_record(dir, id)? {
             out.push(r);
         }
@@ -73,7 +60,7 @@ pub(crate) fn read_pending_dir(dir: &Path) -> Result<Vec<PendingRecord>> {
 /// uses them to find packs still readable, `verify` and `prune` report the damage).
 pub(crate) fn read_pending_dir_lenient(dir: &Path) -> Result<Vec<PendingRecord>> {
     let mut out = Vec::new();
-    for id in list_names(dir)? {
+    for id in list_hex_names(dir, 32)? {
         match read_record(dir, id) {
             Ok(Some(r)) => out.push(r),
             Ok(None) | Err(Error::Corrupt { .. }) | Err(Error::NotRegularFile { .. }) => {}
@@ -245,7 +232,7 @@ pub struct WriterInfo {
 pub fn live_writers(repo: &Repository) -> Result<Vec<WriterInfo>> {
     let dir = repo.writers_dir();
     let mut out = Vec::new();
-    let names = match list_names(&dir) {
+    let names = match list_hex_names(&dir, 32) {
         Ok(n) => n,
         Err(e) if fsio::is_not_found(&e) => return Ok(out),
         Err(e) => return Err(e),

@@ -9,7 +9,7 @@
 //! holds many blobs, and a later backup stores again whatever a bad blob held only once the
 //! blob is dropped from the index (by a prune, after `forget` of the snapshots that need it).
 
-use super::{Problem, VerifyOptions, VerifyReport, thread_count};
+use super::{Problem, VerifyOptions, VerifyReport, open_snapshot, parallel_map, thread_count};
 use crate::error::{Error, IoContext, Result, chain};
 use crate::hash::{ChunkId, HashAlgorithm};
 use crate::platform;
@@ -121,14 +121,9 @@ pub(super) fn verify(
     progress.start("verify trees", snap_ids.len() as u64);
     for id in &snap_ids {
         progress.advance(1);
-        let snap = match repo.open_snapshot(id) {
-            Ok(s) => s,
-            Err(e) => {
-                report.problems.push(Problem::snapshot(id, &e));
-                continue;
-            }
+        let Some(snap) = open_snapshot(repo, id, &mut report) else {
+            continue;
         };
-        report.snapshots_checked += 1;
         let mut names = HashSet::new();
         if let Err(e) = mark::mark_snapshot(&snap, &*store, &mut seen_nodes, &mut names) {
             report.problems.push(Problem::snapshot(id, &e));
@@ -391,37 +386,15 @@ fn check_packs(
     threads: usize,
     progress: &dyn Progress,
 ) -> Vec<PackResult> {
-    if packs.is_empty() {
-        return Vec::new();
-    }
-    let per = packs.len().div_ceil(threads.max(1));
-    std::thread::scope(|s| {
-        let handles: Vec<_> = packs
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|p| {
-                            let r = check_pack(repo, p, &tables[p], hash);
-                            progress.advance(r.bytes);
-                            r
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![PackResult {
-                        pack: ChunkId([0; 32]),
-                        bytes: 0,
-                        problems: vec![(None, "internal error: a worker thread panicked".into())],
-                    }]
-                })
-            })
-            .collect()
+    let check = |p: &ChunkId, _: &mut ()| {
+        let r = check_pack(repo, p, &tables[p], hash);
+        progress.advance(r.bytes);
+        r
+    };
+    parallel_map(packs, threads, check, || PackResult {
+        pack: ChunkId([0; 32]),
+        bytes: 0,
+        problems: vec![(None, "internal error: a worker thread panicked".into())],
     })
 }
 
