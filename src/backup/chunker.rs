@@ -1,5 +1,5 @@
 //! Content-defined chunking: which consecutive blocks of a run become one blob
-//! (docs/DESIGN-format2.md, "Content-defined chunking").
+//! (docs/ARCHITECTURE.md, "Content-defined blobs").
 //!
 //! A blob is cut before block `b` when the block's own content says so (its xxh3 falls under a
 //! threshold that makes one block in [`Chunker::avg_blocks`] a cut), when the blob reached

@@ -4,7 +4,7 @@
 //! - the repository's format (a format-1 repository is read-only), the mount policy
 //!   ([`crate::job::check_mounts`]) and the volume lock (one backup per volume at a time; a
 //!   plan alone only checks that none is running);
-//! - the writer registration (`writers/` marker, docs/DESIGN-format2.md "Concurrency"): made
+//! - the writer registration (`writers/` marker, docs/GC.md): made
 //!   before anything is looked up in the index, so that prune never deletes a pack this
 //!   backup may refer to; the writer's index excludes the packs of the pending records it
 //!   read. A plan alone registers nothing (it reads the index as such a writer would);

@@ -1,5 +1,5 @@
 //! The backup's stage: what the scan's workers do to each run of blocks (the read side is
-//! [`crate::scan`]), for repository format 2 (docs/DESIGN-format2.md).
+//! [`crate::scan`]), for repository format 2 (docs/FORMAT.md §F2, docs/ARCHITECTURE.md "Content-defined blobs").
 //!
 //! A run of consecutive blocks read in one request is cut into blobs ([`Chunker`]): zero
 //! blocks are in no blob, the other blocks are cut where their content says so. Each blob is

@@ -1,4 +1,4 @@
-//! Prune: delete what no snapshot needs (docs/DESIGN-format2.md, "Prune").
+//! Prune: delete what no snapshot needs (docs/GC.md).
 //!
 //! Format 2, in order:
 //! 1. take `REPO/prune.lock` exclusively (try: a second prune fails with [`Error::Locked`]);

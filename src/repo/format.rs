@@ -121,7 +121,7 @@ pub const REC_MAX_LEN: usize = REC_SLICE_LEN;
 /// [`MAX_BLOCK_SIZE`] bytes).
 pub const MAX_PACK_BLOCKS: u64 = 64;
 
-/// Format 2, tree nodes (blob kind tree; docs/DESIGN-format2.md "Tree nodes"): `"VBTN"`, a
+/// Format 2, tree nodes (blob kind tree; docs/FORMAT.md §F2.5): `"VBTN"`, a
 /// version byte, the level byte, 2 reserved bytes, the u64 number of blocks covered, then the
 /// records of a leaf (ZERO, UNUSED, PART) or, for an interior node, a u32 child count and the
 /// children's 32-byte ids.

@@ -1,4 +1,4 @@
-//! A format-2 snapshot's block map: a tree of blobs (docs/DESIGN-format2.md, "Tree nodes").
+//! A format-2 snapshot's block map: a tree of blobs (docs/FORMAT.md §F2.5).
 //!
 //! Leaves cover [`LEAF_BLOCKS`] blocks each and hold block-reference records (ZERO, UNUSED,
 //! PART); interior nodes list up to [`FANOUT`] children. The geometry depends only on the
