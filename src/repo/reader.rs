@@ -288,6 +288,9 @@ struct LoadCache<K, V = Vec<u8>> {
 
 struct CacheState<K, V> {
     slots: HashMap<K, Slot<V>>,
+    /// The ready slots by last use: eviction takes the first (a cache of 4 KiB blocks holds
+    /// thousands of entries, so it is never scanned).
+    order: std::collections::BTreeMap<u64, K>,
     clock: u64,
     /// End offset of the previous read (sequential detection; block caches only).
     last_end: u64,
@@ -305,6 +308,7 @@ impl<K: std::hash::Hash + Eq + Copy, V> LoadCache<K, V> {
         LoadCache {
             state: Mutex::new(CacheState {
                 slots: HashMap::new(),
+                order: std::collections::BTreeMap::new(),
                 clock: 0,
                 last_end: u64::MAX,
                 queued_to: 0,
@@ -322,8 +326,11 @@ impl<K: std::hash::Hash + Eq + Copy, V> LoadCache<K, V> {
             let now = st.clock;
             match st.slots.get_mut(&key) {
                 Some(Slot::Ready { data, used }) => {
-                    *used = now;
-                    return Ok(data.clone());
+                    let before = std::mem::replace(used, now);
+                    let data = data.clone();
+                    st.order.remove(&before);
+                    st.order.insert(now, key);
+                    return Ok(data);
                 }
                 Some(Slot::Loading) => {
                     st = self.loaded.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -345,13 +352,17 @@ impl<K: std::hash::Hash + Eq + Copy, V> LoadCache<K, V> {
                 let data = Arc::new(buf);
                 st.clock += 1;
                 let used = st.clock;
-                st.slots.insert(
+                let old = st.slots.insert(
                     key,
                     Slot::Ready {
                         data: data.clone(),
                         used,
                     },
                 );
+                if let Some(Slot::Ready { used: before, .. }) = old {
+                    st.order.remove(&before);
+                }
+                st.order.insert(used, key);
                 self.evict(&mut st);
                 Ok(data)
             }
@@ -367,15 +378,7 @@ impl<K: std::hash::Hash + Eq + Copy, V> LoadCache<K, V> {
 
     fn evict(&self, st: &mut CacheState<K, V>) {
         while st.slots.len() > self.capacity {
-            let oldest = st
-                .slots
-                .iter()
-                .filter_map(|(&k, s)| match s {
-                    Slot::Ready { used, .. } => Some((*used, k)),
-                    Slot::Loading => None,
-                })
-                .min_by_key(|&(used, _)| used);
-            match oldest {
+            match st.order.pop_first() {
                 Some((_, k)) => {
                     st.slots.remove(&k);
                 }
