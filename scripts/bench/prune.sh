@@ -171,8 +171,14 @@ prune_unit() {
 
     # Untimed: the newest version restores from both.
     read -r sha newest < <(tail -n 1 "$work/history.sha256")
+    # A filesystem-aware backup restores unused blocks as zeros, so the image's own SHA-256
+    # is not the reference: the same snapshot restored from the repository before the prune is.
     "$VB" restore --quiet "$VB_REPO" latest "$work/vb-restored.img" >/dev/null
-    if [[ $(sha256sum <"$work/vb-restored.img" | awk '{ print $1 }') == "$sha" ]]; then
+    "$VB" restore --quiet "$VB_REPO.pristine" latest "$work/vb-reference.img" >/dev/null
+    local vb_ref
+    vb_ref=$(sha256sum <"$work/vb-reference.img" | awk '{ print $1 }')
+    rm -f "$work/vb-reference.img"
+    if [[ $(sha256sum <"$work/vb-restored.img" | awk '{ print $1 }') == "$vb_ref" ]]; then
         bench_record prune.volback.restore_newest_verified true
     else
         bench_record prune.volback.restore_newest_verified false
