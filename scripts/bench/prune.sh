@@ -178,21 +178,19 @@ prune_unit() {
     local vb_ref
     vb_ref=$(sha256sum <"$work/vb-reference.img" | awk '{ print $1 }')
     rm -f "$work/vb-reference.img"
-    if [[ $(sha256sum <"$work/vb-restored.img" | awk '{ print $1 }') == "$vb_ref" ]]; then
-        bench_record prune.volback.restore_newest_verified true
-    else
-        bench_record prune.volback.restore_newest_verified false
-        bench_log "WARNING: volback restore of $newest differs after prune"
-    fi
-    rm -f "$work/vb-restored.img"
+    check_restored volback "$work/vb-restored.img" "$vb_ref" "$newest"
     restic dump -q --repo "$RESTIC_REPO" latest vol.img >"$work/restic-restored.img"
-    if [[ $(sha256sum <"$work/restic-restored.img" | awk '{ print $1 }') == "$sha" ]]; then
-        bench_record prune.restic.restore_newest_verified true
+    check_restored restic "$work/restic-restored.img" "$sha" "$newest"
+}
+
+check_restored() { # tool image expected_sha256 version: records the verdict, removes the image
+    if [[ $(sha256sum <"$2" | awk '{ print $1 }') == "$3" ]]; then
+        bench_record "prune.$1.restore_newest_verified" true
     else
-        bench_record prune.restic.restore_newest_verified false
-        bench_log "WARNING: restic restore of $newest differs after prune"
+        bench_record "prune.$1.restore_newest_verified" false
+        bench_log "WARNING: $1 restore of $4 differs after prune"
     fi
-    rm -f "$work/restic-restored.img"
+    rm -f "$2"
 }
 
 incremental_unit() {

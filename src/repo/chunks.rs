@@ -335,25 +335,7 @@ impl ChunkStore {
     /// and the next backup of a source that still holds its data stores it again. Returns
     /// where it went, or `None` when there was no file to move.
     pub fn quarantine(&self, id: &ChunkId) -> Result<Option<PathBuf>> {
-        let path = self.path(id);
-        for n in 0..1000 {
-            let dest = self.quarantine_path(id, n);
-            match std::fs::symlink_metadata(&dest) {
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("stat", &dest, e)),
-            }
-            return match std::fs::rename(&path, &dest) {
-                Ok(()) => Ok(Some(dest)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(Error::io("rename", &path, e)),
-            };
-        }
-        Err(Error::corrupt(
-            format!("chunk {id}"),
-            &path,
-            "1000 earlier copies of it were already moved aside",
-        ))
+        super::fsio::set_aside(&self.path(id), &format!("chunk {id}"))
     }
 
     /// True when a chunk file for `id` exists and is longer than a header (metadata only).

@@ -283,6 +283,36 @@ pub(crate) fn read_unless_eof(
     }
 }
 
+/// Renames the damaged file `path` aside to the first free name of `<path>.bad`,
+/// `<path>.bad.1`, … (never deleted), so that readers and writers no longer find it under its
+/// name. Returns where it went, or `None` when there was no file to move. `what` names the
+/// file in the error when a thousand names are taken.
+pub fn set_aside(path: &Path, what: &str) -> Result<Option<PathBuf>> {
+    for n in 0..1000u32 {
+        let mut dest = path.as_os_str().to_owned();
+        dest.push(".bad");
+        if n > 0 {
+            dest.push(format!(".{n}"));
+        }
+        let dest = PathBuf::from(dest);
+        match std::fs::symlink_metadata(&dest) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("stat", &dest, e)),
+        }
+        return match std::fs::rename(path, &dest) {
+            Ok(()) => Ok(Some(dest)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("rename", path, e)),
+        };
+    }
+    Err(Error::corrupt(
+        what,
+        path,
+        "1000 earlier copies of it were already moved aside",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

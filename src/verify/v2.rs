@@ -295,26 +295,8 @@ fn salvage(
     }
     packer.checkpoint()?;
     drop(file);
-    let mut n = 0u32;
-    let aside = loop {
-        let name = if n == 0 {
-            format!("{}.bad", pack.to_hex())
-        } else {
-            format!("{}.bad.{n}", pack.to_hex())
-        };
-        let candidate = path.with_file_name(name);
-        if std::fs::symlink_metadata(&candidate).is_err() {
-            break candidate;
-        }
-        n += 1;
-        if n > 1000 {
-            return Err(Error::internal(
-                "verify",
-                "no free .bad name for a damaged pack",
-            ));
-        }
-    };
-    std::fs::rename(&path, &aside).ctx("rename", &path)?;
+    let aside = fsio::set_aside(&path, &format!("pack {pack}"))?
+        .ok_or_else(|| Error::io("rename", &path, std::io::ErrorKind::NotFound.into()))?;
     if let Some(dir) = path.parent() {
         platform::sync_dir(dir).ctx("flush", dir)?;
     }
