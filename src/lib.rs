@@ -20,6 +20,7 @@ pub mod backup;
 pub mod buffer;
 pub mod bytes;
 pub mod copy;
+pub mod crypto;
 pub mod error;
 pub mod forget;
 pub mod fs;

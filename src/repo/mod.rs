@@ -83,6 +83,7 @@ pub mod journal;
 pub mod pack;
 pub mod packer;
 pub mod reader;
+pub mod seal;
 pub mod snapshot;
 pub mod tree;
 pub mod writers;
@@ -269,6 +270,8 @@ pub struct Repository {
     chunks: ChunkStore,
     /// The reader's blob store (format 2), opened on first use.
     blobs: OnceLock<Arc<blobs::BlobStore>>,
+    /// How objects are stored: plain, or sealed under the repository's keys (format 3).
+    sealer: seal::Sealer,
     /// `None` in a read-only repository without a `lock` file.
     _lock: Option<File>,
 }
@@ -420,11 +423,13 @@ impl Repository {
         }
         let fsync_each = !cfg!(target_os = "linux");
         let chunks = ChunkStore::new(path.join("chunks"), config.chunk_hash, fsync_each);
+        let config_hash = config.chunk_hash;
         Ok(Repository {
             root: path.to_path_buf(),
             config,
             chunks,
             blobs: OnceLock::new(),
+            sealer: seal::Sealer::plain(config_hash),
             _lock: lock,
         })
     }
@@ -483,6 +488,12 @@ impl Repository {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// How this repository stores objects: plain or sealed (format 3), and how it names
+    /// blobs. Every object written or read goes through it.
+    pub fn sealer(&self) -> &seal::Sealer {
+        &self.sealer
     }
 
     pub fn chunks(&self) -> &ChunkStore {

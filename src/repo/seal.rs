@@ -1,0 +1,112 @@
+//! What every repository object passes through on its way to and from disk: nothing in a
+//! plain repository (format 1 and 2), a sealed record ([`crate::crypto`]) in an encrypted one
+//! (format 3). Blob ids and the chunker's seed depend on it too, so that the layers above ask
+//! one place and never test "is this repository encrypted" themselves.
+
+use crate::crypto::{Keys, Kind};
+use crate::error::{Error, Result};
+use crate::hash::{ChunkId, HashAlgorithm};
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A repository's sealing rule: plain, or encrypted under its keys.
+#[derive(Debug, Clone)]
+pub struct Sealer {
+    keys: Option<Arc<Keys>>,
+    hash: HashAlgorithm,
+}
+
+impl Sealer {
+    /// No encryption: objects are stored as they are, blob ids are `hash` of the content.
+    pub fn plain(hash: HashAlgorithm) -> Sealer {
+        Sealer { keys: None, hash }
+    }
+
+    /// Encryption under `keys`: every object is a sealed record, blob ids are keyed BLAKE3.
+    pub fn encrypted(keys: Arc<Keys>) -> Sealer {
+        Sealer {
+            keys: Some(keys),
+            hash: HashAlgorithm::Blake3,
+        }
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    pub fn keys(&self) -> Option<&Arc<Keys>> {
+        self.keys.as_ref()
+    }
+
+    /// Bytes a sealed object has beyond its plaintext (0 when plain).
+    pub fn overhead(&self) -> usize {
+        if self.keys.is_some() {
+            crate::crypto::SEAL_OVERHEAD
+        } else {
+            0
+        }
+    }
+
+    /// The stored form of `plain`: itself, or a sealed record of `kind` named `name`.
+    pub fn seal<'a>(&self, kind: Kind, name: &[u8], plain: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+        match &self.keys {
+            None => Ok(Cow::Borrowed(plain)),
+            Some(k) => k
+                .seal(kind, name, plain)
+                .map(Cow::Owned)
+                .map_err(|e| Error::internal("encryption", format!("no random numbers: {e}"))),
+        }
+    }
+
+    /// Appends the stored form of `plain` to `out`.
+    pub fn seal_into(
+        &self,
+        kind: Kind,
+        name: &[u8],
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        match &self.keys {
+            None => {
+                out.extend_from_slice(plain);
+                Ok(())
+            }
+            Some(k) => k
+                .seal_into(kind, name, plain, out)
+                .map_err(|e| Error::internal("encryption", format!("no random numbers: {e}"))),
+        }
+    }
+
+    /// The plaintext of `stored`, authenticated. A record that does not authenticate is
+    /// [`Error::Corrupt`] naming `what` (e.g. "snapshot 1a2b…") and `path`.
+    pub fn open<'a>(
+        &self,
+        kind: Kind,
+        name: &[u8],
+        stored: &'a [u8],
+        what: &str,
+        path: &Path,
+    ) -> Result<Cow<'a, [u8]>> {
+        match &self.keys {
+            None => Ok(Cow::Borrowed(stored)),
+            Some(k) => k
+                .open(kind, name, stored)
+                .map(Cow::Owned)
+                .map_err(|e| Error::corrupt(what, path, e.to_string())),
+        }
+    }
+
+    /// The id of a blob with this content.
+    pub fn blob_id(&self, content: &[u8]) -> ChunkId {
+        match &self.keys {
+            None => self.hash.hash(content),
+            Some(k) => k.blob_id(content),
+        }
+    }
+
+    /// The seed of the XXH3 that cuts blobs (0, XXH3's default, when plain).
+    pub fn chunker_seed(&self) -> u64 {
+        self.keys.as_ref().map_or(0, |k| k.chunker_seed())
+    }
+}
