@@ -65,6 +65,113 @@ pub enum Command {
     Prune(PruneArgs),
     /// Show how much the repository, or one snapshot, stores.
     Stats(StatsArgs),
+    /// Manage the passwords of an encrypted repository: its key slots.
+    Key(KeyArgs),
+}
+
+/// Where the password of an encrypted repository comes from. Without these options:
+/// the environment variable VOLBACK_PASSWORD_FILE (a file holding it), else
+/// VOLBACK_PASSWORD, else a prompt on the terminal (never without one).
+#[derive(Args, Clone, Debug, Default)]
+pub struct PasswordArgs {
+    /// Read the repository password from the first line of FILE.
+    #[arg(long, value_name = "FILE", help_heading = "Encryption")]
+    pub password_file: Option<PathBuf>,
+    /// Run CMD through the shell (sh -c, cmd /C) and use the first line it prints as the
+    /// repository password.
+    #[arg(
+        long,
+        value_name = "CMD",
+        conflicts_with = "password_file",
+        help_heading = "Encryption"
+    )]
+    pub password_command: Option<String>,
+}
+
+/// Argon2id costs of a new key slot (defaults: 64 MiB, 3 passes, 1 lane).
+#[derive(Args, Clone, Debug)]
+pub struct KdfArgs {
+    /// Argon2id memory in MiB.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 64,
+        help_heading = "Encryption"
+    )]
+    pub kdf_memory: u32,
+    /// Argon2id passes.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        help_heading = "Encryption"
+    )]
+    pub kdf_iterations: u32,
+    /// Argon2id lanes.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "Encryption"
+    )]
+    pub kdf_parallelism: u32,
+}
+
+/// Where a new password comes from (`key add`, `key passwd`). Without the option: the
+/// environment variable VOLBACK_NEW_PASSWORD, else a prompt (twice) on the terminal.
+#[derive(Args, Clone, Debug, Default)]
+pub struct NewPasswordArgs {
+    /// Read the new password from the first line of FILE.
+    #[arg(long, value_name = "FILE", help_heading = "Encryption")]
+    pub new_password_file: Option<PathBuf>,
+}
+
+// Arguments of `volback key`.
+#[derive(Args)]
+pub struct KeyArgs {
+    #[command(subcommand)]
+    pub action: KeyCommand,
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// List the key slots (`*` marks the one the password opened).
+    List {
+        repo: PathBuf,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Add a key slot: another password that opens the repository.
+    Add {
+        repo: PathBuf,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[command(flatten)]
+        new_password: NewPasswordArgs,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+    /// Remove a key slot (not the last one, nor the one the password given opens).
+    Remove {
+        repo: PathBuf,
+        /// The slot id (`volback key list`).
+        id: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Change the password: a new slot replaces the one the current password opens.
+    Passwd {
+        repo: PathBuf,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[command(flatten)]
+        new_password: NewPasswordArgs,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
 }
 
 // Arguments of `volback probe`.
@@ -102,6 +209,17 @@ pub struct InitArgs {
     /// 16M).
     #[arg(long, value_parser = parse_size)]
     pub pack_size: Option<u64>,
+    /// Create a plain repository: nothing encrypted, no password (readable by older
+    /// volback versions).
+    #[arg(long, help_heading = "Encryption", conflicts_with_all = [
+        "password_file", "password_command", "kdf_memory", "kdf_iterations", "kdf_parallelism",
+    ])]
+    pub no_encryption: bool,
+    /// The first password (prompted twice on a terminal when not given).
+    #[command(flatten)]
+    pub password: PasswordArgs,
+    #[command(flatten)]
+    pub kdf: KdfArgs,
 }
 
 // Arguments of `volback backup`.
@@ -143,6 +261,8 @@ pub struct BackupArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback snapshots`.
@@ -152,6 +272,8 @@ pub struct SnapshotsArgs {
     /// Print a JSON array.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback restore`.
@@ -176,6 +298,8 @@ pub struct RestoreArgs {
     pub only_changed: bool,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback mount`.
@@ -199,6 +323,8 @@ pub struct MountArgs {
     /// Print what was mounted as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback umount`.
@@ -226,6 +352,8 @@ pub struct ServeArgs {
     /// Most clients connected at once; more connections are closed at once.
     #[arg(long, default_value_t = 16)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback verify`.
@@ -243,6 +371,8 @@ pub struct VerifyArgs {
     pub threads: usize,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback copy`.
@@ -308,6 +438,8 @@ pub struct ExportArgs {
     pub threads: usize,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback forget`.
@@ -364,6 +496,8 @@ pub struct ForgetArgs {
     /// Print the result as JSON (with --prune: one JSON line each for forget and prune).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 /// Options shared by `prune` and `forget --prune`.
@@ -390,6 +524,8 @@ pub struct PruneArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
     /// Not an option: snapshots `forget --dry-run --prune` would remove, which a dry run of
     /// prune may treat as gone (empty otherwise).
     #[arg(skip)]
@@ -407,6 +543,8 @@ pub struct StatsArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 #[derive(Subcommand)]
@@ -463,6 +601,20 @@ fn parse_percent(s: &str) -> std::result::Result<f64, String> {
 /// Parses `--nbd ADDR` (a usage error when malformed).
 fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
     ListenAddr::parse(s).map_err(|e| e.to_string())
+}
+
+impl KdfArgs {
+    /// The Argon2id parameters these options ask for (checked by the library).
+    pub fn params(&self) -> Result<volback::crypto::keyslot::KdfParams> {
+        Ok(volback::crypto::keyslot::KdfParams {
+            memory_kib: self
+                .kdf_memory
+                .checked_mul(1024)
+                .context("--kdf-memory is too large")?,
+            iterations: self.kdf_iterations,
+            parallelism: self.kdf_parallelism,
+        })
+    }
 }
 
 /// A `--block-size` value as the library takes it.
