@@ -676,6 +676,98 @@ mod tests {
     }
 
     #[test]
+    fn password_and_key_arguments() {
+        let Command::Init(a) = parse(&["init", "r", "--kdf-memory", "1", "--kdf-iterations", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not init")
+        };
+        assert!(!a.no_encryption);
+        let p = a.kdf.params().unwrap();
+        assert_eq!((p.memory_kib, p.iterations, p.parallelism), (1024, 1, 1));
+        let Command::Init(a) = parse(&["init", "r"]).unwrap().command else {
+            panic!("not init")
+        };
+        assert_eq!(
+            a.kdf.params().unwrap(),
+            volback::crypto::keyslot::KdfParams::default()
+        );
+        // A plain repository takes no password and no key derivation costs.
+        for extra in [
+            &["--password-file", "f"][..],
+            &["--password-command", "c"],
+            &["--kdf-memory", "1"],
+        ] {
+            let mut args = vec!["init", "r", "--no-encryption"];
+            args.extend_from_slice(extra);
+            assert!(parse(&args).is_err(), "{extra:?}");
+        }
+        assert!(parse(&["init", "r", "--kdf-memory", "4194304"]).is_ok());
+        let Command::Init(a) = parse(&["init", "r", "--kdf-memory", "4194304"])
+            .unwrap()
+            .command
+        else {
+            panic!("not init")
+        };
+        assert!(a.kdf.params().is_err(), "MiB to KiB overflows");
+        // One password source option at a time.
+        assert!(
+            parse(&[
+                "snapshots",
+                "r",
+                "--password-file",
+                "f",
+                "--password-command",
+                "c"
+            ])
+            .is_err()
+        );
+        for cmd in [
+            &["backup", "s", "r"][..],
+            &["snapshots", "r"],
+            &["restore", "r", "latest", "t"],
+            &["verify", "r"],
+            &["export", "r", "latest", "o", "--format", "raw"],
+            &["forget", "r", "x"],
+            &["prune", "r"],
+            &["stats", "r"],
+            &["serve", "r", "latest", "--nbd", "./s"],
+            &["key", "list", "r"],
+            &["key", "add", "r"],
+            &["key", "remove", "r", "0123456789abcdef"],
+            &["key", "passwd", "r"],
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend_from_slice(&["--password-file", "f"]);
+            assert!(parse(&args).is_ok(), "{cmd:?}");
+        }
+        let Command::Key(k) = parse(&[
+            "key",
+            "passwd",
+            "r",
+            "--new-password-file",
+            "n",
+            "--kdf-iterations",
+            "2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not key")
+        };
+        let KeyCommand::Passwd {
+            new_password, kdf, ..
+        } = k.action
+        else {
+            panic!("not passwd")
+        };
+        assert_eq!(new_password.new_password_file, Some(PathBuf::from("n")));
+        assert_eq!(kdf.kdf_iterations, 2);
+        assert!(parse(&["key", "remove", "r"]).is_err());
+    }
+
+    #[test]
     fn prune_and_stats_arguments() {
         let Command::Prune(a) = parse(&["prune", "r", "--dry-run"]).unwrap().command else {
             panic!("not prune")

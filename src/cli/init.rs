@@ -35,14 +35,14 @@ pub fn run(a: InitArgs) -> Result<ExitCode> {
     }
     let r = Repository::init(&a.repo, &opts)?;
     println!(
-        "created {} repository {} at {} ({} chunks, {} blocks, zstd {})",
+        "created repository {} at {} ({}, {} chunks, {} blocks, zstd {})",
+        r.config().id,
+        a.repo.display(),
         if r.is_encrypted() {
             "encrypted"
         } else {
             "plain"
         },
-        r.config().id,
-        a.repo.display(),
         r.config().chunk_hash.name(),
         human_bytes(r.config().block_size as u64),
         r.config().zstd_level
