@@ -27,6 +27,16 @@
 //!
 //! Byte layouts are in [`format`] and docs/FORMAT.md.
 //!
+//! # Encrypted repositories (format 3)
+//!
+//! Format 3 is format 2 with every object sealed ([`seal::Sealer`], [`crate::crypto`]) and
+//! one more directory, `keys/`, holding key slots: the master key wrapped under each password
+//! ([`keys`]). Its `config` adds `encryption` and `sealed`, a sealed copy of itself checked
+//! on open, so a changed plain field is detected. [`Repository::open_with`] unlocks it with a
+//! [`keys::PasswordSource`]; [`Repository::open`] opens plain repositories only. `init`
+//! makes format 3 when [`InitOptions::encryption`] is set; plain repositories stay format 2,
+//! byte for byte. Everything that says "format 2" below holds for format 3.
+//!
 //! # Locking
 //!
 //! | operation                                    | `lock` | `prune.lock`     | `journals/<key>.lock` | `writers/` marker |
