@@ -221,6 +221,26 @@ pub enum Error {
     #[error("{} has no usable partition table: {detail}", path.display())]
     NoPartitionTable { path: PathBuf, detail: String },
 
+    /// An encrypted repository was opened without a password: none was given and none can
+    /// be asked for (no terminal), or the one given could not be read (`detail` says why).
+    #[error("repository {} is encrypted and needs a password: {detail}", path.display())]
+    PasswordRequired { path: PathBuf, detail: String },
+
+    /// No key slot of the repository opens with the password given.
+    #[error("wrong password for repository {}: it opens none of its {slots} key slots (check the password; `volback key list` shows the slots)", path.display())]
+    WrongPassword { path: PathBuf, slots: usize },
+
+    /// A password was given for a repository that is not encrypted. Refused: a plain
+    /// repository where an encrypted one was expected may have been swapped in (docs/SECURITY.md).
+    #[error("repository {} is not encrypted, but a password was given; if the repository is meant to be plain, unset VOLBACK_PASSWORD and VOLBACK_PASSWORD_FILE and drop --password-file and --password-command", path.display())]
+    PasswordForPlainRepository { path: PathBuf },
+
+    /// The key slots of an encrypted repository cannot be used or changed as asked: a slot is
+    /// damaged or asks for costs outside the limits, the slot named does not exist, or the
+    /// change would leave the repository without a slot.
+    #[error("key slots of repository {}: {detail}", path.display())]
+    KeySlot { path: PathBuf, detail: String },
+
     /// An image file (VHD, VHDX, qcow2) is valid but uses a feature volback does not handle
     /// (a backing file, compression, encryption, a log to replay…).
     #[error("{} uses an unsupported image feature: {detail}", path.display())]

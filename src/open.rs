@@ -18,6 +18,7 @@ use crate::image::{self, ImageFormat};
 use crate::platform::ObjectKind;
 use crate::progress::Progress;
 use crate::repo::Repository;
+use crate::repo::keys::{NoPassword, PasswordSource};
 use crate::repo::reader::{CacheOptions, SnapshotVolume};
 use crate::repo::snapshot::SnapshotHeader;
 use crate::source::Source;
@@ -133,11 +134,22 @@ impl Opened {
 
 /// Works out what `args` name (one path, or `REPO SNAPSHOT`) without opening a volume.
 /// Warnings (unreadable snapshot files skipped while resolving `latest`) go to `progress`.
+/// An encrypted repository is [`Error::PasswordRequired`]: see [`identify_with`].
 pub fn identify<A: AsRef<OsStr>>(args: &[A], progress: &dyn Progress) -> Result<Target> {
+    identify_with(args, &NoPassword, progress)
+}
+
+/// [`identify`], opening a repository with the password from `passwords`
+/// ([`Repository::open_with`]).
+pub fn identify_with<A: AsRef<OsStr>>(
+    args: &[A],
+    passwords: &dyn PasswordSource,
+    progress: &dyn Progress,
+) -> Result<Target> {
     match args {
         [repo, selector] => {
             let root = PathBuf::from(repo.as_ref());
-            let repository = Repository::open(&root)?;
+            let repository = Repository::open_with(&root, passwords)?;
             let selector = selector.as_ref().to_string_lossy();
             let id = repository.resolve_warn(&selector, progress)?;
             Ok(Target::Snapshot {
@@ -173,7 +185,13 @@ fn identify_path(path: &Path) -> Result<Target> {
         Err(e) => return Err(not(&format!("cannot read its metadata: {e}"))),
     };
     if meta.is_dir() {
-        let detail = if path.join("config").is_file() && Repository::open(path).is_ok() {
+        // An encrypted repository opened without a password still shows it is one.
+        let is_repository = path.join("config").is_file()
+            && matches!(
+                Repository::open(path),
+                Ok(_) | Err(Error::PasswordRequired { .. } | Error::KeySlot { .. })
+            );
+        let detail = if is_repository {
             "it is a repository; name a snapshot in it too"
         } else {
             "it is a directory without copy metadata"
@@ -292,6 +310,16 @@ pub fn open<A: AsRef<OsStr>>(
     progress: &dyn Progress,
 ) -> Result<Opened> {
     identify(args, progress)?.open(options)
+}
+
+/// [`open`] with the password of an encrypted repository from `passwords`.
+pub fn open_with<A: AsRef<OsStr>>(
+    args: &[A],
+    options: &OpenOptions,
+    passwords: &dyn PasswordSource,
+    progress: &dyn Progress,
+) -> Result<Opened> {
+    identify_with(args, passwords, progress)?.open(options)
 }
 
 #[cfg(test)]

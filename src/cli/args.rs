@@ -65,6 +65,113 @@ pub enum Command {
     Prune(PruneArgs),
     /// Show how much the repository, or one snapshot, stores.
     Stats(StatsArgs),
+    /// Manage the passwords of an encrypted repository: its key slots.
+    Key(KeyArgs),
+}
+
+/// Where the password of an encrypted repository comes from. Without these options:
+/// the environment variable VOLBACK_PASSWORD_FILE (a file holding it), else
+/// VOLBACK_PASSWORD, else a prompt on the terminal (never without one).
+#[derive(Args, Clone, Debug, Default)]
+pub struct PasswordArgs {
+    /// Read the repository password from the first line of FILE.
+    #[arg(long, value_name = "FILE", help_heading = "Encryption")]
+    pub password_file: Option<PathBuf>,
+    /// Run CMD through the shell (sh -c, cmd /C) and use the first line it prints as the
+    /// repository password.
+    #[arg(
+        long,
+        value_name = "CMD",
+        conflicts_with = "password_file",
+        help_heading = "Encryption"
+    )]
+    pub password_command: Option<String>,
+}
+
+/// Argon2id costs of a new key slot (defaults: 64 MiB, 3 passes, 1 lane).
+#[derive(Args, Clone, Debug)]
+pub struct KdfArgs {
+    /// Argon2id memory in MiB.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 64,
+        help_heading = "Encryption"
+    )]
+    pub kdf_memory: u32,
+    /// Argon2id passes.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        help_heading = "Encryption"
+    )]
+    pub kdf_iterations: u32,
+    /// Argon2id lanes.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "Encryption"
+    )]
+    pub kdf_parallelism: u32,
+}
+
+/// Where a new password comes from (`key add`, `key passwd`). Without the option: the
+/// environment variable VOLBACK_NEW_PASSWORD, else a prompt (twice) on the terminal.
+#[derive(Args, Clone, Debug, Default)]
+pub struct NewPasswordArgs {
+    /// Read the new password from the first line of FILE.
+    #[arg(long, value_name = "FILE", help_heading = "Encryption")]
+    pub new_password_file: Option<PathBuf>,
+}
+
+// Arguments of `volback key`.
+#[derive(Args)]
+pub struct KeyArgs {
+    #[command(subcommand)]
+    pub action: KeyCommand,
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// List the key slots (`*` marks the one the password opened).
+    List {
+        repo: PathBuf,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Add a key slot: another password that opens the repository.
+    Add {
+        repo: PathBuf,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[command(flatten)]
+        new_password: NewPasswordArgs,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+    /// Remove a key slot (not the last one, nor the one the password given opens).
+    Remove {
+        repo: PathBuf,
+        /// The slot id (`volback key list`).
+        id: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Change the password: a new slot replaces the one the current password opens.
+    Passwd {
+        repo: PathBuf,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[command(flatten)]
+        new_password: NewPasswordArgs,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
 }
 
 // Arguments of `volback probe`.
@@ -102,6 +209,17 @@ pub struct InitArgs {
     /// 16M).
     #[arg(long, value_parser = parse_size)]
     pub pack_size: Option<u64>,
+    /// Create a plain repository: nothing encrypted, no password (readable by older
+    /// volback versions).
+    #[arg(long, help_heading = "Encryption", conflicts_with_all = [
+        "password_file", "password_command", "kdf_memory", "kdf_iterations", "kdf_parallelism",
+    ])]
+    pub no_encryption: bool,
+    /// The first password (prompted twice on a terminal when not given).
+    #[command(flatten)]
+    pub password: PasswordArgs,
+    #[command(flatten)]
+    pub kdf: KdfArgs,
 }
 
 // Arguments of `volback backup`.
@@ -143,6 +261,8 @@ pub struct BackupArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback snapshots`.
@@ -152,6 +272,8 @@ pub struct SnapshotsArgs {
     /// Print a JSON array.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback restore`.
@@ -176,6 +298,8 @@ pub struct RestoreArgs {
     pub only_changed: bool,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback mount`.
@@ -199,6 +323,8 @@ pub struct MountArgs {
     /// Print what was mounted as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback umount`.
@@ -226,6 +352,8 @@ pub struct ServeArgs {
     /// Most clients connected at once; more connections are closed at once.
     #[arg(long, default_value_t = 16)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback verify`.
@@ -243,6 +371,8 @@ pub struct VerifyArgs {
     pub threads: usize,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback copy`.
@@ -308,6 +438,8 @@ pub struct ExportArgs {
     pub threads: usize,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 // Arguments of `volback forget`.
@@ -364,6 +496,8 @@ pub struct ForgetArgs {
     /// Print the result as JSON (with --prune: one JSON line each for forget and prune).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 /// Options shared by `prune` and `forget --prune`.
@@ -390,6 +524,8 @@ pub struct PruneArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
     /// Not an option: snapshots `forget --dry-run --prune` would remove, which a dry run of
     /// prune may treat as gone (empty otherwise).
     #[arg(skip)]
@@ -407,6 +543,8 @@ pub struct StatsArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub password: PasswordArgs,
 }
 
 #[derive(Subcommand)]
@@ -465,6 +603,20 @@ fn parse_listen_addr(s: &str) -> std::result::Result<ListenAddr, String> {
     ListenAddr::parse(s).map_err(|e| e.to_string())
 }
 
+impl KdfArgs {
+    /// The Argon2id parameters these options ask for (checked by the library).
+    pub fn params(&self) -> Result<volback::crypto::keyslot::KdfParams> {
+        Ok(volback::crypto::keyslot::KdfParams {
+            memory_kib: self
+                .kdf_memory
+                .checked_mul(1024)
+                .context("--kdf-memory is too large")?,
+            iterations: self.kdf_iterations,
+            parallelism: self.kdf_parallelism,
+        })
+    }
+}
+
 /// A `--block-size` value as the library takes it.
 pub fn block_size_arg(v: Option<u64>) -> Result<Option<u32>> {
     v.map(|b| u32::try_from(b).context("block size too large"))
@@ -521,6 +673,98 @@ mod tests {
             .unwrap();
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert!(parse(&["forget", "r", "abc", "--source", "/dev/x"]).is_err());
+    }
+
+    #[test]
+    fn password_and_key_arguments() {
+        let Command::Init(a) = parse(&["init", "r", "--kdf-memory", "1", "--kdf-iterations", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not init")
+        };
+        assert!(!a.no_encryption);
+        let p = a.kdf.params().unwrap();
+        assert_eq!((p.memory_kib, p.iterations, p.parallelism), (1024, 1, 1));
+        let Command::Init(a) = parse(&["init", "r"]).unwrap().command else {
+            panic!("not init")
+        };
+        assert_eq!(
+            a.kdf.params().unwrap(),
+            volback::crypto::keyslot::KdfParams::default()
+        );
+        // A plain repository takes no password and no key derivation costs.
+        for extra in [
+            &["--password-file", "f"][..],
+            &["--password-command", "c"],
+            &["--kdf-memory", "1"],
+        ] {
+            let mut args = vec!["init", "r", "--no-encryption"];
+            args.extend_from_slice(extra);
+            assert!(parse(&args).is_err(), "{extra:?}");
+        }
+        assert!(parse(&["init", "r", "--kdf-memory", "4194304"]).is_ok());
+        let Command::Init(a) = parse(&["init", "r", "--kdf-memory", "4194304"])
+            .unwrap()
+            .command
+        else {
+            panic!("not init")
+        };
+        assert!(a.kdf.params().is_err(), "MiB to KiB overflows");
+        // One password source option at a time.
+        assert!(
+            parse(&[
+                "snapshots",
+                "r",
+                "--password-file",
+                "f",
+                "--password-command",
+                "c"
+            ])
+            .is_err()
+        );
+        for cmd in [
+            &["backup", "s", "r"][..],
+            &["snapshots", "r"],
+            &["restore", "r", "latest", "t"],
+            &["verify", "r"],
+            &["export", "r", "latest", "o", "--format", "raw"],
+            &["forget", "r", "x"],
+            &["prune", "r"],
+            &["stats", "r"],
+            &["serve", "r", "latest", "--nbd", "./s"],
+            &["key", "list", "r"],
+            &["key", "add", "r"],
+            &["key", "remove", "r", "0123456789abcdef"],
+            &["key", "passwd", "r"],
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend_from_slice(&["--password-file", "f"]);
+            assert!(parse(&args).is_ok(), "{cmd:?}");
+        }
+        let Command::Key(k) = parse(&[
+            "key",
+            "passwd",
+            "r",
+            "--new-password-file",
+            "n",
+            "--kdf-iterations",
+            "2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not key")
+        };
+        let KeyCommand::Passwd {
+            new_password, kdf, ..
+        } = k.action
+        else {
+            panic!("not passwd")
+        };
+        assert_eq!(new_password.new_password_file, Some(PathBuf::from("n")));
+        assert_eq!(kdf.kdf_iterations, 2);
+        assert!(parse(&["key", "remove", "r"]).is_err());
     }
 
     #[test]

@@ -8,12 +8,11 @@ use anyhow::Result;
 use std::process::ExitCode;
 use std::time::Duration;
 use volback::backup::{BackupOptions, BackupReport, backup, plan};
-use volback::repo::Repository;
 use volback::source::Source;
 
 /// Backs up `a.source` into `a.repo`; exit code 3 when some ranges could not be read.
 pub fn run(a: BackupArgs, ctx: &Ctx) -> Result<ExitCode> {
-    let repository = Repository::open(&a.repo)?;
+    let repository = super::password::open(&a.repo, &a.password)?;
     let src = Source::open(&a.source)?;
     let opts = BackupOptions {
         block_size: block_size_arg(a.block_size)?,

@@ -16,7 +16,11 @@ pub fn run(a: ExportArgs, ctx: &Ctx) -> Result<ExitCode> {
         bail!("--format is required (raw, bin, vhd, vhd-dynamic, vhdx, qcow2)");
     }
     let args = [a.repo.as_os_str(), OsStr::new(&a.snapshot)];
-    let Target::Snapshot { repository, id, .. } = open::identify(&args, &CliProgress::new(true))?
+    let Target::Snapshot { repository, id, .. } = open::identify_with(
+        &args,
+        &super::password::source(&a.password)?,
+        &CliProgress::new(true),
+    )?
     else {
         bail!(
             "{} {} does not name a snapshot",

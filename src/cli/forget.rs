@@ -7,7 +7,6 @@ use super::report::print_json;
 use anyhow::Result;
 use std::process::ExitCode;
 use volback::forget::{self, Action, ForgetReport, ForgetRequest, Policy};
-use volback::repo::Repository;
 
 /// Forgets, prints what was decided, and runs `prune` afterwards with `--prune`.
 pub fn run(a: ForgetArgs, ctx: &Ctx) -> Result<ExitCode> {
@@ -33,10 +32,8 @@ pub fn run(a: ForgetArgs, ctx: &Ctx) -> Result<ExitCode> {
         eprintln!("volback: error: nothing to forget: name snapshots or give a --keep-* rule");
         return Ok(ExitCode::from(2));
     }
-    let report = {
-        let repository = Repository::open(&a.repo)?;
-        forget::forget(&repository, &request, &CliProgress::new(ctx.quiet))?
-    };
+    let repository = super::password::open(&a.repo, &a.password)?;
+    let report = forget::forget(&repository, &request, &CliProgress::new(ctx.quiet))?;
     if a.json {
         print_json(&report)?;
     } else {
@@ -50,12 +47,13 @@ pub fn run(a: ForgetArgs, ctx: &Ctx) -> Result<ExitCode> {
         opts: a.prune_opts,
         dry_run: a.dry_run,
         json: a.json,
+        password: a.password,
         assume_removed: match a.dry_run {
             true => report.removed_ids(),
             false => Vec::new(),
         },
     };
-    super::prune::run(prune, ctx)
+    super::prune::run_on(&repository, prune, ctx)
 }
 
 /// The table: one line per snapshot, a blank line between volumes, then a summary.

@@ -14,8 +14,10 @@ mod display;
 mod export;
 mod forget;
 mod init;
+mod key;
 #[cfg(target_os = "linux")]
 mod mount;
+mod password;
 mod probe;
 mod prune;
 mod ptable;
@@ -64,6 +66,7 @@ pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode> {
         Command::Forget(a) => forget::run(a, &ctx),
         Command::Prune(a) => prune::run(a, &ctx),
         Command::Stats(a) => stats::run(a, &ctx),
+        Command::Key(a) => key::run(a),
     }
 }
 

@@ -7,8 +7,9 @@
 //! mounts).
 
 use super::Ctx;
-use super::args::{MountArgs, UmountArgs};
+use super::args::{MountArgs, PasswordArgs, UmountArgs};
 use super::display::{CliProgress, human_bytes};
+use super::password;
 use super::report::{MountImageJson, MountJson, print_json};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Write};
@@ -19,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use volback::mount::{self, ViewEntry};
 use volback::open::{self, OpenOptions};
+use volback::repo::keys::PasswordSource;
 use volback::repo::reader::CacheOptions;
 use volback::volume::Volume;
 
@@ -26,11 +28,16 @@ use volback::volume::Volume;
 const READY: &str = "volback-mount-ready";
 
 /// Opens what `args` name (`REPO SNAPSHOT`, a copy, an image file or a device) for a view.
-fn open_volume(args: &[PathBuf]) -> Result<(Arc<dyn Volume>, String)> {
+fn open_volume(args: &[PathBuf], passwords: &PasswordArgs) -> Result<(Arc<dyn Volume>, String)> {
     let options = OpenOptions {
         snapshot_cache: Some(CacheOptions::default()),
     };
-    let opened = open::open(args, &options, &CliProgress::new(true))?;
+    let opened = open::open_with(
+        args,
+        &options,
+        &password::source(passwords)?,
+        &CliProgress::new(true),
+    )?;
     let what = match &opened.snapshot {
         Some(snap) => format!("snapshot {}", snap.id),
         None => opened.describe(),
@@ -50,6 +57,7 @@ pub fn mount(a: MountArgs, ctx: &Ctx) -> Result<ExitCode> {
     if a.foreground {
         serve(
             source,
+            &a.password,
             dir,
             a.files.as_deref(),
             a.allow_other,
@@ -63,12 +71,37 @@ pub fn mount(a: MountArgs, ctx: &Ctx) -> Result<ExitCode> {
 
 /// Runs `volback mount … --foreground` as a detached server and waits for it to be ready.
 fn spawn_server(a: &MountArgs) -> Result<ExitCode> {
+    // The repository is opened here first: its errors show at once, and a password asked
+    // for on the terminal is handed to the server on its standard input (it has no
+    // terminal). A password given by option is passed on; the environment is inherited.
+    let passwords = password::source(&a.password)?;
+    let Some((_, source)) = a.args.split_last() else {
+        bail!("usage: volback mount REPO SNAPSHOT DIR, or volback mount COPY DIR");
+    };
+    drop(open::identify_with(
+        source,
+        &passwords,
+        &CliProgress::new(true),
+    )?);
+    let typed = match passwords.given() {
+        true => None,
+        false => passwords.cached(),
+    };
     let exe = std::env::current_exe().context("find the volback executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--quiet")
         .arg("mount")
         .args(&a.args)
         .arg("--foreground");
+    if let Some(f) = &a.password.password_file {
+        cmd.arg("--password-file").arg(f);
+    }
+    if let Some(c) = &a.password.password_command {
+        cmd.arg("--password-command").arg(c);
+    }
+    if typed.is_some() {
+        cmd.arg("--password-file").arg("/dev/stdin");
+    }
     if let Some(f) = &a.files {
         cmd.arg("--files").arg(f);
     }
@@ -79,7 +112,10 @@ fn spawn_server(a: &MountArgs) -> Result<ExitCode> {
         cmd.arg("--json");
     }
     cmd.env("VOLBACK_MOUNT_NOTIFY", "1")
-        .stdin(Stdio::null())
+        .stdin(match typed {
+            Some(_) => Stdio::piped(),
+            None => Stdio::null(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     {
@@ -88,6 +124,13 @@ fn spawn_server(a: &MountArgs) -> Result<ExitCode> {
         cmd.process_group(0);
     }
     let mut child = cmd.spawn().context("start the mount server")?;
+    if let (Some(pw), Some(mut stdin)) = (typed, child.stdin.take()) {
+        let mut line = zeroize::Zeroizing::new(pw.as_bytes().to_vec());
+        line.push(b'\n');
+        stdin
+            .write_all(&line)
+            .context("pass the password to the mount server")?;
+    }
     let out = child.stdout.take().context("mount server stdout")?;
     let mut ready = false;
     for line in BufReader::new(out).lines() {
@@ -107,13 +150,14 @@ fn spawn_server(a: &MountArgs) -> Result<ExitCode> {
 
 fn serve(
     source: &[PathBuf],
+    passwords: &PasswordArgs,
     dir: &Path,
     files: Option<&Path>,
     allow_other: bool,
     json: bool,
     cancel: Arc<AtomicBool>,
 ) -> Result<ExitCode> {
-    let (vol, what) = open_volume(source)?;
+    let (vol, what) = open_volume(source, passwords)?;
     let entries = mount::view_entries(vol.as_ref())?;
     let session = mount::mount_view(vol, entries.clone(), dir, allow_other)?;
     let background = session

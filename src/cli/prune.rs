@@ -13,10 +13,16 @@ use volback::repo::Repository;
 
 /// Prunes the repository and prints what was removed and repacked.
 pub fn run(a: PruneArgs, ctx: &Ctx) -> Result<ExitCode> {
-    let repository = Repository::open(&a.repo)?;
+    let repository = super::password::open(&a.repo, &a.password)?;
+    run_on(&repository, a, ctx)
+}
+
+/// Prunes `repository`, already open (`forget --prune` keeps the one it opened: one
+/// password prompt).
+pub fn run_on(repository: &Repository, a: PruneArgs, ctx: &Ctx) -> Result<ExitCode> {
     let progress = CliProgress::new(ctx.quiet || a.json);
     let r = prune(
-        &repository,
+        repository,
         &PruneOptions {
             dry_run: a.dry_run,
             max_unused_percent: a.opts.max_unused,

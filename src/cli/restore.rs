@@ -16,7 +16,12 @@ pub fn run(a: RestoreArgs, ctx: &Ctx) -> Result<ExitCode> {
     let (opened, target) = match a.target {
         Some(target) => {
             let args = [a.repo.as_os_str(), OsStr::new(&a.snapshot)];
-            let opened = open::open(&args, &OpenOptions::default(), &quiet_progress)?;
+            let opened = open::open_with(
+                &args,
+                &OpenOptions::default(),
+                &super::password::source(&a.password)?,
+                &quiet_progress,
+            )?;
             (opened, target)
         }
         None => {

@@ -77,7 +77,12 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> Result<ExitCode> {
     let options = OpenOptions {
         snapshot_cache: Some(CacheOptions::default()),
     };
-    let opened = open::open(&a.args, &options, &CliProgress::new(true))?;
+    let opened = open::open_with(
+        &a.args,
+        &options,
+        &super::password::source(&a.password)?,
+        &CliProgress::new(true),
+    )?;
     let size = opened.volume.size();
     let (short, description) = match (&opened.snapshot, &opened.copy) {
         (Some(snap), _) => {

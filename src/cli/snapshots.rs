@@ -5,12 +5,11 @@ use super::display::human_bytes;
 use super::report::{SnapshotJson, print_json};
 use anyhow::Result;
 use std::process::ExitCode;
-use volback::repo::Repository;
 
 /// Lists the snapshots; unreadable snapshot files are named on stderr and make the exit
 /// code 1.
 pub fn run(a: SnapshotsArgs) -> Result<ExitCode> {
-    let repository = Repository::open(&a.repo)?;
+    let repository = super::password::open(&a.repo, &a.password)?;
     let (list, damaged) = repository.list_snapshots_lenient()?;
     for e in &damaged {
         eprintln!("volback: error: {}", volback::error::chain(e));

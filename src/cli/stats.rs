@@ -6,12 +6,11 @@ use super::display::{CliProgress, human_bytes};
 use super::report::print_json;
 use anyhow::Result;
 use std::process::ExitCode;
-use volback::repo::Repository;
 use volback::stats::{StatsReport, stats};
 
 /// Prints what the repository, or one snapshot, stores.
 pub fn run(a: StatsArgs, ctx: &Ctx) -> Result<ExitCode> {
-    let repository = Repository::open(&a.repo)?;
+    let repository = super::password::open(&a.repo, &a.password)?;
     let progress = CliProgress::new(ctx.quiet || a.json);
     let id = match &a.snapshot {
         Some(s) => Some(repository.resolve_warn(s, &progress)?),

@@ -10,14 +10,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use volback::copy::VerifyCopyOptions;
 use volback::open::{self, Target};
-use volback::repo::Repository;
 use volback::verify::{Problem, VerifyOptions, verify};
 
 /// Checks a repository (all snapshots, or one), or a copy; exit code 1 when anything is bad.
 pub fn run(a: VerifyArgs, ctx: &Ctx) -> Result<ExitCode> {
     let quiet_progress = CliProgress::new(true);
     let (repository, ids) = match &a.snapshot {
-        Some(s) => match open::identify(&[a.repo.as_os_str(), OsStr::new(s)], &quiet_progress)? {
+        Some(s) => match open::identify_with(
+            &[a.repo.as_os_str(), OsStr::new(s)],
+            &super::password::source(&a.password)?,
+            &quiet_progress,
+        )? {
             Target::Snapshot { repository, id, .. } => (repository, vec![id]),
             other => anyhow::bail!("REPO SNAPSHOT named a {}", other.kind()),
         },
@@ -25,7 +28,7 @@ pub fn run(a: VerifyArgs, ctx: &Ctx) -> Result<ExitCode> {
             if let Ok(Target::Copy { path, .. }) = open::identify(&[&a.repo], &quiet_progress) {
                 return verify_copy(&path, &a, ctx);
             }
-            (Repository::open(&a.repo)?, Vec::new())
+            (super::password::open(&a.repo, &a.password)?, Vec::new())
         }
     };
     let progress = CliProgress::new(ctx.quiet);

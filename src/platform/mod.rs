@@ -8,6 +8,9 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+/// Running a user's command through the platform shell (`--password-command`).
+pub mod shell;
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]

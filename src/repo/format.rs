@@ -9,8 +9,12 @@ use crate::hash::ChunkId;
 /// Version of the repository as a whole (the `config` file, the directory layout) written by
 /// `init`. Version 1 (chunk files) is still read; see [`REPO_VERSIONS_READ`].
 pub const REPO_VERSION: u32 = 2;
-/// Repository versions this build opens: 1 (chunk files, read-only) and 2 (packs and index).
-pub const REPO_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=2;
+/// Version of an encrypted repository: format 2 with every object sealed and key slots in
+/// `keys/` (docs/FORMAT.md §F3). `init` writes it unless asked for a plain repository.
+pub const REPO_VERSION_ENCRYPTED: u32 = 3;
+/// Repository versions this build opens: 1 (chunk files, read-only), 2 (packs and index) and
+/// 3 (format 2, encrypted).
+pub const REPO_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=3;
 /// `format` field of the `config` file.
 pub const REPO_FORMAT_NAME: &str = "volback-repository";
 

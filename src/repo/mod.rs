@@ -27,6 +27,16 @@
 //!
 //! Byte layouts are in [`format`] and docs/FORMAT.md.
 //!
+//! # Encrypted repositories (format 3)
+//!
+//! Format 3 is format 2 with every object sealed ([`seal::Sealer`], [`crate::crypto`]) and
+//! one more directory, `keys/`, holding key slots: the master key wrapped under each password
+//! ([`keys`]). Its `config` adds `encryption` and `sealed`, a sealed copy of itself checked
+//! on open, so a changed plain field is detected. [`Repository::open_with`] unlocks it with a
+//! [`keys::PasswordSource`]; [`Repository::open`] opens plain repositories only. `init`
+//! makes format 3 when [`InitOptions::encryption`] is set; plain repositories stay format 2,
+//! byte for byte. Everything that says "format 2" below holds for format 3.
+//!
 //! # Locking
 //!
 //! | operation                                    | `lock` | `prune.lock`     | `journals/<key>.lock` | `writers/` marker |
@@ -80,6 +90,7 @@ pub mod format;
 pub mod fsio;
 pub mod index;
 pub mod journal;
+pub mod keys;
 pub mod pack;
 pub mod packer;
 pub mod reader;
@@ -88,6 +99,8 @@ pub mod snapshot;
 pub mod tree;
 pub mod writers;
 
+use crate::crypto::keyslot::KdfParams;
+use crate::crypto::{Keys, Kind, MasterKey};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::platform;
@@ -136,6 +149,52 @@ pub struct Config {
     /// Absent in repositories made before packs: the default.
     #[serde(default = "default_pack_size")]
     pub pack_size: u32,
+    /// Format 3: how objects are encrypted. Absent in plain repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionInfo>,
+    /// Format 3: hex of a sealed record (kind `config`, name "") of this config's canonical
+    /// JSON without `sealed` ([`Config::canonical_json`]); checked against the plain fields on
+    /// open, so a changed plain field is detected. Absent in plain repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
+}
+
+/// The `encryption` object of a format-3 config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionInfo {
+    /// Version of the encryption scheme: [`ENCRYPTION_VERSION`].
+    pub version: u32,
+    /// "aes-256-gcm".
+    pub aead: String,
+    /// "argon2id".
+    pub kdf: String,
+}
+
+/// Version of the encryption scheme this volback reads and writes (`encryption.version`).
+pub const ENCRYPTION_VERSION: u32 = 1;
+
+impl EncryptionInfo {
+    /// What this volback writes.
+    pub fn current() -> EncryptionInfo {
+        EncryptionInfo {
+            version: ENCRYPTION_VERSION,
+            aead: crate::crypto::AEAD_NAME.into(),
+            kdf: "argon2id".into(),
+        }
+    }
+}
+
+impl Config {
+    /// The bytes the `sealed` field seals: `serde_json::to_vec` of this config with `sealed`
+    /// removed (members in declaration order, no whitespace).
+    pub fn canonical_json(&self) -> Result<Vec<u8>> {
+        let unsealed = Config {
+            sealed: None,
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsealed)
+            .map_err(|e| Error::internal("repository config", format!("cannot encode: {e}")))
+    }
 }
 
 /// Options of `volback init`.
@@ -147,10 +206,28 @@ pub struct InitOptions {
     pub zstd_level: i32,
     pub block_size: u32,
     pub pack_size: u32,
+    /// Encrypt (format 3 = format 2 sealed) under this first password; `None`: plain.
+    pub encryption: Option<EncryptionInit>,
+}
+
+/// The first key slot of a new encrypted repository.
+#[derive(Clone)]
+pub struct EncryptionInit {
+    pub password: zeroize::Zeroizing<String>,
+    pub kdf: KdfParams,
+}
+
+impl std::fmt::Debug for EncryptionInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptionInit")
+            .field("password", &"..")
+            .field("kdf", &self.kdf)
+            .finish()
+    }
 }
 
 impl Default for InitOptions {
-    /// A format-2 repository with its defaults (4 KiB blocks, 16 MiB packs).
+    /// A plain format-2 repository with its defaults (4 KiB blocks, 16 MiB packs).
     fn default() -> Self {
         InitOptions {
             format: REPO_VERSION,
@@ -158,6 +235,7 @@ impl Default for InitOptions {
             zstd_level: 3,
             block_size: DEFAULT_BLOCK_SIZE_V2,
             pack_size: DEFAULT_PACK_SIZE_V2,
+            encryption: None,
         }
     }
 }
@@ -180,7 +258,8 @@ pub const FORMAT1_READ_ONLY: &str = "repository format 1 is read-only in this ve
     volback: its snapshots can be listed, restored, verified, exported, mounted and served, and \
     forgotten; back up into a new repository (volback init)";
 
-/// Directories of a format-1 and of a format-2 repository (besides the fan-out ones).
+/// Directories of a format-1, a format-2 and a format-3 repository (besides the fan-out
+/// ones).
 const DIRS_V1: &[&str] = &["snapshots", "chunks", "journals", "tmp"];
 const DIRS_V2: &[&str] = &[
     "snapshots",
@@ -191,6 +270,24 @@ const DIRS_V2: &[&str] = &[
     "journals",
     "tmp",
 ];
+const DIRS_V3: &[&str] = &[
+    "snapshots",
+    "packs",
+    "index",
+    "writers",
+    "pending",
+    "journals",
+    "tmp",
+    keys::KEYS_DIR,
+];
+
+fn dirs_of(version: u32) -> &'static [&'static str] {
+    match version {
+        1 => DIRS_V1,
+        2 => DIRS_V2,
+        _ => DIRS_V3,
+    }
+}
 
 /// Checks that a block size is a power of two within the supported range.
 pub fn check_block_size(bs: u32) -> Result<()> {
@@ -215,6 +312,95 @@ fn check_pack_size(version: u32, pack_size: u32) -> Result<()> {
         return Err(Error::InvalidArgument(format!(
             "pack size {pack_size} must be between {MIN_PACK_SIZE_V2} and {MAX_PACK_SIZE_V2} bytes"
         )));
+    }
+    Ok(())
+}
+
+/// How [`Repository::open_impl`] gets the master key of an encrypted repository.
+enum Unlock<'a> {
+    /// From a key slot, with a password from this source.
+    With(&'a dyn keys::PasswordSource),
+    /// Already known (`init` just wrote the first slot).
+    Known(keys::Unlocked),
+}
+
+/// Checks the encryption fields of `config` against its version: format 3 has both
+/// `encryption` (a scheme this volback knows) and `sealed`; formats 1 and 2 have neither.
+fn check_encryption_fields(config: &Config, cfg_path: &Path) -> Result<()> {
+    let corrupt = |d: &str| Err(Error::corrupt("repository config", cfg_path, d));
+    if config.version < REPO_VERSION_ENCRYPTED {
+        if config.encryption.is_some() || config.sealed.is_some() {
+            return corrupt(
+                "a plain (format 1 or 2) config with encryption fields: its version was changed",
+            );
+        }
+        return Ok(());
+    }
+    let (Some(enc), Some(_)) = (&config.encryption, &config.sealed) else {
+        return corrupt("a format-3 config without its \"encryption\" and \"sealed\" fields");
+    };
+    if enc.version > ENCRYPTION_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: "repository encryption",
+            path: cfg_path.to_path_buf(),
+            found: enc.version,
+            supported: ENCRYPTION_VERSION,
+        });
+    }
+    if enc.version != ENCRYPTION_VERSION
+        || enc.aead != crate::crypto::AEAD_NAME
+        || enc.kdf != "argon2id"
+    {
+        return corrupt(&format!(
+            "encryption version {} with {} and {} (this volback knows version \
+             {ENCRYPTION_VERSION} with {} and argon2id)",
+            enc.version,
+            enc.aead,
+            enc.kdf,
+            crate::crypto::AEAD_NAME
+        ));
+    }
+    if config.chunk_hash != HashAlgorithm::Blake3 {
+        return corrupt("an encrypted repository's chunk_hash must be blake3 (keyed)");
+    }
+    Ok(())
+}
+
+/// Format 3: opens the sealed copy of the config and compares it with the plain fields.
+fn check_sealed_config(config: &Config, sealer: &seal::Sealer, cfg_path: &Path) -> Result<()> {
+    let Some(sealed) = &config.sealed else {
+        return Err(Error::corrupt(
+            "repository config",
+            cfg_path,
+            "no \"sealed\" field",
+        ));
+    };
+    let stored = hex::decode(sealed).map_err(|e| {
+        Error::corrupt(
+            "repository config",
+            cfg_path,
+            format!("\"sealed\" is not hex: {e}"),
+        )
+    })?;
+    let plain = sealer.open(
+        Kind::Config,
+        b"",
+        &stored,
+        "sealed repository config",
+        cfg_path,
+    )?;
+    let inner: Config = serde_json::from_slice(&plain)
+        .map_err(|e| Error::corrupt("sealed repository config", cfg_path, e.to_string()))?;
+    let outer = Config {
+        sealed: None,
+        ..config.clone()
+    };
+    if inner != outer {
+        return Err(Error::corrupt(
+            "repository config",
+            cfg_path,
+            "config was changed: its plain fields differ from its sealed copy",
+        ));
     }
     Ok(())
 }
@@ -266,33 +452,24 @@ pub fn sort_snapshots(list: &mut [SnapshotEntry]) {
 #[derive(Debug)]
 pub struct Repository {
     root: PathBuf,
-    config: Config,
+    // Boxed: a `Repository` is moved around by value (open::Target) and the config is large.
+    config: Box<Config>,
     chunks: ChunkStore,
     /// The reader's blob store (format 2), opened on first use.
     blobs: OnceLock<Arc<blobs::BlobStore>>,
     /// How objects are stored: plain, or sealed under the repository's keys (format 3).
     sealer: seal::Sealer,
+    /// Format 3: the master key (to write new key slots) and the slot that gave it.
+    master: Option<Arc<keys::Unlocked>>,
     /// `None` in a read-only repository without a `lock` file.
     _lock: Option<File>,
 }
 
 impl Repository {
-    /// Creates a new repository in `path` (which must not exist or be an empty directory).
-    pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
-        check_block_size(opts.block_size)?;
-        if !REPO_VERSIONS_READ.contains(&opts.format) {
-            return Err(Error::InvalidArgument(format!(
-                "repository format {} is not one this volback writes (1 or 2)",
-                opts.format
-            )));
-        }
-        check_pack_size(opts.format, opts.pack_size)?;
-        if !(1..=22).contains(&opts.zstd_level) {
-            return Err(Error::InvalidArgument(format!(
-                "zstd level {} must be between 1 and 22",
-                opts.zstd_level
-            )));
-        }
+    /// Checks that `path` can receive a new repository (missing, or an empty directory)
+    /// without changing anything: what `init` checks first, for callers that ask for a
+    /// password before calling it.
+    pub fn check_new_location(path: &Path) -> Result<()> {
         match std::fs::read_dir(path) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -306,17 +483,66 @@ impl Repository {
                         detail: detail.into(),
                     });
                 }
+                Ok(())
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(path).ctx("create directory", path)?;
-            }
-            Err(e) => return Err(Error::io("read directory", path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("read directory", path, e)),
         }
-        let (dirs, fan_out) = match opts.format {
-            1 => (DIRS_V1, "chunks"),
-            _ => (DIRS_V2, "packs"),
+    }
+
+    /// Creates a new repository in `path` (which must not exist or be an empty directory):
+    /// format 3 (encrypted) when `opts.encryption` is set, else `opts.format` (2, or 1 for
+    /// tests of old repositories).
+    pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
+        check_block_size(opts.block_size)?;
+        if !(1..=REPO_VERSION).contains(&opts.format) {
+            return Err(Error::InvalidArgument(format!(
+                "repository format {} is not one this volback writes (1 or 2; format 3 is \
+                 format 2 with encryption)",
+                opts.format
+            )));
+        }
+        let version = match &opts.encryption {
+            None => opts.format,
+            Some(e) => {
+                if opts.format != REPO_VERSION {
+                    return Err(Error::InvalidArgument(format!(
+                        "format {} repositories cannot be encrypted",
+                        opts.format
+                    )));
+                }
+                if opts.chunk_hash != HashAlgorithm::Blake3 {
+                    return Err(Error::InvalidArgument(
+                        "an encrypted repository names blobs with keyed BLAKE3: \
+                         --hash sha256 applies to plain repositories only"
+                            .into(),
+                    ));
+                }
+                if e.password.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "the password is empty; an empty password is refused".into(),
+                    ));
+                }
+                e.kdf.check().map_err(|d| {
+                    Error::InvalidArgument(format!("key derivation parameters: {d}"))
+                })?;
+                REPO_VERSION_ENCRYPTED
+            }
         };
-        for sub in dirs {
+        check_pack_size(opts.format, opts.pack_size)?;
+        if !(1..=22).contains(&opts.zstd_level) {
+            return Err(Error::InvalidArgument(format!(
+                "zstd level {} must be between 1 and 22",
+                opts.zstd_level
+            )));
+        }
+        Self::check_new_location(path)?;
+        std::fs::create_dir_all(path).ctx("create directory", path)?;
+        let fan_out = match version {
+            1 => "chunks",
+            _ => "packs",
+        };
+        for sub in dirs_of(version) {
             let p = path.join(sub);
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
@@ -325,9 +551,9 @@ impl Repository {
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
         fsio::lock_file(&path.join("lock"))?;
-        let config = Config {
+        let mut config = Config {
             format: REPO_FORMAT_NAME.into(),
-            version: opts.format,
+            version,
             id: fsio::random_hex(16),
             created: crate::time::rfc3339(crate::time::now_unix()),
             chunk_hash: opts.chunk_hash,
@@ -335,18 +561,48 @@ impl Repository {
             zstd_level: opts.zstd_level,
             block_size: opts.block_size,
             pack_size: opts.pack_size,
+            encryption: None,
+            sealed: None,
         };
+        let mut unlocked = None;
+        if let Some(e) = &opts.encryption {
+            let master = MasterKey::generate().map_err(|e| {
+                Error::internal("repository init", format!("no random numbers: {e}"))
+            })?;
+            let slot = keys::write_slot(path, &config.id, &master, &e.password, e.kdf)?;
+            config.encryption = Some(EncryptionInfo::current());
+            let sealer = seal::Sealer::encrypted(Arc::new(Keys::derive(&master, &config.id)));
+            let canonical = config.canonical_json()?;
+            let sealed = sealer.seal(Kind::Config, b"", &canonical)?;
+            config.sealed = Some(hex::encode(sealed));
+            unlocked = Some(keys::Unlocked { master, slot });
+        }
         let json = serde_json::to_vec_pretty(&config).map_err(|e| {
             Error::internal("repository init", format!("cannot encode the config: {e}"))
         })?;
         // Everything below config is durable before config appears.
         platform::sync_filesystem(path).ctx("flush", path)?;
         fsio::atomic_write(&path.join("config"), &json)?;
-        Self::open(path)
+        match unlocked {
+            None => Self::open(path),
+            Some(u) => Self::open_impl(path, Unlock::Known(u)),
+        }
     }
 
-    /// Opens an existing repository and takes a shared lock on it.
+    /// Opens an existing plain repository and takes a shared lock on it; an encrypted one is
+    /// [`Error::PasswordRequired`] ([`Repository::open_with`] opens both).
     pub fn open(path: &Path) -> Result<Repository> {
+        Self::open_with(path, &keys::NoPassword)
+    }
+
+    /// Opens an existing repository and takes a shared lock on it. An encrypted repository
+    /// (format 3) is unlocked with the password from `passwords` ([`keys`]); a password
+    /// given for a plain one is [`Error::PasswordForPlainRepository`].
+    pub fn open_with(path: &Path, passwords: &dyn keys::PasswordSource) -> Result<Repository> {
+        Self::open_impl(path, Unlock::With(passwords))
+    }
+
+    fn open_impl(path: &Path, unlock: Unlock<'_>) -> Result<Repository> {
         let cfg_path = path.join("config");
         let bytes = match fsio::read_limited(&cfg_path, 1 << 20, "config") {
             Ok(b) => b,
@@ -372,7 +628,15 @@ impl Repository {
                 what: "repository",
                 path: path.to_path_buf(),
                 found: version.min(u32::MAX as u64) as u32,
-                supported: REPO_VERSION,
+                supported: *REPO_VERSIONS_READ.end(),
+            });
+        }
+        if version < u64::from(REPO_VERSION_ENCRYPTED)
+            && let Unlock::With(source) = &unlock
+            && source.given()
+        {
+            return Err(Error::PasswordForPlainRepository {
+                path: path.to_path_buf(),
             });
         }
         let mut value = value;
@@ -388,12 +652,9 @@ impl Repository {
         check_block_size(config.block_size)
             .and_then(|()| check_pack_size(config.version, config.pack_size))
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
+        check_encryption_fields(&config, &cfg_path)?;
         // The repository's own directories are never followed through a link.
-        let dirs = match config.version {
-            1 => DIRS_V1,
-            _ => DIRS_V2,
-        };
-        for d in dirs {
+        for d in dirs_of(config.version) {
             fsio::check_directory(&path.join(d))?;
         }
         let lock_path = path.join("lock");
@@ -421,26 +682,53 @@ impl Repository {
                 }
             }
         }
+        let (sealer, master) = if config.version >= REPO_VERSION_ENCRYPTED {
+            let unlocked = match unlock {
+                Unlock::Known(u) => u,
+                Unlock::With(source) => keys::unlock(path, &config.id, source)?,
+            };
+            let sealer =
+                seal::Sealer::encrypted(Arc::new(Keys::derive(&unlocked.master, &config.id)));
+            check_sealed_config(&config, &sealer, &cfg_path)?;
+            (sealer, Some(Arc::new(unlocked)))
+        } else {
+            (seal::Sealer::plain(config.chunk_hash), None)
+        };
         let fsync_each = !cfg!(target_os = "linux");
         let chunks = ChunkStore::new(path.join("chunks"), config.chunk_hash, fsync_each);
-        let config_hash = config.chunk_hash;
         Ok(Repository {
             root: path.to_path_buf(),
-            config,
+            config: Box::new(config),
             chunks,
             blobs: OnceLock::new(),
-            sealer: seal::Sealer::plain(config_hash),
+            sealer,
+            master,
             _lock: lock,
         })
     }
 
-    /// The repository's format version (`config.version`): 1 or 2.
+    /// Format 3: the id of the key slot the password opened (`keys/<id>`); `None` when plain.
+    pub fn current_slot(&self) -> Option<&str> {
+        self.master.as_ref().map(|u| u.slot.as_str())
+    }
+
+    /// True for an encrypted repository (format 3).
+    pub fn is_encrypted(&self) -> bool {
+        self.master.is_some()
+    }
+
+    /// Format 3: the master key, to wrap it in new key slots ([`keys`]).
+    pub(crate) fn master_key(&self) -> Option<&MasterKey> {
+        self.master.as_ref().map(|u| &u.master)
+    }
+
+    /// The repository's format version (`config.version`): 1, 2, or 3 (2 encrypted).
     pub fn format_version(&self) -> u32 {
         self.config.version
     }
 
     /// Refuses operation `op` (a backup, a prune's repack…) on a format-1 repository, which
-    /// this version only reads.
+    /// this version only reads. Format 3 is format 2 with sealed objects: allowed.
     pub fn require_format2(&self, op: &str) -> Result<()> {
         match self.config.version {
             1 => Err(Error::InvalidArgument(format!(
@@ -703,11 +991,12 @@ mod tests {
         let cfg = path.join("config");
         let mut value: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
-        value["version"] = (REPO_VERSION + 1).into();
+        let last = *REPO_VERSIONS_READ.end();
+        value["version"] = (last + 1).into();
         std::fs::write(&cfg, serde_json::to_vec(&value).unwrap()).unwrap();
         let e = Repository::open(&path).err().unwrap();
         assert!(
-            crate::error::testing::is_next_version(&e, "repository", REPO_VERSION),
+            crate::error::testing::is_next_version(&e, "repository", last),
             "{e}"
         );
     }

@@ -152,9 +152,20 @@ pub fn run_stdin_ok(program: &str, args: &[&str], input: &[u8]) -> Run {
     r
 }
 
-/// Runs `volback ARGS`, whatever its exit code.
+/// Runs `volback ARGS`, whatever its exit code. `init` makes a plain repository
+/// (`--no-encryption` added) unless the arguments choose encryption themselves
+/// (`--password-file`, `--password-command`, `--kdf-*`): `init` encrypts by default, and the
+/// suite's repositories are plain until it gives every command a password.
 pub fn volback(args: &[&str]) -> Run {
-    let r = run_program(VOLBACK, args);
+    let mut args = args.to_vec();
+    if args.first() == Some(&"init")
+        && !args.iter().any(|a| {
+            a.starts_with("--password") || a.starts_with("--kdf") || *a == "--no-encryption"
+        })
+    {
+        args.insert(1, "--no-encryption");
+    }
+    let r = run_program(VOLBACK, &args);
     assert!(
         !r.stderr.contains("panicked"),
         "volback panicked: {}",
