@@ -640,6 +640,7 @@ impl SampleCheck {
 pub fn backup_may_resume(
     source: &dyn Volume,
     journal_path: &std::path::Path,
+    sealer: &crate::repo::seal::Sealer,
     recorded: &crate::repo::journal::JournalHeader,
     now: &SourceState,
     blobs: Option<&dyn crate::repo::blob::BlobSource>,
@@ -656,7 +657,7 @@ pub fn backup_may_resume(
     }
     let mut sample = SampleCheck::new();
     let mut next = 0u64;
-    let read = crate::repo::journal::Journal::read_batches(journal_path, |_, batch| {
+    let read = crate::repo::journal::Journal::read_batches(journal_path, sealer, |_, batch| {
         let _ = crate::repo::format::decode_records(&batch.records, batch.block_count, |r, n| {
             match (r.content_hash(), r) {
                 (Some(h), _) => sample.offer(next, Expected::Hash(h.0)),

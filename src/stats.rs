@@ -123,7 +123,7 @@ fn split_mark(
         }
     }
     for p in mark::journal_paths(repo)? {
-        mark::mark_journal(&p, &mut others)?;
+        mark::mark_journal(repo, &p, &mut others)?;
     }
     let size = size.ok_or_else(|| Error::SnapshotNotFound {
         selector: snapshot.into(),
@@ -147,6 +147,7 @@ fn stats_v2(
         index.tables.iter().map(|(p, e)| (p, &e[..])),
         &live.ids,
         &plan::PlanLimits::default(),
+        repo.sealer().overhead() as u64,
     );
     let mut r = StatsReport {
         format: 2,

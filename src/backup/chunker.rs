@@ -9,6 +9,10 @@
 //! inserted before it) is cut the same way from its first content-defined cut on, and its
 //! blobs deduplicate.
 //!
+//! In an encrypted repository the XXH3 is seeded with a secret of the repository
+//! ([`crate::repo::seal::Sealer::chunker_seed`]), so that where blobs are cut (visible as frame
+//! sizes) says nothing about the content; seed 0 is XXH3's default, what plain repositories use.
+//!
 //! This is writer policy, not format: readers only see blobs of 1..=N whole blocks.
 
 use std::ops::Range;
@@ -27,6 +31,8 @@ pub struct Chunker {
     max_blocks: u64,
     /// Cut before a block whose xxh3_64 is below this.
     threshold: u64,
+    /// The XXH3's seed (0: its default).
+    seed: u64,
 }
 
 impl Chunker {
@@ -46,7 +52,13 @@ impl Chunker {
             avg_blocks,
             max_blocks: max_blocks.max(1),
             threshold: u64::MAX / avg_blocks,
+            seed: 0,
         }
+    }
+
+    /// This policy with the XXH3 seeded with `seed` (0: XXH3's default, unseeded).
+    pub fn with_seed(self, seed: u64) -> Chunker {
+        Chunker { seed, ..self }
     }
 
     pub fn avg_blocks(&self) -> u64 {
@@ -59,7 +71,8 @@ impl Chunker {
 
     /// True when a blob must start at a block holding `block` (content-defined cut).
     pub fn cuts_before(&self, block: &[u8]) -> bool {
-        self.avg_blocks == 1 || xxhash_rust::xxh3::xxh3_64(block) < self.threshold
+        self.avg_blocks == 1
+            || xxhash_rust::xxh3::xxh3_64_with_seed(block, self.seed) < self.threshold
     }
 
     /// The blobs of a run of blocks: ranges of block positions in the run, in order, covering
@@ -138,6 +151,29 @@ mod tests {
             assert_eq!((c.avg_blocks(), c.max_blocks()), (1, 1), "{bs}");
             assert!(c.cuts_before(&[1, 2, 3]));
         }
+    }
+
+    #[test]
+    fn seed_0_cuts_as_unseeded_xxh3_and_other_seeds_elsewhere() {
+        let data = blocks(&(1..=3000).collect::<Vec<u16>>());
+        for b in data.chunks(BS).take(200) {
+            assert_eq!(
+                xxhash_rust::xxh3::xxh3_64_with_seed(b, 0),
+                xxhash_rust::xxh3::xxh3_64(b)
+            );
+        }
+        let mut long = vec![0u8; 4096];
+        long.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i * 13) as u8);
+        assert_eq!(
+            xxhash_rust::xxh3::xxh3_64_with_seed(&long, 0),
+            xxhash_rust::xxh3::xxh3_64(&long)
+        );
+        let seeds: Vec<u16> = (1..=3000).collect();
+        let c = Chunker::with(16, 64);
+        assert_eq!(cut(&c.with_seed(0), &seeds), cut(&c, &seeds));
+        assert_ne!(cut(&c.with_seed(0x1234_5678), &seeds), cut(&c, &seeds));
     }
 
     #[test]

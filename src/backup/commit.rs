@@ -71,7 +71,7 @@ impl<'p> Draft<'p> {
         let continues = plan.resume.continues();
         let (mut journal, header) = if continues {
             let mut replay_err = None;
-            let r = Journal::resume(journal_path, |_, batch| {
+            let r = Journal::resume(journal_path, packer.sealer(), |_, batch| {
                 if batch.block_count == 0 {
                     resumes += 1;
                 }
@@ -106,7 +106,7 @@ impl<'p> Draft<'p> {
             }
         } else {
             let h = fresh();
-            (Journal::create(journal_path, &h)?, h)
+            (Journal::create(journal_path, &h, packer.sealer())?, h)
         };
         let start_block = writer.blocks();
         if start_block != plan.resume.from_block() {
@@ -188,8 +188,13 @@ impl<'p> Draft<'p> {
         };
         let root = self.writer.finish()?;
         packer.checkpoint()?;
-        let snapshot_id =
-            write_tree_snapshot(&repo.tmp_dir(), &repo.snapshots_dir(), &header, root)?;
+        let snapshot_id = write_tree_snapshot(
+            &repo.tmp_dir(),
+            &repo.snapshots_dir(),
+            &header,
+            root,
+            repo.sealer(),
+        )?;
         self.journal.remove()?;
         Ok(Committed {
             snapshot_id,

@@ -26,6 +26,8 @@
 pub mod chunker;
 mod commit;
 mod plan;
+#[cfg(test)]
+mod sealed_tests;
 mod stage;
 
 pub use plan::{BackupPlan, Resume, Tracking, plan};
@@ -210,7 +212,7 @@ fn run(
         bs,
         plan.work.parent.as_ref(),
         &blobs,
-        repo.config().chunk_hash,
+        repo.sealer(),
         repo.config().zstd_level,
     );
     progress.start("backup", size - (start_block * bs).min(size));

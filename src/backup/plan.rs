@@ -502,10 +502,24 @@ fn decide_resume(
     restart: bool,
     progress: &dyn Progress,
 ) -> Result<(Resume, Option<JournalHeader>)> {
-    let Some(h) = Journal::read_header(journal_path)? else {
-        return Ok((Resume::Fresh, None));
-    };
     let start_over = |reason: String| Ok((Resume::StartOver { reason }, None));
+    let sealer = repo.sealer();
+    // A sealed journal whose header or a batch before its end does not open was damaged
+    // (a torn last batch is no damage): it is replaced, never resumed.
+    let read = Journal::read_header(journal_path, sealer).and_then(|h| match h {
+        Some(_) if sealer.is_encrypted() => {
+            Journal::read_batches(journal_path, sealer, |_, _| Ok(()))
+        }
+        h => Ok(h),
+    });
+    let h = match read {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok((Resume::Fresh, None)),
+        Err(e @ Error::Corrupt { .. }) => {
+            return start_over(format!("its journal is damaged ({})", chain(&e)));
+        }
+        Err(e) => return Err(e),
+    };
     if restart {
         return start_over("a restart was asked for".into());
     }
@@ -522,6 +536,7 @@ fn decide_resume(
     if !crate::source_state::backup_may_resume(
         source,
         journal_path,
+        sealer,
         &h,
         state,
         Some(store as &dyn crate::repo::blob::BlobSource),
@@ -616,7 +631,7 @@ struct JournalCheck {
 fn check_journal(store: &BlobStore, journal_path: &Path) -> Result<Option<JournalCheck>> {
     let mut bad: Option<(ChunkId, String)> = None;
     let mut next_block = 0u64;
-    let read = Journal::read_batches(journal_path, |_, batch| {
+    let read = Journal::read_batches(journal_path, store.sealer(), |_, batch| {
         next_block = batch.first_block + batch.block_count;
         if bad.is_some() {
             return Ok(());

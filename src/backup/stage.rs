@@ -6,7 +6,8 @@
 //! hashed; a blob the writer's index already holds (the parent's, another volume's, one a
 //! concurrent backup or another worker just stored) is referred to again, the others are new:
 //! consecutive new blobs of the run are grouped into frames of at most [`FRAME_RAW`] bytes,
-//! each compressed once and appended to a pack by the [`Packer`]. Every block becomes a piece
+//! each compressed (and, in an encrypted repository, sealed) once by the worker and appended to
+//! a pack by the [`Packer`]. Every block becomes a piece
 //! of its blob ([`BlockRef::Part`]).
 //!
 //! Blocks change tracking knows to be unchanged since the parent are taken from it unread
@@ -16,13 +17,14 @@
 
 use super::chunker::Chunker;
 use crate::error::{Error, Result, chain};
-use crate::hash::{ChunkId, HashAlgorithm};
+use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::blob::BlobKind;
 use crate::repo::blobs::BlobStore;
-use crate::repo::chunks::Encoder;
 use crate::repo::format::BlockRef;
+use crate::repo::pack::FrameEncoder;
 use crate::repo::packer::Packer;
+use crate::repo::seal::Sealer;
 use crate::repo::snapshot::{BlockCursor, SnapshotFile};
 use crate::scan::{Input, Stage};
 use crate::volume::{Volume, is_zero};
@@ -88,8 +90,14 @@ pub(super) trait Blobs: Sync {
     /// True when blob `id` may be referred to (it is in the writer's usable index, or was
     /// added by this backup).
     fn contains(&self, id: &ChunkId) -> bool;
-    /// Appends one encoded frame holding `blobs`; returns the bytes written.
-    fn add_frame(&self, encoded: &[u8], blobs: &[(ChunkId, BlobKind, u32, u32)]) -> Result<u64>;
+    /// Appends one stored frame ([`FrameEncoder::encode`]) of `raw_len` raw bytes holding
+    /// `blobs`; returns the bytes written.
+    fn add_frame(
+        &self,
+        stored: &[u8],
+        raw_len: u32,
+        blobs: &[(ChunkId, BlobKind, u32, u32)],
+    ) -> Result<u64>;
 }
 
 /// The repository's blobs as a writer sees them.
@@ -103,18 +111,21 @@ impl Blobs for RepoBlobs<'_> {
         self.store.usable(id)
     }
 
-    fn add_frame(&self, encoded: &[u8], blobs: &[(ChunkId, BlobKind, u32, u32)]) -> Result<u64> {
-        self.packer.add_frame(encoded, blobs)
+    fn add_frame(
+        &self,
+        stored: &[u8],
+        raw_len: u32,
+        blobs: &[(ChunkId, BlobKind, u32, u32)],
+    ) -> Result<u64> {
+        self.packer.add_frame(stored, raw_len, blobs)
     }
 }
 
-/// Per-worker state: the compressor and reused buffers.
+/// Per-worker state: the compressor (and sealer) and reused buffers.
 pub(super) struct Worker {
-    encoder: Encoder,
+    encoder: FrameEncoder,
     /// Raw content of the frame being built.
     frame: Vec<u8>,
-    /// Its encoding (chunk header + payload).
-    encoded: Vec<u8>,
 }
 
 /// The backup's work on each run of blocks (the read side is [`crate::scan`]).
@@ -123,7 +134,8 @@ pub(super) struct BackupStage<'a> {
     block_size: u64,
     parent: Option<&'a SnapshotFile>,
     blobs: &'a dyn Blobs,
-    hash: HashAlgorithm,
+    /// Names blobs ([`Sealer::blob_id`]) and seals frames.
+    sealer: &'a Sealer,
     zstd_level: i32,
     chunker: Chunker,
 }
@@ -141,7 +153,7 @@ impl<'a> BackupStage<'a> {
         block_size: u64,
         parent: Option<&'a SnapshotFile>,
         blobs: &'a dyn Blobs,
-        hash: HashAlgorithm,
+        sealer: &'a Sealer,
         zstd_level: i32,
     ) -> BackupStage<'a> {
         BackupStage {
@@ -149,9 +161,9 @@ impl<'a> BackupStage<'a> {
             block_size,
             parent,
             blobs,
-            hash,
+            sealer,
             zstd_level,
-            chunker: Chunker::new(block_size),
+            chunker: Chunker::new(block_size).with_seed(sealer.chunker_seed()),
         }
     }
 
@@ -198,7 +210,7 @@ impl<'a> BackupStage<'a> {
             zeros(&mut out, pos..r.start);
             pos = r.end;
             let bytes = span(r.clone());
-            let id = self.hash.hash(&data[bytes.clone()]);
+            let id = self.sealer.blob_id(&data[bytes.clone()]);
             let block_ref = BlockRef::Part { blob: id, index: 0 };
             let count = (r.end - r.start) as u64;
             let len = bytes.len();
@@ -262,7 +274,6 @@ impl<'a> BackupStage<'a> {
         let Worker {
             encoder,
             frame: raw,
-            encoded,
         } = worker;
         raw.clear();
         let mut table = Vec::with_capacity(frame.len());
@@ -271,11 +282,8 @@ impl<'a> BackupStage<'a> {
             raw.extend_from_slice(&data[p.bytes.clone()]);
             table.push((p.id, BlobKind::Data, off, p.bytes.len() as u32));
         }
-        let enc = encoder.encode(raw);
-        encoded.clear();
-        encoded.extend_from_slice(&enc.header);
-        encoded.extend_from_slice(enc.payload);
-        let written = self.blobs.add_frame(encoded, &table)?;
+        let stored = encoder.encode(raw)?;
+        let written = self.blobs.add_frame(stored, raw.len() as u32, &table)?;
         if let Outcome::New { raw, .. } = out[first_out].outcome {
             out[first_out].outcome = Outcome::New {
                 raw,
@@ -386,9 +394,8 @@ impl<'a> Stage for BackupStage<'a> {
 
     fn worker(&self) -> Result<Worker> {
         Ok(Worker {
-            encoder: Encoder::new(self.zstd_level)?,
+            encoder: FrameEncoder::new(self.zstd_level, self.sealer)?,
             frame: Vec::new(),
-            encoded: Vec::new(),
         })
     }
 
@@ -422,11 +429,29 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
-    /// Blobs in memory: the frames added, decoded back into their blobs.
-    #[derive(Default)]
+    /// Blobs in memory: the frames added, opened and decoded back into their blobs.
     struct Mem {
         blobs: Mutex<HashMap<ChunkId, Vec<u8>>>,
         frames: Mutex<Vec<usize>>,
+        sealer: Sealer,
+    }
+
+    impl Mem {
+        fn new(sealer: Sealer) -> Mem {
+            Mem {
+                blobs: Mutex::default(),
+                frames: Mutex::default(),
+                sealer,
+            }
+        }
+    }
+
+    /// A plain and an encrypted sealer: every test runs with both.
+    fn sealers() -> [Sealer; 2] {
+        [
+            Sealer::plain(crate::hash::HashAlgorithm::Blake3),
+            crate::repo::seal::testing::encrypted("99"),
+        ]
     }
 
     impl Blobs for Mem {
@@ -435,12 +460,25 @@ mod tests {
         }
         fn add_frame(
             &self,
-            encoded: &[u8],
+            stored: &[u8],
+            raw_len: u32,
             blobs: &[(ChunkId, BlobKind, u32, u32)],
         ) -> Result<u64> {
             let mut raw = Vec::new();
-            crate::repo::chunks::decode_encoded(encoded, "frame", "mem".as_ref(), &mut raw)
+            let encoded = self
+                .sealer
+                .open(
+                    crate::crypto::Kind::Frame,
+                    b"",
+                    stored,
+                    "frame",
+                    "mem".as_ref(),
+                )
                 .unwrap();
+            assert_eq!(encoded.len() + self.sealer.overhead(), stored.len());
+            crate::repo::chunks::decode_encoded(&encoded, "frame", "mem".as_ref(), &mut raw)
+                .unwrap();
+            assert_eq!(raw.len(), raw_len as usize);
             let mut m = self.blobs.lock().unwrap();
             let mut end = 0;
             for &(id, kind, off, len) in blobs {
@@ -448,13 +486,13 @@ mod tests {
                 assert_eq!(off as usize, end, "blobs back to back");
                 end += len as usize;
                 let b = raw[off as usize..end].to_vec();
-                assert_eq!(HashAlgorithm::Blake3.hash(&b), id);
+                assert_eq!(self.sealer.blob_id(&b), id);
                 m.insert(id, b);
             }
             assert_eq!(end, raw.len());
             assert!(raw.len() <= FRAME_RAW);
             self.frames.lock().unwrap().push(blobs.len());
-            Ok(encoded.len() as u64)
+            Ok(stored.len() as u64)
         }
     }
 
@@ -492,14 +530,13 @@ mod tests {
     }
 
     fn stage<'a>(src: &'a Bytes, mem: &'a Mem) -> BackupStage<'a> {
-        BackupStage::new(src, BS as u64, None, mem, HashAlgorithm::Blake3, 1)
+        BackupStage::new(src, BS as u64, None, mem, &mem.sealer, 1)
     }
 
-    fn worker() -> Worker {
+    fn worker(mem: &Mem) -> Worker {
         Worker {
-            encoder: Encoder::new(1).unwrap(),
+            encoder: FrameEncoder::new(1, &mem.sealer).unwrap(),
             frame: Vec::new(),
-            encoded: Vec::new(),
         }
     }
 
@@ -524,114 +561,126 @@ mod tests {
 
     #[test]
     fn a_run_is_stored_as_blobs_in_frames_and_rebuilds() {
-        let data = volume(600, 1, &[3, 4, 5, 100, 599]);
-        let src = Bytes(data.clone());
-        let mem = Mem::default();
-        let st = stage(&src, &mem);
-        let hints = vec![None; 600];
-        let out = st.run(&mut worker(), 0, &data, &hints).unwrap();
-        assert_eq!(out.iter().map(|d| d.count).sum::<u64>(), 600);
-        assert_eq!(rebuild(&mem, &out), data);
-        let zero: u64 = out
-            .iter()
-            .filter(|d| d.outcome == Outcome::Zero)
-            .map(|d| d.count)
-            .sum();
-        assert_eq!(zero, 5);
-        // Several blobs, several frames, each counted once.
-        let frames = mem.frames.lock().unwrap().clone();
-        let (mut raw, mut chunks) = (0, 0);
-        for d in &out {
-            if let Outcome::New {
-                raw: r, chunks: c, ..
-            } = d.outcome
-            {
-                raw += r;
-                chunks += c;
-                assert!(d.count <= 64);
+        for sealer in sealers() {
+            let data = volume(600, 1, &[3, 4, 5, 100, 599]);
+            let src = Bytes(data.clone());
+            let mem = Mem::new(sealer.clone());
+            let st = stage(&src, &mem);
+            let hints = vec![None; 600];
+            let out = st.run(&mut worker(&mem), 0, &data, &hints).unwrap();
+            assert_eq!(out.iter().map(|d| d.count).sum::<u64>(), 600);
+            assert_eq!(rebuild(&mem, &out), data);
+            let zero: u64 = out
+                .iter()
+                .filter(|d| d.outcome == Outcome::Zero)
+                .map(|d| d.count)
+                .sum();
+            assert_eq!(zero, 5);
+            // Several blobs, several frames, each counted once.
+            let frames = mem.frames.lock().unwrap().clone();
+            let (mut raw, mut chunks) = (0, 0);
+            for d in &out {
+                if let Outcome::New {
+                    raw: r, chunks: c, ..
+                } = d.outcome
+                {
+                    raw += r;
+                    chunks += c;
+                    assert!(d.count <= 64);
+                }
             }
-        }
-        assert_eq!(raw, 595 * BS as u64);
-        assert_eq!(chunks as usize, frames.len());
-        assert!(frames.len() >= 3, "{frames:?}");
-        assert!(out.len() > 10);
+            assert_eq!(raw, 595 * BS as u64);
+            assert_eq!(chunks as usize, frames.len());
+            assert!(frames.len() >= 3, "{frames:?}");
+            assert!(out.len() > 10);
 
-        // The same run again: every blob is deduplicated, nothing is written.
-        let again = st.run(&mut worker(), 0, &data, &hints).unwrap();
-        assert!(
-            again
+            // The same run again: every blob is deduplicated, nothing is written.
+            let again = st.run(&mut worker(&mem), 0, &data, &hints).unwrap();
+            assert!(
+                again
+                    .iter()
+                    .all(|d| matches!(d.outcome, Outcome::Deduplicated | Outcome::Zero))
+            );
+            assert_eq!(mem.frames.lock().unwrap().len(), frames.len());
+            // With the first result as the parent's references: unchanged.
+            let parent: Vec<Option<BlockRef>> = out
                 .iter()
-                .all(|d| matches!(d.outcome, Outcome::Deduplicated | Outcome::Zero))
-        );
-        assert_eq!(mem.frames.lock().unwrap().len(), frames.len());
-        // With the first result as the parent's references: unchanged.
-        let parent: Vec<Option<BlockRef>> = out
-            .iter()
-            .flat_map(|d| (0..d.count).map(move |k| Some(d.block_ref.advance(k))))
-            .collect();
-        let third = st.run(&mut worker(), 0, &data, &parent).unwrap();
-        assert!(
-            third
-                .iter()
-                .all(|d| matches!(d.outcome, Outcome::Unchanged | Outcome::Zero))
-        );
+                .flat_map(|d| (0..d.count).map(move |k| Some(d.block_ref.advance(k))))
+                .collect();
+            let third = st.run(&mut worker(&mem), 0, &data, &parent).unwrap();
+            assert!(
+                third
+                    .iter()
+                    .all(|d| matches!(d.outcome, Outcome::Unchanged | Outcome::Zero))
+            );
+        }
     }
 
     #[test]
     fn identical_blobs_of_one_run_are_stored_once() {
-        let one = volume(40, 7, &[]);
-        let mut data = one.clone();
-        data.extend_from_slice(&volume(1, 99, &[0]));
-        data.extend_from_slice(&one);
-        let src = Bytes(data.clone());
-        let mem = Mem::default();
-        let st = stage(&src, &mem);
-        let out = st.run(&mut worker(), 0, &data, &vec![None; 81]).unwrap();
-        assert_eq!(rebuild(&mem, &out), data);
-        let new: u64 = out
-            .iter()
-            .filter_map(|d| match d.outcome {
-                Outcome::New { raw, .. } => Some(raw),
-                _ => None,
-            })
-            .sum();
-        assert_eq!(new, 40 * BS as u64);
+        for sealer in sealers() {
+            let one = volume(40, 7, &[]);
+            let mut data = one.clone();
+            data.extend_from_slice(&volume(1, 99, &[0]));
+            data.extend_from_slice(&one);
+            let src = Bytes(data.clone());
+            let mem = Mem::new(sealer.clone());
+            let st = stage(&src, &mem);
+            let out = st
+                .run(&mut worker(&mem), 0, &data, &vec![None; 81])
+                .unwrap();
+            assert_eq!(rebuild(&mem, &out), data);
+            let new: u64 = out
+                .iter()
+                .filter_map(|d| match d.outcome {
+                    Outcome::New { raw, .. } => Some(raw),
+                    _ => None,
+                })
+                .sum();
+            assert_eq!(new, 40 * BS as u64);
+        }
     }
 
     #[test]
     fn a_short_last_block_is_kept() {
-        let mut data = volume(3, 5, &[]);
-        data.truncate(2 * BS + 100);
-        let src = Bytes(data.clone());
-        let mem = Mem::default();
-        let st = stage(&src, &mem);
-        let out = st.run(&mut worker(), 0, &data, &[None; 3]).unwrap();
-        assert_eq!(rebuild(&mem, &out), data);
-        assert!(st.run(&mut worker(), 0, &data, &[None; 4]).is_err());
+        for sealer in sealers() {
+            let mut data = volume(3, 5, &[]);
+            data.truncate(2 * BS + 100);
+            let src = Bytes(data.clone());
+            let mem = Mem::new(sealer.clone());
+            let st = stage(&src, &mem);
+            let out = st.run(&mut worker(&mem), 0, &data, &[None; 3]).unwrap();
+            assert_eq!(rebuild(&mem, &out), data);
+            assert!(st.run(&mut worker(&mem), 0, &data, &[None; 4]).is_err());
+        }
     }
 
     #[test]
     fn known_blocks_are_taken_unread_while_their_blob_is_usable() {
-        let data = volume(100, 3, &[10]);
-        let src = Bytes(data.clone());
-        let mem = Mem::default();
-        let st = stage(&src, &mem);
-        let first = st.run(&mut worker(), 0, &data, &vec![None; 100]).unwrap();
-        let mut parent: Vec<Option<BlockRef>> = first
-            .iter()
-            .flat_map(|d| (0..d.count).map(move |k| Some(d.block_ref.advance(k))))
-            .collect();
-        let out = st.known(&mut worker(), 0, &parent).unwrap();
-        assert!(out.iter().all(|d| d.unread && d.bytes_read == 0));
-        assert_eq!(rebuild(&mem, &out), data);
-        // A lost blob: its blocks are read and stored again; unknown ones too.
-        let lost = parent[50].unwrap().blob().unwrap();
-        mem.blobs.lock().unwrap().remove(&lost);
-        parent[90] = None;
-        let out = st.known(&mut worker(), 0, &parent).unwrap();
-        assert_eq!(out.iter().map(|d| d.count).sum::<u64>(), 100);
-        assert!(out.iter().any(|d| !d.unread && d.bytes_read > 0));
-        assert!(mem.contains(&lost));
-        assert_eq!(rebuild(&mem, &out), data);
+        for sealer in sealers() {
+            let data = volume(100, 3, &[10]);
+            let src = Bytes(data.clone());
+            let mem = Mem::new(sealer.clone());
+            let st = stage(&src, &mem);
+            let first = st
+                .run(&mut worker(&mem), 0, &data, &vec![None; 100])
+                .unwrap();
+            let mut parent: Vec<Option<BlockRef>> = first
+                .iter()
+                .flat_map(|d| (0..d.count).map(move |k| Some(d.block_ref.advance(k))))
+                .collect();
+            let out = st.known(&mut worker(&mem), 0, &parent).unwrap();
+            assert!(out.iter().all(|d| d.unread && d.bytes_read == 0));
+            assert_eq!(rebuild(&mem, &out), data);
+            // A lost blob: its blocks are read and stored again; unknown ones too.
+            let lost = parent[50].unwrap().blob().unwrap();
+            mem.blobs.lock().unwrap().remove(&lost);
+            parent[90] = None;
+            let out = st.known(&mut worker(&mem), 0, &parent).unwrap();
+            assert_eq!(out.iter().map(|d| d.count).sum::<u64>(), 100);
+            assert!(out.iter().any(|d| !d.unread && d.bytes_read > 0));
+            assert!(mem.contains(&lost));
+            assert_eq!(rebuild(&mem, &out), data);
+        }
     }
 }

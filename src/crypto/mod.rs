@@ -250,6 +250,63 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// Seals in place the plaintext `buf[start + SALT_LEN..]`, where the caller reserved
+    /// `buf[start..start + SALT_LEN]` (any bytes) for the salt, and appends the tag: the
+    /// record is then `buf[start..]`, exactly as [`Keys::seal_into`] would have appended it,
+    /// without copying the plaintext. Fails only when the system has no random numbers
+    /// (or `buf` is shorter than the reserved salt).
+    pub fn seal_in_place(
+        &self,
+        kind: Kind,
+        name: &[u8],
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), getrandom::Error> {
+        let body = start
+            .checked_add(SALT_LEN)
+            .filter(|&b| b <= buf.len())
+            .ok_or(getrandom::Error::UNSUPPORTED)?;
+        let salt = random_bytes::<SALT_LEN>()?;
+        buf[start..body].copy_from_slice(&salt);
+        let cipher = self.cipher(&salt);
+        let tag = cipher
+            .encrypt_inout_detached(&Default::default(), &self.aad(kind, name), {
+                (&mut buf[body..]).into()
+            })
+            .map_err(|_| getrandom::Error::UNSUPPORTED)?;
+        buf.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Opens in place a record sealed with `kind` and `name`: on success the plaintext is
+    /// `sealed[SALT_LEN..sealed.len() - TAG_LEN]` (the returned range); on failure the
+    /// buffer's content is unspecified.
+    pub fn open_in_place(
+        &self,
+        kind: Kind,
+        name: &[u8],
+        sealed: &mut [u8],
+    ) -> Result<std::ops::Range<usize>, AuthError> {
+        if sealed.len() < SEAL_OVERHEAD {
+            return Err(AuthError);
+        }
+        let end = sealed.len() - TAG_LEN;
+        let (head, tag) = sealed.split_at_mut(end);
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| AuthError)?;
+        let (salt, ct) = head.split_at_mut(SALT_LEN);
+        self.cipher(salt)
+            .decrypt_inout_detached(
+                &Default::default(),
+                &self.aad(kind, name),
+                ct.into(),
+                &tag.into(),
+            )
+            .map_err(|_| AuthError)?;
+        Ok(SALT_LEN..end)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +346,34 @@ mod tests {
             k.open(Kind::Snapshot, b"n", &s[..s.len() - 1]),
             Err(AuthError)
         );
+    }
+
+    #[test]
+    fn in_place_sealing_and_opening_match_the_copying_ones() {
+        let k = keys();
+        for len in [0usize, 1, 17, 70_000] {
+            let pt: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut buf = b"prefix".to_vec();
+            buf.extend_from_slice(&[0; SALT_LEN]);
+            buf.extend_from_slice(&pt);
+            k.seal_in_place(Kind::Frame, b"n", &mut buf, 6).unwrap();
+            assert_eq!(&buf[..6], b"prefix");
+            assert_eq!(buf.len(), 6 + len + SEAL_OVERHEAD);
+            assert_eq!(k.open(Kind::Frame, b"n", &buf[6..]).unwrap(), pt);
+            let mut rec = buf[6..].to_vec();
+            let r = k.open_in_place(Kind::Frame, b"n", &mut rec).unwrap();
+            assert_eq!(&rec[r], &pt[..]);
+            let mut rec = buf[6..].to_vec();
+            assert_eq!(k.open_in_place(Kind::Frame, b"m", &mut rec), Err(AuthError));
+        }
+        let mut short = vec![0u8; 3];
+        assert!(k.seal_in_place(Kind::Frame, b"", &mut short, 0).is_err());
+        for n in 0..SEAL_OVERHEAD {
+            assert_eq!(
+                k.open_in_place(Kind::Frame, b"", &mut vec![0u8; n]),
+                Err(AuthError)
+            );
+        }
     }
 
     #[test]

@@ -260,7 +260,12 @@ fn the_parent_of_an_interrupted_backup_is_kept() {
         "tags": [],
     }))
     .unwrap();
-    let journal = Journal::create(&repo.journals_dir().join("a.journal"), &header).unwrap();
+    let journal = Journal::create(
+        &repo.journals_dir().join("a.journal"),
+        &header,
+        repo.sealer(),
+    )
+    .unwrap();
     // A damaged journal is skipped with a warning, a temporary one ignored.
     std::fs::write(repo.journals_dir().join("b.journal"), b"garbage").unwrap();
     std::fs::write(repo.journals_dir().join(".tmp-x.journal"), b"garbage").unwrap();

@@ -94,9 +94,13 @@ fn stored_id(r: &BlockRef) -> Option<ChunkId> {
     r.blob().or_else(|| r.chunk())
 }
 
-/// Adds to `live` every id the valid batches of the journal at `path` name.
-pub fn mark_journal(path: &std::path::Path, live: &mut HashSet<ChunkId>) -> Result<()> {
-    Journal::read_batches(path, |_, batch| {
+/// Adds to `live` every id the valid batches of the journal at `path` of `repo` name.
+pub fn mark_journal(
+    repo: &Repository,
+    path: &std::path::Path,
+    live: &mut HashSet<ChunkId>,
+) -> Result<()> {
+    Journal::read_batches(path, repo.sealer(), |_, batch| {
         decode_records(&batch.records, batch.block_count, |r, _| {
             if let Some(id) = stored_id(&r) {
                 live.insert(id);
@@ -141,7 +145,7 @@ pub fn mark_except(
     }
     progress.finish();
     for path in journal_paths(repo)? {
-        mark_journal(&path, &mut set.ids)?;
+        mark_journal(repo, &path, &mut set.ids)?;
         set.journals += 1;
     }
     Ok(set)

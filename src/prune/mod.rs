@@ -262,6 +262,7 @@ fn prune_v2(
         index.tables.iter().map(|(p, e)| (p, &e[..])),
         &live.ids,
         &opts.limits(),
+        repo.sealer().overhead() as u64,
     );
     report.blobs_live = plan.live_blobs;
     report.blobs_dead = plan.dead_blobs;

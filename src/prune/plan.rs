@@ -79,14 +79,15 @@ impl Plan {
 }
 
 /// Length of the pack file whose table is `entries`: frames are back to back after the
-/// header, the table and trailer follow the last one.
-pub fn pack_file_len(entries: &[BlobEntry]) -> u64 {
+/// header, the table (plus `table_overhead`, the bytes sealing adds to it in an encrypted
+/// repository) and trailer follow the last one.
+pub fn pack_file_len(entries: &[BlobEntry], table_overhead: u64) -> u64 {
     let frames_end = entries
         .iter()
         .map(|e| u64::from(e.frame_offset) + u64::from(e.frame_len))
         .max()
         .unwrap_or(PACK_HEADER_LEN as u64);
-    frames_end + (entries.len() * BLOB_ENTRY_LEN) as u64 + PACK_TRAILER_LEN as u64
+    frames_end + (entries.len() * BLOB_ENTRY_LEN) as u64 + table_overhead + PACK_TRAILER_LEN as u64
 }
 
 /// The frames of a pack: frame offset -> (frame length, indices of its entries).
@@ -101,9 +102,14 @@ pub fn frames(entries: &[BlobEntry]) -> BTreeMap<u32, (u32, Vec<usize>)> {
     out
 }
 
-/// Usage of one pack given the live set.
-pub fn pack_usage(pack: ChunkId, entries: &[BlobEntry], live: &HashSet<ChunkId>) -> PackUsage {
-    let size = pack_file_len(entries);
+/// Usage of one pack given the live set (`table_overhead`: [`pack_file_len`]).
+pub fn pack_usage(
+    pack: ChunkId,
+    entries: &[BlobEntry],
+    live: &HashSet<ChunkId>,
+    table_overhead: u64,
+) -> PackUsage {
+    let size = pack_file_len(entries, table_overhead);
     let mut live_bytes = 0u64;
     let mut live_blobs = 0u64;
     for (_, (len, idx)) in frames(entries) {
@@ -125,8 +131,8 @@ pub fn pack_usage(pack: ChunkId, entries: &[BlobEntry], live: &HashSet<ChunkId>)
         live_blobs += n_live;
     }
     if live_blobs > 0 {
-        // The header and trailer stay with the live part.
-        live_bytes += (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64;
+        // The header, trailer and sealing of the table stay with the live part.
+        live_bytes += (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64 + table_overhead;
     }
     let live_bytes = live_bytes.min(size);
     PackUsage {
@@ -139,15 +145,17 @@ pub fn pack_usage(pack: ChunkId, entries: &[BlobEntry], live: &HashSet<ChunkId>)
     }
 }
 
-/// Plans a prune of the packs `packs` (id, entries) given the live blobs.
+/// Plans a prune of the packs `packs` (id, entries) given the live blobs
+/// (`table_overhead`: [`pack_file_len`]).
 pub fn plan<'a>(
     packs: impl IntoIterator<Item = (&'a ChunkId, &'a [BlobEntry])>,
     live: &HashSet<ChunkId>,
     limits: &PlanLimits,
+    table_overhead: u64,
 ) -> Plan {
     let mut usage: Vec<PackUsage> = packs
         .into_iter()
-        .map(|(id, entries)| pack_usage(*id, entries, live))
+        .map(|(id, entries)| pack_usage(*id, entries, live, table_overhead))
         .collect();
     usage.sort_by_key(|u| u.pack.0);
     let mut p = Plan::default();
@@ -230,17 +238,17 @@ mod tests {
     #[test]
     fn dead_frames_and_dead_shares_of_live_frames() {
         let e = pack(&[&[1, 2], &[3], &[4, 5, 6]], 1000);
-        let u = pack_usage(id(100), &e, &live(&[2, 4]));
+        let u = pack_usage(id(100), &e, &live(&[2, 4]), 0);
         assert_eq!(u.size, 16 + 3000 + 6 * 52 + 56);
         // Half of the first frame, a third of the last; their live entries, header, trailer.
         assert_eq!(u.live_bytes, 500 + 334 + 2 * 52 + 16 + 56);
         assert_eq!(u.dead_bytes, u.size - u.live_bytes);
         assert_eq!((u.live_blobs, u.dead_blobs), (2, 4));
-        let u = pack_usage(id(100), &e, &live(&[]));
+        let u = pack_usage(id(100), &e, &live(&[]), 0);
         assert_eq!((u.live_bytes, u.dead_bytes), (0, u.size));
-        let u = pack_usage(id(100), &e, &live(&[1, 2, 3, 4, 5, 6]));
+        let u = pack_usage(id(100), &e, &live(&[1, 2, 3, 4, 5, 6]), 0);
         assert_eq!((u.live_bytes, u.dead_bytes), (u.size, 0));
-        let u = pack_usage(id(100), &e, &live(&[1, 3, 5]));
+        let u = pack_usage(id(100), &e, &live(&[1, 3, 5]), 0);
         assert!(u.dead_bytes > 0 && u.live_bytes > 0);
     }
 
@@ -348,6 +356,7 @@ mod tests {
                     max_unused_percent: r.max_unused,
                     max_repack: r.max_repack,
                 },
+                0,
             );
             let ids = |v: &[u8]| v.iter().map(|&p| id(p)).collect::<Vec<_>>();
             assert_eq!(got.condemn, ids(&r.condemn), "row {n}: condemned");
@@ -360,7 +369,12 @@ mod tests {
 
     #[test]
     fn empty_repository_plans_nothing() {
-        let p = plan(std::iter::empty(), &HashSet::new(), &PlanLimits::default());
+        let p = plan(
+            std::iter::empty(),
+            &HashSet::new(),
+            &PlanLimits::default(),
+            40,
+        );
         assert!(p.is_empty());
         assert_eq!(p.total_bytes, 0);
     }

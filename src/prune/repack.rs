@@ -1,7 +1,8 @@
 //! Repack: copies the live blobs of partly dead packs into new packs, so that the old packs
 //! can be deleted.
 //!
-//! A frame is read and decompressed whole ([`read_frame_raw`]); each of its blobs that is
+//! A frame is read, opened (authenticated, in an encrypted repository) and decompressed whole
+//! ([`read_frame_raw`]); each of its blobs that is
 //! live and has no copy in a pack that stays is checked against its id and appended to a new
 //! frame; dead blobs of live frames are dropped. New frames hold up to [`FRAME_RAW_TARGET`]
 //! bytes of data blobs; a tree blob is alone in its frame (as a backup writes them). Blobs
@@ -18,9 +19,8 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::blob::{BlobEntry, BlobKind};
 use crate::repo::blobs::BlobStore;
-use crate::repo::chunks::Encoder;
 use crate::repo::fsio;
-use crate::repo::pack::read_frame_raw;
+use crate::repo::pack::{FrameEncoder, read_frame_raw};
 use crate::repo::packer::Packer;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -44,7 +44,7 @@ pub struct RepackOutcome {
 struct FrameBuf {
     raw: Vec<u8>,
     blobs: Vec<(ChunkId, BlobKind, u32, u32)>,
-    encoder: Encoder,
+    encoder: FrameEncoder,
     written: u64,
 }
 
@@ -53,11 +53,8 @@ impl FrameBuf {
         if self.blobs.is_empty() {
             return Ok(());
         }
-        let enc = self.encoder.encode(&self.raw);
-        let mut frame = Vec::with_capacity(enc.len());
-        frame.extend_from_slice(&enc.header);
-        frame.extend_from_slice(enc.payload);
-        self.written += packer.add_frame(&frame, &self.blobs)?;
+        let stored = self.encoder.encode(&self.raw)?;
+        self.written += packer.add_frame(stored, self.raw.len() as u32, &self.blobs)?;
         self.raw.clear();
         self.blobs.clear();
         Ok(())
@@ -97,11 +94,11 @@ pub fn repack(
     // appends, and its index files name only its own packs.
     let store: Arc<BlobStore> = BlobStore::open_writer(repo, &[])?;
     let packer = Packer::new(repo, store.clone())?;
-    let hash = repo.config().chunk_hash;
+    let sealer = repo.sealer();
     let mut buf = FrameBuf {
         raw: Vec::new(),
         blobs: Vec::new(),
-        encoder: Encoder::new(repo.config().zstd_level)?,
+        encoder: FrameEncoder::new(repo.config().zstd_level, sealer)?,
         written: 0,
     };
     let total: u64 = to_repack
@@ -125,7 +122,7 @@ pub fn repack(
                 if !idx.iter().any(|&i| wanted.contains(&entries[i].id)) {
                     continue;
                 }
-                let raw = read_frame_raw(&file, &path, &entries[idx[0]])?;
+                let raw = read_frame_raw(&file, &path, &entries[idx[0]], sealer)?;
                 for &i in &idx {
                     let e = &entries[i];
                     if !wanted.contains(&e.id) {
@@ -139,7 +136,7 @@ pub fn repack(
                             "lies beyond its frame's content",
                         )
                     })?;
-                    if hash.hash(content) != e.id {
+                    if sealer.blob_id(content) != e.id {
                         return Err(Error::corrupt(
                             format!("blob {}", e.id),
                             &path,

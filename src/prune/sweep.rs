@@ -51,7 +51,7 @@ pub fn load_index(repo: &Repository) -> Result<IndexState> {
     let mut files = list_index_files(repo)?;
     files.sort();
     for id in files {
-        let f = IndexFile::read(&repo.index_dir().join(&id))?;
+        let f = IndexFile::read(&repo.index_dir().join(&id), repo.sealer())?;
         for (pack, entries) in f.packs {
             st.tables.entry(pack).or_insert(entries);
         }
@@ -220,7 +220,7 @@ pub fn finish_records(
                 Err(e) => return Err(Error::io("inspect", &path, e)),
             };
             // A pack whose table cannot be read cannot be read by anyone: it goes.
-            let table = read_pack_table(&path, pack).ok();
+            let table = read_pack_table(&path, pack, repo.sealer()).ok();
             if let Some(t) = &table {
                 needed.extend(t.iter().map(|e| e.id).filter(|id| live.contains(id)));
             }

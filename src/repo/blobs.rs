@@ -15,9 +15,10 @@ use super::blob::{BlobEntry, BlobKind, BlobSource, Location};
 use super::fsio;
 use super::index::Index;
 use super::pack::{read_frame_raw, read_pack_table};
+use super::seal::Sealer;
 use super::writers::{PendingRecord, read_pending_dir_lenient};
 use crate::error::{Error, Result};
-use crate::hash::{ChunkId, HashAlgorithm};
+use crate::hash::ChunkId;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
@@ -79,7 +80,8 @@ pub struct BlobStore {
     packs_dir: PathBuf,
     index_dir: PathBuf,
     pending_dir: PathBuf,
-    hash: HashAlgorithm,
+    /// How objects are stored and blobs named.
+    sealer: Sealer,
     /// A reader's store: also reads the packs of pending records.
     reader: bool,
     /// A format-1 repository (chunk files): no packs, no index.
@@ -140,7 +142,7 @@ impl BlobStore {
             packs_dir: repo.packs_dir(),
             index_dir: repo.index_dir(),
             pending_dir: repo.pending_dir(),
-            hash: repo.config().chunk_hash,
+            sealer: repo.sealer().clone(),
             reader,
             format1: repo.format_version() == 1,
             exclude,
@@ -165,9 +167,9 @@ impl BlobStore {
         if self.format1 {
             return Ok(Index::default());
         }
-        let mut index = Index::load_dir(&self.index_dir, &self.exclude)?;
+        let mut index = Index::load_dir(&self.index_dir, &self.exclude, &self.sealer)?;
         if self.reader {
-            let records = match read_pending_dir_lenient(&self.pending_dir) {
+            let records = match read_pending_dir_lenient(&self.pending_dir, &self.sealer) {
                 Ok(r) => r,
                 // A repository without pending/ (read-only medium, say) has none.
                 Err(e) if fsio::is_not_found(&e) => Vec::new(),
@@ -177,7 +179,7 @@ impl BlobStore {
                 if index.pack_entries(pack).is_some() {
                     continue;
                 }
-                match read_pack_table(&self.pack_path(pack), pack) {
+                match read_pack_table(&self.pack_path(pack), pack, &self.sealer) {
                     Ok(entries) => index.insert_fallback(*pack, &entries),
                     // Already deleted, or damaged: its blobs are indexed elsewhere or lost,
                     // which reading them reports.
@@ -305,7 +307,7 @@ impl BlobStore {
         }
         // Read without holding the lock: readers keep going meanwhile.
         let known = self.with_index(|i| i.files());
-        let fresh = Index::load_new(&self.index_dir, &self.exclude, &known)?;
+        let fresh = Index::load_new(&self.index_dir, &self.exclude, &known, &self.sealer)?;
         self.index_mut().merge(&fresh);
         Ok(())
     }
@@ -397,7 +399,7 @@ impl BlobStore {
                 Err(e) => return Err(e),
             },
         };
-        let frame = Arc::new(read_frame_raw(&file, &path, &loc.entry)?);
+        let frame = Arc::new(read_frame_raw(&file, &path, &loc.entry, &self.sealer)?);
         self.frames
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -411,9 +413,9 @@ impl BlobStore {
         self.packs_dir.join(&hex[..2]).join(hex)
     }
 
-    /// The repository's chunk hash, which names blobs.
-    pub fn hash_algorithm(&self) -> HashAlgorithm {
-        self.hash
+    /// How the repository stores objects and names blobs ([`Sealer::blob_id`]).
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
     }
 
     /// Runs `f` on the in-memory index.
@@ -456,7 +458,7 @@ impl BlobStore {
                 ),
             ));
         };
-        let actual = self.hash.hash(content);
+        let actual = self.sealer.blob_id(content);
         if actual != *id {
             return Err(Error::corrupt(
                 format!("blob {id}"),

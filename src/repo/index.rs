@@ -6,6 +6,9 @@
 //! end 32  BLAKE3 of every byte before; its hex is the file name
 //! ```
 //!
+//! In an encrypted repository (format 3) the whole file is one sealed record of those bytes
+//! and its name is the BLAKE3 of the stored record (checked before it is opened).
+//!
 //! Index files are immutable. The in-memory [`Index`] is the union of the files loaded; a
 //! prune replaces files by compacted ones (written before the old ones are deleted), so a
 //! file that vanishes between listing and reading is skipped and the directory listed again.
@@ -18,6 +21,8 @@ use super::format::{
 };
 use super::fsio;
 use super::pack::{decode_entry, encode_entry};
+use super::seal::Sealer;
+use crate::crypto::Kind;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::ChunkId;
 use std::collections::{HashMap, HashSet};
@@ -30,15 +35,24 @@ pub struct IndexFile {
 }
 
 impl IndexFile {
-    /// The file's bytes, trailing BLAKE3 included.
+    /// The file's bytes, trailing BLAKE3 included (plain: what a format-2 repository stores).
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends [`IndexFile::encode`]'s bytes to `out`.
+    fn encode_into(&self, out: &mut Vec<u8>) {
         let entries: usize = self.packs.iter().map(|(_, e)| e.len()).sum();
-        let mut out = Vec::with_capacity(
+        out.reserve(
             INDEX_HEADER_LEN
                 + self.packs.len() * INDEX_PACK_HEADER_LEN
                 + entries * BLOB_ENTRY_LEN
-                + INDEX_TRAILER_LEN,
+                + INDEX_TRAILER_LEN
+                + crate::crypto::SEAL_OVERHEAD,
         );
+        let start = out.len();
         out.extend_from_slice(&INDEX_MAGIC);
         out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
         out.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
@@ -46,19 +60,38 @@ impl IndexFile {
             out.extend_from_slice(&pack.0);
             out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
             for e in entries {
-                encode_entry(e, &mut out);
+                encode_entry(e, out);
             }
         }
-        let sum = blake3::hash(&out);
+        let sum = blake3::hash(&out[start..]);
         out.extend_from_slice(sum.as_bytes());
-        out
+    }
+
+    /// The stored file ([`IndexFile::encode`], sealed in an encrypted repository) and its
+    /// id: the hex of its trailing BLAKE3 (plain), of the BLAKE3 of the record (sealed).
+    pub fn encode_stored(&self, sealer: &Sealer) -> Result<(Vec<u8>, String)> {
+        let mut out = Vec::new();
+        let start = sealer.begin_seal(&mut out);
+        self.encode_into(&mut out);
+        if !sealer.is_encrypted() {
+            let id = hex::encode(&out[out.len() - INDEX_TRAILER_LEN..]);
+            return Ok((out, id));
+        }
+        sealer.finish_seal(Kind::Index, b"", &mut out, start)?;
+        let id = blake3::hash(&out).to_hex().to_string();
+        Ok((out, id))
     }
 
     /// Parses and checks an index file read from `path`: magic, version
     /// ([`Error::UnsupportedVersion`] for another), checksum, every count against the bytes
     /// left before anything is allocated, every entry. The name is [`IndexFile::read`]'s to
-    /// check.
+    /// check. `bytes` are plain (opened first when sealed); `overhead` is what sealing adds
+    /// to a frame in this repository ([`decode_entry`]).
     pub fn decode(bytes: &[u8], path: &Path) -> Result<IndexFile> {
+        Self::decode_with(bytes, path, 0)
+    }
+
+    fn decode_with(bytes: &[u8], path: &Path, overhead: usize) -> Result<IndexFile> {
         let bad = |detail: String| Error::corrupt("index file", path, detail);
         let len = bytes.len();
         if len < INDEX_HEADER_LEN + INDEX_TRAILER_LEN {
@@ -106,7 +139,7 @@ impl IndexFile {
             }
             let mut entries = Vec::with_capacity(count);
             for i in 0..count {
-                let e = decode_entry(&bytes[pos..pos + BLOB_ENTRY_LEN])
+                let e = decode_entry(&bytes[pos..pos + BLOB_ENTRY_LEN], overhead)
                     .ok_or_else(|| bad(format!("entry {i} of pack {} is invalid", ChunkId(id))))?;
                 entries.push(e);
                 pos += BLOB_ENTRY_LEN;
@@ -124,23 +157,40 @@ impl IndexFile {
 
     /// Writes the file durably into the repository's `index/`; returns its id.
     pub fn write(&self, repo: &Repository) -> Result<String> {
-        self.write_to(&repo.index_dir())
+        self.write_to(&repo.index_dir(), repo.sealer())
     }
 
-    /// Writes the file durably into `dir`; returns its id.
-    pub(crate) fn write_to(&self, dir: &Path) -> Result<String> {
-        let bytes = self.encode();
-        let id = hex::encode(&bytes[bytes.len() - INDEX_TRAILER_LEN..]);
+    /// Writes the file durably into `dir`, stored as `sealer` says; returns its id.
+    pub(crate) fn write_to(&self, dir: &Path, sealer: &Sealer) -> Result<String> {
+        let (bytes, id) = self.encode_stored(sealer)?;
         fsio::atomic_write(&dir.join(&id), &bytes)?;
         Ok(id)
     }
 
-    /// Reads and checks index file `path`, whose name must be the hex of its checksum.
-    pub fn read(path: &Path) -> Result<IndexFile> {
-        let bytes = fsio::read_limited(path, MAX_INDEX_FILE, "index file")?;
+    /// Reads and checks index file `path`, whose name must be the hex of its checksum
+    /// (plain) or of the BLAKE3 of the stored record (sealed, checked before it is opened).
+    pub fn read(path: &Path, sealer: &Sealer) -> Result<IndexFile> {
+        let overhead = sealer.overhead();
+        let mut bytes = fsio::read_limited(path, MAX_INDEX_FILE + overhead as u64, "index file")?;
+        let name = path.file_name().map(|n| n.to_string_lossy());
+        let what = || match &name {
+            Some(n) => format!("index file {n}"),
+            None => "index file".to_string(),
+        };
+        if sealer.is_encrypted() {
+            let sum = blake3::hash(&bytes).to_hex();
+            if name.as_deref() != Some(sum.as_str()) {
+                return Err(Error::corrupt(
+                    what(),
+                    path,
+                    format!("the BLAKE3 of its bytes is {sum}, not its name"),
+                ));
+            }
+            let plain = sealer.open_in_place(Kind::Index, b"", &mut bytes, &what(), path)?;
+            return IndexFile::decode_with(&bytes[plain], path, overhead);
+        }
         let file = IndexFile::decode(&bytes, path)?;
         let sum = hex::encode(&bytes[bytes.len() - INDEX_TRAILER_LEN..]);
-        let name = path.file_name().map(|n| n.to_string_lossy());
         if name.as_deref() != Some(sum.as_str()) {
             return Err(Error::corrupt(
                 "index file",
@@ -199,24 +249,28 @@ impl Index {
     /// Loads every index file of `repo`, leaving out the packs in `exclude_packs` (now and
     /// at every [`Index::refresh`]).
     pub fn load(repo: &Repository, exclude_packs: &HashSet<ChunkId>) -> Result<Index> {
-        Index::load_dir(&repo.index_dir(), exclude_packs)
+        Index::load_dir(&repo.index_dir(), exclude_packs, repo.sealer())
     }
 
-    pub(crate) fn load_dir(dir: &Path, exclude_packs: &HashSet<ChunkId>) -> Result<Index> {
+    pub(crate) fn load_dir(
+        dir: &Path,
+        exclude_packs: &HashSet<ChunkId>,
+        sealer: &Sealer,
+    ) -> Result<Index> {
         let mut index = Index {
             exclude: exclude_packs.clone(),
             ..Index::default()
         };
-        index.refresh_dir(dir)?;
+        index.refresh_dir(dir, sealer)?;
         Ok(index)
     }
 
     /// Loads the index files not loaded yet; returns how many.
     pub fn refresh(&mut self, repo: &Repository) -> Result<usize> {
-        self.refresh_dir(&repo.index_dir())
+        self.refresh_dir(&repo.index_dir(), repo.sealer())
     }
 
-    pub(crate) fn refresh_dir(&mut self, dir: &Path) -> Result<usize> {
+    pub(crate) fn refresh_dir(&mut self, dir: &Path, sealer: &Sealer) -> Result<usize> {
         let mut loaded = 0;
         for _ in 0..MAX_RELISTS {
             let mut vanished = false;
@@ -224,7 +278,7 @@ impl Index {
                 if self.files.contains(&name) {
                     continue;
                 }
-                match IndexFile::read(&dir.join(&name)) {
+                match IndexFile::read(&dir.join(&name), sealer) {
                     Ok(file) => {
                         for (pack, entries) in file.packs {
                             if !self.exclude.contains(&pack) {
@@ -255,13 +309,14 @@ impl Index {
         dir: &Path,
         exclude: &HashSet<ChunkId>,
         known: &[String],
+        sealer: &Sealer,
     ) -> Result<Index> {
         let mut index = Index {
             exclude: exclude.clone(),
             files: known.iter().cloned().collect(),
             ..Index::default()
         };
-        index.refresh_dir(dir)?;
+        index.refresh_dir(dir, sealer)?;
         Ok(index)
     }
 
@@ -407,6 +462,10 @@ mod tests {
     use crate::repo::blob::BlobKind;
     use proptest::prelude::*;
 
+    fn plain() -> Sealer {
+        Sealer::plain(crate::hash::HashAlgorithm::Blake3)
+    }
+
     fn entry(n: u8, frame_offset: u32) -> BlobEntry {
         BlobEntry {
             id: ChunkId([n; 32]),
@@ -436,13 +495,13 @@ mod tests {
     fn round_trip_and_name_check() {
         let dir = tempfile::tempdir().unwrap();
         let f = sample();
-        let id = f.write_to(dir.path()).unwrap();
+        let id = f.write_to(dir.path(), &plain()).unwrap();
         assert_eq!(list_hex_names(dir.path(), 64).unwrap(), vec![id.clone()]);
-        assert_eq!(IndexFile::read(&dir.path().join(&id)).unwrap(), f);
+        assert_eq!(IndexFile::read(&dir.path().join(&id), &plain()).unwrap(), f);
         let other = dir.path().join("f".repeat(64));
         std::fs::copy(dir.path().join(&id), &other).unwrap();
         assert!(matches!(
-            IndexFile::read(&other),
+            IndexFile::read(&other, &plain()),
             Err(Error::Corrupt { .. })
         ));
         let empty = IndexFile::default();
@@ -450,6 +509,63 @@ mod tests {
             IndexFile::decode(&empty.encode(), Path::new("x")).unwrap(),
             empty
         );
+    }
+
+    #[test]
+    fn sealed_files_are_named_by_their_stored_bytes_and_authenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = crate::repo::seal::testing::encrypted("ab");
+        let f = sample();
+        let id = f.write_to(dir.path(), &sealer).unwrap();
+        let path = dir.path().join(&id);
+        let stored = std::fs::read(&path).unwrap();
+        assert_eq!(blake3::hash(&stored).to_hex().as_str(), id);
+        assert_eq!(stored.len(), f.encode().len() + 40);
+        assert!(!stored.windows(8).any(|w| w == INDEX_MAGIC));
+        assert_eq!(IndexFile::read(&path, &sealer).unwrap(), f);
+        // Same content, another record (fresh salt), another name.
+        assert_ne!(f.write_to(dir.path(), &sealer).unwrap(), id);
+        let mut idx = Index::load_dir(dir.path(), &HashSet::new(), &sealer).unwrap();
+        assert_eq!(idx.files().len(), 2);
+        assert_eq!(idx.len(), 3);
+        assert_eq!(idx.refresh_dir(dir.path(), &sealer).unwrap(), 0);
+        // Renamed: the name check fails before anything is opened.
+        let other = dir.path().join("f".repeat(64));
+        std::fs::copy(&path, &other).unwrap();
+        let e = IndexFile::read(&other, &sealer).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("not its name"));
+        std::fs::remove_file(&other).unwrap();
+        // A changed byte, renamed to its new hash: authentication fails, naming the file.
+        let mut bad = stored.clone();
+        bad[30] ^= 1;
+        let bad_id = blake3::hash(&bad).to_hex().to_string();
+        std::fs::write(dir.path().join(&bad_id), &bad).unwrap();
+        let e = IndexFile::read(&dir.path().join(&bad_id), &sealer).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&format!("index file {bad_id}")),
+            "{e}"
+        );
+        assert!(Index::load_dir(dir.path(), &HashSet::new(), &sealer).is_err());
+        // Another repository's key, and a plain reader, read nothing.
+        let other_key = crate::repo::seal::testing::encrypted("cd");
+        assert!(IndexFile::read(&path, &other_key).is_err());
+        assert!(IndexFile::read(&path, &plain()).is_err());
+        // Hostile plaintext under the right key is still checked.
+        let mut junk = Vec::new();
+        let st = sealer.begin_seal(&mut junk);
+        junk.extend_from_slice(&INDEX_MAGIC);
+        junk.extend_from_slice(&1u32.to_le_bytes());
+        junk.extend_from_slice(&u32::MAX.to_le_bytes());
+        let sum = blake3::hash(&junk[st + 24..]);
+        junk.extend_from_slice(sum.as_bytes());
+        sealer.finish_seal(Kind::Index, b"", &mut junk, st).unwrap();
+        let junk_id = blake3::hash(&junk).to_hex().to_string();
+        std::fs::write(dir.path().join(&junk_id), &junk).unwrap();
+        assert!(matches!(
+            IndexFile::read(&dir.path().join(&junk_id), &sealer),
+            Err(Error::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -495,9 +611,9 @@ mod tests {
     fn union_exclusion_fallback_and_vanishing_files() {
         let dir = tempfile::tempdir().unwrap();
         let f1 = sample();
-        let id1 = f1.write_to(dir.path()).unwrap();
+        let id1 = f1.write_to(dir.path(), &plain()).unwrap();
         let exclude: HashSet<ChunkId> = [ChunkId([0xc0; 32])].into();
-        let mut idx = Index::load_dir(dir.path(), &exclude).unwrap();
+        let mut idx = Index::load_dir(dir.path(), &exclude, &plain()).unwrap();
         assert_eq!(idx.len(), 2);
         assert!(!idx.contains(&ChunkId([3; 32])));
         assert_eq!(idx.files(), vec![id1.clone()]);
@@ -530,17 +646,17 @@ mod tests {
         let f2 = IndexFile {
             packs: vec![(ChunkId([0x20; 32]), vec![entry(9, 16)])],
         };
-        let id2 = f2.write_to(dir.path()).unwrap();
-        assert_eq!(idx.refresh_dir(dir.path()).unwrap(), 1);
+        let id2 = f2.write_to(dir.path(), &plain()).unwrap();
+        assert_eq!(idx.refresh_dir(dir.path(), &plain()).unwrap(), 1);
         assert!(idx.contains(&ChunkId([9; 32])));
-        assert_eq!(idx.refresh_dir(dir.path()).unwrap(), 0);
+        assert_eq!(idx.refresh_dir(dir.path(), &plain()).unwrap(), 0);
         std::fs::remove_file(dir.path().join(&id1)).unwrap();
         std::fs::remove_file(dir.path().join(&id2)).unwrap();
         let f3 = IndexFile {
             packs: vec![(ChunkId([0x30; 32]), vec![entry(11, 16)])],
         };
-        f3.write_to(dir.path()).unwrap();
-        assert_eq!(idx.refresh_dir(dir.path()).unwrap(), 1);
+        f3.write_to(dir.path(), &plain()).unwrap();
+        assert_eq!(idx.refresh_dir(dir.path(), &plain()).unwrap(), 1);
         assert!(idx.contains(&ChunkId([11; 32])));
         // Temporary files are not index files.
         std::fs::write(dir.path().join(".tmp-x"), b"junk").unwrap();

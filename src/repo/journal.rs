@@ -8,9 +8,17 @@
 //! batch itself is fsynced. After kill -9 or a power cut, the journal
 //! holds a valid prefix of batches, possibly followed by a torn record that is ignored and cut
 //! off. The next backup of the same volume replays the batches and continues after them.
+//!
+//! In an encrypted repository (format 3) the header and each batch are sealed records
+//! ([`Sealer`]): the header named by the volume key (the file is `journals/<key>.journal`),
+//! batch `n` (0, 1, … in file order) named `<key>/<n>`, so that a record moved to another
+//! journal or place does not open. A record that does not open at the end of the file is a
+//! torn write; anywhere else, or in the header, it is damage: an error naming the journal.
 
 use super::format::*;
 use super::fsio::{TempFile, read_unless_eof};
+use super::seal::Sealer;
+use crate::crypto::Kind;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::source::SourceInfo;
@@ -121,26 +129,85 @@ pub struct Journal {
     file: File,
     /// The layout of its batches: a resumed older journal is continued in its own layout.
     version: u32,
+    sealer: Sealer,
+    /// The volume key its records are sealed under ([`journal_key`]).
+    key: String,
+    /// Number of the next batch record.
+    next_record: u64,
 }
 
 const BATCH_FIXED: usize = 16 + BatchStats::FIELDS * 8;
 
+/// The volume key of the journal at `path` (`journals/<key>.journal`): what its sealed
+/// records are named by.
+pub fn journal_key(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match name.strip_suffix(".journal") {
+        Some(key) => key.to_string(),
+        None => name,
+    }
+}
+
+/// The name batch record `n` of the journal of volume `key` is sealed under.
+fn record_name(key: &str, n: u64) -> Vec<u8> {
+    format!("{key}/{n}").into_bytes()
+}
+
 /// Reads the preamble and header of a journal from the start of `file`. `Ok(None)` when it is
-/// not a complete, checksummed journal header; returns the header and its JSON length.
-fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeader, u64, u32)>> {
+/// not a complete, checksummed journal header; returns the header, the offset where its
+/// batches start and its version. A sealed header that does not open is an error.
+fn read_header_from(
+    file: &mut File,
+    path: &Path,
+    sealer: &Sealer,
+) -> Result<Option<(JournalHeader, u64, u32)>> {
     let len = file.metadata().ctx("stat", path)?.len();
     let mut pre = [0u8; 16];
     if len < 16 || !read_unless_eof(file, &mut pre, path, 0)? || pre[..8] != JOURNAL_MAGIC {
         return Ok(None);
     }
     let version = le_u32(&pre, 8);
-    if !JOURNAL_VERSIONS_READ.contains(&version) {
+    let readable = match sealer.is_encrypted() {
+        // Encrypted repositories only ever held journals of the current version.
+        true => version == JOURNAL_VERSION,
+        false => JOURNAL_VERSIONS_READ.contains(&version),
+    };
+    if !readable {
         return Err(Error::UnsupportedVersion {
             what: "resume journal",
             path: path.to_path_buf(),
             found: version,
             supported: JOURNAL_VERSION,
         });
+    }
+    if sealer.is_encrypted() {
+        let rlen = le_u32(&pre, 12) as u64;
+        if rlen > MAX_HEADER_LEN as u64 + sealer.overhead() as u64 || 16 + rlen > len {
+            return Ok(None);
+        }
+        let mut rec = vec![0u8; rlen as usize];
+        file.read_exact(&mut rec).ctx("read", path)?;
+        let key = journal_key(path);
+        let plain = sealer
+            .open_in_place(
+                Kind::JournalHeader,
+                key.as_bytes(),
+                &mut rec,
+                "resume journal header",
+                path,
+            )
+            .map_err(|e| damaged_journal(e, path))?;
+        let header = serde_json::from_slice(&rec[plain]).map_err(|e| {
+            Error::corrupt(
+                "resume journal header",
+                path,
+                format!("{e} (remove the file to start the backup over)"),
+            )
+        })?;
+        return Ok(Some((header, 16 + rlen, version)));
     }
     let hlen = le_u32(&pre, 12) as u64;
     if hlen > MAX_HEADER_LEN as u64 || 16 + hlen + 32 > len {
@@ -155,15 +222,39 @@ fn read_header_from(file: &mut File, path: &Path) -> Result<Option<(JournalHeade
     }
     Ok(serde_json::from_slice(&json)
         .ok()
-        .map(|h| (h, hlen, version)))
+        .map(|h| (h, 16 + hlen + 32, version)))
 }
 
-fn header_bytes(h: &JournalHeader) -> Result<Vec<u8>> {
+/// A sealed journal record that does not open: the error says what to do.
+fn damaged_journal(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Corrupt {
+            what,
+            path: p,
+            detail,
+        } => Error::Corrupt {
+            what,
+            path: p,
+            detail: format!("{detail} (remove the file to start the backup over)"),
+        },
+        e => Error::corrupt("resume journal", path, e.to_string()),
+    }
+}
+
+/// The bytes of a new journal of volume `key`: preamble and header (plain: JSON and its
+/// BLAKE3; sealed: one record).
+fn header_bytes(h: &JournalHeader, sealer: &Sealer, key: &str) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(h)
         .map_err(|e| Error::internal("backup journal", format!("cannot encode its header: {e}")))?;
-    let mut out = Vec::with_capacity(json.len() + 48);
+    let mut out = Vec::with_capacity(json.len() + 48 + sealer.overhead());
     out.extend_from_slice(&JOURNAL_MAGIC);
     out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
+    if sealer.is_encrypted() {
+        let stored = sealer.seal(Kind::JournalHeader, key.as_bytes(), &json)?;
+        out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+        out.extend_from_slice(&stored);
+        return Ok(out);
+    }
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
     out.extend_from_slice(blake3::hash(&json).as_bytes());
@@ -194,18 +285,33 @@ fn split_batch_tail(tail: &[u8], version: u32) -> Option<(Ranges, &[u8])> {
     Some((ranges, records))
 }
 
+/// Where the valid batches of a journal end: its header, version, end offset and number of
+/// batch records.
+struct Scanned {
+    header: JournalHeader,
+    version: u32,
+    valid_end: u64,
+    records: u64,
+}
+
 /// Reads the header and then the valid batches of a journal through `f`; returns the header,
 /// the journal's version and the offset where its valid batches end (a torn tail follows).
 fn scan(
     file: &mut File,
     path: &Path,
+    sealer: &Sealer,
     mut f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
-) -> Result<Option<(JournalHeader, u32, u64)>> {
+) -> Result<Option<Scanned>> {
     let len = file.metadata().ctx("stat", path)?.len();
-    let Some((header, hlen, version)) = read_header_from(file, path)? else {
+    let Some((header, start, version)) = read_header_from(file, path, sealer)? else {
         return Ok(None);
     };
-    let mut valid_end = 16 + hlen + 32;
+    let key = journal_key(path);
+    let overhead = sealer.overhead();
+    // Plain: u32 length, payload, BLAKE3 (32); sealed: u32 length, record.
+    let trailer = if sealer.is_encrypted() { 0 } else { 32 };
+    let mut valid_end = start;
+    let mut nrec = 0u64;
     let mut sum = [0u8; 32];
     let mut next_block = 0u64;
     let mut reader = std::io::BufReader::new(file);
@@ -214,27 +320,41 @@ fn scan(
         if !read_unless_eof(&mut reader, &mut lenb, path, valid_end)? {
             break;
         }
-        let plen = u32::from_le_bytes(lenb);
-        if plen > MAX_JOURNAL_RECORD
-            || (plen as usize) < BATCH_FIXED
-            || valid_end + 4 + plen as u64 + 32 > len
+        let rlen = u32::from_le_bytes(lenb) as u64;
+        if rlen > u64::from(MAX_JOURNAL_RECORD) + overhead as u64
+            || rlen < (BATCH_FIXED + overhead) as u64
+            || valid_end + 4 + rlen + trailer > len
         {
             break;
         }
-        let mut payload = vec![0u8; plen as usize];
-        if !read_unless_eof(&mut reader, &mut payload, path, valid_end + 4)?
-            || !read_unless_eof(&mut reader, &mut sum, path, valid_end + 4 + plen as u64)?
-        {
+        let mut payload = vec![0u8; rlen as usize];
+        if !read_unless_eof(&mut reader, &mut payload, path, valid_end + 4)? {
             break;
         }
-        if *blake3::hash(&payload).as_bytes() != sum {
-            break;
-        }
-        let first_block = le_u64(&payload, 0);
-        let block_count = le_u64(&payload, 8);
+        let body = if sealer.is_encrypted() {
+            let what = format!("resume journal batch record {nrec}");
+            let name = record_name(&key, nrec);
+            match sealer.open_in_place(Kind::JournalRecord, &name, &mut payload, &what, path) {
+                Ok(plain) => plain,
+                // The last thing in the file: a torn write.
+                Err(_) if valid_end + 4 + rlen == len => break,
+                Err(e) => return Err(damaged_journal(e, path)),
+            }
+        } else {
+            if !read_unless_eof(&mut reader, &mut sum, path, valid_end + 4 + rlen)? {
+                break;
+            }
+            if *blake3::hash(&payload).as_bytes() != sum {
+                break;
+            }
+            0..payload.len()
+        };
+        let payload = &payload[body];
+        let first_block = le_u64(payload, 0);
+        let block_count = le_u64(payload, 8);
         let mut a = [0u64; BatchStats::FIELDS];
         for (i, x) in a.iter_mut().enumerate() {
-            *x = le_u64(&payload, 16 + i * 8);
+            *x = le_u64(payload, 16 + i * 8);
         }
         let Some((unreadable, records)) = split_batch_tail(&payload[BATCH_FIXED..], version) else {
             break;
@@ -258,41 +378,57 @@ fn scan(
             },
         )?;
         next_block += block_count;
-        valid_end += 4 + plen as u64 + 32;
+        valid_end += 4 + rlen + trailer;
+        nrec += 1;
     }
-    Ok(Some((header, version, valid_end)))
+    Ok(Some(Scanned {
+        header,
+        version,
+        valid_end,
+        records: nrec,
+    }))
 }
 
 impl Journal {
-    /// Creates a new journal at `path` (replacing any old one) atomically.
-    pub fn create(path: &Path, header: &JournalHeader) -> Result<Journal> {
+    /// Creates a new journal at `path` (replacing any old one) atomically, stored as
+    /// `sealer` says.
+    pub fn create(path: &Path, header: &JournalHeader, sealer: &Sealer) -> Result<Journal> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let tmp = TempFile::create_in(dir, ".journal")?;
         tmp.file()
-            .write_all(&header_bytes(header)?)
+            .write_all(&header_bytes(header, sealer, &journal_key(path))?)
             .ctx("write", tmp.path())?;
         tmp.persist(path, true)?;
-        Self::open_append(path, JOURNAL_VERSION)
+        Self::open_append(path, JOURNAL_VERSION, sealer, 0)
     }
 
-    fn open_append(path: &Path, version: u32) -> Result<Journal> {
+    fn open_append(
+        path: &Path,
+        version: u32,
+        sealer: &Sealer,
+        next_record: u64,
+    ) -> Result<Journal> {
         let mut file = super::fsio::open_regular(path, true, "open journal")?;
         file.seek(SeekFrom::End(0)).ctx("seek", path)?;
         Ok(Journal {
             path: path.to_path_buf(),
             file,
             version,
+            sealer: sealer.clone(),
+            key: journal_key(path),
+            next_record,
         })
     }
 
     /// Reads only the header of the journal at `path`; `None` when there is no usable one.
-    pub fn read_header(path: &Path) -> Result<Option<JournalHeader>> {
+    /// A sealed header that does not open is an error naming the journal.
+    pub fn read_header(path: &Path, sealer: &Sealer) -> Result<Option<JournalHeader>> {
         let mut file = match super::fsio::open_regular(path, false, "open journal") {
             Ok(f) => f,
             Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        match read_header_from(&mut file, path) {
+        match read_header_from(&mut file, path, sealer) {
             Ok(h) => Ok(h.map(|(h, _, _)| h)),
             // A journal of another version is not resumable; `resume` reports it.
             Err(Error::UnsupportedVersion { .. }) => Ok(None),
@@ -306,6 +442,7 @@ impl Journal {
     /// header never became durable holds nothing worth resuming).
     pub fn resume(
         path: &Path,
+        sealer: &Sealer,
         f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
     ) -> Result<Option<(Journal, JournalHeader)>> {
         let mut file = match super::fsio::open_regular(path, true, "open journal") {
@@ -313,16 +450,18 @@ impl Journal {
             Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Some((header, version, valid_end)) = scan(&mut file, path, f)? else {
+        let Some(sc) = scan(&mut file, path, sealer, f)? else {
             return Ok(None);
         };
         let len = file.metadata().ctx("stat", path)?.len();
-        if valid_end < len {
-            file.set_len(valid_end).ctx("truncate torn journal", path)?;
+        if sc.valid_end < len {
+            file.set_len(sc.valid_end)
+                .ctx("truncate torn journal", path)?;
             file.sync_data().ctx("flush", path)?;
         }
         drop(file);
-        Ok(Some((Self::open_append(path, version)?, header)))
+        let journal = Self::open_append(path, sc.version, sealer, sc.records)?;
+        Ok(Some((journal, sc.header)))
     }
 
     /// Reads the valid batches of the journal at `path` through `f`, in order, changing
@@ -330,6 +469,7 @@ impl Journal {
     /// `None` when there is no usable journal.
     pub fn read_batches(
         path: &Path,
+        sealer: &Sealer,
         f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
     ) -> Result<Option<JournalHeader>> {
         let mut file = match super::fsio::open_regular(path, false, "open journal") {
@@ -337,7 +477,7 @@ impl Journal {
             Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        Ok(scan(&mut file, path, f)?.map(|(h, _, _)| h))
+        Ok(scan(&mut file, path, sealer, f)?.map(|sc| sc.header))
     }
 
     /// Appends a batch and makes it durable. `unreadable` lists the byte ranges of its blocks
@@ -350,8 +490,14 @@ impl Journal {
         unreadable: &[(u64, u64)],
         records: &[u8],
     ) -> Result<()> {
-        let mut payload =
-            Vec::with_capacity(BATCH_FIXED + 4 + unreadable.len() * 16 + records.len());
+        let sealed = self.sealer.is_encrypted();
+        let mut rec =
+            Vec::with_capacity(4 + BATCH_FIXED + 4 + unreadable.len() * 16 + records.len() + 40);
+        // Plain: u32 length, payload, BLAKE3 of the payload; sealed: u32 length, record.
+        rec.extend_from_slice(&[0; 4]);
+        let start = self.sealer.begin_seal(&mut rec);
+        let payload_start = rec.len();
+        let payload = &mut rec;
         payload.extend_from_slice(&first_block.to_le_bytes());
         payload.extend_from_slice(&block_count.to_le_bytes());
         for x in stats.to_array() {
@@ -377,14 +523,24 @@ impl Journal {
             }
         }
         payload.extend_from_slice(records);
-        let mut rec = Vec::with_capacity(payload.len() + 36);
-        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&payload);
-        rec.extend_from_slice(blake3::hash(&payload).as_bytes());
+        if sealed {
+            let name = record_name(&self.key, self.next_record);
+            self.sealer
+                .finish_seal(Kind::JournalRecord, &name, &mut rec, start)?;
+        } else {
+            let sum = blake3::hash(&rec[payload_start..]);
+            rec.extend_from_slice(sum.as_bytes());
+        }
+        let body = rec.len() - 4 - if sealed { 0 } else { 32 };
+        let body = u32::try_from(body)
+            .map_err(|_| Error::internal("backup journal", format!("a {body}-byte batch")))?;
+        rec[..4].copy_from_slice(&body.to_le_bytes());
         self.file
             .write_all(&rec)
             .ctx("append to journal", &self.path)?;
-        self.file.sync_data().ctx("flush journal", &self.path)
+        self.file.sync_data().ctx("flush journal", &self.path)?;
+        self.next_record += 1;
+        Ok(())
     }
 
     /// Deletes the journal (the snapshot it led to is committed).
@@ -428,12 +584,26 @@ mod tests {
         }
     }
 
+    fn plain() -> Sealer {
+        Sealer::plain(HashAlgorithm::Blake3)
+    }
+
+    fn sealed() -> Sealer {
+        crate::repo::seal::testing::encrypted("77")
+    }
+
     /// Batches come back with their unreadable ranges; a torn last batch is cut off.
     #[test]
     fn batches_round_trip_with_unreadable_ranges() {
+        for sealer in [plain(), sealed()] {
+            batches_round_trip_with(sealer);
+        }
+    }
+
+    fn batches_round_trip_with(sealer: Sealer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.journal");
-        let mut j = Journal::create(&path, &header()).unwrap();
+        let mut j = Journal::create(&path, &header(), &sealer).unwrap();
         let mut recs = Vec::new();
         encode_run(&mut recs, BlockRef::Zero, 4);
         j.append(
@@ -455,7 +625,7 @@ mod tests {
         f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         drop(f);
         let mut got = Vec::new();
-        let (_, h) = Journal::resume(&path, |_, b| {
+        let (_, h) = Journal::resume(&path, &sealer, |_, b| {
             got.push((b.first_block, b.block_count, b.unreadable));
             Ok(())
         })
@@ -472,9 +642,15 @@ mod tests {
     /// Version 4 batches carry PART records: pieces of blobs, one record per run.
     #[test]
     fn part_records_round_trip() {
+        for sealer in [plain(), sealed()] {
+            part_records_round_trip_with(sealer);
+        }
+    }
+
+    fn part_records_round_trip_with(sealer: Sealer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.journal");
-        let mut j = Journal::create(&path, &header()).unwrap();
+        let mut j = Journal::create(&path, &header(), &sealer).unwrap();
         let blob = crate::hash::ChunkId([7; 32]);
         let mut recs = Vec::new();
         encode_run(&mut recs, BlockRef::Part { blob, index: 2 }, 5);
@@ -482,7 +658,7 @@ mod tests {
         j.append(0, 8, &BatchStats::default(), &[], &recs).unwrap();
         drop(j);
         let mut got = Vec::new();
-        let (j, _) = Journal::resume(&path, |_, b| {
+        let (j, _) = Journal::resume(&path, &sealer, |_, b| {
             crate::repo::format::decode_records(&b.records, b.block_count, |r, n| got.push((r, n)))
                 .unwrap();
             Ok(())
@@ -499,22 +675,128 @@ mod tests {
 
     #[test]
     fn a_journal_of_the_next_version_is_unsupported() {
+        for sealer in [plain(), sealed()] {
+            next_version_with(sealer);
+        }
+    }
+
+    fn next_version_with(sealer: Sealer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.journal");
-        drop(Journal::create(&path, &header()).unwrap());
+        drop(Journal::create(&path, &header(), &sealer).unwrap());
         crate::error::testing::set_version(&path, JOURNAL_VERSION + 1);
         let bytes = std::fs::read(&path).unwrap();
-        let e = Journal::resume(&path, |_, _| Ok(())).err().unwrap();
+        let e = Journal::resume(&path, &sealer, |_, _| Ok(()))
+            .err()
+            .unwrap();
         assert!(
             crate::error::testing::is_next_version(&e, "resume journal", JOURNAL_VERSION),
             "{e}"
         );
-        let e = Journal::read_batches(&path, |_, _| Ok(())).err().unwrap();
+        let e = Journal::read_batches(&path, &sealer, |_, _| Ok(()))
+            .err()
+            .unwrap();
         assert!(matches!(e, Error::UnsupportedVersion { .. }), "{e}");
         // Reading only the header treats it as no journal; `resume` reports the version.
-        assert!(Journal::read_header(&path).unwrap().is_none());
+        assert!(Journal::read_header(&path, &sealer).unwrap().is_none());
         // The file was left as it was.
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    /// Sealed: nothing in the clear; batches resume with their numbering; a record moved,
+    /// changed in the middle, or of another journal is an error naming the journal; a torn
+    /// tail is cut.
+    #[test]
+    fn sealed_journals_are_authenticated_record_by_record() {
+        let sealer = sealed();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.journal");
+        let mut j = Journal::create(&path, &header(), &sealer).unwrap();
+        let mut recs = Vec::new();
+        encode_run(&mut recs, BlockRef::Zero, 4);
+        j.append(0, 4, &BatchStats::default(), &[(7, 9)], &recs)
+            .unwrap();
+        j.append(4, 4, &BatchStats::default(), &[], &recs).unwrap();
+        drop(j);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.windows(10).any(|w| w == b"volume_key"));
+        let count = |p: &Path| {
+            let mut n = 0;
+            Journal::read_batches(p, &sealer, |_, _| {
+                n += 1;
+                Ok(())
+            })
+            .map(|h| (h.is_some(), n))
+        };
+        assert_eq!(count(&path).unwrap(), (true, 2));
+        // Resumed: the next record continues the numbering.
+        let (mut j, _) = Journal::resume(&path, &sealer, |_, _| Ok(()))
+            .unwrap()
+            .unwrap();
+        j.append(8, 4, &BatchStats::default(), &[], &recs).unwrap();
+        drop(j);
+        assert_eq!(count(&path).unwrap(), (true, 3));
+        let good = std::fs::read(&path).unwrap();
+        let hlen = le_u32(&good, 12) as usize;
+        let r0 = 16 + hlen;
+        let r0_len = le_u32(&good, r0) as usize;
+        let r1 = r0 + 4 + r0_len;
+        let r1_len = le_u32(&good, r1) as usize;
+        let r2 = r1 + 4 + r1_len;
+        // A torn tail (a cut last record, or junk) is cut off.
+        for cut in [good.len() - 1, good.len() - 30] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            assert_eq!(count(&path).unwrap(), (true, 2), "cut {cut}");
+        }
+        let mut junk = good.clone();
+        let n = junk.len();
+        junk[n - 5] ^= 1;
+        std::fs::write(&path, &junk).unwrap();
+        assert_eq!(count(&path).unwrap(), (true, 2));
+        let (j, _) = Journal::resume(&path, &sealer, |_, _| Ok(()))
+            .unwrap()
+            .unwrap();
+        drop(j);
+        assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, r2);
+        // A changed byte in a record followed by others: damage, naming the journal.
+        let mut bad = good.clone();
+        bad[r0 + 30] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let e = Journal::read_batches(&path, &sealer, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("k.journal") && msg.contains("record 0"),
+            "{msg}"
+        );
+        // Two records swapped: neither opens under the other's number.
+        let mut swapped = good[..r0].to_vec();
+        swapped.extend_from_slice(&good[r1..r2]);
+        swapped.extend_from_slice(&good[r0..r1]);
+        swapped.extend_from_slice(&good[r2..]);
+        std::fs::write(&path, &swapped).unwrap();
+        assert!(Journal::read_batches(&path, &sealer, |_, _| Ok(())).is_err());
+        // The journal of another volume: its header does not open under this name.
+        let other = dir.path().join("other.journal");
+        std::fs::write(&other, &good).unwrap();
+        let e = Journal::read_header(&other, &sealer).unwrap_err();
+        assert!(e.to_string().contains("other.journal"), "{e}");
+        assert!(e.to_string().contains("remove the file"), "{e}");
+        // A plain reader finds no usable header; the right one under another key neither.
+        std::fs::write(&path, &good).unwrap();
+        assert!(Journal::read_header(&path, &plain()).unwrap().is_none());
+        let wrong = crate::repo::seal::testing::encrypted("78");
+        assert!(Journal::read_header(&path, &wrong).is_err());
+        // Hostile lengths are refused before allocating.
+        let mut huge = good[..r0].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&[0; 100]);
+        std::fs::write(&path, &huge).unwrap();
+        assert_eq!(count(&path).unwrap(), (true, 0));
+        let mut hdr = good[..16].to_vec();
+        hdr[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(&path, &hdr).unwrap();
+        assert_eq!(count(&path).unwrap(), (false, 0));
     }
 
     proptest! {

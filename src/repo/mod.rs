@@ -844,7 +844,7 @@ impl Repository {
                 selector: id.into(),
             });
         }
-        SnapshotFile::open(&path, Some(id))
+        SnapshotFile::open_with(&self.sealer, &path, Some(id))
     }
 
     /// All snapshots, oldest first. A damaged snapshot file is an error naming it.

@@ -1,8 +1,9 @@
 //! The packer: appends frames to pack files during a backup or a repack, and makes them
 //! durable and indexed at checkpoints.
 //!
-//! Frames go into one open pack (under a mutex: frames are compressed by the callers, only
-//! the append is serialised). A pack is finished when it reaches the repository's
+//! Frames go into one open pack (under a mutex: frames are compressed, and sealed in an
+//! encrypted repository, by the callers' threads ([`FrameEncoder`]); only the append is
+//! serialised). A pack is finished when it reaches the repository's
 //! `pack_size`. A checkpoint finishes the open pack, syncs the filesystem (so every pack is
 //! durable before anything names it) and writes one index file for the packs finished since
 //! the previous checkpoint; then it loads index files other writers wrote meanwhile.
@@ -10,10 +11,10 @@
 use super::Repository;
 use super::blob::{BlobEntry, BlobKind, BlobSink};
 use super::blobs::BlobStore;
-use super::chunks::Encoder;
 use super::format::MAX_FRAME_RAW;
 use super::index::IndexFile;
-use super::pack::PackWriter;
+use super::pack::{FrameEncoder, PackWriter};
+use super::seal::Sealer;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::ChunkId;
 use crate::platform;
@@ -30,10 +31,11 @@ pub struct Packer {
     index_dir: PathBuf,
     pack_size: u64,
     zstd_level: i32,
+    sealer: Sealer,
     state: Mutex<State>,
     packs_written: AtomicU64,
     /// For tree blobs ([`BlobSink::put_blob`]); data frames come encoded.
-    encoder: Mutex<Option<Encoder>>,
+    encoder: Mutex<Option<FrameEncoder>>,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +67,7 @@ impl Packer {
             index_dir: repo.index_dir(),
             pack_size: u64::from(repo.config().pack_size),
             zstd_level: repo.config().zstd_level,
+            sealer: repo.sealer().clone(),
             state: Mutex::new(State::default()),
             packs_written: AtomicU64::new(0),
             encoder: Mutex::new(None),
@@ -75,19 +78,26 @@ impl Packer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one encoded frame (thread-safe); the blobs become visible to
-    /// `store.contains` at once. Returns the bytes written (frame length).
+    /// How the repository stores frames ([`FrameEncoder::new`] takes it).
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Appends one frame as stored ([`FrameEncoder::encode`]), whose raw content is `raw_len`
+    /// bytes (thread-safe); the blobs become visible to `store.contains` at once. Returns the
+    /// bytes written (the stored frame's length).
     pub fn add_frame(
         &self,
-        encoded: &[u8],
+        stored: &[u8],
+        raw_len: u32,
         blobs: &[(ChunkId, BlobKind, u32, u32)],
     ) -> Result<u64> {
         let mut state = self.state();
         let mut writer = match state.open.take() {
             Some(w) => w,
-            None => PackWriter::create(&self.tmp_dir)?,
+            None => PackWriter::create(&self.tmp_dir, &self.sealer)?,
         };
-        if let Err(e) = writer.add_frame(encoded, blobs) {
+        if let Err(e) = writer.add_frame(stored, raw_len, blobs) {
             // A failed append may have left part of a frame: this pack is abandoned (its
             // temporary file removed), its earlier blobs are forgotten.
             self.store
@@ -100,7 +110,7 @@ impl Packer {
         } else {
             state.open = Some(writer);
         }
-        Ok(encoded.len() as u64)
+        Ok(stored.len() as u64)
     }
 
     /// Finishes `writer`'s pack and makes its blobs readable through the store.
@@ -150,7 +160,7 @@ impl Packer {
             let file = IndexFile {
                 packs: std::mem::take(&mut state.finished),
             };
-            match file.write_to(&self.index_dir) {
+            match file.write_to(&self.index_dir, &self.sealer) {
                 Ok(id) => self.store.mark_index_loaded(&id),
                 Err(e) => {
                     state.finished = file.packs;
@@ -171,7 +181,7 @@ impl Packer {
 impl BlobSink for Packer {
     /// Stores a blob (a tree node) in a frame of its own, unless the store already has it.
     fn put_blob(&self, kind: BlobKind, content: &[u8]) -> Result<ChunkId> {
-        let id = self.store.hash_algorithm().hash(content);
+        let id = self.sealer.blob_id(content);
         if self.store.usable(&id) {
             return Ok(id);
         }
@@ -181,19 +191,15 @@ impl BlobSink for Packer {
                 format!("a {}-byte {} blob", content.len(), kind.name()),
             ));
         }
-        let encoded = {
-            let mut enc = self.encoder.lock().unwrap_or_else(|p| p.into_inner());
-            let enc = match enc.as_mut() {
-                Some(e) => e,
-                None => enc.insert(Encoder::new(self.zstd_level)?),
-            };
-            let e = enc.encode(content);
-            let mut v = Vec::with_capacity(e.len());
-            v.extend_from_slice(&e.header);
-            v.extend_from_slice(e.payload);
-            v
+        // Held while the frame is appended (the encoder's buffer is the frame): tree blobs
+        // are few, and nothing takes this lock while holding the pack's.
+        let mut enc = self.encoder.lock().unwrap_or_else(|p| p.into_inner());
+        let enc = match enc.as_mut() {
+            Some(e) => e,
+            None => enc.insert(FrameEncoder::new(self.zstd_level, &self.sealer)?),
         };
-        self.add_frame(&encoded, &[(id, kind, 0, content.len() as u32)])?;
+        let len = content.len() as u32;
+        self.add_frame(enc.encode(content)?, len, &[(id, kind, 0, len)])?;
         Ok(id)
     }
 }
@@ -216,6 +222,12 @@ mod tests {
         (dir, r)
     }
 
+    /// A plain repository and an encrypted one: every test runs on both.
+    fn repos() -> Vec<(tempfile::TempDir, Repository)> {
+        let (d, r) = repo();
+        vec![repo(), (d, r.encrypted_for_tests())]
+    }
+
     /// `n` pseudo-random, incompressible bytes from `seed`.
     fn noise(seed: u64, n: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -234,191 +246,195 @@ mod tests {
         let mut raw = Vec::new();
         let mut list = Vec::new();
         for b in blobs {
-            let id = crate::hash::HashAlgorithm::Blake3.hash(b);
+            let id = p.sealer().blob_id(b);
             list.push((id, BlobKind::Data, raw.len() as u32, b.len() as u32));
             raw.extend_from_slice(b);
         }
-        let mut enc = Encoder::new(3).unwrap();
-        let e = enc.encode(&raw);
-        let mut v = e.header.to_vec();
-        v.extend_from_slice(e.payload);
-        assert_eq!(p.add_frame(&v, &list).unwrap(), v.len() as u64);
+        let mut enc = FrameEncoder::new(3, p.sealer()).unwrap();
+        let v = enc.encode(&raw).unwrap();
+        let n = p.add_frame(v, raw.len() as u32, &list).unwrap();
+        assert_eq!(n, v.len() as u64);
         list.iter().map(|l| l.0).collect()
     }
 
     #[test]
     fn frames_are_visible_at_once_and_readable_after_a_checkpoint() {
-        let (_d, r) = repo();
-        let store = BlobStore::open_writer(&r, &[]).unwrap();
-        let p = Packer::new(&r, store.clone()).unwrap();
-        let blobs: Vec<Vec<u8>> = (0..6).map(|i| noise(i, 300_000)).collect();
-        let mut ids = put_frame(&p, &blobs[..2]);
-        assert!(ids.iter().all(|id| store.contains(id)));
-        assert!(store.location(&ids[0]).is_none());
-        for b in &blobs[2..] {
-            ids.extend(put_frame(&p, std::slice::from_ref(b)));
+        for (_d, r) in repos() {
+            let store = BlobStore::open_writer(&r, &[]).unwrap();
+            let p = Packer::new(&r, store.clone()).unwrap();
+            let blobs: Vec<Vec<u8>> = (0..6).map(|i| noise(i, 300_000)).collect();
+            let mut ids = put_frame(&p, &blobs[..2]);
+            assert!(ids.iter().all(|id| store.contains(id)));
+            assert!(store.location(&ids[0]).is_none());
+            for b in &blobs[2..] {
+                ids.extend(put_frame(&p, std::slice::from_ref(b)));
+            }
+            // 1.8 MB in 1 MiB packs: one finished, one open.
+            assert_eq!(p.packs_written(), 1);
+            let tree = p.put_blob(BlobKind::Tree, &b"node".repeat(100)).unwrap();
+            assert_eq!(
+                p.put_blob(BlobKind::Tree, &b"node".repeat(100)).unwrap(),
+                tree
+            );
+            p.checkpoint().unwrap();
+            assert_eq!(p.packs_written(), 2);
+            p.checkpoint().unwrap();
+            assert_eq!(crate::repo::index::list_index_files(&r).unwrap().len(), 1);
+            assert_eq!(std::fs::read_dir(r.tmp_dir()).unwrap().count(), 0);
+            // A reader opened now finds everything, checked.
+            let reader = BlobStore::open(&r).unwrap();
+            for (id, b) in ids.iter().zip(&blobs) {
+                assert_eq!(&reader.blob(id, BlobKind::Data).unwrap()[..], &b[..]);
+            }
+            assert_eq!(
+                &reader.blob(&tree, BlobKind::Tree).unwrap()[..],
+                &b"node".repeat(100)[..]
+            );
+            assert!(matches!(
+                reader.blob(&tree, BlobKind::Data),
+                Err(Error::Corrupt { .. })
+            ));
+            assert!(matches!(
+                reader.blob(&ChunkId([7; 32]), BlobKind::Data),
+                Err(Error::MissingChunk { .. })
+            ));
+            // Repository::blobs() is that reader, cached.
+            let a = r.blobs().unwrap();
+            assert!(Arc::ptr_eq(&a, &r.blobs().unwrap()));
+            // The writer's own store sees what it wrote; a refresh picks up other writers' files.
+            let other = BlobStore::open_writer(&r, &[]).unwrap();
+            let p2 = Packer::new(&r, other).unwrap();
+            let extra = put_frame(&p2, &[noise(99, 1000)]);
+            p2.checkpoint().unwrap();
+            assert!(!store.contains(&extra[0]));
+            store.refresh().unwrap();
+            assert!(store.contains(&extra[0]));
         }
-        // 1.8 MB in 1 MiB packs: one finished, one open.
-        assert_eq!(p.packs_written(), 1);
-        let tree = p.put_blob(BlobKind::Tree, &b"node".repeat(100)).unwrap();
-        assert_eq!(
-            p.put_blob(BlobKind::Tree, &b"node".repeat(100)).unwrap(),
-            tree
-        );
-        p.checkpoint().unwrap();
-        assert_eq!(p.packs_written(), 2);
-        p.checkpoint().unwrap();
-        assert_eq!(crate::repo::index::list_index_files(&r).unwrap().len(), 1);
-        assert_eq!(std::fs::read_dir(r.tmp_dir()).unwrap().count(), 0);
-        // A reader opened now finds everything, checked.
-        let reader = BlobStore::open(&r).unwrap();
-        for (id, b) in ids.iter().zip(&blobs) {
-            assert_eq!(&reader.blob(id, BlobKind::Data).unwrap()[..], &b[..]);
-        }
-        assert_eq!(
-            &reader.blob(&tree, BlobKind::Tree).unwrap()[..],
-            &b"node".repeat(100)[..]
-        );
-        assert!(matches!(
-            reader.blob(&tree, BlobKind::Data),
-            Err(Error::Corrupt { .. })
-        ));
-        assert!(matches!(
-            reader.blob(&ChunkId([7; 32]), BlobKind::Data),
-            Err(Error::MissingChunk { .. })
-        ));
-        // Repository::blobs() is that reader, cached.
-        let a = r.blobs().unwrap();
-        assert!(Arc::ptr_eq(&a, &r.blobs().unwrap()));
-        // The writer's own store sees what it wrote; a refresh picks up other writers' files.
-        let other = BlobStore::open_writer(&r, &[]).unwrap();
-        let p2 = Packer::new(&r, other).unwrap();
-        let extra = put_frame(&p2, &[noise(99, 1000)]);
-        p2.checkpoint().unwrap();
-        assert!(!store.contains(&extra[0]));
-        store.refresh().unwrap();
-        assert!(store.contains(&extra[0]));
     }
 
     #[test]
     fn threads_share_one_packer() {
-        let (_d, r) = repo();
-        let store = BlobStore::open_writer(&r, &[]).unwrap();
-        let p = Packer::new(&r, store.clone()).unwrap();
-        let ids: Vec<Vec<ChunkId>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4u64)
-                .map(|t| {
-                    let p = &p;
-                    s.spawn(move || {
-                        (0..10u64)
-                            .flat_map(|i| put_frame(p, &[noise(t * 100 + i, 70_000)]))
-                            .collect::<Vec<_>>()
+        for (_d, r) in repos() {
+            let store = BlobStore::open_writer(&r, &[]).unwrap();
+            let p = Packer::new(&r, store.clone()).unwrap();
+            let ids: Vec<Vec<ChunkId>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4u64)
+                    .map(|t| {
+                        let p = &p;
+                        s.spawn(move || {
+                            (0..10u64)
+                                .flat_map(|i| put_frame(p, &[noise(t * 100 + i, 70_000)]))
+                                .collect::<Vec<_>>()
+                        })
                     })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        p.checkpoint().unwrap();
-        assert!(p.packs_written() >= 2);
-        let reader = BlobStore::open(&r).unwrap();
-        for (t, list) in ids.iter().enumerate() {
-            for (i, id) in list.iter().enumerate() {
-                let b = reader.blob(id, BlobKind::Data).unwrap();
-                assert_eq!(&b[..], &noise(t as u64 * 100 + i as u64, 70_000)[..]);
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            p.checkpoint().unwrap();
+            assert!(p.packs_written() >= 2);
+            let reader = BlobStore::open(&r).unwrap();
+            for (t, list) in ids.iter().enumerate() {
+                for (i, id) in list.iter().enumerate() {
+                    let b = reader.blob(id, BlobKind::Data).unwrap();
+                    assert_eq!(&b[..], &noise(t as u64 * 100 + i as u64, 70_000)[..]);
+                }
             }
         }
     }
 
     #[test]
     fn damaged_blobs_name_blob_pack_and_offset() {
-        let (_d, r) = repo();
-        let store = BlobStore::open_writer(&r, &[]).unwrap();
-        let p = Packer::new(&r, store.clone()).unwrap();
-        let ids = put_frame(&p, &[b"x".repeat(5000), b"y".repeat(5000)]);
-        p.checkpoint().unwrap();
-        let loc = store.location(&ids[1]).unwrap();
-        let path = store.pack_path(&loc.pack);
-        let mut bytes = std::fs::read(&path).unwrap();
-        // A flipped byte of the frame's payload: a decode or hash error naming the pack.
-        bytes[16 + 20] ^= 0x55;
-        std::fs::write(&path, &bytes).unwrap();
-        let reader = BlobStore::open(&r).unwrap();
-        let e = reader
-            .blob(&ids[1], BlobKind::Data)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(&loc.pack.to_hex()), "{e}");
-        assert!(e.contains(&ids[1].to_hex()), "{e}");
-        assert!(e.contains("offset 16"), "{e}");
+        for (_d, r) in repos() {
+            let store = BlobStore::open_writer(&r, &[]).unwrap();
+            let p = Packer::new(&r, store.clone()).unwrap();
+            let ids = put_frame(&p, &[b"x".repeat(5000), b"y".repeat(5000)]);
+            p.checkpoint().unwrap();
+            let loc = store.location(&ids[1]).unwrap();
+            let path = store.pack_path(&loc.pack);
+            let mut bytes = std::fs::read(&path).unwrap();
+            // A flipped byte of the frame's payload: a decode or hash error naming the pack.
+            bytes[16 + 20] ^= 0x55;
+            std::fs::write(&path, &bytes).unwrap();
+            let reader = BlobStore::open(&r).unwrap();
+            let e = reader
+                .blob(&ids[1], BlobKind::Data)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&loc.pack.to_hex()), "{e}");
+            assert!(e.contains(&ids[1].to_hex()), "{e}");
+            assert!(e.contains("offset 16"), "{e}");
+        }
     }
 
     #[test]
     fn a_repacked_blob_is_found_after_its_pack_is_deleted() {
-        let (_d, r) = repo();
-        let store = BlobStore::open_writer(&r, &[]).unwrap();
-        let p = Packer::new(&r, store.clone()).unwrap();
-        let keep = b"keep me".repeat(1000);
-        let ids = put_frame(&p, &[b"dead".repeat(900), keep.clone()]);
-        p.checkpoint().unwrap();
-        let reader = BlobStore::open(&r).unwrap();
-        let old = reader.location(&ids[1]).unwrap();
-        // A prune repacks the live blob, writes the compacted index, condemns the old pack.
-        let old_files = crate::repo::index::list_index_files(&r).unwrap();
-        let p2 = Packer::new(&r, BlobStore::open_writer(&r, &[]).unwrap()).unwrap();
-        put_frame(&p2, std::slice::from_ref(&keep));
-        p2.checkpoint().unwrap();
-        let record = writers::write_pending(&r, &[old.pack], &old_files).unwrap();
-        for f in &old_files {
-            std::fs::remove_file(r.index_dir().join(f)).unwrap();
+        for (_d, r) in repos() {
+            let store = BlobStore::open_writer(&r, &[]).unwrap();
+            let p = Packer::new(&r, store.clone()).unwrap();
+            let keep = b"keep me".repeat(1000);
+            let ids = put_frame(&p, &[b"dead".repeat(900), keep.clone()]);
+            p.checkpoint().unwrap();
+            let reader = BlobStore::open(&r).unwrap();
+            let old = reader.location(&ids[1]).unwrap();
+            // A prune repacks the live blob, writes the compacted index, condemns the old pack.
+            let old_files = crate::repo::index::list_index_files(&r).unwrap();
+            let p2 = Packer::new(&r, BlobStore::open_writer(&r, &[]).unwrap()).unwrap();
+            put_frame(&p2, std::slice::from_ref(&keep));
+            p2.checkpoint().unwrap();
+            let record = writers::write_pending(&r, &[old.pack], &old_files).unwrap();
+            for f in &old_files {
+                std::fs::remove_file(r.index_dir().join(f)).unwrap();
+            }
+            // A reader opened now still reads the condemned pack, but prefers the new one.
+            let late = BlobStore::open(&r).unwrap();
+            assert_ne!(late.location(&ids[1]).unwrap().pack, old.pack);
+            assert_eq!(late.location(&ids[0]).unwrap().pack, old.pack);
+            assert_eq!(
+                &late.blob(&ids[0], BlobKind::Data).unwrap()[..],
+                &b"dead".repeat(900)[..]
+            );
+            // A writer knowing the record does not see the condemned pack at all.
+            let pending = writers::read_pending(&r).unwrap();
+            assert_eq!(pending[0].id, record);
+            let w = BlobStore::open_writer(&r, &pending).unwrap();
+            assert!(!w.contains(&ids[0]) && w.contains(&ids[1]));
+            // The pack is deleted: the early reader reloads the index and follows the blob.
+            std::fs::remove_file(reader.pack_path(&old.pack)).unwrap();
+            assert_eq!(
+                &reader.blob(&ids[1], BlobKind::Data).unwrap()[..],
+                &keep[..]
+            );
+            assert!(matches!(
+                reader.blob(&ids[0], BlobKind::Data),
+                Err(Error::MissingChunk { .. })
+            ));
         }
-        // A reader opened now still reads the condemned pack, but prefers the new one.
-        let late = BlobStore::open(&r).unwrap();
-        assert_ne!(late.location(&ids[1]).unwrap().pack, old.pack);
-        assert_eq!(late.location(&ids[0]).unwrap().pack, old.pack);
-        assert_eq!(
-            &late.blob(&ids[0], BlobKind::Data).unwrap()[..],
-            &b"dead".repeat(900)[..]
-        );
-        // A writer knowing the record does not see the condemned pack at all.
-        let pending = writers::read_pending(&r).unwrap();
-        assert_eq!(pending[0].id, record);
-        let w = BlobStore::open_writer(&r, &pending).unwrap();
-        assert!(!w.contains(&ids[0]) && w.contains(&ids[1]));
-        // The pack is deleted: the early reader reloads the index and follows the blob.
-        std::fs::remove_file(reader.pack_path(&old.pack)).unwrap();
-        assert_eq!(
-            &reader.blob(&ids[1], BlobKind::Data).unwrap()[..],
-            &keep[..]
-        );
-        assert!(matches!(
-            reader.blob(&ids[0], BlobKind::Data),
-            Err(Error::MissingChunk { .. })
-        ));
     }
 
     #[test]
     fn a_reload_keeps_packs_not_indexed_yet() {
-        let (_d, r) = repo();
-        let store = BlobStore::open_writer(&r, &[]).unwrap();
-        let p = Packer::new(&r, store.clone()).unwrap();
-        let lost = put_frame(&p, &[noise(1, 5000)]);
-        p.checkpoint().unwrap();
-        // A pack finished but not yet in an index file (simulated), then a missing pack.
-        let extra = put_frame(&p, &[noise(2, 5000)]);
-        let open = p.state().open.take().unwrap();
-        p.seal(&mut State::default(), open).unwrap();
-        assert!(store.location(&extra[0]).is_some());
-        let gone = store.location(&lost[0]).unwrap().pack;
-        std::fs::remove_file(store.pack_path(&gone)).unwrap();
-        assert!(matches!(
-            store.blob(&lost[0], BlobKind::Data),
-            Err(Error::MissingChunk { .. })
-        ));
-        assert!(store.location(&extra[0]).is_some());
-        assert_eq!(
-            &store.blob(&extra[0], BlobKind::Data).unwrap()[..],
-            &noise(2, 5000)[..]
-        );
+        for (_d, r) in repos() {
+            let store = BlobStore::open_writer(&r, &[]).unwrap();
+            let p = Packer::new(&r, store.clone()).unwrap();
+            let lost = put_frame(&p, &[noise(1, 5000)]);
+            p.checkpoint().unwrap();
+            // A pack finished but not yet in an index file (simulated), then a missing pack.
+            let extra = put_frame(&p, &[noise(2, 5000)]);
+            let open = p.state().open.take().unwrap();
+            p.seal(&mut State::default(), open).unwrap();
+            assert!(store.location(&extra[0]).is_some());
+            let gone = store.location(&lost[0]).unwrap().pack;
+            std::fs::remove_file(store.pack_path(&gone)).unwrap();
+            assert!(matches!(
+                store.blob(&lost[0], BlobKind::Data),
+                Err(Error::MissingChunk { .. })
+            ));
+            assert!(store.location(&extra[0]).is_some());
+            assert_eq!(
+                &store.blob(&extra[0], BlobKind::Data).unwrap()[..],
+                &noise(2, 5000)[..]
+            );
+        }
     }
 
     #[test]

@@ -770,45 +770,52 @@ pub(crate) mod tests {
         use crate::repo::snapshot::{testing::header, write_tree_snapshot};
         use crate::repo::tree::{TreeWriter, walk_tree};
         use crate::repo::{InitOptions, Repository, blobs::BlobStore, packer::Packer};
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&dir.path().join("r"), &InitOptions::default()).unwrap();
-        let data = sample(20 * 4096 + 5);
-        let id = {
-            let store = BlobStore::open_writer(&repo, &[]).unwrap();
-            let packer = Packer::new(&repo, store).unwrap();
-            let runs = store_blocks(&packer, &data);
-            let h = header(data.len() as u64, 4096);
-            let mut w = TreeWriter::new(&packer, h.block_count);
-            for &(r, n) in &runs {
-                w.push(r, n).unwrap();
-            }
-            let root = w.finish().unwrap();
-            packer.checkpoint().unwrap();
-            write_tree_snapshot(&repo.tmp_dir(), &repo.snapshots_dir(), &h, root).unwrap()
-        };
-        let repo = Repository::open(&dir.path().join("r")).unwrap();
-        for cache in [None, Some(CacheOptions::default())] {
-            let vol = SnapshotVolume::open(&repo, &id, cache).unwrap();
-            let mut all = vec![0u8; data.len()];
-            vol.read_at(0, &mut all).unwrap();
-            assert!(all == data);
-        }
-        let snap = open_snapshot(&repo, &id).unwrap();
-        let (mut nodes, mut blobs) = (0, 0);
-        walk_tree(
-            &*repo.blobs().unwrap(),
-            &snap.tree().unwrap(),
-            &mut |_, k| {
-                match k {
-                    BlobKind::Tree => nodes += 1,
-                    BlobKind::Data => blobs += 1,
+        for sealed in [false, true] {
+            let seal = |r: Repository| if sealed { r.encrypted_for_tests() } else { r };
+            let dir = tempfile::tempdir().unwrap();
+            let repo =
+                seal(Repository::init(&dir.path().join("r"), &InitOptions::default()).unwrap());
+            let data = sample(20 * 4096 + 5);
+            let id = {
+                let store = BlobStore::open_writer(&repo, &[]).unwrap();
+                let packer = Packer::new(&repo, store).unwrap();
+                let runs = store_blocks(&packer, &data);
+                let h = header(data.len() as u64, 4096);
+                let mut w = TreeWriter::new(&packer, h.block_count);
+                for &(r, n) in &runs {
+                    w.push(r, n).unwrap();
                 }
-                true
-            },
-        )
-        .unwrap();
-        assert_eq!(nodes, 1);
-        assert_eq!(blobs, 7);
+                let root = w.finish().unwrap();
+                packer.checkpoint().unwrap();
+                let (tmp, snaps) = (repo.tmp_dir(), repo.snapshots_dir());
+                write_tree_snapshot(&tmp, &snaps, &h, root, repo.sealer()).unwrap()
+            };
+            let plain = Repository::open(&dir.path().join("r")).unwrap();
+            assert_eq!(open_snapshot(&plain, &id).is_ok(), !sealed);
+            let repo = seal(plain);
+            for cache in [None, Some(CacheOptions::default())] {
+                let vol = SnapshotVolume::open(&repo, &id, cache).unwrap();
+                let mut all = vec![0u8; data.len()];
+                vol.read_at(0, &mut all).unwrap();
+                assert!(all == data);
+            }
+            let snap = open_snapshot(&repo, &id).unwrap();
+            let (mut nodes, mut blobs) = (0, 0);
+            walk_tree(
+                &*repo.blobs().unwrap(),
+                &snap.tree().unwrap(),
+                &mut |_, k| {
+                    match k {
+                        BlobKind::Tree => nodes += 1,
+                        BlobKind::Data => blobs += 1,
+                    }
+                    true
+                },
+            )
+            .unwrap();
+            assert_eq!(nodes, 1);
+            assert_eq!(blobs, 7);
+        }
     }
 
     pub(crate) fn sample(len: usize) -> Vec<u8> {

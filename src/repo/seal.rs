@@ -78,6 +78,52 @@ impl Sealer {
         }
     }
 
+    /// Starts a stored object at the end of `out`: reserves room for a sealed record's salt
+    /// (nothing when plain). Append the plaintext, then call [`Sealer::finish_seal`] with the
+    /// returned start: the plaintext is sealed where it lies, without a copy.
+    pub fn begin_seal(&self, out: &mut Vec<u8>) -> usize {
+        let start = out.len();
+        if self.keys.is_some() {
+            out.resize(start + crate::crypto::SALT_LEN, 0);
+        }
+        start
+    }
+
+    /// Seals `out[start..]` in place ([`Sealer::begin_seal`]): `out[start..]` becomes the
+    /// stored form of the plaintext appended after the reserved salt.
+    pub fn finish_seal(
+        &self,
+        kind: Kind,
+        name: &[u8],
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<()> {
+        match &self.keys {
+            None => Ok(()),
+            Some(k) => k
+                .seal_in_place(kind, name, out, start)
+                .map_err(|e| Error::internal("encryption", format!("no random numbers: {e}"))),
+        }
+    }
+
+    /// Opens `stored` in place: returns where its plaintext lies in it (all of it when
+    /// plain). Authentication failures are [`Error::Corrupt`] naming `what` and `path`.
+    pub fn open_in_place(
+        &self,
+        kind: Kind,
+        name: &[u8],
+        stored: &mut [u8],
+        what: &str,
+        path: &Path,
+    ) -> Result<std::ops::Range<usize>> {
+        match &self.keys {
+            None => Ok(0..stored.len()),
+            Some(k) => k
+                .open_in_place(kind, name, stored)
+                .map_err(|e| Error::corrupt(what, path, e.to_string())),
+        }
+    }
+
     /// The plaintext of `stored`, authenticated. A record that does not authenticate is
     /// [`Error::Corrupt`] naming `what` (e.g. "snapshot 1a2b…") and `path`.
     pub fn open<'a>(
@@ -108,5 +154,35 @@ impl Sealer {
     /// The seed of the XXH3 that cuts blobs (0, XXH3's default, when plain).
     pub fn chunker_seed(&self) -> u64 {
         self.keys.as_ref().map_or(0, |k| k.chunker_seed())
+    }
+}
+
+/// Test support: repositories whose objects are sealed before `init`/`open` know about
+/// format 3 (H1's config v3), and sealers to build them with.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    /// A sealer for repository `repo_id` under a fixed master key.
+    pub fn encrypted(repo_id: &str) -> Sealer {
+        Sealer::encrypted(Arc::new(Keys::derive(
+            &MasterKey::from_bytes([0x5e; 32]),
+            repo_id,
+        )))
+    }
+
+    impl crate::repo::Repository {
+        /// Replaces how this repository stores objects (before its blob store is opened).
+        pub(crate) fn set_sealer_for_tests(&mut self, sealer: Sealer) {
+            self.sealer = sealer;
+        }
+
+        /// This repository, its objects sealed under [`encrypted`] of its id.
+        pub(crate) fn encrypted_for_tests(mut self) -> crate::repo::Repository {
+            let s = encrypted(&self.config().id);
+            self.set_sealer_for_tests(s);
+            self
+        }
     }
 }

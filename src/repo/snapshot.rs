@@ -11,11 +11,17 @@
 //! `tree` names the root of the block map, a tree of blobs ([`super::tree`]). Reading its
 //! block references needs a [`BlobSource`] attached to the [`SnapshotFile`]
 //! ([`SnapshotFile::set_blobs`]). [`BlockMap`] and [`BlockCursor`] read either kind.
+//!
+//! In an encrypted repository (format 3) the whole version 3 file is one sealed record
+//! ([`Sealer`]) and the snapshot id is the BLAKE3 of the stored record: a name check needs no
+//! key, and the record is opened only once its bytes match the name.
 
 use super::blob::BlobSource;
 use super::format::*;
 use super::fsio::TempFile;
+use super::seal::Sealer;
 use super::tree::{TreeCursor, TreeReader, TreeRoot, tree_height};
+use crate::crypto::Kind;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::platform;
@@ -298,13 +304,14 @@ fn finish_file(
 }
 
 /// Writes a version 3 snapshot: `header` with `tree` as its block map (every node of the
-/// tree must already be durable and indexed). The file is created in `tmp_dir`, made durable
-/// and moved to `snapshots_dir/<id>`. Returns the id.
+/// tree must already be durable and indexed), stored as `sealer` says. The file is created
+/// in `tmp_dir`, made durable and moved to `snapshots_dir/<id>`. Returns the id.
 pub fn write_tree_snapshot(
     tmp_dir: &Path,
     snapshots_dir: &Path,
     header: &SnapshotHeader,
     tree: TreeRoot,
+    sealer: &Sealer,
 ) -> Result<String> {
     let want = tree_height(header.block_count);
     if tree.height != want {
@@ -318,6 +325,9 @@ pub fn write_tree_snapshot(
     }
     let mut header = header.clone();
     header.tree = Some(tree);
+    if sealer.is_encrypted() {
+        return write_sealed_tree_snapshot(tmp_dir, snapshots_dir, &header, sealer);
+    }
     let tmp = TempFile::create_in(tmp_dir, ".snapshot")?;
     let file = tmp.file().try_clone().ctx("open", tmp.path())?;
     let mut out = BufWriter::new(file);
@@ -334,6 +344,42 @@ pub fn write_tree_snapshot(
         0,
         snapshots_dir,
     )
+}
+
+/// [`write_tree_snapshot`] in an encrypted repository: the plain file built in memory (it has
+/// no segments: preamble, header, trailer), sealed as one record named by its BLAKE3.
+fn write_sealed_tree_snapshot(
+    tmp_dir: &Path,
+    snapshots_dir: &Path,
+    header: &SnapshotHeader,
+    sealer: &Sealer,
+) -> Result<String> {
+    let header_json = serde_json::to_vec(header).map_err(|e| {
+        Error::internal("snapshot writer", format!("cannot encode the header: {e}"))
+    })?;
+    let header_offset = SNAPSHOT_PREAMBLE_LEN as u64;
+    let mut out = Vec::with_capacity(
+        SNAPSHOT_PREAMBLE_LEN + header_json.len() + SNAPSHOT_TRAILER_LEN + sealer.overhead(),
+    );
+    let start = sealer.begin_seal(&mut out);
+    out.extend_from_slice(&SNAPSHOT_MAGIC);
+    out.extend_from_slice(&SNAPSHOT_TREE_VERSION.to_le_bytes());
+    out.extend_from_slice(&header_json);
+    let mut trailer = Vec::with_capacity(SNAPSHOT_TRAILER_LEN);
+    trailer.extend_from_slice(&header_offset.to_le_bytes());
+    trailer.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
+    trailer.extend_from_slice(&0u32.to_le_bytes());
+    trailer.extend_from_slice(&(header_offset + header_json.len() as u64).to_le_bytes());
+    trailer.extend_from_slice(&0u64.to_le_bytes());
+    let checksum = snapshot_checksum(SNAPSHOT_TREE_VERSION, &header_json, &[], &trailer);
+    trailer.extend_from_slice(&checksum);
+    out.extend_from_slice(&trailer);
+    sealer.finish_seal(Kind::Snapshot, b"", &mut out, start)?;
+    let id = blake3::hash(&out).to_hex().to_string();
+    let tmp = TempFile::create_in(tmp_dir, ".snapshot")?;
+    tmp.file().write_all(&out).ctx("write", tmp.path())?;
+    tmp.persist(&snapshots_dir.join(&id), true)?;
+    Ok(id)
 }
 
 fn snapshot_checksum(
@@ -377,6 +423,33 @@ impl std::fmt::Debug for SnapshotFile {
     }
 }
 
+/// Where a snapshot's bytes are read from: the file (plain), or the opened record (sealed).
+enum Bytes<'a> {
+    File(&'a File),
+    Memory(&'a [u8]),
+}
+
+impl Bytes<'_> {
+    fn read(&self, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match self {
+            Bytes::File(f) => read_exact_at(f, path, offset, len),
+            Bytes::Memory(m) => usize::try_from(offset)
+                .ok()
+                .and_then(|o| m.get(o..o.checked_add(len)?))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::corrupt("snapshot", path, "file ends early")),
+        }
+    }
+}
+
+/// What the checks of a snapshot's container found.
+struct Parsed {
+    version: u32,
+    header: SnapshotHeader,
+    directory: Vec<SegmentEntry>,
+    checksum: [u8; 32],
+}
+
 fn read_exact_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     platform::read_exact_at(file, &mut buf, offset).map_err(|e| match e.kind() {
@@ -392,17 +465,87 @@ fn read_exact_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Ve
 }
 
 impl SnapshotFile {
-    /// Opens and checks the snapshot file at `path`. When `expected_id` is given, the file's
-    /// checksum must match it.
+    /// Opens and checks the snapshot file at `path` of a plain repository. When
+    /// `expected_id` is given, the file's checksum must match it.
     pub fn open(path: &Path, expected_id: Option<&str>) -> Result<SnapshotFile> {
+        Self::open_with(
+            &Sealer::plain(crate::hash::HashAlgorithm::Blake3),
+            path,
+            expected_id,
+        )
+    }
+
+    /// Opens and checks the snapshot file at `path`, stored as `sealer` says. When
+    /// `expected_id` is given, the id (plain: the file's checksum; sealed: the BLAKE3 of the
+    /// stored record, checked before the record is opened) must match it.
+    pub fn open_with(
+        sealer: &Sealer,
+        path: &Path,
+        expected_id: Option<&str>,
+    ) -> Result<SnapshotFile> {
         let file = super::fsio::open_regular(path, false, "open snapshot")?;
         let len = file.metadata().ctx("stat", path)?.len();
+        let bad = |d: String| Error::corrupt("snapshot", path, d);
+        if !sealer.is_encrypted() {
+            let parsed = Self::parse(&Bytes::File(&file), len, path)?;
+            let id = hex::encode(parsed.checksum);
+            if let Some(expected) = expected_id
+                && expected != id
+            {
+                return Err(bad(format!(
+                    "file is named {expected} but its checksum is {id}"
+                )));
+            }
+            return Ok(Self::from_parsed(path, file, id, parsed));
+        }
+        let limit = (SNAPSHOT_PREAMBLE_LEN + SNAPSHOT_TRAILER_LEN + sealer.overhead()) as u64
+            + u64::from(MAX_HEADER_LEN);
+        if len > limit {
+            return Err(bad(format!("{len} bytes, more than a snapshot can hold")));
+        }
+        let mut stored = read_exact_at(&file, path, 0, len as usize)?;
+        let id = blake3::hash(&stored).to_hex().to_string();
+        if let Some(expected) = expected_id
+            && expected != id
+        {
+            return Err(bad(format!(
+                "file is named {expected} but the BLAKE3 of its bytes is {id}"
+            )));
+        }
+        let what = format!("snapshot {id}");
+        let plain = sealer.open_in_place(Kind::Snapshot, b"", &mut stored, &what, path)?;
+        let plain = &stored[plain];
+        let parsed = Self::parse(&Bytes::Memory(plain), plain.len() as u64, path)?;
+        if parsed.version != SNAPSHOT_TREE_VERSION {
+            return Err(bad(format!(
+                "sealed snapshot of version {} (only version {SNAPSHOT_TREE_VERSION} is sealed)",
+                parsed.version
+            )));
+        }
+        Ok(Self::from_parsed(path, file, id, parsed))
+    }
+
+    fn from_parsed(path: &Path, file: File, id: String, p: Parsed) -> SnapshotFile {
+        SnapshotFile {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            id,
+            version: p.version,
+            header: p.header,
+            directory: Arc::new(p.directory),
+            blobs: None,
+        }
+    }
+
+    /// Checks the container of `len` bytes read through `bytes`: preamble, trailer, header,
+    /// directory, checksum.
+    fn parse(bytes: &Bytes<'_>, len: u64, path: &Path) -> Result<Parsed> {
         let bad = |d: String| Error::corrupt("snapshot", path, d);
         let min = (SNAPSHOT_PREAMBLE_LEN + SNAPSHOT_TRAILER_LEN) as u64;
         if len < min {
             return Err(bad(format!("{len} bytes, too short to be a snapshot")));
         }
-        let pre = read_exact_at(&file, path, 0, SNAPSHOT_PREAMBLE_LEN)?;
+        let pre = bytes.read(path, 0, SNAPSHOT_PREAMBLE_LEN)?;
         if pre[..8] != SNAPSHOT_MAGIC {
             return Err(bad("bad magic (not a volback snapshot)".into()));
         }
@@ -415,8 +558,7 @@ impl SnapshotFile {
                 supported: SNAPSHOT_VERSION,
             });
         }
-        let tr = read_exact_at(
-            &file,
+        let tr = bytes.read(
             path,
             len - SNAPSHOT_TRAILER_LEN as u64,
             SNAPSHOT_TRAILER_LEN,
@@ -436,19 +578,11 @@ impl SnapshotFile {
                 "trailer offsets are inconsistent (truncated or damaged file)".into(),
             ));
         }
-        let header_json = read_exact_at(&file, path, header_offset, header_len as usize)?;
-        let dir_bytes = read_exact_at(&file, path, directory_offset, dir_len as usize)?;
+        let header_json = bytes.read(path, header_offset, header_len as usize)?;
+        let dir_bytes = bytes.read(path, directory_offset, dir_len as usize)?;
         let checksum = snapshot_checksum(version, &header_json, &dir_bytes, &tr);
         if checksum[..] != tr[32..64] {
             return Err(bad("checksum mismatch (damaged file)".into()));
-        }
-        let id = hex::encode(checksum);
-        if let Some(expected) = expected_id
-            && expected != id
-        {
-            return Err(bad(format!(
-                "file is named {expected} but its checksum is {id}"
-            )));
         }
         let header: SnapshotHeader =
             serde_json::from_slice(&header_json).map_err(|e| bad(format!("header: {e}")))?;
@@ -507,14 +641,11 @@ impl SnapshotFile {
         if expect_offset != header_offset {
             return Err(bad("segments do not end where the header starts".into()));
         }
-        Ok(SnapshotFile {
-            path: path.to_path_buf(),
-            file: Arc::new(file),
-            id,
+        Ok(Parsed {
             version,
             header,
-            directory: Arc::new(directory),
-            blobs: None,
+            directory,
+            checksum,
         })
     }
 
@@ -897,7 +1028,8 @@ pub(crate) mod testing {
             w.push(r, n).unwrap();
         }
         let root = w.finish().unwrap();
-        let id = write_tree_snapshot(dir, dir, &h, root).unwrap();
+        let plain = Sealer::plain(HashAlgorithm::Blake3);
+        let id = write_tree_snapshot(dir, dir, &h, root, &plain).unwrap();
         SnapshotFile::open(&dir.join(&id), Some(&id))
             .unwrap()
             .with_blobs(blobs)
@@ -1040,19 +1172,81 @@ mod tests {
         let p = write_raw(dir.path(), 3, &tall);
         let e = SnapshotFile::open(&p, None).unwrap_err().to_string();
         assert!(e.contains("height"), "{e}");
-        assert!(write_tree_snapshot(dir.path(), dir.path(), &h, tall.tree.unwrap()).is_err());
+        let plain = Sealer::plain(HashAlgorithm::Blake3);
+        let tall_root = tall.tree.unwrap();
+        assert!(write_tree_snapshot(dir.path(), dir.path(), &h, tall_root, &plain).is_err());
         // The segments writer refuses a header naming a tree.
         let mut w = SnapshotWriter::create(dir.path()).unwrap();
         w.push(BlockRef::Zero, 5).unwrap();
         assert!(w.finish(&with_tree, dir.path()).is_err());
         // The good one.
-        let id = write_tree_snapshot(dir.path(), dir.path(), &h, root).unwrap();
+        let id = write_tree_snapshot(dir.path(), dir.path(), &h, root, &plain).unwrap();
         let snap = SnapshotFile::open(&dir.path().join(&id), Some(&id)).unwrap();
         assert_eq!(snap.tree(), Some(root));
         // A root that is not hex is a damaged header.
         let mut json = serde_json::to_value(&with_tree).unwrap();
         json["tree"]["root"] = "zz".into();
         assert!(serde_json::from_value::<SnapshotHeader>(json).is_err());
+    }
+
+    #[test]
+    fn sealed_snapshots_are_named_by_their_stored_bytes_and_authenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = crate::repo::seal::testing::encrypted("5a");
+        let blobs = MemBlobs::new();
+        let h = header(5 * 4096 + 1, 4096);
+        let mut tw = TreeWriter::new(&*blobs, h.block_count);
+        tw.push(BlockRef::Zero, 6).unwrap();
+        let root = tw.finish().unwrap();
+        let id = write_tree_snapshot(dir.path(), dir.path(), &h, root, &sealer).unwrap();
+        let path = dir.path().join(&id);
+        let stored = std::fs::read(&path).unwrap();
+        assert_eq!(blake3::hash(&stored).to_hex().as_str(), id);
+        assert!(!stored.windows(8).any(|w| w == SNAPSHOT_MAGIC));
+        assert!(!stored.windows(8).any(|w| w == b"hostname"));
+        let snap = SnapshotFile::open_with(&sealer, &path, Some(&id)).unwrap();
+        assert_eq!((snap.id(), snap.tree()), (id.as_str(), Some(root)));
+        assert_eq!(snap.header().source.size, 5 * 4096 + 1);
+        assert_eq!(
+            SnapshotFile::open_with(&sealer, &path, None).unwrap().id(),
+            id
+        );
+        let snap = snap.with_blobs(blobs.clone());
+        assert_eq!(
+            snap.block_map().unwrap().block_ref(5).unwrap(),
+            BlockRef::Zero
+        );
+        // Renamed: refused before it is opened.
+        let e = SnapshotFile::open_with(&sealer, &path, Some(&"0".repeat(64))).unwrap_err();
+        assert!(e.to_string().contains("BLAKE3 of its bytes"), "{e}");
+        // A changed byte, under its new name: authentication fails, naming the snapshot.
+        let mut bad = stored.clone();
+        bad[40] ^= 4;
+        let bad_id = blake3::hash(&bad).to_hex().to_string();
+        std::fs::write(dir.path().join(&bad_id), &bad).unwrap();
+        let e =
+            SnapshotFile::open_with(&sealer, &dir.path().join(&bad_id), Some(&bad_id)).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("snapshot {bad_id}")), "{e}");
+        // Another key, a plain reader, a truncated file: errors, no panic.
+        let other = crate::repo::seal::testing::encrypted("5b");
+        assert!(SnapshotFile::open_with(&other, &path, Some(&id)).is_err());
+        assert!(SnapshotFile::open(&path, None).is_err());
+        for cut in [0, 10, 39, 40, stored.len() - 1] {
+            std::fs::write(&path, &stored[..cut]).unwrap();
+            assert!(
+                SnapshotFile::open_with(&sealer, &path, None).is_err(),
+                "cut {cut}"
+            );
+        }
+        // A sealed snapshot with segments (version 2) is refused.
+        let seg = write_snapshot(dir.path());
+        let plain_bytes = std::fs::read(&seg).unwrap();
+        let sealed_seg = sealer.seal(Kind::Snapshot, b"", &plain_bytes).unwrap();
+        let sid = blake3::hash(&sealed_seg).to_hex().to_string();
+        std::fs::write(dir.path().join(&sid), &sealed_seg[..]).unwrap();
+        let e = SnapshotFile::open_with(&sealer, &dir.path().join(&sid), Some(&sid)).unwrap_err();
+        assert!(e.to_string().contains("only version 3"), "{e}");
     }
 
     #[test]

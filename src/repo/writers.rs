@@ -7,10 +7,16 @@
 //!   JSON `{"pid", "host", "started", "knows": [pending record ids]}`. A marker whose lock
 //!   can be taken belongs to a dead process. A marker being written (unparsable) belongs to a
 //!   live writer that knows nothing yet.
+//!
+//! In an encrypted repository (format 3) each file is one sealed record of its JSON, named
+//! by its id (a record moved to another name does not open); a marker that does not open is
+//! read as a live writer that knows nothing, the safe reading.
 
 use super::Repository;
 use super::fsio;
 use super::index::{is_hex_name, list_hex_names};
+use super::seal::Sealer;
+use crate::crypto::Kind;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::ChunkId;
 use crate::platform;
@@ -43,13 +49,13 @@ struct PendingJson {
 /// Every pending record of `repo`, sorted by id. A record removed while being listed is
 /// skipped; a damaged one is an error naming it.
 pub fn read_pending(repo: &Repository) -> Result<Vec<PendingRecord>> {
-    read_pending_dir(&repo.pending_dir())
+    read_pending_dir(&repo.pending_dir(), repo.sealer())
 }
 
-pub(crate) fn read_pending_dir(dir: &Path) -> Result<Vec<PendingRecord>> {
+pub(crate) fn read_pending_dir(dir: &Path, sealer: &Sealer) -> Result<Vec<PendingRecord>> {
     let mut out = Vec::new();
     for id in list_hex_names(dir, 32)? {
-        if let Some(r) = read_record(dir, id)? {
+        if let Some(r) = read_record(dir, id, sealer)? {
             out.push(r);
         }
     }
@@ -58,10 +64,10 @@ pub(crate) fn read_pending_dir(dir: &Path) -> Result<Vec<PendingRecord>> {
 
 /// The pending records of `dir` that can be read; damaged ones are skipped (a reader only
 /// uses them to find packs still readable, `verify` and `prune` report the damage).
-pub(crate) fn read_pending_dir_lenient(dir: &Path) -> Result<Vec<PendingRecord>> {
+pub(crate) fn read_pending_dir_lenient(dir: &Path, sealer: &Sealer) -> Result<Vec<PendingRecord>> {
     let mut out = Vec::new();
     for id in list_hex_names(dir, 32)? {
-        match read_record(dir, id) {
+        match read_record(dir, id, sealer) {
             Ok(Some(r)) => out.push(r),
             Ok(None) | Err(Error::Corrupt { .. }) | Err(Error::NotRegularFile { .. }) => {}
             Err(e) => return Err(e),
@@ -71,15 +77,19 @@ pub(crate) fn read_pending_dir_lenient(dir: &Path) -> Result<Vec<PendingRecord>>
 }
 
 /// Pending record `id` of `dir`; `None` when it was removed meanwhile.
-fn read_record(dir: &Path, id: String) -> Result<Option<PendingRecord>> {
+fn read_record(dir: &Path, id: String, sealer: &Sealer) -> Result<Option<PendingRecord>> {
     let path = dir.join(&id);
-    let bytes = match fsio::read_limited(&path, MAX_RECORD_LEN, "pending record") {
+    let limit = MAX_RECORD_LEN + sealer.overhead() as u64;
+    let mut bytes = match fsio::read_limited(&path, limit, "pending record") {
         Ok(b) => b,
         Err(e) if fsio::is_not_found(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
+    let what = format!("pending record {id}");
+    let plain = sealer.open_in_place(Kind::Pending, id.as_bytes(), &mut bytes, &what, &path)?;
     let bad = |detail: String| Error::corrupt("pending record", &path, detail);
-    let json: PendingJson = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let json: PendingJson =
+        serde_json::from_slice(&bytes[plain]).map_err(|e| bad(e.to_string()))?;
     let packs = json
         .packs
         .iter()
@@ -106,7 +116,8 @@ pub fn write_pending(repo: &Repository, packs: &[ChunkId], index: &[String]) -> 
     let bytes =
         serde_json::to_vec(&json).map_err(|e| Error::internal("pending record", e.to_string()))?;
     let id = fsio::random_hex(16);
-    fsio::atomic_write(&repo.pending_dir().join(&id), &bytes)?;
+    let stored = repo.sealer().seal(Kind::Pending, id.as_bytes(), &bytes)?;
+    fsio::atomic_write(&repo.pending_dir().join(&id), &stored)?;
     Ok(id)
 }
 
@@ -139,6 +150,7 @@ pub struct WriterMarker {
     id: String,
     path: PathBuf,
     file: Option<File>,
+    sealer: Sealer,
 }
 
 impl WriterMarker {
@@ -150,8 +162,9 @@ impl WriterMarker {
     /// Replaces the marker's content (fsynced): a reader of a half-written marker takes it
     /// for a live writer that knows nothing, the safe reading.
     fn write(&self, json: &MarkerJson) -> Result<()> {
-        let bytes = serde_json::to_vec(json)
+        let json = serde_json::to_vec(json)
             .map_err(|e| Error::internal("writer marker", e.to_string()))?;
+        let bytes = self.sealer.seal(Kind::Writer, self.id.as_bytes(), &json)?;
         let Some(mut f) = self.file.as_ref() else {
             return Err(Error::internal("writer marker", "marker already released"));
         };
@@ -176,7 +189,7 @@ impl Drop for WriterMarker {
 pub fn register_writer(repo: &Repository) -> Result<(WriterMarker, Vec<PendingRecord>)> {
     let dir = repo.writers_dir();
     std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-    let marker = create_marker(&dir)?;
+    let marker = create_marker(&dir, repo.sealer())?;
     let mut json = MarkerJson {
         pid: std::process::id(),
         host: platform::hostname(),
@@ -191,7 +204,7 @@ pub fn register_writer(repo: &Repository) -> Result<(WriterMarker, Vec<PendingRe
     Ok((marker, pending))
 }
 
-fn create_marker(dir: &Path) -> Result<WriterMarker> {
+fn create_marker(dir: &Path, sealer: &Sealer) -> Result<WriterMarker> {
     for _ in 0..1000 {
         let id = fsio::random_hex(16);
         let path = dir.join(&id);
@@ -207,6 +220,7 @@ fn create_marker(dir: &Path) -> Result<WriterMarker> {
                 id,
                 path,
                 file: Some(file),
+                sealer: sealer.clone(),
             });
         }
     }
@@ -257,18 +271,23 @@ pub fn live_writers(repo: &Repository) -> Result<Vec<WriterInfo>> {
         }
         let mut bytes = Vec::new();
         (&mut file)
-            .take(MAX_MARKER_LEN)
+            .take(MAX_MARKER_LEN + repo.sealer().overhead() as u64)
             .read_to_end(&mut bytes)
             .ctx("read", &path)?;
-        let info = match serde_json::from_slice::<MarkerJson>(&bytes) {
-            Ok(j) => WriterInfo {
+        let what = format!("writer marker {id}");
+        let opened =
+            repo.sealer()
+                .open_in_place(Kind::Writer, id.as_bytes(), &mut bytes, &what, &path);
+        let json = opened.ok().and_then(|plain| bytes.get(plain));
+        let info = match json.map(serde_json::from_slice::<MarkerJson>) {
+            Some(Ok(j)) => WriterInfo {
                 id,
                 pid: j.pid,
                 host: j.host,
                 started: j.started,
                 knows: j.knows,
             },
-            Err(_) => WriterInfo {
+            _ => WriterInfo {
                 id,
                 pid: 0,
                 host: String::new(),
@@ -309,7 +328,12 @@ mod tests {
         std::fs::write(r.pending_dir().join("cd".repeat(16)), b"{junk").unwrap();
         assert!(matches!(read_pending(&r), Err(Error::Corrupt { .. })));
         // Readers skip it: they only look for packs still readable.
-        assert_eq!(read_pending_dir_lenient(&r.pending_dir()).unwrap().len(), 1);
+        assert_eq!(
+            read_pending_dir_lenient(&r.pending_dir(), r.sealer())
+                .unwrap()
+                .len(),
+            1
+        );
         crate::repo::blobs::BlobStore::open(&r).unwrap();
         std::fs::remove_file(r.pending_dir().join("cd".repeat(16))).unwrap();
         remove_pending(&r, &id).unwrap();
@@ -336,6 +360,60 @@ mod tests {
         drop(marker);
         assert!(live_writers(&r).unwrap().is_empty());
         assert_eq!(std::fs::read_dir(r.writers_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn sealed_records_and_markers_are_bound_to_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Repository::init(&dir.path().join("r"), &InitOptions::default())
+            .unwrap()
+            .encrypted_for_tests();
+        let packs = [ChunkId([1; 32])];
+        let index = vec!["ab".repeat(32)];
+        let id = write_pending(&r, &packs, &index).unwrap();
+        let path = r.pending_dir().join(&id);
+        let stored = std::fs::read(&path).unwrap();
+        assert!(!stored.windows(5).any(|w| w == b"packs"));
+        let list = read_pending(&r).unwrap();
+        assert_eq!(
+            (list[0].packs.as_slice(), &list[0].index),
+            (&packs[..], &index)
+        );
+        // Under another name it does not open: an error naming it; readers skip it.
+        let moved = "cd".repeat(16);
+        std::fs::write(r.pending_dir().join(&moved), &stored).unwrap();
+        let e = read_pending(&r).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&format!("pending record {moved}")),
+            "{e}"
+        );
+        assert_eq!(
+            read_pending_dir_lenient(&r.pending_dir(), r.sealer())
+                .unwrap()
+                .len(),
+            1
+        );
+        std::fs::remove_file(r.pending_dir().join(&moved)).unwrap();
+        // A plain reader sees no JSON.
+        let plain = Sealer::plain(crate::hash::HashAlgorithm::Blake3);
+        assert!(read_pending_dir(&r.pending_dir(), &plain).is_err());
+        // Markers: sealed, read back; one that does not open knows nothing.
+        let (marker, known) = register_writer(&r).unwrap();
+        assert_eq!(known.len(), 1);
+        let mpath = r.writers_dir().join(marker.id());
+        let bytes = std::fs::read(&mpath).unwrap();
+        assert!(!bytes.windows(5).any(|w| w == b"knows"));
+        let live = live_writers(&r).unwrap();
+        assert_eq!(live[0].knows, vec![id.clone()]);
+        assert_eq!(live[0].pid, std::process::id());
+        let mut flipped = bytes.clone();
+        flipped[30] ^= 1;
+        std::fs::write(&mpath, &flipped).unwrap();
+        let live = live_writers(&r).unwrap();
+        assert_eq!((live.len(), live[0].knows.len(), live[0].pid), (1, 0, 0));
+        drop(marker);
+        assert!(live_writers(&r).unwrap().is_empty());
     }
 
     #[test]

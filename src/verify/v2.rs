@@ -5,13 +5,15 @@
 //! read through the blob store) and every data blob it names is indexed in a pack that exists.
 //! With `read_data`, every pack file (of the snapshots checked, or all indexed packs) is read
 //! whole: its BLAKE3 equals its name, its table parses and agrees with the index, every frame
-//! decodes and every blob's content hashes to its id. Nothing is moved or repaired: a pack
+//! decodes and every blob's content hashes to its id. In an encrypted repository every object
+//! read (index files, pending records, snapshots, tree nodes, pack tables, frames) is also
+//! authenticated, and blob ids are keyed: a failure is a problem naming the object. Nothing is moved or repaired: a pack
 //! holds many blobs, and a later backup stores again whatever a bad blob held only once the
 //! blob is dropped from the index (by a prune, after `forget` of the snapshots that need it).
 
 use super::{Problem, VerifyOptions, VerifyReport, open_snapshot, parallel_map, thread_count};
 use crate::error::{Error, IoContext, Result, chain};
-use crate::hash::{ChunkId, HashAlgorithm};
+use crate::hash::ChunkId;
 use crate::platform;
 use crate::progress::Progress;
 use crate::prune::{mark, plan, sweep};
@@ -20,7 +22,8 @@ use crate::repo::blob::{BlobEntry, BlobKind, BlobSource};
 use crate::repo::blobs::BlobStore;
 use crate::repo::fsio;
 use crate::repo::index::{IndexFile, list_index_files};
-use crate::repo::pack::{read_frame_raw, read_pack_table};
+use crate::repo::pack::{FrameEncoder, read_frame_raw, read_pack_table};
+use crate::repo::seal::Sealer;
 use crate::repo::writers;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -36,7 +39,7 @@ pub(super) fn verify(
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let hash = repo.config().chunk_hash;
+    let sealer = repo.sealer();
 
     // Index files.
     let mut tables: HashMap<ChunkId, Vec<BlobEntry>> = HashMap::new();
@@ -44,7 +47,7 @@ pub(super) fn verify(
     let mut files = list_index_files(repo)?;
     files.sort();
     for f in &files {
-        match IndexFile::read(&repo.index_dir().join(f)) {
+        match IndexFile::read(&repo.index_dir().join(f), sealer) {
             Ok(idx) => {
                 for (pack, entries) in idx.packs {
                     named_by.entry(pack).or_insert_with(|| f.clone());
@@ -96,7 +99,7 @@ pub(super) fn verify(
         if tables.contains_key(p) {
             continue;
         }
-        if let Ok(t) = read_pack_table(&sweep::pack_path(repo, p), p) {
+        if let Ok(t) = read_pack_table(&sweep::pack_path(repo, p), p, sealer) {
             usable.extend(t.iter().map(|e| e.id));
         }
     }
@@ -185,10 +188,10 @@ pub(super) fn verify(
     };
     let total: u64 = to_read
         .iter()
-        .map(|p| plan::pack_file_len(&tables[p]))
+        .map(|p| plan::pack_file_len(&tables[p], sealer.overhead() as u64))
         .sum();
     progress.start("verify packs", total);
-    let results = check_packs(repo, &to_read, &tables, hash, thread_count(opts), progress);
+    let results = check_packs(repo, &to_read, &tables, thread_count(opts), progress);
     progress.finish();
     let damaged: Vec<(ChunkId, HashSet<ChunkId>)> = results
         .iter()
@@ -215,7 +218,7 @@ pub(super) fn verify(
     // Damaged packs: their good blobs are copied into a new pack, then the pack is set aside
     // (`<id>.bad`), so that the next backup stores the bad blobs' blocks again.
     for (pack, bad_blobs) in &damaged {
-        match salvage(repo, pack, &tables[pack], bad_blobs, hash) {
+        match salvage(repo, pack, &tables[pack], bad_blobs) {
             Ok(note) => report.problems.push(Problem {
                 pack: Some(pack.to_hex()),
                 detail: note,
@@ -265,32 +268,29 @@ fn salvage(
     pack: &ChunkId,
     indexed: &[BlobEntry],
     bad: &HashSet<ChunkId>,
-    hash: HashAlgorithm,
 ) -> Result<String> {
     let path = sweep::pack_path(repo, pack);
+    let sealer = repo.sealer();
     let (_marker, pending) = writers::register_writer(repo)?;
     let store = BlobStore::open_writer(repo, &pending)?;
     let packer = crate::repo::packer::Packer::new(repo, store)?;
-    let mut encoder = crate::repo::chunks::Encoder::new(repo.config().zstd_level)?;
+    let mut encoder = FrameEncoder::new(repo.config().zstd_level, sealer)?;
     let file = fsio::open_regular(&path, false, "open")?;
-    let entries = read_pack_table(&path, pack).unwrap_or_else(|_| indexed.to_vec());
+    let entries = read_pack_table(&path, pack, sealer).unwrap_or_else(|_| indexed.to_vec());
     let mut saved = 0u64;
     for e in entries.iter().filter(|e| !bad.contains(&e.id)) {
-        let Ok(raw) = read_frame_raw(&file, &path, e) else {
+        let Ok(raw) = read_frame_raw(&file, &path, e, sealer) else {
             continue;
         };
         let start = e.raw_offset as usize;
         let Some(content) = raw.get(start..start + e.raw_len as usize) else {
             continue;
         };
-        if hash.hash(content) != e.id {
+        if sealer.blob_id(content) != e.id {
             continue;
         }
-        let enc = encoder.encode(content);
-        let mut frame = Vec::with_capacity(enc.len());
-        frame.extend_from_slice(&enc.header);
-        frame.extend_from_slice(enc.payload);
-        packer.add_frame(&frame, &[(e.id, e.kind, 0, e.raw_len)])?;
+        let frame = encoder.encode(content)?;
+        packer.add_frame(frame, e.raw_len, &[(e.id, e.kind, 0, e.raw_len)])?;
         saved += 1;
     }
     packer.checkpoint()?;
@@ -310,7 +310,7 @@ fn salvage(
 /// Blobs read through the index files that could be read.
 struct TableSource {
     packs_dir: std::path::PathBuf,
-    hash: HashAlgorithm,
+    sealer: Sealer,
     locations: HashMap<ChunkId, (ChunkId, BlobEntry)>,
 }
 
@@ -324,7 +324,7 @@ impl TableSource {
         }
         TableSource {
             packs_dir: repo.packs_dir(),
-            hash: repo.config().chunk_hash,
+            sealer: repo.sealer().clone(),
             locations,
         }
     }
@@ -340,11 +340,11 @@ impl BlobSource for TableSource {
         let hex = pack.to_hex();
         let path = self.packs_dir.join(&hex[..2]).join(&hex);
         let file = fsio::open_regular(&path, false, "open")?;
-        let raw = read_frame_raw(&file, &path, e)?;
+        let raw = read_frame_raw(&file, &path, e, &self.sealer)?;
         let start = e.raw_offset as usize;
         let content = raw
             .get(start..start + e.raw_len as usize)
-            .filter(|c| self.hash.hash(c) == *id)
+            .filter(|c| self.sealer.blob_id(c) == *id)
             .ok_or_else(|| {
                 Error::corrupt(format!("blob {id}"), &path, "content does not match its id")
             })?;
@@ -364,12 +364,11 @@ fn check_packs(
     repo: &Repository,
     packs: &[ChunkId],
     tables: &HashMap<ChunkId, Vec<BlobEntry>>,
-    hash: HashAlgorithm,
     threads: usize,
     progress: &dyn Progress,
 ) -> Vec<PackResult> {
     let check = |p: &ChunkId, _: &mut ()| {
-        let r = check_pack(repo, p, &tables[p], hash);
+        let r = check_pack(repo, p, &tables[p]);
         progress.advance(r.bytes);
         r
     };
@@ -407,13 +406,9 @@ fn entry_key(e: &BlobEntry) -> (u32, u32, [u8; 32], u8, u32, u32) {
 }
 
 /// Reads pack `pack` whole (module doc, `read_data`).
-fn check_pack(
-    repo: &Repository,
-    pack: &ChunkId,
-    indexed: &[BlobEntry],
-    hash: HashAlgorithm,
-) -> PackResult {
+fn check_pack(repo: &Repository, pack: &ChunkId, indexed: &[BlobEntry]) -> PackResult {
     let path = sweep::pack_path(repo, pack);
+    let sealer = repo.sealer();
     let mut r = PackResult {
         pack: *pack,
         bytes: 0,
@@ -449,7 +444,7 @@ fn check_pack(
     }
     r.bytes = len;
     // The frames to read: the pack's own table when it parses, else the index's entries.
-    let entries: Vec<BlobEntry> = match read_pack_table(&path, pack) {
+    let entries: Vec<BlobEntry> = match read_pack_table(&path, pack, sealer) {
         Ok(table) => {
             let mut a: Vec<_> = table.iter().map(entry_key).collect();
             let mut b: Vec<_> = indexed.iter().map(entry_key).collect();
@@ -474,7 +469,7 @@ fn check_pack(
     };
     for (_, (_, idx)) in plan::frames(&entries) {
         let first = &entries[idx[0]];
-        let raw = match read_frame_raw(&file, &path, first) {
+        let raw = match read_frame_raw(&file, &path, first, sealer) {
             Ok(raw) => raw,
             Err(e) => {
                 for &i in &idx {
@@ -495,7 +490,7 @@ fn check_pack(
             let e = &entries[i];
             let start = e.raw_offset as usize;
             let content = raw.get(start..start + e.raw_len as usize);
-            let ok = content.is_some_and(|c| hash.hash(c) == e.id);
+            let ok = content.is_some_and(|c| sealer.blob_id(c) == e.id);
             if !ok {
                 r.problems.push((
                     Some(e.id),
@@ -517,7 +512,7 @@ fn check_pack(
 mod tests {
     use super::super::{VerifyOptions, verify};
     use crate::progress::Silent;
-    use crate::prune::tests::{assert_clean, fx, packs, put_blobs, snapshot};
+    use crate::prune::tests::{assert_clean, fxs, packs, put_blobs, snapshot};
     use crate::repo::Repository;
 
     fn run(repo: &Repository, read_data: bool) -> super::VerifyReport {
@@ -535,106 +530,114 @@ mod tests {
 
     #[test]
     fn a_clean_repository_verifies() {
-        let f = fx();
-        let ids = put_blobs(&f.repo, &[1, 2, 3], 2);
-        snapshot(&f.repo, &ids);
-        assert_clean(&f.repo);
-        let r = run(&f.repo, true);
-        assert_eq!(r.snapshots_checked, 1);
-        assert_eq!(r.packs_checked, 2);
-        assert!(r.chunks_checked >= 4, "3 data blobs and a tree node");
-        assert!(r.bytes_checked > 0);
+        for f in fxs() {
+            let ids = put_blobs(&f.repo, &[1, 2, 3], 2);
+            snapshot(&f.repo, &ids);
+            assert_clean(&f.repo);
+            let r = run(&f.repo, true);
+            assert_eq!(r.snapshots_checked, 1);
+            assert_eq!(r.packs_checked, 2);
+            assert!(r.chunks_checked >= 4, "3 data blobs and a tree node");
+            assert!(r.bytes_checked > 0);
+        }
     }
 
     #[test]
     fn a_damaged_pack_is_reported_with_its_blobs_and_snapshot() {
-        let f = fx();
-        let ids = put_blobs(&f.repo, &[1, 2, 3], 1);
-        let s = snapshot(&f.repo, &ids);
-        let data_pack = packs(&f.repo)
-            .into_iter()
-            .find(|p| {
-                crate::repo::pack::read_pack_table(&crate::prune::sweep::pack_path(&f.repo, p), p)
+        for f in fxs() {
+            let ids = put_blobs(&f.repo, &[1, 2, 3], 1);
+            let s = snapshot(&f.repo, &ids);
+            let data_pack = packs(&f.repo)
+                .into_iter()
+                .find(|p| {
+                    crate::repo::pack::read_pack_table(
+                        &crate::prune::sweep::pack_path(&f.repo, p),
+                        p,
+                        f.repo.sealer(),
+                    )
                     .unwrap()
                     .len()
-                    == 3
-            })
-            .unwrap();
-        let path = crate::prune::sweep::pack_path(&f.repo, &data_pack);
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[40] ^= 0xff; // inside the first frame
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(
-            run(&f.repo, false).problems.is_empty(),
-            "cheap check reads no data"
-        );
-        let r = run(&f.repo, true);
-        assert!(!r.problems.is_empty());
-        let p = &r.problems[0];
-        assert_eq!(p.pack.as_deref(), Some(&data_pack.to_hex()[..]));
-        assert!(p.detail.contains("hashes to"), "{}", p.detail);
-        let blob_problem = r
-            .problems
-            .iter()
-            .find(|p| p.blob.as_deref() == Some(&ids[0].to_hex()[..]))
-            .expect("the blob of the damaged frame is named");
-        assert_eq!(blob_problem.affected, vec![(s.clone(), 0)]);
+                        == 3
+                })
+                .unwrap();
+            let path = crate::prune::sweep::pack_path(&f.repo, &data_pack);
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[40] ^= 0xff; // inside the first frame
+            std::fs::write(&path, &bytes).unwrap();
+            assert!(
+                run(&f.repo, false).problems.is_empty(),
+                "cheap check reads no data"
+            );
+            let r = run(&f.repo, true);
+            assert!(!r.problems.is_empty());
+            let p = &r.problems[0];
+            assert_eq!(p.pack.as_deref(), Some(&data_pack.to_hex()[..]));
+            assert!(p.detail.contains("hashes to"), "{}", p.detail);
+            let blob_problem = r
+                .problems
+                .iter()
+                .find(|p| p.blob.as_deref() == Some(&ids[0].to_hex()[..]))
+                .expect("the blob of the damaged frame is named");
+            assert_eq!(blob_problem.affected, vec![(s.clone(), 0)]);
+        }
     }
 
     #[test]
     fn missing_packs_and_unindexed_blobs_are_reported() {
-        let f = fx();
-        let ids = put_blobs(&f.repo, &[1, 2], 1);
-        snapshot(&f.repo, &ids);
-        for p in packs(&f.repo) {
-            let path = crate::prune::sweep::pack_path(&f.repo, &p);
-            let t = crate::repo::pack::read_pack_table(&path, &p).unwrap();
-            if t.len() == 2 {
-                std::fs::remove_file(path).unwrap();
+        for f in fxs() {
+            let ids = put_blobs(&f.repo, &[1, 2], 1);
+            snapshot(&f.repo, &ids);
+            for p in packs(&f.repo) {
+                let path = crate::prune::sweep::pack_path(&f.repo, &p);
+                let t = crate::repo::pack::read_pack_table(&path, &p, f.repo.sealer()).unwrap();
+                if t.len() == 2 {
+                    std::fs::remove_file(path).unwrap();
+                }
             }
+            let r = run(&f.repo, false);
+            assert!(
+                r.problems.iter().any(|p| p.detail.contains("is missing")),
+                "{:#?}",
+                r.problems
+            );
+            assert!(
+                r.problems
+                    .iter()
+                    .any(|p| p.blob.as_deref() == Some(&ids[1].to_hex()[..])),
+                "{:#?}",
+                r.problems
+            );
+            // Without index files, the tree itself cannot be read.
+            for f2 in crate::repo::index::list_index_files(&f.repo).unwrap() {
+                std::fs::remove_file(f.repo.index_dir().join(f2)).unwrap();
+            }
+            let r = run(&f.repo, false);
+            assert!(
+                r.problems.iter().any(|p| p.snapshot.is_some()),
+                "{:#?}",
+                r.problems
+            );
         }
-        let r = run(&f.repo, false);
-        assert!(
-            r.problems.iter().any(|p| p.detail.contains("is missing")),
-            "{:#?}",
-            r.problems
-        );
-        assert!(
-            r.problems
-                .iter()
-                .any(|p| p.blob.as_deref() == Some(&ids[1].to_hex()[..])),
-            "{:#?}",
-            r.problems
-        );
-        // Without index files, the tree itself cannot be read.
-        for f2 in crate::repo::index::list_index_files(&f.repo).unwrap() {
-            std::fs::remove_file(f.repo.index_dir().join(f2)).unwrap();
-        }
-        let r = run(&f.repo, false);
-        assert!(
-            r.problems.iter().any(|p| p.snapshot.is_some()),
-            "{:#?}",
-            r.problems
-        );
     }
 
     #[test]
     fn a_damaged_index_file_is_reported() {
-        let f = fx();
-        let ids = put_blobs(&f.repo, &[1], 1);
-        snapshot(&f.repo, &ids);
-        let files = crate::repo::index::list_index_files(&f.repo).unwrap();
-        let path = f.repo.index_dir().join(&files[0]);
-        let mut b = std::fs::read(&path).unwrap();
-        b[20] ^= 1;
-        std::fs::write(&path, &b).unwrap();
-        let r = run(&f.repo, false);
-        assert!(
-            r.problems
-                .iter()
-                .any(|p| p.detail.contains(&format!("index file {}", files[0]))),
-            "{:#?}",
-            r.problems
-        );
+        for f in fxs() {
+            let ids = put_blobs(&f.repo, &[1], 1);
+            snapshot(&f.repo, &ids);
+            let files = crate::repo::index::list_index_files(&f.repo).unwrap();
+            let path = f.repo.index_dir().join(&files[0]);
+            let mut b = std::fs::read(&path).unwrap();
+            b[20] ^= 1;
+            std::fs::write(&path, &b).unwrap();
+            let r = run(&f.repo, false);
+            assert!(
+                r.problems
+                    .iter()
+                    .any(|p| p.detail.contains(&format!("index file {}", files[0]))),
+                "{:#?}",
+                r.problems
+            );
+        }
     }
 }

@@ -12,7 +12,13 @@ use volback::Error;
 use volback::hash::ChunkId;
 use volback::repo::format::BlockRef;
 use volback::repo::journal::{BatchStats, Journal};
+use volback::repo::seal::Sealer;
 use volback::repo::snapshot::SnapshotFile;
+
+/// Old repositories are plain.
+fn plain() -> Sealer {
+    Sealer::plain(volback::hash::HashAlgorithm::Blake3)
+}
 
 const BLOCK_SIZE: u32 = 4096;
 
@@ -267,7 +273,7 @@ type Seen = Vec<(u64, u64, BatchStats, Vec<(u64, u64)>, Vec<u8>)>;
 
 fn read_journal(path: &Path) -> Seen {
     let mut seen = Vec::new();
-    let header = Journal::read_batches(path, |_, b| {
+    let header = Journal::read_batches(path, &plain(), |_, b| {
         seen.push((
             b.first_block,
             b.block_count,
@@ -322,7 +328,9 @@ fn old_journal_is_read_and_continued_in_its_layout(version: u32) {
 
     // Continuing it cuts the torn tail and appends in the journal's own layout (its
     // unreadable ranges are dropped: the layout has no room for them).
-    let (mut j, _) = Journal::resume(&path, |_, _| Ok(())).unwrap().unwrap();
+    let (mut j, _) = Journal::resume(&path, &plain(), |_, _| Ok(()))
+        .unwrap()
+        .unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), valid);
     let third = Records::default().zero(5);
     j.append(5, 5, &BatchStats::default(), &[(20480, 512)], &third.0)
@@ -353,11 +361,11 @@ fn journals_of_a_future_version_are_unsupported() {
     // Version 4 is format 2's; 9 is from the future.
     std::fs::write(&path, journal_bytes(9, &[])).unwrap();
     assert!(matches!(
-        Journal::read_batches(&path, |_, _| Ok(())),
+        Journal::read_batches(&path, &plain(), |_, _| Ok(())),
         Err(Error::UnsupportedVersion { found: 9, .. })
     ));
     // Not resumable: the header reads as no usable journal.
-    assert!(Journal::read_header(&path).unwrap().is_none());
+    assert!(Journal::read_header(&path, &plain()).unwrap().is_none());
 
     // The journal of a copy (FORMAT.md "Copies"): only version 1 exists.
     let copy_journal = t.join("copy.volback-copy.journal");
