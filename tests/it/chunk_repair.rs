@@ -326,6 +326,7 @@ fn latest_skips_unreadable_snapshot_files() {
     let sock = t.join("nbd.sock");
     let mut child = Command::new(VOLBACK)
         .args(["serve", p(&repo), "latest", "--nbd", p(&sock)])
+        .envs(password_env(&[p(&repo)]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -367,6 +368,7 @@ fn relative_absolute_and_symlinked_paths_are_one_volume() {
     let rel = Command::new(VOLBACK)
         .current_dir(&work)
         .args(["backup", "--json", "../x/v.img", p(&repo)])
+        .envs(password_env(&[p(&repo)]))
         .output()
         .unwrap();
     assert!(
