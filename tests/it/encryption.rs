@@ -118,13 +118,14 @@ fn needles_in_repo(repo: &Path, needles: &[String]) -> Vec<(String, String)> {
     found
 }
 
-/// Asserts that `r` exited 1 (no panic) and that stderr names one of `names`.
+/// Asserts that `r` exited 1 (no panic) and that its output names one of `names` (errors go
+/// to stderr; `verify` reports the problems it finds on stdout).
 fn fails_naming(r: Run, names: &[&str], case: &str) -> Run {
     let r = r.expect_code(1);
+    let all = r.all_output();
     assert!(
-        names.iter().any(|n| r.stderr.contains(n)),
-        "{case}: the error does not name the object ({names:?}):\n{}",
-        r.stderr
+        names.iter().any(|n| all.contains(n)),
+        "{case}: the error does not name the object ({names:?}):\n{all}"
     );
     r
 }

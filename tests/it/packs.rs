@@ -50,7 +50,8 @@ fn blobs_are_frames_in_packs_as_documented_and_duplicates_stored_once() {
     let repo = t.join("repo");
     let mut rng = Rng::new(70);
     let mut data = make_source(&src, &mut rng);
-    init_repo(&repo, &[]);
+    // Plain: the test checks the format-2 layout byte by byte.
+    init_repo(&repo, &["--no-encryption"]);
     let config = repo_config(&repo);
     assert_eq!(config["version"], 2, "{config}");
     assert_eq!(ju64(&config, "/block_size"), 4096, "{config}");

@@ -218,7 +218,12 @@ pub const PASSWORD_VARS: [&str; 3] = [
 /// True when `dir` holds an encrypted repository (`config` of version 3 or with an
 /// `encryption` object).
 pub fn is_encrypted_repo(dir: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(dir.join("config")) else {
+    // Only a regular file is read: a test may have put a FIFO there.
+    let config = dir.join("config");
+    if !std::fs::symlink_metadata(&config).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let Ok(bytes) = std::fs::read(&config) else {
         return false;
     };
     let Ok(c) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
@@ -848,14 +853,43 @@ pub fn loops_mentioning(needle: &str) -> Vec<String> {
 
 /// Blocks covered by the complete batches of the repository's one resume journal (0 when
 /// there is none), read from its documented layout (FORMAT.md §5).
+///
+/// In an encrypted repository (FORMAT.md §F3.8) the header and every batch are sealed records,
+/// each after its u32 length; batch `n` is named `<volume key>/<n>`; the first that does not
+/// open ends the journal.
 pub fn journal_blocks(repo: &Path) -> u64 {
-    require_plain(repo, "journal_blocks");
     let Some(path) = journals(repo).into_iter().next() else {
         return 0;
     };
-    let Ok(b) = std::fs::read(path) else {
+    let Ok(b) = std::fs::read(&path) else {
         return 0;
     };
+    if let Some(k) = repo_keys(repo) {
+        let key = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let len_at = |o: usize| {
+            b.get(o..o + 4)
+                .map(|x| u32::from_le_bytes(x.try_into().unwrap()) as usize)
+        };
+        let Some(hlen) = len_at(12) else { return 0 };
+        let mut pos = 16 + hlen;
+        let mut blocks = 0;
+        let mut n = 0u64;
+        while let Some(m) = len_at(pos) {
+            let Some(rec) = b.get(pos + 4..pos + 4 + m) else {
+                break;
+            };
+            let Some(batch) = k.open(kind::JOURNAL_RECORD, &format!("{key}/{n}"), rec) else {
+                break;
+            };
+            blocks += u64_le(&batch, 8);
+            n += 1;
+            pos += 4 + m;
+        }
+        return blocks;
+    }
     let u32_at = |o: usize| {
         b.get(o..o + 4)
             .map(|x| u32::from_le_bytes(x.try_into().unwrap()))
