@@ -10,6 +10,9 @@ pub const ALIGN: usize = 4096;
 /// A zero-initialised byte buffer whose start is aligned to [`ALIGN`] and whose capacity is a
 /// multiple of it.
 pub struct AlignedBuf {
+    /// Start of the allocation.
+    base: NonNull<u8>,
+    /// First aligned byte in it: the buffer.
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -22,21 +25,35 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// A buffer of `len` bytes rounded up to a multiple of [`ALIGN`] (at least one page).
+    ///
+    /// The allocation asks for zeroed memory with the allocator's own alignment and one page
+    /// more, then aligns the start inside it: for large buffers the system then maps zero
+    /// pages lazily (calloc), where an aligned zeroed allocation would write every page up
+    /// front. A backup keeps several 16 MiB staging buffers of which an incremental touches
+    /// little; writing them all cost more system time than its reads.
     pub fn new(len: usize) -> AlignedBuf {
         let len = len.max(1).div_ceil(ALIGN) * ALIGN;
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
+        let Some(base) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout);
         };
-        AlignedBuf { ptr, len }
+        let skip = base.as_ptr().align_offset(ALIGN);
+        // SAFETY: the allocation has `len + ALIGN` bytes and `skip < ALIGN`, so the aligned
+        // start and the `len` bytes after it lie inside it.
+        let ptr = unsafe { base.add(skip) };
+        AlignedBuf { base, ptr, len }
     }
 
+    /// The layout of the allocation behind a buffer of `len` bytes.
     fn layout(len: usize) -> Layout {
-        match Layout::from_size_align(len, ALIGN) {
-            Ok(l) => l,
-            Err(_) => panic!("buffer of {len} bytes is too large"),
+        match len
+            .checked_add(ALIGN)
+            .and_then(|n| Layout::from_size_align(n, 16).ok())
+        {
+            Some(l) => l,
+            None => panic!("buffer of {len} bytes is too large"),
         }
     }
 }
@@ -58,8 +75,8 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `new` with exactly this layout and not freed since.
-        unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        // SAFETY: base was allocated in `new` with exactly this layout and not freed since.
+        unsafe { dealloc(self.base.as_ptr(), Self::layout(self.len)) }
     }
 }
 

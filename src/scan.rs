@@ -497,6 +497,11 @@ where
             const PREFETCH_WINDOW: u64 = 32 << 20;
             let window_blocks = (PREFETCH_WINDOW / bs).max(1);
             let mut prefetched = scan.start_block;
+            // Longest gap of known blocks read through (whole-run stages only): 256 KiB.
+            let bridge = match stage.whole_runs() {
+                Some(_) => ((256 << 10) / bs).max(1),
+                None => 0,
+            };
             let mapped = |b: u64| scan.map.is_none_or(|m| m.is_used(b));
             let known = |b: u64| mapped(b) && scan.known.is_some_and(|k| k.is_used(b));
             // Blocks to read.
@@ -553,6 +558,18 @@ where
                     if extent.is_none() {
                         extents_done = true;
                     }
+                    // Short holes between data are read through like short gaps of known
+                    // blocks: they read as zeros, which the stage stores as zero blocks,
+                    // as it does holes.
+                    while let Some(e) = extent.as_mut()
+                        && bridge > 0
+                        && e.end < size
+                    {
+                        match scan.source.next_data(e.end, size)? {
+                            Some(next) if next.start - e.end <= bridge * bs => e.end = next.end,
+                            _ => break,
+                        }
+                    }
                 }
                 let hole_until = match &extent {
                     None => block_count,
@@ -570,12 +587,23 @@ where
                 // larger reads: what O_DIRECT needs to reach the device's speed).
                 let mut run_end = index + 1;
                 let data_end = extent.as_ref().map_or(size, |e| e.end);
-                while run_end < block_count
-                    && run_end - index < max_run
-                    && run_end * bs < data_end
-                    && used(run_end)
-                {
-                    run_end += 1;
+                let fits = |b: u64| b < block_count && b - index < max_run && b * bs < data_end;
+                while fits(run_end) {
+                    if used(run_end) {
+                        run_end += 1;
+                        continue;
+                    }
+                    // A short gap of known blocks before more blocks to read is read through:
+                    // one request instead of two (with O_DIRECT each small request waits for
+                    // the device alone). The stage finds the gap's blobs unchanged.
+                    let mut gap_end = run_end;
+                    while gap_end - run_end < bridge && fits(gap_end) && known(gap_end) {
+                        gap_end += 1;
+                    }
+                    if gap_end == run_end || !fits(gap_end) || !used(gap_end) {
+                        break;
+                    }
+                    run_end = gap_end;
                 }
                 let Ok(mut staging) = empty_rx.recv() else {
                     return Ok(());
@@ -817,6 +845,131 @@ mod tests {
                 assert_eq!(next, 201);
             }
         }
+    }
+
+    /// Counts its reads.
+    struct Counting {
+        inner: Pattern,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Volume for Counting {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read_at(offset, buf)
+        }
+        fn next_data(&self, offset: u64, end: u64) -> Result<Option<std::ops::Range<u64>>> {
+            self.inner.next_data(offset, end)
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    /// A stage taking runs of up to 4096 blocks, reporting per block what it got.
+    struct Blocks;
+
+    impl Stage for Blocks {
+        type Hint = u64;
+        type Hints = ();
+        type Worker = ();
+        type Out = Vec<(u64, u8, u64)>;
+        fn hints(&self) {}
+        fn hint(&self, _: &mut (), block: u64, _: &dyn Progress) -> u64 {
+            block
+        }
+        fn worker(&self) -> Result<()> {
+            Ok(())
+        }
+        fn whole_runs(&self) -> Option<u64> {
+            Some(4096)
+        }
+        fn process(
+            &self,
+            _: &mut (),
+            index: u64,
+            count: u64,
+            input: Input<u64>,
+        ) -> Result<Self::Out> {
+            let bs = 4096usize;
+            Ok(match input {
+                Input::Hole => (index..index + count).map(|b| (b, 0, 0)).collect(),
+                Input::Unused => (index..index + count).map(|b| (b, 1, 0)).collect(),
+                Input::Known { .. } => (index..index + count).map(|b| (b, 3, 0)).collect(),
+                Input::Run { buf, hints } => {
+                    assert_eq!(hints, (index..index + count).collect::<Vec<_>>());
+                    (0..count as usize)
+                        .map(|i| {
+                            let end = ((i + 1) * bs).min(buf.len());
+                            let sum = buf[i * bs..end].iter().map(|&b| b as u64).sum();
+                            (index + i as u64, 2, sum)
+                        })
+                        .collect()
+                }
+                Input::Data { .. } => unreachable!("whole runs only"),
+            })
+        }
+    }
+
+    /// A whole-run stage gets short gaps of known blocks and short holes read through, in
+    /// one request with the blocks around them (the gap's content read, the hole's as
+    /// zeros); long gaps, unused blocks and long holes still split requests.
+    #[test]
+    fn short_gaps_of_known_blocks_and_holes_are_read_through() {
+        let bs = 4096u64;
+        let vol = Counting {
+            inner: Pattern {
+                size: 400 * bs,
+                hole: (10 * bs, 12 * bs),
+            },
+            reads: Default::default(),
+        };
+        let mut map = BlockMap::new(vol.size(), bs);
+        map.mark_bytes(0, 400 * bs);
+        map.unmark_bytes(300 * bs, bs);
+        let mut known = BlockMap::new(vol.size(), bs);
+        known.mark_bytes(20 * bs, 3 * bs); // short: read through
+        known.mark_bytes(100 * bs, 100 * bs); // long: not read
+        let scan = Scan {
+            source: &vol as &dyn Volume,
+            block_size: bs,
+            start_block: 0,
+            map: Some(&map),
+            known: Some(&known),
+            threads: 2,
+            cancel: None,
+            rescue: None,
+        };
+        let got = run(&scan, &Blocks, &Silent, |ordered| {
+            let mut v = Vec::new();
+            for d in ordered.by_ref() {
+                v.extend(d.out);
+            }
+            assert!(ordered.take_error().is_none());
+            Ok(v)
+        })
+        .unwrap();
+        assert_eq!(got.len(), 400);
+        for (b, kind, sum) in got {
+            let expect = if b == 300 {
+                1
+            } else if (100..200).contains(&b) {
+                3
+            } else {
+                2
+            };
+            assert_eq!(kind, expect, "block {b}");
+            if kind == 2 {
+                let mut buf = vec![0u8; bs as usize];
+                vol.inner.read_at(b * bs, &mut buf).unwrap();
+                assert_eq!(sum, buf.iter().map(|&x| x as u64).sum::<u64>(), "block {b}");
+            }
+        }
+        // 0..100 (through the hole and the short known gap), 200..300, 301..400.
+        assert_eq!(vol.reads.load(Ordering::Relaxed), 3);
     }
 
     /// Whole runs reach 16 MiB with few workers and shrink to 4 MiB with many, so that the
