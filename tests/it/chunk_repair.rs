@@ -142,7 +142,8 @@ fn verify_sets_damaged_pack_aside_and_next_backup_repairs_it() {
     let src = t.join("v.img");
     let repo = t.join("repo");
     random_file(&src, 64 * MIB, 312);
-    init_repo(&repo, &[]);
+    // Plain: the test damages one blob inside a raw frame.
+    init_repo(&repo, &["--no-encryption"]);
     let full = backup_json(&src, &repo, &[]);
     let first = jstr(&full, "/snapshot").to_string();
     let loc = data_pack_of(&repo, &first, 4000);
@@ -326,6 +327,7 @@ fn latest_skips_unreadable_snapshot_files() {
     let sock = t.join("nbd.sock");
     let mut child = Command::new(VOLBACK)
         .args(["serve", p(&repo), "latest", "--nbd", p(&sock)])
+        .envs(password_env(&[p(&repo)]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -367,6 +369,7 @@ fn relative_absolute_and_symlinked_paths_are_one_volume() {
     let rel = Command::new(VOLBACK)
         .current_dir(&work)
         .args(["backup", "--json", "../x/v.img", p(&repo)])
+        .envs(password_env(&[p(&repo)]))
         .output()
         .unwrap();
     assert!(

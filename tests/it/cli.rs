@@ -152,9 +152,10 @@ fn init_refuses_non_empty_directories_and_bad_options() {
     let t = TestDir::new();
     let repo = t.join("repo");
     init_repo(&repo, &[]);
-    // New repositories are format 2, with 4 KiB blocks by default.
+    // New repositories are encrypted (format 3: format 2 sealed), with 4 KiB blocks by
+    // default; `--no-encryption` makes format 2.
     let cfg = repo_config(&repo);
-    assert_eq!(ju64(&cfg, "/version"), 2, "{cfg}");
+    assert_eq!(ju64(&cfg, "/version"), 3, "{cfg}");
     assert_eq!(ju64(&cfg, "/block_size"), 4096, "{cfg}");
     volback_code(&["init", p(&repo)], 1).stderr_has(&["already holds a repository"]);
 
@@ -171,7 +172,7 @@ fn init_refuses_non_empty_directories_and_bad_options() {
     assert!(!t.join("r3").join("config").exists());
 
     let created = volback_ok(&["init", "--block-size", "1M", p(&t.join("r4"))]);
-    created.stdout_has(&["created repository"]);
+    created.stdout_has(&["created encrypted repository"]);
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(t.join("r4/config")).unwrap()).unwrap();
     assert_eq!(ju64(&cfg, "/block_size"), MIB);

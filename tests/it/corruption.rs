@@ -21,6 +21,16 @@ struct Fixture {
 
 impl Fixture {
     fn new(seed: u64) -> Fixture {
+        Fixture::with(seed, &[])
+    }
+
+    /// A plain repository (`--no-encryption`), for tests that read frame headers or damage
+    /// one blob inside a frame (a sealed frame fails as a whole).
+    fn plain(seed: u64) -> Fixture {
+        Fixture::with(seed, &["--no-encryption"])
+    }
+
+    fn with(seed: u64, extra: &[&str]) -> Fixture {
         let t = TestDir::new();
         let repo = t.join("repo");
         let mut rng = Rng::new(seed);
@@ -31,7 +41,10 @@ impl Fixture {
         let b = t.join("b.img");
         std::fs::write(&a, &data).unwrap();
         std::fs::write(&b, &data).unwrap();
-        init_repo(&repo, &["--block-size", "64K", "--pack-size", "1M"]);
+        init_repo(
+            &repo,
+            &[&["--block-size", "64K", "--pack-size", "1M"], extra].concat(),
+        );
         // One worker: frames reach the packs in volume order.
         let one = ["--threads", "1"];
         let snap_a = jstr(&backup_json(&a, &repo, &one), "/snapshot").to_string();
@@ -83,7 +96,7 @@ fn frame_codec(loc: &BlockLoc) -> u8 {
 
 #[test]
 fn flipped_byte_in_a_pack_is_found_by_verify_and_stops_restore() {
-    let f = Fixture::new(30);
+    let f = Fixture::plain(30);
     // Block 5 is random (its frame is stored raw), block 70 is text (compressed).
     let raw = f.loc(5);
     let zst = f.loc(70);

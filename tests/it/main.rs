@@ -16,6 +16,7 @@ mod copy;
 mod corruption;
 mod crash;
 mod disk;
+mod encryption;
 mod ext4;
 mod ext_damage;
 mod fs_maps_win;

@@ -74,6 +74,7 @@ impl Served {
             .args(source)
             .args(["--nbd", addr])
             .args(extra)
+            .envs(password_env(source))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(&stderr).expect("create stderr file"))

@@ -402,7 +402,7 @@ fn hex32(h: &str) -> [u8; 32] {
 /// A format-1 repository made by hand (FORMAT.md §1-§4): five blocks of 4 KiB — a plain
 /// chunk, a zero block, another plain chunk, and two blocks in one pack chunk (SLICE
 /// records). Returns the volume's bytes, the snapshot id and the second chunk's id.
-fn format1_repository(repo: &Path) -> (Vec<u8>, String, String) {
+pub(crate) fn format1_repository(repo: &Path) -> (Vec<u8>, String, String) {
     for d in ["snapshots", "chunks", "journals", "tmp"] {
         std::fs::create_dir_all(repo.join(d)).unwrap();
     }

@@ -50,7 +50,8 @@ fn blobs_are_frames_in_packs_as_documented_and_duplicates_stored_once() {
     let repo = t.join("repo");
     let mut rng = Rng::new(70);
     let mut data = make_source(&src, &mut rng);
-    init_repo(&repo, &[]);
+    // Plain: the test checks the format-2 layout byte by byte.
+    init_repo(&repo, &["--no-encryption"]);
     let config = repo_config(&repo);
     assert_eq!(config["version"], 2, "{config}");
     assert_eq!(ju64(&config, "/block_size"), 4096, "{config}");
@@ -176,7 +177,8 @@ fn index_entries_that_disagree_with_their_pack_are_reported() {
     let repo = t.join("repo");
     let mut rng = Rng::new(72);
     std::fs::write(&src, rng.text(2 * MIB as usize)).unwrap();
-    init_repo(&repo, &["--block-size", "64K"]);
+    // Plain: the test writes index files by hand.
+    init_repo(&repo, &["--block-size", "64K", "--no-encryption"]);
     let snap = jstr(&backup_json(&src, &repo, &[]), "/snapshot").to_string();
     let out = t.join("out.img");
     let loc = locate_block(&repo, &snap, 3);

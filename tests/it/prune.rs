@@ -158,6 +158,7 @@ impl Bg {
         let err = t.join(&format!("{name}.stderr"));
         let child = Command::new(VOLBACK)
             .args(args)
+            .envs(password_env(args))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(File::create(&out).unwrap())
@@ -220,6 +221,7 @@ impl Drop for Bg {
 fn volback_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let out = Command::new(VOLBACK)
         .args(args)
+        .envs(password_env(args))
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
@@ -629,6 +631,7 @@ fn a_served_snapshot_reads_correctly_across_a_prune() {
     let err = t.join("serve.stderr");
     let mut server = Command::new(VOLBACK)
         .args(["serve", p(&repo), &ids[2], "--nbd", p(&sock)])
+        .envs(password_env(&[p(&repo)]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(File::create(&err).unwrap())

@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 fn volback_guarded(args: &[&str]) -> Run {
     let mut all = vec!["-s", "KILL", "300", VOLBACK];
     all.extend_from_slice(args);
-    let r = run_program("timeout", &all);
+    let mut c = Command::new("timeout");
+    c.args(&all).envs(password_env(args)).stdin(Stdio::null());
+    let r = run_command(c, &format!("timeout {}", all.join(" ")));
     assert!(
         r.code.is_some() && r.code != Some(137) && r.code != Some(124),
         "`volback {}` hung (killed by the safety timeout)",
@@ -261,6 +263,7 @@ fn stale_temporary_files_are_removed_by_the_next_backup() {
     random_file(&big, 96 * MIB, 12);
     let mut child = Command::new(VOLBACK)
         .args(["backup", "--threads", "1", p(&big), p(&repo)])
+        .envs(password_env(&[p(&repo)]))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -623,6 +626,7 @@ fn killed_restore_never_leaves_a_partial_file_under_the_target_name() {
     let staging = t.join("restored.img.volback-incomplete");
     let mut child = std::process::Command::new(VOLBACK)
         .args(["restore", "--threads", "1", p(&repo), "latest", p(&target)])
+        .envs(password_env(&[p(&repo)]))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -28,6 +28,9 @@ impl Progress for CancelAtFirstBlock {
 
 /// Runs a backup of `src` into `repo` (one worker, a checkpoint after every batch) that is
 /// interrupted right after it started; the journal must cover some blocks.
+///
+/// It opens the repository with `Repository::open` (no password), so the tests that use it
+/// make plain repositories (`--no-encryption`).
 fn interrupted_backup(src: &Path, repo: &Path) {
     let flag = Arc::new(AtomicBool::new(false));
     let repository = volback::repo::Repository::open(repo).expect("open repository");
@@ -141,7 +144,7 @@ fn backup_of_ext4_changed_after_interruption_starts_over() {
     let t = TestDir::new();
     let img = ext4_with_files(&t);
     let repo = t.join("repo");
-    init_repo(&repo, &[]);
+    init_repo(&repo, &["--no-encryption"]);
     interrupted_backup(&img, &repo);
     with_mounted(&t, &img, |d| {
         for i in (0..24).step_by(3) {
@@ -169,7 +172,7 @@ fn backup_of_ext4_overwritten_in_place_starts_over() {
     let t = TestDir::new();
     let img = ext4_with_files(&t);
     let repo = t.join("repo");
-    init_repo(&repo, &[]);
+    init_repo(&repo, &["--no-encryption"]);
     interrupted_backup(&img, &repo);
     let noise = t.join("noise.bin");
     random_file(&noise, 4 * MIB, 77);
@@ -202,7 +205,7 @@ fn backup_of_raw_source_rewritten_in_a_finished_block_starts_over() {
     let src = t.join("raw.img");
     random_file(&src, 128 * MIB, 5);
     let repo = t.join("repo");
-    init_repo(&repo, &[]);
+    init_repo(&repo, &["--no-encryption"]);
     interrupted_backup(&src, &repo);
     write_at(&src, 4096, &[0x5a; 8192]);
     let (report, stderr) = backup_with_stderr(&src, &repo);
@@ -221,7 +224,7 @@ fn backup_of_unchanged_ext4_resumes() {
     let t = TestDir::new();
     let img = ext4_with_files(&t);
     let repo = t.join("repo");
-    init_repo(&repo, &[]);
+    init_repo(&repo, &["--no-encryption"]);
     interrupted_backup(&img, &repo);
     let (report, stderr) = backup_with_stderr(&img, &repo);
     assert_eq!(report["resumed"], true, "{report}\n{stderr}");
@@ -244,7 +247,7 @@ fn backup_of_block_device_resumes_only_while_its_write_counters_stand() {
     let img = ext4_with_files(&t);
     let lo = Loop::attach(&img, false);
     let repo = t.join("repo");
-    init_repo(&repo, &[]);
+    init_repo(&repo, &["--no-encryption"]);
     interrupted_backup(lo.path(), &repo);
     let (report, stderr) = backup_with_stderr(lo.path(), &repo);
     assert_eq!(report["resumed"], true, "{report}\n{stderr}");
@@ -268,7 +271,7 @@ fn journal_without_source_state_starts_over() {
     let src = t.join("raw.img");
     random_file(&src, 192 * MIB, 6);
     let repo = t.join("repo");
-    init_repo(&repo, &[]);
+    init_repo(&repo, &["--no-encryption"]);
     interrupted_backup(&src, &repo);
     // Rewrite the journal header without the field (FORMAT.md §5: magic, version, length,
     // JSON, BLAKE3 of the JSON).
@@ -478,7 +481,7 @@ fn backup_whose_journal_names_a_lost_or_damaged_pack_does_not_use_it() {
         let src = t.join("raw.img");
         random_file(&src, 128 * MIB, 9);
         let repo = t.join("repo");
-        init_repo(&repo, &[]);
+        init_repo(&repo, &["--no-encryption"]);
         interrupted_backup(&src, &repo);
         let packs = pack_files(&repo);
         assert!(!packs.is_empty(), "the interrupted run stored packs");

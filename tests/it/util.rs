@@ -107,6 +107,20 @@ pub fn run_program(program: &str, args: &[&str]) -> Run {
     }
 }
 
+/// Runs a prepared command (stdin from /dev/null unless the command set it) and captures its
+/// output; `cmd` describes it in messages.
+pub fn run_command(mut command: Command, cmd: &str) -> Run {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    Run {
+        cmd: cmd.to_string(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Runs a program and panics (showing its stderr) unless it exits 0.
 pub fn run_ok(program: &str, args: &[&str]) -> Run {
     let r = run_program(program, args);
@@ -152,20 +166,15 @@ pub fn run_stdin_ok(program: &str, args: &[&str], input: &[u8]) -> Run {
     r
 }
 
-/// Runs `volback ARGS`, whatever its exit code. `init` makes a plain repository
-/// (`--no-encryption` added) unless the arguments choose encryption themselves
-/// (`--password-file`, `--password-command`, `--kdf-*`): `init` encrypts by default, and the
-/// suite's repositories are plain until it gives every command a password.
+/// Runs `volback ARGS`, whatever its exit code. The command line and environment are those
+/// of [`volback_command`]: an encrypted repository among the arguments gets
+/// [`TEST_PASSWORD`], `init` makes an encrypted repository with cheap Argon2id parameters
+/// unless `--no-encryption` is given.
 pub fn volback(args: &[&str]) -> Run {
-    let mut args = args.to_vec();
-    if args.first() == Some(&"init")
-        && !args.iter().any(|a| {
-            a.starts_with("--password") || a.starts_with("--kdf") || *a == "--no-encryption"
-        })
-    {
-        args.insert(1, "--no-encryption");
-    }
-    let r = run_program(VOLBACK, &args);
+    let r = run_command(
+        volback_command(args),
+        &format!("{VOLBACK} {}", args.join(" ")),
+    );
     assert!(
         !r.stderr.contains("panicked"),
         "volback panicked: {}",
@@ -187,6 +196,169 @@ pub fn volback_code(args: &[&str], code: i32) -> Run {
 /// A path as `&str` for command lines (test paths are always UTF-8).
 pub fn p(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passwords (docs/SECURITY.md)
+
+/// The password of every encrypted repository the tests make through [`volback`].
+pub const TEST_PASSWORD: &str = "volback test password";
+
+/// Cheap Argon2id parameters (1 MiB, 1 pass) for `init`, `key add` and `key passwd` in tests.
+pub const CHEAP_KDF: [&str; 4] = ["--kdf-memory", "1", "--kdf-iterations", "1"];
+
+/// Environment variables that give volback a password; cleared for every command the tests
+/// run, so that the environment of whoever runs `cargo test` does not leak in.
+pub const PASSWORD_VARS: [&str; 3] = [
+    "VOLBACK_PASSWORD",
+    "VOLBACK_PASSWORD_FILE",
+    "VOLBACK_NEW_PASSWORD",
+];
+
+/// True when `dir` holds an encrypted repository (`config` of version 3 or with an
+/// `encryption` object).
+pub fn is_encrypted_repo(dir: &Path) -> bool {
+    // Only a regular file is read: a test may have put a FIFO there.
+    let config = dir.join("config");
+    if !std::fs::symlink_metadata(&config).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let Ok(bytes) = std::fs::read(&config) else {
+        return false;
+    };
+    let Ok(c) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return false;
+    };
+    c.get("encryption").is_some_and(|e| !e.is_null()) || c["version"].as_u64() >= Some(3)
+}
+
+/// The subcommand of a volback command line (`key add` counts as `key`), and the one after
+/// it.
+fn subcommand<'a>(args: &[&'a str]) -> (Option<&'a str>, Option<&'a str>) {
+    let mut words = args.iter().copied().filter(|a| !a.starts_with('-'));
+    (words.next(), words.next())
+}
+
+/// The arguments [`volback_command`] runs: `init`, `key add` and `key passwd` get
+/// [`CHEAP_KDF`] unless they choose `--kdf-*` themselves (or, for `init`, give
+/// `--no-encryption`).
+pub fn volback_args(args: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let chooses = args
+        .iter()
+        .any(|a| a.starts_with("--kdf-") || *a == "--no-encryption" || *a == "--help");
+    let sets_a_key = matches!(
+        subcommand(args),
+        (Some("init"), _) | (Some("key"), Some("add" | "passwd"))
+    );
+    if sets_a_key && !chooses {
+        out.extend(CHEAP_KDF.iter().map(|a| a.to_string()));
+    }
+    out
+}
+
+/// The password environment [`volback_command`] gives `volback ARGS`: [`TEST_PASSWORD`] in
+/// `VOLBACK_PASSWORD` for `init` without `--no-encryption`, and for any command naming an
+/// encrypted repository, unless the command line gives a password itself. A plain
+/// repository gets none: volback refuses a password given for a plain repository.
+pub fn password_env(args: &[&str]) -> Vec<(&'static str, &'static str)> {
+    let own = args.iter().any(|a| {
+        *a == "--no-encryption"
+            || a.starts_with("--password-file")
+            || a.starts_with("--password-command")
+    });
+    if own {
+        return Vec::new();
+    }
+    let needs = subcommand(args).0 == Some("init")
+        || args.iter().any(|a| {
+            let path = Path::new(a);
+            path.is_absolute() && path.is_dir() && is_encrypted_repo(path)
+        });
+    if needs {
+        vec![("VOLBACK_PASSWORD", TEST_PASSWORD)]
+    } else {
+        Vec::new()
+    }
+}
+
+/// `volback ARGS` as a [`Command`], with the arguments of [`volback_args`], the password
+/// environment of [`password_env`] (any other password variable removed) and stdin from
+/// /dev/null. For tests that spawn volback themselves; add `.envs(password_env(args))` to a
+/// `Command::new(VOLBACK)` for the same effect.
+pub fn volback_command(args: &[&str]) -> Command {
+    let mut c = Command::new(VOLBACK);
+    c.args(volback_args(args));
+    for v in PASSWORD_VARS {
+        c.env_remove(v);
+    }
+    c.envs(password_env(args));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// `volback ARGS` exactly as given (no password, no KDF options added), with the password
+/// variables cleared and then `env` set, stdin from /dev/null, killed (and the test failed)
+/// if it runs longer than `limit_secs`: for the tests of passwords, where a hang is the bug.
+pub fn volback_raw(args: &[&str], env: &[(&str, &str)], limit_secs: u64) -> Run {
+    let mut c = Command::new(VOLBACK);
+    c.args(args);
+    for v in PASSWORD_VARS {
+        c.env_remove(v);
+    }
+    c.envs(env.iter().copied());
+    c.stdin(Stdio::null());
+    let cmd = format!("{env:?} volback {}", args.join(" "));
+    let r = run_with_limit(c, &cmd, limit_secs, false);
+    assert!(!r.stderr.contains("panicked"), "volback panicked: {r:?}");
+    r
+}
+
+/// Runs `command` with stdout and stderr captured; when `open_stdin`, its stdin is a pipe
+/// that stays open (nothing is written) until it exits. Kills it and fails the test when it
+/// is still running after `limit_secs` (a safety net against hangs, not a speed check).
+pub fn run_with_limit(mut command: Command, cmd: &str, limit_secs: u64, open_stdin: bool) -> Run {
+    if open_stdin {
+        command.stdin(Stdio::piped());
+    }
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let stdin = child.stdin.take();
+    let mut out_pipe = child.stdout.take().expect("stdout pipe");
+    let mut err_pipe = child.stderr.take().expect("stderr pipe");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out_pipe.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err_pipe.read_to_end(&mut v);
+        v
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit_secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`{cmd}` was still running after {limit_secs} s: it hangs (killed)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(stdin);
+    let stdout = out_reader.join().expect("stdout reader");
+    let stderr = err_reader.join().expect("stderr reader");
+    Run {
+        cmd: cmd.to_string(),
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
 }
 
 /// `volback init REPO [EXTRA…]`.
@@ -681,13 +853,43 @@ pub fn loops_mentioning(needle: &str) -> Vec<String> {
 
 /// Blocks covered by the complete batches of the repository's one resume journal (0 when
 /// there is none), read from its documented layout (FORMAT.md §5).
+///
+/// In an encrypted repository (FORMAT.md §F3.8) the header and every batch are sealed records,
+/// each after its u32 length; batch `n` is named `<volume key>/<n>`; the first that does not
+/// open ends the journal.
 pub fn journal_blocks(repo: &Path) -> u64 {
     let Some(path) = journals(repo).into_iter().next() else {
         return 0;
     };
-    let Ok(b) = std::fs::read(path) else {
+    let Ok(b) = std::fs::read(&path) else {
         return 0;
     };
+    if let Some(k) = repo_keys(repo) {
+        let key = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let len_at = |o: usize| {
+            b.get(o..o + 4)
+                .map(|x| u32::from_le_bytes(x.try_into().unwrap()) as usize)
+        };
+        let Some(hlen) = len_at(12) else { return 0 };
+        let mut pos = 16 + hlen;
+        let mut blocks = 0;
+        let mut n = 0u64;
+        while let Some(m) = len_at(pos) {
+            let Some(rec) = b.get(pos + 4..pos + 4 + m) else {
+                break;
+            };
+            let Some(batch) = k.open(kind::JOURNAL_RECORD, &format!("{key}/{n}"), rec) else {
+                break;
+            };
+            blocks += u64_le(&batch, 8);
+            n += 1;
+            pos += 4 + m;
+        }
+        return blocks;
+    }
     let u32_at = |o: usize| {
         b.get(o..o + 4)
             .map(|x| u32::from_le_bytes(x.try_into().unwrap()))
@@ -715,6 +917,229 @@ pub fn journal_blocks(repo: &Path) -> u64 {
 // through the library: a reader change cannot hide a writer change, and the tests do not
 // depend on the library's internal API.
 
+// ---------------------------------------------------------------------------------------------
+// Format-3 (encrypted) repositories, decrypted by hand from their documented layout
+// (docs/FORMAT.md §F3, docs/SECURITY.md), not through the library: the master key is unwrapped
+// from a key slot with Argon2id and AES-256-GCM, the keys are derived from it with BLAKE3, and
+// each sealed record is opened with its own key. The readers below use it whenever the
+// repository is encrypted, so the same hand-written checks cover both kinds.
+
+/// The keys of an encrypted repository, unwrapped by hand.
+pub struct HandKeys {
+    data: [u8; 32],
+    id: [u8; 32],
+    pub chunker_seed: u64,
+    pub repo_id: String,
+    /// The slot that opened.
+    pub slot: String,
+}
+
+/// Kinds of sealed records, as bound into the associated data.
+pub mod kind {
+    pub const FRAME: &str = "frame";
+    pub const PACK_TABLE: &str = "pack-table";
+    pub const INDEX: &str = "index";
+    pub const SNAPSHOT: &str = "snapshot";
+    pub const JOURNAL_HEADER: &str = "journal-header";
+    pub const JOURNAL_RECORD: &str = "journal-record";
+    pub const PENDING: &str = "pending";
+    pub const WRITER: &str = "writer";
+    pub const CONFIG: &str = "config";
+}
+
+/// Opens `ct | tag` (AES-256-GCM) under `key` and `nonce` with associated data `aad`.
+fn aes_gcm_open(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], ct_tag: &[u8]) -> Option<Vec<u8>> {
+    use aes_gcm::aead::AeadInOut;
+    use aes_gcm::{Aes256Gcm, KeyInit};
+    if ct_tag.len() < 16 {
+        return None;
+    }
+    let (ct, tag) = ct_tag.split_at(ct_tag.len() - 16);
+    let tag: [u8; 16] = tag.try_into().ok()?;
+    let mut out = ct.to_vec();
+    Aes256Gcm::new(&(*key).into())
+        .decrypt_inout_detached(
+            &(*nonce).into(),
+            aad,
+            out.as_mut_slice().into(),
+            &tag.into(),
+        )
+        .ok()?;
+    Some(out)
+}
+
+/// Key slot ids (file names) under `REPO/keys/`, temporary files skipped.
+pub fn key_slots(repo: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(repo.join("keys"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+impl HandKeys {
+    /// Unwraps the master key of `repo` with `password` from the first slot it opens.
+    pub fn load(repo: &Path, password: &str) -> Result<HandKeys, String> {
+        let config = repo_config(repo);
+        let repo_id = config["id"].as_str().ok_or("config has no id")?.to_string();
+        let mut why = Vec::new();
+        for slot_id in key_slots(repo) {
+            let path = repo.join("keys").join(&slot_id);
+            let slot: serde_json::Value = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    why.push(format!("{slot_id}: {e}"));
+                    continue;
+                }
+            };
+            match Self::unwrap_slot(&slot, password, &repo_id, &slot_id) {
+                Some(master) => {
+                    let mut keys = Self::derive(&master, &repo_id);
+                    keys.slot = slot_id;
+                    return Ok(keys);
+                }
+                None => why.push(format!("{slot_id}: does not open")),
+            }
+        }
+        Err(format!(
+            "no key slot of {} opens with the password: {why:?}",
+            repo.display()
+        ))
+    }
+
+    fn unwrap_slot(
+        slot: &serde_json::Value,
+        password: &str,
+        repo_id: &str,
+        slot_id: &str,
+    ) -> Option<[u8; 32]> {
+        if slot["kdf"] != "argon2id" || slot["aead"] != "aes-256-gcm" {
+            return None;
+        }
+        let n = |k: &str| slot[k].as_u64().and_then(|v| u32::try_from(v).ok());
+        let (m, t, par) = (n("memory_kib")?, n("iterations")?, n("parallelism")?);
+        // The test's own bound: test repositories use cheap parameters.
+        if m > 256 * 1024 || t > 16 || par > 16 {
+            return None;
+        }
+        let salt = hex::decode(slot["salt"].as_str()?).ok()?;
+        let wrapped = hex::decode(slot["wrapped"].as_str()?).ok()?;
+        if wrapped.len() != 12 + 32 + 16 {
+            return None;
+        }
+        let params = argon2::Params::new(m, t, par, Some(32)).ok()?;
+        let mut kek = [0u8; 32];
+        argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password_into(password.as_bytes(), &salt, &mut kek)
+            .ok()?;
+        let mut aad = b"volback-v3\0keyslot\0".to_vec();
+        aad.extend_from_slice(repo_id.as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(slot_id.as_bytes());
+        let nonce: [u8; 12] = wrapped[..12].try_into().ok()?;
+        let master = aes_gcm_open(&kek, &nonce, &aad, &wrapped[12..])?;
+        master.try_into().ok()
+    }
+
+    /// The keys derived from a master key (BLAKE3 key derivation, docs/FORMAT.md §F3).
+    pub fn derive(master: &[u8; 32], repo_id: &str) -> HandKeys {
+        let seed = blake3::derive_key("volback 2026-12 chunker seed", master);
+        HandKeys {
+            data: blake3::derive_key("volback 2026-12 data key", master),
+            id: blake3::derive_key("volback 2026-12 blob id key", master),
+            chunker_seed: u64::from_le_bytes(seed[..8].try_into().unwrap()),
+            repo_id: repo_id.to_string(),
+            slot: String::new(),
+        }
+    }
+
+    /// Opens a sealed record (`salt[24] | ciphertext | tag[16]`) of `kind` named `name`;
+    /// None when it does not authenticate.
+    pub fn open(&self, kind: &str, name: &str, record: &[u8]) -> Option<Vec<u8>> {
+        if record.len() < 24 + 16 {
+            return None;
+        }
+        let (salt, rest) = record.split_at(24);
+        let key = blake3::keyed_hash(&self.data, salt);
+        let mut aad = b"volback-v3\0".to_vec();
+        aad.extend_from_slice(kind.as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(self.repo_id.as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(name.as_bytes());
+        aes_gcm_open(key.as_bytes(), &[0; 12], &aad, rest)
+    }
+
+    /// [`HandKeys::open`], panicking with `what` when the record does not authenticate.
+    pub fn open_or_panic(&self, kind: &str, name: &str, record: &[u8], what: &str) -> Vec<u8> {
+        self.open(kind, name, record)
+            .unwrap_or_else(|| panic!("{what} does not open as a sealed {kind} record"))
+    }
+
+    /// The id of a blob with this content: BLAKE3 keyed with the blob-id key, hex.
+    pub fn blob_id(&self, content: &[u8]) -> String {
+        blake3::keyed_hash(&self.id, content).to_hex().to_string()
+    }
+}
+
+thread_local! {
+    static HAND_KEYS: std::cell::RefCell<BTreeMap<(PathBuf, String), std::rc::Rc<HandKeys>>> =
+        const { std::cell::RefCell::new(BTreeMap::new()) };
+}
+
+/// The keys of `repo` unwrapped with [`TEST_PASSWORD`], or None when it is not encrypted
+/// (cached per repository and slot list).
+pub fn repo_keys(repo: &Path) -> Option<std::rc::Rc<HandKeys>> {
+    if !is_encrypted_repo(repo) {
+        return None;
+    }
+    repo_keys_with(repo, TEST_PASSWORD)
+}
+
+/// The keys of `repo` unwrapped with `password` (cached), None when it is not encrypted.
+pub fn repo_keys_with(repo: &Path, password: &str) -> Option<std::rc::Rc<HandKeys>> {
+    if !is_encrypted_repo(repo) {
+        return None;
+    }
+    let id = repo_config(repo)["id"].as_str().unwrap_or("").to_string();
+    let key = (repo.to_path_buf(), format!("{id}\0{password}"));
+    if let Some(k) = HAND_KEYS.with(|c| c.borrow().get(&key).cloned()) {
+        return Some(k);
+    }
+    let k = std::rc::Rc::new(
+        HandKeys::load(repo, password).unwrap_or_else(|e| panic!("hand-written reader: {e}")),
+    );
+    HAND_KEYS.with(|c| c.borrow_mut().insert(key, k.clone()));
+    Some(k)
+}
+
+/// The repository a pack file belongs to (`REPO/packs/XX/<id>`).
+fn repo_of_pack(pack: &Path) -> PathBuf {
+    pack.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} is not under REPO/packs/XX/", pack.display()))
+        .to_path_buf()
+}
+
+/// Panics with a clear message when a test that writes plain objects by hand meets an
+/// encrypted repository.
+fn require_plain(repo: &Path, what: &str) {
+    assert!(
+        !is_encrypted_repo(repo),
+        "{what} works on plain repositories only: init {} with --no-encryption",
+        repo.display()
+    );
+}
+
 /// The repository's `config`, parsed.
 pub fn repo_config(repo: &Path) -> serde_json::Value {
     let bytes = std::fs::read(repo.join("config")).expect("read config");
@@ -728,6 +1153,9 @@ pub fn repo_block_size(repo: &Path) -> u64 {
 
 /// Hex chunk hash of `data` as the repository names blobs (config `chunk_hash`).
 pub fn repo_hash(repo: &Path, data: &[u8]) -> String {
+    if let Some(k) = repo_keys(repo) {
+        return k.blob_id(data);
+    }
     match repo_config(repo)["chunk_hash"].as_str() {
         Some("sha256") => sha256_bytes(data),
         _ => blake3_hex(data),
@@ -846,10 +1274,39 @@ fn parse_entry(e: &[u8]) -> BlobEntry {
     }
 }
 
-/// The blob table of a pack file, from its trailer (checked: magic, lengths, table hash).
+/// The blob table of a pack file, from its trailer (checked: magic, lengths, table hash; in
+/// an encrypted repository the table is a sealed record, opened by hand).
 pub fn read_pack_table(path: &Path) -> Vec<BlobEntry> {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     assert_eq!(&b[..8], b"VBPACK\r\n", "pack magic of {}", path.display());
+    if let Some(k) = repo_keys(&repo_of_pack(path)) {
+        assert!(b.len() >= 16 + 56, "{} is too short", path.display());
+        let t = &b[b.len() - 56..];
+        assert_eq!(
+            &t[48..],
+            b"VBPKEND\n",
+            "trailer magic of {}",
+            path.display()
+        );
+        let table = u64_le(t, 0) as usize;
+        let n = u32_le(t, 8) as usize;
+        assert_eq!(
+            table + 52 * n + 40 + 56,
+            b.len(),
+            "sealed pack length of {}",
+            path.display()
+        );
+        let stored = &b[table..b.len() - 56];
+        assert_eq!(
+            blake3::hash(stored).as_bytes(),
+            &t[16..48],
+            "hash of the sealed table"
+        );
+        let what = format!("blob table of {}", path.display());
+        let bytes = k.open_or_panic(kind::PACK_TABLE, "", stored, &what);
+        assert_eq!(bytes.len(), 52 * n, "{what}: length");
+        return bytes.chunks_exact(52).map(parse_entry).collect();
+    }
     assert!(b.len() >= 16 + 56, "{} is too short", path.display());
     let t = &b[b.len() - 56..];
     assert_eq!(
@@ -896,21 +1353,35 @@ impl Index {
 /// Reads every index file by hand (checksum = name checked).
 pub fn read_index(repo: &Path) -> Index {
     let mut idx = Index::default();
+    let keys = repo_keys(repo);
     for path in index_files(repo) {
-        let b = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        assert_eq!(&b[..8], b"VBINDEX\n", "index magic of {}", path.display());
-        let (body, sum) = b.split_at(b.len() - 32);
-        assert_eq!(
-            blake3::hash(body).as_bytes(),
-            sum,
-            "checksum of {}",
-            path.display()
-        );
-        assert_eq!(
-            hex::encode(sum),
-            path.file_name().unwrap().to_string_lossy(),
-            "index file name"
-        );
+        let mut b = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let body_len = if let Some(k) = &keys {
+            // Named by the BLAKE3 of the stored (sealed) bytes; the plaintext is the layout
+            // of §F2.3, with or without its own trailing checksum.
+            assert_eq!(blake3_hex(&b), name, "sealed index file name");
+            b = k.open_or_panic(kind::INDEX, "", &b, &format!("index file {name}"));
+            assert_eq!(&b[..8], b"VBINDEX\n", "index magic of {}", path.display());
+            let tail = b.len() - 32;
+            if blake3::hash(&b[..tail]).as_bytes() == &b[tail..] {
+                tail
+            } else {
+                b.len()
+            }
+        } else {
+            assert_eq!(&b[..8], b"VBINDEX\n", "index magic of {}", path.display());
+            let (body, sum) = b.split_at(b.len() - 32);
+            assert_eq!(
+                blake3::hash(body).as_bytes(),
+                sum,
+                "checksum of {}",
+                path.display()
+            );
+            assert_eq!(hex::encode(sum), name, "index file name");
+            body.len()
+        };
+        let body = &b[..body_len];
         let packs = u32_le(&b, 12);
         let mut pos = 16;
         for _ in 0..packs {
@@ -941,6 +1412,10 @@ pub fn read_frame(pack: &Path, e: &BlobEntry) -> Vec<u8> {
     let mut frame = vec![0u8; e.frame_len as usize];
     f.read_exact_at(&mut frame, e.frame_offset)
         .unwrap_or_else(|err| panic!("read frame of {}: {err}", pack.display()));
+    if let Some(k) = repo_keys(&repo_of_pack(pack)) {
+        let what = format!("frame at {} of {}", e.frame_offset, pack.display());
+        frame = k.open_or_panic(kind::FRAME, "", &frame, &what);
+    }
     assert_eq!(&frame[..4], b"VBCK", "frame magic");
     let raw_len = u32_le(&frame, 8) as usize;
     let stored = u32_le(&frame, 12) as usize;
@@ -976,11 +1451,20 @@ pub fn resolve_snapshot(repo: &Path, sel: &str) -> String {
 
 /// The header JSON of a snapshot file (FORMAT.md §4: trailer → header).
 pub fn snapshot_header(repo: &Path, id: &str) -> serde_json::Value {
-    let b = std::fs::read(repo.join("snapshots").join(id)).expect("read snapshot file");
+    let b = snapshot_plaintext(repo, id);
     let t = &b[b.len() - 64..];
     let off = u64_le(t, 0) as usize;
     let len = u32_le(t, 8) as usize;
     serde_json::from_slice(&b[off..off + len]).expect("snapshot header JSON")
+}
+
+/// The bytes of snapshot file `id`, opened by hand when the repository is encrypted.
+pub fn snapshot_plaintext(repo: &Path, id: &str) -> Vec<u8> {
+    let b = std::fs::read(repo.join("snapshots").join(id)).expect("read snapshot file");
+    match repo_keys(repo) {
+        Some(k) => k.open_or_panic(kind::SNAPSHOT, "", &b, &format!("snapshot {id}")),
+        None => b,
+    }
 }
 
 /// What a block of a format-2 snapshot is (a leaf record of FORMAT.md §F2.5, per block).
@@ -1139,9 +1623,17 @@ pub fn data_packs_of(repo: &Path, snap: &str) -> std::collections::BTreeSet<Stri
 /// in the middle of the compressed payload (the whole frame fails to decode). The pack's
 /// length and table stay valid: only reading the data finds the damage. Returns true when
 /// only that blob is damaged.
+///
+/// In an encrypted repository the frame is one sealed record: the byte flipped is in its
+/// middle, every blob of the frame fails, and the result is false.
 pub fn corrupt_frame(pack: &Path, e: &BlobEntry) -> bool {
     let mut b = std::fs::read(pack).unwrap_or_else(|err| panic!("read {}: {err}", pack.display()));
     let f = e.frame_offset as usize;
+    if is_encrypted_repo(&repo_of_pack(pack)) {
+        b[f + e.frame_len as usize / 2] ^= 0x55;
+        std::fs::write(pack, b).unwrap();
+        return false;
+    }
     let raw = b[f + 5] == 0;
     let at = if raw {
         f + 16 + (e.offset + e.len / 2) as usize
@@ -1213,6 +1705,7 @@ pub fn pack_has_tree_blobs(path: &Path) -> bool {
 
 /// Writes an index file by hand (FORMAT.md §F2.3) listing `packs`; returns its id.
 pub fn write_index_file(repo: &Path, packs: &BTreeMap<String, Vec<BlobEntry>>) -> String {
+    require_plain(repo, "write_index_file");
     let mut b = b"VBINDEX\n".to_vec();
     b.extend_from_slice(&1u32.to_le_bytes());
     b.extend_from_slice(&(packs.len() as u32).to_le_bytes());
