@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds volback, makes a small ext4 image, backs it up twice (full, then incremental) into a
-# local-directory repository, restores the latest snapshot, checks it with e2fsck, verifies
+# Builds volback, makes a small ext4 image, backs it up twice (full, then incremental) into an
+# encrypted local-directory repository (password in WORKDIR/password, VOLBACK_PASSWORD_FILE), restores the latest snapshot, checks it with e2fsck, verifies
 # the repository and applies a retention policy (forget --keep-last 3 --prune).
 # Needs cargo and e2fsprogs (mkfs.ext4 -d populates the image without mounting it).
 # Usage: scripts/demo.sh [WORKDIR]   (default /tmp/volback-demo; reruns add snapshots)
@@ -21,6 +21,9 @@ truncate -s 64M "$work/disk.img"
 mkfs.ext4 -q -F -L demo -U 6f6c6276-6261-636b-2d64-656d6f000001 -E root_owner=0:0 \
     -d "$work/files" "$work/disk.img"
 
+# The repository is encrypted; every command reads the password from this file.
+[ -f "$work/password" ] || { umask 077; head -c 18 /dev/urandom | base64 > "$work/password"; }
+export VOLBACK_PASSWORD_FILE="$work/password"
 [ -f "$work/repo/config" ] || "$volback" init "$work/repo"
 "$volback" backup "$work/disk.img" "$work/repo"
 echo "# change one file and back up again"

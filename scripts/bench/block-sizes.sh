@@ -15,7 +15,7 @@ field='import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])'
 drop() { sync; [[ -w /proc/sys/vm/drop_caches ]] && echo 3 >/proc/sys/vm/drop_caches || true; }
 for bs in ${SIZES:-65536 262144 524288 1048576 4194304}; do
     repo=$work/$bs
-    "$VB" init "$repo" --block-size "$bs" >/dev/null
+    "$VB" init --no-encryption "$repo" --block-size "$bs" >/dev/null
     drop
     t1=$({ /usr/bin/time -f '%e/%U/%S' "$VB" backup --quiet --json "$vol/v1.img" "$repo" >"$repo.full.json"; } 2>&1)
     s1=$(find "$repo" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }')

@@ -27,7 +27,10 @@ run_build() { # name binary round
     local name=$1 bin=$2 r=$3 repo="$WORK/repo-$1-$3"
     # Old repositories are moved aside, not deleted, right before timed runs (README).
     [[ -e $repo ]] && mv "$repo" "$WORK/.discard-$RANDOM$RANDOM"
-    "$bin" init "$repo" >/dev/null
+    # Plain repositories: builds before encryption do not know --no-encryption.
+    local plain=()
+    "$bin" init --help | grep -q -- --no-encryption && plain=(--no-encryption)
+    "$bin" init "${plain[@]}" "$repo" >/dev/null
     timed "$name full_v1" "$bin" backup "$VOLDIR/v1.img" "$repo"
     timed "$name incr_v2" "$bin" backup "$VOLDIR/v2.img" "$repo"
     rm -f "$WORK/restored.img"

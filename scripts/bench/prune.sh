@@ -121,7 +121,7 @@ mutate_image() {
 history_unit() {
     local n key
     bench_discard "$VB_REPO" "$RESTIC_REPO" "$VB_REPO.pristine" "$RESTIC_REPO.pristine" "$RESTIC_CACHE_DIR"
-    "$VB" init "$VB_REPO" >/dev/null
+    "$VB" init --no-encryption "$VB_REPO" >/dev/null
     restic init -q --repository-version 2 --repo "$RESTIC_REPO" >/dev/null
     : >"$work/history.sha256"
     for ((n = 1; n <= HISTORY; n++)); do
@@ -196,7 +196,7 @@ check_restored() { # tool image expected_sha256 version: records the verdict, re
 incremental_unit() {
     local repo=$work/vb-incr-repo ov=$work/v2-on-v1.qcow2 s1 s2 vb ovb
     bench_discard "$repo" "$ov"
-    "$VB" init "$repo" >/dev/null
+    "$VB" init --no-encryption "$repo" >/dev/null
     bench_time incremental.volback.full_v1 "$VB" backup --quiet --json "$vol/v1.img" "$repo" \
         >"$work/vb-incr-v1.json"
     s1=$(bench_dir_bytes "$repo")

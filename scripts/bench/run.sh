@@ -54,7 +54,7 @@ bench_record meta.volback_commit "$(git -C "$root" rev-parse --short HEAD 2>/dev
 volback_unit() {
     local repo=$work/vb-repo
     bench_discard "$repo" "$work/vb-restored.img"
-    "$VB" init "$repo" >/dev/null
+    "$VB" init --no-encryption "$repo" >/dev/null
     bench_time volback.full_v1 "$VB" backup --quiet --json "$vol/v1.img" "$repo" >"$work/vb-full.json"
     bench_record volback.full_v1.repo_bytes "$(bench_dir_bytes "$repo")"
     bench_time volback.incr_v2 "$VB" backup --quiet --json "$vol/v2.img" "$repo" >"$work/vb-incr.json"
@@ -85,7 +85,7 @@ volback_unit() {
     fi
     rm -f "$work/vb-restored.img" "$work/vb-restored-v2.img"
     bench_discard "$repo"
-    "$VB" init "$repo" >/dev/null
+    "$VB" init --no-encryption "$repo" >/dev/null
     bench_time volback.full_v1_all_blocks "$VB" backup --quiet --all-blocks --json "$vol/v1.img" "$repo" >/dev/null
     bench_record volback.full_v1_all_blocks.repo_bytes "$(bench_dir_bytes "$repo")"
     bench_discard "$repo"
@@ -97,7 +97,7 @@ volback_sparse_unit() {
     rm -rf "$big" "$repo"
     truncate -s 1T "$big"
     dd if="$vol/v1.img" of="$big" bs=1M conv=notrunc,sparse status=none
-    "$VB" init "$repo" >/dev/null
+    "$VB" init --no-encryption "$repo" >/dev/null
     bench_time volback.sparse_1t "$VB" backup --quiet --json "$big" "$repo" >/dev/null
     bench_record volback.sparse_1t.repo_bytes "$(bench_dir_bytes "$repo")"
     bench_time volback.sparse_1t_restore "$VB" restore --quiet "$repo" latest "$work/sparse-restored.img"
@@ -112,7 +112,7 @@ volback_access_unit() {
     local repo=$work/vb-repo-access raw=$work/mnt-raw view=$work/view files=$work/files first
     rm -rf "$repo"
     mkdir -p "$raw" "$view" "$files"
-    "$VB" init "$repo" >/dev/null
+    "$VB" init --no-encryption "$repo" >/dev/null
     "$VB" backup --quiet "$vol/v1.img" "$repo" >/dev/null
     mount -o loop,ro,noload "$vol/v1.img" "$raw"
     first=$(cd "$raw" && find . -type f -size +1k -print -quit)
