@@ -172,7 +172,7 @@ fn init_refuses_non_empty_directories_and_bad_options() {
     assert!(!t.join("r3").join("config").exists());
 
     let created = volback_ok(&["init", "--block-size", "1M", p(&t.join("r4"))]);
-    created.stdout_has(&["created encrypted repository"]);
+    created.stdout_has(&["created repository", "(encrypted,"]);
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(t.join("r4/config")).unwrap()).unwrap();
     assert_eq!(ju64(&cfg, "/block_size"), MIB);
