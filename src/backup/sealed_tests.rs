@@ -189,6 +189,9 @@ fn full_cycle(sealed: bool) {
         journal_bytes.windows(10).any(|w| w == b"block_size"),
         !sealed
     );
+    // Prune's mark reads the sealed journal: its blobs are live.
+    let live = crate::prune::mark::mark(&repo, &*repo.blobs().unwrap(), &Silent).unwrap();
+    assert_eq!((live.snapshots, live.journals), (2, 1));
     let third = backup(&repo, &src, &opts(), &Silent).unwrap();
     assert!(third.resumed, "the interrupted backup was continued");
     assert!(restored(&repo, &third.snapshot_id, f.dir.path()) == third_data);
@@ -420,4 +423,107 @@ fn tampering_is_detected_and_named() {
     other.set_sealer_for_tests(crate::repo::seal::testing::encrypted("not this one"));
     assert!(other.open_snapshot(&id).is_err());
     assert!(other.blobs().is_err(), "index files do not open");
+}
+
+/// Full-backup time, plain against encrypted, on `VOLBACK_PERF_MIB` MiB (default 512) of
+/// half random, half compressible data; prints both (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, not a check: cargo test --release --lib perf -- --ignored --nocapture"]
+fn perf_full_backup_plain_vs_encrypted() {
+    let mib: usize = std::env::var("VOLBACK_PERF_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("perf.img");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&img).unwrap());
+        for i in 0..mib {
+            if i % 2 == 0 {
+                f.write_all(&noise(i as u64 + 1, 1 << 20)).unwrap();
+            } else {
+                // Log-like lines, each distinct: compressible, never deduplicated.
+                let mut t = Vec::with_capacity((1 << 20) + 100);
+                let mut n = 0u64;
+                while t.len() < 1 << 20 {
+                    let line = format!(
+                        "2026-12-04 04:{:02}:{:02} backup[{i}]: wrote frame {n:x} of pack {:x}\n",
+                        n % 60,
+                        (n / 60) % 60,
+                        n.wrapping_mul(0x9e37_79b9) >> 7
+                    );
+                    t.extend_from_slice(line.as_bytes());
+                    n += 1;
+                }
+                t.truncate(1 << 20);
+                f.write_all(&t).unwrap();
+            }
+        }
+    }
+    // CPU seconds (user + system, every thread) this process used so far.
+    #[cfg(unix)]
+    fn cpu() -> f64 {
+        // SAFETY: rusage is plain old data (integers and timevals): all zeros is valid.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes into the struct it is given; RUSAGE_SELF is valid.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+    #[cfg(not(unix))]
+    fn cpu() -> f64 {
+        0.0
+    }
+    let mut cpu_plain = Vec::new();
+    let mut cpu_sealed = Vec::new();
+    let mut time = |sealed: bool| {
+        let f = Fixture::new(sealed);
+        let repo = f.repo();
+        let src = Source::open(&img).unwrap();
+        let start = std::time::Instant::now();
+        let c0 = cpu();
+        let r = backup(&repo, &src, &BackupOptions::default(), &Silent).unwrap();
+        let c = cpu() - c0;
+        let t = start.elapsed().as_secs_f64();
+        assert_eq!(r.this_run.new_bytes as usize, mib << 20);
+        match sealed {
+            true => cpu_sealed.push(c),
+            false => cpu_plain.push(c),
+        }
+        t
+    };
+    let mut plain = Vec::new();
+    let mut sealed = Vec::new();
+    let runs: usize = std::env::var("VOLBACK_PERF_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for _ in 0..runs {
+        plain.push(time(false));
+        sealed.push(time(true));
+    }
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "full backup of {mib} MiB: plain {plain:.3?} s (min {:.3}, median {:.3}), encrypted \
+         {sealed:.3?} s (min {:.3}, median {:.3}); ratio of minima {:.3}, of medians {:.3}",
+        min(&plain),
+        median(&plain),
+        min(&sealed),
+        median(&sealed),
+        min(&sealed) / min(&plain),
+        median(&sealed) / median(&plain)
+    );
+    println!(
+        "CPU seconds: plain {cpu_plain:.3?} (median {:.3}), encrypted {cpu_sealed:.3?} \
+         (median {:.3}); ratio of medians {:.3}",
+        median(&cpu_plain),
+        median(&cpu_sealed),
+        median(&cpu_sealed) / median(&cpu_plain)
+    );
 }

@@ -186,3 +186,54 @@ pub(crate) mod testing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_sealing_changes_nothing_and_encrypted_sealing_round_trips() {
+        let plain = Sealer::plain(HashAlgorithm::Blake3);
+        let mut out = b"head".to_vec();
+        let start = plain.begin_seal(&mut out);
+        out.extend_from_slice(b"body");
+        plain
+            .finish_seal(Kind::Frame, b"", &mut out, start)
+            .unwrap();
+        assert_eq!((start, &out[..]), (4, &b"headbody"[..]));
+        let mut stored = b"body".to_vec();
+        let r = plain
+            .open_in_place(Kind::Frame, b"", &mut stored, "x", Path::new("x"))
+            .unwrap();
+        assert_eq!(&stored[r], b"body");
+        assert_eq!(plain.blob_id(b"abc"), HashAlgorithm::Blake3.hash(b"abc"));
+        assert_eq!((plain.chunker_seed(), plain.overhead()), (0, 0));
+
+        let sealed = testing::encrypted("r");
+        let mut out = b"head".to_vec();
+        let start = sealed.begin_seal(&mut out);
+        out.extend_from_slice(b"body");
+        sealed
+            .finish_seal(Kind::Index, b"n", &mut out, start)
+            .unwrap();
+        assert_eq!(out.len(), 4 + 4 + sealed.overhead());
+        let mut stored = out[4..].to_vec();
+        let e = sealed
+            .open_in_place(
+                Kind::Index,
+                b"m",
+                &mut stored.clone(),
+                "index file x",
+                Path::new("p"),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("index file x"), "{e}");
+        let r = sealed
+            .open_in_place(Kind::Index, b"n", &mut stored, "x", Path::new("p"))
+            .unwrap();
+        assert_eq!(&stored[r], b"body");
+        assert_ne!(sealed.blob_id(b"abc"), plain.blob_id(b"abc"));
+        assert_ne!(sealed.chunker_seed(), 0);
+    }
+}
