@@ -150,7 +150,7 @@ fn stats_v2(
         repo.sealer().overhead() as u64,
     );
     let mut r = StatsReport {
-        format: 2,
+        format: repo.format_version(),
         snapshots: live.snapshots,
         journals: live.journals,
         packs: packs.len() as u64,

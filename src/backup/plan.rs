@@ -192,7 +192,8 @@ pub(super) fn prepare(
     let key = volume_key(source, probe.fs.as_ref(), probe.layout.as_ref());
 
     // One backup per volume at a time.
-    let lock_path = repo.journals_dir().join(format!("{key}.lock"));
+    let stem = repo.sealer().journal_stem(&key);
+    let lock_path = repo.journals_dir().join(format!("{stem}.lock"));
     let lock = match locking {
         Locking::Take => Some(take_lock(repo, &lock_path, &info.path)?),
         Locking::Check => {
@@ -215,7 +216,7 @@ pub(super) fn prepare(
         ),
     };
 
-    let journal_path = repo.journals_dir().join(format!("{key}.journal"));
+    let journal_path = repo.journals_dir().join(format!("{stem}.journal"));
     let state = SourceState::capture(
         source,
         probe.fs.as_ref(),

@@ -151,6 +151,20 @@ impl Sealer {
         }
     }
 
+    /// The file stem of the resume journal and lock of volume `key`: the key itself when
+    /// plain; in an encrypted repository a keyed hash of it (32 hex digits), so that a file
+    /// name does not confirm which volume (filesystem UUID, path) an unfinished backup is of.
+    pub fn journal_stem(&self, key: &str) -> String {
+        match &self.keys {
+            None => key.to_string(),
+            Some(k) => {
+                let mut input = b"volback journal name\0".to_vec();
+                input.extend_from_slice(key.as_bytes());
+                hex::encode(&k.blob_id(&input).0[..16])
+            }
+        }
+    }
+
     /// The seed of the XXH3 that cuts blobs (0, XXH3's default, when plain).
     pub fn chunker_seed(&self) -> u64 {
         self.keys.as_ref().map_or(0, |k| k.chunker_seed())
