@@ -13,13 +13,13 @@
 //! Argon2id derivation at `KdfParams::default()` (what every open of an encrypted repository
 //! pays once), through [`volback::crypto::keyslot::KeySlot::wrap`] and `unwrap_key`.
 
-use aes_gcm::aead::AeadInOut;
+use aes_gcm::aead::{AeadInOut, Nonce, Tag};
 use aes_gcm::{Aes256Gcm, KeyInit};
 use chacha20poly1305::XChaCha20Poly1305;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 use volback::crypto::keyslot::{KdfParams, KeySlot};
-use volback::crypto::{Keys, Kind, MasterKey, SEAL_OVERHEAD, random_bytes};
+use volback::crypto::{Keys, Kind, MasterKey, SEAL_OVERHEAD};
 
 /// Incompressible, deterministic bytes (the AEADs do not care, but no page is all zeros).
 fn data(len: usize) -> Vec<u8> {
@@ -51,59 +51,30 @@ fn rate(bytes: usize, mut f: impl FnMut()) -> f64 {
     }
 }
 
-fn aes_one_key_seal(cipher: &Aes256Gcm, pt: &[u8], out: &mut Vec<u8>) {
-    let nonce = random_bytes::<12>().expect("random numbers");
+/// A record `nonce | ciphertext | tag` under one key and a random nonce (AES-256-GCM with 96
+/// bits, XChaCha20-Poly1305 with 192).
+fn one_key_seal<A: AeadInOut>(cipher: &A, pt: &[u8], out: &mut Vec<u8>) {
+    let mut nonce = Nonce::<A>::default();
+    getrandom::fill(&mut nonce).expect("random numbers");
     out.clear();
     out.extend_from_slice(&nonce);
     out.extend_from_slice(pt);
     let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), b"aad", (&mut out[12..]).into())
+        .encrypt_inout_detached(&nonce, b"aad", (&mut out[nonce.len()..]).into())
         .expect("encrypt");
     out.extend_from_slice(&tag);
 }
 
-fn aes_one_key_open(cipher: &Aes256Gcm, rec: &[u8], out: &mut Vec<u8>) {
-    let (nonce, rest) = rec.split_at(12);
+/// Opens a record of [`one_key_seal`].
+fn one_key_open<A: AeadInOut>(cipher: &A, rec: &[u8], out: &mut Vec<u8>) {
+    let (nonce, rest) = rec.split_at(Nonce::<A>::default().len());
     let (ct, tag) = rest.split_at(rest.len() - 16);
-    let nonce: [u8; 12] = nonce.try_into().expect("nonce length");
-    let tag: [u8; 16] = tag.try_into().expect("tag length");
+    let nonce = Nonce::<A>::try_from(nonce).expect("nonce length");
+    let tag = Tag::<A>::try_from(tag).expect("tag length");
     out.clear();
     out.extend_from_slice(ct);
     cipher
-        .decrypt_inout_detached(
-            &nonce.into(),
-            b"aad",
-            out.as_mut_slice().into(),
-            &tag.into(),
-        )
-        .expect("authentic");
-}
-
-fn xchacha_seal(cipher: &XChaCha20Poly1305, pt: &[u8], out: &mut Vec<u8>) {
-    let nonce = random_bytes::<24>().expect("random numbers");
-    out.clear();
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(pt);
-    let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), b"aad", (&mut out[24..]).into())
-        .expect("encrypt");
-    out.extend_from_slice(&tag);
-}
-
-fn xchacha_open(cipher: &XChaCha20Poly1305, rec: &[u8], out: &mut Vec<u8>) {
-    let (nonce, rest) = rec.split_at(24);
-    let (ct, tag) = rest.split_at(rest.len() - 16);
-    let nonce: [u8; 24] = nonce.try_into().expect("nonce length");
-    let tag: [u8; 16] = tag.try_into().expect("tag length");
-    out.clear();
-    out.extend_from_slice(ct);
-    cipher
-        .decrypt_inout_detached(
-            &nonce.into(),
-            b"aad",
-            out.as_mut_slice().into(),
-            &tag.into(),
-        )
+        .decrypt_inout_detached(&nonce, b"aad", out.as_mut_slice().into(), &tag)
         .expect("authentic");
 }
 
@@ -144,13 +115,13 @@ fn main() {
         );
 
         let seal = rate(len, || {
-            aes_one_key_seal(&aes, black_box(&pt), &mut rec);
+            one_key_seal(&aes, black_box(&pt), &mut rec);
             black_box(&rec);
         });
-        aes_one_key_seal(&aes, &pt, &mut rec);
+        one_key_seal(&aes, &pt, &mut rec);
         let sealed = rec.clone();
         let open = rate(len, || {
-            aes_one_key_open(&aes, black_box(&sealed), &mut back);
+            one_key_open(&aes, black_box(&sealed), &mut back);
             black_box(&back);
         });
         println!(
@@ -159,13 +130,13 @@ fn main() {
         );
 
         let seal = rate(len, || {
-            xchacha_seal(&xchacha, black_box(&pt), &mut rec);
+            one_key_seal(&xchacha, black_box(&pt), &mut rec);
             black_box(&rec);
         });
-        xchacha_seal(&xchacha, &pt, &mut rec);
+        one_key_seal(&xchacha, &pt, &mut rec);
         let sealed = rec.clone();
         let open = rate(len, || {
-            xchacha_open(&xchacha, black_box(&sealed), &mut back);
+            one_key_open(&xchacha, black_box(&sealed), &mut back);
             black_box(&back);
         });
         assert_eq!(back, pt, "xchacha20-poly1305 round trip");
