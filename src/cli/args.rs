@@ -107,11 +107,11 @@ pub struct KdfArgs {
         help_heading = "Encryption"
     )]
     pub kdf_iterations: u32,
-    /// Argon2id lanes.
+    /// Argon2id lanes (computed in parallel on the available cores).
     #[arg(
         long,
         value_name = "N",
-        default_value_t = 1,
+        default_value_t = 4,
         help_heading = "Encryption"
     )]
     pub kdf_parallelism: u32,

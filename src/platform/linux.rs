@@ -652,6 +652,14 @@ pub fn prefetch(file: &File, offset: u64, len: u64) {
     }
 }
 
+pub fn advise_huge_pages(buf: &mut [u8]) {
+    // SAFETY: the range is memory this process owns exclusively (`&mut`); MADV_HUGEPAGE only
+    // changes how the kernel backs it, never its contents.
+    unsafe {
+        libc::madvise(buf.as_mut_ptr().cast(), buf.len(), libc::MADV_HUGEPAGE);
+    }
+}
+
 pub fn in_device_namespace(path: &Path) -> bool {
     path.starts_with("/dev")
 }

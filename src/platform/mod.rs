@@ -284,6 +284,13 @@ pub fn prefetch(file: &File, offset: u64, len: u64) {
     imp::prefetch(file, offset, len)
 }
 
+/// Tells the system that `buf` (page-aligned) is large, short-lived working memory that
+/// transparent huge pages may back: fewer page faults for a big scratch area such as the key
+/// derivation's. A hint only: errors are ignored, and other systems do nothing.
+pub fn advise_huge_pages(buf: &mut [u8]) {
+    imp::advise_huge_pages(buf)
+}
+
 /// A listening local (Unix-domain) stream socket bound to a path, and its connections.
 /// [`LocalListener::bind`] replaces a stale socket file (nobody listening) but never another
 /// kind of file or a live socket; dropping the listener removes the socket file if it is

@@ -277,6 +277,8 @@ pub fn zero_range(_file: &File, _offset: u64, _len: u64) -> io::Result<bool> {
 
 pub fn prefetch(_file: &File, _offset: u64, _len: u64) {}
 
+pub fn advise_huge_pages(_buf: &mut [u8]) {}
+
 pub fn in_device_namespace(path: &Path) -> bool {
     let s = path.as_os_str().to_string_lossy();
     s.starts_with(r"\\.\") || s.starts_with(r"\\?\GLOBALROOT")
