@@ -465,6 +465,23 @@ pub struct Repository {
     _lock: Option<File>,
 }
 
+/// Asks the system to read the index and snapshot files of the repository at `root` ahead
+/// (a hint: files that cannot be opened are skipped, nothing is checked or kept).
+fn prefetch_metadata(root: &Path) {
+    for dir in ["index", "snapshots"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for entry in entries.take(4096).flatten() {
+            if let Ok(file) = fsio::open_regular(&entry.path(), false, "prefetch")
+                && let Ok(meta) = file.metadata()
+            {
+                crate::platform::prefetch(&file, 0, meta.len());
+            }
+        }
+    }
+}
+
 impl Repository {
     /// Checks that `path` can receive a new repository (missing, or an empty directory)
     /// without changing anything: what `init` checks first, for callers that ask for a
@@ -685,7 +702,12 @@ impl Repository {
         let (sealer, master) = if config.version >= REPO_VERSION_ENCRYPTED {
             let unlocked = match unlock {
                 Unlock::Known(u) => u,
-                Unlock::With(source) => keys::unlock(path, &config.id, source)?,
+                Unlock::With(source) => {
+                    // The disk reads the index and snapshot files while the CPU derives the
+                    // key: nearly every command reads them next.
+                    prefetch_metadata(path);
+                    keys::unlock(path, &config.id, source)?
+                }
             };
             let sealer =
                 seal::Sealer::encrypted(Arc::new(Keys::derive(&unlocked.master, &config.id)));
