@@ -88,7 +88,7 @@ pub struct PasswordArgs {
     pub password_command: Option<String>,
 }
 
-/// Argon2id costs of a new key slot (defaults: 64 MiB, 3 passes, 1 lane).
+/// Argon2id costs of a new key slot (defaults: 64 MiB, 3 passes, 4 lanes).
 #[derive(Args, Clone, Debug)]
 pub struct KdfArgs {
     /// Argon2id memory in MiB.
