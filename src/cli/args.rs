@@ -685,7 +685,7 @@ mod tests {
         };
         assert!(!a.no_encryption);
         let p = a.kdf.params().unwrap();
-        assert_eq!((p.memory_kib, p.iterations, p.parallelism), (1024, 1, 1));
+        assert_eq!((p.memory_kib, p.iterations, p.parallelism), (1024, 1, 4));
         let Command::Init(a) = parse(&["init", "r"]).unwrap().command else {
             panic!("not init")
         };
