@@ -148,8 +148,8 @@ pub fn identify_with<A: AsRef<OsStr>>(
 ) -> Result<Target> {
     match args {
         [repo, selector] => {
-            let root = PathBuf::from(repo.as_ref());
-            let repository = Repository::open_with(&root, passwords)?;
+            let repository = Repository::open_with(Path::new(repo.as_ref()), passwords)?;
+            let root = repository.root().to_path_buf();
             let selector = selector.as_ref().to_string_lossy();
             let id = repository.resolve_warn(&selector, progress)?;
             Ok(Target::Snapshot {

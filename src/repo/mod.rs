@@ -83,6 +83,7 @@
 //! no index file names (a crash before the index file) is a leftover a prune deletes. Every
 //! deletion happens after what replaces it is durable.
 
+pub mod address;
 pub mod blob;
 pub mod blobs;
 pub mod chunks;
@@ -511,6 +512,7 @@ impl Repository {
     /// format 3 (encrypted) when `opts.encryption` is set, else `opts.format` (2, or 1 for
     /// tests of old repositories).
     pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
+        let path = &address::local_path(path)?;
         check_block_size(opts.block_size)?;
         if !(1..=REPO_VERSION).contains(&opts.format) {
             return Err(Error::InvalidArgument(format!(
@@ -620,6 +622,7 @@ impl Repository {
     }
 
     fn open_impl(path: &Path, unlock: Unlock<'_>) -> Result<Repository> {
+        let path = &address::local_path(path)?;
         let cfg_path = path.join("config");
         let bytes = match fsio::read_limited(&cfg_path, 1 << 20, "config") {
             Ok(b) => b,

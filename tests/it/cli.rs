@@ -190,3 +190,32 @@ fn a_path_that_is_no_volume_is_named_with_what_was_tried() {
         "block device",
     ]);
 }
+
+/// restic-style remote addresses and URLs are refused by name; nothing is created where the
+/// command runs (`init s3:http://…` used to make a local directory named `s3:http:`), and
+/// `local:` names a local directory that merely looks like an address.
+#[test]
+fn remote_addresses_are_refused_and_create_nothing() {
+    let t = TestDir::new();
+    let in_dir = |args: &[&str]| {
+        let mut c = volback_command(args);
+        c.current_dir(t.path());
+        run_command(c, &format!("volback {}", args.join(" ")))
+    };
+    for args in [
+        &["init", "s3:http://127.0.0.1:9/bucket/prefix"][..],
+        &["init", "--no-encryption", "https://example.org/repo"],
+        &["snapshots", "sftp:user@host:/srv/repo"],
+    ] {
+        in_dir(args)
+            .expect_code(1)
+            .stderr_has(&["remote repository address", "local directories"]);
+    }
+    assert!(
+        std::fs::read_dir(t.path()).unwrap().next().is_none(),
+        "a refused address left something behind"
+    );
+    in_dir(&["init", "--no-encryption", "local:s3:odd"]).expect_code(0);
+    assert!(t.join("s3:odd").join("config").is_file());
+    in_dir(&["snapshots", "local:s3:odd"]).expect_code(0);
+}
