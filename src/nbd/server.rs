@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// How long a stop waits for clients to finish the request they are serving.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How often a read of a client's connection that is waiting for data wakes up to look at
+/// the stop flag and the handshake deadline (see [`PolledReader`]).
+const READ_POLL: Duration = Duration::from_millis(100);
 
 /// Where a server listens.
 ///
@@ -142,6 +145,49 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Local(s) => s.flush(),
+        }
+    }
+}
+
+/// The reading half of a client's connection, whose reads wait at most [`READ_POLL`] at a
+/// time and then look at the server's stop flag and at the handshake deadline.
+///
+/// A stop shuts the connections down for reading, which on Linux wakes a thread blocked in
+/// `recv`. Windows (and wine) do not wake a `recv` blocked in another thread when the socket
+/// is shut down, so a server waiting for an idle client's next request never stopped there;
+/// these reads see the stop within [`READ_POLL`] instead, on every platform. The timeouts are
+/// invisible to the protocol code: a read returns data, end of file (also when the server
+/// stops) or a real error, and `TimedOut` only once the handshake deadline has passed.
+struct PolledReader<'a> {
+    stream: Stream,
+    stopping: &'a AtomicBool,
+    /// When the handshake must be over; `None` once it is.
+    deadline: Option<Instant>,
+}
+
+impl Read for PolledReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return Ok(0);
+                    }
+                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the handshake took too long",
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
         }
     }
 }
@@ -419,32 +465,36 @@ fn serve_client(
         Ok(c) => c,
         Err(e) => return (SessionEnd::Failed(client_io(client, e)), stats),
     };
-    if let Err(e) = stream.set_read_timeout(Some(options.handshake_timeout)) {
+    let poll = READ_POLL
+        .min(options.handshake_timeout)
+        .max(Duration::from_millis(1));
+    if let Err(e) = stream.set_read_timeout(Some(poll)) {
         return (SessionEnd::Failed(client_io(client, e)), stats);
     }
-    let mut r = BufReader::with_capacity(64 << 10, stream);
+    let reader = PolledReader {
+        stream,
+        stopping,
+        deadline: Instant::now().checked_add(options.handshake_timeout),
+    };
+    let mut r = BufReader::with_capacity(64 << 10, reader);
     let mut w = BufWriter::with_capacity(256 << 10, writer);
     let end = match handshake(&mut r, &mut w, export) {
         Ok(Handshake::Go(negotiated)) => {
             stats.transmission = true;
-            match r.get_ref().set_read_timeout(None) {
-                Err(e) => SessionEnd::Failed(client_io(client, e)),
-                Ok(()) => {
-                    let mut t = Transmitter {
-                        w: &mut w,
-                        export,
-                        negotiated,
-                        client,
-                        events,
-                        stats: &mut stats,
-                        piece: Vec::new(),
-                    };
-                    match t.run(&mut r) {
-                        Ok(Transmission::Disconnected) => SessionEnd::Disconnected,
-                        Ok(Transmission::Closed) => SessionEnd::Closed,
-                        Err(f) => SessionEnd::Failed(fault(f, false)),
-                    }
-                }
+            r.get_mut().deadline = None;
+            let mut t = Transmitter {
+                w: &mut w,
+                export,
+                negotiated,
+                client,
+                events,
+                stats: &mut stats,
+                piece: Vec::new(),
+            };
+            match t.run(&mut r) {
+                Ok(Transmission::Disconnected) => SessionEnd::Disconnected,
+                Ok(Transmission::Closed) => SessionEnd::Closed,
+                Err(f) => SessionEnd::Failed(fault(f, false)),
             }
         }
         Ok(Handshake::Aborted) => SessionEnd::Aborted,

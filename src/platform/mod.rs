@@ -11,6 +11,10 @@ use std::path::Path;
 /// Running a user's command through the platform shell (`--password-command`).
 pub mod shell;
 
+/// Windows device paths and ioctl output buffers, parsed (compiled everywhere, so that the
+/// Linux test suite tests the parsers).
+pub mod windevice;
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]

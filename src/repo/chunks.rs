@@ -369,7 +369,9 @@ impl ChunkStore {
         if self.fsync_each {
             tmp.file().sync_data().ctx("flush", tmp.path())?;
         }
-        tmp.persist(&dest, false)
+        // Named by its content: a chunk file of that name that cannot be replaced (open on
+        // Windows) and holds the same bytes is as good.
+        tmp.persist_content_named(&dest, false)
     }
 
     /// Reads, decompresses and checks chunk `id`; returns its content.

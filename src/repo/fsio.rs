@@ -98,13 +98,33 @@ impl TempFile {
 
     /// fsyncs if `durable`, renames to `dest` and fsyncs the destination directory if
     /// `durable`.
-    pub fn persist(mut self, dest: &Path, durable: bool) -> Result<()> {
+    pub fn persist(self, dest: &Path, durable: bool) -> Result<()> {
+        self.persist_as(dest, durable, false)
+    }
+
+    /// [`persist`](Self::persist) for a file named after its content (a pack): when `dest`
+    /// cannot be replaced but already holds the same bytes, the work is done and the
+    /// temporary file is removed. Windows refuses to rename over a file that any handle has
+    /// open (a reader of the same pack), where Linux replaces it.
+    pub fn persist_content_named(self, dest: &Path, durable: bool) -> Result<()> {
+        self.persist_as(dest, durable, true)
+    }
+
+    fn persist_as(mut self, dest: &Path, durable: bool, same_is_done: bool) -> Result<()> {
         let file = self.file.take().expect("file present until persist");
         if durable {
             file.sync_all().ctx("flush", &self.path)?;
         }
         // Renamed while still open and locked, so no cleaner can remove it first.
-        let renamed = std::fs::rename(&self.path, dest).map_err(|e| Error::io("rename", dest, e));
+        let renamed = match std::fs::rename(&self.path, dest) {
+            Ok(()) => Ok(()),
+            Err(_) if same_is_done && same_content(&file, dest).unwrap_or(false) => {
+                // Removed (with its lock) by Drop.
+                drop(file);
+                return Ok(());
+            }
+            Err(e) => Err(Error::io("rename", dest, e)),
+        };
         drop(file);
         renamed?;
         if durable && let Some(parent) = dest.parent() {
@@ -122,6 +142,28 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Whether the regular file at `path` holds exactly the bytes of `file`.
+fn same_content(file: &File, path: &Path) -> std::io::Result<bool> {
+    let other = platform::open_no_follow(path, false, false)?;
+    let (a, b) = (file.metadata()?, other.metadata()?);
+    if platform::file_kind_name(&b).is_some() || a.len() != b.len() {
+        return Ok(false);
+    }
+    let mut x = vec![0u8; 1 << 20];
+    let mut y = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < a.len() {
+        let n = (a.len() - offset).min(x.len() as u64) as usize;
+        platform::read_exact_at(file, &mut x[..n], offset)?;
+        platform::read_exact_at(&other, &mut y[..n], offset)?;
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+        offset += n as u64;
+    }
+    Ok(true)
 }
 
 /// Writes `data` to `dest` atomically and durably.
@@ -336,6 +378,23 @@ mod tests {
         let dest = dir.path().join("done");
         live.persist(&dest, false).unwrap();
         assert!(dest.exists());
+    }
+
+    /// Windows refuses to rename over an open file: a pack written again under the name of
+    /// an open pack with the same bytes is done, not an error.
+    #[test]
+    fn a_content_named_file_over_an_open_identical_one_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("pack");
+        std::fs::write(&dest, b"same bytes").unwrap();
+        let open = File::open(&dest).unwrap();
+        let tmp = TempFile::create_in(dir.path(), "").unwrap();
+        tmp.file().write_all(b"same bytes").unwrap();
+        let tmp_path = tmp.path().to_path_buf();
+        tmp.persist_content_named(&dest, false).unwrap();
+        drop(open);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"same bytes");
+        assert!(!tmp_path.exists(), "the temporary file is gone");
     }
 
     #[cfg(unix)]

@@ -392,7 +392,8 @@ impl PackWriter {
         // A link planted as a fan-out directory would send the pack elsewhere.
         fsio::check_directory(&fanout)?;
         let dest = fanout.join(&hex);
-        self.tmp.persist(&dest, false)?;
+        // Named by its content: an existing pack of that name is this very pack.
+        self.tmp.persist_content_named(&dest, false)?;
         Ok((id, self.entries))
     }
 }

@@ -7,7 +7,8 @@
 //! set.
 //!
 //! They drive Linux tools (losetup, mkfs, mount, sfdisk, blkid), so they build on Unix only;
-//! a Windows build runs the library's unit tests.
+//! a Windows build runs the library's unit tests, and `windows` drives the Windows build's
+//! `volback.exe` under wine from here.
 #![cfg(unix)]
 
 mod chunk_repair;
@@ -32,5 +33,6 @@ mod repo_safety;
 mod resume_changed;
 mod roundtrip;
 mod util;
+mod windows;
 mod xfs_btrfs;
 mod xfs_btrfs_damage;

@@ -698,6 +698,12 @@ fn skip_unless(missing: Option<String>) -> bool {
     false
 }
 
+/// True when nothing is `missing` for this test; otherwise it skips, or fails when `CI` is
+/// set (see [`skip_unless`]).
+pub fn require(missing: Option<String>) -> bool {
+    skip_unless(missing)
+}
+
 /// True when this test can use root, loop devices and the ext4 tools (see [`skip_unless`]
 /// for what happens when it cannot).
 pub fn require_root_and_loop() -> bool {
