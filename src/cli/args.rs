@@ -177,8 +177,9 @@ pub enum KeyCommand {
 // Arguments of `volback probe`.
 #[derive(Args)]
 pub struct ProbeArgs {
-    /// Block device or image file (opened read-only).
-    pub source: PathBuf,
+    /// Block device or image file (opened read-only); without it, the machine's disks and
+    /// volumes are listed with their sizes and what is on them.
+    pub source: Option<PathBuf>,
     /// Print the report as JSON (schema in docs/PROBE.md).
     #[arg(long)]
     pub json: bool,

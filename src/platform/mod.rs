@@ -93,6 +93,19 @@ pub fn open_write_existing(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens a block device that a restore (or `ptable restore`) overwrites. On Windows
+/// (experimental) the disk or volume of the running Windows is refused, and a volume is locked
+/// and dismounted first (the lock lasts as long as the handle).
+pub fn open_device_for_overwrite(path: &Path) -> io::Result<File> {
+    imp::open_device_for_overwrite(path)
+}
+
+/// The disks and volumes of the machine (`/dev/sda`…; `\\.\PhysicalDriveN` and `\\.\X:`
+/// on Windows) with their sizes in bytes, for `volback probe` without an argument.
+pub fn list_devices() -> Vec<(String, u64)> {
+    imp::list_devices()
+}
+
 /// Opens a file of a repository without following a symbolic link in the last component of
 /// `path` and without blocking on a FIFO or device (`O_NOFOLLOW | O_NONBLOCK` on Linux; the
 /// descriptor is switched back to blocking mode after the open). `create` creates a missing
