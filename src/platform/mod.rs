@@ -320,6 +320,17 @@ pub fn in_device_namespace(path: &Path) -> bool {
     imp::in_device_namespace(path)
 }
 
+/// Whether a VSS shadow copy of a volume can be taken for `backup --snapshot vss`. Not on
+/// any platform yet (VSS is future work, and wine has no VSS service): an `Unsupported`
+/// error saying so.
+pub fn vss_available() -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "VSS shadow copies need Windows Vista+ with the VSS service; not available here \
+         (volback does not take them yet: back up an unmounted or read-only volume)",
+    ))
+}
+
 /// The machine's host name, for snapshot metadata.
 pub fn hostname() -> String {
     imp::hostname()
