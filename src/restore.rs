@@ -325,7 +325,7 @@ fn open_target(plan: &RestorePlan, size: u64, fresh: bool, opts: &RestoreOptions
     let path = &plan.target;
     Ok(match plan.target_kind {
         ObjectKind::BlockDevice => {
-            platform::open_write_existing(path).ctx("open for writing", path)?
+            platform::open_device_for_overwrite(path).ctx("open for writing", path)?
         }
         _ => {
             // Only-changed keeps what the file holds; otherwise it starts empty (sparse). A

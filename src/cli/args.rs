@@ -177,8 +177,9 @@ pub enum KeyCommand {
 // Arguments of `volback probe`.
 #[derive(Args)]
 pub struct ProbeArgs {
-    /// Block device or image file (opened read-only).
-    pub source: PathBuf,
+    /// Block device or image file (opened read-only); without it, the machine's disks and
+    /// volumes are listed with their sizes and what is on them.
+    pub source: Option<PathBuf>,
     /// Print the report as JSON (schema in docs/PROBE.md).
     #[arg(long)]
     pub json: bool,
@@ -250,6 +251,10 @@ pub struct BackupArgs {
     /// Back up even though the volume is mounted read-write (the copy may be inconsistent).
     #[arg(long)]
     pub allow_mounted: bool,
+    /// Read the volume through a snapshot: `none` (the default) reads it as it is; `vss`, a
+    /// Windows shadow copy (experimental: not available yet, refused with the reason).
+    #[arg(long, value_enum, default_value = "none")]
+    pub snapshot: SnapshotKind,
     /// Read and hash every used block, also those change tracking finds unchanged since
     /// the parent snapshot (ext4 inodes and extent trees).
     #[arg(long)]
@@ -263,6 +268,15 @@ pub struct BackupArgs {
     pub json: bool,
     #[command(flatten)]
     pub password: PasswordArgs,
+}
+
+/// How `backup --snapshot` reads the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotKind {
+    /// The volume as it is.
+    None,
+    /// A Volume Shadow Copy Service snapshot (Windows).
+    Vss,
 }
 
 // Arguments of `volback snapshots`.

@@ -12,6 +12,9 @@ use volback::source::Source;
 
 /// Backs up `a.source` into `a.repo`; exit code 3 when some ranges could not be read.
 pub fn run(a: BackupArgs, ctx: &Ctx) -> Result<ExitCode> {
+    if a.snapshot == super::args::SnapshotKind::Vss {
+        volback::platform::vss_available()?;
+    }
     let repository = super::password::open(&a.repo, &a.password)?;
     let src = Source::open(&a.source)?;
     let opts = BackupOptions {

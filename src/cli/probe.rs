@@ -19,14 +19,56 @@ pub(super) fn open(path: &Path) -> Result<Source> {
     Ok(Source::open(path)?)
 }
 
-/// `volback probe SOURCE [--json]`.
+/// `volback probe SOURCE [--json]`; without SOURCE, [`list`].
 pub fn run(ProbeArgs { source, json }: ProbeArgs) -> Result<ExitCode> {
+    let Some(source) = source else {
+        return list(json);
+    };
     let src = open(&source)?;
     let report = probe::probe_source(&src, &ProbeOptions::default())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `volback probe` without a source: every disk and volume of the machine
+/// ([`volback::platform::list_devices`]) with its size and what is on it (partition table or
+/// filesystem); one that cannot be opened or probed says why (as root or Administrator, all
+/// can).
+fn list(json: bool) -> Result<ExitCode> {
+    let mut rows = vec![vec!["device".into(), "size".into(), "content".into()]];
+    let mut reports = Vec::new();
+    for (path, size) in volback::platform::list_devices() {
+        let content = match Source::open(Path::new(&path))
+            .map_err(anyhow::Error::from)
+            .and_then(|s| Ok(probe::probe_source(&s, &ProbeOptions::default())?))
+        {
+            Ok(r) => {
+                let what = match (&r.partition_table, &r.filesystem) {
+                    (Some(t), _) => format!(
+                        "{} partition table, {} partitions",
+                        t.kind.name(),
+                        t.partitions.len()
+                    ),
+                    (None, Some(f)) => f.fs_type.clone(),
+                    (None, None) => "nothing recognised".into(),
+                };
+                reports.push(serde_json::to_value(&r)?);
+                what
+            }
+            Err(e) => format!("cannot probe: {e:#}"),
+        };
+        rows.push(vec![path, human_bytes(size), content]);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else if rows.len() == 1 {
+        println!("no disks or volumes found");
+    } else {
+        print!("{}", table(&rows, &[false, true, false]));
     }
     Ok(ExitCode::SUCCESS)
 }

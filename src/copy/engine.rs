@@ -128,8 +128,10 @@ pub struct Run<'a, S: ?Sized> {
     pub writer: Box<dyn ImageWriter>,
     pub journal: Journal,
     pub replay: Replay,
-    /// The hash list the data files held before the update; `None`: they held zeros.
-    pub base: Option<&'a HashList>,
+    /// The hash list the data files held before the update; `None`: they held zeros. Owned,
+    /// so that it is closed before the new list replaces it (Windows refuses to rename over
+    /// an open file).
+    pub base: Option<HashList>,
     pub settings: RunSettings<'a>,
 }
 
@@ -266,7 +268,7 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
         };
         if start < block_count {
             progress.start("copy", size - (start * bs).min(size));
-            let mut base_cursor = base.map(|b| b.cursor());
+            let mut base_cursor = base.as_ref().map(|b| b.cursor());
             let stage = HashStage { keep_data: true };
             let scanned = scan::run(&scan, &stage, progress, |done| {
                 let mut failure = None;
@@ -391,6 +393,7 @@ impl<S: ScanSource + ?Sized> Run<'_, S> {
             ..
         } = c;
         writer.finish()?;
+        drop(base);
 
         // The new hash list: the records' hashes, in order.
         let header = HashListHeader {

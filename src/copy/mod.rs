@@ -600,7 +600,7 @@ fn continue_update<S: ScanSource + ?Sized>(
             meta.store(paths)?;
             let run = Run {
                 known,
-                base: Some(&old),
+                base: Some(old),
                 ..new_run(paths, meta, source, map, writer, journal, opts)
             };
             finish_report(paths, run.execute(progress)?, true, false, started)
@@ -707,7 +707,7 @@ fn continue_update<S: ScanSource + ?Sized>(
             };
             let run = Run {
                 replay,
-                base: old.as_ref(),
+                base: old,
                 ..new_run(paths, meta, source, map, writer, journal, opts)
             };
             finish_report(paths, run.execute(progress)?, update, resumed, started)

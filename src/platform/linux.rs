@@ -785,3 +785,29 @@ pub fn is_media_error(e: &io::Error) -> bool {
         Some(libc::EIO | libc::ENODATA | libc::EBADMSG | libc::EILSEQ)
     )
 }
+
+pub fn open_device_for_overwrite(path: &Path) -> io::Result<File> {
+    super::open_write_existing(path)
+}
+
+/// Whole block devices of /sys/block (loop devices with nothing attached left out), with
+/// their sizes.
+pub fn list_devices() -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let sectors: u64 = std::fs::read_to_string(e.path().join("size"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            (sectors > 0).then(|| (format!("/dev/{name}"), sectors * 512))
+        })
+        .collect();
+    found.sort();
+    found
+}

@@ -93,6 +93,19 @@ pub fn open_write_existing(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens a block device that a restore (or `ptable restore`) overwrites. On Windows
+/// (experimental) the disk or volume of the running Windows is refused, and a volume is locked
+/// and dismounted first (the lock lasts as long as the handle).
+pub fn open_device_for_overwrite(path: &Path) -> io::Result<File> {
+    imp::open_device_for_overwrite(path)
+}
+
+/// The disks and volumes of the machine (`/dev/sda`…; `\\.\PhysicalDriveN` and `\\.\X:`
+/// on Windows) with their sizes in bytes, for `volback probe` without an argument.
+pub fn list_devices() -> Vec<(String, u64)> {
+    imp::list_devices()
+}
+
 /// Opens a file of a repository without following a symbolic link in the last component of
 /// `path` and without blocking on a FIFO or device (`O_NOFOLLOW | O_NONBLOCK` on Linux; the
 /// descriptor is switched back to blocking mode after the open). `create` creates a missing
@@ -312,6 +325,17 @@ pub fn is_media_error(e: &io::Error) -> bool {
 /// create.
 pub fn in_device_namespace(path: &Path) -> bool {
     imp::in_device_namespace(path)
+}
+
+/// Whether a VSS shadow copy of a volume can be taken for `backup --snapshot vss`. Not on
+/// any platform yet (VSS is future work, and wine has no VSS service): an `Unsupported`
+/// error saying so.
+pub fn vss_available() -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "VSS shadow copies need Windows Vista+ with the VSS service; not available here \
+         (volback does not take them yet: back up an unmounted or read-only volume)",
+    ))
 }
 
 /// The machine's host name, for snapshot metadata.

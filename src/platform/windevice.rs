@@ -71,7 +71,11 @@ const MAX_DEVICE_PATH: usize = 64;
 /// [`DevicePath`] or be refused, never be taken as a file name.
 pub fn is_device_namespace(path: &str) -> bool {
     let b = path.as_bytes();
-    b.len() >= 4 && b[0] == b'\\' && b[1] == b'\\' && (b[2] == b'.' || b[2] == b'?') && b[3] == b'\\'
+    b.len() >= 4
+        && b[0] == b'\\'
+        && b[1] == b'\\'
+        && (b[2] == b'.' || b[2] == b'?')
+        && b[3] == b'\\'
 }
 
 /// Parses a disk or volume path. Case-insensitive prefix and names; `\\.\` and `\\?\` are
@@ -131,7 +135,9 @@ pub fn parse_device_path(path: &str) -> Result<DevicePath, DevicePathError> {
         if b.len() > 2 {
             return bad(r"name the volume (\\.\X:), not a file or directory on it");
         }
-        return Ok(DevicePath::DriveLetter(char::from(b[0].to_ascii_uppercase())));
+        return Ok(DevicePath::DriveLetter(char::from(
+            b[0].to_ascii_uppercase(),
+        )));
     }
     bad(r"give \\.\PhysicalDriveN, \\.\X: or \\?\Volume{GUID}")
 }
@@ -233,7 +239,9 @@ pub fn parse_access_alignment(buf: &[u8]) -> Result<AccessAlignment, IoctlBuffer
     if physical < logical {
         return Err(IoctlBufferError::Invalid {
             what: WHAT,
-            detail: format!("physical sectors ({physical}) are smaller than logical ones ({logical})"),
+            detail: format!(
+                "physical sectors ({physical}) are smaller than logical ones ({logical})"
+            ),
         });
     }
     Ok(AccessAlignment {
@@ -343,7 +351,10 @@ mod tests {
         let ok = |s: &str| parse_device_path(s).unwrap();
         assert_eq!(ok(r"\\.\PhysicalDrive0"), DevicePath::PhysicalDrive(0));
         assert_eq!(ok(r"\\.\physicaldrive12"), DevicePath::PhysicalDrive(12));
-        assert_eq!(ok(r"\\?\PHYSICALDRIVE9999"), DevicePath::PhysicalDrive(9999));
+        assert_eq!(
+            ok(r"\\?\PHYSICALDRIVE9999"),
+            DevicePath::PhysicalDrive(9999)
+        );
         assert_eq!(ok(r"\\.\c:"), DevicePath::DriveLetter('C'));
         let guid = "0c6d9f2e-1a2b-11ef-9a3b-000c29a1b2c3";
         let v = ok(&format!(r"\\?\Volume{{{}}}\", guid.to_uppercase()));
@@ -370,7 +381,10 @@ mod tests {
             ("\\\\.\\C:\0", "control"),
             (r"C:\image.img", r"\\.\"),
             (r"\\.\Volume{1234}", "GUID"),
-            (r"\\?\Volume{0c6d9f2e-1a2b-11ef-9a3b-000c29a1b2c3", "ends with }"),
+            (
+                r"\\?\Volume{0c6d9f2e-1a2b-11ef-9a3b-000c29a1b2c3",
+                "ends with }",
+            ),
             (r"\\?\Volume{0c6d9f2e-1a2b-11ef-9a3b-000c29a1b2cg}", "GUID"),
             (r"\\.\pipe\x", r"\\.\PhysicalDriveN"),
             (r"\\.\GLOBALROOT\Device\Harddisk0", r"\\.\PhysicalDriveN"),
@@ -408,10 +422,19 @@ mod tests {
         );
         assert!(matches!(
             parse_drive_geometry_ex(&geo[..31]),
-            Err(IoctlBufferError::Short { need: 32, got: 31, .. })
+            Err(IoctlBufferError::Short {
+                need: 32,
+                got: 31,
+                ..
+            })
         ));
-        assert_eq!(parse_length_info(&(1i64 << 40).to_le_bytes()).unwrap(), 1 << 40);
-        let e = parse_length_info(&(-1i64).to_le_bytes()).unwrap_err().to_string();
+        assert_eq!(
+            parse_length_info(&(1i64 << 40).to_le_bytes()).unwrap(),
+            1 << 40
+        );
+        let e = parse_length_info(&(-1i64).to_le_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("negative"), "{e}");
         let mut align = le(&[
             &28u32.to_le_bytes(),
@@ -467,14 +490,18 @@ mod tests {
             parse_volume_disk_extents(&ext[..40]),
             Err(IoctlBufferError::Short { need: 56, .. })
         ));
-        let bm = le(&[&10i64.to_le_bytes(), &20i64.to_le_bytes(), &[0b0000_0101, 0xFF, 0x0F, 0xEE]]);
+        let bm = le(&[
+            &10i64.to_le_bytes(),
+            &20i64.to_le_bytes(),
+            &[0b0000_0101, 0xFF, 0x0F, 0xEE],
+        ]);
         let b = parse_volume_bitmap(&bm).unwrap();
         assert_eq!((b.starting_lcn, b.clusters, b.described()), (10, 20, 20));
         assert_eq!(b.bits.len(), 3, "bytes past BitmapSize are not part of it");
         assert_eq!(b.is_used(10), Some(true));
         assert_eq!(b.is_used(11), Some(false));
         assert_eq!(b.is_used(12), Some(true));
-        assert_eq!(b.is_used(29), Some(false));
+        assert_eq!(b.is_used(29), Some(true));
         assert_eq!(b.is_used(30), None);
         assert_eq!(b.is_used(9), None);
         // Cut short (ERROR_MORE_DATA): the first part.

@@ -1,12 +1,15 @@
 //! Windows implementation of the platform layer. Image files are fully supported through the
-//! standard library; raw volumes (`\\.\C:`), VSS and hole queries are future work, so files are
-//! read as fully allocated and repository durability relies on per-file flushes.
+//! standard library; raw disks and volumes (`\\.\PhysicalDriveN`, `\\.\C:`) go through
+//! [`device`] (experimental: never run on real Windows). VSS and hole queries are future work,
+//! so files are read as fully allocated and repository durability relies on per-file flushes.
 //!
 //! File identity (volume serial number and file index, the Windows counterpart of device and
 //! inode) and the link count come from `GetFileInformationByHandle`, declared below: the
 //! standard library's accessors for them are unstable.
 
-use super::{Geometry, MountUse};
+mod device;
+
+use super::{Geometry, MountUse, ObjectKind};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::windows::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -128,8 +131,26 @@ fn open_for_query(path: &Path, follow: bool) -> io::Result<File> {
         .open(path)
 }
 
+/// A path in the device namespace must name a disk or volume (`\\.\PhysicalDriveN`,
+/// `\\.\X:`, `\\?\Volume{GUID}`): anything else there is refused with the reason.
 pub fn open_read_only(path: &Path) -> io::Result<File> {
+    if in_device_namespace(path)
+        && !path
+            .as_os_str()
+            .to_string_lossy()
+            .starts_with(r"\\?\GLOBALROOT")
+    {
+        device::device_path(path)?;
+    }
     OpenOptions::new().read(true).open(path)
+}
+
+pub fn open_device_for_overwrite(path: &Path) -> io::Result<File> {
+    device::open_for_overwrite(path)
+}
+
+pub fn list_devices() -> Vec<(String, u64)> {
+    device::list()
 }
 
 pub fn open_direct(_path: &Path) -> Option<File> {
@@ -140,8 +161,23 @@ pub fn open_direct_rw(_path: &Path) -> Option<File> {
     None
 }
 
+/// A regular file's length; a disk's or volume's size and sector sizes from its ioctls.
 pub fn geometry(file: &File) -> io::Result<Geometry> {
-    Ok(Geometry::of_file(&file.metadata()?))
+    let meta = file.metadata();
+    if let Ok(m) = &meta
+        && m.is_file()
+    {
+        return Ok(Geometry::of_file(m));
+    }
+    match device::geometry(file)? {
+        Some((size, logical, physical)) => Ok(Geometry {
+            kind: ObjectKind::BlockDevice,
+            size,
+            logical_sector_size: logical,
+            physical_sector_size: physical,
+        }),
+        None => Ok(Geometry::of_file(&meta?)),
+    }
 }
 
 pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -735,9 +735,10 @@ fn probe_and_ptable_command_line() {
         volback_ok(args).stdout_has(&["usage"]);
     }
     volback_ok(&["--help"]).stdout_has(&["probe", "ptable"]);
+    // Without a source: the machine's disks and volumes (an array, possibly empty).
+    assert!(volback_ok(&["probe", "--json"]).json().is_array());
     for args in [
-        &["probe"][..],
-        &["ptable"],
+        &["ptable"][..],
         &["ptable", "dump"],
         &["ptable", "restore", "disk.img"],
         &["ptable", "bogus", "x"],

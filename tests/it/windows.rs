@@ -270,7 +270,7 @@ fn windows_build_backs_up_and_restores_image_files() {
         assert_same_file(&out, expected);
     }
     ok(w, &exe, &["verify", "--read-data", p(&repo)]);
-    ok(w, &exe, &["snapshots", p(&repo)]).stdout_has(&[jstr(&second, "/snapshot")]);
+    ok(w, &exe, &["snapshots", p(&repo)]).stdout_has(&[&jstr(&second, "/snapshot")[..12]]);
     ok(w, &exe, &["stats", p(&repo)]);
     // A damaged pack is found by the Windows build too.
     let pack = largest_pack(&repo);
@@ -346,6 +346,62 @@ fn windows_build_probes_and_dumps_partition_tables() {
     // The device line names the path each build was given.
     let strip = |s: &str| s.replace("Z:", "").replace('\\', "/").replace("\r\n", "\n");
     assert_eq!(strip(&windows), strip(&linux));
+}
+
+/// `backup --snapshot vss` is refused before anything is done, by both builds, saying why;
+/// `--snapshot none` is the plain backup; an unknown kind is a usage error.
+#[test]
+fn vss_snapshots_are_refused_clearly_by_both_builds() {
+    let Some(exe) = windows_exe() else { return };
+    let t = TestDir::new();
+    let img = raw_image(&t, "raw.img", 11);
+    let repo = t.join("repo");
+    ok(System::Linux, &exe, &["init", "--no-encryption", p(&repo)]);
+    for system in [System::Linux, System::Windows] {
+        run(
+            system,
+            &exe,
+            &["backup", "--snapshot", "vss", p(&img), p(&repo)],
+        )
+        .expect_code(1)
+        .stderr_has(&["VSS shadow copies need Windows Vista+ with the VSS service"]);
+        run(
+            system,
+            &exe,
+            &["backup", "--snapshot", "bogus", p(&img), p(&repo)],
+        )
+        .expect_code(2);
+        ok(
+            system,
+            &exe,
+            &["backup", "--snapshot", "none", p(&img), p(&repo)],
+        );
+    }
+    assert_eq!(
+        snapshot_ids(&repo).len(),
+        2,
+        "only the plain backups stored snapshots"
+    );
+}
+
+/// `probe` without a source lists the machine's disks and volumes (as a JSON array; under
+/// wine none answers the disk ioctls, so the list may be empty), and a hostile device path
+/// is refused with the reason.
+#[test]
+fn windows_build_lists_devices_and_refuses_bad_device_paths() {
+    let Some(exe) = windows_exe() else { return };
+    let w = System::Windows;
+    let listed = ok(w, &exe, &["probe", "--json"]).json();
+    assert!(listed.is_array(), "{listed}");
+    for (path, why) in [
+        (r"\\.\PhysicalDrive01", "leading zeros"),
+        (r"\\.\C:\Windows", "not a file"),
+        (r"\\.\pipe\x", "PhysicalDriveN"),
+    ] {
+        run(w, &exe, &["probe", path])
+            .expect_code(1)
+            .stderr_has(&[why]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
