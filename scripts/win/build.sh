@@ -6,6 +6,6 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/env.sh"
 cd "$here/../.."
-cargo $VOLBACK_WIN_TOOLCHAIN build --bin volback "${VOLBACK_WIN_FLAGS[@]}" "$@"
-cargo $VOLBACK_WIN_TOOLCHAIN test --no-run --lib "${VOLBACK_WIN_FLAGS[@]}" "$@"
+"${VOLBACK_WIN_CARGO[@]}" build --bin volback "${VOLBACK_WIN_FLAGS[@]}" "$@"
+"${VOLBACK_WIN_CARGO[@]}" test --no-run --lib "${VOLBACK_WIN_FLAGS[@]}" "$@"
 ls -l "$VOLBACK_WIN_EXE"

@@ -15,9 +15,11 @@ export VOLBACK_WIN_EXE="${VOLBACK_WIN_EXE:-$VOLBACK_WIN_TARGET_DIR/$VOLBACK_WIN_
 # The shim DLL built by setup.sh (bcryptprimitives.c), found by wine's loader through WINEPATH.
 export VOLBACK_WIN_SHIM_DIR="${VOLBACK_WIN_SHIM_DIR:-$VOLBACK_WIN_TARGET_DIR/shim}"
 # Debian's rustc (rustup cannot fetch the Windows std here) with its std sources: stable cargo
-# accepts -Zbuild-std only with RUSTC_BOOTSTRAP.
-export RUSTC_BOOTSTRAP=1
+# accepts -Zbuild-std only with RUSTC_BOOTSTRAP, which is set for the Windows cargo runs only
+# (`"${VOLBACK_WIN_CARGO[@]}" build …`): in the environment it would change the fingerprints of
+# the Linux build, which cargo would then rebuild from scratch.
 export VOLBACK_WIN_TOOLCHAIN="${VOLBACK_WIN_TOOLCHAIN:-+debian}"
+VOLBACK_WIN_CARGO=(env RUSTC_BOOTSTRAP=1 cargo "$VOLBACK_WIN_TOOLCHAIN")
 VOLBACK_WIN_FLAGS=(-Zbuild-std=std,panic_abort --target "$VOLBACK_WIN_TRIPLE"
     --target-dir "$VOLBACK_WIN_TARGET_DIR" --profile "$VOLBACK_WIN_PROFILE")
 export WINEPREFIX="${WINEPREFIX:-$VOLBACK_WIN_TARGET_DIR/wineprefix}"

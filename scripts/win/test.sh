@@ -17,7 +17,7 @@ echo "Windows build: ${SECONDS} s"
 trap 'wineserver -k 2>/dev/null || true' EXIT
 step "Windows unit tests under wine"
 SECONDS=0
-cargo $VOLBACK_WIN_TOOLCHAIN test --lib "${VOLBACK_WIN_FLAGS[@]}" -- "$@"
+"${VOLBACK_WIN_CARGO[@]}" test --lib "${VOLBACK_WIN_FLAGS[@]}" -- "$@"
 echo "Windows unit tests: ${SECONDS} s"
 step "volback.exe end to end under wine (tests/it/windows.rs)"
 SECONDS=0

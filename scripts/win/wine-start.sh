@@ -14,5 +14,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/env.sh"
 mkdir -p "$WINEPREFIX"
 log="$VOLBACK_WIN_TARGET_DIR/wine-start.log"
-wineserver -p </dev/null >>"$log" 2>&1
+# Fails when a server already runs for this prefix: then that one is used.
+wineserver -p </dev/null >>"$log" 2>&1 || true
 wine wineboot --init </dev/null >>"$log" 2>&1

@@ -341,6 +341,21 @@ pub fn parse_volume_bitmap(buf: &[u8]) -> Result<VolumeBitmap<'_>, IoctlBufferEr
     })
 }
 
+/// The first cluster that `windows` (`FSCTL_GET_VOLUME_BITMAP`) and `own` (volback's own
+/// reading of a bitmap such as NTFS `$Bitmap`: one bit a cluster from cluster 0, least
+/// significant bit first) mark differently, among the clusters both describe; `None` when
+/// they agree.
+pub fn first_bitmap_difference(windows: &VolumeBitmap<'_>, own: &[u8]) -> Option<u64> {
+    let end = windows
+        .starting_lcn
+        .saturating_add(windows.described())
+        .min(own.len() as u64 * 8);
+    (windows.starting_lcn..end).find(|&lcn| {
+        let mine = own[(lcn / 8) as usize] & (1 << (lcn % 8)) != 0;
+        windows.is_used(lcn) != Some(mine)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +534,7 @@ mod tests {
             let _ = parse_volume_disk_extents(&buf);
             if let Ok(b) = parse_volume_bitmap(&buf) {
                 prop_assert!(b.described() <= b.clusters);
+                let _ = first_bitmap_difference(&b, &buf);
                 for lcn in [0, b.starting_lcn, b.starting_lcn.saturating_add(b.described()), u64::MAX] {
                     let _ = b.is_used(lcn);
                 }

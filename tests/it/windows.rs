@@ -395,7 +395,7 @@ fn windows_build_lists_devices_and_refuses_bad_device_paths() {
     assert!(listed.is_array(), "{listed}");
     for (path, why) in [
         (r"\\.\PhysicalDrive01", "leading zeros"),
-        (r"\\.\C:\Windows", "not a file"),
+        (r"\\.\C:\missing.img", "not a file"),
         (r"\\.\pipe\x", "PhysicalDriveN"),
     ] {
         run(w, &exe, &["probe", path])
