@@ -637,9 +637,11 @@ impl SampleCheck {
 /// Decides whether the interrupted backup whose journal is at `journal_path` (header
 /// `recorded`) may be resumed on `source`, now in state `now`: its recorded state must match
 /// and a sample of its finished blocks must still hold what it stored. Warns why not.
+#[allow(clippy::too_many_arguments)]
 pub fn backup_may_resume(
     source: &dyn Volume,
-    journal_path: &std::path::Path,
+    repo: &dyn crate::repo::backend::WriteBackend,
+    journal_path: &str,
     sealer: &crate::repo::seal::Sealer,
     recorded: &crate::repo::journal::JournalHeader,
     now: &SourceState,
@@ -657,24 +659,26 @@ pub fn backup_may_resume(
     }
     let mut sample = SampleCheck::new();
     let mut next = 0u64;
-    let read = crate::repo::journal::Journal::read_batches(journal_path, sealer, |_, batch| {
-        let _ = crate::repo::format::decode_records(&batch.records, batch.block_count, |r, n| {
-            match (r.content_hash(), r) {
-                (Some(h), _) => sample.offer(next, Expected::Hash(h.0)),
-                // The first block of a run of pieces stands for the run (as one chunk record
-                // stands for its block).
-                (None, crate::repo::format::BlockRef::Part { blob, index }) => {
-                    sample.offer(next, Expected::Piece { blob, index })
-                }
-                (None, crate::repo::format::BlockRef::Zero) => {
-                    sample.offer_run(next, n, Expected::Zero)
-                }
-                (None, _) => {}
-            }
-            next += n;
-        });
-        Ok(())
-    })?;
+    let read =
+        crate::repo::journal::Journal::read_batches(repo, journal_path, sealer, |_, batch| {
+            let _ =
+                crate::repo::format::decode_records(&batch.records, batch.block_count, |r, n| {
+                    match (r.content_hash(), r) {
+                        (Some(h), _) => sample.offer(next, Expected::Hash(h.0)),
+                        // The first block of a run of pieces stands for the run (as one chunk record
+                        // stands for its block).
+                        (None, crate::repo::format::BlockRef::Part { blob, index }) => {
+                            sample.offer(next, Expected::Piece { blob, index })
+                        }
+                        (None, crate::repo::format::BlockRef::Zero) => {
+                            sample.offer_run(next, n, Expected::Zero)
+                        }
+                        (None, _) => {}
+                    }
+                    next += n;
+                });
+            Ok(())
+        })?;
     if read.is_none() {
         return Ok(false);
     }

@@ -25,7 +25,6 @@ use crate::repo::snapshot::{SnapshotHeader, SnapshotStats, write_tree_snapshot};
 use crate::repo::tree::TreeWriter;
 use crate::scan::{self, Ordered};
 use crossbeam_channel::bounded;
-use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -61,7 +60,7 @@ impl<'p> Draft<'p> {
     pub fn open(
         packer: &'p Packer,
         plan: &BackupPlan,
-        journal_path: &Path,
+        journal_path: &str,
         fresh: impl FnOnce() -> JournalHeader,
         unreadable: &mut Vec<(u64, u64)>,
     ) -> Result<Draft<'p>> {
@@ -71,7 +70,9 @@ impl<'p> Draft<'p> {
         let continues = plan.resume.continues();
         let (mut journal, header) = if continues {
             let mut replay_err = None;
-            let r = Journal::resume(journal_path, packer.sealer(), |_, batch| {
+            let b = packer.backend().as_ref();
+            let path = b.display_path(journal_path);
+            let r = Journal::resume(b, journal_path, packer.sealer(), |_, batch| {
                 if batch.block_count == 0 {
                     resumes += 1;
                 }
@@ -85,7 +86,7 @@ impl<'p> Draft<'p> {
                         res = writer.push(r, n);
                     }
                 })
-                .map_err(|d| Error::corrupt("journal batch", journal_path, d))?;
+                .map_err(|d| Error::corrupt("journal batch", &path, d))?;
                 if let Err(e) = res {
                     replay_err = Some(e);
                 }
@@ -97,16 +98,13 @@ impl<'p> Draft<'p> {
             match r {
                 Some(x) => x,
                 None => {
-                    return Err(Error::corrupt(
-                        "journal",
-                        journal_path,
-                        "vanished while resuming",
-                    ));
+                    return Err(Error::corrupt("journal", &path, "vanished while resuming"));
                 }
             }
         } else {
             let h = fresh();
-            (Journal::create(journal_path, &h, packer.sealer())?, h)
+            let b = packer.backend().as_ref();
+            (Journal::create(b, journal_path, &h, packer.sealer())?, h)
         };
         let start_block = writer.blocks();
         if start_block != plan.resume.from_block() {

@@ -23,6 +23,7 @@ use crate::fs::{BlockMap, FsInfo};
 use crate::hash::{ChunkId, HashAlgorithm};
 use crate::job::{changes_since, check_mounts, tracking_warning};
 use crate::progress::Progress;
+use crate::repo::backend::LockGuard;
 use crate::repo::blobs::BlobStore;
 use crate::repo::format::decode_records;
 use crate::repo::journal::{Journal, JournalHeader};
@@ -32,8 +33,7 @@ use crate::repo::{Repository, check_block_size};
 use crate::source::{Source, SourceInfo};
 use crate::source_state::SourceState;
 use serde::Serialize;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What a backup of a source will do, decided before any block is read: see [`plan`].
 #[derive(Debug, Serialize)]
@@ -74,8 +74,9 @@ pub struct BackupPlan {
 #[derive(Debug, Default)]
 pub(super) struct Work {
     /// The volume lock, held until the snapshot is committed (`None` for a plan alone).
-    pub lock: Option<File>,
-    pub journal_path: PathBuf,
+    pub lock: Option<Box<dyn LockGuard>>,
+    /// The key of the volume's resume journal (`journals/<stem>.journal`).
+    pub journal_path: String,
     pub map: Option<BlockMap>,
     /// Blocks change tracking takes from the parent unread.
     pub known: Option<BlockMap>,
@@ -193,11 +194,11 @@ pub(super) fn prepare(
 
     // One backup per volume at a time.
     let stem = repo.sealer().journal_stem(&key);
-    let lock_path = repo.journals_dir().join(format!("{stem}.lock"));
+    let lock_name = format!("volume/{stem}");
     let lock = match locking {
-        Locking::Take => Some(take_lock(repo, &lock_path, &info.path)?),
+        Locking::Take => Some(take_lock(repo, &lock_name, &info.path)?),
         Locking::Check => {
-            check_lock(repo, &lock_path, &info.path)?;
+            check_lock(repo, &lock_name, &info.path)?;
             None
         }
     };
@@ -216,7 +217,7 @@ pub(super) fn prepare(
         ),
     };
 
-    let journal_path = repo.journals_dir().join(format!("{stem}.journal"));
+    let journal_path = format!("journals/{stem}.journal");
     let state = SourceState::capture(
         source,
         probe.fs.as_ref(),
@@ -422,35 +423,28 @@ fn count_known(map: Option<&BlockMap>, known: &BlockMap, start: u64) -> u64 {
         .sum()
 }
 
-/// Opens (creating it) and takes the lock of one volume's backups.
-fn take_lock(repo: &Repository, lock_path: &Path, source: &str) -> Result<File> {
-    let lock: File = repo.volume_lock_file(lock_path)?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(locked(repo, source)),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", lock_path, e)),
+/// Takes the lock of one volume's backups (`volume/<stem>`).
+fn take_lock(repo: &Repository, lock: &str, source: &str) -> Result<Box<dyn LockGuard>> {
+    repo.backend()
+        .lock_exclusive(lock, &format!("another backup of {source} is running"))
+        .map_err(|e| match e {
+            Error::Locked { path, .. } => locked(path, source),
+            e => e,
+        })
+}
+
+/// Fails when a backup of the volume holds its lock; creates nothing. The lock is only
+/// probed, not kept: a plan alone must not stop a backup that starts meanwhile.
+fn check_lock(repo: &Repository, lock: &str, source: &str) -> Result<()> {
+    match repo.backend().lock_held(lock)? {
+        true => Err(locked(repo.root().to_path_buf(), source)),
+        false => Ok(()),
     }
 }
 
-/// Fails when a backup of the volume holds its lock; creates nothing (no lock file means no
-/// backup of the volume ever ran). The lock is only probed, not kept: a plan alone must not
-/// stop a backup that starts meanwhile.
-fn check_lock(repo: &Repository, lock_path: &Path, source: &str) -> Result<()> {
-    let file = match File::open(lock_path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("open lock file", lock_path, e)),
-    };
-    match file.try_lock_shared() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(locked(repo, source)),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", lock_path, e)),
-    }
-}
-
-fn locked(repo: &Repository, source: &str) -> Error {
+fn locked(path: PathBuf, source: &str) -> Error {
     Error::Locked {
-        path: repo.root().to_path_buf(),
+        path,
         detail: format!("another backup of {source} is running"),
     }
 }
@@ -497,7 +491,7 @@ fn decide_resume(
     repo: &Repository,
     store: &BlobStore,
     source: &Source,
-    journal_path: &Path,
+    journal_path: &str,
     expected: &Expected<'_>,
     state: &SourceState,
     restart: bool,
@@ -507,9 +501,10 @@ fn decide_resume(
     let sealer = repo.sealer();
     // A sealed journal whose header or a batch before its end does not open was damaged
     // (a torn last batch is no damage): it is replaced, never resumed.
-    let read = Journal::read_header(journal_path, sealer).and_then(|h| match h {
+    let b = repo.backend().as_ref();
+    let read = Journal::read_header(b, journal_path, sealer).and_then(|h| match h {
         Some(_) if sealer.is_encrypted() => {
-            Journal::read_batches(journal_path, sealer, |_, _| Ok(()))
+            Journal::read_batches(b, journal_path, sealer, |_, _| Ok(()))
         }
         h => Ok(h),
     });
@@ -528,7 +523,7 @@ fn decide_resume(
         return start_over(why);
     }
     if let Some(p) = &h.parent
-        && !repo.snapshots_dir().join(p).exists()
+        && repo.backend().head(&format!("snapshots/{p}"))?.is_none()
     {
         return start_over(format!("its parent snapshot {p} is gone"));
     }
@@ -536,6 +531,7 @@ fn decide_resume(
     let noted = LastWarning::new(progress);
     if !crate::source_state::backup_may_resume(
         source,
+        repo.backend().as_ref(),
         journal_path,
         sealer,
         &h,
@@ -629,10 +625,12 @@ struct JournalCheck {
 /// pack condemned by a prune this writer knows of, or never indexed) must not be resumed: its
 /// finished blocks would be carried into the snapshot without their data. Neither is a journal
 /// of format-1 references (chunks, pack slices). `None` when there is no usable journal.
-fn check_journal(store: &BlobStore, journal_path: &Path) -> Result<Option<JournalCheck>> {
+fn check_journal(store: &BlobStore, journal_path: &str) -> Result<Option<JournalCheck>> {
     let mut bad: Option<(ChunkId, String)> = None;
     let mut next_block = 0u64;
-    let read = Journal::read_batches(journal_path, store.sealer(), |_, batch| {
+    let b = store.backend().as_ref();
+    let path = b.display_path(journal_path);
+    let read = Journal::read_batches(b, journal_path, store.sealer(), |_, batch| {
         next_block = batch.first_block + batch.block_count;
         if bad.is_some() {
             return Ok(());
@@ -652,7 +650,7 @@ fn check_journal(store: &BlobStore, journal_path: &Path) -> Result<Option<Journa
                 bad = Some((id, "a chunk of repository format 1".into()));
             }
         })
-        .map_err(|d| Error::corrupt("journal batch", journal_path, d))
+        .map_err(|d| Error::corrupt("journal batch", &path, d))
     })?;
     Ok(read.map(|_| JournalCheck {
         next_block,
@@ -857,6 +855,7 @@ mod tests {
     use crate::progress::Silent;
     use crate::repo::InitOptions;
     use std::collections::BTreeMap;
+    use std::path::Path;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 

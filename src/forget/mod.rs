@@ -182,7 +182,7 @@ fn resume_parents(repo: &Repository, progress: &dyn Progress) -> Result<HashSet<
     // `.tmp-*` files are journals being created (FORMAT §7), not interrupted backups: the
     // list leaves them out.
     for path in crate::prune::mark::journal_paths(repo)? {
-        match Journal::read_header(&path, repo.sealer()) {
+        match Journal::read_header(repo.backend().as_ref(), &path, repo.sealer()) {
             Ok(Some(h)) => out.extend(h.parent),
             Ok(None) => {}
             Err(e) => progress.warn(&format!("skipping unreadable journal: {}", chain(&e))),

@@ -261,7 +261,8 @@ fn the_parent_of_an_interrupted_backup_is_kept() {
     }))
     .unwrap();
     let journal = Journal::create(
-        &repo.journals_dir().join("a.journal"),
+        repo.backend().as_ref(),
+        "journals/a.journal",
         &header,
         repo.sealer(),
     )

@@ -8,7 +8,7 @@
 //!
 //! Any snapshot or journal that cannot be read is an error: prune never deletes on a guess.
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -18,7 +18,6 @@ use crate::repo::journal::Journal;
 use crate::repo::snapshot::SnapshotFile;
 use crate::repo::tree::walk_tree;
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What the mark found.
@@ -30,22 +29,15 @@ pub struct LiveSet {
     pub journals: usize,
 }
 
-/// Paths of the journals of `repo` (`journals/*.journal`).
-pub fn journal_paths(repo: &Repository) -> Result<Vec<PathBuf>> {
-    let dir = repo.journals_dir();
+/// Keys of the journals of `repo` (`journals/*.journal`), sorted.
+pub fn journal_paths(repo: &Repository) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::io("list", &dir, e)),
-    };
-    for e in entries {
-        let e = e.ctx("list", &dir)?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".journal") && !name.starts_with(".tmp-") {
-            out.push(e.path());
+    repo.backend().list("journals", &mut |m| {
+        if m.name.ends_with(".journal") {
+            out.push(m.name);
         }
-    }
+        Ok(())
+    })?;
     out.sort();
     Ok(out)
 }
@@ -95,12 +87,9 @@ fn stored_id(r: &BlockRef) -> Option<ChunkId> {
 }
 
 /// Adds to `live` every id the valid batches of the journal at `path` of `repo` name.
-pub fn mark_journal(
-    repo: &Repository,
-    path: &std::path::Path,
-    live: &mut HashSet<ChunkId>,
-) -> Result<()> {
-    Journal::read_batches(path, repo.sealer(), |_, batch| {
+pub fn mark_journal(repo: &Repository, name: &str, live: &mut HashSet<ChunkId>) -> Result<()> {
+    let path = repo.backend().display_path(name);
+    Journal::read_batches(repo.backend().as_ref(), name, repo.sealer(), |_, batch| {
         decode_records(&batch.records, batch.block_count, |r, _| {
             if let Some(id) = stored_id(&r) {
                 live.insert(id);
@@ -109,7 +98,7 @@ pub fn mark_journal(
         .map_err(|e| {
             Error::corrupt(
                 format!("journal batch at block {}", batch.first_block),
-                path,
+                &path,
                 String::from(e),
             )
         })

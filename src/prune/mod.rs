@@ -37,13 +37,13 @@ use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::progress::Progress;
 use crate::repo::Repository;
+use crate::repo::backend::LockGuard;
 use crate::repo::blobs::BlobStore;
 use crate::repo::fsio;
 use crate::repo::writers;
 use plan::{Plan, PlanLimits};
 use serde::Serialize;
 use std::collections::HashSet;
-use std::fs::File;
 use std::time::Instant;
 
 /// Options of a prune.
@@ -137,17 +137,9 @@ impl AbortPoint {
 }
 
 /// Takes `REPO/prune.lock` exclusively, without waiting.
-pub fn lock_prune(repo: &Repository) -> Result<File> {
-    let path = repo.root().join("prune.lock");
-    let file = fsio::lock_file(&path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
-            path: repo.root().to_path_buf(),
-            detail: format!("{} is held: another prune is running", path.display()),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
-    }
+pub fn lock_prune(repo: &Repository) -> Result<Box<dyn LockGuard>> {
+    repo.backend()
+        .lock_exclusive("prune", "another prune is running")
 }
 
 /// Prunes `repo`.
@@ -228,10 +220,17 @@ fn prune_v2(
     // Packs the index names but that are gone (lost, or set aside by verify): never planned
     // or read. Dropped from the index when every live blob they held is in another pack (a
     // backup stored it again); kept in it otherwise, so that what was lost stays named.
+    // One listing of the packs rather than a look at each (on object storage, a request
+    // per pack).
+    let present: HashSet<ChunkId> = sweep::list_pack_files(repo, None)?
+        .0
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
     let missing: Vec<ChunkId> = index
         .tables
         .keys()
-        .filter(|p| std::fs::symlink_metadata(sweep::pack_path(repo, p)).is_err())
+        .filter(|p| !present.contains(*p))
         .copied()
         .collect();
     let mut kept_missing: Vec<(ChunkId, Vec<crate::repo::blob::BlobEntry>)> = Vec::new();
@@ -396,8 +395,8 @@ fn prune_v1(
     };
     // An older volback may still back up into this repository: it holds its volume's lock.
     let mut _locks = Vec::new();
-    for path in mark::journal_paths(repo)? {
-        let lock = path.with_extension("lock");
+    for name in mark::journal_paths(repo)? {
+        let lock = repo.root().join(name).with_extension("lock");
         let Ok(f) = fsio::open_regular(&lock, false, "open") else {
             continue;
         };

@@ -19,7 +19,6 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::blob::{BlobEntry, BlobKind};
 use crate::repo::blobs::BlobStore;
-use crate::repo::fsio;
 use crate::repo::pack::{FrameEncoder, read_frame_raw};
 use crate::repo::packer::Packer;
 use std::collections::{HashMap, HashSet};
@@ -116,13 +115,13 @@ pub fn repack(
         // repack (frames of packs already counted as done may be lost with it).
         let mut write_error: Option<Error> = None;
         let copied = (|| -> Result<u64> {
-            let file = fsio::open_regular(&path, false, "open")?;
+            let b = repo.backend().as_ref();
             let mut n = 0u64;
             for (_, (_, idx)) in super::plan::frames(entries) {
                 if !idx.iter().any(|&i| wanted.contains(&entries[i].id)) {
                     continue;
                 }
-                let raw = read_frame_raw(&file, &path, &entries[idx[0]], sealer)?;
+                let raw = read_frame_raw(b, pack, &entries[idx[0]], sealer)?;
                 for &i in &idx {
                     let e = &entries[i];
                     if !wanted.contains(&e.id) {

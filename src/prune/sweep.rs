@@ -15,8 +15,8 @@
 use super::AbortPoint;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::ChunkId;
-use crate::platform;
 use crate::repo::Repository;
+use crate::repo::backend::{self, WriteBackend};
 use crate::repo::blob::BlobEntry;
 use crate::repo::fsio;
 use crate::repo::index::{IndexFile, list_index_files};
@@ -51,7 +51,11 @@ pub fn load_index(repo: &Repository) -> Result<IndexState> {
     let mut files = list_index_files(repo)?;
     files.sort();
     for id in files {
-        let f = IndexFile::read(&repo.index_dir().join(&id), repo.sealer())?;
+        let f = IndexFile::read(
+            repo.backend().as_ref(),
+            &backend::key("index", &id),
+            repo.sealer(),
+        )?;
         for (pack, entries) in f.packs {
             st.tables.entry(pack).or_insert(entries);
         }
@@ -60,10 +64,9 @@ pub fn load_index(repo: &Repository) -> Result<IndexState> {
     Ok(st)
 }
 
-/// The path of pack `id`.
+/// Where pack `id` is (for messages, and the tests of a local repository).
 pub fn pack_path(repo: &Repository, id: &ChunkId) -> PathBuf {
-    let hex = id.to_hex();
-    repo.packs_dir().join(&hex[..2]).join(hex)
+    repo.backend().display_path(&backend::pack_key(id))
 }
 
 /// Writes index files naming every pack of `tables` except those of `drop`; returns their ids.
@@ -94,22 +97,12 @@ pub fn write_compacted(
 
 /// Deletes index files `ids` (missing ones are fine) and makes that durable.
 pub fn delete_index_files(repo: &Repository, ids: &[String]) -> Result<()> {
-    let dir = repo.index_dir();
-    let mut any = false;
     for id in ids {
         // Only names an index file can have: never a path elsewhere.
         if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             continue;
         }
-        let p = dir.join(id);
-        match std::fs::remove_file(&p) {
-            Ok(()) => any = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("delete", &p, e)),
-        }
-    }
-    if any {
-        platform::sync_dir(&dir).ctx("flush", &dir)?;
+        repo.backend().delete(&backend::key("index", id))?;
     }
     Ok(())
 }
@@ -120,7 +113,34 @@ pub fn list_pack_files(
     repo: &Repository,
     before: Option<std::time::SystemTime>,
 ) -> Result<(Vec<(ChunkId, u64)>, usize)> {
-    list_id_files(&repo.packs_dir(), before)
+    let b = repo.backend();
+    if let (Some(t), Some(root)) = (before, b.local_root()) {
+        // Packs being written by killed writers, in a local repository.
+        let mut temps = 0;
+        for i in 0..=255u8 {
+            temps += fsio::remove_stale_temp_files(&root.join("packs").join(format!("{i:02x}")), t);
+        }
+        let (out, _) = list_pack_objects(b.as_ref())?;
+        return Ok((out, temps));
+    }
+    list_pack_objects(b.as_ref())
+}
+
+/// Every object named like a pack in `packs/00` … `packs/ff` of `b`, with its size.
+fn list_pack_objects(b: &dyn WriteBackend) -> Result<(Vec<(ChunkId, u64)>, usize)> {
+    let mut out = Vec::new();
+    for i in 0..=255u8 {
+        b.list(&format!("packs/{i:02x}"), &mut |m| {
+            let name = backend::base_name(&m.name);
+            if name.len() == 64
+                && let Some(id) = ChunkId::from_hex(name)
+            {
+                out.push((id, m.size));
+            }
+            Ok(())
+        })?;
+    }
+    Ok((out, 0))
 }
 
 /// Every file named by a full hex id in the 256 fan-out directories `root/00`..`root/ff`
@@ -156,6 +176,11 @@ pub fn list_id_files(
         }
     }
     Ok((out, temps))
+}
+
+/// Deletes pack `id`; false when it was gone already (a concurrent or earlier prune).
+pub fn remove_pack(repo: &Repository, id: &ChunkId) -> Result<bool> {
+    repo.backend().delete(&backend::pack_key(id))
 }
 
 /// Deletes the file `path`; false when it was gone already (a concurrent or earlier prune).
@@ -213,14 +238,15 @@ pub fn finish_records(
         let mut tables: Vec<(ChunkId, Option<Vec<BlobEntry>>, u64)> = Vec::new();
         let mut needed: HashSet<ChunkId> = HashSet::new();
         for pack in &rec.packs {
-            let path = pack_path(repo, pack);
-            let len = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("inspect", &path, e)),
+            let len = match repo.backend().head(&backend::pack_key(pack)) {
+                Ok(Some(m)) => m.size,
+                Ok(None) => continue,
+                // Not a regular file: nobody can read it as a pack.
+                Err(Error::NotRegularFile { .. }) => 0,
+                Err(e) => return Err(e),
             };
             // A pack whose table cannot be read cannot be read by anyone: it goes.
-            let table = read_pack_table(&path, pack, repo.sealer()).ok();
+            let table = read_pack_table(repo.backend().as_ref(), pack, repo.sealer()).ok();
             if let Some(t) = &table {
                 needed.extend(t.iter().map(|e| e.id).filter(|id| live.contains(id)));
             }
@@ -251,7 +277,7 @@ pub fn finish_records(
                 abort.at("rescue");
                 continue;
             }
-            if remove_if_present(&pack_path(repo, &pack))? {
+            if remove_pack(repo, &pack)? {
                 out.packs_deleted += 1;
                 out.bytes_deleted += len;
             }
@@ -295,7 +321,7 @@ pub fn remove_orphans(repo: &Repository, abort: &AbortPoint) -> Result<OrphanOut
         if named.contains(&pack) {
             continue;
         }
-        if remove_if_present(&pack_path(repo, &pack))? {
+        if remove_pack(repo, &pack)? {
             out.packs_deleted += 1;
             out.bytes_deleted += len;
         }

@@ -305,7 +305,8 @@ fn unindexed_packs_are_deleted_when_no_writer_runs() {
         snapshot(&f.repo, &a);
         // A pack written by a writer that died before indexing it.
         let mut w =
-            crate::repo::pack::PackWriter::create(&f.repo.tmp_dir(), f.repo.sealer()).unwrap();
+            crate::repo::pack::PackWriter::create(f.repo.backend().as_ref(), f.repo.sealer())
+                .unwrap();
         let c = content(9);
         let mut enc = FrameEncoder::new(3, f.repo.sealer()).unwrap();
         w.add_frame(
@@ -314,7 +315,7 @@ fn unindexed_packs_are_deleted_when_no_writer_runs() {
             &[(f.repo.sealer().blob_id(&c), BlobKind::Data, 0, 4096)],
         )
         .unwrap();
-        let (orphan, _) = w.finish(&f.repo.packs_dir()).unwrap();
+        let (orphan, _) = w.finish().unwrap();
         {
             let (_marker, _) = writers::register_writer(&f.repo).unwrap();
             prune_default(&f.repo);
@@ -354,8 +355,13 @@ fn journals_keep_their_blobs() {
             tags: vec![],
             source_state: None,
         };
-        let path = f.repo.journals_dir().join("k.journal");
-        let mut j = crate::repo::journal::Journal::create(&path, &jh, f.repo.sealer()).unwrap();
+        let mut j = crate::repo::journal::Journal::create(
+            f.repo.backend().as_ref(),
+            "journals/k.journal",
+            &jh,
+            f.repo.sealer(),
+        )
+        .unwrap();
         j.append(0, 1, &Default::default(), &[], &recs).unwrap();
         let live = mark::mark(&f.repo, &*BlobStore::open(&f.repo).unwrap(), &Silent).unwrap();
         assert_eq!(live.journals, 1);

@@ -11,6 +11,7 @@
 //! file once and looks the blob up again.
 
 use super::Repository;
+use super::backend::{self, WriteBackend};
 use super::blob::{BlobEntry, BlobKind, BlobSource, Location};
 use super::fsio;
 use super::index::Index;
@@ -20,7 +21,6 @@ use super::writers::{PendingRecord, read_pending_dir_lenient};
 use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -28,8 +28,6 @@ use std::sync::{Arc, Mutex, RwLock};
 const FRAME_CACHE: usize = 16;
 /// Checked blobs kept.
 const BLOB_CACHE: usize = 32;
-/// Pack files kept open.
-const FILE_CACHE: usize = 8;
 
 /// Shared decoded bytes.
 type Content = Arc<Vec<u8>>;
@@ -77,9 +75,7 @@ impl<K: PartialEq, V: Clone> Lru<K, V> {
 
 /// Blob access of one repository (thread-safe).
 pub struct BlobStore {
-    packs_dir: PathBuf,
-    index_dir: PathBuf,
-    pending_dir: PathBuf,
+    backend: Arc<dyn WriteBackend>,
     /// How objects are stored and blobs named.
     sealer: Sealer,
     /// A reader's store: also reads the packs of pending records.
@@ -94,8 +90,6 @@ pub struct BlobStore {
     frames: Mutex<Lru<(ChunkId, u32), Content>>,
     /// Checked blobs by (id, kind).
     blobs: Mutex<Lru<(ChunkId, BlobKind), Content>>,
-    /// Open pack files (a pack is read frame after frame).
-    files: Mutex<Lru<ChunkId, Arc<File>>>,
     /// Packs found missing (the index was reloaded for each once).
     missing: Mutex<HashSet<ChunkId>>,
     /// Packs this process inserted ([`BlobStore::insert`]): kept across a reload, their
@@ -111,7 +105,7 @@ pub struct BlobStore {
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlobStore")
-            .field("packs_dir", &self.packs_dir)
+            .field("backend", &self.backend)
             .field("reader", &self.reader)
             .field("blobs", &self.with_index(|i| i.len()))
             .finish_non_exhaustive()
@@ -139,9 +133,7 @@ impl BlobStore {
 
     fn new(repo: &Repository, reader: bool, exclude: HashSet<ChunkId>) -> Result<Arc<BlobStore>> {
         let store = BlobStore {
-            packs_dir: repo.packs_dir(),
-            index_dir: repo.index_dir(),
-            pending_dir: repo.pending_dir(),
+            backend: repo.backend().clone(),
             sealer: repo.sealer().clone(),
             reader,
             format1: repo.format_version() == 1,
@@ -150,7 +142,6 @@ impl BlobStore {
             unsealed: Mutex::new(HashSet::new()),
             frames: Mutex::new(Lru::new(FRAME_CACHE)),
             blobs: Mutex::new(Lru::new(BLOB_CACHE)),
-            files: Mutex::new(Lru::new(FILE_CACHE)),
             missing: Mutex::new(HashSet::new()),
             inserted: Mutex::new(Vec::new()),
             pack_lengths: Mutex::new(HashMap::new()),
@@ -167,19 +158,21 @@ impl BlobStore {
         if self.format1 {
             return Ok(Index::default());
         }
-        let mut index = Index::load_dir(&self.index_dir, &self.exclude, &self.sealer)?;
+        let mut index =
+            Index::load_dir(self.backend.as_ref(), "index", &self.exclude, &self.sealer)?;
         if self.reader {
-            let records = match read_pending_dir_lenient(&self.pending_dir, &self.sealer) {
-                Ok(r) => r,
-                // A repository without pending/ (read-only medium, say) has none.
-                Err(e) if fsio::is_not_found(&e) => Vec::new(),
-                Err(e) => return Err(e),
-            };
+            let records =
+                match read_pending_dir_lenient(self.backend.as_ref(), "pending", &self.sealer) {
+                    Ok(r) => r,
+                    // A repository without pending/ (read-only medium, say) has none.
+                    Err(e) if fsio::is_not_found(&e) => Vec::new(),
+                    Err(e) => return Err(e),
+                };
             for pack in records.iter().flat_map(|r| r.packs.iter()) {
                 if index.pack_entries(pack).is_some() {
                     continue;
                 }
-                match read_pack_table(&self.pack_path(pack), pack, &self.sealer) {
+                match read_pack_table(self.backend.as_ref(), pack, &self.sealer) {
                     Ok(entries) => index.insert_fallback(*pack, &entries),
                     // Already deleted, or damaged: its blobs are indexed elsewhere or lost,
                     // which reading them reports.
@@ -249,10 +242,12 @@ impl BlobStore {
         let len = match cached {
             Some(len) => len,
             None => {
-                let len = std::fs::symlink_metadata(self.pack_path(&loc.pack))
+                let len = self
+                    .backend
+                    .head(&backend::pack_key(&loc.pack))
                     .ok()
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len());
+                    .flatten()
+                    .map(|m| m.size);
                 self.pack_lengths
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -307,7 +302,13 @@ impl BlobStore {
         }
         // Read without holding the lock: readers keep going meanwhile.
         let known = self.with_index(|i| i.files());
-        let fresh = Index::load_new(&self.index_dir, &self.exclude, &known, &self.sealer)?;
+        let fresh = Index::load_new(
+            self.backend.as_ref(),
+            "index",
+            &self.exclude,
+            &known,
+            &self.sealer,
+        )?;
         self.index_mut().merge(&fresh);
         Ok(())
     }
@@ -373,33 +374,17 @@ impl BlobStore {
         {
             return Ok(f);
         }
-        let path = self.pack_path(&loc.pack);
-        let cached = self
-            .files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&loc.pack);
-        let file = match cached {
-            Some(f) => f,
-            None => match fsio::open_regular(&path, false, "open") {
-                Ok(f) => {
-                    let f = Arc::new(f);
-                    self.files
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .put(loc.pack, f.clone());
-                    f
-                }
-                Err(e) if fsio::is_not_found(&e) => {
-                    return Err(Error::MissingChunk {
-                        id: loc.entry.id.to_hex(),
-                        path,
-                    });
-                }
-                Err(e) => return Err(e),
-            },
+        let frame = match read_frame_raw(self.backend.as_ref(), &loc.pack, &loc.entry, &self.sealer)
+        {
+            Ok(f) => Arc::new(f),
+            Err(e) if fsio::is_not_found(&e) => {
+                return Err(Error::MissingChunk {
+                    id: loc.entry.id.to_hex(),
+                    path: self.pack_path(&loc.pack),
+                });
+            }
+            Err(e) => return Err(e),
         };
-        let frame = Arc::new(read_frame_raw(&file, &path, &loc.entry, &self.sealer)?);
         self.frames
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -409,8 +394,12 @@ impl BlobStore {
 
     /// Where pack `pack` lives.
     pub fn pack_path(&self, pack: &ChunkId) -> PathBuf {
-        let hex = pack.to_hex();
-        self.packs_dir.join(&hex[..2]).join(hex)
+        self.backend.display_path(&backend::pack_key(pack))
+    }
+
+    /// Where the repository's objects are.
+    pub fn backend(&self) -> &Arc<dyn WriteBackend> {
+        &self.backend
     }
 
     /// How the repository stores objects and names blobs ([`Sealer::blob_id`]).
@@ -503,7 +492,7 @@ impl BlobSource for BlobStore {
                 self.refresh()?;
                 self.location(id).ok_or_else(|| Error::MissingChunk {
                     id: id.to_hex(),
-                    path: self.index_dir.clone(),
+                    path: self.backend.display_path("index"),
                 })?
             }
         };

@@ -267,7 +267,7 @@ pub fn check_directory(dir: &Path) -> Result<()> {
 }
 
 pub fn is_not_found(e: &Error) -> bool {
-    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    matches!(e, Error::Io { source, .. } | Error::IoAt { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// Removes the temporary files (`.tmp-*`) in `dir` whose writer is gone: their lock can be
@@ -308,7 +308,7 @@ pub fn remove_stale_temp_files(dir: &Path, before: std::time::SystemTime) -> usi
 /// (a torn tail of a journal), an [`Error::IoAt`] when the read fails: a failed read is not a
 /// torn tail, and must not get a journal's valid records cut off.
 pub(crate) fn read_unless_eof(
-    r: &mut impl Read,
+    r: &mut (impl Read + ?Sized),
     buf: &mut [u8],
     path: &Path,
     offset: u64,

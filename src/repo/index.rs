@@ -14,6 +14,7 @@
 //! file that vanishes between listing and reading is skipped and the directory listed again.
 
 use super::Repository;
+use super::backend::{self, PutMode, ReadBackend, WriteBackend};
 use super::blob::{BlobEntry, Location};
 use super::format::{
     BLOB_ENTRY_LEN, INDEX_HEADER_LEN, INDEX_MAGIC, INDEX_PACK_HEADER_LEN, INDEX_TRAILER_LEN,
@@ -23,7 +24,7 @@ use super::fsio;
 use super::pack::{decode_entry, encode_entry};
 use super::seal::Sealer;
 use crate::crypto::Kind;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -157,29 +158,36 @@ impl IndexFile {
 
     /// Writes the file durably into the repository's `index/`; returns its id.
     pub fn write(&self, repo: &Repository) -> Result<String> {
-        self.write_to(&repo.index_dir(), repo.sealer())
+        self.write_to(repo.backend().as_ref(), "index", repo.sealer())
     }
 
-    /// Writes the file durably into `dir`, stored as `sealer` says; returns its id.
-    pub(crate) fn write_to(&self, dir: &Path, sealer: &Sealer) -> Result<String> {
+    /// Writes the file durably into directory `dir` of `b`, stored as `sealer` says;
+    /// returns its id.
+    pub(crate) fn write_to(
+        &self,
+        b: &dyn WriteBackend,
+        dir: &str,
+        sealer: &Sealer,
+    ) -> Result<String> {
         let (bytes, id) = self.encode_stored(sealer)?;
-        fsio::atomic_write(&dir.join(&id), &bytes)?;
+        b.put(&backend::key(dir, &id), &bytes, PutMode::Overwrite)?;
         Ok(id)
     }
 
-    /// Reads and checks index file `path`, whose name must be the hex of its checksum
+    /// Reads and checks index file `key` of `b`, whose name must be the hex of its checksum
     /// (plain) or of the BLAKE3 of the stored record (sealed, checked before it is opened).
-    pub fn read(path: &Path, sealer: &Sealer) -> Result<IndexFile> {
+    pub fn read(b: &dyn ReadBackend, key: &str, sealer: &Sealer) -> Result<IndexFile> {
         let overhead = sealer.overhead();
-        let mut bytes = fsio::read_limited(path, MAX_INDEX_FILE + overhead as u64, "index file")?;
-        let name = path.file_name().map(|n| n.to_string_lossy());
+        let path = &b.display_path(key);
+        let mut bytes = b.get(key, MAX_INDEX_FILE + overhead as u64, "index file")?;
+        let name = Some(backend::base_name(key));
         let what = || match &name {
             Some(n) => format!("index file {n}"),
             None => "index file".to_string(),
         };
         if sealer.is_encrypted() {
             let sum = blake3::hash(&bytes).to_hex();
-            if name.as_deref() != Some(sum.as_str()) {
+            if name != Some(sum.as_str()) {
                 return Err(Error::corrupt(
                     what(),
                     path,
@@ -191,7 +199,7 @@ impl IndexFile {
         }
         let file = IndexFile::decode(&bytes, path)?;
         let sum = hex::encode(&bytes[bytes.len() - INDEX_TRAILER_LEN..]);
-        if name.as_deref() != Some(sum.as_str()) {
+        if name != Some(sum.as_str()) {
             return Err(Error::corrupt(
                 "index file",
                 path,
@@ -209,19 +217,20 @@ pub(crate) fn is_hex_name(name: &str, len: usize) -> bool {
 
 /// Ids of the index files of `repo`, sorted (temporary and unknown names skipped).
 pub fn list_index_files(repo: &Repository) -> Result<Vec<String>> {
-    list_hex_names(&repo.index_dir(), 64)
+    list_hex_names(repo.backend().as_ref(), "index", 64)
 }
 
-/// The names in `dir` that are `len` lowercase hex digits, sorted (temporary files skipped).
-pub(crate) fn list_hex_names(dir: &Path, len: usize) -> Result<Vec<String>> {
+/// The names of the objects in directory `dir` of `b` that are `len` lowercase hex digits,
+/// sorted (temporary objects skipped; a missing directory has none).
+pub(crate) fn list_hex_names(b: &dyn ReadBackend, dir: &str, len: usize) -> Result<Vec<String>> {
     let mut ids = Vec::new();
-    for e in std::fs::read_dir(dir).ctx("list", dir)? {
-        let e = e.ctx("list", dir)?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if is_hex_name(&name, len) {
-            ids.push(name);
+    b.list(dir, &mut |m| {
+        let name = backend::base_name(&m.name);
+        if is_hex_name(name, len) {
+            ids.push(name.to_string());
         }
-    }
+        Ok(())
+    })?;
     ids.sort();
     Ok(ids)
 }
@@ -249,11 +258,17 @@ impl Index {
     /// Loads every index file of `repo`, leaving out the packs in `exclude_packs` (now and
     /// at every [`Index::refresh`]).
     pub fn load(repo: &Repository, exclude_packs: &HashSet<ChunkId>) -> Result<Index> {
-        Index::load_dir(&repo.index_dir(), exclude_packs, repo.sealer())
+        Index::load_dir(
+            repo.backend().as_ref(),
+            "index",
+            exclude_packs,
+            repo.sealer(),
+        )
     }
 
     pub(crate) fn load_dir(
-        dir: &Path,
+        b: &dyn ReadBackend,
+        dir: &str,
         exclude_packs: &HashSet<ChunkId>,
         sealer: &Sealer,
     ) -> Result<Index> {
@@ -261,24 +276,29 @@ impl Index {
             exclude: exclude_packs.clone(),
             ..Index::default()
         };
-        index.refresh_dir(dir, sealer)?;
+        index.refresh_dir(b, dir, sealer)?;
         Ok(index)
     }
 
     /// Loads the index files not loaded yet; returns how many.
     pub fn refresh(&mut self, repo: &Repository) -> Result<usize> {
-        self.refresh_dir(&repo.index_dir(), repo.sealer())
+        self.refresh_dir(repo.backend().as_ref(), "index", repo.sealer())
     }
 
-    pub(crate) fn refresh_dir(&mut self, dir: &Path, sealer: &Sealer) -> Result<usize> {
+    pub(crate) fn refresh_dir(
+        &mut self,
+        b: &dyn ReadBackend,
+        dir: &str,
+        sealer: &Sealer,
+    ) -> Result<usize> {
         let mut loaded = 0;
         for _ in 0..MAX_RELISTS {
             let mut vanished = false;
-            for name in list_hex_names(dir, 64)? {
+            for name in list_hex_names(b, dir, 64)? {
                 if self.files.contains(&name) {
                     continue;
                 }
-                match IndexFile::read(&dir.join(&name), sealer) {
+                match IndexFile::read(b, &backend::key(dir, &name), sealer) {
                     Ok(file) => {
                         for (pack, entries) in file.packs {
                             if !self.exclude.contains(&pack) {
@@ -299,14 +319,15 @@ impl Index {
         }
         Err(Error::io(
             "read index files in",
-            dir,
+            b.display_path(dir),
             std::io::Error::other("they keep disappearing while being read"),
         ))
     }
 
     /// An index of the files of `dir` not in `known`, without the packs of `exclude`.
     pub(crate) fn load_new(
-        dir: &Path,
+        b: &dyn ReadBackend,
+        dir: &str,
         exclude: &HashSet<ChunkId>,
         known: &[String],
         sealer: &Sealer,
@@ -316,7 +337,7 @@ impl Index {
             files: known.iter().cloned().collect(),
             ..Index::default()
         };
-        index.refresh_dir(dir, sealer)?;
+        index.refresh_dir(b, dir, sealer)?;
         Ok(index)
     }
 
@@ -459,6 +480,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::backend::local::LocalDir;
     use crate::repo::blob::BlobKind;
     use proptest::prelude::*;
 
@@ -494,14 +516,15 @@ mod tests {
     #[test]
     fn round_trip_and_name_check() {
         let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path());
         let f = sample();
-        let id = f.write_to(dir.path(), &plain()).unwrap();
-        assert_eq!(list_hex_names(dir.path(), 64).unwrap(), vec![id.clone()]);
-        assert_eq!(IndexFile::read(&dir.path().join(&id), &plain()).unwrap(), f);
+        let id = f.write_to(&b, "", &plain()).unwrap();
+        assert_eq!(list_hex_names(&b, "", 64).unwrap(), vec![id.clone()]);
+        assert_eq!(IndexFile::read(&b, &id, &plain()).unwrap(), f);
         let other = dir.path().join("f".repeat(64));
         std::fs::copy(dir.path().join(&id), &other).unwrap();
         assert!(matches!(
-            IndexFile::read(&other, &plain()),
+            IndexFile::read(&b, &"f".repeat(64), &plain()),
             Err(Error::Corrupt { .. })
         ));
         let empty = IndexFile::default();
@@ -514,25 +537,26 @@ mod tests {
     #[test]
     fn sealed_files_are_named_by_their_stored_bytes_and_authenticated() {
         let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path());
         let sealer = crate::repo::seal::testing::encrypted("ab");
         let f = sample();
-        let id = f.write_to(dir.path(), &sealer).unwrap();
+        let id = f.write_to(&b, "", &sealer).unwrap();
         let path = dir.path().join(&id);
         let stored = std::fs::read(&path).unwrap();
         assert_eq!(blake3::hash(&stored).to_hex().as_str(), id);
         assert_eq!(stored.len(), f.encode().len() + 40);
         assert!(!stored.windows(8).any(|w| w == INDEX_MAGIC));
-        assert_eq!(IndexFile::read(&path, &sealer).unwrap(), f);
+        assert_eq!(IndexFile::read(&b, &id, &sealer).unwrap(), f);
         // Same content, another record (fresh salt), another name.
-        assert_ne!(f.write_to(dir.path(), &sealer).unwrap(), id);
-        let mut idx = Index::load_dir(dir.path(), &HashSet::new(), &sealer).unwrap();
+        assert_ne!(f.write_to(&b, "", &sealer).unwrap(), id);
+        let mut idx = Index::load_dir(&b, "", &HashSet::new(), &sealer).unwrap();
         assert_eq!(idx.files().len(), 2);
         assert_eq!(idx.len(), 3);
-        assert_eq!(idx.refresh_dir(dir.path(), &sealer).unwrap(), 0);
+        assert_eq!(idx.refresh_dir(&b, "", &sealer).unwrap(), 0);
         // Renamed: the name check fails before anything is opened.
         let other = dir.path().join("f".repeat(64));
         std::fs::copy(&path, &other).unwrap();
-        let e = IndexFile::read(&other, &sealer).unwrap_err();
+        let e = IndexFile::read(&b, &"f".repeat(64), &sealer).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("not its name"));
         std::fs::remove_file(&other).unwrap();
         // A changed byte, renamed to its new hash: authentication fails, naming the file.
@@ -540,17 +564,17 @@ mod tests {
         bad[30] ^= 1;
         let bad_id = blake3::hash(&bad).to_hex().to_string();
         std::fs::write(dir.path().join(&bad_id), &bad).unwrap();
-        let e = IndexFile::read(&dir.path().join(&bad_id), &sealer).unwrap_err();
+        let e = IndexFile::read(&b, &bad_id, &sealer).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e}");
         assert!(
             e.to_string().contains(&format!("index file {bad_id}")),
             "{e}"
         );
-        assert!(Index::load_dir(dir.path(), &HashSet::new(), &sealer).is_err());
+        assert!(Index::load_dir(&b, "", &HashSet::new(), &sealer).is_err());
         // Another repository's key, and a plain reader, read nothing.
         let other_key = crate::repo::seal::testing::encrypted("cd");
-        assert!(IndexFile::read(&path, &other_key).is_err());
-        assert!(IndexFile::read(&path, &plain()).is_err());
+        assert!(IndexFile::read(&b, &id, &other_key).is_err());
+        assert!(IndexFile::read(&b, &id, &plain()).is_err());
         // Hostile plaintext under the right key is still checked.
         let mut junk = Vec::new();
         let st = sealer.begin_seal(&mut junk);
@@ -563,7 +587,7 @@ mod tests {
         let junk_id = blake3::hash(&junk).to_hex().to_string();
         std::fs::write(dir.path().join(&junk_id), &junk).unwrap();
         assert!(matches!(
-            IndexFile::read(&dir.path().join(&junk_id), &sealer),
+            IndexFile::read(&b, &junk_id, &sealer),
             Err(Error::Corrupt { .. })
         ));
     }
@@ -610,10 +634,11 @@ mod tests {
     #[test]
     fn union_exclusion_fallback_and_vanishing_files() {
         let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path());
         let f1 = sample();
-        let id1 = f1.write_to(dir.path(), &plain()).unwrap();
+        let id1 = f1.write_to(&b, "", &plain()).unwrap();
         let exclude: HashSet<ChunkId> = [ChunkId([0xc0; 32])].into();
-        let mut idx = Index::load_dir(dir.path(), &exclude, &plain()).unwrap();
+        let mut idx = Index::load_dir(&b, "", &exclude, &plain()).unwrap();
         assert_eq!(idx.len(), 2);
         assert!(!idx.contains(&ChunkId([3; 32])));
         assert_eq!(idx.files(), vec![id1.clone()]);
@@ -646,21 +671,21 @@ mod tests {
         let f2 = IndexFile {
             packs: vec![(ChunkId([0x20; 32]), vec![entry(9, 16)])],
         };
-        let id2 = f2.write_to(dir.path(), &plain()).unwrap();
-        assert_eq!(idx.refresh_dir(dir.path(), &plain()).unwrap(), 1);
+        let id2 = f2.write_to(&b, "", &plain()).unwrap();
+        assert_eq!(idx.refresh_dir(&b, "", &plain()).unwrap(), 1);
         assert!(idx.contains(&ChunkId([9; 32])));
-        assert_eq!(idx.refresh_dir(dir.path(), &plain()).unwrap(), 0);
+        assert_eq!(idx.refresh_dir(&b, "", &plain()).unwrap(), 0);
         std::fs::remove_file(dir.path().join(&id1)).unwrap();
         std::fs::remove_file(dir.path().join(&id2)).unwrap();
         let f3 = IndexFile {
             packs: vec![(ChunkId([0x30; 32]), vec![entry(11, 16)])],
         };
-        f3.write_to(dir.path(), &plain()).unwrap();
-        assert_eq!(idx.refresh_dir(dir.path(), &plain()).unwrap(), 1);
+        f3.write_to(&b, "", &plain()).unwrap();
+        assert_eq!(idx.refresh_dir(&b, "", &plain()).unwrap(), 1);
         assert!(idx.contains(&ChunkId([11; 32])));
         // Temporary files are not index files.
         std::fs::write(dir.path().join(".tmp-x"), b"junk").unwrap();
-        assert_eq!(list_hex_names(dir.path(), 64).unwrap().len(), 1);
+        assert_eq!(list_hex_names(&b, "", 64).unwrap().len(), 1);
     }
 
     proptest! {

@@ -15,16 +15,16 @@
 //! journal or place does not open. A record that does not open at the end of the file is a
 //! torn write; anywhere else, or in the header, it is damage: an error naming the journal.
 
+use super::backend::{Log, LogMode, WriteBackend};
 use super::format::*;
-use super::fsio::{TempFile, read_unless_eof};
+use super::fsio::read_unless_eof;
 use super::seal::Sealer;
 use crate::crypto::Kind;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::source::SourceInfo;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// What a journal is the journal of. A resume happens only when all of it matches.
@@ -123,10 +123,10 @@ pub struct Batch {
 }
 
 /// An open journal, appended to by a running backup.
-#[derive(Debug)]
 pub struct Journal {
+    /// Where it is, for messages.
     path: PathBuf,
-    file: File,
+    log: Box<dyn Log>,
     /// The layout of its batches: a resumed older journal is continued in its own layout.
     version: u32,
     sealer: Sealer,
@@ -136,18 +136,25 @@ pub struct Journal {
     next_record: u64,
 }
 
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("next_record", &self.next_record)
+            .finish_non_exhaustive()
+    }
+}
+
 const BATCH_FIXED: usize = 16 + BatchStats::FIELDS * 8;
 
-/// The volume key of the journal at `path` (`journals/<key>.journal`): what its sealed
+/// The volume key of the journal object `name` (`journals/<key>.journal`): what its sealed
 /// records are named by.
-pub fn journal_key(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+pub fn journal_key(name: &str) -> String {
+    let name = super::backend::base_name(name);
     match name.strip_suffix(".journal") {
         Some(key) => key.to_string(),
-        None => name,
+        None => name.to_string(),
     }
 }
 
@@ -156,15 +163,17 @@ fn record_name(key: &str, n: u64) -> Vec<u8> {
     format!("{key}/{n}").into_bytes()
 }
 
-/// Reads the preamble and header of a journal from the start of `file`. `Ok(None)` when it is
-/// not a complete, checksummed journal header; returns the header, the offset where its
-/// batches start and its version. A sealed header that does not open is an error.
+/// Reads the preamble and header of a journal of `len` bytes from the start of `file`, the
+/// journal of volume `key`. `Ok(None)` when it is not a complete, checksummed journal header;
+/// returns the header, the offset where its batches start and its version. A sealed header
+/// that does not open is an error.
 fn read_header_from(
-    file: &mut File,
+    file: &mut dyn Read,
+    len: u64,
+    key: &str,
     path: &Path,
     sealer: &Sealer,
 ) -> Result<Option<(JournalHeader, u64, u32)>> {
-    let len = file.metadata().ctx("stat", path)?.len();
     let mut pre = [0u8; 16];
     if len < 16 || !read_unless_eof(file, &mut pre, path, 0)? || pre[..8] != JOURNAL_MAGIC {
         return Ok(None);
@@ -190,7 +199,6 @@ fn read_header_from(
         }
         let mut rec = vec![0u8; rlen as usize];
         file.read_exact(&mut rec).ctx("read", path)?;
-        let key = journal_key(path);
         let plain = sealer
             .open_in_place(
                 Kind::JournalHeader,
@@ -297,16 +305,16 @@ struct Scanned {
 /// Reads the header and then the valid batches of a journal through `f`; returns the header,
 /// the journal's version and the offset where its valid batches end (a torn tail follows).
 fn scan(
-    file: &mut File,
+    file: &mut dyn Read,
+    len: u64,
+    key: &str,
     path: &Path,
     sealer: &Sealer,
     mut f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
 ) -> Result<Option<Scanned>> {
-    let len = file.metadata().ctx("stat", path)?.len();
-    let Some((header, start, version)) = read_header_from(file, path, sealer)? else {
+    let Some((header, start, version)) = read_header_from(file, len, key, path, sealer)? else {
         return Ok(None);
     };
-    let key = journal_key(path);
     let overhead = sealer.overhead();
     // Plain: u32 length, payload, BLAKE3 (32); sealed: u32 length, record.
     let trailer = if sealer.is_encrypted() { 0 } else { 32 };
@@ -333,7 +341,7 @@ fn scan(
         }
         let body = if sealer.is_encrypted() {
             let what = format!("resume journal batch record {nrec}");
-            let name = record_name(&key, nrec);
+            let name = record_name(key, nrec);
             match sealer.open_in_place(Kind::JournalRecord, &name, &mut payload, &what, path) {
                 Ok(plain) => plain,
                 // The last thing in the file: a torn write.
@@ -389,46 +397,74 @@ fn scan(
     }))
 }
 
-impl Journal {
-    /// Creates a new journal at `path` (replacing any old one) atomically, stored as
-    /// `sealer` says.
-    pub fn create(path: &Path, header: &JournalHeader, sealer: &Sealer) -> Result<Journal> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = TempFile::create_in(dir, ".journal")?;
-        tmp.file()
-            .write_all(&header_bytes(header, sealer, &journal_key(path))?)
-            .ctx("write", tmp.path())?;
-        tmp.persist(path, true)?;
-        Self::open_append(path, JOURNAL_VERSION, sealer, 0)
-    }
+/// An open log, its length before the scan, and what the scan found.
+type OpenedLog = (Box<dyn Log>, u64, Scanned);
 
-    fn open_append(
-        path: &Path,
-        version: u32,
+/// Opens journal `name` of `b` as `mode` says and scans it through `f`: the log, its
+/// length before the scan and what the scan found (`None`: no log, or no usable header).
+fn open_and_scan(
+    b: &dyn WriteBackend,
+    name: &str,
+    mode: LogMode,
+    sealer: &Sealer,
+    f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
+) -> Result<Option<OpenedLog>> {
+    let path = b.display_path(name);
+    let Some(mut log) = b.open_log(name, mode)? else {
+        return Ok(None);
+    };
+    let len = log.len();
+    let key = journal_key(name);
+    let scanned = {
+        let mut reader = log.reader()?;
+        scan(&mut reader, len, &key, &path, sealer, f)?
+    };
+    Ok(scanned.map(|sc| (log, len, sc)))
+}
+
+impl Journal {
+    /// Creates a new journal `name` of `b` (`journals/<key>.journal`), replacing any old one
+    /// atomically, stored as `sealer` says.
+    pub fn create(
+        b: &dyn WriteBackend,
+        name: &str,
+        header: &JournalHeader,
         sealer: &Sealer,
-        next_record: u64,
     ) -> Result<Journal> {
-        let mut file = super::fsio::open_regular(path, true, "open journal")?;
-        file.seek(SeekFrom::End(0)).ctx("seek", path)?;
+        let path = b.display_path(name);
+        let key = journal_key(name);
+        let bytes = header_bytes(header, sealer, &key)?;
+        let Some(mut log) = b.open_log(name, LogMode::Create)? else {
+            return Err(Error::internal(
+                "backup journal",
+                "a created log is missing",
+            ));
+        };
+        log.append(&bytes)?;
         Ok(Journal {
-            path: path.to_path_buf(),
-            file,
-            version,
+            path,
+            log,
+            version: JOURNAL_VERSION,
             sealer: sealer.clone(),
-            key: journal_key(path),
-            next_record,
+            key,
+            next_record: 0,
         })
     }
 
-    /// Reads only the header of the journal at `path`; `None` when there is no usable one.
+    /// Reads only the header of journal `name` of `b`; `None` when there is no usable one.
     /// A sealed header that does not open is an error naming the journal.
-    pub fn read_header(path: &Path, sealer: &Sealer) -> Result<Option<JournalHeader>> {
-        let mut file = match super::fsio::open_regular(path, false, "open journal") {
-            Ok(f) => f,
-            Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(e),
+    pub fn read_header(
+        b: &dyn WriteBackend,
+        name: &str,
+        sealer: &Sealer,
+    ) -> Result<Option<JournalHeader>> {
+        let path = b.display_path(name);
+        let Some(mut log) = b.open_log(name, LogMode::Read)? else {
+            return Ok(None);
         };
-        match read_header_from(&mut file, path, sealer) {
+        let len = log.len();
+        let mut reader = log.reader()?;
+        match read_header_from(&mut reader, len, &journal_key(name), &path, sealer) {
             Ok(h) => Ok(h.map(|(h, _, _)| h)),
             // A journal of another version is not resumable; `resume` reports it.
             Err(Error::UnsupportedVersion { .. }) => Ok(None),
@@ -438,46 +474,41 @@ impl Journal {
 
     /// Opens an existing journal, replays its valid batches through `f` in order, cuts off a
     /// torn tail and returns the journal ready for appending, with its header.
-    /// `Ok(None)` when the file does not exist or its header is unreadable (a journal whose
+    /// `Ok(None)` when there is no journal or its header is unreadable (a journal whose
     /// header never became durable holds nothing worth resuming).
     pub fn resume(
-        path: &Path,
+        b: &dyn WriteBackend,
+        name: &str,
         sealer: &Sealer,
         f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
     ) -> Result<Option<(Journal, JournalHeader)>> {
-        let mut file = match super::fsio::open_regular(path, true, "open journal") {
-            Ok(f) => f,
-            Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let Some(sc) = scan(&mut file, path, sealer, f)? else {
+        let Some((mut log, len, sc)) = open_and_scan(b, name, LogMode::Open, sealer, f)? else {
             return Ok(None);
         };
-        let len = file.metadata().ctx("stat", path)?.len();
         if sc.valid_end < len {
-            file.set_len(sc.valid_end)
-                .ctx("truncate torn journal", path)?;
-            file.sync_data().ctx("flush", path)?;
+            log.truncate(sc.valid_end)?;
         }
-        drop(file);
-        let journal = Self::open_append(path, sc.version, sealer, sc.records)?;
+        let journal = Journal {
+            path: b.display_path(name),
+            log,
+            version: sc.version,
+            sealer: sealer.clone(),
+            key: journal_key(name),
+            next_record: sc.records,
+        };
         Ok(Some((journal, sc.header)))
     }
 
-    /// Reads the valid batches of the journal at `path` through `f`, in order, changing
+    /// Reads the valid batches of journal `name` of `b` through `f`, in order, changing
     /// nothing (a resume checks them before it commits to resuming). Returns the header, or
     /// `None` when there is no usable journal.
     pub fn read_batches(
-        path: &Path,
+        b: &dyn WriteBackend,
+        name: &str,
         sealer: &Sealer,
         f: impl FnMut(&JournalHeader, Batch) -> Result<()>,
     ) -> Result<Option<JournalHeader>> {
-        let mut file = match super::fsio::open_regular(path, false, "open journal") {
-            Ok(f) => f,
-            Err(e) if super::fsio::is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        Ok(scan(&mut file, path, sealer, f)?.map(|sc| sc.header))
+        Ok(open_and_scan(b, name, LogMode::Read, sealer, f)?.map(|(_, _, sc)| sc.header))
     }
 
     /// Appends a batch and makes it durable. `unreadable` lists the byte ranges of its blocks
@@ -535,22 +566,14 @@ impl Journal {
         let body = u32::try_from(body)
             .map_err(|_| Error::internal("backup journal", format!("a {body}-byte batch")))?;
         rec[..4].copy_from_slice(&body.to_le_bytes());
-        self.file
-            .write_all(&rec)
-            .ctx("append to journal", &self.path)?;
-        self.file.sync_data().ctx("flush journal", &self.path)?;
+        self.log.append(&rec)?;
         self.next_record += 1;
         Ok(())
     }
 
     /// Deletes the journal (the snapshot it led to is committed).
     pub fn remove(self) -> Result<()> {
-        drop(self.file);
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove journal", &self.path, e)),
-        }
+        self.log.remove()
     }
 }
 
@@ -560,6 +583,7 @@ mod tests {
     use crate::hash::HashAlgorithm;
     use crate::repo::format::{BlockRef, encode_run};
     use proptest::prelude::*;
+    use std::io::Write;
 
     fn header() -> JournalHeader {
         JournalHeader {
@@ -603,7 +627,9 @@ mod tests {
     fn batches_round_trip_with(sealer: Sealer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.journal");
-        let mut j = Journal::create(&path, &header(), &sealer).unwrap();
+        let b = crate::repo::backend::local::LocalDir::new(dir.path());
+        let name = "j.journal";
+        let mut j = Journal::create(&b, name, &header(), &sealer).unwrap();
         let mut recs = Vec::new();
         encode_run(&mut recs, BlockRef::Zero, 4);
         j.append(
@@ -625,7 +651,7 @@ mod tests {
         f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         drop(f);
         let mut got = Vec::new();
-        let (_, h) = Journal::resume(&path, &sealer, |_, b| {
+        let (_, h) = Journal::resume(&b, name, &sealer, |_, b| {
             got.push((b.first_block, b.block_count, b.unreadable));
             Ok(())
         })
@@ -649,8 +675,10 @@ mod tests {
 
     fn part_records_round_trip_with(sealer: Sealer) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j.journal");
-        let mut j = Journal::create(&path, &header(), &sealer).unwrap();
+        let _path = dir.path().join("j.journal");
+        let b = crate::repo::backend::local::LocalDir::new(dir.path());
+        let name = "j.journal";
+        let mut j = Journal::create(&b, name, &header(), &sealer).unwrap();
         let blob = crate::hash::ChunkId([7; 32]);
         let mut recs = Vec::new();
         encode_run(&mut recs, BlockRef::Part { blob, index: 2 }, 5);
@@ -658,7 +686,7 @@ mod tests {
         j.append(0, 8, &BatchStats::default(), &[], &recs).unwrap();
         drop(j);
         let mut got = Vec::new();
-        let (j, _) = Journal::resume(&path, &sealer, |_, b| {
+        let (j, _) = Journal::resume(&b, name, &sealer, |_, b| {
             crate::repo::format::decode_records(&b.records, b.block_count, |r, n| got.push((r, n)))
                 .unwrap();
             Ok(())
@@ -683,22 +711,24 @@ mod tests {
     fn next_version_with(sealer: Sealer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.journal");
-        drop(Journal::create(&path, &header(), &sealer).unwrap());
+        let b = crate::repo::backend::local::LocalDir::new(dir.path());
+        let name = "j.journal";
+        drop(Journal::create(&b, name, &header(), &sealer).unwrap());
         crate::error::testing::set_version(&path, JOURNAL_VERSION + 1);
         let bytes = std::fs::read(&path).unwrap();
-        let e = Journal::resume(&path, &sealer, |_, _| Ok(()))
+        let e = Journal::resume(&b, name, &sealer, |_, _| Ok(()))
             .err()
             .unwrap();
         assert!(
             crate::error::testing::is_next_version(&e, "resume journal", JOURNAL_VERSION),
             "{e}"
         );
-        let e = Journal::read_batches(&path, &sealer, |_, _| Ok(()))
+        let e = Journal::read_batches(&b, name, &sealer, |_, _| Ok(()))
             .err()
             .unwrap();
         assert!(matches!(e, Error::UnsupportedVersion { .. }), "{e}");
         // Reading only the header treats it as no journal; `resume` reports the version.
-        assert!(Journal::read_header(&path, &sealer).unwrap().is_none());
+        assert!(Journal::read_header(&b, name, &sealer).unwrap().is_none());
         // The file was left as it was.
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
@@ -711,7 +741,9 @@ mod tests {
         let sealer = sealed();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.journal");
-        let mut j = Journal::create(&path, &header(), &sealer).unwrap();
+        let b = crate::repo::backend::local::LocalDir::new(dir.path());
+        let name = "k.journal";
+        let mut j = Journal::create(&b, name, &header(), &sealer).unwrap();
         let mut recs = Vec::new();
         encode_run(&mut recs, BlockRef::Zero, 4);
         j.append(0, 4, &BatchStats::default(), &[(7, 9)], &recs)
@@ -720,22 +752,22 @@ mod tests {
         drop(j);
         let bytes = std::fs::read(&path).unwrap();
         assert!(!bytes.windows(10).any(|w| w == b"volume_key"));
-        let count = |p: &Path| {
+        let count = |p: &str| {
             let mut n = 0;
-            Journal::read_batches(p, &sealer, |_, _| {
+            Journal::read_batches(&b, p, &sealer, |_, _| {
                 n += 1;
                 Ok(())
             })
             .map(|h| (h.is_some(), n))
         };
-        assert_eq!(count(&path).unwrap(), (true, 2));
+        assert_eq!(count(name).unwrap(), (true, 2));
         // Resumed: the next record continues the numbering.
-        let (mut j, _) = Journal::resume(&path, &sealer, |_, _| Ok(()))
+        let (mut j, _) = Journal::resume(&b, name, &sealer, |_, _| Ok(()))
             .unwrap()
             .unwrap();
         j.append(8, 4, &BatchStats::default(), &[], &recs).unwrap();
         drop(j);
-        assert_eq!(count(&path).unwrap(), (true, 3));
+        assert_eq!(count(name).unwrap(), (true, 3));
         let good = std::fs::read(&path).unwrap();
         let hlen = le_u32(&good, 12) as usize;
         let r0 = 16 + hlen;
@@ -746,14 +778,14 @@ mod tests {
         // A torn tail (a cut last record, or junk) is cut off.
         for cut in [good.len() - 1, good.len() - 30] {
             std::fs::write(&path, &good[..cut]).unwrap();
-            assert_eq!(count(&path).unwrap(), (true, 2), "cut {cut}");
+            assert_eq!(count(name).unwrap(), (true, 2), "cut {cut}");
         }
         let mut junk = good.clone();
         let n = junk.len();
         junk[n - 5] ^= 1;
         std::fs::write(&path, &junk).unwrap();
-        assert_eq!(count(&path).unwrap(), (true, 2));
-        let (j, _) = Journal::resume(&path, &sealer, |_, _| Ok(()))
+        assert_eq!(count(name).unwrap(), (true, 2));
+        let (j, _) = Journal::resume(&b, name, &sealer, |_, _| Ok(()))
             .unwrap()
             .unwrap();
         drop(j);
@@ -762,7 +794,7 @@ mod tests {
         let mut bad = good.clone();
         bad[r0 + 30] ^= 1;
         std::fs::write(&path, &bad).unwrap();
-        let e = Journal::read_batches(&path, &sealer, |_, _| Ok(())).unwrap_err();
+        let e = Journal::read_batches(&b, name, &sealer, |_, _| Ok(())).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e}");
         let msg = e.to_string();
         assert!(
@@ -775,28 +807,28 @@ mod tests {
         swapped.extend_from_slice(&good[r0..r1]);
         swapped.extend_from_slice(&good[r2..]);
         std::fs::write(&path, &swapped).unwrap();
-        assert!(Journal::read_batches(&path, &sealer, |_, _| Ok(())).is_err());
+        assert!(Journal::read_batches(&b, name, &sealer, |_, _| Ok(())).is_err());
         // The journal of another volume: its header does not open under this name.
         let other = dir.path().join("other.journal");
         std::fs::write(&other, &good).unwrap();
-        let e = Journal::read_header(&other, &sealer).unwrap_err();
+        let e = Journal::read_header(&b, "other.journal", &sealer).unwrap_err();
         assert!(e.to_string().contains("other.journal"), "{e}");
         assert!(e.to_string().contains("remove the file"), "{e}");
         // A plain reader finds no usable header; the right one under another key neither.
         std::fs::write(&path, &good).unwrap();
-        assert!(Journal::read_header(&path, &plain()).unwrap().is_none());
+        assert!(Journal::read_header(&b, name, &plain()).unwrap().is_none());
         let wrong = crate::repo::seal::testing::encrypted("78");
-        assert!(Journal::read_header(&path, &wrong).is_err());
+        assert!(Journal::read_header(&b, name, &wrong).is_err());
         // Hostile lengths are refused before allocating.
         let mut huge = good[..r0].to_vec();
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&[0; 100]);
         std::fs::write(&path, &huge).unwrap();
-        assert_eq!(count(&path).unwrap(), (true, 0));
+        assert_eq!(count(name).unwrap(), (true, 0));
         let mut hdr = good[..16].to_vec();
         hdr[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         std::fs::write(&path, &hdr).unwrap();
-        assert_eq!(count(&path).unwrap(), (false, 0));
+        assert_eq!(count(name).unwrap(), (false, 0));
     }
 
     proptest! {

@@ -84,6 +84,7 @@
 //! deletion happens after what replaces it is durable.
 
 pub mod address;
+pub mod backend;
 pub mod blob;
 pub mod blobs;
 pub mod chunks;
@@ -453,6 +454,8 @@ pub fn sort_snapshots(list: &mut [SnapshotEntry]) {
 #[derive(Debug)]
 pub struct Repository {
     root: PathBuf,
+    /// Where the objects are.
+    backend: Arc<dyn backend::WriteBackend>,
     // Boxed: a `Repository` is moved around by value (open::Target) and the config is large.
     config: Box<Config>,
     chunks: ChunkStore,
@@ -723,6 +726,7 @@ impl Repository {
         let chunks = ChunkStore::new(path.join("chunks"), config.chunk_hash, fsync_each);
         Ok(Repository {
             root: path.to_path_buf(),
+            backend: Arc::new(backend::local::LocalDir::new(path)),
             config: Box::new(config),
             chunks,
             blobs: OnceLock::new(),
@@ -797,6 +801,11 @@ impl Repository {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where the repository's objects are stored.
+    pub fn backend(&self) -> &Arc<dyn backend::WriteBackend> {
+        &self.backend
     }
 
     pub fn config(&self) -> &Config {

@@ -9,26 +9,22 @@
 //! the previous checkpoint; then it loads index files other writers wrote meanwhile.
 
 use super::Repository;
+use super::backend::WriteBackend;
 use super::blob::{BlobEntry, BlobKind, BlobSink};
 use super::blobs::BlobStore;
 use super::format::MAX_FRAME_RAW;
 use super::index::IndexFile;
 use super::pack::{FrameEncoder, PackWriter};
 use super::seal::Sealer;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::hash::ChunkId;
-use crate::platform;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Writes packs of one writer (thread-safe).
 pub struct Packer {
     store: Arc<BlobStore>,
-    root: PathBuf,
-    tmp_dir: PathBuf,
-    packs_dir: PathBuf,
-    index_dir: PathBuf,
+    backend: Arc<dyn WriteBackend>,
     pack_size: u64,
     zstd_level: i32,
     sealer: Sealer,
@@ -48,7 +44,7 @@ struct State {
 impl std::fmt::Debug for Packer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Packer")
-            .field("packs_dir", &self.packs_dir)
+            .field("backend", &self.backend)
             .field("pack_size", &self.pack_size)
             .field("packs_written", &self.packs_written())
             .finish_non_exhaustive()
@@ -61,10 +57,7 @@ impl Packer {
         repo.require_format2("write packs")?;
         Ok(Packer {
             store,
-            root: repo.root().to_path_buf(),
-            tmp_dir: repo.tmp_dir(),
-            packs_dir: repo.packs_dir(),
-            index_dir: repo.index_dir(),
+            backend: repo.backend().clone(),
             pack_size: u64::from(repo.config().pack_size),
             zstd_level: repo.config().zstd_level,
             sealer: repo.sealer().clone(),
@@ -76,6 +69,11 @@ impl Packer {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where the packs go.
+    pub fn backend(&self) -> &Arc<dyn WriteBackend> {
+        &self.backend
     }
 
     /// How the repository stores frames ([`FrameEncoder::new`] takes it).
@@ -95,7 +93,7 @@ impl Packer {
         let mut state = self.state();
         let mut writer = match state.open.take() {
             Some(w) => w,
-            None => PackWriter::create(&self.tmp_dir, &self.sealer)?,
+            None => PackWriter::create(self.backend.as_ref(), &self.sealer)?,
         };
         if let Err(e) = writer.add_frame(stored, raw_len, blobs) {
             // A failed append may have left part of a frame: this pack is abandoned (its
@@ -116,7 +114,7 @@ impl Packer {
     /// Finishes `writer`'s pack and makes its blobs readable through the store.
     fn seal(&self, state: &mut State, writer: PackWriter) -> Result<()> {
         let ids: Vec<ChunkId> = writer.entries().iter().map(|e| e.id).collect();
-        let finished = writer.finish(&self.packs_dir);
+        let finished = writer.finish();
         let (pack, entries) = match finished {
             Ok(f) => f,
             Err(e) => {
@@ -143,24 +141,13 @@ impl Packer {
             self.seal(&mut state, writer)?;
         }
         if !state.finished.is_empty() {
-            let synced = platform::sync_filesystem(&self.root).ctx("flush", &self.root)?;
-            if !synced {
-                // Each pack was flushed when finished; their names need their directories.
-                let mut dirs: Vec<PathBuf> = state
-                    .finished
-                    .iter()
-                    .map(|(p, _)| self.packs_dir.join(&p.to_hex()[..2]))
-                    .collect();
-                dirs.sort();
-                dirs.dedup();
-                for d in dirs {
-                    platform::sync_dir(&d).ctx("flush directory", &d)?;
-                }
-            }
+            // Every pack is durable (and, on object storage, uploaded) before an index
+            // file names it.
+            self.backend.barrier()?;
             let file = IndexFile {
                 packs: std::mem::take(&mut state.finished),
             };
-            match file.write_to(&self.index_dir, &self.sealer) {
+            match file.write_to(self.backend.as_ref(), "index", &self.sealer) {
                 Ok(id) => self.store.mark_index_loaded(&id),
                 Err(e) => {
                     state.finished = file.packs;

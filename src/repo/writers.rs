@@ -13,21 +13,18 @@
 //! read as a live writer that knows nothing, the safe reading.
 
 use super::Repository;
+use super::backend::{self, Marker, PutMode, ReadBackend};
 use super::fsio;
-use super::index::{is_hex_name, list_hex_names};
+use super::index::{self, is_hex_name, list_hex_names};
 use super::seal::Sealer;
 use crate::crypto::Kind;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::platform;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 
 /// Largest pending record or marker read (against hostile files): a million packs.
 const MAX_RECORD_LEN: u64 = 256 << 20;
-const MAX_MARKER_LEN: u64 = 16 << 20;
 
 /// A prune's condemnation record, `pending/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +46,20 @@ struct PendingJson {
 /// Every pending record of `repo`, sorted by id. A record removed while being listed is
 /// skipped; a damaged one is an error naming it.
 pub fn read_pending(repo: &Repository) -> Result<Vec<PendingRecord>> {
-    read_pending_dir(&repo.pending_dir(), repo.sealer())
+    read_pending_dir(repo.backend().as_ref(), PENDING_DIR, repo.sealer())
 }
 
-pub(crate) fn read_pending_dir(dir: &Path, sealer: &Sealer) -> Result<Vec<PendingRecord>> {
+/// Where pending records are.
+const PENDING_DIR: &str = "pending";
+
+pub(crate) fn read_pending_dir(
+    b: &dyn ReadBackend,
+    dir: &str,
+    sealer: &Sealer,
+) -> Result<Vec<PendingRecord>> {
     let mut out = Vec::new();
-    for id in list_hex_names(dir, 32)? {
-        if let Some(r) = read_record(dir, id, sealer)? {
+    for id in list_hex_names(b, dir, 32)? {
+        if let Some(r) = read_record(b, dir, id, sealer)? {
             out.push(r);
         }
     }
@@ -64,10 +68,14 @@ pub(crate) fn read_pending_dir(dir: &Path, sealer: &Sealer) -> Result<Vec<Pendin
 
 /// The pending records of `dir` that can be read; damaged ones are skipped (a reader only
 /// uses them to find packs still readable, `verify` and `prune` report the damage).
-pub(crate) fn read_pending_dir_lenient(dir: &Path, sealer: &Sealer) -> Result<Vec<PendingRecord>> {
+pub(crate) fn read_pending_dir_lenient(
+    b: &dyn ReadBackend,
+    dir: &str,
+    sealer: &Sealer,
+) -> Result<Vec<PendingRecord>> {
     let mut out = Vec::new();
-    for id in list_hex_names(dir, 32)? {
-        match read_record(dir, id, sealer) {
+    for id in list_hex_names(b, dir, 32)? {
+        match read_record(b, dir, id, sealer) {
             Ok(Some(r)) => out.push(r),
             Ok(None) | Err(Error::Corrupt { .. }) | Err(Error::NotRegularFile { .. }) => {}
             Err(e) => return Err(e),
@@ -77,10 +85,16 @@ pub(crate) fn read_pending_dir_lenient(dir: &Path, sealer: &Sealer) -> Result<Ve
 }
 
 /// Pending record `id` of `dir`; `None` when it was removed meanwhile.
-fn read_record(dir: &Path, id: String, sealer: &Sealer) -> Result<Option<PendingRecord>> {
-    let path = dir.join(&id);
+fn read_record(
+    b: &dyn ReadBackend,
+    dir: &str,
+    id: String,
+    sealer: &Sealer,
+) -> Result<Option<PendingRecord>> {
+    let key = backend::key(dir, &id);
+    let path = b.display_path(&key);
     let limit = MAX_RECORD_LEN + sealer.overhead() as u64;
-    let mut bytes = match fsio::read_limited(&path, limit, "pending record") {
+    let mut bytes = match b.get(&key, limit, "pending record") {
         Ok(b) => b,
         Err(e) if fsio::is_not_found(&e) => return Ok(None),
         Err(e) => return Err(e),
@@ -117,22 +131,16 @@ pub fn write_pending(repo: &Repository, packs: &[ChunkId], index: &[String]) -> 
         serde_json::to_vec(&json).map_err(|e| Error::internal("pending record", e.to_string()))?;
     let id = fsio::random_hex(16);
     let stored = repo.sealer().seal(Kind::Pending, id.as_bytes(), &bytes)?;
-    fsio::atomic_write(&repo.pending_dir().join(&id), &stored)?;
+    let key = backend::key(PENDING_DIR, &id);
+    repo.backend().put(&key, &stored, PutMode::Overwrite)?;
     Ok(id)
 }
 
 /// Removes pending record `id` durably; a record already gone is fine.
 pub fn remove_pending(repo: &Repository, id: &str) -> Result<()> {
-    remove_durably(&repo.pending_dir(), id)
-}
-
-fn remove_durably(dir: &Path, name: &str) -> Result<()> {
-    let path = dir.join(name);
-    match std::fs::remove_file(&path) {
-        Ok(()) => platform::sync_dir(dir).ctx("flush directory", dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", &path, e)),
-    }
+    repo.backend()
+        .delete(&backend::key(PENDING_DIR, id))
+        .map(|_| ())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -143,91 +151,88 @@ struct MarkerJson {
     knows: Vec<String>,
 }
 
-/// A running writer's marker `writers/<id>`: holds its exclusive lock; dropping removes the
-/// file (while still locked, so nobody mistakes it for a dead writer's) and releases it.
-#[derive(Debug)]
+/// A running writer's marker `writers/<id>`, kept alive by its backend (locked, or a
+/// refreshed lease) until dropped, which removes it.
 pub struct WriterMarker {
     id: String,
-    path: PathBuf,
-    file: Option<File>,
+    marker: Box<dyn Marker>,
     sealer: Sealer,
 }
 
+impl std::fmt::Debug for WriterMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterMarker")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
 impl WriterMarker {
-    /// The marker's id (its file name).
+    /// The marker's id (its object name).
     pub fn id(&self) -> &str {
         &self.id
     }
 
-    /// Replaces the marker's content (fsynced): a reader of a half-written marker takes it
-    /// for a live writer that knows nothing, the safe reading.
-    fn write(&self, json: &MarkerJson) -> Result<()> {
-        let json = serde_json::to_vec(json)
-            .map_err(|e| Error::internal("writer marker", e.to_string()))?;
-        let bytes = self.sealer.seal(Kind::Writer, self.id.as_bytes(), &json)?;
-        let Some(mut f) = self.file.as_ref() else {
-            return Err(Error::internal("writer marker", "marker already released"));
-        };
-        f.set_len(0).ctx("write", &self.path)?;
-        platform::write_all_at(f, &bytes, 0).ctx("write", &self.path)?;
-        f.flush().ctx("write", &self.path)?;
-        f.sync_all().ctx("flush", &self.path)
+    /// Ok while the marker surely still protects this writer (a lease that could not be
+    /// refreshed in time is an error: stop before relying on it).
+    pub fn check(&self) -> Result<()> {
+        self.marker.check()
+    }
+
+    /// Replaces the marker's content, atomically or so that a reader of a half-written
+    /// marker takes it for a live writer that knows nothing, the safe reading.
+    fn write(&mut self, json: &MarkerJson) -> Result<()> {
+        let bytes = seal_marker(&self.sealer, &self.id, json)?;
+        self.marker.write(&bytes)
     }
 }
 
-impl Drop for WriterMarker {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        self.file.take();
-    }
+fn seal_marker(sealer: &Sealer, id: &str, json: &MarkerJson) -> Result<Vec<u8>> {
+    let json =
+        serde_json::to_vec(json).map_err(|e| Error::internal("writer marker", e.to_string()))?;
+    sealer
+        .seal(Kind::Writer, id.as_bytes(), &json)
+        .map(|c| c.into_owned())
 }
 
-/// Creates this process's writer marker (locked), reads the pending records, and records in
-/// the marker that it knows them, in that order (docs/FORMAT.md F2.8): a prune that wrote a
+/// Creates this process's writer marker, reads the pending records, and records in the
+/// marker that it knows them, in that order (docs/FORMAT.md F2.8): a prune that wrote a
 /// record after the read waits for this writer, one whose record was read has its packs left
 /// out of this writer's index.
 pub fn register_writer(repo: &Repository) -> Result<(WriterMarker, Vec<PendingRecord>)> {
-    let dir = repo.writers_dir();
-    std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-    let marker = create_marker(&dir, repo.sealer())?;
     let mut json = MarkerJson {
         pid: std::process::id(),
         host: platform::hostname(),
         started: crate::time::rfc3339(crate::time::now_unix()),
         knows: Vec::new(),
     };
-    marker.write(&json)?;
-    platform::sync_dir(&dir).ctx("flush directory", &dir)?;
-    let pending = read_pending(repo)?;
-    json.knows = pending.iter().map(|p| p.id.clone()).collect();
-    marker.write(&json)?;
-    Ok((marker, pending))
-}
-
-fn create_marker(dir: &Path, sealer: &Sealer) -> Result<WriterMarker> {
-    for _ in 0..1000 {
+    let mut last = None;
+    for _ in 0..100 {
         let id = fsio::random_hex(16);
-        let path = dir.join(&id);
-        let file = match platform::open_no_follow(&path, true, true) {
-            Ok(f) => f,
-            Err(e) => return Err(Error::io("create writer marker", &path, e)),
-        };
-        file.lock().ctx("lock", &path)?;
-        // A `live_writers` that took the lock between the create and ours removed the
-        // name as a dead writer's: start over under a new one.
-        if platform::path_names_file(&path, &file).unwrap_or(false) {
-            return Ok(WriterMarker {
-                id,
-                path,
-                file: Some(file),
-                sealer: sealer.clone(),
-            });
+        let payload = seal_marker(repo.sealer(), &id, &json)?;
+        match repo.backend().create_marker(&id, &payload) {
+            Ok(marker) => {
+                let mut marker = WriterMarker {
+                    id,
+                    marker,
+                    sealer: repo.sealer().clone(),
+                };
+                let pending = read_pending(repo)?;
+                json.knows = pending.iter().map(|p| p.id.clone()).collect();
+                marker.write(&json)?;
+                return Ok((marker, pending));
+            }
+            // Taken away by a cleaner between its creation and its lock: another name.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                last = Some(source);
+            }
+            Err(e) => return Err(e),
         }
     }
     Err(Error::io(
         "create writer marker in",
-        dir,
-        std::io::Error::other("it keeps disappearing after creation"),
+        repo.backend().display_path("writers"),
+        last.unwrap_or_else(|| std::io::Error::other("it keeps disappearing after creation")),
     ))
 }
 
@@ -244,50 +249,29 @@ pub struct WriterInfo {
 /// The live writers of `repo`, sorted by id. Markers of dead writers (their lock can be
 /// taken) are removed.
 pub fn live_writers(repo: &Repository) -> Result<Vec<WriterInfo>> {
-    let dir = repo.writers_dir();
     let mut out = Vec::new();
-    let names = match list_hex_names(&dir, 32) {
-        Ok(n) => n,
-        Err(e) if fsio::is_not_found(&e) => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for id in names {
-        let path = dir.join(&id);
-        let mut file = match fsio::open_regular(&path, false, "open") {
-            Ok(f) => f,
-            Err(e) if fsio::is_not_found(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        match file.try_lock() {
-            Ok(()) => {
-                // Dead: still the file that was locked (not a new writer's under that name)?
-                if platform::path_names_file(&path, &file).unwrap_or(false) {
-                    remove_durably(&dir, &id)?;
-                }
-                continue;
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {}
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+    for (id, bytes) in repo.backend().live_markers()? {
+        if !index::is_hex_name(&id, 32) {
+            continue;
         }
-        let mut bytes = Vec::new();
-        (&mut file)
-            .take(MAX_MARKER_LEN + repo.sealer().overhead() as u64)
-            .read_to_end(&mut bytes)
-            .ctx("read", &path)?;
+        let path = repo.backend().display_path(&backend::key("writers", &id));
         let what = format!("writer marker {id}");
-        let opened =
-            repo.sealer()
-                .open_in_place(Kind::Writer, id.as_bytes(), &mut bytes, &what, &path);
-        let json = opened.ok().and_then(|plain| bytes.get(plain));
-        let info = match json.map(serde_json::from_slice::<MarkerJson>) {
-            Some(Ok(j)) => WriterInfo {
+        let json = bytes.and_then(|mut bytes| {
+            let plain = repo
+                .sealer()
+                .open_in_place(Kind::Writer, id.as_bytes(), &mut bytes, &what, &path)
+                .ok()?;
+            serde_json::from_slice::<MarkerJson>(bytes.get(plain)?).ok()
+        });
+        let info = match json {
+            Some(j) => WriterInfo {
                 id,
                 pid: j.pid,
                 host: j.host,
                 started: j.started,
                 knows: j.knows,
             },
-            _ => WriterInfo {
+            None => WriterInfo {
                 id,
                 pid: 0,
                 host: String::new(),
@@ -297,6 +281,7 @@ pub fn live_writers(repo: &Repository) -> Result<Vec<WriterInfo>> {
         };
         out.push(info);
     }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }
 
@@ -329,7 +314,7 @@ mod tests {
         assert!(matches!(read_pending(&r), Err(Error::Corrupt { .. })));
         // Readers skip it: they only look for packs still readable.
         assert_eq!(
-            read_pending_dir_lenient(&r.pending_dir(), r.sealer())
+            read_pending_dir_lenient(r.backend().as_ref(), "pending", r.sealer())
                 .unwrap()
                 .len(),
             1
@@ -389,7 +374,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            read_pending_dir_lenient(&r.pending_dir(), r.sealer())
+            read_pending_dir_lenient(r.backend().as_ref(), "pending", r.sealer())
                 .unwrap()
                 .len(),
             1
@@ -397,7 +382,7 @@ mod tests {
         std::fs::remove_file(r.pending_dir().join(&moved)).unwrap();
         // A plain reader sees no JSON.
         let plain = Sealer::plain(crate::hash::HashAlgorithm::Blake3);
-        assert!(read_pending_dir(&r.pending_dir(), &plain).is_err());
+        assert!(read_pending_dir(r.backend().as_ref(), "pending", &plain).is_err());
         // Markers: sealed, read back; one that does not open knows nothing.
         let (marker, known) = register_writer(&r).unwrap();
         assert_eq!(known.len(), 1);

@@ -12,15 +12,13 @@
 //! blob is dropped from the index (by a prune, after `forget` of the snapshots that need it).
 
 use super::{Problem, VerifyOptions, VerifyReport, open_snapshot, parallel_map, thread_count};
-use crate::error::{Error, IoContext, Result, chain};
+use crate::error::{Error, Result, chain};
 use crate::hash::ChunkId;
-use crate::platform;
 use crate::progress::Progress;
 use crate::prune::{mark, plan, sweep};
 use crate::repo::Repository;
 use crate::repo::blob::{BlobEntry, BlobKind, BlobSource};
 use crate::repo::blobs::BlobStore;
-use crate::repo::fsio;
 use crate::repo::index::{IndexFile, list_index_files};
 use crate::repo::pack::{FrameEncoder, read_frame_raw, read_pack_table};
 use crate::repo::seal::Sealer;
@@ -47,7 +45,7 @@ pub(super) fn verify(
     let mut files = list_index_files(repo)?;
     files.sort();
     for f in &files {
-        match IndexFile::read(&repo.index_dir().join(f), sealer) {
+        match IndexFile::read(repo.backend().as_ref(), &format!("index/{f}"), sealer) {
             Ok(idx) => {
                 for (pack, entries) in idx.packs {
                     named_by.entry(pack).or_insert_with(|| f.clone());
@@ -75,23 +73,18 @@ pub(super) fn verify(
     // after the snapshots are read): a pack lost or set aside whose blobs a later backup
     // stored again is healed.
     let mut missing: Vec<ChunkId> = Vec::new();
+    // One listing of the packs, not a look at each (a request per pack on object storage).
+    let stored: HashSet<ChunkId> = sweep::list_pack_files(repo, None)?
+        .0
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
     for p in &packs {
-        let path = sweep::pack_path(repo, p);
-        match std::fs::symlink_metadata(&path) {
-            Ok(_) => {
-                present.push(*p);
-                usable.extend(tables[p].iter().map(|e| e.id));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !condemned.contains(p) {
-                    missing.push(*p);
-                }
-            }
-            Err(e) => report.problems.push(Problem {
-                pack: Some(p.to_hex()),
-                detail: chain(&Error::io("inspect", &path, e)),
-                ..Problem::default()
-            }),
+        if stored.contains(p) {
+            present.push(*p);
+            usable.extend(tables[p].iter().map(|e| e.id));
+        } else if !condemned.contains(p) {
+            missing.push(*p);
         }
     }
     // Condemned packs still on disk serve readers until deleted.
@@ -99,7 +92,7 @@ pub(super) fn verify(
         if tables.contains_key(p) {
             continue;
         }
-        if let Ok(t) = read_pack_table(&sweep::pack_path(repo, p), p, sealer) {
+        if let Ok(t) = read_pack_table(repo.backend().as_ref(), p, sealer) {
             usable.extend(t.iter().map(|e| e.id));
         }
     }
@@ -275,11 +268,11 @@ fn salvage(
     let store = BlobStore::open_writer(repo, &pending)?;
     let packer = crate::repo::packer::Packer::new(repo, store)?;
     let mut encoder = FrameEncoder::new(repo.config().zstd_level, sealer)?;
-    let file = fsio::open_regular(&path, false, "open")?;
-    let entries = read_pack_table(&path, pack, sealer).unwrap_or_else(|_| indexed.to_vec());
+    let b = repo.backend().as_ref();
+    let entries = read_pack_table(b, pack, sealer).unwrap_or_else(|_| indexed.to_vec());
     let mut saved = 0u64;
     for e in entries.iter().filter(|e| !bad.contains(&e.id)) {
-        let Ok(raw) = read_frame_raw(&file, &path, e, sealer) else {
+        let Ok(raw) = read_frame_raw(b, pack, e, sealer) else {
             continue;
         };
         let start = e.raw_offset as usize;
@@ -294,22 +287,19 @@ fn salvage(
         saved += 1;
     }
     packer.checkpoint()?;
-    drop(file);
-    let aside = fsio::set_aside(&path, &format!("pack {pack}"))?
+    let aside = b
+        .set_aside(&crate::repo::backend::pack_key(pack))?
         .ok_or_else(|| Error::io("rename", &path, std::io::ErrorKind::NotFound.into()))?;
-    if let Some(dir) = path.parent() {
-        platform::sync_dir(dir).ctx("flush", dir)?;
-    }
     Ok(format!(
         "pack {pack} set aside as {} ({saved} good blobs copied to a new pack; the next \
          backup stores the blocks of the damaged ones again)",
-        aside.display()
+        b.display_path(&aside).display()
     ))
 }
 
 /// Blobs read through the index files that could be read.
 struct TableSource {
-    packs_dir: std::path::PathBuf,
+    backend: Arc<dyn crate::repo::backend::WriteBackend>,
     sealer: Sealer,
     locations: HashMap<ChunkId, (ChunkId, BlobEntry)>,
 }
@@ -323,7 +313,7 @@ impl TableSource {
             }
         }
         TableSource {
-            packs_dir: repo.packs_dir(),
+            backend: repo.backend().clone(),
             sealer: repo.sealer().clone(),
             locations,
         }
@@ -334,13 +324,13 @@ impl BlobSource for TableSource {
     fn blob(&self, id: &ChunkId, _: BlobKind) -> Result<Arc<Vec<u8>>> {
         let missing = || Error::MissingChunk {
             id: id.to_hex(),
-            path: self.packs_dir.clone(),
+            path: self.backend.display_path("packs"),
         };
         let (pack, e) = self.locations.get(id).ok_or_else(missing)?;
-        let hex = pack.to_hex();
-        let path = self.packs_dir.join(&hex[..2]).join(&hex);
-        let file = fsio::open_regular(&path, false, "open")?;
-        let raw = read_frame_raw(&file, &path, e, &self.sealer)?;
+        let path = self
+            .backend
+            .display_path(&crate::repo::backend::pack_key(pack));
+        let raw = read_frame_raw(self.backend.as_ref(), pack, e, &self.sealer)?;
         let start = e.raw_offset as usize;
         let content = raw
             .get(start..start + e.raw_len as usize)
@@ -379,14 +369,19 @@ fn check_packs(
     })
 }
 
-/// The BLAKE3 of the whole file `file` of `len` bytes.
-fn file_blake3(file: &std::fs::File, path: &std::path::Path, len: u64) -> Result<ChunkId> {
+/// The BLAKE3 of the whole object `key` of `b`, of `len` bytes.
+fn file_blake3(b: &dyn crate::repo::backend::ReadBackend, key: &str, len: u64) -> Result<ChunkId> {
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let step = if b.capabilities().cheap_ranged_reads {
+        1 << 20
+    } else {
+        8 << 20
+    };
+    let mut buf = vec![0u8; step.min(len as usize)];
     let mut off = 0u64;
     while off < len {
         let n = (len - off).min(buf.len() as u64) as usize;
-        platform::read_exact_at(file, &mut buf[..n], off).ctx("read", path)?;
+        b.get_range(key, off, &mut buf[..n])?;
         h.update(&buf[..n]);
         off += n as u64;
     }
@@ -414,21 +409,21 @@ fn check_pack(repo: &Repository, pack: &ChunkId, indexed: &[BlobEntry]) -> PackR
         bytes: 0,
         problems: Vec::new(),
     };
-    let file = match fsio::open_regular(&path, false, "open") {
-        Ok(f) => f,
+    let b = repo.backend().as_ref();
+    let key = crate::repo::backend::pack_key(pack);
+    let len = match b.head(&key) {
+        Ok(Some(m)) => m.size,
+        Ok(None) => {
+            let e = Error::io("open", &path, std::io::ErrorKind::NotFound.into());
+            r.problems.push((None, chain(&e)));
+            return r;
+        }
         Err(e) => {
             r.problems.push((None, chain(&e)));
             return r;
         }
     };
-    let len = match file.metadata() {
-        Ok(m) => m.len(),
-        Err(e) => {
-            r.problems.push((None, chain(&Error::io("stat", &path, e))));
-            return r;
-        }
-    };
-    match file_blake3(&file, &path, len) {
+    match file_blake3(b, &key, len) {
         Ok(h) if h == *pack => {}
         Ok(h) => r.problems.push((
             None,
@@ -444,7 +439,7 @@ fn check_pack(repo: &Repository, pack: &ChunkId, indexed: &[BlobEntry]) -> PackR
     }
     r.bytes = len;
     // The frames to read: the pack's own table when it parses, else the index's entries.
-    let entries: Vec<BlobEntry> = match read_pack_table(&path, pack, sealer) {
+    let entries: Vec<BlobEntry> = match read_pack_table(b, pack, sealer) {
         Ok(table) => {
             let mut a: Vec<_> = table.iter().map(entry_key).collect();
             let mut b: Vec<_> = indexed.iter().map(entry_key).collect();
@@ -469,7 +464,7 @@ fn check_pack(repo: &Repository, pack: &ChunkId, indexed: &[BlobEntry]) -> PackR
     };
     for (_, (_, idx)) in plan::frames(&entries) {
         let first = &entries[idx[0]];
-        let raw = match read_frame_raw(&file, &path, first, sealer) {
+        let raw = match read_frame_raw(b, pack, first, sealer) {
             Ok(raw) => raw,
             Err(e) => {
                 for &i in &idx {
@@ -551,7 +546,7 @@ mod tests {
                 .into_iter()
                 .find(|p| {
                     crate::repo::pack::read_pack_table(
-                        &crate::prune::sweep::pack_path(&f.repo, p),
+                        f.repo.backend().as_ref(),
                         p,
                         f.repo.sealer(),
                     )
@@ -589,7 +584,12 @@ mod tests {
             snapshot(&f.repo, &ids);
             for p in packs(&f.repo) {
                 let path = crate::prune::sweep::pack_path(&f.repo, &p);
-                let t = crate::repo::pack::read_pack_table(&path, &p, f.repo.sealer()).unwrap();
+                let t = crate::repo::pack::read_pack_table(
+                    f.repo.backend().as_ref(),
+                    &p,
+                    f.repo.sealer(),
+                )
+                .unwrap();
                 if t.len() == 2 {
                     std::fs::remove_file(path).unwrap();
                 }

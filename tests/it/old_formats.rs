@@ -271,9 +271,16 @@ fn journal_bytes(version: u32, batches: &[BatchSpec]) -> Vec<u8> {
 /// (first block, count, stats, unreadable, records) of every valid batch.
 type Seen = Vec<(u64, u64, BatchStats, Vec<(u64, u64)>, Vec<u8>)>;
 
+/// The local backend of the directory holding `path`, and the file's name in it.
+fn at(path: &Path) -> (volback::repo::backend::local::LocalDir, String) {
+    let dir = path.parent().unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    (volback::repo::backend::local::LocalDir::new(dir), name)
+}
+
 fn read_journal(path: &Path) -> Seen {
     let mut seen = Vec::new();
-    let header = Journal::read_batches(path, &plain(), |_, b| {
+    let header = Journal::read_batches(&at(path).0, &at(path).1, &plain(), |_, b| {
         seen.push((
             b.first_block,
             b.block_count,
@@ -328,7 +335,7 @@ fn old_journal_is_read_and_continued_in_its_layout(version: u32) {
 
     // Continuing it cuts the torn tail and appends in the journal's own layout (its
     // unreadable ranges are dropped: the layout has no room for them).
-    let (mut j, _) = Journal::resume(&path, &plain(), |_, _| Ok(()))
+    let (mut j, _) = Journal::resume(&at(&path).0, &at(&path).1, &plain(), |_, _| Ok(()))
         .unwrap()
         .unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), valid);
@@ -361,11 +368,15 @@ fn journals_of_a_future_version_are_unsupported() {
     // Version 4 is format 2's; 9 is from the future.
     std::fs::write(&path, journal_bytes(9, &[])).unwrap();
     assert!(matches!(
-        Journal::read_batches(&path, &plain(), |_, _| Ok(())),
+        Journal::read_batches(&at(&path).0, &at(&path).1, &plain(), |_, _| Ok(())),
         Err(Error::UnsupportedVersion { found: 9, .. })
     ));
     // Not resumable: the header reads as no usable journal.
-    assert!(Journal::read_header(&path, &plain()).unwrap().is_none());
+    assert!(
+        Journal::read_header(&at(&path).0, &at(&path).1, &plain())
+            .unwrap()
+            .is_none()
+    );
 
     // The journal of a copy (FORMAT.md "Copies"): only version 1 exists.
     let copy_journal = t.join("copy.volback-copy.journal");

@@ -25,7 +25,7 @@
 //! for a range past the end, `PermissionDenied` for refused access, `TimedOut` for a request
 //! that gave up. An object larger than a `get` limit is [`Error::Corrupt`].
 
-// pub mod local; (next commit)
+pub mod local;
 
 use crate::error::Result;
 use std::fmt::Debug;
@@ -129,12 +129,13 @@ pub trait WriteBackend: ReadBackend {
     fn set_aside(&self, name: &str) -> Result<Option<String>>;
 
     /// The append-only log `name` (resume journals): `Create` replaces any old log with an
-    /// empty one; `Open` opens an existing one (`None` when there is none).
+    /// empty one; `Open` and `Read` open an existing one (`None` when there is none).
     fn open_log(&self, name: &str, mode: LogMode) -> Result<Option<Box<dyn Log>>>;
 
     /// Takes lock `name` exclusively without waiting (`volume/<stem>` for a backup of one
     /// volume, `prune` for a prune). Held until the guard is dropped. Held by another:
-    /// [`Error::Locked`](crate::error::Error::Locked) saying by whom when known.
+    /// [`Error::Locked`](crate::error::Error::Locked) whose detail includes `what` (a
+    /// sentence: "another prune is running") and by whom when known.
     fn lock_exclusive(&self, name: &str, what: &str) -> Result<Box<dyn LockGuard>>;
 
     /// Whether lock `name` is held by anyone now (dry runs say whether a backup would be
@@ -175,6 +176,8 @@ pub enum LogMode {
     Create,
     /// The existing log, for reading and appending; `None` when there is none.
     Open,
+    /// The existing log, for reading only (appending fails); `None` when there is none.
+    Read,
 }
 
 /// A durable append-only byte log (a resume journal).
@@ -195,16 +198,36 @@ pub trait Log: Send {
 }
 
 /// A held lock; dropping it releases it.
-pub trait LockGuard: Send + Sync {
+pub trait LockGuard: Send + Sync + Debug {
     /// Ok while the lock is surely still held. A lease that could not be refreshed in time
     /// is an error: the holder must stop before doing what the lock protects.
     fn check(&self) -> Result<()>;
 }
 
 /// A writer's marker; dropping it removes it.
-pub trait Marker: Send + Sync {
+pub trait Marker: Send + Sync + Debug {
     /// Replaces the marker's payload, atomically and durably.
     fn write(&mut self, payload: &[u8]) -> Result<()>;
     /// Ok while the marker surely still protects its writer (see [`LockGuard::check`]).
     fn check(&self) -> Result<()>;
+}
+
+/// The key of object `name` in directory `dir` (`""` is the top level).
+pub fn key(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// The last component of a key (`index/ab12…` → `ab12…`).
+pub fn base_name(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(_, n)| n)
+}
+
+/// The key of pack `id`: `packs/<first two hex digits>/<hex>`.
+pub fn pack_key(id: &crate::hash::ChunkId) -> String {
+    let hex = id.to_hex();
+    format!("packs/{}/{hex}", &hex[..2])
 }
