@@ -186,13 +186,8 @@ impl<'p> Draft<'p> {
         };
         let root = self.writer.finish()?;
         packer.checkpoint()?;
-        let snapshot_id = write_tree_snapshot(
-            &repo.tmp_dir(),
-            &repo.snapshots_dir(),
-            &header,
-            root,
-            repo.sealer(),
-        )?;
+        let snapshot_id =
+            write_tree_snapshot(repo.backend().as_ref(), &header, root, repo.sealer())?;
         self.journal.remove()?;
         Ok(Committed {
             snapshot_id,

@@ -96,14 +96,7 @@ pub(crate) fn snapshot(repo: &Repository, ids: &[ChunkId]) -> String {
     packer.checkpoint().unwrap();
     let mut h = header(ids.len() as u64 * 4096, 4096);
     h.time_unix = crate::time::now_unix();
-    write_tree_snapshot(
-        &repo.tmp_dir(),
-        &repo.snapshots_dir(),
-        &h,
-        root,
-        repo.sealer(),
-    )
-    .unwrap()
+    write_tree_snapshot(repo.backend().as_ref(), &h, root, repo.sealer()).unwrap()
 }
 
 pub(crate) fn packs(repo: &Repository) -> Vec<ChunkId> {

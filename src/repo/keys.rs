@@ -33,12 +33,13 @@
 //! derivation, so a hostile slot cannot make an open allocate or spin. A damaged slot is
 //! skipped (and shown by `key list`) while another one opens.
 
+use super::backend::{self, PutMode, WriteBackend};
 use crate::crypto::MasterKey;
 use crate::crypto::keyslot::{KdfParams, KeySlot, LIMITS, SlotError};
 use crate::error::{Error, IoContext, Result, chain};
 use crate::repo::{Repository, fsio};
 use std::ffi::OsString;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use zeroize::Zeroizing;
@@ -333,37 +334,32 @@ struct SlotFile {
     slot: std::result::Result<KeySlot, String>,
 }
 
-fn keys_dir(root: &Path) -> PathBuf {
-    root.join(KEYS_DIR)
-}
-
-/// Every slot file of the repository at `root`, sorted by id, each parsed and checked (not
+/// Every slot of the repository in `b`, sorted by id, each parsed and checked (not
 /// unwrapped). More than [`MAX_SLOTS`] is an error; a damaged slot is returned as such.
-fn read_slots(root: &Path) -> Result<Vec<SlotFile>> {
-    let dir = keys_dir(root);
-    fsio::check_directory(&dir)?;
+fn read_slots(b: &dyn WriteBackend) -> Result<Vec<SlotFile>> {
+    let root = b.display_path("");
     let mut ids = Vec::new();
-    for e in std::fs::read_dir(&dir).ctx("list", &dir)? {
-        let e = e.ctx("list", &dir)?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if is_slot_id(&name) {
-            ids.push(name);
+    b.list(KEYS_DIR, &mut |m| {
+        let name = backend::base_name(&m.name);
+        if is_slot_id(name) {
+            ids.push(name.to_string());
         }
         if ids.len() > MAX_SLOTS {
             return Err(Error::KeySlot {
-                path: root.to_path_buf(),
+                path: root.clone(),
                 detail: format!(
                     "{} holds more than {MAX_SLOTS} key slots; refusing to try them",
-                    dir.display()
+                    b.display_path(KEYS_DIR).display()
                 ),
             });
         }
-    }
+        Ok(())
+    })?;
     ids.sort();
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        let path = dir.join(&id);
-        let slot = match fsio::read_limited(&path, MAX_SLOT_BYTES, &format!("key slot {id}")) {
+        let key = backend::key(KEYS_DIR, &id);
+        let slot = match b.get(&key, MAX_SLOT_BYTES, &format!("key slot {id}")) {
             Ok(bytes) => KeySlot::parse(&bytes).map_err(|e| e.to_string()),
             // A slot that vanished meanwhile (removed by another process) is not one.
             Err(e) if fsio::is_not_found(&e) => continue,
@@ -384,8 +380,13 @@ pub(crate) struct Unlocked {
 
 /// Opens the master key of the repository at `root` (config id `repo_id`) with the password
 /// from `source`: every usable slot is tried, in id order.
-pub(crate) fn unlock(root: &Path, repo_id: &str, source: &dyn PasswordSource) -> Result<Unlocked> {
-    let slots = read_slots(root)?;
+pub(crate) fn unlock(
+    b: &dyn WriteBackend,
+    repo_id: &str,
+    source: &dyn PasswordSource,
+) -> Result<Unlocked> {
+    let root = &b.display_path("");
+    let slots = read_slots(b)?;
     let mut problems: Vec<String> = Vec::new();
     let mut usable = Vec::new();
     for s in &slots {
@@ -398,7 +399,7 @@ pub(crate) fn unlock(root: &Path, repo_id: &str, source: &dyn PasswordSource) ->
         let detail = if slots.is_empty() {
             format!(
                 "{} holds no key slot: the repository cannot be opened",
-                keys_dir(root).display()
+                b.display_path(KEYS_DIR).display()
             )
         } else {
             format!("no usable key slot ({})", problems.join("; "))
@@ -456,7 +457,7 @@ fn master(repo: &Repository) -> Result<&MasterKey> {
 pub fn list_slots(repo: &Repository) -> Result<Vec<SlotInfo>> {
     master(repo)?;
     let current = repo.current_slot();
-    Ok(read_slots(repo.root())?
+    Ok(read_slots(repo.backend().as_ref())?
         .into_iter()
         .map(|s| {
             let is_current = current == Some(s.id.as_str());
@@ -495,18 +496,18 @@ fn check_new(password: &str, params: &KdfParams) -> Result<()> {
 /// Writes a new slot wrapping `master` under `password` in `root/keys/` (crash-safe, module
 /// doc) and returns its id.
 pub(crate) fn write_slot(
-    root: &Path,
+    b: &dyn WriteBackend,
     repo_id: &str,
     master: &MasterKey,
     password: &str,
     params: KdfParams,
 ) -> Result<String> {
     check_new(password, &params)?;
-    let dir = keys_dir(root);
+    let root = &b.display_path("");
     let (id, dest) = loop {
         let id = fsio::random_hex(8);
-        let dest = dir.join(&id);
-        if std::fs::symlink_metadata(&dest).is_err() {
+        let dest = backend::key(KEYS_DIR, &id);
+        if matches!(b.head(&dest), Ok(None)) {
             break (id, dest);
         }
     };
@@ -520,20 +521,22 @@ pub(crate) fn write_slot(
         })?;
     let json = serde_json::to_vec_pretty(&slot)
         .map_err(|e| Error::internal("key slots", format!("cannot encode a slot: {e}")))?;
-    let tmp = fsio::TempFile::create_in(&dir, "")?;
-    tmp.file().write_all(&json).ctx("write", tmp.path())?;
-    tmp.file().sync_all().ctx("flush", tmp.path())?;
     crate::prune::AbortPoint::from_env().at("key-slot-temp");
-    tmp.persist(&dest, true)?;
+    b.put(&dest, &json, PutMode::Overwrite)?;
     Ok(id)
 }
 
-/// Removes slot file `id` and makes the removal durable.
-fn delete_slot(root: &Path, id: &str) -> Result<()> {
-    let dir = keys_dir(root);
-    let path = dir.join(id);
-    std::fs::remove_file(&path).ctx("remove", &path)?;
-    crate::platform::sync_dir(&dir).ctx("flush directory", &dir)
+/// Removes slot `id` and makes the removal durable.
+fn delete_slot(b: &dyn WriteBackend, id: &str) -> Result<()> {
+    let key = backend::key(KEYS_DIR, id);
+    match b.delete(&key)? {
+        true => Ok(()),
+        false => Err(Error::io(
+            "remove",
+            b.display_path(&key),
+            std::io::ErrorKind::NotFound.into(),
+        )),
+    }
 }
 
 /// Adds a slot opened by `new_password`; returns its id. The repository must be open (with
@@ -541,15 +544,21 @@ fn delete_slot(root: &Path, id: &str) -> Result<()> {
 pub fn add_slot(repo: &Repository, new_password: &str, params: KdfParams) -> Result<String> {
     let master = master(repo)?;
     check_new(new_password, &params)?;
-    let slots = read_slots(repo.root())?;
+    let slots = read_slots(repo.backend().as_ref())?;
     if slots.len() >= MAX_SLOTS {
         return Err(Error::KeySlot {
             path: repo.root().to_path_buf(),
             detail: format!("it already has {MAX_SLOTS} slots, the most a repository may hold"),
         });
     }
-    fsio::remove_stale_temp_files(&keys_dir(repo.root()), std::time::SystemTime::now());
-    write_slot(repo.root(), &repo.config().id, master, new_password, params)
+    repo.backend().sweep_stale()?;
+    write_slot(
+        repo.backend().as_ref(),
+        &repo.config().id,
+        master,
+        new_password,
+        params,
+    )
 }
 
 /// Removes slot `id`. Refused for the last slot and for the slot the repository was opened
@@ -560,7 +569,7 @@ pub fn remove_slot(repo: &Repository, id: &str) -> Result<()> {
         path: repo.root().to_path_buf(),
         detail,
     };
-    let slots = read_slots(repo.root())?;
+    let slots = read_slots(repo.backend().as_ref())?;
     if !is_slot_id(id) || !slots.iter().any(|s| s.id == id) {
         return Err(err(format!(
             "it has no slot {id:?} (`volback key list` shows the slot ids)"
@@ -581,7 +590,7 @@ pub fn remove_slot(repo: &Repository, id: &str) -> Result<()> {
              password, or change the password with `volback key passwd`"
         )));
     }
-    delete_slot(repo.root(), id)
+    delete_slot(repo.backend().as_ref(), id)
 }
 
 /// Replaces the slot the repository was opened with by a new one opened by `new`; returns
@@ -596,10 +605,16 @@ pub fn change_password(repo: &Repository, new: &str, params: KdfParams) -> Resul
         ));
     };
     check_new(new, &params)?;
-    fsio::remove_stale_temp_files(&keys_dir(repo.root()), std::time::SystemTime::now());
-    let id = write_slot(repo.root(), &repo.config().id, master, new, params)?;
+    repo.backend().sweep_stale()?;
+    let id = write_slot(
+        repo.backend().as_ref(),
+        &repo.config().id,
+        master,
+        new,
+        params,
+    )?;
     crate::prune::AbortPoint::from_env().at("key-slot-written");
-    delete_slot(repo.root(), old)?;
+    delete_slot(repo.backend().as_ref(), old)?;
     Ok(id)
 }
 

@@ -106,6 +106,7 @@ use crate::crypto::{Keys, Kind, MasterKey};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::platform;
+use backend::WriteBackend;
 use chunks::ChunkStore;
 use format::*;
 use serde::{Deserialize, Serialize};
@@ -573,6 +574,7 @@ impl Repository {
             std::fs::create_dir_all(&p).ctx("create directory", &p)?;
         }
         fsio::lock_file(&path.join("lock"))?;
+        let local = backend::local::LocalDir::new(path);
         let mut config = Config {
             format: REPO_FORMAT_NAME.into(),
             version,
@@ -591,7 +593,7 @@ impl Repository {
             let master = MasterKey::generate().map_err(|e| {
                 Error::internal("repository init", format!("no random numbers: {e}"))
             })?;
-            let slot = keys::write_slot(path, &config.id, &master, &e.password, e.kdf)?;
+            let slot = keys::write_slot(&local, &config.id, &master, &e.password, e.kdf)?;
             config.encryption = Some(EncryptionInfo::current());
             let sealer = seal::Sealer::encrypted(Arc::new(Keys::derive(&master, &config.id)));
             let canonical = config.canonical_json()?;
@@ -604,7 +606,7 @@ impl Repository {
         })?;
         // Everything below config is durable before config appears.
         platform::sync_filesystem(path).ctx("flush", path)?;
-        fsio::atomic_write(&path.join("config"), &json)?;
+        local.put("config", &json, backend::PutMode::Overwrite)?;
         match unlocked {
             None => Self::open(path),
             Some(u) => Self::open_impl(path, Unlock::Known(u)),
@@ -626,8 +628,9 @@ impl Repository {
 
     fn open_impl(path: &Path, unlock: Unlock<'_>) -> Result<Repository> {
         let path = &address::local_path(path)?;
-        let cfg_path = path.join("config");
-        let bytes = match fsio::read_limited(&cfg_path, 1 << 20, "config") {
+        let store: Arc<dyn backend::WriteBackend> = Arc::new(backend::local::LocalDir::new(path));
+        let cfg_path = store.display_path("config");
+        let bytes = match store.get("config", 1 << 20, "config") {
             Ok(b) => b,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotARepository {
@@ -712,7 +715,7 @@ impl Repository {
                     // The disk reads the index and snapshot files while the CPU derives the
                     // key: nearly every command reads them next.
                     prefetch_metadata(path);
-                    keys::unlock(path, &config.id, source)?
+                    keys::unlock(store.as_ref(), &config.id, source)?
                 }
             };
             let sealer =
@@ -726,7 +729,7 @@ impl Repository {
         let chunks = ChunkStore::new(path.join("chunks"), config.chunk_hash, fsync_each);
         Ok(Repository {
             root: path.to_path_buf(),
-            backend: Arc::new(backend::local::LocalDir::new(path)),
+            backend: store,
             config: Box::new(config),
             chunks,
             blobs: OnceLock::new(),
@@ -858,27 +861,32 @@ impl Repository {
 
     /// Ids of all snapshots (unordered). Temporary files are skipped.
     pub fn snapshot_ids(&self) -> Result<Vec<String>> {
-        let dir = self.snapshots_dir();
         let mut ids = Vec::new();
-        for e in std::fs::read_dir(&dir).ctx("list", &dir)? {
-            let e = e.ctx("list", &dir)?;
-            let name = e.file_name().to_string_lossy().into_owned();
+        self.backend.list("snapshots", &mut |m| {
+            let name = backend::base_name(&m.name);
             if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                ids.push(name);
+                ids.push(name.to_string());
             }
-        }
+            Ok(())
+        })?;
         Ok(ids)
     }
 
     /// Opens snapshot `id` (a full id) and checks its metadata.
     pub fn open_snapshot(&self, id: &str) -> Result<SnapshotFile> {
-        let path = self.snapshots_dir().join(id);
-        if std::fs::symlink_metadata(&path).is_err() {
+        let key = format!("snapshots/{id}");
+        let found = match self.backend.head(&key) {
+            Ok(m) => m.is_some(),
+            // There, but not a regular file: opening it says so.
+            Err(Error::NotRegularFile { .. }) => true,
+            Err(e) => return Err(e),
+        };
+        if !found {
             return Err(Error::SnapshotNotFound {
                 selector: id.into(),
             });
         }
-        SnapshotFile::open_with(&self.sealer, &path, Some(id))
+        SnapshotFile::open_in(self.backend.as_ref(), &key, &self.sealer, Some(id))
     }
 
     /// All snapshots, oldest first. A damaged snapshot file is an error naming it.

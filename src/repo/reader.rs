@@ -787,8 +787,7 @@ pub(crate) mod tests {
                 }
                 let root = w.finish().unwrap();
                 packer.checkpoint().unwrap();
-                let (tmp, snaps) = (repo.tmp_dir(), repo.snapshots_dir());
-                write_tree_snapshot(&tmp, &snaps, &h, root, repo.sealer()).unwrap()
+                write_tree_snapshot(repo.backend().as_ref(), &h, root, repo.sealer()).unwrap()
             };
             let plain = Repository::open(&dir.path().join("r")).unwrap();
             assert_eq!(open_snapshot(&plain, &id).is_ok(), !sealed);

@@ -16,6 +16,7 @@
 //! ([`Sealer`]) and the snapshot id is the BLAKE3 of the stored record: a name check needs no
 //! key, and the record is opened only once its bytes match the name.
 
+use super::backend::{PutMode, ReadBackend, WriteBackend};
 use super::blob::BlobSource;
 use super::format::*;
 use super::fsio::TempFile;
@@ -304,11 +305,10 @@ fn finish_file(
 }
 
 /// Writes a version 3 snapshot: `header` with `tree` as its block map (every node of the
-/// tree must already be durable and indexed), stored as `sealer` says. The file is created
-/// in `tmp_dir`, made durable and moved to `snapshots_dir/<id>`. Returns the id.
+/// tree must already be durable and indexed), stored as `sealer` says, as the object
+/// `snapshots/<id>` of `b`, durably. Returns the id.
 pub fn write_tree_snapshot(
-    tmp_dir: &Path,
-    snapshots_dir: &Path,
+    b: &dyn WriteBackend,
     header: &SnapshotHeader,
     tree: TreeRoot,
     sealer: &Sealer,
@@ -325,35 +325,14 @@ pub fn write_tree_snapshot(
     }
     let mut header = header.clone();
     header.tree = Some(tree);
-    if sealer.is_encrypted() {
-        return write_sealed_tree_snapshot(tmp_dir, snapshots_dir, &header, sealer);
-    }
-    let tmp = TempFile::create_in(tmp_dir, ".snapshot")?;
-    let file = tmp.file().try_clone().ctx("open", tmp.path())?;
-    let mut out = BufWriter::new(file);
-    out.write_all(&SNAPSHOT_MAGIC).ctx("write", tmp.path())?;
-    out.write_all(&SNAPSHOT_TREE_VERSION.to_le_bytes())
-        .ctx("write", tmp.path())?;
-    finish_file(
-        tmp,
-        out,
-        SNAPSHOT_TREE_VERSION,
-        SNAPSHOT_PREAMBLE_LEN as u64,
-        &header,
-        &[],
-        0,
-        snapshots_dir,
-    )
+    let (bytes, id) = encode_tree_snapshot(&header, sealer)?;
+    b.put(&format!("snapshots/{id}"), &bytes, PutMode::Overwrite)?;
+    Ok(id)
 }
 
-/// [`write_tree_snapshot`] in an encrypted repository: the plain file built in memory (it has
-/// no segments: preamble, header, trailer), sealed as one record named by its BLAKE3.
-fn write_sealed_tree_snapshot(
-    tmp_dir: &Path,
-    snapshots_dir: &Path,
-    header: &SnapshotHeader,
-    sealer: &Sealer,
-) -> Result<String> {
+/// The bytes and id of a version 3 snapshot (it has no segments: preamble, header,
+/// trailer). Plain: named by its checksum; sealed: one record named by its BLAKE3.
+fn encode_tree_snapshot(header: &SnapshotHeader, sealer: &Sealer) -> Result<(Vec<u8>, String)> {
     let header_json = serde_json::to_vec(header).map_err(|e| {
         Error::internal("snapshot writer", format!("cannot encode the header: {e}"))
     })?;
@@ -374,12 +353,12 @@ fn write_sealed_tree_snapshot(
     let checksum = snapshot_checksum(SNAPSHOT_TREE_VERSION, &header_json, &[], &trailer);
     trailer.extend_from_slice(&checksum);
     out.extend_from_slice(&trailer);
+    if !sealer.is_encrypted() {
+        return Ok((out, hex::encode(checksum)));
+    }
     sealer.finish_seal(Kind::Snapshot, b"", &mut out, start)?;
     let id = blake3::hash(&out).to_hex().to_string();
-    let tmp = TempFile::create_in(tmp_dir, ".snapshot")?;
-    tmp.file().write_all(&out).ctx("write", tmp.path())?;
-    tmp.persist(&snapshots_dir.join(&id), true)?;
-    Ok(id)
+    Ok((out, id))
 }
 
 fn snapshot_checksum(
@@ -401,7 +380,8 @@ fn snapshot_checksum(
 #[derive(Clone)]
 pub struct SnapshotFile {
     path: PathBuf,
-    file: Arc<File>,
+    /// Where its segments are read from (format 1 snapshots): the open file, or its bytes.
+    data: Data,
     id: String,
     version: u32,
     header: SnapshotHeader,
@@ -422,6 +402,26 @@ impl std::fmt::Debug for SnapshotFile {
             .finish()
     }
 }
+
+/// A snapshot's stored bytes: an open file, or the whole object read into memory.
+#[derive(Clone)]
+enum Data {
+    File(Arc<File>),
+    Memory(Arc<Vec<u8>>),
+}
+
+impl Data {
+    fn bytes(&self) -> Bytes<'_> {
+        match self {
+            Data::File(f) => Bytes::File(f),
+            Data::Memory(m) => Bytes::Memory(m),
+        }
+    }
+}
+
+/// Largest snapshot object read whole from a backend without local files (a version 3
+/// snapshot is a header of at most `MAX_HEADER_LEN` bytes and a few more).
+const MAX_SNAPSHOT_OBJECT: u64 = MAX_HEADER_LEN as u64 + 4096;
 
 /// Where a snapshot's bytes are read from: the file (plain), or the opened record (sealed).
 enum Bytes<'a> {
@@ -475,6 +475,23 @@ impl SnapshotFile {
         )
     }
 
+    /// Opens and checks snapshot object `key` of `b` (`snapshots/<id>`), stored as `sealer`
+    /// says; see [`SnapshotFile::open_with`].
+    pub fn open_in(
+        b: &dyn ReadBackend,
+        key: &str,
+        sealer: &Sealer,
+        expected_id: Option<&str>,
+    ) -> Result<SnapshotFile> {
+        let path = b.display_path(key);
+        if b.local_root().is_some() {
+            return Self::open_with(sealer, &path, expected_id);
+        }
+        let limit = MAX_SNAPSHOT_OBJECT + sealer.overhead() as u64;
+        let stored = b.get(key, limit, "snapshot")?;
+        Self::open_bytes(sealer, &path, Data::Memory(Arc::new(stored)), expected_id)
+    }
+
     /// Opens and checks the snapshot file at `path`, stored as `sealer` says. When
     /// `expected_id` is given, the id (plain: the file's checksum; sealed: the BLAKE3 of the
     /// stored record, checked before the record is opened) must match it.
@@ -484,10 +501,22 @@ impl SnapshotFile {
         expected_id: Option<&str>,
     ) -> Result<SnapshotFile> {
         let file = super::fsio::open_regular(path, false, "open snapshot")?;
-        let len = file.metadata().ctx("stat", path)?.len();
+        Self::open_bytes(sealer, path, Data::File(Arc::new(file)), expected_id)
+    }
+
+    fn open_bytes(
+        sealer: &Sealer,
+        path: &Path,
+        file: Data,
+        expected_id: Option<&str>,
+    ) -> Result<SnapshotFile> {
+        let len = match &file {
+            Data::File(f) => f.metadata().ctx("stat", path)?.len(),
+            Data::Memory(m) => m.len() as u64,
+        };
         let bad = |d: String| Error::corrupt("snapshot", path, d);
         if !sealer.is_encrypted() {
-            let parsed = Self::parse(&Bytes::File(&file), len, path)?;
+            let parsed = Self::parse(&file.bytes(), len, path)?;
             let id = hex::encode(parsed.checksum);
             if let Some(expected) = expected_id
                 && expected != id
@@ -503,7 +532,7 @@ impl SnapshotFile {
         if len > limit {
             return Err(bad(format!("{len} bytes, more than a snapshot can hold")));
         }
-        let mut stored = read_exact_at(&file, path, 0, len as usize)?;
+        let mut stored = file.bytes().read(path, 0, len as usize)?;
         let id = blake3::hash(&stored).to_hex().to_string();
         if let Some(expected) = expected_id
             && expected != id
@@ -525,10 +554,10 @@ impl SnapshotFile {
         Ok(Self::from_parsed(path, file, id, parsed))
     }
 
-    fn from_parsed(path: &Path, file: File, id: String, p: Parsed) -> SnapshotFile {
+    fn from_parsed(path: &Path, file: Data, id: String, p: Parsed) -> SnapshotFile {
         SnapshotFile {
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            data: file,
             id,
             version: p.version,
             header: p.header,
@@ -708,7 +737,10 @@ impl SnapshotFile {
             )
         })?;
         let what = || format!("manifest segment {index} of snapshot {}", self.id);
-        let stored = read_exact_at(&self.file, &self.path, e.offset, e.stored_len as usize)?;
+        let stored = self
+            .data
+            .bytes()
+            .read(&self.path, e.offset, e.stored_len as usize)?;
         if *blake3::hash(&stored).as_bytes() != e.hash {
             return Err(Error::corrupt(what(), &self.path, "checksum mismatch"));
         }
@@ -981,6 +1013,12 @@ impl<'a> BlockCursor<'a> {
 /// Helpers for tests of the modules that read snapshots.
 #[cfg(test)]
 pub(crate) mod testing {
+    /// A local backend on `dir`, with its `snapshots/` directory.
+    pub fn backend(dir: &Path) -> crate::repo::backend::local::LocalDir {
+        std::fs::create_dir_all(dir.join("snapshots")).unwrap();
+        crate::repo::backend::local::LocalDir::new(dir)
+    }
+
     use super::*;
 
     /// A header for a volume of `size` bytes in blocks of `block_size`.
@@ -1029,8 +1067,8 @@ pub(crate) mod testing {
         }
         let root = w.finish().unwrap();
         let plain = Sealer::plain(HashAlgorithm::Blake3);
-        let id = write_tree_snapshot(dir, dir, &h, root, &plain).unwrap();
-        SnapshotFile::open(&dir.join(&id), Some(&id))
+        let id = write_tree_snapshot(&backend(dir), &h, root, &plain).unwrap();
+        SnapshotFile::open(&dir.join("snapshots").join(&id), Some(&id))
             .unwrap()
             .with_blobs(blobs)
     }
@@ -1174,14 +1212,15 @@ mod tests {
         assert!(e.contains("height"), "{e}");
         let plain = Sealer::plain(HashAlgorithm::Blake3);
         let tall_root = tall.tree.unwrap();
-        assert!(write_tree_snapshot(dir.path(), dir.path(), &h, tall_root, &plain).is_err());
+        let b = super::testing::backend(dir.path());
+        assert!(write_tree_snapshot(&b, &h, tall_root, &plain).is_err());
         // The segments writer refuses a header naming a tree.
         let mut w = SnapshotWriter::create(dir.path()).unwrap();
         w.push(BlockRef::Zero, 5).unwrap();
         assert!(w.finish(&with_tree, dir.path()).is_err());
         // The good one.
-        let id = write_tree_snapshot(dir.path(), dir.path(), &h, root, &plain).unwrap();
-        let snap = SnapshotFile::open(&dir.path().join(&id), Some(&id)).unwrap();
+        let id = write_tree_snapshot(&b, &h, root, &plain).unwrap();
+        let snap = SnapshotFile::open(&dir.path().join("snapshots").join(&id), Some(&id)).unwrap();
         assert_eq!(snap.tree(), Some(root));
         // A root that is not hex is a damaged header.
         let mut json = serde_json::to_value(&with_tree).unwrap();
@@ -1198,8 +1237,9 @@ mod tests {
         let mut tw = TreeWriter::new(&*blobs, h.block_count);
         tw.push(BlockRef::Zero, 6).unwrap();
         let root = tw.finish().unwrap();
-        let id = write_tree_snapshot(dir.path(), dir.path(), &h, root, &sealer).unwrap();
-        let path = dir.path().join(&id);
+        let b = super::testing::backend(dir.path());
+        let id = write_tree_snapshot(&b, &h, root, &sealer).unwrap();
+        let path = dir.path().join("snapshots").join(&id);
         let stored = std::fs::read(&path).unwrap();
         assert_eq!(blake3::hash(&stored).to_hex().as_str(), id);
         assert!(!stored.windows(8).any(|w| w == SNAPSHOT_MAGIC));
