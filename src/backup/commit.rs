@@ -119,6 +119,7 @@ impl<'p> Draft<'p> {
         let resumed = continues && start_block > 0 || resumes > 0;
         if continues {
             // Mark this run in the journal, so the snapshot counts its resumptions.
+            packer.check_fence()?;
             journal.append(start_block, 0, &BatchStats::default(), &[], &[])?;
             resumes += 1;
         }
@@ -186,6 +187,7 @@ impl<'p> Draft<'p> {
         };
         let root = self.writer.finish()?;
         packer.checkpoint()?;
+        packer.check_fence()?;
         let snapshot_id =
             write_tree_snapshot(repo.backend().as_ref(), &header, root, repo.sealer())?;
         self.journal.remove()?;
@@ -243,6 +245,7 @@ impl Committer<'_, '_> {
                     // first. (The checkpoint also loads the index files concurrent writers
                     // wrote, so that their blobs deduplicate from now on.)
                     packer.checkpoint()?;
+                    packer.check_fence()?;
                     journal.append(
                         batch.first,
                         batch.blocks,

@@ -187,6 +187,17 @@ fn run(
             crate::error::Error::internal("backup", "a plan without a blob store")
         })?;
     let packer = Packer::new(repo, store.clone())?;
+    // On object storage the writer marker and the volume lock are leases: the backup stops
+    // before relying on one it could not renew in time.
+    let mut fence = crate::repo::backend::Fence::default();
+    if let Some(w) = &plan.work.writer {
+        fence.add(w.fence_check());
+    }
+    if let Some(l) = &plan.work.lock {
+        let l = l.clone();
+        fence.add(std::sync::Arc::new(move || l.check()));
+    }
+    packer.set_fence(fence);
     let mut draft = commit::Draft::open(&packer, &plan, &journal_path, || fresh, &mut replayed)?;
     let start_block = draft.start_block();
     let bs = u64::from(plan.block_size);

@@ -74,7 +74,7 @@ pub struct BackupPlan {
 #[derive(Debug, Default)]
 pub(super) struct Work {
     /// The volume lock, held until the snapshot is committed (`None` for a plan alone).
-    pub lock: Option<Box<dyn LockGuard>>,
+    pub lock: Option<std::sync::Arc<dyn LockGuard>>,
     /// The key of the volume's resume journal (`journals/<stem>.journal`).
     pub journal_path: String,
     pub map: Option<BlockMap>,
@@ -196,7 +196,7 @@ pub(super) fn prepare(
     let stem = repo.sealer().journal_stem(&key);
     let lock_name = format!("volume/{stem}");
     let lock = match locking {
-        Locking::Take => Some(take_lock(repo, &lock_name, &info.path)?),
+        Locking::Take => Some(take_lock(repo, &lock_name, &info.path)?.into()),
         Locking::Check => {
             check_lock(repo, &lock_name, &info.path)?;
             None

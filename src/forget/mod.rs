@@ -18,8 +18,7 @@
 
 pub mod policy;
 
-use crate::error::{Error, IoContext, Result, chain};
-use crate::platform;
+use crate::error::{Error, Result, chain};
 use crate::progress::Progress;
 use crate::repo::journal::Journal;
 use crate::repo::{Repository, SnapshotEntry};
@@ -272,19 +271,12 @@ fn plan_named(
     Ok(out)
 }
 
-/// Removes snapshot files and flushes the directory. A file already gone (another `forget`)
-/// is not an error.
+/// Removes snapshot objects, durably. One already gone (another `forget`) is not an error.
 fn remove_snapshot_files(repo: &Repository, ids: &[&str]) -> Result<()> {
-    let dir = repo.snapshots_dir();
     for id in ids {
-        let path = dir.join(id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &path, e)),
-        }
+        repo.backend().delete(&format!("snapshots/{id}"))?;
     }
-    platform::sync_dir(&dir).ctx("flush directory", &dir)
+    Ok(())
 }
 
 /// Whether a recorded source path names the volume of `--source PATH`: equal to the path as

@@ -825,22 +825,6 @@ impl Repository {
         &self.chunks
     }
 
-    /// Opens (creating it, never truncating, never through a symbolic link) the lock file
-    /// `path` of a backup of one volume, and removes temporary files left by killed writers
-    /// (module doc, "Temporary files"). The caller takes the lock.
-    pub fn volume_lock_file(&self, path: &Path) -> Result<File> {
-        let file = fsio::lock_file(path)?;
-        let started = std::time::SystemTime::now();
-        let mut dirs = vec![self.tmp_dir(), self.journals_dir(), self.root.clone()];
-        if self.config.version >= 2 {
-            dirs.extend([self.index_dir(), self.pending_dir()]);
-        }
-        for dir in dirs {
-            fsio::remove_stale_temp_files(&dir, started);
-        }
-        Ok(file)
-    }
-
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }

@@ -9,7 +9,7 @@
 //! the previous checkpoint; then it loads index files other writers wrote meanwhile.
 
 use super::Repository;
-use super::backend::WriteBackend;
+use super::backend::{Fence, WriteBackend};
 use super::blob::{BlobEntry, BlobKind, BlobSink};
 use super::blobs::BlobStore;
 use super::format::MAX_FRAME_RAW;
@@ -32,6 +32,8 @@ pub struct Packer {
     packs_written: AtomicU64,
     /// For tree blobs ([`BlobSink::put_blob`]); data frames come encoded.
     encoder: Mutex<Option<FrameEncoder>>,
+    /// Checked before each index file is written.
+    fence: Mutex<Fence>,
 }
 
 #[derive(Debug, Default)]
@@ -64,11 +66,23 @@ impl Packer {
             state: Mutex::new(State::default()),
             packs_written: AtomicU64::new(0),
             encoder: Mutex::new(None),
+            fence: Mutex::new(Fence::default()),
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks `fence` before every index file from now on (and [`Packer::check_fence`]).
+    pub fn set_fence(&self, fence: Fence) {
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = fence;
+    }
+
+    /// Ok while the writer's leases surely hold ([`Fence`]).
+    pub fn check_fence(&self) -> Result<()> {
+        let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        fence.check()
     }
 
     /// Where the packs go.
@@ -142,8 +156,10 @@ impl Packer {
         }
         if !state.finished.is_empty() {
             // Every pack is durable (and, on object storage, uploaded) before an index
-            // file names it.
+            // file names it, and the writer is still known to be alive (a prune that judged
+            // it dead may have deleted its packs as leftovers).
             self.backend.barrier()?;
+            self.check_fence()?;
             let file = IndexFile {
                 packs: std::mem::take(&mut state.finished),
             };

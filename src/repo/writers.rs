@@ -155,7 +155,7 @@ struct MarkerJson {
 /// refreshed lease) until dropped, which removes it.
 pub struct WriterMarker {
     id: String,
-    marker: Box<dyn Marker>,
+    marker: std::sync::Arc<std::sync::Mutex<Box<dyn Marker>>>,
     sealer: Sealer,
 }
 
@@ -176,14 +176,25 @@ impl WriterMarker {
     /// Ok while the marker surely still protects this writer (a lease that could not be
     /// refreshed in time is an error: stop before relying on it).
     pub fn check(&self) -> Result<()> {
-        self.marker.check()
+        self.lock().check()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Marker>> {
+        self.marker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A check of this marker for a [`backend::Fence`], usable while the marker lives (and
+    /// harmless after: a dropped marker's check is its last state).
+    pub fn fence_check(&self) -> std::sync::Arc<dyn Fn() -> Result<()> + Send + Sync> {
+        let m = self.marker.clone();
+        std::sync::Arc::new(move || m.lock().unwrap_or_else(|p| p.into_inner()).check())
     }
 
     /// Replaces the marker's content, atomically or so that a reader of a half-written
     /// marker takes it for a live writer that knows nothing, the safe reading.
     fn write(&mut self, json: &MarkerJson) -> Result<()> {
         let bytes = seal_marker(&self.sealer, &self.id, json)?;
-        self.marker.write(&bytes)
+        self.lock().write(&bytes)
     }
 }
 
@@ -214,7 +225,7 @@ pub fn register_writer(repo: &Repository) -> Result<(WriterMarker, Vec<PendingRe
             Ok(marker) => {
                 let mut marker = WriterMarker {
                     id,
-                    marker,
+                    marker: std::sync::Arc::new(std::sync::Mutex::new(marker)),
                     sealer: repo.sealer().clone(),
                 };
                 let pending = read_pending(repo)?;

@@ -25,12 +25,14 @@
 //! for a range past the end, `PermissionDenied` for refused access, `TimedOut` for a request
 //! that gave up. An object larger than a `get` limit is [`Error::Corrupt`].
 
+pub mod cache;
 pub mod local;
 
 use crate::error::Result;
 use std::fmt::Debug;
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// What a listing or a stat says about one object.
@@ -230,4 +232,33 @@ pub fn base_name(key: &str) -> &str {
 pub fn pack_key(id: &crate::hash::ChunkId) -> String {
     let hex = id.to_hex();
     format!("packs/{}/{hex}", &hex[..2])
+}
+
+/// The leases a writer relies on (its writer marker, its volume lock), checked before each
+/// step that another process's decision could invalidate: before an index file names new
+/// packs, before a journal batch, before the snapshot. Empty: nothing to check (local
+/// directories, whose locks cannot lapse while their holder lives).
+#[derive(Clone, Default)]
+pub struct Fence {
+    checks: Vec<Arc<dyn Fn() -> Result<()> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence")
+            .field("checks", &self.checks.len())
+            .finish()
+    }
+}
+
+impl Fence {
+    /// Adds a check.
+    pub fn add(&mut self, check: Arc<dyn Fn() -> Result<()> + Send + Sync>) {
+        self.checks.push(check);
+    }
+
+    /// Ok while every lease still surely holds.
+    pub fn check(&self) -> Result<()> {
+        self.checks.iter().try_for_each(|c| c())
+    }
 }
