@@ -26,6 +26,9 @@
 //! that gave up. An object larger than a `get` limit is [`Error::Corrupt`].
 
 // pub mod local; (next commit)
+pub mod retry;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use crate::error::Result;
 use std::fmt::Debug;
