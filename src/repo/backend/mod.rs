@@ -26,7 +26,12 @@
 //! that gave up. An object larger than a `get` limit is [`Error::Corrupt`].
 
 pub mod cache;
+pub mod lease;
 pub mod local;
+pub mod retry;
+#[cfg(feature = "s3")]
+pub mod s3;
+pub mod segments;
 
 use crate::error::Result;
 use std::fmt::Debug;
