@@ -84,6 +84,7 @@
 //! deletion happens after what replaces it is durable.
 
 pub mod address;
+pub mod backend;
 pub mod blob;
 pub mod blobs;
 pub mod chunks;

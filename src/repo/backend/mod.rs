@@ -26,6 +26,8 @@
 //! that gave up. An object larger than a `get` limit is [`Error::Corrupt`].
 
 // pub mod local; (next commit)
+pub mod lease;
+pub mod segments;
 
 use crate::error::Result;
 use std::fmt::Debug;
