@@ -253,6 +253,12 @@ pub enum Error {
         found: u64,
         expected: u64,
     },
+
+    /// A lock or writer registration held as a lease on an object store could not be kept:
+    /// it was not renewed in time (the store was unreachable) or another process removed it
+    /// as expired. The operation stops before doing anything the lease protects.
+    #[error("lost the lease {} ({detail}); the operation stops here: nothing was lost, and running it again resumes it", path.display())]
+    LeaseLost { path: PathBuf, detail: String },
 }
 
 impl Error {

@@ -21,6 +21,7 @@ mod encryption;
 mod ext4;
 mod ext_damage;
 mod fs_maps_win;
+mod garage;
 mod images;
 mod mount;
 mod nbd;
