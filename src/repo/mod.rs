@@ -106,7 +106,6 @@ use crate::crypto::{Keys, Kind, MasterKey};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::HashAlgorithm;
 use crate::platform;
-use backend::WriteBackend;
 use chunks::ChunkStore;
 use format::*;
 use serde::{Deserialize, Serialize};
@@ -487,11 +486,140 @@ fn prefetch_metadata(root: &Path) {
     }
 }
 
+/// The backend of the repository at address `arg`: how to name it in messages, the backend,
+/// and its local directory when it has one. Object storage gets a local cache of immutable
+/// metadata ([`backend::cache`]).
+fn open_location(arg: &Path) -> Result<(PathBuf, Arc<dyn backend::WriteBackend>, Option<PathBuf>)> {
+    match address::parse(arg)? {
+        address::Location::Local(dir) => {
+            let store: Arc<dyn backend::WriteBackend> =
+                Arc::new(backend::local::LocalDir::new(&dir));
+            Ok((dir.clone(), store, Some(dir)))
+        }
+        #[cfg(feature = "s3")]
+        address::Location::S3(loc) => {
+            let name = loc.to_string();
+            let mut store = backend::s3::open_s3(&loc)?;
+            if let Some(dir) = backend::cache::cache_dir_for(&name) {
+                store = Arc::new(backend::cache::Cached::new(store, dir));
+            }
+            Ok((PathBuf::from(name), store, None))
+        }
+        #[cfg(not(feature = "s3"))]
+        address::Location::S3(loc) => Err(Error::InvalidArgument(format!(
+            "{loc} is on object storage, and this volback was built without S3 support \
+             (cargo feature s3)"
+        ))),
+    }
+}
+
+/// Creates the directories of a new local repository of format `version` in `dir`, and its
+/// `lock` file.
+fn create_directories(dir: &Path, version: u32) -> Result<()> {
+    std::fs::create_dir_all(dir).ctx("create directory", dir)?;
+    let fan_out = match version {
+        1 => "chunks",
+        _ => "packs",
+    };
+    for sub in dirs_of(version) {
+        let p = dir.join(sub);
+        std::fs::create_dir_all(&p).ctx("create directory", &p)?;
+    }
+    for i in 0..=255u8 {
+        let p = dir.join(fan_out).join(format!("{i:02x}"));
+        std::fs::create_dir_all(&p).ctx("create directory", &p)?;
+    }
+    fsio::lock_file(&dir.join("lock"))?;
+    Ok(())
+}
+
+/// Checks that the store of a new repository on object storage holds no repository and no
+/// other objects where the repository's would go.
+fn check_empty_store(root: &Path, store: &dyn backend::WriteBackend) -> Result<()> {
+    if store.head("config")?.is_some() {
+        return Err(Error::RepositoryExists {
+            path: root.to_path_buf(),
+            detail: "it already holds a repository".into(),
+        });
+    }
+    for dir in [
+        "",
+        "keys",
+        "index",
+        "snapshots",
+        "journals",
+        "writers",
+        "pending",
+        "locks",
+    ] {
+        let mut any = false;
+        store.list(dir, &mut |_| {
+            any = true;
+            Ok(())
+        })?;
+        if any {
+            return Err(Error::RepositoryExists {
+                path: root.to_path_buf(),
+                detail: format!(
+                    "the prefix is not empty (objects under {})",
+                    store.display_path(dir).display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the directories of the local repository in `dir` and takes the shared lock on its
+/// `lock` file (created where the repository is writable; a read-only one is used
+/// unlocked).
+fn open_shared_lock(dir: &Path, version: u32) -> Result<Option<File>> {
+    // The repository's own directories are never followed through a link.
+    for d in dirs_of(version) {
+        fsio::check_directory(&dir.join(d))?;
+    }
+    let lock_path = dir.join("lock");
+    let lock = match fsio::open_regular(&lock_path, false, "open") {
+        Ok(f) => Some(f),
+        Err(e) if fsio::is_not_found(&e) => match fsio::lock_file(&lock_path) {
+            Ok(f) => Some(f),
+            Err(Error::Io { source, .. }) if cannot_write(&source) => None,
+            Err(e) => return Err(e),
+        },
+        Err(e) => return Err(e),
+    };
+    if let Some(lock) = &lock {
+        match lock.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    path: dir.to_path_buf(),
+                    detail: "an exclusive operation such as gc is running".into(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io("lock", &lock_path, e));
+            }
+        }
+    }
+    Ok(lock)
+}
+
 impl Repository {
     /// Checks that `path` can receive a new repository (missing, or an empty directory)
     /// without changing anything: what `init` checks first, for callers that ask for a
     /// password before calling it.
     pub fn check_new_location(path: &Path) -> Result<()> {
+        match address::parse(path)? {
+            address::Location::Local(p) => Self::check_new_directory(&p),
+            address::Location::S3(_) => {
+                let (root, store, _) = open_location(path)?;
+                check_empty_store(&root, store.as_ref())
+            }
+        }
+    }
+
+    fn check_new_directory(path: &Path) -> Result<()> {
         match std::fs::read_dir(path) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -516,7 +644,8 @@ impl Repository {
     /// format 3 (encrypted) when `opts.encryption` is set, else `opts.format` (2, or 1 for
     /// tests of old repositories).
     pub fn init(path: &Path, opts: &InitOptions) -> Result<Repository> {
-        let path = &address::local_path(path)?;
+        let (root, store, local) = open_location(path)?;
+        let path = &root;
         check_block_size(opts.block_size)?;
         if !(1..=REPO_VERSION).contains(&opts.format) {
             return Err(Error::InvalidArgument(format!(
@@ -559,22 +688,18 @@ impl Repository {
                 opts.zstd_level
             )));
         }
-        Self::check_new_location(path)?;
-        std::fs::create_dir_all(path).ctx("create directory", path)?;
-        let fan_out = match version {
-            1 => "chunks",
-            _ => "packs",
-        };
-        for sub in dirs_of(version) {
-            let p = path.join(sub);
-            std::fs::create_dir_all(&p).ctx("create directory", &p)?;
+        match &local {
+            Some(dir) => {
+                Self::check_new_directory(dir)?;
+                create_directories(dir, version)?;
+            }
+            None if version == 1 => {
+                return Err(Error::InvalidArgument(
+                    "format 1 repositories are local directories only".into(),
+                ));
+            }
+            None => check_empty_store(path, store.as_ref())?,
         }
-        for i in 0..=255u8 {
-            let p = path.join(fan_out).join(format!("{i:02x}"));
-            std::fs::create_dir_all(&p).ctx("create directory", &p)?;
-        }
-        fsio::lock_file(&path.join("lock"))?;
-        let local = backend::local::LocalDir::new(path);
         let mut config = Config {
             format: REPO_FORMAT_NAME.into(),
             version,
@@ -593,7 +718,7 @@ impl Repository {
             let master = MasterKey::generate().map_err(|e| {
                 Error::internal("repository init", format!("no random numbers: {e}"))
             })?;
-            let slot = keys::write_slot(&local, &config.id, &master, &e.password, e.kdf)?;
+            let slot = keys::write_slot(store.as_ref(), &config.id, &master, &e.password, e.kdf)?;
             config.encryption = Some(EncryptionInfo::current());
             let sealer = seal::Sealer::encrypted(Arc::new(Keys::derive(&master, &config.id)));
             let canonical = config.canonical_json()?;
@@ -605,12 +730,15 @@ impl Repository {
             Error::internal("repository init", format!("cannot encode the config: {e}"))
         })?;
         // Everything below config is durable before config appears.
-        platform::sync_filesystem(path).ctx("flush", path)?;
-        local.put("config", &json, backend::PutMode::Overwrite)?;
-        match unlocked {
-            None => Self::open(path),
-            Some(u) => Self::open_impl(path, Unlock::Known(u)),
+        if let Some(dir) = &local {
+            platform::sync_filesystem(dir).ctx("flush", dir)?;
         }
+        store.put("config", &json, backend::PutMode::Overwrite)?;
+        let unlock = match unlocked {
+            None => Unlock::With(&keys::NoPassword),
+            Some(u) => Unlock::Known(u),
+        };
+        Self::open_on(root, store, local, unlock)
     }
 
     /// Opens an existing plain repository and takes a shared lock on it; an encrypted one is
@@ -627,8 +755,19 @@ impl Repository {
     }
 
     fn open_impl(path: &Path, unlock: Unlock<'_>) -> Result<Repository> {
-        let path = &address::local_path(path)?;
-        let store: Arc<dyn backend::WriteBackend> = Arc::new(backend::local::LocalDir::new(path));
+        let (root, store, local) = open_location(path)?;
+        Self::open_on(root, store, local, unlock)
+    }
+
+    /// Opens the repository in `store` (named `root` in messages; `local` is its directory
+    /// when it has one).
+    fn open_on(
+        root: PathBuf,
+        store: Arc<dyn backend::WriteBackend>,
+        local: Option<PathBuf>,
+        unlock: Unlock<'_>,
+    ) -> Result<Repository> {
+        let path = &root;
         let cfg_path = store.display_path("config");
         let bytes = match store.get("config", 1 << 20, "config") {
             Ok(b) => b,
@@ -679,42 +818,26 @@ impl Repository {
             .and_then(|()| check_pack_size(config.version, config.pack_size))
             .map_err(|e| Error::corrupt("repository config", &cfg_path, e.to_string()))?;
         check_encryption_fields(&config, &cfg_path)?;
-        // The repository's own directories are never followed through a link.
-        for d in dirs_of(config.version) {
-            fsio::check_directory(&path.join(d))?;
-        }
-        let lock_path = path.join("lock");
-        let lock = match fsio::open_regular(&lock_path, false, "open") {
-            Ok(f) => Some(f),
-            // Created where the repository is writable; a read-only one is used unlocked.
-            Err(e) if fsio::is_not_found(&e) => match fsio::lock_file(&lock_path) {
-                Ok(f) => Some(f),
-                Err(Error::Io { source, .. }) if cannot_write(&source) => None,
-                Err(e) => return Err(e),
-            },
-            Err(e) => return Err(e),
-        };
-        if let Some(lock) = &lock {
-            match lock.try_lock_shared() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(Error::Locked {
-                        path: path.to_path_buf(),
-                        detail: "an exclusive operation such as gc is running".into(),
-                    });
-                }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(Error::io("lock", &lock_path, e));
-                }
+        let lock = match &local {
+            Some(dir) => open_shared_lock(dir, config.version)?,
+            None if config.version == 1 => {
+                return Err(Error::NotARepository {
+                    path: path.to_path_buf(),
+                    detail: "a format 1 repository is read from a local directory only".into(),
+                });
             }
-        }
+            // On object storage nothing takes the repository exclusively (FORMAT.md §7).
+            None => None,
+        };
         let (sealer, master) = if config.version >= REPO_VERSION_ENCRYPTED {
             let unlocked = match unlock {
                 Unlock::Known(u) => u,
                 Unlock::With(source) => {
                     // The disk reads the index and snapshot files while the CPU derives the
                     // key: nearly every command reads them next.
-                    prefetch_metadata(path);
+                    if let Some(dir) = &local {
+                        prefetch_metadata(dir);
+                    }
                     keys::unlock(store.as_ref(), &config.id, source)?
                 }
             };

@@ -23,16 +23,11 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Files kept open for ranged reads.
-const OPEN_FILES: usize = 8;
-
 /// A repository directory.
 #[derive(Debug)]
 pub struct LocalDir {
     root: PathBuf,
     caps: Capabilities,
-    /// Recently read files, most recent last.
-    open: Mutex<Vec<(String, Arc<File>)>>,
     /// Directories that received content-named objects since the last barrier.
     dirty: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
@@ -46,7 +41,6 @@ impl LocalDir {
                 cheap_ranged_reads: true,
                 parallelism: 1,
             },
-            open: Mutex::new(Vec::new()),
             dirty: Arc::default(),
         }
     }
@@ -68,32 +62,6 @@ impl LocalDir {
             Some(stem) => self.path(&format!("journals/{stem}.lock")),
             None => self.path(&format!("{name}.lock")),
         }
-    }
-
-    fn cached_file(&self, name: &str) -> Result<Arc<File>> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = open.iter().position(|(n, _)| n == name) {
-            let entry = open.remove(i);
-            let f = entry.1.clone();
-            open.push(entry);
-            return Ok(f);
-        }
-        drop(open);
-        let f = Arc::new(fsio::open_regular(&self.path(name), false, "open")?);
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.len() >= OPEN_FILES {
-            open.remove(0);
-        }
-        open.push((name.to_string(), f.clone()));
-        Ok(f)
-    }
-
-    /// Forgets an open file whose name was replaced or removed.
-    fn forget_file(&self, name: &str) {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(n, _)| n != name);
     }
 
     fn mark_dirty(&self, dir: &Path) {
@@ -130,7 +98,9 @@ impl ReadBackend for LocalDir {
     }
 
     fn get_range(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let file = self.cached_file(name)?;
+        // Opened for each read, never kept: a handle kept open would keep a deleted pack
+        // readable (and on Windows its name taken) for as long as the repository is open.
+        let file = fsio::open_regular(&self.path(name), false, "open")?;
         platform::read_exact_at(&file, buf, offset).map_err(|source| Error::IoAt {
             op: "read",
             path: self.path(name),
@@ -199,7 +169,6 @@ impl WriteBackend for LocalDir {
             // A link planted as a directory of the repository would send the file elsewhere.
             fsio::check_directory(parent)?;
         }
-        self.forget_file(name);
         match mode {
             PutMode::Overwrite => fsio::atomic_write(&dest, data),
             PutMode::ContentNamed => {
@@ -216,7 +185,6 @@ impl WriteBackend for LocalDir {
 
     fn delete(&self, name: &str) -> Result<bool> {
         let path = self.path(name);
-        self.forget_file(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {
                 if let Some(dir) = path.parent() {
@@ -265,7 +233,6 @@ impl WriteBackend for LocalDir {
     }
 
     fn set_aside(&self, name: &str) -> Result<Option<String>> {
-        self.forget_file(name);
         let path = self.path(name);
         let Some(dest) = fsio::set_aside(&path, name)? else {
             return Ok(None);

@@ -17,7 +17,7 @@
 //! until its PUT completes, an object stays readable from memory, and
 //! [`WriteBackend::barrier`] waits for the uploads and reports the first failure.
 
-use super::retry::{self, Policy, RemoteProblem, Retry};
+use super::retry::{Policy, RemoteProblem, Retry};
 use super::{
     Capabilities, LockGuard, Log, LogMode, Marker, ObjectMeta, PutMode, ReadBackend, Staged,
     WriteBackend,
@@ -285,34 +285,34 @@ impl S3 {
         let credentials = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the profile \
                            AWS_PROFILE names)";
         // Failures before or without an answer: the transport's.
-        if status.is_none() {
-            if let Some(kind) = transport_kind(e) {
-                return match kind {
-                    ErrorKind::TimedOut => problem(
-                        kind,
-                        true,
-                        format!(
-                            "{endpoint} did not answer in time (no progress for {} s)",
-                            IDLE_TIMEOUT.as_secs()
-                        ),
+        if status.is_none()
+            && let Some(kind) = transport_kind(e)
+        {
+            return match kind {
+                ErrorKind::TimedOut => problem(
+                    kind,
+                    true,
+                    format!(
+                        "{endpoint} did not answer in time (no progress for {} s)",
+                        IDLE_TIMEOUT.as_secs()
                     ),
-                    ErrorKind::ConnectionRefused => problem(
-                        kind,
-                        true,
-                        format!("cannot reach {endpoint}: connection refused"),
-                    ),
-                    ErrorKind::NotConnected => problem(
-                        kind,
-                        true,
-                        format!("cannot reach {endpoint}: {}", source_chain(e)),
-                    ),
-                    _ => problem(
-                        kind,
-                        true,
-                        format!("the connection to {endpoint} broke: {}", source_chain(e)),
-                    ),
-                };
-            }
+                ),
+                ErrorKind::ConnectionRefused => problem(
+                    kind,
+                    true,
+                    format!("cannot reach {endpoint}: connection refused"),
+                ),
+                ErrorKind::NotConnected => problem(
+                    kind,
+                    true,
+                    format!("cannot reach {endpoint}: {}", source_chain(e)),
+                ),
+                _ => problem(
+                    kind,
+                    true,
+                    format!("the connection to {endpoint} broke: {}", source_chain(e)),
+                ),
+            };
         }
         let region = &self.inner.region;
         let wrong_region = code == "AuthorizationHeaderMalformed"
@@ -832,49 +832,11 @@ impl Staged for S3Staged {
     }
 }
 
-/// The generic lease, marker and segment-log code over any `WriteBackend`
-/// (`backend/lease.rs`, `backend/segments.rs`) is written in another branch; these stand-ins
-/// have its signatures and are replaced by it when the branches meet.
+/// Locks and writer markers are leases, journals are segment logs: the generic code over
+/// any backend's object primitives.
 mod shim {
-    use super::super::{LockGuard, Log, LogMode, Marker, WriteBackend};
-    use crate::error::{Error, Result};
-    use std::sync::Arc;
-
-    fn unsupported(what: &str) -> Error {
-        Error::InvalidArgument(format!("{what} are not yet supported on object storage"))
-    }
-
-    pub fn lock_exclusive(
-        _store: Arc<dyn WriteBackend>,
-        _name: &str,
-        _what: &str,
-    ) -> Result<Box<dyn LockGuard>> {
-        Err(unsupported("locks"))
-    }
-
-    pub fn lock_held(_store: &dyn WriteBackend, _name: &str) -> Result<bool> {
-        Err(unsupported("locks"))
-    }
-
-    pub fn create_marker(
-        _store: Arc<dyn WriteBackend>,
-        _id: &str,
-        _payload: &[u8],
-    ) -> Result<Box<dyn Marker>> {
-        Err(unsupported("writer markers"))
-    }
-
-    pub fn live_markers(_store: &dyn WriteBackend) -> Result<Vec<(String, Option<Vec<u8>>)>> {
-        Err(unsupported("writer markers"))
-    }
-
-    pub fn open_log(
-        _store: Arc<dyn WriteBackend>,
-        _name: &str,
-        _mode: LogMode,
-    ) -> Result<Option<Box<dyn Log>>> {
-        Err(unsupported("resume journals"))
-    }
+    pub use super::super::lease::{create_marker, live_markers, lock_exclusive, lock_held};
+    pub use super::super::segments::open_log;
 }
 
 /// HTTP through our reqwest clients: small requests fail after `idle` without an answer or

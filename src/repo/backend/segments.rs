@@ -114,7 +114,7 @@ impl SegmentLog {
                     log.store.delete(&segment_name(name, n))?;
                 }
             }
-            LogMode::Open => {
+            LogMode::Open | LogMode::Read => {
                 let Some(header) = found.header else {
                     return Ok(None);
                 };

@@ -264,7 +264,7 @@ fn objects_are_put_read_listed_and_deleted() {
     assert_eq!(n, 0);
     let e = s3.get("config", 100, "config").unwrap_err();
     assert_eq!(io_kind(&e), ErrorKind::NotFound, "{e}");
-    assert!(!retry::is_transient(&e));
+    assert!(!crate::repo::backend::retry::is_transient(&e));
 
     let config: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
     s3.put("config", &config, PutMode::Overwrite).unwrap();
@@ -487,14 +487,14 @@ fn a_restarted_server_is_retried_and_a_stalled_one_times_out() {
     let e = s3.get("config", 100, "config").unwrap_err();
     g.signal("-CONT");
     assert_eq!(io_kind(&e), ErrorKind::TimedOut, "{}", text(&e));
-    assert!(retry::is_transient(&e));
+    assert!(crate::repo::backend::retry::is_transient(&e));
     assert!(text(&e).contains("did not answer"), "{}", text(&e));
 
     // Down: refused, transient, naming the endpoint.
     g.kill();
     let e = s3.get("config", 100, "config").unwrap_err();
     assert_eq!(io_kind(&e), ErrorKind::ConnectionRefused, "{}", text(&e));
-    assert!(retry::is_transient(&e));
+    assert!(crate::repo::backend::retry::is_transient(&e));
     assert!(
         text(&e).contains(&format!("cannot reach http://127.0.0.1:{}", g.port)),
         "{}",
@@ -562,7 +562,7 @@ fn wrong_credentials_bucket_region_and_endpoint_are_named() {
         b.delete("config").unwrap_err(),
     ] {
         assert!(text(&e).contains(&want), "{}", text(&e));
-        assert!(!retry::is_transient(&e));
+        assert!(!crate::repo::backend::retry::is_transient(&e));
     }
 
     // Wrong region.
