@@ -192,8 +192,15 @@ pub(super) fn prepare(
     let all_blocks = map.is_none();
     let key = volume_key(source, probe.fs.as_ref(), probe.layout.as_ref());
 
-    // One backup per volume at a time.
-    let stem = repo.sealer().journal_stem(&key);
+    // One backup per volume at a time. On object storage, shared by many machines, per
+    // machine: two clones of one volume (same filesystem UUID, same key) on two machines are
+    // two volumes there, each with its own lock and journal (docs/FORMAT.md, F4).
+    let stem = match repo.backend().capabilities().file_locks {
+        true => repo.sealer().journal_stem(&key),
+        false => repo
+            .sealer()
+            .journal_stem(&format!("{}\0{key}", crate::platform::hostname())),
+    };
     let lock_name = format!("volume/{stem}");
     let lock = match locking {
         Locking::Take => Some(take_lock(repo, &lock_name, &info.path)?.into()),
