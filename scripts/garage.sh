@@ -31,7 +31,8 @@ VERSION=2.5.0
 
 die() { echo "garage.sh: $*" >&2; exit 1; }
 
-is_wanted() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -q "v$VERSION\b"; }
+# `garage --version` says "garage cargo:2.5.0 [features: ...]" (a git build: "garage v2.5.0 ...").
+is_wanted() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -Eq "(^|[^0-9.])${VERSION//./\\.}([^0-9.]|$)"; }
 
 find_garage() {
     local c
@@ -144,7 +145,8 @@ start_single() {
     node=$("$G" -c "$d/garage.toml" node id -q | cut -d@ -f1)
     "$G" -c "$d/garage.toml" layout assign -z dc1 -c 20G "$node" >/dev/null
     "$G" -c "$d/garage.toml" layout apply --version 1 >/dev/null
-    read -r kid ksecret < <(make_bucket "$d")
+    read -r kid ksecret < <(make_bucket "$d") || true
+    [ -n "${ksecret:-}" ] || die "no key was made: see $d/server.log"
     print_env "$d" "$kid" "$ksecret" "http://127.0.0.1:$p"
 }
 
@@ -168,6 +170,11 @@ start_cluster() {
     local g=("$G" -c "$d/n1/garage.toml")
     "${g[@]}" node connect "${ids[1]}" >/dev/null
     "${g[@]}" node connect "${ids[2]}" >/dev/null
+    # Peers learnt by `node connect` are saved only from time to time: name them in the
+    # configurations, so that the cluster finds itself again after a crash and a restart.
+    for i in 1 2 3; do
+        sed -i "s|^bootstrap_peers = \[\]|bootstrap_peers = [\"${ids[0]}\", \"${ids[1]}\", \"${ids[2]}\"]|" "$d/n$i/garage.toml"
+    done
     # Until node 1 sees the other two.
     for _ in $(seq 1 50); do
         [ "$("${g[@]}" status 2>/dev/null | grep -c '127.0.0.1:')" -ge 3 ] && break
@@ -184,7 +191,8 @@ start_cluster() {
             sleep 0.2
         done
     done
-    read -r kid ksecret < <(make_bucket "$d/n1")
+    read -r kid ksecret < <(make_bucket "$d/n1") || true
+    [ -n "${ksecret:-}" ] || die "no key was made: see $d/n1/server.log"
     print_env "$d" "$kid" "$ksecret" "http://127.0.0.1:$b" "$endpoints"
 }
 
