@@ -33,6 +33,7 @@ mod prune;
 mod repo_safety;
 mod resume_changed;
 mod roundtrip;
+mod s3;
 mod util;
 mod windows;
 mod xfs_btrfs;
