@@ -458,6 +458,11 @@ fn garage_single_node_starts_restarts_and_stops() {
         t0.elapsed().as_secs_f64()
     );
     let env = g.env();
+    let printed = g
+        .apply_env(&mut Command::new("env"))
+        .output()
+        .expect("run env");
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("AWS_DEFAULT_REGION=garage"));
     assert!(
         env.iter()
             .any(|(k, v)| k == "AWS_DEFAULT_REGION" && v == "garage")
