@@ -335,6 +335,22 @@ impl Garage {
         BUCKET
     }
 
+    /// The volback address of a repository under `prefix` in the bucket, through node 1
+    /// (`s3:http://127.0.0.1:PORT/volback/PREFIX`); each test uses its own prefix.
+    pub fn repo_url(&self, prefix: &str) -> String {
+        self.repo_url_of(0, prefix)
+    }
+
+    /// [`Garage::repo_url`] through node `i` (0-based).
+    pub fn repo_url_of(&self, i: usize, prefix: &str) -> String {
+        format!("s3:{}/{BUCKET}/{prefix}", self.endpoint_of(i))
+    }
+
+    /// Adds [`Garage::env`] to a command.
+    pub fn apply_env<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.envs(self.env())
+    }
+
     /// The environment of an S3 client of this server (credentials, region, endpoint).
     pub fn env(&self) -> Vec<(String, String)> {
         [
@@ -442,6 +458,11 @@ fn garage_single_node_starts_restarts_and_stops() {
         t0.elapsed().as_secs_f64()
     );
     let env = g.env();
+    let printed = g
+        .apply_env(&mut Command::new("env"))
+        .output()
+        .expect("run env");
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("AWS_DEFAULT_REGION=garage"));
     assert!(
         env.iter()
             .any(|(k, v)| k == "AWS_DEFAULT_REGION" && v == "garage")
@@ -451,6 +472,7 @@ fn garage_single_node_starts_restarts_and_stops() {
             .any(|(k, v)| k == "AWS_ENDPOINT_URL" && *v == g.endpoint())
     );
     assert_eq!(g.bucket(), BUCKET);
+    assert_eq!(g.repo_url("t1"), format!("s3:{}/{BUCKET}/t1", g.endpoint()));
     let dir = TestDir::new();
     let curl = util::in_path("curl");
     if curl {

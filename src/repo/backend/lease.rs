@@ -342,12 +342,14 @@ impl Shared {
         status.lost.is_some()
     }
 
-    /// One rewrite of the lease, `now` being its start.
-    fn refresh(&self, now: Instant) -> Refreshed {
+    /// One rewrite of the lease; `clock` gives its start (after any wait for a
+    /// [`Marker::write`] in flight, so that the wait counts against the lease).
+    fn refresh(&self, clock: &dyn Fn() -> Instant) -> Refreshed {
+        let content = lock(&self.content);
+        let now = clock();
         if self.lapse(now) {
             return Refreshed::Lost;
         }
-        let content = lock(&self.content);
         match self.store.head(&self.key) {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -386,13 +388,15 @@ impl Shared {
 
     /// Replaces the content (a marker's payload): one PUT, which also renews the lease.
     fn replace(&self, payload: &[u8]) -> Result<()> {
+        let mut content = lock(&self.content);
         let now = Instant::now();
         self.check_at(now)?;
-        let mut content = lock(&self.content);
         self.store.put(&self.key, payload, PutMode::Overwrite)?;
         *content = payload.to_vec();
         let mut status = lock(&self.status);
-        status.last_ok = status.last_ok.max(now);
+        if status.lost.is_none() {
+            status.last_ok = status.last_ok.max(now);
+        }
         Ok(())
     }
 }
@@ -415,7 +419,7 @@ impl Refresher {
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(every)
                 {
-                    if shared.refresh(Instant::now()) == Refreshed::Lost {
+                    if shared.refresh(&Instant::now) == Refreshed::Lost {
                         break;
                     }
                 }
@@ -1092,13 +1096,13 @@ mod tests {
         let t0 = lock(&s.status).last_ok;
         let t = times();
         // A refresh that works extends the validity from its start.
-        assert_eq!(s.refresh(t0 + t.refresh_every()), Refreshed::Renewed);
+        assert_eq!(s.refresh(&|| t0 + t.refresh_every()), Refreshed::Renewed);
         let t1 = t0 + t.refresh_every();
         assert!(s.check_at(t1 + t.valid_for()).is_ok());
         // The store stops answering: the lease is trusted until ttl − margin, not after.
         m.fail_puts.store(true, Ordering::SeqCst);
         for k in 2..6 {
-            assert_eq!(s.refresh(t0 + t.refresh_every() * k), Refreshed::Failed);
+            assert_eq!(s.refresh(&|| t0 + t.refresh_every() * k), Refreshed::Failed);
         }
         assert!(s.check_at(t1 + t.valid_for()).is_ok());
         let e = s
@@ -1109,7 +1113,7 @@ mod tests {
         // Once lapsed, the loss is final even if the store comes back.
         m.fail_puts.store(false, Ordering::SeqCst);
         assert_eq!(
-            s.refresh(t1 + t.valid_for() + Duration::from_secs(1)),
+            s.refresh(&|| t1 + t.valid_for() + Duration::from_secs(1)),
             Refreshed::Lost
         );
         assert!(s.check_at(t1).is_err());
@@ -1121,7 +1125,7 @@ mod tests {
         let lease = take(&m, "volume/x", "backup").unwrap();
         let t0 = lock(&lease.shared.status).last_ok;
         m.raw_delete(lease.key());
-        assert_eq!(lease.shared.refresh(t0), Refreshed::Lost);
+        assert_eq!(lease.shared.refresh(&|| t0), Refreshed::Lost);
         // Not recreated.
         assert!(m.raw(lease.key()).is_none());
         let e = lease.shared.check_at(t0).unwrap_err();
@@ -1167,7 +1171,7 @@ mod tests {
         Marker::write(&mut a, b"second").unwrap();
         let t0 = lock(&a.shared.status).last_ok;
         // A refresh writes the current payload back.
-        assert_eq!(a.shared.refresh(t0), Refreshed::Renewed);
+        assert_eq!(a.shared.refresh(&|| t0), Refreshed::Renewed);
         assert_eq!(m.raw("writers/aa11").unwrap(), b"second");
         // The probe object is gone again.
         assert_eq!(m.names("locks/"), Vec::<String>::new());
@@ -1177,7 +1181,7 @@ mod tests {
         let t = times();
         m.advance(t.lifetime());
         assert_eq!(live_markers_with(&*m, t).unwrap().len(), 2);
-        a.shared.refresh(t0 + Duration::from_secs(1));
+        a.shared.refresh(&|| t0 + Duration::from_secs(1));
         m.advance(Duration::from_secs(1));
         assert_eq!(
             live_markers_with(&*m, t).unwrap(),
@@ -1219,7 +1223,7 @@ mod tests {
         assert!(Marker::write(&mut a, b"two").is_err());
         m.fail_puts.store(false, Ordering::SeqCst);
         let t0 = lock(&a.shared.status).last_ok;
-        assert_eq!(a.shared.refresh(t0), Refreshed::Renewed);
+        assert_eq!(a.shared.refresh(&|| t0), Refreshed::Renewed);
         assert_eq!(m.raw("writers/aa11").unwrap(), b"one");
     }
 
