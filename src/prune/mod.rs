@@ -164,9 +164,15 @@ pub fn prune(
         Err(e) => return Err(e),
     };
     let abort = AbortPoint::from_env();
+    // On object storage the prune lock is a lease: checked before each step that deletes
+    // or condemns, so a prune that could not renew it stops before another may start.
+    let fence = || match &_lock {
+        Some(l) => l.check(),
+        None => Ok(()),
+    };
     let mut report = match repo.format_version() {
         1 => prune_v1(repo, opts, progress, &abort)?,
-        _ => prune_v2(repo, opts, progress, &abort)?,
+        _ => prune_v2(repo, opts, progress, &abort, &fence)?,
     };
     report.dry_run = opts.dry_run;
     report.duration_secs = started.elapsed().as_secs_f64();
@@ -185,6 +191,7 @@ fn prune_v2(
     opts: &PruneOptions,
     progress: &dyn Progress,
     abort: &AbortPoint,
+    fence: &dyn Fn() -> Result<()>,
 ) -> Result<PruneReport> {
     let mut report = PruneReport {
         format: 2,
@@ -197,6 +204,7 @@ fn prune_v2(
     // 2. Records of earlier prunes.
     let pending = writers::read_pending(repo)?;
     if !opts.dry_run {
+        fence()?;
         let done = sweep::finish_records(repo, &pending, &mut || remark(repo, progress), abort)?;
         add_sweep(&mut report, &done);
     }
@@ -321,6 +329,7 @@ fn prune_v2(
             .filter(|f| !written.contains(f))
             .cloned()
             .collect();
+        fence()?;
         let id = writers::write_pending(repo, &condemned, &old)?;
         abort.at("pending-written");
         sweep::delete_index_files(repo, &old)?;
@@ -330,11 +339,13 @@ fn prune_v2(
             .into_iter()
             .filter(|r| r.id == id)
             .collect::<Vec<_>>();
+        fence()?;
         let done = sweep::finish_records(repo, &rec, &mut || remark(repo, progress), abort)?;
         add_sweep(&mut report, &done);
     }
 
     // 8. Leftovers of crashed writers.
+    fence()?;
     let o = sweep::remove_orphans(repo, abort)?;
     report.packs_deleted += o.packs_deleted;
     report.bytes_deleted += o.bytes_deleted;
