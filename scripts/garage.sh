@@ -46,6 +46,11 @@ find_garage() {
 install_garage() {
     if find_garage; then return 0; fi
     mkdir -p "$ROOT"
+    # One build at a time: a second `install` (CI starts one in the background early) waits
+    # for the first and then finds its binary.
+    exec 9>"$ROOT/garage-build.lock"
+    flock 9
+    if find_garage; then return 0; fi
     local log="$ROOT/garage-build.log" tgt
     tgt=$(mktemp -d "${TMPDIR:-/tmp}/garage-build.XXXXXX")
     echo "garage.sh: building garage $VERSION into $ROOT/bin (log: $log)" >&2

@@ -8,6 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
+echo "==> Linux build ($(date -u +%H:%M:%S))"
+cargo test --release --no-run "$@"
+# The S3 tests run against a Garage server they start: a garage 2.5.0 binary is found, or
+# built once per machine (scripts/garage.sh install; .ci/run starts that build early).
+echo "==> Garage ($(date -u +%H:%M:%S))"
+GARAGE=$(scripts/garage.sh install)
+export GARAGE
 echo "==> Linux tests ($(date -u +%H:%M:%S))"
 # windows:: tests drive volback.exe: they run in the Windows part, once it is built.
 cargo test --release "$@" -- --skip windows::
