@@ -86,13 +86,9 @@ fn s3_full_incremental_restore_verify() {
     // The first snapshot, onto the second's restore: only the changed blocks are written.
     random_file(&src, 48 * MIB, 1);
     let sha1 = sha256_file(&src);
-    let r = vb_ok(
-        &g,
-        &cache,
-        &["restore", "--only-changed", "--json", &repo, &id1, p(&out)],
-    );
+    vb_ok(&g, &cache, &["restore", "--only-changed", &repo, &id1, p(&out)])
+        .stdout_has(&["1.0 MiB written"]);
     assert_eq!(sha256_file(&out), sha1);
-    assert!(ju64(&r.json(), "/bytes_written") <= 2 * MIB, "{}", r.stdout);
     vb_ok(&g, &cache, &["verify", "--read-data", &repo]).stdout_has(&["no problems"]);
     let list = vb_ok(&g, &cache, &["snapshots", "--json", &repo]).json();
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
