@@ -343,6 +343,11 @@ pub fn hostname() -> String {
     imp::hostname()
 }
 
+/// True when no process with id `pid` runs on this machine (false when unsure).
+pub fn process_gone(pid: u32) -> bool {
+    imp::process_gone(pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -320,6 +320,11 @@ pub fn in_device_namespace(path: &Path) -> bool {
     s.starts_with(r"\\.\") || s.starts_with(r"\\?\GLOBALROOT")
 }
 
+/// Not checked on Windows: a lease of a killed process there waits for its expiry.
+pub fn process_gone(_pid: u32) -> bool {
+    false
+}
+
 pub fn hostname() -> String {
     std::env::var("COMPUTERNAME").unwrap_or_default()
 }

@@ -48,7 +48,17 @@ fn vb_ok(g: &Garage, cache: &Path, args: &[&str]) -> Run {
 
 /// The keys of the objects under `prefix` in `g`'s bucket (first 1000).
 fn keys(g: &Garage, prefix: &str) -> Vec<String> {
-    let r = g.curl(0, &format!("?list-type=2&prefix={prefix}"), None);
+    let url = format!(
+        "{}/{}?list-type=2&prefix={}",
+        g.endpoint(),
+        g.bucket(),
+        prefix.replace('/', "%2F")
+    );
+    let mut c = Command::new("curl");
+    c.args(curl_auth(g)).arg(&url);
+    let r = util::run_command(c, &format!("curl {url}"));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("<ListBucketResult"), "{}", r.stdout);
     r.stdout
         .split("<Key>")
         .skip(1)
@@ -70,11 +80,11 @@ fn s3_full_incremental_restore_verify() {
     let repo = address(&g, "roundtrip");
     vb_ok(&g, &cache, &["init", &repo]);
     let first = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
-    let id1 = jstr(&first, "/snapshot_id").to_string();
+    let id1 = jstr(&first, "/snapshot").to_string();
     write_at(&src, 5 * MIB, &util::Rng::new(2).bytes(MIB as usize));
     let sha2 = sha256_file(&src);
     let second = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
-    let id2 = jstr(&second, "/snapshot_id").to_string();
+    let id2 = jstr(&second, "/snapshot").to_string();
     assert_eq!(jstr(&second, "/parent"), id1, "{second}");
     assert!(
         ju64(&second, "/stats/new_bytes") <= 2 * MIB,
@@ -86,8 +96,12 @@ fn s3_full_incremental_restore_verify() {
     // The first snapshot, onto the second's restore: only the changed blocks are written.
     random_file(&src, 48 * MIB, 1);
     let sha1 = sha256_file(&src);
-    vb_ok(&g, &cache, &["restore", "--only-changed", &repo, &id1, p(&out)])
-        .stdout_has(&["1.0 MiB written"]);
+    vb_ok(
+        &g,
+        &cache,
+        &["restore", "--only-changed", &repo, &id1, p(&out)],
+    )
+    .stdout_has(&["1.0 MiB written"]);
     assert_eq!(sha256_file(&out), sha1);
     vb_ok(&g, &cache, &["verify", "--read-data", &repo]).stdout_has(&["no problems"]);
     let list = vb_ok(&g, &cache, &["snapshots", "--json", &repo]).json();
@@ -114,7 +128,7 @@ fn s3_damaged_pack_object_is_found_and_stops_restore() {
     let repo = address(&g, "damage");
     vb_ok(&g, &cache, &["init", &repo]);
     let b = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
-    let id = jstr(&b, "/snapshot_id").to_string();
+    let id = jstr(&b, "/snapshot").to_string();
     let packs = keys(&g, "damage/packs/");
     assert!(!packs.is_empty(), "no pack objects listed");
     let pack = &packs[0];
@@ -137,9 +151,9 @@ fn s3_damaged_pack_object_is_found_and_stops_restore() {
     );
 }
 
-/// Object `key` of `g`'s bucket, also written to `file`.
-fn download(g: &Garage, key: &str, file: &Path) -> Vec<u8> {
-    let url = format!("{}/{}/{key}", g.endpoint(), g.bucket());
+/// curl's options for signed requests to `g` (Garage wants the payload hash header, which
+/// curl does not send by itself).
+fn curl_auth(g: &Garage) -> Vec<String> {
     let env: Vec<(String, String)> = g.env();
     let get = |k: &str| {
         env.iter()
@@ -152,20 +166,27 @@ fn download(g: &Garage, key: &str, file: &Path) -> Vec<u8> {
         get("AWS_ACCESS_KEY_ID"),
         get("AWS_SECRET_ACCESS_KEY")
     );
+    [
+        "-sS",
+        "-f",
+        "--aws-sigv4",
+        "aws:amz:garage:s3",
+        "--user",
+        &user,
+        "-H",
+        "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Object `key` of `g`'s bucket, also written to `file`.
+fn download(g: &Garage, key: &str, file: &Path) -> Vec<u8> {
+    let url = format!("{}/{}/{key}", g.endpoint(), g.bucket());
     let status = Command::new("curl")
-        .args([
-            "-sS",
-            "-f",
-            "--aws-sigv4",
-            "aws:amz:garage:s3",
-            "--user",
-            &user,
-            "-H",
-            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
-            "-o",
-            p(file),
-            &url,
-        ])
+        .args(curl_auth(g))
+        .args(["-o", p(file), &url])
         .status()
         .expect("run curl");
     assert!(status.success(), "curl GET {url}");
@@ -220,7 +241,7 @@ fn s3_backup_killed_resumes() {
     vb_ok(
         &g,
         &cache,
-        &["restore", &repo, jstr(&last, "/snapshot_id"), p(&out)],
+        &["restore", &repo, jstr(&last, "/snapshot"), p(&out)],
     );
     assert_eq!(sha256_file(&out), sha);
     assert!(keys(&g, "killed/journals/").is_empty(), "journal left");
@@ -283,7 +304,7 @@ fn s3_ext4_restore_is_clean_and_nbd_serves_it() {
     let repo = address(&g, "ext4");
     vb_ok(&g, &cache, &["init", &repo]);
     let b = vb_ok(&g, &cache, &["backup", "--json", p(&img), &repo]).json();
-    let id = jstr(&b, "/snapshot_id").to_string();
+    let id = jstr(&b, "/snapshot").to_string();
     let out = t.join("out.img");
     vb_ok(&g, &cache, &["restore", &repo, &id, p(&out)]);
     assert_eq!(sha256_file(&out), sha);
@@ -436,7 +457,7 @@ fn s3_three_machines_back_up_at_once_into_one_bucket() {
     for (i, (report, src)) in snaps.iter().enumerate() {
         let out = t.join(&format!("out{i}.img"));
         let repo = g.repo_url_of(i % 3, "fleet");
-        let id = jstr(report, "/snapshot_id");
+        let id = jstr(report, "/snapshot");
         let r = on_machine(&g, "m1", &cache("m1"), &["restore", &repo, id, p(&out)])
             .output()
             .expect("restore");

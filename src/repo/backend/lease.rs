@@ -205,6 +205,22 @@ fn is_live(server_now: SystemTime, modified: Option<SystemTime>, lifetime: Durat
     }
 }
 
+/// Whether the lease `seen` belongs to a process of this machine (same host name) that no
+/// longer runs: a backup killed here need not wait for its lease to expire. A process that
+/// still runs under that pid (even a new one that reused it) keeps the lease live: the safe
+/// reading. Machines sharing a repository must have distinct host names (docs/OBJECT-STORAGE.md).
+fn holder_died_here(seen: &Seen) -> bool {
+    match seen {
+        Seen::Info(info) => {
+            info.pid != 0
+                && info.pid != std::process::id()
+                && info.host == crate::platform::hostname()
+                && crate::platform::process_gone(info.pid)
+        }
+        _ => false,
+    }
+}
+
 /// The lifetime of a lease whose content is `seen`, as judged by an observer using `times`.
 fn lifetime_of(seen: &Seen, times: LeaseTimes) -> Duration {
     match seen {
@@ -610,7 +626,9 @@ impl Contender {
             if matches!(seen, Seen::Gone) {
                 continue;
             }
-            if is_live(server_now, m.modified, lifetime_of(&seen, self.times)) {
+            if is_live(server_now, m.modified, lifetime_of(&seen, self.times))
+                && !holder_died_here(&seen)
+            {
                 if holder.is_none() {
                     holder = Some(match &seen {
                         Seen::Info(info) => info.describe(),
@@ -685,7 +703,9 @@ fn lock_held_with(store: &dyn WriteBackend, name: &str, times: LeaseTimes) -> Re
     let server_now = server_clock(store)?;
     for m in list_all(store, &lock_dir(name))? {
         let seen = read_lease(store, &m.name)?;
-        if !matches!(seen, Seen::Gone) && is_live(server_now, m.modified, lifetime_of(&seen, times))
+        if !matches!(seen, Seen::Gone)
+            && is_live(server_now, m.modified, lifetime_of(&seen, times))
+            && !holder_died_here(&seen)
         {
             return Ok(true);
         }
