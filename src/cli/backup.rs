@@ -41,7 +41,10 @@ pub fn run(a: BackupArgs, ctx: &Ctx) -> Result<ExitCode> {
         .as_ref()
         .map_or(a.source.as_path(), |s| s.device_path());
     let src = Source::open(source_path)?;
-    let all_blocks = a.all_blocks || windows_bitmap_disagrees(&src, &progress);
+    // A plan of a shadow-copy backup reads the live volume, whose bitmaps do not tell what
+    // the shadow copy's would.
+    let compare = !(a.dry_run && snapshot == SnapshotKind::Vss);
+    let all_blocks = a.all_blocks || (compare && windows_bitmap_disagrees(&src, &progress));
     let opts = BackupOptions {
         block_size: block_size_arg(a.block_size)?,
         tags: a.tags,
