@@ -390,6 +390,19 @@ fn vss_snapshots_are_refused_clearly_by_both_builds() {
     // backed up (VSS fails, or the volume cannot be opened or is refused as mounted).
     let r = run(w, &exe, &["backup", r"\\.\Z:", p(&repo)]).expect_code(1);
     eprintln!("wine, backup \\\\.\\Z: -> {}", r.stderr.trim());
+    // wine reports NTFS mounted read-write on Z: (see above): read as it is, it is refused
+    // without --allow-mounted, like a mounted volume on Linux.
+    run(
+        w,
+        &exe,
+        &["backup", "--snapshot", "none", r"\\.\Z:", p(&repo)],
+    )
+    .expect_code(1)
+    .stderr_has(&[
+        "has NTFS mounted read-write",
+        "--allow-mounted",
+        "--snapshot vss",
+    ]);
     // A shadow copy's device path is taken as a source (wine has none to open) …
     let r = run(
         w,
