@@ -251,10 +251,13 @@ pub struct BackupArgs {
     /// Back up even though the volume is mounted read-write (the copy may be inconsistent).
     #[arg(long)]
     pub allow_mounted: bool,
-    /// Read the volume through a snapshot: `none` (the default) reads it as it is; `vss`, a
-    /// Windows shadow copy (experimental: not available yet, refused with the reason).
-    #[arg(long, value_enum, default_value = "none")]
-    pub snapshot: SnapshotKind,
+    /// Read the volume through a snapshot: `vss` takes a Windows shadow copy of the volume
+    /// (\\.\X: or \\?\Volume{GUID}), backs the copy up and deletes it, also after an error
+    /// or Ctrl-C (experimental; refused with the reason where VSS is missing: Linux, wine);
+    /// `none` reads the volume as it is. Default: `vss` on Windows for a volume with NTFS
+    /// mounted, `none` otherwise.
+    #[arg(long, value_enum)]
+    pub snapshot: Option<SnapshotKind>,
     /// Read and hash every used block, also those change tracking finds unchanged since
     /// the parent snapshot (ext4 inodes and extent trees).
     #[arg(long)]

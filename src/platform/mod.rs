@@ -327,15 +327,90 @@ pub fn in_device_namespace(path: &Path) -> bool {
     imp::in_device_namespace(path)
 }
 
-/// Whether a VSS shadow copy of a volume can be taken for `backup --snapshot vss`. Not on
-/// any platform yet (VSS is future work, and wine has no VSS service): an `Unsupported`
-/// error saying so.
-pub fn vss_available() -> io::Result<()> {
-    Err(io::Error::new(
+/// A point-in-time copy of a volume that a backup reads instead of the live volume (a VSS
+/// shadow copy on Windows). Dropping it deletes it; [`ShadowCopy::delete`] does so and says
+/// whether that worked.
+pub trait ShadowCopy {
+    /// The device to read: `\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopyN`.
+    fn device_path(&self) -> &Path;
+    /// The volume it is a copy of (`\\.\C:`).
+    fn volume(&self) -> &str;
+    /// Deletes it now.
+    fn delete(self: Box<Self>) -> io::Result<()>;
+}
+
+/// The error of platforms without VSS.
+#[cfg(not(windows))]
+fn no_vss() -> io::Error {
+    io::Error::new(
         io::ErrorKind::Unsupported,
         "VSS shadow copies need Windows Vista+ with the VSS service; not available here \
-         (volback does not take them yet: back up an unmounted or read-only volume)",
-    ))
+         (back up an unmounted or read-only volume, or a snapshot of it, with --snapshot none)",
+    )
+}
+
+/// Refuses, with the reason, a `backup --snapshot vss` source of which no shadow copy can be
+/// taken, before anything is done: everything on platforms without VSS; on Windows a file, a
+/// whole disk or a shadow copy (only volumes, `\\.\X:` or `\\?\Volume{GUID}`, are copied).
+#[cfg(windows)]
+pub fn check_shadow_copy_source(source: &Path) -> io::Result<()> {
+    imp::check_shadow_copy_source(source)
+}
+
+/// Refuses, with the reason, a `backup --snapshot vss` source of which no shadow copy can be
+/// taken, before anything is done: everything on platforms without VSS; on Windows a file, a
+/// whole disk or a shadow copy (only volumes, `\\.\X:` or `\\?\Volume{GUID}`, are copied).
+#[cfg(not(windows))]
+pub fn check_shadow_copy_source(_source: &Path) -> io::Result<()> {
+    Err(no_vss())
+}
+
+/// Takes a shadow copy of the volume `source` names (**experimental**, Windows only: see
+/// docs/WINDOWS.md): an `Unsupported` error elsewhere, and where VSS does not work (wine).
+#[cfg(windows)]
+pub fn take_shadow_copy(source: &Path) -> io::Result<Box<dyn ShadowCopy>> {
+    imp::take_shadow_copy(source)
+}
+
+/// Takes a shadow copy of the volume `source` names (**experimental**, Windows only: see
+/// docs/WINDOWS.md): an `Unsupported` error elsewhere, and where VSS does not work (wine).
+#[cfg(not(windows))]
+pub fn take_shadow_copy(_source: &Path) -> io::Result<Box<dyn ShadowCopy>> {
+    Err(no_vss())
+}
+
+/// The filesystem the system has mounted on the volume `path` names, and whether read-only:
+/// on Windows for `\\.\X:` and `\\?\Volume{GUID}` ("NTFS", "FAT32", "ReFS" …); `None`
+/// otherwise (Linux answers through [`mount_point_of`]).
+#[cfg(windows)]
+pub fn mounted_filesystem(path: &Path) -> Option<(String, bool)> {
+    imp::mounted_filesystem(path)
+}
+
+/// The filesystem the system has mounted on the volume `path` names, and whether read-only:
+/// on Windows for `\\.\X:` and `\\?\Volume{GUID}` ("NTFS", "FAT32", "ReFS" …); `None`
+/// otherwise (Linux answers through [`mount_point_of`]).
+#[cfg(not(windows))]
+pub fn mounted_filesystem(_path: &Path) -> Option<(String, bool)> {
+    None
+}
+
+/// The cluster bitmap the system keeps for an open volume (Windows:
+/// `FSCTL_GET_VOLUME_BITMAP`, **experimental**): one bit a cluster from cluster 0, least
+/// significant bit first, and the number of clusters. `None` where the platform has no such
+/// call or `file` is a regular file.
+#[cfg(windows)]
+pub fn volume_bitmap(file: &File) -> io::Result<Option<(Vec<u8>, u64)>> {
+    imp::volume_bitmap(file)
+}
+
+/// The cluster bitmap the system keeps for an open volume (Windows:
+/// `FSCTL_GET_VOLUME_BITMAP`, **experimental**): one bit a cluster from cluster 0, least
+/// significant bit first, and the number of clusters. `None` where the platform has no such
+/// call or `file` is a regular file.
+#[cfg(not(windows))]
+pub fn volume_bitmap(_file: &File) -> io::Result<Option<(Vec<u8>, u64)>> {
+    Ok(None)
 }
 
 /// The machine's host name, for snapshot metadata.
@@ -351,6 +426,25 @@ pub fn process_gone(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(not(windows))]
+    #[test]
+    fn shadow_copies_are_refused_without_vss() {
+        let p = Path::new(r"\\.\C:");
+        for e in [
+            check_shadow_copy_source(p).unwrap_err(),
+            take_shadow_copy(p).err().expect("no VSS here"),
+        ] {
+            assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+            assert!(
+                e.to_string().contains("VSS shadow copies need Windows"),
+                "{e}"
+            );
+        }
+        assert_eq!(mounted_filesystem(p), None);
+        let f = File::open(std::env::current_exe().unwrap()).unwrap();
+        assert!(volume_bitmap(&f).unwrap().is_none());
+    }
 
     #[test]
     fn file_identity_follows_the_file_not_the_name() {

@@ -1,13 +1,15 @@
 //! Windows implementation of the platform layer. Image files are fully supported through the
 //! standard library; raw disks and volumes (`\\.\PhysicalDriveN`, `\\.\C:`) go through
-//! [`device`] (experimental: never run on real Windows). VSS and hole queries are future work,
-//! so files are read as fully allocated and repository durability relies on per-file flushes.
+//! [`device`], VSS shadow copies through [`vss`] (both experimental: never run on real
+//! Windows). Hole queries are future work, so files are read as fully allocated and repository
+//! durability relies on per-file flushes.
 //!
 //! File identity (volume serial number and file index, the Windows counterpart of device and
 //! inode) and the link count come from `GetFileInformationByHandle`, declared below: the
 //! standard library's accessors for them are unstable.
 
 mod device;
+mod vss;
 
 use super::{Geometry, MountUse, ObjectKind};
 use std::fs::{File, OpenOptions};
@@ -131,18 +133,94 @@ fn open_for_query(path: &Path, follow: bool) -> io::Result<File> {
         .open(path)
 }
 
-/// A path in the device namespace must name a disk or volume (`\\.\PhysicalDriveN`,
-/// `\\.\X:`, `\\?\Volume{GUID}`): anything else there is refused with the reason.
+/// A path in the device namespace must name a disk, a volume or a shadow copy
+/// (`\\.\PhysicalDriveN`, `\\.\X:`, `\\?\Volume{GUID}`,
+/// `\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopyN`): anything else there is refused with the
+/// reason. A live volume is opened sharing reads and writes (others keep using it).
 pub fn open_read_only(path: &Path) -> io::Result<File> {
-    if in_device_namespace(path)
-        && !path
-            .as_os_str()
-            .to_string_lossy()
-            .starts_with(r"\\?\GLOBALROOT")
-    {
+    if in_device_namespace(path) {
         device::device_path(path)?;
     }
     OpenOptions::new().read(true).open(path)
+}
+
+/// A VSS shadow copy of the volume `source` names (`\\.\X:` or `\\?\Volume{GUID}`).
+pub fn take_shadow_copy(source: &Path) -> io::Result<Box<dyn super::ShadowCopy>> {
+    Ok(Box::new(vss::take(source)?))
+}
+
+/// Refuses, with the reason, a source of which no shadow copy can be taken (a file, a whole
+/// disk, a shadow copy), without taking one.
+pub fn check_shadow_copy_source(source: &Path) -> io::Result<()> {
+    vss::volume_name(source).map(|_| ())
+}
+
+#[link(name = "kernel32")]
+unsafe extern "system" {
+    #[allow(clippy::too_many_arguments)]
+    fn GetVolumeInformationW(
+        root: *const u16,
+        name: *mut u16,
+        name_size: u32,
+        serial: *mut u32,
+        max_component: *mut u32,
+        flags: *mut u32,
+        fs_name: *mut u16,
+        fs_name_size: u32,
+    ) -> i32;
+}
+
+/// `FILE_READ_ONLY_VOLUME`.
+const FILE_READ_ONLY_VOLUME: u32 = 0x0008_0000;
+
+/// The filesystem mounted on the volume `path` names (`\\.\X:`, `\\?\Volume{GUID}`), and
+/// whether it is mounted read-only; `None` for anything else, or when nothing is mounted.
+pub fn mounted_filesystem(path: &Path) -> Option<(String, bool)> {
+    let s = path.to_string_lossy();
+    if !in_device_namespace(path) {
+        return None;
+    }
+    let root = super::windevice::parse_device_path(&s)
+        .ok()?
+        .vss_volume_name()?;
+    let root: Vec<u16> = root.encode_utf16().chain(std::iter::once(0)).collect();
+    let mut fs_name = [0u16; 64];
+    let mut flags = 0u32;
+    // SAFETY: `root` is a live NUL-terminated UTF-16 string; the volume-name buffer is not
+    // asked for (null, size 0); `flags` is live; `fs_name` is live and its length in
+    // characters is passed; the other out pointers may be null.
+    let ok = unsafe {
+        GetVolumeInformationW(
+            root.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut flags,
+            fs_name.as_mut_ptr(),
+            fs_name.len() as u32,
+        )
+    };
+    if ok == 0 {
+        return None;
+    }
+    let len = fs_name
+        .iter()
+        .position(|&c| c == 0)
+        .unwrap_or(fs_name.len());
+    Some((
+        String::from_utf16_lossy(&fs_name[..len]),
+        flags & FILE_READ_ONLY_VOLUME != 0,
+    ))
+}
+
+/// The cluster bitmap of an open volume (`FSCTL_GET_VOLUME_BITMAP`); `None` for a regular
+/// file.
+pub fn volume_bitmap(file: &File) -> io::Result<Option<(Vec<u8>, u64)>> {
+    if file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Ok(None);
+    }
+    device::volume_bitmap(file).map(Some)
 }
 
 pub fn open_device_for_overwrite(path: &Path) -> io::Result<File> {

@@ -348,8 +348,12 @@ fn windows_build_probes_and_dumps_partition_tables() {
     assert_eq!(strip(&windows), strip(&linux));
 }
 
-/// `backup --snapshot vss` is refused before anything is done, by both builds, saying why;
-/// `--snapshot none` is the plain backup; an unknown kind is a usage error.
+/// `backup --snapshot vss`: the Linux build refuses it before anything is done, saying why;
+/// the Windows build refuses, the same way, sources of which no shadow copy can be taken (an
+/// image file, a whole disk, a shadow copy), and on a volume reaches VSS, which wine does not
+/// have: a clear error naming VSS, nothing stored. Shadow-copy device paths pass the device
+/// path parser (malformed ones are refused with the reason). `--snapshot none` is the plain
+/// backup; an unknown kind is a usage error.
 #[test]
 fn vss_snapshots_are_refused_clearly_by_both_builds() {
     let Some(exe) = windows_exe() else { return };
@@ -357,14 +361,86 @@ fn vss_snapshots_are_refused_clearly_by_both_builds() {
     let img = raw_image(&t, "raw.img", 11);
     let repo = t.join("repo");
     ok(System::Linux, &exe, &["init", "--no-encryption", p(&repo)]);
-    for system in [System::Linux, System::Windows] {
+    let vss = |system, source: &str| {
         run(
             system,
             &exe,
-            &["backup", "--snapshot", "vss", p(&img), p(&repo)],
+            &["backup", "--snapshot", "vss", source, p(&repo)],
         )
         .expect_code(1)
-        .stderr_has(&["VSS shadow copies need Windows Vista+ with the VSS service"]);
+    };
+    vss(System::Linux, p(&img)).stderr_has(&["VSS shadow copies need Windows Vista+"]);
+    let w = System::Windows;
+    vss(w, p(&img)).stderr_has(&["taken of volumes", "is a file", "--snapshot none"]);
+    vss(w, r"\\.\PhysicalDrive0").stderr_has(&["whole disk"]);
+    vss(w, r"\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopy1")
+        .stderr_has(&["is a shadow copy already"]);
+    vss(w, r"\\.\C:\image.img").stderr_has(&["not a file"]);
+    // A volume: the shadow copy is attempted, and wine's VSS fails (docs/WINDOWS.md says how).
+    let r = vss(w, r"\\.\Z:");
+    r.stderr_has(&[
+        r"cannot take a VSS shadow copy of \\.\Z:",
+        "VSS shadow copy:",
+    ]);
+    eprintln!(
+        "wine, backup --snapshot vss \\\\.\\Z: -> {}",
+        r.stderr.trim()
+    );
+    // Without --snapshot: what wine says of Z: decides the default; either way nothing is
+    // backed up (VSS fails, or the volume cannot be opened or is refused as mounted).
+    let r = run(w, &exe, &["backup", r"\\.\Z:", p(&repo)]).expect_code(1);
+    eprintln!("wine, backup \\\\.\\Z: -> {}", r.stderr.trim());
+    // wine reports NTFS mounted read-write on Z: (see above): read as it is, it is refused
+    // without --allow-mounted, like a mounted volume on Linux.
+    run(
+        w,
+        &exe,
+        &["backup", "--snapshot", "none", r"\\.\Z:", p(&repo)],
+    )
+    .expect_code(1)
+    .stderr_has(&[
+        "has NTFS mounted read-write",
+        "--allow-mounted",
+        "--snapshot vss",
+    ]);
+    // A shadow copy's device path is taken as a source (wine has none to open) …
+    let r = run(
+        w,
+        &exe,
+        &[
+            "backup",
+            "--snapshot",
+            "none",
+            r"\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopy1",
+            p(&repo),
+        ],
+    )
+    .expect_code(1);
+    assert!(
+        !r.stderr.contains("not a Windows device path"),
+        "{}",
+        r.stderr
+    );
+    // … a malformed one is refused with the reason.
+    for (path, why) in [
+        (
+            r"\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopy01",
+            "leading zeros",
+        ),
+        (
+            r"\\?\GLOBALROOT\Device\HarddiskVolume1",
+            "only shadow copies",
+        ),
+        (
+            r"\\?\GLOBALROOT\Device\HarddiskVolumeShadowCopy2\Windows",
+            "not a file",
+        ),
+    ] {
+        run(w, &exe, &["backup", "--snapshot", "none", path, p(&repo)])
+            .expect_code(1)
+            .stderr_has(&[why]);
+    }
+    for system in [System::Linux, System::Windows] {
         run(
             system,
             &exe,
@@ -376,10 +452,12 @@ fn vss_snapshots_are_refused_clearly_by_both_builds() {
             &exe,
             &["backup", "--snapshot", "none", p(&img), p(&repo)],
         );
+        // An image file is never mounted: the default is `none`.
+        ok(system, &exe, &["backup", p(&img), p(&repo)]);
     }
     assert_eq!(
         snapshot_ids(&repo).len(),
-        2,
+        4,
         "only the plain backups stored snapshots"
     );
 }
