@@ -230,6 +230,8 @@ fn s3_backup_killed_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.wait();
+    // The killed run's lease names a process of this host that is gone: no wait for its
+    // expiry.
     let last = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
     if killed {
         assert_eq!(last["resumed"], true, "{last}");
