@@ -2,6 +2,7 @@
 //! test). Without a `garage` binary (`GARAGE`, else /work/garage-build/root/bin/garage, else
 //! `garage` on PATH) they are skipped with a message, unless `CI` is set: then they fail.
 
+use super::super::retry;
 use super::*;
 use crate::repo::address::{Location, parse};
 use std::path::Path;
@@ -234,8 +235,11 @@ fn io_kind(e: &Error) -> ErrorKind {
     }
 }
 
+/// The whole message of `e`, also printed (run with --nocapture to read the messages users see).
 fn text(e: &Error) -> String {
-    crate::error::chain(e)
+    let t = crate::error::chain(e);
+    eprintln!("message: {t}");
+    t
 }
 
 #[test]
@@ -263,7 +267,7 @@ fn objects_are_put_read_listed_and_deleted() {
     .unwrap();
     assert_eq!(n, 0);
     let e = s3.get("config", 100, "config").unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{e}");
+    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{}", text(&e));
     assert!(!retry::is_transient(&e));
 
     let config: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
@@ -290,11 +294,11 @@ fn objects_are_put_read_listed_and_deleted() {
     s3.get_range("config", 4990, &mut buf).unwrap();
     assert_eq!(&buf[..], &config[4990..]);
     let e = s3.get_range("config", 4991, &mut buf).unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{e}");
+    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{}", text(&e));
     let e = s3.get_range("config", 6000, &mut buf).unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{e}");
+    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{}", text(&e));
     let e = s3.get_range("nothing", 0, &mut buf).unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{e}");
+    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{}", text(&e));
 
     let mut listed = Vec::new();
     s3.list("index", &mut |m| {
