@@ -396,6 +396,22 @@ fn damaged_objects_are_set_aside() {
     assert_eq!(s3.head("packs/ab/x").unwrap(), None);
     assert_eq!(s3.get("packs/ab/x.bad", 100, "x").unwrap(), b"first");
     assert_eq!(s3.get("packs/ab/x.bad.1", 100, "x").unwrap(), b"second");
+    // A repository at the top of the bucket sees the other one as a "directory" only.
+    let top = g.backend("");
+    let mut names = Vec::new();
+    top.list("", &mut |m| {
+        names.push(m.name);
+        Ok(())
+    })
+    .unwrap();
+    assert!(names.is_empty(), "{names:?}");
+    top.list("aside/packs/ab", &mut |m| {
+        names.push(m.name);
+        Ok(())
+    })
+    .unwrap();
+    names.sort();
+    assert_eq!(names, ["aside/packs/ab/x.bad", "aside/packs/ab/x.bad.1"]);
 }
 
 #[test]
@@ -486,10 +502,16 @@ fn a_restarted_server_is_retried_and_a_stalled_one_times_out() {
     .unwrap();
     s3.put("config", b"hello", PutMode::Overwrite).unwrap();
 
-    // Stalled: the request fails as a timeout, a transient error.
+    // Stalled: the request fails as a timeout, a transient error; a large upload too (it
+    // gets the idle time plus its size at the minimum rate: 2 s + 4 s here).
     g.signal("-STOP");
     let e = s3.get("config", 100, "config").unwrap_err();
+    let big = s3
+        .put("big", &vec![7u8; BULK_BODY + 1], PutMode::ContentNamed)
+        .unwrap_err();
     g.signal("-CONT");
+    assert_eq!(io_kind(&big), ErrorKind::TimedOut, "{}", text(&big));
+    assert!(retry::is_transient(&big));
     assert_eq!(io_kind(&e), ErrorKind::TimedOut, "{}", text(&e));
     assert!(retry::is_transient(&e));
     assert!(text(&e).contains("did not answer"), "{}", text(&e));
