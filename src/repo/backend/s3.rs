@@ -9,7 +9,7 @@
 //! [`Error::IoAt`] for ranged reads) naming the object's address, whose `std::io::Error` has
 //! a kind saying what happened (`NotFound`, `PermissionDenied`, `TimedOut`,
 //! `ConnectionRefused`, …) and carries a [`RemoteProblem`] with the words a user can act on
-//! and whether retrying may help ([`retry::is_transient`]). [`open_s3`] wraps the backend in
+//! and whether retrying may help ([`super::retry::is_transient`]). [`open_s3`] wraps the backend in
 //! [`Retry`].
 //!
 //! Large objects ([`WriteBackend::stage`]) are buffered in memory and uploaded in the
@@ -121,6 +121,8 @@ struct Inner {
     caps: Capabilities,
     policy: Policy,
     max_inflight: usize,
+    /// A request without progress for this long fails.
+    idle: Duration,
     uploads: Mutex<Uploads>,
     uploads_changed: Condvar,
     /// The bucket was seen to exist (a 404 is then a missing object, not a missing bucket).
@@ -215,6 +217,7 @@ impl S3 {
                 },
                 policy: options.policy,
                 max_inflight: options.max_inflight.max(1),
+                idle: options.idle_timeout,
                 uploads: Mutex::new(Uploads::default()),
                 uploads_changed: Condvar::new(),
                 bucket_seen: AtomicBool::new(false),
@@ -294,7 +297,7 @@ impl S3 {
                     true,
                     format!(
                         "{endpoint} did not answer in time (no progress for {} s)",
-                        IDLE_TIMEOUT.as_secs()
+                        self.inner.idle.as_secs()
                     ),
                 ),
                 ErrorKind::ConnectionRefused => problem(
@@ -313,6 +316,15 @@ impl S3 {
                     format!("the connection to {endpoint} broke: {}", source_chain(e)),
                 ),
             };
+        }
+        // opendal's own check that a ranged read got all it asked for (the server's answer
+        // was complete but shorter: the range runs past the end of the object).
+        if status.is_none() && e.message().contains("reader got too little data") {
+            return problem(
+                ErrorKind::UnexpectedEof,
+                false,
+                "the range runs past the end of the object".into(),
+            );
         }
         let region = &self.inner.region;
         let wrong_region = code == "AuthorizationHeaderMalformed"
@@ -339,6 +351,11 @@ impl S3 {
         }
         match status {
             Some(404) => problem(ErrorKind::NotFound, false, "no such object".into()),
+            Some(403) if key_refused(&code, &server_message) => problem(
+                ErrorKind::PermissionDenied,
+                false,
+                format!("the access key was refused ({}): {credentials}", said()),
+            ),
             Some(403) => match code.as_str() {
                 "AccessDenied" | "AllAccessDisabled" => problem(
                     ErrorKind::PermissionDenied,
@@ -440,6 +457,13 @@ impl S3 {
                 if io.kind() == ErrorKind::NotFound {
                     self.check_bucket(op, name)?;
                     Ok(None)
+                } else if http_status(&e.to_string()).is_some_and(|s| (400..500).contains(&s))
+                    && quoted_field(e.message(), "code").is_none()
+                {
+                    // HEAD answers carry no error document: a listing says what is wrong.
+                    self.inner.bucket_seen.store(false, Ordering::Relaxed);
+                    self.check_bucket(op, name)?;
+                    Err(Error::io(op, self.display_path(name), io))
                 } else {
                     Err(Error::io(op, self.display_path(name), io))
                 }
@@ -924,6 +948,18 @@ fn profile_region(text: &str, profile: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Whether a 403 says the key itself is wrong (unknown key, bad secret), rather than that it
+/// lacks a permission: AWS has codes for it, Garage answers `AccessDenied` with a message.
+fn key_refused(code: &str, server_message: &str) -> bool {
+    let m = server_message.to_ascii_lowercase();
+    matches!(
+        code,
+        "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken"
+    ) || m.contains("signature")
+        || m.contains("no such key")
+        || m.contains("access key")
 }
 
 /// The HTTP status in an opendal error's text (its `response` context: `Parts { status: 403,`).

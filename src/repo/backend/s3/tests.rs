@@ -2,6 +2,7 @@
 //! test). Without a `garage` binary (`GARAGE`, else /work/garage-build/root/bin/garage, else
 //! `garage` on PATH) they are skipped with a message, unless `CI` is set: then they fail.
 
+use super::super::retry;
 use super::*;
 use crate::repo::address::{Location, parse};
 use std::path::Path;
@@ -234,8 +235,11 @@ fn io_kind(e: &Error) -> ErrorKind {
     }
 }
 
+/// The whole message of `e`, also printed (run with --nocapture to read the messages users see).
 fn text(e: &Error) -> String {
-    crate::error::chain(e)
+    let t = crate::error::chain(e);
+    eprintln!("message: {t}");
+    t
 }
 
 #[test]
@@ -263,8 +267,8 @@ fn objects_are_put_read_listed_and_deleted() {
     .unwrap();
     assert_eq!(n, 0);
     let e = s3.get("config", 100, "config").unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{e}");
-    assert!(!crate::repo::backend::retry::is_transient(&e));
+    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{}", text(&e));
+    assert!(!retry::is_transient(&e));
 
     let config: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
     s3.put("config", &config, PutMode::Overwrite).unwrap();
@@ -290,11 +294,11 @@ fn objects_are_put_read_listed_and_deleted() {
     s3.get_range("config", 4990, &mut buf).unwrap();
     assert_eq!(&buf[..], &config[4990..]);
     let e = s3.get_range("config", 4991, &mut buf).unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{e}");
+    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{}", text(&e));
     let e = s3.get_range("config", 6000, &mut buf).unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{e}");
+    assert_eq!(io_kind(&e), ErrorKind::UnexpectedEof, "{}", text(&e));
     let e = s3.get_range("nothing", 0, &mut buf).unwrap_err();
-    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{e}");
+    assert_eq!(io_kind(&e), ErrorKind::NotFound, "{}", text(&e));
 
     let mut listed = Vec::new();
     s3.list("index", &mut |m| {
@@ -392,6 +396,22 @@ fn damaged_objects_are_set_aside() {
     assert_eq!(s3.head("packs/ab/x").unwrap(), None);
     assert_eq!(s3.get("packs/ab/x.bad", 100, "x").unwrap(), b"first");
     assert_eq!(s3.get("packs/ab/x.bad.1", 100, "x").unwrap(), b"second");
+    // A repository at the top of the bucket sees the other one as a "directory" only.
+    let top = g.backend("");
+    let mut names = Vec::new();
+    top.list("", &mut |m| {
+        names.push(m.name);
+        Ok(())
+    })
+    .unwrap();
+    assert!(names.is_empty(), "{names:?}");
+    top.list("aside/packs/ab", &mut |m| {
+        names.push(m.name);
+        Ok(())
+    })
+    .unwrap();
+    names.sort();
+    assert_eq!(names, ["aside/packs/ab/x.bad", "aside/packs/ab/x.bad.1"]);
 }
 
 #[test]
@@ -482,19 +502,25 @@ fn a_restarted_server_is_retried_and_a_stalled_one_times_out() {
     .unwrap();
     s3.put("config", b"hello", PutMode::Overwrite).unwrap();
 
-    // Stalled: the request fails as a timeout, a transient error.
+    // Stalled: the request fails as a timeout, a transient error; a large upload too (it
+    // gets the idle time plus its size at the minimum rate: 2 s + 4 s here).
     g.signal("-STOP");
     let e = s3.get("config", 100, "config").unwrap_err();
+    let big = s3
+        .put("big", &vec![7u8; BULK_BODY + 1], PutMode::ContentNamed)
+        .unwrap_err();
     g.signal("-CONT");
+    assert_eq!(io_kind(&big), ErrorKind::TimedOut, "{}", text(&big));
+    assert!(retry::is_transient(&big));
     assert_eq!(io_kind(&e), ErrorKind::TimedOut, "{}", text(&e));
-    assert!(crate::repo::backend::retry::is_transient(&e));
+    assert!(retry::is_transient(&e));
     assert!(text(&e).contains("did not answer"), "{}", text(&e));
 
     // Down: refused, transient, naming the endpoint.
     g.kill();
     let e = s3.get("config", 100, "config").unwrap_err();
     assert_eq!(io_kind(&e), ErrorKind::ConnectionRefused, "{}", text(&e));
-    assert!(crate::repo::backend::retry::is_transient(&e));
+    assert!(retry::is_transient(&e));
     assert!(
         text(&e).contains(&format!("cannot reach http://127.0.0.1:{}", g.port)),
         "{}",
@@ -562,7 +588,7 @@ fn wrong_credentials_bucket_region_and_endpoint_are_named() {
         b.delete("config").unwrap_err(),
     ] {
         assert!(text(&e).contains(&want), "{}", text(&e));
-        assert!(!crate::repo::backend::retry::is_transient(&e));
+        assert!(!retry::is_transient(&e));
     }
 
     // Wrong region.
