@@ -22,6 +22,12 @@ export VOLBACK_WIN_TOOLCHAIN="${VOLBACK_WIN_TOOLCHAIN:-+debian}"
 VOLBACK_WIN_CARGO=(env RUSTC_BOOTSTRAP=1 cargo "$VOLBACK_WIN_TOOLCHAIN")
 VOLBACK_WIN_FLAGS=(-Zbuild-std=std,panic_abort --target "$VOLBACK_WIN_TRIPLE"
     --target-dir "$VOLBACK_WIN_TARGET_DIR" --profile "$VOLBACK_WIN_PROFILE")
+# Object storage (cargo feature s3: opendal, tokio, reqwest, rustls) is left out of the Windows
+# build unless VOLBACK_WIN_S3=1: it is neither tested under wine nor needed by the Windows tests,
+# and building it would add minutes to CI (docs/WINDOWS.md).
+if [[ ${VOLBACK_WIN_S3:-0} != 1 ]]; then
+    VOLBACK_WIN_FLAGS+=(--no-default-features)
+fi
 export WINEPREFIX="${WINEPREFIX:-$VOLBACK_WIN_TARGET_DIR/wineprefix}"
 # Quiet, but a DLL that does not load is still reported.
 export WINEDEBUG="${WINEDEBUG:--all,err+module}"

@@ -269,6 +269,8 @@ fn salvage(
     let packer = crate::repo::packer::Packer::new(repo, store)?;
     let mut encoder = FrameEncoder::new(repo.config().zstd_level, sealer)?;
     let b = repo.backend().as_ref();
+    // Something that is not a regular file in the pack's place is reported, never moved.
+    b.head(&crate::repo::backend::pack_key(pack))?;
     let entries = read_pack_table(b, pack, sealer).unwrap_or_else(|_| indexed.to_vec());
     let mut saved = 0u64;
     for e in entries.iter().filter(|e| !bad.contains(&e.id)) {

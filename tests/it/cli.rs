@@ -203,14 +203,35 @@ fn remote_addresses_are_refused_and_create_nothing() {
         run_command(c, &format!("volback {}", args.join(" ")))
     };
     for args in [
-        &["init", "s3:http://127.0.0.1:9/bucket/prefix"][..],
-        &["init", "--no-encryption", "https://example.org/repo"],
+        &["init", "--no-encryption", "https://example.org/repo"][..],
         &["snapshots", "sftp:user@host:/srv/repo"],
     ] {
         in_dir(args)
             .expect_code(1)
-            .stderr_has(&["remote repository address", "local directories"]);
+            .stderr_has(&["remote repository address", "S3 buckets"]);
     }
+    // An S3 address is served: without credentials (or without a server) it fails saying so,
+    // and creates nothing locally.
+    let mut c = volback_command(&["init", "s3:http://127.0.0.1:9/bucket/prefix"]);
+    c.current_dir(t.path());
+    for v in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("AWS_SHARED_CREDENTIALS_FILE", t.path().join("none"))
+        .env("AWS_CONFIG_FILE", t.path().join("none"))
+        .env("HOME", t.path().join("home"));
+    run_command(c, "volback init s3:… without credentials")
+        .expect_code(1)
+        .stderr_has(&["127.0.0.1:9"]);
+    // The AWS CLI's form names the one volback reads.
+    in_dir(&["init", "s3://bucket/prefix"])
+        .expect_code(1)
+        .stderr_has(&["s3:https://s3.amazonaws.com/bucket"]);
     assert!(
         std::fs::read_dir(t.path()).unwrap().next().is_none(),
         "a refused address left something behind"

@@ -403,12 +403,18 @@ impl S3 {
                 format!("{endpoint} refused the request ({})", said()),
             ),
             None => {
+                let lower = text.to_ascii_lowercase();
                 let message = match e.kind() {
                     opendal::ErrorKind::ConfigInvalid | opendal::ErrorKind::PermissionDenied
-                        if text.to_ascii_lowercase().contains("credential") =>
+                        if lower.contains("credential") =>
                     {
                         format!("no usable S3 credentials: {credentials} ({})", e.message())
                     }
+                    // No credentials at all: nothing to sign the request with.
+                    _ if lower.contains("signing") => format!(
+                        "no S3 credentials were found to sign the request to {endpoint}: \
+                         {credentials}"
+                    ),
                     _ => format!("request to {endpoint} failed: {}", e.message()),
                 };
                 let kind = match e.kind() {
