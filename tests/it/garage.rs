@@ -403,22 +403,30 @@ impl Garage {
             .collect()
     }
 
-    /// `curl --aws-sigv4` against node `i`: PUT `body` as `key` (when given) or GET `key`.
-    /// The tests of the harness itself use it; volback has its own client.
-    pub fn curl(&self, i: usize, key: &str, body: Option<&Path>) -> util::Run {
-        let url = format!("{}/{BUCKET}/{key}", self.endpoint_of(i));
-        let user = format!("{}:{}", self.key_id, self.secret);
-        let mut args = vec![
+    /// curl's options for requests signed for this server.
+    pub fn curl_auth(&self) -> Vec<String> {
+        [
             "-sS",
             "-f",
             "--aws-sigv4",
             "aws:amz:garage:s3",
             "--user",
-            &user,
+            &format!("{}:{}", self.key_id, self.secret),
             // Garage wants the header; curl does not send it by itself.
             "-H",
             "x-amz-content-sha256: UNSIGNED-PAYLOAD",
-        ];
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    }
+
+    /// `curl --aws-sigv4` against node `i`: PUT `body` as `key` (when given) or GET `key`.
+    /// The tests of the harness itself use it; volback has its own client.
+    pub fn curl(&self, i: usize, key: &str, body: Option<&Path>) -> util::Run {
+        let url = format!("{}/{BUCKET}/{key}", self.endpoint_of(i));
+        let auth = self.curl_auth();
+        let mut args: Vec<&str> = auth.iter().map(String::as_str).collect();
         if let Some(b) = body {
             args.extend(["-T", util::p(b)]);
         }

@@ -55,7 +55,7 @@ fn keys(g: &Garage, prefix: &str) -> Vec<String> {
         prefix.replace('/', "%2F")
     );
     let mut c = Command::new("curl");
-    c.args(curl_auth(g)).arg(&url);
+    c.args(g.curl_auth()).arg(&url);
     let r = util::run_command(c, &format!("curl {url}"));
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(r.stdout.contains("<ListBucketResult"), "{}", r.stdout);
@@ -151,41 +151,11 @@ fn s3_damaged_pack_object_is_found_and_stops_restore() {
     );
 }
 
-/// curl's options for signed requests to `g` (Garage wants the payload hash header, which
-/// curl does not send by itself).
-fn curl_auth(g: &Garage) -> Vec<String> {
-    let env: Vec<(String, String)> = g.env();
-    let get = |k: &str| {
-        env.iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    let user = format!(
-        "{}:{}",
-        get("AWS_ACCESS_KEY_ID"),
-        get("AWS_SECRET_ACCESS_KEY")
-    );
-    [
-        "-sS",
-        "-f",
-        "--aws-sigv4",
-        "aws:amz:garage:s3",
-        "--user",
-        &user,
-        "-H",
-        "x-amz-content-sha256: UNSIGNED-PAYLOAD",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 /// Object `key` of `g`'s bucket, also written to `file`.
 fn download(g: &Garage, key: &str, file: &Path) -> Vec<u8> {
     let url = format!("{}/{}/{key}", g.endpoint(), g.bucket());
     let status = Command::new("curl")
-        .args(curl_auth(g))
+        .args(g.curl_auth())
         .args(["-o", p(file), &url])
         .status()
         .expect("run curl");
