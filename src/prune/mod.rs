@@ -228,13 +228,9 @@ fn prune_v2(
     // Packs the index names but that are gone (lost, or set aside by verify): never planned
     // or read. Dropped from the index when every live blob they held is in another pack (a
     // backup stored it again); kept in it otherwise, so that what was lost stays named.
-    // One listing of the packs rather than a look at each (on object storage, a request
-    // per pack).
-    let present: HashSet<ChunkId> = sweep::list_pack_files(repo, None)?
-        .0
-        .into_iter()
-        .map(|p| p.0)
-        .collect();
+    // The listing of step 1 rather than a look at each pack (on object storage, a request
+    // per pack): step 2 deletes only condemned packs, which the index no longer names.
+    let present: HashSet<ChunkId> = before.iter().map(|p| p.0).collect();
     let missing: Vec<ChunkId> = index
         .tables
         .keys()
