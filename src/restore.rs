@@ -33,7 +33,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Options of a restore.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
-    /// Worker threads; 0 means one per core.
+    /// Worker threads; 0 means one per core, or more when the volume asks for more
+    /// ([`Volume::readers`]: a snapshot on object storage).
     pub threads: usize,
     /// After writing and flushing, read every data block back from the target (bypassing the
     /// page cache where possible) and compare it with the snapshot.
@@ -358,7 +359,8 @@ fn write_target(
     let sparse_target = plan.target_kind == ObjectKind::RegularFile;
     let is_device = plan.target_kind == ObjectKind::BlockDevice;
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        cores.max(volume.readers())
     } else {
         opts.threads
     };

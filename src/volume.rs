@@ -32,6 +32,13 @@ pub trait Volume: Send + Sync {
     fn known_hash(&self, _offset: u64) -> Result<Option<KnownHash>> {
         Ok(None)
     }
+
+    /// How many threads reading at once keep this volume busy (0: one per core, the default).
+    /// A snapshot in a repository on object storage asks for more: its readers mostly wait
+    /// on the network.
+    fn readers(&self) -> usize {
+        0
+    }
 }
 
 /// A block's hash as a volume records it: bytes `[start, start + len)` hash to `hash` with

@@ -129,17 +129,15 @@ pub fn list_pack_files(
 /// Every object named like a pack in `packs/00` … `packs/ff` of `b`, with its size.
 fn list_pack_objects(b: &dyn WriteBackend) -> Result<(Vec<(ChunkId, u64)>, usize)> {
     let mut out = Vec::new();
-    for i in 0..=255u8 {
-        b.list(&format!("packs/{i:02x}"), &mut |m| {
-            let name = backend::base_name(&m.name);
-            if name.len() == 64
-                && let Some(id) = ChunkId::from_hex(name)
-            {
-                out.push((id, m.size));
-            }
-            Ok(())
-        })?;
-    }
+    b.list_fanout("packs", &mut |m| {
+        let name = backend::base_name(&m.name);
+        if name.len() == 64
+            && let Some(id) = ChunkId::from_hex(name)
+        {
+            out.push((id, m.size));
+        }
+        Ok(())
+    })?;
     Ok((out, 0))
 }
 

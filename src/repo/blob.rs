@@ -74,6 +74,12 @@ pub trait BlobSource: Send + Sync {
     /// The uncompressed content of blob `id`, checked against its id (hash). A blob the
     /// index does not know is an error naming it.
     fn blob(&self, id: &ChunkId, kind: BlobKind) -> Result<Arc<Vec<u8>>>;
+
+    /// How many threads reading at once this source keeps busy (0: one per core). A source
+    /// on object storage waits on the network, and more readers hide the round trips.
+    fn readers(&self) -> usize {
+        0
+    }
 }
 
 /// Write access: stores a blob unless an identical one is already usable, and returns its id.

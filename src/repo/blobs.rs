@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex, RwLock};
 const FRAME_CACHE: usize = 16;
 /// Checked blobs kept.
 const BLOB_CACHE: usize = 32;
+/// Threads fetching read windows ahead of readers (object storage).
+const PREFETCHERS: usize = 2;
 
 /// Shared decoded bytes.
 type Content = Arc<Vec<u8>>;
@@ -76,6 +78,9 @@ impl<K: PartialEq, V: Clone> Lru<K, V> {
 /// Blob access of one repository (thread-safe).
 pub struct BlobStore {
     backend: Arc<dyn WriteBackend>,
+    /// Where frames are read from: the backend, or read windows over it when its ranged
+    /// reads are not cheap (object storage, [`backend::window`]).
+    frames_from: Arc<dyn backend::ReadBackend>,
     /// How objects are stored and blobs named.
     sealer: Sealer,
     /// A reader's store: also reads the packs of pending records.
@@ -98,6 +103,9 @@ pub struct BlobStore {
     /// Length of each pack file [`BlobStore::usable`] looked at (`None`: missing, set aside
     /// or not a regular file).
     pack_lengths: Mutex<HashMap<ChunkId, Option<u64>>>,
+    /// Whether every pack was listed into `pack_lengths` (object storage: once, at the
+    /// first question; `Some(false)`: the listing failed, HEADs answer instead).
+    packs_listed: Mutex<Option<bool>>,
     /// Blobs [`BlobStore::usable`] refused because none of their packs could serve them.
     unusable: std::sync::atomic::AtomicU64,
 }
@@ -132,8 +140,16 @@ impl BlobStore {
     }
 
     fn new(repo: &Repository, reader: bool, exclude: HashSet<ChunkId>) -> Result<Arc<BlobStore>> {
+        let backend = repo.backend().clone();
+        let frames_from: Arc<dyn backend::ReadBackend> =
+            if backend.capabilities().cheap_ranged_reads {
+                backend.clone()
+            } else {
+                Arc::new(backend::window::Windows::new(backend.clone(), PREFETCHERS))
+            };
         let store = BlobStore {
-            backend: repo.backend().clone(),
+            backend,
+            frames_from,
             sealer: repo.sealer().clone(),
             reader,
             format1: repo.format_version() == 1,
@@ -145,6 +161,7 @@ impl BlobStore {
             missing: Mutex::new(HashSet::new()),
             inserted: Mutex::new(Vec::new()),
             pack_lengths: Mutex::new(HashMap::new()),
+            packs_listed: Mutex::new(None),
             unusable: std::sync::atomic::AtomicU64::new(0),
         };
         let index = store.load_index()?;
@@ -241,22 +258,71 @@ impl BlobStore {
             .copied();
         let len = match cached {
             Some(len) => len,
-            None => {
-                let len = self
-                    .backend
-                    .head(&backend::pack_key(&loc.pack))
-                    .ok()
-                    .flatten()
-                    .map(|m| m.size);
-                self.pack_lengths
+            None if self.list_packs_once() => {
+                let listed = self
+                    .pack_lengths
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(loc.pack, len);
-                len
+                    .get(&loc.pack)
+                    .copied();
+                match listed {
+                    Some(len) => len,
+                    None => self.head_pack(&loc.pack),
+                }
             }
+            None => self.head_pack(&loc.pack),
         };
         let end = u64::from(loc.entry.frame_offset) + u64::from(loc.entry.frame_len);
         len.is_some_and(|l| l >= end)
+    }
+
+    /// On object storage, the first time a pack's length is asked for: lists every pack
+    /// once (one request per 1,000 packs) and remembers their lengths, instead of a HEAD per
+    /// pack. True when the listing is there to be consulted; a pack it does not show (written
+    /// since, or missing) is then asked for with a HEAD.
+    fn list_packs_once(&self) -> bool {
+        if self.backend.capabilities().cheap_ranged_reads {
+            return false;
+        }
+        let mut listed = self.packs_listed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ok) = *listed {
+            return ok;
+        }
+        let mut lengths = Vec::new();
+        let ok = self
+            .backend
+            .list_fanout("packs", &mut |m| {
+                let name = backend::base_name(&m.name);
+                if let Some(id) = ChunkId::from_hex(name).filter(|_| name.len() == 64) {
+                    lengths.push((id, m.size));
+                }
+                Ok(())
+            })
+            .is_ok();
+        if ok {
+            let mut map = self.pack_lengths.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, size) in lengths {
+                map.entry(id).or_insert(Some(size));
+            }
+        }
+        *listed = Some(ok);
+        ok
+    }
+
+    /// The length of pack `pack` by a HEAD (`None`: missing, set aside or not a regular
+    /// file), remembered.
+    fn head_pack(&self, pack: &ChunkId) -> Option<u64> {
+        let len = self
+            .backend
+            .head(&backend::pack_key(pack))
+            .ok()
+            .flatten()
+            .map(|m| m.size);
+        self.pack_lengths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*pack, len);
+        len
     }
 
     /// Where blob `id` is, when indexed.
@@ -374,8 +440,12 @@ impl BlobStore {
         {
             return Ok(f);
         }
-        let frame = match read_frame_raw(self.backend.as_ref(), &loc.pack, &loc.entry, &self.sealer)
-        {
+        let frame = match read_frame_raw(
+            self.frames_from.as_ref(),
+            &loc.pack,
+            &loc.entry,
+            &self.sealer,
+        ) {
             Ok(f) => Arc::new(f),
             Err(e) if fsio::is_not_found(&e) => {
                 return Err(Error::MissingChunk {
@@ -476,6 +546,15 @@ fn is_missing_pack(e: &Error) -> bool {
 }
 
 impl BlobSource for BlobStore {
+    fn readers(&self) -> usize {
+        let caps = self.backend.capabilities();
+        if caps.cheap_ranged_reads {
+            0
+        } else {
+            caps.parallelism
+        }
+    }
+
     fn blob(&self, id: &ChunkId, kind: BlobKind) -> Result<Arc<Vec<u8>>> {
         if let Some(b) = self
             .blobs

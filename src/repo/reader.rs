@@ -693,6 +693,10 @@ impl Volume for SnapshotVolume {
         format!("snapshot {}", &self.inner.snap.id()[..12])
     }
 
+    fn readers(&self) -> usize {
+        self.inner.snap.blobs().map_or(0, |b| b.readers())
+    }
+
     fn known_hash(&self, offset: u64) -> Result<Option<crate::volume::KnownHash>> {
         if offset >= self.size() {
             return Ok(None);

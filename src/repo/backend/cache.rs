@@ -142,6 +142,10 @@ impl ReadBackend for Cached {
         self.inner.get_range(name, offset, buf)
     }
 
+    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
+        self.inner.get_upto(name, offset, max)
+    }
+
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>> {
         self.inner.head(name)
     }
@@ -157,6 +161,10 @@ impl ReadBackend for Cached {
         })?;
         self.evict_unlisted(dir, &listed);
         Ok(())
+    }
+
+    fn list_fanout(&self, dir: &str, f: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()> {
+        self.inner.list_fanout(dir, f)
     }
 
     fn local_root(&self) -> Option<&Path> {

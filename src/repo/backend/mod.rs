@@ -32,6 +32,7 @@ pub mod retry;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod segments;
+pub mod window;
 
 use crate::error::Result;
 use std::fmt::Debug;
@@ -97,6 +98,25 @@ pub trait ReadBackend: Send + Sync + Debug {
     /// of kind `UnexpectedEof`.
     fn get_range(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// Up to `max` bytes at `offset`: fewer when the object ends sooner (a read window). An
+    /// offset at or past the end is an error, as for [`ReadBackend::get_range`].
+    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
+        let size = self
+            .head(name)?
+            .ok_or_else(|| {
+                crate::error::Error::io(
+                    "read",
+                    self.display_path(name),
+                    std::io::ErrorKind::NotFound.into(),
+                )
+            })?
+            .size;
+        let n = size.saturating_sub(offset).min(max).max(1);
+        let mut buf = vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)];
+        self.get_range(name, offset, &mut buf)?;
+        Ok(buf)
+    }
+
     /// Size and time of the object, `None` when there is none.
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>>;
 
@@ -105,6 +125,16 @@ pub trait ReadBackend: Send + Sync + Debug {
     /// Names of temporary objects (`.tmp-*`) are never passed. A missing directory lists
     /// nothing.
     fn list(&self, dir: &str, f: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()>;
+
+    /// Every object in the 256 fan-out directories `dir/00` … `dir/ff` (`"packs"`), as
+    /// [`ReadBackend::list`] passes them. The default lists each directory; object storage
+    /// lists the whole prefix at once (one request per 1,000 objects instead of 256).
+    fn list_fanout(&self, dir: &str, f: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()> {
+        for i in 0..=255u8 {
+            self.list(&format!("{dir}/{i:02x}"), f)?;
+        }
+        Ok(())
+    }
 
     /// The local directory of the repository, for the backends that have one (local
     /// directories): restore refuses targets inside it, format 1 reads through it.

@@ -230,6 +230,10 @@ impl<B: WriteBackend> ReadBackend for Retry<B> {
         self.policy.run(|| self.inner.get_range(name, offset, buf))
     }
 
+    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
+        self.policy.run(|| self.inner.get_upto(name, offset, max))
+    }
+
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>> {
         self.policy.run(|| self.inner.head(name))
     }
@@ -240,6 +244,19 @@ impl<B: WriteBackend> ReadBackend for Retry<B> {
         let all = self.policy.run(|| {
             let mut all = Vec::new();
             self.inner.list(dir, &mut |m| {
+                all.push(m);
+                Ok(())
+            })?;
+            Ok(all)
+        })?;
+        all.into_iter().try_for_each(f)
+    }
+
+    /// Collected first and then passed to `f`, as `list` is.
+    fn list_fanout(&self, dir: &str, f: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()> {
+        let all = self.policy.run(|| {
+            let mut all = Vec::new();
+            self.inner.list_fanout(dir, &mut |m| {
                 all.push(m);
                 Ok(())
             })?;
