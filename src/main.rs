@@ -7,6 +7,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    volback::platform::bound_allocator();
     let args = cli::args::Cli::parse();
     let cancel = cli::install_ctrl_c();
     match cli::run(args, cancel) {

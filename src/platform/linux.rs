@@ -660,6 +660,16 @@ pub fn advise_huge_pages(buf: &mut [u8]) {
     }
 }
 
+pub fn bound_allocator() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only changes allocator parameters; called before other threads run.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        }
+    }
+}
+
 pub fn in_device_namespace(path: &Path) -> bool {
     path.starts_with("/dev")
 }

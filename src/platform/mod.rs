@@ -308,6 +308,15 @@ pub fn advise_huge_pages(buf: &mut [u8]) {
     imp::advise_huge_pages(buf)
 }
 
+/// Bounds what the memory allocator keeps: allocations of 4 MiB and more (packs being
+/// uploaded, read windows, decoded packs) get their own mapping and go back to the system when
+/// freed. glibc's default raises that threshold after the first such free, after which 16 MiB
+/// buffers freed by one thread stay in its arena: a backup to object storage peaked 80 MiB
+/// higher. Called once by the binary at start; a `MALLOC_MMAP_THRESHOLD_` set by the user wins.
+pub fn bound_allocator() {
+    imp::bound_allocator()
+}
+
 /// A listening local (Unix-domain) stream socket bound to a path, and its connections.
 /// [`LocalListener::bind`] replaces a stale socket file (nobody listening) but never another
 /// kind of file or a live socket; dropping the listener removes the socket file if it is

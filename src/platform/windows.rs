@@ -393,6 +393,9 @@ pub fn prefetch(_file: &File, _offset: u64, _len: u64) {}
 
 pub fn advise_huge_pages(_buf: &mut [u8]) {}
 
+/// The Windows heap returns large blocks to the system by itself.
+pub fn bound_allocator() {}
+
 pub fn in_device_namespace(path: &Path) -> bool {
     let s = path.as_os_str().to_string_lossy();
     s.starts_with(r"\\.\") || s.starts_with(r"\\?\GLOBALROOT")

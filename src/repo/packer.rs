@@ -3,8 +3,10 @@
 //!
 //! Frames go into one open pack (under a mutex: frames are compressed, and sealed in an
 //! encrypted repository, by the callers' threads ([`FrameEncoder`]); only the append is
-//! serialised). A pack is finished when it reaches the repository's
-//! `pack_size`. A checkpoint finishes the open pack, syncs the filesystem (so every pack is
+//! serialised), except tree nodes, which go into a second open pack of their own: a snapshot's
+//! tree is then read from a few packs that hold nothing else (one request each on object
+//! storage) instead of a frame here and there in every data pack. A pack is finished when it
+//! reaches the repository's `pack_size`. A checkpoint finishes the open pack, syncs the filesystem (so every pack is
 //! durable before anything names it) and writes one index file for the packs finished since
 //! the previous checkpoint; then it loads index files other writers wrote meanwhile.
 
@@ -38,7 +40,10 @@ pub struct Packer {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The open pack of data frames.
     open: Option<PackWriter>,
+    /// The open pack of frames that hold only tree blobs.
+    open_tree: Option<PackWriter>,
     /// Packs finished since the last checkpoint, not yet in an index file.
     finished: Vec<(ChunkId, Vec<BlobEntry>)>,
 }
@@ -104,8 +109,14 @@ impl Packer {
         raw_len: u32,
         blobs: &[(ChunkId, BlobKind, u32, u32)],
     ) -> Result<u64> {
+        let tree = !blobs.is_empty() && blobs.iter().all(|b| b.1 == BlobKind::Tree);
         let mut state = self.state();
-        let mut writer = match state.open.take() {
+        let taken = if tree {
+            state.open_tree.take()
+        } else {
+            state.open.take()
+        };
+        let mut writer = match taken {
             Some(w) => w,
             None => PackWriter::create(self.backend.as_ref(), &self.sealer)?,
         };
@@ -119,6 +130,8 @@ impl Packer {
         self.store.add_unsealed(blobs.iter().map(|b| b.0));
         if writer.len() >= self.pack_size {
             self.seal(&mut state, writer)?;
+        } else if tree {
+            state.open_tree = Some(writer);
         } else {
             state.open = Some(writer);
         }
@@ -149,7 +162,13 @@ impl Packer {
     /// durable and indexed. Then loads the index files other writers wrote meanwhile.
     pub fn checkpoint(&self) -> Result<()> {
         let mut state = self.state();
+        // One at a time: when the first fails, the other stays open (its blobs known).
         if let Some(writer) = state.open.take()
+            && !writer.is_empty()
+        {
+            self.seal(&mut state, writer)?;
+        }
+        if let Some(writer) = state.open_tree.take()
             && !writer.is_empty()
         {
             self.seal(&mut state, writer)?;
@@ -280,7 +299,8 @@ mod tests {
                 tree
             );
             p.checkpoint().unwrap();
-            assert_eq!(p.packs_written(), 2);
+            // The open data pack, and the tree blob's pack of its own.
+            assert_eq!(p.packs_written(), 3);
             p.checkpoint().unwrap();
             assert_eq!(crate::repo::index::list_index_files(&r).unwrap().len(), 1);
             assert_eq!(std::fs::read_dir(r.tmp_dir()).unwrap().count(), 0);
@@ -414,6 +434,34 @@ mod tests {
                 reader.blob(&ids[0], BlobKind::Data),
                 Err(Error::MissingChunk { .. })
             ));
+        }
+    }
+
+    /// Tree blobs go into packs of their own: a tree is read from packs that hold nothing
+    /// else.
+    #[test]
+    fn tree_blobs_get_packs_of_their_own() {
+        for (_d, r) in repos() {
+            let store = BlobStore::open_writer(&r, &[]).unwrap();
+            let p = Packer::new(&r, store.clone()).unwrap();
+            let mut data = Vec::new();
+            let mut trees = Vec::new();
+            for i in 0..6u64 {
+                data.extend(put_frame(&p, &[noise(i, 3000)]));
+                trees.push(p.put_blob(BlobKind::Tree, &noise(100 + i, 500)).unwrap());
+            }
+            p.checkpoint().unwrap();
+            let pack_of = |id: &ChunkId| store.location(id).unwrap().pack;
+            let tree_pack = pack_of(&trees[0]);
+            assert!(trees.iter().all(|t| pack_of(t) == tree_pack));
+            assert!(data.iter().all(|d| pack_of(d) != tree_pack));
+            let reader = BlobStore::open(&r).unwrap();
+            for (i, t) in trees.iter().enumerate() {
+                assert_eq!(
+                    &reader.blob(t, BlobKind::Tree).unwrap()[..],
+                    &noise(100 + i as u64, 500)[..]
+                );
+            }
         }
     }
 

@@ -142,10 +142,6 @@ impl ReadBackend for Cached {
         self.inner.get_range(name, offset, buf)
     }
 
-    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
-        self.inner.get_upto(name, offset, max)
-    }
-
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>> {
         self.inner.head(name)
     }

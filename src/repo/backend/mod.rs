@@ -98,25 +98,6 @@ pub trait ReadBackend: Send + Sync + Debug {
     /// of kind `UnexpectedEof`.
     fn get_range(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
 
-    /// Up to `max` bytes at `offset`: fewer when the object ends sooner (a read window). An
-    /// offset at or past the end is an error, as for [`ReadBackend::get_range`].
-    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
-        let size = self
-            .head(name)?
-            .ok_or_else(|| {
-                crate::error::Error::io(
-                    "read",
-                    self.display_path(name),
-                    std::io::ErrorKind::NotFound.into(),
-                )
-            })?
-            .size;
-        let n = size.saturating_sub(offset).min(max).max(1);
-        let mut buf = vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)];
-        self.get_range(name, offset, &mut buf)?;
-        Ok(buf)
-    }
-
     /// Size and time of the object, `None` when there is none.
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>>;
 

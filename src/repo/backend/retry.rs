@@ -230,10 +230,6 @@ impl<B: WriteBackend> ReadBackend for Retry<B> {
         self.policy.run(|| self.inner.get_range(name, offset, buf))
     }
 
-    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
-        self.policy.run(|| self.inner.get_upto(name, offset, max))
-    }
-
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>> {
         self.policy.run(|| self.inner.head(name))
     }

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::ErrorKind;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -127,6 +127,15 @@ struct Inner {
     uploads_changed: Condvar,
     /// The bucket was seen to exist (a 404 is then a missing object, not a missing bucket).
     bucket_seen: AtomicBool,
+    requests: Arc<Requests>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if std::env::var_os("VOLBACK_S3_REQUESTS").is_some_and(|v| v != "0") {
+            eprintln!("volback: S3 requests: {}", self.requests.summary());
+        }
+    }
 }
 
 #[derive(Default)]
@@ -177,10 +186,15 @@ impl S3 {
         // Large uploads are bounded by `Transport::fetch`; this bounds their answer's body.
         let bulk = client(options.idle_timeout.saturating_mul(10))
             .map_err(|e| invalid("cannot build the HTTP client", &e))?;
+        let requests = Arc::new(Requests {
+            trace: std::env::var_os("VOLBACK_S3_REQUESTS").is_some_and(|v| v == "trace"),
+            ..Requests::default()
+        });
         let transport = Transport {
             small: opendal_http_transport_reqwest::ReqwestTransport::new(small),
             bulk: opendal_http_transport_reqwest::ReqwestTransport::new(bulk),
             idle: options.idle_timeout,
+            counts: requests.clone(),
         };
         let mut builder = opendal::services::S3::default()
             .bucket(&loc.bucket)
@@ -221,6 +235,7 @@ impl S3 {
                 uploads: Mutex::new(Uploads::default()),
                 uploads_changed: Condvar::new(),
                 bucket_seen: AtomicBool::new(false),
+                requests,
             }),
         })
     }
@@ -729,41 +744,6 @@ impl ReadBackend for S3 {
         Ok(())
     }
 
-    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
-        let eof = || Error::IoAt {
-            op: "read",
-            path: self.display_path(name),
-            offset,
-            source: std::io::Error::new(ErrorKind::UnexpectedEof, "no bytes from there"),
-        };
-        if let Some(data) = self.inflight(name) {
-            let start = usize::try_from(offset).unwrap_or(usize::MAX);
-            let end = start.saturating_add(usize::try_from(max).unwrap_or(usize::MAX));
-            return match data.get(start..end.min(data.len())) {
-                Some(bytes) if !bytes.is_empty() => Ok(bytes.to_vec()),
-                _ => Err(eof()),
-            };
-        }
-        self.check_name("read", name)?;
-        let end = offset.checked_add(max.max(1)).ok_or_else(eof)?;
-        match self.read_range(name, offset..end) {
-            Ok(data) if data.is_empty() => Err(eof()),
-            Ok(data) => Ok(data),
-            Err(e) => {
-                let io = self.classify(&e);
-                if io.kind() == ErrorKind::UnexpectedEof {
-                    return Err(eof());
-                }
-                Err(Error::IoAt {
-                    op: "read",
-                    path: self.display_path(name),
-                    offset,
-                    source: io,
-                })
-            }
-        }
-    }
-
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>> {
         if let Some(data) = self.inflight(name) {
             return Ok(Some(ObjectMeta {
@@ -942,6 +922,60 @@ struct Transport {
     small: opendal_http_transport_reqwest::ReqwestTransport,
     bulk: opendal_http_transport_reqwest::ReqwestTransport,
     idle: Duration,
+    counts: Arc<Requests>,
+}
+
+/// Requests sent, by kind (retries included): `VOLBACK_S3_REQUESTS=1` prints them when the
+/// backend is dropped, to check the cost model (docs/OBJECT-STORAGE.md);
+/// `VOLBACK_S3_REQUESTS=trace` also prints each request as it is sent.
+#[derive(Default)]
+struct Requests {
+    trace: bool,
+    get: AtomicU64,
+    ranged_get: AtomicU64,
+    list: AtomicU64,
+    head: AtomicU64,
+    put: AtomicU64,
+    delete: AtomicU64,
+    other: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Requests {
+    fn count<T>(&self, req: &http::Request<T>, body: usize) {
+        let query = req.uri().query().unwrap_or("");
+        let c = match *req.method() {
+            http::Method::GET if query.contains("list-type") => &self.list,
+            http::Method::GET if req.headers().contains_key(http::header::RANGE) => {
+                &self.ranged_get
+            }
+            http::Method::GET => &self.get,
+            http::Method::HEAD => &self.head,
+            http::Method::PUT => &self.put,
+            http::Method::DELETE => &self.delete,
+            _ => &self.other,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        self.bytes_out.fetch_add(body as u64, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> String {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "GET {} (ranged {}), LIST {}, HEAD {}, PUT {}, DELETE {}, other {}; \
+             {} bytes received, {} bytes sent",
+            n(&self.get) + n(&self.ranged_get),
+            n(&self.ranged_get),
+            n(&self.list),
+            n(&self.head),
+            n(&self.put),
+            n(&self.delete),
+            n(&self.other),
+            n(&self.bytes_in),
+            n(&self.bytes_out)
+        )
+    }
 }
 
 impl opendal::HttpTransport for Transport {
@@ -950,22 +984,40 @@ impl opendal::HttpTransport for Transport {
         req: http::Request<opendal::Buffer>,
     ) -> opendal::Result<http::Response<opendal::HttpBody>> {
         let len = req.body().len();
-        if len <= BULK_BODY {
-            return self.small.fetch(req).await;
+        let head = req.method() == http::Method::HEAD;
+        self.counts.count(&req, len);
+        if self.counts.trace {
+            let range = req.headers().get(http::header::RANGE);
+            let range = range.and_then(|r| r.to_str().ok()).unwrap_or("");
+            eprintln!("volback: S3 {} {} {range}", req.method(), req.uri().path());
         }
-        let limit = self.idle + Duration::from_secs(len as u64 / MIN_UPLOAD_RATE);
-        match tokio::time::timeout(limit, self.bulk.fetch(req)).await {
-            Ok(r) => r,
-            Err(_) => Err(opendal::Error::new(
-                opendal::ErrorKind::Unexpected,
-                "the request timed out",
-            )
-            .set_temporary()
-            .set_source(std::io::Error::new(
-                ErrorKind::TimedOut,
-                format!("no answer within {} s", limit.as_secs()),
-            ))),
+        let answer = if len <= BULK_BODY {
+            self.small.fetch(req).await
+        } else {
+            let limit = self.idle + Duration::from_secs(len as u64 / MIN_UPLOAD_RATE);
+            match tokio::time::timeout(limit, self.bulk.fetch(req)).await {
+                Ok(r) => r,
+                Err(_) => Err(opendal::Error::new(
+                    opendal::ErrorKind::Unexpected,
+                    "the request timed out",
+                )
+                .set_temporary()
+                .set_source(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("no answer within {} s", limit.as_secs()),
+                ))),
+            }
+        };
+        if let Ok(resp) = &answer
+            && !head
+            && let Some(n) = resp
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            self.counts.bytes_in.fetch_add(n, Ordering::Relaxed);
         }
+        answer
     }
 }
 

@@ -9,6 +9,9 @@
 //!
 //! - a window is fetched with one ranged GET, at most once at a time (a second thread that
 //!   needs it waits for the first), and kept in a small LRU ([`KEPT`] windows);
+//! - a window never asks for bytes past the object's end (S3 clients refuse a short answer):
+//!   the sizes of packs come from one listing of `packs/` at the first window (a request per
+//!   1,000 packs), and an object the listing did not show is asked for with a HEAD;
 //! - when a read ends in the second half of a full window, the next window is fetched in the
 //!   background (one window ahead), so a sequential reader finds it there;
 //! - a read larger than two windows, or of an object that is not a pack, goes to the backend
@@ -49,6 +52,9 @@ struct Shared {
     kept: usize,
     state: Mutex<State>,
     changed: Condvar,
+    /// Sizes of objects, learnt from the listing of packs (`None` until it was tried) and
+    /// from HEADs.
+    sizes: Mutex<Option<HashMap<String, u64>>>,
 }
 
 #[derive(Default)]
@@ -93,6 +99,7 @@ impl Windows {
             kept: kept.max(2),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            sizes: Mutex::new(None),
         });
         let (queue, threads) = if prefetchers == 0 {
             (None, Vec::new())
@@ -212,7 +219,7 @@ impl Shared {
         st.slots.insert(key.clone(), Slot::Loading);
         st.fetched += 1;
         drop(st);
-        let got = self.inner.get_upto(name, w * self.window, self.window);
+        let got = self.fetch(name, w);
         let mut st = self.lock();
         let out = match got {
             Ok(data) => {
@@ -237,6 +244,58 @@ impl Shared {
         drop(st);
         self.changed.notify_all();
         out
+    }
+
+    /// Window `w` of `name`, read from the backend: up to `window` bytes, fewer at the end of
+    /// the object.
+    fn fetch(&self, name: &str, w: u64) -> Result<Vec<u8>> {
+        let size = self.size_of(name)?;
+        let start = w.saturating_mul(self.window);
+        let len = size.saturating_sub(start).min(self.window);
+        if len == 0 {
+            return Err(crate::error::Error::IoAt {
+                op: "read",
+                path: self.inner.display_path(name),
+                offset: start,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the object has {size} bytes"),
+                ),
+            });
+        }
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+        self.inner.get_range(name, start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The size of object `name`: from the listing of every pack (made once, at the first
+    /// question), else from a HEAD (remembered: packs never change).
+    fn size_of(&self, name: &str) -> Result<u64> {
+        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        let sizes = sizes.get_or_insert_with(|| {
+            let mut map = HashMap::new();
+            // A failed listing only costs HEADs.
+            let _ = self.inner.list_fanout("packs", &mut |m| {
+                map.insert(m.name, m.size);
+                Ok(())
+            });
+            map
+        });
+        if let Some(&size) = sizes.get(name) {
+            return Ok(size);
+        }
+        let size = match self.inner.head(name)? {
+            Some(m) => m.size,
+            None => {
+                return Err(crate::error::Error::io(
+                    "read",
+                    self.inner.display_path(name),
+                    std::io::ErrorKind::NotFound.into(),
+                ));
+            }
+        };
+        sizes.insert(name.to_string(), size);
+        Ok(size)
     }
 
     /// Drops the least recently used ready windows beyond `kept`.
@@ -297,10 +356,6 @@ impl ReadBackend for Windows {
         }
         self.shared.lock().passed += 1;
         self.shared.inner.get_range(name, offset, buf)
-    }
-
-    fn get_upto(&self, name: &str, offset: u64, max: u64) -> Result<Vec<u8>> {
-        self.shared.inner.get_upto(name, offset, max)
     }
 
     fn head(&self, name: &str) -> Result<Option<ObjectMeta>> {
