@@ -34,6 +34,7 @@ mod repo_safety;
 mod resume_changed;
 mod roundtrip;
 mod s3;
+mod s3_faults;
 mod util;
 mod windows;
 mod xfs_btrfs;

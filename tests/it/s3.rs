@@ -12,7 +12,7 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 
 /// A single-node server, or `None` (skipped; a failure when `CI` is set).
-fn server() -> Option<Garage> {
+pub(crate) fn server() -> Option<Garage> {
     let g = Garage::single();
     if g.is_none() {
         util::require(Some(
@@ -23,12 +23,12 @@ fn server() -> Option<Garage> {
 }
 
 /// The address of the repository `name` in `g`'s bucket.
-fn address(g: &Garage, name: &str) -> String {
+pub(crate) fn address(g: &Garage, name: &str) -> String {
     format!("s3:{}/{}/{name}", g.endpoint(), g.bucket())
 }
 
 /// `volback ARGS` as a client of `g` (its credentials), with its metadata cache in `cache`.
-fn vb_command(g: &Garage, cache: &Path, args: &[&str]) -> Command {
+pub(crate) fn vb_command(g: &Garage, cache: &Path, args: &[&str]) -> Command {
     let mut c = util::volback_command(args);
     c.envs(g.env());
     c.env("VOLBACK_CACHE_DIR", cache);
@@ -36,18 +36,18 @@ fn vb_command(g: &Garage, cache: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn vb(g: &Garage, cache: &Path, args: &[&str]) -> Run {
+pub(crate) fn vb(g: &Garage, cache: &Path, args: &[&str]) -> Run {
     let r = util::run_command(vb_command(g, cache, args), &args.join(" "));
     assert!(!r.stderr.contains("panicked"), "volback panicked: {r:?}");
     r
 }
 
-fn vb_ok(g: &Garage, cache: &Path, args: &[&str]) -> Run {
+pub(crate) fn vb_ok(g: &Garage, cache: &Path, args: &[&str]) -> Run {
     vb(g, cache, args).expect_code(0)
 }
 
 /// The keys of the objects under `prefix` in `g`'s bucket (first 1000).
-fn keys(g: &Garage, prefix: &str) -> Vec<String> {
+pub(crate) fn keys(g: &Garage, prefix: &str) -> Vec<String> {
     let url = format!(
         "{}/{}?list-type=2&prefix={}",
         g.endpoint(),

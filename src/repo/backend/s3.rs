@@ -3,7 +3,8 @@
 //! [`S3`] implements the backend traits with opendal's S3 service, driven by one private
 //! tokio runtime per backend (two worker threads) from volback's ordinary threads. Requests go
 //! through our own HTTP client: a connect timeout of 5 s, and a stall of 30 s without progress
-//! is a timeout error, never a hang (large uploads get time in proportion to their size).
+//! (`VOLBACK_S3_TIMEOUT_SECS`) is a timeout error, never a hang (large uploads get time in
+//! proportion to their size).
 //!
 //! Objects are `PREFIX/NAME` in the bucket. Every failure is an [`Error::Io`] (or
 //! [`Error::IoAt`] for ranged reads) naming the object's address, whose `std::io::Error` has
@@ -41,6 +42,11 @@ pub const DEFAULT_INFLIGHT: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A request that makes no progress for this long is a timeout.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Environment variable overriding [`IDLE_TIMEOUT`], in whole seconds (tests of stalled
+/// connections use a few seconds).
+pub const TIMEOUT_VAR: &str = "VOLBACK_S3_TIMEOUT_SECS";
+/// Largest value of [`TIMEOUT_VAR`].
+const MAX_TIMEOUT_SECS: u64 = 3600;
 /// Requests with larger bodies get more time than [`IDLE_TIMEOUT`] before their answer…
 const BULK_BODY: usize = 1 << 20;
 /// …as if sent at no less than this many bytes per second.
@@ -49,17 +55,39 @@ const MIN_UPLOAD_RATE: u64 = 256 << 10;
 const MAX_ASIDE: u32 = 1000;
 
 /// Opens the repository at `loc` with the credentials and region of the environment (see
-/// [`S3Options::default`]), retrying transient failures ([`Policy::from_env`]).
+/// [`S3Options::default`]), retrying transient failures ([`Policy::from_env`]), with the idle
+/// timeout of `VOLBACK_S3_TIMEOUT_SECS` when it is set.
 pub fn open_s3(loc: &S3Location) -> Result<Arc<dyn WriteBackend>> {
     let policy = Policy::from_env()?;
+    let idle_timeout = parse_idle_timeout(std::env::var(TIMEOUT_VAR).ok().as_deref())?;
     let s3 = S3::new(
         loc,
         S3Options {
             policy,
+            idle_timeout,
             ..S3Options::default()
         },
     )?;
     Ok(Arc::new(Retry::new(s3, policy)))
+}
+
+/// `VOLBACK_S3_TIMEOUT_SECS`'s value: whole seconds from 1 to 3600 ([`IDLE_TIMEOUT`] when
+/// unset).
+pub fn parse_idle_timeout(value: Option<&str>) -> Result<Duration> {
+    match value {
+        None => Ok(IDLE_TIMEOUT),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=MAX_TIMEOUT_SECS).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{TIMEOUT_VAR}={v:?} is not a number of seconds from 1 to {MAX_TIMEOUT_SECS}"
+                ))
+            }),
+    }
 }
 
 /// How an [`S3`] backend connects.

@@ -656,3 +656,16 @@ fn error_fields_are_found() {
     );
     assert_eq!(http_status("no answer"), None);
 }
+
+#[test]
+fn idle_timeout_from_the_environment_value() {
+    assert_eq!(parse_idle_timeout(None).unwrap(), IDLE_TIMEOUT);
+    assert_eq!(
+        parse_idle_timeout(Some(" 3 ")).unwrap(),
+        Duration::from_secs(3)
+    );
+    for bad in ["", "0", "-1", "1.5", "x", "3601"] {
+        let e = parse_idle_timeout(Some(bad)).unwrap_err().to_string();
+        assert!(e.contains(TIMEOUT_VAR), "{e}");
+    }
+}
