@@ -433,6 +433,63 @@ impl Garage {
         args.push(&url);
         util::run_program("curl", &args)
     }
+
+    /// The objects of the bucket whose keys start with `prefix`, with their sizes (through
+    /// node 1, `curl`; at most 1000, which the tests never reach).
+    pub fn list(&self, prefix: &str) -> Vec<(String, u64)> {
+        let url = format!(
+            "{}/{BUCKET}?list-type=2&prefix={}",
+            self.endpoint(),
+            prefix.replace('/', "%2F")
+        );
+        let mut c = Command::new("curl");
+        c.args(self.curl_auth()).arg(&url);
+        let r = util::run_command(c, &format!("curl {url}"));
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert!(r.stdout.contains("<ListBucketResult"), "{}", r.stdout);
+        assert!(
+            !r.stdout.contains("<IsTruncated>true"),
+            "more than one page"
+        );
+        let field = |s: &str, tag: &str| -> Option<String> {
+            let (_, rest) = s.split_once(&format!("<{tag}>"))?;
+            Some(rest.split_once(&format!("</{tag}>"))?.0.to_string())
+        };
+        r.stdout
+            .split("<Contents>")
+            .skip(1)
+            .map(|c| {
+                let key = field(c, "Key").expect("<Key> in <Contents>");
+                let size = field(c, "Size").and_then(|n| n.parse().ok());
+                (key, size.expect("<Size> in <Contents>"))
+            })
+            .collect()
+    }
+
+    /// Object `key` (GET through node 1, `curl`).
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        let url = format!("{}/{BUCKET}/{key}", self.endpoint());
+        let out = Command::new("curl")
+            .args(self.curl_auth())
+            .arg(&url)
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "curl GET {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// Writes object `key` (PUT through node 1, `curl`).
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        let dir = TestDir::new();
+        let body = dir.join("body");
+        std::fs::write(&body, bytes).expect("write the body");
+        let r = self.curl(0, key, Some(&body));
+        assert_eq!(r.code, Some(0), "PUT {key}: {r:?}");
+    }
 }
 
 impl Drop for Garage {

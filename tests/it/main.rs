@@ -11,6 +11,7 @@
 //! `volback.exe` under wine from here.
 #![cfg(unix)]
 
+mod backends;
 mod chunk_repair;
 mod cli;
 mod copy;

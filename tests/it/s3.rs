@@ -1,13 +1,14 @@
-//! Repositories on object storage: the commands against a real Garage S3 server started by
-//! the test (`garage.rs`), judged by the bytes they give back.
+//! Repositories on object storage: what only S3 has (errors of credentials, buckets and
+//! endpoints; several machines backing up into one bucket through a three-node cluster),
+//! against a real Garage S3 server started by the test (`garage.rs`). The tests that run on
+//! both a local directory and a bucket are in `backends.rs`.
 
 use crate::garage::Garage;
 use crate::util::{
-    self, Run, TestDir, jstr, ju64, p, random_file, require_root_and_loop, sha256_file, write_at,
+    self, Run, TestDir, jstr, ju64, p, random_file, require_root_and_loop, sha256_file,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -67,159 +68,6 @@ pub(crate) fn keys(g: &Garage, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// Full and incremental backups into a bucket restore bit for bit, `verify --read-data`
-/// finds nothing, the incremental stores only what changed, `restore --only-changed` brings
-/// a changed target back, and `init` refuses a prefix that holds a repository.
-#[test]
-fn s3_full_incremental_restore_verify() {
-    let Some(g) = server() else { return };
-    let t = TestDir::new();
-    let cache = t.join("cache");
-    let src = t.join("src.img");
-    random_file(&src, 48 * MIB, 1);
-    let repo = address(&g, "roundtrip");
-    vb_ok(&g, &cache, &["init", &repo]);
-    let first = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
-    let id1 = jstr(&first, "/snapshot").to_string();
-    write_at(&src, 5 * MIB, &util::Rng::new(2).bytes(MIB as usize));
-    let sha2 = sha256_file(&src);
-    let second = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
-    let id2 = jstr(&second, "/snapshot").to_string();
-    assert_eq!(jstr(&second, "/parent"), id1, "{second}");
-    assert!(
-        ju64(&second, "/stats/new_bytes") <= 2 * MIB,
-        "the incremental stores only what changed: {second}"
-    );
-    let out = t.join("out.img");
-    vb_ok(&g, &cache, &["restore", &repo, &id2, p(&out)]);
-    assert_eq!(sha256_file(&out), sha2);
-    // The first snapshot, onto the second's restore: only the changed blocks are written.
-    random_file(&src, 48 * MIB, 1);
-    let sha1 = sha256_file(&src);
-    vb_ok(
-        &g,
-        &cache,
-        &["restore", "--only-changed", &repo, &id1, p(&out)],
-    )
-    .stdout_has(&["1.0 MiB written"]);
-    assert_eq!(sha256_file(&out), sha1);
-    vb_ok(&g, &cache, &["verify", "--read-data", &repo]).stdout_has(&["no problems"]);
-    let list = vb_ok(&g, &cache, &["snapshots", "--json", &repo]).json();
-    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
-    // Without the cache the same answers come from the server.
-    let cold = t.join("cold");
-    let list2 = vb_ok(&g, &cold, &["snapshots", "--json", &repo]).json();
-    assert_eq!(list, list2);
-    vb(&g, &cache, &["init", &repo])
-        .expect_code(1)
-        .stderr_has(&["already holds a repository"]);
-    // Nothing of the repository went anywhere but the bucket.
-    assert!(!Path::new("s3:http:").exists());
-}
-
-/// A damaged pack object is found by `verify --read-data`, named, and stops a restore.
-#[test]
-fn s3_damaged_pack_object_is_found_and_stops_restore() {
-    let Some(g) = server() else { return };
-    let t = TestDir::new();
-    let cache = t.join("cache");
-    let src = t.join("src.img");
-    random_file(&src, 8 * MIB, 3);
-    let repo = address(&g, "damage");
-    vb_ok(&g, &cache, &["init", &repo]);
-    let b = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
-    let id = jstr(&b, "/snapshot").to_string();
-    let packs = keys(&g, "damage/packs/");
-    assert!(!packs.is_empty(), "no pack objects listed");
-    let pack = &packs[0];
-    let file = t.join("pack");
-    let mut bytes = download(&g, pack, &file);
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    std::fs::write(&file, &bytes).unwrap();
-    assert_eq!(g.curl(0, pack, Some(&file)).code, Some(0));
-    let r = vb(&g, &cache, &["verify", "--read-data", &repo]);
-    assert_ne!(r.code, Some(0), "{r:?}");
-    let name = pack.rsplit('/').next().unwrap_or_default();
-    r.stdout_has(&[&name[..12]]);
-    let out = t.join("out.img");
-    let r = vb(&g, &cache, &["restore", &repo, &id, p(&out)]);
-    assert_ne!(
-        r.code,
-        Some(0),
-        "a restore over a damaged pack must fail: {r:?}"
-    );
-}
-
-/// Object `key` of `g`'s bucket, also written to `file`.
-fn download(g: &Garage, key: &str, file: &Path) -> Vec<u8> {
-    let url = format!("{}/{}/{key}", g.endpoint(), g.bucket());
-    let status = Command::new("curl")
-        .args(g.curl_auth())
-        .args(["-o", p(file), &url])
-        .status()
-        .expect("run curl");
-    assert!(status.success(), "curl GET {url}");
-    std::fs::read(file).expect("read the downloaded object")
-}
-
-/// A backup killed with SIGKILL after a checkpoint leaves a journal in the bucket; the next
-/// run resumes it, and the snapshot restores bit for bit.
-#[test]
-fn s3_backup_killed_resumes() {
-    let Some(g) = server() else { return };
-    let t = TestDir::new();
-    let cache = t.join("cache");
-    let src = t.join("src.img");
-    let size = 160 * MIB;
-    random_file(&src, size, 4);
-    let sha = sha256_file(&src);
-    let repo = address(&g, "killed");
-    vb_ok(&g, &cache, &["init", &repo]);
-    let mut child = vb_command(
-        &g,
-        &cache,
-        &["backup", "--checkpoint-secs", "0.2", p(&src), &repo],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("spawn backup");
-    // Killed once a batch is in the journal (a segment after the header).
-    let mut killed = false;
-    for _ in 0..6000 {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        let journal = keys(&g, "killed/journals/");
-        if journal.iter().any(|k| k.contains(".journal.")) {
-            child.kill().expect("SIGKILL");
-            killed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.wait();
-    // The killed run's lease names a process of this host that is gone: no wait for its
-    // expiry.
-    let last = vb_ok(&g, &cache, &["backup", "--json", p(&src), &repo]).json();
-    if killed {
-        assert_eq!(last["resumed"], true, "{last}");
-        assert!(ju64(&last, "/bytes_read") < size, "{last}");
-    } else {
-        eprintln!("the backup finished before a checkpoint was seen: resume not exercised");
-    }
-    let out = t.join("out.img");
-    vb_ok(
-        &g,
-        &cache,
-        &["restore", &repo, jstr(&last, "/snapshot"), p(&out)],
-    );
-    assert_eq!(sha256_file(&out), sha);
-    assert!(keys(&g, "killed/journals/").is_empty(), "journal left");
-    vb_ok(&g, &cache, &["verify", "--read-data", &repo]).stdout_has(&["no problems"]);
-}
-
 /// Wrong credentials, a missing bucket and an endpoint where nothing listens are errors that
 /// name the problem, within the retry budget.
 #[test]
@@ -247,56 +95,6 @@ fn s3_wrong_credentials_missing_bucket_and_endpoint_are_named() {
     let r = util::run_command(c, "snapshots at a closed port");
     assert_ne!(r.code, Some(0));
     r.stderr_has(&["cannot reach", &port.to_string()]);
-}
-
-/// A snapshot in a bucket is served over NBD and read by `qemu-img`, and an ext4 volume
-/// backed up into a bucket restores to a filesystem that `e2fsck -fn` finds clean.
-#[test]
-fn s3_ext4_restore_is_clean_and_nbd_serves_it() {
-    if !require_root_and_loop() || !util::require_tools(&["qemu-img", "mkfs.ext4", "e2fsck"]) {
-        return;
-    }
-    let Some(g) = server() else { return };
-    let t = TestDir::new();
-    let cache = t.join("cache");
-    let img = t.join("ext4.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(64 * MIB))
-        .expect("image");
-    util::run_ok("mkfs.ext4", &["-q", "-F", p(&img)]);
-    {
-        let dev = util::Loop::attach(&img, false);
-        let mnt = t.join("mnt");
-        std::fs::create_dir_all(&mnt).expect("mount point");
-        let _m = util::Mount::new(dev.path(), &mnt, None);
-        random_file(&mnt.join("a.bin"), 5 * MIB, 7);
-        std::fs::write(mnt.join("b.txt"), b"hello from a bucket").expect("write");
-    }
-    let sha = sha256_file(&img);
-    let repo = address(&g, "ext4");
-    vb_ok(&g, &cache, &["init", &repo]);
-    let b = vb_ok(&g, &cache, &["backup", "--json", p(&img), &repo]).json();
-    let id = jstr(&b, "/snapshot").to_string();
-    let out = t.join("out.img");
-    vb_ok(&g, &cache, &["restore", &repo, &id, p(&out)]);
-    assert_eq!(sha256_file(&out), sha);
-    util::run_ok("e2fsck", &["-fn", p(&out)]);
-    // Served over NBD from the bucket, compared by qemu-img with the source.
-    let mut serve = vb_command(&g, &cache, &["serve", "--nbd", "127.0.0.1:0", &repo, &id])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    let mut line = String::new();
-    let stdout = serve.stdout.take().expect("stdout");
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-        .expect("read the server's URI");
-    let url = line.trim().to_string();
-    assert!(url.starts_with("nbd://"), "serve printed {line:?}");
-    let r = util::run_program("qemu-img", &["compare", "-f", "raw", p(&img), &url]);
-    let _ = serve.kill();
-    let _ = serve.wait();
-    assert_eq!(r.code, Some(0), "{r:?}");
 }
 
 /// `volback ARGS` on a "machine" of its own: a UTS namespace with host name `host`, talking
