@@ -207,6 +207,24 @@ impl<B: WriteBackend> Retry<B> {
     pub fn inner(&self) -> &B {
         &self.inner
     }
+
+    /// Runs the listing `list` (retried as a whole) into a vector, then passes its objects to
+    /// `f`: a retried listing never passes an object twice, and `f`'s errors are not retried.
+    fn collected(
+        &self,
+        list: impl Fn(&mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()>,
+        f: &mut dyn FnMut(ObjectMeta) -> Result<()>,
+    ) -> Result<()> {
+        let all = self.policy.run(|| {
+            let mut all = Vec::new();
+            list(&mut |m| {
+                all.push(m);
+                Ok(())
+            })?;
+            Ok(all)
+        })?;
+        all.into_iter().try_for_each(f)
+    }
 }
 
 impl<B: WriteBackend> ReadBackend for Retry<B> {
@@ -237,28 +255,12 @@ impl<B: WriteBackend> ReadBackend for Retry<B> {
     /// The listing is collected first and passed to `f` only when it is complete, so that a
     /// retried listing never passes an object twice and `f`'s own errors are not retried.
     fn list(&self, dir: &str, f: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()> {
-        let all = self.policy.run(|| {
-            let mut all = Vec::new();
-            self.inner.list(dir, &mut |m| {
-                all.push(m);
-                Ok(())
-            })?;
-            Ok(all)
-        })?;
-        all.into_iter().try_for_each(f)
+        self.collected(|g| self.inner.list(dir, g), f)
     }
 
     /// Collected first and then passed to `f`, as `list` is.
     fn list_fanout(&self, dir: &str, f: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()> {
-        let all = self.policy.run(|| {
-            let mut all = Vec::new();
-            self.inner.list_fanout(dir, &mut |m| {
-                all.push(m);
-                Ok(())
-            })?;
-            Ok(all)
-        })?;
-        all.into_iter().try_for_each(f)
+        self.collected(|g| self.inner.list_fanout(dir, g), f)
     }
 
     fn local_root(&self) -> Option<&std::path::Path> {
