@@ -93,6 +93,7 @@ pub mod fsio;
 pub mod index;
 pub mod journal;
 pub mod keys;
+pub(crate) mod load_cache;
 pub mod pack;
 pub mod packer;
 pub mod reader;

@@ -15,14 +15,14 @@
 use super::blob::BlobKind;
 use super::chunks::ChunkStore;
 use super::format::BlockRef;
+use super::load_cache::LoadCache;
 use super::snapshot::{BlockMap, SnapshotFile};
 use crate::error::{Error, Result};
 use crate::hash::ChunkId;
 use crate::volume::Volume;
 use crossbeam_channel::{Sender, TrySendError};
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 /// Read access to one snapshot.
@@ -292,129 +292,8 @@ impl Inner {
     }
 }
 
-/// A bounded LRU cache of decoded data (blocks, packs), shared by readers and read-ahead
-/// threads. An entry being decoded is marked so that a second reader waits for it instead of
-/// decoding it again.
-struct LoadCache<K, V = Vec<u8>> {
-    state: Mutex<CacheState<K, V>>,
-    loaded: Condvar,
-    capacity: usize,
-}
-
-struct CacheState<K, V> {
-    slots: HashMap<K, Slot<V>>,
-    /// The ready slots by last use: eviction takes the first (a cache of 4 KiB blocks holds
-    /// thousands of entries, so it is never scanned).
-    order: std::collections::BTreeMap<u64, K>,
-    clock: u64,
-    /// End offset of the previous read (sequential detection; block caches only).
-    last_end: u64,
-    /// Blocks below this were already queued for read-ahead (block caches only).
-    queued_to: u64,
-}
-
-enum Slot<V> {
-    Loading,
-    Ready { data: Arc<V>, used: u64 },
-}
-
-impl<K: std::hash::Hash + Eq + Copy, V> LoadCache<K, V> {
-    fn new(capacity: usize) -> Self {
-        LoadCache {
-            state: Mutex::new(CacheState {
-                slots: HashMap::new(),
-                order: std::collections::BTreeMap::new(),
-                clock: 0,
-                last_end: u64::MAX,
-                queued_to: 0,
-            }),
-            loaded: Condvar::new(),
-            capacity,
-        }
-    }
-
-    /// The data of `key`, from the cache or from `load` now.
-    fn get(&self, key: K, load: impl FnOnce() -> Result<V>) -> Result<Arc<V>> {
-        let mut st = lock(&self.state);
-        loop {
-            st.clock += 1;
-            let now = st.clock;
-            match st.slots.get_mut(&key) {
-                Some(Slot::Ready { data, used }) => {
-                    let before = std::mem::replace(used, now);
-                    let data = data.clone();
-                    st.order.remove(&before);
-                    st.order.insert(now, key);
-                    return Ok(data);
-                }
-                Some(Slot::Loading) => {
-                    st = self.loaded.wait(st).unwrap_or_else(|p| p.into_inner());
-                }
-                None => break,
-            }
-        }
-        st.slots.insert(key, Slot::Loading);
-        drop(st);
-        self.load(key, load)
-    }
-
-    /// Runs `load` for `key` (whose slot the caller marked `Loading`) and publishes it.
-    fn load(&self, key: K, load: impl FnOnce() -> Result<V>) -> Result<Arc<V>> {
-        let result = load();
-        let mut st = lock(&self.state);
-        let out = match result {
-            Ok(buf) => {
-                let data = Arc::new(buf);
-                st.clock += 1;
-                let used = st.clock;
-                let old = st.slots.insert(
-                    key,
-                    Slot::Ready {
-                        data: data.clone(),
-                        used,
-                    },
-                );
-                if let Some(Slot::Ready { used: before, .. }) = old {
-                    st.order.remove(&before);
-                }
-                st.order.insert(used, key);
-                self.evict(&mut st);
-                Ok(data)
-            }
-            Err(e) => {
-                st.slots.remove(&key);
-                Err(e)
-            }
-        };
-        drop(st);
-        self.loaded.notify_all();
-        out
-    }
-
-    fn evict(&self, st: &mut CacheState<K, V>) {
-        while st.slots.len() > self.capacity {
-            match st.order.pop_first() {
-                Some((_, k)) => {
-                    st.slots.remove(&k);
-                }
-                None => break,
-            }
-        }
-    }
-
-    /// Claims `key` for read-ahead: true when nobody has it or is decoding it.
-    fn claim(&self, key: K) -> bool {
-        let mut st = lock(&self.state);
-        if st.slots.contains_key(&key) {
-            return false;
-        }
-        st.slots.insert(key, Slot::Loading);
-        true
-    }
-}
-
 /// Decoded blocks, keyed by block index.
-type BlockCache = LoadCache<u64>;
+type BlockCache = LoadCache<u64, Vec<u8>>;
 
 /// Background threads decoding blocks ahead of a sequential reader.
 struct Prefetcher {
@@ -422,6 +301,15 @@ struct Prefetcher {
     threads: Vec<JoinHandle<()>>,
     /// Blocks to keep queued ahead of the reader.
     window: u64,
+    position: Mutex<ReadPosition>,
+}
+
+/// Where a sequential reader is, for read-ahead.
+struct ReadPosition {
+    /// End offset of the previous read (`u64::MAX`: none yet).
+    last_end: u64,
+    /// Units below this were already queued for read-ahead.
+    queued_to: u64,
 }
 
 impl Drop for Prefetcher {
@@ -485,7 +373,7 @@ impl SnapshotVolume {
         let cache = Arc::new(BlockCache::new(
             (options.capacity / unit_bytes).max(8) as usize
         ));
-        let window = (options.read_ahead / unit_bytes).min(cache.capacity as u64 / 2);
+        let window = (options.read_ahead / unit_bytes).min(cache.capacity() as u64 / 2);
         if window > 0 && options.threads > 0 {
             let (tx, rx) = crossbeam_channel::bounded::<u64>(window as usize * 2);
             let threads = (0..options.threads)
@@ -508,6 +396,10 @@ impl SnapshotVolume {
                 queue: Some(tx),
                 threads,
                 window,
+                position: Mutex::new(ReadPosition {
+                    last_end: u64::MAX,
+                    queued_to: 0,
+                }),
             });
         }
         vol.cache = Some(cache);
@@ -538,14 +430,14 @@ impl SnapshotVolume {
     }
 
     /// Queues read-ahead after a read of `[offset, end)` when reads are sequential.
-    fn read_ahead(&self, cache: &BlockCache, offset: u64, end: u64) {
+    fn read_ahead(&self, offset: u64, end: u64) {
         let Some(pf) = &self.prefetch else { return };
         let Some(queue) = &pf.queue else { return };
         let bs = self.block_size();
         let unit = self.unit;
         let units = self.inner.snap.header().block_count.div_ceil(unit);
         let (from, to) = {
-            let mut st = lock(&cache.state);
+            let mut st = lock(&pf.position);
             // Concurrent readers (the kernel's read-ahead, FUSE worker threads) deliver a
             // sequential stream slightly out of order: within two blocks counts as sequential.
             let sequential = st.last_end != u64::MAX && offset.abs_diff(st.last_end) <= 2 * bs;
@@ -573,7 +465,7 @@ impl SnapshotVolume {
             match queue.try_send(u) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    let mut st = lock(&cache.state);
+                    let mut st = lock(&pf.position);
                     st.queued_to = st.queued_to.min(u);
                     break;
                 }
@@ -650,8 +542,8 @@ impl Volume for SnapshotVolume {
             }
             done += n;
         }
-        if let (Some(cache), Some(end)) = (&self.cache, end) {
-            self.read_ahead(cache, offset, end);
+        if let (Some(_), Some(end)) = (&self.cache, end) {
+            self.read_ahead(offset, end);
         }
         Ok(())
     }

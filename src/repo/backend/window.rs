@@ -24,11 +24,12 @@
 
 use super::{Capabilities, ObjectMeta, ReadBackend};
 use crate::error::Result;
-use crossbeam_channel::{Sender, TrySendError};
+use crate::repo::load_cache::LoadCache;
+use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Bytes of a window.
 pub const WINDOW: u64 = 4 << 20;
@@ -42,33 +43,21 @@ type Key = (String, u64);
 /// A backend whose ranged reads of packs go through read windows.
 pub struct Windows {
     shared: Arc<Shared>,
+    /// Windows to fetch ahead; the prefetch threads end when it is dropped (they are not
+    /// waited for: one may be retrying against a server that is gone).
     queue: Option<Sender<Key>>,
-    threads: Vec<JoinHandle<()>>,
 }
 
 struct Shared {
     inner: Arc<dyn ReadBackend>,
     window: u64,
-    kept: usize,
-    state: Mutex<State>,
-    changed: Condvar,
+    windows: LoadCache<Key, Vec<u8>>,
     /// Sizes of objects, learnt from the listing of packs (`None` until it was tried) and
     /// from HEADs.
     sizes: Mutex<Option<HashMap<String, u64>>>,
-}
-
-#[derive(Default)]
-struct State {
-    tick: u64,
-    slots: HashMap<Key, Slot>,
-    /// Counters, for tests and the cost model.
-    fetched: u64,
-    passed: u64,
-}
-
-enum Slot {
-    Loading,
-    Ready { data: Arc<Vec<u8>>, used: u64 },
+    /// Windows fetched, and reads passed to the backend as they were (tests, cost model).
+    fetched: AtomicU64,
+    passed: AtomicU64,
 }
 
 impl std::fmt::Debug for Windows {
@@ -96,57 +85,50 @@ impl Windows {
         let shared = Arc::new(Shared {
             inner,
             window: window.max(1),
-            kept: kept.max(2),
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
+            windows: LoadCache::new(kept.max(2)),
             sizes: Mutex::new(None),
+            fetched: AtomicU64::new(0),
+            passed: AtomicU64::new(0),
         });
-        let (queue, threads) = if prefetchers == 0 {
-            (None, Vec::new())
-        } else {
+        let queue = (prefetchers > 0).then(|| {
             let (tx, rx) = crossbeam_channel::bounded::<Key>(QUEUED);
-            let threads = (0..prefetchers)
-                .map(|_| {
-                    let rx = rx.clone();
-                    let shared = shared.clone();
-                    std::thread::spawn(move || {
-                        for (name, w) in rx {
+            for _ in 0..prefetchers {
+                let rx = rx.clone();
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    for (name, w) in rx {
+                        let key = (name, w);
+                        if shared.windows.claim(key.clone()) {
                             // A failed prefetch is not reported: the reader that needs the
                             // window fetches it itself and gets the error then.
-                            let _ = shared.window(&name, w);
+                            let _ = shared
+                                .windows
+                                .load(key.clone(), || shared.fetch(&key.0, key.1));
                         }
-                    })
-                })
-                .collect();
-            (Some(tx), threads)
-        };
-        Windows {
-            shared,
-            queue,
-            threads,
-        }
+                    }
+                });
+            }
+            tx
+        });
+        Windows { shared, queue }
     }
 
     /// Windows fetched so far, and reads passed to the backend as they were.
     pub fn counts(&self) -> (u64, u64) {
-        let st = self.shared.lock();
-        (st.fetched, st.passed)
+        (
+            self.shared.fetched.load(Ordering::Relaxed),
+            self.shared.passed.load(Ordering::Relaxed),
+        )
     }
 
     fn prefetch(&self, name: &str, w: u64) {
         let Some(queue) = &self.queue else {
             return;
         };
-        if self
-            .shared
-            .lock()
-            .slots
-            .contains_key(&(name.to_string(), w))
-        {
-            return;
-        }
-        match queue.try_send((name.to_string(), w)) {
-            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        let key = (name.to_string(), w);
+        if !self.shared.windows.contains(&key) {
+            // A full queue drops the request: the reader fetches the window when it gets there.
+            let _ = queue.try_send(key);
         }
     }
 
@@ -160,7 +142,8 @@ impl Windows {
         let (first, last) = (offset / size, (end - 1) / size);
         let mut last_window_full = false;
         for w in first..=last {
-            let Ok(data) = self.shared.window(name, w) else {
+            let key = (name.to_string(), w);
+            let Ok(data) = self.shared.windows.get(key, || self.shared.fetch(name, w)) else {
                 return false;
             };
             let base = w * size;
@@ -184,71 +167,11 @@ impl Windows {
     }
 }
 
-impl Drop for Windows {
-    fn drop(&mut self) {
-        self.queue = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Window `w` of `name`: kept, being fetched (waits for it), or fetched now.
-    fn window(&self, name: &str, w: u64) -> Result<Arc<Vec<u8>>> {
-        let key = (name.to_string(), w);
-        let mut st = self.lock();
-        loop {
-            st.tick += 1;
-            let tick = st.tick;
-            match st.slots.get_mut(&key) {
-                Some(Slot::Ready { data, used }) => {
-                    *used = tick;
-                    return Ok(data.clone());
-                }
-                Some(Slot::Loading) => {
-                    st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                }
-                None => break,
-            }
-        }
-        st.slots.insert(key.clone(), Slot::Loading);
-        st.fetched += 1;
-        drop(st);
-        let got = self.fetch(name, w);
-        let mut st = self.lock();
-        let out = match got {
-            Ok(data) => {
-                let data = Arc::new(data);
-                st.tick += 1;
-                let used = st.tick;
-                st.slots.insert(
-                    key,
-                    Slot::Ready {
-                        data: data.clone(),
-                        used,
-                    },
-                );
-                self.evict(&mut st);
-                Ok(data)
-            }
-            Err(e) => {
-                st.slots.remove(&key);
-                Err(e)
-            }
-        };
-        drop(st);
-        self.changed.notify_all();
-        out
-    }
-
     /// Window `w` of `name`, read from the backend: up to `window` bytes, fewer at the end of
     /// the object.
     fn fetch(&self, name: &str, w: u64) -> Result<Vec<u8>> {
+        self.fetched.fetch_add(1, Ordering::Relaxed);
         let size = self.size_of(name)?;
         let start = w.saturating_mul(self.window);
         let len = size.saturating_sub(start).min(self.window);
@@ -297,31 +220,6 @@ impl Shared {
         sizes.insert(name.to_string(), size);
         Ok(size)
     }
-
-    /// Drops the least recently used ready windows beyond `kept`.
-    fn evict(&self, st: &mut State) {
-        loop {
-            let ready: Vec<(&Key, u64)> = st
-                .slots
-                .iter()
-                .filter_map(|(k, s)| match s {
-                    Slot::Ready { used, .. } => Some((k, *used)),
-                    Slot::Loading => None,
-                })
-                .collect();
-            if ready.len() <= self.kept {
-                return;
-            }
-            let Some(oldest) = ready
-                .iter()
-                .min_by_key(|(_, u)| *u)
-                .map(|(k, _)| (*k).clone())
-            else {
-                return;
-            };
-            st.slots.remove(&oldest);
-        }
-    }
 }
 
 /// Objects whose ranged reads go through windows.
@@ -354,7 +252,7 @@ impl ReadBackend for Windows {
         {
             return Ok(());
         }
-        self.shared.lock().passed += 1;
+        self.shared.passed.fetch_add(1, Ordering::Relaxed);
         self.shared.inner.get_range(name, offset, buf)
     }
 
@@ -453,7 +351,7 @@ mod tests {
             w.get_range("packs/ab/p", off as u64, &mut buf).unwrap();
             assert_eq!(buf, data[off..off + 100]);
             // Kept windows, plus at most one being fetched by the prefetcher.
-            assert!(w.shared.lock().slots.len() <= 3 + 1);
+            assert!(w.shared.windows.len() <= 3 + 1);
         }
         let (fetched, passed) = w.counts();
         assert!(fetched >= 20, "{fetched}");
@@ -472,11 +370,15 @@ mod tests {
         w.get_range("packs/ab/p", 100, &mut buf).unwrap();
         w.get_range("packs/ab/p", 600, &mut buf).unwrap();
         let key = ("packs/ab/p".to_string(), 1);
-        let mut st = w.shared.lock();
-        while !matches!(st.slots.get(&key), Some(Slot::Ready { .. })) {
-            st = w.shared.changed.wait(st).unwrap();
+        // (Waits for the background thread; the deadline only guards against a hang.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !w.shared.windows.is_ready(&key) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "window 1 never fetched"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        drop(st);
         assert_eq!(w.counts(), (2, 0));
         w.get_range("packs/ab/p", 1200, &mut buf).unwrap();
         assert_eq!(buf, data[1200..1300]);
