@@ -81,6 +81,8 @@ pub struct BlobStore {
     /// Where frames are read from: the backend, or read windows over it when its ranged
     /// reads are not cheap (object storage, [`backend::window`]).
     frames_from: Arc<dyn backend::ReadBackend>,
+    /// The read windows, when frames are read through them (they also know packs' sizes).
+    windows: Option<Arc<backend::window::Windows>>,
     /// How objects are stored and blobs named.
     sealer: Sealer,
     /// A reader's store: also reads the packs of pending records.
@@ -103,9 +105,6 @@ pub struct BlobStore {
     /// Length of each pack file [`BlobStore::usable`] looked at (`None`: missing, set aside
     /// or not a regular file).
     pack_lengths: Mutex<HashMap<ChunkId, Option<u64>>>,
-    /// Whether every pack was listed into `pack_lengths` (object storage: once, at the
-    /// first question; `Some(false)`: the listing failed, HEADs answer instead).
-    packs_listed: Mutex<Option<bool>>,
     /// Blobs [`BlobStore::usable`] refused because none of their packs could serve them.
     unusable: std::sync::atomic::AtomicU64,
 }
@@ -141,15 +140,16 @@ impl BlobStore {
 
     fn new(repo: &Repository, reader: bool, exclude: HashSet<ChunkId>) -> Result<Arc<BlobStore>> {
         let backend = repo.backend().clone();
-        let frames_from: Arc<dyn backend::ReadBackend> =
-            if backend.capabilities().cheap_ranged_reads {
-                backend.clone()
-            } else {
-                Arc::new(backend::window::Windows::new(backend.clone(), PREFETCHERS))
-            };
+        let windows = (!backend.capabilities().cheap_ranged_reads)
+            .then(|| Arc::new(backend::window::Windows::new(backend.clone(), PREFETCHERS)));
+        let frames_from: Arc<dyn backend::ReadBackend> = match &windows {
+            Some(w) => w.clone(),
+            None => backend.clone(),
+        };
         let store = BlobStore {
             backend,
             frames_from,
+            windows,
             sealer: repo.sealer().clone(),
             reader,
             format1: repo.format_version() == 1,
@@ -161,7 +161,6 @@ impl BlobStore {
             missing: Mutex::new(HashSet::new()),
             inserted: Mutex::new(Vec::new()),
             pack_lengths: Mutex::new(HashMap::new()),
-            packs_listed: Mutex::new(None),
             unusable: std::sync::atomic::AtomicU64::new(0),
         };
         let index = store.load_index()?;
@@ -258,71 +257,24 @@ impl BlobStore {
             .copied();
         let len = match cached {
             Some(len) => len,
-            None if self.list_packs_once() => {
-                let listed = self
-                    .pack_lengths
+            None => {
+                let name = backend::pack_key(&loc.pack);
+                // On object storage the read windows know every pack's size from one
+                // listing of `packs/` (a HEAD only for a pack it did not show), instead of a
+                // HEAD per pack.
+                let len = match &self.windows {
+                    Some(w) => w.size_of(&name).ok(),
+                    None => self.backend.head(&name).ok().flatten().map(|m| m.size),
+                };
+                self.pack_lengths
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .get(&loc.pack)
-                    .copied();
-                match listed {
-                    Some(len) => len,
-                    None => self.head_pack(&loc.pack),
-                }
+                    .insert(loc.pack, len);
+                len
             }
-            None => self.head_pack(&loc.pack),
         };
         let end = u64::from(loc.entry.frame_offset) + u64::from(loc.entry.frame_len);
         len.is_some_and(|l| l >= end)
-    }
-
-    /// On object storage, the first time a pack's length is asked for: lists every pack
-    /// once (one request per 1,000 packs) and remembers their lengths, instead of a HEAD per
-    /// pack. True when the listing is there to be consulted; a pack it does not show (written
-    /// since, or missing) is then asked for with a HEAD.
-    fn list_packs_once(&self) -> bool {
-        if self.backend.capabilities().cheap_ranged_reads {
-            return false;
-        }
-        let mut listed = self.packs_listed.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ok) = *listed {
-            return ok;
-        }
-        let mut lengths = Vec::new();
-        let ok = self
-            .backend
-            .list_fanout("packs", &mut |m| {
-                let name = backend::base_name(&m.name);
-                if let Some(id) = ChunkId::from_hex(name).filter(|_| name.len() == 64) {
-                    lengths.push((id, m.size));
-                }
-                Ok(())
-            })
-            .is_ok();
-        if ok {
-            let mut map = self.pack_lengths.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, size) in lengths {
-                map.entry(id).or_insert(Some(size));
-            }
-        }
-        *listed = Some(ok);
-        ok
-    }
-
-    /// The length of pack `pack` by a HEAD (`None`: missing, set aside or not a regular
-    /// file), remembered.
-    fn head_pack(&self, pack: &ChunkId) -> Option<u64> {
-        let len = self
-            .backend
-            .head(&backend::pack_key(pack))
-            .ok()
-            .flatten()
-            .map(|m| m.size);
-        self.pack_lengths
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*pack, len);
-        len
     }
 
     /// Where blob `id` is, when indexed.

@@ -47,25 +47,9 @@ pub(crate) fn vb_ok(g: &Garage, cache: &Path, args: &[&str]) -> Run {
     vb(g, cache, args).expect_code(0)
 }
 
-/// The keys of the objects under `prefix` in `g`'s bucket (first 1000).
+/// The keys of the objects under `prefix` in `g`'s bucket.
 pub(crate) fn keys(g: &Garage, prefix: &str) -> Vec<String> {
-    let url = format!(
-        "{}/{}?list-type=2&prefix={}",
-        g.endpoint(),
-        g.bucket(),
-        prefix.replace('/', "%2F")
-    );
-    let mut c = Command::new("curl");
-    c.args(g.curl_auth()).arg(&url);
-    let r = util::run_command(c, &format!("curl {url}"));
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(r.stdout.contains("<ListBucketResult"), "{}", r.stdout);
-    r.stdout
-        .split("<Key>")
-        .skip(1)
-        .filter_map(|s| s.split("</Key>").next())
-        .map(str::to_string)
-        .collect()
+    g.list(prefix).into_iter().map(|(k, _)| k).collect()
 }
 
 /// Wrong credentials, a missing bucket and an endpoint where nothing listens are errors that

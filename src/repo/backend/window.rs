@@ -113,6 +113,12 @@ impl Windows {
         Windows { shared, queue }
     }
 
+    /// The size of object `name` (a pack): from one listing of every pack, made at the first
+    /// question, else from a HEAD; remembered. A missing object is an error.
+    pub fn size_of(&self, name: &str) -> Result<u64> {
+        self.shared.size_of(name)
+    }
+
     /// Windows fetched so far, and reads passed to the backend as they were.
     pub fn counts(&self) -> (u64, u64) {
         (
